@@ -1,0 +1,322 @@
+//! The config file as written: serde structs that reject unknown keys.
+//!
+//! Nothing here does I/O or checks references between sections; that is
+//! [`super::validate`]'s job. Every field has a doc comment: it is the
+//! reference documentation of the YAML format.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::Secret;
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The embedded store.
+    #[serde(default)]
+    pub store: RawStore,
+    /// The HTTP server (health, metrics, webhooks, admin API).
+    #[serde(default)]
+    pub server: RawServer,
+    /// Delivery policy used where a flow or destination sets none.
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    /// The business systems, by name: how to read each and how to write it.
+    #[serde(default)]
+    pub systems: BTreeMap<String, RawSystem>,
+    /// The flows, by name: from one system's source to one or more systems' sinks.
+    #[serde(default)]
+    pub flows: BTreeMap<String, RawFlow>,
+}
+
+/// Store settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Path of the SQLite database file, relative to the config file's folder
+    /// (default `weft-data/weft.db`).
+    pub path: Option<String>,
+    /// `full` (default): every commit is fsynced before a source is
+    /// acknowledged, so an accepted event survives a power loss. `normal`:
+    /// survives a crash of weft but may lose the last commits on power loss.
+    pub synchronous: Option<Synchronous>,
+}
+
+/// SQLite's `synchronous` setting as exposed to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Full,
+    Normal,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub listen: Option<String>,
+    /// Bearer token required by the admin API; unset disables the admin API.
+    pub admin_token: Option<Secret>,
+}
+
+/// Defaults applied to every flow.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    /// Default delivery policy.
+    #[serde(default)]
+    pub delivery: RawDelivery,
+}
+
+/// One business system.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSystem {
+    /// Free text shown in `weft status`.
+    pub description: Option<String>,
+    /// How weft reads from this system (one connector).
+    pub source: Option<RawSource>,
+    /// How weft writes to this system (one connector).
+    pub sink: Option<RawSink>,
+}
+
+/// A source connector, named by its single key.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSource {
+    /// The system calls us: HTTP POSTs to a path of weft's server.
+    Webhook(WebhookSourceConfig),
+    /// The system drops files (CSV, JSON Lines) into a folder, or weft reads one file.
+    File(FileSourceConfig),
+    /// Synthetic records for demos and benchmarks.
+    Generate(GenerateSourceConfig),
+}
+
+/// A sink connector, named by its single key.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSink {
+    /// HTTP requests to the system's API.
+    Http(HttpSinkConfig),
+    /// Upserts into a SQLite table.
+    Sqlite(SqliteSinkConfig),
+    /// Upserts into a PostgreSQL table.
+    Postgres(PostgresSinkConfig),
+    /// Appends to a JSON Lines file.
+    Jsonl(JsonlSinkConfig),
+}
+
+/// Webhook source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSourceConfig {
+    /// Path on weft's server, e.g. `/hooks/crm`.
+    pub path: String,
+    /// Shared secret for the HMAC-SHA256 signature; unset accepts unsigned requests.
+    pub secret: Option<Secret>,
+    /// Header that carries the hex HMAC-SHA256 of the raw body, optionally
+    /// prefixed `sha256=` (default `x-signature-256`).
+    pub signature_header: Option<String>,
+    /// Largest accepted body in bytes (default 1 MiB); larger gets 413.
+    pub max_body_bytes: Option<usize>,
+    /// Header carrying the sender's event id, used to deduplicate retries
+    /// (default `x-event-id`). Without it, `id_field` is tried, then the
+    /// SHA-256 of the body.
+    pub id_header: Option<String>,
+    /// jq path into the body giving the event id, e.g. `.id`.
+    pub id_field: Option<Spanned<String>>,
+    /// CloudEvents `type` of the events (default `<system>.webhook`).
+    pub event_type: Option<String>,
+}
+
+/// File source settings: exactly one of `dir` and `path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// Drop folder: files appearing here are read once, then moved to
+    /// `processed/` (or `quarantine/` with an error report).
+    pub dir: Option<String>,
+    /// A single file read once in place (not moved); for batch loads.
+    pub path: Option<String>,
+    /// `csv` or `jsonl`; default from each file's extension.
+    pub format: Option<FileFormat>,
+    /// Only names matching this glob-like suffix are read (default: `.csv`, `.jsonl`, `.ndjson`).
+    pub pattern: Option<String>,
+    /// CSV delimiter (default `,`).
+    pub delimiter: Option<char>,
+    /// How often to look for new files (default `1s`).
+    pub poll_interval: Option<String>,
+    /// Records per store commit (default 1000).
+    pub batch_size: Option<usize>,
+    /// jq path giving each record's id; default: the file's content hash and line number.
+    pub id_field: Option<Spanned<String>>,
+    /// CloudEvents `type` of the events (default `<system>.file`).
+    pub event_type: Option<String>,
+}
+
+/// File formats the file source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Csv,
+    Jsonl,
+}
+
+/// Generate source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateSourceConfig {
+    /// jq program producing each record; `$seq` is its sequence number (from 1).
+    pub template: Spanned<String>,
+    /// Records per second (default: as fast as the store takes them).
+    pub rate: Option<f64>,
+    /// Total records (default: unlimited).
+    pub count: Option<u64>,
+    /// Records per store commit (default 500).
+    pub batch_size: Option<usize>,
+    /// CloudEvents `type` (default `<system>.generated`).
+    pub event_type: Option<String>,
+}
+
+/// HTTP sink settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// URL; `{field}` or `{a.b}` placeholders are filled (percent-encoded) from the payload.
+    pub url: String,
+    /// `POST` (default), `PUT` or `PATCH`.
+    pub method: Option<String>,
+    /// Extra headers; values may use `${ENV}` secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Request timeout (default `10s`).
+    pub timeout: Option<String>,
+    /// Connect timeout (default `5s`).
+    pub connect_timeout: Option<String>,
+}
+
+/// SQLite sink settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSinkConfig {
+    /// Database file, relative to the config file's folder.
+    pub path: String,
+    /// Table to upsert into.
+    pub table: String,
+    /// Key columns of the upsert (the table's primary or unique key).
+    pub key: Vec<String>,
+    /// Columns and their types (`text`, `integer`, `real`, `boolean`, `json`);
+    /// the table is created with them if missing. Without it the payload's
+    /// top-level fields are written as they are into an existing table.
+    pub columns: Option<BTreeMap<String, String>>,
+}
+
+/// PostgreSQL sink settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// Connection string, e.g. `postgresql://user@host/db` (use `${ENV}`).
+    pub url: Secret,
+    /// Table to upsert into, optionally schema-qualified.
+    pub table: String,
+    /// Key columns of the upsert (a unique constraint must exist).
+    pub key: Vec<String>,
+    /// Columns to write with their PostgreSQL types (`text`, `bigint`,
+    /// `integer`, `numeric`, `boolean`, `timestamptz`, `jsonb`, ...).
+    pub columns: BTreeMap<String, String>,
+}
+
+/// JSON Lines sink settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlSinkConfig {
+    /// Output file, relative to the config file's folder.
+    pub path: String,
+    /// Write `{id, idempotency_key, correlation_id, data}` instead of the bare payload.
+    #[serde(default)]
+    pub envelope: bool,
+}
+
+/// One flow.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlow {
+    /// The system whose source feeds this flow.
+    pub from: Spanned<String>,
+    /// jq predicate; records for which it is false or null are counted as filtered.
+    pub filter: Option<Spanned<String>>,
+    /// jq program giving the entity key (deliveries with one key keep their
+    /// order); default: no ordering constraint.
+    pub key: Option<Spanned<String>>,
+    /// jq program from the source payload to the destination payload (default `.`).
+    pub mapping: Option<Spanned<String>>,
+    /// Destinations: system names, or `{system, mapping, delivery}`.
+    pub to: Vec<Spanned<RawDestination>>,
+    /// Delivery policy for every destination of this flow.
+    pub delivery: Option<RawDelivery>,
+}
+
+/// A destination of a flow: a system name or a map with options.
+#[derive(Debug)]
+pub enum RawDestination {
+    /// Just a system name.
+    Name(String),
+    /// A system with its own mapping or delivery policy.
+    Full(RawDestinationFull),
+}
+
+// Hand-written instead of `#[serde(untagged)]`: untagged enums buffer their
+// input and lose the line numbers that error messages need.
+impl<'de> Deserialize<'de> for RawDestination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawDestination;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a system name or a map with `system` and optional `mapping`, `delivery`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawDestination::Name(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawDestinationFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawDestination::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A destination with options.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestinationFull {
+    /// The system written to (it must have a `sink`).
+    pub system: String,
+    /// jq program applied after the flow's mapping, for this destination only.
+    pub mapping: Option<Spanned<String>>,
+    /// Delivery policy overriding the flow's.
+    pub delivery: Option<RawDelivery>,
+}
+
+/// Delivery policy; unset fields fall back to the flow, then the defaults.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelivery {
+    /// Attempts before a message goes to the DLQ (default 8).
+    pub max_attempts: Option<u32>,
+    /// First retry delay (default `200ms`).
+    pub initial_backoff: Option<String>,
+    /// Longest retry delay (default `60s`).
+    pub max_backoff: Option<String>,
+    /// Growth of the delay per attempt (default 2.0); full jitter is applied.
+    pub multiplier: Option<f64>,
+    /// Writes in flight at once, across entity keys (default 8 for HTTP, 1 for databases and files).
+    pub concurrency: Option<usize>,
+    /// Messages per write for sinks that batch (default 500; HTTP is always 1).
+    pub batch_size: Option<usize>,
+}
