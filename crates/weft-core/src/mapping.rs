@@ -176,7 +176,7 @@ fn compile(code: &str, global_vars: &[String]) -> Result<jaq_core::Filter<Data>,
 fn located(code: &str, message: String, part: Option<&str>) -> CompileError {
     let offset = match part {
         // `part` is a slice of `code` when it comes from the lexer or parser
-        Some(p) if in_slice(code, p) => jaq_core::load::span(code, p).start,
+        Some(p) if !p.is_empty() && in_slice(code, p) => jaq_core::load::span(code, p).start,
         // the end of the program: point at its last character, not trailing blanks
         _ => code.trim_end().len(),
     };
