@@ -1,1 +1,29 @@
+//! weft's connectors: sources that bring records in and sinks that write
+//! them out.
+//!
+//! A source never writes to the store itself: it hands batches to an
+//! [`Ingest`] (implemented by the runtime) and only moves on (acknowledges
+//! a webhook, advances past a file line) once `ingest` returned. A sink
+//! receives [`Delivery`]s from the runtime's delivery workers and reports one
+//! result per delivery; retries, backoff, ordering and the DLQ are the
+//! runtime's business, not the sink's.
+//!
+//! Registration is explicit: [`build_sink`] and [`build_source`] map each
+//! config variant to its connector; there is no other registry.
 
+pub mod sink;
+pub mod source;
+
+pub mod file;
+pub mod generate;
+pub mod http;
+pub mod jsonl;
+pub mod postgres;
+pub mod sqlite;
+pub mod webhook;
+
+pub use sink::{Delivery, Sink, SinkError, build_sink};
+pub use source::{
+    BadRecord, Batch, Checkpoint, Ingest, IngestError, Receipt, Record, Source, SourceError,
+    SourceHandle, build_source,
+};

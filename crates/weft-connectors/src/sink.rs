@@ -1,0 +1,112 @@
+//! The sink contract and the sink registry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use weft_core::ErrorKind;
+use weft_core::config::SinkSpec;
+
+/// One message to write to a destination.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Outbox id (unique, increasing in acceptance order).
+    pub id: i64,
+    /// The same on every attempt of this message to this destination, also
+    /// across restarts: pass it to the destination so it can deduplicate.
+    pub idempotency_key: String,
+    pub correlation_id: String,
+    /// The id of the event that caused this write (`x-causation-id`).
+    pub event_id: String,
+    /// Entity key, when the flow defines one.
+    pub entity_key: Option<String>,
+    /// 1 on the first attempt.
+    pub attempt: u32,
+    /// The mapped payload.
+    pub payload: serde_json::Value,
+}
+
+/// Why one delivery failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    /// Retry or dead-letter.
+    pub kind: ErrorKind,
+    /// What happened, for the DLQ and logs; never the payload or a secret.
+    pub message: String,
+    /// When the destination said when to come back (`Retry-After`).
+    pub retry_after: Option<Duration>,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SinkError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        SinkError {
+            kind: ErrorKind::Retryable,
+            message: message.into(),
+            retry_after: None,
+            source: None,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SinkError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+            source: None,
+        }
+    }
+    pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(e));
+        self
+    }
+}
+
+/// A destination weft writes to.
+///
+/// Contract:
+/// - **At least once.** A delivery may be written again after a retry or a
+///   crash, always with the same `idempotency_key`; the sink must make the
+///   repeat harmless (upsert on a key, an idempotency header, ...).
+/// - **Results.** `write` returns exactly one result per delivery, in the
+///   batch's order. `Ok` means the destination has the data durably (a
+///   committed transaction, a 2xx, a synced file).
+/// - **Concurrency.** `write` may be called concurrently up to the
+///   destination's configured concurrency; the runtime never puts two
+///   deliveries with the same entity key in flight at once.
+pub trait Sink: Send + Sync {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+}
+
+/// A sink that could not be built (bad path, unreachable database at start).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start sink `{system}`: {message}")]
+pub struct BuildError {
+    pub system: String,
+    pub message: String,
+}
+
+/// The sink registry: one arm per connector.
+pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
+    let err = |message: String| BuildError {
+        system: system.to_owned(),
+        message,
+    };
+    Ok(match spec {
+        SinkSpec::Http {
+            cfg,
+            method,
+            timeout,
+            connect_timeout,
+        } => Arc::new(crate::http::HttpSink::new(cfg, method, *timeout, *connect_timeout).map_err(err)?),
+        SinkSpec::Sqlite { cfg, path } => Arc::new(crate::sqlite::SqliteSink::open(cfg, path).map_err(err)?),
+        SinkSpec::Postgres { cfg } => Arc::new(crate::postgres::PostgresSink::connect(cfg).await.map_err(err)?),
+        SinkSpec::Jsonl { cfg, path } => Arc::new(crate::jsonl::JsonlSink::open(cfg, path).map_err(err)?),
+    })
+}
+
+/// Same result for every delivery of a batch (a batch that failed as a whole).
+pub fn all_failed(n: usize, f: impl Fn() -> SinkError) -> Vec<Result<(), SinkError>> {
+    (0..n).map(|_| Err(f())).collect()
+}

@@ -1,0 +1,121 @@
+//! The source contract, the ingest interface sources call, and the source
+//! registry.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use weft_core::Event;
+use weft_core::config::SourceSpec;
+
+/// A record that could not be parsed; it is stored in the DLQ with the
+/// reason and where it came from, never dropped.
+#[derive(Debug, Clone)]
+pub struct BadRecord {
+    /// Stable id, like a good record's (e.g. file hash and line).
+    pub id: String,
+    /// Where: `file orders.csv line 17`, `POST /hooks/crm`.
+    pub location: String,
+    /// The raw text as received (lossy UTF-8).
+    pub raw: String,
+    /// Why it could not be read.
+    pub error: String,
+    pub correlation_id: String,
+}
+
+/// One record from a source.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Good(Event),
+    Bad(BadRecord),
+}
+
+/// Source position saved in the same transaction as a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub key: String,
+    pub value: String,
+}
+
+/// Records plus the position after them.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// What `ingest` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// Records stored for the first time.
+    pub accepted: usize,
+    /// Records whose id was already in the inbox (acknowledged, not stored again).
+    pub duplicates: usize,
+}
+
+/// Why a batch was not accepted; nothing of it was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The backlog is over its high-water mark, or the hub is stopping: try later.
+    #[error("not accepting now: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error("store error: {0}")]
+    Store(String),
+}
+
+/// The runtime's door for sources.
+///
+/// Contract: when `ingest` returns `Ok`, every record of the batch is durably
+/// in the store (its flows' outbox rows and DLQ entries too) and the
+/// checkpoint is saved in the same transaction; when it returns `Err`,
+/// nothing of the batch is stored. Records whose `(source, id)` is already
+/// in the inbox are counted as duplicates and not stored twice. Safe to call
+/// concurrently.
+pub trait Ingest: Send + Sync {
+    fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>>;
+    /// Read back a checkpoint saved with an earlier batch.
+    fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>>;
+}
+
+/// A source that failed in a way it cannot recover from by itself.
+#[derive(Debug, thiserror::Error)]
+#[error("source `{system}`: {message}")]
+pub struct SourceError {
+    pub system: String,
+    pub message: String,
+}
+
+/// A source that runs as its own task (file, generate, polling, CDC).
+///
+/// Contract: `run` reads, calls `ingest`, and advances its position only
+/// after `ingest` returned `Ok`. It returns `Ok(())` when it has no more to
+/// read (a finite source: one file, a counted generator) or when `shutdown`
+/// is cancelled; it must stop promptly on cancellation without losing
+/// anything (whatever was not ingested is read again next start).
+pub trait Source: Send {
+    fn run(
+        self: Box<Self>,
+        ingest: Arc<dyn Ingest>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// How a source attaches to the runtime.
+pub enum SourceHandle {
+    /// A task the runtime spawns.
+    Task(Box<dyn Source>),
+    /// Routes the runtime mounts on its HTTP server (webhooks).
+    Routes(crate::webhook::WebhookRoute),
+}
+
+/// The source registry: one arm per connector.
+pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, SourceError> {
+    Ok(match spec {
+        SourceSpec::Webhook { .. } => SourceHandle::Routes(crate::webhook::WebhookRoute::new(system, spec)?),
+        SourceSpec::File { .. } => SourceHandle::Task(Box::new(crate::file::FileSource::new(system, spec)?)),
+        SourceSpec::Generate { .. } => {
+            SourceHandle::Task(Box::new(crate::generate::GenerateSource::new(system, spec)?))
+        }
+    })
+}
