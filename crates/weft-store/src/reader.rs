@@ -1,0 +1,312 @@
+//! Read connections: outbox fetches for delivery workers, status, DLQ views.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
+use serde::Serialize;
+
+use crate::StoreError;
+
+/// A pending delivery as stored.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub flow: String,
+    pub destination: String,
+    pub entity_key: Option<String>,
+    pub idempotency_key: String,
+    pub source: String,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub created_at: i64,
+    pub attempts: u32,
+    pub next_at: i64,
+    pub last_error: Option<String>,
+    pub payload: String,
+}
+
+/// Counts of one flow and destination, with the accounting check.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub flow: String,
+    pub destination: String,
+    pub received: i64,
+    pub filtered: i64,
+    pub rejected: i64,
+    pub delivered: i64,
+    pub dead_lettered: i64,
+    pub discarded: i64,
+    /// Rows in the outbox, counted (not derived).
+    pub pending: i64,
+    /// Age in ms of the oldest pending row, if any.
+    pub oldest_pending_ms: Option<i64>,
+    /// `received == filtered + rejected + discarded + delivered + dead_lettered + pending`.
+    pub balanced: bool,
+}
+
+/// A DLQ entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqEntry {
+    pub id: i64,
+    pub status: String,
+    pub stage: String,
+    pub flow: String,
+    pub destination: String,
+    pub entity_key: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub source: String,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub created_at: i64,
+    pub failed_at: i64,
+    pub attempts: u32,
+    pub error: String,
+    pub payload: String,
+    pub history: serde_json::Value,
+}
+
+/// DLQ query; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub flow: Option<String>,
+    pub destination: Option<String>,
+    /// Substring of the error.
+    pub error_contains: Option<String>,
+    /// `dead` unless set; `all` for every status.
+    pub status: Option<String>,
+    /// Failed at or after (ms).
+    pub since: Option<i64>,
+    pub limit: Option<usize>,
+}
+
+/// A read-only connection.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Reader { conn })
+    }
+
+    /// Outbox rows of one lane with `id > after`, in id order.
+    pub fn outbox_after(&self, flow: &str, destination: &str, after: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
+                    created_at, attempts, next_at, last_error, payload
+             FROM outbox WHERE flow = ?1 AND destination = ?2 AND id > ?3 ORDER BY id LIMIT ?4",
+        )?;
+        let rows = st.query_map(params![flow, destination, after, limit as i64], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                flow: r.get(1)?,
+                destination: r.get(2)?,
+                entity_key: r.get(3)?,
+                idempotency_key: r.get(4)?,
+                source: r.get(5)?,
+                event_id: r.get(6)?,
+                correlation_id: r.get(7)?,
+                created_at: r.get(8)?,
+                attempts: r.get(9)?,
+                next_at: r.get(10)?,
+                last_error: r.get(11)?,
+                payload: r.get(12)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every flow and destination's counts, with pending rows counted.
+    /// `lanes` lists the (flow, destination) pairs of the config so that
+    /// lanes with nothing yet still show.
+    pub fn counts(&self, lanes: &[(String, String)]) -> Result<Vec<FlowCounts>, StoreError> {
+        let mut raw: std::collections::BTreeMap<(String, String), [i64; 6]> = Default::default();
+        let mut st = self.conn.prepare_cached(
+            "SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded FROM flow_counts",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+            ))
+        })?;
+        for row in rows {
+            let (k, v) = row?;
+            raw.insert(k, v);
+        }
+        let mut all: Vec<(String, String)> = lanes.to_vec();
+        for (f, d) in raw.keys() {
+            if !d.is_empty() && !all.contains(&(f.clone(), d.clone())) {
+                all.push((f.clone(), d.clone()));
+            }
+        }
+        let now = crate::now_ms();
+        let mut out = Vec::new();
+        for (flow, dest) in all {
+            let fl = raw.get(&(flow.clone(), String::new())).copied().unwrap_or_default();
+            let dl = raw.get(&(flow.clone(), dest.clone())).copied().unwrap_or_default();
+            let pending: i64 = self.conn.query_row(
+                "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
+                params![flow, dest],
+                |r| r.get(0),
+            )?;
+            let oldest: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT created_at FROM outbox WHERE flow = ?1 AND destination = ?2 ORDER BY id LIMIT 1",
+                    params![flow, dest],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let (received, filtered, rejected, fdisc) = (fl[0], fl[1], fl[2], fl[5]);
+            let (delivered, dead, disc) = (dl[3], dl[4], dl[5]);
+            out.push(FlowCounts {
+                balanced: received == filtered + rejected + fdisc + delivered + dead + disc + pending,
+                flow,
+                destination: dest,
+                received,
+                filtered,
+                rejected,
+                delivered,
+                dead_lettered: dead,
+                discarded: fdisc + disc,
+                pending,
+                oldest_pending_ms: oldest.map(|t| (now - t).max(0)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Pending rows and oldest age (ms) of one lane; cheap (index).
+    pub fn lane_depth(&self, flow: &str, destination: &str) -> Result<(i64, Option<i64>), StoreError> {
+        let pending: i64 = self.conn.query_row(
+            "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
+            params![flow, destination],
+            |r| r.get(0),
+        )?;
+        let oldest: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT created_at FROM outbox WHERE flow = ?1 AND destination = ?2 ORDER BY id LIMIT 1",
+                params![flow, destination],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok((pending, oldest.map(|t| (crate::now_ms() - t).max(0))))
+    }
+
+    /// Rows in the whole outbox.
+    pub fn outbox_len(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    /// DLQ entries with status `dead`, per flow and destination.
+    pub fn dlq_depths(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT flow, destination, count(*) FROM dlq WHERE status = 'dead' GROUP BY flow, destination",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn dlq_list(&self, f: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
+                    correlation_id, created_at, failed_at, attempts, error, payload, history FROM dlq WHERE 1=1",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        match f.status.as_deref() {
+            Some("all") => {}
+            Some(s) => {
+                sql.push_str(" AND status = ?");
+                args.push(s.to_owned().into());
+            }
+            None => sql.push_str(" AND status = 'dead'"),
+        }
+        if let Some(v) = &f.flow {
+            sql.push_str(" AND flow = ?");
+            args.push(v.clone().into());
+        }
+        if let Some(v) = &f.destination {
+            sql.push_str(" AND destination = ?");
+            args.push(v.clone().into());
+        }
+        if let Some(v) = &f.error_contains {
+            sql.push_str(" AND instr(error, ?) > 0");
+            args.push(v.clone().into());
+        }
+        if let Some(v) = f.since {
+            sql.push_str(" AND failed_at >= ?");
+            args.push(v.into());
+        }
+        sql.push_str(" ORDER BY id");
+        if let Some(l) = f.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let mut st = self.conn.prepare(&sql)?;
+        let rows = st.query_map(params_from_iter(args), dlq_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn dlq_get(&self, id: i64) -> Result<Option<DlqEntry>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
+                        correlation_id, created_at, failed_at, attempts, error, payload, history FROM dlq WHERE id = ?1",
+                [id],
+                dlq_row,
+            )
+            .optional()?)
+    }
+
+    pub fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM checkpoints WHERE source = ?1 AND key = ?2",
+                params![source, key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The inbox attributes of an event (for `weft dlq show` and replays).
+    pub fn inbox_attributes(&self, source: &str, event_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT attributes FROM inbox WHERE source = ?1 AND event_id = ?2",
+                params![source, event_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+fn dlq_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DlqEntry> {
+    let history: String = r.get(15)?;
+    Ok(DlqEntry {
+        id: r.get(0)?,
+        status: r.get(1)?,
+        stage: r.get(2)?,
+        flow: r.get(3)?,
+        destination: r.get(4)?,
+        entity_key: r.get(5)?,
+        idempotency_key: r.get(6)?,
+        source: r.get(7)?,
+        event_id: r.get(8)?,
+        correlation_id: r.get(9)?,
+        created_at: r.get(10)?,
+        failed_at: r.get(11)?,
+        attempts: r.get(12)?,
+        error: r.get(13)?,
+        payload: r.get(14)?,
+        history: serde_json::from_str(&history).unwrap_or(serde_json::Value::Null),
+    })
+}
