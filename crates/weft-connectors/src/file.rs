@@ -12,12 +12,19 @@ pub struct FileSource;
 
 impl FileSource {
     pub fn new(system: &str, _spec: &SourceSpec) -> Result<Self, SourceError> {
-        Err(SourceError { system: system.into(), message: "not built yet".into() })
+        Err(SourceError {
+            system: system.into(),
+            message: "not built yet".into(),
+        })
     }
 }
 
 impl Source for FileSource {
-    fn run(self: Box<Self>, _ingest: Arc<dyn Ingest>, _shutdown: CancellationToken) -> BoxFuture<'static, Result<(), SourceError>> {
+    fn run(
+        self: Box<Self>,
+        _ingest: Arc<dyn Ingest>,
+        _shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -53,7 +53,13 @@ impl GenerateSource {
 
     fn record(&self, seq: u64) -> Record {
         let source = format!("weft:{}", self.system);
-        let mut event = Event::new(seq.to_string(), source, self.event_type.clone(), None, serde_json::Value::Null);
+        let mut event = Event::new(
+            seq.to_string(),
+            source,
+            self.event_type.clone(),
+            None,
+            serde_json::Value::Null,
+        );
         match self
             .template
             .run_one(serde_json::Value::Null, event.attributes(), &[seq.into()])
@@ -84,8 +90,14 @@ impl Source for GenerateSource {
                 system: self.system.clone(),
                 message: m,
             };
-            let last: u64 = match ingest.checkpoint(CHECKPOINT_KEY).await.map_err(|e| err(e.to_string()))? {
-                Some(v) => v.parse().map_err(|_| err(format!("bad checkpoint `{v}`")))?,
+            let last: u64 = match ingest
+                .checkpoint(CHECKPOINT_KEY)
+                .await
+                .map_err(|e| err(e.to_string()))?
+            {
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| err(format!("bad checkpoint `{v}`")))?,
                 None => 0,
             };
             let mut next = last + 1;
@@ -116,7 +128,8 @@ impl Source for GenerateSource {
                         }
                     }
                 }
-                let records: Vec<Record> = (next..next + n as u64).map(|s| self.record(s)).collect();
+                let records: Vec<Record> =
+                    (next..next + n as u64).map(|s| self.record(s)).collect();
                 let end = next + n as u64 - 1;
                 let batch = Batch {
                     records,

@@ -7,13 +7,20 @@ use crate::sink::{Delivery, Sink, SinkError};
 pub struct HttpSink;
 
 impl HttpSink {
-    pub fn new(_cfg: &weft_core::config::raw::HttpSinkConfig, _method: &str, _timeout: std::time::Duration, _connect_timeout: std::time::Duration) -> Result<Self, String> {
+    pub fn new(
+        _cfg: &weft_core::config::raw::HttpSinkConfig,
+        _method: &str,
+        _timeout: std::time::Duration,
+        _connect_timeout: std::time::Duration,
+    ) -> Result<Self, String> {
         Err("not built yet".into())
     }
 }
 
 impl Sink for HttpSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
-        Box::pin(async move { crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet")) })
+        Box::pin(async move {
+            crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet"))
+        })
     }
 }

@@ -7,13 +7,18 @@ use crate::sink::{Delivery, Sink, SinkError};
 pub struct JsonlSink;
 
 impl JsonlSink {
-    pub fn open(_cfg: &weft_core::config::raw::JsonlSinkConfig, _path: &std::path::Path) -> Result<Self, String> {
+    pub fn open(
+        _cfg: &weft_core::config::raw::JsonlSinkConfig,
+        _path: &std::path::Path,
+    ) -> Result<Self, String> {
         Err("not built yet".into())
     }
 }
 
 impl Sink for JsonlSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
-        Box::pin(async move { crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet")) })
+        Box::pin(async move {
+            crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet"))
+        })
     }
 }

@@ -99,10 +99,20 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
             method,
             timeout,
             connect_timeout,
-        } => Arc::new(crate::http::HttpSink::new(cfg, method, *timeout, *connect_timeout).map_err(err)?),
-        SinkSpec::Sqlite { cfg, path } => Arc::new(crate::sqlite::SqliteSink::open(cfg, path).map_err(err)?),
-        SinkSpec::Postgres { cfg } => Arc::new(crate::postgres::PostgresSink::connect(cfg).await.map_err(err)?),
-        SinkSpec::Jsonl { cfg, path } => Arc::new(crate::jsonl::JsonlSink::open(cfg, path).map_err(err)?),
+        } => Arc::new(
+            crate::http::HttpSink::new(cfg, method, *timeout, *connect_timeout).map_err(err)?,
+        ),
+        SinkSpec::Sqlite { cfg, path } => {
+            Arc::new(crate::sqlite::SqliteSink::open(cfg, path).map_err(err)?)
+        }
+        SinkSpec::Postgres { cfg } => Arc::new(
+            crate::postgres::PostgresSink::connect(cfg)
+                .await
+                .map_err(err)?,
+        ),
+        SinkSpec::Jsonl { cfg, path } => {
+            Arc::new(crate::jsonl::JsonlSink::open(cfg, path).map_err(err)?)
+        }
     })
 }
 

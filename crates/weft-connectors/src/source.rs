@@ -112,10 +112,14 @@ pub enum SourceHandle {
 /// The source registry: one arm per connector.
 pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, SourceError> {
     Ok(match spec {
-        SourceSpec::Webhook { .. } => SourceHandle::Routes(crate::webhook::WebhookRoute::new(system, spec)?),
-        SourceSpec::File { .. } => SourceHandle::Task(Box::new(crate::file::FileSource::new(system, spec)?)),
-        SourceSpec::Generate { .. } => {
-            SourceHandle::Task(Box::new(crate::generate::GenerateSource::new(system, spec)?))
+        SourceSpec::Webhook { .. } => {
+            SourceHandle::Routes(crate::webhook::WebhookRoute::new(system, spec)?)
         }
+        SourceSpec::File { .. } => {
+            SourceHandle::Task(Box::new(crate::file::FileSource::new(system, spec)?))
+        }
+        SourceSpec::Generate { .. } => SourceHandle::Task(Box::new(
+            crate::generate::GenerateSource::new(system, spec)?,
+        )),
     })
 }

@@ -15,9 +15,15 @@ pub struct WebhookRoute {
 impl WebhookRoute {
     pub fn new(system: &str, spec: &SourceSpec) -> Result<Self, SourceError> {
         let SourceSpec::Webhook { cfg, .. } = spec else {
-            return Err(SourceError { system: system.into(), message: "not a webhook source".into() });
+            return Err(SourceError {
+                system: system.into(),
+                message: "not a webhook source".into(),
+            });
         };
-        Ok(WebhookRoute { system: system.into(), path: cfg.path.clone() })
+        Ok(WebhookRoute {
+            system: system.into(),
+            path: cfg.path.clone(),
+        })
     }
 
     /// The axum router serving this endpoint, writing through `ingest`.

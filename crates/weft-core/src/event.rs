@@ -76,7 +76,9 @@ impl Event {
         m.insert("type".into(), self.ty.clone().into());
         m.insert(
             "time".into(),
-            self.time.to_rfc3339_opts(SecondsFormat::Millis, true).into(),
+            self.time
+                .to_rfc3339_opts(SecondsFormat::Millis, true)
+                .into(),
         );
         if let Some(s) = &self.subject {
             m.insert("subject".into(), s.clone().into());

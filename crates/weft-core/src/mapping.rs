@@ -161,7 +161,10 @@ fn compile(code: &str, global_vars: &[String]) -> Result<jaq_core::Filter<Data>,
         .with_global_vars(names)
         .compile(modules)
         .map_err(|errs| {
-            let first = errs.into_iter().next().and_then(|(_, e)| e.into_iter().next());
+            let first = errs
+                .into_iter()
+                .next()
+                .and_then(|(_, e)| e.into_iter().next());
             match first {
                 Some((name, undefined)) => located(
                     code,
@@ -253,9 +256,13 @@ mod tests {
             &[],
         )
         .unwrap();
-        let out = p.run_one(json!({"id": 7, "t": "customer"}), json!({}), &[]).unwrap();
+        let out = p
+            .run_one(json!({"id": 7, "t": "customer"}), json!({}), &[])
+            .unwrap();
         assert_eq!(out, json!({"contact_id": 7, "category": "CUSTOMER_ACTIVE"}));
-        let out = p.run_one(json!({"id": 8, "t": "x"}), json!({}), &[]).unwrap();
+        let out = p
+            .run_one(json!({"id": 8, "t": "x"}), json!({}), &[])
+            .unwrap();
         assert_eq!(out["category"], "UNCLASSIFIED");
     }
 

@@ -83,9 +83,10 @@ fn missing_env_var_is_reported_at_its_position() {
 
 #[test]
 fn bad_mapping_points_into_the_program() {
-    let text = GOOD
-        .replace("      - system: accounting2\n", "")
-        .replace("{id: .id | tostring, name: .name}", "{id: .id | tostring, name: .name");
+    let text = GOOD.replace("      - system: accounting2\n", "").replace(
+        "{id: .id | tostring, name: .name}",
+        "{id: .id | tostring, name: .name",
+    );
     let e = load(&text).unwrap_err();
     let i = &e.issues[0];
     assert_eq!(i.path, "flows.crm_to_accounting.mapping");

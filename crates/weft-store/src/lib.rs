@@ -78,10 +78,19 @@ pub struct NewDelivery {
 /// What one flow made of one event.
 #[derive(Debug, Clone)]
 pub enum FlowOutcome {
-    Routed { flow: String, deliveries: Vec<NewDelivery> },
-    Filtered { flow: String },
+    Routed {
+        flow: String,
+        deliveries: Vec<NewDelivery>,
+    },
+    Filtered {
+        flow: String,
+    },
     /// Goes to the DLQ with the event's payload.
-    Rejected { flow: String, stage: Stage, error: String },
+    Rejected {
+        flow: String,
+        stage: Stage,
+        error: String,
+    },
 }
 
 /// One accepted event and its outcomes.
@@ -114,17 +123,37 @@ pub enum Op {
     /// Delivered: delete from the outbox, count.
     Delivered(Vec<i64>),
     /// A failed attempt that will be retried at `next_at` (ms).
-    Retry { id: i64, attempts: u32, next_at: i64, error: String },
+    Retry {
+        id: i64,
+        attempts: u32,
+        next_at: i64,
+        error: String,
+    },
     /// Out of attempts or permanent: move from the outbox to the DLQ.
-    DeadLetter { id: i64, attempts: u32, error: String },
+    DeadLetter {
+        id: i64,
+        attempts: u32,
+        error: String,
+    },
     /// Put a delivery-stage DLQ entry back in the outbox (optionally with an
     /// edited payload), keeping its idempotency key and correlation id.
-    Replay { dlq_id: i64, payload: Option<String>, note: String },
+    Replay {
+        dlq_id: i64,
+        payload: Option<String>,
+        note: String,
+    },
     /// Re-run a parse/map-stage DLQ entry: the caller re-ran the flow and
     /// gives the new outcome.
-    ReplayMapped { dlq_id: i64, outcome: FlowOutcome, note: String },
+    ReplayMapped {
+        dlq_id: i64,
+        outcome: FlowOutcome,
+        note: String,
+    },
     /// Mark a DLQ entry discarded.
-    Discard { dlq_id: i64, note: String },
+    Discard {
+        dlq_id: i64,
+        note: String,
+    },
 }
 
 /// What an [`Op`] did.
@@ -147,8 +176,9 @@ impl Store {
     /// Open (creating and migrating if needed) and start the writer thread.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Invalid(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         let mut conn = Connection::open(path)?;
         configure(&conn, synchronous)?;

@@ -88,14 +88,22 @@ impl Reader {
     pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Reader { conn })
     }
 
     /// Outbox rows of one lane with `id > after`, in id order.
-    pub fn outbox_after(&self, flow: &str, destination: &str, after: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    pub fn outbox_after(
+        &self,
+        flow: &str,
+        destination: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
                     created_at, attempts, next_at, last_error, payload
@@ -132,7 +140,14 @@ impl Reader {
         let rows = st.query_map([], |r| {
             Ok((
                 (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+                [
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ],
             ))
         })?;
         for row in rows {
@@ -148,8 +163,14 @@ impl Reader {
         let now = crate::now_ms();
         let mut out = Vec::new();
         for (flow, dest) in all {
-            let fl = raw.get(&(flow.clone(), String::new())).copied().unwrap_or_default();
-            let dl = raw.get(&(flow.clone(), dest.clone())).copied().unwrap_or_default();
+            let fl = raw
+                .get(&(flow.clone(), String::new()))
+                .copied()
+                .unwrap_or_default();
+            let dl = raw
+                .get(&(flow.clone(), dest.clone()))
+                .copied()
+                .unwrap_or_default();
             let pending: i64 = self.conn.query_row(
                 "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
                 params![flow, dest],
@@ -166,7 +187,8 @@ impl Reader {
             let (received, filtered, rejected, fdisc) = (fl[0], fl[1], fl[2], fl[5]);
             let (delivered, dead, disc) = (dl[3], dl[4], dl[5]);
             out.push(FlowCounts {
-                balanced: received == filtered + rejected + fdisc + delivered + dead + disc + pending,
+                balanced: received
+                    == filtered + rejected + fdisc + delivered + dead + disc + pending,
                 flow,
                 destination: dest,
                 received,
@@ -183,7 +205,11 @@ impl Reader {
     }
 
     /// Pending rows and oldest age (ms) of one lane; cheap (index).
-    pub fn lane_depth(&self, flow: &str, destination: &str) -> Result<(i64, Option<i64>), StoreError> {
+    pub fn lane_depth(
+        &self,
+        flow: &str,
+        destination: &str,
+    ) -> Result<(i64, Option<i64>), StoreError> {
         let pending: i64 = self.conn.query_row(
             "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
             params![flow, destination],
@@ -202,7 +228,9 @@ impl Reader {
 
     /// Rows in the whole outbox.
     pub fn outbox_len(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
     }
 
     /// DLQ entries with status `dead`, per flow and destination.
@@ -277,7 +305,11 @@ impl Reader {
     }
 
     /// The inbox attributes of an event (for `weft dlq show` and replays).
-    pub fn inbox_attributes(&self, source: &str, event_id: &str) -> Result<Option<String>, StoreError> {
+    pub fn inbox_attributes(
+        &self,
+        source: &str,
+        event_id: &str,
+    ) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
             .query_row(

@@ -63,14 +63,19 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 tracing::error!(error = %e, "store commit failed");
                 let msg = e.to_string();
                 for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Invalid(format!("commit failed: {msg}"))));
+                    let _ = job
+                        .reply
+                        .send(Err(StoreError::Invalid(format!("commit failed: {msg}"))));
                 }
             }
         }
     }
 }
 
-fn commit_group(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+fn commit_group(
+    conn: &mut Connection,
+    jobs: &[Job],
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
     let mut tx = conn.transaction()?;
     let mut totals: Deltas = HashMap::new();
     let mut results = Vec::with_capacity(jobs.len());
@@ -134,7 +139,8 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
     match op {
         Op::Ingest(b) => ingest(tx, b, d),
         Op::Delivered(ids) => {
-            let mut sel = tx.prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?;
+            let mut sel =
+                tx.prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?;
             let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
             let mut n = 0;
             for id in ids {
@@ -160,14 +166,20 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
             error,
         } => {
             let n = tx
-                .prepare_cached("UPDATE outbox SET attempts = ?2, next_at = ?3, last_error = ?4 WHERE id = ?1")?
+                .prepare_cached(
+                    "UPDATE outbox SET attempts = ?2, next_at = ?3, last_error = ?4 WHERE id = ?1",
+                )?
                 .execute(params![id, attempts, next_at, error])?;
             Ok(Applied {
                 changed: n,
                 duplicates: 0,
             })
         }
-        Op::DeadLetter { id, attempts, error } => {
+        Op::DeadLetter {
+            id,
+            attempts,
+            error,
+        } => {
             let row: Option<(String, String)> = tx
                 .prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?
                 .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -183,14 +195,19 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
                    correlation_id, created_at, ?2, ?3, ?4, payload, ?5 FROM outbox WHERE id = ?1",
             )?
             .execute(params![id, now_ms(), attempts, error, history.to_string()])?;
-            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?.execute([id])?;
+            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute([id])?;
             bump(d, &flow, &dest, |c| c.dead_lettered += 1);
             Ok(Applied {
                 changed: 1,
                 duplicates: 0,
             })
         }
-        Op::Replay { dlq_id, payload, note } => {
+        Op::Replay {
+            dlq_id,
+            payload,
+            note,
+        } => {
             let e = dead_entry(tx, *dlq_id)?;
             if e.stage != "deliver" {
                 return Err(StoreError::Invalid(format!(
@@ -200,7 +217,9 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
             }
             let payload = payload.clone().unwrap_or(e.payload);
             if serde_json::from_str::<serde_json::Value>(&payload).is_err() {
-                return Err(StoreError::Invalid("the replacement payload is not valid JSON".into()));
+                return Err(StoreError::Invalid(
+                    "the replacement payload is not valid JSON".into(),
+                ));
             }
             tx.prepare_cached(
                 "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
@@ -216,7 +235,11 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
                 duplicates: 0,
             })
         }
-        Op::ReplayMapped { dlq_id, outcome, note } => {
+        Op::ReplayMapped {
+            dlq_id,
+            outcome,
+            note,
+        } => {
             let e = dead_entry(tx, *dlq_id)?;
             if e.stage == "deliver" {
                 return Err(StoreError::Invalid(format!(
@@ -301,9 +324,9 @@ fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
         .optional()?;
     match row {
         None => Err(StoreError::NotFound(format!("no DLQ entry {id}"))),
-        Some((_, status)) if status != "dead" => {
-            Err(StoreError::Invalid(format!("DLQ entry {id} is already {status}")))
-        }
+        Some((_, status)) if status != "dead" => Err(StoreError::Invalid(format!(
+            "DLQ entry {id} is already {status}"
+        ))),
         Some((d, _)) => Ok(d),
     }
 }

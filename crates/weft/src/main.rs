@@ -1,1 +1,191 @@
-fn main() {}
+//! The `weft` binary: parses the command line and wires the library crates
+//! together. No business logic lives here.
+
+mod dlq;
+mod status;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use weft_core::config;
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "weft keeps business systems in sync: durable, observable, replayable"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub: sources, flows, delivery, HTTP server.
+    Run {
+        /// The config file.
+        config: PathBuf,
+        /// Exit once every finite source (a file, a counted generator) is done
+        /// and nothing is left to deliver: batch loads and backfills.
+        #[arg(long)]
+        until_idle: bool,
+        /// Listen address, overriding `server.listen` (`127.0.0.1:0` picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Check a config file and report every problem with its line.
+    Validate {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// Counts per flow and destination: received, delivered, dead-lettered,
+    /// rejected, filtered, pending, and whether they add up.
+    Status {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, replay or discard dead letters.
+    Dlq {
+        #[command(subcommand)]
+        cmd: dlq::DlqCmd,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Clone)]
+pub struct ConfigArg {
+    /// The config file.
+    #[arg(short, long, env = "WEFT_CONFIG", default_value = "weft.yaml")]
+    pub config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_format);
+    let result = match cli.cmd {
+        Cmd::Run {
+            config,
+            until_idle,
+            listen,
+        } => run(&config, until_idle, listen),
+        Cmd::Validate { config } => validate(&config),
+        Cmd::Status { cfg, json } => status::status(&cfg.config, json),
+        Cmd::Dlq { cmd } => dlq::dlq(cmd),
+        Cmd::Version => {
+            println!("weft {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Load and validate, printing every problem; `None` means invalid.
+pub fn load_config(path: &Path) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn validate(path: &Path) -> Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "{} is valid: {} systems, {} flows",
+        path.display(),
+        cfg.systems.len(),
+        cfg.flows.len()
+    );
+    for f in &cfg.flows {
+        let to: Vec<&str> = f.destinations.iter().map(|d| d.system.as_str()).collect();
+        println!("  flow {}: {} -> {}", f.name, f.from, to.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<ExitCode> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let addr = listen.unwrap_or(cfg.server.listen);
+        let mut runtime = weft_runtime::Runtime::start(cfg).await?;
+        let app = runtime.router();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(address = %local, "serving /healthz /readyz /metrics and webhooks");
+        let stop_server = tokio_util::sync::CancellationToken::new();
+        let server_stop = stop_server.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        });
+        let outcome = tokio::select! {
+            r = runtime.wait_idle(), if until_idle => r.map_err(anyhow::Error::from),
+            s = shutdown_signal() => {
+                tracing::info!(signal = s, "stopping: draining in-flight work");
+                Ok(())
+            }
+        };
+        // webhooks get 503 while the sources stop; then the server closes
+        runtime.shutdown().await;
+        stop_server.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+        outcome.map(|_| ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

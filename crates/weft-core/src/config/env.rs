@@ -8,7 +8,10 @@
 use super::Issue;
 
 /// Interpolate `text`; every problem is reported with its line and column.
-pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, Vec<Issue>> {
+pub fn interpolate(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<Issue>> {
     let mut out = String::with_capacity(text.len());
     let mut issues = Vec::new();
     let mut line = 1u64;
@@ -35,7 +38,10 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
                         Ok(v) if v.contains('\n') || v.contains('\r') => issues.push(issue(
                             line,
                             col,
-                            format!("the value of `${{{}}}` contains a newline, which is not allowed", name_of(expr)),
+                            format!(
+                                "the value of `${{{}}}` contains a newline, which is not allowed",
+                                name_of(expr)
+                            ),
                         )),
                         Ok(v) => out.push_str(&v),
                         Err(m) => issues.push(issue(line, col, m)),
@@ -59,7 +65,11 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
             col += 1;
         }
     }
-    if issues.is_empty() { Ok(out) } else { Err(issues) }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(issues)
+    }
 }
 
 fn name_of(expr: &str) -> &str {

@@ -171,6 +171,7 @@ fn parse(file: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
 
 /// Parse a duration such as `250ms`, `5s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); expected for example `250ms`, `5s`, `2m`"))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); expected for example `250ms`, `5s`, `2m`")
+    })
 }

@@ -277,12 +277,17 @@ impl<'de> Deserialize<'de> for RawDestination {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = RawDestination;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a system name or a map with `system` and optional `mapping`, `delivery`")
+                f.write_str(
+                    "a system name or a map with `system` and optional `mapping`, `delivery`",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 Ok(RawDestination::Name(v.to_owned()))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
                 RawDestinationFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
                     .map(RawDestination::Full)
             }

@@ -168,7 +168,12 @@ impl Ctx {
             message: message.into(),
         });
     }
-    fn at_span<T>(&mut self, path: impl Into<String>, span: &Spanned<T>, message: impl Into<String>) {
+    fn at_span<T>(
+        &mut self,
+        path: impl Into<String>,
+        span: &Spanned<T>,
+        message: impl Into<String>,
+    ) {
         let loc = span.referenced;
         self.issues.push(Issue {
             path: path.into(),
@@ -180,7 +185,12 @@ impl Ctx {
 
     /// Compile a jq program; on error point at the line of the YAML value
     /// plus the line inside the program.
-    fn program(&mut self, path: &str, code: &Spanned<String>, vars: &[&str]) -> Option<Arc<Program>> {
+    fn program(
+        &mut self,
+        path: &str,
+        code: &Spanned<String>,
+        vars: &[&str],
+    ) -> Option<Arc<Program>> {
         match Program::compile(&code.value, vars) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
@@ -228,7 +238,9 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         Err(_) => {
             cx.at(
                 "server.listen",
-                format!("`{listen_s}` is not an address; expected `host:port` such as `127.0.0.1:8080`"),
+                format!(
+                    "`{listen_s}` is not an address; expected `host:port` such as `127.0.0.1:8080`"
+                ),
             );
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }
@@ -248,10 +260,19 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         if sys.source.is_none() && sys.sink.is_none() {
             cx.at(&p, "a system needs a `source`, a `sink` or both");
         }
-        let source = sys
-            .source
-            .and_then(|s| source_spec(&mut cx, &format!("{p}.source"), &name, s, base, &mut webhook_paths));
-        let sink = sys.sink.and_then(|s| sink_spec(&mut cx, &format!("{p}.sink"), s, base));
+        let source = sys.source.and_then(|s| {
+            source_spec(
+                &mut cx,
+                &format!("{p}.source"),
+                &name,
+                s,
+                base,
+                &mut webhook_paths,
+            )
+        });
+        let sink = sys
+            .sink
+            .and_then(|s| sink_spec(&mut cx, &format!("{p}.sink"), s, base));
         systems.insert(
             name.clone(),
             System {
@@ -274,7 +295,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             None => cx.at_span(
                 format!("{p}.from"),
                 &f.from,
-                format!("unknown system `{}`; known: {}", f.from.value, known(&systems)),
+                format!(
+                    "unknown system `{}`; known: {}",
+                    f.from.value,
+                    known(&systems)
+                ),
             ),
             Some(s) if s.source.is_none() => cx.at_span(
                 format!("{p}.from"),
@@ -283,9 +308,18 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             ),
             _ => {}
         }
-        let filter = f.filter.as_ref().and_then(|c| cx.program(&format!("{p}.filter"), c, &[]));
-        let key = f.key.as_ref().and_then(|c| cx.program(&format!("{p}.key"), c, &[]));
-        let mapping = f.mapping.as_ref().and_then(|c| cx.program(&format!("{p}.mapping"), c, &[]));
+        let filter = f
+            .filter
+            .as_ref()
+            .and_then(|c| cx.program(&format!("{p}.filter"), c, &[]));
+        let key = f
+            .key
+            .as_ref()
+            .and_then(|c| cx.program(&format!("{p}.key"), c, &[]));
+        let mapping = f
+            .mapping
+            .as_ref()
+            .and_then(|c| cx.program(&format!("{p}.mapping"), c, &[]));
         if f.to.is_empty() {
             cx.at(format!("{p}.to"), "a flow needs at least one destination");
         }
@@ -303,22 +337,39 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                     cx.at_span(
                         &dp,
                         &system,
-                        format!("unknown system `{}`; known: {}", system.value, known(&systems)),
+                        format!(
+                            "unknown system `{}`; known: {}",
+                            system.value,
+                            known(&systems)
+                        ),
                     );
                     None
                 }
                 Some(s) => match &s.sink {
                     None => {
-                        cx.at_span(&dp, &system, format!("system `{}` has no `sink` to write to", system.value));
+                        cx.at_span(
+                            &dp,
+                            &system,
+                            format!("system `{}` has no `sink` to write to", system.value),
+                        );
                         None
                     }
                     Some(k) => Some(k.kind()),
                 },
             };
-            if destinations.iter().any(|x: &Destination| x.system == system.value) {
-                cx.at_span(&dp, &system, format!("system `{}` is listed twice", system.value));
+            if destinations
+                .iter()
+                .any(|x: &Destination| x.system == system.value)
+            {
+                cx.at_span(
+                    &dp,
+                    &system,
+                    format!("system `{}` is listed twice", system.value),
+                );
             }
-            let mapping = dmap.as_ref().and_then(|c| cx.program(&format!("{dp}.mapping"), c, &[]));
+            let mapping = dmap
+                .as_ref()
+                .and_then(|c| cx.program(&format!("{dp}.mapping"), c, &[]));
             let delivery = delivery_policy(
                 &mut cx,
                 &format!("{dp}.delivery"),
@@ -355,14 +406,20 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn known(systems: &BTreeMap<String, System>) -> String {
     if systems.is_empty() {
         "none".to_owned()
     } else {
-        systems.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        systems
+            .keys()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -378,28 +435,49 @@ fn source_spec(
         RawSource::Webhook(cfg) => {
             let wp = format!("{p}.webhook");
             if !cfg.path.starts_with('/') {
-                cx.at(format!("{wp}.path"), format!("`{}` must start with `/`", cfg.path));
+                cx.at(
+                    format!("{wp}.path"),
+                    format!("`{}` must start with `/`", cfg.path),
+                );
             }
-            if ["/healthz", "/readyz", "/metrics"].contains(&cfg.path.as_str()) || cfg.path.starts_with("/api/") {
-                cx.at(format!("{wp}.path"), format!("`{}` is reserved by weft's server", cfg.path));
+            if ["/healthz", "/readyz", "/metrics"].contains(&cfg.path.as_str())
+                || cfg.path.starts_with("/api/")
+            {
+                cx.at(
+                    format!("{wp}.path"),
+                    format!("`{}` is reserved by weft's server", cfg.path),
+                );
             }
             if let Some(other) = webhook_paths.insert(cfg.path.clone(), system.to_owned()) {
-                cx.at(format!("{wp}.path"), format!("`{}` is already used by system `{other}`", cfg.path));
+                cx.at(
+                    format!("{wp}.path"),
+                    format!("`{}` is already used by system `{other}`", cfg.path),
+                );
             }
             if cfg.max_body_bytes == Some(0) {
                 cx.at(format!("{wp}.max_body_bytes"), "must be greater than 0");
             }
-            let id_field = cfg.id_field.as_ref().and_then(|c| cx.program(&format!("{wp}.id_field"), c, &[]));
+            let id_field = cfg
+                .id_field
+                .as_ref()
+                .and_then(|c| cx.program(&format!("{wp}.id_field"), c, &[]));
             Some(SourceSpec::Webhook {
                 id_field,
-                event_type: cfg.event_type.clone().unwrap_or_else(|| format!("{system}.webhook")),
+                event_type: cfg
+                    .event_type
+                    .clone()
+                    .unwrap_or_else(|| format!("{system}.webhook")),
                 max_body_bytes: cfg.max_body_bytes.unwrap_or(1 << 20),
                 signature_header: cfg
                     .signature_header
                     .clone()
                     .unwrap_or_else(|| "x-signature-256".into())
                     .to_ascii_lowercase(),
-                id_header: cfg.id_header.clone().unwrap_or_else(|| "x-event-id".into()).to_ascii_lowercase(),
+                id_header: cfg
+                    .id_header
+                    .clone()
+                    .unwrap_or_else(|| "x-event-id".into())
+                    .to_ascii_lowercase(),
                 cfg,
             })
         }
@@ -409,19 +487,32 @@ fn source_spec(
                 (Some(d), None) => Some(FileTarget::Dir(base.join(d))),
                 (None, Some(f)) => Some(FileTarget::Path(base.join(f))),
                 _ => {
-                    cx.at(&fp, "exactly one of `dir` (a drop folder) and `path` (one file) is required");
+                    cx.at(
+                        &fp,
+                        "exactly one of `dir` (a drop folder) and `path` (one file) is required",
+                    );
                     None
                 }
             };
             if cfg.batch_size == Some(0) {
                 cx.at(format!("{fp}.batch_size"), "must be greater than 0");
             }
-            let poll_interval = cx.duration(&format!("{fp}.poll_interval"), &cfg.poll_interval, Duration::from_secs(1));
-            let id_field = cfg.id_field.as_ref().and_then(|c| cx.program(&format!("{fp}.id_field"), c, &[]));
+            let poll_interval = cx.duration(
+                &format!("{fp}.poll_interval"),
+                &cfg.poll_interval,
+                Duration::from_secs(1),
+            );
+            let id_field = cfg
+                .id_field
+                .as_ref()
+                .and_then(|c| cx.program(&format!("{fp}.id_field"), c, &[]));
             Some(SourceSpec::File {
                 target: target?,
                 id_field,
-                event_type: cfg.event_type.clone().unwrap_or_else(|| format!("{system}.file")),
+                event_type: cfg
+                    .event_type
+                    .clone()
+                    .unwrap_or_else(|| format!("{system}.file")),
                 poll_interval,
                 batch_size: cfg.batch_size.unwrap_or(1000),
                 cfg,
@@ -430,7 +521,10 @@ fn source_spec(
         RawSource::Generate(cfg) => {
             let gp = format!("{p}.generate");
             if matches!(cfg.rate, Some(r) if !(r > 0.0 && r.is_finite())) {
-                cx.at(format!("{gp}.rate"), "must be a positive number of records per second");
+                cx.at(
+                    format!("{gp}.rate"),
+                    "must be a positive number of records per second",
+                );
             }
             if cfg.batch_size == Some(0) {
                 cx.at(format!("{gp}.batch_size"), "must be greater than 0");
@@ -438,7 +532,10 @@ fn source_spec(
             let template = cx.program(&format!("{gp}.template"), &cfg.template, &["seq"])?;
             Some(SourceSpec::Generate {
                 template,
-                event_type: cfg.event_type.clone().unwrap_or_else(|| format!("{system}.generated")),
+                event_type: cfg
+                    .event_type
+                    .clone()
+                    .unwrap_or_else(|| format!("{system}.generated")),
                 batch_size: cfg.batch_size.unwrap_or(500),
                 cfg,
             })
@@ -451,15 +548,32 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
         RawSink::Http(cfg) => {
             let hp = format!("{p}.http");
             if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
-                cx.at(format!("{hp}.url"), format!("`{}` must start with http:// or https://", cfg.url));
+                cx.at(
+                    format!("{hp}.url"),
+                    format!("`{}` must start with http:// or https://", cfg.url),
+                );
             }
-            let method = cfg.method.clone().unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
+            let method = cfg
+                .method
+                .clone()
+                .unwrap_or_else(|| "POST".into())
+                .to_ascii_uppercase();
             if !["POST", "PUT", "PATCH"].contains(&method.as_str()) {
-                cx.at(format!("{hp}.method"), format!("`{method}`: expected POST, PUT or PATCH"));
+                cx.at(
+                    format!("{hp}.method"),
+                    format!("`{method}`: expected POST, PUT or PATCH"),
+                );
             }
-            let timeout = cx.duration(&format!("{hp}.timeout"), &cfg.timeout, Duration::from_secs(10));
-            let connect_timeout =
-                cx.duration(&format!("{hp}.connect_timeout"), &cfg.connect_timeout, Duration::from_secs(5));
+            let timeout = cx.duration(
+                &format!("{hp}.timeout"),
+                &cfg.timeout,
+                Duration::from_secs(10),
+            );
+            let connect_timeout = cx.duration(
+                &format!("{hp}.connect_timeout"),
+                &cfg.connect_timeout,
+                Duration::from_secs(5),
+            );
             Some(SinkSpec::Http {
                 cfg,
                 method,
@@ -471,7 +585,10 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
             let sp = format!("{p}.sqlite");
             check_ident(cx, &format!("{sp}.table"), &cfg.table);
             if cfg.key.is_empty() {
-                cx.at(format!("{sp}.key"), "at least one key column is required for the upsert");
+                cx.at(
+                    format!("{sp}.key"),
+                    "at least one key column is required for the upsert",
+                );
             }
             for (i, k) in cfg.key.iter().enumerate() {
                 check_ident(cx, &format!("{sp}.key[{i}]"), k);
@@ -488,7 +605,10 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
                 }
                 for k in &cfg.key {
                     if !cols.contains_key(k) {
-                        cx.at(format!("{sp}.key"), format!("key column `{k}` is not among `columns`"));
+                        cx.at(
+                            format!("{sp}.key"),
+                            format!("key column `{k}` is not among `columns`"),
+                        );
                     }
                 }
             }
@@ -503,20 +623,32 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
                 check_ident(cx, &format!("{pp}.table"), part);
             }
             if cfg.key.is_empty() {
-                cx.at(format!("{pp}.key"), "at least one key column is required for the upsert");
+                cx.at(
+                    format!("{pp}.key"),
+                    "at least one key column is required for the upsert",
+                );
             }
             if cfg.columns.is_empty() {
                 cx.at(format!("{pp}.columns"), "at least one column is required");
             }
             for (c, t) in &cfg.columns {
                 check_ident(cx, &format!("{pp}.columns.{c}"), c);
-                if !t.chars().all(|ch| ch.is_ascii_alphanumeric() || " _()[],".contains(ch)) {
-                    cx.at(format!("{pp}.columns.{c}"), format!("`{t}` is not a PostgreSQL type name"));
+                if !t
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || " _()[],".contains(ch))
+                {
+                    cx.at(
+                        format!("{pp}.columns.{c}"),
+                        format!("`{t}` is not a PostgreSQL type name"),
+                    );
                 }
             }
             for k in &cfg.key {
                 if !cfg.columns.contains_key(k) {
-                    cx.at(format!("{pp}.key"), format!("key column `{k}` is not among `columns`"));
+                    cx.at(
+                        format!("{pp}.key"),
+                        format!("key column `{k}` is not among `columns`"),
+                    );
                 }
             }
             Some(SinkSpec::Postgres { cfg })
@@ -533,12 +665,23 @@ fn check_ident(cx: &mut Ctx, path: &str, s: &str) {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !s.starts_with(|c: char| c.is_ascii_digit());
     if !ok {
-        cx.at(path, format!("`{s}` is not a plain SQL identifier (letters, digits, `_`)"));
+        cx.at(
+            path,
+            format!("`{s}` is not a plain SQL identifier (letters, digits, `_`)"),
+        );
     }
 }
 
-fn delivery_policy(cx: &mut Ctx, p: &str, layers: [Option<&RawDelivery>; 3], sink_kind: Option<&str>) -> DeliveryPolicy {
-    fn pick<T: Clone>(layers: &[Option<&RawDelivery>; 3], f: impl Fn(&RawDelivery) -> Option<T>) -> Option<T> {
+fn delivery_policy(
+    cx: &mut Ctx,
+    p: &str,
+    layers: [Option<&RawDelivery>; 3],
+    sink_kind: Option<&str>,
+) -> DeliveryPolicy {
+    fn pick<T: Clone>(
+        layers: &[Option<&RawDelivery>; 3],
+        f: impl Fn(&RawDelivery) -> Option<T>,
+    ) -> Option<T> {
         layers.iter().flatten().find_map(|l| f(l))
     }
     let http = sink_kind == Some("http");
@@ -564,7 +707,11 @@ fn delivery_policy(cx: &mut Ctx, p: &str, layers: [Option<&RawDelivery>; 3], sin
     if concurrency == 0 {
         cx.at(format!("{p}.concurrency"), "must be at least 1");
     }
-    let batch_size = if http { 1 } else { pick(&layers, |l| l.batch_size).unwrap_or(500) };
+    let batch_size = if http {
+        1
+    } else {
+        pick(&layers, |l| l.batch_size).unwrap_or(500)
+    };
     if batch_size == 0 {
         cx.at(format!("{p}.batch_size"), "must be at least 1");
     }

@@ -1,0 +1,208 @@
+//! Ingest: a source's batch -> filter, key, mapping per flow -> one store
+//! transaction (inbox + outbox + DLQ + checkpoint).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::Notify;
+use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record};
+use weft_core::config::Flow;
+use weft_core::event::idempotency_key;
+use weft_store::{FlowOutcome, IngestBatch, NewDelivery, NewEvent, Op, Stage, Store, now_ms};
+
+use crate::metrics as m;
+
+/// The [`Ingest`] of one source system.
+pub struct Ingestor {
+    pub(crate) system: String,
+    pub(crate) flows: Vec<Arc<Flow>>,
+    pub(crate) store: Store,
+    /// Woken after each commit: the delivery lanes of these flows.
+    pub(crate) wake: Vec<Arc<Notify>>,
+    pub(crate) accepting: Arc<AtomicBool>,
+}
+
+/// Run every flow of `system` over a batch (CPU work, no I/O).
+pub fn prepare(system: &str, flows: &[Arc<Flow>], batch: Batch) -> IngestBatch {
+    let events = batch
+        .records
+        .into_iter()
+        .map(|r| match r {
+            Record::Good(ev) => {
+                let attrs = ev.attributes();
+                let outcomes = flows
+                    .iter()
+                    .map(|f| run_flow(f, &ev.source, &ev.id, &ev.data, &attrs))
+                    .collect();
+                NewEvent {
+                    event_id: ev.id,
+                    correlation_id: ev.correlationid,
+                    received_at: ev.time.timestamp_millis().min(now_ms()),
+                    attributes: attrs.to_string(),
+                    payload: ev.data.to_string(),
+                    outcomes,
+                }
+            }
+            Record::Bad(b) => NewEvent {
+                outcomes: flows
+                    .iter()
+                    .map(|f| FlowOutcome::Rejected {
+                        flow: f.name.clone(),
+                        stage: Stage::Parse,
+                        error: format!("{}: {}", b.location, b.error),
+                    })
+                    .collect(),
+                event_id: b.id,
+                correlation_id: b.correlation_id,
+                received_at: now_ms(),
+                attributes: serde_json::json!({"location": b.location}).to_string(),
+                payload: b.raw,
+            },
+        })
+        .collect();
+    IngestBatch {
+        source: system.to_owned(),
+        events,
+        checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
+    }
+}
+
+/// What one flow makes of one event. Pure: also used by `weft dlq replay`
+/// and dry runs.
+pub fn run_flow(
+    flow: &Flow,
+    source: &str,
+    event_id: &str,
+    data: &Value,
+    attrs: &Value,
+) -> FlowOutcome {
+    let reject = |what: &str, e: &dyn std::fmt::Display| FlowOutcome::Rejected {
+        flow: flow.name.clone(),
+        stage: Stage::Map,
+        error: format!("{what}: {e}"),
+    };
+    if let Some(filter) = &flow.filter {
+        match filter.test(data.clone(), attrs.clone()) {
+            Ok(true) => {}
+            Ok(false) => {
+                return FlowOutcome::Filtered {
+                    flow: flow.name.clone(),
+                };
+            }
+            Err(e) => return reject("filter failed", &e),
+        }
+    }
+    let entity_key = match &flow.key {
+        None => None,
+        Some(p) => match p.run_one(data.clone(), attrs.clone(), &[]) {
+            Ok(Value::String(s)) => Some(s),
+            Ok(Value::Null) => None,
+            Ok(v) => Some(v.to_string()),
+            Err(e) => return reject("key failed", &e),
+        },
+    };
+    let mapped = match &flow.mapping {
+        None => data.clone(),
+        Some(p) => match p.run_one(data.clone(), attrs.clone(), &[]) {
+            Ok(v) => v,
+            Err(e) => return reject("mapping failed", &e),
+        },
+    };
+    let mut deliveries = Vec::with_capacity(flow.destinations.len());
+    for d in &flow.destinations {
+        let payload = match &d.mapping {
+            None => mapped.clone(),
+            Some(p) => match p.run_one(mapped.clone(), attrs.clone(), &[]) {
+                Ok(v) => v,
+                Err(e) => return reject(&format!("mapping for `{}` failed", d.system), &e),
+            },
+        };
+        deliveries.push(NewDelivery {
+            destination: d.system.clone(),
+            entity_key: entity_key.clone(),
+            idempotency_key: idempotency_key(&flow.name, &d.system, source, event_id),
+            payload: payload.to_string(),
+        });
+    }
+    FlowOutcome::Routed {
+        flow: flow.name.clone(),
+        deliveries,
+    }
+}
+
+impl Ingest for Ingestor {
+    fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
+        Box::pin(async move {
+            if !self.accepting.load(Ordering::Acquire) {
+                return Err(IngestError::Unavailable("weft is shutting down".into()));
+            }
+            let (system, flows) = (self.system.clone(), self.flows.clone());
+            // filters and mappings are CPU work: keep them off the async workers
+            let prepared = tokio::task::spawn_blocking(move || prepare(&system, &flows, batch))
+                .await
+                .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
+            let counts = outcome_counts(&prepared);
+            let applied = self
+                .store
+                .apply(Op::Ingest(prepared))
+                .await
+                .map_err(|e| IngestError::Store(e.to_string()))?;
+            if applied.changed > 0 {
+                for w in &self.wake {
+                    w.notify_one();
+                }
+                // counts are of the prepared batch; duplicates did not count in the store
+                if applied.duplicates == 0 {
+                    for (flow, (recv, filt, rej)) in counts {
+                        m::flow_ingested(&flow, recv, filt, rej);
+                    }
+                }
+            }
+            if applied.duplicates > 0 {
+                m::duplicates(&self.system, applied.duplicates as u64);
+            }
+            Ok(Receipt {
+                accepted: applied.changed,
+                duplicates: applied.duplicates,
+            })
+        })
+    }
+
+    fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            let store = self.store.clone();
+            let system = self.system.clone();
+            tokio::task::spawn_blocking(move || {
+                store.reader().and_then(|r| r.checkpoint(&system, &key))
+            })
+            .await
+            .map_err(|e| IngestError::Store(e.to_string()))?
+            .map_err(|e| IngestError::Store(e.to_string()))
+        })
+    }
+}
+
+fn outcome_counts(b: &IngestBatch) -> std::collections::HashMap<String, (u64, u64, u64)> {
+    let mut m: std::collections::HashMap<String, (u64, u64, u64)> = Default::default();
+    for e in &b.events {
+        for o in &e.outcomes {
+            match o {
+                FlowOutcome::Routed { flow, .. } => m.entry(flow.clone()).or_default().0 += 1,
+                FlowOutcome::Filtered { flow } => {
+                    let c = m.entry(flow.clone()).or_default();
+                    c.0 += 1;
+                    c.1 += 1;
+                }
+                FlowOutcome::Rejected { flow, .. } => {
+                    let c = m.entry(flow.clone()).or_default();
+                    c.0 += 1;
+                    c.2 += 1;
+                }
+            }
+        }
+    }
+    m
+}

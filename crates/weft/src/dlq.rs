@@ -1,0 +1,364 @@
+//! `weft dlq`: list, show, replay, discard dead letters.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use weft_store::{DlqEntry, DlqFilter, Op};
+
+use crate::ConfigArg;
+
+#[derive(Subcommand)]
+pub enum DlqCmd {
+    /// List dead letters (newest last).
+    List {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one entry: error, payload, history.
+    Show {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send entries again: delivery failures go back to their destination
+    /// with the same idempotency key; parse/map failures run through their
+    /// flow again.
+    Replay {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        /// Entry ids; or use --all with filters.
+        ids: Vec<i64>,
+        /// Every entry matching the filters.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Replace the payload with this JSON file's content (one id only).
+        #[arg(long)]
+        payload: Option<PathBuf>,
+    },
+    /// Give up on entries; they stay listed with status `discarded`.
+    Discard {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        ids: Vec<i64>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only this flow.
+    #[arg(long)]
+    flow: Option<String>,
+    /// Only this destination.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Only errors containing this text.
+    #[arg(long)]
+    error: Option<String>,
+    /// Only entries that failed within this long (e.g. `1h`, `30m`).
+    #[arg(long)]
+    since: Option<String>,
+    /// `dead` (default), `replayed`, `discarded` or `all`.
+    #[arg(long)]
+    status: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl FilterArgs {
+    fn to_filter(&self) -> Result<DlqFilter> {
+        let since = match &self.since {
+            None => None,
+            Some(s) => {
+                let d = weft_core::config::parse_duration(s).map_err(anyhow::Error::msg)?;
+                Some(weft_store::now_ms() - d.as_millis() as i64)
+            }
+        };
+        Ok(DlqFilter {
+            flow: self.flow.clone(),
+            destination: self.destination.clone(),
+            error_contains: self.error.clone(),
+            status: self.status.clone(),
+            since,
+            limit: self.limit,
+        })
+    }
+}
+
+pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
+    match cmd {
+        DlqCmd::List { cfg, filter, json } => {
+            let (_, store) = open(&cfg)?;
+            let entries = store.reader()?.dlq_list(&filter.to_filter()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:>6}  {:<9} {:<8} {:<20} {:<14} {:>8}  {:<20} ERROR",
+                    "ID", "STATUS", "STAGE", "FLOW", "DESTINATION", "ATTEMPTS", "FAILED AT"
+                );
+                for e in &entries {
+                    println!(
+                        "{:>6}  {:<9} {:<8} {:<20} {:<14} {:>8}  {:<20} {}",
+                        e.id,
+                        e.status,
+                        e.stage,
+                        e.flow,
+                        if e.destination.is_empty() {
+                            "-"
+                        } else {
+                            &e.destination
+                        },
+                        e.attempts,
+                        time(e.failed_at),
+                        one_line(&e.error, 100)
+                    );
+                }
+                println!(
+                    "{} entr{}",
+                    entries.len(),
+                    if entries.len() == 1 { "y" } else { "ies" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCmd::Show { cfg, id, json } => {
+            let (_, store) = open(&cfg)?;
+            let Some(e) = store.reader()?.dlq_get(id)? else {
+                bail!("no DLQ entry {id}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                show(&e);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCmd::Replay {
+            cfg,
+            ids,
+            all,
+            filter,
+            payload,
+        } => {
+            let (config, store) = open(&cfg)?;
+            let targets = select(&store, ids, all, &filter)?;
+            let payload = match payload {
+                None => None,
+                Some(p) => {
+                    if targets.len() != 1 {
+                        bail!(
+                            "--payload replaces one entry's payload; {} selected",
+                            targets.len()
+                        );
+                    }
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .with_context(|| format!("{} is not valid JSON", p.display()))?;
+                    Some(text)
+                }
+            };
+            let mut ok = 0;
+            for e in &targets {
+                let note = if payload.is_some() {
+                    "replayed with an edited payload"
+                } else {
+                    "replayed"
+                };
+                let op = if e.stage == "deliver" {
+                    Op::Replay {
+                        dlq_id: e.id,
+                        payload: payload.clone(),
+                        note: note.into(),
+                    }
+                } else {
+                    match remap(&config, &store, e, payload.as_deref()) {
+                        Ok(outcome) => Op::ReplayMapped {
+                            dlq_id: e.id,
+                            outcome,
+                            note: note.into(),
+                        },
+                        Err(err) => {
+                            eprintln!("entry {}: {err:#}", e.id);
+                            continue;
+                        }
+                    }
+                };
+                match store.apply_blocking(op) {
+                    Ok(_) => {
+                        ok += 1;
+                        println!("replayed {} (correlation id {})", e.id, e.correlation_id);
+                    }
+                    Err(err) => eprintln!("entry {}: {err}", e.id),
+                }
+            }
+            println!("{ok} of {} replayed", targets.len());
+            Ok(if ok == targets.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        DlqCmd::Discard {
+            cfg,
+            ids,
+            all,
+            filter,
+        } => {
+            let (_, store) = open(&cfg)?;
+            let targets = select(&store, ids, all, &filter)?;
+            let mut ok = 0;
+            for e in &targets {
+                match store.apply_blocking(Op::Discard {
+                    dlq_id: e.id,
+                    note: "discarded".into(),
+                }) {
+                    Ok(_) => ok += 1,
+                    Err(err) => eprintln!("entry {}: {err}", e.id),
+                }
+            }
+            println!("{ok} of {} discarded", targets.len());
+            Ok(if ok == targets.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, weft_store::Store)> {
+    let config = match crate::load_config(&cfg.config) {
+        Ok(c) => c,
+        Err(_) => bail!("the config is invalid (see above)"),
+    };
+    let store = crate::status::open_store(&config)?;
+    Ok((config, store))
+}
+
+fn select(
+    store: &weft_store::Store,
+    ids: Vec<i64>,
+    all: bool,
+    filter: &FilterArgs,
+) -> Result<Vec<DlqEntry>> {
+    let reader = store.reader()?;
+    if all {
+        if !ids.is_empty() {
+            bail!("give ids or --all, not both");
+        }
+        return Ok(reader.dlq_list(&filter.to_filter()?)?);
+    }
+    if ids.is_empty() {
+        bail!("give one or more entry ids, or --all (with optional filters)");
+    }
+    ids.into_iter()
+        .map(|id| {
+            reader
+                .dlq_get(id)?
+                .with_context(|| format!("no DLQ entry {id}"))
+        })
+        .collect()
+}
+
+/// Run a parse/map-stage entry through its flow again.
+fn remap(
+    config: &weft_core::config::Config,
+    store: &weft_store::Store,
+    e: &DlqEntry,
+    payload: Option<&str>,
+) -> Result<weft_store::FlowOutcome> {
+    let flow = config
+        .flows
+        .iter()
+        .find(|f| f.name == e.flow)
+        .with_context(|| format!("flow `{}` is no longer in the config", e.flow))?;
+    let text = payload.unwrap_or(&e.payload);
+    let data: serde_json::Value = serde_json::from_str(text)
+        .context("the stored payload is not JSON; fix it with `--payload FILE`")?;
+    let attrs = store
+        .reader()?
+        .inbox_attributes(&e.source, &e.event_id)?
+        .and_then(|a| serde_json::from_str(&a).ok())
+        .unwrap_or_else(
+            || serde_json::json!({"id": e.event_id, "correlationid": e.correlation_id}),
+        );
+    Ok(weft_runtime::run_flow(
+        flow,
+        &e.source,
+        &e.event_id,
+        &data,
+        &attrs,
+    ))
+}
+
+fn show(e: &DlqEntry) {
+    println!("id:             {}", e.id);
+    println!("status:         {}", e.status);
+    println!("stage:          {}", e.stage);
+    println!("flow:           {}", e.flow);
+    println!(
+        "destination:    {}",
+        if e.destination.is_empty() {
+            "-"
+        } else {
+            &e.destination
+        }
+    );
+    println!("source:         {}", e.source);
+    println!("event id:       {}", e.event_id);
+    println!("correlation id: {}", e.correlation_id);
+    if let Some(k) = &e.idempotency_key {
+        println!("idempotency:    {k}");
+    }
+    if let Some(k) = &e.entity_key {
+        println!("entity key:     {k}");
+    }
+    println!("accepted at:    {}", time(e.created_at));
+    println!("failed at:      {}", time(e.failed_at));
+    println!("attempts:       {}", e.attempts);
+    println!("error:          {}", e.error);
+    let pretty = serde_json::from_str::<serde_json::Value>(&e.payload)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| e.payload.clone());
+    println!("payload:\n{pretty}");
+    println!("history:");
+    if let Some(h) = e.history.as_array() {
+        for item in h {
+            println!("  {item}");
+        }
+    }
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let s = s.replace('\n', " ");
+    if s.chars().count() > max {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    } else {
+        s
+    }
+}

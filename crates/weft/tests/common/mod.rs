@@ -1,0 +1,253 @@
+//! Test utilities: run the real `weft` binary, a real recording HTTP
+//! server to deliver to, and signed webhook posts.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+pub fn weft() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_weft"))
+}
+
+/// Run `weft ARGS` to completion in `dir`.
+pub fn weft_cmd(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(weft())
+        .args(args)
+        .current_dir(dir)
+        .env("WEFT_LOG", "warn")
+        .output()
+        .expect("run weft")
+}
+
+/// A running `weft run` process.
+pub struct Hub {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hub {
+    /// Start `weft run CONFIG --listen 127.0.0.1:PORT` (PORT 0: any) in `dir`
+    /// and wait until it serves.
+    pub fn start(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) -> Hub {
+        let mut cmd = Command::new(weft());
+        cmd.args(["run", config, "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(dir)
+            .env("WEFT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn weft");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("address=") {
+                    let a = line[i + 8..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(a);
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "weft did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Hub { child, addr, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        unsafe_kill(pid, 15);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("weft did not stop within 60s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // std has no signal API; `kill` the command is everywhere
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Hex HMAC-SHA256 of `body`, as the webhook source expects (`sha256=` prefix).
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// One request the recording server received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub body: serde_json::Value,
+}
+
+/// A real HTTP server that records every request; `fail_mode` makes it
+/// answer 500 (1) or 400 (2) instead of 200 (0).
+pub struct Recorder {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub fail_mode: Arc<AtomicU32>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Recorder {
+    pub fn start() -> Recorder {
+        Self::start_on(0)
+    }
+
+    pub fn start_on(port: u16) -> Recorder {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let fail_mode = Arc::new(AtomicU32::new(0));
+        type St = (Arc<Mutex<Vec<Received>>>, Arc<AtomicU32>);
+        async fn handle(
+            State((rec, mode)): State<St>,
+            method: Method,
+            uri: Uri,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> StatusCode {
+            match mode.load(Ordering::SeqCst) {
+                1 => return StatusCode::INTERNAL_SERVER_ERROR,
+                2 => return StatusCode::BAD_REQUEST,
+                _ => {}
+            }
+            let h = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            rec.lock().unwrap().push(Received {
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                idempotency_key: h("idempotency-key"),
+                correlation_id: h("x-correlation-id"),
+                body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            });
+            StatusCode::OK
+        }
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state((received.clone(), fail_mode.clone()));
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Recorder {
+            addr,
+            received,
+            fail_mode,
+            _rt: rt,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// Poll `f` until it returns true, failing after `timeout` with `what`.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// `weft status --json` parsed.
+pub fn status(dir: &Path, config: &str) -> serde_json::Value {
+    let out = weft_cmd(dir, &["status", "-c", config, "--json"]);
+    assert!(
+        out.status.success() || out.status.code() == Some(3),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
