@@ -71,6 +71,7 @@ pub struct HttpSink {
     template: Vec<Part>,
     headers: HeaderMap,
     timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for HttpSink {
@@ -137,6 +138,7 @@ impl HttpSink {
             template,
             headers,
             timeout,
+            connect_timeout,
         })
     }
 
@@ -251,7 +253,12 @@ impl HttpSink {
     /// could not even be built.
     fn transport_error(&self, e: reqwest::Error, doing: &str) -> SinkError {
         let e = e.without_url();
-        let what = if e.is_timeout() {
+        let what = if e.is_timeout() && e.is_connect() {
+            format!(
+                "timed out connecting (connect timeout {:?})",
+                self.connect_timeout
+            )
+        } else if e.is_timeout() {
             format!("timed out {doing} (timeout {:?})", self.timeout)
         } else if e.is_connect() {
             format!("cannot connect: {}", error_chain(&e))

@@ -456,7 +456,7 @@ async fn other_paths_and_methods_are_not_served() {
 }
 
 #[test]
-fn new_rejects_bad_header_names() {
+fn new_rejects_bad_header_names_and_paths() {
     let mut s = spec(&Opts::default());
     if let SourceSpec::Webhook {
         signature_header, ..
@@ -465,4 +465,26 @@ fn new_rejects_bad_header_names() {
         *signature_header = "not a header".into();
     }
     assert!(WebhookRoute::new("crm", &s).is_err());
+    for bad in ["hooks", "/hooks/:id", "/hooks/{id}", "/hooks/*rest", "/a b"] {
+        let mut s = spec(&Opts::default());
+        if let SourceSpec::Webhook { cfg, .. } = &mut s {
+            cfg.path = bad.into();
+        }
+        assert!(WebhookRoute::new("crm", &s).is_err(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn empty_array_is_acknowledged_with_nothing_accepted() {
+    let ingest = FakeIngest::new(Mode::Ok);
+    let url = serve(Opts::default(), ingest.clone()).await;
+    let r = signed(&reqwest::Client::new(), &url, "[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let j = json_of(r).await;
+    assert_eq!(j["accepted"], 0);
+    assert_eq!(j["ids"], json!([]));
+    assert!(ingest.events().is_empty());
 }

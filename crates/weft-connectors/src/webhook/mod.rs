@@ -28,7 +28,8 @@
 //!      identical elements therefore have the same id, exactly as two
 //!      identical single-object requests do: the second is a duplicate.
 //!
-//!    An `id_field` that fails or yields anything but a string or number is
+//!    An empty array is acknowledged (`accepted: 0`) after an empty
+//!    ingest. An `id_field` that fails or yields anything but a string or number is
 //!    `400`.
 //! 5. **Correlation id**: the inbound `x-correlation-id` when present and
 //!    sane (at most 200 printable ASCII characters), else a fresh one. It is
@@ -111,9 +112,7 @@ impl WebhookRoute {
         else {
             return Err(err("not a webhook source".into()));
         };
-        if !cfg.path.starts_with('/') {
-            return Err(err(format!("path `{}` must start with `/`", cfg.path)));
-        }
+        check_path(&cfg.path).map_err(|why| err(format!("path `{}`: {why}", cfg.path)))?;
         if *max_body_bytes == 0 {
             return Err(err("max_body_bytes must be greater than 0".into()));
         }
@@ -381,6 +380,24 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<bytes:
             "could not read the request body",
         )),
     }
+}
+
+/// A path axum can mount as it is (it panics on some): literal segments
+/// only, no captures or wildcards.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with `/`");
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces");
+    }
+    if path.contains(['{', '}', '?', '#']) {
+        return Err("must not contain `{`, `}`, `?` or `#`");
+    }
+    if path.split('/').any(|seg| seg.starts_with([':', '*'])) {
+        return Err("segments must not start with `:` or `*`");
+    }
+    Ok(())
 }
 
 /// The correlation id sent by the caller, when it is one we can pass on.
