@@ -1,26 +1,550 @@
-//! TODO(helper): the http sink.
+//! The HTTP sink: one request per delivery to the system's API.
+//!
+//! # Request
+//!
+//! - **URL** from the `url` template: `{field}` and `{a.b}` placeholders are
+//!   filled from the payload (strings as they are, numbers formatted; a
+//!   numeric segment indexes an array, `{items.0.id}`) and percent-encoded
+//!   as a path segment (everything but `A-Z a-z 0-9 - . _ ~`). A missing
+//!   field, a value that is not a string or number, an empty value, or `.`
+//!   / `..` (which would climb the path) is a permanent error naming the
+//!   placeholder. The template's syntax is checked in [`HttpSink::new`].
+//! - **Method** `method`; **body** the payload as JSON.
+//! - **Headers**: `cfg.headers` first, then weft's, which win:
+//!   `Content-Type: application/json`, `Idempotency-Key` (the delivery's
+//!   key, the same on every attempt), `X-Correlation-Id` and
+//!   `X-Causation-Id` (the event id).
+//! - **Timeouts** `timeout` (whole request, response body included) and
+//!   `connect_timeout`. Redirects are not followed (a `POST` must not turn
+//!   into a `GET`): a 3xx is a permanent error.
+//!
+//! # Result
+//!
+//! - 2xx, with the whole response read: `Ok`.
+//! - 408, 429, 5xx, connect errors, timeouts, a connection closed before or
+//!   during the response: retryable. For 429 and 503 a `Retry-After` (delay
+//!   seconds or an HTTP date) becomes [`SinkError::retry_after`].
+//! - Any other status: permanent.
+//!
+//! Error messages carry the status and at most 200 characters of the
+//! response body; never the request payload, the filled URL (it holds
+//! payload values) or a header value.
+//!
+//! # Batches
+//!
+//! A batch is sent with up to [`MAX_IN_FLIGHT`] requests at once, except
+//! that deliveries with the same entity key go one after the other in batch
+//! order; once one of them fails, the later ones for that key are not sent
+//! (retryable), so a retry can never overtake them. Results come back one
+//! per delivery, in batch order.
 
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
 use futures::future::BoxFuture;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+use weft_core::config::raw::HttpSinkConfig;
+use weft_core::event::{CAUSATION_HEADER, CORRELATION_HEADER, IDEMPOTENCY_HEADER};
 
 use crate::sink::{Delivery, Sink, SinkError};
 
-pub struct HttpSink;
+/// Most requests of one batch in flight at once.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Most characters of a response body quoted in an error.
+const BODY_SNIPPET_CHARS: usize = 200;
+
+/// Bytes encoded in a placeholder's value: all but RFC 3986's unreserved.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Writes deliveries as HTTP requests.
+pub struct HttpSink {
+    client: reqwest::Client,
+    method: Method,
+    template: Vec<Part>,
+    headers: HeaderMap,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("method", &self.method)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Lit(String),
+    /// A placeholder: its text (without braces) and its path.
+    Field(String, Vec<String>),
+}
 
 impl HttpSink {
     pub fn new(
-        _cfg: &weft_core::config::raw::HttpSinkConfig,
-        _method: &str,
-        _timeout: std::time::Duration,
-        _connect_timeout: std::time::Duration,
+        cfg: &HttpSinkConfig,
+        method: &str,
+        timeout: Duration,
+        connect_timeout: Duration,
     ) -> Result<Self, String> {
-        Err("not built yet".into())
+        let template = parse_template(&cfg.url)?;
+        // the template must be a URL whatever the placeholders hold
+        let probe: String = template
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => s.as_str(),
+                Part::Field(..) => "x",
+            })
+            .collect();
+        let probe = Url::parse(&probe).map_err(|e| format!("url `{}`: {e}", cfg.url))?;
+        if !matches!(probe.scheme(), "http" | "https") {
+            return Err(format!(
+                "url `{}`: must start with http:// or https://",
+                cfg.url
+            ));
+        }
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("`{method}` is not an HTTP method"))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("headers: `{name}` is not a valid header name"))?;
+            let mut v = HeaderValue::from_str(value.expose()).map_err(|_| {
+                format!("headers: the value of `{name}` is not a valid header value")
+            })?;
+            v.set_sensitive(true);
+            headers.append(n, v);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("weft/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(HttpSink {
+            client,
+            method,
+            template,
+            headers,
+            timeout,
+            connect_timeout,
+        })
+    }
+
+    /// The request URL for `payload`: the template with its placeholders
+    /// filled. Errors are permanent (the payload will not change).
+    pub fn render_url(&self, payload: &Value) -> Result<Url, SinkError> {
+        let mut url = String::new();
+        for part in &self.template {
+            match part {
+                Part::Lit(s) => url.push_str(s),
+                Part::Field(name, path) => {
+                    let text = placeholder_value(payload, path).map_err(|why| {
+                        SinkError::permanent(format!("URL placeholder `{{{name}}}`: {why}"))
+                    })?;
+                    url.extend(utf8_percent_encode(&text, SEGMENT));
+                }
+            }
+        }
+        Url::parse(&url).map_err(|e| {
+            SinkError::permanent(format!("the filled URL template is not a valid URL: {e}"))
+        })
+    }
+
+    fn request_headers(&self, d: &Delivery) -> Result<HeaderMap, SinkError> {
+        let mut h = self.headers.clone();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let key = HeaderValue::from_str(&d.idempotency_key)
+            .map_err(|_| SinkError::permanent("the idempotency key is not a valid header value"))?;
+        h.insert(HeaderName::from_static(IDEMPOTENCY_HEADER), key);
+        // tracing headers are best effort: an odd id is left out, not fatal
+        if let Ok(v) = HeaderValue::from_str(&d.correlation_id) {
+            h.insert(HeaderName::from_static(CORRELATION_HEADER), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&d.event_id) {
+            h.insert(HeaderName::from_static(CAUSATION_HEADER), v);
+        }
+        Ok(h)
+    }
+
+    /// Send one delivery.
+    pub async fn send(&self, d: &Delivery) -> Result<(), SinkError> {
+        let result = self.try_send(d).await;
+        match &result {
+            Ok(()) => tracing::debug!(delivery = d.id, attempt = d.attempt, "http sink: delivered"),
+            Err(e) => tracing::debug!(
+                delivery = d.id,
+                attempt = d.attempt,
+                kind = ?e.kind,
+                error = %e.message,
+                "http sink: failed"
+            ),
+        }
+        result
+    }
+
+    async fn try_send(&self, d: &Delivery) -> Result<(), SinkError> {
+        let url = self.render_url(&d.payload)?;
+        let headers = self.request_headers(d)?;
+        let body = serde_json::to_vec(&d.payload)
+            .map_err(|e| SinkError::permanent(format!("cannot serialise the payload: {e}")))?;
+        let response = self
+            .client
+            .request(self.method.clone(), url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, "sending the request"))?;
+        let status = response.status();
+        if status.is_success() {
+            // read the whole answer: a connection cut mid-response is not a success
+            let mut response = response;
+            loop {
+                match response.chunk().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        return Err(
+                            self.transport_error(e, &format!("reading the {status} response"))
+                        );
+                    }
+                }
+            }
+        }
+        let retry_after = if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            parse_retry_after(response.headers(), SystemTime::now())
+        } else {
+            None
+        };
+        let snippet = body_snippet(response).await;
+        let mut message = format!("HTTP {status}");
+        if !snippet.is_empty() {
+            message.push_str(": ");
+            message.push_str(&snippet);
+        }
+        let retryable = status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error();
+        let mut err = if retryable {
+            SinkError::retryable(message)
+        } else {
+            SinkError::permanent(message)
+        };
+        err.retry_after = retry_after;
+        Err(err)
+    }
+
+    /// A failure below HTTP status level: retryable, except a request that
+    /// could not even be built.
+    fn transport_error(&self, e: reqwest::Error, doing: &str) -> SinkError {
+        let e = e.without_url();
+        let what = if e.is_timeout() && e.is_connect() {
+            format!(
+                "timed out connecting (connect timeout {:?})",
+                self.connect_timeout
+            )
+        } else if e.is_timeout() {
+            format!("timed out {doing} (timeout {:?})", self.timeout)
+        } else if e.is_connect() {
+            format!("cannot connect: {}", error_chain(&e))
+        } else {
+            format!("failed {doing}: {}", error_chain(&e))
+        };
+        if e.is_builder() {
+            SinkError::permanent(what).with_source(e)
+        } else {
+            SinkError::retryable(what).with_source(e)
+        }
     }
 }
 
 impl Sink for HttpSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
-            crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet"))
+            // chains of deliveries that must go in order (same entity key)
+            let mut chains: Vec<Vec<usize>> = Vec::new();
+            let mut by_key: HashMap<&str, usize> = HashMap::new();
+            for (i, d) in batch.iter().enumerate() {
+                match &d.entity_key {
+                    Some(k) => match by_key.get(k.as_str()) {
+                        Some(&c) => chains[c].push(i),
+                        None => {
+                            by_key.insert(k, chains.len());
+                            chains.push(vec![i]);
+                        }
+                    },
+                    None => chains.push(vec![i]),
+                }
+            }
+            let runs = chains.into_iter().map(|chain| async move {
+                let mut out = Vec::with_capacity(chain.len());
+                let mut failed = false;
+                for i in chain {
+                    let r = if failed {
+                        Err(SinkError::retryable(
+                            "not sent: an earlier delivery with the same entity key failed",
+                        ))
+                    } else {
+                        self.send(&batch[i]).await
+                    };
+                    failed |= r.is_err();
+                    out.push((i, r));
+                }
+                out
+            });
+            let done: Vec<Vec<(usize, Result<(), SinkError>)>> = futures::stream::iter(runs)
+                .buffer_unordered(MAX_IN_FLIGHT)
+                .collect()
+                .await;
+            let mut results: Vec<Option<Result<(), SinkError>>> =
+                (0..batch.len()).map(|_| None).collect();
+            for (i, r) in done.into_iter().flatten() {
+                results[i] = Some(r);
+            }
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("internal: no result"))))
+                .collect()
         })
+    }
+}
+
+/// Split a URL template into literal text and `{a.b}` placeholders.
+fn parse_template(t: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut lit = String::new();
+    let mut chars = t.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '{' => {
+                let mut name = String::new();
+                let mut closed = false;
+                for (j, c) in chars.by_ref() {
+                    match c {
+                        '}' => {
+                            closed = true;
+                            break;
+                        }
+                        '{' => {
+                            return Err(format!(
+                                "url `{t}`: `{{` at byte {j} inside the placeholder opened at byte {i}"
+                            ));
+                        }
+                        c => name.push(c),
+                    }
+                }
+                if !closed {
+                    return Err(format!("url `{t}`: `{{` at byte {i} is never closed"));
+                }
+                let path: Vec<String> = name.split('.').map(str::to_owned).collect();
+                let ok = path.iter().all(|s| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                });
+                if !ok {
+                    return Err(format!(
+                        "url `{t}`: placeholder `{{{name}}}` must be field names \
+                         (letters, digits, `_`, `-`) separated by `.`"
+                    ));
+                }
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
+                }
+                parts.push(Part::Field(name, path));
+            }
+            '}' => return Err(format!("url `{t}`: `}}` at byte {i} has no matching `{{`")),
+            c => lit.push(c),
+        }
+    }
+    if !lit.is_empty() {
+        parts.push(Part::Lit(lit));
+    }
+    Ok(parts)
+}
+
+/// The text a placeholder stands for, or why there is none.
+fn placeholder_value(payload: &Value, path: &[String]) -> Result<String, String> {
+    let mut v = payload;
+    for (n, seg) in path.iter().enumerate() {
+        let next = match v {
+            Value::Object(m) => m.get(seg),
+            Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        };
+        v = next.ok_or_else(|| {
+            format!(
+                "field `{}` is missing from the payload",
+                path[..=n].join(".")
+            )
+        })?;
+    }
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Null => return Err("the field is null".into()),
+        Value::Bool(_) => return Err("the field is a boolean, expected a string or number".into()),
+        Value::Array(_) => return Err("the field is an array, expected a string or number".into()),
+        Value::Object(_) => {
+            return Err("the field is an object, expected a string or number".into());
+        }
+    };
+    match text.as_str() {
+        "" => Err("the field is an empty string".into()),
+        "." | ".." => Err(format!(
+            "the field is `{text}`, which would change the path"
+        )),
+        _ => Ok(text),
+    }
+}
+
+/// `Retry-After` as delay seconds or an HTTP date (a past date is zero).
+fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// At most [`BODY_SNIPPET_CHARS`] characters of the response body, on one
+/// line; whatever could be read.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    let mut buf: Vec<u8> = Vec::new();
+    // 4 bytes per char at most
+    while buf.len() < BODY_SNIPPET_CHARS * 4 {
+        match response.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut out: String = text
+        .trim()
+        .chars()
+        .take(BODY_SNIPPET_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.trim().chars().count() > BODY_SNIPPET_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field(name: &str) -> Part {
+        Part::Field(name.into(), name.split('.').map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn template_parses() {
+        assert_eq!(
+            parse_template("http://h/a/{id}/b/{c.d}?x={e}").unwrap(),
+            vec![
+                Part::Lit("http://h/a/".into()),
+                field("id"),
+                Part::Lit("/b/".into()),
+                field("c.d"),
+                Part::Lit("?x=".into()),
+                field("e"),
+            ]
+        );
+        assert_eq!(
+            parse_template("http://h/x").unwrap(),
+            vec![Part::Lit("http://h/x".into())]
+        );
+    }
+
+    #[test]
+    fn template_syntax_errors() {
+        for bad in [
+            "http://h/{id",
+            "http://h/id}",
+            "http://h/{a{b}}",
+            "http://h/{}",
+            "http://h/{a..b}",
+            "http://h/{a b}",
+            "http://h/{.a}",
+        ] {
+            assert!(parse_template(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn placeholder_values() {
+        let p = json!({"s": "a b/c", "n": 42, "f": 1.5, "o": {"k": "v"}, "l": [{"id": 7}],
+                       "nul": null, "b": true, "e": "", "dd": ".."});
+        let get = |path: &str| {
+            placeholder_value(&p, &path.split('.').map(str::to_owned).collect::<Vec<_>>())
+        };
+        assert_eq!(get("s").unwrap(), "a b/c");
+        assert_eq!(get("n").unwrap(), "42");
+        assert_eq!(get("f").unwrap(), "1.5");
+        assert_eq!(get("o.k").unwrap(), "v");
+        assert_eq!(get("l.0.id").unwrap(), "7");
+        assert!(get("missing").unwrap_err().contains("`missing` is missing"));
+        assert!(get("o.x").unwrap_err().contains("`o.x` is missing"));
+        assert!(get("s.x").is_err());
+        for bad in ["nul", "b", "o", "l", "e", "dd"] {
+            assert!(get(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::now();
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h, now), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(2)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let d = parse_retry_after(&h, now).unwrap();
+        assert!(
+            d > Duration::from_secs(118) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&h, now), None);
     }
 }

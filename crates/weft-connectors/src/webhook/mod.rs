@@ -1,0 +1,538 @@
+//! The webhook source: a `POST` endpoint on weft's HTTP server that turns
+//! each accepted request into events.
+//!
+//! # What a request goes through
+//!
+//! 1. **Size.** A `Content-Length` over `max_body_bytes` is answered `413`
+//!    before the body is read; the limit is enforced again while reading
+//!    (chunked bodies, lying lengths).
+//! 2. **Signature.** When the source has a `secret`, the header
+//!    `signature_header` (default `x-signature-256`) must carry the hex
+//!    HMAC-SHA256 of the raw body, optionally prefixed `sha256=`; missing or
+//!    wrong is `401`. See [`signature`].
+//! 3. **JSON.** The body must be JSON: a top-level **object is one event**;
+//!    a top-level **array is a batch** of events, one per element, each
+//!    element an object, ingested all-or-nothing in one [`Batch`]. Anything
+//!    else (not JSON, a scalar, an array holding a non-object) is `400` with
+//!    `{"error": "..."}`: the request is rejected at the door and nothing of
+//!    it is stored, so the sender sees the problem at once.
+//! 4. **Ids**, deterministic so that a retried identical request gets the
+//!    same ids and the store can deduplicate it:
+//!    - a single object: the `id_header` (default `x-event-id`) when
+//!      present; else the `id_field` jq program run on the object, which
+//!      must yield a string or a number; else the hex SHA-256 of the raw
+//!      body;
+//!    - an array: `<id_header>:<index>` (index from 0) when the header is
+//!      present; else `id_field` run on each element; else the hex SHA-256
+//!      of the element's canonical JSON (keys sorted, no whitespace). Two
+//!      identical elements therefore have the same id, exactly as two
+//!      identical single-object requests do: the second is a duplicate.
+//!
+//!    An empty array is acknowledged (`accepted: 0`) after an empty
+//!    ingest. An `id_field` that fails or yields anything but a string or number is
+//!    `400`.
+//! 5. **Correlation id**: the inbound `x-correlation-id` when present and
+//!    sane (at most 200 printable ASCII characters), else a fresh one. It is
+//!    echoed in the `x-correlation-id` response header of every answer.
+//! 6. **Ingest.** Events get `source = weft:<system>` and `type =
+//!    event_type`. The answer waits for [`Ingest::ingest`]: `Ok` is `202`
+//!    with `{"accepted", "duplicates", "ids", "correlation_id"}`;
+//!    [`IngestError::Unavailable`] is `503` with `Retry-After: 1`;
+//!    [`IngestError::Store`] is `500`. Nothing is acknowledged before the
+//!    store has it.
+//!
+//! Logs carry the path, the status, the correlation id and counts; never
+//! the body, the signature or the secret.
+
+pub mod signature;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use weft_core::Event;
+use weft_core::config::SourceSpec;
+use weft_core::event::{CORRELATION_HEADER, new_correlation_id};
+use weft_core::mapping::Program;
+
+use crate::source::{Batch, Ingest, IngestError, Record, SourceError};
+use signature::{Scheme, Verifier};
+
+/// Longest inbound correlation id kept; longer ones are replaced.
+const MAX_CORRELATION_LEN: usize = 200;
+/// Longest event id taken from the id header.
+const MAX_ID_LEN: usize = 200;
+
+/// A webhook endpoint to mount on weft's HTTP server.
+pub struct WebhookRoute {
+    pub system: String,
+    pub path: String,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: String,
+    source: String,
+    event_type: String,
+    max_body_bytes: usize,
+    verifier: Option<Verifier>,
+    id_header: HeaderName,
+    id_field: Option<Arc<Program>>,
+}
+
+impl std::fmt::Debug for WebhookRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookRoute")
+            .field("system", &self.system)
+            .field("path", &self.path)
+            .field("signed", &self.inner.verifier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookRoute {
+    pub fn new(system: &str, spec: &SourceSpec) -> Result<Self, SourceError> {
+        let err = |message: String| SourceError {
+            system: system.into(),
+            message,
+        };
+        let SourceSpec::Webhook {
+            cfg,
+            id_field,
+            event_type,
+            max_body_bytes,
+            signature_header,
+            id_header,
+        } = spec
+        else {
+            return Err(err("not a webhook source".into()));
+        };
+        check_path(&cfg.path).map_err(|why| err(format!("path `{}`: {why}", cfg.path)))?;
+        if *max_body_bytes == 0 {
+            return Err(err("max_body_bytes must be greater than 0".into()));
+        }
+        let verifier = match &cfg.secret {
+            Some(secret) => Some(
+                Verifier::new(Scheme::HmacSha256Hex, signature_header, secret.clone())
+                    .map_err(|e| err(format!("signature_header: {e}")))?,
+            ),
+            None => None,
+        };
+        let id_header =
+            HeaderName::from_bytes(id_header.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                err(format!(
+                    "id_header: `{id_header}` is not a valid header name"
+                ))
+            })?;
+        Ok(WebhookRoute {
+            system: system.into(),
+            path: cfg.path.clone(),
+            inner: Arc::new(Inner {
+                path: cfg.path.clone(),
+                source: format!("weft:{system}"),
+                event_type: event_type.clone(),
+                max_body_bytes: *max_body_bytes,
+                verifier,
+                id_header,
+                id_field: id_field.clone(),
+            }),
+        })
+    }
+
+    /// The axum router serving this endpoint, writing through `ingest`.
+    pub fn router(self, ingest: Arc<dyn Ingest>) -> axum::Router {
+        let state = Handler {
+            inner: self.inner,
+            ingest,
+        };
+        axum::Router::new()
+            .route(&self.path, axum::routing::post(handle))
+            .with_state(state)
+    }
+}
+
+#[derive(Clone)]
+struct Handler {
+    inner: Arc<Inner>,
+    ingest: Arc<dyn Ingest>,
+}
+
+/// A refusal: status, message for the sender, and a short reason for logs.
+struct Reject {
+    status: StatusCode,
+    message: String,
+    log: &'static str,
+}
+
+impl Reject {
+    fn new(status: StatusCode, log: &'static str, message: impl Into<String>) -> Self {
+        Reject {
+            status,
+            message: message.into(),
+            log,
+        }
+    }
+}
+
+async fn handle(State(h): State<Handler>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let correlation_id = inbound_correlation_id(&parts.headers).unwrap_or_else(new_correlation_id);
+    let inner = &h.inner;
+    let result = accept(&h, &parts.headers, body, &correlation_id).await;
+    let (status, body, retry_after) = match result {
+        Ok(ok) => {
+            tracing::info!(
+                path = %inner.path,
+                status = 202,
+                correlation_id = %correlation_id,
+                accepted = ok.accepted,
+                duplicates = ok.duplicates,
+                "webhook accepted"
+            );
+            (
+                StatusCode::ACCEPTED,
+                json!({
+                    "accepted": ok.accepted,
+                    "duplicates": ok.duplicates,
+                    "ids": ok.ids,
+                    "correlation_id": correlation_id,
+                }),
+                false,
+            )
+        }
+        Err(r) => {
+            if r.status.is_server_error() {
+                tracing::warn!(
+                    path = %inner.path,
+                    status = r.status.as_u16(),
+                    correlation_id = %correlation_id,
+                    reason = r.log,
+                    "webhook not accepted"
+                );
+            } else {
+                tracing::info!(
+                    path = %inner.path,
+                    status = r.status.as_u16(),
+                    correlation_id = %correlation_id,
+                    reason = r.log,
+                    "webhook rejected"
+                );
+            }
+            (
+                r.status,
+                json!({ "error": r.message, "correlation_id": correlation_id }),
+                r.status == StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        response.headers_mut().insert(CORRELATION_HEADER, v);
+    }
+    if retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+struct Accepted {
+    accepted: usize,
+    duplicates: usize,
+    ids: Vec<String>,
+}
+
+async fn accept(
+    h: &Handler,
+    headers: &HeaderMap,
+    body: Body,
+    correlation_id: &str,
+) -> Result<Accepted, Reject> {
+    let inner = &h.inner;
+    let raw = read_body(headers, body, inner.max_body_bytes).await?;
+    if let Some(v) = &inner.verifier {
+        v.verify(headers, &raw)
+            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, "bad signature", e.to_string()))?;
+    }
+    let value: Value = serde_json::from_slice(&raw).map_err(|e| {
+        Reject::new(
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let header_id = header_event_id(headers, &inner.id_header)?;
+    let events = match value {
+        Value::Object(_) => {
+            let id = match header_id {
+                Some(id) => id,
+                None => match &inner.id_field {
+                    Some(p) => field_id(p, &value, None)?,
+                    None => hex::encode(Sha256::digest(&raw)),
+                },
+            };
+            vec![inner.event(id, correlation_id, value)]
+        }
+        Value::Array(items) => {
+            let mut events = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                if !item.is_object() {
+                    return Err(Reject::new(
+                        StatusCode::BAD_REQUEST,
+                        "non-object array element",
+                        format!("element {i} of the array is not a JSON object"),
+                    ));
+                }
+                let id = match (&header_id, &inner.id_field) {
+                    (Some(id), _) => format!("{id}:{i}"),
+                    (None, Some(p)) => field_id(p, &item, Some(i))?,
+                    (None, None) => {
+                        let mut text = String::new();
+                        canonical_json(&item, &mut text);
+                        hex::encode(Sha256::digest(text.as_bytes()))
+                    }
+                };
+                events.push(inner.event(id, correlation_id, item));
+            }
+            events
+        }
+        _ => {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                "not an object or array",
+                "body must be a JSON object (one event) or an array of objects (a batch)",
+            ));
+        }
+    };
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let batch = Batch {
+        records: events.into_iter().map(Record::Good).collect(),
+        checkpoint: None,
+    };
+    match h.ingest.ingest(batch).await {
+        Ok(receipt) => Ok(Accepted {
+            accepted: receipt.accepted,
+            duplicates: receipt.duplicates,
+            ids,
+        }),
+        Err(IngestError::Unavailable(m)) => Err(Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ingest unavailable",
+            format!("not accepting now, retry later: {m}"),
+        )),
+        Err(IngestError::Store(_)) => Err(Reject::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store error",
+            "the event could not be stored; retry later",
+        )),
+    }
+}
+
+impl Inner {
+    fn event(&self, id: String, correlation_id: &str, data: Value) -> Event {
+        Event::new(
+            id,
+            self.source.clone(),
+            self.event_type.clone(),
+            Some(correlation_id.to_owned()),
+            data,
+        )
+    }
+}
+
+/// Read the whole body, refusing more than `max` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<bytes::Bytes, Reject> {
+    let too_large = || {
+        Reject::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+            format!("body is larger than {max} bytes"),
+        )
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad content-length",
+                    "invalid Content-Length",
+                )
+            })?;
+        if len > max as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            "body read failed",
+            "could not read the request body",
+        )),
+    }
+}
+
+/// A path axum can mount as it is (it panics on some): literal segments
+/// only, no captures or wildcards.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with `/`");
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces");
+    }
+    if path.contains(['{', '}', '?', '#']) {
+        return Err("must not contain `{`, `}`, `?` or `#`");
+    }
+    if path.split('/').any(|seg| seg.starts_with([':', '*'])) {
+        return Err("segments must not start with `:` or `*`");
+    }
+    Ok(())
+}
+
+/// The correlation id sent by the caller, when it is one we can pass on.
+fn inbound_correlation_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(CORRELATION_HEADER)?.to_str().ok()?.trim();
+    let sane = !v.is_empty()
+        && v.len() <= MAX_CORRELATION_LEN
+        && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    sane.then(|| v.to_owned())
+}
+
+/// The event id from the id header: absent or blank is `None`.
+fn header_event_id(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, Reject> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        Reject::new(
+            StatusCode::BAD_REQUEST,
+            "bad id header",
+            format!("header `{name}` {why}"),
+        )
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| bad("is not printable ASCII"))?
+        .trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() > MAX_ID_LEN {
+        return Err(bad(&format!("is longer than {MAX_ID_LEN} characters")));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+/// Run `id_field` on one object; it must give a string or a number.
+fn field_id(program: &Program, value: &Value, index: Option<usize>) -> Result<String, Reject> {
+    let at = match index {
+        Some(i) => format!(" for element {i}"),
+        None => String::new(),
+    };
+    let bad = |m: String| Reject::new(StatusCode::BAD_REQUEST, "id_field failed", m);
+    // `$event` is not known yet (its id is what we compute): give null.
+    match program.run_one(value.clone(), Value::Null, &[]) {
+        Ok(Value::String(s)) if !s.is_empty() => Ok(s),
+        Ok(Value::Number(n)) => Ok(n.to_string()),
+        Ok(other) => Err(bad(format!(
+            "id_field `{}`{at} gave {}, expected a non-empty string or a number",
+            program.code(),
+            kind_of(&other)
+        ))),
+        Err(e) => Err(bad(format!(
+            "id_field `{}`{at} failed: {e}",
+            program.code()
+        ))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "an empty string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// JSON text with object keys sorted and no whitespace, independent of how
+/// the sender formatted it or of serde_json's map ordering.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_drops_whitespace() {
+        let a: Value =
+            serde_json::from_str(r#"{"b": [1, {"z": 1, "a": "x"}], "a": null}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":null,"b":[1,{"a":"x","z":1}]}"#).unwrap();
+        let (mut ta, mut tb) = (String::new(), String::new());
+        canonical_json(&a, &mut ta);
+        canonical_json(&b, &mut tb);
+        assert_eq!(ta, r#"{"a":null,"b":[1,{"a":"x","z":1}]}"#);
+        assert_eq!(ta, tb);
+    }
+
+    #[test]
+    fn correlation_id_sanity() {
+        let mut h = HeaderMap::new();
+        assert_eq!(inbound_correlation_id(&h), None);
+        h.insert(CORRELATION_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(inbound_correlation_id(&h).as_deref(), Some("abc-123"));
+        h.insert(
+            CORRELATION_HEADER,
+            HeaderValue::from_str(&"x".repeat(201)).unwrap(),
+        );
+        assert_eq!(inbound_correlation_id(&h), None);
+        h.insert(CORRELATION_HEADER, HeaderValue::from_static("  "));
+        assert_eq!(inbound_correlation_id(&h), None);
+        h.insert(
+            CORRELATION_HEADER,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(inbound_correlation_id(&h), None);
+    }
+}
