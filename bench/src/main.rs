@@ -32,13 +32,20 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
         let (client, next) = (client.clone(), next.clone());
-        let (url, secret, prefix, total) = (args.url.clone(), args.secret.clone(), args.id_prefix.clone(), args.requests);
+        let (url, secret, prefix, total) = (
+            args.url.clone(),
+            args.secret.clone(),
+            args.id_prefix.clone(),
+            args.requests,
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
@@ -52,7 +59,8 @@ async fn main() -> Result<()> {
                     "email": format!("ada{i}@example.com"), "seq": i
                 })
                 .to_string();
-                let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+                let mut mac =
+                    Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
                 mac.update(body.as_bytes());
                 let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
                 let t = Instant::now();
@@ -84,7 +92,8 @@ async fn main() -> Result<()> {
         bail!("no request succeeded ({errors} errors)");
     }
     lat.sort();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
     println!(
         "requests={} ok={} errors={} secs={:.2} req_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         args.requests,

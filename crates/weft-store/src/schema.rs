@@ -20,9 +20,11 @@ const MIGRATIONS: &[&str] = &[
         payload        TEXT NOT NULL,         -- the record as received, JSON (or raw text if bad)
         UNIQUE (source, event_id)
     );
-    -- Work to deliver: one row per event, flow and destination.
+    -- Work to deliver: one row per event, flow and destination. AUTOINCREMENT:
+    -- ids are never reused once the table empties, so "id order" is
+    -- acceptance order and delivery lanes can read `id > last seen`.
     CREATE TABLE outbox (
-        id              INTEGER PRIMARY KEY,
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
         flow            TEXT NOT NULL,
         destination     TEXT NOT NULL,
         entity_key      TEXT,
@@ -39,7 +41,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_by_lane ON outbox (flow, destination, id);
     -- Dead letters: what could not be mapped or delivered, with why.
     CREATE TABLE dlq (
-        id              INTEGER PRIMARY KEY,
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
         status          TEXT NOT NULL DEFAULT 'dead',  -- dead | replayed | discarded
         stage           TEXT NOT NULL,                 -- parse | map | deliver
         flow            TEXT NOT NULL,

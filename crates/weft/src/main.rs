@@ -72,6 +72,14 @@ pub struct ConfigArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // a CLI piped into `head` should end quietly, not panic on EPIPE;
+        // `weft run` keeps Rust's default (ignored) so a closed socket is an error, not a kill
+        // SAFETY: called before any other thread exists; restores the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logs(&cli.log_format);
     let result = match cli.cmd {
         Cmd::Run {
@@ -101,6 +109,7 @@ fn init_logs(format: &str) {
     let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();

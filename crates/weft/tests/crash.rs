@@ -165,7 +165,7 @@ fn run_crash_test(events: usize, kills: usize) {
 
     // the store's accounting agrees
     let hub = hub.take().unwrap();
-    let st = status(dir.path(), "weft.yaml");
+    let st = status(dir.path(), "weft.yaml", &env);
     let lane = &st["lanes"][0];
     assert_eq!(st["balanced"], true, "{st}");
     assert_eq!(lane["received"], events as u64, "{st}");

@@ -19,12 +19,17 @@ pub fn weft() -> PathBuf {
 
 /// Run `weft ARGS` to completion in `dir`.
 pub fn weft_cmd(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(weft())
-        .args(args)
-        .current_dir(dir)
-        .env("WEFT_LOG", "warn")
-        .output()
-        .expect("run weft")
+    weft_cmd_env(dir, args, &[])
+}
+
+/// Run `weft ARGS` with extra environment variables.
+pub fn weft_cmd_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(weft());
+    cmd.args(args).current_dir(dir).env("WEFT_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run weft")
 }
 
 /// A running `weft run` process.
@@ -233,8 +238,8 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// `weft status --json` parsed.
-pub fn status(dir: &Path, config: &str) -> serde_json::Value {
-    let out = weft_cmd(dir, &["status", "-c", config, "--json"]);
+pub fn status(dir: &Path, config: &str, env: &[(&str, &str)]) -> serde_json::Value {
+    let out = weft_cmd_env(dir, &["status", "-c", config, "--json"], env);
     assert!(
         out.status.success() || out.status.code() == Some(3),
         "status failed: {}",
