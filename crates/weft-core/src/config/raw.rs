@@ -149,7 +149,7 @@ pub struct FileSourceConfig {
     /// CSV delimiter (default `,`).
     pub delimiter: Option<char>,
     /// How often to look for new files (default `1s`).
-    pub poll_interval: Option<String>,
+    pub poll_interval: Option<Spanned<String>>,
     /// Records per store commit (default 1000).
     pub batch_size: Option<usize>,
     /// jq path giving each record's id; default: the file's content hash and line number.
@@ -194,9 +194,9 @@ pub struct HttpSinkConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
     /// Request timeout (default `10s`).
-    pub timeout: Option<String>,
+    pub timeout: Option<Spanned<String>>,
     /// Connect timeout (default `5s`).
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<Spanned<String>>,
 }
 
 /// SQLite sink settings.
@@ -315,9 +315,9 @@ pub struct RawDelivery {
     /// Attempts before a message goes to the DLQ (default 8).
     pub max_attempts: Option<u32>,
     /// First retry delay (default `200ms`).
-    pub initial_backoff: Option<String>,
+    pub initial_backoff: Option<Spanned<String>>,
     /// Longest retry delay (default `60s`).
-    pub max_backoff: Option<String>,
+    pub max_backoff: Option<Spanned<String>>,
     /// Growth of the delay per attempt (default 2.0); full jitter is applied.
     pub multiplier: Option<f64>,
     /// Writes in flight at once, across entity keys (default 8 for HTTP, 1 for databases and files).

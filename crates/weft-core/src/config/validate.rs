@@ -211,13 +211,13 @@ impl Ctx {
         }
     }
 
-    fn duration(&mut self, path: &str, v: &Option<String>, default: Duration) -> Duration {
+    fn duration(&mut self, path: &str, v: &Option<Spanned<String>>, default: Duration) -> Duration {
         match v {
             None => default,
-            Some(s) => match parse_duration(s) {
+            Some(s) => match parse_duration(&s.value) {
                 Ok(d) => d,
                 Err(m) => {
-                    self.at(path, m);
+                    self.at_span(path, s, m);
                     default
                 }
             },
