@@ -1,23 +1,585 @@
-//! TODO(helper): the PostgreSQL upsert sink.
+//! The PostgreSQL sink: upserts each delivery's payload (a JSON object)
+//! into a table, one statement per batch.
+//!
+//! The batch goes as one text array per column:
+//!
+//! ```sql
+//! INSERT INTO t (a, b) SELECT a::bigint, b::text
+//!   FROM UNNEST($1::text[], $2::text[]) AS u(a, b)
+//!   ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b
+//! ```
+//!
+//! Every configured column is written: a field missing from the payload is
+//! written as NULL (the row is replaced, not merged). Values are checked
+//! against the column's type in Rust first, so a bad delivery fails alone
+//! with a `Permanent` error naming the column; numbers travel as text, so
+//! `numeric` loses no digits. Deliveries with the same key in one batch are
+//! reduced to the last one (PostgreSQL refuses to touch a row twice in one
+//! statement); the earlier ones share its result. If the database still
+//! rejects the batch, the rows are written one by one to find the bad ones.
+//!
+//! Connections are kept in a small pool that grows with concurrent writes.
+//! A broken connection makes the batch `Retryable` and is dropped; the next
+//! write connects again.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::sink::{Delivery, Sink, SinkError};
+use crate::sqlite::is_ident;
 
-pub struct PostgresSink;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a column's values are checked and normalised before the cast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Int(i64, i64),
+    Numeric,
+    Float,
+    Bool,
+    TimestampTz,
+    Timestamp,
+    Date,
+    Json,
+    Uuid,
+    /// Any other type: sent as text, PostgreSQL casts it.
+    Other,
+}
+
+impl Kind {
+    fn of(ty: &str) -> Kind {
+        let t = ty.trim().to_ascii_lowercase();
+        let base = t.split('(').next().unwrap_or("").trim();
+        if t.ends_with("[]") {
+            return Kind::Other;
+        }
+        match base {
+            "text" | "varchar" | "character varying" | "char" | "character" | "citext" | "name" => {
+                Kind::Text
+            }
+            "bigint" | "int8" | "bigserial" => Kind::Int(i64::MIN, i64::MAX),
+            "integer" | "int" | "int4" | "serial" => Kind::Int(i32::MIN.into(), i32::MAX.into()),
+            "smallint" | "int2" => Kind::Int(i16::MIN.into(), i16::MAX.into()),
+            "numeric" | "decimal" => Kind::Numeric,
+            "real" | "float4" | "double precision" | "float8" | "float" => Kind::Float,
+            "boolean" | "bool" => Kind::Bool,
+            "timestamptz" | "timestamp with time zone" => Kind::TimestampTz,
+            "timestamp" | "timestamp without time zone" => Kind::Timestamp,
+            "date" => Kind::Date,
+            "jsonb" | "json" => Kind::Json,
+            "uuid" => Kind::Uuid,
+            _ => Kind::Other,
+        }
+    }
+}
+
+struct Column {
+    name: String,
+    ty: String,
+    kind: Kind,
+}
+
+/// One connection with the batch statement prepared on it.
+struct Conn {
+    client: Client,
+    upsert: Statement,
+}
+
+pub struct PostgresSink {
+    url: String,
+    table: String,
+    columns: Vec<Column>,
+    /// Positions in `columns` of the key columns.
+    key: Vec<usize>,
+    sql: String,
+    idle: Mutex<Vec<Conn>>,
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
 
 impl PostgresSink {
-    pub async fn connect(
-        _cfg: &weft_core::config::raw::PostgresSinkConfig,
-    ) -> Result<Self, String> {
-        Err("not built yet".into())
+    /// Connect once (to fail early on a bad URL, a missing table or a key
+    /// without a unique constraint) and keep that connection.
+    pub async fn connect(cfg: &weft_core::config::raw::PostgresSinkConfig) -> Result<Self, String> {
+        for part in cfg.table.split('.') {
+            if !is_ident(part) {
+                return Err(format!(
+                    "table `{}` is not a plain SQL identifier",
+                    cfg.table
+                ));
+            }
+        }
+        if cfg.columns.is_empty() {
+            return Err("at least one column is required".into());
+        }
+        let mut columns = Vec::with_capacity(cfg.columns.len());
+        for (name, ty) in &cfg.columns {
+            if !is_ident(name) {
+                return Err(format!("column `{name}` is not a plain SQL identifier"));
+            }
+            if ty.trim().is_empty()
+                || !ty
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _()[],".contains(c))
+            {
+                return Err(format!(
+                    "column `{name}`: `{ty}` is not a PostgreSQL type name"
+                ));
+            }
+            columns.push(Column {
+                name: name.clone(),
+                ty: ty.trim().to_owned(),
+                kind: Kind::of(ty),
+            });
+        }
+        if cfg.key.is_empty() {
+            return Err("at least one key column is required".into());
+        }
+        let mut key = Vec::with_capacity(cfg.key.len());
+        for k in &cfg.key {
+            let pos = columns
+                .iter()
+                .position(|c| &c.name == k)
+                .ok_or_else(|| format!("key column `{k}` is not among `columns`"))?;
+            key.push(pos);
+        }
+        let table = cfg
+            .table
+            .split('.')
+            .map(quote)
+            .collect::<Vec<_>>()
+            .join(".");
+        let sql = upsert_sql(&table, &columns, &key);
+        let sink = PostgresSink {
+            url: cfg.url.expose().to_owned(),
+            table: cfg.table.clone(),
+            columns,
+            key,
+            sql,
+            idle: Mutex::new(Vec::new()),
+        };
+        let conn = sink.open().await.map_err(|e| e.message)?;
+        sink.put_back(conn);
+        Ok(sink)
     }
+
+    async fn open(&self) -> Result<Conn, SinkError> {
+        let connecting = tokio_postgres::connect(&self.url, NoTls);
+        let (client, connection) = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(SinkError::retryable(format!(
+                    "cannot connect to PostgreSQL: {}",
+                    pg_message(&e)
+                ))
+                .with_source(e));
+            }
+            Err(_) => {
+                return Err(SinkError::retryable(
+                    "cannot connect to PostgreSQL: timed out",
+                ));
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "postgres sink: connection closed");
+            }
+        });
+        let types = vec![Type::TEXT_ARRAY; self.columns.len()];
+        let upsert = client.prepare_typed(&self.sql, &types).await.map_err(|e| {
+            classify(
+                &format!("cannot prepare the upsert into `{}`", self.table),
+                e,
+            )
+        })?;
+        Ok(Conn { client, upsert })
+    }
+
+    async fn take(&self) -> Result<Conn, SinkError> {
+        loop {
+            let c = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match c {
+                Some(c) if c.client.is_closed() => continue,
+                Some(c) => return Ok(c),
+                None => return self.open().await,
+            }
+        }
+    }
+
+    fn put_back(&self, c: Conn) {
+        if !c.client.is_closed() {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        }
+    }
+
+    /// Check one payload: its values as text (None = NULL), one per column.
+    fn row(&self, payload: &Value) -> Result<Vec<Option<String>>, SinkError> {
+        let Value::Object(map) = payload else {
+            return Err(SinkError::permanent(format!(
+                "payload for table `{}` must be a JSON object, got {}",
+                self.table,
+                kind_of(payload)
+            )));
+        };
+        let mut row = Vec::with_capacity(self.columns.len());
+        for (i, col) in self.columns.iter().enumerate() {
+            let v = map.get(&col.name).unwrap_or(&Value::Null);
+            let cell = convert(col, v)?;
+            if cell.is_none() && self.key.contains(&i) {
+                return Err(SinkError::permanent(format!(
+                    "key column `{}` is missing or null",
+                    col.name
+                )));
+            }
+            row.push(cell);
+        }
+        Ok(row)
+    }
+
+    /// Run the statement for these rows on one connection.
+    async fn execute(
+        &self,
+        conn: &Conn,
+        rows: &[&Vec<Option<String>>],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let mut arrays: Vec<Vec<Option<&str>>> = (0..self.columns.len())
+            .map(|_| Vec::with_capacity(rows.len()))
+            .collect();
+        for row in rows {
+            for (a, cell) in arrays.iter_mut().zip(row.iter()) {
+                a.push(cell.as_deref());
+            }
+        }
+        let params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        conn.client.execute(&conn.upsert, &params).await
+    }
+
+    async fn write_rows(&self, rows: &[&Vec<Option<String>>]) -> Vec<Result<(), SinkError>> {
+        let conn = match self.take().await {
+            Ok(c) => c,
+            Err(e) => {
+                let (kind, msg) = (e.kind, e.message);
+                return rows.iter().map(|_| Err(same(kind, &msg))).collect();
+            }
+        };
+        let res = self.execute(&conn, rows).await;
+        let out = match res {
+            Ok(_) => rows.iter().map(|_| Ok(())).collect(),
+            Err(e) => {
+                let err = classify("upsert failed", e);
+                if err.kind == weft_core::ErrorKind::Permanent && rows.len() > 1 {
+                    // find the rows the database refuses: one statement each
+                    let mut out = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        match self.execute(&conn, &[*row]).await {
+                            Ok(_) => out.push(Ok(())),
+                            Err(e) => out.push(Err(classify("upsert failed", e))),
+                        }
+                    }
+                    out
+                } else {
+                    let (kind, msg) = (err.kind, err.message);
+                    rows.iter().map(|_| Err(same(kind, &msg))).collect()
+                }
+            }
+        };
+        self.put_back(conn);
+        out
+    }
+}
+
+fn same(kind: weft_core::ErrorKind, message: &str) -> SinkError {
+    SinkError {
+        kind,
+        message: message.to_owned(),
+        retry_after: None,
+        source: None,
+    }
+}
+
+fn upsert_sql(table: &str, columns: &[Column], key: &[usize]) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+    let casts: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{}::{}", quote(&c.name), c.ty))
+        .collect();
+    let params: Vec<String> = (1..=columns.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let keys: Vec<String> = key.iter().map(|&k| names[k].clone()).collect();
+    let updates: Vec<String> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !key.contains(i))
+        .map(|(_, n)| format!("{n} = EXCLUDED.{n}"))
+        .collect();
+    let action = if updates.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "INSERT INTO {table} ({cols}) SELECT {casts} FROM UNNEST({params}) AS u({cols}) ON CONFLICT ({keys}) DO {action}",
+        cols = names.join(", "),
+        casts = casts.join(", "),
+        params = params.join(", "),
+        keys = keys.join(", "),
+    )
+}
+
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Connection trouble, contention and resource limits are worth a retry;
+/// what the database refuses about the data or the schema is not.
+fn classify(context: &str, e: tokio_postgres::Error) -> SinkError {
+    let msg = format!("{context}: {}", pg_message(&e));
+    let retry = match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57")
+                || code.starts_with("58")
+                || code == "40001"
+                || code == "40P01"
+                || code == "55P03"
+        }
+    };
+    if retry || e.is_closed() {
+        SinkError::retryable(msg).with_source(e)
+    } else {
+        SinkError::permanent(msg).with_source(e)
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.chars().count() <= 40 => format!("the string {v}"),
+        Value::Number(_) | Value::Bool(_) => format!("{} ({v})", kind_of(v)),
+        _ => kind_of(v).to_owned(),
+    }
+}
+
+fn is_numeric_text(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if s.eq_ignore_ascii_case("nan")
+        || s.eq_ignore_ascii_case("infinity")
+        || s.eq_ignore_ascii_case("inf")
+    {
+        return true;
+    }
+    let (mantissa, exp) = match s.find(['e', 'E']) {
+        Some(p) => (&s[..p], Some(&s[p + 1..])),
+        None => (s, None),
+    };
+    let (int, frac) = match mantissa.split_once('.') {
+        Some((a, b)) => (a, b),
+        None => (mantissa, ""),
+    };
+    let digits = |x: &str| x.bytes().all(|b| b.is_ascii_digit());
+    let mantissa_ok = (!int.is_empty() || !frac.is_empty()) && digits(int) && digits(frac);
+    let exp_ok = match exp {
+        None => true,
+        Some(e) => {
+            let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+            !e.is_empty() && digits(e)
+        }
+    };
+    mantissa_ok && exp_ok
+}
+
+fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    None
+}
+
+fn parse_timestamp(s: &str) -> bool {
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .any(|f| NaiveDateTime::parse_from_str(s, f).is_ok())
+}
+
+/// A payload value as the text PostgreSQL casts to the column's type.
+fn convert(col: &Column, v: &Value) -> Result<Option<String>, SinkError> {
+    let mismatch = || {
+        SinkError::permanent(format!(
+            "column `{}`: expected {}, got {}",
+            col.name,
+            col.ty,
+            describe(v)
+        ))
+    };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let text = match col.kind {
+        Kind::Text => match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => return Err(mismatch()),
+        },
+        Kind::Int(lo, hi) => {
+            let i = match v {
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => i,
+                    None => match n.as_f64() {
+                        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+                        _ => return Err(mismatch()),
+                    },
+                },
+                Value::String(s) => s.trim().parse::<i64>().map_err(|_| mismatch())?,
+                _ => return Err(mismatch()),
+            };
+            if i < lo || i > hi {
+                return Err(mismatch());
+            }
+            i.to_string()
+        }
+        Kind::Numeric => match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) if is_numeric_text(s.trim()) => s.trim().to_owned(),
+            _ => return Err(mismatch()),
+        },
+        Kind::Float => match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) if s.trim().parse::<f64>().is_ok() => s.trim().to_owned(),
+            _ => return Err(mismatch()),
+        },
+        Kind::Bool => match v {
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => match n.as_i64() {
+                Some(0) => "false".into(),
+                Some(1) => "true".into(),
+                _ => return Err(mismatch()),
+            },
+            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "t" | "yes" | "y" | "on" | "1" => "true".into(),
+                "false" | "f" | "no" | "n" | "off" | "0" => "false".into(),
+                _ => return Err(mismatch()),
+            },
+            _ => return Err(mismatch()),
+        },
+        Kind::TimestampTz => match v {
+            Value::String(s) => match parse_timestamptz(s.trim()) {
+                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                None => return Err(mismatch()),
+            },
+            Value::Number(n) => match n
+                .as_i64()
+                .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0))
+            {
+                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                None => return Err(mismatch()),
+            },
+            _ => return Err(mismatch()),
+        },
+        Kind::Timestamp => match v {
+            Value::String(s) if parse_timestamp(s.trim()) => s.trim().to_owned(),
+            _ => return Err(mismatch()),
+        },
+        Kind::Date => match v {
+            Value::String(s) if NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").is_ok() => {
+                s.trim().to_owned()
+            }
+            _ => return Err(mismatch()),
+        },
+        Kind::Json => v.to_string(),
+        Kind::Uuid => match v {
+            Value::String(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => s.trim().to_owned(),
+            _ => return Err(mismatch()),
+        },
+        Kind::Other => match v {
+            Value::String(s) => s.clone(),
+            _ => v.to_string(),
+        },
+    };
+    Ok(Some(text))
 }
 
 impl Sink for PostgresSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
-            crate::sink::all_failed(batch.len(), || SinkError::permanent("not built yet"))
+            let mut results: Vec<Option<Result<(), SinkError>>> =
+                (0..batch.len()).map(|_| None).collect();
+            // checked rows, and for each delivery the index of the row that carries it
+            let mut rows: Vec<Vec<Option<String>>> = Vec::with_capacity(batch.len());
+            let mut owner: Vec<Option<usize>> = vec![None; batch.len()];
+            let mut by_key: HashMap<Vec<Option<String>>, usize> =
+                HashMap::with_capacity(batch.len());
+            for (i, d) in batch.iter().enumerate() {
+                match self.row(&d.payload) {
+                    Ok(row) => {
+                        let k: Vec<Option<String>> =
+                            self.key.iter().map(|&p| row[p].clone()).collect();
+                        match by_key.get(&k) {
+                            // same key earlier in the batch: the later payload replaces it
+                            Some(&r) => {
+                                rows[r] = row;
+                                owner[i] = Some(r);
+                            }
+                            None => {
+                                by_key.insert(k, rows.len());
+                                owner[i] = Some(rows.len());
+                                rows.push(row);
+                            }
+                        }
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            if !rows.is_empty() {
+                let refs: Vec<&Vec<Option<String>>> = rows.iter().collect();
+                let written = self.write_rows(&refs).await;
+                for (i, o) in owner.iter().enumerate() {
+                    if let Some(r) = o {
+                        results[i] = Some(match written.get(*r) {
+                            Some(Ok(())) => Ok(()),
+                            Some(Err(e)) => Err(same(e.kind, &e.message)),
+                            None => Err(SinkError::retryable("delivery was not written")),
+                        });
+                    }
+                }
+            }
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
+                .collect()
         })
     }
 }

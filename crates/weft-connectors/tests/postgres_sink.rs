@@ -1,0 +1,354 @@
+//! The PostgreSQL sink against the real PostgreSQL on 127.0.0.1:5432
+//! (user postgres, database `test`). Skipped with a message when it is not
+//! reachable, unless `CI=true`, where that is a failure.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use tokio_postgres::{Client, NoTls};
+use weft_connectors::postgres::PostgresSink;
+use weft_connectors::{Delivery, Sink};
+use weft_core::ErrorKind;
+use weft_core::config::Secret;
+use weft_core::config::raw::PostgresSinkConfig;
+
+const URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
+
+async fn admin() -> Option<Client> {
+    match tokio_postgres::connect(URL, NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            Some(client)
+        }
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("PostgreSQL at {URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!("!!!!!! SKIPPING PostgreSQL test: {URL} is not reachable: {e} !!!!!!");
+            None
+        }
+    }
+}
+
+/// A uniquely named table, dropped on drop.
+struct Table {
+    name: String,
+    client: Client,
+}
+
+impl Table {
+    async fn create(client: Client, ddl_cols: &str) -> Table {
+        let name = format!("weft_test_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE TABLE {name} ({ddl_cols})"))
+            .await
+            .unwrap();
+        Table { name, client }
+    }
+    async fn drop_table(self) {
+        self.client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.name))
+            .await
+            .unwrap();
+    }
+}
+
+fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> PostgresSinkConfig {
+    PostgresSinkConfig {
+        url: Secret::new(URL),
+        table: format!("public.{table}"),
+        key: key.iter().map(|k| k.to_string()).collect(),
+        columns: cols
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn delivery(id: i64, payload: Value) -> Delivery {
+    Delivery {
+        id,
+        idempotency_key: format!("k-{id}"),
+        correlation_id: "c-1".into(),
+        event_id: id.to_string(),
+        entity_key: None,
+        attempt: 1,
+        payload,
+    }
+}
+
+const DDL: &str = "id bigint PRIMARY KEY, name text, amount numeric, n integer, ok boolean, \
+                   at timestamptz, doc jsonb";
+const COLS: &[(&str, &str)] = &[
+    ("id", "bigint"),
+    ("name", "text"),
+    ("amount", "numeric"),
+    ("n", "integer"),
+    ("ok", "boolean"),
+    ("at", "timestamptz"),
+    ("doc", "jsonb"),
+];
+
+#[tokio::test]
+async fn upsert_inserts_then_updates() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(client, DDL).await;
+    let sink = PostgresSink::connect(&cfg(&t.name, COLS, &["id"]))
+        .await
+        .unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"id": 1, "name": "Ada", "amount": "12345678901234567890.123456789", "n": 5,
+                               "ok": true, "at": "2024-05-01T10:00:00Z", "doc": {"a": [1, 2]}}),
+            ),
+            delivery(
+                2,
+                json!({"id": "2", "name": "Bob", "amount": 0.1, "n": "7", "ok": "false",
+                               "at": "2024-05-01T12:00:00+02:00", "doc": "s"}),
+            ),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let r = sink
+        .write(&[
+            delivery(3, json!({"id": 1, "name": "Ada L.", "amount": 1})),
+            // the same key twice in one batch: the last one wins
+            delivery(4, json!({"id": 2, "name": "Bobby"})),
+            delivery(5, json!({"id": 2, "name": "Robert", "n": 9})),
+            delivery(6, json!({"id": 3, "name": "Cy"})),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let rows = t
+        .client
+        .query(
+            &format!(
+                "SELECT id, name, amount::text, n, ok, extract(epoch from at)::bigint, doc::text FROM {} ORDER BY id",
+                t.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String, Option<String>, Option<i32>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "Ada L.".into(), Some("1".into()), None),
+            (2, "Robert".into(), None, Some(9)),
+            (3, "Cy".into(), None, None),
+        ]
+    );
+    // first batch's exact values, before they were replaced
+    let sink2 = PostgresSink::connect(&cfg(&t.name, COLS, &["id"]))
+        .await
+        .unwrap();
+    sink2
+        .write(&[delivery(7, json!({"id": 10, "amount": "12345678901234567890.123456789",
+                                     "ok": "t", "at": "2024-05-01T12:00:00+02:00", "doc": {"a": [1]}}))])
+        .await;
+    let row = t
+        .client
+        .query_one(
+            &format!("SELECT amount::text, ok, extract(epoch from at)::bigint, doc::text FROM {} WHERE id = 10", t.name),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "12345678901234567890.123456789");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i64>(2), 1714557600);
+    assert_eq!(row.get::<_, String>(3), r#"{"a": [1]}"#);
+    t.drop_table().await;
+}
+
+#[tokio::test]
+async fn type_errors_name_the_column_and_fail_only_that_record() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(client, DDL).await;
+    let sink = PostgresSink::connect(&cfg(&t.name, COLS, &["id"]))
+        .await
+        .unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"id": 1, "name": "ok"})),
+            delivery(2, json!({"id": "x", "name": "bad id"})),
+            delivery(3, json!({"id": 3, "amount": "12,5"})),
+            delivery(4, json!({"id": 4, "n": 3_000_000_000i64})),
+            delivery(5, json!({"id": 5, "at": "yesterday"})),
+            delivery(6, json!({"id": 6, "name": {"o": 1}})),
+            delivery(7, json!("not an object")),
+            delivery(8, json!({"name": "no key"})),
+            delivery(9, json!({"id": 9, "ok": "perhaps"})),
+            delivery(10, json!({"id": 10, "name": "also ok"})),
+        ])
+        .await;
+    assert_eq!(r.len(), 10);
+    assert!(r[0].is_ok() && r[9].is_ok(), "{r:?}");
+    for (i, col) in [
+        (1, "`id`"),
+        (2, "`amount`"),
+        (3, "`n`"),
+        (4, "`at`"),
+        (5, "`name`"),
+        (6, "JSON object"),
+        (7, "`id`"),
+        (8, "`ok`"),
+    ] {
+        let e = r[i].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+        assert!(e.message.contains(col), "{i}: {}", e.message);
+    }
+    let n: i64 = t
+        .client
+        .query_one(&format!("SELECT count(*) FROM {}", t.name), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    t.drop_table().await;
+}
+
+#[tokio::test]
+async fn rows_the_database_refuses_fail_alone() {
+    let Some(client) = admin().await else { return };
+    // a CHECK constraint Rust cannot know about
+    let t = Table::create(
+        client,
+        "id bigint PRIMARY KEY, qty integer CHECK (qty >= 0)",
+    )
+    .await;
+    let sink = PostgresSink::connect(&cfg(
+        &t.name,
+        &[("id", "bigint"), ("qty", "integer")],
+        &["id"],
+    ))
+    .await
+    .unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"id": 1, "qty": 1})),
+            delivery(2, json!({"id": 2, "qty": -1})),
+            delivery(3, json!({"id": 3, "qty": 3})),
+        ])
+        .await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.message.contains("23514"), "{}", e.message);
+    t.drop_table().await;
+}
+
+#[tokio::test]
+async fn broken_connection_is_retryable_then_reconnects() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(client, "id bigint PRIMARY KEY, v text").await;
+    let sink = PostgresSink::connect(&cfg(&t.name, &[("id", "bigint"), ("v", "text")], &["id"]))
+        .await
+        .unwrap();
+    assert!(sink.write(&[delivery(1, json!({"id": 1, "v": "a"}))]).await[0].is_ok());
+    // kill the sink's connection(s) from the server side
+    t.client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE $1",
+            &[&format!("%INSERT INTO \"public\".\"{}\"%", t.name)],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut results = Vec::new();
+    for i in 2..5 {
+        results.push(
+            sink.write(&[delivery(i, json!({"id": i, "v": "b"}))])
+                .await
+                .remove(0),
+        );
+    }
+    // a write on the dead connection is Retryable (or it was noticed closed first); then it works again
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.kind, ErrorKind::Retryable, "{e}");
+        }
+    }
+    assert!(results.last().unwrap().is_ok(), "{results:?}");
+    t.drop_table().await;
+}
+
+#[tokio::test]
+async fn missing_table_fails_at_connect() {
+    let Some(_client) = admin().await else { return };
+    let err = PostgresSink::connect(&cfg("weft_no_such_table_x", &[("id", "bigint")], &["id"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("42P01"), "{err}");
+}
+
+/// Throughput of the bench's shape (contacts, 11 columns, upsert on
+/// contact_id): `cargo test -p weft-connectors --release --test postgres_sink
+/// -- --ignored --nocapture throughput`.
+#[tokio::test]
+#[ignore]
+async fn throughput_contacts() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(
+        client,
+        "contact_id bigint PRIMARY KEY, given_name text, family_name text, email text, company_name text, \
+         company_category text, updated_at timestamptz, address_street text, address_city text, \
+         address_postal_code text, address_country text",
+    )
+    .await;
+    let cols = [
+        ("contact_id", "bigint"),
+        ("given_name", "text"),
+        ("family_name", "text"),
+        ("email", "text"),
+        ("company_name", "text"),
+        ("company_category", "text"),
+        ("updated_at", "timestamptz"),
+        ("address_street", "text"),
+        ("address_city", "text"),
+        ("address_postal_code", "text"),
+        ("address_country", "text"),
+    ];
+    let sink = PostgresSink::connect(&cfg(&t.name, &cols, &["contact_id"]))
+        .await
+        .unwrap();
+    let n: i64 = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let batch: i64 = std::env::var("BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let deliveries: Vec<Delivery> = (1..=n)
+        .map(|i| {
+            delivery(
+                i,
+                json!({"contact_id": i, "given_name": format!("Given{i}"), "family_name": "Family",
+                       "email": format!("user{i}@example.com"), "company_name": "Acme Corp",
+                       "company_category": "CUSTOMER_ACTIVE", "updated_at": "2024-03-05T10:11:12Z",
+                       "address_street": "1 Main Street", "address_city": "Springfield",
+                       "address_postal_code": "12345", "address_country": "US"}),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in deliveries.chunks(batch as usize) {
+        let r = sink.write(chunk).await;
+        assert!(r.iter().all(|r| r.is_ok()));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "postgres sink: {n} rows in batches of {batch}: {secs:.2} s, {:.0} rows/s",
+        n as f64 / secs
+    );
+    t.drop_table().await;
+}
