@@ -8,9 +8,16 @@
 //! committed to the store before the rows leave the window; a crash between
 //! a successful write and that commit means the row is written again after
 //! restart, with the same idempotency key.
+//!
+//! Before sending, a lane asks its destination's [`Guard`] (circuit breaker,
+//! `Retry-After` pause, rate limit); while it says wait, nothing is sent and
+//! nothing spends an attempt. With `on_dead_letter: hold_key`, a key with a
+//! dead letter in the DLQ is held until the entry is replayed or discarded;
+//! a replayed row keeps its original place in its key's order (`order_seq`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -18,10 +25,29 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Delivery, Sink, SinkError};
 use weft_core::ErrorKind;
-use weft_core::config::DeliveryPolicy;
+use weft_core::config::{DeliveryPolicy, OnDeadLetter};
 use weft_store::{Op, OutboxRow, Store, now_ms};
 
+use crate::guard::Guard;
 use crate::metrics as m;
+
+/// What the rest of the runtime knows of a lane: how to wake it and how
+/// much it has to do (for backpressure).
+pub struct LaneHandle {
+    pub flow: String,
+    pub dest: String,
+    pub wake: Notify,
+    /// Pending rows, kept approximately in memory and re-read from the
+    /// store every few seconds.
+    pub backlog: AtomicI64,
+    pub high_water: u64,
+}
+
+impl LaneHandle {
+    pub fn over_high_water(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) >= self.high_water as i64
+    }
+}
 
 /// Rows held in memory per lane.
 const WINDOW: usize = 4096;
@@ -34,10 +60,15 @@ pub(crate) struct Lane {
     pub dest: String,
     pub policy: DeliveryPolicy,
     pub sink: Arc<dyn Sink>,
+    pub guard: Arc<Guard>,
     pub store: Store,
-    pub wake: Arc<Notify>,
+    pub handle: Arc<LaneHandle>,
     pub shutdown: CancellationToken,
 }
+
+/// Window key: order within the entity key first (a replayed row keeps its
+/// original place), then the outbox id.
+type Pos = (i64, i64);
 
 struct Entry {
     row: OutboxRow,
@@ -62,7 +93,10 @@ impl Lane {
                 }
             }
         };
-        let mut window: BTreeMap<i64, Entry> = BTreeMap::new();
+        let mut window: BTreeMap<Pos, Entry> = BTreeMap::new();
+        let mut pos: HashMap<i64, Pos> = HashMap::new();
+        let mut held: HashSet<String> = HashSet::new();
+        let hold = self.policy.on_dead_letter == OnDeadLetter::HoldKey;
         let mut hw: i64 = 0;
         let (res_tx, mut res_rx) = mpsc::channel::<Done>(self.policy.concurrency * 2 + 2);
         let mut in_flight = 0usize;
@@ -72,21 +106,32 @@ impl Lane {
                 let (flow, dest, want) =
                     (self.flow.clone(), self.dest.clone(), WINDOW - window.len());
                 let r = reader.clone();
+                // held keys are read before the rows: a replay that releases a
+                // key commits its row in the same transaction, so it is seen too
                 let fetched = tokio::task::spawn_blocking(move || {
-                    r.lock()
-                        .map_err(|_| "reader lock poisoned".to_string())
-                        .and_then(|r| {
-                            r.outbox_after(&flow, &dest, hw, want)
-                                .map_err(|e| e.to_string())
-                        })
+                    let r = r.lock().map_err(|_| "reader lock poisoned".to_string())?;
+                    let held = if hold {
+                        Some(r.held_keys(&flow, &dest).map_err(|e| e.to_string())?)
+                    } else {
+                        None
+                    };
+                    let rows = r
+                        .outbox_after(&flow, &dest, hw, want)
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((held, rows))
                 })
                 .await;
                 match fetched {
-                    Ok(Ok(rows)) => {
+                    Ok(Ok((h, rows))) => {
+                        if let Some(h) = h {
+                            held = h.into_iter().collect();
+                        }
                         for row in rows {
                             hw = hw.max(row.id);
+                            let p = (row.order_seq, row.id);
+                            pos.insert(row.id, p);
                             window.insert(
-                                row.id,
+                                p,
                                 Entry {
                                     row,
                                     in_flight: false,
@@ -100,15 +145,21 @@ impl Lane {
                     Err(e) => tracing::warn!(error = %e, "outbox read task failed"),
                 }
             }
+            let mut guard_wait = None;
             if !stopping {
                 while in_flight < self.policy.concurrency {
-                    let ids = pick(&window, self.policy.batch_size, now_ms());
+                    let ids = pick(&window, &held, self.policy.batch_size, now_ms());
                     if ids.is_empty() {
                         break;
                     }
+                    if let Err(d) = self.guard.check() {
+                        guard_wait = Some(d);
+                        break;
+                    }
+                    self.guard.acquire().await;
                     let mut batch = Vec::with_capacity(ids.len());
-                    for id in &ids {
-                        if let Some(e) = window.get_mut(id) {
+                    for p in &ids {
+                        if let Some(e) = window.get_mut(p) {
                             e.in_flight = true;
                             batch.push(delivery(&e.row));
                         }
@@ -133,11 +184,14 @@ impl Lane {
             if stopping && in_flight == 0 {
                 return;
             }
-            let wait = next_due(&window)
+            let mut wait = next_due(&window)
                 .map(|t| {
                     Duration::from_millis((t - now_ms()).clamp(1, POLL.as_millis() as i64) as u64)
                 })
                 .unwrap_or(POLL);
+            if let Some(g) = guard_wait {
+                wait = wait.min(g.max(Duration::from_millis(1)));
+            }
             tokio::select! {
                 Some(done) = res_rx.recv() => {
                     let mut all = vec![done];
@@ -145,9 +199,9 @@ impl Lane {
                         all.push(more);
                     }
                     in_flight -= all.len();
-                    self.settle(&mut window, all).await;
+                    self.settle(&mut window, &mut pos, &mut held, all).await;
                 }
-                _ = self.wake.notified(), if !stopping => {}
+                _ = self.handle.wake.notified(), if !stopping => {}
                 _ = tokio::time::sleep(wait), if !stopping => {}
                 _ = self.shutdown.cancelled(), if !stopping => {
                     stopping = true;
@@ -158,15 +212,30 @@ impl Lane {
 
     /// Commit results: delivered rows leave the outbox; failures are
     /// scheduled for retry or moved to the DLQ.
-    async fn settle(&self, window: &mut BTreeMap<i64, Entry>, all: Vec<Done>) {
+    async fn settle(
+        &self,
+        window: &mut BTreeMap<Pos, Entry>,
+        pos: &mut HashMap<i64, Pos>,
+        held: &mut HashSet<String>,
+        all: Vec<Done>,
+    ) {
         let now = now_ms();
         let mut delivered = Vec::new();
         let mut latencies = Vec::new();
         for (id, result) in all.into_iter().flatten() {
-            let Some(entry) = window.get_mut(&id) else {
+            let Some(p) = pos.get(&id).copied() else {
+                continue;
+            };
+            let Some(entry) = window.get_mut(&p) else {
                 continue;
             };
             entry.in_flight = false;
+            match &result {
+                Ok(()) => self.guard.record(false, None),
+                Err(e) => self
+                    .guard
+                    .record(e.kind == ErrorKind::Retryable, e.retry_after),
+            }
             match result {
                 Ok(()) => {
                     delivered.push(id);
@@ -198,6 +267,7 @@ impl Lane {
                     } else {
                         tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %entry.row.correlation_id,
                             attempt = attempts, error = %e, "delivery failed; dead-lettered");
+                        let key = entry.row.entity_key.clone();
                         match self
                             .store
                             .apply(Op::DeadLetter {
@@ -209,7 +279,14 @@ impl Lane {
                         {
                             Ok(_) => {
                                 m::dead_lettered(&self.flow, &self.dest);
-                                window.remove(&id);
+                                window.remove(&p);
+                                pos.remove(&id);
+                                self.handle.backlog.fetch_sub(1, Ordering::Relaxed);
+                                if self.policy.on_dead_letter == OnDeadLetter::HoldKey
+                                    && let Some(k) = key
+                                {
+                                    held.insert(k);
+                                }
                             }
                             Err(se) => {
                                 tracing::error!(error = %se, "cannot dead-letter; will retry")
@@ -223,8 +300,13 @@ impl Lane {
             match self.store.apply(Op::Delivered(delivered.clone())).await {
                 Ok(_) => {
                     m::delivered(&self.flow, &self.dest, delivered.len() as u64, &latencies);
+                    self.handle
+                        .backlog
+                        .fetch_sub(delivered.len() as i64, Ordering::Relaxed);
                     for id in delivered {
-                        window.remove(&id);
+                        if let Some(p) = pos.remove(&id) {
+                            window.remove(&p);
+                        }
                     }
                 }
                 // the rows stay in the window and are sent again (same keys)
@@ -248,19 +330,19 @@ fn delivery(row: &OutboxRow) -> Delivery {
     }
 }
 
-/// Up to `n` rows that may go now: due, not in flight, and first of their
-/// entity key in the window.
-fn pick(window: &BTreeMap<i64, Entry>, n: usize, now: i64) -> Vec<i64> {
+/// Up to `n` rows that may go now: due, not in flight, first of their
+/// entity key in the window, and their key not held by a dead letter.
+fn pick(window: &BTreeMap<Pos, Entry>, held: &HashSet<String>, n: usize, now: i64) -> Vec<Pos> {
     let mut blocked: HashSet<&str> = HashSet::new();
     let mut out = Vec::new();
-    for (id, e) in window {
+    for (p, e) in window {
         if let Some(k) = e.row.entity_key.as_deref()
-            && !blocked.insert(k)
+            && (!blocked.insert(k) || held.contains(k))
         {
             continue;
         }
         if !e.in_flight && e.row.next_at <= now {
-            out.push(*id);
+            out.push(*p);
             if out.len() == n {
                 break;
             }
@@ -270,7 +352,7 @@ fn pick(window: &BTreeMap<i64, Entry>, n: usize, now: i64) -> Vec<i64> {
 }
 
 /// The earliest future due time among waiting rows.
-fn next_due(window: &BTreeMap<i64, Entry>) -> Option<i64> {
+fn next_due(window: &BTreeMap<Pos, Entry>) -> Option<i64> {
     let now = now_ms();
     window
         .values()
@@ -306,6 +388,7 @@ mod tests {
                 attempts: 0,
                 next_at,
                 last_error: None,
+                order_seq: id,
                 payload: "{}".into(),
             },
             in_flight: false,
@@ -315,18 +398,38 @@ mod tests {
     #[test]
     fn pick_keeps_order_per_key_and_runs_keys_in_parallel() {
         let mut w = BTreeMap::new();
-        w.insert(1, row(1, Some("a"), 0));
-        w.insert(2, row(2, Some("a"), 0));
-        w.insert(3, row(3, Some("b"), 0));
-        w.insert(4, row(4, None, 0));
-        assert_eq!(pick(&w, 10, 10), vec![1, 3, 4]);
-        w.get_mut(&1).unwrap().in_flight = true;
-        assert_eq!(pick(&w, 10, 10), vec![3, 4], "2 waits behind 1 in flight");
+        for (id, k) in [(1, Some("a")), (2, Some("a")), (3, Some("b")), (4, None)] {
+            w.insert((id, id), row(id, k, 0));
+        }
+        let none = HashSet::new();
+        let ids = |v: Vec<Pos>| v.into_iter().map(|p| p.1).collect::<Vec<_>>();
+        assert_eq!(ids(pick(&w, &none, 10, 10)), vec![1, 3, 4]);
+        w.get_mut(&(1, 1)).unwrap().in_flight = true;
+        assert_eq!(
+            ids(pick(&w, &none, 10, 10)),
+            vec![3, 4],
+            "2 waits behind 1 in flight"
+        );
         // a row in backoff holds its key too
-        w.get_mut(&1).unwrap().in_flight = false;
-        w.get_mut(&1).unwrap().row.next_at = 100;
-        assert_eq!(pick(&w, 10, 10), vec![3, 4]);
-        assert_eq!(pick(&w, 1, 10), vec![3]);
+        w.get_mut(&(1, 1)).unwrap().in_flight = false;
+        w.get_mut(&(1, 1)).unwrap().row.next_at = 100;
+        assert_eq!(ids(pick(&w, &none, 10, 10)), vec![3, 4]);
+        assert_eq!(ids(pick(&w, &none, 1, 10)), vec![3]);
+        // a held key sends nothing
+        let held: HashSet<String> = ["b".to_string()].into();
+        assert_eq!(ids(pick(&w, &held, 10, 10)), vec![4]);
+    }
+
+    #[test]
+    fn a_replayed_row_goes_before_later_rows_of_its_key() {
+        let mut w = BTreeMap::new();
+        w.insert((5, 5), row(5, Some("a"), 0));
+        // replayed: new id 9, original order 2
+        let mut r = row(9, Some("a"), 0);
+        r.row.order_seq = 2;
+        w.insert((2, 9), r);
+        let picked = pick(&w, &HashSet::new(), 10, 10);
+        assert_eq!(picked, vec![(2, 9)]);
     }
 
     #[test]
@@ -338,6 +441,8 @@ mod tests {
             multiplier: 2.0,
             concurrency: 1,
             batch_size: 1,
+            on_dead_letter: OnDeadLetter::Continue,
+            backlog_high_water: 10,
         };
         for attempt in 1..20 {
             let d = backoff(&p, attempt);

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::Notify;
 use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record};
 use weft_core::config::Flow;
 use weft_core::event::idempotency_key;
 use weft_store::{FlowOutcome, IngestBatch, NewDelivery, NewEvent, Op, Stage, Store, now_ms};
 
+use crate::delivery::LaneHandle;
 use crate::metrics as m;
 
 /// The [`Ingest`] of one source system.
@@ -19,8 +19,9 @@ pub struct Ingestor {
     pub(crate) system: String,
     pub(crate) flows: Vec<Arc<Flow>>,
     pub(crate) store: Store,
-    /// Woken after each commit: the delivery lanes of these flows.
-    pub(crate) wake: Vec<Arc<Notify>>,
+    /// The delivery lanes of these flows: woken after each commit, and
+    /// checked for backpressure before accepting.
+    pub(crate) lanes: Vec<Arc<LaneHandle>>,
     pub(crate) accepting: Arc<AtomicBool>,
 }
 
@@ -138,20 +139,34 @@ impl Ingest for Ingestor {
             if !self.accepting.load(Ordering::Acquire) {
                 return Err(IngestError::Unavailable("weft is shutting down".into()));
             }
+            if let Some(l) = self.lanes.iter().find(|l| l.over_high_water()) {
+                m::backpressure(&self.system);
+                return Err(IngestError::Unavailable(format!(
+                    "backlog of flow `{}` to `{}` is over its high-water mark ({} pending)",
+                    l.flow, l.dest, l.high_water
+                )));
+            }
             let (system, flows) = (self.system.clone(), self.flows.clone());
             // filters and mappings are CPU work: keep them off the async workers
             let prepared = tokio::task::spawn_blocking(move || prepare(&system, &flows, batch))
                 .await
                 .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
             let counts = outcome_counts(&prepared);
+            let routed = routed_counts(&prepared);
             let applied = self
                 .store
                 .apply(Op::Ingest(prepared))
                 .await
                 .map_err(|e| IngestError::Store(e.to_string()))?;
             if applied.changed > 0 {
-                for w in &self.wake {
-                    w.notify_one();
+                for l in &self.lanes {
+                    // approximate (duplicates included); the gauge task re-reads it from the store
+                    let n = routed
+                        .get(&(l.flow.clone(), l.dest.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    l.backlog.fetch_add(n, Ordering::Relaxed);
+                    l.wake.notify_one();
                 }
                 // counts are of the prepared batch; duplicates did not count in the store
                 if applied.duplicates == 0 {
@@ -200,6 +215,20 @@ fn outcome_counts(b: &IngestBatch) -> std::collections::HashMap<String, (u64, u6
                     let c = m.entry(flow.clone()).or_default();
                     c.0 += 1;
                     c.2 += 1;
+                }
+            }
+        }
+    }
+    m
+}
+
+fn routed_counts(b: &IngestBatch) -> std::collections::HashMap<(String, String), i64> {
+    let mut m: std::collections::HashMap<(String, String), i64> = Default::default();
+    for e in &b.events {
+        for o in &e.outcomes {
+            if let FlowOutcome::Routed { flow, deliveries } = o {
+                for d in deliveries {
+                    *m.entry((flow.clone(), d.destination.clone())).or_default() += 1;
                 }
             }
         }

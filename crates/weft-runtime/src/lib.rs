@@ -6,6 +6,7 @@
 //! ARCHITECTURE.md for the guarantees.
 
 pub mod delivery;
+pub mod guard;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
@@ -14,6 +15,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use std::sync::atomic::AtomicI64;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -83,26 +86,60 @@ impl Runtime {
                 }
             }
         }
-        // lanes
+        // guards: one per destination system, shared by its lanes
+        let guards: BTreeMap<String, Arc<guard::Guard>> = sinks
+            .keys()
+            .filter_map(|name| {
+                let sys = config.systems.get(name)?;
+                Some((
+                    name.clone(),
+                    Arc::new(guard::Guard::new(
+                        name,
+                        sys.breaker.as_ref(),
+                        sys.rate_limit.as_ref(),
+                    )),
+                ))
+            })
+            .collect();
+        // lanes, starting with the backlog the store holds
+        let pending: BTreeMap<(String, String), i64> = store
+            .reader()
+            .and_then(|r| r.counts(&lane_list(&config)))
+            .map(|c| {
+                c.into_iter()
+                    .map(|c| ((c.flow, c.destination), c.pending))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut lanes = Vec::new();
-        let mut wakes: BTreeMap<String, Vec<Arc<Notify>>> = BTreeMap::new();
+        let mut handles: Vec<Arc<delivery::LaneHandle>> = Vec::new();
         for flow in &config.flows {
             for d in &flow.destinations {
-                let Some(sink) = sinks.get(&d.system) else {
+                let (Some(sink), Some(guard)) = (sinks.get(&d.system), guards.get(&d.system))
+                else {
                     continue;
                 };
-                let wake = Arc::new(Notify::new());
-                wakes
-                    .entry(flow.name.clone())
-                    .or_default()
-                    .push(wake.clone());
+                let handle = Arc::new(delivery::LaneHandle {
+                    flow: flow.name.clone(),
+                    dest: d.system.clone(),
+                    wake: Notify::new(),
+                    backlog: AtomicI64::new(
+                        pending
+                            .get(&(flow.name.clone(), d.system.clone()))
+                            .copied()
+                            .unwrap_or(0),
+                    ),
+                    high_water: d.delivery.backlog_high_water,
+                });
+                handles.push(handle.clone());
                 let lane = delivery::Lane {
                     flow: flow.name.clone(),
                     dest: d.system.clone(),
                     policy: d.delivery.clone(),
                     sink: sink.clone(),
+                    guard: guard.clone(),
                     store: store.clone(),
-                    wake,
+                    handle,
                     shutdown: lane_stop.clone(),
                 };
                 lanes.push(tokio::spawn(lane.run()));
@@ -119,15 +156,16 @@ impl Runtime {
                 .filter(|f| &f.from == name)
                 .cloned()
                 .collect();
-            let wake = flows
+            let my_lanes = handles
                 .iter()
-                .flat_map(|f| wakes.get(&f.name).cloned().unwrap_or_default())
+                .filter(|h| flows.iter().any(|f| f.name == h.flow))
+                .cloned()
                 .collect();
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
                 flows,
                 store: store.clone(),
-                wake,
+                lanes: my_lanes,
                 accepting: accepting.clone(),
             });
             match build_source(name, spec)? {
@@ -138,7 +176,11 @@ impl Runtime {
                 SourceHandle::Routes(route) => webhooks.push((route, ingestor)),
             }
         }
-        let gauges = tokio::spawn(refresh_gauges(store.clone(), lane_list(&config)));
+        let gauges = tokio::spawn(refresh_gauges(
+            store.clone(),
+            handles,
+            config.store.dedupe_retention,
+        ));
         tracing::info!(
             store = %config.store.path.display(),
             flows = config.flows.len(),
@@ -240,8 +282,36 @@ fn lane_list(config: &Config) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn refresh_gauges(store: Store, lanes: Vec<(String, String)>) {
+/// Every 2 s: gauges and lane backlogs from the store; every minute: forget
+/// dedupe ids older than the retention.
+async fn refresh_gauges(
+    store: Store,
+    handles: Vec<Arc<delivery::LaneHandle>>,
+    retention: Duration,
+) {
+    let lanes: Vec<(String, String)> = handles
+        .iter()
+        .map(|h| (h.flow.clone(), h.dest.clone()))
+        .collect();
+    let mut tick: u64 = 0;
     loop {
+        if tick.is_multiple_of(30) {
+            let before = weft_store::now_ms() - retention.as_millis() as i64;
+            match store
+                .apply(weft_store::Op::PruneInbox {
+                    before,
+                    limit: 10_000,
+                })
+                .await
+            {
+                Ok(a) if a.changed > 0 => {
+                    tracing::debug!(forgotten = a.changed, "pruned dedupe ids past retention")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot prune the inbox"),
+                _ => {}
+            }
+        }
+        tick += 1;
         let s = store.clone();
         let l = lanes.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -258,6 +328,13 @@ async fn refresh_gauges(store: Store, lanes: Vec<(String, String)>) {
                     c.oldest_pending_ms,
                     c.balanced,
                 );
+                if let Some(h) = handles
+                    .iter()
+                    .find(|h| h.flow == c.flow && h.dest == c.destination)
+                {
+                    h.backlog
+                        .store(c.pending, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             for (flow, dest, n) in dlq {
                 metrics::dlq_gauge(&flow, &dest, n);

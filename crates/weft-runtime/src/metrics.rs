@@ -21,6 +21,11 @@ pub const DLQ_DEPTH: &str = "weft_dlq_depth";
 pub const OLDEST_PENDING: &str = "weft_oldest_pending_age_seconds";
 pub const LATENCY: &str = "weft_end_to_end_latency_seconds";
 pub const UNBALANCED: &str = "weft_accounting_unbalanced";
+pub const CIRCUIT_STATE: &str = "weft_circuit_state";
+pub const CIRCUIT_TRANSITIONS: &str = "weft_circuit_transitions_total";
+pub const RATE_LIMIT_WAITS: &str = "weft_rate_limit_waits_total";
+pub const RATE_LIMIT_WAIT_MS: &str = "weft_rate_limit_wait_milliseconds_total";
+pub const BACKPRESSURE: &str = "weft_backpressure_rejections_total";
 
 /// Install the process-wide Prometheus recorder (once; later calls get the
 /// same handle).
@@ -93,4 +98,21 @@ pub fn lane_gauges(flow: &str, dest: &str, pending: i64, oldest_ms: Option<i64>,
 pub fn dlq_gauge(flow: &str, dest: &str, depth: i64) {
     gauge!(DLQ_DEPTH, "flow" => flow.to_owned(), "destination" => dest.to_owned())
         .set(depth as f64);
+}
+
+/// 0 closed, 1 open, 2 half-open.
+pub fn breaker_state(dest: &str, state: crate::guard::State) {
+    gauge!(CIRCUIT_STATE, "destination" => dest.to_owned()).set(state.gauge());
+    counter!(CIRCUIT_TRANSITIONS, "destination" => dest.to_owned(), "to" => state.name())
+        .increment(1);
+}
+
+pub fn rate_limit_wait(dest: &str, waited: std::time::Duration) {
+    counter!(RATE_LIMIT_WAITS, "destination" => dest.to_owned()).increment(1);
+    counter!(RATE_LIMIT_WAIT_MS, "destination" => dest.to_owned())
+        .increment(waited.as_millis() as u64);
+}
+
+pub fn backpressure(source: &str) {
+    counter!(BACKPRESSURE, "source" => source.to_owned()).increment(1);
 }

@@ -154,6 +154,12 @@ pub enum Op {
         dlq_id: i64,
         note: String,
     },
+    /// Forget inbox entries (dedupe ids) accepted before `before` (ms),
+    /// oldest first, at most `limit`.
+    PruneInbox {
+        before: i64,
+        limit: usize,
+    },
 }
 
 /// What an [`Op`] did.

@@ -22,6 +22,8 @@ pub struct OutboxRow {
     pub attempts: u32,
     pub next_at: i64,
     pub last_error: Option<String>,
+    /// Position in its entity key's order (the id, or the original id of a replayed row).
+    pub order_seq: i64,
     pub payload: String,
 }
 
@@ -106,7 +108,7 @@ impl Reader {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
-                    created_at, attempts, next_at, last_error, payload
+                    created_at, attempts, next_at, last_error, payload, COALESCE(order_seq, id)
              FROM outbox WHERE flow = ?1 AND destination = ?2 AND id > ?3 ORDER BY id LIMIT ?4",
         )?;
         let rows = st.query_map(params![flow, destination, after, limit as i64], |r| {
@@ -124,6 +126,7 @@ impl Reader {
                 next_at: r.get(10)?,
                 last_error: r.get(11)?,
                 payload: r.get(12)?,
+                order_seq: r.get(13)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -224,6 +227,16 @@ impl Reader {
             )
             .optional()?;
         Ok((pending, oldest.map(|t| (crate::now_ms() - t).max(0))))
+    }
+
+    /// Entity keys with a dead (not replayed or discarded) delivery in this lane.
+    pub fn held_keys(&self, flow: &str, destination: &str) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT DISTINCT entity_key FROM dlq WHERE status = 'dead' AND stage = 'deliver'
+             AND flow = ?1 AND destination = ?2 AND entity_key IS NOT NULL",
+        )?;
+        let rows = st.query_map(params![flow, destination], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Rows in the whole outbox.

@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
         attempts        INTEGER NOT NULL DEFAULT 0,
         next_at         INTEGER NOT NULL DEFAULT 0,
         last_error      TEXT,
+        order_seq       INTEGER,              -- position in its key's order; NULL = id (a replay keeps the original)
         payload         TEXT NOT NULL         -- mapped payload, JSON
     );
     CREATE INDEX outbox_by_lane ON outbox (flow, destination, id);
@@ -56,7 +57,8 @@ const MIGRATIONS: &[&str] = &[
         attempts        INTEGER NOT NULL,
         error           TEXT NOT NULL,
         payload         TEXT NOT NULL,
-        history         TEXT NOT NULL DEFAULT '[]'     -- JSON array of {at, action, ...}
+        history         TEXT NOT NULL DEFAULT '[]',    -- JSON array of {at, action, ...}
+        order_seq       INTEGER                        -- the outbox order it had, kept for replay
     );
     CREATE INDEX dlq_by_status ON dlq (status, flow, destination, id);
     -- Source positions, saved in the same transaction as the records before them.

@@ -190,9 +190,10 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
             let history = serde_json::json!([{"at": now_ms(), "action": "dead_lettered", "attempts": attempts, "error": error}]);
             tx.prepare_cached(
                 "INSERT INTO dlq (stage, flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, failed_at, attempts, error, payload, history)
+                   correlation_id, created_at, failed_at, attempts, error, payload, history, order_seq)
                  SELECT 'deliver', flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, ?2, ?3, ?4, payload, ?5 FROM outbox WHERE id = ?1",
+                   correlation_id, created_at, ?2, ?3, ?4, payload, ?5, COALESCE(order_seq, id)
+                 FROM outbox WHERE id = ?1",
             )?
             .execute(params![id, now_ms(), attempts, error, history.to_string()])?;
             tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
@@ -223,9 +224,9 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
             }
             tx.prepare_cached(
                 "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, payload)
+                   correlation_id, created_at, payload, order_seq)
                  SELECT flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
-                   ?2, ?3 FROM dlq WHERE id = ?1",
+                   ?2, ?3, order_seq FROM dlq WHERE id = ?1",
             )?
             .execute(params![dlq_id, now_ms(), payload])?;
             mark(tx, *dlq_id, "replayed", note)?;
@@ -264,6 +265,17 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
             )?;
             Ok(Applied {
                 changed: 1,
+                duplicates: 0,
+            })
+        }
+        Op::PruneInbox { before, limit } => {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox ORDER BY seq LIMIT ?2) AND received_at < ?1",
+                )?
+                .execute(params![before, *limit as i64])?;
+            Ok(Applied {
+                changed: n,
                 duplicates: 0,
             })
         }

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use raw::{FileFormat, Synchronous};
+pub use raw::{FileFormat, OnDeadLetter, Synchronous};
 pub use validate::{
-    Config, DeliveryPolicy, Destination, FileTarget, Flow, ServerConfig, SinkSpec, SourceSpec,
-    StoreConfig, System,
+    BreakerPolicy, Config, DeliveryPolicy, Destination, FileTarget, Flow, RateLimitPolicy,
+    ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
 };
 
 /// A string that never prints: credentials, tokens, signing secrets.

@@ -43,6 +43,8 @@ pub struct RawStore {
     /// acknowledged, so an accepted event survives a power loss. `normal`:
     /// survives a crash of weft but may lose the last commits on power loss.
     pub synchronous: Option<Synchronous>,
+    /// How long event ids are remembered for deduplication (default `7d`).
+    pub dedupe_retention: Option<Spanned<String>>,
 }
 
 /// SQLite's `synchronous` setting as exposed to users.
@@ -82,6 +84,41 @@ pub struct RawSystem {
     pub source: Option<RawSource>,
     /// How weft writes to this system (one connector).
     pub sink: Option<RawSink>,
+    /// Circuit breaker shared by every flow writing to this system (on by
+    /// default; `enabled: false` turns it off).
+    pub circuit_breaker: Option<RawBreaker>,
+    /// Client-side rate limit shared by every flow writing to this system.
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// Circuit breaker settings of a destination.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// Open after this many retryable failures in a row (default 5).
+    pub consecutive_failures: Option<u32>,
+    /// Open when this share of requests failed within `window` (default 0.5) ...
+    pub failure_rate: Option<f64>,
+    /// ... counting only once at least this many requests were made in it (default 20).
+    pub min_requests: Option<u32>,
+    /// Length of the failure-rate window (default `60s`).
+    pub window: Option<Spanned<String>>,
+    /// How long the breaker stays open before probing (default `30s`).
+    pub cooldown: Option<Spanned<String>>,
+    /// Writes let through while half-open (default 1).
+    pub half_open_probes: Option<u32>,
+}
+
+/// Rate limit of a destination: requests (or batches) per second or minute.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    /// Requests allowed at once above the steady rate (default: the per-second rate, at least 1).
+    pub burst: Option<u32>,
 }
 
 /// A source connector, named by its single key.
@@ -324,4 +361,19 @@ pub struct RawDelivery {
     pub concurrency: Option<usize>,
     /// Messages per write for sinks that batch (default 500; HTTP is always 1).
     pub batch_size: Option<usize>,
+    /// When a message is dead-lettered: `continue` (default) lets later
+    /// messages with the same entity key go on; `hold_key` makes them wait
+    /// until the dead letter is replayed or discarded.
+    pub on_dead_letter: Option<OnDeadLetter>,
+    /// Pending messages above which the flow's sources pause and webhooks
+    /// answer 503 (default 500000).
+    pub backlog_high_water: Option<u64>,
+}
+
+/// What a dead letter does to its entity key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    Continue,
+    HoldKey,
 }

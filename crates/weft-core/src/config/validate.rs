@@ -28,6 +28,7 @@ pub struct Config {
 pub struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
+    pub dedupe_retention: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,29 @@ pub struct System {
     pub description: Option<String>,
     pub source: Option<SourceSpec>,
     pub sink: Option<SinkSpec>,
+    pub breaker: Option<BreakerPolicy>,
+    pub rate_limit: Option<RateLimitPolicy>,
+}
+
+/// Circuit breaker of one destination system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+    pub half_open_probes: u32,
+}
+
+/// Rate limit of one destination system: `burst` requests, refilled one
+/// every `period`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitPolicy {
+    pub period: Duration,
+    pub burst: u32,
+    /// As written, for logs and metrics: `10/s`.
+    pub label: String,
 }
 
 /// A source, with its programs compiled and paths resolved.
@@ -153,6 +177,8 @@ pub struct DeliveryPolicy {
     pub multiplier: f64,
     pub concurrency: usize,
     pub batch_size: usize,
+    pub on_dead_letter: OnDeadLetter,
+    pub backlog_high_water: u64,
 }
 
 struct Ctx {
@@ -231,6 +257,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
     let store = StoreConfig {
         path: base.join(raw.store.path.as_deref().unwrap_or("weft-data/weft.db")),
         synchronous: raw.store.synchronous.unwrap_or(Synchronous::Full),
+        dedupe_retention: cx.duration(
+            "store.dedupe_retention",
+            &raw.store.dedupe_retention,
+            Duration::from_secs(7 * 24 * 3600),
+        ),
     };
     let listen_s = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
     let listen = match listen_s.parse::<SocketAddr>() {
@@ -270,6 +301,20 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 &mut webhook_paths,
             )
         });
+        if sys.sink.is_none() && (sys.circuit_breaker.is_some() || sys.rate_limit.is_some()) {
+            cx.at(
+                &p,
+                "`circuit_breaker` and `rate_limit` apply to a `sink`; this system has none",
+            );
+        }
+        let breaker = breaker_policy(
+            &mut cx,
+            &format!("{p}.circuit_breaker"),
+            sys.circuit_breaker.unwrap_or_default(),
+        );
+        let rate_limit = sys
+            .rate_limit
+            .and_then(|r| rate_limit_policy(&mut cx, &format!("{p}.rate_limit"), r));
         let sink = sys
             .sink
             .and_then(|s| sink_spec(&mut cx, &format!("{p}.sink"), s, base));
@@ -280,6 +325,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 description: sys.description,
                 source,
                 sink,
+                breaker,
+                rate_limit,
             },
         );
     }
@@ -715,6 +762,10 @@ fn delivery_policy(
     if batch_size == 0 {
         cx.at(format!("{p}.batch_size"), "must be at least 1");
     }
+    let backlog_high_water = pick(&layers, |l| l.backlog_high_water).unwrap_or(500_000);
+    if backlog_high_water == 0 {
+        cx.at(format!("{p}.backlog_high_water"), "must be at least 1");
+    }
     DeliveryPolicy {
         max_attempts,
         initial_backoff,
@@ -722,5 +773,64 @@ fn delivery_policy(
         multiplier,
         concurrency,
         batch_size,
+        on_dead_letter: pick(&layers, |l| l.on_dead_letter).unwrap_or(OnDeadLetter::Continue),
+        backlog_high_water,
     }
+}
+
+fn breaker_policy(cx: &mut Ctx, p: &str, b: RawBreaker) -> Option<BreakerPolicy> {
+    if b.enabled == Some(false) {
+        return None;
+    }
+    let failure_rate = b.failure_rate.unwrap_or(0.5);
+    if !(failure_rate > 0.0 && failure_rate <= 1.0) {
+        cx.at(
+            format!("{p}.failure_rate"),
+            "must be a share in (0, 1], e.g. 0.5",
+        );
+    }
+    let consecutive_failures = b.consecutive_failures.unwrap_or(5);
+    if consecutive_failures == 0 {
+        cx.at(format!("{p}.consecutive_failures"), "must be at least 1");
+    }
+    let half_open_probes = b.half_open_probes.unwrap_or(1);
+    if half_open_probes == 0 {
+        cx.at(format!("{p}.half_open_probes"), "must be at least 1");
+    }
+    Some(BreakerPolicy {
+        consecutive_failures,
+        failure_rate,
+        min_requests: b.min_requests.unwrap_or(20).max(1),
+        window: cx.duration(&format!("{p}.window"), &b.window, Duration::from_secs(60)),
+        cooldown: cx.duration(
+            &format!("{p}.cooldown"),
+            &b.cooldown,
+            Duration::from_secs(30),
+        ),
+        half_open_probes,
+    })
+}
+
+fn rate_limit_policy(cx: &mut Ctx, p: &str, r: RawRateLimit) -> Option<RateLimitPolicy> {
+    let (per, n, unit) = match (r.per_second, r.per_minute) {
+        (Some(n), None) => (Duration::from_secs(1), n, "s"),
+        (None, Some(n)) => (Duration::from_secs(60), n, "min"),
+        _ => {
+            cx.at(
+                p,
+                "exactly one of `per_second` and `per_minute` is required",
+            );
+            return None;
+        }
+    };
+    if n == 0 {
+        cx.at(p, "the rate must be at least 1");
+        return None;
+    }
+    let burst = r.burst.unwrap_or(if unit == "s" { n } else { 1 }).max(1);
+    Some(RateLimitPolicy {
+        period: per / n,
+        burst,
+        label: format!("{n}/{unit}"),
+    })
 }
