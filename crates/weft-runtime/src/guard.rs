@@ -194,10 +194,10 @@ impl Guard {
     pub fn record(&self, failed: bool, retry_after: Option<Duration>) {
         if let Some(d) = retry_after {
             let until = Instant::now() + d.min(Duration::from_secs(3600));
-            if let Ok(mut p) = self.paused_until.lock() {
-                if p.is_none_or(|u| u < until) {
-                    *p = Some(until);
-                }
+            if let Ok(mut p) = self.paused_until.lock()
+                && p.is_none_or(|u| u < until)
+            {
+                *p = Some(until);
             }
             tracing::warn!(destination = %self.dest, pause_ms = d.as_millis() as u64, "destination asked to wait (Retry-After)");
         }

@@ -303,7 +303,7 @@ pub enum RawDestination {
     /// Just a system name.
     Name(String),
     /// A system with its own mapping or delivery policy.
-    Full(RawDestinationFull),
+    Full(Box<RawDestinationFull>),
 }
 
 // Hand-written instead of `#[serde(untagged)]`: untagged enums buffer their
@@ -326,7 +326,7 @@ impl<'de> Deserialize<'de> for RawDestination {
                 map: A,
             ) -> Result<Self::Value, A::Error> {
                 RawDestinationFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(RawDestination::Full)
+                    .map(|f| RawDestination::Full(Box::new(f)))
             }
         }
         d.deserialize_any(V)
