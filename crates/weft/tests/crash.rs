@@ -48,7 +48,8 @@ flows:
     )
 }
 
-fn run_crash_test(events: usize, kills: usize) {
+fn run_crash_test(events: usize, kill_points: Vec<usize>) {
+    let kills = kill_points.len();
     let dir = tempfile::tempdir().unwrap();
     let recorder = Recorder::start();
     std::fs::write(dir.path().join("weft.yaml"), config(&recorder.url())).unwrap();
@@ -99,8 +100,7 @@ fn run_crash_test(events: usize, kills: usize) {
         }));
     }
 
-    for k in 1..=kills {
-        let at = events * k / (kills + 1);
+    for at in kill_points {
         wait_for(Duration::from_secs(120), "clients to make progress", || {
             accepted.load(Ordering::SeqCst) >= at
         });
@@ -179,5 +179,28 @@ fn run_crash_test(events: usize, kills: usize) {
 
 #[test]
 fn sigkill_mid_stream_loses_nothing_and_keeps_idempotency_keys() {
-    run_crash_test(3000, 3);
+    run_crash_test(3000, vec![750, 1500, 2250]);
+}
+
+/// The torture version: 20,000 events, SIGKILL at 10 random moments.
+#[test]
+fn torture_twenty_thousand_events_ten_random_sigkills() {
+    let events = 20_000;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(42);
+    eprintln!("torture seed {seed}");
+    // a small LCG is enough to scatter the kill points
+    let mut x = seed | 1;
+    let mut points: Vec<usize> = (0..10)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            500 + (x >> 33) as usize % (events - 1000)
+        })
+        .collect();
+    points.sort();
+    run_crash_test(events, points);
 }

@@ -147,11 +147,32 @@ pub struct Received {
     pub body: serde_json::Value,
 }
 
-/// A real HTTP server that records every request; `fail_mode` makes it
-/// answer 500 (1) or 400 (2) instead of 200 (0).
+/// Fault modes of the [`Recorder`].
+pub const OK: u32 = 0;
+pub const FAIL_500: u32 = 1;
+pub const FAIL_400: u32 = 2;
+/// Accept the request and never answer.
+pub const HANG: u32 = 3;
+/// 429 with `Retry-After: 1`.
+pub const TOO_MANY: u32 = 4;
+/// 400 when the body has `"fail": true`, else 200.
+pub const FAIL_MARKED: u32 = 5;
+
+/// One request as the server saw it, whatever it answered.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub at: Instant,
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// A real HTTP server that records every request it accepts (`received`,
+/// answered 200) and every hit (`hits`, any answer); `fail_mode` injects
+/// faults (see the constants above).
 pub struct Recorder {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    pub hits: Arc<Mutex<Vec<Hit>>>,
     pub fail_mode: Arc<AtomicU32>,
     _rt: tokio::runtime::Runtime,
 }
@@ -164,25 +185,55 @@ impl Recorder {
     pub fn start_on(port: u16) -> Recorder {
         use axum::extract::State;
         use axum::http::{HeaderMap, Method, StatusCode, Uri};
+        use axum::response::IntoResponse;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
         let fail_mode = Arc::new(AtomicU32::new(0));
-        type St = (Arc<Mutex<Vec<Received>>>, Arc<AtomicU32>);
+        type St = (
+            Arc<Mutex<Vec<Received>>>,
+            Arc<Mutex<Vec<Hit>>>,
+            Arc<AtomicU32>,
+        );
         async fn handle(
-            State((rec, mode)): State<St>,
+            State((rec, hits, mode)): State<St>,
             method: Method,
             uri: Uri,
             headers: HeaderMap,
             body: axum::body::Bytes,
-        ) -> StatusCode {
-            match mode.load(Ordering::SeqCst) {
-                1 => return StatusCode::INTERNAL_SERVER_ERROR,
-                2 => return StatusCode::BAD_REQUEST,
-                _ => {}
+        ) -> axum::response::Response {
+            let json: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+            let status = match mode.load(Ordering::SeqCst) {
+                FAIL_500 => StatusCode::INTERNAL_SERVER_ERROR,
+                FAIL_400 => StatusCode::BAD_REQUEST,
+                HANG => {
+                    hits.lock().unwrap().push(Hit {
+                        at: Instant::now(),
+                        status: 0,
+                        body: json.clone(),
+                    });
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return StatusCode::OK.into_response();
+                }
+                TOO_MANY => StatusCode::TOO_MANY_REQUESTS,
+                FAIL_MARKED if json["fail"] == true => StatusCode::BAD_REQUEST,
+                _ => StatusCode::OK,
+            };
+            hits.lock().unwrap().push(Hit {
+                at: Instant::now(),
+                status: status.as_u16(),
+                body: json.clone(),
+            });
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                return (status, [("retry-after", "1")]).into_response();
+            }
+            if status != StatusCode::OK {
+                return status.into_response();
             }
             let h = |n: &str| {
                 headers
@@ -195,13 +246,15 @@ impl Recorder {
                 path: uri.path().to_owned(),
                 idempotency_key: h("idempotency-key"),
                 correlation_id: h("x-correlation-id"),
-                body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                body: json,
             });
-            StatusCode::OK
+            StatusCode::OK.into_response()
         }
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state((received.clone(), fail_mode.clone()));
+        let app = axum::Router::new().fallback(handle).with_state((
+            received.clone(),
+            hits.clone(),
+            fail_mode.clone(),
+        ));
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .unwrap();
@@ -212,6 +265,7 @@ impl Recorder {
         Recorder {
             addr,
             received,
+            hits,
             fail_mode,
             _rt: rt,
         }
@@ -224,6 +278,29 @@ impl Recorder {
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
     }
+
+    pub fn hit_count(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+
+    pub fn set(&self, mode: u32) {
+        self.fail_mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+/// A metric's value from Prometheus text, by exact series name with labels.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn scrape(hub: &Hub) -> String {
+    reqwest::blocking::get(hub.url("/metrics"))
+        .unwrap()
+        .text()
+        .unwrap()
 }
 
 /// Poll `f` until it returns true, failing after `timeout` with `what`.
