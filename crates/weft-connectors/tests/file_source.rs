@@ -426,10 +426,11 @@ async fn a_growing_file_is_not_picked_up() {
     let ingest = Arc::new(MemIngest::default());
     let stop = CancellationToken::new();
     let task = tokio::spawn(
-        source(&spec(FileTarget::Dir(d.clone()), 1000, 40)).run(ingest.clone(), stop.clone()),
+        source(&spec(FileTarget::Dir(d.clone()), 1000, 150)).run(ingest.clone(), stop.clone()),
     );
-    // append a line every 15 ms for 0.6 s: the size changes between every two polls
-    for i in 1..=40 {
+    // append a line every 10 ms for about 0.8 s (several polls): the size
+    // changes between every two polls
+    for i in 1..=80 {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -437,7 +438,7 @@ async fn a_growing_file_is_not_picked_up() {
             .unwrap();
         writeln!(f, "{{\"i\":{i}}}").unwrap();
         drop(f);
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(
             ingest.calls.load(Ordering::SeqCst),
             0,
@@ -447,7 +448,7 @@ async fn a_growing_file_is_not_picked_up() {
     wait_for("processed", || d.join("processed/live.jsonl").exists()).await;
     stop.cancel();
     task.await.unwrap().unwrap();
-    assert_eq!(ingest.goods().len(), 40);
+    assert_eq!(ingest.goods().len(), 80);
 }
 
 #[tokio::test]
@@ -486,6 +487,24 @@ async fn stops_promptly_on_shutdown() {
     let cps = ingest.0.checkpoints.lock().unwrap();
     let v: serde_json::Value = serde_json::from_str(cps.values().next().unwrap()).unwrap();
     assert_eq!(v["done"], false);
+}
+
+#[tokio::test]
+async fn path_mode_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = Arc::new(MemIngest::default());
+    let err = run_path(&dir.path().join("missing.jsonl"), 10, &ingest)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("missing.jsonl"), "{err}");
+    let path = write(&dir.path().join("noheader.csv"), "");
+    let err = run_path(&path, 10, &ingest).await.unwrap_err();
+    assert!(err.message.contains("header"), "{err}");
+    assert!(path.exists(), "Path mode never moves the file");
+    let path = write(&dir.path().join("data.xml"), "<a/>");
+    let err = run_path(&path, 10, &ingest).await.unwrap_err();
+    assert!(err.message.contains("format"), "{err}");
+    assert_eq!(ingest.calls.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]

@@ -181,13 +181,15 @@ impl FileSource {
         // first pass: content hash and a check that the file is readable at all
         let p = path.to_owned();
         let delimiter = self.delimiter;
+        let stop = shutdown.clone();
         let checked =
-            tokio::task::spawn_blocking(move || read::hash_and_check(&p, format, delimiter))
+            tokio::task::spawn_blocking(move || read::hash_and_check(&p, format, delimiter, &stop))
                 .await
                 .map_err(|e| self.err(format!("file check task failed: {e}")))?;
         let hash = match checked {
             Ok(Ok(h)) => h,
             Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
+            Err(_) if shutdown.is_cancelled() => return Ok(Outcome::Stopped),
             Err(e) => {
                 return Ok(Outcome::Failed(format!(
                     "cannot read {}: {e}",

@@ -54,17 +54,25 @@ pub(super) struct Unreadable(pub String);
 const BUF: usize = 1 << 20;
 
 /// Hash the whole content (streaming) and check that it can be read as
-/// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O.
+/// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O, or
+/// `Interrupted` when `stop` was cancelled.
 pub(super) fn hash_and_check(
     path: &std::path::Path,
     format: FileFormat,
     delimiter: u8,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<Result<String, Unreadable>> {
     let mut f = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; BUF];
     let mut first = true;
     loop {
+        if stop.is_cancelled() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "stopping",
+            ));
+        }
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
