@@ -253,9 +253,7 @@ fn read_jsonl(
     let mut records = Vec::with_capacity(plan.batch_size);
     loop {
         line.clear();
-        let n = rdr
-            .read_until(b'\n', &mut line)
-            .map_err(|e| e.to_string())?;
+        let (n, complete) = read_line(&mut rdr, &mut line, MAX_LINE).map_err(|e| e.to_string())?;
         if n == 0 {
             let _ = send(
                 tx,
@@ -270,7 +268,13 @@ fn read_jsonl(
         pos.offset += n as u64;
         pos.line += 1;
         let text = trim_ascii(&line);
-        if !text.is_empty() {
+        if !complete {
+            records.push(plan.bad(
+                pos.line,
+                text,
+                format!("line longer than {} MiB, not read", MAX_LINE >> 20),
+            ));
+        } else if !text.is_empty() {
             records.push(match serde_json::from_slice::<serde_json::Value>(text) {
                 Ok(v) => plan.good(pos.line, v),
                 Err(e) => plan.bad(pos.line, text, e.to_string()),
@@ -292,6 +296,45 @@ fn read_jsonl(
             {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Longest JSON line read; the rest of a longer line is skipped.
+const MAX_LINE: usize = 32 << 20;
+
+/// Read one line (with its `\n`) into `buf`, keeping at most `max` bytes.
+/// Returns the bytes consumed from the file and whether the whole line fit.
+fn read_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<(usize, bool)> {
+    let n = Read::by_ref(r).take(max as u64).read_until(b'\n', buf)?;
+    if n < max || buf.last() == Some(&b'\n') {
+        return Ok((n, true));
+    }
+    // too long: skip the rest of the line
+    let mut consumed = n;
+    loop {
+        let (used, found) = {
+            let avail = match r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if avail.is_empty() {
+                return Ok((consumed, false));
+            }
+            match avail.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (avail.len(), false),
+            }
+        };
+        r.consume(used);
+        consumed += used;
+        if found {
+            return Ok((consumed, false));
         }
     }
 }
@@ -400,4 +443,26 @@ fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> R
         }
     }
     plan.good(line, serde_json::Value::Object(obj))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_line;
+
+    #[test]
+    fn read_line_caps_long_lines_and_counts_every_byte() {
+        let data = b"short\nthis line is far too long\nend";
+        let mut r = std::io::BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (6, true));
+        assert_eq!(buf, b"short\n");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (26, false));
+        assert_eq!(buf, b"this line ");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (3, true));
+        assert_eq!(buf, b"end");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (0, true));
+    }
 }
