@@ -379,7 +379,10 @@ impl PostgresSink {
             }
         };
         let res = self.execute(&conn, rows).await;
-        let out = match res {
+        // after a retryable error (a broken connection, a server going
+        // down) the connection is not reused: the next write connects anew
+        let mut keep = true;
+        let out: Vec<Result<(), SinkError>> = match res {
             Ok(_) => rows.iter().map(|_| Ok(())).collect(),
             Err(e) => {
                 let err = classify("upsert failed", e);
@@ -389,17 +392,24 @@ impl PostgresSink {
                     for row in rows {
                         match self.execute(&conn, &[*row]).await {
                             Ok(_) => out.push(Ok(())),
-                            Err(e) => out.push(Err(classify("upsert failed", e))),
+                            Err(e) => {
+                                let err = classify("upsert failed", e);
+                                keep &= err.kind == weft_core::ErrorKind::Permanent;
+                                out.push(Err(err));
+                            }
                         }
                     }
                     out
                 } else {
+                    keep &= err.kind == weft_core::ErrorKind::Permanent;
                     let (kind, msg) = (err.kind, err.message);
                     rows.iter().map(|_| Err(same(kind, &msg))).collect()
                 }
             }
         };
-        self.put_back(conn);
+        if keep {
+            self.put_back(conn);
+        }
         out
     }
 }
