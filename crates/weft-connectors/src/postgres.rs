@@ -61,11 +61,22 @@ enum Kind {
 impl Kind {
     fn of(ty: &str) -> Kind {
         let t = ty.trim().to_ascii_lowercase();
-        let base = t.split('(').next().unwrap_or("").trim();
         if t.ends_with("[]") {
             return Kind::Other;
         }
-        match base {
+        // drop modifiers: `varchar(20)`, `timestamp(3) with time zone`
+        let mut bare = String::with_capacity(t.len());
+        let mut depth = 0u32;
+        for c in t.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ if depth == 0 => bare.push(c),
+                _ => {}
+            }
+        }
+        let base = bare.split_whitespace().collect::<Vec<_>>().join(" ");
+        match base.as_str() {
             "text" | "varchar" | "character varying" | "char" | "character" | "citext" | "name" => {
                 Kind::Text
             }
@@ -630,7 +641,11 @@ fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
             return Ok(Cell::Ts(pg_micros(t)));
         }
         Kind::Timestamp => match v {
-            Value::String(s) if parse_timestamp(s.trim()) => s.trim().to_owned(),
+            Value::String(s)
+                if parse_timestamp(s.trim()) || parse_timestamptz(s.trim()).is_some() =>
+            {
+                s.trim().to_owned()
+            }
             _ => return Err(mismatch()),
         },
         Kind::Date => match v {
@@ -699,5 +714,55 @@ impl Sink for PostgresSink {
                 .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kind, is_numeric_text, pg_micros};
+
+    #[test]
+    fn kinds_ignore_modifiers() {
+        assert_eq!(Kind::of("timestamp(3) with time zone"), Kind::TimestampTz);
+        assert_eq!(Kind::of("TIMESTAMPTZ"), Kind::TimestampTz);
+        assert_eq!(Kind::of("varchar(20)"), Kind::Text);
+        assert_eq!(Kind::of("numeric(12, 2)"), Kind::Numeric);
+        assert_eq!(Kind::of("double  precision"), Kind::Float);
+        assert_eq!(
+            Kind::of("int4"),
+            Kind::Int(i32::MIN.into(), i32::MAX.into())
+        );
+        assert_eq!(Kind::of("text[]"), Kind::Other);
+        assert_eq!(Kind::of("inet"), Kind::Other);
+    }
+
+    #[test]
+    fn numeric_text() {
+        for ok in [
+            "1",
+            "-1.5",
+            "+.5",
+            "1e10",
+            "1.2E-3",
+            "NaN",
+            "12345678901234567890.123",
+        ] {
+            assert!(is_numeric_text(ok), "{ok}");
+        }
+        for bad in ["", "1,5", "1.2.3", "e5", "1e", "abc", "--1"] {
+            assert!(!is_numeric_text(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_in_postgres_form() {
+        let t = chrono::DateTime::parse_from_rfc3339("2000-01-01T00:00:01.5Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(pg_micros(t), 1_500_000);
+        let t = chrono::DateTime::parse_from_rfc3339("1999-12-31T23:59:59Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(pg_micros(t), -1_000_000);
     }
 }
