@@ -1,21 +1,25 @@
 //! The PostgreSQL sink: upserts each delivery's payload (a JSON object)
 //! into a table, one statement per batch.
 //!
-//! The batch goes as one text array per column:
+//! The batch goes as one array parameter per column:
 //!
 //! ```sql
-//! INSERT INTO t (a, b) SELECT a::bigint, b::text
-//!   FROM UNNEST($1::text[], $2::text[]) AS u(a, b)
-//!   ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b
+//! INSERT INTO t (a, b, c) SELECT a::integer, b::text, c::numeric
+//!   FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(a, b, c)
+//!   ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b, c = EXCLUDED.c
 //! ```
+//!
+//! Integers, floats, booleans and `timestamptz` travel in binary (checked
+//! and parsed in Rust, so the database does not parse them again); every
+//! other type travels as text and is cast by PostgreSQL (`numeric` thus
+//! loses no digits).
 //!
 //! Every configured column is written: a field missing from the payload is
 //! written as NULL (the row is replaced, not merged). Values are checked
 //! against the column's type in Rust first, so a bad delivery fails alone
-//! with a `Permanent` error naming the column; numbers travel as text, so
-//! `numeric` loses no digits. Deliveries with the same key in one batch are
-//! reduced to the last one (PostgreSQL refuses to touch a row twice in one
-//! statement); the earlier ones share its result. If the database still
+//! with a `Permanent` error naming the column. Deliveries with the same key
+//! in one batch are reduced to the last one (PostgreSQL refuses to touch a
+//! row twice in one statement); the earlier ones share its result. If the database still
 //! rejects the batch, the rows are written one by one to find the bad ones.
 //!
 //! Connections are kept in a small pool that grows with concurrent writes.
@@ -29,7 +33,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::sink::{Delivery, Sink, SinkError};
@@ -57,11 +61,22 @@ enum Kind {
 impl Kind {
     fn of(ty: &str) -> Kind {
         let t = ty.trim().to_ascii_lowercase();
-        let base = t.split('(').next().unwrap_or("").trim();
         if t.ends_with("[]") {
             return Kind::Other;
         }
-        match base {
+        // drop modifiers: `varchar(20)`, `timestamp(3) with time zone`
+        let mut bare = String::with_capacity(t.len());
+        let mut depth = 0u32;
+        for c in t.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ if depth == 0 => bare.push(c),
+                _ => {}
+            }
+        }
+        let base = bare.split_whitespace().collect::<Vec<_>>().join(" ");
+        match base.as_str() {
             "text" | "varchar" | "character varying" | "char" | "character" | "citext" | "name" => {
                 Kind::Text
             }
@@ -85,6 +100,83 @@ struct Column {
     name: String,
     ty: String,
     kind: Kind,
+}
+
+/// One checked value, in the form it travels in.
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Null,
+    /// Sent as text, cast by PostgreSQL.
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    /// Microseconds since 2000-01-01 UTC (PostgreSQL's own form).
+    Ts(i64),
+}
+
+impl Cell {
+    /// The value as text, to compare keys.
+    fn key_text(&self) -> String {
+        match self {
+            Cell::Null => String::new(),
+            Cell::Text(s) => s.clone(),
+            Cell::Int(i) | Cell::Ts(i) => i.to_string(),
+            Cell::Float(f) => f.to_string(),
+            Cell::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+type Row = Vec<Cell>;
+
+/// A `timestamptz` in PostgreSQL's binary form.
+#[derive(Debug)]
+struct PgTimestamp(i64);
+
+impl ToSql for PgTimestamp {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        bytes::BufMut::put_i64(out, self.0);
+        Ok(IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+    to_sql_checked!();
+}
+
+/// Seconds from 1970-01-01 to 2000-01-01.
+const PG_EPOCH: i64 = 946_684_800;
+
+fn pg_micros(t: DateTime<Utc>) -> i64 {
+    (t.timestamp() - PG_EPOCH) * 1_000_000
+        + i64::from(t.timestamp_subsec_nanos().saturating_add(500) / 1000)
+}
+
+/// One column's values for the statement.
+enum Array<'a> {
+    Text(Vec<Option<&'a str>>),
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+    Ts(Vec<Option<PgTimestamp>>),
+}
+
+impl Kind {
+    /// The parameter's array type, and its SQL name.
+    fn param(self) -> (Type, &'static str) {
+        match self {
+            Kind::Int(..) => (Type::INT8_ARRAY, "bigint[]"),
+            Kind::Float => (Type::FLOAT8_ARRAY, "float8[]"),
+            Kind::Bool => (Type::BOOL_ARRAY, "boolean[]"),
+            Kind::TimestampTz => (Type::TIMESTAMPTZ_ARRAY, "timestamptz[]"),
+            _ => (Type::TEXT_ARRAY, "text[]"),
+        }
+    }
 }
 
 /// One connection with the batch statement prepared on it.
@@ -195,7 +287,7 @@ impl PostgresSink {
                 tracing::warn!(error = %e, "postgres sink: connection closed");
             }
         });
-        let types = vec![Type::TEXT_ARRAY; self.columns.len()];
+        let types: Vec<Type> = self.columns.iter().map(|c| c.kind.param().0).collect();
         let upsert = client.prepare_typed(&self.sql, &types).await.map_err(|e| {
             classify(
                 &format!("cannot prepare the upsert into `{}`", self.table),
@@ -222,8 +314,8 @@ impl PostgresSink {
         }
     }
 
-    /// Check one payload: its values as text (None = NULL), one per column.
-    fn row(&self, payload: &Value) -> Result<Vec<Option<String>>, SinkError> {
+    /// Check one payload: its values, one per column.
+    fn row(&self, payload: &Value) -> Result<Row, SinkError> {
         let Value::Object(map) = payload else {
             return Err(SinkError::permanent(format!(
                 "payload for table `{}` must be a JSON object, got {}",
@@ -235,7 +327,7 @@ impl PostgresSink {
         for (i, col) in self.columns.iter().enumerate() {
             let v = map.get(&col.name).unwrap_or(&Value::Null);
             let cell = convert(col, v)?;
-            if cell.is_none() && self.key.contains(&i) {
+            if cell == Cell::Null && self.key.contains(&i) {
                 return Err(SinkError::permanent(format!(
                     "key column `{}` is missing or null",
                     col.name
@@ -247,25 +339,49 @@ impl PostgresSink {
     }
 
     /// Run the statement for these rows on one connection.
-    async fn execute(
-        &self,
-        conn: &Conn,
-        rows: &[&Vec<Option<String>>],
-    ) -> Result<u64, tokio_postgres::Error> {
-        let mut arrays: Vec<Vec<Option<&str>>> = (0..self.columns.len())
-            .map(|_| Vec::with_capacity(rows.len()))
+    async fn execute(&self, conn: &Conn, rows: &[&Row]) -> Result<u64, tokio_postgres::Error> {
+        let n = rows.len();
+        let mut arrays: Vec<Array> = self
+            .columns
+            .iter()
+            .map(|c| match c.kind {
+                Kind::Int(..) => Array::Int(Vec::with_capacity(n)),
+                Kind::Float => Array::Float(Vec::with_capacity(n)),
+                Kind::Bool => Array::Bool(Vec::with_capacity(n)),
+                Kind::TimestampTz => Array::Ts(Vec::with_capacity(n)),
+                _ => Array::Text(Vec::with_capacity(n)),
+            })
             .collect();
         for row in rows {
             for (a, cell) in arrays.iter_mut().zip(row.iter()) {
-                a.push(cell.as_deref());
+                match (a, cell) {
+                    (Array::Text(v), Cell::Text(s)) => v.push(Some(s.as_str())),
+                    (Array::Int(v), Cell::Int(i)) => v.push(Some(*i)),
+                    (Array::Float(v), Cell::Float(f)) => v.push(Some(*f)),
+                    (Array::Bool(v), Cell::Bool(b)) => v.push(Some(*b)),
+                    (Array::Ts(v), Cell::Ts(t)) => v.push(Some(PgTimestamp(*t))),
+                    (Array::Text(v), _) => v.push(None),
+                    (Array::Int(v), _) => v.push(None),
+                    (Array::Float(v), _) => v.push(None),
+                    (Array::Bool(v), _) => v.push(None),
+                    (Array::Ts(v), _) => v.push(None),
+                }
             }
         }
-        let params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let params: Vec<&(dyn ToSql + Sync)> = arrays
+            .iter()
+            .map(|a| match a {
+                Array::Text(v) => v as &(dyn ToSql + Sync),
+                Array::Int(v) => v as &(dyn ToSql + Sync),
+                Array::Float(v) => v as &(dyn ToSql + Sync),
+                Array::Bool(v) => v as &(dyn ToSql + Sync),
+                Array::Ts(v) => v as &(dyn ToSql + Sync),
+            })
+            .collect();
         conn.client.execute(&conn.upsert, &params).await
     }
 
-    async fn write_rows(&self, rows: &[&Vec<Option<String>>]) -> Vec<Result<(), SinkError>> {
+    async fn write_rows(&self, rows: &[&Row]) -> Vec<Result<(), SinkError>> {
         let conn = match self.take().await {
             Ok(c) => c,
             Err(e) => {
@@ -274,7 +390,10 @@ impl PostgresSink {
             }
         };
         let res = self.execute(&conn, rows).await;
-        let out = match res {
+        // after a retryable error (a broken connection, a server going
+        // down) the connection is not reused: the next write connects anew
+        let mut keep = true;
+        let out: Vec<Result<(), SinkError>> = match res {
             Ok(_) => rows.iter().map(|_| Ok(())).collect(),
             Err(e) => {
                 let err = classify("upsert failed", e);
@@ -284,17 +403,24 @@ impl PostgresSink {
                     for row in rows {
                         match self.execute(&conn, &[*row]).await {
                             Ok(_) => out.push(Ok(())),
-                            Err(e) => out.push(Err(classify("upsert failed", e))),
+                            Err(e) => {
+                                let err = classify("upsert failed", e);
+                                keep &= err.kind == weft_core::ErrorKind::Permanent;
+                                out.push(Err(err));
+                            }
                         }
                     }
                     out
                 } else {
+                    keep &= err.kind == weft_core::ErrorKind::Permanent;
                     let (kind, msg) = (err.kind, err.message);
                     rows.iter().map(|_| Err(same(kind, &msg))).collect()
                 }
             }
         };
-        self.put_back(conn);
+        if keep {
+            self.put_back(conn);
+        }
         out
     }
 }
@@ -314,8 +440,10 @@ fn upsert_sql(table: &str, columns: &[Column], key: &[usize]) -> String {
         .iter()
         .map(|c| format!("{}::{}", quote(&c.name), c.ty))
         .collect();
-    let params: Vec<String> = (1..=columns.len())
-        .map(|i| format!("${i}::text[]"))
+    let params: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}", i + 1, c.kind.param().1))
         .collect();
     let keys: Vec<String> = key.iter().map(|&k| names[k].clone()).collect();
     let updates: Vec<String> = names
@@ -435,7 +563,7 @@ fn parse_timestamp(s: &str) -> bool {
 }
 
 /// A payload value as the text PostgreSQL casts to the column's type.
-fn convert(col: &Column, v: &Value) -> Result<Option<String>, SinkError> {
+fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
     let mismatch = || {
         SinkError::permanent(format!(
             "column `{}`: expected {}, got {}",
@@ -445,7 +573,7 @@ fn convert(col: &Column, v: &Value) -> Result<Option<String>, SinkError> {
         ))
     };
     if v.is_null() {
-        return Ok(None);
+        return Ok(Cell::Null);
     }
     let text = match col.kind {
         Kind::Text => match v {
@@ -469,48 +597,55 @@ fn convert(col: &Column, v: &Value) -> Result<Option<String>, SinkError> {
             if i < lo || i > hi {
                 return Err(mismatch());
             }
-            i.to_string()
+            return Ok(Cell::Int(i));
         }
         Kind::Numeric => match v {
             Value::Number(n) => n.to_string(),
             Value::String(s) if is_numeric_text(s.trim()) => s.trim().to_owned(),
             _ => return Err(mismatch()),
         },
-        Kind::Float => match v {
-            Value::Number(n) => n.to_string(),
-            Value::String(s) if s.trim().parse::<f64>().is_ok() => s.trim().to_owned(),
-            _ => return Err(mismatch()),
-        },
-        Kind::Bool => match v {
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => match n.as_i64() {
-                Some(0) => "false".into(),
-                Some(1) => "true".into(),
+        Kind::Float => {
+            let f = match v {
+                Value::Number(n) => n.as_f64().ok_or_else(mismatch)?,
+                Value::String(s) => s.trim().parse::<f64>().map_err(|_| mismatch())?,
                 _ => return Err(mismatch()),
-            },
-            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
-                "true" | "t" | "yes" | "y" | "on" | "1" => "true".into(),
-                "false" | "f" | "no" | "n" | "off" | "0" => "false".into(),
+            };
+            return Ok(Cell::Float(f));
+        }
+        Kind::Bool => {
+            let b = match v {
+                Value::Bool(b) => *b,
+                Value::Number(n) => match n.as_i64() {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(mismatch()),
+                },
+                Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "t" | "yes" | "y" | "on" | "1" => true,
+                    "false" | "f" | "no" | "n" | "off" | "0" => false,
+                    _ => return Err(mismatch()),
+                },
                 _ => return Err(mismatch()),
-            },
-            _ => return Err(mismatch()),
-        },
-        Kind::TimestampTz => match v {
-            Value::String(s) => match parse_timestamptz(s.trim()) {
-                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                None => return Err(mismatch()),
-            },
-            Value::Number(n) => match n
-                .as_i64()
-                .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0))
-            {
-                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                None => return Err(mismatch()),
-            },
-            _ => return Err(mismatch()),
-        },
+            };
+            return Ok(Cell::Bool(b));
+        }
+        Kind::TimestampTz => {
+            let t = match v {
+                Value::String(s) => parse_timestamptz(s.trim()).ok_or_else(mismatch)?,
+                Value::Number(n) => n
+                    .as_i64()
+                    .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0))
+                    .ok_or_else(mismatch)?,
+                _ => return Err(mismatch()),
+            };
+            return Ok(Cell::Ts(pg_micros(t)));
+        }
         Kind::Timestamp => match v {
-            Value::String(s) if parse_timestamp(s.trim()) => s.trim().to_owned(),
+            Value::String(s)
+                if parse_timestamp(s.trim()) || parse_timestamptz(s.trim()).is_some() =>
+            {
+                s.trim().to_owned()
+            }
             _ => return Err(mismatch()),
         },
         Kind::Date => match v {
@@ -529,7 +664,7 @@ fn convert(col: &Column, v: &Value) -> Result<Option<String>, SinkError> {
             _ => v.to_string(),
         },
     };
-    Ok(Some(text))
+    Ok(Cell::Text(text))
 }
 
 impl Sink for PostgresSink {
@@ -538,15 +673,13 @@ impl Sink for PostgresSink {
             let mut results: Vec<Option<Result<(), SinkError>>> =
                 (0..batch.len()).map(|_| None).collect();
             // checked rows, and for each delivery the index of the row that carries it
-            let mut rows: Vec<Vec<Option<String>>> = Vec::with_capacity(batch.len());
+            let mut rows: Vec<Row> = Vec::with_capacity(batch.len());
             let mut owner: Vec<Option<usize>> = vec![None; batch.len()];
-            let mut by_key: HashMap<Vec<Option<String>>, usize> =
-                HashMap::with_capacity(batch.len());
+            let mut by_key: HashMap<Vec<String>, usize> = HashMap::with_capacity(batch.len());
             for (i, d) in batch.iter().enumerate() {
                 match self.row(&d.payload) {
                     Ok(row) => {
-                        let k: Vec<Option<String>> =
-                            self.key.iter().map(|&p| row[p].clone()).collect();
+                        let k: Vec<String> = self.key.iter().map(|&p| row[p].key_text()).collect();
                         match by_key.get(&k) {
                             // same key earlier in the batch: the later payload replaces it
                             Some(&r) => {
@@ -564,7 +697,7 @@ impl Sink for PostgresSink {
                 }
             }
             if !rows.is_empty() {
-                let refs: Vec<&Vec<Option<String>>> = rows.iter().collect();
+                let refs: Vec<&Row> = rows.iter().collect();
                 let written = self.write_rows(&refs).await;
                 for (i, o) in owner.iter().enumerate() {
                     if let Some(r) = o {
@@ -581,5 +714,55 @@ impl Sink for PostgresSink {
                 .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kind, is_numeric_text, pg_micros};
+
+    #[test]
+    fn kinds_ignore_modifiers() {
+        assert_eq!(Kind::of("timestamp(3) with time zone"), Kind::TimestampTz);
+        assert_eq!(Kind::of("TIMESTAMPTZ"), Kind::TimestampTz);
+        assert_eq!(Kind::of("varchar(20)"), Kind::Text);
+        assert_eq!(Kind::of("numeric(12, 2)"), Kind::Numeric);
+        assert_eq!(Kind::of("double  precision"), Kind::Float);
+        assert_eq!(
+            Kind::of("int4"),
+            Kind::Int(i32::MIN.into(), i32::MAX.into())
+        );
+        assert_eq!(Kind::of("text[]"), Kind::Other);
+        assert_eq!(Kind::of("inet"), Kind::Other);
+    }
+
+    #[test]
+    fn numeric_text() {
+        for ok in [
+            "1",
+            "-1.5",
+            "+.5",
+            "1e10",
+            "1.2E-3",
+            "NaN",
+            "12345678901234567890.123",
+        ] {
+            assert!(is_numeric_text(ok), "{ok}");
+        }
+        for bad in ["", "1,5", "1.2.3", "e5", "1e", "abc", "--1"] {
+            assert!(!is_numeric_text(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_in_postgres_form() {
+        let t = chrono::DateTime::parse_from_rfc3339("2000-01-01T00:00:01.5Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(pg_micros(t), 1_500_000);
+        let t = chrono::DateTime::parse_from_rfc3339("1999-12-31T23:59:59Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(pg_micros(t), -1_000_000);
     }
 }

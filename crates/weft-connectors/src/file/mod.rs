@@ -1,0 +1,505 @@
+//! The file source: a drop folder polled for new files, or one file read
+//! in place.
+//!
+//! - **Dir**: every `poll_interval` the folder is listed; a file matching
+//!   the pattern (default `.csv`, `.jsonl`, `.ndjson`; never dotfiles,
+//!   `*.tmp`, `*.part`) is read once its size and modification time were
+//!   the same at two polls in a row (so a file still being written is left
+//!   alone). Files are read in name order, then moved to `processed/`, or,
+//!   when they cannot be read at all (no CSV header, binary), to
+//!   `quarantine/` beside a `<name>.error.txt` report. Runs until shutdown.
+//! - **Path**: the one file is read in place (never moved or changed), then
+//!   `run` returns.
+//!
+//! Formats: CSV with a header row (each row becomes an object of strings
+//! keyed by the header) and JSON Lines (each non-empty line any JSON
+//! value). A row that cannot be read becomes a bad record (file and line)
+//! and reading goes on.
+//!
+//! Files are streamed, never read whole into memory: a first pass hashes
+//! the content, then a reader thread parses batches of `batch_size` records
+//! while the previous batch is being ingested. Each batch is ingested with
+//! the checkpoint `file:<sha256>` = `{offset, line, done, ...}`, so a
+//! restart resumes after the last committed batch and emits no row twice.
+//! Record ids are `<first 16 hex digits of the sha256>:<line>` unless
+//! `id_field` is set; all records of one file share one correlation id.
+
+mod read;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use weft_core::config::{FileFormat, FileTarget, SourceSpec};
+use weft_core::mapping::Program;
+
+use crate::source::{Batch, Checkpoint, Ingest, IngestError, Source, SourceError};
+use read::{Plan, Pos, Unreadable};
+
+const DEFAULT_SUFFIXES: &[&str] = &[".csv", ".jsonl", ".ndjson"];
+/// Parsed batches waiting for ingest.
+const READ_AHEAD: usize = 4;
+/// Wait before trying again when ingest is not accepting.
+const BACKOFF: Duration = Duration::from_millis(200);
+
+pub struct FileSource {
+    system: String,
+    target: FileTarget,
+    format: Option<FileFormat>,
+    pattern: Option<String>,
+    delimiter: u8,
+    poll_interval: Duration,
+    batch_size: usize,
+    id_field: Option<Arc<Program>>,
+    event_type: String,
+}
+
+/// The checkpoint value of one file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileCheckpoint {
+    /// Byte offset of the next record.
+    offset: u64,
+    /// Lines consumed before it.
+    line: u64,
+    /// Every record of the file is ingested.
+    done: bool,
+    correlation_id: String,
+    /// The file's name when it was read (for humans).
+    file: String,
+}
+
+/// How reading one file ended.
+enum Outcome {
+    /// Every record ingested.
+    Done,
+    /// Shutdown requested; the checkpoint holds the position.
+    Stopped,
+    /// The file cannot be read at all.
+    Unreadable(String),
+    /// An I/O error (the file vanished, a read failed): try again later.
+    Failed(String),
+}
+
+impl FileSource {
+    pub fn new(system: &str, spec: &SourceSpec) -> Result<Self, SourceError> {
+        let err = |m: String| SourceError {
+            system: system.into(),
+            message: m,
+        };
+        let SourceSpec::File {
+            cfg,
+            target,
+            id_field,
+            event_type,
+            poll_interval,
+            batch_size,
+        } = spec
+        else {
+            return Err(err("not a file source".into()));
+        };
+        let delimiter = match cfg.delimiter {
+            None => b',',
+            Some(c) if c.is_ascii() => c as u8,
+            Some(c) => {
+                return Err(err(format!(
+                    "CSV delimiter `{c}` must be a single ASCII character"
+                )));
+            }
+        };
+        Ok(FileSource {
+            system: system.to_owned(),
+            target: target.clone(),
+            format: cfg.format,
+            pattern: cfg.pattern.clone().filter(|p| !p.trim().is_empty()),
+            delimiter,
+            poll_interval: *poll_interval,
+            batch_size: (*batch_size).max(1),
+            id_field: id_field.clone(),
+            event_type: event_type.clone(),
+        })
+    }
+
+    fn err(&self, message: impl Into<String>) -> SourceError {
+        SourceError {
+            system: self.system.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether a directory entry's name is a file to read.
+    fn wanted(&self, name: &str) -> bool {
+        if name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part") {
+            return false;
+        }
+        match &self.pattern {
+            Some(p) if p.contains(['*', '?']) => glob_match(p.as_bytes(), name.as_bytes()),
+            Some(p) => name.ends_with(p.as_str()),
+            None => DEFAULT_SUFFIXES
+                .iter()
+                .any(|s| name.to_ascii_lowercase().ends_with(s)),
+        }
+    }
+
+    fn format_of(&self, name: &str) -> Option<FileFormat> {
+        if let Some(f) = self.format {
+            return Some(f);
+        }
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".csv") {
+            Some(FileFormat::Csv)
+        } else if lower.ends_with(".jsonl")
+            || lower.ends_with(".ndjson")
+            || lower.ends_with(".json-lines")
+        {
+            Some(FileFormat::Jsonl)
+        } else {
+            None
+        }
+    }
+
+    /// Read one file to its end (or to shutdown), ingesting as it goes.
+    async fn read_file(
+        &self,
+        path: &Path,
+        ingest: &Arc<dyn Ingest>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, SourceError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let Some(format) = self.format_of(&name) else {
+            return Ok(Outcome::Unreadable(format!(
+                "cannot tell the format of `{name}`: set `format` (csv or jsonl) or use a .csv, .jsonl or .ndjson name"
+            )));
+        };
+        // first pass: content hash and a check that the file is readable at all
+        let p = path.to_owned();
+        let delimiter = self.delimiter;
+        let stop = shutdown.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || read::hash_and_check(&p, format, delimiter, &stop))
+                .await
+                .map_err(|e| self.err(format!("file check task failed: {e}")))?;
+        let hash = match checked {
+            Ok(Ok(h)) => h,
+            Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
+            Err(_) if shutdown.is_cancelled() => return Ok(Outcome::Stopped),
+            Err(e) => {
+                return Ok(Outcome::Failed(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let key = format!("file:{hash}");
+        let saved = self.load_checkpoint(ingest, &key, shutdown).await?;
+        let mut cp = saved.unwrap_or_else(|| FileCheckpoint {
+            offset: 0,
+            line: 0,
+            done: false,
+            correlation_id: weft_core::event::new_correlation_id(),
+            file: name.clone(),
+        });
+        if cp.done {
+            tracing::info!(file = %name, "file source: already read (same content), skipping");
+            return Ok(Outcome::Done);
+        }
+        let plan = Arc::new(Plan {
+            path: path.to_owned(),
+            name: name.clone(),
+            format,
+            delimiter,
+            short: hash.chars().take(16).collect(),
+            correlation_id: cp.correlation_id.clone(),
+            source: format!("weft:{}", self.system),
+            event_type: self.event_type.clone(),
+            id_field: self.id_field.clone(),
+            batch_size: self.batch_size,
+        });
+        // one reader per attempt; after a refused batch, start again from the last commit
+        'attempt: loop {
+            if shutdown.is_cancelled() {
+                return Ok(Outcome::Stopped);
+            }
+            let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+            let start = Pos {
+                offset: cp.offset,
+                line: cp.line,
+            };
+            read::spawn_reader(plan.clone(), start, tx)
+                .map_err(|e| self.err(format!("cannot start the file reader: {e}")))?;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+                    m = rx.recv() => m,
+                };
+                let parsed = match next {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => return Ok(Outcome::Failed(e)),
+                    None => {
+                        return Ok(Outcome::Failed(format!(
+                            "the reader of {name} stopped early"
+                        )));
+                    }
+                };
+                let mut next_cp = cp.clone();
+                next_cp.offset = parsed.pos.offset;
+                next_cp.line = parsed.pos.line;
+                next_cp.done = parsed.done;
+                let value = serde_json::to_string(&next_cp)
+                    .map_err(|e| self.err(format!("cannot encode checkpoint: {e}")))?;
+                let batch = Batch {
+                    records: parsed.records,
+                    checkpoint: Some(Checkpoint {
+                        key: key.clone(),
+                        value,
+                    }),
+                };
+                match ingest.ingest(batch).await {
+                    Ok(_) => cp = next_cp,
+                    Err(IngestError::Unavailable(why)) => {
+                        tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
+                        drop(rx);
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
+                            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+                        }
+                    }
+                    Err(e) => return Err(self.err(format!("ingest of {name} failed: {e}"))),
+                }
+                if cp.done {
+                    return Ok(Outcome::Done);
+                }
+                if shutdown.is_cancelled() {
+                    return Ok(Outcome::Stopped);
+                }
+            }
+        }
+    }
+
+    /// The saved checkpoint; `Ok(None)` when there is none. Waits while the
+    /// store is unavailable.
+    async fn load_checkpoint(
+        &self,
+        ingest: &Arc<dyn Ingest>,
+        key: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<FileCheckpoint>, SourceError> {
+        loop {
+            match ingest.checkpoint(key).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(v)) => {
+                    return serde_json::from_str(&v)
+                        .map(Some)
+                        .map_err(|e| self.err(format!("bad checkpoint `{key}` = `{v}`: {e}")));
+                }
+                Err(IngestError::Unavailable(_)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(self.err(format!("cannot read checkpoint `{key}`: {e}"))),
+            }
+        }
+    }
+
+    async fn run_path(
+        &self,
+        path: &Path,
+        ingest: Arc<dyn Ingest>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        match self.read_file(path, &ingest, &shutdown).await? {
+            Outcome::Done | Outcome::Stopped => Ok(()),
+            Outcome::Unreadable(why) => {
+                Err(self.err(format!("cannot read {}: {why}", path.display())))
+            }
+            Outcome::Failed(why) => Err(self.err(why)),
+        }
+    }
+
+    async fn run_dir(
+        &self,
+        dir: &Path,
+        ingest: Arc<dyn Ingest>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let processed = dir.join("processed");
+        let quarantine = dir.join("quarantine");
+        for d in [&processed, &quarantine] {
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(|e| self.err(format!("cannot create {}: {e}", d.display())))?;
+        }
+        // size and modification time of each candidate at the previous poll
+        let mut seen: HashMap<String, (u64, Option<SystemTime>)> = HashMap::new();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let ready = match self.poll(dir, &mut seen).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "file source: cannot list the folder");
+                    Vec::new()
+                }
+            };
+            for name in ready {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                let path = dir.join(&name);
+                match self.read_file(&path, &ingest, &shutdown).await? {
+                    Outcome::Stopped => return Ok(()),
+                    Outcome::Failed(why) => {
+                        tracing::warn!(file = %name, error = %why, "file source: read failed, will try again");
+                    }
+                    Outcome::Done => {
+                        let to = free_name(&processed, &name);
+                        if let Err(e) = tokio::fs::rename(&path, &to).await {
+                            tracing::error!(file = %path.display(), error = %e, "file source: cannot move to processed/");
+                        } else {
+                            tracing::info!(file = %name, "file source: read, moved to processed/");
+                        }
+                    }
+                    Outcome::Unreadable(why) => {
+                        tracing::warn!(file = %name, reason = %why, "file source: cannot read, moved to quarantine/");
+                        let to = free_name(&quarantine, &name);
+                        let report = to.with_file_name(format!(
+                            "{}.error.txt",
+                            to.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        ));
+                        let text = format!(
+                            "file: {name}\nsource: {}\ntime: {}\nerror: {why}\n",
+                            self.system,
+                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        );
+                        if let Err(e) = tokio::fs::write(&report, text).await {
+                            tracing::error!(file = %report.display(), error = %e, "file source: cannot write the error report");
+                        }
+                        if let Err(e) = tokio::fs::rename(&path, &to).await {
+                            tracing::error!(file = %path.display(), error = %e, "file source: cannot move to quarantine/");
+                        }
+                    }
+                }
+                seen.remove(&name);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// List the folder; return, in name order, the files whose size and
+    /// modification time did not change since the previous poll.
+    async fn poll(
+        &self,
+        dir: &Path,
+        seen: &mut HashMap<String, (u64, Option<SystemTime>)>,
+    ) -> std::io::Result<Vec<String>> {
+        let mut now: HashMap<String, (u64, Option<SystemTime>)> = HashMap::new();
+        let mut entries = tokio::fs::read_dir(dir).await?;
+        while let Some(e) = entries.next_entry().await? {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if !self.wanted(&name) {
+                continue;
+            }
+            let Ok(meta) = e.metadata().await else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            now.insert(name, (meta.len(), meta.modified().ok()));
+        }
+        let mut ready: Vec<String> = now
+            .iter()
+            .filter(|(name, state)| seen.get(*name) == Some(state))
+            .map(|(name, _)| name.clone())
+            .collect();
+        ready.sort();
+        *seen = now;
+        Ok(ready)
+    }
+}
+
+/// `dir/name`, or `dir/name.<n>` when that is taken.
+fn free_name(dir: &Path, name: &str) -> PathBuf {
+    let first = dir.join(name);
+    if !first.exists() {
+        return first;
+    }
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f");
+    (1..)
+        .map(|n| dir.join(format!("{name}.{stamp}-{n}")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
+}
+
+/// `*` any run of characters, `?` one character, the rest literal.
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(sp) = star {
+            pi = sp + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+impl Source for FileSource {
+    fn run(
+        self: Box<Self>,
+        ingest: Arc<dyn Ingest>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            match self.target.clone() {
+                FileTarget::Path(p) => self.run_path(&p, ingest, shutdown).await,
+                FileTarget::Dir(d) => self.run_dir(&d, ingest, shutdown).await,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn glob() {
+        assert!(glob_match(b"*.csv", b"a.csv"));
+        assert!(glob_match(b"orders-*.jsonl", b"orders-2024.jsonl"));
+        assert!(!glob_match(b"orders-*.jsonl", b"order-2024.jsonl"));
+        assert!(glob_match(b"a?c", b"abc"));
+        assert!(!glob_match(b"*.csv", b"a.csv.bak"));
+    }
+}

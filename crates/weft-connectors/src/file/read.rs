@@ -1,0 +1,468 @@
+//! Reading one file: the checking and hashing pass, then a reader thread
+//! that parses batches of records from a byte offset and feeds them through
+//! a bounded channel, so parsing overlaps the ingest of the previous batch.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use weft_core::Event;
+use weft_core::config::FileFormat;
+use weft_core::mapping::Program;
+
+use crate::source::{BadRecord, Record};
+
+/// Everything the reader needs to turn one file into records.
+pub(super) struct Plan {
+    pub path: PathBuf,
+    /// The file's name, for locations and ids.
+    pub name: String,
+    pub format: FileFormat,
+    pub delimiter: u8,
+    /// Short content hash, the prefix of every record id.
+    pub short: String,
+    pub correlation_id: String,
+    pub source: String,
+    pub event_type: String,
+    pub id_field: Option<Arc<Program>>,
+    pub batch_size: usize,
+}
+
+/// Where reading stands: the byte offset of the next record and the number
+/// of lines before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Pos {
+    pub offset: u64,
+    pub line: u64,
+}
+
+/// One batch of parsed records and the position after them.
+pub(super) struct Parsed {
+    pub records: Vec<Record>,
+    pub pos: Pos,
+    /// Nothing after this batch.
+    pub done: bool,
+}
+
+/// Why a file cannot be read at all (it goes to quarantine).
+#[derive(Debug)]
+pub(super) struct Unreadable(pub String);
+
+const BUF: usize = 1 << 20;
+
+/// Hash the whole content (streaming) and check that it can be read as
+/// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O, or
+/// `Interrupted` when `stop` was cancelled.
+pub(super) fn hash_and_check(
+    path: &std::path::Path,
+    format: FileFormat,
+    delimiter: u8,
+    stop: &tokio_util::sync::CancellationToken,
+) -> std::io::Result<Result<String, Unreadable>> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; BUF];
+    let mut first = true;
+    loop {
+        if stop.is_cancelled() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "stopping",
+            ));
+        }
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if first {
+            first = false;
+            let head = &buf[..n.min(64 * 1024)];
+            if head.contains(&0) {
+                return Ok(Err(Unreadable(
+                    "the file is binary (it contains NUL bytes), not text".into(),
+                )));
+            }
+        }
+        hasher.update(&buf[..n]);
+    }
+    if format == FileFormat::Csv {
+        f.seek(SeekFrom::Start(0))?;
+        if let Err(e) = csv_header(f, delimiter) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(hex::encode(hasher.finalize())))
+}
+
+fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
+    csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(BUF)
+        .from_reader(r)
+}
+
+/// Read and check the header row.
+fn csv_header<R: Read>(r: R, delimiter: u8) -> Result<(csv::Reader<R>, Vec<String>), Unreadable> {
+    let mut rdr = csv_reader(r, delimiter);
+    let header = match rdr.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return Err(Unreadable(format!("cannot read the CSV header row: {e}"))),
+    };
+    let names: Vec<String> = header.iter().map(|s| s.trim().to_owned()).collect();
+    if names.is_empty() || (names.len() == 1 && names[0].is_empty()) {
+        return Err(Unreadable("no CSV header row (the file is empty)".into()));
+    }
+    if let Some(i) = names.iter().position(|n| n.is_empty()) {
+        return Err(Unreadable(format!(
+            "CSV header row: column {} has no name",
+            i + 1
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for n in &names {
+        if !seen.insert(n.as_str()) {
+            return Err(Unreadable(format!(
+                "CSV header row: column `{n}` appears twice"
+            )));
+        }
+    }
+    if names.iter().all(|n| n.parse::<f64>().is_ok()) {
+        return Err(Unreadable(
+            "no CSV header row: the first row holds only numbers".into(),
+        ));
+    }
+    Ok((rdr, names))
+}
+
+/// Start the reader thread from `start`.
+pub(super) fn spawn_reader(
+    plan: Arc<Plan>,
+    start: Pos,
+    tx: mpsc::Sender<Result<Parsed, String>>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("weft-file-reader".into())
+        .spawn(move || {
+            let res = match plan.format {
+                FileFormat::Jsonl => read_jsonl(&plan, start, &tx),
+                FileFormat::Csv => read_csv(&plan, start, &tx),
+            };
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(format!("reading {}: {e}", plan.name)));
+            }
+        })
+        .map(|_| ())
+}
+
+/// The channel is closed: the source stopped listening.
+struct Stopped;
+
+impl From<Stopped> for String {
+    fn from(_: Stopped) -> String {
+        "stopped".into()
+    }
+}
+
+fn send(tx: &mpsc::Sender<Result<Parsed, String>>, p: Parsed) -> Result<(), Stopped> {
+    tx.blocking_send(Ok(p)).map_err(|_| Stopped)
+}
+
+impl Plan {
+    fn location(&self, line: u64) -> String {
+        format!("file {} line {line}", self.name)
+    }
+
+    fn good(&self, line: u64, data: serde_json::Value) -> Record {
+        let default_id = format!("{}:{line}", self.short);
+        let mut event = Event::new(
+            default_id,
+            self.source.clone(),
+            self.event_type.clone(),
+            Some(self.correlation_id.clone()),
+            data,
+        );
+        if let Some(prog) = &self.id_field {
+            let id = prog
+                .run_one(event.data.clone(), event.attributes(), &[])
+                .map_err(|e| e.to_string())
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) if !s.is_empty() => Ok(s),
+                    serde_json::Value::Number(n) => Ok(n.to_string()),
+                    other => Err(format!(
+                        "id_field `{}` gave {other}, expected a non-empty string or a number",
+                        prog.code()
+                    )),
+                });
+            match id {
+                Ok(id) => event.id = id,
+                Err(e) => {
+                    return Record::Bad(BadRecord {
+                        id: event.id,
+                        location: self.location(line),
+                        raw: truncate(event.data.to_string()),
+                        error: format!("{}: {e}", self.location(line)),
+                        correlation_id: event.correlationid,
+                    });
+                }
+            }
+        }
+        Record::Good(event)
+    }
+
+    fn bad(&self, line: u64, raw: &[u8], error: String) -> Record {
+        Record::Bad(BadRecord {
+            id: format!("{}:{line}", self.short),
+            location: self.location(line),
+            raw: truncate(String::from_utf8_lossy(raw).into_owned()),
+            error: format!("{}: {error}", self.location(line)),
+            correlation_id: self.correlation_id.clone(),
+        })
+    }
+}
+
+/// Keep DLQ entries bounded: at most 64 KiB of raw text.
+fn truncate(mut s: String) -> String {
+    const MAX: usize = 64 * 1024;
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn read_jsonl(
+    plan: &Plan,
+    start: Pos,
+    tx: &mpsc::Sender<Result<Parsed, String>>,
+) -> Result<(), String> {
+    let mut f = File::open(&plan.path).map_err(|e| e.to_string())?;
+    f.seek(SeekFrom::Start(start.offset))
+        .map_err(|e| e.to_string())?;
+    let mut rdr = BufReader::with_capacity(BUF, f);
+    let mut pos = start;
+    let mut line = Vec::with_capacity(4096);
+    let mut records = Vec::with_capacity(plan.batch_size);
+    loop {
+        line.clear();
+        let (n, complete) = read_line(&mut rdr, &mut line, MAX_LINE).map_err(|e| e.to_string())?;
+        if n == 0 {
+            let _ = send(
+                tx,
+                Parsed {
+                    records,
+                    pos,
+                    done: true,
+                },
+            );
+            return Ok(());
+        }
+        pos.offset += n as u64;
+        pos.line += 1;
+        let text = trim_ascii(&line);
+        if !complete {
+            records.push(plan.bad(
+                pos.line,
+                text,
+                format!("line longer than {} MiB, not read", MAX_LINE >> 20),
+            ));
+        } else if !text.is_empty() {
+            records.push(match serde_json::from_slice::<serde_json::Value>(text) {
+                Ok(v) => plan.good(pos.line, v),
+                Err(e) => plan.bad(pos.line, text, e.to_string()),
+            });
+        }
+        if records.len() >= plan.batch_size {
+            let done = rdr.fill_buf().map_err(|e| e.to_string())?.is_empty();
+            let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
+            if send(
+                tx,
+                Parsed {
+                    records: full,
+                    pos,
+                    done,
+                },
+            )
+            .is_err()
+                || done
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Longest JSON line read; the rest of a longer line is skipped.
+const MAX_LINE: usize = 32 << 20;
+
+/// Read one line (with its `\n`) into `buf`, keeping at most `max` bytes.
+/// Returns the bytes consumed from the file and whether the whole line fit.
+fn read_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<(usize, bool)> {
+    let n = Read::by_ref(r).take(max as u64).read_until(b'\n', buf)?;
+    if n < max || buf.last() == Some(&b'\n') {
+        return Ok((n, true));
+    }
+    // too long: skip the rest of the line
+    let mut consumed = n;
+    loop {
+        let (used, found) = {
+            let avail = match r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if avail.is_empty() {
+                return Ok((consumed, false));
+            }
+            match avail.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (avail.len(), false),
+            }
+        };
+        r.consume(used);
+        consumed += used;
+        if found {
+            return Ok((consumed, false));
+        }
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+fn read_csv(
+    plan: &Plan,
+    start: Pos,
+    tx: &mpsc::Sender<Result<Parsed, String>>,
+) -> Result<(), String> {
+    let f = File::open(&plan.path).map_err(|e| e.to_string())?;
+    let (mut rdr, names) = csv_header(f, plan.delimiter).map_err(|e| e.0)?;
+    let after_header = rdr.position().clone();
+    if start.offset > after_header.byte() {
+        let mut p = csv::Position::new();
+        p.set_byte(start.offset).set_line(start.line + 1);
+        rdr.seek(p).map_err(|e| e.to_string())?;
+    }
+    let mut pos = Pos {
+        offset: rdr.position().byte(),
+        line: rdr.position().line().saturating_sub(1),
+    };
+    let mut rec = csv::ByteRecord::new();
+    let mut records = Vec::with_capacity(plan.batch_size);
+    loop {
+        let more = match rdr.read_byte_record(&mut rec) {
+            Ok(more) => more,
+            Err(e) => match e.kind() {
+                csv::ErrorKind::Io(_) => return Err(e.to_string()),
+                _ => {
+                    // a row the parser refuses: a bad record, then go on
+                    let line = e.position().map_or(pos.line + 1, |p| p.line());
+                    records.push(plan.bad(line, &[], e.to_string()));
+                    true
+                }
+            },
+        };
+        if !more {
+            let _ = send(
+                tx,
+                Parsed {
+                    records,
+                    pos,
+                    done: true,
+                },
+            );
+            return Ok(());
+        }
+        let line = rec.position().map_or(pos.line + 1, |p| p.line());
+        // the next record starts here; lines before it are consumed
+        pos.offset = rdr.position().byte();
+        pos.line = rdr.position().line().saturating_sub(1);
+        records.push(csv_row(plan, &names, &rec, line));
+        if records.len() >= plan.batch_size {
+            let done = rdr.is_done();
+            let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
+            if send(
+                tx,
+                Parsed {
+                    records: full,
+                    pos,
+                    done,
+                },
+            )
+            .is_err()
+                || done
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> Record {
+    let raw = || {
+        let fields: Vec<&[u8]> = rec.iter().collect();
+        fields.join(&plan.delimiter)
+    };
+    if rec.len() != names.len() {
+        return plan.bad(
+            line,
+            &raw(),
+            format!(
+                "expected {} fields (as in the header), found {}",
+                names.len(),
+                rec.len()
+            ),
+        );
+    }
+    let mut obj = serde_json::Map::with_capacity(names.len());
+    for (i, (name, field)) in names.iter().zip(rec.iter()).enumerate() {
+        match std::str::from_utf8(field) {
+            Ok(s) => {
+                obj.insert(name.clone(), serde_json::Value::String(s.to_owned()));
+            }
+            Err(e) => {
+                return plan.bad(
+                    line,
+                    &raw(),
+                    format!("field {} (`{name}`) is not valid UTF-8: {e}", i + 1),
+                );
+            }
+        }
+    }
+    plan.good(line, serde_json::Value::Object(obj))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_line;
+
+    #[test]
+    fn read_line_caps_long_lines_and_counts_every_byte() {
+        let data = b"short\nthis line is far too long\nend";
+        let mut r = std::io::BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (6, true));
+        assert_eq!(buf, b"short\n");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (26, false));
+        assert_eq!(buf, b"this line ");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (3, true));
+        assert_eq!(buf, b"end");
+        buf.clear();
+        assert_eq!(read_line(&mut r, &mut buf, 10).unwrap(), (0, true));
+    }
+}
