@@ -5,7 +5,9 @@
 //! lanes ([`delivery`], one per flow and destination) -> sink. See
 //! ARCHITECTURE.md for the guarantees.
 
+pub mod admin;
 pub mod delivery;
+pub mod dlq;
 pub mod guard;
 pub mod ingest;
 pub mod metrics;
@@ -204,7 +206,8 @@ impl Runtime {
     /// The HTTP routes: health, readiness, metrics, webhooks.
     pub fn router(&mut self) -> axum::Router {
         let webhooks = std::mem::take(&mut self.webhooks);
-        server::router(self.ready.clone(), webhooks)
+        let admin = admin::router(self.config.clone(), self.store.clone());
+        server::router(self.ready.clone(), webhooks, admin)
     }
 
     /// Resolves when every finite source (a file, a counted generator) is

@@ -11,7 +11,11 @@ use axum::routing::get;
 use weft_connectors::Ingest;
 use weft_connectors::webhook::WebhookRoute;
 
-pub fn router(ready: Arc<AtomicBool>, webhooks: Vec<(WebhookRoute, Arc<dyn Ingest>)>) -> Router {
+pub fn router(
+    ready: Arc<AtomicBool>,
+    webhooks: Vec<(WebhookRoute, Arc<dyn Ingest>)>,
+    admin: Router,
+) -> Router {
     let handle = crate::metrics::install();
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -37,6 +41,7 @@ pub fn router(ready: Arc<AtomicBool>, webhooks: Vec<(WebhookRoute, Arc<dyn Inges
                 }
             }),
         );
+    app = app.merge(admin);
     for (route, ingest) in webhooks {
         app = app.merge(route.router(ingest));
     }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use weft_store::{DlqEntry, DlqFilter, Op};
+use weft_store::{DlqEntry, DlqFilter};
 
 use crate::ConfigArg;
 
@@ -177,32 +177,8 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             };
             let mut ok = 0;
             for e in &targets {
-                let note = if payload.is_some() {
-                    "replayed with an edited payload"
-                } else {
-                    "replayed"
-                };
-                let op = if e.stage == "deliver" {
-                    Op::Replay {
-                        dlq_id: e.id,
-                        payload: payload.clone(),
-                        note: note.into(),
-                    }
-                } else {
-                    match remap(&config, &store, e, payload.as_deref()) {
-                        Ok(outcome) => Op::ReplayMapped {
-                            dlq_id: e.id,
-                            outcome,
-                            note: note.into(),
-                        },
-                        Err(err) => {
-                            eprintln!("entry {}: {err:#}", e.id);
-                            continue;
-                        }
-                    }
-                };
-                match store.apply_blocking(op) {
-                    Ok(_) => {
+                match weft_runtime::dlq::replay_blocking(&config, &store, e, payload.as_deref()) {
+                    Ok(()) => {
                         ok += 1;
                         println!("replayed {} (correlation id {})", e.id, e.correlation_id);
                     }
@@ -226,11 +202,8 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             let targets = select(&store, ids, all, &filter)?;
             let mut ok = 0;
             for e in &targets {
-                match store.apply_blocking(Op::Discard {
-                    dlq_id: e.id,
-                    note: "discarded".into(),
-                }) {
-                    Ok(_) => ok += 1,
+                match weft_runtime::dlq::discard_blocking(&store, e.id, "discarded") {
+                    Ok(()) => ok += 1,
                     Err(err) => eprintln!("entry {}: {err}", e.id),
                 }
             }
@@ -276,37 +249,6 @@ fn select(
                 .with_context(|| format!("no DLQ entry {id}"))
         })
         .collect()
-}
-
-/// Run a parse/map-stage entry through its flow again.
-fn remap(
-    config: &weft_core::config::Config,
-    store: &weft_store::Store,
-    e: &DlqEntry,
-    payload: Option<&str>,
-) -> Result<weft_store::FlowOutcome> {
-    let flow = config
-        .flows
-        .iter()
-        .find(|f| f.name == e.flow)
-        .with_context(|| format!("flow `{}` is no longer in the config", e.flow))?;
-    let text = payload.unwrap_or(&e.payload);
-    let data: serde_json::Value = serde_json::from_str(text)
-        .context("the stored payload is not JSON; fix it with `--payload FILE`")?;
-    let attrs = store
-        .reader()?
-        .inbox_attributes(&e.source, &e.event_id)?
-        .and_then(|a| serde_json::from_str(&a).ok())
-        .unwrap_or_else(
-            || serde_json::json!({"id": e.event_id, "correlationid": e.correlation_id}),
-        );
-    Ok(weft_runtime::run_flow(
-        flow,
-        &e.source,
-        &e.event_id,
-        &data,
-        &attrs,
-    ))
 }
 
 fn show(e: &DlqEntry) {

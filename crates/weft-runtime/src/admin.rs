@@ -1,0 +1,331 @@
+//! The admin REST API under `/api/v1`, protected by a bearer token
+//! (`server.admin_token`, from the environment). Without a token configured
+//! every admin route answers 403 and says how to enable it.
+//!
+//! Routes (described in `openapi.json`, served at `/api/v1/openapi.json`):
+//! - `GET  /api/v1/status`                 record accounting per flow and destination
+//! - `GET  /api/v1/dlq`                    dead letters; query: flow, destination, error, since (e.g. `1h`), status, limit
+//! - `GET  /api/v1/dlq/{id}`               one entry
+//! - `POST /api/v1/dlq/{id}/replay`        body (optional): `{"payload": {...}}` replaces the payload
+//! - `POST /api/v1/dlq/{id}/discard`
+//! - `POST /api/v1/dlq/replay`             body: a filter (`flow`, `destination`, `error`, `since`); replays every match
+//! - `POST /api/v1/dlq/discard`            same, discards
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weft_core::config::{Config, Secret};
+use weft_store::{DlqFilter, Store};
+
+use crate::dlq::DlqError;
+
+#[derive(Clone)]
+struct Admin {
+    config: Arc<Config>,
+    store: Store,
+    token: Option<Secret>,
+}
+
+/// The `/api/v1` routes.
+pub fn router(config: Arc<Config>, store: Store) -> Router {
+    let token = config.server.admin_token.clone();
+    let state = Admin {
+        config,
+        store,
+        token,
+    };
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/dlq", get(list))
+        .route("/api/v1/dlq/replay", post(replay_many))
+        .route("/api/v1/dlq/discard", post(discard_many))
+        .route("/api/v1/dlq/{id}", get(show))
+        .route("/api/v1/dlq/{id}/replay", post(replay_one))
+        .route("/api/v1/dlq/{id}/discard", post(discard_one))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Bearer token check, constant time.
+fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &a.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set server.admin_token (e.g. \"${WEFT_ADMIN_TOKEN}\")",
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = token.expose().as_bytes();
+    let got = given.as_bytes();
+    let mut diff = (want.len() ^ got.len()) as u8;
+    for (i, w) in want.iter().enumerate() {
+        diff |= w ^ got.get(i).copied().unwrap_or(0);
+    }
+    if diff == 0 && !want.is_empty() {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+/// Run blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Response> + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("task failed: {e}"),
+        )
+    })?
+}
+
+fn store_err(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn openapi() -> Response {
+    let spec: Value = serde_json::from_str(include_str!("openapi.json")).unwrap_or(Value::Null);
+    Json(spec).into_response()
+}
+
+async fn status(State(a): State<Admin>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let lanes: Vec<(String, String)> = a
+        .config
+        .flows
+        .iter()
+        .flat_map(|f| {
+            f.destinations
+                .iter()
+                .map(|d| (f.name.clone(), d.system.clone()))
+        })
+        .collect();
+    let store = a.store.clone();
+    match blocking(move || {
+        let r = store.reader().map_err(store_err)?;
+        let counts = r.counts(&lanes).map_err(store_err)?;
+        let dlq: i64 = r.dlq_depths().map_err(store_err)?.iter().map(|d| d.2).sum();
+        Ok((counts, dlq))
+    })
+    .await
+    {
+        Ok((counts, dlq)) => {
+            let balanced = counts.iter().all(|c| c.balanced);
+            Json(json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced})).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// DLQ filter as query parameters or a JSON body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterParams {
+    flow: Option<String>,
+    destination: Option<String>,
+    error: Option<String>,
+    /// A duration such as `1h`: entries that failed within it.
+    since: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+impl FilterParams {
+    fn into_filter(self) -> Result<DlqFilter, Response> {
+        let since = match &self.since {
+            None => None,
+            Some(s) => {
+                let d = weft_core::config::parse_duration(s)
+                    .map_err(|m| error(StatusCode::BAD_REQUEST, m))?;
+                Some(weft_store::now_ms() - d.as_millis() as i64)
+            }
+        };
+        Ok(DlqFilter {
+            flow: self.flow,
+            destination: self.destination,
+            error_contains: self.error,
+            status: self.status,
+            since,
+            limit: self.limit,
+        })
+    }
+}
+
+async fn list(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<FilterParams>,
+) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let filter = match q.into_filter() {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let store = a.store.clone();
+    match blocking(move || {
+        store
+            .reader()
+            .and_then(|r| r.dlq_list(&filter))
+            .map_err(store_err)
+    })
+    .await
+    {
+        Ok(entries) => Json(entries).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn show(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let store = a.store.clone();
+    match blocking(move || {
+        store
+            .reader()
+            .and_then(|r| r.dlq_get(id))
+            .map_err(store_err)
+    })
+    .await
+    {
+        Ok(Some(e)) => Json(e).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")),
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    /// Replaces the stored payload.
+    payload: Option<Value>,
+}
+
+fn dlq_error(e: DlqError) -> Response {
+    match e {
+        DlqError::Invalid(m) => error(StatusCode::CONFLICT, m),
+        DlqError::Store(weft_store::StoreError::NotFound(m)) => error(StatusCode::NOT_FOUND, m),
+        DlqError::Store(weft_store::StoreError::Invalid(m)) => error(StatusCode::CONFLICT, m),
+        DlqError::Store(e) => store_err(e),
+    }
+}
+
+async fn replay_one(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Option<Json<ReplayBody>>,
+) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let payload = body.and_then(|Json(b)| b.payload).map(|p| p.to_string());
+    let (config, store) = (a.config.clone(), a.store.clone());
+    let r = blocking(move || {
+        let entry = store
+            .reader()
+            .and_then(|r| r.dlq_get(id))
+            .map_err(store_err)?
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")))?;
+        crate::dlq::replay_blocking(&config, &store, &entry, payload.as_deref())
+            .map_err(dlq_error)?;
+        Ok(entry.correlation_id)
+    })
+    .await;
+    match r {
+        Ok(corr) => Json(json!({"replayed": [id], "correlation_id": corr})).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn discard_one(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let store = a.store.clone();
+    match blocking(move || {
+        crate::dlq::discard_blocking(&store, id, "discarded via the admin API").map_err(dlq_error)
+    })
+    .await
+    {
+        Ok(()) => Json(json!({"discarded": [id]})).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn replay_many(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    body: Option<Json<FilterParams>>,
+) -> Response {
+    many(a, headers, body.map(|Json(b)| b).unwrap_or_default(), true).await
+}
+
+async fn discard_many(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    body: Option<Json<FilterParams>>,
+) -> Response {
+    many(a, headers, body.map(|Json(b)| b).unwrap_or_default(), false).await
+}
+
+async fn many(a: Admin, headers: HeaderMap, params: FilterParams, replay: bool) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let filter = match params.into_filter() {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let (config, store) = (a.config.clone(), a.store.clone());
+    let r = blocking(move || {
+        let entries = store
+            .reader()
+            .and_then(|r| r.dlq_list(&filter))
+            .map_err(store_err)?;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for e in &entries {
+            let r = if replay {
+                crate::dlq::replay_blocking(&config, &store, e, None)
+            } else {
+                crate::dlq::discard_blocking(&store, e.id, "discarded via the admin API")
+            };
+            match r {
+                Ok(()) => done.push(e.id),
+                Err(err) => failed.push(json!({"id": e.id, "error": err.to_string()})),
+            }
+        }
+        Ok((done, failed))
+    })
+    .await;
+    match r {
+        Ok((done, failed)) => {
+            let key = if replay { "replayed" } else { "discarded" };
+            Json(json!({key: done, "failed": failed})).into_response()
+        }
+        Err(r) => r,
+    }
+}
