@@ -61,7 +61,7 @@ use weft_core::event::{CORRELATION_HEADER, new_correlation_id};
 use weft_core::mapping::Program;
 
 use crate::source::{Batch, Ingest, IngestError, Record, SourceError};
-use signature::{Scheme, Verifier};
+use signature::{SignatureError, Verifier};
 
 /// Longest inbound correlation id kept; longer ones are replaced.
 const MAX_CORRELATION_LEN: usize = 200;
@@ -108,6 +108,7 @@ impl WebhookRoute {
             max_body_bytes,
             signature_header,
             id_header,
+            signature_tolerance,
         } = spec
         else {
             return Err(err("not a webhook source".into()));
@@ -116,12 +117,16 @@ impl WebhookRoute {
         if *max_body_bytes == 0 {
             return Err(err("max_body_bytes must be greater than 0".into()));
         }
-        let verifier = match &cfg.secret {
-            Some(secret) => Some(
-                Verifier::new(Scheme::HmacSha256Hex, signature_header, secret.clone())
+        let verifier = match (&cfg.signature, &cfg.secret) {
+            (Some(sig), _) => Some(
+                Verifier::from_config(sig, *signature_tolerance)
+                    .map_err(|e| err(format!("signature: {e}")))?,
+            ),
+            (None, Some(secret)) => Some(
+                Verifier::shorthand(signature_header, secret)
                     .map_err(|e| err(format!("signature_header: {e}")))?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let id_header =
             HeaderName::from_bytes(id_header.to_ascii_lowercase().as_bytes()).map_err(|_| {
@@ -257,8 +262,15 @@ async fn accept(
     let inner = &h.inner;
     let raw = read_body(headers, body, inner.max_body_bytes).await?;
     if let Some(v) = &inner.verifier {
-        v.verify(headers, &raw)
-            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, "bad signature", e.to_string()))?;
+        v.verify(headers, &raw).map_err(|e| {
+            let log = match e {
+                SignatureError::Missing(_) => "signature missing",
+                SignatureError::Malformed(..) => "signature malformed",
+                SignatureError::Mismatch(_) => "bad signature",
+                SignatureError::Stale { .. } => "timestamp outside tolerance",
+            };
+            Reject::new(StatusCode::UNAUTHORIZED, log, e.to_string())
+        })?;
     }
     let value: Value = serde_json::from_slice(&raw).map_err(|e| {
         Reject::new(
