@@ -245,114 +245,112 @@ impl Verifier {
         let value = header_text(headers, &self.header)?;
         let malformed = |why| SignatureError::Malformed(sig_name.to_owned(), why);
         // (signatures carried, signed content, timestamp and its header)
-        let (candidates, content, timestamp): (Vec<Vec<u8>>, Vec<u8>, Option<(i64, &str)>) =
-            match &self.kind {
-                Kind::StandardWebhooks => {
-                    let id = header_text(headers, &STANDARD_ID)?;
-                    let ts_text = header_text(headers, &STANDARD_TIMESTAMP)?;
-                    let ts = parse_timestamp(ts_text).ok_or(SignatureError::Malformed(
-                        STANDARD_TIMESTAMP.as_str().to_owned(),
-                        "not a Unix timestamp in seconds",
-                    ))?;
-                    let mut sigs = Vec::new();
-                    for item in value.split_ascii_whitespace() {
-                        let Some((version, sig)) = item.split_once(',') else {
-                            return Err(malformed("expected `v1,<base64>` entries"));
-                        };
-                        if version == "v1" {
-                            sigs.push(
-                                BASE64
-                                    .decode(sig)
-                                    .map_err(|_| malformed("a v1 signature is not base64"))?,
-                            );
-                        }
-                    }
-                    let content = [id.as_bytes(), b".", ts_text.as_bytes(), b".", body].concat();
-                    (sigs, content, Some((ts, "webhook-timestamp")))
-                }
-                Kind::Stripe => {
-                    let mut t = None;
-                    let mut sigs = Vec::new();
-                    for item in value.split(',') {
-                        let Some((k, v)) = item.trim().split_once('=') else {
-                            return Err(malformed("expected `t=<timestamp>,v1=<hex>`"));
-                        };
-                        match k {
-                            "t" if t.is_some() => return Err(malformed("more than one `t`")),
-                            "t" => t = Some(v),
-                            "v1" => sigs.push(
-                                hex::decode(v)
-                                    .map_err(|_| malformed("a v1 signature is not hex"))?,
-                            ),
-                            _ => {}
-                        }
-                    }
-                    let t_text = t.ok_or(malformed("no `t=` timestamp"))?;
-                    let ts = parse_timestamp(t_text)
-                        .ok_or(malformed("`t` is not a Unix timestamp in seconds"))?;
-                    let content = [t_text.as_bytes(), b".", body].concat();
-                    (sigs, content, Some((ts, sig_name)))
-                }
-                Kind::Github => {
-                    let hex_sig = value
-                        .strip_prefix("sha256=")
-                        .ok_or(malformed("expected `sha256=<hex>`"))?;
-                    let sig = hex::decode(hex_sig).map_err(|_| malformed("not hexadecimal"))?;
-                    (vec![sig], body.to_vec(), None)
-                }
-                Kind::Hmac {
-                    encoding,
-                    prefix,
-                    content,
-                    timestamp_header,
-                } => {
-                    let text = match prefix {
-                        Prefix::None => value,
-                        Prefix::Optional(p) => value.strip_prefix(p.as_str()).unwrap_or(value),
-                        Prefix::Required(p) => value
-                            .strip_prefix(p.as_str())
-                            .ok_or(malformed("the expected prefix is missing"))?,
+        let (candidates, content, timestamp) = match &self.kind {
+            Kind::StandardWebhooks => {
+                let id = header_text(headers, &STANDARD_ID)?;
+                let ts_text = header_text(headers, &STANDARD_TIMESTAMP)?;
+                let ts = parse_timestamp(ts_text).ok_or(SignatureError::Malformed(
+                    STANDARD_TIMESTAMP.as_str().to_owned(),
+                    "not a Unix timestamp in seconds",
+                ))?;
+                let mut sigs = Vec::new();
+                for item in value.split_ascii_whitespace() {
+                    let Some((version, sig)) = item.split_once(',') else {
+                        return Err(malformed("expected `v1,<base64>` entries"));
                     };
-                    if text.is_empty() {
-                        return Err(malformed("empty"));
+                    if version == "v1" {
+                        sigs.push(
+                            BASE64
+                                .decode(sig)
+                                .map_err(|_| malformed("a v1 signature is not base64"))?,
+                        );
                     }
-                    let sig = match encoding {
-                        SignatureEncoding::Hex => {
-                            hex::decode(text).map_err(|_| malformed("not hexadecimal"))?
-                        }
-                        SignatureEncoding::Base64 => {
-                            BASE64.decode(text).map_err(|_| malformed("not base64"))?
-                        }
+                }
+                let content = [id.as_bytes(), b".", ts_text.as_bytes(), b".", body].concat();
+                (sigs, content, Some((ts, "webhook-timestamp")))
+            }
+            Kind::Stripe => {
+                let mut t = None;
+                let mut sigs = Vec::new();
+                for item in value.split(',') {
+                    let Some((k, v)) = item.trim().split_once('=') else {
+                        return Err(malformed("expected `t=<timestamp>,v1=<hex>`"));
                     };
-                    if sig.len() != 32 {
-                        return Err(malformed("not 32 bytes (an HMAC-SHA256)"));
+                    match k {
+                        "t" if t.is_some() => return Err(malformed("more than one `t`")),
+                        "t" => t = Some(v),
+                        "v1" => sigs.push(
+                            hex::decode(v).map_err(|_| malformed("a v1 signature is not hex"))?,
+                        ),
+                        _ => {}
                     }
-                    let timestamp = match timestamp_header {
-                        Some(h) => {
-                            let t = header_text(headers, h)?;
-                            let ts = parse_timestamp(t).ok_or(SignatureError::Malformed(
-                                h.as_str().to_owned(),
-                                "not a Unix timestamp in seconds",
-                            ))?;
-                            Some((t, ts, h.as_str()))
-                        }
-                        None => None,
-                    };
-                    let mut signed = Vec::with_capacity(body.len() + 32);
-                    for piece in content {
-                        match piece {
-                            Piece::Lit(s) => signed.extend_from_slice(s.as_bytes()),
-                            Piece::Body => signed.extend_from_slice(body),
-                            Piece::Timestamp => {
-                                if let Some((t, _, _)) = timestamp {
-                                    signed.extend_from_slice(t.as_bytes());
-                                }
+                }
+                let t_text = t.ok_or(malformed("no `t=` timestamp"))?;
+                let ts = parse_timestamp(t_text)
+                    .ok_or(malformed("`t` is not a Unix timestamp in seconds"))?;
+                let content = [t_text.as_bytes(), b".", body].concat();
+                (sigs, content, Some((ts, sig_name)))
+            }
+            Kind::Github => {
+                let hex_sig = value
+                    .strip_prefix("sha256=")
+                    .ok_or(malformed("expected `sha256=<hex>`"))?;
+                let sig = hex::decode(hex_sig).map_err(|_| malformed("not hexadecimal"))?;
+                (vec![sig], body.to_vec(), None)
+            }
+            Kind::Hmac {
+                encoding,
+                prefix,
+                content,
+                timestamp_header,
+            } => {
+                let text = match prefix {
+                    Prefix::None => value,
+                    Prefix::Optional(p) => value.strip_prefix(p.as_str()).unwrap_or(value),
+                    Prefix::Required(p) => value
+                        .strip_prefix(p.as_str())
+                        .ok_or(malformed("the expected prefix is missing"))?,
+                };
+                if text.is_empty() {
+                    return Err(malformed("empty"));
+                }
+                let sig = match encoding {
+                    SignatureEncoding::Hex => {
+                        hex::decode(text).map_err(|_| malformed("not hexadecimal"))?
+                    }
+                    SignatureEncoding::Base64 => {
+                        BASE64.decode(text).map_err(|_| malformed("not base64"))?
+                    }
+                };
+                if sig.len() != 32 {
+                    return Err(malformed("not 32 bytes (an HMAC-SHA256)"));
+                }
+                let timestamp = match timestamp_header {
+                    Some(h) => {
+                        let t = header_text(headers, h)?;
+                        let ts = parse_timestamp(t).ok_or(SignatureError::Malformed(
+                            h.as_str().to_owned(),
+                            "not a Unix timestamp in seconds",
+                        ))?;
+                        Some((t, ts, h.as_str()))
+                    }
+                    None => None,
+                };
+                let mut signed = Vec::with_capacity(body.len() + 32);
+                for piece in content {
+                    match piece {
+                        Piece::Lit(s) => signed.extend_from_slice(s.as_bytes()),
+                        Piece::Body => signed.extend_from_slice(body),
+                        Piece::Timestamp => {
+                            if let Some((t, _, _)) = timestamp {
+                                signed.extend_from_slice(t.as_bytes());
                             }
                         }
                     }
-                    (vec![sig], signed, timestamp.map(|(_, ts, h)| (ts, h)))
                 }
-            };
+                (vec![sig], signed, timestamp.map(|(_, ts, h)| (ts, h)))
+            }
+        };
         if candidates.is_empty() {
             return Err(malformed("no v1 signature"));
         }

@@ -100,8 +100,8 @@ pub enum RawSource {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawSink {
-    /// HTTP requests to the system's API.
-    Http(HttpSinkConfig),
+    /// HTTP requests to the system's API (boxed: the largest config).
+    Http(Box<HttpSinkConfig>),
     /// Upserts into a SQLite table.
     Sqlite(SqliteSinkConfig),
     /// Upserts into a PostgreSQL table.
@@ -124,7 +124,7 @@ pub struct WebhookSourceConfig {
     /// body, optionally prefixed `sha256=` (default `x-signature-256`).
     pub signature_header: Option<String>,
     /// Signature scheme, secrets and replay tolerance; replaces `secret`.
-    pub signature: Option<WebhookSignatureConfig>,
+    pub signature: Option<Box<WebhookSignatureConfig>>,
     /// Largest accepted body in bytes (default 1 MiB); larger gets 413.
     pub max_body_bytes: Option<usize>,
     /// Header carrying the sender's event id, used to deduplicate retries

@@ -100,7 +100,7 @@ pub enum FileTarget {
 #[derive(Debug, Clone)]
 pub enum SinkSpec {
     Http {
-        cfg: HttpSinkConfig,
+        cfg: Box<HttpSinkConfig>,
         method: String,
         timeout: Duration,
         connect_timeout: Duration,
@@ -577,10 +577,10 @@ fn source_spec(
                     &sig.tolerance,
                     signature_tolerance,
                 );
-                if signature_tolerance.is_zero() {
-                    if let Some(t) = &sig.tolerance {
-                        cx.at_span(format!("{sp}.tolerance"), t, "must be greater than 0");
-                    }
+                if signature_tolerance.is_zero()
+                    && let Some(t) = &sig.tolerance
+                {
+                    cx.at_span(format!("{sp}.tolerance"), t, "must be greater than 0");
                 }
                 match scheme {
                     SignatureScheme::StandardWebhooks => id_header_default = "webhook-id",
