@@ -1,4 +1,21 @@
-//! The HTTP sink: one request per delivery to the system's API.
+//! The HTTP sink: one request per delivery to the system's API (two with
+//! `mode: upsert_lookup`).
+//!
+//! ```yaml
+//! sink:
+//!   http:
+//!     url: https://crm.example.com/api/contacts          # create
+//!     mode: upsert_lookup
+//!     lookup_url: https://crm.example.com/api/contacts/by-email/{email}
+//!     update_url: https://crm.example.com/api/contacts/{_found.id}
+//!     method: PATCH                                      # update (default PUT)
+//!     headers: {Authorization: "Bearer ${CRM_TOKEN}"}
+//!     success_when: .ok == true
+//!     success_when_failure: permanent
+//!     retry_on: [409]
+//!     permanent_on: [503]
+//!     capture_id: .data.id
+//! ```
 //!
 //! # Request
 //!
@@ -20,15 +37,63 @@
 //!
 //! # Result
 //!
-//! - 2xx, with the whole response read: `Ok`.
+//! - 2xx, with the whole response read: `Ok`, unless `success_when` says
+//!   otherwise (below).
 //! - 408, 429, 5xx, connect errors, timeouts, a connection closed before or
-//!   during the response: retryable. For 429 and 503 a `Retry-After` (delay
-//!   seconds or an HTTP date) becomes [`SinkError::retry_after`].
+//!   during the response: retryable. A retryable status with a
+//!   `Retry-After` (delay seconds or an HTTP date) sets
+//!   [`SinkError::retry_after`].
 //! - Any other status: permanent.
+//! - **Overrides** per destination: a status in `permanent_on` is
+//!   permanent, one in `retry_on` retryable, whatever the default (only
+//!   300-599; `weft validate` refuses a code in both lists). E.g. an API
+//!   answering `409` while a parent record is still being created:
+//!   `retry_on: [409]`; one answering `503` for "account suspended":
+//!   `permanent_on: [503]`.
 //!
 //! Error messages carry the status and at most 200 characters of the
 //! response body; never the request payload, the filled URL (it holds
 //! payload values) or a header value.
+//!
+//! # Business outcome: `success_when`
+//!
+//! Many APIs answer `200` with `{"ok": false, "error": ...}`. `success_when`
+//! is a jq predicate run on the body of a 2xx (its JSON, or its text as a
+//! string when it is not JSON; at most [`MAX_RESPONSE_BYTES`]); `$event`
+//! holds `id`, `correlationid`, `idempotency_key` and `attempt`. False,
+//! null, no output or a jq error make the write a failure (retryable, or
+//! permanent with `success_when_failure: permanent`) whose message names
+//! the status and the predicate and quotes the start of the body, e.g.
+//! `HTTP 200 OK, but success_when ``.ok`` is false: {"ok":false,...}`.
+//! The program is compiled by `weft validate`, which reports a syntax error
+//! with its line.
+//!
+//! # Create or update: `mode: upsert_lookup`
+//!
+//! For APIs without an upsert endpoint. Per delivery:
+//! 1. `GET lookup_url` (a template like `url`), with the configured headers
+//!    and the correlation headers but no body and no idempotency key;
+//! 2. `404`: create, `method_create` (default `POST`) to `url`;
+//! 3. 2xx: update, `method` (default `PUT` in this mode) to `update_url`
+//!    (default `lookup_url`), whose placeholders may also use
+//!    `{_found.<field>}` from the lookup's JSON answer;
+//! 4. any other lookup status fails like a write would (`lookup: HTTP ...`),
+//!    and nothing is written.
+//!
+//! The create or the update carries the delivery's `Idempotency-Key`, the
+//! same for both: a create whose answer was lost is found by the retry's
+//! lookup and becomes an update, so the destination sees one record.
+//! Status overrides and `success_when` apply to the write.
+//!
+//! # The destination's id: `capture_id`
+//!
+//! A jq program over the write's response body (falling back to the record
+//! the lookup found, e.g. on a `204`) giving the id the destination
+//! assigned, a string or a number. Each one is logged at debug level with
+//! the correlation id and kept as a [`CapturedId`] until
+//! [`HttpSink::take_captured_ids`] takes it (at most [`MAX_CAPTURED`], the
+//! oldest dropped first), for the runtime to store in the crosswalk. Not
+//! finding an id does not fail the write.
 //!
 //! # Batches
 //!

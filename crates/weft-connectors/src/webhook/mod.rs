@@ -6,10 +6,26 @@
 //! 1. **Size.** A `Content-Length` over `max_body_bytes` is answered `413`
 //!    before the body is read; the limit is enforced again while reading
 //!    (chunked bodies, lying lengths).
-//! 2. **Signature.** When the source has a `secret`, the header
-//!    `signature_header` (default `x-signature-256`) must carry the hex
-//!    HMAC-SHA256 of the raw body, optionally prefixed `sha256=`; missing or
-//!    wrong is `401`. See [`signature`].
+//! 2. **Signature**, checked on the raw body before it is parsed. A
+//!    `signature:` block picks a scheme (`standard_webhooks`, `stripe`,
+//!    `github` or generic `hmac`) and one or more `secrets` (any one
+//!    matching passes, for rotation); schemes with a timestamp reject one
+//!    further than `tolerance` (default `5m`) from now. The older shorthand
+//!    `secret` (+ `signature_header`, default `x-signature-256`) is generic
+//!    hmac: the hex HMAC-SHA256 of the body, optionally prefixed `sha256=`.
+//!    A missing header, a malformed or wrong signature, or a stale timestamp
+//!    is `401` with the reason (never the expected signature). See
+//!    [`signature`] for each scheme's headers and signed content.
+//!
+//!    ```yaml
+//!    source:
+//!      webhook:
+//!        path: /hooks/billing
+//!        signature:
+//!          scheme: stripe            # standard_webhooks | stripe | github | hmac
+//!          secrets: ["${STRIPE_WHSEC}", "${STRIPE_WHSEC_OLD}"]
+//!          tolerance: 5m
+//!    ```
 //! 3. **JSON.** The body must be JSON: a top-level **object is one event**;
 //!    a top-level **array is a batch** of events, one per element, each
 //!    element an object, ingested all-or-nothing in one [`Batch`]. Anything
@@ -27,6 +43,11 @@
 //!      of the element's canonical JSON (keys sorted, no whitespace). Two
 //!      identical elements therefore have the same id, exactly as two
 //!      identical single-object requests do: the second is a duplicate.
+//!
+//!    The signature scheme sets the defaults: `standard_webhooks` reads
+//!    the id from `webhook-id`, `github` from `x-github-delivery`, and
+//!    `stripe` runs `id_field: .id` on the body (a Stripe event's `evt_...`
+//!    id); an explicit `id_header` or `id_field` wins.
 //!
 //!    An empty array is acknowledged (`accepted: 0`) after an empty
 //!    ingest. An `id_field` that fails or yields anything but a string or number is
