@@ -1,4 +1,21 @@
-//! The HTTP sink: one request per delivery to the system's API.
+//! The HTTP sink: one request per delivery to the system's API (two with
+//! `mode: upsert_lookup`).
+//!
+//! ```yaml
+//! sink:
+//!   http:
+//!     url: https://crm.example.com/api/contacts          # create
+//!     mode: upsert_lookup
+//!     lookup_url: https://crm.example.com/api/contacts/by-email/{email}
+//!     update_url: https://crm.example.com/api/contacts/{_found.id}
+//!     method: PATCH                                      # update (default PUT)
+//!     headers: {Authorization: "Bearer ${CRM_TOKEN}"}
+//!     success_when: .ok == true
+//!     success_when_failure: permanent
+//!     retry_on: [409]
+//!     permanent_on: [503]
+//!     capture_id: .data.id
+//! ```
 //!
 //! # Request
 //!
@@ -20,15 +37,63 @@
 //!
 //! # Result
 //!
-//! - 2xx, with the whole response read: `Ok`.
+//! - 2xx, with the whole response read: `Ok`, unless `success_when` says
+//!   otherwise (below).
 //! - 408, 429, 5xx, connect errors, timeouts, a connection closed before or
-//!   during the response: retryable. For 429 and 503 a `Retry-After` (delay
-//!   seconds or an HTTP date) becomes [`SinkError::retry_after`].
+//!   during the response: retryable. A retryable status with a
+//!   `Retry-After` (delay seconds or an HTTP date) sets
+//!   [`SinkError::retry_after`].
 //! - Any other status: permanent.
+//! - **Overrides** per destination: a status in `permanent_on` is
+//!   permanent, one in `retry_on` retryable, whatever the default (only
+//!   300-599; `weft validate` refuses a code in both lists). E.g. an API
+//!   answering `409` while a parent record is still being created:
+//!   `retry_on: [409]`; one answering `503` for "account suspended":
+//!   `permanent_on: [503]`.
 //!
 //! Error messages carry the status and at most 200 characters of the
 //! response body; never the request payload, the filled URL (it holds
 //! payload values) or a header value.
+//!
+//! # Business outcome: `success_when`
+//!
+//! Many APIs answer `200` with `{"ok": false, "error": ...}`. `success_when`
+//! is a jq predicate run on the body of a 2xx (its JSON, or its text as a
+//! string when it is not JSON; at most [`MAX_RESPONSE_BYTES`]); `$event`
+//! holds `id`, `correlationid`, `idempotency_key` and `attempt`. False,
+//! null, no output or a jq error make the write a failure (retryable, or
+//! permanent with `success_when_failure: permanent`) whose message names
+//! the status and the predicate and quotes the start of the body, e.g.
+//! `HTTP 200 OK, but success_when ``.ok`` is false: {"ok":false,...}`.
+//! The program is compiled by `weft validate`, which reports a syntax error
+//! with its line.
+//!
+//! # Create or update: `mode: upsert_lookup`
+//!
+//! For APIs without an upsert endpoint. Per delivery:
+//! 1. `GET lookup_url` (a template like `url`), with the configured headers
+//!    and the correlation headers but no body and no idempotency key;
+//! 2. `404`: create, `method_create` (default `POST`) to `url`;
+//! 3. 2xx: update, `method` (default `PUT` in this mode) to `update_url`
+//!    (default `lookup_url`), whose placeholders may also use
+//!    `{_found.<field>}` from the lookup's JSON answer;
+//! 4. any other lookup status fails like a write would (`lookup: HTTP ...`),
+//!    and nothing is written.
+//!
+//! The create or the update carries the delivery's `Idempotency-Key`, the
+//! same for both: a create whose answer was lost is found by the retry's
+//! lookup and becomes an update, so the destination sees one record.
+//! Status overrides and `success_when` apply to the write.
+//!
+//! # The destination's id: `capture_id`
+//!
+//! A jq program over the write's response body (falling back to the record
+//! the lookup found, e.g. on a `204`) giving the id the destination
+//! assigned, a string or a number. Each one is logged at debug level with
+//! the correlation id and kept as a [`CapturedId`] until
+//! [`HttpSink::take_captured_ids`] takes it (at most [`MAX_CAPTURED`], the
+//! oldest dropped first), for the runtime to store in the crosswalk. Not
+//! finding an id does not fail the write.
 //!
 //! # Batches
 //!
@@ -38,7 +103,8 @@
 //! (retryable), so a retry can never overtake them. Results come back one
 //! per delivery, in batch order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -47,8 +113,10 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
-use weft_core::config::raw::HttpSinkConfig;
+use weft_core::ErrorKind;
+use weft_core::config::raw::{HttpFailureKind, HttpSinkConfig, HttpSinkMode};
 use weft_core::event::{CAUSATION_HEADER, CORRELATION_HEADER, IDEMPOTENCY_HEADER};
+use weft_core::mapping::Program;
 
 use crate::sink::{Delivery, Sink, SinkError};
 
@@ -56,6 +124,11 @@ use crate::sink::{Delivery, Sink, SinkError};
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Most characters of a response body quoted in an error.
 const BODY_SNIPPET_CHARS: usize = 200;
+/// Largest response body read for `success_when`, `capture_id` or a lookup.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Most captured ids kept until [`HttpSink::take_captured_ids`] takes them;
+/// the oldest are dropped beyond.
+pub const MAX_CAPTURED: usize = 10_000;
 
 /// Bytes encoded in a placeholder's value: all but RFC 3986's unreserved.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -72,6 +145,35 @@ pub struct HttpSink {
     headers: HeaderMap,
     timeout: Duration,
     connect_timeout: Duration,
+    success_when: Option<Program>,
+    success_when_failure: ErrorKind,
+    retry_on: Vec<u16>,
+    permanent_on: Vec<u16>,
+    upsert: Option<Upsert>,
+    capture_id: Option<Program>,
+    captured: Mutex<VecDeque<CapturedId>>,
+}
+
+/// `mode: upsert_lookup`.
+struct Upsert {
+    lookup: Vec<Part>,
+    update: Vec<Part>,
+    method_create: Method,
+}
+
+/// The id a destination gave the record a delivery wrote (`capture_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedId {
+    /// [`Delivery::id`].
+    pub delivery_id: i64,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub idempotency_key: String,
+    /// The destination's id, as text.
+    pub external_id: String,
+    /// `upsert_lookup`: `Some(true)` when the write created the record,
+    /// `Some(false)` when it updated one; `None` in `request` mode.
+    pub created: Option<bool>,
 }
 
 impl std::fmt::Debug for HttpSink {
@@ -97,24 +199,54 @@ impl HttpSink {
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<Self, String> {
-        let template = parse_template(&cfg.url)?;
-        // the template must be a URL whatever the placeholders hold
-        let probe: String = template
-            .iter()
-            .map(|p| match p {
-                Part::Lit(s) => s.as_str(),
-                Part::Field(..) => "x",
-            })
-            .collect();
-        let probe = Url::parse(&probe).map_err(|e| format!("url `{}`: {e}", cfg.url))?;
-        if !matches!(probe.scheme(), "http" | "https") {
-            return Err(format!(
-                "url `{}`: must start with http:// or https://",
-                cfg.url
-            ));
+        let template = url_template(&cfg.url)?;
+        let parse_method = |m: &str| {
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| format!("`{m}` is not an HTTP method"))
+        };
+        let method = parse_method(method)?;
+        let upsert = match cfg.mode.unwrap_or_default() {
+            HttpSinkMode::Request => None,
+            HttpSinkMode::UpsertLookup => {
+                let lookup_text = cfg
+                    .lookup_url
+                    .as_deref()
+                    .ok_or("`mode: upsert_lookup` needs `lookup_url`")?;
+                let lookup = url_template(lookup_text).map_err(|e| format!("lookup_url: {e}"))?;
+                let update = match cfg.update_url.as_deref() {
+                    Some(u) => url_template(u).map_err(|e| format!("update_url: {e}"))?,
+                    None => lookup.clone(),
+                };
+                Some(Upsert {
+                    lookup,
+                    update,
+                    method_create: parse_method(cfg.method_create.as_deref().unwrap_or("POST"))?,
+                })
+            }
+        };
+        let compile = |what: &str, code: Option<&str>| {
+            code.map(|c| Program::compile(c, &[]).map_err(|e| format!("{what}: invalid jq: {e}")))
+                .transpose()
+        };
+        let success_when = compile(
+            "success_when",
+            cfg.success_when.as_ref().map(|c| c.value.as_str()),
+        )?;
+        let capture_id = compile(
+            "capture_id",
+            cfg.capture_id.as_ref().map(|c| c.value.as_str()),
+        )?;
+        let success_when_failure = match cfg.success_when_failure {
+            Some(HttpFailureKind::Permanent) => ErrorKind::Permanent,
+            Some(HttpFailureKind::Retryable) | None => ErrorKind::Retryable,
+        };
+        for code in cfg.retry_on.iter().chain(&cfg.permanent_on) {
+            if !(300..=599).contains(code) {
+                return Err(format!(
+                    "retry_on/permanent_on: `{code}` is not a non-2xx status from 300 to 599"
+                ));
+            }
         }
-        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| format!("`{method}` is not an HTTP method"))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
             let n = HeaderName::from_bytes(name.as_bytes())
@@ -139,35 +271,42 @@ impl HttpSink {
             headers,
             timeout,
             connect_timeout,
+            success_when,
+            success_when_failure,
+            retry_on: cfg.retry_on.clone(),
+            permanent_on: cfg.permanent_on.clone(),
+            upsert,
+            capture_id,
+            captured: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Take the ids captured by `capture_id` since the last call, oldest
+    /// first (at most [`MAX_CAPTURED`] are kept).
+    pub fn take_captured_ids(&self) -> Vec<CapturedId> {
+        match self.captured.lock() {
+            Ok(mut q) => q.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        }
     }
 
     /// The request URL for `payload`: the template with its placeholders
     /// filled. Errors are permanent (the payload will not change).
     pub fn render_url(&self, payload: &Value) -> Result<Url, SinkError> {
-        let mut url = String::new();
-        for part in &self.template {
-            match part {
-                Part::Lit(s) => url.push_str(s),
-                Part::Field(name, path) => {
-                    let text = placeholder_value(payload, path).map_err(|why| {
-                        SinkError::permanent(format!("URL placeholder `{{{name}}}`: {why}"))
-                    })?;
-                    url.extend(utf8_percent_encode(&text, SEGMENT));
-                }
-            }
-        }
-        Url::parse(&url).map_err(|e| {
-            SinkError::permanent(format!("the filled URL template is not a valid URL: {e}"))
-        })
+        render(&self.template, payload, "url")
     }
 
-    fn request_headers(&self, d: &Delivery) -> Result<HeaderMap, SinkError> {
+    /// Headers of a request; `write` adds the body's content type and the
+    /// idempotency key (a lookup `GET` has neither).
+    fn request_headers(&self, d: &Delivery, write: bool) -> Result<HeaderMap, SinkError> {
         let mut h = self.headers.clone();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let key = HeaderValue::from_str(&d.idempotency_key)
-            .map_err(|_| SinkError::permanent("the idempotency key is not a valid header value"))?;
-        h.insert(HeaderName::from_static(IDEMPOTENCY_HEADER), key);
+        if write {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let key = HeaderValue::from_str(&d.idempotency_key).map_err(|_| {
+                SinkError::permanent("the idempotency key is not a valid header value")
+            })?;
+            h.insert(HeaderName::from_static(IDEMPOTENCY_HEADER), key);
+        }
         // tracing headers are best effort: an odd id is left out, not fatal
         if let Ok(v) = HeaderValue::from_str(&d.correlation_id) {
             h.insert(HeaderName::from_static(CORRELATION_HEADER), v);
@@ -195,58 +334,223 @@ impl HttpSink {
     }
 
     async fn try_send(&self, d: &Delivery) -> Result<(), SinkError> {
-        let url = self.render_url(&d.payload)?;
-        let headers = self.request_headers(d)?;
+        let Some(u) = &self.upsert else {
+            let url = self.render_url(&d.payload)?;
+            let body = self.write_request(self.method.clone(), url, d).await?;
+            self.capture(d, body.as_ref(), None, None);
+            return Ok(());
+        };
+        // upsert_lookup: find, then create or update
+        let lookup_url = render(&u.lookup, &d.payload, "lookup_url")?;
+        let response = self
+            .client
+            .get(lookup_url)
+            .headers(self.request_headers(d, false)?)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, "sending the lookup"))?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            drop(response);
+            let url = self.render_url(&d.payload)?;
+            let body = self.write_request(u.method_create.clone(), url, d).await?;
+            self.capture(d, body.as_ref(), None, Some(true));
+            return Ok(());
+        }
+        if !status.is_success() {
+            return Err(self.status_error(response, "lookup: ").await);
+        }
+        let found = match read_limited(response, MAX_RESPONSE_BYTES).await {
+            Ok(Some(bytes)) => response_value(&bytes),
+            Ok(None) => {
+                return Err(SinkError::permanent(format!(
+                    "lookup: the {status} response is larger than {MAX_RESPONSE_BYTES} bytes"
+                )));
+            }
+            Err(e) => return Err(self.transport_error(e, "reading the lookup response")),
+        };
+        let mut ctx = match &d.payload {
+            Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        ctx.insert("_found".into(), found.clone());
+        let url = render(&u.update, &Value::Object(ctx), "update_url")?;
+        let body = self.write_request(self.method.clone(), url, d).await?;
+        self.capture(d, body.as_ref(), Some(&found), Some(false));
+        Ok(())
+    }
+
+    /// Send the payload with `method` to `url` and judge the answer: status
+    /// (with `retry_on` / `permanent_on`), then `success_when`. Gives the
+    /// parsed response body when `success_when` or `capture_id` needs it.
+    async fn write_request(
+        &self,
+        method: Method,
+        url: Url,
+        d: &Delivery,
+    ) -> Result<Option<Value>, SinkError> {
+        let headers = self.request_headers(d, true)?;
         let body = serde_json::to_vec(&d.payload)
             .map_err(|e| SinkError::permanent(format!("cannot serialise the payload: {e}")))?;
         let response = self
             .client
-            .request(self.method.clone(), url)
+            .request(method, url)
             .headers(headers)
             .body(body)
             .send()
             .await
             .map_err(|e| self.transport_error(e, "sending the request"))?;
         let status = response.status();
-        if status.is_success() {
-            // read the whole answer: a connection cut mid-response is not a success
+        if !status.is_success() {
+            return Err(self.status_error(response, "").await);
+        }
+        // read the whole answer: a connection cut mid-response is not a success
+        let reading = format!("reading the {status} response");
+        if self.success_when.is_none() && self.capture_id.is_none() {
             let mut response = response;
             loop {
                 match response.chunk().await {
                     Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(e) => {
-                        return Err(
-                            self.transport_error(e, &format!("reading the {status} response"))
-                        );
-                    }
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(self.transport_error(e, &reading)),
                 }
             }
         }
-        let retry_after = if matches!(
-            status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        ) {
+        let bytes = read_limited(response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| self.transport_error(e, &reading))?;
+        let Some(bytes) = bytes else {
+            if self.success_when.is_some() {
+                return Err(self.business_failure(format!(
+                    "HTTP {status}, but the response is larger than {MAX_RESPONSE_BYTES} bytes: \
+                     success_when cannot be checked"
+                )));
+            }
+            tracing::warn!(
+                delivery = d.id,
+                correlation_id = %d.correlation_id,
+                "http sink: response too large for capture_id"
+            );
+            return Ok(None);
+        };
+        let value = response_value(&bytes);
+        if let Some(p) = &self.success_when {
+            let verdict = p.test(value.clone(), event_attrs(d));
+            let why = match verdict {
+                Ok(true) => None,
+                Ok(false) => Some(format!("success_when `{}` is false", p.code())),
+                Err(e) => Some(format!("success_when `{}` failed: {e}", p.code())),
+            };
+            if let Some(why) = why {
+                let mut message = format!("HTTP {status}, but {why}");
+                let snippet = snippet_of(&bytes);
+                if !snippet.is_empty() {
+                    message.push_str(": ");
+                    message.push_str(&snippet);
+                }
+                return Err(self.business_failure(message));
+            }
+        }
+        Ok(Some(value))
+    }
+
+    fn business_failure(&self, message: String) -> SinkError {
+        match self.success_when_failure {
+            ErrorKind::Permanent => SinkError::permanent(message),
+            _ => SinkError::retryable(message),
+        }
+    }
+
+    /// Whether a non-2xx status is worth retrying: `permanent_on`, then
+    /// `retry_on`, then the default (408, 429, 5xx).
+    pub fn is_retryable_status(&self, status: StatusCode) -> bool {
+        let code = status.as_u16();
+        if self.permanent_on.contains(&code) {
+            false
+        } else if self.retry_on.contains(&code) {
+            true
+        } else {
+            status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+        }
+    }
+
+    /// The error for a non-2xx answer, with a snippet of its body.
+    async fn status_error(&self, response: reqwest::Response, what: &str) -> SinkError {
+        let status = response.status();
+        let retryable = self.is_retryable_status(status);
+        let retry_after = if retryable {
             parse_retry_after(response.headers(), SystemTime::now())
         } else {
             None
         };
         let snippet = body_snippet(response).await;
-        let mut message = format!("HTTP {status}");
+        let mut message = format!("{what}HTTP {status}");
         if !snippet.is_empty() {
             message.push_str(": ");
             message.push_str(&snippet);
         }
-        let retryable = status == StatusCode::REQUEST_TIMEOUT
-            || status == StatusCode::TOO_MANY_REQUESTS
-            || status.is_server_error();
         let mut err = if retryable {
             SinkError::retryable(message)
         } else {
             SinkError::permanent(message)
         };
         err.retry_after = retry_after;
-        Err(err)
+        err
+    }
+
+    /// Run `capture_id` over the write's response (else over the record the
+    /// lookup found) and keep a string or number it yields.
+    fn capture(
+        &self,
+        d: &Delivery,
+        response: Option<&Value>,
+        found: Option<&Value>,
+        created: Option<bool>,
+    ) {
+        let Some(p) = &self.capture_id else { return };
+        let run = |v: &Value| match p.run(v.clone(), event_attrs(d), &[]) {
+            Ok(out) => out.into_iter().find_map(|v| match v {
+                Value::String(s) if !s.is_empty() => Some(s),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+            Err(_) => None,
+        };
+        let id = response.and_then(run).or_else(|| found.and_then(run));
+        let Some(external_id) = id else {
+            tracing::debug!(
+                delivery = d.id,
+                correlation_id = %d.correlation_id,
+                capture_id = p.code(),
+                "http sink: capture_id gave no id"
+            );
+            return;
+        };
+        tracing::debug!(
+            delivery = d.id,
+            correlation_id = %d.correlation_id,
+            external_id = %external_id,
+            created = ?created,
+            "http sink: captured the destination's id"
+        );
+        let c = CapturedId {
+            delivery_id: d.id,
+            event_id: d.event_id.clone(),
+            correlation_id: d.correlation_id.clone(),
+            idempotency_key: d.idempotency_key.clone(),
+            external_id,
+            created,
+        };
+        let mut q = match self.captured.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if q.len() >= MAX_CAPTURED {
+            q.pop_front();
+        }
+        q.push_back(c);
     }
 
     /// A failure below HTTP status level: retryable, except a request that
@@ -322,6 +626,78 @@ impl Sink for HttpSink {
                 .collect()
         })
     }
+}
+
+/// Parse a URL template and check it is an http(s) URL whatever the
+/// placeholders hold.
+fn url_template(t: &str) -> Result<Vec<Part>, String> {
+    let template = parse_template(t)?;
+    let probe: String = template
+        .iter()
+        .map(|p| match p {
+            Part::Lit(s) => s.as_str(),
+            Part::Field(..) => "x",
+        })
+        .collect();
+    let probe = Url::parse(&probe).map_err(|e| format!("url `{t}`: {e}"))?;
+    if !matches!(probe.scheme(), "http" | "https") {
+        return Err(format!("url `{t}`: must start with http:// or https://"));
+    }
+    Ok(template)
+}
+
+/// Fill a URL template from `ctx`. Errors are permanent and name the
+/// template (`what`) and the placeholder, never the value.
+fn render(template: &[Part], ctx: &Value, what: &str) -> Result<Url, SinkError> {
+    let mut url = String::new();
+    for part in template {
+        match part {
+            Part::Lit(s) => url.push_str(s),
+            Part::Field(name, path) => {
+                let text = placeholder_value(ctx, path).map_err(|why| {
+                    let what = if what == "url" { "URL" } else { what };
+                    SinkError::permanent(format!("{what} placeholder `{{{name}}}`: {why}"))
+                })?;
+                url.extend(utf8_percent_encode(&text, SEGMENT));
+            }
+        }
+    }
+    Url::parse(&url).map_err(|e| {
+        SinkError::permanent(format!(
+            "the filled {what} template is not a valid URL: {e}"
+        ))
+    })
+}
+
+/// `$event` of `success_when` and `capture_id`.
+fn event_attrs(d: &Delivery) -> Value {
+    serde_json::json!({
+        "id": d.event_id,
+        "correlationid": d.correlation_id,
+        "idempotency_key": d.idempotency_key,
+        "attempt": d.attempt,
+    })
+}
+
+/// A response body as programs see it: its JSON, else its text as a string.
+fn response_value(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// The whole body, or `None` when it is longer than `max` bytes.
+async fn read_limited(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(c) = response.chunk().await? {
+        if buf.len() + c.len() > max {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&c);
+    }
+    Ok(Some(buf))
 }
 
 /// Split a URL template into literal text and `{a.b}` placeholders.
@@ -434,7 +810,12 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
             Ok(None) | Err(_) => break,
         }
     }
-    let text = String::from_utf8_lossy(&buf);
+    snippet_of(&buf)
+}
+
+/// At most [`BODY_SNIPPET_CHARS`] characters of `bytes` as text, on one line.
+fn snippet_of(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
     let mut out: String = text
         .trim()
         .chars()

@@ -76,8 +76,7 @@ fn cfg(url: String, headers: &[(&str, &str)]) -> HttpSinkConfig {
             .iter()
             .map(|(k, v)| (k.to_string(), Secret::new(*v)))
             .collect::<BTreeMap<_, _>>(),
-        timeout: None,
-        connect_timeout: None,
+        ..Default::default()
     }
 }
 

@@ -111,6 +111,7 @@ fn spec(o: &Opts) -> SourceSpec {
             id_header: None,
             id_field: None,
             event_type: None,
+            signature: None,
         },
         id_field: o
             .id_field
@@ -119,6 +120,7 @@ fn spec(o: &Opts) -> SourceSpec {
         max_body_bytes: o.max_body_bytes,
         signature_header: "x-signature-256".into(),
         id_header: "x-event-id".into(),
+        signature_tolerance: std::time::Duration::from_secs(300),
     }
 }
 

@@ -6,10 +6,26 @@
 //! 1. **Size.** A `Content-Length` over `max_body_bytes` is answered `413`
 //!    before the body is read; the limit is enforced again while reading
 //!    (chunked bodies, lying lengths).
-//! 2. **Signature.** When the source has a `secret`, the header
-//!    `signature_header` (default `x-signature-256`) must carry the hex
-//!    HMAC-SHA256 of the raw body, optionally prefixed `sha256=`; missing or
-//!    wrong is `401`. See [`signature`].
+//! 2. **Signature**, checked on the raw body before it is parsed. A
+//!    `signature:` block picks a scheme (`standard_webhooks`, `stripe`,
+//!    `github` or generic `hmac`) and one or more `secrets` (any one
+//!    matching passes, for rotation); schemes with a timestamp reject one
+//!    further than `tolerance` (default `5m`) from now. The older shorthand
+//!    `secret` (+ `signature_header`, default `x-signature-256`) is generic
+//!    hmac: the hex HMAC-SHA256 of the body, optionally prefixed `sha256=`.
+//!    A missing header, a malformed or wrong signature, or a stale timestamp
+//!    is `401` with the reason (never the expected signature). See
+//!    [`signature`] for each scheme's headers and signed content.
+//!
+//!    ```yaml
+//!    source:
+//!      webhook:
+//!        path: /hooks/billing
+//!        signature:
+//!          scheme: stripe            # standard_webhooks | stripe | github | hmac
+//!          secrets: ["${STRIPE_WHSEC}", "${STRIPE_WHSEC_OLD}"]
+//!          tolerance: 5m
+//!    ```
 //! 3. **JSON.** The body must be JSON: a top-level **object is one event**;
 //!    a top-level **array is a batch** of events, one per element, each
 //!    element an object, ingested all-or-nothing in one [`Batch`]. Anything
@@ -27,6 +43,11 @@
 //!      of the element's canonical JSON (keys sorted, no whitespace). Two
 //!      identical elements therefore have the same id, exactly as two
 //!      identical single-object requests do: the second is a duplicate.
+//!
+//!    The signature scheme sets the defaults: `standard_webhooks` reads
+//!    the id from `webhook-id`, `github` from `x-github-delivery`, and
+//!    `stripe` runs `id_field: .id` on the body (a Stripe event's `evt_...`
+//!    id); an explicit `id_header` or `id_field` wins.
 //!
 //!    An empty array is acknowledged (`accepted: 0`) after an empty
 //!    ingest. An `id_field` that fails or yields anything but a string or number is
@@ -61,7 +82,7 @@ use weft_core::event::{CORRELATION_HEADER, new_correlation_id};
 use weft_core::mapping::Program;
 
 use crate::source::{Batch, Ingest, IngestError, Record, SourceError};
-use signature::{Scheme, Verifier};
+use signature::{SignatureError, Verifier};
 
 /// Longest inbound correlation id kept; longer ones are replaced.
 const MAX_CORRELATION_LEN: usize = 200;
@@ -108,6 +129,7 @@ impl WebhookRoute {
             max_body_bytes,
             signature_header,
             id_header,
+            signature_tolerance,
         } = spec
         else {
             return Err(err("not a webhook source".into()));
@@ -116,12 +138,16 @@ impl WebhookRoute {
         if *max_body_bytes == 0 {
             return Err(err("max_body_bytes must be greater than 0".into()));
         }
-        let verifier = match &cfg.secret {
-            Some(secret) => Some(
-                Verifier::new(Scheme::HmacSha256Hex, signature_header, secret.clone())
+        let verifier = match (&cfg.signature, &cfg.secret) {
+            (Some(sig), _) => Some(
+                Verifier::from_config(sig, *signature_tolerance)
+                    .map_err(|e| err(format!("signature: {e}")))?,
+            ),
+            (None, Some(secret)) => Some(
+                Verifier::shorthand(signature_header, secret)
                     .map_err(|e| err(format!("signature_header: {e}")))?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let id_header =
             HeaderName::from_bytes(id_header.to_ascii_lowercase().as_bytes()).map_err(|_| {
@@ -257,8 +283,15 @@ async fn accept(
     let inner = &h.inner;
     let raw = read_body(headers, body, inner.max_body_bytes).await?;
     if let Some(v) = &inner.verifier {
-        v.verify(headers, &raw)
-            .map_err(|e| Reject::new(StatusCode::UNAUTHORIZED, "bad signature", e.to_string()))?;
+        v.verify(headers, &raw).map_err(|e| {
+            let log = match e {
+                SignatureError::Missing(_) => "signature missing",
+                SignatureError::Malformed(..) => "signature malformed",
+                SignatureError::Mismatch(_) => "bad signature",
+                SignatureError::Stale { .. } => "timestamp outside tolerance",
+            };
+            Reject::new(StatusCode::UNAUTHORIZED, log, e.to_string())
+        })?;
     }
     let value: Value = serde_json::from_slice(&raw).map_err(|e| {
         Reject::new(

@@ -137,8 +137,8 @@ pub enum RawSource {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawSink {
-    /// HTTP requests to the system's API.
-    Http(HttpSinkConfig),
+    /// HTTP requests to the system's API (boxed: the largest config).
+    Http(Box<HttpSinkConfig>),
     /// Upserts into a SQLite table.
     Sqlite(SqliteSinkConfig),
     /// Upserts into a PostgreSQL table.
@@ -148,16 +148,20 @@ pub enum RawSink {
 }
 
 /// Webhook source settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSourceConfig {
     /// Path on weft's server, e.g. `/hooks/crm`.
     pub path: String,
-    /// Shared secret for the HMAC-SHA256 signature; unset accepts unsigned requests.
+    /// Shorthand for `signature: {scheme: hmac, secrets: [<secret>]}`: the
+    /// shared secret of a hex HMAC-SHA256 of the raw body. Unset (and no
+    /// `signature`) accepts unsigned requests.
     pub secret: Option<Secret>,
-    /// Header that carries the hex HMAC-SHA256 of the raw body, optionally
-    /// prefixed `sha256=` (default `x-signature-256`).
+    /// With `secret`: the header carrying the hex HMAC-SHA256 of the raw
+    /// body, optionally prefixed `sha256=` (default `x-signature-256`).
     pub signature_header: Option<String>,
+    /// Signature scheme, secrets and replay tolerance; replaces `secret`.
+    pub signature: Option<Box<WebhookSignatureConfig>>,
     /// Largest accepted body in bytes (default 1 MiB); larger gets 413.
     pub max_body_bytes: Option<usize>,
     /// Header carrying the sender's event id, used to deduplicate retries
@@ -168,6 +172,57 @@ pub struct WebhookSourceConfig {
     pub id_field: Option<Spanned<String>>,
     /// CloudEvents `type` of the events (default `<system>.webhook`).
     pub event_type: Option<String>,
+}
+
+/// How a webhook sender signs its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSignatureConfig {
+    /// `standard_webhooks`, `stripe`, `github` or `hmac` (generic).
+    pub scheme: Spanned<SignatureScheme>,
+    /// Accepted secrets; a request signed with any of them passes (rotation).
+    /// `standard_webhooks`: `whsec_<base64>` (the key is the decoded base64).
+    /// Others: the secret's text is the HMAC key.
+    pub secrets: Vec<Secret>,
+    /// Header carrying the signature. Defaults: `webhook-signature`,
+    /// `stripe-signature`, `x-hub-signature-256`, `x-signature-256` (hmac).
+    pub header: Option<String>,
+    /// `hmac` only: `hex` (default) or `base64`.
+    pub encoding: Option<SignatureEncoding>,
+    /// `hmac` only: text before the signature, e.g. `sha256=` or `v0=`.
+    pub prefix: Option<String>,
+    /// `hmac` only: what is signed, with `{body}` and `{timestamp}`, e.g.
+    /// `"v0:{timestamp}:{body}"` (default `{body}`).
+    pub signed_content: Option<Spanned<String>>,
+    /// `hmac` only: header carrying the Unix timestamp (seconds); required
+    /// when `signed_content` uses `{timestamp}`, and checked against `tolerance`.
+    pub timestamp_header: Option<String>,
+    /// Largest accepted distance between a request's timestamp and now, in
+    /// either direction (default `5m`); for schemes with a timestamp.
+    pub tolerance: Option<Spanned<String>>,
+}
+
+/// Webhook signature schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureScheme {
+    /// standardwebhooks.com: `webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature: v1,<base64>`; signs `{id}.{timestamp}.{body}`.
+    StandardWebhooks,
+    /// `Stripe-Signature: t=<ts>,v1=<hex>`; signs `{t}.{body}`.
+    Stripe,
+    /// `X-Hub-Signature-256: sha256=<hex>` of the body.
+    Github,
+    /// Configurable HMAC-SHA256: header, encoding, prefix, signed content.
+    Hmac,
+}
+
+/// How a signature's bytes are written in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    Hex,
+    Base64,
 }
 
 /// File source settings: exactly one of `dir` and `path`.
@@ -220,12 +275,14 @@ pub struct GenerateSourceConfig {
 }
 
 /// HTTP sink settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
     /// URL; `{field}` or `{a.b}` placeholders are filled (percent-encoded) from the payload.
+    /// With `mode: upsert_lookup`, the URL records are created at.
     pub url: String,
-    /// `POST` (default), `PUT` or `PATCH`.
+    /// `POST` (default), `PUT` or `PATCH`. With `mode: upsert_lookup`, the
+    /// method of an update (default `PUT`).
     pub method: Option<String>,
     /// Extra headers; values may use `${ENV}` secrets.
     #[serde(default)]
@@ -234,6 +291,51 @@ pub struct HttpSinkConfig {
     pub timeout: Option<Spanned<String>>,
     /// Connect timeout (default `5s`).
     pub connect_timeout: Option<Spanned<String>>,
+    /// jq predicate over the response body of a 2xx (parsed JSON, or the
+    /// text as a string when it is not JSON); false or null makes the
+    /// write a failure, e.g. `.ok == true`.
+    pub success_when: Option<Spanned<String>>,
+    /// What a false `success_when` is: `retryable` (default) or `permanent`.
+    pub success_when_failure: Option<HttpFailureKind>,
+    /// Statuses to retry whatever the default classification (e.g. `409`).
+    #[serde(default)]
+    pub retry_on: Vec<u16>,
+    /// Statuses to dead-letter at once whatever the default (e.g. `503`).
+    #[serde(default)]
+    pub permanent_on: Vec<u16>,
+    /// `request` (default): one request per delivery. `upsert_lookup`:
+    /// `GET lookup_url`; 404 creates (`method_create` to `url`), 2xx updates
+    /// (`method` to `update_url`).
+    pub mode: Option<HttpSinkMode>,
+    /// `upsert_lookup`: URL template of the lookup `GET`.
+    pub lookup_url: Option<String>,
+    /// `upsert_lookup`: URL template of an update; may also use
+    /// `{_found.<field>}` from the lookup's response (default `lookup_url`).
+    pub update_url: Option<String>,
+    /// `upsert_lookup`: method of a create (default `POST`).
+    pub method_create: Option<String>,
+    /// jq program over the write's response body giving the id the
+    /// destination assigned, e.g. `.id`; kept for the crosswalk.
+    pub capture_id: Option<Spanned<String>>,
+}
+
+/// How a failure is classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpFailureKind {
+    Retryable,
+    Permanent,
+}
+
+/// How the HTTP sink writes a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpSinkMode {
+    /// One request per delivery.
+    #[default]
+    Request,
+    /// Look up, then create or update.
+    UpsertLookup,
 }
 
 /// SQLite sink settings.

@@ -76,8 +76,14 @@ pub enum SourceSpec {
         id_field: Option<Arc<Program>>,
         event_type: String,
         max_body_bytes: usize,
+        /// Header of the `secret` shorthand.
         signature_header: String,
+        /// Header of the event id; its default depends on the signature
+        /// scheme (`webhook-id` for Standard Webhooks, `x-github-delivery`
+        /// for GitHub, else `x-event-id`).
         id_header: String,
+        /// Replay window for signature schemes with a timestamp.
+        signature_tolerance: Duration,
     },
     File {
         cfg: FileSourceConfig,
@@ -118,7 +124,7 @@ pub enum FileTarget {
 #[derive(Debug, Clone)]
 pub enum SinkSpec {
     Http {
-        cfg: HttpSinkConfig,
+        cfg: Box<HttpSinkConfig>,
         method: String,
         timeout: Duration,
         connect_timeout: Duration,
@@ -504,10 +510,135 @@ fn source_spec(
             if cfg.max_body_bytes == Some(0) {
                 cx.at(format!("{wp}.max_body_bytes"), "must be greater than 0");
             }
-            let id_field = cfg
+            let mut id_field = cfg
                 .id_field
                 .as_ref()
                 .and_then(|c| cx.program(&format!("{wp}.id_field"), c, &[]));
+            let mut id_header_default = "x-event-id";
+            let mut signature_tolerance = Duration::from_secs(300);
+            if let Some(sig) = &cfg.signature {
+                let sp = format!("{wp}.signature");
+                let scheme = sig.scheme.value;
+                if cfg.secret.is_some() || cfg.signature_header.is_some() {
+                    cx.at_span(
+                        &sp,
+                        &sig.scheme,
+                        "`secret`/`signature_header` are a shorthand for `signature`; use one or the other",
+                    );
+                }
+                if sig.secrets.is_empty() {
+                    cx.at_span(
+                        format!("{sp}.secrets"),
+                        &sig.scheme,
+                        "at least one secret is required",
+                    );
+                }
+                for (i, secret) in sig.secrets.iter().enumerate() {
+                    let text = secret.expose();
+                    let bad = if text.is_empty() {
+                        Some("is empty")
+                    } else if scheme == SignatureScheme::StandardWebhooks {
+                        // standard base64, padded; the connector decodes it
+                        let b64 = text.strip_prefix("whsec_").unwrap_or(text);
+                        let data = b64.trim_end_matches('=');
+                        let ok = !data.is_empty()
+                            && b64.len() % 4 == 0
+                            && b64.len() - data.len() <= 2
+                            && data
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+                        (!ok).then_some("must be `whsec_` followed by base64")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = bad {
+                        // never quote the secret itself
+                        cx.at_span(
+                            format!("{sp}.secrets[{i}]"),
+                            &sig.scheme,
+                            format!("the secret {why}"),
+                        );
+                    }
+                }
+                if let Some(h) = &sig.header
+                    && (h.is_empty()
+                        || !h
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)))
+                {
+                    cx.at(
+                        format!("{sp}.header"),
+                        format!("`{h}` is not a header name"),
+                    );
+                }
+                if scheme == SignatureScheme::Hmac {
+                    if let Some(h) = &sig.timestamp_header
+                        && (h.is_empty()
+                            || !h
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)))
+                    {
+                        cx.at(
+                            format!("{sp}.timestamp_header"),
+                            format!("`{h}` is not a header name"),
+                        );
+                    }
+                    if let Some(t) = &sig.signed_content {
+                        let rest = t.value.replace("{body}", "").replace("{timestamp}", "");
+                        if !t.value.contains("{body}") {
+                            cx.at_span(format!("{sp}.signed_content"), t, "must contain `{body}`");
+                        } else if rest.contains(['{', '}']) {
+                            cx.at_span(
+                                format!("{sp}.signed_content"),
+                                t,
+                                "only `{body}` and `{timestamp}` can be filled in",
+                            );
+                        } else if t.value.contains("{timestamp}") && sig.timestamp_header.is_none()
+                        {
+                            cx.at_span(
+                                format!("{sp}.signed_content"),
+                                t,
+                                "`{timestamp}` needs `timestamp_header`",
+                            );
+                        }
+                    }
+                } else {
+                    let only_hmac = [
+                        ("encoding", sig.encoding.is_some()),
+                        ("prefix", sig.prefix.is_some()),
+                        ("signed_content", sig.signed_content.is_some()),
+                        ("timestamp_header", sig.timestamp_header.is_some()),
+                    ];
+                    for (k, set) in only_hmac {
+                        if set {
+                            cx.at_span(
+                                format!("{sp}.{k}"),
+                                &sig.scheme,
+                                format!("`{k}` is for `scheme: hmac` only; this scheme fixes it"),
+                            );
+                        }
+                    }
+                }
+                signature_tolerance = cx.duration(
+                    &format!("{sp}.tolerance"),
+                    &sig.tolerance,
+                    signature_tolerance,
+                );
+                if signature_tolerance.is_zero()
+                    && let Some(t) = &sig.tolerance
+                {
+                    cx.at_span(format!("{sp}.tolerance"), t, "must be greater than 0");
+                }
+                match scheme {
+                    SignatureScheme::StandardWebhooks => id_header_default = "webhook-id",
+                    SignatureScheme::Github => id_header_default = "x-github-delivery",
+                    // a Stripe event's id is in the body
+                    SignatureScheme::Stripe if id_field.is_none() && cfg.id_field.is_none() => {
+                        id_field = Program::compile(".id", &[]).ok().map(Arc::new);
+                    }
+                    _ => {}
+                }
+            }
             Some(SourceSpec::Webhook {
                 id_field,
                 event_type: cfg
@@ -523,8 +654,9 @@ fn source_spec(
                 id_header: cfg
                     .id_header
                     .clone()
-                    .unwrap_or_else(|| "x-event-id".into())
+                    .unwrap_or_else(|| id_header_default.into())
                     .to_ascii_lowercase(),
+                signature_tolerance,
                 cfg,
             })
         }
@@ -600,16 +732,95 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
                     format!("`{}` must start with http:// or https://", cfg.url),
                 );
             }
+            let upsert = cfg.mode == Some(HttpSinkMode::UpsertLookup);
             let method = cfg
                 .method
                 .clone()
-                .unwrap_or_else(|| "POST".into())
+                .unwrap_or_else(|| if upsert { "PUT" } else { "POST" }.into())
                 .to_ascii_uppercase();
             if !["POST", "PUT", "PATCH"].contains(&method.as_str()) {
                 cx.at(
                     format!("{hp}.method"),
                     format!("`{method}`: expected POST, PUT or PATCH"),
                 );
+            }
+            if let Some(m) = &cfg.method_create
+                && !["POST", "PUT", "PATCH"].contains(&m.to_ascii_uppercase().as_str())
+            {
+                cx.at(
+                    format!("{hp}.method_create"),
+                    format!("`{m}`: expected POST, PUT or PATCH"),
+                );
+            }
+            let urls = [
+                ("lookup_url", &cfg.lookup_url),
+                ("update_url", &cfg.update_url),
+            ];
+            for (k, u) in urls {
+                if let Some(u) = u
+                    && !(u.starts_with("http://") || u.starts_with("https://"))
+                {
+                    cx.at(
+                        format!("{hp}.{k}"),
+                        format!("`{u}` must start with http:// or https://"),
+                    );
+                }
+            }
+            if upsert && cfg.lookup_url.is_none() {
+                cx.at(
+                    format!("{hp}.lookup_url"),
+                    "`mode: upsert_lookup` needs `lookup_url` (the GET that finds the record)",
+                );
+            }
+            if !upsert {
+                let only_upsert = [
+                    ("lookup_url", cfg.lookup_url.is_some()),
+                    ("update_url", cfg.update_url.is_some()),
+                    ("method_create", cfg.method_create.is_some()),
+                ];
+                for (k, set) in only_upsert {
+                    if set {
+                        cx.at(
+                            format!("{hp}.{k}"),
+                            format!("`{k}` is used only with `mode: upsert_lookup`"),
+                        );
+                    }
+                }
+            }
+            for (k, list) in [
+                ("retry_on", &cfg.retry_on),
+                ("permanent_on", &cfg.permanent_on),
+            ] {
+                for (i, code) in list.iter().enumerate() {
+                    if !(300..=599).contains(code) {
+                        cx.at(
+                            format!("{hp}.{k}[{i}]"),
+                            format!(
+                                "`{code}`: expected a non-2xx status from 300 to 599 \
+                                 (a 2xx is a success; use `success_when` to check its body)"
+                            ),
+                        );
+                    }
+                }
+            }
+            for code in &cfg.retry_on {
+                if cfg.permanent_on.contains(code) {
+                    cx.at(
+                        format!("{hp}.permanent_on"),
+                        format!("`{code}` is also in `retry_on`"),
+                    );
+                }
+            }
+            if let Some(c) = &cfg.success_when {
+                cx.program(&format!("{hp}.success_when"), c, &[]);
+            } else if cfg.success_when_failure.is_some() {
+                cx.at(
+                    format!("{hp}.success_when_failure"),
+                    "is used only with `success_when`",
+                );
+            }
+            if let Some(c) = &cfg.capture_id {
+                cx.program(&format!("{hp}.capture_id"), c, &[]);
             }
             let timeout = cx.duration(
                 &format!("{hp}.timeout"),
