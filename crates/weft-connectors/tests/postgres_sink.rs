@@ -425,3 +425,155 @@ async fn throughput_contacts() {
     );
     t.drop_table().await;
 }
+
+/// The bench's path without the store: the file source reads a contacts
+/// JSONL file, a hand-written Rust transform maps each record, and the sink
+/// upserts in batches of 5000. `BENCH_FILE=/path/contacts.jsonl cargo test
+/// -p weft-connectors --release --test postgres_sink -- --ignored
+/// --nocapture file_to_postgres`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn file_to_postgres_pipeline() {
+    use std::sync::Arc;
+    use weft_connectors::file::FileSource;
+    use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record, Source};
+    use weft_core::config::raw::FileSourceConfig;
+    use weft_core::config::{FileTarget, SourceSpec};
+
+    let Ok(file) = std::env::var("BENCH_FILE") else {
+        eprintln!("set BENCH_FILE to a contacts JSONL file (../shared/bench/gen/generate.py)");
+        return;
+    };
+    let Some(client) = admin().await else { return };
+    let t = Table::create(
+        client,
+        "contact_id bigint PRIMARY KEY, given_name text, family_name text, email text, company_name text, \
+         company_category text, updated_at timestamptz, address_street text, address_city text, \
+         address_postal_code text, address_country text",
+    )
+    .await;
+    let cols = [
+        ("contact_id", "bigint"),
+        ("given_name", "text"),
+        ("family_name", "text"),
+        ("email", "text"),
+        ("company_name", "text"),
+        ("company_category", "text"),
+        ("updated_at", "timestamptz"),
+        ("address_street", "text"),
+        ("address_city", "text"),
+        ("address_postal_code", "text"),
+        ("address_country", "text"),
+    ];
+    let sink = Arc::new(
+        PostgresSink::connect(&cfg(&t.name, &cols, &["contact_id"]))
+            .await
+            .unwrap(),
+    );
+
+    struct ToPg {
+        sink: Arc<PostgresSink>,
+        pending: tokio::sync::Mutex<Vec<Delivery>>,
+        written: std::sync::atomic::AtomicUsize,
+    }
+    fn map(v: &Value) -> Value {
+        let cat = match v["company_type"].as_str().unwrap_or("") {
+            "customer" => "CUSTOMER_ACTIVE",
+            "prospect" => "LEAD_QUALIFIED",
+            "partner" => "PARTNER_TECHNOLOGY",
+            "vendor" => "SUPPLIER",
+            "reseller" => "PARTNER_CHANNEL",
+            _ => "UNCLASSIFIED",
+        };
+        let a = &v["address"];
+        json!({"contact_id": v["id"], "given_name": v["first_name"], "family_name": v["last_name"],
+               "email": v["email"], "company_name": v["company"], "company_category": cat,
+               "updated_at": v["updated_at"], "address_street": a["street"], "address_city": a["city"],
+               "address_postal_code": a["postal_code"], "address_country": a["country"]})
+    }
+    impl ToPg {
+        async fn flush(&self, pending: &mut Vec<Delivery>) {
+            let r = self.sink.write(pending).await;
+            assert!(
+                r.iter().all(|r| r.is_ok()),
+                "{:?}",
+                r.iter().find(|r| r.is_err())
+            );
+            self.written
+                .fetch_add(pending.len(), std::sync::atomic::Ordering::Relaxed);
+            pending.clear();
+        }
+    }
+    impl Ingest for ToPg {
+        fn ingest(
+            &self,
+            batch: Batch,
+        ) -> futures::future::BoxFuture<'_, Result<Receipt, IngestError>> {
+            Box::pin(async move {
+                let mut pending = self.pending.lock().await;
+                for r in batch.records {
+                    if let Record::Good(e) = r {
+                        let id = pending.len() as i64;
+                        pending.push(delivery(id, map(&e.data)));
+                    }
+                }
+                if pending.len() >= 5000 {
+                    self.flush(&mut pending).await;
+                }
+                Ok(Receipt::default())
+            })
+        }
+        fn checkpoint(
+            &self,
+            _key: &str,
+        ) -> futures::future::BoxFuture<'_, Result<Option<String>, IngestError>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+    let ingest = Arc::new(ToPg {
+        sink,
+        pending: tokio::sync::Mutex::new(Vec::new()),
+        written: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let spec = SourceSpec::File {
+        cfg: FileSourceConfig {
+            dir: None,
+            path: None,
+            format: None,
+            pattern: None,
+            delimiter: None,
+            poll_interval: None,
+            batch_size: None,
+            id_field: None,
+            event_type: None,
+        },
+        target: FileTarget::Path(file.into()),
+        id_field: None,
+        event_type: "bench.contact".into(),
+        poll_interval: std::time::Duration::from_secs(1),
+        batch_size: 1000,
+    };
+    let started = std::time::Instant::now();
+    let source: Box<dyn Source> = Box::new(FileSource::new("bench", &spec).unwrap());
+    source
+        .run(ingest.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    {
+        let mut pending = ingest.pending.lock().await;
+        ingest.flush(&mut pending).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = ingest.written.load(std::sync::atomic::Ordering::Relaxed);
+    let rows: i64 = t
+        .client
+        .query_one(&format!("SELECT count(*) FROM {}", t.name), &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "file -> postgres: {n} records, {rows} rows in {secs:.2} s: {:.0} rec/s",
+        n as f64 / secs
+    );
+    t.drop_table().await;
+}
