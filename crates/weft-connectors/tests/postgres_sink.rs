@@ -12,19 +12,24 @@ use weft_core::ErrorKind;
 use weft_core::config::Secret;
 use weft_core::config::raw::PostgresSinkConfig;
 
-const URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
+/// The test database; `WEFT_TEST_PG_URL` overrides it.
+fn url() -> String {
+    std::env::var("WEFT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
 
 async fn admin() -> Option<Client> {
-    match tokio_postgres::connect(URL, NoTls).await {
+    let url = url();
+    match tokio_postgres::connect(&url, NoTls).await {
         Ok((client, conn)) => {
             tokio::spawn(conn);
             Some(client)
         }
         Err(e) => {
             if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("PostgreSQL at {URL} is not reachable and CI=true: {e}");
+                panic!("PostgreSQL at {url} is not reachable and CI=true: {e}");
             }
-            eprintln!("!!!!!! SKIPPING PostgreSQL test: {URL} is not reachable: {e} !!!!!!");
+            eprintln!("!!!!!! SKIPPING PostgreSQL test: {url} is not reachable: {e} !!!!!!");
             None
         }
     }
@@ -55,7 +60,7 @@ impl Table {
 
 fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> PostgresSinkConfig {
     PostgresSinkConfig {
-        url: Secret::new(URL),
+        url: Secret::new(url()),
         table: format!("public.{table}"),
         key: key.iter().map(|k| k.to_string()).collect(),
         columns: cols
@@ -320,7 +325,7 @@ async fn broken_connection_is_retryable_then_reconnects() {
         .client
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE $1",
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE $1",
             &[&format!("%INSERT INTO \"public\".\"{}\"%", t.name)],
         )
         .await
