@@ -26,6 +26,7 @@
 //! A broken connection makes the batch `Retryable` and is dropped; the next
 //! write connects again.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -104,10 +105,10 @@ struct Column {
 
 /// One checked value, in the form it travels in.
 #[derive(Debug, Clone, PartialEq)]
-enum Cell {
+enum Cell<'a> {
     Null,
     /// Sent as text, cast by PostgreSQL.
-    Text(String),
+    Text(Cow<'a, str>),
     Int(i64),
     Float(f64),
     Bool(bool),
@@ -115,12 +116,12 @@ enum Cell {
     Ts(i64),
 }
 
-impl Cell {
+impl Cell<'_> {
     /// The value as text, to compare keys.
     fn key_text(&self) -> String {
         match self {
             Cell::Null => String::new(),
-            Cell::Text(s) => s.clone(),
+            Cell::Text(s) => s.to_string(),
             Cell::Int(i) | Cell::Ts(i) => i.to_string(),
             Cell::Float(f) => f.to_string(),
             Cell::Bool(b) => b.to_string(),
@@ -128,7 +129,7 @@ impl Cell {
     }
 }
 
-type Row = Vec<Cell>;
+type Row<'a> = Vec<Cell<'a>>;
 
 /// A `timestamptz` in PostgreSQL's binary form.
 #[derive(Debug)]
@@ -315,7 +316,7 @@ impl PostgresSink {
     }
 
     /// Check one payload: its values, one per column.
-    fn row(&self, payload: &Value) -> Result<Row, SinkError> {
+    fn row<'a>(&self, payload: &'a Value) -> Result<Row<'a>, SinkError> {
         let Value::Object(map) = payload else {
             return Err(SinkError::permanent(format!(
                 "payload for table `{}` must be a JSON object, got {}",
@@ -339,7 +340,7 @@ impl PostgresSink {
     }
 
     /// Run the statement for these rows on one connection.
-    async fn execute(&self, conn: &Conn, rows: &[&Row]) -> Result<u64, tokio_postgres::Error> {
+    async fn execute(&self, conn: &Conn, rows: &[&Row<'_>]) -> Result<u64, tokio_postgres::Error> {
         let n = rows.len();
         let mut arrays: Vec<Array> = self
             .columns
@@ -355,7 +356,7 @@ impl PostgresSink {
         for row in rows {
             for (a, cell) in arrays.iter_mut().zip(row.iter()) {
                 match (a, cell) {
-                    (Array::Text(v), Cell::Text(s)) => v.push(Some(s.as_str())),
+                    (Array::Text(v), Cell::Text(s)) => v.push(Some(s.as_ref())),
                     (Array::Int(v), Cell::Int(i)) => v.push(Some(*i)),
                     (Array::Float(v), Cell::Float(f)) => v.push(Some(*f)),
                     (Array::Bool(v), Cell::Bool(b)) => v.push(Some(*b)),
@@ -381,7 +382,7 @@ impl PostgresSink {
         conn.client.execute(&conn.upsert, &params).await
     }
 
-    async fn write_rows(&self, rows: &[&Row]) -> Vec<Result<(), SinkError>> {
+    async fn write_rows(&self, rows: &[&Row<'_>]) -> Vec<Result<(), SinkError>> {
         let conn = match self.take().await {
             Ok(c) => c,
             Err(e) => {
@@ -563,7 +564,7 @@ fn parse_timestamp(s: &str) -> bool {
 }
 
 /// A payload value as the text PostgreSQL casts to the column's type.
-fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
+fn convert<'a>(col: &Column, v: &'a Value) -> Result<Cell<'a>, SinkError> {
     let mismatch = || {
         SinkError::permanent(format!(
             "column `{}`: expected {}, got {}",
@@ -577,9 +578,9 @@ fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
     }
     let text = match col.kind {
         Kind::Text => match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
+            Value::String(s) => Cow::Borrowed(s.as_str()),
+            Value::Number(n) => Cow::Owned(n.to_string()),
+            Value::Bool(b) => Cow::Owned(b.to_string()),
             _ => return Err(mismatch()),
         },
         Kind::Int(lo, hi) => {
@@ -600,8 +601,8 @@ fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
             return Ok(Cell::Int(i));
         }
         Kind::Numeric => match v {
-            Value::Number(n) => n.to_string(),
-            Value::String(s) if is_numeric_text(s.trim()) => s.trim().to_owned(),
+            Value::Number(n) => Cow::Owned(n.to_string()),
+            Value::String(s) if is_numeric_text(s.trim()) => Cow::Borrowed(s.trim()),
             _ => return Err(mismatch()),
         },
         Kind::Float => {
@@ -644,24 +645,24 @@ fn convert(col: &Column, v: &Value) -> Result<Cell, SinkError> {
             Value::String(s)
                 if parse_timestamp(s.trim()) || parse_timestamptz(s.trim()).is_some() =>
             {
-                s.trim().to_owned()
+                Cow::Borrowed(s.trim())
             }
             _ => return Err(mismatch()),
         },
         Kind::Date => match v {
             Value::String(s) if NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").is_ok() => {
-                s.trim().to_owned()
+                Cow::Borrowed(s.trim())
             }
             _ => return Err(mismatch()),
         },
-        Kind::Json => v.to_string(),
+        Kind::Json => Cow::Owned(v.to_string()),
         Kind::Uuid => match v {
-            Value::String(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => s.trim().to_owned(),
+            Value::String(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => Cow::Borrowed(s.trim()),
             _ => return Err(mismatch()),
         },
         Kind::Other => match v {
-            Value::String(s) => s.clone(),
-            _ => v.to_string(),
+            Value::String(s) => Cow::Borrowed(s.as_str()),
+            _ => Cow::Owned(v.to_string()),
         },
     };
     Ok(Cell::Text(text))

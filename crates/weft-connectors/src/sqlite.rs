@@ -224,6 +224,11 @@ impl SqliteSink {
                     convert(name, *ty, v)?
                 }
                 Schema::Existing(cols) => {
+                    if !is_ident(name) {
+                        return Err(SinkError::permanent(format!(
+                            "field `{name}` is not a plain SQL identifier (letters, digits, `_`)"
+                        )));
+                    }
                     if !cols.contains(name) {
                         return Err(SinkError::permanent(format!(
                             "field `{name}` is not a column of table `{}`",

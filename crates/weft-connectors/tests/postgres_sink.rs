@@ -12,19 +12,24 @@ use weft_core::ErrorKind;
 use weft_core::config::Secret;
 use weft_core::config::raw::PostgresSinkConfig;
 
-const URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
+/// The test database; `WEFT_TEST_PG_URL` overrides it.
+fn url() -> String {
+    std::env::var("WEFT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
 
 async fn admin() -> Option<Client> {
-    match tokio_postgres::connect(URL, NoTls).await {
+    let url = url();
+    match tokio_postgres::connect(&url, NoTls).await {
         Ok((client, conn)) => {
             tokio::spawn(conn);
             Some(client)
         }
         Err(e) => {
             if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("PostgreSQL at {URL} is not reachable and CI=true: {e}");
+                panic!("PostgreSQL at {url} is not reachable and CI=true: {e}");
             }
-            eprintln!("!!!!!! SKIPPING PostgreSQL test: {URL} is not reachable: {e} !!!!!!");
+            eprintln!("!!!!!! SKIPPING PostgreSQL test: {url} is not reachable: {e} !!!!!!");
             None
         }
     }
@@ -55,7 +60,7 @@ impl Table {
 
 fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> PostgresSinkConfig {
     PostgresSinkConfig {
-        url: Secret::new(URL),
+        url: Secret::new(url()),
         table: format!("public.{table}"),
         key: key.iter().map(|k| k.to_string()).collect(),
         columns: cols
@@ -320,7 +325,7 @@ async fn broken_connection_is_retryable_then_reconnects() {
         .client
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = 'test' AND pid <> pg_backend_pid() AND query LIKE $1",
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE $1",
             &[&format!("%INSERT INTO \"public\".\"{}\"%", t.name)],
         )
         .await
@@ -421,6 +426,158 @@ async fn throughput_contacts() {
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "postgres sink: {n} rows in batches of {batch}: {secs:.2} s, {:.0} rows/s",
+        n as f64 / secs
+    );
+    t.drop_table().await;
+}
+
+/// The bench's path without the store: the file source reads a contacts
+/// JSONL file, a hand-written Rust transform maps each record, and the sink
+/// upserts in batches of 5000. `BENCH_FILE=/path/contacts.jsonl cargo test
+/// -p weft-connectors --release --test postgres_sink -- --ignored
+/// --nocapture file_to_postgres`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn file_to_postgres_pipeline() {
+    use std::sync::Arc;
+    use weft_connectors::file::FileSource;
+    use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record, Source};
+    use weft_core::config::raw::FileSourceConfig;
+    use weft_core::config::{FileTarget, SourceSpec};
+
+    let Ok(file) = std::env::var("BENCH_FILE") else {
+        eprintln!("set BENCH_FILE to a contacts JSONL file (../shared/bench/gen/generate.py)");
+        return;
+    };
+    let Some(client) = admin().await else { return };
+    let t = Table::create(
+        client,
+        "contact_id bigint PRIMARY KEY, given_name text, family_name text, email text, company_name text, \
+         company_category text, updated_at timestamptz, address_street text, address_city text, \
+         address_postal_code text, address_country text",
+    )
+    .await;
+    let cols = [
+        ("contact_id", "bigint"),
+        ("given_name", "text"),
+        ("family_name", "text"),
+        ("email", "text"),
+        ("company_name", "text"),
+        ("company_category", "text"),
+        ("updated_at", "timestamptz"),
+        ("address_street", "text"),
+        ("address_city", "text"),
+        ("address_postal_code", "text"),
+        ("address_country", "text"),
+    ];
+    let sink = Arc::new(
+        PostgresSink::connect(&cfg(&t.name, &cols, &["contact_id"]))
+            .await
+            .unwrap(),
+    );
+
+    struct ToPg {
+        sink: Arc<PostgresSink>,
+        pending: tokio::sync::Mutex<Vec<Delivery>>,
+        written: std::sync::atomic::AtomicUsize,
+    }
+    fn map(v: &Value) -> Value {
+        let cat = match v["company_type"].as_str().unwrap_or("") {
+            "customer" => "CUSTOMER_ACTIVE",
+            "prospect" => "LEAD_QUALIFIED",
+            "partner" => "PARTNER_TECHNOLOGY",
+            "vendor" => "SUPPLIER",
+            "reseller" => "PARTNER_CHANNEL",
+            _ => "UNCLASSIFIED",
+        };
+        let a = &v["address"];
+        json!({"contact_id": v["id"], "given_name": v["first_name"], "family_name": v["last_name"],
+               "email": v["email"], "company_name": v["company"], "company_category": cat,
+               "updated_at": v["updated_at"], "address_street": a["street"], "address_city": a["city"],
+               "address_postal_code": a["postal_code"], "address_country": a["country"]})
+    }
+    impl ToPg {
+        async fn flush(&self, pending: &mut Vec<Delivery>) {
+            let r = self.sink.write(pending).await;
+            assert!(
+                r.iter().all(|r| r.is_ok()),
+                "{:?}",
+                r.iter().find(|r| r.is_err())
+            );
+            self.written
+                .fetch_add(pending.len(), std::sync::atomic::Ordering::Relaxed);
+            pending.clear();
+        }
+    }
+    impl Ingest for ToPg {
+        fn ingest(
+            &self,
+            batch: Batch,
+        ) -> futures::future::BoxFuture<'_, Result<Receipt, IngestError>> {
+            Box::pin(async move {
+                let mut pending = self.pending.lock().await;
+                for r in batch.records {
+                    if let Record::Good(e) = r {
+                        let id = pending.len() as i64;
+                        pending.push(delivery(id, map(&e.data)));
+                    }
+                }
+                if pending.len() >= 5000 {
+                    self.flush(&mut pending).await;
+                }
+                Ok(Receipt::default())
+            })
+        }
+        fn checkpoint(
+            &self,
+            _key: &str,
+        ) -> futures::future::BoxFuture<'_, Result<Option<String>, IngestError>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+    let ingest = Arc::new(ToPg {
+        sink,
+        pending: tokio::sync::Mutex::new(Vec::new()),
+        written: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let spec = SourceSpec::File {
+        cfg: FileSourceConfig {
+            dir: None,
+            path: None,
+            format: None,
+            pattern: None,
+            delimiter: None,
+            poll_interval: None,
+            batch_size: None,
+            id_field: None,
+            event_type: None,
+        },
+        target: FileTarget::Path(file.into()),
+        id_field: None,
+        event_type: "bench.contact".into(),
+        poll_interval: std::time::Duration::from_secs(1),
+        batch_size: 1000,
+    };
+    let started = std::time::Instant::now();
+    let source: Box<dyn Source> = Box::new(FileSource::new("bench", &spec).unwrap());
+    source
+        .run(ingest.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    {
+        let mut pending = ingest.pending.lock().await;
+        ingest.flush(&mut pending).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = ingest.written.load(std::sync::atomic::Ordering::Relaxed);
+    let rows: i64 = t
+        .client
+        .query_one(&format!("SELECT count(*) FROM {}", t.name), &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "file -> postgres: {n} records, {rows} rows in {secs:.2} s: {:.0} rec/s",
         n as f64 / secs
     );
     t.drop_table().await;

@@ -182,6 +182,20 @@ async fn without_columns_writes_payload_fields_into_existing_table() {
         .await;
     assert!(r[0].is_ok() && r[3].is_ok(), "{r:?}");
     assert!(r[1].as_ref().unwrap_err().message.contains("`nope`"));
+    let r2 = sink
+        .write(&[delivery(
+            9,
+            json!({"id": 9, "name": "x", "bad name; --": 1}),
+        )])
+        .await;
+    assert!(
+        r2[0]
+            .as_ref()
+            .unwrap_err()
+            .message
+            .contains("not a plain SQL identifier"),
+        "{r2:?}"
+    );
     assert_eq!(r[2].as_ref().unwrap_err().kind, ErrorKind::Permanent);
     let conn = Connection::open(&path).unwrap();
     let row: (String, String) = conn

@@ -39,7 +39,7 @@ use weft_core::config::{FileFormat, FileTarget, SourceSpec};
 use weft_core::mapping::Program;
 
 use crate::source::{Batch, Checkpoint, Ingest, IngestError, Source, SourceError};
-use read::{Plan, Pos, Unreadable};
+use read::{Plan, Pos, ReadError, Unreadable};
 
 const DEFAULT_SUFFIXES: &[&str] = &[".csv", ".jsonl", ".ndjson"];
 /// Parsed batches waiting for ingest.
@@ -242,7 +242,8 @@ impl FileSource {
                 };
                 let parsed = match next {
                     Some(Ok(p)) => p,
-                    Some(Err(e)) => return Ok(Outcome::Failed(e)),
+                    Some(Err(ReadError::Io(e))) => return Ok(Outcome::Failed(e)),
+                    Some(Err(ReadError::Unreadable(e))) => return Ok(Outcome::Unreadable(e)),
                     None => {
                         return Ok(Outcome::Failed(format!(
                             "the reader of {name} stopped early"

@@ -47,6 +47,15 @@ pub(super) struct Parsed {
     pub done: bool,
 }
 
+/// Why the reader stopped before the end.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// An I/O error: try again later.
+    Io(String),
+    /// The rest of the file cannot be parsed (a CSV record that never ends).
+    Unreadable(String),
+}
+
 /// Why a file cannot be read at all (it goes to quarantine).
 #[derive(Debug)]
 pub(super) struct Unreadable(pub String);
@@ -143,7 +152,7 @@ fn csv_header<R: Read>(r: R, delimiter: u8) -> Result<(csv::Reader<R>, Vec<Strin
 pub(super) fn spawn_reader(
     plan: Arc<Plan>,
     start: Pos,
-    tx: mpsc::Sender<Result<Parsed, String>>,
+    tx: mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("weft-file-reader".into())
@@ -153,7 +162,7 @@ pub(super) fn spawn_reader(
                 FileFormat::Csv => read_csv(&plan, start, &tx),
             };
             if let Err(e) = res {
-                let _ = tx.blocking_send(Err(format!("reading {}: {e}", plan.name)));
+                let _ = tx.blocking_send(Err(e));
             }
         })
         .map(|_| ())
@@ -162,13 +171,7 @@ pub(super) fn spawn_reader(
 /// The channel is closed: the source stopped listening.
 struct Stopped;
 
-impl From<Stopped> for String {
-    fn from(_: Stopped) -> String {
-        "stopped".into()
-    }
-}
-
-fn send(tx: &mpsc::Sender<Result<Parsed, String>>, p: Parsed) -> Result<(), Stopped> {
+fn send(tx: &mpsc::Sender<Result<Parsed, ReadError>>, p: Parsed) -> Result<(), Stopped> {
     tx.blocking_send(Ok(p)).map_err(|_| Stopped)
 }
 
@@ -242,18 +245,19 @@ fn truncate(mut s: String) -> String {
 fn read_jsonl(
     plan: &Plan,
     start: Pos,
-    tx: &mpsc::Sender<Result<Parsed, String>>,
-) -> Result<(), String> {
-    let mut f = File::open(&plan.path).map_err(|e| e.to_string())?;
+    tx: &mpsc::Sender<Result<Parsed, ReadError>>,
+) -> Result<(), ReadError> {
+    let mut f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
     f.seek(SeekFrom::Start(start.offset))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| io_error(plan, e))?;
     let mut rdr = BufReader::with_capacity(BUF, f);
     let mut pos = start;
     let mut line = Vec::with_capacity(4096);
     let mut records = Vec::with_capacity(plan.batch_size);
     loop {
         line.clear();
-        let (n, complete) = read_line(&mut rdr, &mut line, MAX_LINE).map_err(|e| e.to_string())?;
+        let (n, complete) =
+            read_line(&mut rdr, &mut line, MAX_LINE).map_err(|e| io_error(plan, e))?;
         if n == 0 {
             let _ = send(
                 tx,
@@ -281,7 +285,7 @@ fn read_jsonl(
             });
         }
         if records.len() >= plan.batch_size {
-            let done = rdr.fill_buf().map_err(|e| e.to_string())?.is_empty();
+            let done = rdr.fill_buf().map_err(|e| io_error(plan, e))?.is_empty();
             let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
             if send(
                 tx,
@@ -343,18 +347,68 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     b.trim_ascii()
 }
 
+fn io_error(plan: &Plan, e: impl std::fmt::Display) -> ReadError {
+    ReadError::Io(format!("reading {}: {e}", plan.name))
+}
+
+/// Longest CSV record read (an unclosed quote would otherwise swallow the
+/// rest of the file).
+const MAX_RECORD: u64 = 32 << 20;
+const RECORD_TOO_LONG: &str = "a CSV record longer than 32 MiB (an unclosed quote?)";
+
+/// A reader that refuses to go on once `max` bytes were read since the
+/// last `reset` (called after each record).
+struct Capped<R> {
+    inner: R,
+    since: std::cell::Cell<u64>,
+    max: u64,
+}
+
+impl<R> Capped<R> {
+    fn reset(&self) {
+        self.since.set(0);
+    }
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.since.get() > self.max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                RECORD_TOO_LONG,
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.since.set(self.since.get() + n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Capped<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.reset();
+        self.inner.seek(pos)
+    }
+}
+
 fn read_csv(
     plan: &Plan,
     start: Pos,
-    tx: &mpsc::Sender<Result<Parsed, String>>,
-) -> Result<(), String> {
-    let f = File::open(&plan.path).map_err(|e| e.to_string())?;
-    let (mut rdr, names) = csv_header(f, plan.delimiter).map_err(|e| e.0)?;
+    tx: &mpsc::Sender<Result<Parsed, ReadError>>,
+) -> Result<(), ReadError> {
+    let f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
+    let capped = Capped {
+        inner: f,
+        since: std::cell::Cell::new(0),
+        max: MAX_RECORD,
+    };
+    let (mut rdr, names) =
+        csv_header(capped, plan.delimiter).map_err(|e| ReadError::Unreadable(e.0))?;
     let after_header = rdr.position().clone();
     if start.offset > after_header.byte() {
         let mut p = csv::Position::new();
         p.set_byte(start.offset).set_line(start.line + 1);
-        rdr.seek(p).map_err(|e| e.to_string())?;
+        rdr.seek(p).map_err(|e| io_error(plan, e))?;
     }
     let mut pos = Pos {
         offset: rdr.position().byte(),
@@ -363,15 +417,22 @@ fn read_csv(
     let mut rec = csv::ByteRecord::new();
     let mut records = Vec::with_capacity(plan.batch_size);
     loop {
+        rdr.get_ref().reset();
         let more = match rdr.read_byte_record(&mut rec) {
             Ok(more) => more,
             Err(e) => match e.kind() {
-                csv::ErrorKind::Io(_) => return Err(e.to_string()),
+                csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                    let line = e.position().map_or(pos.line + 1, |p| p.line());
+                    return Err(ReadError::Unreadable(format!(
+                        "line {line}: {RECORD_TOO_LONG}; the records before it were read"
+                    )));
+                }
+                csv::ErrorKind::Io(_) => return Err(io_error(plan, e)),
                 _ => {
                     // a row the parser refuses: a bad record, then go on
                     let line = e.position().map_or(pos.line + 1, |p| p.line());
                     records.push(plan.bad(line, &[], e.to_string()));
-                    true
+                    continue;
                 }
             },
         };
@@ -447,7 +508,37 @@ fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::read_line;
+    use super::{Capped, read_line};
+
+    #[test]
+    fn csv_record_that_never_ends_is_refused() {
+        let mut data = b"a,b\n1,2\n3,\"unclosed\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 10_000));
+        /// Hands out 64 bytes a read, like a file much larger than the buffer.
+        struct Chunky(std::io::Cursor<Vec<u8>>);
+        impl std::io::Read for Chunky {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(64);
+                self.0.read(&mut buf[..n])
+            }
+        }
+        let capped = Capped {
+            inner: Chunky(std::io::Cursor::new(data)),
+            since: std::cell::Cell::new(0),
+            max: 100,
+        };
+        let (mut rdr, names) = super::csv_header(capped, b',').unwrap();
+        assert_eq!(names, vec!["a", "b"]);
+        let mut rec = csv::ByteRecord::new();
+        rdr.get_ref().reset();
+        assert!(rdr.read_byte_record(&mut rec).unwrap());
+        rdr.get_ref().reset();
+        let err = rdr.read_byte_record(&mut rec).unwrap_err();
+        match err.kind() {
+            csv::ErrorKind::Io(e) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidData),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn read_line_caps_long_lines_and_counts_every_byte() {
