@@ -148,7 +148,10 @@ async fn handle(
         Expect::OAuth => bearer_of(&headers).is_some_and(|t| s.tokens.lock().unwrap().contains(&t)),
     };
     let (status, resp) = if !authorized {
-        (401, (StatusCode::UNAUTHORIZED, "who are you?").into_response())
+        (
+            401,
+            (StatusCode::UNAUTHORIZED, "who are you?").into_response(),
+        )
     } else {
         match fault {
             Some(Fault::TooMany(secs)) => (
@@ -166,7 +169,10 @@ async fn handle(
             ),
             Some(Fault::Malformed) => (
                 200,
-                ([("content-type", "application/json")], "{\"data\": [{\"id\": 1,")
+                (
+                    [("content-type", "application/json")],
+                    "{\"data\": [{\"id\": 1,",
+                )
                     .into_response(),
             ),
             _ => (200, page(&s, &path, &query)),
@@ -246,7 +252,11 @@ fn page(s: &Srv, path: &str, q: &BTreeMap<String, String>) -> Response {
             if p * 2 < rows.len() {
                 links.push(format!("</link?page={}{since_q}>; rel=\"next\"", p + 1));
             }
-            ([("link", links.join(", "))], axum::Json(Value::Array(items))).into_response()
+            (
+                [("link", links.join(", "))],
+                axum::Json(Value::Array(items)),
+            )
+                .into_response()
         }
         "/next" => {
             let p = num("p", 1);
@@ -397,8 +407,12 @@ fn source(rest_yaml: &str) -> RestSource {
     RestSource::new("api", &spec(rest_yaml)).unwrap()
 }
 
-async fn poll(src: &RestSource, ingest: &Arc<MemIngest>) -> Result<weft_connectors::rest::PollReport, PollError> {
-    src.poll_once(ingest.as_ref(), &CancellationToken::new()).await
+async fn poll(
+    src: &RestSource,
+    ingest: &Arc<MemIngest>,
+) -> Result<weft_connectors::rest::PollReport, PollError> {
+    src.poll_once(ingest.as_ref(), &CancellationToken::new())
+        .await
 }
 
 fn sorted_ids(ingest: &MemIngest) -> Vec<String> {
@@ -434,19 +448,30 @@ pagination:
     let log = srv.log();
     let pages: Vec<&str> = log.iter().map(|l| l.query["page"].as_str()).collect();
     assert_eq!(pages, ["1", "2", "3", "4"]);
-    assert!(log.iter().all(|l| l.query["per_page"] == "2" && l.query["status"] == "active"));
+    assert!(
+        log.iter()
+            .all(|l| l.query["per_page"] == "2" && l.query["status"] == "active")
+    );
     let s = ingest.state.lock().unwrap();
     let e = &s.events[0];
-    assert_eq!((e.ty.as_str(), e.source.as_str()), ("crm.customer", "weft:api"));
+    assert_eq!(
+        (e.ty.as_str(), e.source.as_str()),
+        ("crm.customer", "weft:api")
+    );
     assert_eq!(e.data["name"], "customer 1");
-    assert!(s.batch_checkpoints.iter().all(Option::is_none), "no incremental, no checkpoint");
+    assert!(
+        s.batch_checkpoints.iter().all(Option::is_none),
+        "no incremental, no checkpoint"
+    );
 }
 
 #[tokio::test]
 async fn a_second_poll_is_deduplicated_by_id() {
     let (_srv, base) = serve(dataset(3), Expect::None).await;
     // no id_field: the SHA-256 of each record's JSON
-    let src = source(&format!("url: {base}/offset\nrecords: .items\npagination: {{offset: {{limit: 2}}}}"));
+    let src = source(&format!(
+        "url: {base}/offset\nrecords: .items\npagination: {{offset: {{limit: 2}}}}"
+    ));
     let ingest = MemIngest::new();
     assert_eq!(poll(&src, &ingest).await.unwrap().accepted, 3);
     let r = poll(&src, &ingest).await.unwrap();
@@ -463,7 +488,11 @@ async fn offset_pagination_advances_by_records_received() {
     let ingest = MemIngest::new();
     poll(&src, &ingest).await.unwrap();
     assert_eq!(sorted_ids(&ingest), ids(1..=5));
-    let offsets: Vec<String> = srv.log().iter().map(|l| l.query["offset"].clone()).collect();
+    let offsets: Vec<String> = srv
+        .log()
+        .iter()
+        .map(|l| l.query["offset"].clone())
+        .collect();
     assert_eq!(offsets, ["0", "2", "4", "5"]);
 }
 
@@ -477,19 +506,29 @@ async fn cursor_pagination_follows_the_body_cursor_and_stops_without_one() {
     let r = poll(&src, &ingest).await.unwrap();
     assert_eq!(sorted_ids(&ingest), ids(1..=5));
     assert_eq!(r.pages, 3, "the third page has no next cursor");
-    let cursors: Vec<Option<String>> = srv.log().iter().map(|l| l.query.get("cursor").cloned()).collect();
+    let cursors: Vec<Option<String>> = srv
+        .log()
+        .iter()
+        .map(|l| l.query.get("cursor").cloned())
+        .collect();
     assert_eq!(cursors, [None, Some("c2".into()), Some("c4".into())]);
 }
 
 #[tokio::test]
 async fn link_header_pagination_follows_rel_next() {
     let (srv, base) = serve(dataset(5), Expect::None).await;
-    let src = source(&format!("url: {base}/link\nid_field: .id\npagination: {{link_header: {{}}}}"));
+    let src = source(&format!(
+        "url: {base}/link\nid_field: .id\npagination: {{link_header: {{}}}}"
+    ));
     let ingest = MemIngest::new();
     let r = poll(&src, &ingest).await.unwrap();
     assert_eq!(sorted_ids(&ingest), ids(1..=5));
     assert_eq!(r.pages, 3);
-    let pages: Vec<Option<String>> = srv.log().iter().map(|l| l.query.get("page").cloned()).collect();
+    let pages: Vec<Option<String>> = srv
+        .log()
+        .iter()
+        .map(|l| l.query.get("page").cloned())
+        .collect();
     assert_eq!(pages, [None, Some("2".into()), Some("3".into())]);
 }
 
@@ -504,7 +543,10 @@ async fn next_url_pagination_follows_the_body_url() {
     assert_eq!(sorted_ids(&ingest), ids(1..=5));
     assert_eq!(r.pages, 3);
     let last = srv.log().last().cloned().unwrap();
-    assert_eq!((last.path.as_str(), last.query["p"].as_str()), ("/next", "3"));
+    assert_eq!(
+        (last.path.as_str(), last.query["p"].as_str()),
+        ("/next", "3")
+    );
 }
 
 #[tokio::test]
@@ -650,8 +692,15 @@ async fn full_resync_on_start_ignores_the_saved_cursor_once() {
     let resync = source(&format!("{yaml}full_resync_on_start: true\n"));
     let before = srv.log().len();
     let r = poll(&resync, &ingest).await.unwrap();
-    assert_eq!(srv.log()[before].query["updated_since"], "1970-01-01T00:00:00Z");
-    assert_eq!((r.records, r.duplicates), (4, 4), "everything again, all duplicates");
+    assert_eq!(
+        srv.log()[before].query["updated_since"],
+        "1970-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        (r.records, r.duplicates),
+        (4, 4),
+        "everything again, all duplicates"
+    );
     let before = srv.log().len();
     poll(&resync, &ingest).await.unwrap();
     assert_eq!(
@@ -708,7 +757,11 @@ async fn api_key_in_a_header_or_the_query() {
     poll(&src, &ingest).await.unwrap();
     assert_eq!(ingest.ids().len(), 5);
     // also on the URLs the server gave (which do not carry the key)
-    assert!(srv.log().iter().all(|l| l.status == 200 && l.query["api_key"] == "k-456"));
+    assert!(
+        srv.log()
+            .iter()
+            .all(|l| l.status == 200 && l.query["api_key"] == "k-456")
+    );
 }
 
 #[tokio::test]
@@ -731,7 +784,11 @@ auth:
     let ingest = MemIngest::new();
     let r = poll(&src, &ingest).await.unwrap();
     assert_eq!(r.pages, 6);
-    assert_eq!(srv.token_count.load(Ordering::SeqCst), 1, "one token for every page");
+    assert_eq!(
+        srv.token_count.load(Ordering::SeqCst),
+        1,
+        "one token for every page"
+    );
     // the server revokes its tokens on the next poll's second request
     srv.fault(8, Fault::Revoke);
     let r = poll(&src, &ingest).await.unwrap();
@@ -777,7 +834,10 @@ async fn retry_after_on_429_is_waited_and_the_same_page_asked_again() {
         waited >= Duration::from_millis(950),
         "Retry-After: 1 honoured, waited {waited:?}"
     );
-    assert!(waited < Duration::from_secs(3), "not much longer: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "not much longer: {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -837,14 +897,24 @@ async fn bad_records_go_to_the_dlq_and_the_rest_is_stored() {
     let mut data = dataset(3);
     data[1] = json!({"name": "no id", "updated_at": "2024-01-01T00:02:00Z"});
     let (_srv, base) = serve(data, Expect::None).await;
-    let src = source(&format!("url: {base}/offset\nrecords: .items\nid_field: .id"));
+    let src = source(&format!(
+        "url: {base}/offset\nrecords: .items\nid_field: .id"
+    ));
     let ingest = MemIngest::new();
     poll(&src, &ingest).await.unwrap();
     let s = ingest.state.lock().unwrap();
     assert_eq!(s.events.len(), 2);
     assert_eq!(s.bad.len(), 1);
-    assert!(s.bad[0].error.contains("id_field `.id` gave null"), "{}", s.bad[0].error);
-    assert!(s.bad[0].location.contains("record 1"), "{}", s.bad[0].location);
+    assert!(
+        s.bad[0].error.contains("id_field `.id` gave null"),
+        "{}",
+        s.bad[0].error
+    );
+    assert!(
+        s.bad[0].location.contains("record 1"),
+        "{}",
+        s.bad[0].location
+    );
 }
 
 #[tokio::test]
@@ -883,5 +953,8 @@ async fn rate_limit_spaces_requests() {
     let log = srv.log();
     assert_eq!(log.len(), 5);
     let span = log[4].at - log[0].at;
-    assert!(span >= Duration::from_millis(380), "5 requests at 10/s: {span:?}");
+    assert!(
+        span >= Duration::from_millis(380),
+        "5 requests at 10/s: {span:?}"
+    );
 }

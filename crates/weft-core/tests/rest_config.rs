@@ -122,8 +122,15 @@ systems:
     assert!(find(&format!("{p}.interval")).message.contains("not both"));
     assert_eq!(find(&format!("{p}.timeout")).line, Some(11));
     find(&format!("{p}.pagination.page.size"));
-    assert_eq!(find(&format!("{p}.incremental.cursor_field")).line, Some(15));
-    assert!(find(&format!("{p}.auth.api_key")).message.contains("exactly one"));
+    assert_eq!(
+        find(&format!("{p}.incremental.cursor_field")).line,
+        Some(15)
+    );
+    assert!(
+        find(&format!("{p}.auth.api_key"))
+            .message
+            .contains("exactly one")
+    );
     find(&format!("{p}.rate_limit"));
     assert_eq!(e.issues.len(), 9, "{e}");
     // the rendered error names the file and line
@@ -149,15 +156,22 @@ fn bad_cron_and_resync_without_incremental() {
         .find(|i| i.path.ends_with(".cron"))
         .unwrap_or_else(|| panic!("{e}"));
     assert_eq!(cron.line, Some(6));
-    assert!(e.issues.iter().any(|i| i.path.ends_with(".full_resync_on_start")), "{e}");
+    assert!(
+        e.issues
+            .iter()
+            .any(|i| i.path.ends_with(".full_resync_on_start")),
+        "{e}"
+    );
 }
 
 #[test]
 fn the_rest_polling_example_is_valid() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/rest-polling/weft.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
-    let c = config::load_str(&file, &text, &|k| (k == "GITHUB_TOKEN").then(|| "ghp_test".into()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = config::load_str(&file, &text, &|k| {
+        (k == "GITHUB_TOKEN").then(|| "ghp_test".into())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.systems["github"].source.as_ref().unwrap().kind(), "rest");
     // without the token the error says what to set
     let e = config::load_str(&file, &text, &|_| None).unwrap_err();

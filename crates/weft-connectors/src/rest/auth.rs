@@ -96,23 +96,21 @@ impl Auth {
             Auth::None | Auth::QueryKey { .. } => rb,
             Auth::HeaderKey { name, value } => rb.header(
                 name.as_str(),
-                sensitive(value.expose())
-                    .map_err(|_| format!("the API key for header `{name}` is not a valid header value"))?,
+                sensitive(value.expose()).map_err(|_| {
+                    format!("the API key for header `{name}` is not a valid header value")
+                })?,
             ),
             Auth::Bearer(t) => rb.header(
                 AUTHORIZATION,
                 sensitive(&format!("Bearer {}", t.expose()))
                     .map_err(|_| "the bearer token is not a valid header value".to_owned())?,
             ),
-            Auth::Basic { username, password } => {
-                rb.basic_auth(username, Some(password.expose()))
-            }
+            Auth::Basic { username, password } => rb.basic_auth(username, Some(password.expose())),
             Auth::OAuth2(_) => match token {
                 Some(t) => rb.header(
                     AUTHORIZATION,
-                    sensitive(&format!("Bearer {}", t.expose())).map_err(|_| {
-                        "the access token is not a valid header value".to_owned()
-                    })?,
+                    sensitive(&format!("Bearer {}", t.expose()))
+                        .map_err(|_| "the access token is not a valid header value".to_owned())?,
                 ),
                 None => rb,
             },

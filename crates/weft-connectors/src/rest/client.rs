@@ -161,7 +161,10 @@ impl Client {
         if let Some(b) = &self.body {
             rb = rb.json(b);
         }
-        let rb = self.auth.apply(rb, token.as_ref()).map_err(PollError::Http)?;
+        let rb = self
+            .auth
+            .apply(rb, token.as_ref())
+            .map_err(PollError::Http)?;
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -230,7 +233,10 @@ pub(crate) fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// At most 200 characters of a body, on one line.
@@ -262,7 +268,11 @@ pub(crate) fn display_url(url: &Url, secret_param: Option<&str>) -> String {
         let pairs: Vec<(String, String)> = u
             .query_pairs()
             .map(|(k, v)| {
-                let v = if k == p { "***".to_owned() } else { v.into_owned() };
+                let v = if k == p {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
                 (k.into_owned(), v)
             })
             .collect();
@@ -318,7 +328,10 @@ mod tests {
             HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap(),
         );
         let d = parse_retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(parse_retry_after(&h), None);
     }

@@ -335,8 +335,7 @@ impl RestSource {
 
             let checkpoint = match &self.incremental {
                 Some(inc)
-                    if max != saved
-                        && (inc.order == RestOrder::Ascending || (last && !capped)) =>
+                    if max != saved && (inc.order == RestOrder::Ascending || (last && !capped)) =>
                 {
                     max.as_ref().map(|m| Checkpoint {
                         key: CHECKPOINT_KEY.into(),
@@ -348,7 +347,14 @@ impl RestSource {
             if !records.is_empty() || checkpoint.is_some() {
                 let new_saved = checkpoint.as_ref().map(|_| max.clone());
                 let r = self
-                    .ingest_batch(ingest, Batch { records, checkpoint }, shutdown)
+                    .ingest_batch(
+                        ingest,
+                        Batch {
+                            records,
+                            checkpoint,
+                        },
+                        shutdown,
+                    )
                     .await?;
                 report.accepted += r.accepted;
                 report.duplicates += r.duplicates;

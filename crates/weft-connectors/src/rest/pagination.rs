@@ -40,12 +40,9 @@ impl Style {
             Some(RestPagination::Page(p)) => Style::Page {
                 param: p.param.clone().unwrap_or_else(|| "page".into()),
                 start: p.start.unwrap_or(1),
-                size: p.size.map(|s| {
-                    (
-                        p.size_param.clone().unwrap_or_else(|| "per_page".into()),
-                        s,
-                    )
-                }),
+                size: p
+                    .size
+                    .map(|s| (p.size_param.clone().unwrap_or_else(|| "per_page".into()), s)),
             },
             Some(RestPagination::Offset(o)) => Style::Offset {
                 offset_param: o.offset_param.clone().unwrap_or_else(|| "offset".into()),
@@ -140,11 +137,11 @@ impl Style {
                     None => None,
                 };
                 match c {
-                    Some(c) if Position::Cursor(c.clone()) != *current => {
-                        Some(Position::Cursor(c))
-                    }
+                    Some(c) if Position::Cursor(c.clone()) != *current => Some(Position::Cursor(c)),
                     Some(_) => {
-                        tracing::warn!("the next cursor equals the current one; stopping this poll");
+                        tracing::warn!(
+                            "the next cursor equals the current one; stopping this poll"
+                        );
                         None
                     }
                     None => None,
@@ -253,7 +250,9 @@ mod tests {
     #[test]
     fn link_header_forms() {
         assert_eq!(
-            parse_link_next(r#"<https://a/x?page=2>; rel="next", <https://a/x?page=9>; rel="last""#),
+            parse_link_next(
+                r#"<https://a/x?page=2>; rel="next", <https://a/x?page=9>; rel="last""#
+            ),
             Some("https://a/x?page=2".into())
         );
         assert_eq!(

@@ -95,7 +95,7 @@ pub enum RawSource {
     /// Synthetic records for demos and benchmarks.
     Generate(GenerateSourceConfig),
     /// weft polls the system's REST API (pagination, incremental cursor, auth, rate limit).
-    Rest(RestSourceConfig),
+    Rest(Box<RestSourceConfig>),
 }
 
 /// A sink connector, named by its single key.
@@ -263,6 +263,8 @@ pub struct RawFlow {
 }
 
 /// A destination of a flow: a system name or a map with options.
+// a few hundred bytes per destination of a parsed file: not worth a Box
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RawDestination {
     /// Just a system name.

@@ -70,7 +70,7 @@ pub enum SourceSpec {
         batch_size: usize,
     },
     Rest {
-        cfg: RestSourceConfig,
+        cfg: Box<RestSourceConfig>,
         /// `GET` or `POST`.
         method: String,
         /// Where the records are in a response body.
@@ -751,7 +751,7 @@ fn rest_source_spec(
     cx: &mut Ctx,
     rp: &str,
     system: &str,
-    cfg: RestSourceConfig,
+    cfg: Box<RestSourceConfig>,
 ) -> Option<SourceSpec> {
     let n = cx.issues.len();
     check_http_url(cx, &format!("{rp}.url"), &cfg.url);
@@ -770,7 +770,10 @@ fn rest_source_spec(
         );
     }
     if cfg.body.is_some() && method != "POST" {
-        cx.at(format!("{rp}.body"), "a body is sent only with `method: POST`");
+        cx.at(
+            format!("{rp}.body"),
+            "a body is sent only with `method: POST`",
+        );
     }
     let records = match &cfg.records {
         Some(c) => cx.program(&format!("{rp}.records"), c, &[]),
@@ -818,15 +821,27 @@ fn rest_source_spec(
         None => (None, None),
         Some(RestPagination::Page(pg)) => {
             check_param(cx, &format!("{pp}.page.param"), pg.param.as_deref());
-            check_param(cx, &format!("{pp}.page.size_param"), pg.size_param.as_deref());
+            check_param(
+                cx,
+                &format!("{pp}.page.size_param"),
+                pg.size_param.as_deref(),
+            );
             if pg.size == Some(0) {
                 cx.at(format!("{pp}.page.size"), "must be greater than 0");
             }
             (None, pg.max_pages.map(|m| (m, "page")))
         }
         Some(RestPagination::Offset(o)) => {
-            check_param(cx, &format!("{pp}.offset.offset_param"), o.offset_param.as_deref());
-            check_param(cx, &format!("{pp}.offset.limit_param"), o.limit_param.as_deref());
+            check_param(
+                cx,
+                &format!("{pp}.offset.offset_param"),
+                o.offset_param.as_deref(),
+            );
+            check_param(
+                cx,
+                &format!("{pp}.offset.limit_param"),
+                o.limit_param.as_deref(),
+            );
             if o.limit == Some(0) {
                 cx.at(format!("{pp}.offset.limit"), "must be greater than 0");
             }
@@ -890,10 +905,11 @@ fn rest_source_spec(
         let lp = format!("{rp}.rate_limit");
         match (rl.per_second, rl.per_minute) {
             (Some(n), None) | (None, Some(n)) if n > 0 => {}
-            (Some(_), None) | (None, Some(_)) => {
-                cx.at(&lp, "the rate must be at least 1 request")
-            }
-            _ => cx.at(&lp, "exactly one of `per_second` and `per_minute` is required"),
+            (Some(_), None) | (None, Some(_)) => cx.at(&lp, "the rate must be at least 1 request"),
+            _ => cx.at(
+                &lp,
+                "exactly one of `per_second` and `per_minute` is required",
+            ),
         }
         if rl.burst == Some(0) {
             cx.at(format!("{lp}.burst"), "must be at least 1");
@@ -952,7 +968,13 @@ fn check_param(cx: &mut Ctx, path: &str, name: Option<&str>) {
 fn check_cron(cx: &mut Ctx, path: &str, c: &Spanned<String>) {
     let v = c.value.trim();
     let aliases = [
-        "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly",
+        "@yearly",
+        "@annually",
+        "@monthly",
+        "@weekly",
+        "@daily",
+        "@midnight",
+        "@hourly",
     ];
     let fields = v.split_whitespace().count();
     let chars_ok = v
