@@ -958,3 +958,25 @@ async fn rate_limit_spaces_requests() {
         "5 requests at 10/s: {span:?}"
     );
 }
+
+#[tokio::test]
+async fn cron_schedule_polls_at_its_times() {
+    let (srv, base) = serve(dataset(2), Expect::None).await;
+    // every second (6 fields: seconds first)
+    let src = source(&format!(
+        "url: {base}/offset\nrecords: .items\nid_field: .id\ncron: \"* * * * * *\""
+    ));
+    let ingest = MemIngest::new();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(Box::new(src).run(ingest.clone(), shutdown.clone()));
+    ingest.wait_until("two polls", |s| s.duplicates >= 2).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let log = srv.log();
+    assert!(log.len() >= 2);
+    let gap = log[1].at - log[0].at;
+    assert!(
+        gap >= Duration::from_millis(900),
+        "polls a second apart: {gap:?}"
+    );
+}
