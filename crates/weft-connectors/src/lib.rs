@@ -19,6 +19,7 @@ pub mod generate;
 pub mod http;
 pub mod jsonl;
 pub mod postgres;
+pub mod rest;
 pub mod sqlite;
 pub mod webhook;
 

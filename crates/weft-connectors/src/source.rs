@@ -121,5 +121,8 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::Generate { .. } => SourceHandle::Task(Box::new(
             crate::generate::GenerateSource::new(system, spec)?,
         )),
+        SourceSpec::Rest { .. } => {
+            SourceHandle::Task(Box::new(crate::rest::RestSource::new(system, spec)?))
+        }
     })
 }

@@ -131,6 +131,8 @@ pub enum RawSource {
     File(FileSourceConfig),
     /// Synthetic records for demos and benchmarks.
     Generate(GenerateSourceConfig),
+    /// weft polls the system's REST API (pagination, incremental cursor, auth, rate limit).
+    Rest(Box<RestSourceConfig>),
 }
 
 /// A sink connector, named by its single key.
@@ -400,6 +402,8 @@ pub struct RawFlow {
 }
 
 /// A destination of a flow: a system name or a map with options.
+// a few hundred bytes per destination of a parsed file: not worth a Box
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RawDestination {
     /// Just a system name.
@@ -478,4 +482,224 @@ pub struct RawDelivery {
 pub enum OnDeadLetter {
     Continue,
     HoldKey,
+}
+
+/// REST polling source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestSourceConfig {
+    /// Base URL and path of the collection, e.g. `https://api.example.com/v1/contacts`
+    /// (`${ENV}` allowed; a query string here is kept on every request).
+    pub url: Spanned<String>,
+    /// `GET` (default) or `POST`.
+    pub method: Option<Spanned<String>>,
+    /// JSON body sent with `POST`.
+    pub body: Option<serde_json::Value>,
+    /// Query parameters added to every request.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Extra request headers; values may use `${ENV}` secrets and are never logged.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// jq path to the records in the response body (default `.`): an array,
+    /// `null` (no records), or a program with one output per record such as `.data[]`.
+    pub records: Option<Spanned<String>>,
+    /// jq program giving each record's id (the inbox's dedupe key); default:
+    /// the SHA-256 of the record's canonical JSON. With `incremental`, include
+    /// the cursor so that an update is a new event: `"\(.id)@\(.updated_at)"`.
+    pub id_field: Option<Spanned<String>>,
+    /// CloudEvents `type` of the events (default `<system>.rest`).
+    pub event_type: Option<String>,
+    /// Time between the starts of two polls (default `60s`); not with `cron`.
+    pub interval: Option<Spanned<String>>,
+    /// Cron expression (UTC; 5 fields, or 6 with seconds first) for the poll
+    /// times; not with `interval`.
+    pub cron: Option<Spanned<String>>,
+    /// Timeout of one HTTP request (default `30s`).
+    pub timeout: Option<Spanned<String>>,
+    /// Longest wait between retries of a failing page (default `60s`).
+    pub max_backoff: Option<Spanned<String>>,
+    /// How to get the next page (default: one request per poll).
+    pub pagination: Option<RestPagination>,
+    /// Fetch only records changed since the last poll.
+    pub incremental: Option<RestIncremental>,
+    /// Ignore the saved incremental cursor at start and fetch everything
+    /// from `incremental.initial` again (then keep going incrementally).
+    /// Remove it after the re-sync, or every restart re-syncs.
+    #[serde(default)]
+    pub full_resync_on_start: bool,
+    /// How to authenticate.
+    pub auth: Option<RestAuth>,
+    /// Client-side request rate limit.
+    pub rate_limit: Option<RestRateLimit>,
+}
+
+/// Pagination styles, named by their single key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestPagination {
+    /// `?page=N&per_page=M`.
+    Page(RestPagePagination),
+    /// `?offset=N&limit=M`; the offset grows by the records received.
+    Offset(RestOffsetPagination),
+    /// The body carries the next cursor, sent back in a query parameter.
+    Cursor(RestCursorPagination),
+    /// The `Link: <url>; rel="next"` response header (write `link_header: {}`).
+    LinkHeader(RestLinkPagination),
+    /// The body carries the next page's URL.
+    NextUrl(RestNextUrlPagination),
+}
+
+/// Page-number pagination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestPagePagination {
+    /// Page number parameter (default `page`).
+    pub param: Option<String>,
+    /// First page number (default 1).
+    pub start: Option<u64>,
+    /// Page size parameter (default `per_page`); sent only with `size`.
+    pub size_param: Option<String>,
+    /// Page size to ask for.
+    pub size: Option<u64>,
+    /// Safety cap on pages per poll (default 1000).
+    pub max_pages: Option<u64>,
+}
+
+/// Offset/limit pagination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestOffsetPagination {
+    /// Offset parameter (default `offset`).
+    pub offset_param: Option<String>,
+    /// Limit parameter (default `limit`).
+    pub limit_param: Option<String>,
+    /// Records per page (default 100).
+    pub limit: Option<u64>,
+    /// Safety cap on pages per poll (default 1000).
+    pub max_pages: Option<u64>,
+}
+
+/// Cursor pagination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestCursorPagination {
+    /// jq path to the next cursor in the body, e.g. `.meta.next_cursor`;
+    /// null, `""` or missing ends the poll.
+    pub cursor_path: Spanned<String>,
+    /// Query parameter carrying the cursor (default `cursor`).
+    pub param: Option<String>,
+    /// Safety cap on pages per poll (default 1000).
+    pub max_pages: Option<u64>,
+}
+
+/// `Link` header pagination.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestLinkPagination {
+    /// Safety cap on pages per poll (default 1000).
+    pub max_pages: Option<u64>,
+}
+
+/// Next-URL-in-body pagination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestNextUrlPagination {
+    /// jq path to the next page's URL (absolute or relative), e.g. `.next`.
+    pub path: Spanned<String>,
+    /// Safety cap on pages per poll (default 1000).
+    pub max_pages: Option<u64>,
+}
+
+/// Incremental sync by a cursor field of the records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestIncremental {
+    /// jq program over a record giving its cursor, e.g. `.updated_at`
+    /// (strings compare as text, so use one timestamp format; numbers as numbers).
+    pub cursor_field: Spanned<String>,
+    /// Query parameter carrying the highest cursor seen, e.g. `updated_since`.
+    pub param: String,
+    /// Cursor of the very first poll (default: the parameter is not sent).
+    pub initial: Option<String>,
+    /// `ascending` (default): the API returns records sorted by the cursor,
+    /// and the checkpoint advances with every page. `unordered`: it advances
+    /// only with the last page of a poll.
+    pub order: Option<RestOrder>,
+}
+
+/// Order of the records by their incremental cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestOrder {
+    Ascending,
+    Unordered,
+}
+
+/// Authentication, named by its single key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestAuth {
+    /// An API key in a header or a query parameter.
+    ApiKey(RestApiKey),
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+    /// HTTP basic authentication.
+    Basic(RestBasic),
+    /// OAuth2 client credentials; the token is cached until it expires and
+    /// refreshed once on a 401.
+    Oauth2ClientCredentials(RestOauth2),
+}
+
+/// API key placement: exactly one of `header` and `query`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestApiKey {
+    /// Header name, e.g. `X-Api-Key`.
+    pub header: Option<String>,
+    /// Query parameter name, e.g. `api_key`.
+    pub query: Option<String>,
+    /// The key.
+    pub value: Secret,
+}
+
+/// HTTP basic credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestBasic {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// OAuth2 client credentials grant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestOauth2 {
+    /// Token endpoint.
+    pub token_url: Spanned<String>,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Space-separated scopes.
+    pub scope: Option<String>,
+    /// `basic` (default): client id and secret in HTTP basic auth; `body`:
+    /// as `client_id`/`client_secret` form fields.
+    pub client_auth: Option<RestClientAuth>,
+}
+
+/// How the OAuth2 client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestClientAuth {
+    Basic,
+    Body,
+}
+
+/// Client-side rate limit: exactly one of `per_second` and `per_minute`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestRateLimit {
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    /// Requests allowed at once after a quiet time (default 1).
+    pub burst: Option<u32>,
 }

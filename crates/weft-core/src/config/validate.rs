@@ -99,6 +99,26 @@ pub enum SourceSpec {
         event_type: String,
         batch_size: usize,
     },
+    Rest {
+        cfg: Box<RestSourceConfig>,
+        /// `GET` or `POST`.
+        method: String,
+        /// Where the records are in a response body.
+        records: Arc<Program>,
+        id_field: Option<Arc<Program>>,
+        event_type: String,
+        /// Poll period; `None` when `cron` is set.
+        interval: Option<Duration>,
+        cron: Option<String>,
+        timeout: Duration,
+        max_backoff: Duration,
+        /// The cursor (cursor pagination) or next URL (next_url pagination) program.
+        next_page: Option<Arc<Program>>,
+        /// Page cap per poll.
+        max_pages: u64,
+        /// The incremental cursor of a record.
+        cursor_field: Option<Arc<Program>>,
+    },
 }
 
 impl SourceSpec {
@@ -107,6 +127,7 @@ impl SourceSpec {
             SourceSpec::Webhook { .. } => "webhook",
             SourceSpec::File { .. } => "file",
             SourceSpec::Generate { .. } => "generate",
+            SourceSpec::Rest { .. } => "rest",
         }
     }
 }
@@ -719,6 +740,7 @@ fn source_spec(
                 cfg,
             })
         }
+        RawSource::Rest(cfg) => rest_source_spec(cx, &format!("{p}.rest"), system, cfg),
     }
 }
 
@@ -1044,4 +1066,249 @@ fn rate_limit_policy(cx: &mut Ctx, p: &str, r: RawRateLimit) -> Option<RateLimit
         burst,
         label: format!("{n}/{unit}"),
     })
+}
+
+fn rest_source_spec(
+    cx: &mut Ctx,
+    rp: &str,
+    system: &str,
+    cfg: Box<RestSourceConfig>,
+) -> Option<SourceSpec> {
+    let n = cx.issues.len();
+    check_http_url(cx, &format!("{rp}.url"), &cfg.url);
+    let method = cfg
+        .method
+        .as_ref()
+        .map(|m| m.value.to_ascii_uppercase())
+        .unwrap_or_else(|| "GET".into());
+    if let Some(m) = &cfg.method
+        && !["GET", "POST"].contains(&method.as_str())
+    {
+        cx.at_span(
+            format!("{rp}.method"),
+            m,
+            format!("`{}`: expected GET or POST", m.value),
+        );
+    }
+    if cfg.body.is_some() && method != "POST" {
+        cx.at(
+            format!("{rp}.body"),
+            "a body is sent only with `method: POST`",
+        );
+    }
+    let records = match &cfg.records {
+        Some(c) => cx.program(&format!("{rp}.records"), c, &[]),
+        None => Program::compile(".", &[]).ok().map(Arc::new),
+    };
+    let id_field = cfg
+        .id_field
+        .as_ref()
+        .and_then(|c| cx.program(&format!("{rp}.id_field"), c, &[]));
+    let interval = match (&cfg.interval, &cfg.cron) {
+        (Some(i), Some(_)) => {
+            cx.at_span(
+                format!("{rp}.interval"),
+                i,
+                "set either `interval` or `cron`, not both",
+            );
+            None
+        }
+        (_, Some(c)) => {
+            check_cron(cx, &format!("{rp}.cron"), c);
+            None
+        }
+        (i, None) => {
+            let d = cx.duration(&format!("{rp}.interval"), i, Duration::from_secs(60));
+            if d.is_zero()
+                && let Some(i) = i
+            {
+                cx.at_span(format!("{rp}.interval"), i, "must be longer than 0s");
+            }
+            Some(d)
+        }
+    };
+    let timeout = cx.duration(
+        &format!("{rp}.timeout"),
+        &cfg.timeout,
+        Duration::from_secs(30),
+    );
+    let max_backoff = cx.duration(
+        &format!("{rp}.max_backoff"),
+        &cfg.max_backoff,
+        Duration::from_secs(60),
+    );
+    let pp = format!("{rp}.pagination");
+    let (next_page, max_pages) = match &cfg.pagination {
+        None => (None, None),
+        Some(RestPagination::Page(pg)) => {
+            check_param(cx, &format!("{pp}.page.param"), pg.param.as_deref());
+            check_param(
+                cx,
+                &format!("{pp}.page.size_param"),
+                pg.size_param.as_deref(),
+            );
+            if pg.size == Some(0) {
+                cx.at(format!("{pp}.page.size"), "must be greater than 0");
+            }
+            (None, pg.max_pages.map(|m| (m, "page")))
+        }
+        Some(RestPagination::Offset(o)) => {
+            check_param(
+                cx,
+                &format!("{pp}.offset.offset_param"),
+                o.offset_param.as_deref(),
+            );
+            check_param(
+                cx,
+                &format!("{pp}.offset.limit_param"),
+                o.limit_param.as_deref(),
+            );
+            if o.limit == Some(0) {
+                cx.at(format!("{pp}.offset.limit"), "must be greater than 0");
+            }
+            (None, o.max_pages.map(|m| (m, "offset")))
+        }
+        Some(RestPagination::Cursor(c)) => {
+            check_param(cx, &format!("{pp}.cursor.param"), c.param.as_deref());
+            (
+                cx.program(&format!("{pp}.cursor.cursor_path"), &c.cursor_path, &[]),
+                c.max_pages.map(|m| (m, "cursor")),
+            )
+        }
+        Some(RestPagination::LinkHeader(l)) => (None, l.max_pages.map(|m| (m, "link_header"))),
+        Some(RestPagination::NextUrl(u)) => (
+            cx.program(&format!("{pp}.next_url.path"), &u.path, &[]),
+            u.max_pages.map(|m| (m, "next_url")),
+        ),
+    };
+    if let Some((0, style)) = max_pages {
+        cx.at(format!("{pp}.{style}.max_pages"), "must be at least 1");
+    }
+    let cursor_field = match &cfg.incremental {
+        None => {
+            if cfg.full_resync_on_start {
+                cx.at(
+                    format!("{rp}.full_resync_on_start"),
+                    "applies only with `incremental` (without it every poll is a full sync)",
+                );
+            }
+            None
+        }
+        Some(inc) => {
+            let ip = format!("{rp}.incremental");
+            check_param(cx, &format!("{ip}.param"), Some(&inc.param));
+            cx.program(&format!("{ip}.cursor_field"), &inc.cursor_field, &[])
+        }
+    };
+    if let Some(auth) = &cfg.auth {
+        let ap = format!("{rp}.auth");
+        match auth {
+            RestAuth::ApiKey(k) => match (&k.header, &k.query) {
+                (Some(h), None) => check_param(cx, &format!("{ap}.api_key.header"), Some(h)),
+                (None, Some(q)) => check_param(cx, &format!("{ap}.api_key.query"), Some(q)),
+                _ => cx.at(
+                    format!("{ap}.api_key"),
+                    "exactly one of `header` and `query` is required",
+                ),
+            },
+            RestAuth::Bearer(t) if t.expose().is_empty() => {
+                cx.at(format!("{ap}.bearer"), "the token is empty")
+            }
+            RestAuth::Bearer(_) | RestAuth::Basic(_) => {}
+            RestAuth::Oauth2ClientCredentials(o) => check_http_url(
+                cx,
+                &format!("{ap}.oauth2_client_credentials.token_url"),
+                &o.token_url,
+            ),
+        }
+    }
+    if let Some(rl) = &cfg.rate_limit {
+        let lp = format!("{rp}.rate_limit");
+        match (rl.per_second, rl.per_minute) {
+            (Some(n), None) | (None, Some(n)) if n > 0 => {}
+            (Some(_), None) | (None, Some(_)) => cx.at(&lp, "the rate must be at least 1 request"),
+            _ => cx.at(
+                &lp,
+                "exactly one of `per_second` and `per_minute` is required",
+            ),
+        }
+        if rl.burst == Some(0) {
+            cx.at(format!("{lp}.burst"), "must be at least 1");
+        }
+    }
+    if cx.issues.len() > n {
+        return None;
+    }
+    Some(SourceSpec::Rest {
+        method,
+        records: records?,
+        id_field,
+        event_type: cfg
+            .event_type
+            .clone()
+            .unwrap_or_else(|| format!("{system}.rest")),
+        interval,
+        cron: cfg.cron.as_ref().map(|c| c.value.trim().to_owned()),
+        timeout,
+        max_backoff,
+        next_page,
+        max_pages: max_pages.map_or(1000, |m| m.0),
+        cursor_field,
+        cfg,
+    })
+}
+
+fn check_http_url(cx: &mut Ctx, path: &str, url: &Spanned<String>) {
+    let u = url.value.trim();
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') && !u.contains(char::is_whitespace) => {}
+        _ => cx.at_span(
+            path,
+            url,
+            format!(
+                "`{}` is not an http:// or https:// URL with a host",
+                url.value
+            ),
+        ),
+    }
+}
+
+fn check_param(cx: &mut Ctx, path: &str, name: Option<&str>) {
+    if let Some(n) = name
+        && (n.trim().is_empty() || n.contains(char::is_whitespace))
+    {
+        cx.at(path, format!("`{n}` is not a parameter name"));
+    }
+}
+
+/// A light check of a cron expression's shape (5 fields, or 6 with seconds,
+/// or an `@alias`); the connector parses it fully when it starts.
+fn check_cron(cx: &mut Ctx, path: &str, c: &Spanned<String>) {
+    let v = c.value.trim();
+    let aliases = [
+        "@yearly",
+        "@annually",
+        "@monthly",
+        "@weekly",
+        "@daily",
+        "@midnight",
+        "@hourly",
+    ];
+    let fields = v.split_whitespace().count();
+    let chars_ok = v
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || " \t*/,-?#LW".contains(ch));
+    if !(aliases.contains(&v) || ((5..=7).contains(&fields) && chars_ok)) {
+        cx.at_span(
+            path,
+            c,
+            format!(
+                "`{}` is not a cron expression; expected 5 fields (`*/5 * * * *`), 6 with seconds first, or an alias such as `@hourly`",
+                c.value
+            ),
+        );
+    }
 }

@@ -1,0 +1,666 @@
+//! The REST polling source: weft calls a system's API at an interval (or on
+//! a cron schedule), walks its pages, and ingests the records.
+//!
+//! One *poll* requests the first page, hands its records to `ingest`, then
+//! requests the next page (see [`pagination`]) until an empty page, the end
+//! of the pages, or `max_pages`. Requests carry the configured headers,
+//! query parameters and auth, go through the client-side rate limit, and
+//! are retried as [`client`] describes. A poll that fails (a permanent HTTP
+//! status, a body that is not JSON, retries exhausted) is logged and the
+//! source waits for the next poll; it never stops for a remote problem.
+//!
+//! ## Ids
+//! Each record's event id is `id_field`'s output (a string or a number) or
+//! the SHA-256 of its canonical JSON (keys sorted, no blanks). The inbox
+//! stores a `(source, id)` once, so records fetched twice are stored once.
+//! A record whose `id_field` or `cursor_field` fails goes to the DLQ as a
+//! parse error with the reason.
+//!
+//! ## Incremental sync and its checkpoint
+//! With `incremental`, each poll sends `param=<cursor>` where the cursor is
+//! the highest `cursor_field` seen so far (or `initial` the very first
+//! time). The highest cursor is saved as the checkpoint (key
+//! [`CHECKPOINT_KEY`], the value as JSON text) **in the same batch as the
+//! records of the page that raised it**, so the store holds records and
+//! checkpoint together or neither:
+//! - `order: ascending` (default; the API returns records sorted by the
+//!   cursor): the checkpoint goes with every page; a crash mid-poll resumes
+//!   after the last stored page.
+//! - `order: unordered`: the checkpoint goes only with the last page of a
+//!   poll that reached the end; a crash mid-poll starts the poll again from
+//!   the previous checkpoint.
+//!
+//! A poll stopped by `max_pages` before the end does not save the
+//! checkpoint in unordered mode (the rest would be skipped). Records whose
+//! cursor equals the saved one are fetched again by the next poll (APIs'
+//! `since` parameters are usually inclusive): they are duplicates in the
+//! inbox, not new events, as long as their id is stable, hence `id_field`
+//! should include the cursor (`"\(.id)@\(.updated_at)"`) so that an update
+//! of a record is a new event and a re-fetch is not.
+//!
+//! Strings compare as text (use one timestamp format, e.g. RFC 3339 UTC),
+//! numbers as numbers.
+//!
+//! ## Full re-sync
+//! `full_resync_on_start: true` ignores the saved checkpoint for the first
+//! poll after each start and fetches from `initial` again; later polls are
+//! incremental. Records already in the inbox are duplicates and are not
+//! delivered again. Remove the flag after the re-sync, or every restart
+//! re-syncs.
+//!
+//! ## Schedule
+//! `interval`: the first poll at start, then one every `interval` from the
+//! start of the previous one (at once if a poll took longer). `cron` (UTC):
+//! polls at the times the expression gives, none at start.
+
+mod auth;
+pub mod client;
+pub mod pagination;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use reqwest::{Method, Url};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use weft_core::Event;
+use weft_core::config::SourceSpec;
+use weft_core::config::raw::RestOrder;
+use weft_core::mapping::Program;
+
+use crate::source::{
+    BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
+};
+use client::Client;
+use pagination::{Position, Style};
+
+/// Checkpoint key of the incremental cursor.
+pub const CHECKPOINT_KEY: &str = "incremental_cursor";
+
+/// Why a poll ended early. Nothing after the last ingested page was
+/// checkpointed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// Shutdown was requested.
+    #[error("stopped by shutdown")]
+    Shutdown,
+    /// The API failed or refused (after retries where they apply).
+    #[error("{0}")]
+    Http(String),
+    /// A response could not be read: not JSON, records not an array,
+    /// a pagination program failed.
+    #[error("{0}")]
+    Body(String),
+    /// The store failed; the source stops.
+    #[error("store error: {0}")]
+    Store(String),
+}
+
+/// What one complete poll did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PollReport {
+    pub pages: u64,
+    pub records: usize,
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// The incremental cursor after the poll, if any.
+    pub cursor: Option<Value>,
+    /// The poll stopped at `max_pages` with pages left.
+    pub capped: bool,
+}
+
+enum Schedule {
+    Every(Duration),
+    Cron(Box<croner::Cron>),
+}
+
+struct Incremental {
+    param: String,
+    initial: Option<String>,
+    order: RestOrder,
+    cursor_field: Arc<Program>,
+}
+
+/// The REST polling source.
+pub struct RestSource {
+    system: String,
+    event_source: String,
+    event_type: String,
+    base: Url,
+    query: Vec<(String, String)>,
+    records: Arc<Program>,
+    id_field: Option<Arc<Program>>,
+    incremental: Option<Incremental>,
+    resync_pending: AtomicBool,
+    style: Style,
+    next_page: Option<Arc<Program>>,
+    max_pages: u64,
+    schedule: Schedule,
+    client: Client,
+}
+
+impl RestSource {
+    pub fn new(system: &str, spec: &SourceSpec) -> Result<Self, SourceError> {
+        let err = |m: String| SourceError {
+            system: system.to_owned(),
+            message: m,
+        };
+        let SourceSpec::Rest {
+            cfg,
+            method,
+            records,
+            id_field,
+            event_type,
+            interval,
+            cron,
+            timeout,
+            max_backoff,
+            next_page,
+            max_pages,
+            cursor_field,
+        } = spec
+        else {
+            return Err(err("not a rest source".into()));
+        };
+        let base = Url::parse(cfg.url.value.trim())
+            .map_err(|e| err(format!("url `{}`: {e}", cfg.url.value)))?;
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| err(format!("`{method}` is not an HTTP method")))?;
+        let schedule = match (cron, interval) {
+            (Some(c), _) => Schedule::Cron(Box::new(
+                croner::Cron::from_str(c)
+                    .map_err(|e| err(format!("cron `{c}` is not valid: {e}")))?,
+            )),
+            (None, Some(i)) => Schedule::Every(*i),
+            (None, None) => Schedule::Every(Duration::from_secs(60)),
+        };
+        let incremental = match (&cfg.incremental, cursor_field) {
+            (Some(i), Some(cf)) => Some(Incremental {
+                param: i.param.clone(),
+                initial: i.initial.clone(),
+                order: i.order.unwrap_or(RestOrder::Ascending),
+                cursor_field: cf.clone(),
+            }),
+            _ => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(*timeout)
+            .connect_timeout((*timeout).min(Duration::from_secs(10)))
+            .user_agent(concat!("weft/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        let client = Client {
+            http,
+            method,
+            headers: Client::build_headers(&cfg.headers).map_err(&err)?,
+            body: cfg.body.clone(),
+            auth: auth::Auth::from_config(cfg.auth.as_ref()).map_err(&err)?,
+            limiter: Client::limiter(cfg.rate_limit.as_ref()),
+            max_backoff: *max_backoff,
+        };
+        Ok(RestSource {
+            system: system.to_owned(),
+            event_source: format!("weft:{system}"),
+            event_type: event_type.clone(),
+            base,
+            query: cfg
+                .query
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            records: records.clone(),
+            id_field: id_field.clone(),
+            incremental,
+            resync_pending: AtomicBool::new(cfg.full_resync_on_start),
+            style: Style::from_config(cfg.pagination.as_ref()),
+            next_page: next_page.clone(),
+            max_pages: *max_pages,
+            schedule,
+            client,
+        })
+    }
+
+    /// The URL of a page.
+    fn url(&self, pos: &Position, since: Option<&str>) -> Url {
+        let mut u = match pos {
+            Position::Url(u) => u.clone(),
+            _ => {
+                let mut u = self.base.clone();
+                {
+                    let mut q = u.query_pairs_mut();
+                    for (k, v) in &self.query {
+                        q.append_pair(k, v);
+                    }
+                    if let (Some(inc), Some(s)) = (&self.incremental, since) {
+                        q.append_pair(&inc.param, s);
+                    }
+                    for (k, v) in self.style.params(pos) {
+                        q.append_pair(&k, &v);
+                    }
+                }
+                u
+            }
+        };
+        if let Some((k, v)) = self.client.auth.query_param()
+            && !u.query_pairs().any(|(qk, _)| qk == k)
+        {
+            u.query_pairs_mut().append_pair(k, v);
+        }
+        if u.query() == Some("") {
+            u.set_query(None);
+        }
+        u
+    }
+
+    /// One poll: every page from the first to the end, each page's records
+    /// ingested (with the checkpoint, see the module docs) before the next
+    /// page is requested.
+    pub async fn poll_once(
+        &self,
+        ingest: &dyn Ingest,
+        shutdown: &CancellationToken,
+    ) -> Result<PollReport, PollError> {
+        let resync = self.resync_pending.load(Ordering::Acquire);
+        let mut report = PollReport::default();
+        // the cursor this poll starts from, and the highest seen
+        let mut since: Option<Value> = None;
+        if let Some(inc) = &self.incremental {
+            let saved = if resync {
+                None
+            } else {
+                ingest
+                    .checkpoint(CHECKPOINT_KEY)
+                    .await
+                    .map_err(|e| PollError::Store(e.to_string()))?
+            };
+            since = match saved {
+                Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                    PollError::Store(format!("the saved cursor `{text}` is not JSON: {e}"))
+                })?),
+                None => inc.initial.clone().map(Value::String),
+            };
+        }
+        let since_param = since.as_ref().map(cursor_text);
+        let mut max = since.clone();
+        // the highest cursor already saved
+        let mut saved = since.clone();
+        let mut pos = Position::First;
+        loop {
+            if shutdown.is_cancelled() {
+                return Err(PollError::Shutdown);
+            }
+            let page_no = report.pages + 1;
+            let url = self.url(&pos, since_param.as_deref());
+            let shown = client::display_url(&url, self.client.auth.query_param().map(|q| q.0));
+            let fetched = self.client.fetch(&url, shutdown).await?;
+            report.pages = page_no;
+            let here = |m: String| {
+                PollError::Body(format!(
+                    "page {page_no} ({} {shown}): {m}; the checkpoint stays where it was",
+                    self.client.method
+                ))
+            };
+            let body: Value = serde_json::from_slice(&fetched.body).map_err(|e| {
+                here(format!(
+                    "the body is not valid JSON ({e}); it starts with: {}",
+                    client::snippet(&fetched.body)
+                ))
+            })?;
+            let items = extract_records(&self.records, &body).map_err(&here)?;
+            let n = items.len();
+            let next = self
+                .style
+                .next(
+                    &pos,
+                    &url,
+                    n,
+                    &fetched.headers,
+                    &body,
+                    self.next_page.as_deref(),
+                )
+                .map_err(&here)?;
+            let capped = next.is_some() && page_no >= self.max_pages;
+            let last = next.is_none() || capped;
+
+            let mut records = Vec::with_capacity(n);
+            for (i, item) in items.into_iter().enumerate() {
+                let location = format!("{} {shown} page {page_no} record {i}", self.client.method);
+                records.push(self.record(item, &location, &mut max));
+            }
+            report.records += n;
+
+            let checkpoint = match &self.incremental {
+                Some(inc)
+                    if max != saved && (inc.order == RestOrder::Ascending || (last && !capped)) =>
+                {
+                    max.as_ref().map(|m| Checkpoint {
+                        key: CHECKPOINT_KEY.into(),
+                        value: m.to_string(),
+                    })
+                }
+                _ => None,
+            };
+            if !records.is_empty() || checkpoint.is_some() {
+                let new_saved = checkpoint.as_ref().map(|_| max.clone());
+                let r = self
+                    .ingest_batch(
+                        ingest,
+                        Batch {
+                            records,
+                            checkpoint,
+                        },
+                        shutdown,
+                    )
+                    .await?;
+                report.accepted += r.accepted;
+                report.duplicates += r.duplicates;
+                if let Some(s) = new_saved {
+                    saved = s;
+                }
+            }
+            if capped {
+                report.capped = true;
+                tracing::warn!(
+                    system = %self.system,
+                    max_pages = self.max_pages,
+                    "stopped at max_pages with pages left; {}",
+                    match &self.incremental {
+                        Some(i) if i.order == RestOrder::Ascending =>
+                            "the next poll continues from the checkpoint",
+                        Some(_) => "the checkpoint was not advanced (order: unordered)",
+                        None => "the remaining pages are not read by this poll",
+                    }
+                );
+            }
+            match next {
+                Some(n) if !capped => pos = n,
+                _ => break,
+            }
+        }
+        report.cursor = saved;
+        self.resync_pending.store(false, Ordering::Release);
+        Ok(report)
+    }
+
+    /// Ingest one batch; while the hub is busy, wait and offer it again.
+    async fn ingest_batch(
+        &self,
+        ingest: &dyn Ingest,
+        batch: Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<crate::source::Receipt, PollError> {
+        loop {
+            match ingest.ingest(batch.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(IngestError::Unavailable(m)) => {
+                    tracing::debug!(system = %self.system, reason = %m, "ingest unavailable; waiting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.cancelled() => return Err(PollError::Shutdown),
+                    }
+                }
+                Err(IngestError::Store(m)) => return Err(PollError::Store(m)),
+            }
+        }
+    }
+
+    /// One record as an event (or a DLQ entry), raising `max` to its cursor.
+    fn record(&self, item: Value, location: &str, max: &mut Option<Value>) -> Record {
+        let mut text = String::new();
+        canonical_json(&item, &mut text);
+        let hash = hex::encode(Sha256::digest(text.as_bytes()));
+        let bad = |error: String, id: String| {
+            Record::Bad(BadRecord {
+                id,
+                location: location.to_owned(),
+                raw: text.clone(),
+                error,
+                correlation_id: weft_core::event::new_correlation_id(),
+            })
+        };
+        let id = match &self.id_field {
+            None => hash.clone(),
+            Some(p) => match p.run(item.clone(), Value::Null, &[]) {
+                Ok(out) => match out.as_slice() {
+                    [Value::String(s)] if !s.is_empty() => s.clone(),
+                    [Value::Number(n)] => n.to_string(),
+                    other => {
+                        return bad(
+                            format!(
+                                "id_field `{}` gave {}, expected one non-empty string or number",
+                                p.code(),
+                                describe(other)
+                            ),
+                            hash,
+                        );
+                    }
+                },
+                Err(e) => return bad(format!("id_field `{}` failed: {e}", p.code()), hash),
+            },
+        };
+        if let Some(inc) = &self.incremental {
+            match inc.cursor_field.run(item.clone(), Value::Null, &[]) {
+                Ok(out) => match out.as_slice() {
+                    [c @ (Value::String(_) | Value::Number(_))] => {
+                        if max.as_ref().is_none_or(|m| cursor_gt(c, m)) {
+                            *max = Some(c.clone());
+                        }
+                    }
+                    other => {
+                        return bad(
+                            format!(
+                                "cursor_field `{}` gave {}, expected one string or number",
+                                inc.cursor_field.code(),
+                                describe(other)
+                            ),
+                            id,
+                        );
+                    }
+                },
+                Err(e) => {
+                    return bad(
+                        format!("cursor_field `{}` failed: {e}", inc.cursor_field.code()),
+                        id,
+                    );
+                }
+            }
+        }
+        Record::Good(Event::new(
+            id,
+            self.event_source.clone(),
+            self.event_type.clone(),
+            None,
+            item,
+        ))
+    }
+
+    /// When the next poll is due, after one that started at `started`.
+    fn next_due(&self, started: Instant) -> Instant {
+        match &self.schedule {
+            Schedule::Every(d) => started + *d,
+            Schedule::Cron(c) => {
+                let now = chrono::Utc::now();
+                match c.find_next_occurrence(&now, false) {
+                    Ok(t) => {
+                        let wait = (t - now).to_std().unwrap_or(Duration::ZERO);
+                        Instant::now() + wait
+                    }
+                    Err(e) => {
+                        tracing::error!(system = %self.system, error = %e, "the cron schedule has no next time; polling again in an hour");
+                        Instant::now() + Duration::from_secs(3600)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Source for RestSource {
+    fn run(
+        self: Box<Self>,
+        ingest: Arc<dyn Ingest>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut due = match self.schedule {
+                Schedule::Every(_) => Instant::now(),
+                Schedule::Cron(_) => self.next_due(Instant::now()),
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                let started = Instant::now();
+                match self.poll_once(ingest.as_ref(), &shutdown).await {
+                    Ok(r) => tracing::info!(
+                        system = %self.system,
+                        pages = r.pages,
+                        records = r.records,
+                        accepted = r.accepted,
+                        duplicates = r.duplicates,
+                        cursor = r.cursor.as_ref().map(|c| c.to_string()),
+                        "poll done"
+                    ),
+                    Err(PollError::Shutdown) => return Ok(()),
+                    Err(PollError::Store(m)) => {
+                        return Err(SourceError {
+                            system: self.system.clone(),
+                            message: format!("store error: {m}"),
+                        });
+                    }
+                    Err(e) => tracing::error!(
+                        system = %self.system,
+                        error = %e,
+                        "poll failed; retrying at the next poll"
+                    ),
+                }
+                due = self.next_due(started);
+            }
+        })
+    }
+}
+
+/// The records of a response body: one array output is its elements, one
+/// `null` is none, several outputs (e.g. `.data[]`) are one record each.
+fn extract_records(p: &Program, body: &Value) -> Result<Vec<Value>, String> {
+    let mut out = p
+        .run(body.clone(), Value::Null, &[])
+        .map_err(|e| format!("records `{}` failed: {e}", p.code()))?;
+    if out.len() == 1 {
+        return match out.pop() {
+            Some(Value::Array(a)) => Ok(a),
+            Some(Value::Null) | None => Ok(Vec::new()),
+            Some(other) => Err(format!(
+                "records `{}` gave {}, expected an array of records (or use `.path[]`)",
+                p.code(),
+                describe(std::slice::from_ref(&other))
+            )),
+        };
+    }
+    Ok(out)
+}
+
+/// The cursor as sent in a query parameter.
+fn cursor_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `a > b` for cursors: numbers as numbers, otherwise as text.
+fn cursor_gt(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x > y,
+            _ => x.as_f64().unwrap_or(f64::NAN) > y.as_f64().unwrap_or(f64::NAN),
+        },
+        _ => cursor_text(a) > cursor_text(b),
+    }
+}
+
+fn describe(out: &[Value]) -> String {
+    match out {
+        [] => "no output".into(),
+        [v] => {
+            let s = v.to_string();
+            if s.chars().count() > 60 {
+                format!("{}…", s.chars().take(60).collect::<String>())
+            } else {
+                s
+            }
+        }
+        many => format!("{} outputs", many.len()),
+    }
+}
+
+/// JSON text with object keys sorted and no whitespace.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_forms() {
+        let p = Program::compile(".data", &[]).unwrap();
+        assert_eq!(
+            extract_records(&p, &json!({"data": [1, 2]})).unwrap(),
+            vec![json!(1), json!(2)]
+        );
+        assert!(extract_records(&p, &json!({})).unwrap().is_empty());
+        let e = extract_records(&p, &json!({"data": {"a": 1}})).unwrap_err();
+        assert!(e.contains("expected an array"), "{e}");
+        let p = Program::compile(".data[]", &[]).unwrap();
+        assert_eq!(
+            extract_records(&p, &json!({"data": [{"a": 1}, {"a": 2}]})).unwrap(),
+            vec![json!({"a": 1}), json!({"a": 2})]
+        );
+    }
+
+    #[test]
+    fn cursor_order() {
+        assert!(cursor_gt(&json!(10), &json!(9)));
+        assert!(!cursor_gt(&json!(9.5), &json!(10)));
+        assert!(cursor_gt(
+            &json!("2024-01-02T00:00:00Z"),
+            &json!("2024-01-01T23:59:59Z")
+        ));
+        assert_eq!(cursor_text(&json!("a b")), "a b");
+        assert_eq!(cursor_text(&json!(42)), "42");
+    }
+}
