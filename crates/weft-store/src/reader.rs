@@ -81,7 +81,7 @@ pub struct DlqFilter {
 
 /// A read-only connection.
 pub struct Reader {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 impl Reader {
