@@ -5,7 +5,9 @@
 //! lanes ([`delivery`], one per flow and destination) -> sink. See
 //! ARCHITECTURE.md for the guarantees.
 
+pub mod contracts;
 pub mod delivery;
+pub mod drift;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
@@ -22,7 +24,7 @@ use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
 use weft_core::config::Config;
 use weft_store::Store;
 
-pub use ingest::{prepare, run_flow};
+pub use ingest::{prepare, prepare_with, run_flow};
 
 /// The runtime could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,7 @@ impl Runtime {
                 .collect();
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
+                drift: Some(Arc::new(drift::Tracker::open(&store, name, &flows))),
                 flows,
                 store: store.clone(),
                 wake,

@@ -109,7 +109,7 @@ impl Contract {
                 e.instance_path().as_str()
             ));
         }
-        let mut opts = jsonschema::options();
+        let mut opts = jsonschema::options().should_validate_formats(true);
         if schema.get("$schema").is_none() {
             opts = opts.with_draft(jsonschema::Draft::Draft202012);
         }
