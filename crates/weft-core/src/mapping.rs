@@ -455,7 +455,9 @@ mod tests {
     }
 
     fn run(code: &str, input: Value) -> Result<Value, RunError> {
-        Program::compile(code, &[]).unwrap().run_one(input, json!({}), &[])
+        Program::compile(code, &[])
+            .unwrap()
+            .run_one(input, json!({}), &[])
     }
 
     #[test]
@@ -474,10 +476,17 @@ mod tests {
         );
         assert_eq!(run("split_name", json!(" ")).unwrap(), json!(null));
         assert_eq!(
-            run("join_name", json!({"first": "John", "middle": null, "last": "Smith"})).unwrap(),
+            run(
+                "join_name",
+                json!({"first": "John", "middle": null, "last": "Smith"})
+            )
+            .unwrap(),
             json!("John Smith")
         );
-        assert_eq!(run("join_name", json!(["", null, "X"])).unwrap(), json!("X"));
+        assert_eq!(
+            run("join_name", json!(["", null, "X"])).unwrap(),
+            json!("X")
+        );
         for (name, want) in [
             ("Acme Ltd", "Acme"),
             ("Acme Limited", "Acme"),
@@ -486,9 +495,16 @@ mod tests {
             ("Globex GmbH", "Globex"),
             ("Limited Editions Co", "Limited Editions"),
         ] {
-            assert_eq!(run("normalize_company", json!(name)).unwrap(), json!(want), "{name}");
+            assert_eq!(
+                run("normalize_company", json!(name)).unwrap(),
+                json!(want),
+                "{name}"
+            );
         }
-        assert_eq!(run("company_key", json!("ACME, Inc.")).unwrap(), json!("acme"));
+        assert_eq!(
+            run("company_key", json!("ACME, Inc.")).unwrap(),
+            json!("acme")
+        );
     }
 
     #[test]
@@ -504,7 +520,11 @@ mod tests {
             (json!(1709633472), "2024-03-05T10:11:12Z"),
             (json!(1709633472000_i64), "2024-03-05T10:11:12Z"),
         ] {
-            assert_eq!(run("to_iso8601", input.clone()).unwrap(), json!(want), "{input}");
+            assert_eq!(
+                run("to_iso8601", input.clone()).unwrap(),
+                json!(want),
+                "{input}"
+            );
         }
         assert_eq!(run("to_iso8601", json!("")).unwrap(), json!(null));
         assert!(run("to_iso8601", json!("03/05/2024")).is_err());
@@ -512,7 +532,10 @@ mod tests {
             run(r#"to_iso8601("%m/%d/%Y")"#, json!("03/05/2024")).unwrap(),
             json!("2024-03-05T00:00:00Z")
         );
-        assert_eq!(run("to_date", json!("2024-03-05T23:00:00Z")).unwrap(), json!("2024-03-05"));
+        assert_eq!(
+            run("to_date", json!("2024-03-05T23:00:00Z")).unwrap(),
+            json!("2024-03-05")
+        );
     }
 
     #[test]
@@ -524,22 +547,44 @@ mod tests {
             (json!("1,234"), json!("1234")),
             (json!("1.234.567"), json!("1234567")),
             (json!("-0.10"), json!("-0.10")),
-            (json!("12345678901234567890.123456789"), json!("12345678901234567890.123456789")),
+            (
+                json!("12345678901234567890.123456789"),
+                json!("12345678901234567890.123456789"),
+            ),
             (json!(0.1), json!("0.1")),
             (json!(42), json!("42")),
             (json!("  "), json!(null)),
             (json!(null), json!(null)),
         ] {
-            assert_eq!(run("to_decimal_string", input.clone()).unwrap(), want, "{input}");
+            assert_eq!(
+                run("to_decimal_string", input.clone()).unwrap(),
+                want,
+                "{input}"
+            );
         }
         assert!(run("to_decimal_string", json!("abc")).is_err());
         assert!(run("to_decimal_string", json!([1])).is_err());
         assert_eq!(run("is_missing(.a)", json!({})).unwrap(), json!(true));
-        assert_eq!(run("is_missing(.a)", json!({"a": " "})).unwrap(), json!(true));
-        assert_eq!(run("is_missing(.a)", json!({"a": 0})).unwrap(), json!(false));
-        assert_eq!(run("is_missing(.a.b)", json!({"a": 3})).unwrap(), json!(true));
-        assert_eq!(run(".a | blank_to_null", json!({"a": ""})).unwrap(), json!(null));
-        assert_eq!(run(".a | blank_to_null", json!({"a": "x"})).unwrap(), json!("x"));
+        assert_eq!(
+            run("is_missing(.a)", json!({"a": " "})).unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            run("is_missing(.a)", json!({"a": 0})).unwrap(),
+            json!(false)
+        );
+        assert_eq!(
+            run("is_missing(.a.b)", json!({"a": 3})).unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            run(".a | blank_to_null", json!({"a": ""})).unwrap(),
+            json!(null)
+        );
+        assert_eq!(
+            run(".a | blank_to_null", json!({"a": "x"})).unwrap(),
+            json!("x")
+        );
     }
 
     #[test]

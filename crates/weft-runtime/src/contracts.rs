@@ -38,7 +38,12 @@ pub fn check_destination(flow: &Flow, d: &Destination, payload: &Value) -> Resul
         return Ok(());
     }
     let vs = c.violations(payload, flow.data.sensitive());
-    violated(flow, &format!("contract of `{}`", d.system), "destination", &vs)
+    violated(
+        flow,
+        &format!("contract of `{}`", d.system),
+        "destination",
+        &vs,
+    )
 }
 
 /// Every violation of a mapped record and of its payloads, whatever the
@@ -50,7 +55,12 @@ pub fn violations_of(flow: &Flow, mapped: &Value) -> Vec<Violation> {
     }
 }
 
-fn violated(flow: &Flow, what: &str, boundary: &'static str, vs: &[Violation]) -> Result<(), FlowOutcome> {
+fn violated(
+    flow: &Flow,
+    what: &str,
+    boundary: &'static str,
+    vs: &[Violation],
+) -> Result<(), FlowOutcome> {
     let mode = match flow.data.on_violation {
         OnViolation::DeadLetter => "dead_letter",
         OnViolation::Reject => "reject",
@@ -79,12 +89,16 @@ fn violated(flow: &Flow, what: &str, boundary: &'static str, vs: &[Violation]) -
 
 /// The reason to refuse a prepared batch: a `reject`-mode violation.
 pub fn refusal(batch: &IngestBatch) -> Option<String> {
-    batch.events.iter().flat_map(|e| &e.outcomes).find_map(|o| match o {
-        FlowOutcome::Rejected {
-            flow,
-            stage: Stage::Map,
-            error,
-        } if error.starts_with(REJECT_PREFIX) => Some(format!("flow `{flow}`: {error}")),
-        _ => None,
-    })
+    batch
+        .events
+        .iter()
+        .flat_map(|e| &e.outcomes)
+        .find_map(|o| match o {
+            FlowOutcome::Rejected {
+                flow,
+                stage: Stage::Map,
+                error,
+            } if error.starts_with(REJECT_PREFIX) => Some(format!("flow `{flow}`: {error}")),
+            _ => None,
+        })
 }

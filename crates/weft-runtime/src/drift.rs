@@ -147,9 +147,9 @@ impl Tracker {
         sensitive.sort();
         sensitive.dedup();
         let t = Tracker::new(source, sensitive);
-        let loaded = store.reader().and_then(|r| {
-            Ok((r.stream_shape(source)?, r.drift_events(Some(source))?))
-        });
+        let loaded = store
+            .reader()
+            .and_then(|r| Ok((r.stream_shape(source)?, r.drift_events(Some(source))?)));
         match loaded {
             Ok((shape, events)) => {
                 if let Ok(mut st) = t.state.lock() {
@@ -161,7 +161,9 @@ impl Tracker {
                     }
                 }
             }
-            Err(e) => tracing::warn!(source, error = %e, "cannot load the stream shape; learning it anew"),
+            Err(e) => {
+                tracing::warn!(source, error = %e, "cannot load the stream shape; learning it anew")
+            }
         }
         t
     }
@@ -225,7 +227,14 @@ impl Tracker {
         Some(parts.join("; "))
     }
 
-    fn record(&self, st: &mut State, kind: &str, path: &str, detail: String, example: String) -> usize {
+    fn record(
+        &self,
+        st: &mut State,
+        kind: &str,
+        path: &str,
+        detail: String,
+        example: String,
+    ) -> usize {
         let (k, new) = st.key(kind, path, &detail);
         if new {
             st.pending.entry(k).or_default().0 = example.clone();
@@ -415,7 +424,8 @@ impl State {
                 self.type_changed.insert((path.to_owned(), tbit_of(to)), k);
             }
             "new_enum_value" => {
-                self.enum_value.insert((path.to_owned(), detail.to_owned()), k);
+                self.enum_value
+                    .insert((path.to_owned(), detail.to_owned()), k);
             }
             _ => {}
         }
@@ -528,16 +538,28 @@ mod tests {
         assert!(t.observe(&rec(6, json!(["x"]))).is_some());
         assert_eq!(t.observe(&rec(7, json!("plain"))), None);
         let b = t.take().unwrap();
-        let types: Vec<_> = b.events.iter().filter(|e| e.kind == "type_changed").collect();
+        let types: Vec<_> = b
+            .events
+            .iter()
+            .filter(|e| e.kind == "type_changed")
+            .collect();
         assert_eq!(types.len(), 1, "{:?}", b.events);
         assert_eq!(types[0].count, 2);
         assert_eq!(types[0].example, r#"["vip","gold"]"#);
         // the array element path is new too
-        assert!(b.events.iter().any(|e| e.kind == "new_field" && e.path == "/tags/*"));
+        assert!(
+            b.events
+                .iter()
+                .any(|e| e.kind == "new_field" && e.path == "/tags/*")
+        );
         // nothing new afterwards
         t.observe(&rec(8, json!(["y"])));
         let b = t.take().unwrap();
-        assert!(b.events.iter().all(|e| e.example.is_empty()), "{:?}", b.events);
+        assert!(
+            b.events.iter().all(|e| e.example.is_empty()),
+            "{:?}",
+            b.events
+        );
     }
 
     #[test]

@@ -135,7 +135,9 @@ mod tests {
                 events,
             })
         };
-        store.apply_blocking(batch(vec![ev(1)], Some("{\"v\":1}"))).unwrap();
+        store
+            .apply_blocking(batch(vec![ev(1)], Some("{\"v\":1}")))
+            .unwrap();
         store.apply_blocking(batch(vec![ev(4)], None)).unwrap();
         let r = store.reader().unwrap();
         let evs = r.drift_events(None).unwrap();

@@ -157,7 +157,10 @@ const COMPARED: &[&str] = &[
 fn types(s: &Value) -> Option<BTreeSet<String>> {
     let mut t: BTreeSet<String> = match s.get("type")? {
         Value::String(x) => [x.clone()].into(),
-        Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect(),
         _ => return None,
     };
     if t.contains("number") {
@@ -188,9 +191,20 @@ fn closed(s: &Value) -> bool {
     s.get("additionalProperties") == Some(&Value::Bool(false))
 }
 
-fn push(out: &mut Vec<Change>, path: &str, change: &'static str, detail: String, bw: bool, fw: bool) {
+fn push(
+    out: &mut Vec<Change>,
+    path: &str,
+    change: &'static str,
+    detail: String,
+    bw: bool,
+    fw: bool,
+) {
     out.push(Change {
-        path: if path.is_empty() { "/".into() } else { path.to_owned() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_owned()
+        },
         change,
         detail,
         breaks_backward: bw,
@@ -205,7 +219,8 @@ fn cmp(old: &Value, new: &Value, path: &str, out: &mut Vec<Change>) {
     // `true`/`{}` accept anything, `false` nothing
     let (o, n) = (old.as_object(), new.as_object());
     let (Some(o), Some(n)) = (o, n) else {
-        let any = |v: &Value| v == &Value::Bool(true) || v.as_object().is_some_and(|m| m.is_empty());
+        let any =
+            |v: &Value| v == &Value::Bool(true) || v.as_object().is_some_and(|m| m.is_empty());
         push(
             out,
             path,
@@ -225,7 +240,14 @@ fn cmp(old: &Value, new: &Value, path: &str, out: &mut Vec<Change>) {
             (false, true) => ("type_widened", false, true),
             _ => ("type_changed", true, true),
         };
-        push(out, path, change, format!("{} -> {}", show(&ot), show(&nt)), bw, fw);
+        push(
+            out,
+            path,
+            change,
+            format!("{} -> {}", show(&ot), show(&nt)),
+            bw,
+            fw,
+        );
     }
     // enum
     let en = |s: &serde_json::Map<String, Value>| s.get("enum").and_then(Value::as_array).cloned();
@@ -242,27 +264,64 @@ fn cmp(old: &Value, new: &Value, path: &str, out: &mut Vec<Change>) {
                 }
             }
         }
-        (None, Some(b)) => push(out, path, "type_narrowed", format!("enum {} added", Value::Array(b)), true, false),
-        (Some(a), None) => push(out, path, "type_widened", format!("enum {} removed", Value::Array(a)), false, true),
+        (None, Some(b)) => push(
+            out,
+            path,
+            "type_narrowed",
+            format!("enum {} added", Value::Array(b)),
+            true,
+            false,
+        ),
+        (Some(a), None) => push(
+            out,
+            path,
+            "type_widened",
+            format!("enum {} removed", Value::Array(a)),
+            false,
+            true,
+        ),
         (None, None) => {}
     }
     // required
     let req = |s: &serde_json::Map<String, Value>| -> BTreeSet<String> {
         s.get("required")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let (or, nr) = (req(o), req(n));
     for r in nr.difference(&or) {
-        push(out, &format!("{path}/{r}"), "required_added", format!("`{r}` is now required"), true, false);
+        push(
+            out,
+            &format!("{path}/{r}"),
+            "required_added",
+            format!("`{r}` is now required"),
+            true,
+            false,
+        );
     }
     for r in or.difference(&nr) {
-        push(out, &format!("{path}/{r}"), "required_removed", format!("`{r}` is no longer required"), false, true);
+        push(
+            out,
+            &format!("{path}/{r}"),
+            "required_removed",
+            format!("`{r}` is no longer required"),
+            false,
+            true,
+        );
     }
     // properties
     let empty = serde_json::Map::new();
-    let props = |s: &serde_json::Map<String, Value>| s.get("properties").and_then(Value::as_object).cloned().unwrap_or_else(|| empty.clone());
+    let props = |s: &serde_json::Map<String, Value>| {
+        s.get("properties")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_else(|| empty.clone())
+    };
     let (op, np) = (props(o), props(n));
     for (k, ns) in &np {
         let p = format!("{path}/{k}");
@@ -270,20 +329,48 @@ fn cmp(old: &Value, new: &Value, path: &str, out: &mut Vec<Change>) {
             Some(os) => cmp(os, ns, &p, out),
             None => {
                 // old data had it only if the old schema was open: its type was unknown
-                push(out, &p, "field_added", "optional field added".into(), false, closed(old));
+                push(
+                    out,
+                    &p,
+                    "field_added",
+                    "optional field added".into(),
+                    false,
+                    closed(old),
+                );
             }
         }
     }
     for k in op.keys() {
         if !np.contains_key(k) {
             let p = format!("{path}/{k}");
-            push(out, &p, "field_removed", "field removed".into(), closed(new), false);
+            push(
+                out,
+                &p,
+                "field_removed",
+                "field removed".into(),
+                closed(new),
+                false,
+            );
         }
     }
     // additionalProperties
     match (closed(old), closed(new)) {
-        (false, true) => push(out, path, "content_closed", "additionalProperties: false added".into(), true, false),
-        (true, false) => push(out, path, "content_opened", "additionalProperties: false removed".into(), false, true),
+        (false, true) => push(
+            out,
+            path,
+            "content_closed",
+            "additionalProperties: false added".into(),
+            true,
+            false,
+        ),
+        (true, false) => push(
+            out,
+            path,
+            "content_opened",
+            "additionalProperties: false removed".into(),
+            false,
+            true,
+        ),
         _ => {}
     }
     // items

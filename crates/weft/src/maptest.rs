@@ -44,11 +44,14 @@ pub fn map(cmd: MapCmd) -> Result<ExitCode> {
     let mut inputs: Vec<(String, String)> = Vec::new();
     if t.files.is_empty() || t.files.iter().any(|f| f.as_os_str() == "-") {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("cannot read stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read stdin")?;
         inputs.push(("stdin".into(), s));
     }
     for f in t.files.iter().filter(|f| f.as_os_str() != "-") {
-        let s = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let s =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
         inputs.push((f.display().to_string(), s));
     }
     let (mut n, mut failed) = (0usize, 0usize);
@@ -78,11 +81,21 @@ pub fn map(cmd: MapCmd) -> Result<ExitCode> {
                     if let Some(m) = &flow.mapping
                         && let Ok(mapped) = m.run_one(data.clone(), attrs.clone(), &[])
                     {
-                        bad.extend(weft_runtime::contracts::violations_of(flow, &mapped).into_iter().map(|v| format!("entity: {v}")));
+                        bad.extend(
+                            weft_runtime::contracts::violations_of(flow, &mapped)
+                                .into_iter()
+                                .map(|v| format!("entity: {v}")),
+                        );
                     }
                     for (d, spec) in deliveries.iter().zip(&flow.destinations) {
-                        if let (Some(c), Ok(p)) = (&spec.contract, serde_json::from_str::<Value>(&d.payload)) {
-                            bad.extend(c.violations(&p, flow.data.sensitive()).into_iter().map(|v| format!("contract of `{}`: {v}", d.destination)));
+                        if let (Some(c), Ok(p)) =
+                            (&spec.contract, serde_json::from_str::<Value>(&d.payload))
+                        {
+                            bad.extend(
+                                c.violations(&p, flow.data.sensitive())
+                                    .into_iter()
+                                    .map(|v| format!("contract of `{}`: {v}", d.destination)),
+                            );
                         }
                     }
                     if bad.is_empty() {
@@ -102,7 +115,11 @@ pub fn map(cmd: MapCmd) -> Result<ExitCode> {
         }
     }
     println!("{} passed, {} failed", n - failed, failed);
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// A file's records: one JSON document (an array is a list of records), or

@@ -39,7 +39,15 @@ fn canonical_example_validates_and_maps_both_systems_into_one_shape() {
 
     let (code, stdout, stderr) = out(&weft_cmd(
         &dir,
-        &["map", "test", "-c", "weft.yaml", "--flow", "crm_customers", "samples/crm.jsonl"],
+        &[
+            "map",
+            "test",
+            "-c",
+            "weft.yaml",
+            "--flow",
+            "crm_customers",
+            "samples/crm.jsonl",
+        ],
     ));
     assert_eq!(code, 0, "{stdout}{stderr}");
     let crm = payloads(&stdout);
@@ -54,10 +62,10 @@ fn canonical_example_validates_and_maps_both_systems_into_one_shape() {
         [
             "CUSTOMER_ACTIVE",
             "PROSPECT",
-            "PARTNER_CHANNEL",     // partner + reseller
-            "PARTNER_TECHNOLOGY",  // partner + technology
+            "PARTNER_CHANNEL",    // partner + reseller
+            "PARTNER_TECHNOLOGY", // partner + technology
             "SUPPLIER",
-            "UNCLASSIFIED"         // "other": no equivalent, the default
+            "UNCLASSIFIED" // "other": no equivalent, the default
         ]
     );
     // decimals stay strings, whatever the input's notation
@@ -66,13 +74,29 @@ fn canonical_example_validates_and_maps_both_systems_into_one_shape() {
 
     let (code, stdout, stderr) = out(&weft_cmd(
         &dir,
-        &["map", "test", "-c", "weft.yaml", "--flow", "shop_customers", "-"],
+        &[
+            "map",
+            "test",
+            "-c",
+            "weft.yaml",
+            "--flow",
+            "shop_customers",
+            "-",
+        ],
     ));
     // stdin is empty here: no records, nothing failed
     assert_eq!(code, 0, "{stdout}{stderr}");
     let (code, stdout, stderr) = out(&weft_cmd(
         &dir,
-        &["map", "test", "-c", "weft.yaml", "--flow", "shop_customers", "samples/shop.jsonl"],
+        &[
+            "map",
+            "test",
+            "-c",
+            "weft.yaml",
+            "--flow",
+            "shop_customers",
+            "samples/shop.jsonl",
+        ],
     ));
     assert_eq!(code, 0, "{stdout}{stderr}");
     let shop = payloads(&stdout);
@@ -95,16 +119,30 @@ fn bad_records_fail_map_test_with_masked_violations() {
     let dir = example_dir();
     let (code, stdout, _) = out(&weft_cmd(
         &dir,
-        &["map", "test", "-c", "weft.yaml", "--flow", "crm_customers", "samples/crm_bad.jsonl"],
+        &[
+            "map",
+            "test",
+            "-c",
+            "weft.yaml",
+            "--flow",
+            "crm_customers",
+            "samples/crm_bad.jsonl",
+        ],
     ));
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("0 passed, 3 failed"), "{stdout}");
     // format: email on a sensitive field: the path and rule, never the value
-    assert!(stdout.contains("/email must satisfy `format: \"email\"`"), "{stdout}");
+    assert!(
+        stdout.contains("/email must satisfy `format: \"email\"`"),
+        "{stdout}"
+    );
     assert!(stdout.contains("(value: \"***\")"), "{stdout}");
     assert!(!stdout.contains("not-an-email"), "{stdout}");
     assert!(stdout.contains("/last_name"), "{stdout}");
-    assert!(stdout.contains("to_decimal_string: `lots` is not a number"), "{stdout}");
+    assert!(
+        stdout.contains("to_decimal_string: `lots` is not a number"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -172,7 +210,10 @@ flows:
             "expected {what} at {line}:\n{stderr}"
         );
     }
-    assert!(stderr.contains("`reject` refuses the request of a webhook"), "{stderr}");
+    assert!(
+        stderr.contains("`reject` refuses the request of a webhook"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -190,15 +231,29 @@ fn contract_check_reports_compatibility_and_exits_by_mode() {
     let (code, stdout, _) = out(&weft_cmd(d, &["contract", "check", "v1.json", "v2.json"]));
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("compatibility backward"), "{stdout}");
-    assert!(stdout.contains("/tier enum_value_added: \"C\" (breaks forward)"), "{stdout}");
-    let (code, _, _) = out(&weft_cmd(d, &["contract", "check", "v1.json", "v2.json", "--mode", "full"]));
+    assert!(
+        stdout.contains("/tier enum_value_added: \"C\" (breaks forward)"),
+        "{stdout}"
+    );
+    let (code, _, _) = out(&weft_cmd(
+        d,
+        &["contract", "check", "v1.json", "v2.json", "--mode", "full"],
+    ));
     assert_eq!(code, 1);
-    let (code, stdout, _) = out(&weft_cmd(d, &["contract", "check", "v1.json", "v3.json", "--json"]));
+    let (code, stdout, _) = out(&weft_cmd(
+        d,
+        &["contract", "check", "v1.json", "v3.json", "--json"],
+    ));
     assert_eq!(code, 1, "{stdout}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["compatibility"], "forward");
     assert_eq!(v["changes"][0]["change"], "required_added");
-    let (code, _, _) = out(&weft_cmd(d, &["contract", "check", "v1.json", "v3.json", "--mode", "forward"]));
+    let (code, _, _) = out(&weft_cmd(
+        d,
+        &[
+            "contract", "check", "v1.json", "v3.json", "--mode", "forward",
+        ],
+    ));
     assert_eq!(code, 0);
 }
 
@@ -227,23 +282,38 @@ flows:
     std::fs::write(d.join("weft.yaml"), cfg).unwrap();
     let (code, stdout, stderr) = out(&weft_cmd(
         d,
-        &["run", "weft.yaml", "--until-idle", "--listen", "127.0.0.1:0"],
+        &[
+            "run",
+            "weft.yaml",
+            "--until-idle",
+            "--listen",
+            "127.0.0.1:0",
+        ],
     ));
     assert_eq!(code, 0, "{stdout}{stderr}");
     let written = std::fs::read_to_string(d.join("out.jsonl")).unwrap();
     assert_eq!(written.lines().count(), 10);
 
-    let (code, stdout, _) = out(&weft_cmd(d, &["drift", "list", "-c", "weft.yaml", "--json"]));
+    let (code, stdout, _) = out(&weft_cmd(
+        d,
+        &["drift", "list", "-c", "weft.yaml", "--json"],
+    ));
     assert_eq!(code, 0);
     let events: Vec<Value> = serde_json::from_str(&stdout).unwrap();
-    let changed: Vec<&Value> = events.iter().filter(|e| e["kind"] == "type_changed").collect();
+    let changed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "type_changed")
+        .collect();
     assert_eq!(changed.len(), 1, "{stdout}");
     assert_eq!(changed[0]["path"], "/tags");
     assert_eq!(changed[0]["detail"], "string -> array");
     assert_eq!(changed[0]["count"], 2);
     assert_eq!(changed[0]["example"], "[\"VIP\",\"Gold\"]");
     let (_, text, _) = out(&weft_cmd(d, &["drift", "list", "-c", "weft.yaml"]));
-    assert!(text.contains("crm type_changed /tags string -> array (2 records"), "{text}");
+    assert!(
+        text.contains("crm type_changed /tags string -> array (2 records"),
+        "{text}"
+    );
 
     // quarantined with the drift as the error, not a mapping failure
     let (_, dlq, _) = out(&weft_cmd(d, &["dlq", "list", "-c", "weft.yaml", "--json"]));
@@ -251,12 +321,27 @@ flows:
     assert_eq!(dlq.len(), 2, "{dlq:?}");
     for e in &dlq {
         let err = e["error"].as_str().unwrap();
-        assert!(err.starts_with("drift: type_changed /tags (string -> array)"), "{err}");
+        assert!(
+            err.starts_with("drift: type_changed /tags (string -> array)"),
+            "{err}"
+        );
     }
     // a second run sees nothing new: the shape was kept
-    let (code, _, _) = out(&weft_cmd(d, &["run", "weft.yaml", "--until-idle", "--listen", "127.0.0.1:0"]));
+    let (code, _, _) = out(&weft_cmd(
+        d,
+        &[
+            "run",
+            "weft.yaml",
+            "--until-idle",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    ));
     assert_eq!(code, 0);
-    let (_, stdout, _) = out(&weft_cmd(d, &["drift", "list", "-c", "weft.yaml", "--json"]));
+    let (_, stdout, _) = out(&weft_cmd(
+        d,
+        &["drift", "list", "-c", "weft.yaml", "--json"],
+    ));
     let again: Vec<Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(again.len(), events.len());
 }

@@ -23,8 +23,8 @@ use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::Issue;
-use super::raw::{RawEntity, RawFlow, RawValueMap, RawValueTarget};
 pub use super::raw::{OnDrift, OnViolation};
+use super::raw::{RawEntity, RawFlow, RawValueMap, RawValueTarget};
 use crate::mapping::Program;
 
 /// Entities and value maps of a config.
@@ -80,7 +80,9 @@ pub struct Contract {
 
 impl fmt::Debug for Contract {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Contract").field("file", &self.file).finish()
+        f.debug_struct("Contract")
+            .field("file", &self.file)
+            .finish()
     }
 }
 
@@ -138,7 +140,10 @@ impl Contract {
             let keyword = e.kind().keyword().to_owned();
             let (pointer, value, message) = match e.kind() {
                 jsonschema::error::ValidationErrorKind::Required { property } => {
-                    let name = property.as_str().map(str::to_owned).unwrap_or_else(|| property.to_string());
+                    let name = property
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| property.to_string());
                     (
                         format!("{at}/{}", escape_pointer(&name)),
                         "(missing)".to_owned(),
@@ -166,7 +171,11 @@ impl Contract {
                 }
             };
             out.push(Violation {
-                pointer: if pointer.is_empty() { "/".into() } else { pointer },
+                pointer: if pointer.is_empty() {
+                    "/".into()
+                } else {
+                    pointer
+                },
                 keyword,
                 value,
                 message,
@@ -204,7 +213,10 @@ impl fmt::Display for Violation {
 
 /// Violations as one line: `a; b; c`.
 pub fn describe(vs: &[Violation]) -> String {
-    vs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    vs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether `pointer` is, or is inside, one of `sensitive`.
@@ -267,7 +279,10 @@ pub struct FlowData {
 impl FlowData {
     /// Sensitive pointers to mask for this flow.
     pub fn sensitive(&self) -> &[String] {
-        self.entity.as_ref().map(|e| &e.sensitive[..]).unwrap_or(&[])
+        self.entity
+            .as_ref()
+            .map(|e| &e.sensitive[..])
+            .unwrap_or(&[])
     }
 }
 
@@ -291,13 +306,13 @@ pub(super) fn model(
     let mut model = DataModel::default();
     for (name, e) in entities {
         let p = format!("entities.{name}");
-        let load = |issues: &mut Vec<Issue>, path: &str, f: &Spanned<String>| {
-            match Contract::load(&base.join(&f.value)) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(m) => {
-                    issue(issues, path, Some(f), m);
-                    None
-                }
+        let load = |issues: &mut Vec<Issue>, path: &str, f: &Spanned<String>| match Contract::load(
+            &base.join(&f.value),
+        ) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(m) => {
+                issue(issues, path, Some(f), m);
+                None
             }
         };
         let contract = load(issues, &format!("{p}.contract"), &e.contract);
@@ -456,7 +471,11 @@ pub(super) fn flow(
         );
     }
     let mut programs: Vec<(String, &Spanned<String>)> = Vec::new();
-    for (what, c) in [("filter", &f.filter), ("key", &f.key), ("mapping", &f.mapping)] {
+    for (what, c) in [
+        ("filter", &f.filter),
+        ("key", &f.key),
+        ("mapping", &f.mapping),
+    ] {
         if let Some(c) = c {
             programs.push((format!("{p}.{what}"), c));
         }
@@ -565,8 +584,14 @@ mod tests {
             &["/email".to_owned()],
         );
         let text = describe(&v);
-        assert!(text.contains("/id must satisfy `type: \"string\"` [type] (value: 7)"), "{text}");
-        assert!(text.contains("/email") && text.contains("(value: \"***\")"), "{text}");
+        assert!(
+            text.contains("/id must satisfy `type: \"string\"` [type] (value: 7)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/email") && text.contains("(value: \"***\")"),
+            "{text}"
+        );
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("/tier") && text.contains("[enum]"), "{text}");
         let v = c.violations(&json!({"id": "1"}), &[]);
@@ -576,11 +601,16 @@ mod tests {
 
     #[test]
     fn bad_schemas_are_refused() {
-        let e = Contract::from_schema(Path::new("bad.json"), json!({"type": "strng"}))
-            .unwrap_err();
-        assert!(e.contains("bad.json") && e.contains("not a valid JSON Schema"), "{e}");
-        let e = Contract::from_schema(Path::new("bad.json"), json!({"$ref": "https://example.com/x.json"}))
-            .unwrap_err();
+        let e = Contract::from_schema(Path::new("bad.json"), json!({"type": "strng"})).unwrap_err();
+        assert!(
+            e.contains("bad.json") && e.contains("not a valid JSON Schema"),
+            "{e}"
+        );
+        let e = Contract::from_schema(
+            Path::new("bad.json"),
+            json!({"$ref": "https://example.com/x.json"}),
+        )
+        .unwrap_err();
         assert!(e.contains("bad.json"), "{e}");
     }
 
