@@ -522,7 +522,7 @@ mod tests {
     use serde_json::json;
 
     fn rec(i: u64, tags: Value) -> Value {
-        json!({"id": i, "name": format!("n{i}"), "status": if i % 2 == 0 {"open"} else {"closed"}, "tags": tags, "email": format!("u{i}@x.example")})
+        json!({"id": i, "name": format!("n{i}"), "status": if i.is_multiple_of(2) {"open"} else {"closed"}, "tags": tags, "email": format!("u{i}@x.example")})
     }
 
     #[test]

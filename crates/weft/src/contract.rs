@@ -432,8 +432,8 @@ mod tests {
         // enum value added: backward only; removed: forward only
         let mut v2 = v1.clone();
         v2["properties"]["tier"] = json!({"enum": ["A", "B", "C"]});
-        assert_eq!(level(v1.clone(), v2.clone()).0, true);
-        assert_eq!(level(v1.clone(), v2.clone()).1, false);
+        assert!(level(v1.clone(), v2.clone()).0);
+        assert!(!level(v1.clone(), v2.clone()).1);
         let (b, f, _) = level(v2, v1.clone());
         assert!(!b && f);
         // type widened integer -> number: backward only; narrowed the other way

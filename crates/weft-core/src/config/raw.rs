@@ -278,6 +278,8 @@ pub struct RawFlow {
 
 /// A destination of a flow: a system name or a map with options.
 #[derive(Debug)]
+// parsed once per destination at load: the size difference does not matter
+#[allow(clippy::large_enum_variant)]
 pub enum RawDestination {
     /// Just a system name.
     Name(String),
