@@ -393,4 +393,18 @@ flows:
     assert!(!body.contains("secret-not-an-email"), "{body}");
     let (status, body) = post(r#"{"id": 1, "email": "a@b.example"}"#);
     assert!(status < 300, "{status} {body}");
+    // a field turning from string to array: recorded, counted in the metrics
+    let (status, _) = post(r#"{"id": 2, "email": "a@b.example", "tags": "x"}"#);
+    assert!(status < 300);
+    let (status, _) = post(r#"{"id": 3, "email": "a@b.example", "tags": ["x"]}"#);
+    assert!(status < 300);
+    let metrics = client.get(hub.url("/metrics")).send().unwrap().text().unwrap();
+    let line = |name: &str, label: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains(label))
+    };
+    assert!(line("weft_contract_violations_total", "mode=\"reject\""), "{metrics}");
+    assert!(line("weft_drift_events_total", "kind=\"type_changed\""), "{metrics}");
+    assert!(!metrics.contains("secret-not-an-email"));
 }
