@@ -19,12 +19,16 @@ fn config(dir: &Path, on_violation: &str, on_drift: &str) -> Config {
         dir.join("c.json"),
         r#"{"type": "object", "required": ["id", "email"], "additionalProperties": false,
             "properties": {"id": {"type": "integer"}, "email": {"type": "string", "format": "email"},
-                           "tier": {"enum": ["A", "B"]}, "tags": {}}}"#,
+                           "tier": {"enum": ["A", "B"]}, "tags": {}, "first_name": {"type": "string"},
+                           "last_name": {"type": "string"}, "company": {"type": "string"},
+                           "updated_at": {"type": "string", "format": "date-time"},
+                           "address": {"type": "object", "properties": {"street": {"type": "string"},
+                               "city": {"type": "string"}, "postal_code": {"type": "string"}, "country": {"type": "string"}}}}}"#,
     )
     .unwrap();
     std::fs::write(
         dir.join("dest.json"),
-        r#"{"type": "object", "required": ["ref"], "properties": {"ref": {"type": "string", "maxLength": 3}}}"#,
+        r#"{"type": "object", "required": ["ref"], "properties": {"ref": {"type": "string", "maxLength": 8}}}"#,
     )
     .unwrap();
     let text = format!(
@@ -127,7 +131,7 @@ fn destination_contract_is_checked_before_the_write() {
         FlowOutcome::Routed { .. }
     ));
     // the entity passes; the destination's `ref` is longer than its contract allows
-    match run(&cfg, json!({"id": 12345, "email": "a@b.example"})) {
+    match run(&cfg, json!({"id": 123456789, "email": "a@b.example"})) {
         FlowOutcome::Rejected { error, .. } => {
             assert!(error.contains("contract of `out`"), "{error}");
             assert!(
@@ -190,7 +194,13 @@ fn overhead_per_record() {
     .unwrap();
     let n = 200_000u64;
     let recs: Vec<Value> = (0..n)
-        .map(|i| json!({"id": i, "email": format!("u{i}@x.example"), "tier": if i.is_multiple_of(2) {"A"} else {"B"}, "tags": ["x"]}))
+        // shaped like the bench's CRM contacts: 11 fields, one nested object, one enum
+        .map(|i| {
+            json!({"id": i, "email": format!("u{i}@x.example"), "tier": if i.is_multiple_of(2) {"A"} else {"B"},
+                   "tags": ["x"], "first_name": format!("F{i}"), "last_name": format!("L{i}"),
+                   "company": format!("Company {}", i % 5000), "updated_at": "2024-03-05T10:11:12Z",
+                   "address": {"street": format!("{i} Main St"), "city": "Springfield", "postal_code": format!("{:05}", i % 99999), "country": "US"}})
+        })
         .collect();
     let time = |flows: &[Arc<config::Flow>], tracker: Option<&Tracker>| {
         let t = Instant::now();
@@ -201,6 +211,13 @@ fn overhead_per_record() {
             };
             let b = prepare_with("crm", flows, batch, tracker);
             assert_eq!(b.events.len(), chunk.len());
+            assert!(
+                b.events
+                    .iter()
+                    .all(|e| matches!(e.outcomes[0], FlowOutcome::Routed { .. })),
+                "{:?}",
+                b.events[0].outcomes
+            );
         }
         t.elapsed().as_nanos() as f64 / n as f64
     };

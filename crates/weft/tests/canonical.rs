@@ -398,13 +398,24 @@ flows:
     assert!(status < 300);
     let (status, _) = post(r#"{"id": 3, "email": "a@b.example", "tags": ["x"]}"#);
     assert!(status < 300);
-    let metrics = client.get(hub.url("/metrics")).send().unwrap().text().unwrap();
+    let metrics = client
+        .get(hub.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     let line = |name: &str, label: &str| {
         metrics
             .lines()
             .any(|l| l.starts_with(name) && l.contains(label))
     };
-    assert!(line("weft_contract_violations_total", "mode=\"reject\""), "{metrics}");
-    assert!(line("weft_drift_events_total", "kind=\"type_changed\""), "{metrics}");
+    assert!(
+        line("weft_contract_violations_total", "mode=\"reject\""),
+        "{metrics}"
+    );
+    assert!(
+        line("weft_drift_events_total", "kind=\"type_changed\""),
+        "{metrics}"
+    );
     assert!(!metrics.contains("secret-not-an-email"));
 }
