@@ -62,6 +62,9 @@ pub enum IngestError {
     /// The store failed.
     #[error("store error: {0}")]
     Store(String),
+    /// The records break a contract whose flow says `on_violation: reject`.
+    #[error("rejected: {0}")]
+    Rejected(String),
 }
 
 /// The runtime's door for sources.

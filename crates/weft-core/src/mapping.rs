@@ -10,6 +10,13 @@
 //!
 //! Running a program never panics and never exits the process: jq's `halt`
 //! and `error` both come back as a [`RunError`].
+//!
+//! Every program is compiled with weft's helper definitions ([`HELPERS`]):
+//! `split_name`, `join_name`, `normalize_company`, `company_key`,
+//! `to_iso8601`, `to_iso8601(fmt)`, `to_date`, `to_decimal_string`,
+//! `is_missing(f)`, `blank_to_null`; programs compiled from a config also get
+//! the config's value maps as `valuemap("name")` and `valuemap("name"; v)`
+//! (see [`Program::compile_with`] and `config::entities`).
 
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Vars, data};
@@ -50,9 +57,15 @@ impl Program {
     /// Compile `code`; `vars` names extra global variables (without `$`)
     /// that [`Program::run`] will be given, in order, after `$event`.
     pub fn compile(code: &str, vars: &[&str]) -> Result<Program, CompileError> {
+        Program::compile_with(code, vars, "")
+    }
+
+    /// Like [`Program::compile`], with extra jq definitions (`def f: ...;`)
+    /// visible to the program: the config's value maps.
+    pub fn compile_with(code: &str, vars: &[&str], prelude: &str) -> Result<Program, CompileError> {
         let mut names: Vec<String> = vec!["$event".to_owned()];
         names.extend(vars.iter().map(|v| format!("${v}")));
-        let filter = compile(code, &names)?;
+        let filter = compile(code, &names, prelude)?;
         Ok(Program {
             code: code.to_owned(),
             vars: names,
@@ -117,10 +130,27 @@ impl Program {
     }
 }
 
-fn compile(code: &str, global_vars: &[String]) -> Result<jaq_core::Filter<Data>, CompileError> {
+fn compile(
+    code: &str,
+    global_vars: &[String],
+    prelude: &str,
+) -> Result<jaq_core::Filter<Data>, CompileError> {
+    let helpers = parse_defs(HELPERS, "weft's helper definitions")?;
+    let extra = if prelude.trim().is_empty() {
+        Vec::new()
+    } else {
+        parse_defs(prelude, "the value maps")?
+    };
+    type Def<'s> = jaq_core::load::parse::Def<&'s str>;
+    fn widen<'s>(d: Def<'static>) -> Def<'s> {
+        d
+    }
     let defs = jaq_core::defs()
         .chain(jaq_std::defs())
-        .chain(jaq_json::defs());
+        .chain(jaq_json::defs())
+        .map(widen)
+        .chain(helpers.into_iter().map(widen))
+        .chain(extra);
     let funs = jaq_core::funs()
         .chain(jaq_std::funs())
         .chain(jaq_json::funs());
@@ -175,6 +205,126 @@ fn compile(code: &str, global_vars: &[String]) -> Result<jaq_core::Filter<Data>,
             }
         })
 }
+
+fn parse_defs<'s>(
+    text: &'s str,
+    what: &str,
+) -> Result<Vec<jaq_core::load::parse::Def<&'s str>>, CompileError> {
+    use jaq_core::load::{Lexer, Parser};
+    let fail = |msg: String, part: Option<&str>| {
+        let e = located(text, msg, part);
+        CompileError {
+            message: format!(
+                "{what} do not parse: {} (line {}, column {} of them)",
+                e.message, e.line, e.column
+            ),
+            line: 1,
+            column: 1,
+        }
+    };
+    let tokens = Lexer::new(text).lex().map_err(|e| {
+        let part = e.first().map(|x| x.1);
+        fail("lexing failed".to_owned(), part)
+    })?;
+    Parser::new(&tokens).parse(|p| p.defs()).map_err(|e| {
+        let (msg, part) = match e.first() {
+            Some((expect, found)) => (
+                format!("expected {}", expect.as_str()),
+                found.map(|t| t.0).or(Some("")),
+            ),
+            None => ("parsing failed".to_owned(), None),
+        };
+        fail(msg, part)
+    })
+}
+
+/// jq definitions compiled with every program. Semantics:
+/// - `split_name`: `"John Smith"`, `"J. Smith"`, `"Smith, John"`,
+///   `"John Paul Smith"` -> `{first, middle, last}` (missing parts are null;
+///   spaces collapsed). Null or blank input gives null.
+/// - `join_name`: `{first, middle, last}` or an array -> one string,
+///   skipping null and blank parts.
+/// - `normalize_company`: trims, collapses spaces, drops punctuation at the
+///   end and one legal-form suffix (Ltd, Limited, Inc, LLC, GmbH, PLC, ...):
+///   `"Acme Ltd"` and `"Acme Limited."` -> `"Acme"`.
+/// - `company_key`: `normalize_company`, lower case, letters and digits only:
+///   a matching key.
+/// - `to_iso8601`: ISO dates (`2024-03-05`), ISO date-times with or
+///   without offset, `YYYY-MM-DD HH:MM[:SS]`, `DD.MM.YYYY`, epoch seconds or
+///   milliseconds (numbers) -> `2024-03-05T00:00:00Z` (UTC). Ambiguous forms
+///   such as `03/05/2024` are an error: use `to_iso8601("%m/%d/%Y")`.
+/// - `to_date`: like `to_iso8601`, only the date: `2024-03-05`.
+/// - `to_decimal_string`: a number or a string such as `"1,234.50"`,
+///   `"1.234,50"`, `"€ 12,5"` -> a plain decimal string (`"1234.50"`) without
+///   going through a float; null or blank -> null; anything else is an error.
+/// - `is_missing(f)`: true when `f` gives no value, null, or a blank string.
+/// - `blank_to_null`: a blank string becomes null; anything else unchanged.
+pub const HELPERS: &str = r#"
+def blank_to_null: if type == "string" and (trim == "") then null else . end;
+def is_missing(f): [try f catch null] | (length == 0) or (.[0] == null) or ((.[0] | type) == "string" and (.[0] | trim) == "");
+def __weft_words: [splits("\\s+")] | map(select(. != ""));
+def split_name:
+  if . == null or (type == "string" and trim == "") then null
+  elif type != "string" then error("split_name: expected a string, got \(type)")
+  elif test(",") then
+    (index(",")) as $i
+    | (.[:$i] | trim) as $last
+    | (.[$i + 1:] | __weft_words) as $w
+    | {first: ($w[0] // null), middle: (if ($w | length) > 1 then ($w[1:] | join(" ")) else null end), last: (if $last == "" then null else $last end)}
+  else __weft_words as $w
+    | if ($w | length) == 1 then {first: null, middle: null, last: $w[0]}
+      else {first: $w[0], middle: (if ($w | length) > 2 then ($w[1:-1] | join(" ")) else null end), last: $w[-1]}
+      end
+  end;
+def join_name:
+  (if type == "array" then . elif type == "object" then [.first, .middle, .last] elif . == null then [] else [.] end)
+  | map(select(. != null) | tostring | trim | select(. != "")) | join(" ")
+  | if . == "" then null else . end;
+def normalize_company:
+  if . == null or (type == "string" and trim == "") then null
+  elif type != "string" then error("normalize_company: expected a string, got \(type)")
+  else __weft_words | join(" ")
+    | sub("[\\s,.;]+$"; "")
+    | sub("[\\s,]+(ltd|limited|inc|incorporated|llc|l\\.l\\.c|gmbh|ag|plc|corp|corporation|co|company|sa|s\\.a|sarl|bv|b\\.v|nv|oy|ab|as|pty|srl|spa)\\.?$"; ""; "i")
+    | sub("[\\s,.;]+$"; "")
+  end;
+def company_key: normalize_company | if . == null then null else ascii_downcase | gsub("[^a-z0-9]"; "") end;
+def to_iso8601(fmt): if . == null or (type == "string" and trim == "") then null else trim | strptime(fmt) | mktime | todateiso8601 end;
+def to_iso8601:
+  if . == null then null
+  elif type == "number" then (if . > 100000000000 then . / 1000 else . end) | floor | todateiso8601
+  elif type != "string" then error("to_iso8601: cannot convert a \(type)")
+  else trim as $s
+    | if $s == "" then null
+      elif ($s | test("^\\d{4}-\\d{2}-\\d{2}$")) then $s + "T00:00:00Z" | fromdateiso8601 | floor | todateiso8601
+      elif ($s | test("^\\d{4}-\\d{2}-\\d{2}[T ]\\d{2}:\\d{2}(:\\d{2}(\\.\\d+)?)?(Z|z|[+-]\\d{2}:?\\d{2})?$")) then
+        ($s | sub(" "; "T")) as $t
+        | (if ($t | test("T\\d{2}:\\d{2}($|[Zz+-])")) then ($t | sub("(?<hm>T\\d{2}:\\d{2})"; "\(.hm):00")) else $t end) as $t
+        | (if ($t | test("([Zz]|[+-]\\d{2}:?\\d{2})$")) then $t else $t + "Z" end) as $t
+        | ($t | sub("(?<h>[+-]\\d{2})(?<m>\\d{2})$"; "\(.h):\(.m)")) as $t
+        | $t | fromdateiso8601 | floor | todateiso8601
+      elif ($s | test("^\\d{1,2}\\.\\d{1,2}\\.\\d{4}$")) then $s | strptime("%d.%m.%Y") | mktime | todateiso8601
+      else error("to_iso8601: `\($s)` is not a date format weft knows; give its strptime format, e.g. to_iso8601(%m/%d/%Y)")
+      end
+  end;
+def to_date: to_iso8601 | if . == null then null else .[:10] end;
+def to_decimal_string:
+  if . == null then null
+  elif type == "number" then tostring
+  elif type != "string" then error("to_decimal_string: cannot convert a \(type)")
+  else (gsub("[\\s'\\u00a0]|[^0-9.,+-]"; "")) as $s
+    | if $s == "" then (if trim == "" then null else error("to_decimal_string: `\(.)` is not a number") end)
+      else ($s | (if test("[.].*,") then gsub("[.]"; "") | sub(","; ".")
+                  elif test(",.*[.]") then gsub(","; "")
+                  elif test("^[+-]?\\d{1,3}(,\\d{3})+$") then gsub(","; "")
+                  elif test(",") then sub(","; ".")
+                  elif test("^[+-]?\\d{1,3}([.]\\d{3}){2,}$") then gsub("[.]"; "")
+                  else . end)
+                | ltrimstr("+")) as $d
+      | if ($d | test("^-?\\d+([.]\\d+)?$")) then $d else error("to_decimal_string: `\(.)` is not a number") end
+      end
+  end;
+"#;
 
 fn located(code: &str, message: String, part: Option<&str>) -> CompileError {
     let offset = match part {
@@ -302,5 +452,146 @@ mod tests {
         assert!(!p.test(json!({"x": 0}), json!({})).unwrap());
         let p = Program::compile("empty", &[]).unwrap();
         assert!(!p.test(json!({}), json!({})).unwrap());
+    }
+
+    fn run(code: &str, input: Value) -> Result<Value, RunError> {
+        Program::compile(code, &[])
+            .unwrap()
+            .run_one(input, json!({}), &[])
+    }
+
+    #[test]
+    fn helper_names() {
+        assert_eq!(
+            run("split_name", json!("J. Smith")).unwrap(),
+            json!({"first": "J.", "middle": null, "last": "Smith"})
+        );
+        assert_eq!(
+            run("split_name", json!("  John   Paul Smith ")).unwrap(),
+            json!({"first": "John", "middle": "Paul", "last": "Smith"})
+        );
+        assert_eq!(
+            run("split_name", json!("Smith, John")).unwrap(),
+            json!({"first": "John", "middle": null, "last": "Smith"})
+        );
+        assert_eq!(run("split_name", json!(" ")).unwrap(), json!(null));
+        assert_eq!(
+            run(
+                "join_name",
+                json!({"first": "John", "middle": null, "last": "Smith"})
+            )
+            .unwrap(),
+            json!("John Smith")
+        );
+        assert_eq!(
+            run("join_name", json!(["", null, "X"])).unwrap(),
+            json!("X")
+        );
+        for (name, want) in [
+            ("Acme Ltd", "Acme"),
+            ("Acme Limited", "Acme"),
+            ("  Acme   Limited. ", "Acme"),
+            ("ACME, Inc.", "ACME"),
+            ("Globex GmbH", "Globex"),
+            ("Limited Editions Co", "Limited Editions"),
+        ] {
+            assert_eq!(
+                run("normalize_company", json!(name)).unwrap(),
+                json!(want),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            run("company_key", json!("ACME, Inc.")).unwrap(),
+            json!("acme")
+        );
+    }
+
+    #[test]
+    fn helper_dates() {
+        for (input, want) in [
+            (json!("2024-03-05"), "2024-03-05T00:00:00Z"),
+            (json!("2024-03-05T10:11:12Z"), "2024-03-05T10:11:12Z"),
+            (json!("2024-03-05T10:11:12.345Z"), "2024-03-05T10:11:12Z"),
+            (json!("2024-03-05 10:11"), "2024-03-05T10:11:00Z"),
+            (json!("2024-03-05T12:11:12+02:00"), "2024-03-05T10:11:12Z"),
+            (json!("2024-03-05T12:11:12+0200"), "2024-03-05T10:11:12Z"),
+            (json!("05.03.2024"), "2024-03-05T00:00:00Z"),
+            (json!(1709633472), "2024-03-05T10:11:12Z"),
+            (json!(1709633472000_i64), "2024-03-05T10:11:12Z"),
+        ] {
+            assert_eq!(
+                run("to_iso8601", input.clone()).unwrap(),
+                json!(want),
+                "{input}"
+            );
+        }
+        assert_eq!(run("to_iso8601", json!("")).unwrap(), json!(null));
+        assert!(run("to_iso8601", json!("03/05/2024")).is_err());
+        assert_eq!(
+            run(r#"to_iso8601("%m/%d/%Y")"#, json!("03/05/2024")).unwrap(),
+            json!("2024-03-05T00:00:00Z")
+        );
+        assert_eq!(
+            run("to_date", json!("2024-03-05T23:00:00Z")).unwrap(),
+            json!("2024-03-05")
+        );
+    }
+
+    #[test]
+    fn helper_decimals_and_missing() {
+        for (input, want) in [
+            (json!("1,234.50"), json!("1234.50")),
+            (json!("1.234,50"), json!("1234.50")),
+            (json!("€ 12,5"), json!("12.5")),
+            (json!("1,234"), json!("1234")),
+            (json!("1.234.567"), json!("1234567")),
+            (json!("-0.10"), json!("-0.10")),
+            (
+                json!("12345678901234567890.123456789"),
+                json!("12345678901234567890.123456789"),
+            ),
+            (json!(0.1), json!("0.1")),
+            (json!(42), json!("42")),
+            (json!("  "), json!(null)),
+            (json!(null), json!(null)),
+        ] {
+            assert_eq!(
+                run("to_decimal_string", input.clone()).unwrap(),
+                want,
+                "{input}"
+            );
+        }
+        assert!(run("to_decimal_string", json!("abc")).is_err());
+        assert!(run("to_decimal_string", json!([1])).is_err());
+        assert_eq!(run("is_missing(.a)", json!({})).unwrap(), json!(true));
+        assert_eq!(
+            run("is_missing(.a)", json!({"a": " "})).unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            run("is_missing(.a)", json!({"a": 0})).unwrap(),
+            json!(false)
+        );
+        assert_eq!(
+            run("is_missing(.a.b)", json!({"a": 3})).unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            run(".a | blank_to_null", json!({"a": ""})).unwrap(),
+            json!(null)
+        );
+        assert_eq!(
+            run(".a | blank_to_null", json!({"a": "x"})).unwrap(),
+            json!("x")
+        );
+    }
+
+    #[test]
+    fn prelude_is_visible_and_positions_stay_in_the_program() {
+        let p = Program::compile_with("twice", &[], "def twice: . * 2;").unwrap();
+        assert_eq!(p.run_one(json!(2), json!({}), &[]).unwrap(), json!(4));
+        let e = Program::compile_with(".a |\n nope", &[], "def twice: . * 2;").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 2), "{e}");
     }
 }

@@ -23,19 +23,36 @@ pub struct Ingestor {
     /// checked for backpressure before accepting.
     pub(crate) lanes: Vec<Arc<LaneHandle>>,
     pub(crate) accepting: Arc<AtomicBool>,
+    /// Drift detection of this source's stream.
+    pub(crate) drift: Option<Arc<crate::drift::Tracker>>,
 }
 
 /// Run every flow of `system` over a batch (CPU work, no I/O).
 pub fn prepare(system: &str, flows: &[Arc<Flow>], batch: Batch) -> IngestBatch {
+    prepare_with(system, flows, batch, None)
+}
+
+/// [`prepare`], learning each record's shape with `drift` (records that
+/// drift are quarantined by flows with `on_drift: quarantine`).
+pub fn prepare_with(
+    system: &str,
+    flows: &[Arc<Flow>],
+    batch: Batch,
+    drift: Option<&crate::drift::Tracker>,
+) -> IngestBatch {
     let events = batch
         .records
         .into_iter()
         .map(|r| match r {
             Record::Good(ev) => {
                 let attrs = ev.attributes();
+                let drifted = drift.and_then(|t| t.observe(&ev.data));
                 let outcomes = flows
                     .iter()
-                    .map(|f| run_flow(f, &ev.source, &ev.id, &ev.data, &attrs))
+                    .map(|f| {
+                        crate::drift::quarantine(f, drifted.as_deref())
+                            .unwrap_or_else(|| run_flow(f, &ev.source, &ev.id, &ev.data, &attrs))
+                    })
                     .collect();
                 NewEvent {
                     event_id: ev.id,
@@ -111,6 +128,9 @@ pub fn run_flow(
             Err(e) => return reject("mapping failed", &e),
         },
     };
+    if let Err(o) = crate::contracts::check_entity(flow, &mapped) {
+        return o;
+    }
     let mut deliveries = Vec::with_capacity(flow.destinations.len());
     for d in &flow.destinations {
         let payload = match &d.mapping {
@@ -120,6 +140,9 @@ pub fn run_flow(
                 Err(e) => return reject(&format!("mapping for `{}` failed", d.system), &e),
             },
         };
+        if let Err(o) = crate::contracts::check_destination(flow, d, &payload) {
+            return o;
+        }
         deliveries.push(NewDelivery {
             destination: d.system.clone(),
             entity_key: entity_key.clone(),
@@ -147,10 +170,16 @@ impl Ingest for Ingestor {
                 )));
             }
             let (system, flows) = (self.system.clone(), self.flows.clone());
+            let drift = self.drift.clone();
             // filters and mappings are CPU work: keep them off the async workers
-            let prepared = tokio::task::spawn_blocking(move || prepare(&system, &flows, batch))
-                .await
-                .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
+            let prepared = tokio::task::spawn_blocking(move || {
+                prepare_with(&system, &flows, batch, drift.as_deref())
+            })
+            .await
+            .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
+            if let Some(why) = crate::contracts::refusal(&prepared) {
+                return Err(IngestError::Rejected(why));
+            }
             let counts = outcome_counts(&prepared);
             let routed = routed_counts(&prepared);
             let applied = self
@@ -177,6 +206,11 @@ impl Ingest for Ingestor {
             }
             if applied.duplicates > 0 {
                 m::duplicates(&self.system, applied.duplicates as u64);
+            }
+            if let Some(b) = self.drift.as_ref().and_then(|t| t.take())
+                && let Err(e) = self.store.apply(Op::Drift(b)).await
+            {
+                tracing::warn!(source = %self.system, error = %e, "cannot save drift events");
             }
             Ok(Receipt {
                 accepted: applied.changed,

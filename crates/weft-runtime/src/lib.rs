@@ -6,8 +6,10 @@
 //! ARCHITECTURE.md for the guarantees.
 
 pub mod admin;
+pub mod contracts;
 pub mod delivery;
 pub mod dlq;
+pub mod drift;
 pub mod guard;
 pub mod ingest;
 pub mod metrics;
@@ -27,7 +29,7 @@ use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
 use weft_core::config::Config;
 use weft_store::Store;
 
-pub use ingest::{prepare, run_flow};
+pub use ingest::{prepare, prepare_with, run_flow};
 
 /// The runtime could not start.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +167,7 @@ impl Runtime {
                 .collect();
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
+                drift: Some(Arc::new(drift::Tracker::open(&store, name, &flows))),
                 flows,
                 store: store.clone(),
                 lanes: my_lanes,

@@ -15,6 +15,7 @@
 //! `received = filtered + rejected + discarded(flow)`
 //! ` + delivered + dead_lettered + discarded + pending` (per destination).
 
+mod drift;
 mod reader;
 mod schema;
 mod writer;
@@ -25,6 +26,7 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 pub use weft_core::config::Synchronous;
 
+pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use reader::{DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
 pub use schema::latest_version;
 
@@ -160,6 +162,9 @@ pub enum Op {
         before: i64,
         limit: usize,
     },
+    /// Drift detection: new drift events, counts of records showing known
+    /// ones, and the stream's shape when it changed.
+    Drift(DriftBatch),
 }
 
 /// What an [`Op`] did.

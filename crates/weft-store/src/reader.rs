@@ -83,7 +83,7 @@ pub struct DlqFilter {
 
 /// A read-only connection.
 pub struct Reader {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 impl Reader {

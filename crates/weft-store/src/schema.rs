@@ -84,6 +84,30 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (flow, destination)
     );
     "#,
+    // 2: drift detection
+    r#"
+    -- The observed shape of each source stream (field paths, JSON types,
+    -- enum values), JSON; rewritten only when it changes.
+    CREATE TABLE stream_shapes (
+        source     TEXT PRIMARY KEY,
+        shape      TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    -- Each drift (new field, missing field, type change, new enum value) once,
+    -- with a masked example and how many records showed it.
+    CREATE TABLE drift_events (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        source     TEXT NOT NULL,
+        kind       TEXT NOT NULL,     -- new_field | missing_field | type_changed | new_enum_value
+        path       TEXT NOT NULL,     -- JSON pointer
+        detail     TEXT NOT NULL,
+        example    TEXT,
+        first_seen INTEGER NOT NULL,
+        last_seen  INTEGER NOT NULL,
+        count      INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (source, kind, path, detail)
+    );
+    "#,
 ];
 
 /// Bring the schema up to date.

@@ -138,6 +138,7 @@ fn write_counts(tx: &Transaction<'_>, totals: &Deltas) -> Result<(), StoreError>
 fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError> {
     match op {
         Op::Ingest(b) => ingest(tx, b, d),
+        Op::Drift(b) => crate::drift::apply(tx, b),
         Op::Delivered(ids) => {
             let mut sel =
                 tx.prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?;

@@ -1,7 +1,10 @@
 //! The `weft` binary: parses the command line and wires the library crates
 //! together. No business logic lives here.
 
+mod contract;
 mod dlq;
+mod drift;
+mod maptest;
 mod status;
 
 use std::net::SocketAddr;
@@ -59,6 +62,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: dlq::DlqCmd,
     },
+    /// Check the compatibility of two contract versions.
+    Contract {
+        #[command(subcommand)]
+        cmd: contract::ContractCmd,
+    },
+    /// Test a flow's mappings and contracts on sample payloads.
+    Map {
+        #[command(subcommand)]
+        cmd: maptest::MapCmd,
+    },
+    /// List the schema drift seen on the sources.
+    Drift {
+        #[command(subcommand)]
+        cmd: drift::DriftCmd,
+    },
     /// Print the version.
     Version,
 }
@@ -90,6 +108,9 @@ fn main() -> ExitCode {
         Cmd::Validate { config } => validate(&config),
         Cmd::Status { cfg, json } => status::status(&cfg.config, json),
         Cmd::Dlq { cmd } => dlq::dlq(cmd),
+        Cmd::Contract { cmd } => contract::contract(cmd),
+        Cmd::Map { cmd } => maptest::map(cmd),
+        Cmd::Drift { cmd } => drift::drift(cmd),
         Cmd::Version => {
             println!("weft {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

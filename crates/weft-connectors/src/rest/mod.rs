@@ -404,6 +404,8 @@ impl RestSource {
                     }
                 }
                 Err(IngestError::Store(m)) => return Err(PollError::Store(m)),
+                // `reject` is refused at validate for non-webhook sources
+                Err(IngestError::Rejected(m)) => return Err(PollError::Store(m)),
             }
         }
     }

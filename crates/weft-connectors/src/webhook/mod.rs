@@ -359,6 +359,11 @@ async fn accept(
             "ingest unavailable",
             format!("not accepting now, retry later: {m}"),
         )),
+        Err(IngestError::Rejected(m)) => Err(Reject::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "contract violation",
+            m,
+        )),
         Err(IngestError::Store(_)) => Err(Reject::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store error",

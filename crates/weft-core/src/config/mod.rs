@@ -6,6 +6,7 @@
 //! with its document path and line. Nothing here opens a connection or a file
 //! other than the config itself.
 
+pub mod entities;
 pub mod env;
 pub mod raw;
 mod validate;

@@ -30,6 +30,13 @@ pub struct RawConfig {
     /// The flows, by name: from one system's source to one or more systems' sinks.
     #[serde(default)]
     pub flows: BTreeMap<String, RawFlow>,
+    /// Canonical entities, by name: their JSON Schema contracts (see [`RawEntity`]).
+    #[serde(default)]
+    pub entities: BTreeMap<String, RawEntity>,
+    /// Value maps for enums, by name, used in mappings as `valuemap("name")`
+    /// (see [`RawValueMap`]).
+    #[serde(default)]
+    pub value_maps: BTreeMap<String, Spanned<RawValueMap>>,
 }
 
 /// Store settings.
@@ -399,6 +406,15 @@ pub struct RawFlow {
     pub to: Vec<Spanned<RawDestination>>,
     /// Delivery policy for every destination of this flow.
     pub delivery: Option<RawDelivery>,
+    /// The canonical entity (a key of `entities`) that the flow's mapping
+    /// produces; its contract is checked after the mapping.
+    pub entity: Option<Spanned<String>>,
+    /// What a contract violation does: `dead_letter` (default), `reject`
+    /// (webhook sources answer 422) or `warn` (delivered, logged, counted).
+    pub on_violation: Option<OnViolation>,
+    /// What a record whose shape drifted does: `record` (default: the drift
+    /// is recorded, the record flows) or `quarantine` (dead-lettered).
+    pub on_drift: Option<OnDrift>,
 }
 
 /// A destination of a flow: a system name or a map with options.
@@ -449,6 +465,9 @@ pub struct RawDestinationFull {
     pub mapping: Option<Spanned<String>>,
     /// Delivery policy overriding the flow's.
     pub delivery: Option<RawDelivery>,
+    /// JSON Schema file (relative to the config file) the payload for this
+    /// destination must satisfy before it is written.
+    pub contract: Option<Spanned<String>>,
 }
 
 /// Delivery policy; unset fields fall back to the flow, then the defaults.
@@ -702,4 +721,125 @@ pub struct RestRateLimit {
     pub per_minute: Option<u32>,
     /// Requests allowed at once after a quiet time (default 1).
     pub burst: Option<u32>,
+}
+
+// ---- canonical entities, contracts and value maps ----
+
+/// A canonical entity: the shape flows map into.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEntity {
+    /// JSON Schema file of the current version (relative to the config file;
+    /// draft 2020-12 unless the file's `$schema` says otherwise).
+    pub contract: Spanned<String>,
+    /// The contract's version number (shown in violations).
+    pub version: Option<u32>,
+    /// Older contract files still accepted: a record valid against any of
+    /// them passes (a migration window).
+    #[serde(default)]
+    pub also_accept: Vec<Spanned<String>>,
+    /// JSON pointers of sensitive fields (`/email`, `/tax_id`): their values
+    /// are shown as `"***"` in violations, drift examples and logs.
+    #[serde(default)]
+    pub sensitive: Vec<Spanned<String>>,
+}
+
+/// What a contract violation does to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnViolation {
+    /// The flow's outcome is rejected (DLQ, stage `map`) with the violations.
+    #[default]
+    DeadLetter,
+    /// Webhook sources refuse the request with 422 and the violations.
+    Reject,
+    /// Delivered anyway; the violation is logged and counted.
+    Warn,
+}
+
+/// What drift in a record's shape does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDrift {
+    /// Record the drift event (once), let the record through.
+    #[default]
+    Record,
+    /// Dead-letter records showing drift (stage `map`, error `drift: ...`).
+    Quarantine,
+}
+
+/// A value map: `map` from source values (as text) to target values, and a
+/// `default` for values with no entry. Without `default` an unmapped value is
+/// an error (the record is dead-lettered). Null input gives null.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValueMap {
+    /// Source value -> target value, or a context rule
+    /// `{when: <jq predicate on the record>, then: <value>, else: <value>}`.
+    pub map: BTreeMap<String, RawValueTarget>,
+    /// Value for inputs with no entry.
+    pub default: Option<serde_json::Value>,
+}
+
+/// One entry of a value map.
+#[derive(Debug)]
+pub enum RawValueTarget {
+    /// A plain target value.
+    Value(serde_json::Value),
+    /// One source value to two targets, chosen by a jq predicate.
+    Rule(RawValueRule),
+}
+
+/// A context rule of a value map.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValueRule {
+    /// jq predicate evaluated on the record given to `valuemap(name; value)`
+    /// (or on the value itself with `valuemap(name)`).
+    pub when: Spanned<String>,
+    /// Target when `when` is true.
+    pub then: serde_json::Value,
+    /// Target otherwise (default: the map's `default`).
+    #[serde(rename = "else")]
+    pub otherwise: Option<serde_json::Value>,
+}
+
+// Hand-written for the same reason as `RawDestination`: keep line numbers.
+impl<'de> Deserialize<'de> for RawValueTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_json::Value;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawValueTarget;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a target value or a rule `{when, then, else}`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::String(v.to_owned())))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::Bool(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::from(v)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::from(v)))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::from(v)))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(RawValueTarget::Value(Value::Null))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawValueRule::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawValueTarget::Rule)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub systems: BTreeMap<String, System>,
     /// Flows in name order.
     pub flows: Vec<Arc<Flow>>,
+    /// Canonical entities, contracts and value maps.
+    pub data: Arc<super::entities::DataModel>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +186,8 @@ pub struct Flow {
     pub key: Option<Arc<Program>>,
     pub mapping: Option<Arc<Program>>,
     pub destinations: Vec<Destination>,
+    /// Entity contract, violation and drift policy.
+    pub data: super::entities::FlowData,
 }
 
 /// One destination of a flow.
@@ -193,6 +197,8 @@ pub struct Destination {
     pub system: String,
     pub mapping: Option<Arc<Program>>,
     pub delivery: DeliveryPolicy,
+    /// Contract the payload must satisfy before it is written.
+    pub contract: Option<Arc<super::entities::Contract>>,
 }
 
 /// Retry and concurrency policy of one destination of one flow.
@@ -210,6 +216,8 @@ pub struct DeliveryPolicy {
 
 struct Ctx {
     issues: Vec<Issue>,
+    /// jq definitions (the value maps) compiled with every program.
+    prelude: String,
 }
 
 impl Ctx {
@@ -244,7 +252,7 @@ impl Ctx {
         code: &Spanned<String>,
         vars: &[&str],
     ) -> Option<Arc<Program>> {
-        match Program::compile(&code.value, vars) {
+        match Program::compile_with(&code.value, vars, &self.prelude) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
                 let loc = code.referenced;
@@ -279,7 +287,12 @@ impl Ctx {
 }
 
 pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Config, Vec<Issue>> {
-    let mut cx = Ctx { issues: Vec::new() };
+    let mut cx = Ctx {
+        issues: Vec::new(),
+        prelude: String::new(),
+    };
+    let data = super::entities::model(&mut cx.issues, raw.entities, raw.value_maps, base);
+    cx.prelude = data.prelude.clone();
 
     let store = StoreConfig {
         path: base.join(raw.store.path.as_deref().unwrap_or("weft-data/weft.db")),
@@ -382,6 +395,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             ),
             _ => {}
         }
+        let source_kind = systems
+            .get(&f.from.value)
+            .and_then(|s| s.source.as_ref().map(SourceSpec::kind));
+        let fdata = super::entities::flow(&mut cx.issues, &p, &f, source_kind, &data);
         let filter = f
             .filter
             .as_ref()
@@ -401,10 +418,18 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         for (i, d) in f.to.into_iter().enumerate() {
             let dp = format!("{p}.to[{i}]");
             let span = Spanned::new((), d.referenced, d.defined);
-            let (system, dmap, ddel) = match d.value {
-                RawDestination::Name(n) => (n, None, None),
-                RawDestination::Full(full) => (full.system, full.mapping, full.delivery),
+            let (system, dmap, ddel, dcontract) = match d.value {
+                RawDestination::Name(n) => (n, None, None, None),
+                RawDestination::Full(full) => {
+                    (full.system, full.mapping, full.delivery, full.contract)
+                }
             };
+            let contract = super::entities::destination_contract(
+                &mut cx.issues,
+                &dp,
+                dcontract.as_ref(),
+                base,
+            );
             let system = Spanned::new(system, span.referenced, span.defined);
             let kind = match systems.get(&system.value) {
                 None => {
@@ -454,6 +479,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 system: system.value,
                 mapping,
                 delivery,
+                contract,
             });
         }
         flows.push(Arc::new(Flow {
@@ -463,6 +489,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             key,
             mapping,
             destinations,
+            data: fdata,
         }));
     }
 
@@ -473,6 +500,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             server,
             systems,
             flows,
+            data: Arc::new(data),
         })
     } else {
         Err(cx.issues)

@@ -1,0 +1,593 @@
+//! Drift detection per source stream.
+//!
+//! weft keeps the observed *shape* of each source's records: the field paths
+//! (JSON pointers; `/*` for array elements), the JSON types seen at each, and
+//! for short string fields with at most [`MAX_ENUM`] distinct values, those
+//! values. A record that differs is *drift*, recorded once per
+//! `(kind, path, detail)` with a masked example, counted in
+//! `weft_drift_events_total{source,kind}` and logged at warn:
+//! - `new_field`: a path never seen (after the first record);
+//! - `missing_field`: a path present in every record so far (at least
+//!   [`MIN_PRESENT`] of them) is absent;
+//! - `type_changed`: a path has a type it never had (`string -> array`);
+//!   `null` is not a change;
+//! - `new_enum_value`: after [`LEARN_ENUMS`] records, a new value of an
+//!   enum-like string field.
+//!
+//! Cost: each record is walked once to hash its key-set and type signature
+//! (no allocation); only a signature not seen before is analysed field by
+//! field. Enum-like fields are looked up by pointer. The shape is saved when
+//! it changes, with the events, in one `Op::Drift` after the batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hasher;
+use std::sync::{Arc, Mutex};
+
+use metrics::counter;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use weft_core::config::Flow;
+use weft_core::config::entities::{OnDrift, escape_pointer, is_sensitive, mask};
+use weft_store::{DriftBatch, FlowOutcome, NewDrift, Stage, Store};
+
+pub const DRIFT_EVENTS: &str = "weft_drift_events_total";
+/// Most distinct values of an enum-like string field.
+pub const MAX_ENUM: usize = 20;
+/// Records during which enum values are learned without drift.
+pub const LEARN_ENUMS: u64 = 100;
+/// Records a field must have been always present in before its absence is drift.
+pub const MIN_PRESENT: u64 = 10;
+const MAX_DEPTH: usize = 6;
+const MAX_ENUM_LEN: usize = 64;
+const MAX_SIGS: usize = 4096;
+
+const T_NULL: u8 = 1;
+const T_BOOL: u8 = 2;
+const T_NUM: u8 = 4;
+const T_STR: u8 = 8;
+const T_ARR: u8 = 16;
+const T_OBJ: u8 = 32;
+
+fn tbit(v: &Value) -> u8 {
+    match v {
+        Value::Null => T_NULL,
+        Value::Bool(_) => T_BOOL,
+        Value::Number(_) => T_NUM,
+        Value::String(_) => T_STR,
+        Value::Array(_) => T_ARR,
+        Value::Object(_) => T_OBJ,
+    }
+}
+
+fn tnames(t: u8) -> String {
+    let names = [
+        (T_NULL, "null"),
+        (T_BOOL, "boolean"),
+        (T_NUM, "number"),
+        (T_STR, "string"),
+        (T_ARR, "array"),
+        (T_OBJ, "object"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| t & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    v.join("|")
+}
+
+fn tbit_of(name: &str) -> u8 {
+    match name {
+        "null" => T_NULL,
+        "boolean" => T_BOOL,
+        "number" => T_NUM,
+        "string" => T_STR,
+        "array" => T_ARR,
+        "object" => T_OBJ,
+        _ => 0,
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Shape {
+    records: u64,
+    fields: BTreeMap<String, Field>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Field {
+    types: u8,
+    /// Present in every record so far.
+    always: bool,
+    /// String values seen while few; `None`: not enum-like.
+    values: Option<BTreeSet<String>>,
+}
+
+type Key = (String, String, String);
+
+#[derive(Default)]
+struct State {
+    shape: Shape,
+    sigs: HashMap<u64, Vec<usize>>,
+    keys: Vec<Key>,
+    index: HashMap<Key, usize>,
+    new_field: HashMap<String, usize>,
+    missing: HashMap<String, usize>,
+    type_changed: HashMap<(String, u8), usize>,
+    enum_value: HashMap<(String, String), usize>,
+    /// key -> (example if new, records showing it) since the last take
+    pending: BTreeMap<usize, (String, i64)>,
+    dirty: bool,
+}
+
+/// The drift detector of one source.
+pub struct Tracker {
+    source: String,
+    sensitive: Vec<String>,
+    state: Mutex<State>,
+}
+
+/// Field names whose values are masked in examples even when no entity says so.
+fn sensitive_name(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or("").to_ascii_lowercase();
+    [
+        "email", "phone", "tax", "ssn", "iban", "password", "secret", "token", "birth", "card",
+    ]
+    .iter()
+    .any(|w| last.contains(w))
+}
+
+impl Tracker {
+    /// A tracker for `source`, with the shape and events saved in the store.
+    pub fn open(store: &Store, source: &str, flows: &[Arc<Flow>]) -> Tracker {
+        let mut sensitive: Vec<String> = flows
+            .iter()
+            .flat_map(|f| f.data.sensitive().iter().cloned())
+            .collect();
+        sensitive.sort();
+        sensitive.dedup();
+        let t = Tracker::new(source, sensitive);
+        let loaded = store
+            .reader()
+            .and_then(|r| Ok((r.stream_shape(source)?, r.drift_events(Some(source))?)));
+        match loaded {
+            Ok((shape, events)) => {
+                if let Ok(mut st) = t.state.lock() {
+                    if let Some(s) = shape.and_then(|s| serde_json::from_str(&s).ok()) {
+                        st.shape = s;
+                    }
+                    for e in events {
+                        st.key(&e.kind, &e.path, &e.detail);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(source, error = %e, "cannot load the stream shape; learning it anew")
+            }
+        }
+        t
+    }
+
+    /// A tracker with nothing learned.
+    pub fn new(source: &str, sensitive: Vec<String>) -> Tracker {
+        Tracker {
+            source: source.to_owned(),
+            sensitive,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn example(&self, path: &str, v: Option<&Value>) -> String {
+        match v {
+            None => "(missing)".into(),
+            Some(_) if sensitive_name(path) => "\"***\"".into(),
+            Some(v) => {
+                let s = mask(v, path, &self.sensitive).to_string();
+                if s.chars().count() > 200 {
+                    format!("{}...", s.chars().take(200).collect::<String>())
+                } else {
+                    s
+                }
+            }
+        }
+    }
+
+    /// Learn from one record; `Some(summary)` when it shows drift.
+    pub fn observe(&self, v: &Value) -> Option<String> {
+        let Ok(mut guard) = self.state.lock() else {
+            return None;
+        };
+        let st = &mut *guard;
+        st.shape.records += 1;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        hash_walk(v, &mut h, 0);
+        let sig = h.finish();
+        let mut shows = match st.sigs.get(&sig) {
+            Some(k) => k.clone(),
+            None => {
+                let k = self.analyse(st, v);
+                if st.sigs.len() >= MAX_SIGS {
+                    st.sigs.clear();
+                }
+                st.sigs.insert(sig, k.clone());
+                k
+            }
+        };
+        self.enums(st, v, &mut shows);
+        if shows.is_empty() {
+            return None;
+        }
+        let mut parts = Vec::with_capacity(shows.len());
+        for k in shows {
+            st.pending.entry(k).or_default().1 += 1;
+            if let Some((kind, path, detail)) = st.keys.get(k) {
+                parts.push(format!("{kind} {path} ({detail})"));
+            }
+        }
+        Some(parts.join("; "))
+    }
+
+    fn record(
+        &self,
+        st: &mut State,
+        kind: &str,
+        path: &str,
+        detail: String,
+        example: String,
+    ) -> usize {
+        let (k, new) = st.key(kind, path, &detail);
+        if new {
+            st.pending.entry(k).or_default().0 = example.clone();
+            counter!(DRIFT_EVENTS, "source" => self.source.clone(), "kind" => kind.to_owned())
+                .increment(1);
+            tracing::warn!(source = %self.source, kind, path, detail = %detail, example = %example, "schema drift");
+        }
+        k
+    }
+
+    /// Compare a record of a new signature with the shape, learn it, and
+    /// return the drift keys it shows.
+    fn analyse(&self, st: &mut State, v: &Value) -> Vec<usize> {
+        let mut fields = Vec::new();
+        walk(v, &mut String::new(), 0, &mut fields);
+        fields.sort();
+        fields.dedup();
+        let first = st.shape.records == 1;
+        for (path, t) in &fields {
+            let t = *t;
+            match st.shape.fields.get_mut(path) {
+                None => {
+                    st.shape.fields.insert(
+                        path.clone(),
+                        Field {
+                            types: t,
+                            always: first && !path.contains("/*"),
+                            values: (t == T_STR || t == T_NULL).then(BTreeSet::new),
+                        },
+                    );
+                    st.dirty = true;
+                    if !first {
+                        let ex = self.example(path, pointer(v, path));
+                        self.record(st, "new_field", path, tnames(t), ex);
+                    }
+                }
+                Some(f) if f.types & t == 0 => {
+                    let old = f.types;
+                    f.types |= t;
+                    if t != T_STR {
+                        f.values = None;
+                    }
+                    st.dirty = true;
+                    if t != T_NULL && old & !T_NULL != 0 {
+                        let detail = format!("{} -> {}", tnames(old & !T_NULL), tnames(t));
+                        let ex = self.example(path, pointer(v, path));
+                        self.record(st, "type_changed", path, detail, ex);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let present: BTreeSet<&str> = fields.iter().map(|(p, _)| p.as_str()).collect();
+        let absent: Vec<String> = st
+            .shape
+            .fields
+            .iter()
+            .filter(|(p, f)| f.always && !present.contains(p.as_str()))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let records = st.shape.records;
+        for p in &absent {
+            if let Some(f) = st.shape.fields.get_mut(p) {
+                f.always = false;
+            }
+            st.dirty = true;
+            if records > MIN_PRESENT {
+                let detail = format!("present in the first {} records", records - 1);
+                self.record(st, "missing_field", p, detail, "(missing)".into());
+            }
+        }
+        // the drift this signature shows
+        let mut shows = Vec::new();
+        for (path, t) in &fields {
+            if let Some(k) = st.new_field.get(path) {
+                shows.push(*k);
+            }
+            if let Some(k) = st.type_changed.get(&(path.clone(), *t)) {
+                shows.push(*k);
+            }
+        }
+        for (p, k) in &st.missing {
+            if !present.contains(p.as_str()) {
+                shows.push(*k);
+            }
+        }
+        shows.sort_unstable();
+        shows.dedup();
+        shows
+    }
+
+    fn enums(&self, st: &mut State, v: &Value, shows: &mut Vec<usize>) {
+        let learning = st.shape.records <= LEARN_ENUMS;
+        let mut found: Vec<(String, String)> = Vec::new();
+        for (path, f) in st.shape.fields.iter_mut() {
+            let Some(values) = &mut f.values else {
+                continue;
+            };
+            let Some(Value::String(s)) = pointer(v, path) else {
+                continue;
+            };
+            if values.contains(s) {
+                if !st.enum_value.is_empty()
+                    && let Some(k) = st.enum_value.get(&(path.clone(), s.clone()))
+                {
+                    shows.push(*k);
+                }
+                continue;
+            }
+            st.dirty = true;
+            if s.chars().count() > MAX_ENUM_LEN || values.len() >= MAX_ENUM {
+                f.values = None; // free text, not an enum
+                continue;
+            }
+            values.insert(s.clone());
+            if !learning {
+                found.push((path.clone(), s.clone()));
+            }
+        }
+        for (path, s) in found {
+            let ex = self.example(&path, pointer(v, &path));
+            let detail = if sensitive_name(&path) || is_sensitive(&path, &self.sensitive) {
+                format!("value #{}", st.keys.len() + 1)
+            } else {
+                s.clone()
+            };
+            let k = self.record(st, "new_enum_value", &path, detail, ex);
+            st.enum_value.insert((path, s), k);
+            shows.push(k);
+        }
+    }
+
+    /// What to store: new events, counts, the shape if it changed.
+    pub fn take(&self) -> Option<DriftBatch> {
+        let Ok(mut st) = self.state.lock() else {
+            return None;
+        };
+        if st.pending.is_empty() && !st.dirty {
+            return None;
+        }
+        let pending = std::mem::take(&mut st.pending);
+        let events = pending
+            .into_iter()
+            .filter_map(|(k, (example, count))| {
+                st.keys.get(k).map(|(kind, path, detail)| NewDrift {
+                    kind: kind.clone(),
+                    path: path.clone(),
+                    detail: detail.clone(),
+                    example,
+                    count,
+                })
+            })
+            .collect();
+        let shape = if st.dirty {
+            st.dirty = false;
+            serde_json::to_string(&st.shape).ok()
+        } else {
+            None
+        };
+        Some(DriftBatch {
+            source: self.source.clone(),
+            shape,
+            events,
+        })
+    }
+}
+
+impl State {
+    /// The index of a drift key, and whether it is new.
+    fn key(&mut self, kind: &str, path: &str, detail: &str) -> (usize, bool) {
+        let key = (kind.to_owned(), path.to_owned(), detail.to_owned());
+        if let Some(k) = self.index.get(&key) {
+            return (*k, false);
+        }
+        let k = self.keys.len();
+        self.keys.push(key.clone());
+        self.index.insert(key, k);
+        match kind {
+            "new_field" => {
+                self.new_field.insert(path.to_owned(), k);
+            }
+            "missing_field" => {
+                self.missing.insert(path.to_owned(), k);
+            }
+            "type_changed" => {
+                let to = detail.rsplit(" -> ").next().unwrap_or("");
+                self.type_changed.insert((path.to_owned(), tbit_of(to)), k);
+            }
+            "new_enum_value" => {
+                self.enum_value
+                    .insert((path.to_owned(), detail.to_owned()), k);
+            }
+            _ => {}
+        }
+        (k, true)
+    }
+}
+
+/// Quarantine: the outcome of a flow with `on_drift: quarantine` for a
+/// record that shows drift.
+pub fn quarantine(flow: &Flow, drift: Option<&str>) -> Option<FlowOutcome> {
+    match drift {
+        Some(d) if flow.data.on_drift == OnDrift::Quarantine => Some(FlowOutcome::Rejected {
+            flow: flow.name.clone(),
+            stage: Stage::Map,
+            error: format!("drift: {d}"),
+        }),
+        _ => None,
+    }
+}
+
+fn pointer<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
+    if path.contains("/*") {
+        return None;
+    }
+    v.pointer(path)
+}
+
+/// Hash the key-set and types of a record without allocating. Arrays
+/// contribute the union of their elements' types and the shape of their
+/// first element, so their length does not change the signature.
+fn hash_walk(v: &Value, h: &mut impl Hasher, depth: usize) {
+    h.write_u8(tbit(v));
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    match v {
+        Value::Object(m) => {
+            h.write_usize(m.len());
+            for (k, x) in m {
+                h.write(k.as_bytes());
+                h.write_u8(0xff);
+                hash_walk(x, h, depth + 1);
+            }
+        }
+        Value::Array(a) => {
+            let mut u = 0u8;
+            for x in a {
+                u |= tbit(x);
+            }
+            h.write_u8(u);
+            if let Some(x) = a.iter().find(|x| x.is_object()) {
+                hash_walk(x, h, depth + 1);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn walk(v: &Value, path: &mut String, depth: usize, out: &mut Vec<(String, u8)>) {
+    if !path.is_empty() {
+        out.push((path.clone(), tbit(v)));
+    }
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&escape_pointer(k));
+                walk(x, path, depth + 1, out);
+                path.truncate(len);
+            }
+        }
+        Value::Array(a) => {
+            let len = path.len();
+            path.push_str("/*");
+            for x in a {
+                out.push((path.clone(), tbit(x)));
+            }
+            if let Some(x) = a.iter().find(|x| x.is_object()) {
+                walk(x, path, depth + 1, out);
+            }
+            path.truncate(len);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(i: u64, tags: Value) -> Value {
+        json!({"id": i, "name": format!("n{i}"), "status": if i.is_multiple_of(2) {"open"} else {"closed"}, "tags": tags, "email": format!("u{i}@x.example")})
+    }
+
+    #[test]
+    fn string_to_array_is_recorded_once_and_counted() {
+        let t = Tracker::new("crm", vec!["/email".into()]);
+        for i in 0..5 {
+            assert_eq!(t.observe(&rec(i, json!("vip"))), None);
+        }
+        let first = t.take().unwrap();
+        assert!(first.events.is_empty() && first.shape.is_some());
+        let d = t.observe(&rec(5, json!(["vip", "gold"]))).unwrap();
+        assert!(d.contains("type_changed /tags (string -> array)"), "{d}");
+        assert!(t.observe(&rec(6, json!(["x"]))).is_some());
+        assert_eq!(t.observe(&rec(7, json!("plain"))), None);
+        let b = t.take().unwrap();
+        let types: Vec<_> = b
+            .events
+            .iter()
+            .filter(|e| e.kind == "type_changed")
+            .collect();
+        assert_eq!(types.len(), 1, "{:?}", b.events);
+        assert_eq!(types[0].count, 2);
+        assert_eq!(types[0].example, r#"["vip","gold"]"#);
+        // the array element path is new too
+        assert!(
+            b.events
+                .iter()
+                .any(|e| e.kind == "new_field" && e.path == "/tags/*")
+        );
+        // nothing new afterwards
+        t.observe(&rec(8, json!(["y"])));
+        let b = t.take().unwrap();
+        assert!(
+            b.events.iter().all(|e| e.example.is_empty()),
+            "{:?}",
+            b.events
+        );
+    }
+
+    #[test]
+    fn new_and_missing_fields_and_enum_values_with_masked_examples() {
+        let t = Tracker::new("crm", vec!["/email".into()]);
+        for i in 0..(LEARN_ENUMS + 1) {
+            t.observe(&rec(i, json!("a")));
+        }
+        t.take();
+        let mut r = rec(500, json!("a"));
+        r["status"] = json!("archived");
+        r["tax_id"] = json!("DE123");
+        r.as_object_mut().unwrap().remove("email");
+        let d = t.observe(&r).unwrap();
+        assert!(d.contains("new_enum_value /status (archived)"), "{d}");
+        assert!(d.contains("new_field /tax_id"), "{d}");
+        assert!(d.contains("missing_field /email"), "{d}");
+        let b = t.take().unwrap();
+        let tax = b.events.iter().find(|e| e.path == "/tax_id").unwrap();
+        assert_eq!(tax.example, "\"***\"");
+        // names are free text: more than MAX_ENUM values, never an enum
+        assert!(!b.events.iter().any(|e| e.path == "/name"));
+    }
+
+    #[test]
+    fn quarantine_only_when_asked() {
+        let t = Tracker::new("crm", vec![]);
+        t.observe(&json!({"a": "x"}));
+        assert!(t.observe(&json!({"a": ["x"]})).is_some());
+    }
+}
