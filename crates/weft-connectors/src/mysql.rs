@@ -207,7 +207,10 @@ impl MysqlSink {
         .map_err(|e| format!("table `{}`: {}", self.table, my_message(&e)))?;
         let (schema, table) = match parts {
             [s, t] => (Some(s.to_string()), t.to_string()),
-            _ => (None, parts.first().map(|s| s.to_string()).unwrap_or_default()),
+            _ => (
+                None,
+                parts.first().map(|s| s.to_string()).unwrap_or_default(),
+            ),
         };
         let indexes: Vec<(String, String)> = conn
             .exec(
@@ -345,7 +348,9 @@ fn same(kind: weft_core::ErrorKind, message: &str) -> SinkError {
 
 pub(crate) fn my_message(e: &mysql_async::Error) -> String {
     match e {
-        mysql_async::Error::Server(s) => format!("{} ({}, SQLSTATE {})", s.message, s.code, s.state),
+        mysql_async::Error::Server(s) => {
+            format!("{} ({}, SQLSTATE {})", s.message, s.code, s.state)
+        }
         other => other.to_string(),
     }
 }
@@ -353,8 +358,8 @@ pub(crate) fn my_message(e: &mysql_async::Error) -> String {
 /// Server error codes worth a retry: lock wait timeout, deadlock, too many
 /// connections, shutdown, killed or interrupted, network trouble, read-only.
 const RETRYABLE_CODES: &[u16] = &[
-    1205, 1213, 1040, 1053, 1077, 1079, 1080, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159,
-    1160, 1161, 1184, 1189, 1190, 1203, 1290, 1317, 1836, 1927, 2002, 2003, 2006, 2013,
+    1205, 1213, 1040, 1053, 1077, 1079, 1080, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
+    1161, 1184, 1189, 1190, 1203, 1290, 1317, 1836, 1927, 2002, 2003, 2006, 2013,
 ];
 
 /// Connection trouble, contention and resource limits are worth a retry;
@@ -503,7 +508,9 @@ fn convert(col: &Column, v: &Value) -> Result<My, SinkError> {
         }
         Kind::Decimal => match v {
             Value::Number(n) => My::Bytes(n.to_string().into_bytes()),
-            Value::String(s) if is_decimal_text(s.trim()) => My::Bytes(s.trim().as_bytes().to_vec()),
+            Value::String(s) if is_decimal_text(s.trim()) => {
+                My::Bytes(s.trim().as_bytes().to_vec())
+            }
             _ => return Err(mismatch()),
         },
         Kind::Float => {

@@ -13,7 +13,8 @@ use weft_core::config::Secret;
 use weft_core::config::raw::MysqlSinkConfig;
 
 fn url() -> String {
-    std::env::var("WEFT_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+    std::env::var("WEFT_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
 async fn admin() -> Option<mysql_async::Conn> {
@@ -76,7 +77,14 @@ const COLS: &[(&str, &str)] = &[
     ("doc", "json"),
 ];
 
-type Got = (i64, Option<String>, Option<String>, Option<i32>, Option<i8>, Option<String>);
+type Got = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<i8>,
+    Option<String>,
+);
 
 async fn rows(c: &mut mysql_async::Conn, t: &str) -> Vec<Got> {
     c.query(format!(
@@ -114,7 +122,14 @@ async fn upsert_inserts_then_updates_last_in_batch_wins() {
                 Some(1),
                 Some("2024-05-01 10:00:00.500000".into())
             ),
-            (2, Some("Bob".into()), Some("0.100000000000".into()), Some(7), Some(0), None),
+            (
+                2,
+                Some("Bob".into()),
+                Some("0.100000000000".into()),
+                Some(7),
+                Some(0),
+                None
+            ),
         ]
     );
     let r = sink
@@ -298,7 +313,11 @@ async fn throughput_contacts() {
         let started = std::time::Instant::now();
         for chunk in deliveries.chunks(batch as usize) {
             let r = sink.write(chunk).await;
-            assert!(r.iter().all(|r| r.is_ok()), "{:?}", r.iter().find(|r| r.is_err()));
+            assert!(
+                r.iter().all(|r| r.is_ok()),
+                "{:?}",
+                r.iter().find(|r| r.is_err())
+            );
         }
         let secs = started.elapsed().as_secs_f64();
         eprintln!(

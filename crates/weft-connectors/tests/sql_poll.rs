@@ -170,8 +170,7 @@ async fn sqlite_reads_inserts_and_updates_in_order() {
     );
     assert_eq!(mem.data()[3]["name"], "Al B");
     assert_eq!(*mem.duplicates.lock().unwrap(), 0);
-    let cp: Value =
-        serde_json::from_str(&mem.checkpoints.lock().unwrap()[CHECKPOINT_KEY]).unwrap();
+    let cp: Value = serde_json::from_str(&mem.checkpoints.lock().unwrap()[CHECKPOINT_KEY]).unwrap();
     assert_eq!(cp, json!({"cursor": "2024-01-03 00:00:00", "key": 4}));
 }
 
@@ -241,7 +240,7 @@ async fn sqlite_is_opened_read_only() {
 #[tokio::test]
 async fn run_reads_full_batches_at_once_and_keeps_going_when_the_file_is_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("later.db");
+    let path = dir.path().join("legacy.db");
     let body = format!(
         "        url: sqlite:{}\n        table: customers\n        cursor: updated_at\n        key: id\n        batch_size: 10\n        interval: 1h\n",
         path.display()
@@ -445,7 +444,8 @@ async fn pg_read_only_and_custom_query() {
 // ---------------------------------------------------------------- MariaDB
 
 fn my_url() -> String {
-    std::env::var("WEFT_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+    std::env::var("WEFT_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
 async fn my() -> Option<mysql_async::Conn> {
@@ -550,7 +550,10 @@ async fn mysql_type_mapping_and_read_only() {
     let mut first = d[0].clone();
     // MariaDB's JSON is text
     let doc = first.as_object_mut().unwrap().remove("doc").unwrap();
-    assert!(doc == json!({"a": 1}) || doc == json!("{\"a\": 1}"), "{doc}");
+    assert!(
+        doc == json!({"a": 1}) || doc == json!("{\"a\": 1}"),
+        "{doc}"
+    );
     assert_eq!(
         first,
         json!({"id": 1, "seq": 1, "tiny": -5, "ok": true, "f": 0.1, "r": 0.1,

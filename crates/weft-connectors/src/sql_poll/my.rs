@@ -133,7 +133,10 @@ fn is_datetime(t: ColumnType) -> bool {
 }
 
 fn is_date(t: ColumnType) -> bool {
-    matches!(t, ColumnType::MYSQL_TYPE_DATE | ColumnType::MYSQL_TYPE_NEWDATE)
+    matches!(
+        t,
+        ColumnType::MYSQL_TYPE_DATE | ColumnType::MYSQL_TYPE_NEWDATE
+    )
 }
 
 /// A saved cursor or key as a parameter of the column's type.

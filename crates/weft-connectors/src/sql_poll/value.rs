@@ -118,13 +118,19 @@ mod tests {
     #[test]
     fn numeric() {
         // 12345678.9012 = [1234, 5678, 9012], weight 1, dscale 4
-        assert_eq!(pg_numeric(&num(3, 1, 0, 4, &[1234, 5678, 9012])).unwrap(), "12345678.9012");
+        assert_eq!(
+            pg_numeric(&num(3, 1, 0, 4, &[1234, 5678, 9012])).unwrap(),
+            "12345678.9012"
+        );
         // 0.001 = [10], weight -1, dscale 3
         assert_eq!(pg_numeric(&num(1, -1, 0, 3, &[10])).unwrap(), "0.001");
         // -100 = [100], weight 0
         assert_eq!(pg_numeric(&num(1, 0, 0x4000, 0, &[100])).unwrap(), "-100");
         // 10000.50 = [1, 0, 5000], weight 1, dscale 2
-        assert_eq!(pg_numeric(&num(3, 1, 0, 2, &[1, 0, 5000])).unwrap(), "10000.50");
+        assert_eq!(
+            pg_numeric(&num(3, 1, 0, 2, &[1, 0, 5000])).unwrap(),
+            "10000.50"
+        );
         assert_eq!(pg_numeric(&num(0, 0, 0, 2, &[])).unwrap(), "0.00");
         assert_eq!(pg_numeric(&num(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
         assert!(pg_numeric(&[0, 1]).is_err());

@@ -1369,7 +1369,10 @@ fn sql_poll_source_spec(
                 .trim_start_matches("//")
                 .trim();
             if path.is_empty() {
-                cx.at(format!("{sp}.url"), "`sqlite:` needs a file path, e.g. `sqlite:data/legacy.db`");
+                cx.at(
+                    format!("{sp}.url"),
+                    "`sqlite:` needs a file path, e.g. `sqlite:data/legacy.db`",
+                );
             } else {
                 sqlite_path = Some(base.join(path));
             }
@@ -1442,7 +1445,10 @@ fn sql_poll_source_spec(
     if let Some(nm) = &cfg.name
         && !valid_name(nm)
     {
-        cx.at(format!("{sp}.name"), "names use letters, digits, `_` and `-`");
+        cx.at(
+            format!("{sp}.name"),
+            "names use letters, digits, `_` and `-`",
+        );
     }
     check_ident(cx, &format!("{sp}.cursor"), &cfg.cursor);
     check_ident(cx, &format!("{sp}.key"), &cfg.key);
@@ -1490,7 +1496,10 @@ fn mysql_sink_spec(cx: &mut Ctx, mp: &str, cfg: Box<MysqlSinkConfig>) -> Option<
     }
     let parts: Vec<&str> = cfg.table.split('.').collect();
     if parts.len() > 2 {
-        cx.at(format!("{mp}.table"), "expected `table` or `database.table`");
+        cx.at(
+            format!("{mp}.table"),
+            "expected `table` or `database.table`",
+        );
     }
     for part in parts {
         check_ident(cx, &format!("{mp}.table"), part);
