@@ -18,8 +18,10 @@ pub mod file;
 pub mod generate;
 pub mod http;
 pub mod jsonl;
+pub mod mysql;
 pub mod postgres;
 pub mod rest;
+pub mod sql_poll;
 pub mod sqlite;
 pub mod webhook;
 

@@ -113,6 +113,9 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
         SinkSpec::Jsonl { cfg, path } => {
             Arc::new(crate::jsonl::JsonlSink::open(cfg, path).map_err(err)?)
         }
+        SinkSpec::Mysql { cfg } => {
+            Arc::new(crate::mysql::MysqlSink::connect(cfg).await.map_err(err)?)
+        }
     })
 }
 

@@ -127,5 +127,8 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::Rest { .. } => {
             SourceHandle::Task(Box::new(crate::rest::RestSource::new(system, spec)?))
         }
+        SourceSpec::SqlPoll { .. } => {
+            SourceHandle::Task(Box::new(crate::sql_poll::SqlPollSource::new(system, spec)?))
+        }
     })
 }

@@ -140,6 +140,9 @@ pub enum RawSource {
     Generate(GenerateSourceConfig),
     /// weft polls the system's REST API (pagination, incremental cursor, auth, rate limit).
     Rest(Box<RestSourceConfig>),
+    /// weft polls a PostgreSQL, MariaDB/MySQL or SQLite table (or query) by
+    /// a cursor column and a tie-breaking key; read-only.
+    SqlPoll(Box<SqlPollSourceConfig>),
 }
 
 /// A sink connector, named by its single key.
@@ -154,6 +157,8 @@ pub enum RawSink {
     Postgres(PostgresSinkConfig),
     /// Appends to a JSON Lines file.
     Jsonl(JsonlSinkConfig),
+    /// Upserts into a MariaDB/MySQL table.
+    Mysql(Box<MysqlSinkConfig>),
 }
 
 /// Webhook source settings.
@@ -842,4 +847,60 @@ impl<'de> Deserialize<'de> for RawValueTarget {
         }
         d.deserialize_any(V)
     }
+}
+
+/// SQL polling source settings: exactly one of `table` and `query`.
+///
+/// Each poll reads the rows after the last checkpoint in `(cursor, key)`
+/// order, at most `batch_size` of them; a full batch is followed at once by
+/// the next one, otherwise the next poll comes after `interval`. Rows whose
+/// cursor or key is NULL are never read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlPollSourceConfig {
+    /// `postgresql://user@host:5432/db`, `mysql://user:password@host:3306/db`
+    /// (MariaDB too), or `sqlite:path/to/file.db` (relative to the config
+    /// file's folder). Use `${ENV}` for credentials.
+    pub url: Secret,
+    /// Table (or view) to read, optionally schema-qualified: every column.
+    pub table: Option<String>,
+    /// Custom `SELECT` instead of `table`. It must contain `{checkpoint}`
+    /// where the condition "after the last row read" goes (in a `WHERE`),
+    /// and `{limit}` (the batch size), and must `ORDER BY <cursor>, <key>`.
+    /// `cursor` and `key` must be plain columns of its output and usable
+    /// unqualified in the `WHERE` (wrap a join in a subquery or CTE), e.g.
+    /// `SELECT * FROM (SELECT o.id, o.updated_at, c.name FROM orders o JOIN
+    /// customers c ON c.id = o.customer_id) q WHERE {checkpoint}
+    /// ORDER BY updated_at, id LIMIT {limit}`.
+    pub query: Option<Spanned<String>>,
+    /// Name used in event ids (`<name>:<key>@<cursor>`); default the
+    /// table's name; required with `query`.
+    pub name: Option<String>,
+    /// Column that grows when a row is inserted or changed, e.g.
+    /// `updated_at` or a sequence.
+    pub cursor: String,
+    /// Unique column that orders rows sharing one cursor value, e.g. `id`.
+    pub key: String,
+    /// Time between polls when the last one was not full (default `5s`).
+    pub interval: Option<Spanned<String>>,
+    /// Rows per query and per store commit (default 500).
+    pub batch_size: Option<usize>,
+    /// CloudEvents `type` of the events (default `<system>.row`).
+    pub event_type: Option<String>,
+}
+
+/// MariaDB/MySQL sink settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSinkConfig {
+    /// Connection string, e.g. `mysql://user:password@host:3306/db` (use `${ENV}`).
+    pub url: Secret,
+    /// Table to upsert into, optionally `database.table`.
+    pub table: String,
+    /// Key columns of the upsert (a primary or unique key on exactly them must exist).
+    pub key: Vec<String>,
+    /// Columns to write with their types (`varchar(100)`, `text`, `bigint`,
+    /// `int`, `decimal(12,2)`, `double`, `boolean`, `datetime`, `timestamp`,
+    /// `date`, `json`, ...).
+    pub columns: BTreeMap<String, String>,
 }

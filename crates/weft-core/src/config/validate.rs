@@ -121,6 +121,16 @@ pub enum SourceSpec {
         /// The incremental cursor of a record.
         cursor_field: Option<Arc<Program>>,
     },
+    SqlPoll {
+        cfg: Box<SqlPollSourceConfig>,
+        /// The SQLite file, resolved against the config's folder (`sqlite:` URLs only).
+        sqlite_path: Option<PathBuf>,
+        /// Prefix of event ids: the table's or the query's name.
+        name: String,
+        interval: Duration,
+        batch_size: usize,
+        event_type: String,
+    },
 }
 
 impl SourceSpec {
@@ -130,6 +140,7 @@ impl SourceSpec {
             SourceSpec::File { .. } => "file",
             SourceSpec::Generate { .. } => "generate",
             SourceSpec::Rest { .. } => "rest",
+            SourceSpec::SqlPoll { .. } => "sql_poll",
         }
     }
 }
@@ -163,6 +174,9 @@ pub enum SinkSpec {
         cfg: JsonlSinkConfig,
         path: PathBuf,
     },
+    Mysql {
+        cfg: Box<MysqlSinkConfig>,
+    },
 }
 
 impl SinkSpec {
@@ -172,6 +186,7 @@ impl SinkSpec {
             SinkSpec::Sqlite { .. } => "sqlite",
             SinkSpec::Postgres { .. } => "postgres",
             SinkSpec::Jsonl { .. } => "jsonl",
+            SinkSpec::Mysql { .. } => "mysql",
         }
     }
 }
@@ -769,6 +784,9 @@ fn source_spec(
             })
         }
         RawSource::Rest(cfg) => rest_source_spec(cx, &format!("{p}.rest"), system, cfg),
+        RawSource::SqlPoll(cfg) => {
+            sql_poll_source_spec(cx, &format!("{p}.sql_poll"), system, cfg, base)
+        }
     }
 }
 
@@ -965,6 +983,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
             path: base.join(&cfg.path),
             cfg,
         }),
+        RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
     }
 }
 
@@ -1339,4 +1358,209 @@ fn check_cron(cx: &mut Ctx, path: &str, c: &Spanned<String>) {
             ),
         );
     }
+}
+
+/// The database kinds a SQL URL may name, by its scheme: `postgresql://`
+/// (or `postgres://`), `mysql://`, or `sqlite:<path>`.
+fn sql_url_kind(url: &str) -> Option<&'static str> {
+    let u = url.trim();
+    if u.starts_with("postgresql://") || u.starts_with("postgres://") {
+        Some("postgres")
+    } else if u.starts_with("mysql://") {
+        Some("mysql")
+    } else if u.starts_with("sqlite:") {
+        Some("sqlite")
+    } else {
+        None
+    }
+}
+
+fn sql_poll_source_spec(
+    cx: &mut Ctx,
+    sp: &str,
+    system: &str,
+    cfg: Box<SqlPollSourceConfig>,
+    base: &Path,
+) -> Option<SourceSpec> {
+    let n = cx.issues.len();
+    let url = cfg.url.expose().trim();
+    let mut sqlite_path = None;
+    match sql_url_kind(url) {
+        // never quote the URL: it may hold a password
+        None => cx.at(
+            format!("{sp}.url"),
+            "expected a `postgresql://`, `mysql://` or `sqlite:<path>` URL",
+        ),
+        Some("sqlite") => {
+            let path = url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .trim();
+            if path.is_empty() {
+                cx.at(
+                    format!("{sp}.url"),
+                    "`sqlite:` needs a file path, e.g. `sqlite:data/legacy.db`",
+                );
+            } else {
+                sqlite_path = Some(base.join(path));
+            }
+        }
+        Some(_) => {}
+    }
+    let name = match (&cfg.table, &cfg.query) {
+        (Some(t), None) => {
+            for part in t.split('.') {
+                check_ident(cx, &format!("{sp}.table"), part);
+            }
+            cfg.name
+                .clone()
+                .unwrap_or_else(|| t.rsplit('.').next().unwrap_or(t).to_owned())
+        }
+        (None, Some(q)) => {
+            let lower = q.value.to_ascii_lowercase();
+            let mut missing = Vec::new();
+            for ph in ["{checkpoint}", "{limit}"] {
+                if !q.value.contains(ph) {
+                    missing.push(format!("`{ph}`"));
+                }
+            }
+            if !missing.is_empty() {
+                cx.at_span(
+                    format!("{sp}.query"),
+                    q,
+                    format!(
+                        "the query must contain {}: `{{checkpoint}}` in its WHERE (the rows after the last one read) and `LIMIT {{limit}}` (the batch size)",
+                        missing.join(" and ")
+                    ),
+                );
+            }
+            let rest = q.value.replace("{checkpoint}", "").replace("{limit}", "");
+            if let Some(i) = rest.find('{')
+                && rest[i..].contains('}')
+            {
+                cx.at_span(
+                    format!("{sp}.query"),
+                    q,
+                    "only `{checkpoint}` and `{limit}` can be filled in",
+                );
+            }
+            if !lower.contains("order by") {
+                cx.at_span(
+                    format!("{sp}.query"),
+                    q,
+                    format!(
+                        "the query must `ORDER BY {}, {}` so that no row is skipped",
+                        cfg.cursor, cfg.key
+                    ),
+                );
+            }
+            match &cfg.name {
+                Some(nm) => nm.clone(),
+                None => {
+                    cx.at(
+                        format!("{sp}.name"),
+                        "a `query` needs a `name` (used in event ids: `<name>:<key>@<cursor>`)",
+                    );
+                    String::new()
+                }
+            }
+        }
+        _ => {
+            cx.at(sp, "exactly one of `table` and `query` is required");
+            String::new()
+        }
+    };
+    if let Some(nm) = &cfg.name
+        && !valid_name(nm)
+    {
+        cx.at(
+            format!("{sp}.name"),
+            "names use letters, digits, `_` and `-`",
+        );
+    }
+    check_ident(cx, &format!("{sp}.cursor"), &cfg.cursor);
+    check_ident(cx, &format!("{sp}.key"), &cfg.key);
+    if cfg.cursor == cfg.key {
+        cx.at(
+            format!("{sp}.key"),
+            "the key must be another column than the cursor (it breaks ties between rows with one cursor value)",
+        );
+    }
+    let interval = cx.duration(
+        &format!("{sp}.interval"),
+        &cfg.interval,
+        Duration::from_secs(5),
+    );
+    if interval.is_zero()
+        && let Some(i) = &cfg.interval
+    {
+        cx.at_span(format!("{sp}.interval"), i, "must be longer than 0s");
+    }
+    if cfg.batch_size == Some(0) {
+        cx.at(format!("{sp}.batch_size"), "must be greater than 0");
+    }
+    if cx.issues.len() > n {
+        return None;
+    }
+    Some(SourceSpec::SqlPoll {
+        sqlite_path,
+        name,
+        interval,
+        batch_size: cfg.batch_size.unwrap_or(500),
+        event_type: cfg
+            .event_type
+            .clone()
+            .unwrap_or_else(|| format!("{system}.row")),
+        cfg,
+    })
+}
+
+fn mysql_sink_spec(cx: &mut Ctx, mp: &str, cfg: Box<MysqlSinkConfig>) -> Option<SinkSpec> {
+    if sql_url_kind(cfg.url.expose()) != Some("mysql") {
+        cx.at(
+            format!("{mp}.url"),
+            "expected a `mysql://user:password@host:3306/database` URL",
+        );
+    }
+    let parts: Vec<&str> = cfg.table.split('.').collect();
+    if parts.len() > 2 {
+        cx.at(
+            format!("{mp}.table"),
+            "expected `table` or `database.table`",
+        );
+    }
+    for part in parts {
+        check_ident(cx, &format!("{mp}.table"), part);
+    }
+    if cfg.key.is_empty() {
+        cx.at(
+            format!("{mp}.key"),
+            "at least one key column is required for the upsert",
+        );
+    }
+    if cfg.columns.is_empty() {
+        cx.at(format!("{mp}.columns"), "at least one column is required");
+    }
+    for (c, t) in &cfg.columns {
+        check_ident(cx, &format!("{mp}.columns.{c}"), c);
+        if t.trim().is_empty()
+            || !t
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || " _(),".contains(ch))
+        {
+            cx.at(
+                format!("{mp}.columns.{c}"),
+                format!("`{t}` is not a MySQL type name"),
+            );
+        }
+    }
+    for k in &cfg.key {
+        if !cfg.columns.contains_key(k) {
+            cx.at(
+                format!("{mp}.key"),
+                format!("key column `{k}` is not among `columns`"),
+            );
+        }
+    }
+    Some(SinkSpec::Mysql { cfg })
 }

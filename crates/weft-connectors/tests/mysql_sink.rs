@@ -1,0 +1,334 @@
+//! The MariaDB/MySQL sink against the real MariaDB on 127.0.0.1:3306 (root,
+//! empty password, database `test`). Skipped with a message when it is not
+//! reachable, unless `CI=true`, where that is a failure.
+
+use std::collections::BTreeMap;
+
+use mysql_async::prelude::Queryable;
+use serde_json::{Value, json};
+use weft_connectors::mysql::MysqlSink;
+use weft_connectors::{Delivery, Sink};
+use weft_core::ErrorKind;
+use weft_core::config::Secret;
+use weft_core::config::raw::MysqlSinkConfig;
+
+fn url() -> String {
+    std::env::var("WEFT_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+async fn admin() -> Option<mysql_async::Conn> {
+    let url = url();
+    match mysql_async::Conn::from_url(&url).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("MariaDB at {url} is not reachable and CI=true: {e}");
+            }
+            eprintln!("!!!!!! SKIPPING MariaDB test: {url} is not reachable: {e} !!!!!!");
+            None
+        }
+    }
+}
+
+/// A uniquely named table.
+async fn table(c: &mut mysql_async::Conn, ddl_cols: &str) -> String {
+    let name = format!("weft_test_{}", uuid::Uuid::new_v4().simple());
+    c.query_drop(format!("CREATE TABLE {name} ({ddl_cols})"))
+        .await
+        .unwrap();
+    name
+}
+
+fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> MysqlSinkConfig {
+    MysqlSinkConfig {
+        url: Secret::new(url()),
+        table: table.to_owned(),
+        key: key.iter().map(|k| k.to_string()).collect(),
+        columns: cols
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn delivery(id: i64, payload: Value) -> Delivery {
+    Delivery {
+        id,
+        idempotency_key: format!("k-{id}"),
+        correlation_id: "c-1".into(),
+        event_id: id.to_string(),
+        entity_key: None,
+        attempt: 1,
+        payload,
+    }
+}
+
+const DDL: &str = "id bigint PRIMARY KEY, name varchar(50), amount decimal(40,12), n int, ok boolean, \
+                   at datetime(6), d date, doc json";
+const COLS: &[(&str, &str)] = &[
+    ("id", "bigint"),
+    ("name", "varchar(50)"),
+    ("amount", "decimal(40,12)"),
+    ("n", "int"),
+    ("ok", "boolean"),
+    ("at", "datetime(6)"),
+    ("d", "date"),
+    ("doc", "json"),
+];
+
+type Got = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<i8>,
+    Option<String>,
+);
+
+async fn rows(c: &mut mysql_async::Conn, t: &str) -> Vec<Got> {
+    c.query(format!(
+        "SELECT id, name, CAST(amount AS CHAR), n, ok, DATE_FORMAT(at, '%Y-%m-%d %H:%i:%s.%f') FROM {t} ORDER BY id"
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn upsert_inserts_then_updates_last_in_batch_wins() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(&mut c, DDL).await;
+    let sink = MysqlSink::connect(&cfg(&t, COLS, &["id"])).await.unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"id": 1, "name": "Ada", "amount": "1234567890123456789012345678.123456789012",
+                       "n": 5, "ok": true, "at": "2024-05-01T12:00:00.5+02:00", "d": "2024-02-29",
+                       "doc": {"a": [1, 2]}}),
+            ),
+            delivery(2, json!({"id": "2", "name": "Bob", "amount": 0.1, "n": "7", "ok": "false"})),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(
+        rows(&mut c, &t).await,
+        vec![
+            (
+                1,
+                Some("Ada".into()),
+                Some("1234567890123456789012345678.123456789012".into()),
+                Some(5),
+                Some(1),
+                Some("2024-05-01 10:00:00.500000".into())
+            ),
+            (
+                2,
+                Some("Bob".into()),
+                Some("0.100000000000".into()),
+                Some(7),
+                Some(0),
+                None
+            ),
+        ]
+    );
+    let r = sink
+        .write(&[
+            delivery(3, json!({"id": 1, "name": "Ada L."})),
+            // the same key twice in one batch: the last one wins
+            delivery(4, json!({"id": 2, "name": "Bobby"})),
+            delivery(5, json!({"id": 2, "name": "Robert", "n": 9})),
+            delivery(6, json!({"id": 3, "name": "Cy"})),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(
+        rows(&mut c, &t).await,
+        vec![
+            (1, Some("Ada L.".into()), None, None, None, None),
+            (2, Some("Robert".into()), None, Some(9), None, None),
+            (3, Some("Cy".into()), None, None, None, None),
+        ]
+    );
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test]
+async fn type_errors_name_the_column_and_fail_only_that_record() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(&mut c, DDL).await;
+    let sink = MysqlSink::connect(&cfg(&t, COLS, &["id"])).await.unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"id": 1, "name": "ok"})),
+            delivery(2, json!({"id": "x", "name": "bad id"})),
+            delivery(3, json!({"id": 3, "amount": "12,5"})),
+            delivery(4, json!({"id": 4, "n": 3_000_000_000i64})),
+            delivery(5, json!({"id": 5, "at": "yesterday"})),
+            delivery(6, json!({"id": 6, "name": {"o": 1}})),
+            delivery(7, json!("not an object")),
+            delivery(8, json!({"name": "no key"})),
+            delivery(9, json!({"id": 9, "ok": "perhaps"})),
+            delivery(10, json!({"id": 10, "d": "2024-02-30"})),
+            delivery(11, json!({"id": 11, "name": "also ok"})),
+        ])
+        .await;
+    assert_eq!(r.len(), 11);
+    assert!(r[0].is_ok() && r[10].is_ok(), "{r:?}");
+    for (i, col) in [
+        (1, "`id`"),
+        (2, "`amount`"),
+        (3, "`n`"),
+        (4, "`at`"),
+        (5, "`name`"),
+        (6, "JSON object"),
+        (7, "`id`"),
+        (8, "`ok`"),
+        (9, "`d`"),
+    ] {
+        let e = r[i].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+        assert!(e.message.contains(col), "{i}: {}", e.message);
+    }
+    let n: Option<i64> = c
+        .query_first(format!("SELECT count(*) FROM {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(2));
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test]
+async fn rows_the_database_refuses_fail_alone() {
+    let Some(mut c) = admin().await else { return };
+    // a CHECK constraint and a length Rust does not check
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, qty int CHECK (qty >= 0), code varchar(3)",
+    )
+    .await;
+    let sink = MysqlSink::connect(&cfg(
+        &t,
+        &[("id", "bigint"), ("qty", "int"), ("code", "varchar(3)")],
+        &["id"],
+    ))
+    .await
+    .unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"id": 1, "qty": 1})),
+            delivery(2, json!({"id": 2, "qty": -1})),
+            delivery(3, json!({"id": 3, "qty": 3, "code": "toolong"})),
+            delivery(4, json!({"id": 4, "qty": 4})),
+        ])
+        .await;
+    assert!(r[0].is_ok() && r[3].is_ok(), "{r:?}");
+    for i in [1, 2] {
+        let e = r[i].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+    }
+    assert!(r[1].as_ref().unwrap_err().message.contains("4025"), "{r:?}");
+    assert!(r[2].as_ref().unwrap_err().message.contains("1406"), "{r:?}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_table_or_unique_key_fails_at_connect() {
+    let Some(mut c) = admin().await else { return };
+    let err = MysqlSink::connect(&cfg("weft_no_such_table_x", &[("id", "bigint")], &["id"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("1146"), "{err}");
+    let t = table(&mut c, "id bigint, v text").await;
+    let err = MysqlSink::connect(&cfg(&t, &[("id", "bigint"), ("v", "text")], &["id"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("no primary or unique key"), "{err}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_server_is_retryable() {
+    let sink_cfg = MysqlSinkConfig {
+        url: Secret::new("mysql://root@127.0.0.1:1/test"),
+        ..cfg("t", &[("id", "bigint")], &["id"])
+    };
+    // connect refuses at start ...
+    assert!(MysqlSink::connect(&sink_cfg).await.is_err());
+}
+
+/// Throughput of the bench's shape (contacts, 11 columns, upsert on
+/// contact_id): `cargo test -p weft-connectors --release --test mysql_sink
+/// -- --ignored --nocapture throughput`.
+#[tokio::test]
+#[ignore]
+async fn throughput_contacts() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "contact_id bigint PRIMARY KEY, given_name varchar(100), family_name varchar(100), email varchar(200), \
+         company_name varchar(200), company_category varchar(50), updated_at datetime(6), address_street varchar(200), \
+         address_city varchar(100), address_postal_code varchar(20), address_country varchar(2)",
+    )
+    .await;
+    let cols = [
+        ("contact_id", "bigint"),
+        ("given_name", "varchar(100)"),
+        ("family_name", "varchar(100)"),
+        ("email", "varchar(200)"),
+        ("company_name", "varchar(200)"),
+        ("company_category", "varchar(50)"),
+        ("updated_at", "datetime(6)"),
+        ("address_street", "varchar(200)"),
+        ("address_city", "varchar(100)"),
+        ("address_postal_code", "varchar(20)"),
+        ("address_country", "varchar(2)"),
+    ];
+    let sink = MysqlSink::connect(&cfg(&t, &cols, &["contact_id"]))
+        .await
+        .unwrap();
+    let n: i64 = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let batch: i64 = std::env::var("BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let deliveries: Vec<Delivery> = (1..=n)
+        .map(|i| {
+            delivery(
+                i,
+                json!({"contact_id": i, "given_name": format!("Given{i}"), "family_name": "Family",
+                       "email": format!("user{i}@example.com"), "company_name": "Acme Corp",
+                       "company_category": "CUSTOMER_ACTIVE", "updated_at": "2024-03-05T10:11:12Z",
+                       "address_street": "1 Main Street", "address_city": "Springfield",
+                       "address_postal_code": "12345", "address_country": "US"}),
+            )
+        })
+        .collect();
+    for round in ["insert", "update"] {
+        let started = std::time::Instant::now();
+        for chunk in deliveries.chunks(batch as usize) {
+            let r = sink.write(chunk).await;
+            assert!(
+                r.iter().all(|r| r.is_ok()),
+                "{:?}",
+                r.iter().find(|r| r.is_err())
+            );
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "mysql sink ({round}): {n} rows in batches of {batch}: {secs:.2} s, {:.0} rows/s",
+            n as f64 / secs
+        );
+    }
+    let count: Option<i64> = c
+        .query_first(format!("SELECT count(*) FROM {t}"))
+        .await
+        .unwrap();
+    assert_eq!(count, Some(n));
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
