@@ -2,8 +2,6 @@
 //! plus a timing of their per-record cost (`--ignored`, best with `--release`).
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{Value, json};
 use weft_connectors::{Batch, Record};
@@ -176,59 +174,5 @@ fn drift_quarantine_in_prepare() {
     assert_eq!(
         b.events.iter().filter(|e| e.kind == "type_changed").count(),
         1
-    );
-}
-
-/// Per-record cost of drift detection and contract checks:
-/// `cargo test -p weft-runtime --release --test contracts -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn overhead_per_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let with = config(dir.path(), "dead_letter", "record");
-    let plain = config::load_str(
-        &dir.path().join("weft.yaml"),
-        "systems:\n  crm:\n    source:\n      webhook:\n        path: /h\n  out:\n    sink:\n      jsonl:\n        path: o.jsonl\nflows:\n  f:\n    from: crm\n    to:\n      - system: out\n        mapping: '{ref: (.id | tostring)}'\n",
-        &|_| None,
-    )
-    .unwrap();
-    let n = 200_000u64;
-    let recs: Vec<Value> = (0..n)
-        // shaped like the bench's CRM contacts: 11 fields, one nested object, one enum
-        .map(|i| {
-            json!({"id": i, "email": format!("u{i}@x.example"), "tier": if i.is_multiple_of(2) {"A"} else {"B"},
-                   "tags": ["x"], "first_name": format!("F{i}"), "last_name": format!("L{i}"),
-                   "company": format!("Company {}", i % 5000), "updated_at": "2024-03-05T10:11:12Z",
-                   "address": {"street": format!("{i} Main St"), "city": "Springfield", "postal_code": format!("{:05}", i % 99999), "country": "US"}})
-        })
-        .collect();
-    let time = |flows: &[Arc<config::Flow>], tracker: Option<&Tracker>| {
-        let t = Instant::now();
-        for chunk in recs.chunks(1000) {
-            let batch = Batch {
-                records: chunk.iter().map(|d| rec("e".into(), d.clone())).collect(),
-                checkpoint: None,
-            };
-            let b = prepare_with("crm", flows, batch, tracker);
-            assert_eq!(b.events.len(), chunk.len());
-            assert!(
-                b.events
-                    .iter()
-                    .all(|e| matches!(e.outcomes[0], FlowOutcome::Routed { .. })),
-                "{:?}",
-                b.events[0].outcomes
-            );
-        }
-        t.elapsed().as_nanos() as f64 / n as f64
-    };
-    let base = time(&plain.flows, None);
-    let drift = time(&plain.flows, Some(&Tracker::new("crm", vec![])));
-    let contract = time(&with.flows, None);
-    let both = time(&with.flows, Some(&Tracker::new("crm", vec![])));
-    println!(
-        "per record: baseline {base:.0} ns; drift +{:.0} ns; contracts (entity + destination) +{:.0} ns; both +{:.0} ns",
-        drift - base,
-        contract - base,
-        both - base
     );
 }
