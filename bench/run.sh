@@ -13,8 +13,9 @@ ROOT=$(cd "$HERE/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 N=${N:-1000000}
 CACHE=${WEFT_BENCH_CACHE:-$HOME/.cache/weft-bench}
-WEFT=$ROOT/target/release/weft
-LOAD=$ROOT/target/release/weft-bench
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+WEFT=$TARGET/release/weft
+LOAD=$TARGET/release/weft-bench
 WORKROOT=$(mktemp -d "${TMPDIR:-/tmp}/weft-bench.XXXXXX")
 trap 'rm -rf "$WORKROOT"; [ -n "${HUB:-}" ] && kill "$HUB" 2>/dev/null || true' EXIT
 

@@ -5,7 +5,7 @@
 #   export WEFT_BENCH_CMD="bench/weft-peer.sh"   (from the repository root)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-WEFT=${WEFT:-$HERE/../target/release/weft}
+WEFT=${WEFT:-${CARGO_TARGET_DIR:-$HERE/../target}/release/weft}
 export WEFT_INPUT=${!#}
 export WEFT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/weft-peer.XXXXXX")
 trap 'rm -rf "$WEFT_WORK"' EXIT

@@ -38,7 +38,8 @@ const VARIANTS: &[(&str, &str)] = &[
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let file = std::fs::File::open(&cli.file).with_context(|| format!("open {}", cli.file.display()))?;
+    let file =
+        std::fs::File::open(&cli.file).with_context(|| format!("open {}", cli.file.display()))?;
     let mut records = Vec::with_capacity(cli.records);
     for line in std::io::BufReader::new(file).lines().take(cli.records) {
         records.push(serde_json::from_str::<Value>(&line?)?);
@@ -50,7 +51,8 @@ fn main() -> Result<()> {
         let p = Program::compile(code, &[]).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         let t = Instant::now();
         for r in &records {
-            p.run_one(r.clone(), event.clone(), &[]).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            p.run_one(r.clone(), event.clone(), &[])
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         }
         let secs = t.elapsed().as_secs_f64();
         println!(

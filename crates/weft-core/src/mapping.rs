@@ -23,6 +23,8 @@ use jaq_core::{Compiler, Ctx, Vars, data};
 use jaq_json::Val;
 use serde_json::Value;
 
+mod fast;
+
 type Data = data::JustLut<Val>;
 
 /// A compiled jq program.
@@ -30,6 +32,8 @@ pub struct Program {
     code: String,
     vars: Vec<String>,
     filter: jaq_core::Filter<Data>,
+    /// The structural shortcut, when the program is one ([`fast`]).
+    fast: Option<fast::Fast>,
 }
 
 impl std::fmt::Debug for Program {
@@ -70,6 +74,7 @@ impl Program {
             code: code.to_owned(),
             vars: names,
             filter,
+            fast: fast::Fast::parse(code),
         })
     }
 
@@ -81,6 +86,14 @@ impl Program {
     /// Run on `input` and collect every output. `event` is bound to
     /// `$event`; `extra` to the declared variables, in order.
     pub fn run(&self, input: Value, event: Value, extra: &[Value]) -> Result<Vec<Value>, RunError> {
+        if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(&input)) {
+            return Ok(vec![v.into_owned()]);
+        }
+        self.run_jaq(input, event, extra)
+    }
+
+    /// [`Program::run`] by jaq alone, without the structural shortcut.
+    fn run_jaq(&self, input: Value, event: Value, extra: &[Value]) -> Result<Vec<Value>, RunError> {
         let input = to_val(input)?;
         let mut vals = Vec::with_capacity(self.vars.len());
         vals.push(to_val(event)?);
@@ -112,7 +125,32 @@ impl Program {
 
     /// Run and require exactly one output (what a mapping must produce).
     pub fn run_one(&self, input: Value, event: Value, extra: &[Value]) -> Result<Value, RunError> {
-        let mut out = self.run(input, event, extra)?;
+        if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(&input)) {
+            return Ok(v.into_owned());
+        }
+        Self::one(self.run_jaq(input, event, extra)?)
+    }
+
+    /// [`Program::run_one`] on borrowed values: the input and `$event` are
+    /// only copied when the structural shortcut does not apply.
+    pub fn eval(&self, input: &Value, event: &Value, extra: &[Value]) -> Result<Value, RunError> {
+        self.eval_with(input, || event.clone(), extra)
+    }
+
+    /// [`Program::eval`] with `$event` built only if jaq needs it.
+    pub fn eval_with(
+        &self,
+        input: &Value,
+        event: impl FnOnce() -> Value,
+        extra: &[Value],
+    ) -> Result<Value, RunError> {
+        if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(input)) {
+            return Ok(v.into_owned());
+        }
+        Self::one(self.run_jaq(input.clone(), event(), extra)?)
+    }
+
+    fn one(mut out: Vec<Value>) -> Result<Value, RunError> {
         match out.len() {
             1 => Ok(out.pop().unwrap_or(Value::Null)),
             0 => Err(RunError("the mapping produced no output".to_owned())),

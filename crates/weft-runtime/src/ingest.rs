@@ -114,7 +114,7 @@ pub fn run_flow(
     }
     let entity_key = match &flow.key {
         None => None,
-        Some(p) => match p.run_one(data.clone(), attrs.clone(), &[]) {
+        Some(p) => match p.eval(data, attrs, &[]) {
             Ok(Value::String(s)) => Some(s),
             Ok(Value::Null) => None,
             Ok(v) => Some(v.to_string()),
@@ -123,7 +123,7 @@ pub fn run_flow(
     };
     let mapped = match &flow.mapping {
         None => data.clone(),
-        Some(p) => match p.run_one(data.clone(), attrs.clone(), &[]) {
+        Some(p) => match p.eval(data, attrs, &[]) {
             Ok(v) => v,
             Err(e) => return reject("mapping failed", &e),
         },
@@ -135,7 +135,7 @@ pub fn run_flow(
     for d in &flow.destinations {
         let payload = match &d.mapping {
             None => mapped.clone(),
-            Some(p) => match p.run_one(mapped.clone(), attrs.clone(), &[]) {
+            Some(p) => match p.eval(&mapped, attrs, &[]) {
                 Ok(v) => v,
                 Err(e) => return reject(&format!("mapping for `{}` failed", d.system), &e),
             },

@@ -191,7 +191,7 @@ impl Plan {
         );
         if let Some(prog) = &self.id_field {
             let id = prog
-                .run_one(event.data.clone(), event.attributes(), &[])
+                .eval_with(&event.data, || event.attributes(), &[])
                 .map_err(|e| e.to_string())
                 .and_then(|v| match v {
                     serde_json::Value::String(s) if !s.is_empty() => Ok(s),
