@@ -228,13 +228,10 @@ mod tests {
             for input in INPUTS {
                 let input: Value = serde_json::from_str(input).expect("test input");
                 let jaq = program.run_jaq(input.clone(), json!({}), &[]);
-                match fast.eval(&input) {
-                    Some(v) => {
-                        answered += 1;
-                        assert_eq!(jaq.ok(), Some(vec![v.into_owned()]), "{code} on {input}");
-                    }
-                    // jaq decides (an error, or an index the shortcut leaves to it)
-                    None => {}
+                // `None`: jaq decides (an error, or an index left to it)
+                if let Some(v) = fast.eval(&input) {
+                    answered += 1;
+                    assert_eq!(jaq.ok(), Some(vec![v.into_owned()]), "{code} on {input}");
                 }
             }
         }
