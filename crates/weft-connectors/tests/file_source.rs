@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use weft_connectors::file::FileSource;
 use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record, Source, SourceError};
 use weft_core::config::raw::FileSourceConfig;
-use weft_core::config::{FileFormat, FileTarget, SourceSpec};
+use weft_core::config::{FileFormat, FileTarget, SourceSpec, TextEncoding};
 use weft_core::mapping::Program;
 
 /// Records committed batches and checkpoints; can refuse one call.
@@ -95,6 +95,8 @@ fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
             format: None,
             pattern: None,
             delimiter: None,
+            encoding: None,
+            record_path: None,
             poll_interval: None,
             batch_size: Some(batch_size),
             id_field: None,
@@ -105,6 +107,8 @@ fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
         event_type: "crm.file".into(),
         poll_interval: Duration::from_millis(poll_ms),
         batch_size,
+        encoding: TextEncoding::Utf8,
+        record_path: vec!["*".into(), "*".into()],
     }
 }
 
@@ -501,7 +505,7 @@ async fn path_mode_errors() {
     let err = run_path(&path, 10, &ingest).await.unwrap_err();
     assert!(err.message.contains("header"), "{err}");
     assert!(path.exists(), "Path mode never moves the file");
-    let path = write(&dir.path().join("data.xml"), "<a/>");
+    let path = write(&dir.path().join("data.dat"), "<a/>");
     let err = run_path(&path, 10, &ingest).await.unwrap_err();
     assert!(err.message.contains("format"), "{err}");
     assert_eq!(ingest.calls.load(Ordering::SeqCst), 0);
