@@ -98,27 +98,55 @@ async fn csv_rotates_by_size_into_complete_files() {
     sink.flush().await.unwrap();
     let names = files(&out);
     assert!(names.len() > 5, "{names:?}");
-    assert!(names.iter().all(|n| n.starts_with("orders-") && n.ends_with(".csv")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("orders-") && n.ends_with(".csv")),
+        "{names:?}"
+    );
     let mut ids = Vec::new();
     for n in &names {
         let p = out.join(n);
-        assert!(std::fs::metadata(&p).unwrap().len() <= 2_000, "{n} is over max_bytes");
+        assert!(
+            std::fs::metadata(&p).unwrap().len() <= 2_000,
+            "{n} is over max_bytes"
+        );
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.starts_with("id;name;tags\n"), "{n}: every file has its header");
-        let mut rdr = csv::ReaderBuilder::new().delimiter(b';').from_reader(text.as_bytes());
+        assert!(
+            text.starts_with("id;name;tags\n"),
+            "{n}: every file has its header"
+        );
+        let mut rdr = csv::ReaderBuilder::new()
+            .delimiter(b';')
+            .from_reader(text.as_bytes());
         for r in rdr.records() {
             let r = r.unwrap();
             let id: i64 = r[0].parse().unwrap();
             assert_eq!(&r[1], format!("Müller; {id}"));
-            assert_eq!(&r[2], format!("[\"a\",{id}]"), "nested values are JSON in the cell");
+            assert_eq!(
+                &r[2],
+                format!("[\"a\",{id}]"),
+                "nested values are JSON in the cell"
+            );
             ids.push(id);
         }
     }
-    assert_eq!(ids, (1..=1000).collect::<Vec<_>>(), "every row once, in order");
+    assert_eq!(
+        ids,
+        (1..=1000).collect::<Vec<_>>(),
+        "every row once, in order"
+    );
     // sequence numbers increase with the names
     let seqs: Vec<u64> = names
         .iter()
-        .map(|n| n.trim_end_matches(".csv").rsplit('-').next().unwrap().parse().unwrap())
+        .map(|n| {
+            n.trim_end_matches(".csv")
+                .rsplit('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 }
@@ -137,7 +165,12 @@ async fn csv_columns_from_the_first_record_and_bad_payloads_are_permanent() {
         ])
         .await;
     assert!(r[0].as_ref().unwrap_err().kind == weft_core::ErrorKind::Permanent);
-    assert!(r[0].as_ref().unwrap_err().message.contains("object payload"));
+    assert!(
+        r[0].as_ref()
+            .unwrap_err()
+            .message
+            .contains("object payload")
+    );
     assert!(r[1].is_ok() && r[3].is_ok());
     assert!(r[2].as_ref().unwrap_err().kind == weft_core::ErrorKind::Permanent);
     drop(sink); // dropping the sink completes its file too
@@ -145,7 +178,10 @@ async fn csv_columns_from_the_first_record_and_bad_payloads_are_permanent() {
     assert_eq!(names.len(), 1, "{names:?}");
     let (header, rows) = read_csv(&out.join(&names[0]));
     assert_eq!(header, vec!["a", "b", "c"]);
-    assert_eq!(rows, vec![vec!["1", "x,y", ""], vec!["2", "say \"hi\"", ""]]);
+    assert_eq!(
+        rows,
+        vec![vec!["1", "x,y", ""], vec!["2", "say \"hi\"", ""]]
+    );
 }
 
 #[tokio::test]
@@ -166,7 +202,10 @@ async fn files_are_completed_on_max_age_and_idle_without_further_writes() {
         f.len() == 1 && f[0].ends_with(".csv")
     })
     .await;
-    assert_eq!(std::fs::read_to_string(out.join(&files(&out)[0])).unwrap(), "id\n1\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join(&files(&out)[0])).unwrap(),
+        "id\n1\n"
+    );
 
     let out2 = dir.path().join("export2");
     let sink2 = JsonlSink::open(
@@ -216,10 +255,14 @@ async fn leftover_part_files_are_repaired_and_completed_on_open() {
         "id,note\n1,ok\n"
     );
     // numbering goes on after the highest sequence number seen
-    sink.write(&[delivery(3, json!({"id": 3, "note": "new\nline"}))]).await;
+    sink.write(&[delivery(3, json!({"id": 3, "note": "new\nline"}))])
+        .await;
     sink.flush().await.unwrap();
     let f = files(&out);
-    assert!(f[1].starts_with("orders-") && f[1].ends_with("-000043.csv"), "{f:?}");
+    assert!(
+        f[1].starts_with("orders-") && f[1].ends_with("-000043.csv"),
+        "{f:?}"
+    );
     let (_, rows) = read_csv(&out.join(&f[1]));
     assert_eq!(rows, vec![vec!["3", "new\nline"]]);
 }
@@ -235,12 +278,16 @@ async fn csv_one_file_mode_appends_under_one_header() {
     // a crash left half a row behind
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(b"2,\"hal").unwrap();
     }
     // reopened: the columns come back from the header, the half row goes
     let sink = CsvSink::open(None, b',', true, &target).unwrap();
-    sink.write(&[delivery(3, json!({"v": "c", "id": 3, "new": 1}))]).await;
+    sink.write(&[delivery(3, json!({"v": "c", "id": 3, "new": 1}))])
+        .await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "id,v\n1,a\n3,c\n");
 }
 
@@ -257,12 +304,18 @@ async fn jsonl_rotating_files_carry_the_envelope() {
     assert!(sink.write(&batch).await.iter().all(Result::is_ok));
     sink.flush().await.unwrap();
     let names = files(&out);
-    assert!(names.len() >= 3 && names.iter().all(|n| n.ends_with(".jsonl")), "{names:?}");
+    assert!(
+        names.len() >= 3 && names.iter().all(|n| n.ends_with(".jsonl")),
+        "{names:?}"
+    );
     let mut lines = Vec::new();
     for n in &names {
         let text = std::fs::read_to_string(out.join(n)).unwrap();
         assert!(text.len() <= 200 && text.ends_with('\n'));
-        lines.extend(text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()));
+        lines.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+        );
     }
     assert_eq!(lines.len(), 6);
     assert_eq!(

@@ -89,7 +89,7 @@ impl MemIngest {
 
 fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
     SourceSpec::File {
-        cfg: FileSourceConfig {
+        cfg: Box::new(FileSourceConfig {
             dir: None,
             path: None,
             format: None,
@@ -101,7 +101,7 @@ fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
             batch_size: Some(batch_size),
             id_field: None,
             event_type: None,
-        },
+        }),
         target,
         id_field: None,
         event_type: "crm.file".into(),
@@ -547,12 +547,18 @@ fn set_encoding(sp: &mut SourceSpec, enc: TextEncoding) {
 
 fn set_record_path(sp: &mut SourceSpec, p: &str) {
     if let SourceSpec::File { record_path, .. } = sp {
-        *record_path = p.trim_start_matches('/').split('/').map(String::from).collect();
+        *record_path = p
+            .trim_start_matches('/')
+            .split('/')
+            .map(String::from)
+            .collect();
     }
 }
 
 async fn run_spec(sp: &SourceSpec, ingest: &Arc<MemIngest>) -> Result<(), SourceError> {
-    source(sp).run(ingest.clone(), CancellationToken::new()).await
+    source(sp)
+        .run(ingest.clone(), CancellationToken::new())
+        .await
 }
 
 #[tokio::test]
@@ -560,7 +566,11 @@ async fn latin1_and_windows1252_csv_arrive_as_utf8() {
     let dir = tempfile::tempdir().unwrap();
     // "Straße" in the header, "Müller" and "Zoë" in Latin-1
     let path = dir.path().join("kunden.csv");
-    std::fs::write(&path, b"id;Stra\xdfe;name\n1;Hauptstr. 1;M\xfcller\n2;;Zo\xeb\n").unwrap();
+    std::fs::write(
+        &path,
+        b"id;Stra\xdfe;name\n1;Hauptstr. 1;M\xfcller\n2;;Zo\xeb\n",
+    )
+    .unwrap();
     let sp = spec_with(&path, 10, |sp| {
         set_encoding(sp, TextEncoding::Latin1);
         if let SourceSpec::File { cfg, .. } = sp {
@@ -593,13 +603,25 @@ async fn invalid_utf8_row_goes_to_the_dlq_with_its_line() {
     std::fs::write(&path, b"id,name\n1,Ada\n2,M\xfcller\n3,Cy\n").unwrap();
     let ingest = Arc::new(MemIngest::default());
     run_path(&path, 10, &ingest).await.unwrap();
-    let ids: Vec<serde_json::Value> = ingest.goods().iter().map(|e| e.data["id"].clone()).collect();
+    let ids: Vec<serde_json::Value> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.data["id"].clone())
+        .collect();
     assert_eq!(ids, vec!["1", "3"]);
     let bads = ingest.bads();
     assert_eq!(bads.len(), 1);
     assert_eq!(bads[0].location, "file people.csv line 3");
-    assert!(bads[0].error.contains("not valid UTF-8"), "{}", bads[0].error);
-    assert!(bads[0].error.contains("encoding: latin-1"), "{}", bads[0].error);
+    assert!(
+        bads[0].error.contains("not valid UTF-8"),
+        "{}",
+        bads[0].error
+    );
+    assert!(
+        bads[0].error.contains("encoding: latin-1"),
+        "{}",
+        bads[0].error
+    );
     assert_eq!(bads[0].raw, "2,M\u{fffd}ller");
 
     // a header that is not UTF-8: the file cannot be read at all
@@ -615,7 +637,10 @@ async fn invalid_utf8_row_goes_to_the_dlq_with_its_line() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let report = std::fs::read_to_string(d.join("quarantine/h.csv.error.txt")).unwrap();
-    assert!(report.contains("header row, column 2: not valid UTF-8"), "{report}");
+    assert!(
+        report.contains("header row, column 2: not valid UTF-8"),
+        "{report}"
+    );
     assert!(ingest.records().is_empty());
 }
 
@@ -635,7 +660,10 @@ async fn json_array_elements_are_records() {
     assert_eq!(
         got,
         vec![
-            (format!("{short}:1"), serde_json::json!({"id": 1, "tags": ["a"]})),
+            (
+                format!("{short}:1"),
+                serde_json::json!({"id": 1, "tags": ["a"]})
+            ),
             (format!("{short}:2"), serde_json::json!({"id": 2})),
             (format!("{short}:3"), serde_json::json!("three")),
             (format!("{short}:4"), serde_json::json!(4)),
@@ -655,12 +683,20 @@ async fn malformed_json_element_goes_to_the_dlq_and_the_rest_flows() {
     let path = write(&dir.path().join("in.json"), text);
     let ingest = Arc::new(MemIngest::default());
     run_path(&path, 10, &ingest).await.unwrap();
-    let ids: Vec<serde_json::Value> = ingest.goods().iter().map(|e| e.data["id"].clone()).collect();
+    let ids: Vec<serde_json::Value> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.data["id"].clone())
+        .collect();
     assert_eq!(ids, vec![1, 4]);
     let bads = ingest.bads();
     assert_eq!(bads.len(), 2);
     assert_eq!(bads[0].location, "file in.json element 2 (line 2, byte 13)");
-    assert!(bads[0].error.contains("not valid JSON"), "{}", bads[0].error);
+    assert!(
+        bads[0].error.contains("not valid JSON"),
+        "{}",
+        bads[0].error
+    );
     assert!(bads[0].error.contains("at line 2"), "{}", bads[0].error);
     assert_eq!(bads[0].raw, "{\"id\": tru}");
     assert_eq!(bads[1].raw, "{'id': 3}");
@@ -673,8 +709,14 @@ async fn broken_json_array_and_xml_are_quarantined_before_any_record() {
     let d = dir.path();
     write(&d.join("a.json"), "[{\"id\": 1}, {\"id\": 2]\n");
     write(&d.join("b.json"), "{\"not\": \"an array\"}");
-    write(&d.join("c.xml"), "<orders><order id=\"1\"><sku>A</sku></order><order id=\"2\"><sku>B</order></orders>");
-    write(&d.join("d.xml"), "<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><orders/>");
+    write(
+        &d.join("c.xml"),
+        "<orders><order id=\"1\"><sku>A</sku></order><order id=\"2\"><sku>B</order></orders>",
+    );
+    write(
+        &d.join("d.xml"),
+        "<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><orders/>",
+    );
     write(&d.join("e.xml"), "<orders><order>1</order>");
     let ingest = Arc::new(MemIngest::default());
     let stop = CancellationToken::new();
@@ -692,13 +734,36 @@ async fn broken_json_array_and_xml_are_quarantined_before_any_record() {
     let report = |n: &str| {
         std::fs::read_to_string(d.join("quarantine").join(format!("{n}.error.txt"))).unwrap()
     };
-    assert!(report("a.json").contains("unbalanced brackets: `]` at line 1, byte 20"), "{}", report("a.json"));
-    assert!(report("b.json").contains("expected a JSON array"), "{}", report("b.json"));
-    assert!(report("c.xml").contains("malformed XML at byte 62"), "{}", report("c.xml"));
+    assert!(
+        report("a.json").contains("unbalanced brackets: `]` at line 1, byte 20"),
+        "{}",
+        report("a.json")
+    );
+    assert!(
+        report("b.json").contains("expected a JSON array"),
+        "{}",
+        report("b.json")
+    );
+    assert!(
+        report("c.xml").contains("malformed XML at byte 62"),
+        "{}",
+        report("c.xml")
+    );
     assert!(report("c.xml").contains("sku"), "{}", report("c.xml"));
-    assert!(report("d.xml").contains("ISO-8859-1"), "{}", report("d.xml"));
-    assert!(report("e.xml").contains("still open"), "{}", report("e.xml"));
-    assert!(ingest.records().is_empty(), "nothing of a broken file is emitted");
+    assert!(
+        report("d.xml").contains("ISO-8859-1"),
+        "{}",
+        report("d.xml")
+    );
+    assert!(
+        report("e.xml").contains("still open"),
+        "{}",
+        report("e.xml")
+    );
+    assert!(
+        ingest.records().is_empty(),
+        "nothing of a broken file is emitted"
+    );
 }
 
 const ORDERS_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -773,7 +838,11 @@ async fn xml_record_with_an_unknown_entity_goes_to_the_dlq() {
     let bads = ingest.bads();
     assert_eq!(bads.len(), 1);
     assert_eq!(bads[0].location, "file o.xml record 2 (byte 31)");
-    assert!(bads[0].error.contains("unknown entity `&nbsp;`"), "{}", bads[0].error);
+    assert!(
+        bads[0].error.contains("unknown entity `&nbsp;`"),
+        "{}",
+        bads[0].error
+    );
     assert_eq!(bads[0].raw, "<order><n>&nbsp;2</n></order>");
 }
 
@@ -790,13 +859,26 @@ async fn resume_once(path: &Path, sp: &SourceSpec, total: usize, key: &str) {
     let got: Vec<i64> = ingest
         .goods()
         .iter()
-        .map(|e| e.data[key].as_str().map_or_else(|| e.data[key].as_i64().unwrap(), |s| s.parse().unwrap()))
+        .map(|e| {
+            e.data[key]
+                .as_str()
+                .map_or_else(|| e.data[key].as_i64().unwrap(), |s| s.parse().unwrap())
+        })
         .collect();
     assert_eq!(got, (1..=total as i64).collect::<Vec<_>>());
     let short = short_hash(path);
     let ids: Vec<String> = ingest.goods().iter().map(|e| e.id.clone()).collect();
-    assert_eq!(ids, (1..=total).map(|i| format!("{short}:{i}")).collect::<Vec<_>>());
-    let corr: HashSet<String> = ingest.goods().iter().map(|e| e.correlationid.clone()).collect();
+    assert_eq!(
+        ids,
+        (1..=total)
+            .map(|i| format!("{short}:{i}"))
+            .collect::<Vec<_>>()
+    );
+    let corr: HashSet<String> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.correlationid.clone())
+        .collect();
     assert_eq!(corr.len(), 1);
 }
 
@@ -805,14 +887,19 @@ async fn json_array_and_xml_resume_mid_file_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let json: String = format!(
         "[\n{}\n]\n",
-        (1..=25).map(|i| format!("  {{\"i\": {i}}}")).collect::<Vec<_>>().join(",\n")
+        (1..=25)
+            .map(|i| format!("  {{\"i\": {i}}}"))
+            .collect::<Vec<_>>()
+            .join(",\n")
     );
     let path = write(&dir.path().join("big.json"), &json);
     resume_once(&path, &spec_with(&path, 4, |_| {}), 25, "i").await;
 
     let xml: String = format!(
         "<export><meta/><orders>{}</orders></export>",
-        (1..=25).map(|i| format!("<order><i>{i}</i><x a=\"{i}\"/></order>\n")).collect::<String>()
+        (1..=25)
+            .map(|i| format!("<order><i>{i}</i><x a=\"{i}\"/></order>\n"))
+            .collect::<String>()
     );
     let path = write(&dir.path().join("big.xml"), &xml);
     let sp = spec_with(&path, 4, |sp| set_record_path(sp, "/export/orders/order"));
@@ -870,14 +957,21 @@ async fn big_latin1_csv_is_streamed() {
                         *self.1.lock().unwrap() = Some(e.clone());
                     }
                 }
-                Ok(Receipt { accepted: batch.records.len(), duplicates: 0 })
+                Ok(Receipt {
+                    accepted: batch.records.len(),
+                    duplicates: 0,
+                })
             })
         }
         fn checkpoint(&self, _key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
             Box::pin(async { Ok(None) })
         }
     }
-    let ingest = Arc::new(Count(AtomicUsize::new(0), Mutex::new(None), AtomicUsize::new(0)));
+    let ingest = Arc::new(Count(
+        AtomicUsize::new(0),
+        Mutex::new(None),
+        AtomicUsize::new(0),
+    ));
     let t = Instant::now();
     source(&sp)
         .run(ingest.clone(), CancellationToken::new())
@@ -885,7 +979,10 @@ async fn big_latin1_csv_is_streamed() {
         .unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(ingest.0.load(Ordering::SeqCst), 200_000);
-    assert!(ingest.2.load(Ordering::SeqCst) >= 200, "streamed in batches");
+    assert!(
+        ingest.2.load(Ordering::SeqCst) >= 200,
+        "streamed in batches"
+    );
     let last = ingest.1.lock().unwrap().clone().unwrap();
     assert_eq!(
         last.data,

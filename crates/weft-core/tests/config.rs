@@ -162,7 +162,12 @@ fn file_formats_and_export_sinks_load() {
     };
     assert_eq!(record_path, &["orders", "order"]);
     let Some(SinkSpec::Csv {
-        target: ExportTarget::Dir { dir, prefix, rotate },
+        target:
+            ExportTarget::Dir {
+                dir,
+                prefix,
+                rotate,
+            },
         columns,
         delimiter,
         header,
@@ -176,7 +181,10 @@ fn file_formats_and_export_sinks_load() {
     assert_eq!(rotate.max_bytes, 1000);
     assert_eq!(rotate.max_age, Duration::from_secs(600));
     assert_eq!(rotate.idle, Duration::from_secs(30));
-    assert_eq!(columns.as_deref(), Some(&["id".to_owned(), "name".to_owned()][..]));
+    assert_eq!(
+        columns.as_deref(),
+        Some(&["id".to_owned(), "name".to_owned()][..])
+    );
     assert_eq!((*delimiter, *header), (b',', true));
     let Some(SinkSpec::Jsonl {
         target: ExportTarget::Dir { prefix, rotate, .. },
@@ -208,7 +216,9 @@ fn bad_file_source_settings_are_reported() {
         .unwrap_or_else(|| panic!("{msg}"));
     assert!(
         enc.message.contains("unknown encoding `latin-2`")
-            && enc.message.contains("`utf-8`, `latin-1` (ISO-8859-1) or `windows-1252`"),
+            && enc
+                .message
+                .contains("`utf-8`, `latin-1` (ISO-8859-1) or `windows-1252`"),
         "{msg}"
     );
     assert_eq!(enc.line, Some(9), "{msg}");
@@ -235,8 +245,14 @@ fn bad_file_source_settings_are_reported() {
     let e = load(&text).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("`latin-1` applies to CSV files only"), "{msg}");
-    assert!(msg.contains("delimiter`: is used only with CSV files"), "{msg}");
-    assert!(msg.contains("record_path`: is used only with XML files"), "{msg}");
+    assert!(
+        msg.contains("delimiter`: is used only with CSV files"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("record_path`: is used only with XML files"),
+        "{msg}"
+    );
 
     // an unknown format names the ones there are
     let e = load(&FILES.replace("format: xml", "format: yaml")).unwrap_err();
@@ -248,21 +264,41 @@ fn bad_file_source_settings_are_reported() {
 #[test]
 fn bad_export_sink_settings_are_reported() {
     let text = FILES
-        .replace("columns: [id, name]", "columns: [id, name, id]\n        delimiter: \"\\n\"\n        header: false")
+        .replace(
+            "columns: [id, name]",
+            "columns: [id, name, id]\n        delimiter: \"\\n\"\n        header: false",
+        )
         .replace("max_bytes: 1000", "max_bytes: 0")
         .replace("max_age: 10m", "max_age: soon")
         .replace("prefix: events", "prefix: ../events");
     let e = load(&text).unwrap_err();
     let msg = e.to_string();
     for (path, what) in [
-        ("systems.finance.sink.csv.columns[2]", "column `id` appears twice"),
-        ("systems.finance.sink.csv.delimiter", "cannot be a delimiter"),
-        ("systems.finance.sink.csv.rotate.max_bytes", "greater than 0"),
-        ("systems.finance.sink.csv.rotate.max_age", "`soon` is not a duration"),
-        ("systems.lake.sink.jsonl.prefix", "`../events`: expected a file name start"),
+        (
+            "systems.finance.sink.csv.columns[2]",
+            "column `id` appears twice",
+        ),
+        (
+            "systems.finance.sink.csv.delimiter",
+            "cannot be a delimiter",
+        ),
+        (
+            "systems.finance.sink.csv.rotate.max_bytes",
+            "greater than 0",
+        ),
+        (
+            "systems.finance.sink.csv.rotate.max_age",
+            "`soon` is not a duration",
+        ),
+        (
+            "systems.lake.sink.jsonl.prefix",
+            "`../events`: expected a file name start",
+        ),
     ] {
         assert!(
-            e.issues.iter().any(|i| i.path == path && i.message.contains(what)),
+            e.issues
+                .iter()
+                .any(|i| i.path == path && i.message.contains(what)),
             "{path}: {what}\n{msg}"
         );
     }
@@ -275,13 +311,22 @@ fn bad_export_sink_settings_are_reported() {
 
     // path and dir; rotate without dir; header: false without columns
     let text = FILES
-        .replace("        dir: out/finance\n", "        dir: out/finance\n        path: out/f.csv\n")
+        .replace(
+            "        dir: out/finance\n",
+            "        dir: out/finance\n        path: out/f.csv\n",
+        )
         .replace("        dir: out/lake\n", "        path: out/lake.jsonl\n")
         .replace("columns: [id, name]", "header: false");
     let e = load(&text).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("at `systems.finance.sink.csv`: exactly one of `path`"), "{msg}");
-    assert!(msg.contains("`systems.lake.sink.jsonl.prefix`: `prefix` is used only with `dir`"), "{msg}");
+    assert!(
+        msg.contains("at `systems.finance.sink.csv`: exactly one of `path`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`systems.lake.sink.jsonl.prefix`: `prefix` is used only with `dir`"),
+        "{msg}"
+    );
     assert!(msg.contains("`header: false` needs `columns`"), "{msg}");
 
     // an unknown key inside rotate: line and path

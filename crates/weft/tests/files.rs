@@ -40,7 +40,10 @@ fn rows(dir: &Path, header: &[&str]) -> Vec<Vec<String>> {
     for f in files(dir) {
         let mut rdr = csv::Reader::from_path(&f).unwrap();
         assert_eq!(rdr.headers().unwrap(), header.to_vec(), "{}", f.display());
-        out.extend(rdr.records().map(|r| r.unwrap().iter().map(String::from).collect::<Vec<_>>()));
+        out.extend(
+            rdr.records()
+                .map(|r| r.unwrap().iter().map(String::from).collect::<Vec<_>>()),
+        );
     }
     out
 }
@@ -77,18 +80,32 @@ fn files_example_runs_latin1_csv_and_xml_into_csv_exports() {
     let part_rows = |sub: &str| -> usize {
         files(&dir.join("out").join(sub))
             .iter()
-            .map(|f| std::fs::read_to_string(f).unwrap().lines().count().saturating_sub(1))
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .count()
+                    .saturating_sub(1)
+            })
             .sum()
     };
     wait_for("the drop folders to be read and delivered", &hub, || {
-        dir.join("drop/orders/quarantine/broken-orders.xml").exists()
-            && dir.join("drop/customers/processed/customers-latin1.csv").exists()
+        dir.join("drop/orders/quarantine/broken-orders.xml")
+            .exists()
+            && dir
+                .join("drop/customers/processed/customers-latin1.csv")
+                .exists()
             && part_rows("customers") == 4
             && part_rows("orders") == 2
     });
     // still being written (idle is 5s): only .part files so far
     let names: Vec<PathBuf> = files(&dir.join("out/orders"));
-    assert!(names.iter().all(|p| p.to_string_lossy().ends_with(".csv.part")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|p| p.to_string_lossy().ends_with(".csv.part")),
+        "{names:?}"
+    );
     assert!(hub.stop().success());
 
     // shutdown completed every file: no .part left
@@ -97,7 +114,10 @@ fn files_example_runs_latin1_csv_and_xml_into_csv_exports() {
         assert_eq!(names.len(), 1, "{names:?}");
         assert!(names[0].to_string_lossy().ends_with(".csv"), "{names:?}");
     }
-    let customers = rows(&dir.join("out/customers"), &["customer_id", "name", "city", "country"]);
+    let customers = rows(
+        &dir.join("out/customers"),
+        &["customer_id", "name", "city", "country"],
+    );
     assert_eq!(
         customers,
         vec![
@@ -109,10 +129,20 @@ fn files_example_runs_latin1_csv_and_xml_into_csv_exports() {
     );
     let orders = rows(
         &dir.join("out/orders"),
-        &["order_id", "customer_id", "ordered_at", "currency", "total", "lines"],
+        &[
+            "order_id",
+            "customer_id",
+            "ordered_at",
+            "currency",
+            "total",
+            "lines",
+        ],
     );
     assert_eq!(orders.len(), 2);
-    assert_eq!(orders[0][..5], ["SO-5001", "CRM-1001", "2024-05-01", "EUR", "84.50"]);
+    assert_eq!(
+        orders[0][..5],
+        ["SO-5001", "CRM-1001", "2024-05-01", "EUR", "84.50"]
+    );
     let lines: serde_json::Value = serde_json::from_str(&orders[0][5]).unwrap();
     assert_eq!(
         lines,

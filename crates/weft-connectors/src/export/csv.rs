@@ -165,7 +165,10 @@ impl Format for Csv {
         if !found || rec.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("no header row to take the columns from in {}", path.display()),
+                format!(
+                    "no header row to take the columns from in {}",
+                    path.display()
+                ),
             ));
         }
         Ok(rec.iter().map(str::to_owned).collect())
@@ -248,7 +251,10 @@ mod tests {
             "plain,\"x,y\",\"say \"\"hi\"\"\",\"two\nlines\",,1.5,true,\"{\"\"k\"\":[1,\"\"v\"\"]}\"\n"
         );
         let mut out = Vec::new();
-        assert!(c.encode(&cols, &d(serde_json::json!([1])), &mut out).is_err());
+        assert!(
+            c.encode(&cols, &d(serde_json::json!([1])), &mut out)
+                .is_err()
+        );
         assert!(c.begin(&d(serde_json::json!("x"))).is_err());
     }
 

@@ -110,11 +110,7 @@ impl<F: Format> ExportSink<F> {
                 }
                 let cur = open_one(&fmt, path)
                     .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                (
-                    Target::File,
-                    Some(cur),
-                    path.display().to_string(),
-                )
+                (Target::File, Some(cur), path.display().to_string())
             }
             ExportTarget::Dir {
                 dir,
@@ -227,7 +223,10 @@ fn recover_dir<F: Format>(fmt: &F, dir: &Path, prefix: &str) -> std::io::Result<
         drop(file);
         if any {
             std::fs::rename(&path, dir.join(final_name))?;
-            tracing::info!(file = final_name, "export sink: completed a file left by an earlier run");
+            tracing::info!(
+                file = final_name,
+                "export sink: completed a file left by an earlier run"
+            );
         } else {
             std::fs::remove_file(&path)?;
         }
@@ -347,7 +346,8 @@ impl<F: Format> Inner<F> {
 
     /// Write a batch; one result per delivery.
     fn write(&mut self, batch: &[Delivery], place: &str) -> Vec<Result<(), SinkError>> {
-        let mut results: Vec<Option<Result<(), SinkError>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<(), SinkError>>> =
+            (0..batch.len()).map(|_| None).collect();
         let max_bytes = match &self.target {
             Target::Dir { rotate, .. } => rotate.max_bytes,
             Target::File => u64::MAX,
@@ -414,10 +414,7 @@ impl<F: Format> Inner<F> {
                         if begun_now {
                             cur.state = None;
                         }
-                        break 'batch Some(format!(
-                            "cannot write to {}: {e}",
-                            cur.path.display()
-                        ));
+                        break 'batch Some(format!("cannot write to {}: {e}", cur.path.display()));
                     }
                     cur.len += buf.len() as u64;
                     cur.records += written.len() as u64;
@@ -426,9 +423,7 @@ impl<F: Format> Inner<F> {
                         results[w] = Some(Ok(()));
                     }
                 }
-                if full
-                    && let Err(e) = self.close()
-                {
+                if full && let Err(e) = self.close() {
                     tracing::error!(folder = place, error = %e, "export sink: cannot complete a file");
                     // keep writing into a new file; the old one is completed at the next start
                     self.current = None;

@@ -20,9 +20,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::read::{
-    BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send,
-};
+use super::read::{BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send};
 
 /// Where the scanner stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +199,11 @@ impl<R: BufRead> Scanner<R> {
     }
 
     /// Scan one element from its first byte to its last.
-    fn element(&mut self, buf: &mut Vec<u8>, keep: bool) -> std::io::Result<Result<Element, Broken>> {
+    fn element(
+        &mut self,
+        buf: &mut Vec<u8>,
+        keep: bool,
+    ) -> std::io::Result<Result<Element, Broken>> {
         let start = Element {
             offset: self.offset,
             line: self.line,
@@ -317,10 +319,7 @@ impl<R: BufRead> Scanner<R> {
 
 /// Check that the file is one well-formed array (its elements' content is
 /// checked when they are read).
-pub(super) fn check(
-    f: File,
-    stop: &CancellationToken,
-) -> std::io::Result<Result<(), Unreadable>> {
+pub(super) fn check(f: File, stop: &CancellationToken) -> std::io::Result<Result<(), Unreadable>> {
     let mut sc = Scanner {
         r: BufReader::with_capacity(BUF, f),
         offset: 0,

@@ -125,17 +125,19 @@ fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
 
 /// Text of a CSV field in `encoding`; `Err`: invalid UTF-8 (only UTF-8
 /// can be invalid: every byte is a character in the other two).
-fn decode(encoding: TextEncoding, b: &[u8]) -> Result<std::borrow::Cow<'_, str>, std::str::Utf8Error> {
+fn decode(
+    encoding: TextEncoding,
+    b: &[u8],
+) -> Result<std::borrow::Cow<'_, str>, std::str::Utf8Error> {
     match encoding {
         TextEncoding::Utf8 => std::str::from_utf8(b).map(std::borrow::Cow::Borrowed),
         TextEncoding::Latin1 => Ok(encoding_rs::mem::decode_latin1(b)),
-        TextEncoding::Windows1252 => Ok(encoding_rs::WINDOWS_1252
-            .decode_without_bom_handling(b)
-            .0),
+        TextEncoding::Windows1252 => Ok(encoding_rs::WINDOWS_1252.decode_without_bom_handling(b).0),
     }
 }
 
-const ENCODING_HINT: &str = "if the file is Latin-1 or Windows-1252, set `encoding: latin-1` or `encoding: windows-1252`";
+const ENCODING_HINT: &str =
+    "if the file is Latin-1 or Windows-1252, set `encoding: latin-1` or `encoding: windows-1252`";
 
 /// Read and check the header row.
 fn csv_header<R: Read>(

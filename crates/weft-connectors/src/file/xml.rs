@@ -33,9 +33,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::read::{
-    BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send,
-};
+use super::read::{BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send};
 
 /// Whether the open elements `stack` are at `path` (`*` matches any name;
 /// a name without a prefix matches the local name).
@@ -53,10 +51,7 @@ fn name_of(e: &BytesStart<'_>) -> String {
 }
 
 /// Check that the file is well-formed XML in UTF-8.
-pub(super) fn check(
-    f: File,
-    stop: &CancellationToken,
-) -> std::io::Result<Result<(), Unreadable>> {
+pub(super) fn check(f: File, stop: &CancellationToken) -> std::io::Result<Result<(), Unreadable>> {
     let mut reader = Reader::from_reader(BufReader::with_capacity(BUF, f));
     let mut buf = Vec::new();
     let mut depth = 0usize;
@@ -73,7 +68,9 @@ pub(super) fn check(
         let before = reader.buffer_position();
         let ev = match reader.read_event_into(&mut buf) {
             Ok(ev) => ev,
-            Err(quick_xml::Error::Io(e)) => return Err(std::io::Error::new(e.kind(), e.to_string())),
+            Err(quick_xml::Error::Io(e)) => {
+                return Err(std::io::Error::new(e.kind(), e.to_string()));
+            }
             Err(e) => {
                 return Ok(Err(Unreadable(format!(
                     "malformed XML at byte {}: {e}",
@@ -115,12 +112,10 @@ pub(super) fn check(
                 }
             }
             Event::End(_) => depth = depth.saturating_sub(1),
-            Event::Text(t) if depth == 0 => {
-                if !t.xml10_content().trim().is_empty() {
-                    return Ok(Err(Unreadable(format!(
-                        "text outside the root element at byte {before}"
-                    ))));
-                }
+            Event::Text(t) if depth == 0 && !t.xml10_content().trim().is_empty() => {
+                return Ok(Err(Unreadable(format!(
+                    "text outside the root element at byte {before}"
+                ))));
             }
             Event::CData(_) | Event::GeneralRef(_) if depth == 0 => {
                 return Ok(Err(Unreadable(format!(
@@ -138,7 +133,9 @@ pub(super) fn check(
         ))));
     }
     if !root {
-        return Ok(Err(Unreadable("no root element (the file holds no XML element)".into())));
+        return Ok(Err(Unreadable(
+            "no root element (the file holds no XML element)".into(),
+        )));
     }
     Ok(Ok(()))
 }
@@ -272,14 +269,11 @@ pub(super) fn read(
             Event::Start(e) | Event::Empty(e) => {
                 stack.push(name_of(&e));
                 match &mut cap {
-                    Some(c) => {
-                        if c.bad.is_none() {
-                            match Frame::open(&e) {
-                                Ok(fr) => c.frames.push(fr),
-                                Err(why) => c.fail(format!("in `<{}>`: {why}", name_of(&e))),
-                            }
-                        }
-                    }
+                    Some(c) if c.bad.is_none() => match Frame::open(&e) {
+                        Ok(fr) => c.frames.push(fr),
+                        Err(why) => c.fail(format!("in `<{}>`: {why}", name_of(&e))),
+                    },
+                    Some(_) => {}
                     None if matches(path, &stack) => {
                         let mut c = Capture {
                             frames: Vec::new(),
@@ -345,17 +339,28 @@ pub(super) fn read(
             && c.bad.is_none()
             && base + reader.buffer_position() - c.offset > MAX_RECORD
         {
-            c.fail(format!("record longer than {} MiB, not read", MAX_RECORD >> 20));
+            c.fail(format!(
+                "record longer than {} MiB, not read",
+                MAX_RECORD >> 20
+            ));
         }
         let Some(result) = finished else { continue };
         let Some(c) = cap.take() else { continue };
         let end = base + reader.buffer_position();
         pos.record += 1;
         pos.offset = end;
-        let location = format!("file {} record {} (byte {})", plan.name, pos.record, c.offset);
+        let location = format!(
+            "file {} record {} (byte {})",
+            plan.name, pos.record, c.offset
+        );
         records.push(match result {
             Ok(v) => plan.good_at(pos.record, &location, v),
-            Err(why) => plan.bad_at(pos.record, &location, &raw_snippet(plan, c.offset, end), why),
+            Err(why) => plan.bad_at(
+                pos.record,
+                &location,
+                &raw_snippet(plan, c.offset, end),
+                why,
+            ),
         });
         if records.len() >= plan.batch_size {
             let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
@@ -405,7 +410,10 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Vec<String> {
-        s.trim_start_matches('/').split('/').map(str::to_owned).collect()
+        s.trim_start_matches('/')
+            .split('/')
+            .map(str::to_owned)
+            .collect()
     }
 
     #[test]
@@ -424,7 +432,8 @@ mod tests {
             attrs: vec![("id".into(), "7".into())],
             ..Frame::default()
         };
-        f.children.insert("line".into(), vec![Value::from("a"), Value::from("b")]);
+        f.children
+            .insert("line".into(), vec![Value::from("a"), Value::from("b")]);
         f.children.insert("note".into(), vec![Value::from("")]);
         f.text = "\n  mixed \n".into();
         assert_eq!(

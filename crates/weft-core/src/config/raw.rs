@@ -136,7 +136,7 @@ pub enum RawSource {
     Webhook(WebhookSourceConfig),
     /// The system drops files (CSV, JSON Lines, JSON arrays, XML) into a
     /// folder, or weft reads one file.
-    File(FileSourceConfig),
+    File(Box<FileSourceConfig>),
     /// Synthetic records for demos and benchmarks.
     Generate(GenerateSourceConfig),
     /// weft polls the system's REST API (pagination, incremental cursor, auth, rate limit).

@@ -88,7 +88,7 @@ pub enum SourceSpec {
         signature_tolerance: Duration,
     },
     File {
-        cfg: FileSourceConfig,
+        cfg: Box<FileSourceConfig>,
         target: FileTarget,
         id_field: Option<Arc<Program>>,
         event_type: String,
@@ -916,13 +916,7 @@ fn source_spec(
     }
 }
 
-fn sink_spec(
-    cx: &mut Ctx,
-    p: &str,
-    system: &str,
-    s: RawSink,
-    base: &Path,
-) -> Option<SinkSpec> {
+fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Option<SinkSpec> {
     match s {
         RawSink::Http(cfg) => {
             let hp = format!("{p}.http");
@@ -1265,7 +1259,11 @@ fn csv_sink_spec(
         let mut seen = std::collections::BTreeSet::new();
         for (i, c) in cols.iter().enumerate() {
             if c.value.trim().is_empty() {
-                cx.at_span(format!("{cp}.columns[{i}]"), c, "a column name must not be empty");
+                cx.at_span(
+                    format!("{cp}.columns[{i}]"),
+                    c,
+                    "a column name must not be empty",
+                );
             } else if !seen.insert(c.value.as_str()) {
                 cx.at_span(
                     format!("{cp}.columns[{i}]"),
@@ -1322,9 +1320,7 @@ fn xml_record_path(s: &str) -> Result<Vec<String>, String> {
                     .chars()
                     .all(|c| c.is_alphanumeric() || "-_.:".contains(c)));
         if !name_ok {
-            return Err(format!(
-                "`{s}`: `{seg}` is not an element name; {expected}"
-            ));
+            return Err(format!("`{s}`: `{seg}` is not an element name; {expected}"));
         }
     }
     Ok(segs)
