@@ -323,3 +323,24 @@ async fn jsonl_rotating_files_carry_the_envelope() {
         json!({"id": "e-1", "idempotency_key": "k-1", "correlation_id": "c-1", "data": {"n": 1}})
     );
 }
+
+#[tokio::test]
+async fn a_file_whose_every_record_was_refused_is_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("export");
+    let sink = CsvSink::open(
+        Some(vec!["id".into()]),
+        b',',
+        true,
+        &rotating(&out, 1 << 20, HOUR, Duration::from_millis(100)),
+    )
+    .unwrap();
+    let r = sink
+        .write(&[delivery(1, json!(["not", "an", "object"]))])
+        .await;
+    assert!(r[0].is_err());
+    // the idle timer removes the empty part file
+    wait_for("the empty part file to go", || files(&out).is_empty()).await;
+    sink.flush().await.unwrap();
+    assert!(files(&out).is_empty());
+}

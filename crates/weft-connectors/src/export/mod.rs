@@ -308,11 +308,11 @@ impl<F: Format> Inner<F> {
         let Target::Dir { rotate, .. } = &self.target else {
             return Ok(());
         };
+        // (a file without records, whose first deliveries were all refused, is removed)
         let due = self.current.as_ref().is_some_and(|c| {
-            c.records > 0
-                && (c.len >= rotate.max_bytes
-                    || now.duration_since(c.opened) >= rotate.max_age
-                    || now.duration_since(c.last_write) >= rotate.idle)
+            c.len >= rotate.max_bytes
+                || now.duration_since(c.opened) >= rotate.max_age
+                || now.duration_since(c.last_write) >= rotate.idle
         });
         if due { self.close() } else { Ok(()) }
     }
