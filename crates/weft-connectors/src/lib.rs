@@ -14,10 +14,10 @@
 pub mod sink;
 pub mod source;
 
+pub mod export;
 pub mod file;
 pub mod generate;
 pub mod http;
-pub mod jsonl;
 pub mod mysql;
 pub mod postgres;
 pub mod rest;
@@ -26,6 +26,11 @@ pub mod sqlite;
 pub mod webhook;
 
 pub use sink::{Delivery, Sink, SinkError, build_sink};
+
+/// The JSON Lines sink (kept at its old path).
+pub mod jsonl {
+    pub use crate::export::JsonlSink;
+}
 pub use source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Receipt, Record, Source, SourceError,
     SourceHandle, build_source,

@@ -75,8 +75,18 @@ impl SinkError {
 /// - **Concurrency.** `write` may be called concurrently up to the
 ///   destination's configured concurrency; the runtime never puts two
 ///   deliveries with the same entity key in flight at once.
+///
+/// [`Sink::flush`] is called once on shutdown, after the last `write`
+/// returned: a sink that stages its output (a `.part` file) makes it final
+/// there. Nothing acknowledged may depend on it: data is durable when
+/// `write` returns.
 pub trait Sink: Send + Sync {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+
+    /// Make staged output final (close a rotating file). Default: nothing.
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A sink that could not be built (bad path, unreachable database at start).
@@ -110,9 +120,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
                 .await
                 .map_err(err)?,
         ),
-        SinkSpec::Jsonl { cfg, path } => {
-            Arc::new(crate::jsonl::JsonlSink::open(cfg, path).map_err(err)?)
+        SinkSpec::Jsonl { cfg, target } => {
+            Arc::new(crate::export::JsonlSink::open(cfg, target).map_err(err)?)
         }
+        SinkSpec::Csv {
+            columns,
+            delimiter,
+            header,
+            target,
+            ..
+        } => Arc::new(
+            crate::export::CsvSink::open(columns.clone(), *delimiter, *header, target)
+                .map_err(err)?,
+        ),
         SinkSpec::Mysql { cfg } => {
             Arc::new(crate::mysql::MysqlSink::connect(cfg).await.map_err(err)?)
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use weft_connectors::file::FileSource;
 use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record, Source, SourceError};
 use weft_core::config::raw::FileSourceConfig;
-use weft_core::config::{FileFormat, FileTarget, SourceSpec};
+use weft_core::config::{FileFormat, FileTarget, SourceSpec, TextEncoding};
 use weft_core::mapping::Program;
 
 /// Records committed batches and checkpoints; can refuse one call.
@@ -89,22 +89,26 @@ impl MemIngest {
 
 fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
     SourceSpec::File {
-        cfg: FileSourceConfig {
+        cfg: Box::new(FileSourceConfig {
             dir: None,
             path: None,
             format: None,
             pattern: None,
             delimiter: None,
+            encoding: None,
+            record_path: None,
             poll_interval: None,
             batch_size: Some(batch_size),
             id_field: None,
             event_type: None,
-        },
+        }),
         target,
         id_field: None,
         event_type: "crm.file".into(),
         poll_interval: Duration::from_millis(poll_ms),
         batch_size,
+        encoding: TextEncoding::Utf8,
+        record_path: vec!["*".into(), "*".into()],
     }
 }
 
@@ -501,7 +505,7 @@ async fn path_mode_errors() {
     let err = run_path(&path, 10, &ingest).await.unwrap_err();
     assert!(err.message.contains("header"), "{err}");
     assert!(path.exists(), "Path mode never moves the file");
-    let path = write(&dir.path().join("data.xml"), "<a/>");
+    let path = write(&dir.path().join("data.dat"), "<a/>");
     let err = run_path(&path, 10, &ingest).await.unwrap_err();
     assert!(err.message.contains("format"), "{err}");
     assert_eq!(ingest.calls.load(Ordering::SeqCst), 0);
@@ -524,5 +528,469 @@ async fn format_and_delimiter_from_config() {
     assert_eq!(
         ingest.goods()[0].data,
         serde_json::json!({"a": "1", "b": "2"})
+    );
+}
+
+// ---- encodings, JSON arrays, XML ----
+
+fn spec_with(path: &Path, batch_size: usize, f: impl FnOnce(&mut SourceSpec)) -> SourceSpec {
+    let mut sp = spec(FileTarget::Path(path.to_owned()), batch_size, 50);
+    f(&mut sp);
+    sp
+}
+
+fn set_encoding(sp: &mut SourceSpec, enc: TextEncoding) {
+    if let SourceSpec::File { encoding, .. } = sp {
+        *encoding = enc;
+    }
+}
+
+fn set_record_path(sp: &mut SourceSpec, p: &str) {
+    if let SourceSpec::File { record_path, .. } = sp {
+        *record_path = p
+            .trim_start_matches('/')
+            .split('/')
+            .map(String::from)
+            .collect();
+    }
+}
+
+async fn run_spec(sp: &SourceSpec, ingest: &Arc<MemIngest>) -> Result<(), SourceError> {
+    source(sp)
+        .run(ingest.clone(), CancellationToken::new())
+        .await
+}
+
+#[tokio::test]
+async fn latin1_and_windows1252_csv_arrive_as_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    // "Straße" in the header, "Müller" and "Zoë" in Latin-1
+    let path = dir.path().join("kunden.csv");
+    std::fs::write(
+        &path,
+        b"id;Stra\xdfe;name\n1;Hauptstr. 1;M\xfcller\n2;;Zo\xeb\n",
+    )
+    .unwrap();
+    let sp = spec_with(&path, 10, |sp| {
+        set_encoding(sp, TextEncoding::Latin1);
+        if let SourceSpec::File { cfg, .. } = sp {
+            cfg.delimiter = Some(';');
+        }
+    });
+    let ingest = Arc::new(MemIngest::default());
+    run_spec(&sp, &ingest).await.unwrap();
+    let data: Vec<serde_json::Value> = ingest.goods().iter().map(|e| e.data.clone()).collect();
+    assert_eq!(
+        data,
+        vec![
+            serde_json::json!({"id": "1", "Straße": "Hauptstr. 1", "name": "Müller"}),
+            serde_json::json!({"id": "2", "Straße": "", "name": "Zoë"}),
+        ]
+    );
+    // 0x80 is the euro sign in Windows-1252 (a control character in Latin-1)
+    let path = dir.path().join("prices.csv");
+    std::fs::write(&path, b"item,price\nbook,\x8012\n").unwrap();
+    let sp = spec_with(&path, 10, |sp| set_encoding(sp, TextEncoding::Windows1252));
+    let ingest = Arc::new(MemIngest::default());
+    run_spec(&sp, &ingest).await.unwrap();
+    assert_eq!(ingest.goods()[0].data["price"], "€12");
+}
+
+#[tokio::test]
+async fn invalid_utf8_row_goes_to_the_dlq_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("people.csv");
+    std::fs::write(&path, b"id,name\n1,Ada\n2,M\xfcller\n3,Cy\n").unwrap();
+    let ingest = Arc::new(MemIngest::default());
+    run_path(&path, 10, &ingest).await.unwrap();
+    let ids: Vec<serde_json::Value> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.data["id"].clone())
+        .collect();
+    assert_eq!(ids, vec!["1", "3"]);
+    let bads = ingest.bads();
+    assert_eq!(bads.len(), 1);
+    assert_eq!(bads[0].location, "file people.csv line 3");
+    assert!(
+        bads[0].error.contains("not valid UTF-8"),
+        "{}",
+        bads[0].error
+    );
+    assert!(
+        bads[0].error.contains("encoding: latin-1"),
+        "{}",
+        bads[0].error
+    );
+    assert_eq!(bads[0].raw, "2,M\u{fffd}ller");
+
+    // a header that is not UTF-8: the file cannot be read at all
+    let d = dir.path().join("drop");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("h.csv"), b"id,Stra\xdfe\n1,x\n").unwrap();
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        source(&spec(FileTarget::Dir(d.clone()), 10, 20)).run(ingest.clone(), stop.clone()),
+    );
+    wait_for("quarantine", || d.join("quarantine/h.csv").exists()).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let report = std::fs::read_to_string(d.join("quarantine/h.csv.error.txt")).unwrap();
+    assert!(
+        report.contains("header row, column 2: not valid UTF-8"),
+        "{report}"
+    );
+    assert!(ingest.records().is_empty());
+}
+
+#[tokio::test]
+async fn json_array_elements_are_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[\n  {\"id\": 1, \"tags\": [\"a\"]},\n  {\"id\": 2},\n  \"three\", 4\n]\n";
+    let path = write(&dir.path().join("orders.json"), text);
+    let ingest = Arc::new(MemIngest::default());
+    run_path(&path, 3, &ingest).await.unwrap();
+    let short = short_hash(&path);
+    let got: Vec<(String, serde_json::Value)> = ingest
+        .goods()
+        .iter()
+        .map(|e| (e.id.clone(), e.data.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                format!("{short}:1"),
+                serde_json::json!({"id": 1, "tags": ["a"]})
+            ),
+            (format!("{short}:2"), serde_json::json!({"id": 2})),
+            (format!("{short}:3"), serde_json::json!("three")),
+            (format!("{short}:4"), serde_json::json!(4)),
+        ]
+    );
+    let batches = ingest.batches.lock().unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(&batches.last().unwrap().checkpoint.as_ref().unwrap().value).unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["record"], 4);
+}
+
+#[tokio::test]
+async fn malformed_json_element_goes_to_the_dlq_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[{\"id\": 1},\n {\"id\": tru},\n {'id': 3},\n {\"id\": 4}]";
+    let path = write(&dir.path().join("in.json"), text);
+    let ingest = Arc::new(MemIngest::default());
+    run_path(&path, 10, &ingest).await.unwrap();
+    let ids: Vec<serde_json::Value> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.data["id"].clone())
+        .collect();
+    assert_eq!(ids, vec![1, 4]);
+    let bads = ingest.bads();
+    assert_eq!(bads.len(), 2);
+    assert_eq!(bads[0].location, "file in.json element 2 (line 2, byte 13)");
+    assert!(
+        bads[0].error.contains("not valid JSON"),
+        "{}",
+        bads[0].error
+    );
+    assert!(bads[0].error.contains("at line 2"), "{}", bads[0].error);
+    assert_eq!(bads[0].raw, "{\"id\": tru}");
+    assert_eq!(bads[1].raw, "{'id': 3}");
+    assert_eq!(bads[1].id, format!("{}:3", short_hash(&path)));
+}
+
+#[tokio::test]
+async fn broken_json_array_and_xml_are_quarantined_before_any_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("a.json"), "[{\"id\": 1}, {\"id\": 2]\n");
+    write(&d.join("b.json"), "{\"not\": \"an array\"}");
+    write(
+        &d.join("c.xml"),
+        "<orders><order id=\"1\"><sku>A</sku></order><order id=\"2\"><sku>B</order></orders>",
+    );
+    write(
+        &d.join("d.xml"),
+        "<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><orders/>",
+    );
+    write(&d.join("e.xml"), "<orders><order>1</order>");
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        source(&spec(FileTarget::Dir(d.to_owned()), 10, 20)).run(ingest.clone(), stop.clone()),
+    );
+    wait_for("quarantine", || {
+        ["a.json", "b.json", "c.xml", "d.xml", "e.xml"]
+            .iter()
+            .all(|n| d.join("quarantine").join(format!("{n}.error.txt")).exists())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let report = |n: &str| {
+        std::fs::read_to_string(d.join("quarantine").join(format!("{n}.error.txt"))).unwrap()
+    };
+    assert!(
+        report("a.json").contains("unbalanced brackets: `]` at line 1, byte 20"),
+        "{}",
+        report("a.json")
+    );
+    assert!(
+        report("b.json").contains("expected a JSON array"),
+        "{}",
+        report("b.json")
+    );
+    assert!(
+        report("c.xml").contains("malformed XML at byte 62"),
+        "{}",
+        report("c.xml")
+    );
+    assert!(report("c.xml").contains("sku"), "{}", report("c.xml"));
+    assert!(
+        report("d.xml").contains("ISO-8859-1"),
+        "{}",
+        report("d.xml")
+    );
+    assert!(
+        report("e.xml").contains("still open"),
+        "{}",
+        report("e.xml")
+    );
+    assert!(
+        ingest.records().is_empty(),
+        "nothing of a broken file is emitted"
+    );
+}
+
+const ORDERS_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<!-- exported by the shop -->
+<orders generated="2024-05-01">
+  <order id="A-1" currency="EUR">
+    <customer>M&#252;ller &amp; S&#xF6;hne</customer>
+    <line sku="X1" qty="2"/>
+    <line sku="Y2" qty="1">gift wrap</line>
+    <note><![CDATA[leave at <door>]]></note>
+    <empty/>
+  </order>
+  <order id="A-2" currency="EUR">
+    <customer>Zo&#235;</customer>
+    <line sku="Z9" qty="5"/>
+  </order>
+  <summary count="2"/>
+</orders>
+"#;
+
+#[tokio::test]
+async fn xml_elements_at_the_record_path_become_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir.path().join("orders.xml"), ORDERS_XML);
+    let sp = spec_with(&path, 10, |sp| set_record_path(sp, "/orders/order"));
+    let ingest = Arc::new(MemIngest::default());
+    run_spec(&sp, &ingest).await.unwrap();
+    assert!(ingest.bads().is_empty(), "{:?}", ingest.bads());
+    let short = short_hash(&path);
+    let events = ingest.goods();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].id, format!("{short}:1"));
+    assert_eq!(events[1].id, format!("{short}:2"));
+    assert_eq!(
+        events[0].data,
+        serde_json::json!({
+            "@id": "A-1",
+            "@currency": "EUR",
+            "customer": "Müller & Söhne",
+            "line": [
+                {"@sku": "X1", "@qty": "2"},
+                {"@sku": "Y2", "@qty": "1", "#text": "gift wrap"}
+            ],
+            "note": "leave at <door>",
+            "empty": ""
+        })
+    );
+    assert_eq!(
+        events[1].data,
+        serde_json::json!({"@id": "A-2", "@currency": "EUR", "customer": "Zoë", "line": {"@sku": "Z9", "@qty": "5"}})
+    );
+    // the default record path: every child of the root
+    let sp = spec_with(&path, 10, |_| {});
+    let ingest = Arc::new(MemIngest::default());
+    run_spec(&sp, &ingest).await.unwrap();
+    assert_eq!(ingest.goods().len(), 3);
+    assert_eq!(ingest.goods()[2].data, serde_json::json!({"@count": "2"}));
+}
+
+#[tokio::test]
+async fn xml_record_with_an_unknown_entity_goes_to_the_dlq() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir.path().join("o.xml"),
+        "<orders><order><n>1</n></order><order><n>&nbsp;2</n></order><order><n>3</n></order></orders>",
+    );
+    let sp = spec_with(&path, 10, |sp| set_record_path(sp, "/orders/order"));
+    let ingest = Arc::new(MemIngest::default());
+    run_spec(&sp, &ingest).await.unwrap();
+    let ns: Vec<serde_json::Value> = ingest.goods().iter().map(|e| e.data["n"].clone()).collect();
+    assert_eq!(ns, vec!["1", "3"]);
+    let bads = ingest.bads();
+    assert_eq!(bads.len(), 1);
+    assert_eq!(bads[0].location, "file o.xml record 2 (byte 31)");
+    assert!(
+        bads[0].error.contains("unknown entity `&nbsp;`"),
+        "{}",
+        bads[0].error
+    );
+    assert_eq!(bads[0].raw, "<order><n>&nbsp;2</n></order>");
+}
+
+/// Ingest fails mid-file; a restarted source resumes after the last
+/// committed batch: every record once, ids by ordinal, one correlation id.
+async fn resume_once(path: &Path, sp: &SourceSpec, total: usize, key: &str) {
+    let ingest = Arc::new(MemIngest::default());
+    *ingest.fail_call.lock().unwrap() = Some(3);
+    let err = run_spec(sp, &ingest).await.unwrap_err();
+    assert!(err.message.contains("disk on fire"), "{err}");
+    assert_eq!(ingest.goods().len(), 8);
+    *ingest.unavailable_call.lock().unwrap() = Some(5);
+    run_spec(sp, &ingest).await.unwrap();
+    let got: Vec<i64> = ingest
+        .goods()
+        .iter()
+        .map(|e| {
+            e.data[key]
+                .as_str()
+                .map_or_else(|| e.data[key].as_i64().unwrap(), |s| s.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(got, (1..=total as i64).collect::<Vec<_>>());
+    let short = short_hash(path);
+    let ids: Vec<String> = ingest.goods().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(
+        ids,
+        (1..=total)
+            .map(|i| format!("{short}:{i}"))
+            .collect::<Vec<_>>()
+    );
+    let corr: HashSet<String> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.correlationid.clone())
+        .collect();
+    assert_eq!(corr.len(), 1);
+}
+
+#[tokio::test]
+async fn json_array_and_xml_resume_mid_file_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let json: String = format!(
+        "[\n{}\n]\n",
+        (1..=25)
+            .map(|i| format!("  {{\"i\": {i}}}"))
+            .collect::<Vec<_>>()
+            .join(",\n")
+    );
+    let path = write(&dir.path().join("big.json"), &json);
+    resume_once(&path, &spec_with(&path, 4, |_| {}), 25, "i").await;
+
+    let xml: String = format!(
+        "<export><meta/><orders>{}</orders></export>",
+        (1..=25)
+            .map(|i| format!("<order><i>{i}</i><x a=\"{i}\"/></order>\n"))
+            .collect::<String>()
+    );
+    let path = write(&dir.path().join("big.xml"), &xml);
+    let sp = spec_with(&path, 4, |sp| set_record_path(sp, "/export/orders/order"));
+    resume_once(&path, &sp, 25, "i").await;
+}
+
+#[tokio::test]
+async fn a_format_picks_its_own_extensions_in_a_drop_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("a.xml"), "<r><x>1</x></r>");
+    write(&d.join("b.csv"), "k\n1\n");
+    let mut sp = spec(FileTarget::Dir(d.to_owned()), 10, 20);
+    if let SourceSpec::File { cfg, .. } = &mut sp {
+        cfg.format = Some(FileFormat::Xml);
+    }
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    wait_for("processed", || d.join("processed/a.xml").exists()).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert!(d.join("b.csv").exists(), "not an .xml file: left alone");
+    assert_eq!(ingest.goods()[0].data, serde_json::json!("1"));
+}
+
+/// 200,000 Latin-1 CSV rows, streamed in batches of 1000.
+#[tokio::test]
+async fn big_latin1_csv_is_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.csv");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        f.write_all(b"id,name,city\n").unwrap();
+        for i in 1..=200_000 {
+            // Latin-1: every character below U+0100 is one byte
+            let line = format!("{i},M\u{fc}ller {i},\"K\u{f6}ln, Germany\"\n");
+            let bytes: Vec<u8> = line.chars().map(|c| c as u32 as u8).collect();
+            f.write_all(&bytes).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    let sp = spec_with(&path, 1000, |sp| set_encoding(sp, TextEncoding::Latin1));
+    // count without keeping every record
+    struct Count(AtomicUsize, Mutex<Option<weft_core::Event>>, AtomicUsize);
+    impl Ingest for Count {
+        fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
+            Box::pin(async move {
+                self.2.fetch_add(1, Ordering::SeqCst);
+                for r in &batch.records {
+                    if let Record::Good(e) = r {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                        *self.1.lock().unwrap() = Some(e.clone());
+                    }
+                }
+                Ok(Receipt {
+                    accepted: batch.records.len(),
+                    duplicates: 0,
+                })
+            })
+        }
+        fn checkpoint(&self, _key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+    let ingest = Arc::new(Count(
+        AtomicUsize::new(0),
+        Mutex::new(None),
+        AtomicUsize::new(0),
+    ));
+    let t = Instant::now();
+    source(&sp)
+        .run(ingest.clone(), CancellationToken::new())
+        .await
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(ingest.0.load(Ordering::SeqCst), 200_000);
+    assert!(
+        ingest.2.load(Ordering::SeqCst) >= 200,
+        "streamed in batches"
+    );
+    let last = ingest.1.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        last.data,
+        serde_json::json!({"id": "200000", "name": "Müller 200000", "city": "Köln, Germany"})
+    );
+    println!(
+        "200000 Latin-1 CSV rows ({:.1} MB) in {secs:.2}s: {:.0} rows/s",
+        size as f64 / 1e6,
+        200_000.0 / secs
     );
 }

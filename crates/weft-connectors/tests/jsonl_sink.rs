@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 use weft_connectors::jsonl::JsonlSink;
 use weft_connectors::{Delivery, Sink};
+use weft_core::config::ExportTarget;
 use weft_core::config::raw::JsonlSinkConfig;
 
 fn delivery(id: i64, payload: Value) -> Delivery {
@@ -19,8 +20,8 @@ fn delivery(id: i64, payload: Value) -> Delivery {
 
 fn cfg(envelope: bool) -> JsonlSinkConfig {
     JsonlSinkConfig {
-        path: "unused".into(),
         envelope,
+        ..JsonlSinkConfig::default()
     }
 }
 
@@ -36,7 +37,7 @@ fn lines(path: &std::path::Path) -> Vec<Value> {
 async fn appends_one_line_per_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a/b/out.jsonl");
-    let sink = JsonlSink::open(&cfg(false), &path).unwrap();
+    let sink = JsonlSink::open(&cfg(false), &ExportTarget::File(path.clone())).unwrap();
     let r = sink
         .write(&[delivery(1, json!({"x": 1})), delivery(2, json!("two"))])
         .await;
@@ -45,7 +46,7 @@ async fn appends_one_line_per_delivery() {
     assert_eq!(r.len(), 1);
     drop(sink);
     // reopening appends
-    let sink = JsonlSink::open(&cfg(false), &path).unwrap();
+    let sink = JsonlSink::open(&cfg(false), &ExportTarget::File(path.clone())).unwrap();
     sink.write(&[delivery(4, json!(null))]).await;
     assert_eq!(
         lines(&path),
@@ -57,7 +58,7 @@ async fn appends_one_line_per_delivery() {
 async fn envelope_carries_ids() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
-    let sink = JsonlSink::open(&cfg(true), &path).unwrap();
+    let sink = JsonlSink::open(&cfg(true), &ExportTarget::File(path.clone())).unwrap();
     sink.write(&[delivery(7, json!({"x": 1}))]).await;
     assert_eq!(
         lines(&path),
@@ -72,7 +73,7 @@ async fn partial_trailing_line_is_repaired_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
     std::fs::write(&path, "{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
-    let sink = JsonlSink::open(&cfg(false), &path).unwrap();
+    let sink = JsonlSink::open(&cfg(false), &ExportTarget::File(path.clone())).unwrap();
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         "{\"a\":1}\n{\"b\":2}\n"
@@ -86,13 +87,13 @@ async fn partial_trailing_line_is_repaired_on_open() {
     // a file that is one partial line becomes empty
     let path2 = dir.path().join("only.jsonl");
     std::fs::write(&path2, "{\"half\":").unwrap();
-    JsonlSink::open(&cfg(false), &path2).unwrap();
+    JsonlSink::open(&cfg(false), &ExportTarget::File(path2.clone())).unwrap();
     assert_eq!(std::fs::read(&path2).unwrap(), b"");
 
     // a longer partial line than the read-back buffer
     let path3 = dir.path().join("long.jsonl");
     let long = format!("{{\"ok\":1}}\n{{\"s\":\"{}", "x".repeat(200_000));
     std::fs::write(&path3, long).unwrap();
-    JsonlSink::open(&cfg(false), &path3).unwrap();
+    JsonlSink::open(&cfg(false), &ExportTarget::File(path3.clone())).unwrap();
     assert_eq!(std::fs::read_to_string(&path3).unwrap(), "{\"ok\":1}\n");
 }

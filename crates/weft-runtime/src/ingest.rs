@@ -69,7 +69,12 @@ pub fn prepare_with(
                     .map(|f| FlowOutcome::Rejected {
                         flow: f.name.clone(),
                         stage: Stage::Parse,
-                        error: format!("{}: {}", b.location, b.error),
+                        // sources usually start the error with its location already
+                        error: if b.error.starts_with(&b.location) {
+                            b.error.clone()
+                        } else {
+                            format!("{}: {}", b.location, b.error)
+                        },
                     })
                     .collect(),
                 event_id: b.id,

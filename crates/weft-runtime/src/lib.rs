@@ -57,6 +57,8 @@ pub struct Runtime {
     sources: Vec<(String, JoinHandle<Result<(), weft_connectors::SourceError>>)>,
     lanes: Vec<JoinHandle<()>>,
     webhooks: Vec<(weft_connectors::webhook::WebhookRoute, Arc<dyn Ingest>)>,
+    /// Every sink, to flush on shutdown.
+    sinks: Vec<(String, Arc<dyn weft_connectors::Sink>)>,
     gauges: JoinHandle<()>,
 }
 
@@ -202,6 +204,7 @@ impl Runtime {
             sources,
             lanes,
             webhooks,
+            sinks: sinks.into_iter().collect(),
             gauges,
         })
     }
@@ -270,6 +273,12 @@ impl Runtime {
         self.lane_stop.cancel();
         for h in self.lanes {
             let _ = tokio::time::timeout(Duration::from_secs(60), h).await;
+        }
+        // staged output (rotating export files) becomes final
+        for (name, sink) in &self.sinks {
+            if let Err(e) = sink.flush().await {
+                tracing::warn!(sink = %name, error = %e, "cannot flush the sink");
+            }
         }
         self.gauges.abort();
         tracing::info!("weft stopped");

@@ -2,8 +2,9 @@
 //! in place.
 //!
 //! - **Dir**: every `poll_interval` the folder is listed; a file matching
-//!   the pattern (default `.csv`, `.jsonl`, `.ndjson`; never dotfiles,
-//!   `*.tmp`, `*.part`) is read once its size and modification time were
+//!   the pattern (default: the extensions of `format`, or `.csv`, `.jsonl`,
+//!   `.ndjson`, `.json`, `.xml`; never dotfiles, `*.tmp`, `*.part`) is
+//!   read once its size and modification time were
 //!   the same at two polls in a row (so a file still being written is left
 //!   alone). Files are read in name order, then moved to `processed/`, or,
 //!   when they cannot be read at all (no CSV header, binary), to
@@ -11,20 +12,32 @@
 //! - **Path**: the one file is read in place (never moved or changed), then
 //!   `run` returns.
 //!
-//! Formats: CSV with a header row (each row becomes an object of strings
-//! keyed by the header) and JSON Lines (each non-empty line any JSON
-//! value). A row that cannot be read becomes a bad record (file and line)
-//! and reading goes on.
+//! Formats (in `read.rs`, `json_array.rs`, `xml.rs`):
+//! - CSV with a header row: each row becomes an object of strings keyed by
+//!   the header. Decoded from `encoding` (UTF-8, Latin-1, Windows-1252)
+//!   field by field, so byte offsets stay those of the file.
+//! - JSON Lines: each non-empty line any JSON value.
+//! - JSON arrays: each element of the file's one top-level array.
+//! - XML: each element at `record_path`, turned into a JSON value.
+//!
+//! A record that cannot be read becomes a bad record (file, line or record
+//! number, reason) and reading goes on; a file whose structure is broken
+//! (no CSV header, malformed XML, unbalanced JSON array) goes to
+//! quarantine before any of its records is emitted.
 //!
 //! Files are streamed, never read whole into memory: a first pass hashes
 //! the content, then a reader thread parses batches of `batch_size` records
 //! while the previous batch is being ingested. Each batch is ingested with
 //! the checkpoint `file:<sha256>` = `{offset, line, done, ...}`, so a
 //! restart resumes after the last committed batch and emits no row twice.
-//! Record ids are `<first 16 hex digits of the sha256>:<line>` unless
-//! `id_field` is set; all records of one file share one correlation id.
+//! Record ids are `<first 16 hex digits of the sha256>:<n>`, `n` being the
+//! line (CSV, JSON Lines) or the record's ordinal (JSON arrays, XML),
+//! unless `id_field` is set; all records of one file share one correlation
+//! id.
 
+mod json_array;
 mod read;
+mod xml;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,13 +48,24 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weft_core::config::{FileFormat, FileTarget, SourceSpec};
+use weft_core::config::{FileFormat, FileTarget, SourceSpec, TextEncoding};
 use weft_core::mapping::Program;
 
 use crate::source::{Batch, Checkpoint, Ingest, IngestError, Source, SourceError};
 use read::{Plan, Pos, ReadError, Unreadable};
 
-const DEFAULT_SUFFIXES: &[&str] = &[".csv", ".jsonl", ".ndjson"];
+const DEFAULT_SUFFIXES: &[&str] = &[".csv", ".jsonl", ".ndjson", ".json", ".xml"];
+
+/// Default suffixes of files in `format`.
+fn suffixes(format: Option<FileFormat>) -> &'static [&'static str] {
+    match format {
+        None => DEFAULT_SUFFIXES,
+        Some(FileFormat::Csv) => &[".csv"],
+        Some(FileFormat::Jsonl) => &[".jsonl", ".ndjson"],
+        Some(FileFormat::JsonArray) => &[".json"],
+        Some(FileFormat::Xml) => &[".xml"],
+    }
+}
 /// Parsed batches waiting for ingest.
 const READ_AHEAD: usize = 4;
 /// Wait before trying again when ingest is not accepting.
@@ -53,6 +77,8 @@ pub struct FileSource {
     format: Option<FileFormat>,
     pattern: Option<String>,
     delimiter: u8,
+    encoding: TextEncoding,
+    record_path: Arc<[String]>,
     poll_interval: Duration,
     batch_size: usize,
     id_field: Option<Arc<Program>>,
@@ -66,6 +92,9 @@ struct FileCheckpoint {
     offset: u64,
     /// Lines consumed before it.
     line: u64,
+    /// Records before it (JSON arrays, XML).
+    #[serde(default)]
+    record: u64,
     /// Every record of the file is ingested.
     done: bool,
     correlation_id: String,
@@ -98,6 +127,8 @@ impl FileSource {
             event_type,
             poll_interval,
             batch_size,
+            encoding,
+            record_path,
         } = spec
         else {
             return Err(err("not a file source".into()));
@@ -117,6 +148,8 @@ impl FileSource {
             format: cfg.format,
             pattern: cfg.pattern.clone().filter(|p| !p.trim().is_empty()),
             delimiter,
+            encoding: *encoding,
+            record_path: record_path.clone().into(),
             poll_interval: *poll_interval,
             batch_size: (*batch_size).max(1),
             id_field: id_field.clone(),
@@ -139,7 +172,7 @@ impl FileSource {
         match &self.pattern {
             Some(p) if p.contains(['*', '?']) => glob_match(p.as_bytes(), name.as_bytes()),
             Some(p) => name.ends_with(p.as_str()),
-            None => DEFAULT_SUFFIXES
+            None => suffixes(self.format)
                 .iter()
                 .any(|s| name.to_ascii_lowercase().ends_with(s)),
         }
@@ -157,6 +190,10 @@ impl FileSource {
             || lower.ends_with(".json-lines")
         {
             Some(FileFormat::Jsonl)
+        } else if lower.ends_with(".json") {
+            Some(FileFormat::JsonArray)
+        } else if lower.ends_with(".xml") {
+            Some(FileFormat::Xml)
         } else {
             None
         }
@@ -175,17 +212,19 @@ impl FileSource {
             .unwrap_or_else(|| path.display().to_string());
         let Some(format) = self.format_of(&name) else {
             return Ok(Outcome::Unreadable(format!(
-                "cannot tell the format of `{name}`: set `format` (csv or jsonl) or use a .csv, .jsonl or .ndjson name"
+                "cannot tell the format of `{name}`: set `format` (csv, jsonl, json_array or xml) or use a .csv, .jsonl, .ndjson, .json or .xml name"
             )));
         };
         // first pass: content hash and a check that the file is readable at all
         let p = path.to_owned();
         let delimiter = self.delimiter;
+        let encoding = self.encoding;
         let stop = shutdown.clone();
-        let checked =
-            tokio::task::spawn_blocking(move || read::hash_and_check(&p, format, delimiter, &stop))
-                .await
-                .map_err(|e| self.err(format!("file check task failed: {e}")))?;
+        let checked = tokio::task::spawn_blocking(move || {
+            read::hash_and_check(&p, format, delimiter, encoding, &stop)
+        })
+        .await
+        .map_err(|e| self.err(format!("file check task failed: {e}")))?;
         let hash = match checked {
             Ok(Ok(h)) => h,
             Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
@@ -202,6 +241,7 @@ impl FileSource {
         let mut cp = saved.unwrap_or_else(|| FileCheckpoint {
             offset: 0,
             line: 0,
+            record: 0,
             done: false,
             correlation_id: weft_core::event::new_correlation_id(),
             file: name.clone(),
@@ -215,6 +255,8 @@ impl FileSource {
             name: name.clone(),
             format,
             delimiter,
+            encoding,
+            record_path: self.record_path.clone(),
             short: hash.chars().take(16).collect(),
             correlation_id: cp.correlation_id.clone(),
             source: format!("weft:{}", self.system),
@@ -231,6 +273,7 @@ impl FileSource {
             let start = Pos {
                 offset: cp.offset,
                 line: cp.line,
+                record: cp.record,
             };
             read::spawn_reader(plan.clone(), start, tx)
                 .map_err(|e| self.err(format!("cannot start the file reader: {e}")))?;
@@ -253,6 +296,7 @@ impl FileSource {
                 let mut next_cp = cp.clone();
                 next_cp.offset = parsed.pos.offset;
                 next_cp.line = parsed.pos.line;
+                next_cp.record = parsed.pos.record;
                 next_cp.done = parsed.done;
                 let value = serde_json::to_string(&next_cp)
                     .map_err(|e| self.err(format!("cannot encode checkpoint: {e}")))?;

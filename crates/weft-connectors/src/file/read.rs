@@ -10,7 +10,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use weft_core::Event;
-use weft_core::config::FileFormat;
+use weft_core::config::{FileFormat, TextEncoding};
 use weft_core::mapping::Program;
 
 use crate::source::{BadRecord, Record};
@@ -22,6 +22,10 @@ pub(super) struct Plan {
     pub name: String,
     pub format: FileFormat,
     pub delimiter: u8,
+    /// Encoding of CSV files.
+    pub encoding: TextEncoding,
+    /// XML: element names from the root to a record; `*` is any name.
+    pub record_path: Arc<[String]>,
     /// Short content hash, the prefix of every record id.
     pub short: String,
     pub correlation_id: String,
@@ -31,12 +35,14 @@ pub(super) struct Plan {
     pub batch_size: usize,
 }
 
-/// Where reading stands: the byte offset of the next record and the number
-/// of lines before it.
+/// Where reading stands: the byte offset of the next record, the number
+/// of lines before it (CSV, JSON Lines, JSON arrays) and the number of
+/// records before it (JSON arrays, XML: their record ids).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Pos {
     pub offset: u64,
     pub line: u64,
+    pub record: u64,
 }
 
 /// One batch of parsed records and the position after them.
@@ -60,7 +66,7 @@ pub(super) enum ReadError {
 #[derive(Debug)]
 pub(super) struct Unreadable(pub String);
 
-const BUF: usize = 1 << 20;
+pub(super) const BUF: usize = 1 << 20;
 
 /// Hash the whole content (streaming) and check that it can be read as
 /// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O, or
@@ -69,6 +75,7 @@ pub(super) fn hash_and_check(
     path: &std::path::Path,
     format: FileFormat,
     delimiter: u8,
+    encoding: TextEncoding,
     stop: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<Result<String, Unreadable>> {
     let mut f = File::open(path)?;
@@ -97,13 +104,14 @@ pub(super) fn hash_and_check(
         }
         hasher.update(&buf[..n]);
     }
-    if format == FileFormat::Csv {
-        f.seek(SeekFrom::Start(0))?;
-        if let Err(e) = csv_header(f, delimiter) {
-            return Ok(Err(e));
-        }
-    }
-    Ok(Ok(hex::encode(hasher.finalize())))
+    f.seek(SeekFrom::Start(0))?;
+    let checked = match format {
+        FileFormat::Csv => csv_header(f, delimiter, encoding).map(|_| ()),
+        FileFormat::Jsonl => Ok(()),
+        FileFormat::JsonArray => super::json_array::check(f, stop)?,
+        FileFormat::Xml => super::xml::check(f, stop)?,
+    };
+    Ok(checked.map(|()| hex::encode(hasher.finalize())))
 }
 
 fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
@@ -115,14 +123,45 @@ fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
         .from_reader(r)
 }
 
+/// Text of a CSV field in `encoding`; `Err`: invalid UTF-8 (only UTF-8
+/// can be invalid: every byte is a character in the other two).
+fn decode(
+    encoding: TextEncoding,
+    b: &[u8],
+) -> Result<std::borrow::Cow<'_, str>, std::str::Utf8Error> {
+    match encoding {
+        TextEncoding::Utf8 => std::str::from_utf8(b).map(std::borrow::Cow::Borrowed),
+        TextEncoding::Latin1 => Ok(encoding_rs::mem::decode_latin1(b)),
+        TextEncoding::Windows1252 => Ok(encoding_rs::WINDOWS_1252.decode_without_bom_handling(b).0),
+    }
+}
+
+const ENCODING_HINT: &str =
+    "if the file is Latin-1 or Windows-1252, set `encoding: latin-1` or `encoding: windows-1252`";
+
 /// Read and check the header row.
-fn csv_header<R: Read>(r: R, delimiter: u8) -> Result<(csv::Reader<R>, Vec<String>), Unreadable> {
+fn csv_header<R: Read>(
+    r: R,
+    delimiter: u8,
+    encoding: TextEncoding,
+) -> Result<(csv::Reader<R>, Vec<String>), Unreadable> {
     let mut rdr = csv_reader(r, delimiter);
-    let header = match rdr.headers() {
+    let header = match rdr.byte_headers() {
         Ok(h) => h.clone(),
         Err(e) => return Err(Unreadable(format!("cannot read the CSV header row: {e}"))),
     };
-    let names: Vec<String> = header.iter().map(|s| s.trim().to_owned()).collect();
+    let mut names: Vec<String> = Vec::with_capacity(header.len());
+    for (i, field) in header.iter().enumerate() {
+        match decode(encoding, field) {
+            Ok(s) => names.push(s.trim().to_owned()),
+            Err(e) => {
+                return Err(Unreadable(format!(
+                    "CSV header row, column {}: not valid UTF-8 ({e}); {ENCODING_HINT}",
+                    i + 1
+                )));
+            }
+        }
+    }
     if names.is_empty() || (names.len() == 1 && names[0].is_empty()) {
         return Err(Unreadable("no CSV header row (the file is empty)".into()));
     }
@@ -160,6 +199,8 @@ pub(super) fn spawn_reader(
             let res = match plan.format {
                 FileFormat::Jsonl => read_jsonl(&plan, start, &tx),
                 FileFormat::Csv => read_csv(&plan, start, &tx),
+                FileFormat::JsonArray => super::json_array::read(&plan, start, &tx),
+                FileFormat::Xml => super::xml::read(&plan, start, &tx),
             };
             if let Err(e) = res {
                 let _ = tx.blocking_send(Err(e));
@@ -169,9 +210,9 @@ pub(super) fn spawn_reader(
 }
 
 /// The channel is closed: the source stopped listening.
-struct Stopped;
+pub(super) struct Stopped;
 
-fn send(tx: &mpsc::Sender<Result<Parsed, ReadError>>, p: Parsed) -> Result<(), Stopped> {
+pub(super) fn send(tx: &mpsc::Sender<Result<Parsed, ReadError>>, p: Parsed) -> Result<(), Stopped> {
     tx.blocking_send(Ok(p)).map_err(|_| Stopped)
 }
 
@@ -181,7 +222,12 @@ impl Plan {
     }
 
     fn good(&self, line: u64, data: serde_json::Value) -> Record {
-        let default_id = format!("{}:{line}", self.short);
+        self.good_at(line, &self.location(line), data)
+    }
+
+    /// A record numbered `n` (its line, or its ordinal) found at `location`.
+    pub(super) fn good_at(&self, n: u64, location: &str, data: serde_json::Value) -> Record {
+        let default_id = format!("{}:{n}", self.short);
         let mut event = Event::new(
             default_id,
             self.source.clone(),
@@ -206,9 +252,9 @@ impl Plan {
                 Err(e) => {
                     return Record::Bad(BadRecord {
                         id: event.id,
-                        location: self.location(line),
+                        location: location.to_owned(),
                         raw: truncate(event.data.to_string()),
-                        error: format!("{}: {e}", self.location(line)),
+                        error: format!("{location}: {e}"),
                         correlation_id: event.correlationid,
                     });
                 }
@@ -218,11 +264,16 @@ impl Plan {
     }
 
     fn bad(&self, line: u64, raw: &[u8], error: String) -> Record {
+        self.bad_at(line, &self.location(line), raw, error)
+    }
+
+    /// A record numbered `n` found at `location` that cannot be read.
+    pub(super) fn bad_at(&self, n: u64, location: &str, raw: &[u8], error: String) -> Record {
         Record::Bad(BadRecord {
-            id: format!("{}:{line}", self.short),
-            location: self.location(line),
+            id: format!("{}:{n}", self.short),
+            location: location.to_owned(),
             raw: truncate(String::from_utf8_lossy(raw).into_owned()),
-            error: format!("{}: {error}", self.location(line)),
+            error: format!("{location}: {error}"),
             correlation_id: self.correlation_id.clone(),
         })
     }
@@ -347,13 +398,13 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     b.trim_ascii()
 }
 
-fn io_error(plan: &Plan, e: impl std::fmt::Display) -> ReadError {
+pub(super) fn io_error(plan: &Plan, e: impl std::fmt::Display) -> ReadError {
     ReadError::Io(format!("reading {}: {e}", plan.name))
 }
 
-/// Longest CSV record read (an unclosed quote would otherwise swallow the
-/// rest of the file).
-const MAX_RECORD: u64 = 32 << 20;
+/// Longest CSV record, JSON array element or XML record read (an unclosed
+/// quote would otherwise swallow the rest of the file).
+pub(super) const MAX_RECORD: u64 = 32 << 20;
 const RECORD_TOO_LONG: &str = "a CSV record longer than 32 MiB (an unclosed quote?)";
 
 /// A reader that refuses to go on once `max` bytes were read since the
@@ -402,8 +453,8 @@ fn read_csv(
         since: std::cell::Cell::new(0),
         max: MAX_RECORD,
     };
-    let (mut rdr, names) =
-        csv_header(capped, plan.delimiter).map_err(|e| ReadError::Unreadable(e.0))?;
+    let (mut rdr, names) = csv_header(capped, plan.delimiter, plan.encoding)
+        .map_err(|e| ReadError::Unreadable(e.0))?;
     let after_header = rdr.position().clone();
     if start.offset > after_header.byte() {
         let mut p = csv::Position::new();
@@ -413,6 +464,7 @@ fn read_csv(
     let mut pos = Pos {
         offset: rdr.position().byte(),
         line: rdr.position().line().saturating_sub(1),
+        record: 0,
     };
     let mut rec = csv::ByteRecord::new();
     let mut records = Vec::with_capacity(plan.batch_size);
@@ -490,15 +542,18 @@ fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> R
     }
     let mut obj = serde_json::Map::with_capacity(names.len());
     for (i, (name, field)) in names.iter().zip(rec.iter()).enumerate() {
-        match std::str::from_utf8(field) {
+        match decode(plan.encoding, field) {
             Ok(s) => {
-                obj.insert(name.clone(), serde_json::Value::String(s.to_owned()));
+                obj.insert(name.clone(), serde_json::Value::String(s.into_owned()));
             }
             Err(e) => {
                 return plan.bad(
                     line,
                     &raw(),
-                    format!("field {} (`{name}`) is not valid UTF-8: {e}", i + 1),
+                    format!(
+                        "field {} (`{name}`) is not valid UTF-8 ({e}); {ENCODING_HINT}",
+                        i + 1
+                    ),
                 );
             }
         }
@@ -527,7 +582,8 @@ mod tests {
             since: std::cell::Cell::new(0),
             max: 100,
         };
-        let (mut rdr, names) = super::csv_header(capped, b',').unwrap();
+        let (mut rdr, names) =
+            super::csv_header(capped, b',', weft_core::config::TextEncoding::Utf8).unwrap();
         assert_eq!(names, vec!["a", "b"]);
         let mut rec = csv::ByteRecord::new();
         rdr.get_ref().reset();

@@ -18,8 +18,9 @@ use serde::Deserialize;
 
 pub use raw::{FileFormat, OnDeadLetter, Synchronous};
 pub use validate::{
-    BreakerPolicy, Config, DeliveryPolicy, Destination, FileTarget, Flow, RateLimitPolicy,
-    ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
+    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow,
+    RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
+    TextEncoding,
 };
 
 /// A string that never prints: credentials, tokens, signing secrets.

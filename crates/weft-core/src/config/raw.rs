@@ -134,8 +134,9 @@ pub struct RawRateLimit {
 pub enum RawSource {
     /// The system calls us: HTTP POSTs to a path of weft's server.
     Webhook(WebhookSourceConfig),
-    /// The system drops files (CSV, JSON Lines) into a folder, or weft reads one file.
-    File(FileSourceConfig),
+    /// The system drops files (CSV, JSON Lines, JSON arrays, XML) into a
+    /// folder, or weft reads one file.
+    File(Box<FileSourceConfig>),
     /// Synthetic records for demos and benchmarks.
     Generate(GenerateSourceConfig),
     /// weft polls the system's REST API (pagination, incremental cursor, auth, rate limit).
@@ -155,8 +156,10 @@ pub enum RawSink {
     Sqlite(SqliteSinkConfig),
     /// Upserts into a PostgreSQL table.
     Postgres(PostgresSinkConfig),
-    /// Appends to a JSON Lines file.
+    /// Appends to a JSON Lines file, or writes rotating JSON Lines files into a folder.
     Jsonl(JsonlSinkConfig),
+    /// Appends to a CSV file, or writes rotating CSV files into a folder (exports).
+    Csv(CsvSinkConfig),
     /// Upserts into a MariaDB/MySQL table.
     Mysql(Box<MysqlSinkConfig>),
 }
@@ -248,12 +251,26 @@ pub struct FileSourceConfig {
     pub dir: Option<String>,
     /// A single file read once in place (not moved); for batch loads.
     pub path: Option<String>,
-    /// `csv` or `jsonl`; default from each file's extension.
+    /// `csv`, `jsonl`, `json_array` (a file holding one JSON array of
+    /// records) or `xml`; default from each file's extension (`.csv`;
+    /// `.jsonl`, `.ndjson`; `.json`; `.xml`).
     pub format: Option<FileFormat>,
-    /// Only names matching this glob-like suffix are read (default: `.csv`, `.jsonl`, `.ndjson`).
+    /// Only names matching this glob-like suffix are read (default: the
+    /// extensions of `format`, or all five above when `format` is unset).
     pub pattern: Option<String>,
     /// CSV delimiter (default `,`).
     pub delimiter: Option<char>,
+    /// Text encoding of CSV files: `utf-8` (default), `latin-1`
+    /// (ISO-8859-1) or `windows-1252`. Values arrive as UTF-8 either way.
+    /// JSON and XML files are read as UTF-8.
+    pub encoding: Option<Spanned<String>>,
+    /// XML only: the elements that become records, as a path of element
+    /// names from the root, e.g. `/orders/order`; `*` matches any name
+    /// (default `/*/*`: every child of the root element). Each element
+    /// becomes an object: attributes as `@name`, child elements as keys
+    /// (repeated ones as arrays), text as `#text` beside attributes or
+    /// children, or the element's value when it holds only text.
+    pub record_path: Option<Spanned<String>>,
     /// How often to look for new files (default `1s`).
     pub poll_interval: Option<Spanned<String>>,
     /// Records per store commit (default 1000).
@@ -266,10 +283,16 @@ pub struct FileSourceConfig {
 
 /// File formats the file source reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum FileFormat {
+    /// A header row, then one record per row.
     Csv,
+    /// One JSON value per line.
     Jsonl,
+    /// One JSON array `[ {...}, {...} ]`; each element is a record.
+    JsonArray,
+    /// An XML document; the elements at `record_path` are records.
+    Xml,
 }
 
 /// Generate source settings.
@@ -383,15 +406,65 @@ pub struct PostgresSinkConfig {
     pub columns: BTreeMap<String, String>,
 }
 
-/// JSON Lines sink settings.
-#[derive(Debug, Clone, Deserialize)]
+/// JSON Lines sink settings: exactly one of `path` and `dir`.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlSinkConfig {
-    /// Output file, relative to the config file's folder.
-    pub path: String,
+    /// One output file, appended to; relative to the config file's folder.
+    pub path: Option<String>,
+    /// Output folder of rotating files `<prefix>-<UTC time>-<seq>.jsonl`:
+    /// each is written as `<name>.jsonl.part` and renamed to its final
+    /// name once complete (see `rotate`), so a reader of the folder never
+    /// sees a file being written.
+    pub dir: Option<String>,
+    /// With `dir`: the start of each file's name (default: the system's name).
+    pub prefix: Option<String>,
+    /// With `dir`: when a file is complete.
+    pub rotate: Option<RawRotate>,
     /// Write `{id, idempotency_key, correlation_id, data}` instead of the bare payload.
     #[serde(default)]
     pub envelope: bool,
+}
+
+/// CSV sink settings: exactly one of `path` and `dir`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvSinkConfig {
+    /// One output file, appended to; relative to the config file's folder.
+    pub path: Option<String>,
+    /// Output folder of rotating files `<prefix>-<UTC time>-<seq>.csv`:
+    /// each is written as `<name>.csv.part` and renamed to its final name
+    /// once complete (see `rotate`), so a reader of the folder never sees a
+    /// file being written.
+    pub dir: Option<String>,
+    /// With `dir`: the start of each file's name (default: the system's name).
+    pub prefix: Option<String>,
+    /// With `dir`: when a file is complete.
+    pub rotate: Option<RawRotate>,
+    /// Columns, in order: top-level fields of each record. Default: the
+    /// keys of the first record written to each file. Missing fields and
+    /// null are written as empty cells; strings as they are; numbers and
+    /// booleans as JSON text; arrays and objects JSON-encoded in the cell.
+    /// Fields not among the columns are not written.
+    pub columns: Option<Vec<Spanned<String>>>,
+    /// Write a header row at the start of each file (default true).
+    pub header: Option<bool>,
+    /// Field delimiter, one ASCII character (default `,`).
+    pub delimiter: Option<Spanned<char>>,
+}
+
+/// When a rotating export file is complete: renamed from `.part` to its
+/// final name. Also on shutdown. Whichever limit comes first.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRotate {
+    /// Size limit in bytes (default 67108864, 64 MiB): a batch that would
+    /// take a non-empty file over it goes to a new file.
+    pub max_bytes: Option<u64>,
+    /// Age limit, counted from the file's first write (default `1h`).
+    pub max_age: Option<Spanned<String>>,
+    /// Close a file when nothing was written to it for this long (default `1m`).
+    pub idle: Option<Spanned<String>>,
 }
 
 /// One flow.

@@ -88,12 +88,17 @@ pub enum SourceSpec {
         signature_tolerance: Duration,
     },
     File {
-        cfg: FileSourceConfig,
+        cfg: Box<FileSourceConfig>,
         target: FileTarget,
         id_field: Option<Arc<Program>>,
         event_type: String,
         poll_interval: Duration,
         batch_size: usize,
+        /// Encoding of CSV files.
+        encoding: TextEncoding,
+        /// XML files: the element names from the root to a record
+        /// element; `*` matches any name.
+        record_path: Vec<String>,
     },
     Generate {
         cfg: GenerateSourceConfig,
@@ -154,6 +159,58 @@ pub enum FileTarget {
     Path(PathBuf),
 }
 
+/// Text encodings the file source decodes (CSV files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TextEncoding {
+    #[default]
+    Utf8,
+    /// ISO-8859-1: every byte is the code point of the same number.
+    Latin1,
+    /// Windows-1252 (as in the WHATWG Encoding Standard).
+    Windows1252,
+}
+
+impl TextEncoding {
+    /// The encoding named `s` (case-insensitive; common aliases accepted).
+    pub fn from_label(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "utf-8" | "utf8" => Some(TextEncoding::Utf8),
+            "latin-1" | "latin1" | "iso-8859-1" | "iso8859-1" => Some(TextEncoding::Latin1),
+            "windows-1252" | "cp1252" => Some(TextEncoding::Windows1252),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TextEncoding::Utf8 => "utf-8",
+            TextEncoding::Latin1 => "latin-1",
+            TextEncoding::Windows1252 => "windows-1252",
+        }
+    }
+}
+
+/// Where an export sink (JSON Lines, CSV) writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExportTarget {
+    /// One file, appended to.
+    File(PathBuf),
+    /// Rotating files in a folder.
+    Dir {
+        dir: PathBuf,
+        /// Start of every file name.
+        prefix: String,
+        rotate: RotatePolicy,
+    },
+}
+
+/// When a rotating export file is complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotatePolicy {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub idle: Duration,
+}
+
 /// A sink, with paths resolved and durations parsed.
 #[derive(Debug, Clone)]
 pub enum SinkSpec {
@@ -172,7 +229,15 @@ pub enum SinkSpec {
     },
     Jsonl {
         cfg: JsonlSinkConfig,
-        path: PathBuf,
+        target: ExportTarget,
+    },
+    Csv {
+        cfg: CsvSinkConfig,
+        target: ExportTarget,
+        /// Configured columns; `None`: the first record's keys, per file.
+        columns: Option<Vec<String>>,
+        delimiter: u8,
+        header: bool,
     },
     Mysql {
         cfg: Box<MysqlSinkConfig>,
@@ -186,6 +251,7 @@ impl SinkSpec {
             SinkSpec::Sqlite { .. } => "sqlite",
             SinkSpec::Postgres { .. } => "postgres",
             SinkSpec::Jsonl { .. } => "jsonl",
+            SinkSpec::Csv { .. } => "csv",
             SinkSpec::Mysql { .. } => "mysql",
         }
     }
@@ -372,7 +438,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             .and_then(|r| rate_limit_policy(&mut cx, &format!("{p}.rate_limit"), r));
         let sink = sys
             .sink
-            .and_then(|s| sink_spec(&mut cx, &format!("{p}.sink"), s, base));
+            .and_then(|s| sink_spec(&mut cx, &format!("{p}.sink"), &name, s, base));
         systems.insert(
             name.clone(),
             System {
@@ -749,8 +815,68 @@ fn source_spec(
                 .id_field
                 .as_ref()
                 .and_then(|c| cx.program(&format!("{fp}.id_field"), c, &[]));
+            let csv_possible = matches!(cfg.format, None | Some(FileFormat::Csv));
+            let xml_possible = matches!(cfg.format, None | Some(FileFormat::Xml));
+            if let Some(d) = cfg.delimiter {
+                if let Err(m) = csv_delimiter(d) {
+                    cx.at(format!("{fp}.delimiter"), m);
+                }
+                if !csv_possible {
+                    cx.at(format!("{fp}.delimiter"), "is used only with CSV files");
+                }
+            }
+            let encoding = match &cfg.encoding {
+                None => TextEncoding::Utf8,
+                Some(e) => match TextEncoding::from_label(&e.value) {
+                    Some(enc) => {
+                        if enc != TextEncoding::Utf8 && !csv_possible {
+                            cx.at_span(
+                                format!("{fp}.encoding"),
+                                e,
+                                format!(
+                                    "`{}` applies to CSV files only; JSON and XML files are read as UTF-8",
+                                    e.value
+                                ),
+                            );
+                        }
+                        enc
+                    }
+                    None => {
+                        cx.at_span(
+                            format!("{fp}.encoding"),
+                            e,
+                            format!(
+                                "unknown encoding `{}`: expected `utf-8`, `latin-1` (ISO-8859-1) or `windows-1252`",
+                                e.value
+                            ),
+                        );
+                        TextEncoding::Utf8
+                    }
+                },
+            };
+            let record_path = match &cfg.record_path {
+                None => vec!["*".to_owned(), "*".to_owned()],
+                Some(rp) => {
+                    if !xml_possible {
+                        cx.at_span(
+                            format!("{fp}.record_path"),
+                            rp,
+                            "is used only with XML files (`format: xml` or unset)",
+                        );
+                    }
+                    match xml_record_path(&rp.value) {
+                        Ok(segs) => segs,
+                        Err(m) => {
+                            cx.at_span(format!("{fp}.record_path"), rp, m);
+                            Vec::new()
+                        }
+                    }
+                }
+            };
             Some(SourceSpec::File {
                 target: target?,
+                encoding,
+                record_path,
                 id_field,
                 event_type: cfg
                     .event_type
@@ -790,7 +916,7 @@ fn source_spec(
     }
 }
 
-fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec> {
+fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Option<SinkSpec> {
     match s {
         RawSink::Http(cfg) => {
             let hp = format!("{p}.http");
@@ -979,12 +1105,225 @@ fn sink_spec(cx: &mut Ctx, p: &str, s: RawSink, base: &Path) -> Option<SinkSpec>
             }
             Some(SinkSpec::Postgres { cfg })
         }
-        RawSink::Jsonl(cfg) => Some(SinkSpec::Jsonl {
-            path: base.join(&cfg.path),
-            cfg,
-        }),
+        RawSink::Jsonl(cfg) => {
+            let jp = format!("{p}.jsonl");
+            let target = export_target(
+                cx,
+                &jp,
+                system,
+                base,
+                ExportPlace {
+                    path: &cfg.path,
+                    dir: &cfg.dir,
+                    prefix: &cfg.prefix,
+                    rotate: &cfg.rotate,
+                },
+            );
+            Some(SinkSpec::Jsonl {
+                target: target?,
+                cfg,
+            })
+        }
+        RawSink::Csv(cfg) => csv_sink_spec(cx, &format!("{p}.csv"), system, cfg, base),
         RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
     }
+}
+
+/// Where an export sink writes, as configured.
+struct ExportPlace<'a> {
+    path: &'a Option<String>,
+    dir: &'a Option<String>,
+    prefix: &'a Option<String>,
+    rotate: &'a Option<RawRotate>,
+}
+
+fn export_target(
+    cx: &mut Ctx,
+    p: &str,
+    system: &str,
+    base: &Path,
+    place: ExportPlace<'_>,
+) -> Option<ExportTarget> {
+    match (place.path, place.dir) {
+        (Some(path), None) => {
+            for (k, set) in [
+                ("prefix", place.prefix.is_some()),
+                ("rotate", place.rotate.is_some()),
+            ] {
+                if set {
+                    cx.at(
+                        format!("{p}.{k}"),
+                        format!("`{k}` is used only with `dir` (rotating files), not with `path`"),
+                    );
+                }
+            }
+            if path.trim().is_empty() {
+                cx.at(format!("{p}.path"), "must not be empty");
+                return None;
+            }
+            Some(ExportTarget::File(base.join(path)))
+        }
+        (None, Some(dir)) => {
+            let prefix = place.prefix.clone().unwrap_or_else(|| system.to_owned());
+            let prefix_ok = !prefix.is_empty()
+                && !prefix.starts_with('.')
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !prefix_ok {
+                cx.at(
+                    format!("{p}.prefix"),
+                    format!(
+                        "`{prefix}`: expected a file name start of letters, digits, `-`, `_` \
+                         and `.` (not first)"
+                    ),
+                );
+            }
+            let r = place.rotate.clone().unwrap_or_default();
+            let rp = format!("{p}.rotate");
+            if r.max_bytes == Some(0) {
+                cx.at(
+                    format!("{rp}.max_bytes"),
+                    "must be greater than 0 (a size in bytes, e.g. 10485760 for 10 MiB)",
+                );
+            }
+            let max_age = cx.duration(
+                &format!("{rp}.max_age"),
+                &r.max_age,
+                Duration::from_secs(3600),
+            );
+            let idle = cx.duration(&format!("{rp}.idle"), &r.idle, Duration::from_secs(60));
+            for (k, d, v) in [("max_age", max_age, &r.max_age), ("idle", idle, &r.idle)] {
+                if d.is_zero()
+                    && let Some(v) = v
+                {
+                    cx.at_span(format!("{rp}.{k}"), v, "must be longer than 0s");
+                }
+            }
+            Some(ExportTarget::Dir {
+                dir: base.join(dir),
+                prefix,
+                rotate: RotatePolicy {
+                    max_bytes: r.max_bytes.unwrap_or(64 << 20),
+                    max_age,
+                    idle,
+                },
+            })
+        }
+        _ => {
+            cx.at(
+                p,
+                "exactly one of `path` (one file, appended to) and `dir` (rotating files) is required",
+            );
+            None
+        }
+    }
+}
+
+fn csv_sink_spec(
+    cx: &mut Ctx,
+    cp: &str,
+    system: &str,
+    cfg: CsvSinkConfig,
+    base: &Path,
+) -> Option<SinkSpec> {
+    let target = export_target(
+        cx,
+        cp,
+        system,
+        base,
+        ExportPlace {
+            path: &cfg.path,
+            dir: &cfg.dir,
+            prefix: &cfg.prefix,
+            rotate: &cfg.rotate,
+        },
+    );
+    let delimiter = match &cfg.delimiter {
+        None => b',',
+        Some(d) => match csv_delimiter(d.value) {
+            Ok(b) => b,
+            Err(m) => {
+                cx.at_span(format!("{cp}.delimiter"), d, m);
+                b','
+            }
+        },
+    };
+    let columns = cfg.columns.as_ref().map(|cols| {
+        if cols.is_empty() {
+            cx.at(
+                format!("{cp}.columns"),
+                "must name at least one column (or leave it out to take the first record's keys)",
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in cols.iter().enumerate() {
+            if c.value.trim().is_empty() {
+                cx.at_span(
+                    format!("{cp}.columns[{i}]"),
+                    c,
+                    "a column name must not be empty",
+                );
+            } else if !seen.insert(c.value.as_str()) {
+                cx.at_span(
+                    format!("{cp}.columns[{i}]"),
+                    c,
+                    format!("column `{}` appears twice", c.value),
+                );
+            }
+        }
+        cols.iter().map(|c| c.value.clone()).collect::<Vec<_>>()
+    });
+    if cfg.header == Some(false) && columns.is_none() {
+        cx.at(
+            format!("{cp}.header"),
+            "`header: false` needs `columns` (without a header row the columns must be fixed)",
+        );
+    }
+    Some(SinkSpec::Csv {
+        target: target?,
+        columns,
+        delimiter,
+        header: cfg.header.unwrap_or(true),
+        cfg,
+    })
+}
+
+/// A CSV delimiter: one ASCII character that is not a quote or a line break.
+fn csv_delimiter(c: char) -> Result<u8, String> {
+    if !c.is_ascii() {
+        return Err(format!(
+            "`{c}`: expected a single ASCII character such as `,`, `;`, `|` or a tab"
+        ));
+    }
+    if matches!(c, '"' | '\n' | '\r') {
+        return Err(format!(
+            "{c:?} cannot be a delimiter (it is a quote or a line break)"
+        ));
+    }
+    Ok(c as u8)
+}
+
+/// An XML record path: `/a/b/c`, names or `*`.
+fn xml_record_path(s: &str) -> Result<Vec<String>, String> {
+    let expected = "expected a path of element names from the root such as `/orders/order` \
+                    (`*` matches any name)";
+    let Some(rest) = s.trim().strip_prefix('/') else {
+        return Err(format!("`{s}` must start with `/`; {expected}"));
+    };
+    let segs: Vec<String> = rest.split('/').map(str::to_owned).collect();
+    for seg in &segs {
+        let name_ok = seg == "*"
+            || (!seg.is_empty()
+                && !seg.starts_with(|c: char| c.is_ascii_digit() || "-.".contains(c))
+                && seg
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "-_.:".contains(c)));
+        if !name_ok {
+            return Err(format!("`{s}`: `{seg}` is not an element name; {expected}"));
+        }
+    }
+    Ok(segs)
 }
 
 fn check_ident(cx: &mut Ctx, path: &str, s: &str) {
