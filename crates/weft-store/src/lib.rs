@@ -194,7 +194,7 @@ impl Store {
         let mut conn = Connection::open(path)?;
         configure(&conn, synchronous)?;
         schema::migrate(&mut conn)?;
-        let tx = writer::spawn(conn)?;
+        let tx = writer::spawn(conn, path)?;
         Ok(Store {
             path: path.to_owned(),
             tx,
@@ -247,7 +247,8 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), StoreErr
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // bigger pages of cache help the 1M-row backfills; WAL checkpoints stay automatic
+    // bigger pages of cache help the 1M-row backfills; WAL checkpoints run
+    // on their own thread (writer.rs)
     conn.pragma_update(None, "cache_size", -64_000)?;
     Ok(())
 }

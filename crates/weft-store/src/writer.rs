@@ -1,7 +1,9 @@
 //! The writer thread: group commit of every state change.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
@@ -18,13 +20,52 @@ const QUEUE: usize = 256;
 /// Most jobs in one commit.
 const GROUP: usize = 512;
 
-pub(crate) fn spawn(conn: Connection) -> Result<mpsc::SyncSender<Job>, StoreError> {
+/// How often the checkpointer copies committed WAL frames into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL pages at which the writer checkpoints by itself: a backstop for a
+/// checkpointer that cannot keep up (SQLite's default is 1000).
+const WRITER_CHECKPOINT_PAGES: i64 = 16_000;
+
+/// Start the writer thread on `conn`, and a checkpointer thread on a second
+/// connection to `path`. Checkpoints (copying WAL pages into the database
+/// file) then run beside the writer instead of inside its commits; a page
+/// written many times between two checkpoints (outbox rows come and go) is
+/// copied once.
+pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::SyncSender<Job>, StoreError> {
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    let ckpt = Connection::open(path)?;
+    ckpt.busy_timeout(Duration::from_secs(10))?;
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+    let (alive, gone) = mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("weft-store-writer".into())
-        .spawn(move || run(conn, rx))
+        .spawn(move || {
+            run(conn, rx);
+            drop(alive);
+        })
         .map_err(|e| StoreError::Invalid(format!("cannot start the writer thread: {e}")))?;
+    std::thread::Builder::new()
+        .name("weft-store-ckpt".into())
+        .spawn(move || checkpointer(ckpt, gone))
+        .map_err(|e| StoreError::Invalid(format!("cannot start the checkpoint thread: {e}")))?;
     Ok(tx)
+}
+
+/// PASSIVE checkpoints every [`CHECKPOINT_EVERY`] until the writer stops;
+/// they never block the writer or readers.
+fn checkpointer(conn: Connection, writer_gone: mpsc::Receiver<()>) {
+    loop {
+        let stop = matches!(
+            writer_gone.recv_timeout(CHECKPOINT_EVERY),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "store checkpoint did not run; will try again");
+        }
+        if stop {
+            return;
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy)]
