@@ -49,7 +49,8 @@ impl LaneHandle {
     }
 }
 
-/// Rows held in memory per lane.
+/// Rows held in memory per lane, at least: a lane holds enough for two
+/// rounds of `concurrency` batches of `batch_size`.
 const WINDOW: usize = 4096;
 /// How often a lane looks at the store without being woken (rows written by
 /// another process, such as `weft dlq replay`).
@@ -101,10 +102,14 @@ impl Lane {
         let (res_tx, mut res_rx) = mpsc::channel::<Done>(self.policy.concurrency * 2 + 2);
         let mut in_flight = 0usize;
         let mut stopping = false;
+        let capacity = WINDOW.max(self.policy.batch_size * self.policy.concurrency * 2);
         loop {
-            if !stopping && window.len() < WINDOW / 2 {
-                let (flow, dest, want) =
-                    (self.flow.clone(), self.dest.clone(), WINDOW - window.len());
+            if !stopping && window.len() < capacity / 2 {
+                let (flow, dest, want) = (
+                    self.flow.clone(),
+                    self.dest.clone(),
+                    capacity - window.len(),
+                );
                 let r = reader.clone();
                 // held keys are read before the rows: a replay that releases a
                 // key commits its row in the same transaction, so it is seen too

@@ -161,6 +161,36 @@ pub fn run_flow(
     }
 }
 
+/// Batches at least this big are mapped in two halves on two threads.
+const SPLIT_AT: usize = 512;
+
+impl Ingestor {
+    /// [`prepare_with`] off the async workers (filters and mappings are CPU
+    /// work); a big batch in two halves at once. The events keep their order
+    /// and the checkpoint stays with the batch.
+    async fn prepare_parallel(&self, mut batch: Batch) -> Result<IngestBatch, IngestError> {
+        let run = |b: Batch| {
+            let (system, flows, drift) =
+                (self.system.clone(), self.flows.clone(), self.drift.clone());
+            tokio::task::spawn_blocking(move || prepare_with(&system, &flows, b, drift.as_deref()))
+        };
+        let failed =
+            |e: tokio::task::JoinError| IngestError::Store(format!("mapping task failed: {e}"));
+        if batch.records.len() < SPLIT_AT {
+            return run(batch).await.map_err(failed);
+        }
+        let tail = Batch {
+            records: batch.records.split_off(batch.records.len() / 2),
+            checkpoint: batch.checkpoint.take(),
+        };
+        let (head, tail) = tokio::join!(run(batch), run(tail));
+        let (mut head, tail) = (head.map_err(failed)?, tail.map_err(failed)?);
+        head.events.extend(tail.events);
+        head.checkpoint = tail.checkpoint;
+        Ok(head)
+    }
+}
+
 impl Ingest for Ingestor {
     fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
         Box::pin(async move {
@@ -174,14 +204,7 @@ impl Ingest for Ingestor {
                     l.flow, l.dest, l.high_water
                 )));
             }
-            let (system, flows) = (self.system.clone(), self.flows.clone());
-            let drift = self.drift.clone();
-            // filters and mappings are CPU work: keep them off the async workers
-            let prepared = tokio::task::spawn_blocking(move || {
-                prepare_with(&system, &flows, batch, drift.as_deref())
-            })
-            .await
-            .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
+            let prepared = self.prepare_parallel(batch).await?;
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 return Err(IngestError::Rejected(why));
             }

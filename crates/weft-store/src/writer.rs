@@ -113,7 +113,41 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// Apply `jobs` in one transaction. First all together; if one of them
+/// fails, the transaction is rolled back and the group is applied again
+/// with a savepoint per job, so that only the failing job is refused.
+/// (A savepoint per job on the common path copied every page it touched
+/// into the statement journal: about a tenth of the writer's time.)
 fn commit_group(
+    conn: &mut Connection,
+    jobs: &[Job],
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    if let Some(results) = commit_all(conn, jobs)? {
+        return Ok(results);
+    }
+    commit_each(conn, jobs)
+}
+
+/// `None` when a job failed (nothing was written).
+fn commit_all(
+    conn: &mut Connection,
+    jobs: &[Job],
+) -> Result<Option<Vec<Result<Applied, StoreError>>>, StoreError> {
+    let tx = conn.transaction()?;
+    let mut totals: Deltas = HashMap::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match apply(&tx, &job.op, &mut totals) {
+            Ok(a) => results.push(Ok(a)),
+            Err(_) => return Ok(None), // dropping `tx` rolls back
+        }
+    }
+    write_counts(&tx, &totals)?;
+    tx.commit()?;
+    Ok(Some(results))
+}
+
+fn commit_each(
     conn: &mut Connection,
     jobs: &[Job],
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
