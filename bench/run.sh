@@ -5,7 +5,8 @@
 #   WITH_PEERS=1 bench/run.sh    # also run ../shared/bench/run.sh with weft beside its peers
 #
 # Rows: the standard workload (JSONL file source -> jq mapping -> sink) into
-# SQLite and, when PostgreSQL answers on 127.0.0.1:5432, into PostgreSQL;
+# SQLite and, when they answer on loopback, PostgreSQL and MariaDB; the CSV
+# file source alone (canonical CSV -> SQLite);
 # webhook ingest (signed POSTs, 202 after the fsynced commit) with latency.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -56,7 +57,38 @@ else
   row "JSONL file -> jq mapping -> PostgreSQL upsert" "-" "-" "skipped: no PostgreSQL on 127.0.0.1:5432"
 fi
 
-# 3. webhook ingest
+# 3. file -> jq -> MariaDB/MySQL (when a server answers and the client is installed)
+if (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null && command -v mariadb >/dev/null; then
+  export WEFT_MARIADB_URL=${WEFT_MARIADB_URL:-mysql://root@127.0.0.1:3306/test}
+  mariadb -h 127.0.0.1 -u root test -e "DROP TABLE IF EXISTS weft_bench_contacts;
+    CREATE TABLE weft_bench_contacts (contact_id BIGINT PRIMARY KEY, given_name VARCHAR(100),
+      family_name VARCHAR(100), email VARCHAR(200), company_name VARCHAR(200),
+      company_category VARCHAR(40), updated_at DATETIME, address_street VARCHAR(200),
+      address_city VARCHAR(100), address_postal_code VARCHAR(20), address_country VARCHAR(10))"
+  export WEFT_INPUT=$DATA WEFT_WORK=$WORKROOT/maria; mkdir -p "$WEFT_WORK"
+  t0=$(now); "$WEFT" run "$HERE/contacts-mariadb.yaml" --until-idle; t1=$(now)
+  got=$(mariadb -h 127.0.0.1 -u root test -N -e "select count(*) from weft_bench_contacts")
+  secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')
+  row "JSONL file -> jq mapping -> MariaDB upsert" "$secs s" "$(awk -v n="$N" -v s="$secs" 'BEGIN{printf "%.0f", n/s}') rec/s" "rows=$got (want $N)"
+  mariadb -h 127.0.0.1 -u root test -e "DROP TABLE IF EXISTS weft_bench_contacts"
+  rm -rf "$WEFT_WORK"
+else
+  row "JSONL file -> jq mapping -> MariaDB upsert" "-" "-" "skipped: no MariaDB on 127.0.0.1:3306 or no mariadb client"
+fi
+
+# 4. CSV file source (the canonical CSV with a header row) -> SQLite, no mapping
+CSV=$CACHE/data/contacts_${N}_s42_canonical.csv
+[ -s "$CSV" ] || python3 "$SHARED/gen/to_csv.py" "$DATA" "$CSV"
+export WEFT_WORK=$WORKROOT/csv; mkdir -p "$WEFT_WORK"
+export WEFT_INPUT=$WEFT_WORK/contacts.csv
+{ echo "contact_id,given_name,family_name,email,company_name,company_category,updated_at,address_street,address_city,address_postal_code,address_country"; cat "$CSV"; } > "$WEFT_INPUT"
+t0=$(now); "$WEFT" run "$HERE/contacts-csv.yaml" --until-idle; t1=$(now)
+got=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from contacts').fetchone()[0])" "$WEFT_WORK/contacts.db")
+secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')
+row "CSV file -> SQLite upsert (no mapping)" "$secs s" "$(awk -v n="$N" -v s="$secs" 'BEGIN{printf "%.0f", n/s}') rec/s" "rows=$got (want $N)"
+rm -rf "$WEFT_WORK"
+
+# 5. webhook ingest
 export WEFT_WORK=$WORKROOT/hook WEFT_LISTEN=127.0.0.1:${HOOK_PORT:-18080}
 mkdir -p "$WEFT_WORK"
 "$WEFT" run "$HERE/webhook.yaml" 2>"$WEFT_WORK/weft.log" &
@@ -81,5 +113,5 @@ printf '%s\n' "${ROWS[@]}"
 if [ "${WITH_PEERS:-0}" = 1 ]; then
   echo
   export WEFT_BENCH_CMD="$HERE/weft-peer.sh"
-  (cd "$ROOT" && RUNS=${RUNS:-1} N=$N "$SHARED/run.sh" weft rust_psql copy_upsert sling nodered dlt)
+  (cd "$ROOT" && RUNS=${RUNS:-1} N=$N "$SHARED/run.sh" copy copy_upsert rust_psql weft diy_python dlt sling nodered)
 fi
