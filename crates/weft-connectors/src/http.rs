@@ -626,6 +626,10 @@ impl Sink for HttpSink {
                 .collect()
         })
     }
+
+    fn take_captured(&self) -> Vec<CapturedId> {
+        self.take_captured_ids()
+    }
 }
 
 /// Parse a URL template and check it is an http(s) URL whatever the

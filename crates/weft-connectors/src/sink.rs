@@ -87,6 +87,12 @@ pub trait Sink: Send + Sync {
     fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Ids the destination assigned to records written since the last call
+    /// (the HTTP sink's `capture_id`), for the crosswalk. Default: none.
+    fn take_captured(&self) -> Vec<crate::http::CapturedId> {
+        Vec::new()
+    }
 }
 
 /// A sink that could not be built (bad path, unreachable database at start).

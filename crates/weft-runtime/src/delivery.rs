@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use weft_connectors::{Delivery, Sink, SinkError};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, OnDeadLetter};
-use weft_store::{Op, OutboxRow, Store, now_ms};
+use weft_store::{CapturedRow, Op, OutboxRow, Store, now_ms};
 
 use crate::guard::Guard;
 use crate::metrics as m;
@@ -299,6 +299,21 @@ impl Lane {
                         }
                     }
                 }
+            }
+        }
+        // ids the destination gave (`capture_id`), while their rows are still
+        // in the outbox; an upsert, so a redelivery rewrites the same entry
+        let captured = self.sink.take_captured();
+        if !captured.is_empty() {
+            let rows = captured
+                .into_iter()
+                .map(|c| CapturedRow {
+                    outbox_id: c.delivery_id,
+                    external_id: c.external_id,
+                })
+                .collect();
+            if let Err(e) = self.store.apply(Op::Captured(rows)).await {
+                tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "cannot record the destination's ids in the crosswalk");
             }
         }
         if !delivered.is_empty() {

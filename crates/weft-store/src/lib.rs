@@ -27,7 +27,7 @@ use rusqlite::Connection;
 pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
-pub use reader::{DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
+pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
 pub use schema::latest_version;
 
 /// Store failures. `Busy` is retryable; the rest are not expected in normal
@@ -124,6 +124,9 @@ pub enum Op {
     Ingest(IngestBatch),
     /// Delivered: delete from the outbox, count.
     Delivered(Vec<i64>),
+    /// Ids destinations gave outbox rows (still in the outbox): upsert them
+    /// into the crosswalk. Applied before the rows' [`Op::Delivered`].
+    Captured(Vec<CapturedRow>),
     /// A failed attempt that will be retried at `next_at` (ms).
     Retry {
         id: i64,
@@ -165,6 +168,13 @@ pub enum Op {
     /// Drift detection: new drift events, counts of records showing known
     /// ones, and the stream's shape when it changed.
     Drift(DriftBatch),
+}
+
+/// The id a destination gave the record of one outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedRow {
+    pub outbox_id: i64,
+    pub external_id: String,
 }
 
 /// What an [`Op`] did.

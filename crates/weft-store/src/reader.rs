@@ -7,6 +7,20 @@ use serde::Serialize;
 
 use crate::StoreError;
 
+/// One crosswalk entry: the id `system` gave the record `source_key` of
+/// `source`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CrosswalkRow {
+    pub system: String,
+    pub source: String,
+    pub source_key: String,
+    pub external_id: String,
+    pub flow: String,
+    pub event_id: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
 /// A pending delivery as stored.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -227,6 +241,48 @@ impl Reader {
             )
             .optional()?;
         Ok((pending, oldest.map(|t| (crate::now_ms() - t).max(0))))
+    }
+
+    /// Crosswalk entries, newest first, of one destination system or all.
+    pub fn crosswalk(
+        &self,
+        system: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CrosswalkRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT system, source, source_key, external_id, flow, event_id, created_at, updated_at
+             FROM crosswalk WHERE ?1 IS NULL OR system = ?1 ORDER BY updated_at DESC, rowid DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![system, limit as i64], |r| {
+            Ok(CrosswalkRow {
+                system: r.get(0)?,
+                source: r.get(1)?,
+                source_key: r.get(2)?,
+                external_id: r.get(3)?,
+                flow: r.get(4)?,
+                event_id: r.get(5)?,
+                created_at: r.get(6)?,
+                updated_at: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The id `system` gave the record `source_key` of `source`, if known.
+    pub fn external_id(
+        &self,
+        system: &str,
+        source: &str,
+        source_key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT external_id FROM crosswalk WHERE system = ?1 AND source = ?2 AND source_key = ?3",
+                params![system, source, source_key],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Entity keys with a dead (not replayed or discarded) delivery in this lane.

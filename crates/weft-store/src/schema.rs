@@ -108,6 +108,25 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (source, kind, path, detail)
     );
     "#,
+    // 3: the crosswalk of ids destinations gave the records weft wrote
+    r#"
+    -- One row per (destination system, source system, source key): the id the
+    -- destination assigned (an HTTP sink's `capture_id`). The source key is
+    -- the flow's entity key, else the event id. Upserted, so a redelivery
+    -- after a crash rewrites the same row.
+    CREATE TABLE crosswalk (
+        system      TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        source_key  TEXT NOT NULL,
+        external_id TEXT NOT NULL,
+        flow        TEXT NOT NULL,
+        event_id    TEXT NOT NULL,    -- the last event whose write gave the id
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (system, source, source_key)
+    );
+    CREATE INDEX crosswalk_by_external ON crosswalk (system, external_id);
+    "#,
 ];
 
 /// Bring the schema up to date.

@@ -235,6 +235,44 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError
                 duplicates: 0,
             })
         }
+        Op::Captured(rows) => {
+            let mut sel = tx.prepare_cached(
+                "SELECT destination, source, COALESCE(entity_key, event_id), flow, event_id FROM outbox WHERE id = ?1",
+            )?;
+            let mut up = tx.prepare_cached(
+                "INSERT INTO crosswalk (system, source, source_key, external_id, flow, event_id, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+                 ON CONFLICT (system, source, source_key) DO UPDATE SET
+                   external_id = excluded.external_id, flow = excluded.flow,
+                   event_id = excluded.event_id, updated_at = excluded.updated_at",
+            )?;
+            let now = now_ms();
+            let mut n = 0;
+            for c in rows {
+                type Src = (String, String, String, String, String);
+                let row: Option<Src> = sel
+                    .query_row([c.outbox_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?;
+                // gone already (delivered and recorded by an earlier run)
+                if let Some((system, source, key, flow, event_id)) = row {
+                    n += up.execute(params![
+                        system,
+                        source,
+                        key,
+                        c.external_id,
+                        flow,
+                        event_id,
+                        now
+                    ])?;
+                }
+            }
+            Ok(Applied {
+                changed: n,
+                duplicates: 0,
+            })
+        }
         Op::Retry {
             id,
             attempts,

@@ -2,6 +2,7 @@
 //! together. No business logic lives here.
 
 mod contract;
+mod crosswalk;
 mod dlq;
 mod drift;
 mod maptest;
@@ -78,6 +79,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: maptest::MapCmd,
     },
+    /// List the ids destinations gave the records weft wrote.
+    Crosswalk {
+        #[command(subcommand)]
+        cmd: crosswalk::CrosswalkCmd,
+    },
     /// List the schema drift seen on the sources.
     Drift {
         #[command(subcommand)]
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
         Cmd::Dlq { cmd } => dlq::dlq(cmd),
         Cmd::Contract { cmd } => contract::contract(cmd),
         Cmd::Map { cmd } => maptest::map(cmd),
+        Cmd::Crosswalk { cmd } => crosswalk::crosswalk(cmd),
         Cmd::Drift { cmd } => drift::drift(cmd),
         Cmd::Version => {
             println!("weft {}", env!("CARGO_PKG_VERSION"));

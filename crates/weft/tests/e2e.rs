@@ -372,3 +372,55 @@ fn validate_reports_every_problem_with_file_line_and_path() {
     let out = weft_cmd_env(dir.path(), &["validate", "ok.yaml"], &ENV);
     assert!(out.status.success());
 }
+
+/// An HTTP sink's `capture_id` fills the crosswalk: one entry per (destination,
+/// source, entity key), updated by a later write of the same key.
+#[test]
+fn captured_destination_ids_land_in_the_crosswalk() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start();
+    recorder.set(ECHO_ID);
+    let cfg = config(&recorder.url(), "").replace(
+        "        timeout: 2s\n",
+        "        timeout: 2s\n        capture_id: .data.id\n",
+    );
+    assert!(cfg.contains("capture_id"), "{cfg}");
+    std::fs::write(dir.path().join("weft.yaml"), cfg).unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &ENV);
+    for (n, (id, event)) in [(1, "x-1"), (2, "x-2"), (1, "x-3")].iter().enumerate() {
+        let body = format!(r#"{{"id": {id}, "name": "N{n}", "amount": {n}}}"#);
+        assert_eq!(signed(&hub, &body, event).0, 202);
+    }
+    let list = || {
+        let out = weft_cmd_env(
+            dir.path(),
+            &["crosswalk", "list", "-c", "weft.yaml", "--json"],
+            &ENV,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    wait_for(Duration::from_secs(20), "three writes", || {
+        recorder.count() >= 3
+    });
+    wait_for(Duration::from_secs(20), "two crosswalk entries", || {
+        list().len() == 2
+    });
+    let rows = list();
+    let key2 = rows.iter().find(|r| r["source_key"] == "2").expect("key 2");
+    assert_eq!(key2["system"], "api");
+    assert_eq!(key2["source"], "crm");
+    assert_eq!(key2["external_id"], "ext-C-2");
+    assert_eq!(key2["event_id"], "x-2");
+    // key 1 was written twice; the entry follows the last write
+    wait_for(Duration::from_secs(20), "key 1 updated by x-3", || {
+        list().iter().any(|r| {
+            r["source_key"] == "1" && r["event_id"] == "x-3" && r["external_id"] == "ext-C-1"
+        })
+    });
+    hub.stop();
+}

@@ -157,6 +157,9 @@ pub const HANG: u32 = 3;
 pub const TOO_MANY: u32 = 4;
 /// 400 when the body has `"fail": true`, else 200.
 pub const FAIL_MARKED: u32 = 5;
+/// Answer 200 with `{"data": {"id": "ext-<last path segment>"}}`: a
+/// destination that assigns ids (`capture_id`).
+pub const ECHO_ID: u32 = 6;
 
 /// One request as the server saw it, whatever it answered.
 #[derive(Debug, Clone)]
@@ -248,6 +251,10 @@ impl Recorder {
                 correlation_id: h("x-correlation-id"),
                 body: json,
             });
+            if mode.load(Ordering::SeqCst) == ECHO_ID {
+                let id = format!("ext-{}", uri.path().rsplit('/').next().unwrap_or(""));
+                return axum::Json(serde_json::json!({"data": {"id": id}})).into_response();
+            }
             StatusCode::OK.into_response()
         }
         let app = axum::Router::new().fallback(handle).with_state((
