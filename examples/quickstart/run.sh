@@ -10,7 +10,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-WEFT=${WEFT:-$ROOT/target/release/weft}
+WEFT=${WEFT:-${CARGO_TARGET_DIR:-$ROOT/target}/release/weft}
 if [ ! -x "$WEFT" ]; then
   echo "== building weft (release; a few minutes the first time)"
   (cd "$ROOT" && cargo build --release -p weft)
