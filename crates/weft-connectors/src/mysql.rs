@@ -27,15 +27,13 @@
 //! (checked at start); another unique key on the table would also trigger
 //! the update, as MySQL does. Connections are plain TCP (no TLS).
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 use futures::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Value as My};
 use serde_json::Value;
 
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError};
 use crate::sqlite::is_ident;
 
 /// MySQL's limit of placeholders in one statement.
@@ -309,7 +307,10 @@ impl MysqlSink {
             Err(e) => {
                 let err = classify("cannot connect to MySQL", e);
                 let (kind, msg) = (err.kind, err.message);
-                return rows.iter().map(|_| Err(same(kind, &msg))).collect();
+                return rows
+                    .iter()
+                    .map(|_| Err(SinkError::like(kind, &msg)))
+                    .collect();
             }
         };
         let per = (MAX_PARAMS / self.columns.len().max(1)).clamp(1, MAX_ROWS);
@@ -328,21 +329,12 @@ impl MysqlSink {
                         }
                     } else {
                         let (kind, msg) = (err.kind, err.message);
-                        out.extend(chunk.iter().map(|_| Err(same(kind, &msg))));
+                        out.extend(chunk.iter().map(|_| Err(SinkError::like(kind, &msg))));
                     }
                 }
             }
         }
         out
-    }
-}
-
-fn same(kind: weft_core::ErrorKind, message: &str) -> SinkError {
-    SinkError {
-        kind,
-        message: message.to_owned(),
-        retry_after: None,
-        source: None,
     }
 }
 
@@ -569,50 +561,17 @@ fn convert(col: &Column, v: &Value) -> Result<My, SinkError> {
 impl Sink for MysqlSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
-            let mut results: Vec<Option<Result<(), SinkError>>> =
-                (0..batch.len()).map(|_| None).collect();
-            // checked rows, and for each delivery the index of the row that carries it
-            let mut rows: Vec<Row> = Vec::with_capacity(batch.len());
-            let mut owner: Vec<Option<usize>> = vec![None; batch.len()];
-            let mut by_key: HashMap<Vec<String>, usize> = HashMap::with_capacity(batch.len());
-            for (i, d) in batch.iter().enumerate() {
-                match self.row(&d.payload) {
-                    Ok(row) => {
-                        let k: Vec<String> =
-                            self.key.iter().map(|&p| format!("{:?}", row[p])).collect();
-                        match by_key.get(&k) {
-                            // same key earlier in the batch: the later payload replaces it
-                            Some(&r) => {
-                                rows[r] = row;
-                                owner[i] = Some(r);
-                            }
-                            None => {
-                                by_key.insert(k, rows.len());
-                                owner[i] = Some(rows.len());
-                                rows.push(row);
-                            }
-                        }
-                    }
-                    Err(e) => results[i] = Some(Err(e)),
-                }
+            let keyed = KeyedRows::new(
+                batch,
+                |payload| self.row(payload),
+                |row| self.key.iter().map(|&p| format!("{:?}", row[p])).collect(),
+            );
+            if keyed.rows.is_empty() {
+                return keyed.results(&[]);
             }
-            if !rows.is_empty() {
-                let refs: Vec<&Row> = rows.iter().collect();
-                let written = self.write_rows(&refs).await;
-                for (i, o) in owner.iter().enumerate() {
-                    if let Some(r) = o {
-                        results[i] = Some(match written.get(*r) {
-                            Some(Ok(())) => Ok(()),
-                            Some(Err(e)) => Err(same(e.kind, &e.message)),
-                            None => Err(SinkError::retryable("delivery was not written")),
-                        });
-                    }
-                }
-            }
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
-                .collect()
+            let refs: Vec<&Row> = keyed.rows.iter().collect();
+            let written = self.write_rows(&refs).await;
+            keyed.results(&written)
         })
     }
 }

@@ -27,7 +27,6 @@
 //! write connects again.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError};
 use crate::sqlite::is_ident;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -387,7 +386,10 @@ impl PostgresSink {
             Ok(c) => c,
             Err(e) => {
                 let (kind, msg) = (e.kind, e.message);
-                return rows.iter().map(|_| Err(same(kind, &msg))).collect();
+                return rows
+                    .iter()
+                    .map(|_| Err(SinkError::like(kind, &msg)))
+                    .collect();
             }
         };
         let res = self.execute(&conn, rows).await;
@@ -415,7 +417,9 @@ impl PostgresSink {
                 } else {
                     keep &= err.kind == weft_core::ErrorKind::Permanent;
                     let (kind, msg) = (err.kind, err.message);
-                    rows.iter().map(|_| Err(same(kind, &msg))).collect()
+                    rows.iter()
+                        .map(|_| Err(SinkError::like(kind, &msg)))
+                        .collect()
                 }
             }
         };
@@ -423,15 +427,6 @@ impl PostgresSink {
             self.put_back(conn);
         }
         out
-    }
-}
-
-fn same(kind: weft_core::ErrorKind, message: &str) -> SinkError {
-    SinkError {
-        kind,
-        message: message.to_owned(),
-        retry_after: None,
-        source: None,
     }
 }
 
@@ -671,49 +666,17 @@ fn convert<'a>(col: &Column, v: &'a Value) -> Result<Cell<'a>, SinkError> {
 impl Sink for PostgresSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
-            let mut results: Vec<Option<Result<(), SinkError>>> =
-                (0..batch.len()).map(|_| None).collect();
-            // checked rows, and for each delivery the index of the row that carries it
-            let mut rows: Vec<Row> = Vec::with_capacity(batch.len());
-            let mut owner: Vec<Option<usize>> = vec![None; batch.len()];
-            let mut by_key: HashMap<Vec<String>, usize> = HashMap::with_capacity(batch.len());
-            for (i, d) in batch.iter().enumerate() {
-                match self.row(&d.payload) {
-                    Ok(row) => {
-                        let k: Vec<String> = self.key.iter().map(|&p| row[p].key_text()).collect();
-                        match by_key.get(&k) {
-                            // same key earlier in the batch: the later payload replaces it
-                            Some(&r) => {
-                                rows[r] = row;
-                                owner[i] = Some(r);
-                            }
-                            None => {
-                                by_key.insert(k, rows.len());
-                                owner[i] = Some(rows.len());
-                                rows.push(row);
-                            }
-                        }
-                    }
-                    Err(e) => results[i] = Some(Err(e)),
-                }
+            let keyed = KeyedRows::new(
+                batch,
+                |payload| self.row(payload),
+                |row| self.key.iter().map(|&p| row[p].key_text()).collect(),
+            );
+            if keyed.rows.is_empty() {
+                return keyed.results(&[]);
             }
-            if !rows.is_empty() {
-                let refs: Vec<&Row> = rows.iter().collect();
-                let written = self.write_rows(&refs).await;
-                for (i, o) in owner.iter().enumerate() {
-                    if let Some(r) = o {
-                        results[i] = Some(match written.get(*r) {
-                            Some(Ok(())) => Ok(()),
-                            Some(Err(e)) => Err(same(e.kind, &e.message)),
-                            None => Err(SinkError::retryable("delivery was not written")),
-                        });
-                    }
-                }
-            }
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
-                .collect()
+            let refs: Vec<&Row> = keyed.rows.iter().collect();
+            let written = self.write_rows(&refs).await;
+            keyed.results(&written)
         })
     }
 }

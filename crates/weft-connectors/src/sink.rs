@@ -57,6 +57,16 @@ impl SinkError {
             source: None,
         }
     }
+    /// An error of the same kind and message (for every delivery a shared
+    /// failure touched).
+    pub fn like(kind: ErrorKind, message: &str) -> Self {
+        SinkError {
+            kind,
+            message: message.to_owned(),
+            retry_after: None,
+            source: None,
+        }
+    }
     pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(e));
         self
@@ -148,4 +158,65 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
 /// Same result for every delivery of a batch (a batch that failed as a whole).
 pub fn all_failed(n: usize, f: impl Fn() -> SinkError) -> Vec<Result<(), SinkError>> {
     (0..n).map(|_| Err(f())).collect()
+}
+
+/// A batch of deliveries as table rows for an upsert sink: each payload
+/// checked into a row (a bad one fails alone), and deliveries with the same
+/// key folded into one row, the later payload winning (one statement cannot
+/// upsert a key twice).
+pub(crate) struct KeyedRows<R> {
+    pub rows: Vec<R>,
+    /// For each delivery, the row that carries it.
+    owner: Vec<Option<usize>>,
+    results: Vec<Option<Result<(), SinkError>>>,
+}
+
+impl<R> KeyedRows<R> {
+    pub fn new<'a>(
+        batch: &'a [Delivery],
+        mut row: impl FnMut(&'a serde_json::Value) -> Result<R, SinkError>,
+        key: impl Fn(&R) -> Vec<String>,
+    ) -> Self {
+        let mut out = KeyedRows {
+            rows: Vec::with_capacity(batch.len()),
+            owner: vec![None; batch.len()],
+            results: (0..batch.len()).map(|_| None).collect(),
+        };
+        let mut by_key: std::collections::HashMap<Vec<String>, usize> =
+            std::collections::HashMap::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            match row(&d.payload) {
+                Ok(r) => match by_key.entry(key(&r)) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        out.rows[*e.get()] = r;
+                        out.owner[i] = Some(*e.get());
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(out.rows.len());
+                        out.owner[i] = Some(out.rows.len());
+                        out.rows.push(r);
+                    }
+                },
+                Err(e) => out.results[i] = Some(Err(e)),
+            }
+        }
+        out
+    }
+
+    /// One result per delivery, given one result per row.
+    pub fn results(mut self, written: &[Result<(), SinkError>]) -> Vec<Result<(), SinkError>> {
+        for (i, o) in self.owner.iter().enumerate() {
+            if let Some(r) = o {
+                self.results[i] = Some(match written.get(*r) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(SinkError::like(e.kind, &e.message)),
+                    None => Err(SinkError::retryable("delivery was not written")),
+                });
+            }
+        }
+        self.results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
+            .collect()
+    }
 }
