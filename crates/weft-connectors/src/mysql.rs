@@ -33,7 +33,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Value as My};
 use serde_json::Value;
 
-use crate::sink::{Delivery, KeyedRows, Sink, SinkError};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError, describe, kind_of};
 use crate::sqlite::is_ident;
 
 /// MySQL's limit of placeholders in one statement.
@@ -370,25 +370,6 @@ fn classify(context: &str, e: mysql_async::Error) -> SinkError {
         SinkError::retryable(msg).with_source(e)
     } else {
         SinkError::permanent(msg).with_source(e)
-    }
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::String(s) if s.chars().count() <= 40 => format!("the string {v}"),
-        Value::Number(_) | Value::Bool(_) => format!("{} ({v})", kind_of(v)),
-        _ => kind_of(v).to_owned(),
     }
 }
 

@@ -36,7 +36,7 @@ use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::sink::{Delivery, KeyedRows, Sink, SinkError};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError, describe, kind_of};
 use crate::sqlite::is_ident;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -490,25 +490,6 @@ fn classify(context: &str, e: tokio_postgres::Error) -> SinkError {
         SinkError::retryable(msg).with_source(e)
     } else {
         SinkError::permanent(msg).with_source(e)
-    }
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::String(s) if s.chars().count() <= 40 => format!("the string {v}"),
-        Value::Number(_) | Value::Bool(_) => format!("{} ({v})", kind_of(v)),
-        _ => kind_of(v).to_owned(),
     }
 }
 

@@ -220,3 +220,27 @@ impl<R> KeyedRows<R> {
             .collect()
     }
 }
+
+/// What kind of JSON value `v` is, for error messages ("a string").
+pub(crate) fn kind_of(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A short description of a value for error messages: its kind, and for a
+/// short scalar the value itself (never a whole object).
+pub(crate) fn describe(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.chars().count() <= 40 => format!("the string {v}"),
+        Value::Number(_) | Value::Bool(_) => format!("{} ({v})", kind_of(v)),
+        _ => kind_of(v).to_owned(),
+    }
+}

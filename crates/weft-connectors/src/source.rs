@@ -132,3 +132,36 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         }
     })
 }
+
+/// JSON text with object keys sorted and no whitespace, independent of how
+/// the sender formatted it or of serde_json's map ordering: what the webhook
+/// and REST sources hash into an event id when the record has none.
+pub(crate) fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut entries: Vec<(&String, &serde_json::Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}

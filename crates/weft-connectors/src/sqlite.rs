@@ -25,7 +25,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, ErrorCode};
 use serde_json::Value;
 
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, describe, kind_of};
 
 /// A declared column type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,17 +280,6 @@ fn table_columns(conn: &Connection, table: &str) -> Result<BTreeSet<String>, Str
     Ok(names)
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// A value written into an existing table without a declared type.
 fn natural(v: &Value) -> SqlValue {
     match v {
@@ -365,16 +354,6 @@ fn convert(col: &str, ty: ColType, v: &Value) -> Result<SqlValue, SinkError> {
         },
         ColType::Json => SqlValue::Text(v.to_string()),
     })
-}
-
-/// A short description of a value for error messages: its kind, and for a
-/// short scalar the value itself (never a whole object).
-fn describe(v: &Value) -> String {
-    match v {
-        Value::String(s) if s.chars().count() <= 40 => format!("the string {v}"),
-        Value::Number(_) | Value::Bool(_) => format!("{} ({v})", kind_of(v)),
-        _ => kind_of(v).to_owned(),
-    }
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {

@@ -73,7 +73,7 @@ use weft_core::config::raw::RestOrder;
 use weft_core::mapping::Program;
 
 use crate::source::{
-    BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
+    BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError, canonical_json,
 };
 use client::Client;
 use pagination::{Position, Style};
@@ -598,37 +598,6 @@ fn describe(out: &[Value]) -> String {
             }
         }
         many => format!("{} outputs", many.len()),
-    }
-}
-
-/// JSON text with object keys sorted and no whitespace.
-fn canonical_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(v, out);
-            }
-            out.push('}');
-        }
-        Value::Array(a) => {
-            out.push('[');
-            for (i, v) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(v, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
     }
 }
 

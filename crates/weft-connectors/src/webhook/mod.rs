@@ -81,7 +81,7 @@ use weft_core::config::SourceSpec;
 use weft_core::event::{CORRELATION_HEADER, new_correlation_id};
 use weft_core::mapping::Program;
 
-use crate::source::{Batch, Ingest, IngestError, Record, SourceError};
+use crate::source::{Batch, Ingest, IngestError, Record, SourceError, canonical_json};
 use signature::{SignatureError, Verifier};
 
 /// Longest inbound correlation id kept; longer ones are replaced.
@@ -503,38 +503,6 @@ fn kind_of(v: &Value) -> &'static str {
         Value::String(_) => "an empty string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    }
-}
-
-/// JSON text with object keys sorted and no whitespace, independent of how
-/// the sender formatted it or of serde_json's map ordering.
-fn canonical_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(v, out);
-            }
-            out.push('}');
-        }
-        Value::Array(a) => {
-            out.push('[');
-            for (i, v) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(v, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
     }
 }
 
