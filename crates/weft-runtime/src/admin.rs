@@ -170,6 +170,7 @@ impl FilterParams {
             error_contains: self.error,
             status: self.status,
             since,
+            after_id: None,
             limit: self.limit,
         })
     }

@@ -74,16 +74,16 @@ fn violated(
             tracing::warn!(flow = %flow.name, violations = %text, "contract violation; delivered (on_violation: warn)");
             Ok(())
         }
-        OnViolation::DeadLetter => Err(FlowOutcome::Rejected {
-            flow: flow.name.clone(),
-            stage: Stage::Map,
-            error: format!("contract violation: {text}"),
-        }),
-        OnViolation::Reject => Err(FlowOutcome::Rejected {
-            flow: flow.name.clone(),
-            stage: Stage::Map,
-            error: format!("{REJECT_PREFIX}: {text}"),
-        }),
+        OnViolation::DeadLetter => Err(FlowOutcome::rejected(
+            flow.name.clone(),
+            Stage::Map,
+            format!("contract violation: {text}"),
+        )),
+        OnViolation::Reject => Err(FlowOutcome::rejected(
+            flow.name.clone(),
+            Stage::Map,
+            format!("{REJECT_PREFIX}: {text}"),
+        )),
     }
 }
 
@@ -98,6 +98,7 @@ pub fn refusal(batch: &IngestBatch) -> Option<String> {
                 flow,
                 stage: Stage::Map,
                 error,
+                ..
             } if error.starts_with(REJECT_PREFIX) => Some(format!("flow `{flow}`: {error}")),
             _ => None,
         })

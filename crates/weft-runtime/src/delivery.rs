@@ -410,6 +410,11 @@ mod tests {
                 last_error: None,
                 order_seq: id,
                 payload: "{}".into(),
+                event_time: 0,
+                source_version: None,
+                group_id: None,
+                traceparent: None,
+                tracestate: None,
             },
             in_flight: false,
         }

@@ -437,11 +437,11 @@ impl State {
 /// record that shows drift.
 pub fn quarantine(flow: &Flow, drift: Option<&str>) -> Option<FlowOutcome> {
     match drift {
-        Some(d) if flow.data.on_drift == OnDrift::Quarantine => Some(FlowOutcome::Rejected {
-            flow: flow.name.clone(),
-            stage: Stage::Map,
-            error: format!("drift: {d}"),
-        }),
+        Some(d) if flow.data.on_drift == OnDrift::Quarantine => Some(FlowOutcome::rejected(
+            flow.name.clone(),
+            Stage::Map,
+            format!("drift: {d}"),
+        )),
         _ => None,
     }
 }

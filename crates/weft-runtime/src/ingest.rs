@@ -58,6 +58,11 @@ pub fn prepare_with(
                     event_id: ev.id,
                     correlation_id: ev.correlationid,
                     received_at: ev.time.timestamp_millis().min(now_ms()),
+                    event_time: ev.time.timestamp_millis(),
+                    source_version: None,
+                    group_id: None,
+                    traceparent: None,
+                    tracestate: None,
                     attributes: attrs.to_string(),
                     payload: ev.data.to_string(),
                     outcomes,
@@ -66,20 +71,27 @@ pub fn prepare_with(
             Record::Bad(b) => NewEvent {
                 outcomes: flows
                     .iter()
-                    .map(|f| FlowOutcome::Rejected {
-                        flow: f.name.clone(),
-                        stage: Stage::Parse,
-                        // sources usually start the error with its location already
-                        error: if b.error.starts_with(&b.location) {
-                            b.error.clone()
-                        } else {
-                            format!("{}: {}", b.location, b.error)
-                        },
+                    .map(|f| {
+                        FlowOutcome::rejected(
+                            f.name.clone(),
+                            Stage::Parse,
+                            // sources usually start the error with its location already
+                            if b.error.starts_with(&b.location) {
+                                b.error.clone()
+                            } else {
+                                format!("{}: {}", b.location, b.error)
+                            },
+                        )
                     })
                     .collect(),
                 event_id: b.id,
                 correlation_id: b.correlation_id,
                 received_at: now_ms(),
+                event_time: now_ms(),
+                source_version: None,
+                group_id: None,
+                traceparent: None,
+                tracestate: None,
                 attributes: serde_json::json!({"location": b.location}).to_string(),
                 payload: b.raw,
             },
@@ -87,6 +99,7 @@ pub fn prepare_with(
         .collect();
     IngestBatch {
         source: system.to_owned(),
+        dedupe: weft_store::Dedupe::Id,
         events,
         checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
     }
@@ -101,10 +114,8 @@ pub fn run_flow(
     data: &Value,
     attrs: &Value,
 ) -> FlowOutcome {
-    let reject = |what: &str, e: &dyn std::fmt::Display| FlowOutcome::Rejected {
-        flow: flow.name.clone(),
-        stage: Stage::Map,
-        error: format!("{what}: {e}"),
+    let reject = |what: &str, e: &dyn std::fmt::Display| {
+        FlowOutcome::rejected(flow.name.clone(), Stage::Map, format!("{what}: {e}"))
     };
     if let Some(filter) = &flow.filter {
         match filter.test(data.clone(), attrs.clone()) {

@@ -16,6 +16,7 @@
 //! ` + delivered + dead_lettered + discarded + pending` (per destination).
 
 mod drift;
+pub mod journal;
 mod reader;
 mod schema;
 mod writer;
@@ -27,7 +28,14 @@ use rusqlite::Connection;
 pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
+pub use journal::{
+    ClaimRequest, Claimed, FollowUp, Journal, JournalRead, LaneId, Outcome, Refusal, Replay,
+    Settle, Settled, Settlement, WriteOutcome,
+};
 pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
+
+/// DLQ list pages hold this many entries unless asked for fewer.
+pub const DLQ_PAGE: usize = 1000;
 pub use schema::latest_version;
 
 /// Store failures. `Busy` is retryable; the rest are not expected in normal
@@ -44,6 +52,32 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A replay that would regress the destination, or that must wait.
+    #[error("{}", refusal_text(.0))]
+    Refused(Refusal),
+}
+
+fn refusal_text(r: &Refusal) -> String {
+    match r {
+        Refusal::Superseded { by_event } => format!(
+            "a later write of the same key (event {by_event}) was already delivered; replaying would put older data over newer (use --force to replay anyway)"
+        ),
+        Refusal::InFlight => {
+            "a later write of the same key is being delivered now; try again shortly".into()
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the caller made a mistake (bad id, wrong stage, a refused
+    /// replay) rather than the store failing; a user error is a 4xx, never
+    /// worth a retry.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NotFound(_) | StoreError::Invalid(_) | StoreError::Refused(_)
+        )
+    }
 }
 
 /// Where a record failed before delivery.
@@ -92,7 +126,38 @@ pub enum FlowOutcome {
         flow: String,
         stage: Stage,
         error: String,
+        /// The flow's entity key, when it was computed before the failure:
+        /// the entry keeps its place in the key's order.
+        entity_key: Option<String>,
+        /// Destinations whose policy is `hold_key`: later rows of the key
+        /// wait there until the entry is replayed or discarded.
+        hold: Vec<String>,
     },
+}
+
+impl FlowOutcome {
+    /// A rejection without a key.
+    pub fn rejected(flow: impl Into<String>, stage: Stage, error: impl Into<String>) -> Self {
+        FlowOutcome::Rejected {
+            flow: flow.into(),
+            stage,
+            error: error.into(),
+            entity_key: None,
+            hold: Vec::new(),
+        }
+    }
+}
+
+/// How a source's events are deduplicated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dedupe {
+    /// By `(source, event id)` within the retention: for sources that cannot
+    /// replay exactly (webhooks, REST polling, overlapping SQL polls).
+    #[default]
+    Id,
+    /// Not at all: the source resumes from an exact position saved with each
+    /// batch (files, CDC, broker offsets), so it never hands an event twice.
+    Position,
 }
 
 /// One accepted event and its outcomes.
@@ -100,8 +165,19 @@ pub enum FlowOutcome {
 pub struct NewEvent {
     pub event_id: String,
     pub correlation_id: String,
-    /// ms since the epoch.
+    /// When weft accepted it, ms since the epoch: dedupe retention, latency
+    /// and the age of pending rows count from here.
     pub received_at: i64,
+    /// The event's own time (CloudEvents `time`), ms; may be long ago.
+    pub event_time: i64,
+    /// The source's version of the record (an LSN, an `updated_at`, a
+    /// sequence), compared by sinks that refuse stale writes.
+    pub source_version: Option<String>,
+    /// The source transaction it belongs to (CDC), if any.
+    pub group_id: Option<String>,
+    /// W3C trace context, carried across the queue.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     /// CloudEvents attributes, JSON text.
     pub attributes: String,
     /// The record as received: JSON text, or the raw text of a bad record.
@@ -113,6 +189,7 @@ pub struct NewEvent {
 #[derive(Debug, Clone, Default)]
 pub struct IngestBatch {
     pub source: String,
+    pub dedupe: Dedupe,
     pub events: Vec<NewEvent>,
     /// `(key, value)` saved under `source`.
     pub checkpoint: Option<(String, String)>,

@@ -39,6 +39,15 @@ pub struct OutboxRow {
     /// Position in its entity key's order (the id, or the original id of a replayed row).
     pub order_seq: i64,
     pub payload: String,
+    /// The event's own time, ms (`created_at` is when weft accepted it).
+    pub event_time: i64,
+    /// The source's version of the record, for sinks that refuse stale writes.
+    pub source_version: Option<String>,
+    /// The source transaction it belongs to (CDC).
+    pub group_id: Option<String>,
+    /// W3C trace context of the event.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// Counts of one flow and destination, with the accounting check.
@@ -92,6 +101,8 @@ pub struct DlqFilter {
     pub status: Option<String>,
     /// Failed at or after (ms).
     pub since: Option<i64>,
+    /// Entries with an id above this (the cursor of the previous page).
+    pub after_id: Option<i64>,
     pub limit: Option<usize>,
 }
 
@@ -141,6 +152,11 @@ impl Reader {
                 last_error: r.get(11)?,
                 payload: r.get(12)?,
                 order_seq: r.get(13)?,
+                event_time: r.get(8)?,
+                source_version: None,
+                group_id: None,
+                traceparent: None,
+                tracestate: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -543,7 +543,9 @@ fn apply_outcome(
             c.received += 1;
             c.filtered += 1;
         }),
-        FlowOutcome::Rejected { flow, stage, error } => {
+        FlowOutcome::Rejected {
+            flow, stage, error, ..
+        } => {
             bump(d, flow, "", |c| {
                 c.received += 1;
                 c.rejected += 1;

@@ -8,6 +8,11 @@ fn event(id: &str, outcomes: Vec<FlowOutcome>) -> NewEvent {
         event_id: id.into(),
         correlation_id: format!("c-{id}"),
         received_at: now_ms(),
+        event_time: now_ms(),
+        source_version: None,
+        group_id: None,
+        traceparent: None,
+        tracestate: None,
         attributes: "{}".into(),
         payload: format!("{{\"id\":\"{id}\"}}"),
         outcomes,
@@ -39,19 +44,13 @@ async fn lifecycle_keeps_every_record_accounted_for() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(&dir.path().join("w.db"), Synchronous::Full).unwrap();
     let batch = IngestBatch {
+        dedupe: Dedupe::Id,
         source: "crm".into(),
         events: vec![
             event("1", vec![routed("1")]),
             event("2", vec![routed("2")]),
             event("3", vec![FlowOutcome::Filtered { flow: "f".into() }]),
-            event(
-                "4",
-                vec![FlowOutcome::Rejected {
-                    flow: "f".into(),
-                    stage: Stage::Map,
-                    error: "bad".into(),
-                }],
-            ),
+            event("4", vec![FlowOutcome::rejected("f", Stage::Map, "bad")]),
         ],
         checkpoint: Some(("pos".into(), "4".into())),
     };
@@ -154,6 +153,7 @@ async fn reopen_keeps_data_and_schema_version() {
     {
         let s = Store::open(&p, Synchronous::Normal).unwrap();
         s.apply(Op::Ingest(IngestBatch {
+            dedupe: Dedupe::Id,
             source: "s".into(),
             events: vec![event("1", vec![routed("1")])],
             checkpoint: None,

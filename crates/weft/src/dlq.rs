@@ -94,6 +94,7 @@ impl FilterArgs {
             error_contains: self.error.clone(),
             status: self.status.clone(),
             since,
+            after_id: None,
             limit: self.limit,
         })
     }

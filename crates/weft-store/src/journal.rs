@@ -1,0 +1,249 @@
+//! The journal: the store contract every engine implements (SQLite, the
+//! default; in-memory, for lane and property tests; PostgreSQL, for several
+//! nodes). Its operations are the spine's transactions, each atomic: what an
+//! operation changed is all committed when its future resolves `Ok`, and
+//! nothing of it is when it resolves `Err`.
+//!
+//! # The queue model
+//!
+//! Every outbox row belongs to a *lane* (one flow writing to one destination)
+//! and, when it has an entity key, to the *key queue* of
+//! `(destination, entity key)`: one queue per destination and key, across
+//! every flow that writes that destination. A row is ordered in its key queue
+//! by `order_seq` (acceptance order; a replayed row keeps the one it had).
+//!
+//! Order per key is an invariant of the journal, not of the lanes:
+//! - [`Journal::claim`] hands out only the **head** of a key queue (the row
+//!   with the lowest `order_seq`), and only when that head is not leased,
+//!   not waiting for a retry (`next_at` in the future) and its key is not
+//!   held by a dead letter. So two rows of one key are never out at once,
+//!   whichever lanes, flows, retries, replays or restarts they came from.
+//!   With `per_key > 1`, a claim may also take the rows right behind the
+//!   head *of the same lane* (consecutive in the key queue), for sinks that
+//!   write one key's rows in one batch, in order.
+//! - Keyless rows are each a queue of their own: they go in parallel.
+//! - A claim is a **lease**: until it is settled or its deadline passes,
+//!   nobody else gets the row. A settlement carrying a token that is no
+//!   longer the row's (the lease expired and the row was claimed again) is
+//!   ignored and counted as stale.
+//!
+//! # Accounting
+//!
+//! For every flow and destination, in every committed state:
+//! `received = filtered + rejected + discarded(flow) + delivered +
+//! dead_lettered + discarded + pending`, with `pending` counted from the
+//! outbox rows, never derived. Every counter changes in the same transaction
+//! as what it counts; duplicates are never counted.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::{
+    Applied, CrosswalkRow, DlqEntry, DlqFilter, DriftBatch, FlowCounts, FlowOutcome, IngestBatch,
+    OutboxRow, StoreError,
+};
+
+/// One flow writing to one destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct LaneId {
+    pub flow: String,
+    pub destination: String,
+}
+
+impl LaneId {
+    pub fn new(flow: impl Into<String>, destination: impl Into<String>) -> Self {
+        LaneId {
+            flow: flow.into(),
+            destination: destination.into(),
+        }
+    }
+}
+
+/// What a lane asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub lane: LaneId,
+    /// At most this many rows.
+    pub max: usize,
+    /// Rows of one key queue in one claim (1: heads only). More than one
+    /// only for sinks that write a key's rows in one batch, in order.
+    pub per_key: usize,
+    /// How long the rows are leased. The lane must settle (or give up on)
+    /// them before this passes; after it, the journal may hand them out again.
+    pub lease: Duration,
+}
+
+/// A leased row.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub row: OutboxRow,
+    /// The lease's token: settle with it.
+    pub token: i64,
+}
+
+/// What a destination did with one write; kept with the delivered state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WriteOutcome {
+    /// The id the destination gave the record (an HTTP sink's `capture_id`).
+    pub external_id: Option<String>,
+    /// The version the destination now holds (an ETag, a row version).
+    pub version: Option<String>,
+    /// A fingerprint of the fields written (echo suppression).
+    pub fingerprint: Option<String>,
+}
+
+impl WriteOutcome {
+    pub fn is_empty(&self) -> bool {
+        self.external_id.is_none() && self.version.is_none() && self.fingerprint.is_none()
+    }
+}
+
+/// What became of one claimed row.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Written: the row leaves the outbox (`delivered` + 1) and the outcome,
+    /// when not empty, goes to the crosswalk in the same transaction.
+    Delivered(WriteOutcome),
+    /// Failed, to be tried again at `next_at` (ms): `attempts` + 1.
+    Retry { next_at: i64, error: String },
+    /// Out of attempts or permanent: moved to the DLQ (`dead_lettered` + 1,
+    /// `attempts` + 1). With `hold_key`, the rest of the key queue waits
+    /// until the entry is replayed or discarded.
+    Dead { error: String, hold_key: bool },
+    /// Not sent (the hub is stopping, the destination paused): the lease
+    /// ends, no attempt is spent.
+    Release,
+}
+
+/// One row's settlement.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub id: i64,
+    pub token: i64,
+    pub outcome: Outcome,
+}
+
+/// New work a settlement causes (a saga's next step, an identity link's
+/// dependent write), enqueued in the same transaction as the settlement.
+/// Counted as received and routed on its flow.
+#[derive(Debug, Clone)]
+pub struct FollowUp {
+    pub flow: String,
+    pub source: String,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub delivery: crate::NewDelivery,
+}
+
+/// A lane's results, applied in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Settle {
+    pub items: Vec<Settlement>,
+    pub follow_ups: Vec<FollowUp>,
+}
+
+/// What a settle did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead: usize,
+    pub released: usize,
+    /// Settlements ignored: the row is gone or leased again under another
+    /// token (its lease had expired).
+    pub stale: usize,
+    pub follow_ups: usize,
+}
+
+/// Put a DLQ entry back.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub dlq_id: i64,
+    /// Deliver stage: a replacement payload (JSON text); else the stored one.
+    pub payload: Option<String>,
+    /// Parse/map stage: the flow's new outcome for the entry (the caller
+    /// re-ran the flow). Required for those stages, refused for deliver.
+    pub outcome: Option<FlowOutcome>,
+    /// Replay even though a later write of the same key was delivered (the
+    /// destination then ends on this older data) or is in flight. A forced
+    /// row goes to the end of its key queue.
+    pub force: bool,
+    pub note: String,
+}
+
+/// Why a replay is refused: the typed reasons callers act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A later row of the same key was delivered: replaying would put older
+    /// data over newer. `--force` overrides.
+    Superseded { by_event: String },
+    /// A later row of the same key is being written now; try again shortly.
+    InFlight,
+}
+
+/// Where sources resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointKey {
+    pub source: String,
+    pub key: String,
+}
+
+/// The store contract. See the module docs for the invariants; every
+/// implementation runs `tests/conformance.rs`.
+pub trait Journal: Send + Sync + 'static {
+    /// Store a source's batch whole or not at all: dedupe (by event id for
+    /// [`crate::Dedupe::Id`] sources, none for sources that resume from an
+    /// exact position), the outbox rows, the DLQ rows (parse/map failures),
+    /// the checkpoint and the counters. A duplicate event is acknowledged and
+    /// neither stored nor counted.
+    fn ingest(&self, batch: IngestBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
+
+    /// Lease up to `max` rows of a lane that may be written now (module docs).
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>>;
+
+    /// Apply a batch of results and their follow-ups in one transaction.
+    fn settle(&self, settle: Settle) -> BoxFuture<'_, Result<Settled, StoreError>>;
+
+    /// Put a dead entry back in the outbox in its key's place; refused (as
+    /// [`StoreError::Refused`]) when that would regress the destination.
+    fn replay(&self, replay: Replay) -> BoxFuture<'_, Result<Applied, StoreError>>;
+
+    /// Mark a dead entry discarded (counted), releasing its key if held.
+    fn discard(&self, dlq_id: i64, note: String) -> BoxFuture<'_, Result<Applied, StoreError>>;
+
+    /// Forget dedupe ids accepted before `before` (ms). Returns how many.
+    fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>>;
+
+    /// Drift observations (not part of the accounting).
+    fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
+
+    /// Consistent reads.
+    fn read(&self) -> &dyn JournalRead;
+}
+
+/// Reads. Each call sees one committed state (a snapshot).
+pub trait JournalRead: Send + Sync {
+    /// Counts of every lane in `lanes` and every lane with counts, from one
+    /// snapshot, with `pending` counted from the outbox.
+    fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError>;
+    /// Pending rows of the whole outbox.
+    fn outbox_len(&self) -> Result<i64, StoreError>;
+    /// A source's saved position.
+    fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError>;
+    /// A page of DLQ entries in id order after `filter.after_id`, at most
+    /// `filter.limit` (default [`crate::DLQ_PAGE`]).
+    fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError>;
+    fn dlq_get(&self, id: i64) -> Result<Option<DlqEntry>, StoreError>;
+    /// Dead entries per (flow, destination).
+    fn dlq_depths(&self) -> Result<Vec<(String, String, i64)>, StoreError>;
+    /// Crosswalk entries, newest first.
+    fn crosswalk(
+        &self,
+        system: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CrosswalkRow>, StoreError>;
+    /// Pending rows of a lane, in key order (for inspection and tests).
+    fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+}
