@@ -89,11 +89,11 @@
 //!
 //! A jq program over the write's response body (falling back to the record
 //! the lookup found, e.g. on a `204`) giving the id the destination
-//! assigned, a string or a number. Each one is logged at debug level with
-//! the correlation id and kept as a [`CapturedId`] until
-//! [`HttpSink::take_captured_ids`] takes it (at most [`MAX_CAPTURED`], the
-//! oldest dropped first), for the runtime to store in the crosswalk. Not
-//! finding an id does not fail the write.
+//! assigned, a string or a number. It is logged at debug level with the
+//! correlation id and returned with the delivery's result
+//! ([`Written::external_id`]); the runtime commits it to the crosswalk in
+//! the same transaction as the delivered state. Not finding an id does not
+//! fail the write.
 //!
 //! # Batches
 //!
@@ -103,8 +103,7 @@
 //! (retryable), so a retry can never overtake them. Results come back one
 //! per delivery, in batch order.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -118,7 +117,7 @@ use weft_core::config::raw::{HttpFailureKind, HttpSinkConfig, HttpSinkMode};
 use weft_core::event::{CAUSATION_HEADER, CORRELATION_HEADER, IDEMPOTENCY_HEADER};
 use weft_core::mapping::Program;
 
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, WriteResult, Written};
 
 /// Most requests of one batch in flight at once.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -126,9 +125,6 @@ pub const MAX_IN_FLIGHT: usize = 16;
 const BODY_SNIPPET_CHARS: usize = 200;
 /// Largest response body read for `success_when`, `capture_id` or a lookup.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
-/// Most captured ids kept until [`HttpSink::take_captured_ids`] takes them;
-/// the oldest are dropped beyond.
-pub const MAX_CAPTURED: usize = 10_000;
 
 /// Bytes encoded in a placeholder's value: all but RFC 3986's unreserved.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -151,7 +147,6 @@ pub struct HttpSink {
     permanent_on: Vec<u16>,
     upsert: Option<Upsert>,
     capture_id: Option<Program>,
-    captured: Mutex<VecDeque<CapturedId>>,
 }
 
 /// `mode: upsert_lookup`.
@@ -159,21 +154,6 @@ struct Upsert {
     lookup: Vec<Part>,
     update: Vec<Part>,
     method_create: Method,
-}
-
-/// The id a destination gave the record a delivery wrote (`capture_id`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CapturedId {
-    /// [`Delivery::id`].
-    pub delivery_id: i64,
-    pub event_id: String,
-    pub correlation_id: String,
-    pub idempotency_key: String,
-    /// The destination's id, as text.
-    pub external_id: String,
-    /// `upsert_lookup`: `Some(true)` when the write created the record,
-    /// `Some(false)` when it updated one; `None` in `request` mode.
-    pub created: Option<bool>,
 }
 
 impl std::fmt::Debug for HttpSink {
@@ -277,17 +257,7 @@ impl HttpSink {
             permanent_on: cfg.permanent_on.clone(),
             upsert,
             capture_id,
-            captured: Mutex::new(VecDeque::new()),
         })
-    }
-
-    /// Take the ids captured by `capture_id` since the last call, oldest
-    /// first (at most [`MAX_CAPTURED`] are kept).
-    pub fn take_captured_ids(&self) -> Vec<CapturedId> {
-        match self.captured.lock() {
-            Ok(mut q) => q.drain(..).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
-        }
     }
 
     /// The request URL for `payload`: the template with its placeholders
@@ -318,10 +288,10 @@ impl HttpSink {
     }
 
     /// Send one delivery.
-    pub async fn send(&self, d: &Delivery) -> Result<(), SinkError> {
+    pub async fn send(&self, d: &Delivery) -> WriteResult {
         let result = self.try_send(d).await;
         match &result {
-            Ok(()) => tracing::debug!(delivery = d.id, attempt = d.attempt, "http sink: delivered"),
+            Ok(_) => tracing::debug!(delivery = d.id, attempt = d.attempt, "http sink: delivered"),
             Err(e) => tracing::debug!(
                 delivery = d.id,
                 attempt = d.attempt,
@@ -333,12 +303,11 @@ impl HttpSink {
         result
     }
 
-    async fn try_send(&self, d: &Delivery) -> Result<(), SinkError> {
+    async fn try_send(&self, d: &Delivery) -> WriteResult {
         let Some(u) = &self.upsert else {
             let url = self.render_url(&d.payload)?;
             let body = self.write_request(self.method.clone(), url, d).await?;
-            self.capture(d, body.as_ref(), None, None);
-            return Ok(());
+            return Ok(self.capture(d, body.as_ref(), None, None));
         };
         // upsert_lookup: find, then create or update
         let lookup_url = render(&u.lookup, &d.payload, "lookup_url")?;
@@ -354,8 +323,7 @@ impl HttpSink {
             drop(response);
             let url = self.render_url(&d.payload)?;
             let body = self.write_request(u.method_create.clone(), url, d).await?;
-            self.capture(d, body.as_ref(), None, Some(true));
-            return Ok(());
+            return Ok(self.capture(d, body.as_ref(), None, Some(true)));
         }
         if !status.is_success() {
             return Err(self.status_error(response, "lookup: ").await);
@@ -376,8 +344,7 @@ impl HttpSink {
         ctx.insert("_found".into(), found.clone());
         let url = render(&u.update, &Value::Object(ctx), "update_url")?;
         let body = self.write_request(self.method.clone(), url, d).await?;
-        self.capture(d, body.as_ref(), Some(&found), Some(false));
-        Ok(())
+        Ok(self.capture(d, body.as_ref(), Some(&found), Some(false)))
     }
 
     /// Send the payload with `method` to `url` and judge the answer: status
@@ -501,15 +468,17 @@ impl HttpSink {
     }
 
     /// Run `capture_id` over the write's response (else over the record the
-    /// lookup found) and keep a string or number it yields.
+    /// lookup found): the string or number it yields is the destination's id.
     fn capture(
         &self,
         d: &Delivery,
         response: Option<&Value>,
         found: Option<&Value>,
         created: Option<bool>,
-    ) {
-        let Some(p) = &self.capture_id else { return };
+    ) -> Written {
+        let Some(p) = &self.capture_id else {
+            return Written::default();
+        };
         let run = |v: &Value| match p.run(v.clone(), event_attrs(d), &[]) {
             Ok(out) => out.into_iter().find_map(|v| match v {
                 Value::String(s) if !s.is_empty() => Some(s),
@@ -526,7 +495,7 @@ impl HttpSink {
                 capture_id = p.code(),
                 "http sink: capture_id gave no id"
             );
-            return;
+            return Written::default();
         };
         tracing::debug!(
             delivery = d.id,
@@ -535,22 +504,10 @@ impl HttpSink {
             created = ?created,
             "http sink: captured the destination's id"
         );
-        let c = CapturedId {
-            delivery_id: d.id,
-            event_id: d.event_id.clone(),
-            correlation_id: d.correlation_id.clone(),
-            idempotency_key: d.idempotency_key.clone(),
-            external_id,
-            created,
-        };
-        let mut q = match self.captured.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if q.len() >= MAX_CAPTURED {
-            q.pop_front();
+        Written {
+            external_id: Some(external_id),
+            ..Written::default()
         }
-        q.push_back(c);
     }
 
     /// A failure below HTTP status level: retryable, except a request that
@@ -578,7 +535,7 @@ impl HttpSink {
 }
 
 impl Sink for HttpSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
             // chains of deliveries that must go in order (same entity key)
             let mut chains: Vec<Vec<usize>> = Vec::new();
@@ -611,12 +568,11 @@ impl Sink for HttpSink {
                 }
                 out
             });
-            let done: Vec<Vec<(usize, Result<(), SinkError>)>> = futures::stream::iter(runs)
+            let done: Vec<Vec<(usize, WriteResult)>> = futures::stream::iter(runs)
                 .buffer_unordered(MAX_IN_FLIGHT)
                 .collect()
                 .await;
-            let mut results: Vec<Option<Result<(), SinkError>>> =
-                (0..batch.len()).map(|_| None).collect();
+            let mut results: Vec<Option<WriteResult>> = (0..batch.len()).map(|_| None).collect();
             for (i, r) in done.into_iter().flatten() {
                 results[i] = Some(r);
             }
@@ -627,8 +583,10 @@ impl Sink for HttpSink {
         })
     }
 
-    fn take_captured(&self) -> Vec<CapturedId> {
-        self.take_captured_ids()
+    fn max_write_time(&self, batch_len: usize) -> Duration {
+        // one request per delivery (two with a lookup), MAX_IN_FLIGHT at a time
+        let rounds = (batch_len.div_ceil(MAX_IN_FLIGHT) as u32).max(1) * 2;
+        (self.timeout + self.connect_timeout) * rounds + Duration::from_secs(30)
     }
 }
 

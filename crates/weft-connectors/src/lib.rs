@@ -25,12 +25,8 @@ pub mod sql_poll;
 pub mod sqlite;
 pub mod webhook;
 
-pub use sink::{Delivery, Sink, SinkError, build_sink};
+pub use sink::{Delivery, Sink, SinkError, WriteResult, Written, build_sink};
 
-/// The JSON Lines sink (kept at its old path).
-pub mod jsonl {
-    pub use crate::export::JsonlSink;
-}
 pub use source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Receipt, Record, Source, SourceError,
     SourceHandle, build_source,

@@ -33,7 +33,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Value as My};
 use serde_json::Value;
 
-use crate::sink::{Delivery, KeyedRows, Sink, SinkError, describe, kind_of};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError, WriteResult, describe, kind_of};
 use crate::sqlite::is_ident;
 
 /// MySQL's limit of placeholders in one statement.
@@ -540,20 +540,30 @@ fn convert(col: &Column, v: &Value) -> Result<My, SinkError> {
 }
 
 impl Sink for MysqlSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
-            let keyed = KeyedRows::new(
-                batch,
-                |payload| self.row(payload),
-                |row| self.key.iter().map(|&p| format!("{:?}", row[p])).collect(),
-            );
-            if keyed.rows.is_empty() {
-                return keyed.results(&[]);
+            let out: Vec<Result<(), SinkError>> = async {
+                let keyed = KeyedRows::new(
+                    batch,
+                    |payload| self.row(payload),
+                    |row| self.key.iter().map(|&p| format!("{:?}", row[p])).collect(),
+                );
+                if keyed.rows.is_empty() {
+                    return keyed.results(&[]);
+                }
+                let refs: Vec<&Row> = keyed.rows.iter().collect();
+                let written = self.write_rows(&refs).await;
+                keyed.results(&written)
             }
-            let refs: Vec<&Row> = keyed.rows.iter().collect();
-            let written = self.write_rows(&refs).await;
-            keyed.results(&written)
+            .await;
+            crate::sink::nothing_learned(out)
         })
+    }
+
+    /// Rows of one key in a batch are folded (the last wins) or written
+    /// in order in one transaction: one result for all.
+    fn folds_keys(&self) -> bool {
+        true
     }
 }
 

@@ -36,7 +36,7 @@ use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::sink::{Delivery, KeyedRows, Sink, SinkError, describe, kind_of};
+use crate::sink::{Delivery, KeyedRows, Sink, SinkError, WriteResult, describe, kind_of};
 use crate::sqlite::is_ident;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -645,20 +645,30 @@ fn convert<'a>(col: &Column, v: &'a Value) -> Result<Cell<'a>, SinkError> {
 }
 
 impl Sink for PostgresSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
-            let keyed = KeyedRows::new(
-                batch,
-                |payload| self.row(payload),
-                |row| self.key.iter().map(|&p| row[p].key_text()).collect(),
-            );
-            if keyed.rows.is_empty() {
-                return keyed.results(&[]);
+            let out: Vec<Result<(), SinkError>> = async {
+                let keyed = KeyedRows::new(
+                    batch,
+                    |payload| self.row(payload),
+                    |row| self.key.iter().map(|&p| row[p].key_text()).collect(),
+                );
+                if keyed.rows.is_empty() {
+                    return keyed.results(&[]);
+                }
+                let refs: Vec<&Row> = keyed.rows.iter().collect();
+                let written = self.write_rows(&refs).await;
+                keyed.results(&written)
             }
-            let refs: Vec<&Row> = keyed.rows.iter().collect();
-            let written = self.write_rows(&refs).await;
-            keyed.results(&written)
+            .await;
+            crate::sink::nothing_learned(out)
         })
+    }
+
+    /// Rows of one key in a batch are folded (the last wins) or written
+    /// in order in one transaction: one result for all.
+    fn folds_keys(&self) -> bool {
+        true
     }
 }
 

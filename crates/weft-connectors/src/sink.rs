@@ -73,6 +73,29 @@ impl SinkError {
     }
 }
 
+/// What the destination did with one delivery, kept with its delivered
+/// state in the same transaction (the crosswalk: identity, echo
+/// suppression, sagas build on it). Empty when the sink learns nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// The id the destination gave the record (HTTP `capture_id`).
+    pub external_id: Option<String>,
+    /// The version the destination now holds (an ETag, a row version).
+    pub version: Option<String>,
+    /// A fingerprint of the fields written.
+    pub fingerprint: Option<String>,
+}
+
+/// One delivery's result.
+pub type WriteResult = Result<Written, SinkError>;
+
+/// Results of a sink that learns nothing from a write.
+pub fn nothing_learned(v: Vec<Result<(), SinkError>>) -> Vec<WriteResult> {
+    v.into_iter()
+        .map(|r| r.map(|()| Written::default()))
+        .collect()
+}
+
 /// A destination weft writes to.
 ///
 /// Contract:
@@ -81,27 +104,44 @@ impl SinkError {
 ///   repeat harmless (upsert on a key, an idempotency header, ...).
 /// - **Results.** `write` returns exactly one result per delivery, in the
 ///   batch's order. `Ok` means the destination has the data durably (a
-///   committed transaction, a 2xx, a synced file).
-/// - **Concurrency.** `write` may be called concurrently up to the
-///   destination's configured concurrency; the runtime never puts two
-///   deliveries with the same entity key in flight at once.
+///   committed transaction, a 2xx, a synced file); its [`Written`] (the id
+///   the destination gave, a version) is committed with the delivered state,
+///   so it is never lost once the row counts as delivered. Too few results
+///   count as retryable failures for the rest; a panic or a write that runs
+///   past [`Sink::max_write_time`] as a retryable failure of the whole batch.
+/// - **Order and concurrency.** `write` may be called concurrently up to the
+///   destination's configured concurrency. The journal never hands out two
+///   rows of one (destination, entity key) at once, so two deliveries of one
+///   key are never in flight in different calls. Within one batch, several
+///   deliveries of one key appear only when [`Sink::folds_keys`] is true: in
+///   order, and the sink writes them so that the last one wins, with one
+///   shared result.
 ///
 /// [`Sink::flush`] is called once on shutdown, after the last `write`
 /// returned: a sink that stages its output (a `.part` file) makes it final
 /// there. Nothing acknowledged may depend on it: data is durable when
 /// `write` returns.
 pub trait Sink: Send + Sync {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>>;
 
     /// Make staged output final (close a rotating file). Default: nothing.
     fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async { Ok(()) })
     }
 
-    /// Ids the destination assigned to records written since the last call
-    /// (the HTTP sink's `capture_id`), for the crosswalk. Default: none.
-    fn take_captured(&self) -> Vec<crate::http::CapturedId> {
-        Vec::new()
+    /// Whether a batch may hold several deliveries of one key, written so
+    /// that the last wins with one result for all (an upsert folding rows
+    /// by key). Default: no, one delivery per key per batch.
+    fn folds_keys(&self) -> bool {
+        false
+    }
+
+    /// The longest one `write` of `batch_len` deliveries may take; past it
+    /// the runtime gives up on it (retryable), so a hanging destination
+    /// cannot hold its keys or the breaker's half-open probe.
+    fn max_write_time(&self, batch_len: usize) -> Duration {
+        let _ = batch_len;
+        Duration::from_secs(120)
     }
 }
 

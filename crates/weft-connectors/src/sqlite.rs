@@ -25,7 +25,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, ErrorCode};
 use serde_json::Value;
 
-use crate::sink::{Delivery, Sink, SinkError, describe, kind_of};
+use crate::sink::{Delivery, Sink, SinkError, WriteResult, describe, kind_of};
 
 /// A declared column type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,58 +401,71 @@ fn write_rows(
 }
 
 impl Sink for SqliteSink {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
-            let mut results: Vec<Option<Result<(), SinkError>>> = Vec::with_capacity(batch.len());
-            let mut work = Vec::new();
-            let mut positions = Vec::new();
-            for (i, d) in batch.iter().enumerate() {
-                match self.row(&d.payload) {
-                    Ok(row) => {
-                        let sql = self.upsert_sql(&row.columns);
-                        work.push((sql, row));
-                        positions.push(i);
-                        results.push(None);
+            let out: Vec<Result<(), SinkError>> = async {
+                let mut results: Vec<Option<Result<(), SinkError>>> =
+                    Vec::with_capacity(batch.len());
+                let mut work = Vec::new();
+                let mut positions = Vec::new();
+                for (i, d) in batch.iter().enumerate() {
+                    match self.row(&d.payload) {
+                        Ok(row) => {
+                            let sql = self.upsert_sql(&row.columns);
+                            work.push((sql, row));
+                            positions.push(i);
+                            results.push(None);
+                        }
+                        Err(e) => results.push(Some(Err(e))),
                     }
-                    Err(e) => results.push(Some(Err(e))),
                 }
-            }
-            if !work.is_empty() {
-                let conn = self.conn.clone();
-                let n = work.len();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-                    write_rows(&mut guard, &work)
-                })
-                .await;
-                let written: Vec<Result<(), SinkError>> = match outcome {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        let kind = e.kind;
-                        let msg = e.message;
-                        (0..n)
-                            .map(|_| {
-                                Err(SinkError {
-                                    kind,
-                                    message: msg.clone(),
-                                    retry_after: None,
-                                    source: None,
+                if !work.is_empty() {
+                    let conn = self.conn.clone();
+                    let n = work.len();
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+                        write_rows(&mut guard, &work)
+                    })
+                    .await;
+                    let written: Vec<Result<(), SinkError>> = match outcome {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
+                            let kind = e.kind;
+                            let msg = e.message;
+                            (0..n)
+                                .map(|_| {
+                                    Err(SinkError {
+                                        kind,
+                                        message: msg.clone(),
+                                        retry_after: None,
+                                        source: None,
+                                    })
                                 })
-                            })
-                            .collect()
+                                .collect()
+                        }
+                        Err(e) => crate::sink::all_failed(n, || {
+                            SinkError::retryable(format!("sqlite writer task failed: {e}"))
+                        }),
+                    };
+                    for (pos, r) in positions.into_iter().zip(written) {
+                        results[pos] = Some(r);
                     }
-                    Err(e) => crate::sink::all_failed(n, || {
-                        SinkError::retryable(format!("sqlite writer task failed: {e}"))
-                    }),
-                };
-                for (pos, r) in positions.into_iter().zip(written) {
-                    results[pos] = Some(r);
                 }
+                results
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written")))
+                    })
+                    .collect()
             }
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(SinkError::retryable("delivery was not written"))))
-                .collect()
+            .await;
+            crate::sink::nothing_learned(out)
         })
+    }
+
+    /// Rows of one key in a batch are folded (the last wins) or written
+    /// in order in one transaction: one result for all.
+    fn folds_keys(&self) -> bool {
+        true
     }
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use weft_connectors::http::{CapturedId, HttpSink};
+use weft_connectors::http::HttpSink;
 use weft_connectors::{Delivery, Sink, SinkError};
 use weft_core::ErrorKind;
 use weft_core::config::{SinkSpec, load_str};
@@ -95,7 +95,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
     }
 }
 
-async fn write_one(s: &HttpSink, d: Delivery) -> Result<(), SinkError> {
+async fn write_one(s: &HttpSink, d: Delivery) -> weft_connectors::WriteResult {
     let mut r = s.write(std::slice::from_ref(&d)).await;
     assert_eq!(r.len(), 1);
     r.pop().unwrap()
@@ -220,7 +220,7 @@ async fn upsert_lookup_404_gets_then_posts_with_the_idempotency_key() {
     .await;
     let s = sink(&upsert_yaml(addr));
     let payload = json!({"email": "ann@example.com", "name": "Ann"});
-    write_one(&s, delivery(5, payload.clone())).await.unwrap();
+    let written = write_one(&s, delivery(5, payload.clone())).await.unwrap();
 
     let seen = srv.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
@@ -235,18 +235,8 @@ async fn upsert_lookup_404_gets_then_posts_with_the_idempotency_key() {
     assert_eq!(seen[1].headers["authorization"], "Bearer t");
     assert_eq!(seen[1].body, payload);
 
-    assert_eq!(
-        s.take_captured_ids(),
-        vec![CapturedId {
-            delivery_id: 5,
-            event_id: "evt-5".into(),
-            correlation_id: "corr-5".into(),
-            idempotency_key: "idem-5".into(),
-            external_id: "c-901".into(),
-            created: Some(true),
-        }]
-    );
-    assert!(s.take_captured_ids().is_empty());
+    // the id comes back with the delivery's result (P0-3: no side channel)
+    assert_eq!(written.external_id.as_deref(), Some("c-901"));
 }
 
 #[tokio::test]
@@ -260,7 +250,7 @@ async fn upsert_lookup_200_gets_then_puts_to_the_found_record() {
     .await;
     let s = sink(&upsert_yaml(addr));
     let payload = json!({"email": "ann@example.com", "name": "Ann B."});
-    write_one(&s, delivery(6, payload.clone())).await.unwrap();
+    let written = write_one(&s, delivery(6, payload.clone())).await.unwrap();
 
     let seen = srv.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
@@ -269,10 +259,7 @@ async fn upsert_lookup_200_gets_then_puts_to_the_found_record() {
     assert_eq!(seen[1].target, "/contacts/77");
     assert_eq!(seen[1].headers["idempotency-key"], "idem-6");
     assert_eq!(seen[1].body, payload);
-    let captured = s.take_captured_ids();
-    assert_eq!(captured.len(), 1);
-    assert_eq!(captured[0].external_id, "77");
-    assert_eq!(captured[0].created, Some(false));
+    assert_eq!(written.external_id.as_deref(), Some("77"));
 }
 
 #[tokio::test]
@@ -316,11 +303,9 @@ async fn request_mode_captures_the_id_and_default_method_stays_post() {
     let s = sink(&format!(
         "        url: http://{addr}/invoices\n        capture_id: .data.id\n"
     ));
-    write_one(&s, delivery(9, json!({"n": 1}))).await.unwrap();
+    let written = write_one(&s, delivery(9, json!({"n": 1}))).await.unwrap();
     assert_eq!(srv.seen.lock().unwrap()[0].method, "POST");
-    let c = s.take_captured_ids();
-    assert_eq!(c[0].external_id, "inv-3");
-    assert_eq!(c[0].created, None);
+    assert_eq!(written.external_id.as_deref(), Some("inv-3"));
 }
 
 #[test]

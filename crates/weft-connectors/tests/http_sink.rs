@@ -102,7 +102,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
     }
 }
 
-async fn write_one(s: &HttpSink, d: Delivery) -> Result<(), weft_connectors::SinkError> {
+async fn write_one(s: &HttpSink, d: Delivery) -> weft_connectors::WriteResult {
     let mut r = s.write(std::slice::from_ref(&d)).await;
     assert_eq!(r.len(), 1);
     r.pop().unwrap()

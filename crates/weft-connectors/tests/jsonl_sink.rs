@@ -1,7 +1,7 @@
 //! The JSON Lines sink against real files.
 
 use serde_json::{Value, json};
-use weft_connectors::jsonl::JsonlSink;
+use weft_connectors::export::JsonlSink;
 use weft_connectors::{Delivery, Sink};
 use weft_core::config::ExportTarget;
 use weft_core::config::raw::JsonlSinkConfig;

@@ -4,11 +4,11 @@
 //!
 //! Routes (described in `openapi.json`, served at `/api/v1/openapi.json`):
 //! - `GET  /api/v1/status`                 record accounting per flow and destination
-//! - `GET  /api/v1/dlq`                    dead letters; query: flow, destination, error, since (e.g. `1h`), status, limit
+//! - `GET  /api/v1/dlq`                    a page of dead letters; query: flow, destination, error, since (e.g. `1h`), status, after_id, limit (default 1000)
 //! - `GET  /api/v1/dlq/{id}`               one entry
-//! - `POST /api/v1/dlq/{id}/replay`        body (optional): `{"payload": {...}}` replaces the payload
+//! - `POST /api/v1/dlq/{id}/replay`        body (optional): `{"payload": {...}, "force": false}`
 //! - `POST /api/v1/dlq/{id}/discard`
-//! - `POST /api/v1/dlq/replay`             body: a filter (`flow`, `destination`, `error`, `since`); replays every match
+//! - `POST /api/v1/dlq/replay`             body: a filter (`flow`, `destination`, `error`, `since`, `limit`); replays every match; an empty filter only with `"all": true`
 //! - `POST /api/v1/dlq/discard`            same, discards
 
 // Handlers answer with a `Response` either way; boxing it on the error path
@@ -25,23 +25,23 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::config::{Config, Secret};
-use weft_store::{DlqFilter, Store};
+use weft_store::{DlqFilter, Journal};
 
 use crate::dlq::DlqError;
 
 #[derive(Clone)]
 struct Admin {
     config: Arc<Config>,
-    store: Store,
+    journal: Arc<dyn Journal>,
     token: Option<Secret>,
 }
 
 /// The `/api/v1` routes.
-pub fn router(config: Arc<Config>, store: Store) -> Router {
+pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>) -> Router {
     let token = config.server.admin_token.clone();
     let state = Admin {
         config,
-        store,
+        journal,
         token,
     };
     Router::new()
@@ -114,19 +114,10 @@ async fn status(State(a): State<Admin>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&a, &headers) {
         return r;
     }
-    let lanes: Vec<(String, String)> = a
-        .config
-        .flows
-        .iter()
-        .flat_map(|f| {
-            f.destinations
-                .iter()
-                .map(|d| (f.name.clone(), d.system.clone()))
-        })
-        .collect();
-    let store = a.store.clone();
+    let lanes = crate::lane_list(&a.config);
+    let journal = a.journal.clone();
     match blocking(move || {
-        let r = store.reader().map_err(store_err)?;
+        let r = journal.read();
         let counts = r.counts(&lanes).map_err(store_err)?;
         let dlq: i64 = r.dlq_depths().map_err(store_err)?.iter().map(|d| d.2).sum();
         Ok((counts, dlq))
@@ -151,10 +142,23 @@ struct FilterParams {
     /// A duration such as `1h`: entries that failed within it.
     since: Option<String>,
     status: Option<String>,
+    /// Entries with an id above this (the previous page's last id).
+    after_id: Option<i64>,
     limit: Option<usize>,
+    /// Bulk actions: act on every entry although the filter is empty.
+    all: Option<bool>,
+    /// Bulk replay: replay even over newer writes of the same key.
+    force: Option<bool>,
 }
 
 impl FilterParams {
+    fn is_empty(&self) -> bool {
+        self.flow.is_none()
+            && self.destination.is_none()
+            && self.error.is_none()
+            && self.since.is_none()
+    }
+
     fn into_filter(self) -> Result<DlqFilter, Response> {
         let since = match &self.since {
             None => None,
@@ -170,7 +174,7 @@ impl FilterParams {
             error_contains: self.error,
             status: self.status,
             since,
-            after_id: None,
+            after_id: self.after_id,
             limit: self.limit,
         })
     }
@@ -188,15 +192,8 @@ async fn list(
         Ok(f) => f,
         Err(r) => return r,
     };
-    let store = a.store.clone();
-    match blocking(move || {
-        store
-            .reader()
-            .and_then(|r| r.dlq_list(&filter))
-            .map_err(store_err)
-    })
-    .await
-    {
+    let journal = a.journal.clone();
+    match blocking(move || journal.read().dlq_list(&filter).map_err(store_err)).await {
         Ok(entries) => Json(entries).into_response(),
         Err(r) => r,
     }
@@ -206,15 +203,8 @@ async fn show(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<i64>) -
     if let Err(r) = authorize(&a, &headers) {
         return r;
     }
-    let store = a.store.clone();
-    match blocking(move || {
-        store
-            .reader()
-            .and_then(|r| r.dlq_get(id))
-            .map_err(store_err)
-    })
-    .await
-    {
+    let journal = a.journal.clone();
+    match blocking(move || journal.read().dlq_get(id).map_err(store_err)).await {
         Ok(Some(e)) => Json(e).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")),
         Err(r) => r,
@@ -226,14 +216,15 @@ async fn show(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<i64>) -
 struct ReplayBody {
     /// Replaces the stored payload.
     payload: Option<Value>,
+    /// Replay even though a later write of the same key was delivered.
+    force: Option<bool>,
 }
 
 fn dlq_error(e: DlqError) -> Response {
     match e {
-        DlqError::Invalid(m) => error(StatusCode::CONFLICT, m),
         DlqError::Store(weft_store::StoreError::NotFound(m)) => error(StatusCode::NOT_FOUND, m),
-        DlqError::Store(weft_store::StoreError::Invalid(m)) => error(StatusCode::CONFLICT, m),
-        DlqError::Store(e) => store_err(e),
+        e if e.is_user_error() => error(StatusCode::CONFLICT, e.to_string()),
+        e => store_err(e),
     }
 }
 
@@ -246,22 +237,21 @@ async fn replay_one(
     if let Err(r) = authorize(&a, &headers) {
         return r;
     }
-    let payload = body.and_then(|Json(b)| b.payload).map(|p| p.to_string());
-    let (config, store) = (a.config.clone(), a.store.clone());
-    let r = blocking(move || {
-        let entry = store
-            .reader()
-            .and_then(|r| r.dlq_get(id))
-            .map_err(store_err)?
-            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")))?;
-        crate::dlq::replay_blocking(&config, &store, &entry, payload.as_deref())
-            .map_err(dlq_error)?;
-        Ok(entry.correlation_id)
-    })
-    .await;
-    match r {
-        Ok(corr) => Json(json!({"replayed": [id], "correlation_id": corr})).into_response(),
-        Err(r) => r,
+    let (payload, force) = match body {
+        Some(Json(b)) => (b.payload.map(|p| p.to_string()), b.force.unwrap_or(false)),
+        None => (None, false),
+    };
+    let journal = a.journal.clone();
+    let entry = match blocking(move || journal.read().dlq_get(id).map_err(store_err)).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")),
+        Err(r) => return r,
+    };
+    match crate::dlq::replay(&a.config, &*a.journal, &entry, payload.as_deref(), force).await {
+        Ok(()) => {
+            Json(json!({"replayed": [id], "correlation_id": entry.correlation_id})).into_response()
+        }
+        Err(e) => dlq_error(e),
     }
 }
 
@@ -269,14 +259,9 @@ async fn discard_one(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<
     if let Err(r) = authorize(&a, &headers) {
         return r;
     }
-    let store = a.store.clone();
-    match blocking(move || {
-        crate::dlq::discard_blocking(&store, id, "discarded via the admin API").map_err(dlq_error)
-    })
-    .await
-    {
+    match crate::dlq::discard(&*a.journal, id, "discarded via the admin API").await {
         Ok(()) => Json(json!({"discarded": [id]})).into_response(),
-        Err(r) => r,
+        Err(e) => dlq_error(e),
     }
 }
 
@@ -300,32 +285,37 @@ async fn many(a: Admin, headers: HeaderMap, params: FilterParams, replay: bool) 
     if let Err(r) = authorize(&a, &headers) {
         return r;
     }
+    if params.is_empty() && params.all != Some(true) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "an empty filter matches the whole DLQ: give flow, destination, error or since, or \"all\": true",
+        );
+    }
+    let force = params.force.unwrap_or(false);
     let filter = match params.into_filter() {
         Ok(f) => f,
         Err(r) => return r,
     };
-    let (config, store) = (a.config.clone(), a.store.clone());
-    let r = blocking(move || {
-        let entries = store
-            .reader()
-            .and_then(|r| r.dlq_list(&filter))
-            .map_err(store_err)?;
-        let mut done = Vec::new();
-        let mut failed = Vec::new();
-        for e in &entries {
-            let r = if replay {
-                crate::dlq::replay_blocking(&config, &store, e, None)
-            } else {
-                crate::dlq::discard_blocking(&store, e.id, "discarded via the admin API")
-            };
-            match r {
-                Ok(()) => done.push(e.id),
-                Err(err) => failed.push(json!({"id": e.id, "error": err.to_string()})),
-            }
+    let journal = a.journal.clone();
+    let entries = match blocking(move || journal.read().dlq_list(&filter).map_err(store_err)).await
+    {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for e in &entries {
+        let r = if replay {
+            crate::dlq::replay(&a.config, &*a.journal, e, None, force).await
+        } else {
+            crate::dlq::discard(&*a.journal, e.id, "discarded via the admin API").await
+        };
+        match r {
+            Ok(()) => done.push(e.id),
+            Err(err) => failed.push(json!({"id": e.id, "error": err.to_string()})),
         }
-        Ok((done, failed))
-    })
-    .await;
+    }
+    let r: Result<_, Response> = Ok((done, failed));
     match r {
         Ok((done, failed)) => {
             let key = if replay { "replayed" } else { "discarded" };

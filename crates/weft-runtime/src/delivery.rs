@@ -1,32 +1,36 @@
-//! Delivery lanes: one task per (flow, destination), moving outbox rows to
-//! the sink with order per entity key, concurrency across keys, retries with
-//! exponential backoff and full jitter, and the DLQ.
+//! Delivery lanes: one task per (flow, destination), moving the rows the
+//! journal hands out to the sink, with retries (exponential backoff, full
+//! jitter) and the DLQ.
 //!
-//! A lane keeps a bounded window of outbox rows in memory (in id order). A
-//! row may be sent when it is due and no earlier row with the same entity
-//! key is still in the window: that is the whole ordering rule. Results are
-//! committed to the store before the rows leave the window; a crash between
-//! a successful write and that commit means the row is written again after
+//! A lane keeps no ordering state of its own: it asks the journal to
+//! [`claim`](weft_store::Journal::claim) what may be written now (the heads
+//! of their key queues, leased) and [`settle`](weft_store::Journal::settle)s
+//! every result in one transaction per write. Order per key is the journal's
+//! invariant, across flows, retries, replays and restarts. A crash between a
+//! successful write and its settle means the row is written again after the
 //! restart, with the same idempotency key.
 //!
+//! Every claimed row is settled: a write that panics or runs past
+//! [`Sink::max_write_time`] counts as a retryable failure of its batch, so
+//! neither its keys nor the breaker's half-open probe can be held for good.
 //! Before sending, a lane asks its destination's [`Guard`] (circuit breaker,
-//! `Retry-After` pause, rate limit); while it says wait, nothing is sent and
-//! nothing spends an attempt. With `on_dead_letter: hold_key`, a key with a
-//! dead letter in the DLQ is held until the entry is replayed or discarded;
-//! a replayed row keeps its original place in its key's order (`order_seq`).
+//! `Retry-After` pause, rate limit); while it says wait, nothing is claimed
+//! and nothing spends an attempt.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use weft_connectors::{Delivery, Sink, SinkError};
+use weft_connectors::{Delivery, Sink, SinkError, WriteResult};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, OnDeadLetter};
-use weft_store::{CapturedRow, Op, OutboxRow, Store, now_ms};
+use weft_store::{
+    ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement, WriteOutcome, now_ms,
+};
 
 use crate::guard::Guard;
 use crate::metrics as m;
@@ -49,205 +53,206 @@ impl LaneHandle {
     }
 }
 
-/// Rows held in memory per lane, at least: a lane holds enough for two
-/// rounds of `concurrency` batches of `batch_size`.
-const WINDOW: usize = 4096;
-/// How often a lane looks at the store without being woken (rows written by
-/// another process, such as `weft dlq replay`).
-const POLL: Duration = Duration::from_millis(500);
+/// How often a lane looks at the journal without being woken (rows written
+/// by another process, such as `weft dlq replay`, retries coming due).
+const POLL: Duration = Duration::from_millis(200);
+/// Extra lease beyond the longest write, so a lease never ends while the
+/// lane can still settle it.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
-pub(crate) struct Lane {
+pub struct Lane {
     pub flow: String,
     pub dest: String,
     pub policy: DeliveryPolicy,
     pub sink: Arc<dyn Sink>,
     pub guard: Arc<Guard>,
-    pub store: Store,
+    pub journal: Arc<dyn Journal>,
     pub handle: Arc<LaneHandle>,
     pub shutdown: CancellationToken,
 }
 
-/// Window key: order within the entity key first (a replayed row keeps its
-/// original place), then the outbox id.
-type Pos = (i64, i64);
-
-struct Entry {
-    row: OutboxRow,
-    in_flight: bool,
-}
-
-type Done = Vec<(i64, Result<(), SinkError>)>;
+/// A write's claimed rows and what became of them.
+type Done = (Vec<Claimed>, Vec<WriteResult>);
 
 impl Lane {
-    pub(crate) async fn run(self) {
-        let reader = {
-            let store = self.store.clone();
-            match tokio::task::spawn_blocking(move || store.reader()).await {
-                Ok(Ok(r)) => Arc::new(std::sync::Mutex::new(r)),
-                Ok(Err(e)) => {
-                    tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "cannot open a store reader; lane stopped");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reader task failed");
-                    return;
-                }
-            }
-        };
-        let mut window: BTreeMap<Pos, Entry> = BTreeMap::new();
-        let mut pos: HashMap<i64, Pos> = HashMap::new();
-        let mut held: HashSet<String> = HashSet::new();
-        let hold = self.policy.on_dead_letter == OnDeadLetter::HoldKey;
-        let mut hw: i64 = 0;
-        let (res_tx, mut res_rx) = mpsc::channel::<Done>(self.policy.concurrency * 2 + 2);
-        let mut in_flight = 0usize;
+    pub async fn run(self) {
+        let lane = LaneId::new(&self.flow, &self.dest);
+        // rows of one key in one batch only where the sink folds them and a
+        // dead letter does not hold the key (it could not hold rows written
+        // in the same batch behind it)
+        let per_key =
+            if self.sink.folds_keys() && self.policy.on_dead_letter == OnDeadLetter::Continue {
+                self.policy.batch_size
+            } else {
+                1
+            };
+        let write_time = self.sink.max_write_time(self.policy.batch_size);
+        let mut writes: JoinSet<Done> = JoinSet::new();
         let mut stopping = false;
-        let capacity = WINDOW.max(self.policy.batch_size * self.policy.concurrency * 2);
+        let mut idle_until_woken = false;
         loop {
-            if !stopping && window.len() < capacity / 2 {
-                let (flow, dest, want) = (
-                    self.flow.clone(),
-                    self.dest.clone(),
-                    capacity - window.len(),
-                );
-                let r = reader.clone();
-                // held keys are read before the rows: a replay that releases a
-                // key commits its row in the same transaction, so it is seen too
-                let fetched = tokio::task::spawn_blocking(move || {
-                    let r = r.lock().map_err(|_| "reader lock poisoned".to_string())?;
-                    let held = if hold {
-                        Some(r.held_keys(&flow, &dest).map_err(|e| e.to_string())?)
-                    } else {
-                        None
-                    };
-                    let rows = r
-                        .outbox_after(&flow, &dest, hw, want)
-                        .map_err(|e| e.to_string())?;
-                    Ok::<_, String>((held, rows))
-                })
-                .await;
-                match fetched {
-                    Ok(Ok((h, rows))) => {
-                        if let Some(h) = h {
-                            held = h.into_iter().collect();
-                        }
-                        for row in rows {
-                            hw = hw.max(row.id);
-                            let p = (row.order_seq, row.id);
-                            pos.insert(row.id, p);
-                            window.insert(
-                                p,
-                                Entry {
-                                    row,
-                                    in_flight: false,
-                                },
-                            );
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "outbox read failed")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "outbox read task failed"),
-                }
-            }
             let mut guard_wait = None;
-            if !stopping {
-                while in_flight < self.policy.concurrency {
-                    let ids = pick(&window, &held, self.policy.batch_size, now_ms());
-                    if ids.is_empty() {
-                        break;
-                    }
-                    if let Err(d) = self.guard.check() {
-                        guard_wait = Some(d);
-                        break;
-                    }
-                    self.guard.acquire().await;
-                    let mut batch = Vec::with_capacity(ids.len());
-                    for p in &ids {
-                        if let Some(e) = window.get_mut(p) {
-                            e.in_flight = true;
-                            batch.push(delivery(&e.row));
-                        }
-                    }
-                    in_flight += 1;
-                    let sink = self.sink.clone();
-                    let tx = res_tx.clone();
-                    tokio::spawn(async move {
-                        let results = sink.write(&batch).await;
-                        let mut done: Done = Vec::with_capacity(batch.len());
-                        let mut results = results.into_iter();
-                        for d in &batch {
-                            let r = results.next().unwrap_or_else(|| {
-                                Err(SinkError::retryable("the sink returned too few results"))
-                            });
-                            done.push((d.id, r));
-                        }
-                        let _ = tx.send(done).await;
-                    });
+            while !stopping && !idle_until_woken && writes.len() < self.policy.concurrency {
+                if let Err(d) = self.guard.check() {
+                    guard_wait = Some(d);
+                    break;
                 }
+                let req = ClaimRequest {
+                    lane: lane.clone(),
+                    max: self.policy.batch_size,
+                    per_key,
+                    lease: write_time + LEASE_MARGIN,
+                };
+                let claimed = match self.journal.claim(req).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "cannot claim rows; will try again");
+                        break;
+                    }
+                };
+                if claimed.is_empty() {
+                    // nothing due: sleep until woken, a poll, or a result
+                    idle_until_woken = true;
+                    self.guard.cancel_probe();
+                    break;
+                }
+                self.guard.acquire().await;
+                // the destination may have asked for a pause while we waited
+                if let Err(d) = self.guard.check_after_wait() {
+                    self.release(claimed).await;
+                    guard_wait = Some(d);
+                    break;
+                }
+                self.spawn_write(&mut writes, claimed, write_time);
             }
-            if stopping && in_flight == 0 {
+            if stopping && writes.is_empty() {
                 return;
             }
-            let mut wait = next_due(&window)
-                .map(|t| {
-                    Duration::from_millis((t - now_ms()).clamp(1, POLL.as_millis() as i64) as u64)
-                })
-                .unwrap_or(POLL);
-            if let Some(g) = guard_wait {
-                wait = wait.min(g.max(Duration::from_millis(1)));
-            }
+            let wait = guard_wait.map_or(POLL, |g| g.clamp(Duration::from_millis(1), POLL));
             tokio::select! {
-                Some(done) = res_rx.recv() => {
-                    let mut all = vec![done];
-                    while let Ok(more) = res_rx.try_recv() {
-                        all.push(more);
+                Some(done) = writes.join_next() => {
+                    idle_until_woken = false;
+                    match done {
+                        Ok((claimed, results)) => self.settle(claimed, results).await,
+                        // the write task itself never panics (the sink's panic
+                        // is caught inside it); a cancelled task cannot happen
+                        Err(e) => tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "write task failed; its rows return after their lease"),
                     }
-                    in_flight -= all.len();
-                    self.settle(&mut window, &mut pos, &mut held, all).await;
                 }
-                _ = self.handle.wake.notified(), if !stopping => {}
-                _ = tokio::time::sleep(wait), if !stopping => {}
-                _ = self.shutdown.cancelled(), if !stopping => {
-                    stopping = true;
-                }
+                _ = self.handle.wake.notified(), if !stopping => { idle_until_woken = false; }
+                _ = tokio::time::sleep(wait), if !stopping => { idle_until_woken = false; }
+                _ = self.shutdown.cancelled(), if !stopping => { stopping = true; }
             }
         }
     }
 
-    /// Commit results: delivered rows leave the outbox; failures are
-    /// scheduled for retry or moved to the DLQ.
-    async fn settle(
-        &self,
-        window: &mut BTreeMap<Pos, Entry>,
-        pos: &mut HashMap<i64, Pos>,
-        held: &mut HashSet<String>,
-        all: Vec<Done>,
-    ) {
-        let now = now_ms();
-        let mut delivered = Vec::new();
-        let mut latencies = Vec::new();
-        for (id, result) in all.into_iter().flatten() {
-            let Some(p) = pos.get(&id).copied() else {
-                continue;
-            };
-            let Some(entry) = window.get_mut(&p) else {
-                continue;
-            };
-            entry.in_flight = false;
-            match &result {
-                Ok(()) => self.guard.record(false, None),
-                Err(e) => self
-                    .guard
-                    .record(e.kind == ErrorKind::Retryable, e.retry_after),
+    /// Write one batch on its own task. A panic in the sink and a write past
+    /// `write_time` become retryable failures of every delivery in it.
+    fn spawn_write(&self, writes: &mut JoinSet<Done>, claimed: Vec<Claimed>, write_time: Duration) {
+        let sink = self.sink.clone();
+        let (flow, dest) = (self.flow.clone(), self.dest.clone());
+        writes.spawn(async move {
+            let mut batch = Vec::with_capacity(claimed.len());
+            let mut unreadable = Vec::new();
+            for (i, c) in claimed.iter().enumerate() {
+                match delivery(c) {
+                    Ok(d) => batch.push(d),
+                    Err(e) => unreadable.push((i, e)),
+                }
             }
-            match result {
-                Ok(()) => {
-                    delivered.push(id);
-                    latencies.push((now - entry.row.created_at).max(0) as f64 / 1000.0);
+            let n = batch.len();
+            let inner = tokio::spawn(async move {
+                let r = sink.write(&batch).await;
+                drop(batch);
+                r
+            });
+            let abort = inner.abort_handle();
+            let mut results: Vec<WriteResult> = match tokio::time::timeout(write_time, inner).await
+            {
+                Ok(Ok(mut r)) => {
+                    r.truncate(n);
+                    while r.len() < n {
+                        r.push(Err(SinkError::retryable("the sink returned too few results")));
+                    }
+                    r
+                }
+                Ok(Err(e)) => {
+                    let why = if e.is_panic() {
+                        "the sink panicked"
+                    } else {
+                        "the write task was cancelled"
+                    };
+                    tracing::error!(flow = %flow, destination = %dest, "{why}; the batch will be retried");
+                    (0..n).map(|_| Err(SinkError::retryable(why))).collect()
+                }
+                Err(_) => {
+                    abort.abort();
+                    let why = format!("the write did not finish within {write_time:?}");
+                    tracing::warn!(flow = %flow, destination = %dest, "{why}; the batch will be retried");
+                    (0..n).map(|_| Err(SinkError::retryable(why.clone()))).collect()
+                }
+            };
+            for (i, e) in unreadable {
+                results.insert(i, Err(e));
+            }
+            (claimed, results)
+        });
+    }
+
+    /// Give rows back unsent (no attempt spent).
+    async fn release(&self, claimed: Vec<Claimed>) {
+        let items = claimed
+            .iter()
+            .map(|c| Settlement {
+                id: c.row.id,
+                token: c.token,
+                outcome: Outcome::Release,
+            })
+            .collect();
+        if let Err(e) = self
+            .journal
+            .settle(Settle {
+                items,
+                follow_ups: vec![],
+            })
+            .await
+        {
+            tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "cannot release rows; they return when their lease ends");
+        }
+    }
+
+    /// Commit a write's results in one transaction: delivered rows leave the
+    /// outbox with what the destination said; failures are scheduled for a
+    /// retry or moved to the DLQ.
+    async fn settle(&self, claimed: Vec<Claimed>, results: Vec<WriteResult>) {
+        let now = now_ms();
+        let results = in_key_order(&claimed, results);
+        // the breaker counts writes, not rows
+        let failed = results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.kind == ErrorKind::Retryable));
+        let retry_after = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().and_then(|e| e.retry_after))
+            .max();
+        self.guard.record(failed, retry_after);
+        let hold_key = self.policy.on_dead_letter == OnDeadLetter::HoldKey;
+        let mut items = Vec::with_capacity(claimed.len());
+        let mut latencies = Vec::new();
+        let (mut delivered, mut dead) = (0u64, 0u64);
+        for (c, r) in claimed.iter().zip(results) {
+            let outcome = match r {
+                Ok(w) => {
+                    delivered += 1;
+                    latencies.push((now - c.row.created_at).max(0) as f64 / 1000.0);
+                    Outcome::Delivered(WriteOutcome {
+                        external_id: w.external_id,
+                        version: w.version,
+                        fingerprint: w.fingerprint,
+                    })
                 }
                 Err(e) => {
-                    let attempts = entry.row.attempts + 1;
+                    let attempts = c.row.attempts + 1;
                     let retry =
                         e.kind == ErrorKind::Retryable && attempts < self.policy.max_attempts;
                     m::failed(&self.flow, &self.dest, retry);
@@ -255,130 +260,106 @@ impl Lane {
                         let delay = e
                             .retry_after
                             .unwrap_or_else(|| backoff(&self.policy, attempts));
-                        let next_at = now + delay.as_millis() as i64;
-                        tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %entry.row.correlation_id,
+                        tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %c.row.correlation_id,
                             attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %e, "delivery failed; will retry");
-                        entry.row.attempts = attempts;
-                        entry.row.next_at = next_at;
-                        let op = Op::Retry {
-                            id,
-                            attempts,
-                            next_at,
+                        Outcome::Retry {
+                            next_at: now + delay.as_millis() as i64,
                             error: e.to_string(),
-                        };
-                        if let Err(se) = self.store.apply(op).await {
-                            tracing::error!(error = %se, "cannot record a retry");
                         }
                     } else {
-                        tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %entry.row.correlation_id,
+                        tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %c.row.correlation_id,
                             attempt = attempts, error = %e, "delivery failed; dead-lettered");
-                        let key = entry.row.entity_key.clone();
-                        match self
-                            .store
-                            .apply(Op::DeadLetter {
-                                id,
-                                attempts,
-                                error: e.to_string(),
-                            })
-                            .await
-                        {
-                            Ok(_) => {
-                                m::dead_lettered(&self.flow, &self.dest);
-                                window.remove(&p);
-                                pos.remove(&id);
-                                self.handle.backlog.fetch_sub(1, Ordering::Relaxed);
-                                if self.policy.on_dead_letter == OnDeadLetter::HoldKey
-                                    && let Some(k) = key
-                                {
-                                    held.insert(k);
-                                }
-                            }
-                            Err(se) => {
-                                tracing::error!(error = %se, "cannot dead-letter; will retry")
-                            }
+                        dead += 1;
+                        Outcome::Dead {
+                            error: e.to_string(),
+                            hold_key,
                         }
                     }
                 }
-            }
+            };
+            items.push(Settlement {
+                id: c.row.id,
+                token: c.token,
+                outcome,
+            });
         }
-        // ids the destination gave (`capture_id`), while their rows are still
-        // in the outbox; an upsert, so a redelivery rewrites the same entry
-        let captured = self.sink.take_captured();
-        if !captured.is_empty() {
-            let rows = captured
-                .into_iter()
-                .map(|c| CapturedRow {
-                    outbox_id: c.delivery_id,
-                    external_id: c.external_id,
-                })
-                .collect();
-            if let Err(e) = self.store.apply(Op::Captured(rows)).await {
-                tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "cannot record the destination's ids in the crosswalk");
-            }
-        }
-        if !delivered.is_empty() {
-            match self.store.apply(Op::Delivered(delivered.clone())).await {
-                Ok(_) => {
-                    m::delivered(&self.flow, &self.dest, delivered.len() as u64, &latencies);
+        let settle = Settle {
+            items,
+            follow_ups: vec![],
+        };
+        // a failed settle leaves the rows leased: they are written again
+        // (same idempotency keys) once the lease ends; try a few times first
+        let mut tries = 0;
+        loop {
+            match self.journal.settle(settle.clone()).await {
+                Ok(s) => {
+                    if s.stale > 0 {
+                        tracing::warn!(flow = %self.flow, destination = %self.dest, stale = s.stale, "results for rows whose lease had ended were ignored");
+                    }
+                    m::delivered(&self.flow, &self.dest, delivered, &latencies);
+                    for _ in 0..dead {
+                        m::dead_lettered(&self.flow, &self.dest);
+                    }
                     self.handle
                         .backlog
-                        .fetch_sub(delivered.len() as i64, Ordering::Relaxed);
-                    for id in delivered {
-                        if let Some(p) = pos.remove(&id) {
-                            window.remove(&p);
-                        }
-                    }
+                        .fetch_sub((delivered + dead) as i64, Ordering::Relaxed);
+                    return;
                 }
-                // the rows stay in the window and are sent again (same keys)
+                Err(e) if tries < 3 => {
+                    tries += 1;
+                    tracing::warn!(flow = %self.flow, destination = %self.dest, error = %e, "cannot record results; trying again");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot record deliveries; they will be retried")
+                    tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "cannot record results; the rows will be written again after their lease");
+                    return;
                 }
             }
         }
     }
 }
 
-fn delivery(row: &OutboxRow) -> Delivery {
-    Delivery {
-        id: row.id,
-        idempotency_key: row.idempotency_key.clone(),
-        correlation_id: row.correlation_id.clone(),
-        event_id: row.event_id.clone(),
-        entity_key: row.entity_key.clone(),
-        attempt: row.attempts + 1,
-        payload: serde_json::from_str(&row.payload).unwrap_or(serde_json::Value::Null),
-    }
-}
-
-/// Up to `n` rows that may go now: due, not in flight, first of their
-/// entity key in the window, and their key not held by a dead letter.
-fn pick(window: &BTreeMap<Pos, Entry>, held: &HashSet<String>, n: usize, now: i64) -> Vec<Pos> {
-    let mut blocked: HashSet<&str> = HashSet::new();
-    let mut out = Vec::new();
-    for (p, e) in window {
-        if let Some(k) = e.row.entity_key.as_deref()
-            && (!blocked.insert(k) || held.contains(k))
-        {
-            continue;
-        }
-        if !e.in_flight && e.row.next_at <= now {
-            out.push(*p);
-            if out.len() == n {
-                break;
+/// Rows of one key in one batch are written in order; once one of them is
+/// not delivered, the later ones of that key must not count as delivered
+/// either (the earlier one is written again after them otherwise): they are
+/// retried behind it.
+fn in_key_order(claimed: &[Claimed], results: Vec<WriteResult>) -> Vec<WriteResult> {
+    let mut failed_keys: Vec<&str> = Vec::new();
+    claimed
+        .iter()
+        .zip(results)
+        .map(|(c, r)| {
+            let Some(k) = c.row.entity_key.as_deref() else {
+                return r;
+            };
+            if failed_keys.contains(&k) {
+                return Err(SinkError::retryable(
+                    "not counted: an earlier delivery of the same key in this batch failed",
+                ));
             }
-        }
-    }
-    out
+            if r.is_err() {
+                failed_keys.push(k);
+            }
+            r
+        })
+        .collect()
 }
 
-/// The earliest future due time among waiting rows.
-fn next_due(window: &BTreeMap<Pos, Entry>) -> Option<i64> {
-    let now = now_ms();
-    window
-        .values()
-        .filter(|e| !e.in_flight && e.row.next_at > now)
-        .map(|e| e.row.next_at)
-        .min()
+/// The delivery a claimed row becomes. A payload that cannot be read back
+/// (nested deeper than the JSON parser allows) is a permanent failure with
+/// its reason, never a `null`.
+fn delivery(c: &Claimed) -> Result<Delivery, SinkError> {
+    let payload = serde_json::from_str(&c.row.payload)
+        .map_err(|e| SinkError::permanent(format!("the stored payload cannot be read: {e}")))?;
+    Ok(Delivery {
+        id: c.row.id,
+        idempotency_key: c.row.idempotency_key.clone(),
+        correlation_id: c.row.correlation_id.clone(),
+        event_id: c.row.event_id.clone(),
+        entity_key: c.row.entity_key.clone(),
+        attempt: c.row.attempts + 1,
+        payload,
+    })
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(max, initial * multiplier^(attempt-1))].
@@ -392,70 +373,7 @@ pub(crate) fn backoff(p: &DeliveryPolicy, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(id: i64, key: Option<&str>, next_at: i64) -> Entry {
-        Entry {
-            row: OutboxRow {
-                id,
-                flow: "f".into(),
-                destination: "d".into(),
-                entity_key: key.map(str::to_owned),
-                idempotency_key: format!("k{id}"),
-                source: "s".into(),
-                event_id: id.to_string(),
-                correlation_id: "c".into(),
-                created_at: 0,
-                attempts: 0,
-                next_at,
-                last_error: None,
-                order_seq: id,
-                payload: "{}".into(),
-                event_time: 0,
-                source_version: None,
-                group_id: None,
-                traceparent: None,
-                tracestate: None,
-            },
-            in_flight: false,
-        }
-    }
-
-    #[test]
-    fn pick_keeps_order_per_key_and_runs_keys_in_parallel() {
-        let mut w = BTreeMap::new();
-        for (id, k) in [(1, Some("a")), (2, Some("a")), (3, Some("b")), (4, None)] {
-            w.insert((id, id), row(id, k, 0));
-        }
-        let none = HashSet::new();
-        let ids = |v: Vec<Pos>| v.into_iter().map(|p| p.1).collect::<Vec<_>>();
-        assert_eq!(ids(pick(&w, &none, 10, 10)), vec![1, 3, 4]);
-        w.get_mut(&(1, 1)).unwrap().in_flight = true;
-        assert_eq!(
-            ids(pick(&w, &none, 10, 10)),
-            vec![3, 4],
-            "2 waits behind 1 in flight"
-        );
-        // a row in backoff holds its key too
-        w.get_mut(&(1, 1)).unwrap().in_flight = false;
-        w.get_mut(&(1, 1)).unwrap().row.next_at = 100;
-        assert_eq!(ids(pick(&w, &none, 10, 10)), vec![3, 4]);
-        assert_eq!(ids(pick(&w, &none, 1, 10)), vec![3]);
-        // a held key sends nothing
-        let held: HashSet<String> = ["b".to_string()].into();
-        assert_eq!(ids(pick(&w, &held, 10, 10)), vec![4]);
-    }
-
-    #[test]
-    fn a_replayed_row_goes_before_later_rows_of_its_key() {
-        let mut w = BTreeMap::new();
-        w.insert((5, 5), row(5, Some("a"), 0));
-        // replayed: new id 9, original order 2
-        let mut r = row(9, Some("a"), 0);
-        r.row.order_seq = 2;
-        w.insert((2, 9), r);
-        let picked = pick(&w, &HashSet::new(), 10, 10);
-        assert_eq!(picked, vec![(2, 9)]);
-    }
+    use std::collections::HashSet;
 
     #[test]
     fn backoff_is_capped_and_jittered() {

@@ -1,10 +1,12 @@
 //! DLQ operations shared by the CLI (`weft dlq`) and the admin API:
 //! replay (as it is, with an edited payload, or through the flow again for
 //! parse/map failures) and discard. A replay keeps the correlation id and the
-//! idempotency key and is recorded in the entry's history.
+//! idempotency key and is recorded in the entry's history; the journal
+//! refuses one that would put older data over a newer write of its key
+//! (unless forced).
 
 use weft_core::config::Config;
-use weft_store::{DlqEntry, Op, Store};
+use weft_store::{DlqEntry, Journal, Replay};
 
 /// Why an entry could not be replayed or discarded.
 #[derive(Debug, thiserror::Error)]
@@ -15,53 +17,63 @@ pub enum DlqError {
     Store(#[from] weft_store::StoreError),
 }
 
+impl DlqError {
+    /// A mistake of the caller's (a 4xx), not a failure of the store.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            DlqError::Invalid(_) => true,
+            DlqError::Store(e) => e.is_user_error(),
+        }
+    }
+}
+
 /// Replay one entry; `payload` (JSON text) replaces the stored one.
-pub fn replay_blocking(
+pub async fn replay(
     config: &Config,
-    store: &Store,
+    journal: &dyn Journal,
     e: &DlqEntry,
     payload: Option<&str>,
+    force: bool,
 ) -> Result<(), DlqError> {
     if let Some(p) = payload {
         serde_json::from_str::<serde_json::Value>(p).map_err(|err| {
             DlqError::Invalid(format!("the replacement payload is not JSON: {err}"))
         })?;
     }
-    let note = if payload.is_some() {
-        "replayed with an edited payload"
+    let mut note = if payload.is_some() {
+        "replayed with an edited payload".to_string()
     } else {
-        "replayed"
+        "replayed".to_string()
     };
-    let op = if e.stage == "deliver" {
-        Op::Replay {
+    if force {
+        note.push_str(" (forced)");
+    }
+    let outcome = if e.stage == "deliver" {
+        None
+    } else {
+        Some(remap(config, e, payload)?)
+    };
+    journal
+        .replay(Replay {
             dlq_id: e.id,
             payload: payload.map(str::to_owned),
-            note: note.into(),
-        }
-    } else {
-        Op::ReplayMapped {
-            dlq_id: e.id,
-            outcome: remap(config, store, e, payload)?,
-            note: note.into(),
-        }
-    };
-    store.apply_blocking(op)?;
+            outcome,
+            force,
+            note,
+        })
+        .await?;
     Ok(())
 }
 
 /// Discard one entry: it stays listed with status `discarded`.
-pub fn discard_blocking(store: &Store, id: i64, note: &str) -> Result<(), DlqError> {
-    store.apply_blocking(Op::Discard {
-        dlq_id: id,
-        note: note.into(),
-    })?;
+pub async fn discard(journal: &dyn Journal, id: i64, note: &str) -> Result<(), DlqError> {
+    journal.discard(id, note.to_owned()).await?;
     Ok(())
 }
 
 /// Run a parse/map-stage entry through its flow again.
 fn remap(
     config: &Config,
-    store: &Store,
     e: &DlqEntry,
     payload: Option<&str>,
 ) -> Result<weft_store::FlowOutcome, DlqError> {
@@ -79,10 +91,10 @@ fn remap(
                 .into(),
         )
     })?;
-    let attrs = store
-        .reader()?
-        .inbox_attributes(&e.source, &e.event_id)?
-        .and_then(|a| serde_json::from_str(&a).ok())
+    let attrs = e
+        .attributes
+        .as_deref()
+        .and_then(|a| serde_json::from_str(a).ok())
         .unwrap_or_else(
             || serde_json::json!({"id": e.event_id, "correlationid": e.correlation_id}),
         );

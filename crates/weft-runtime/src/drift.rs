@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use weft_core::config::Flow;
 use weft_core::config::entities::{OnDrift, escape_pointer, is_sensitive, mask};
-use weft_store::{DriftBatch, FlowOutcome, NewDrift, Stage, Store};
+use weft_store::{DriftBatch, FlowOutcome, JournalRead, NewDrift, Stage};
 
 pub const DRIFT_EVENTS: &str = "weft_drift_events_total";
 /// Most distinct values of an enum-like string field.
@@ -139,7 +139,7 @@ fn sensitive_name(path: &str) -> bool {
 
 impl Tracker {
     /// A tracker for `source`, with the shape and events saved in the store.
-    pub fn open(store: &Store, source: &str, flows: &[Arc<Flow>]) -> Tracker {
+    pub fn open(store: &dyn JournalRead, source: &str, flows: &[Arc<Flow>]) -> Tracker {
         let mut sensitive: Vec<String> = flows
             .iter()
             .flat_map(|f| f.data.sensitive().iter().cloned())
@@ -148,8 +148,8 @@ impl Tracker {
         sensitive.dedup();
         let t = Tracker::new(source, sensitive);
         let loaded = store
-            .reader()
-            .and_then(|r| Ok((r.stream_shape(source)?, r.drift_events(Some(source))?)));
+            .stream_shape(source)
+            .and_then(|shape| Ok((shape, store.drift_events(Some(source))?)));
         match loaded {
             Ok((shape, events)) => {
                 if let Ok(mut st) = t.state.lock() {

@@ -179,6 +179,37 @@ impl Guard {
         }
     }
 
+    /// The last [`Guard::check`] reserved a half-open probe that will not
+    /// be sent (there was nothing to write): give it back.
+    pub fn cancel_probe(&self) {
+        if let Some(b) = &self.breaker
+            && let Ok(mut b) = b.lock()
+            && let State::HalfOpen { probes_sent } = &mut b.state
+        {
+            *probes_sent = probes_sent.saturating_sub(1);
+        }
+    }
+
+    /// After a rate-limit wait: has the destination asked for a pause, or
+    /// has the breaker opened, meanwhile? Reserves nothing.
+    pub fn check_after_wait(&self) -> Result<(), Duration> {
+        let now = Instant::now();
+        if let Ok(p) = self.paused_until.lock()
+            && let Some(until) = *p
+            && now < until
+        {
+            return Err(until - now);
+        }
+        if let Some(b) = &self.breaker
+            && let Ok(b) = b.lock()
+            && let State::Open { until } = b.state
+            && now < until
+        {
+            return Err(until - now);
+        }
+        Ok(())
+    }
+
     /// Wait for a rate-limit token (no-op without a limit).
     pub async fn acquire(&self) {
         if let Some(l) = &self.limiter

@@ -9,7 +9,7 @@ use serde_json::Value;
 use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record};
 use weft_core::config::Flow;
 use weft_core::event::idempotency_key;
-use weft_store::{FlowOutcome, IngestBatch, NewDelivery, NewEvent, Op, Stage, Store, now_ms};
+use weft_store::{Dedupe, FlowOutcome, IngestBatch, Journal, NewDelivery, NewEvent, Stage, now_ms};
 
 use crate::delivery::LaneHandle;
 use crate::metrics as m;
@@ -18,7 +18,9 @@ use crate::metrics as m;
 pub struct Ingestor {
     pub(crate) system: String,
     pub(crate) flows: Vec<Arc<Flow>>,
-    pub(crate) store: Store,
+    pub(crate) journal: Arc<dyn Journal>,
+    /// How this source's events are deduplicated.
+    pub(crate) dedupe: Dedupe,
     /// The delivery lanes of these flows: woken after each commit, and
     /// checked for backpressure before accepting.
     pub(crate) lanes: Vec<Arc<LaneHandle>>,
@@ -30,6 +32,27 @@ pub struct Ingestor {
 /// Run every flow of `system` over a batch (CPU work, no I/O).
 pub fn prepare(system: &str, flows: &[Arc<Flow>], batch: Batch) -> IngestBatch {
     prepare_with(system, flows, batch, None)
+}
+
+/// Deepest JSON nesting a stored payload may have: the JSON parser reading
+/// it back at delivery stops at 128 levels.
+pub const MAX_DEPTH: usize = 127;
+
+/// Whether `v` nests deeper than [`MAX_DEPTH`] (walked without recursion).
+pub fn too_deep(v: &Value) -> bool {
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 1)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(m) => Box::new(m.values()),
+            _ => continue,
+        };
+        if d > MAX_DEPTH {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    false
 }
 
 /// [`prepare`], learning each record's shape with `drift` (records that
@@ -57,7 +80,7 @@ pub fn prepare_with(
                 NewEvent {
                     event_id: ev.id,
                     correlation_id: ev.correlationid,
-                    received_at: ev.time.timestamp_millis().min(now_ms()),
+                    received_at: now_ms(),
                     event_time: ev.time.timestamp_millis(),
                     source_version: None,
                     group_id: None,
@@ -99,7 +122,7 @@ pub fn prepare_with(
         .collect();
     IngestBatch {
         source: system.to_owned(),
-        dedupe: weft_store::Dedupe::Id,
+        dedupe: Dedupe::Id,
         events,
         checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
     }
@@ -137,11 +160,23 @@ pub fn run_flow(
             Err(e) => return reject("key failed", &e),
         },
     };
+    let keyed_reject = |what: String| FlowOutcome::Rejected {
+        flow: flow.name.clone(),
+        stage: Stage::Map,
+        error: what,
+        entity_key: entity_key.clone(),
+        hold: flow
+            .destinations
+            .iter()
+            .filter(|d| d.delivery.on_dead_letter == weft_core::config::OnDeadLetter::HoldKey)
+            .map(|d| d.system.clone())
+            .collect(),
+    };
     let mapped = match &flow.mapping {
         None => data.clone(),
         Some(p) => match p.eval(data, attrs, &[]) {
             Ok(v) => v,
-            Err(e) => return reject("mapping failed", &e),
+            Err(e) => return keyed_reject(format!("mapping failed: {e}")),
         },
     };
     if let Err(o) = crate::contracts::check_entity(flow, &mapped) {
@@ -153,9 +188,17 @@ pub fn run_flow(
             None => mapped.clone(),
             Some(p) => match p.eval(&mapped, attrs, &[]) {
                 Ok(v) => v,
-                Err(e) => return reject(&format!("mapping for `{}` failed", d.system), &e),
+                Err(e) => {
+                    return keyed_reject(format!("mapping for `{}` failed: {e}", d.system));
+                }
             },
         };
+        if too_deep(&payload) {
+            return keyed_reject(format!(
+                "the payload for `{}` nests deeper than {MAX_DEPTH} levels, more than can be stored and read back",
+                d.system
+            ));
+        }
         if let Err(o) = crate::contracts::check_destination(flow, d, &payload) {
             return o;
         }
@@ -179,7 +222,13 @@ impl Ingestor {
     /// [`prepare_with`] off the async workers (filters and mappings are CPU
     /// work); a big batch in two halves at once. The events keep their order
     /// and the checkpoint stays with the batch.
-    async fn prepare_parallel(&self, mut batch: Batch) -> Result<IngestBatch, IngestError> {
+    async fn prepare_parallel(&self, batch: Batch) -> Result<IngestBatch, IngestError> {
+        let mut b = self.prepare_halves(batch).await?;
+        b.dedupe = self.dedupe;
+        Ok(b)
+    }
+
+    async fn prepare_halves(&self, mut batch: Batch) -> Result<IngestBatch, IngestError> {
         let run = |b: Batch| {
             let (system, flows, drift) =
                 (self.system.clone(), self.flows.clone(), self.drift.clone());
@@ -219,11 +268,10 @@ impl Ingest for Ingestor {
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 return Err(IngestError::Rejected(why));
             }
-            let counts = outcome_counts(&prepared);
             let routed = routed_counts(&prepared);
             let applied = self
-                .store
-                .apply(Op::Ingest(prepared))
+                .journal
+                .ingest(prepared)
                 .await
                 .map_err(|e| IngestError::Store(e.to_string()))?;
             if applied.changed > 0 {
@@ -236,18 +284,16 @@ impl Ingest for Ingestor {
                     l.backlog.fetch_add(n, Ordering::Relaxed);
                     l.wake.notify_one();
                 }
-                // counts are of the prepared batch; duplicates did not count in the store
-                if applied.duplicates == 0 {
-                    for (flow, (recv, filt, rej)) in counts {
-                        m::flow_ingested(&flow, recv, filt, rej);
-                    }
-                }
+            }
+            // exactly what the store counted (duplicates excluded)
+            for c in &applied.flows {
+                m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
             }
             if applied.duplicates > 0 {
                 m::duplicates(&self.system, applied.duplicates as u64);
             }
             if let Some(b) = self.drift.as_ref().and_then(|t| t.take())
-                && let Err(e) = self.store.apply(Op::Drift(b)).await
+                && let Err(e) = self.journal.record_drift(b).await
             {
                 tracing::warn!(source = %self.system, error = %e, "cannot save drift events");
             }
@@ -261,38 +307,14 @@ impl Ingest for Ingestor {
     fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
         let key = key.to_owned();
         Box::pin(async move {
-            let store = self.store.clone();
+            let journal = self.journal.clone();
             let system = self.system.clone();
-            tokio::task::spawn_blocking(move || {
-                store.reader().and_then(|r| r.checkpoint(&system, &key))
-            })
-            .await
-            .map_err(|e| IngestError::Store(e.to_string()))?
-            .map_err(|e| IngestError::Store(e.to_string()))
+            tokio::task::spawn_blocking(move || journal.read().checkpoint(&system, &key))
+                .await
+                .map_err(|e| IngestError::Store(e.to_string()))?
+                .map_err(|e| IngestError::Store(e.to_string()))
         })
     }
-}
-
-fn outcome_counts(b: &IngestBatch) -> std::collections::HashMap<String, (u64, u64, u64)> {
-    let mut m: std::collections::HashMap<String, (u64, u64, u64)> = Default::default();
-    for e in &b.events {
-        for o in &e.outcomes {
-            match o {
-                FlowOutcome::Routed { flow, .. } => m.entry(flow.clone()).or_default().0 += 1,
-                FlowOutcome::Filtered { flow } => {
-                    let c = m.entry(flow.clone()).or_default();
-                    c.0 += 1;
-                    c.1 += 1;
-                }
-                FlowOutcome::Rejected { flow, .. } => {
-                    let c = m.entry(flow.clone()).or_default();
-                    c.0 += 1;
-                    c.2 += 1;
-                }
-            }
-        }
-    }
-    m
 }
 
 fn routed_counts(b: &IngestBatch) -> std::collections::HashMap<(String, String), i64> {

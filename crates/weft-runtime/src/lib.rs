@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
 use weft_core::config::Config;
-use weft_store::Store;
+use weft_store::{Dedupe, Journal, LaneId, Role, SqliteJournal};
 
 pub use ingest::{prepare, prepare_with, run_flow};
 
@@ -49,7 +49,7 @@ pub enum RuntimeError {
 /// A running hub.
 pub struct Runtime {
     pub config: Arc<Config>,
-    pub store: Store,
+    pub journal: Arc<SqliteJournal>,
     source_stop: CancellationToken,
     lane_stop: CancellationToken,
     accepting: Arc<AtomicBool>,
@@ -67,13 +67,15 @@ impl Runtime {
     /// the source tasks. Webhook routes are served by [`Runtime::router`].
     pub async fn start(config: Config) -> Result<Runtime, RuntimeError> {
         let _ = metrics::install();
-        let store =
-            Store::open(&config.store.path, config.store.synchronous).map_err(|source| {
-                RuntimeError::Store {
+        let sqlite = Arc::new(
+            SqliteJournal::open(&config.store.path, config.store.synchronous, Role::Hub).map_err(
+                |source| RuntimeError::Store {
                     path: config.store.path.display().to_string(),
                     source,
-                }
-            })?;
+                },
+            )?,
+        );
+        let journal: Arc<dyn Journal> = sqlite.clone();
         let config = Arc::new(config);
         let source_stop = CancellationToken::new();
         let lane_stop = CancellationToken::new();
@@ -108,9 +110,9 @@ impl Runtime {
             })
             .collect();
         // lanes, starting with the backlog the store holds
-        let pending: BTreeMap<(String, String), i64> = store
-            .reader()
-            .and_then(|r| r.counts(&lane_list(&config)))
+        let pending: BTreeMap<(String, String), i64> = journal
+            .read()
+            .counts(&lane_list(&config))
             .map(|c| {
                 c.into_iter()
                     .map(|c| ((c.flow, c.destination), c.pending))
@@ -144,7 +146,7 @@ impl Runtime {
                     policy: d.delivery.clone(),
                     sink: sink.clone(),
                     guard: guard.clone(),
-                    store: store.clone(),
+                    journal: journal.clone(),
                     handle,
                     shutdown: lane_stop.clone(),
                 };
@@ -167,11 +169,19 @@ impl Runtime {
                 .filter(|h| flows.iter().any(|f| f.name == h.flow))
                 .cloned()
                 .collect();
+            // sources that resume from an exact position never hand an event
+            // twice: no dedupe table for them
+            let dedupe = match spec {
+                weft_core::config::SourceSpec::File { .. }
+                | weft_core::config::SourceSpec::Generate { .. } => Dedupe::Position,
+                _ => Dedupe::Id,
+            };
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
-                drift: Some(Arc::new(drift::Tracker::open(&store, name, &flows))),
+                drift: Some(Arc::new(drift::Tracker::open(journal.read(), name, &flows))),
                 flows,
-                store: store.clone(),
+                journal: journal.clone(),
+                dedupe,
                 lanes: my_lanes,
                 accepting: accepting.clone(),
             });
@@ -184,7 +194,7 @@ impl Runtime {
             }
         }
         let gauges = tokio::spawn(refresh_gauges(
-            store.clone(),
+            journal.clone(),
             handles,
             config.store.dedupe_retention,
         ));
@@ -196,7 +206,7 @@ impl Runtime {
         );
         Ok(Runtime {
             config,
-            store,
+            journal: sqlite,
             source_stop,
             lane_stop,
             accepting,
@@ -212,7 +222,7 @@ impl Runtime {
     /// The HTTP routes: health, readiness, metrics, webhooks.
     pub fn router(&mut self) -> axum::Router {
         let webhooks = std::mem::take(&mut self.webhooks);
-        let admin = admin::router(self.config.clone(), self.store.clone());
+        let admin = admin::router(self.config.clone(), self.journal.clone());
         server::router(self.ready.clone(), webhooks, admin)
     }
 
@@ -239,13 +249,11 @@ impl Runtime {
                         }
                     }
                 }
-                let store = self.store.clone();
-                let left = tokio::task::spawn_blocking(move || {
-                    store.reader().and_then(|r| r.outbox_len())
-                })
-                .await
-                .ok()
-                .and_then(Result::ok);
+                let journal = self.journal.clone();
+                let left = tokio::task::spawn_blocking(move || journal.read().outbox_len())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 if left == Some(0) {
                     return Ok(());
                 }
@@ -285,14 +293,15 @@ impl Runtime {
     }
 }
 
-fn lane_list(config: &Config) -> Vec<(String, String)> {
+/// Every (flow, destination) of the config.
+pub fn lane_list(config: &Config) -> Vec<LaneId> {
     config
         .flows
         .iter()
         .flat_map(|f| {
             f.destinations
                 .iter()
-                .map(|d| (f.name.clone(), d.system.clone()))
+                .map(|d| LaneId::new(&f.name, &d.system))
         })
         .collect()
 }
@@ -300,37 +309,31 @@ fn lane_list(config: &Config) -> Vec<(String, String)> {
 /// Every 2 s: gauges and lane backlogs from the store; every minute: forget
 /// dedupe ids older than the retention.
 async fn refresh_gauges(
-    store: Store,
+    journal: Arc<dyn Journal>,
     handles: Vec<Arc<delivery::LaneHandle>>,
     retention: Duration,
 ) {
-    let lanes: Vec<(String, String)> = handles
+    let lanes: Vec<LaneId> = handles
         .iter()
-        .map(|h| (h.flow.clone(), h.dest.clone()))
+        .map(|h| LaneId::new(&h.flow, &h.dest))
         .collect();
     let mut tick: u64 = 0;
     loop {
         if tick.is_multiple_of(30) {
             let before = weft_store::now_ms() - retention.as_millis() as i64;
-            match store
-                .apply(weft_store::Op::PruneInbox {
-                    before,
-                    limit: 10_000,
-                })
-                .await
-            {
-                Ok(a) if a.changed > 0 => {
-                    tracing::debug!(forgotten = a.changed, "pruned dedupe ids past retention")
+            match journal.prune(before).await {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(forgotten = n, "pruned dedupe ids past retention")
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot prune the inbox"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune the dedupe ids"),
                 _ => {}
             }
         }
         tick += 1;
-        let s = store.clone();
+        let j = journal.clone();
         let l = lanes.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let reader = s.reader()?;
+            let reader = j.read();
             Ok::<_, weft_store::StoreError>((reader.counts(&l)?, reader.dlq_depths()?))
         })
         .await;

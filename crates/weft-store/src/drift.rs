@@ -71,7 +71,7 @@ pub(crate) fn apply(tx: &Connection, b: &DriftBatch) -> Result<Applied, StoreErr
     }
     Ok(Applied {
         changed: n,
-        duplicates: 0,
+        ..Default::default()
     })
 }
 
@@ -114,13 +114,13 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Op, Store, Synchronous};
+    use crate::{Journal, Role, SqliteJournal, Synchronous};
 
-    #[test]
-    fn drift_events_are_recorded_once_and_counted() {
-        let dir = std::env::temp_dir().join(format!("weft-drift-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir.join("w.db"), Synchronous::Normal).unwrap();
+    #[tokio::test]
+    async fn drift_events_are_recorded_once_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteJournal::open(&dir.path().join("w.db"), Synchronous::Normal, Role::Hub).unwrap();
         let ev = |count| NewDrift {
             kind: "type_changed".into(),
             path: "/tags".into(),
@@ -128,17 +128,16 @@ mod tests {
             example: "[\"a\"]".into(),
             count,
         };
-        let batch = |events, shape: Option<&str>| {
-            Op::Drift(DriftBatch {
-                source: "crm".into(),
-                shape: shape.map(str::to_owned),
-                events,
-            })
+        let batch = |events, shape: Option<&str>| DriftBatch {
+            source: "crm".into(),
+            shape: shape.map(str::to_owned),
+            events,
         };
         store
-            .apply_blocking(batch(vec![ev(1)], Some("{\"v\":1}")))
+            .record_drift(batch(vec![ev(1)], Some("{\"v\":1}")))
+            .await
             .unwrap();
-        store.apply_blocking(batch(vec![ev(4)], None)).unwrap();
+        store.record_drift(batch(vec![ev(4)], None)).await.unwrap();
         let r = store.reader().unwrap();
         let evs = r.drift_events(None).unwrap();
         assert_eq!(evs.len(), 1);
@@ -146,6 +145,5 @@ mod tests {
         assert_eq!(evs[0].detail, "string -> array");
         assert_eq!(r.drift_events(Some("erp")).unwrap().len(), 0);
         assert_eq!(r.stream_shape("crm").unwrap().as_deref(), Some("{\"v\":1}"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -246,4 +246,14 @@ pub trait JournalRead: Send + Sync {
     ) -> Result<Vec<CrosswalkRow>, StoreError>;
     /// Pending rows of a lane, in key order (for inspection and tests).
     fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    /// The saved shape of a source stream (JSON). Default: none kept.
+    fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
+        let _ = source;
+        Ok(None)
+    }
+    /// Drift events, oldest first; `source` filters. Default: none kept.
+    fn drift_events(&self, source: Option<&str>) -> Result<Vec<crate::DriftEvent>, StoreError> {
+        let _ = source;
+        Ok(Vec::new())
+    }
 }

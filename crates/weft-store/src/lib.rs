@@ -1,17 +1,14 @@
-//! weft's embedded durable store, on SQLite in WAL mode.
+//! weft's durable store: the [`Journal`] contract (journal.rs) and its
+//! engines. [`SqliteJournal`] is the default, embedded engine: SQLite in WAL
+//! mode, one writer thread applying every state change in group commits (a
+//! caller's future resolves only after the commit, so `Ok` means on disk),
+//! readers on their own connections that never block the writer.
 //!
-//! One writer thread owns the write connection and applies every state
-//! change ([`Op`]) in *group commits*: it takes whatever operations are
-//! waiting (up to a limit), applies each inside its own savepoint, then
-//! commits them all with one fsync. A caller's future resolves only after
-//! that commit, so "Ok" always means "on disk". Readers use their own
-//! connections ([`Reader`]) and never block the writer (WAL).
-//!
-//! Tables (see `schema.rs`): `inbox` (accepted events, dedupe on
-//! `(source, event_id)`), `outbox` (one row per event, flow and destination,
-//! deleted when delivered), `dlq`, `checkpoints`, `flow_counts`.
-//! Every change to the outbox or DLQ updates `flow_counts` in the same
-//! transaction, so the accounting identity holds after any crash:
+//! Tables (see `schema.rs`): `outbox` (one row per event, flow and
+//! destination, with its key-queue state; deleted when delivered), `dlq`,
+//! `holds`, `dedupe`, `checkpoints`, `flow_counts`, `crosswalk`, and the drift
+//! tables. Every change to the outbox or DLQ updates `flow_counts` in the
+//! same transaction, so the accounting identity holds after any crash:
 //! `received = filtered + rejected + discarded(flow)`
 //! ` + delivered + dead_lettered + discarded + pending` (per destination).
 
@@ -19,10 +16,8 @@ mod drift;
 pub mod journal;
 mod reader;
 mod schema;
+mod sqlite;
 mod writer;
-
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use rusqlite::Connection;
 pub use weft_core::config::Synchronous;
@@ -37,6 +32,7 @@ pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reade
 /// DLQ list pages hold this many entries unless asked for fewer.
 pub const DLQ_PAGE: usize = 1000;
 pub use schema::latest_version;
+pub use sqlite::{Role, SqliteJournal};
 
 /// Store failures. `Busy` is retryable; the rest are not expected in normal
 /// operation and stop the caller.
@@ -195,134 +191,70 @@ pub struct IngestBatch {
     pub checkpoint: Option<(String, String)>,
 }
 
-/// A state change, applied atomically by the writer.
-#[derive(Debug, Clone)]
-pub enum Op {
-    Ingest(IngestBatch),
-    /// Delivered: delete from the outbox, count.
-    Delivered(Vec<i64>),
-    /// Ids destinations gave outbox rows (still in the outbox): upsert them
-    /// into the crosswalk. Applied before the rows' [`Op::Delivered`].
-    Captured(Vec<CapturedRow>),
-    /// A failed attempt that will be retried at `next_at` (ms).
-    Retry {
-        id: i64,
-        attempts: u32,
-        next_at: i64,
-        error: String,
-    },
-    /// Out of attempts or permanent: move from the outbox to the DLQ.
-    DeadLetter {
-        id: i64,
-        attempts: u32,
-        error: String,
-    },
-    /// Put a delivery-stage DLQ entry back in the outbox (optionally with an
-    /// edited payload), keeping its idempotency key and correlation id.
-    Replay {
-        dlq_id: i64,
-        payload: Option<String>,
-        note: String,
-    },
-    /// Re-run a parse/map-stage DLQ entry: the caller re-ran the flow and
-    /// gives the new outcome.
-    ReplayMapped {
-        dlq_id: i64,
-        outcome: FlowOutcome,
-        note: String,
-    },
-    /// Mark a DLQ entry discarded.
-    Discard {
-        dlq_id: i64,
-        note: String,
-    },
-    /// Forget inbox entries (dedupe ids) accepted before `before` (ms),
-    /// oldest first, at most `limit`.
-    PruneInbox {
-        before: i64,
-        limit: usize,
-    },
-    /// Drift detection: new drift events, counts of records showing known
-    /// ones, and the stream's shape when it changed.
-    Drift(DriftBatch),
-}
-
-/// The id a destination gave the record of one outbox row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CapturedRow {
-    pub outbox_id: i64,
-    pub external_id: String,
-}
-
-/// What an [`Op`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What an ingest, replay or discard did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// Events stored (ingest) or rows changed (other ops).
+    /// Events stored (ingest) or entries changed (replay, discard).
     pub changed: usize,
-    /// Events already in the inbox (ingest only).
+    /// Events already accepted before (ingest only): not stored, not counted.
     pub duplicates: usize,
+    /// What was counted per flow (received, filtered, rejected): exactly the
+    /// store's counter changes, duplicates excluded, for the metrics.
+    pub flows: Vec<FlowCounted>,
 }
 
-/// Handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    path: PathBuf,
-    tx: mpsc::SyncSender<writer::Job>,
+/// Flow-level counter changes of one operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowCounted {
+    pub flow: String,
+    pub received: u64,
+    pub filtered: u64,
+    pub rejected: u64,
 }
 
-impl Store {
-    /// Open (creating and migrating if needed) and start the writer thread.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Invalid(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        let mut conn = Connection::open(path)?;
-        configure(&conn, synchronous)?;
-        schema::migrate(&mut conn)?;
-        let tx = writer::spawn(conn, path)?;
-        Ok(Store {
-            path: path.to_owned(),
-            tx,
-        })
+impl Applied {
+    pub(crate) fn count(&mut self, flow: &str, f: impl FnOnce(&mut FlowCounted)) {
+        let i = match self.flows.iter().position(|c| c.flow == flow) {
+            Some(i) => i,
+            None => {
+                self.flows.push(FlowCounted {
+                    flow: flow.to_owned(),
+                    ..Default::default()
+                });
+                self.flows.len() - 1
+            }
+        };
+        f(&mut self.flows[i]);
+    }
+}
+
+/// Helpers for tests of this crate and others (not a stable interface).
+#[doc(hidden)]
+pub mod testing {
+    use std::path::Path;
+
+    use crate::{SqliteJournal, StoreError};
+
+    /// Create an SQLite store at schema `version` (an older release's).
+    pub fn create_at_version(path: &Path, version: usize) -> Result<(), StoreError> {
+        let mut conn = rusqlite::Connection::open(path)?;
+        crate::schema::migrate_to(&mut conn, version)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The schema version of the store at `path`.
+    pub fn version(path: &Path) -> Result<i64, StoreError> {
+        crate::schema::version(&rusqlite::Connection::open(path)?)
     }
 
-    /// Apply one operation; resolves after it is committed.
-    pub async fn apply(&self, op: Op) -> Result<Applied, StoreError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let job = writer::Job { op, reply };
-        // the channel is bounded: a full queue waits here (backpressure)
-        let tx = self.tx.clone();
-        let sent = tokio::task::spawn_blocking(move || tx.send(job).is_ok())
+    /// Cap the store file at `pages` pages (at least its size now): later
+    /// growth fails as on a full disk.
+    pub async fn limit_pages(j: &SqliteJournal, pages: u64) -> Result<(), StoreError> {
+        j.exec_on_writer(&format!("PRAGMA max_page_count = {pages}"))
             .await
-            .unwrap_or(false);
-        if !sent {
-            return Err(StoreError::Closed);
-        }
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Apply from synchronous code (CLI).
-    pub fn apply_blocking(&self, op: Op) -> Result<Applied, StoreError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(writer::Job { op, reply })
-            .map_err(|_| StoreError::Closed)?;
-        rx.blocking_recv().map_err(|_| StoreError::Closed)?
-    }
-
-    /// A new read connection.
-    pub fn reader(&self) -> Result<Reader, StoreError> {
-        Reader::open(&self.path)
     }
 }
 
-fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), StoreError> {
+pub(crate) fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,

@@ -1,11 +1,9 @@
 //! Read connections: outbox fetches for delivery workers, status, DLQ views.
 
-use std::path::Path;
-
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use serde::Serialize;
 
-use crate::StoreError;
+use crate::{LaneId, StoreError};
 
 /// One crosswalk entry: the id `system` gave the record `source_key` of
 /// `source`.
@@ -88,6 +86,13 @@ pub struct DlqEntry {
     pub error: String,
     pub payload: String,
     pub history: serde_json::Value,
+    /// The event's CloudEvents attributes (parse/map stage), for replays.
+    pub attributes: Option<String>,
+    /// The event of a later write of the same key that was delivered after
+    /// this entry failed: replaying it would put older data over newer.
+    pub superseded_by: Option<String>,
+    /// Its place in its key's order.
+    pub order_seq: Option<i64>,
 }
 
 /// DLQ query; empty fields match everything.
@@ -112,60 +117,34 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
+    /// Pending rows of a lane in key order.
+    pub fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM outbox WHERE flow = ?1 AND destination = ?2 ORDER BY order_seq, id LIMIT ?3",
+            crate::writer::ROW_COLUMNS
+        );
+        let mut st = self.conn.prepare_cached(&sql)?;
+        let rows = st.query_map(
+            params![lane.flow, lane.destination, limit as i64],
+            crate::writer::outbox_row,
         )?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Reader { conn })
-    }
-
-    /// Outbox rows of one lane with `id > after`, in id order.
-    pub fn outbox_after(
-        &self,
-        flow: &str,
-        destination: &str,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
-                    created_at, attempts, next_at, last_error, payload, COALESCE(order_seq, id)
-             FROM outbox WHERE flow = ?1 AND destination = ?2 AND id > ?3 ORDER BY id LIMIT ?4",
-        )?;
-        let rows = st.query_map(params![flow, destination, after, limit as i64], |r| {
-            Ok(OutboxRow {
-                id: r.get(0)?,
-                flow: r.get(1)?,
-                destination: r.get(2)?,
-                entity_key: r.get(3)?,
-                idempotency_key: r.get(4)?,
-                source: r.get(5)?,
-                event_id: r.get(6)?,
-                correlation_id: r.get(7)?,
-                created_at: r.get(8)?,
-                attempts: r.get(9)?,
-                next_at: r.get(10)?,
-                last_error: r.get(11)?,
-                payload: r.get(12)?,
-                order_seq: r.get(13)?,
-                event_time: r.get(8)?,
-                source_version: None,
-                group_id: None,
-                traceparent: None,
-                tracestate: None,
-            })
-        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every flow and destination's counts, with pending rows counted.
     /// `lanes` lists the (flow, destination) pairs of the config so that
     /// lanes with nothing yet still show.
-    pub fn counts(&self, lanes: &[(String, String)]) -> Result<Vec<FlowCounts>, StoreError> {
+    pub fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
+        // one snapshot: counters and pending rows of the same commit
+        self.conn.execute_batch("BEGIN")?;
+        let out = self.counts_in_snapshot(lanes);
+        let end = self.conn.execute_batch("COMMIT");
+        let out = out?;
+        end?;
+        Ok(out)
+    }
+
+    fn counts_in_snapshot(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
         let mut raw: std::collections::BTreeMap<(String, String), [i64; 6]> = Default::default();
         let mut st = self.conn.prepare_cached(
             "SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded FROM flow_counts",
@@ -187,13 +166,15 @@ impl Reader {
             let (k, v) = row?;
             raw.insert(k, v);
         }
-        let mut all: Vec<(String, String)> = lanes.to_vec();
+        let mut all: Vec<(String, String)> = lanes
+            .iter()
+            .map(|l| (l.flow.clone(), l.destination.clone()))
+            .collect();
         for (f, d) in raw.keys() {
             if !d.is_empty() && !all.contains(&(f.clone(), d.clone())) {
                 all.push((f.clone(), d.clone()));
             }
         }
-        let now = crate::now_ms();
         let mut out = Vec::new();
         for (flow, dest) in all {
             let fl = raw
@@ -204,20 +185,9 @@ impl Reader {
                 .get(&(flow.clone(), dest.clone()))
                 .copied()
                 .unwrap_or_default();
-            let pending: i64 = self.conn.query_row(
-                "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
-                params![flow, dest],
-                |r| r.get(0),
-            )?;
-            let oldest: Option<i64> = self
-                .conn
-                .query_row(
-                    "SELECT created_at FROM outbox WHERE flow = ?1 AND destination = ?2 ORDER BY id LIMIT 1",
-                    params![flow, dest],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let (received, filtered, rejected, fdisc) = (fl[0], fl[1], fl[2], fl[5]);
+            let (pending, oldest) = self.lane_depth(&flow, &dest)?;
+            // a follow-up enters one lane only: counted on the lane's own row
+            let (received, filtered, rejected, fdisc) = (fl[0] + dl[0], fl[1], fl[2], fl[5]);
             let (delivered, dead, disc) = (dl[3], dl[4], dl[5]);
             out.push(FlowCounts {
                 balanced: received
@@ -231,7 +201,7 @@ impl Reader {
                 dead_lettered: dead,
                 discarded: fdisc + disc,
                 pending,
-                oldest_pending_ms: oldest.map(|t| (now - t).max(0)),
+                oldest_pending_ms: oldest,
             });
         }
         Ok(out)
@@ -243,19 +213,11 @@ impl Reader {
         flow: &str,
         destination: &str,
     ) -> Result<(i64, Option<i64>), StoreError> {
-        let pending: i64 = self.conn.query_row(
-            "SELECT count(*) FROM outbox WHERE flow = ?1 AND destination = ?2",
+        let (pending, oldest): (i64, Option<i64>) = self.conn.query_row(
+            "SELECT count(*), min(created_at) FROM outbox WHERE flow = ?1 AND destination = ?2",
             params![flow, destination],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let oldest: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT created_at FROM outbox WHERE flow = ?1 AND destination = ?2 ORDER BY id LIMIT 1",
-                params![flow, destination],
-                |r| r.get(0),
-            )
-            .optional()?;
         Ok((pending, oldest.map(|t| (crate::now_ms() - t).max(0))))
     }
 
@@ -301,16 +263,6 @@ impl Reader {
             .optional()?)
     }
 
-    /// Entity keys with a dead (not replayed or discarded) delivery in this lane.
-    pub fn held_keys(&self, flow: &str, destination: &str) -> Result<Vec<String>, StoreError> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT DISTINCT entity_key FROM dlq WHERE status = 'dead' AND stage = 'deliver'
-             AND flow = ?1 AND destination = ?2 AND entity_key IS NOT NULL",
-        )?;
-        let rows = st.query_map(params![flow, destination], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// Rows in the whole outbox.
     pub fn outbox_len(&self) -> Result<i64, StoreError> {
         Ok(self
@@ -330,7 +282,8 @@ impl Reader {
     pub fn dlq_list(&self, f: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
         let mut sql = String::from(
             "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
-                    correlation_id, created_at, failed_at, attempts, error, payload, history FROM dlq WHERE 1=1",
+                    correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
+                    superseded_by, order_seq FROM dlq WHERE 1=1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         match f.status.as_deref() {
@@ -357,10 +310,12 @@ impl Reader {
             sql.push_str(" AND failed_at >= ?");
             args.push(v.into());
         }
-        sql.push_str(" ORDER BY id");
-        if let Some(l) = f.limit {
-            sql.push_str(&format!(" LIMIT {l}"));
+        if let Some(v) = f.after_id {
+            sql.push_str(" AND id > ?");
+            args.push(v.into());
         }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        args.push((f.limit.unwrap_or(crate::DLQ_PAGE) as i64).into());
         let mut st = self.conn.prepare(&sql)?;
         let rows = st.query_map(params_from_iter(args), dlq_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -371,7 +326,8 @@ impl Reader {
             .conn
             .query_row(
                 "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
-                        correlation_id, created_at, failed_at, attempts, error, payload, history FROM dlq WHERE id = ?1",
+                        correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
+                    superseded_by, order_seq FROM dlq WHERE id = ?1",
                 [id],
                 dlq_row,
             )
@@ -384,22 +340,6 @@ impl Reader {
             .query_row(
                 "SELECT value FROM checkpoints WHERE source = ?1 AND key = ?2",
                 params![source, key],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    /// The inbox attributes of an event (for `weft dlq show` and replays).
-    pub fn inbox_attributes(
-        &self,
-        source: &str,
-        event_id: &str,
-    ) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT attributes FROM inbox WHERE source = ?1 AND event_id = ?2",
-                params![source, event_id],
                 |r| r.get(0),
             )
             .optional()?)
@@ -425,5 +365,8 @@ fn dlq_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DlqEntry> {
         error: r.get(13)?,
         payload: r.get(14)?,
         history: serde_json::from_str(&history).unwrap_or(serde_json::Value::Null),
+        attributes: r.get(16)?,
+        superseded_by: r.get(17)?,
+        order_seq: r.get(18)?,
     })
 }

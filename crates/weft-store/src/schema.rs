@@ -127,10 +127,124 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX crosswalk_by_external ON crosswalk (system, external_id);
     "#,
+    // 4: the journal (see journal.rs): key queues with per-row state, leases,
+    // holds, a lean dedupe table instead of the inbox, write outcomes.
+    // The data of a version-3 store is carried over by `carry_over_v3`.
+    r#"
+    -- state: 0 queued (behind the head of its key queue), 1 ready (a head, due),
+    -- 2 leased (next_at = the lease's deadline), 3 waiting (a head in backoff
+    -- until next_at), 4 held (a head whose key a dead letter holds).
+    CREATE TABLE outbox_v4 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        flow            TEXT NOT NULL,
+        destination     TEXT NOT NULL,
+        entity_key      TEXT,
+        idempotency_key TEXT NOT NULL,
+        source          TEXT NOT NULL,
+        event_id        TEXT NOT NULL,
+        correlation_id  TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,     -- when weft accepted the event, ms
+        event_time      INTEGER NOT NULL,     -- the event's own time, ms
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_at         INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        order_seq       INTEGER NOT NULL,     -- place in its key queue (journal_meta 'order_seq')
+        state           INTEGER NOT NULL,
+        token           INTEGER NOT NULL DEFAULT 0,
+        source_version  TEXT,
+        group_id        TEXT,
+        traceparent     TEXT,
+        tracestate      TEXT,
+        payload         TEXT NOT NULL
+    );
+    INSERT INTO outbox_v4 (id, flow, destination, entity_key, idempotency_key, source, event_id,
+        correlation_id, created_at, event_time, attempts, next_at, last_error, order_seq, state, payload)
+      SELECT id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
+        created_at, created_at, attempts, next_at, last_error, COALESCE(order_seq, id), 0, payload
+      FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v4 RENAME TO outbox;
+    CREATE INDEX outbox_lane ON outbox (flow, destination, state, order_seq);
+    CREATE INDEX outbox_key ON outbox (destination, entity_key, order_seq) WHERE entity_key IS NOT NULL;
+    CREATE INDEX outbox_timer ON outbox (next_at) WHERE state IN (2, 3);
+    UPDATE outbox SET state = CASE WHEN attempts > 0 AND next_at > 0 THEN 3 ELSE 1 END
+      WHERE entity_key IS NULL OR order_seq = (SELECT min(o.order_seq) FROM outbox o
+        WHERE o.destination = outbox.destination AND o.entity_key = outbox.entity_key);
+
+    -- Keys a dead letter holds at a destination (on_dead_letter: hold_key).
+    CREATE TABLE holds (
+        destination TEXT NOT NULL,
+        entity_key  TEXT NOT NULL,
+        dlq_id      INTEGER NOT NULL,
+        PRIMARY KEY (destination, entity_key, dlq_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX holds_by_entry ON holds (dlq_id);
+
+    -- Dedupe ids of sources that cannot replay exactly: 16 bytes of the
+    -- SHA-256 of the event id, pruned in `seq` order past the retention.
+    CREATE TABLE dedupe (
+        seq         INTEGER PRIMARY KEY,
+        source      TEXT NOT NULL,
+        id_hash     BLOB NOT NULL,
+        accepted_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX dedupe_by_id ON dedupe (source, id_hash);
+
+    -- Counters the journal allocates from (order_seq).
+    CREATE TABLE journal_meta (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO journal_meta (name, value) VALUES ('order_seq',
+      max(COALESCE((SELECT max(order_seq) FROM outbox), 0),
+          COALESCE((SELECT max(order_seq) FROM dlq), 0),
+          COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)));
+
+    -- DLQ: the CloudEvents attributes (map-stage replays re-run the flow with
+    -- them; the inbox that kept them is gone) and the event that superseded
+    -- a dead entry (a later write of its key, delivered).
+    ALTER TABLE dlq ADD COLUMN attributes TEXT;
+    ALTER TABLE dlq ADD COLUMN superseded_by TEXT;
+    CREATE INDEX dlq_dead_by_key ON dlq (entity_key) WHERE status = 'dead' AND entity_key IS NOT NULL;
+    UPDATE dlq SET attributes = (SELECT i.attributes FROM inbox i
+      WHERE i.source = dlq.source AND i.event_id = dlq.event_id);
+
+    -- Write outcomes kept with the crosswalk entry.
+    ALTER TABLE crosswalk ADD COLUMN version TEXT;
+    ALTER TABLE crosswalk ADD COLUMN fingerprint TEXT;
+    "#,
 ];
+
+/// After migration 4's SQL: the inbox's event ids become dedupe hashes
+/// (computed here: SQLite has no SHA-256), then the inbox goes.
+fn carry_over_v3(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    {
+        let mut sel = tx.prepare("SELECT source, event_id, received_at FROM inbox ORDER BY seq")?;
+        let mut ins = tx.prepare(
+            "INSERT OR IGNORE INTO dedupe (source, id_hash, accepted_at) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut rows = sel.query([])?;
+        while let Some(r) = rows.next()? {
+            let (source, id, at): (String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            ins.execute(rusqlite::params![source, crate::writer::id_hash(&id), at])?;
+        }
+    }
+    tx.execute_batch("DROP TABLE inbox;")?;
+    Ok(())
+}
+
+/// The schema version of the store at `conn`.
+pub(crate) fn version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
 
 /// Bring the schema up to date.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_to(conn, MIGRATIONS.len())
+}
+
+/// Apply the migrations up to `target`.
+pub(crate) fn migrate_to(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let latest = MIGRATIONS.len() as i64;
     if current > latest {
@@ -138,9 +252,17 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             "the store's schema version {current} is newer than this weft knows ({latest}); use a newer weft"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let tx = conn.transaction()?;
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target)
+        .skip(current as usize)
+    {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
+        if i == 3 {
+            carry_over_v3(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
     }

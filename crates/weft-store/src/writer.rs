@@ -1,22 +1,66 @@
-//! The writer thread: group commit of every state change.
+//! The SQLite journal's writer thread: every state change, in group commits.
+//!
+//! One thread owns the write connection. It takes whatever jobs are waiting
+//! (up to [`GROUP`]) and applies them in one IMMEDIATE transaction with one
+//! fsync; if one job fails, the transaction is rolled back and the group is
+//! applied again with a savepoint per job (and the job's counters inside its
+//! savepoint), so only the failing job is refused. If SQLite rolled the
+//! whole transaction back by itself (a full disk, an I/O error), every job
+//! of the group fails: none is answered `Ok` for work that is not on disk.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::oneshot;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sha2::Digest;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::{Applied, FlowOutcome, IngestBatch, Op, StoreError, now_ms};
+use crate::journal::{
+    ClaimRequest, Claimed, FollowUp, Outcome, Refusal, Replay, Settle, Settled, WriteOutcome,
+};
+use crate::{Applied, Dedupe, DriftBatch, FlowOutcome, IngestBatch, OutboxRow, StoreError};
+
+/// Row states (see migration 4).
+pub(crate) const QUEUED: i64 = 0;
+pub(crate) const READY: i64 = 1;
+pub(crate) const LEASED: i64 = 2;
+pub(crate) const WAITING: i64 = 3;
+pub(crate) const HELD: i64 = 4;
+
+pub(crate) enum Op {
+    Ingest(IngestBatch),
+    Claim(ClaimRequest),
+    Settle(Settle),
+    Replay(Replay),
+    Discard {
+        dlq_id: i64,
+        note: String,
+    },
+    Prune {
+        before: i64,
+        limit: usize,
+    },
+    Drift(DriftBatch),
+    /// Tests only: a statement on the writer's connection (a PRAGMA).
+    Exec(String),
+}
+
+pub(crate) enum Reply {
+    Applied(Applied),
+    Claimed(Vec<Claimed>),
+    Settled(Settled),
+    Pruned(usize),
+}
 
 pub(crate) struct Job {
     pub op: Op,
-    pub reply: oneshot::Sender<Result<Applied, StoreError>>,
+    pub reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
-/// Jobs waiting beyond this block their senders: memory stays bounded.
-const QUEUE: usize = 256;
+/// Jobs waiting beyond this make their senders wait: memory stays bounded.
+pub(crate) const QUEUE: usize = 256;
 /// Most jobs in one commit.
 const GROUP: usize = 512;
 
@@ -26,21 +70,33 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// checkpointer that cannot keep up (SQLite's default is 1000).
 const WRITER_CHECKPOINT_PAGES: i64 = 16_000;
 
+/// 16 bytes of the SHA-256 of an event id: the dedupe key.
+pub(crate) fn id_hash(id: &str) -> Vec<u8> {
+    sha2::Sha256::digest(id.as_bytes())[..16].to_vec()
+}
+
 /// Start the writer thread on `conn`, and a checkpointer thread on a second
-/// connection to `path`. Checkpoints (copying WAL pages into the database
-/// file) then run beside the writer instead of inside its commits; a page
-/// written many times between two checkpoints (outbox rows come and go) is
-/// copied once.
-pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::SyncSender<Job>, StoreError> {
+/// connection to `path`. Checkpoints run beside the writer instead of inside
+/// its commits; a page written many times between two checkpoints (outbox
+/// rows come and go) is copied once.
+pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     let ckpt = Connection::open(path)?;
     ckpt.busy_timeout(Duration::from_secs(10))?;
-    let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
-    let (alive, gone) = mpsc::channel::<()>();
+    let first_token: i64 =
+        conn.query_row("SELECT COALESCE(max(token), 0) FROM outbox", [], |r| {
+            r.get(0)
+        })?;
+    let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+    let (alive, gone) = std_mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("weft-store-writer".into())
         .spawn(move || {
-            run(conn, rx);
+            Writer {
+                conn,
+                next_token: first_token + 1,
+            }
+            .run(rx);
             drop(alive);
         })
         .map_err(|e| StoreError::Invalid(format!("cannot start the writer thread: {e}")))?;
@@ -53,11 +109,11 @@ pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::SyncSender<Jo
 
 /// PASSIVE checkpoints every [`CHECKPOINT_EVERY`] until the writer stops;
 /// they never block the writer or readers.
-fn checkpointer(conn: Connection, writer_gone: mpsc::Receiver<()>) {
+fn checkpointer(conn: Connection, writer_gone: std_mpsc::Receiver<()>) {
     loop {
         let stop = matches!(
             writer_gone.recv_timeout(CHECKPOINT_EVERY),
-            Err(mpsc::RecvTimeoutError::Disconnected)
+            Err(std_mpsc::RecvTimeoutError::Disconnected)
         );
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "store checkpoint did not run; will try again");
@@ -69,121 +125,122 @@ fn checkpointer(conn: Connection, writer_gone: mpsc::Receiver<()>) {
 }
 
 #[derive(Default, Clone, Copy)]
-struct Counts {
-    received: i64,
-    filtered: i64,
-    rejected: i64,
-    delivered: i64,
-    dead_lettered: i64,
-    discarded: i64,
+pub(crate) struct Counts {
+    pub received: i64,
+    pub filtered: i64,
+    pub rejected: i64,
+    pub delivered: i64,
+    pub dead_lettered: i64,
+    pub discarded: i64,
 }
 
-type Deltas = HashMap<(String, String), Counts>;
+pub(crate) type Deltas = HashMap<(String, String), Counts>;
 
 fn bump(d: &mut Deltas, flow: &str, dest: &str, f: impl FnOnce(&mut Counts)) {
     f(d.entry((flow.to_owned(), dest.to_owned())).or_default());
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        let results = commit_group(&mut conn, &jobs);
-        match results {
-            Ok(results) => {
-                for (job, r) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(r);
+struct Writer {
+    conn: Connection,
+    next_token: i64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed");
-                let msg = e.to_string();
-                for job in jobs {
-                    let _ = job
-                        .reply
-                        .send(Err(StoreError::Invalid(format!("commit failed: {msg}"))));
+            match self.commit_group(&jobs) {
+                Ok(results) => {
+                    for (job, r) in jobs.into_iter().zip(results) {
+                        let _ = job.reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store commit failed");
+                    let msg = e.to_string();
+                    for job in jobs {
+                        let _ = job
+                            .reply
+                            .send(Err(StoreError::Invalid(format!("commit failed: {msg}"))));
+                    }
                 }
             }
         }
     }
-}
 
-/// Apply `jobs` in one transaction. First all together; if one of them
-/// fails, the transaction is rolled back and the group is applied again
-/// with a savepoint per job, so that only the failing job is refused.
-/// (A savepoint per job on the common path copied every page it touched
-/// into the statement journal: about a tenth of the writer's time.)
-fn commit_group(
-    conn: &mut Connection,
-    jobs: &[Job],
-) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    if let Some(results) = commit_all(conn, jobs)? {
-        return Ok(results);
-    }
-    commit_each(conn, jobs)
-}
-
-/// `None` when a job failed (nothing was written).
-fn commit_all(
-    conn: &mut Connection,
-    jobs: &[Job],
-) -> Result<Option<Vec<Result<Applied, StoreError>>>, StoreError> {
-    let tx = conn.transaction()?;
-    let mut totals: Deltas = HashMap::new();
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match apply(&tx, &job.op, &mut totals) {
-            Ok(a) => results.push(Ok(a)),
-            Err(_) => return Ok(None), // dropping `tx` rolls back
+    /// Apply `jobs` in one transaction: all together; if one fails, again
+    /// with a savepoint per job so that only the failing one is refused. (A
+    /// savepoint per job on the common path copied every page it touched into
+    /// the statement journal: about a tenth of the writer's time.)
+    fn commit_group(&mut self, jobs: &[Job]) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+        if let Some(results) = self.commit_all(jobs)? {
+            return Ok(results);
         }
+        self.commit_each(jobs)
     }
-    write_counts(&tx, &totals)?;
-    tx.commit()?;
-    Ok(Some(results))
-}
 
-fn commit_each(
-    conn: &mut Connection,
-    jobs: &[Job],
-) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    let mut tx = conn.transaction()?;
-    let mut totals: Deltas = HashMap::new();
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let mut deltas: Deltas = HashMap::new();
-        let sp = tx.savepoint()?;
-        let r = apply(&sp, &job.op, &mut deltas);
-        match r {
-            Ok(a) => {
-                sp.commit()?;
-                for (k, v) in deltas {
-                    let t = totals.entry(k).or_default();
-                    t.received += v.received;
-                    t.filtered += v.filtered;
-                    t.rejected += v.rejected;
-                    t.delivered += v.delivered;
-                    t.dead_lettered += v.dead_lettered;
-                    t.discarded += v.discarded;
+    /// `None` when a job failed (nothing was written).
+    fn commit_all(
+        &mut self,
+        jobs: &[Job],
+    ) -> Result<Option<Vec<Result<Reply, StoreError>>>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut totals: Deltas = HashMap::new();
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match apply(&tx, &job.op, &mut totals, &mut self.next_token) {
+                Ok(a) => results.push(Ok(a)),
+                Err(_) => return Ok(None), // dropping `tx` rolls back
+            }
+        }
+        write_counts(&tx, &totals)?;
+        tx.commit()?;
+        Ok(Some(results))
+    }
+
+    fn commit_each(&mut self, jobs: &[Job]) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut deltas: Deltas = HashMap::new();
+            let sp = tx.savepoint()?;
+            let r = apply(&sp, &job.op, &mut deltas, &mut self.next_token)
+                .and_then(|a| write_counts(&sp, &deltas).map(|()| a));
+            match r {
+                Ok(a) => {
+                    sp.commit()?;
+                    results.push(Ok(a));
                 }
-                results.push(Ok(a));
+                Err(e) => {
+                    drop(sp); // rolls back this job only
+                    results.push(Err(e));
+                }
             }
-            Err(e) => {
-                drop(sp); // rolls back this job only
-                results.push(Err(e));
+            // SQLite rolls the whole transaction back by itself after some
+            // errors (SQLITE_FULL, IOERR, NOMEM); later savepoints would then
+            // commit one by one outside the group. Fail the whole group.
+            if tx.is_autocommit() {
+                return Err(StoreError::Invalid(
+                    "SQLite rolled the transaction back (disk full or I/O error)".into(),
+                ));
             }
         }
+        tx.commit()?;
+        Ok(results)
     }
-    write_counts(&tx, &totals)?;
-    tx.commit()?;
-    Ok(results)
 }
 
-fn write_counts(tx: &Transaction<'_>, totals: &Deltas) -> Result<(), StoreError> {
+fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
     let mut st = tx.prepare_cached(
         "INSERT INTO flow_counts (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -210,226 +267,687 @@ fn write_counts(tx: &Transaction<'_>, totals: &Deltas) -> Result<(), StoreError>
     Ok(())
 }
 
-fn apply(tx: &Connection, op: &Op, d: &mut Deltas) -> Result<Applied, StoreError> {
+fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<Reply, StoreError> {
+    let now = crate::now_ms();
     match op {
-        Op::Ingest(b) => ingest(tx, b, d),
-        Op::Drift(b) => crate::drift::apply(tx, b),
-        Op::Delivered(ids) => {
-            let mut sel =
-                tx.prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?;
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            let mut n = 0;
-            for id in ids {
-                let row: Option<(String, String)> = sel
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                // already gone (delivered by an earlier run): nothing to count
-                if let Some((flow, dest)) = row {
-                    del.execute([id])?;
-                    bump(d, &flow, &dest, |c| c.delivered += 1);
-                    n += 1;
-                }
-            }
-            Ok(Applied {
-                changed: n,
-                duplicates: 0,
-            })
+        Op::Ingest(b) => ingest(tx, b, d, now).map(Reply::Applied),
+        Op::Claim(req) => {
+            let token = *tokens;
+            *tokens += 1;
+            claim(tx, req, token, now).map(Reply::Claimed)
         }
-        Op::Captured(rows) => {
-            let mut sel = tx.prepare_cached(
-                "SELECT destination, source, COALESCE(entity_key, event_id), flow, event_id FROM outbox WHERE id = ?1",
-            )?;
-            let mut up = tx.prepare_cached(
-                "INSERT INTO crosswalk (system, source, source_key, external_id, flow, event_id, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
-                 ON CONFLICT (system, source, source_key) DO UPDATE SET
-                   external_id = excluded.external_id, flow = excluded.flow,
-                   event_id = excluded.event_id, updated_at = excluded.updated_at",
-            )?;
-            let now = now_ms();
-            let mut n = 0;
-            for c in rows {
-                type Src = (String, String, String, String, String);
-                let row: Option<Src> = sel
-                    .query_row([c.outbox_id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })
-                    .optional()?;
-                // gone already (delivered and recorded by an earlier run)
-                if let Some((system, source, key, flow, event_id)) = row {
-                    n += up.execute(params![
-                        system,
-                        source,
-                        key,
-                        c.external_id,
-                        flow,
-                        event_id,
-                        now
-                    ])?;
-                }
-            }
-            Ok(Applied {
-                changed: n,
-                duplicates: 0,
-            })
-        }
-        Op::Retry {
-            id,
-            attempts,
-            next_at,
-            error,
-        } => {
+        Op::Settle(s) => settle(tx, s, d, now).map(Reply::Settled),
+        Op::Replay(r) => replay(tx, r, d, now).map(Reply::Applied),
+        Op::Discard { dlq_id, note } => discard(tx, *dlq_id, note, d, now).map(Reply::Applied),
+        Op::Prune { before, limit } => {
             let n = tx
                 .prepare_cached(
-                    "UPDATE outbox SET attempts = ?2, next_at = ?3, last_error = ?4 WHERE id = ?1",
-                )?
-                .execute(params![id, attempts, next_at, error])?;
-            Ok(Applied {
-                changed: n,
-                duplicates: 0,
-            })
-        }
-        Op::DeadLetter {
-            id,
-            attempts,
-            error,
-        } => {
-            let row: Option<(String, String)> = tx
-                .prepare_cached("SELECT flow, destination FROM outbox WHERE id = ?1")?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let Some((flow, dest)) = row else {
-                return Ok(Applied::default());
-            };
-            let history = serde_json::json!([{"at": now_ms(), "action": "dead_lettered", "attempts": attempts, "error": error}]);
-            tx.prepare_cached(
-                "INSERT INTO dlq (stage, flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, failed_at, attempts, error, payload, history, order_seq)
-                 SELECT 'deliver', flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, ?2, ?3, ?4, payload, ?5, COALESCE(order_seq, id)
-                 FROM outbox WHERE id = ?1",
-            )?
-            .execute(params![id, now_ms(), attempts, error, history.to_string()])?;
-            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
-                .execute([id])?;
-            bump(d, &flow, &dest, |c| c.dead_lettered += 1);
-            Ok(Applied {
-                changed: 1,
-                duplicates: 0,
-            })
-        }
-        Op::Replay {
-            dlq_id,
-            payload,
-            note,
-        } => {
-            let e = dead_entry(tx, *dlq_id)?;
-            if e.stage != "deliver" {
-                return Err(StoreError::Invalid(format!(
-                    "DLQ entry {dlq_id} failed at the {} stage; it is replayed through its flow's mapping",
-                    e.stage
-                )));
-            }
-            let payload = payload.clone().unwrap_or(e.payload);
-            if serde_json::from_str::<serde_json::Value>(&payload).is_err() {
-                return Err(StoreError::Invalid(
-                    "the replacement payload is not valid JSON".into(),
-                ));
-            }
-            tx.prepare_cached(
-                "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, payload, order_seq)
-                 SELECT flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
-                   ?2, ?3, order_seq FROM dlq WHERE id = ?1",
-            )?
-            .execute(params![dlq_id, now_ms(), payload])?;
-            mark(tx, *dlq_id, "replayed", note)?;
-            bump(d, &e.flow, &e.destination, |c| c.dead_lettered -= 1);
-            Ok(Applied {
-                changed: 1,
-                duplicates: 0,
-            })
-        }
-        Op::ReplayMapped {
-            dlq_id,
-            outcome,
-            note,
-        } => {
-            let e = dead_entry(tx, *dlq_id)?;
-            if e.stage == "deliver" {
-                return Err(StoreError::Invalid(format!(
-                    "DLQ entry {dlq_id} failed at delivery; replay it as it is"
-                )));
-            }
-            // the entry leaves the flow's rejected count and re-enters as the new outcome
-            bump(d, &e.flow, "", |c| {
-                c.rejected -= 1;
-                c.received -= 1;
-            });
-            mark(tx, *dlq_id, "replayed", note)?;
-            apply_outcome(
-                tx,
-                &e.source,
-                &e.event_id,
-                &e.correlation_id,
-                e.created_at,
-                &e.payload,
-                outcome,
-                d,
-            )?;
-            Ok(Applied {
-                changed: 1,
-                duplicates: 0,
-            })
-        }
-        Op::PruneInbox { before, limit } => {
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox ORDER BY seq LIMIT ?2) AND received_at < ?1",
+                    "DELETE FROM dedupe WHERE seq IN (SELECT seq FROM dedupe ORDER BY seq LIMIT ?2) AND accepted_at < ?1",
                 )?
                 .execute(params![before, *limit as i64])?;
-            Ok(Applied {
-                changed: n,
-                duplicates: 0,
-            })
+            Ok(Reply::Pruned(n))
         }
-        Op::Discard { dlq_id, note } => {
-            let e = dead_entry(tx, *dlq_id)?;
-            mark(tx, *dlq_id, "discarded", note)?;
-            if e.stage == "deliver" {
-                bump(d, &e.flow, &e.destination, |c| {
-                    c.dead_lettered -= 1;
-                    c.discarded += 1;
-                });
-            } else {
-                bump(d, &e.flow, "", |c| {
-                    c.rejected -= 1;
-                    c.discarded += 1;
-                });
-            }
-            Ok(Applied {
-                changed: 1,
-                duplicates: 0,
-            })
+        Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
+        Op::Exec(sql) => {
+            tx.query_row(sql, [], |_| Ok(()))
+                .optional()
+                .map_err(StoreError::from)?;
+            Ok(Reply::Applied(Applied::default()))
         }
     }
+}
+
+/// Reserve `n` consecutive order_seqs; returns the first.
+fn reserve_seq(tx: &Connection, n: usize) -> Result<i64, StoreError> {
+    let last: i64 = tx
+        .prepare_cached(
+            "UPDATE journal_meta SET value = value + ?1 WHERE name = 'order_seq' RETURNING value",
+        )?
+        .query_row([n as i64], |r| r.get(0))?;
+    Ok(last - n as i64 + 1)
+}
+
+/// Hands out order_seqs: fresh ones from a reserved range, or a fixed one
+/// (a replay keeps its entry's place).
+enum Seq {
+    Range { next: i64, end: i64 },
+    Fixed(i64),
+}
+
+impl Seq {
+    fn take(&mut self, tx: &Connection) -> Result<i64, StoreError> {
+        match self {
+            Seq::Fixed(o) => Ok(*o),
+            Seq::Range { next, end } => {
+                if *next >= *end {
+                    *next = reserve_seq(tx, 64)?;
+                    *end = *next + 64;
+                }
+                let o = *next;
+                *next += 1;
+                Ok(o)
+            }
+        }
+    }
+}
+
+/// What an outbox row is made of, wherever it comes from.
+struct NewRow<'a> {
+    flow: &'a str,
+    destination: &'a str,
+    entity_key: Option<&'a str>,
+    idempotency_key: &'a str,
+    source: &'a str,
+    event_id: &'a str,
+    correlation_id: &'a str,
+    created_at: i64,
+    event_time: i64,
+    source_version: Option<&'a str>,
+    group_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    payload: &'a str,
+}
+
+/// Event-level fields an outcome needs.
+struct EventCtx<'a> {
+    source: &'a str,
+    event_id: &'a str,
+    correlation_id: &'a str,
+    created_at: i64,
+    event_time: i64,
+    source_version: Option<&'a str>,
+    group_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    attributes: Option<&'a str>,
+    payload: &'a str,
+}
+
+/// Is (destination, key) held for a row at `order_seq`: a dead letter of
+/// that key, earlier in its order, holds it.
+fn held(tx: &Connection, dest: &str, key: &str, order_seq: i64) -> Result<bool, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM holds h JOIN dlq q ON q.id = h.dlq_id
+               WHERE h.destination = ?1 AND h.entity_key = ?2 AND (q.order_seq IS NULL OR q.order_seq < ?3))",
+        )?
+        .query_row(params![dest, key, order_seq], |r| r.get(0))?)
+}
+
+/// The state a row should have given its key queue.
+fn state_for(
+    tx: &Connection,
+    dest: &str,
+    key: Option<&str>,
+    order_seq: i64,
+    next_at: i64,
+    now: i64,
+) -> Result<i64, StoreError> {
+    let due = if next_at > now { WAITING } else { READY };
+    let Some(key) = key else { return Ok(due) };
+    let earlier: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND order_seq < ?3)",
+        )?
+        .query_row(params![dest, key, order_seq], |r| r.get(0))?;
+    if earlier {
+        return Ok(QUEUED);
+    }
+    if held(tx, dest, key, order_seq)? {
+        return Ok(HELD);
+    }
+    Ok(due)
+}
+
+/// Give the head of (dest, key) the state it should have, when it is not
+/// leased (a row that became head, or whose hold was lifted).
+fn refresh_head(tx: &Connection, dest: &str, key: &str, now: i64) -> Result<(), StoreError> {
+    let head: Option<(i64, i64, i64, i64)> = tx
+        .prepare_cached(
+            "SELECT id, order_seq, next_at, state FROM outbox WHERE destination = ?1 AND entity_key = ?2
+             ORDER BY order_seq LIMIT 1",
+        )?
+        .query_row(params![dest, key], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    if let Some((id, order_seq, next_at, state)) = head
+        && state != LEASED
+    {
+        let want = state_for(tx, dest, Some(key), order_seq, next_at, now)?;
+        if want != state {
+            tx.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
+                .execute(params![id, want])?;
+        }
+    }
+    Ok(())
+}
+
+/// Insert an outbox row in its key queue. `replacing`: the row may sort
+/// before rows already queued (a replay keeping its place), which then stop
+/// being heads.
+fn insert_row(
+    tx: &Connection,
+    r: &NewRow<'_>,
+    order_seq: i64,
+    replacing: bool,
+    now: i64,
+) -> Result<(), StoreError> {
+    let state = state_for(tx, r.destination, r.entity_key, order_seq, 0, now)?;
+    if replacing && state != QUEUED && r.entity_key.is_some() {
+        tx.prepare_cached(
+            "UPDATE outbox SET state = 0 WHERE destination = ?1 AND entity_key = ?2 AND order_seq > ?3
+             AND state IN (1, 3, 4)",
+        )?
+        .execute(params![r.destination, r.entity_key, order_seq])?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
+           correlation_id, created_at, event_time, order_seq, state, source_version, group_id,
+           traceparent, tracestate, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        r.flow,
+        r.destination,
+        r.entity_key,
+        r.idempotency_key,
+        r.source,
+        r.event_id,
+        r.correlation_id,
+        r.created_at,
+        r.event_time,
+        order_seq,
+        state,
+        r.source_version,
+        r.group_id,
+        r.traceparent,
+        r.tracestate,
+        r.payload
+    ])?;
+    Ok(())
+}
+
+fn ingest(
+    tx: &Connection,
+    b: &IngestBatch,
+    d: &mut Deltas,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    let mut dedupe = tx.prepare_cached(
+        "INSERT INTO dedupe (source, id_hash, accepted_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (source, id_hash) DO NOTHING",
+    )?;
+    let mut applied = Applied::default();
+    let mut seq = Seq::Range { next: 0, end: 0 };
+    for e in &b.events {
+        if b.dedupe == Dedupe::Id {
+            let n = dedupe.execute(params![b.source, id_hash(&e.event_id), e.received_at])?;
+            if n == 0 {
+                applied.duplicates += 1;
+                continue;
+            }
+        }
+        applied.changed += 1;
+        let ctx = EventCtx {
+            source: &b.source,
+            event_id: &e.event_id,
+            correlation_id: &e.correlation_id,
+            created_at: e.received_at,
+            event_time: e.event_time,
+            source_version: e.source_version.as_deref(),
+            group_id: e.group_id.as_deref(),
+            traceparent: e.traceparent.as_deref(),
+            tracestate: e.tracestate.as_deref(),
+            attributes: Some(&e.attributes),
+            payload: &e.payload,
+        };
+        for o in &e.outcomes {
+            if matches!(o, FlowOutcome::Routed { .. } | FlowOutcome::Rejected { .. })
+                && let Seq::Range { next, end } = &mut seq
+                && *next >= *end
+            {
+                // one reservation for the rest of the batch
+                let want = (b.events.len() * e.outcomes.len()).max(1) * 2;
+                *next = reserve_seq(tx, want)?;
+                *end = *next + want as i64;
+            }
+            apply_outcome(tx, &ctx, o, d, &mut seq, false, now, &mut applied)?;
+        }
+    }
+    if let Some((key, value)) = &b.checkpoint {
+        tx.prepare_cached(
+            "INSERT INTO checkpoints (source, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (source, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )?
+        .execute(params![b.source, key, value, now])?;
+    }
+    Ok(applied)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_outcome(
+    tx: &Connection,
+    e: &EventCtx<'_>,
+    o: &FlowOutcome,
+    d: &mut Deltas,
+    seq: &mut Seq,
+    replacing: bool,
+    now: i64,
+    applied: &mut Applied,
+) -> Result<(), StoreError> {
+    match o {
+        FlowOutcome::Routed { flow, deliveries } => {
+            bump(d, flow, "", |c| c.received += 1);
+            applied.count(flow, |c| c.received += 1);
+            let order_seq = seq.take(tx)?;
+            for dl in deliveries {
+                let row = NewRow {
+                    flow,
+                    destination: &dl.destination,
+                    entity_key: dl.entity_key.as_deref(),
+                    idempotency_key: &dl.idempotency_key,
+                    source: e.source,
+                    event_id: e.event_id,
+                    correlation_id: e.correlation_id,
+                    created_at: e.created_at,
+                    event_time: e.event_time,
+                    source_version: e.source_version,
+                    group_id: e.group_id,
+                    traceparent: e.traceparent,
+                    tracestate: e.tracestate,
+                    payload: &dl.payload,
+                };
+                insert_row(tx, &row, order_seq, replacing, now)?;
+            }
+        }
+        FlowOutcome::Filtered { flow } => {
+            bump(d, flow, "", |c| {
+                c.received += 1;
+                c.filtered += 1;
+            });
+            applied.count(flow, |c| {
+                c.received += 1;
+                c.filtered += 1;
+            });
+        }
+        FlowOutcome::Rejected {
+            flow,
+            stage,
+            error,
+            entity_key,
+            hold,
+        } => {
+            bump(d, flow, "", |c| {
+                c.received += 1;
+                c.rejected += 1;
+            });
+            applied.count(flow, |c| {
+                c.received += 1;
+                c.rejected += 1;
+            });
+            let order_seq = seq.take(tx)?;
+            let history = serde_json::json!([{"at": now, "action": "rejected", "stage": stage.as_str(), "error": error}]);
+            tx.prepare_cached(
+                "INSERT INTO dlq (stage, flow, destination, entity_key, source, event_id, correlation_id,
+                   created_at, failed_at, attempts, error, payload, history, order_seq, attributes)
+                 VALUES (?1, ?2, '', ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(params![
+                stage.as_str(),
+                flow,
+                entity_key,
+                e.source,
+                e.event_id,
+                e.correlation_id,
+                e.created_at,
+                now,
+                error,
+                e.payload,
+                history.to_string(),
+                order_seq,
+                e.attributes
+            ])?;
+            if let Some(k) = entity_key {
+                let dlq_id = tx.last_insert_rowid();
+                for dest in hold {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO holds (destination, entity_key, dlq_id) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![dest, k, dlq_id])?;
+                    refresh_head(tx, dest, k, now)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) const ROW_COLUMNS: &str = "id, flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
+    created_at, attempts, next_at, last_error, payload, order_seq, event_time, source_version, group_id,
+    traceparent, tracestate";
+
+pub(crate) fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        flow: r.get(1)?,
+        destination: r.get(2)?,
+        entity_key: r.get(3)?,
+        idempotency_key: r.get(4)?,
+        source: r.get(5)?,
+        event_id: r.get(6)?,
+        correlation_id: r.get(7)?,
+        created_at: r.get(8)?,
+        attempts: r.get(9)?,
+        next_at: r.get(10)?,
+        last_error: r.get(11)?,
+        payload: r.get(12)?,
+        order_seq: r.get(13)?,
+        event_time: r.get(14)?,
+        source_version: r.get(15)?,
+        group_id: r.get(16)?,
+        traceparent: r.get(17)?,
+        tracestate: r.get(18)?,
+    })
+}
+
+/// Leases that passed their deadline (a lane that died without settling),
+/// or every lease (`now = i64::MAX`: a restart), end: their rows go back to
+/// the state their queue gives them.
+pub(crate) fn expire_leases(tx: &Connection, now: i64) -> Result<usize, StoreError> {
+    let rows: Vec<(i64, String, Option<String>, i64)> = {
+        let mut st = tx.prepare_cached(
+            "SELECT id, destination, entity_key, order_seq FROM outbox WHERE state = 2 AND next_at <= ?1",
+        )?;
+        st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    // first all back to queued, so that heads are computed over settled states
+    for (id, ..) in &rows {
+        tx.prepare_cached("UPDATE outbox SET state = 0, token = 0, next_at = 0 WHERE id = ?1")?
+            .execute([id])?;
+    }
+    let now = now.min(crate::now_ms());
+    for (id, dest, key, order_seq) in &rows {
+        let st = state_for(tx, dest, key.as_deref(), *order_seq, 0, now)?;
+        tx.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
+            .execute(params![id, st])?;
+    }
+    Ok(rows.len())
+}
+
+fn claim(
+    tx: &Connection,
+    req: &ClaimRequest,
+    token: i64,
+    now: i64,
+) -> Result<Vec<Claimed>, StoreError> {
+    // heads whose backoff is over are ready again
+    tx.prepare_cached("UPDATE outbox SET state = 1 WHERE state = 3 AND next_at <= ?1")?
+        .execute([now])?;
+    expire_leases(tx, now)?;
+    let deadline = now.saturating_add(req.lease.as_millis().min(i64::MAX as u128) as i64);
+    let mut rows: Vec<OutboxRow> = {
+        let sql = format!(
+            "UPDATE outbox SET state = 2, token = ?4, next_at = ?5 WHERE id IN
+               (SELECT id FROM outbox WHERE flow = ?1 AND destination = ?2 AND state = 1
+                ORDER BY order_seq LIMIT ?3)
+             RETURNING {ROW_COLUMNS}"
+        );
+        let mut st = tx.prepare_cached(&sql)?;
+        st.query_map(
+            params![
+                req.lane.flow,
+                req.lane.destination,
+                req.max as i64,
+                token,
+                deadline
+            ],
+            outbox_row,
+        )?
+        .collect::<Result<_, _>>()?
+    };
+    rows.sort_by_key(|r| (r.order_seq, r.id));
+    if req.per_key > 1 {
+        rows = with_followers(tx, req, rows, token, deadline)?;
+    }
+    Ok(rows.into_iter().map(|row| Claimed { row, token }).collect())
+}
+
+/// For each keyed head, the rows right behind it in its key queue that
+/// belong to the same lane, up to `per_key` of the key in all.
+fn with_followers(
+    tx: &Connection,
+    req: &ClaimRequest,
+    heads: Vec<OutboxRow>,
+    token: i64,
+    deadline: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut total = heads.len();
+    let mut out = Vec::with_capacity(heads.len());
+    let sql = format!(
+        "SELECT {ROW_COLUMNS}, state FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND order_seq > ?3
+         ORDER BY order_seq LIMIT ?4"
+    );
+    for head in heads {
+        let key = head.entity_key.clone();
+        let order_seq = head.order_seq;
+        out.push(head);
+        let Some(key) = key else { continue };
+        if total >= req.max {
+            continue;
+        }
+        let behind: Vec<(OutboxRow, i64)> = {
+            let mut st = tx.prepare_cached(&sql)?;
+            st.query_map(
+                params![
+                    req.lane.destination,
+                    key,
+                    order_seq,
+                    (req.per_key - 1) as i64
+                ],
+                |r| Ok((outbox_row(r)?, r.get::<_, i64>(19)?)),
+            )?
+            .collect::<Result<_, _>>()?
+        };
+        for (row, state) in behind {
+            if row.flow != req.lane.flow || state != QUEUED || total >= req.max {
+                break;
+            }
+            tx.prepare_cached(
+                "UPDATE outbox SET state = 2, token = ?2, next_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![row.id, token, deadline])?;
+            total += 1;
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settled, StoreError> {
+    let mut done = Settled::default();
+    for item in &s.items {
+        type Leased = (String, String, Option<String>, i64, String, String, i64);
+        let row: Option<Leased> = tx
+            .prepare_cached(
+                "SELECT flow, destination, entity_key, order_seq, source, event_id, attempts FROM outbox
+                 WHERE id = ?1 AND token = ?2 AND state = 2",
+            )?
+            .query_row(params![item.id, item.token], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .optional()?;
+        let Some((flow, dest, key, order_seq, source, event_id, attempts)) = row else {
+            done.stale += 1;
+            continue;
+        };
+        match &item.outcome {
+            Outcome::Delivered(w) => {
+                tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                    .execute([item.id])?;
+                bump(d, &flow, &dest, |c| c.delivered += 1);
+                if let Some(k) = &key {
+                    refresh_head(tx, &dest, k, now)?;
+                    tx.prepare_cached(
+                        "UPDATE dlq SET superseded_by = ?5 WHERE entity_key = ?1 AND status = 'dead'
+                         AND superseded_by IS NULL AND order_seq < ?2
+                         AND (destination = ?3 OR (destination = '' AND flow = ?4))",
+                    )?
+                    .execute(params![k, order_seq, dest, flow, event_id])?;
+                }
+                if !w.is_empty() {
+                    record_outcome(tx, &dest, &source, key.as_deref(), &flow, &event_id, w, now)?;
+                }
+                done.delivered += 1;
+            }
+            Outcome::Retry { next_at, error } => {
+                // back to queued first, so its own lease does not count
+                tx.prepare_cached("UPDATE outbox SET state = 0 WHERE id = ?1")?
+                    .execute([item.id])?;
+                let st = state_for(tx, &dest, key.as_deref(), order_seq, *next_at, now)?;
+                tx.prepare_cached(
+                    "UPDATE outbox SET attempts = ?2, next_at = ?3, last_error = ?4, state = ?5, token = 0
+                     WHERE id = ?1",
+                )?
+                .execute(params![item.id, attempts + 1, next_at, error, st])?;
+                done.retried += 1;
+            }
+            Outcome::Dead { error, hold_key } => {
+                let history = serde_json::json!([{"at": now, "action": "dead_lettered", "attempts": attempts + 1, "error": error}]);
+                tx.prepare_cached(
+                    "INSERT INTO dlq (stage, flow, destination, entity_key, idempotency_key, source, event_id,
+                       correlation_id, created_at, failed_at, attempts, error, payload, history, order_seq)
+                     SELECT 'deliver', flow, destination, entity_key, idempotency_key, source, event_id,
+                       correlation_id, created_at, ?2, ?3, ?4, payload, ?5, order_seq
+                     FROM outbox WHERE id = ?1",
+                )?
+                .execute(params![item.id, now, attempts + 1, error, history.to_string()])?;
+                let dlq_id = tx.last_insert_rowid();
+                tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                    .execute([item.id])?;
+                bump(d, &flow, &dest, |c| c.dead_lettered += 1);
+                if let Some(k) = &key {
+                    if *hold_key {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO holds (destination, entity_key, dlq_id) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![dest, k, dlq_id])?;
+                    }
+                    refresh_head(tx, &dest, k, now)?;
+                }
+                done.dead += 1;
+            }
+            Outcome::Release => {
+                tx.prepare_cached(
+                    "UPDATE outbox SET state = 0, token = 0, next_at = 0 WHERE id = ?1",
+                )?
+                .execute([item.id])?;
+                let st = state_for(tx, &dest, key.as_deref(), order_seq, 0, now)?;
+                tx.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
+                    .execute(params![item.id, st])?;
+                done.released += 1;
+            }
+        }
+    }
+    if !s.follow_ups.is_empty() {
+        let mut seq = Seq::Range { next: 0, end: 0 };
+        for f in &s.follow_ups {
+            follow_up(tx, f, &mut seq, now)?;
+            bump(d, &f.flow, &f.delivery.destination, |c| c.received += 1);
+            done.follow_ups += 1;
+        }
+    }
+    Ok(done)
+}
+
+fn follow_up(tx: &Connection, f: &FollowUp, seq: &mut Seq, now: i64) -> Result<(), StoreError> {
+    let order_seq = seq.take(tx)?;
+    let row = NewRow {
+        flow: &f.flow,
+        destination: &f.delivery.destination,
+        entity_key: f.delivery.entity_key.as_deref(),
+        idempotency_key: &f.delivery.idempotency_key,
+        source: &f.source,
+        event_id: &f.event_id,
+        correlation_id: &f.correlation_id,
+        created_at: now,
+        event_time: now,
+        source_version: None,
+        group_id: None,
+        traceparent: None,
+        tracestate: None,
+        payload: &f.delivery.payload,
+    };
+    insert_row(tx, &row, order_seq, false, now)
+}
+
+/// The write outcome of a delivered row, in the crosswalk: keyed by
+/// destination system, source system and entity key (else the event id).
+#[allow(clippy::too_many_arguments)]
+fn record_outcome(
+    tx: &Connection,
+    system: &str,
+    source: &str,
+    key: Option<&str>,
+    flow: &str,
+    event_id: &str,
+    w: &WriteOutcome,
+    now: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO crosswalk (system, source, source_key, external_id, flow, event_id, created_at, updated_at,
+           version, fingerprint)
+         VALUES (?1, ?2, ?3, COALESCE(?4, ''), ?5, ?6, ?7, ?7, ?8, ?9)
+         ON CONFLICT (system, source, source_key) DO UPDATE SET
+           external_id = COALESCE(?4, external_id), flow = excluded.flow, event_id = excluded.event_id,
+           updated_at = excluded.updated_at, version = COALESCE(?8, version),
+           fingerprint = COALESCE(?9, fingerprint)",
+    )?
+    .execute(params![
+        system,
+        source,
+        key.unwrap_or(event_id),
+        w.external_id,
+        flow,
+        event_id,
+        now,
+        w.version,
+        w.fingerprint
+    ])?;
+    Ok(())
 }
 
 struct Dead {
     stage: String,
     flow: String,
     destination: String,
+    entity_key: Option<String>,
     source: String,
     event_id: String,
     correlation_id: String,
+    idempotency_key: Option<String>,
     created_at: i64,
     payload: String,
+    attributes: Option<String>,
+    order_seq: Option<i64>,
+    superseded_by: Option<String>,
 }
 
 fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
     let row = tx
         .prepare_cached(
-            "SELECT stage, flow, destination, source, event_id, correlation_id, created_at, payload, status
+            "SELECT stage, flow, destination, entity_key, source, event_id, correlation_id, idempotency_key,
+                    created_at, payload, attributes, order_seq, superseded_by, status
              FROM dlq WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -438,13 +956,18 @@ fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
                     stage: r.get(0)?,
                     flow: r.get(1)?,
                     destination: r.get(2)?,
-                    source: r.get(3)?,
-                    event_id: r.get(4)?,
-                    correlation_id: r.get(5)?,
-                    created_at: r.get(6)?,
-                    payload: r.get(7)?,
+                    entity_key: r.get(3)?,
+                    source: r.get(4)?,
+                    event_id: r.get(5)?,
+                    correlation_id: r.get(6)?,
+                    idempotency_key: r.get(7)?,
+                    created_at: r.get(8)?,
+                    payload: r.get(9)?,
+                    attributes: r.get(10)?,
+                    order_seq: r.get(11)?,
+                    superseded_by: r.get(12)?,
                 },
-                r.get::<_, String>(8)?,
+                r.get::<_, String>(13)?,
             ))
         })
         .optional()?;
@@ -457,118 +980,181 @@ fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
     }
 }
 
-fn mark(tx: &Connection, id: i64, status: &str, note: &str) -> Result<(), StoreError> {
-    let entry = serde_json::json!({"at": now_ms(), "action": status, "note": note}).to_string();
+fn mark(tx: &Connection, id: i64, status: &str, note: &str, now: i64) -> Result<(), StoreError> {
+    let entry = serde_json::json!({"at": now, "action": status, "note": note}).to_string();
     tx.prepare_cached("UPDATE dlq SET status = ?2, history = json_insert(history, '$[#]', json(?3)) WHERE id = ?1")?
         .execute(params![id, status, entry])?;
     Ok(())
 }
 
-fn ingest(tx: &Connection, b: &IngestBatch, d: &mut Deltas) -> Result<Applied, StoreError> {
-    let mut inbox = tx.prepare_cached(
-        "INSERT INTO inbox (source, event_id, received_at, correlation_id, attributes, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (source, event_id) DO NOTHING",
-    )?;
-    let mut applied = Applied::default();
-    for e in &b.events {
-        let n = inbox.execute(params![
-            b.source,
-            e.event_id,
-            e.received_at,
-            e.correlation_id,
-            e.attributes,
-            e.payload
-        ])?;
-        if n == 0 {
-            applied.duplicates += 1;
-            continue;
-        }
-        applied.changed += 1;
-        for o in &e.outcomes {
-            apply_outcome(
-                tx,
-                &b.source,
-                &e.event_id,
-                &e.correlation_id,
-                e.received_at,
-                &e.payload,
-                o,
-                d,
-            )?;
-        }
+/// Lift the holds of a DLQ entry; the heads they held get their state back.
+fn release_holds(tx: &Connection, dlq_id: i64, now: i64) -> Result<(), StoreError> {
+    let held: Vec<(String, String)> = {
+        let mut st =
+            tx.prepare_cached("SELECT destination, entity_key FROM holds WHERE dlq_id = ?1")?;
+        st.query_map([dlq_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    tx.prepare_cached("DELETE FROM holds WHERE dlq_id = ?1")?
+        .execute([dlq_id])?;
+    for (dest, key) in held {
+        refresh_head(tx, &dest, &key, now)?;
     }
-    if let Some((key, value)) = &b.checkpoint {
-        tx.prepare_cached(
-            "INSERT INTO checkpoints (source, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (source, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+    Ok(())
+}
+
+/// Is a later row of (dest, key) than `order_seq` out for writing now?
+fn later_in_flight(
+    tx: &Connection,
+    dest: &str,
+    key: &str,
+    order_seq: i64,
+) -> Result<bool, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND state = 2
+               AND order_seq > ?3)",
         )?
-        .execute(params![b.source, key, value, now_ms()])?;
+        .query_row(params![dest, key, order_seq], |r| r.get(0))?)
+}
+
+fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Applied, StoreError> {
+    let e = dead_entry(tx, r.dlq_id)?;
+    let place = e.order_seq.unwrap_or(0);
+    if !r.force
+        && let Some(by) = &e.superseded_by
+    {
+        return Err(StoreError::Refused(Refusal::Superseded {
+            by_event: by.clone(),
+        }));
     }
+    let mut applied = Applied {
+        changed: 1,
+        ..Default::default()
+    };
+    if e.stage == "deliver" {
+        if r.outcome.is_some() {
+            return Err(StoreError::Invalid(format!(
+                "DLQ entry {} failed at delivery; replay it as it is",
+                r.dlq_id
+            )));
+        }
+        let payload = r.payload.clone().unwrap_or_else(|| e.payload.clone());
+        if serde_json::from_str::<serde_json::Value>(&payload).is_err() {
+            return Err(StoreError::Invalid(
+                "the replacement payload is not valid JSON".into(),
+            ));
+        }
+        if !r.force
+            && let Some(k) = &e.entity_key
+            && later_in_flight(tx, &e.destination, k, place)?
+        {
+            return Err(StoreError::Refused(Refusal::InFlight));
+        }
+        release_holds(tx, r.dlq_id, now)?;
+        let order_seq = if r.force { reserve_seq(tx, 1)? } else { place };
+        let ikey = e.idempotency_key.clone().unwrap_or_default();
+        let row = NewRow {
+            flow: &e.flow,
+            destination: &e.destination,
+            entity_key: e.entity_key.as_deref(),
+            idempotency_key: &ikey,
+            source: &e.source,
+            event_id: &e.event_id,
+            correlation_id: &e.correlation_id,
+            created_at: e.created_at,
+            event_time: e.created_at,
+            source_version: None,
+            group_id: None,
+            traceparent: None,
+            tracestate: None,
+            payload: &payload,
+        };
+        insert_row(tx, &row, order_seq, !r.force, now)?;
+        if let Some(k) = &e.entity_key {
+            refresh_head(tx, &e.destination, k, now)?;
+        }
+        bump(d, &e.flow, &e.destination, |c| c.dead_lettered -= 1);
+    } else {
+        let Some(outcome) = &r.outcome else {
+            return Err(StoreError::Invalid(format!(
+                "DLQ entry {} failed at the {} stage; it is replayed through its flow's mapping",
+                r.dlq_id, e.stage
+            )));
+        };
+        if !r.force
+            && let FlowOutcome::Routed { deliveries, .. } = outcome
+        {
+            for dl in deliveries {
+                if let Some(k) = &dl.entity_key
+                    && later_in_flight(tx, &dl.destination, k, place)?
+                {
+                    return Err(StoreError::Refused(Refusal::InFlight));
+                }
+            }
+        }
+        release_holds(tx, r.dlq_id, now)?;
+        // the entry leaves the flow's rejected count and re-enters as the new outcome
+        bump(d, &e.flow, "", |c| {
+            c.rejected -= 1;
+            c.received -= 1;
+        });
+        let mut seq = if r.force {
+            Seq::Range { next: 0, end: 0 }
+        } else {
+            Seq::Fixed(place)
+        };
+        let ctx = EventCtx {
+            source: &e.source,
+            event_id: &e.event_id,
+            correlation_id: &e.correlation_id,
+            created_at: e.created_at,
+            event_time: e.created_at,
+            source_version: None,
+            group_id: None,
+            traceparent: None,
+            tracestate: None,
+            attributes: e.attributes.as_deref(),
+            payload: r.payload.as_deref().unwrap_or(&e.payload),
+        };
+        let mut ignore = Applied::default();
+        apply_outcome(tx, &ctx, outcome, d, &mut seq, !r.force, now, &mut ignore)?;
+        if let FlowOutcome::Routed { deliveries, .. } = outcome {
+            for dl in deliveries {
+                if let Some(k) = &dl.entity_key {
+                    refresh_head(tx, &dl.destination, k, now)?;
+                }
+            }
+        }
+        applied.flows = ignore.flows;
+    }
+    mark(tx, r.dlq_id, "replayed", &r.note, now)?;
     Ok(applied)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn apply_outcome(
+fn discard(
     tx: &Connection,
-    source: &str,
-    event_id: &str,
-    correlation_id: &str,
-    received_at: i64,
-    payload: &str,
-    o: &FlowOutcome,
+    id: i64,
+    note: &str,
     d: &mut Deltas,
-) -> Result<(), StoreError> {
-    match o {
-        FlowOutcome::Routed { flow, deliveries } => {
-            bump(d, flow, "", |c| c.received += 1);
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
-                   correlation_id, created_at, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for dl in deliveries {
-                ins.execute(params![
-                    flow,
-                    dl.destination,
-                    dl.entity_key,
-                    dl.idempotency_key,
-                    source,
-                    event_id,
-                    correlation_id,
-                    received_at,
-                    dl.payload
-                ])?;
-            }
-        }
-        FlowOutcome::Filtered { flow } => bump(d, flow, "", |c| {
-            c.received += 1;
-            c.filtered += 1;
-        }),
-        FlowOutcome::Rejected {
-            flow, stage, error, ..
-        } => {
-            bump(d, flow, "", |c| {
-                c.received += 1;
-                c.rejected += 1;
-            });
-            let history = serde_json::json!([{"at": now_ms(), "action": "rejected", "stage": stage.as_str(), "error": error}]);
-            tx.prepare_cached(
-                "INSERT INTO dlq (stage, flow, destination, source, event_id, correlation_id, created_at,
-                   failed_at, attempts, error, payload, history)
-                 VALUES (?1, ?2, '', ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10)",
-            )?
-            .execute(params![
-                stage.as_str(),
-                flow,
-                source,
-                event_id,
-                correlation_id,
-                received_at,
-                now_ms(),
-                error,
-                payload,
-                history.to_string()
-            ])?;
-        }
+    now: i64,
+) -> Result<Applied, StoreError> {
+    let e = dead_entry(tx, id)?;
+    mark(tx, id, "discarded", note, now)?;
+    release_holds(tx, id, now)?;
+    if e.stage == "deliver" {
+        bump(d, &e.flow, &e.destination, |c| {
+            c.dead_lettered -= 1;
+            c.discarded += 1;
+        });
+    } else {
+        bump(d, &e.flow, "", |c| {
+            c.rejected -= 1;
+            c.discarded += 1;
+        });
     }
-    Ok(())
+    Ok(Applied {
+        changed: 1,
+        ..Default::default()
+    })
 }

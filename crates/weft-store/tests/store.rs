@@ -1,5 +1,9 @@
-//! The store's state machine: ingest, dedupe, deliver, retry, DLQ, replay,
-//! discard, with the accounting identity checked after every step.
+//! SQLite-specific behaviour of the journal: migration of a version-3 store,
+//! read-only opening, one hub per store, a tool as second writer. The
+//! engine-independent contract is `tests/conformance.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use weft_store::*;
 
@@ -19,148 +23,218 @@ fn event(id: &str, outcomes: Vec<FlowOutcome>) -> NewEvent {
     }
 }
 
-fn routed(id: &str) -> FlowOutcome {
+fn routed(id: &str, key: &str) -> FlowOutcome {
     FlowOutcome::Routed {
         flow: "f".into(),
         deliveries: vec![NewDelivery {
             destination: "d".into(),
-            entity_key: Some(format!("k{id}")),
+            entity_key: Some(key.into()),
             idempotency_key: format!("ik-{id}"),
             payload: format!("{{\"x\":\"{id}\"}}"),
         }],
     }
 }
 
-fn counts(s: &Store) -> FlowCounts {
-    let lanes = vec![("f".to_string(), "d".to_string())];
-    let c = s.reader().unwrap().counts(&lanes).unwrap();
-    assert_eq!(c.len(), 1, "{c:?}");
+fn batch(events: Vec<NewEvent>) -> IngestBatch {
+    IngestBatch {
+        source: "crm".into(),
+        dedupe: Dedupe::Id,
+        events,
+        checkpoint: None,
+    }
+}
+
+fn claim(n: usize) -> ClaimRequest {
+    ClaimRequest {
+        lane: LaneId::new("f", "d"),
+        max: n,
+        per_key: 1,
+        lease: Duration::from_secs(30),
+    }
+}
+
+fn balanced(j: &dyn Journal) -> FlowCounts {
+    let c = j.read().counts(&[LaneId::new("f", "d")]).unwrap();
     assert!(c[0].balanced, "accounting identity broken: {:?}", c[0]);
     c[0].clone()
 }
 
 #[tokio::test]
-async fn lifecycle_keeps_every_record_accounted_for() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("w.db"), Synchronous::Full).unwrap();
-    let batch = IngestBatch {
-        dedupe: Dedupe::Id,
-        source: "crm".into(),
-        events: vec![
-            event("1", vec![routed("1")]),
-            event("2", vec![routed("2")]),
-            event("3", vec![FlowOutcome::Filtered { flow: "f".into() }]),
-            event("4", vec![FlowOutcome::rejected("f", Stage::Map, "bad")]),
-        ],
-        checkpoint: Some(("pos".into(), "4".into())),
-    };
-    let a = s.apply(Op::Ingest(batch.clone())).await.unwrap();
-    assert_eq!((a.changed, a.duplicates), (4, 0));
-    // the same batch again: all duplicates, nothing stored twice
-    let a = s.apply(Op::Ingest(batch)).await.unwrap();
-    assert_eq!((a.changed, a.duplicates), (0, 4));
-    let r = s.reader().unwrap();
-    assert_eq!(r.checkpoint("crm", "pos").unwrap().as_deref(), Some("4"));
-    let c = counts(&s);
-    assert_eq!(
-        (c.received, c.filtered, c.rejected, c.pending),
-        (4, 1, 1, 2)
-    );
-
-    let rows = r.outbox_after("f", "d", 0, 10).unwrap();
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0].idempotency_key, "ik-1");
-    s.apply(Op::Delivered(vec![rows[0].id])).await.unwrap();
-    // delivering twice (a crash between write and mark) counts once
-    let again = s.apply(Op::Delivered(vec![rows[0].id])).await.unwrap();
-    assert_eq!(again.changed, 0);
-    s.apply(Op::Retry {
-        id: rows[1].id,
-        attempts: 1,
-        next_at: now_ms() + 1000,
-        error: "503".into(),
-    })
-    .await
-    .unwrap();
-    s.apply(Op::DeadLetter {
-        id: rows[1].id,
-        attempts: 2,
-        error: "gave up".into(),
-    })
-    .await
-    .unwrap();
-    let c = counts(&s);
-    assert_eq!((c.delivered, c.dead_lettered, c.pending), (1, 1, 0));
-
-    let dead = r.dlq_list(&DlqFilter::default()).unwrap();
-    assert_eq!(dead.len(), 2);
-    let deliver = dead.iter().find(|e| e.stage == "deliver").unwrap();
-    assert_eq!(deliver.idempotency_key.as_deref(), Some("ik-2"));
-    assert_eq!(deliver.error, "gave up");
-    s.apply(Op::Replay {
-        dlq_id: deliver.id,
-        payload: Some("{\"x\":\"fixed\"}".into()),
-        note: "test".into(),
-    })
-    .await
-    .unwrap();
-    let c = counts(&s);
-    assert_eq!((c.dead_lettered, c.pending), (0, 1));
-    let rows = r.outbox_after("f", "d", 0, 10).unwrap();
-    assert_eq!(
-        rows[0].idempotency_key, "ik-2",
-        "replay keeps the idempotency key"
-    );
-    assert_eq!(
-        rows[0].correlation_id, "c-2",
-        "replay keeps the correlation id"
-    );
-    assert_eq!(rows[0].payload, "{\"x\":\"fixed\"}");
-    // a replayed entry cannot be replayed again
-    assert!(
-        s.apply(Op::Replay {
-            dlq_id: deliver.id,
-            payload: None,
-            note: String::new()
-        })
-        .await
-        .is_err()
-    );
-
-    let map = dead.iter().find(|e| e.stage == "map").unwrap();
-    s.apply(Op::Discard {
-        dlq_id: map.id,
-        note: "not needed".into(),
-    })
-    .await
-    .unwrap();
-    let c = counts(&s);
-    assert_eq!((c.rejected, c.discarded), (0, 1));
-    let all = r
-        .dlq_list(&DlqFilter {
-            status: Some("all".into()),
-            ..Default::default()
-        })
-        .unwrap();
-    let h = &all.iter().find(|e| e.id == map.id).unwrap().history;
-    assert_eq!(h.as_array().unwrap().len(), 2, "{h}");
-}
-
-#[tokio::test]
-async fn reopen_keeps_data_and_schema_version() {
+async fn a_hub_restart_ends_the_leases_of_the_previous_run() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("w.db");
     {
-        let s = Store::open(&p, Synchronous::Normal).unwrap();
-        s.apply(Op::Ingest(IngestBatch {
-            dedupe: Dedupe::Id,
-            source: "s".into(),
-            events: vec![event("1", vec![routed("1")])],
-            checkpoint: None,
-        }))
+        let j = SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap();
+        j.ingest(batch(vec![
+            event("1", vec![routed("1", "a")]),
+            event("2", vec![routed("2", "a")]),
+        ]))
         .await
         .unwrap();
+        let c = j.claim(claim(10)).await.unwrap();
+        assert_eq!(c.len(), 1, "only the head of key a");
+        // the run dies with the row leased
     }
-    let s = Store::open(&p, Synchronous::Full).unwrap();
-    assert_eq!(s.reader().unwrap().outbox_len().unwrap(), 1);
+    let j = SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap();
+    let c = j.claim(claim(10)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        c[0].row.idempotency_key, "ik-1",
+        "the head is claimable again"
+    );
+    balanced(&j);
+}
+
+#[tokio::test]
+async fn two_hubs_cannot_share_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.db");
+    let _a = SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap();
+    assert!(SqliteJournal::hub_running(&p));
+    let err = SqliteJournal::open(&p, Synchronous::Full, Role::Hub)
+        .err()
+        .expect("a second hub is refused");
+    assert!(err.to_string().contains("another `weft run`"), "{err}");
+    // a tool may open it beside the hub
+    SqliteJournal::open(&p, Synchronous::Full, Role::Tool).unwrap();
+}
+
+#[tokio::test]
+async fn a_tool_replays_beside_a_running_hub_and_the_hub_sees_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.db");
+    let hub = SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap();
+    hub.ingest(batch(vec![event("1", vec![routed("1", "a")])]))
+        .await
+        .unwrap();
+    let c = hub.claim(claim(10)).await.unwrap();
+    hub.settle(Settle {
+        items: vec![Settlement {
+            id: c[0].row.id,
+            token: c[0].token,
+            outcome: Outcome::Dead {
+                error: "bad".into(),
+                hold_key: false,
+            },
+        }],
+        follow_ups: vec![],
+    })
+    .await
+    .unwrap();
+    let dead = hub.read().dlq_list(&DlqFilter::default()).unwrap();
+    assert_eq!(dead.len(), 1);
+    let tool = SqliteJournal::open(&p, Synchronous::Full, Role::Tool).unwrap();
+    tool.replay(Replay {
+        dlq_id: dead[0].id,
+        payload: None,
+        outcome: None,
+        force: false,
+        note: "replayed".into(),
+    })
+    .await
+    .unwrap();
+    drop(tool);
+    let c = hub.claim(claim(10)).await.unwrap();
+    assert_eq!(c.len(), 1, "the hub claims the row the tool replayed");
+    assert_eq!(c[0].row.idempotency_key, "ik-1");
+    balanced(&hub);
+}
+
+#[tokio::test]
+async fn read_only_opening_never_creates_or_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("none.db");
+    let err = SqliteJournal::open_read_only(&p).err().unwrap();
+    assert!(err.to_string().contains("no store at"), "{err}");
+    assert!(!p.exists(), "nothing was created");
+    let old = dir.path().join("old.db");
+    weft_store::testing::create_at_version(&old, 3).unwrap();
+    let err = SqliteJournal::open_read_only(&old).err().unwrap();
+    assert!(err.to_string().contains("schema version 3"), "{err}");
+    assert_eq!(
+        weft_store::testing::version(&old).unwrap(),
+        3,
+        "not migrated"
+    );
+}
+
+/// A store written by the previous release (schema 3: the inbox, outbox
+/// without states) keeps its pending rows, their order per key, the DLQ
+/// (with the attributes a map-stage replay needs) and its dedupe ids.
+#[tokio::test]
+async fn a_version_3_store_is_carried_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v3.db");
+    weft_store::testing::create_at_version(&p, 3).unwrap();
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.execute_batch(
+            r#"
+            INSERT INTO inbox (source, event_id, received_at, correlation_id, attributes, payload) VALUES
+              ('crm', 'e1', 1, 'c1', '{"id":"e1","type":"t"}', '{}'),
+              ('crm', 'e2', 2, 'c2', '{"id":"e2"}', '{}'),
+              ('crm', 'e3', 3, 'c3', '{"id":"e3","type":"map"}', '{}');
+            INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id,
+              correlation_id, created_at, payload) VALUES
+              ('f', 'd', 'a', 'ik-e1', 'crm', 'e1', 'c1', 1, '{"v":1}'),
+              ('f', 'd', 'a', 'ik-e2', 'crm', 'e2', 'c2', 2, '{"v":2}');
+            INSERT INTO dlq (stage, flow, destination, source, event_id, correlation_id, created_at,
+              failed_at, attempts, error, payload) VALUES
+              ('map', 'f', '', 'crm', 'e3', 'c3', 3, 3, 0, 'mapping failed', '{}');
+            INSERT INTO flow_counts (flow, destination, received, rejected) VALUES ('f', '', 3, 1);
+            "#,
+        )
+        .unwrap();
+    }
+    let j = SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap();
+    assert_eq!(
+        weft_store::testing::version(&p).unwrap(),
+        latest_version() as i64
+    );
+    let c = balanced(&j);
+    assert_eq!((c.received, c.pending, c.rejected), (3, 2, 1));
+    let got = j.claim(claim(10)).await.unwrap();
+    assert_eq!(got.len(), 1, "key a's second row waits behind its first");
+    assert_eq!(got[0].row.event_id, "e1");
+    let dead = j.read().dlq_list(&DlqFilter::default()).unwrap();
+    assert_eq!(
+        dead[0].attributes.as_deref(),
+        Some(r#"{"id":"e3","type":"map"}"#)
+    );
+    // e1 was accepted before: still a duplicate
+    let a = j
+        .ingest(batch(vec![event("e1", vec![routed("e1", "a")])]))
+        .await
+        .unwrap();
+    assert_eq!((a.changed, a.duplicates), (0, 1));
+}
+
+/// P1-5: a group whose transaction SQLite rolled back by itself must not be
+/// answered `Ok` in part. Driven here by a full disk: `max_page_count`.
+#[tokio::test]
+async fn a_full_disk_fails_the_batch_and_loses_nothing_already_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.db");
+    let j = Arc::new(SqliteJournal::open(&p, Synchronous::Full, Role::Hub).unwrap());
+    j.ingest(batch(vec![event("1", vec![routed("1", "a")])]))
+        .await
+        .unwrap();
+    weft_store::testing::limit_pages(&j, 1).await.unwrap();
+    let big: Vec<NewEvent> = (0..2000)
+        .map(|i| {
+            let mut e = event(&format!("big{i}"), vec![routed(&format!("big{i}"), "b")]);
+            e.payload = "x".repeat(2000);
+            e
+        })
+        .collect();
+    let r = j.ingest(batch(big)).await;
+    assert!(r.is_err(), "a batch that does not fit is refused");
+    weft_store::testing::limit_pages(&j, 1_000_000_000)
+        .await
+        .unwrap();
+    let c = balanced(&*j);
+    assert_eq!(
+        c.pending, 1,
+        "the earlier commit is whole, the refused batch absent"
+    );
 }

@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use weft_store::Store;
 
 use crate::ConfigArg;
 
@@ -36,9 +35,7 @@ pub fn crosswalk(cmd: CrosswalkCmd) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let store = Store::open(&cfg.store.path, cfg.store.synchronous)
-        .with_context(|| format!("cannot open the store {}", cfg.store.path.display()))?;
-    let rows = store.reader()?.crosswalk(system.as_deref(), limit)?;
+    let rows = crate::status::open_read_only(&cfg)?.crosswalk(system.as_deref(), limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);

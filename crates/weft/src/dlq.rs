@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use weft_store::{DlqEntry, DlqFilter};
+use weft_store::{DlqEntry, DlqFilter, Role, SqliteJournal};
 
 use crate::ConfigArg;
 
@@ -44,6 +44,10 @@ pub enum DlqCmd {
         /// Replace the payload with this JSON file's content (one id only).
         #[arg(long)]
         payload: Option<PathBuf>,
+        /// Replay even when a later write of the same key was delivered
+        /// (the destination then ends on this older data).
+        #[arg(long)]
+        force: bool,
     },
     /// Give up on entries; they stay listed with status `discarded`.
     Discard {
@@ -103,8 +107,8 @@ impl FilterArgs {
 pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
     match cmd {
         DlqCmd::List { cfg, filter, json } => {
-            let (_, store) = open(&cfg)?;
-            let entries = store.reader()?.dlq_list(&filter.to_filter()?)?;
+            let reader = read(&cfg)?;
+            let entries = reader.dlq_list(&filter.to_filter()?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else if entries.is_empty() {
@@ -140,8 +144,8 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DlqCmd::Show { cfg, id, json } => {
-            let (_, store) = open(&cfg)?;
-            let Some(e) = store.reader()?.dlq_get(id)? else {
+            let reader = read(&cfg)?;
+            let Some(e) = reader.dlq_get(id)? else {
                 bail!("no DLQ entry {id}");
             };
             if json {
@@ -157,9 +161,10 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             all,
             filter,
             payload,
+            force,
         } => {
-            let (config, store) = open(&cfg)?;
-            let targets = select(&store, ids, all, &filter)?;
+            let (config, journal) = open(&cfg)?;
+            let targets = select(&read(&cfg)?, ids, all, &filter)?;
             let payload = match payload {
                 None => None,
                 Some(p) => {
@@ -178,7 +183,13 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             };
             let mut ok = 0;
             for e in &targets {
-                match weft_runtime::dlq::replay_blocking(&config, &store, e, payload.as_deref()) {
+                match block_on(weft_runtime::dlq::replay(
+                    &config,
+                    &journal,
+                    e,
+                    payload.as_deref(),
+                    force,
+                ))? {
                     Ok(()) => {
                         ok += 1;
                         println!("replayed {} (correlation id {})", e.id, e.correlation_id);
@@ -199,11 +210,11 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             all,
             filter,
         } => {
-            let (_, store) = open(&cfg)?;
-            let targets = select(&store, ids, all, &filter)?;
+            let (_, journal) = open(&cfg)?;
+            let targets = select(&read(&cfg)?, ids, all, &filter)?;
             let mut ok = 0;
             for e in &targets {
-                match weft_runtime::dlq::discard_blocking(&store, e.id, "discarded") {
+                match block_on(weft_runtime::dlq::discard(&journal, e.id, "discarded"))? {
                     Ok(()) => ok += 1,
                     Err(err) => eprintln!("entry {}: {err}", e.id),
                 }
@@ -218,27 +229,64 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
     }
 }
 
-fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, weft_store::Store)> {
+/// The store, to change it: beside a running hub this is a second writer,
+/// which the journal allows (IMMEDIATE transactions, no lease touched; the
+/// hub's lanes poll and see the change).
+fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
     let config = match crate::load_config(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };
-    let store = crate::status::open_store(&config)?;
-    Ok((config, store))
+    let path = &config.store.path;
+    if !path.exists() {
+        bail!("no store at {} yet: `weft run` creates it", path.display());
+    }
+    if SqliteJournal::hub_running(path) {
+        eprintln!("(a hub is running on this store: writing beside it)");
+    }
+    let journal = SqliteJournal::open(path, config.store.synchronous, Role::Tool)
+        .with_context(|| format!("cannot open the store at {}", path.display()))?;
+    Ok((config, journal))
+}
+
+/// The store, read-only (never migrated).
+fn read(cfg: &ConfigArg) -> Result<weft_store::Reader> {
+    let config = match crate::load_config(&cfg.config) {
+        Ok(c) => c,
+        Err(_) => bail!("the config is invalid (see above)"),
+    };
+    crate::status::open_read_only(&config)
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?
+        .block_on(f))
 }
 
 fn select(
-    store: &weft_store::Store,
+    reader: &weft_store::Reader,
     ids: Vec<i64>,
     all: bool,
     filter: &FilterArgs,
 ) -> Result<Vec<DlqEntry>> {
-    let reader = store.reader()?;
     if all {
         if !ids.is_empty() {
             bail!("give ids or --all, not both");
         }
-        return Ok(reader.dlq_list(&filter.to_filter()?)?);
+        // every page
+        let mut f = filter.to_filter()?;
+        let mut out: Vec<DlqEntry> = Vec::new();
+        loop {
+            let page = reader.dlq_list(&f)?;
+            let Some(last) = page.last().map(|e| e.id) else {
+                return Ok(out);
+            };
+            out.extend(page);
+            f.after_id = Some(last);
+        }
     }
     if ids.is_empty() {
         bail!("give one or more entry ids, or --all (with optional filters)");

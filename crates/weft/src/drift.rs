@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use weft_store::Store;
 
 use crate::ConfigArg;
 
@@ -29,9 +28,7 @@ pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let store = Store::open(&cfg.store.path, cfg.store.synchronous)
-        .with_context(|| format!("cannot open the store {}", cfg.store.path.display()))?;
-    let events = store.reader()?.drift_events(source.as_deref())?;
+    let events = crate::status::open_read_only(&cfg)?.drift_events(source.as_deref())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&events)?);
         return Ok(ExitCode::SUCCESS);

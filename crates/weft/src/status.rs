@@ -4,24 +4,15 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use weft_store::Store;
+use weft_store::SqliteJournal;
 
 pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let cfg = match crate::load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let store = open_store(&cfg)?;
-    let lanes: Vec<(String, String)> = cfg
-        .flows
-        .iter()
-        .flat_map(|f| {
-            f.destinations
-                .iter()
-                .map(|d| (f.name.clone(), d.system.clone()))
-        })
-        .collect();
-    let reader = store.reader()?;
+    let reader = open_read_only(&cfg)?;
+    let lanes = weft_runtime::lane_list(&cfg);
     let counts = reader.counts(&lanes)?;
     let dlq: i64 = reader.dlq_depths()?.iter().map(|d| d.2).sum();
     let balanced = counts.iter().all(|c| c.balanced);
@@ -77,14 +68,9 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     })
 }
 
-pub fn open_store(cfg: &weft_core::config::Config) -> Result<Store> {
-    if !cfg.store.path.exists() {
-        anyhow::bail!(
-            "no store at {} yet: `weft run {}` creates it",
-            cfg.store.path.display(),
-            cfg.file.display()
-        );
-    }
-    Store::open(&cfg.store.path, cfg.store.synchronous)
-        .with_context(|| format!("cannot open the store at {}", cfg.store.path.display()))
+/// The store, read-only: never created or migrated by a command that only
+/// looks.
+pub fn open_read_only(cfg: &weft_core::config::Config) -> Result<weft_store::Reader> {
+    SqliteJournal::open_read_only(&cfg.store.path)
+        .with_context(|| format!("cannot read the store at {}", cfg.store.path.display()))
 }

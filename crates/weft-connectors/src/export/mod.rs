@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use weft_core::config::{ExportTarget, RotatePolicy};
 
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, WriteResult};
 
 pub use self::csv::CsvSink;
 pub use self::jsonl::JsonlSink;
@@ -485,25 +485,29 @@ async fn close_when_due<F: Format>(inner: Weak<Mutex<Inner<F>>>, limit: Duration
 }
 
 impl<F: Format> Sink for ExportSink<F> {
-    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
-            if batch.is_empty() {
-                return Vec::new();
+            let out: Vec<Result<(), SinkError>> = async {
+                if batch.is_empty() {
+                    return Vec::new();
+                }
+                let inner = self.inner.clone();
+                let owned = batch.to_vec();
+                let place = self.place.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
+                    g.write(&owned, &place)
+                })
+                .await;
+                match res {
+                    Ok(r) => r,
+                    Err(e) => crate::sink::all_failed(batch.len(), || {
+                        SinkError::retryable(format!("export writer task failed: {e}"))
+                    }),
+                }
             }
-            let inner = self.inner.clone();
-            let owned = batch.to_vec();
-            let place = self.place.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
-                g.write(&owned, &place)
-            })
             .await;
-            match res {
-                Ok(r) => r,
-                Err(e) => crate::sink::all_failed(batch.len(), || {
-                    SinkError::retryable(format!("export writer task failed: {e}"))
-                }),
-            }
+            crate::sink::nothing_learned(out)
         })
     }
 
