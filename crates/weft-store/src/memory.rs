@@ -16,7 +16,14 @@
 //!   settlement from before a restart is stale;
 //! - a replay's new outcome must belong to the entry's flow, and no flow
 //!   outcome can be rejected at the deliver stage (`Invalid` otherwise);
-//! - `counts` also lists lanes that only have pending rows.
+//! - `counts` also lists lanes that only have pending rows;
+//! - a parse/map-stage entry is superseded by a later delivered write of its
+//!   key from its own flow (any destination) or at a destination the new
+//!   outcome writes with that key (any flow: two flows may share a
+//!   destination's key queue);
+//! - a replayed parse/map-stage entry's new rows and entries take its
+//!   `order_seq` only when they have its key; the others (and all of them
+//!   when the entry had no key, so no place) go to the end of their queues.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -138,8 +145,9 @@ struct Origin {
 struct Entry {
     public: DlqEntry,
     order_seq: i64,
-    /// The event id of a later write of the same key that was delivered.
-    superseded_by: Option<String>,
+    /// Later writes of the same key that were delivered: one per lane, the
+    /// last one.
+    superseded: Vec<Superseder>,
     event_time: i64,
     source_version: Option<String>,
     group_id: Option<String>,
@@ -147,6 +155,14 @@ struct Entry {
     tracestate: Option<String>,
     /// The event's attributes (parse/map stage): a replay re-runs the flow.
     attributes: Option<String>,
+}
+
+/// A later write of a dead entry's key, delivered.
+#[derive(Debug, Clone)]
+struct Superseder {
+    flow: String,
+    destination: String,
+    event_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +205,34 @@ fn invalid_stage(flow: &str, stage: Stage) -> Option<StoreError> {
             "flow {flow}: a flow outcome is rejected at the parse or map stage, not at deliver"
         ))
     })
+}
+
+/// Where a replayed parse/map-stage entry stood in its key's order.
+struct Place {
+    order_seq: i64,
+    key: String,
+}
+
+/// The delivered later write that makes replaying `e` regress a
+/// destination: for a deliver-stage entry, any (they are all of its
+/// destination); for a parse/map-stage one, one of its own flow, or one at a
+/// destination the new outcome writes with the entry's key.
+fn superseded_by<'a>(e: &'a Entry, outcome: Option<&FlowOutcome>) -> Option<&'a Superseder> {
+    if !e.public.destination.is_empty() {
+        return e.superseded.last();
+    }
+    let writes: Vec<&str> = match outcome {
+        Some(FlowOutcome::Routed { deliveries, .. }) => deliveries
+            .iter()
+            .filter(|d| d.entity_key.is_some() && d.entity_key == e.public.entity_key)
+            .map(|d| d.destination.as_str())
+            .collect(),
+        _ => Vec::new(),
+    };
+    e.superseded
+        .iter()
+        .rev()
+        .find(|s| s.flow == e.public.flow || writes.contains(&s.destination.as_str()))
 }
 
 fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
@@ -272,12 +316,10 @@ impl State {
         Some(r)
     }
 
-    /// A new outbox row for `origin`, at `order_seq` (the next one if None).
-    fn new_row(&mut self, flow: &str, d: &NewDelivery, o: &Origin, order_seq: Option<i64>) {
-        let order_seq = match order_seq {
-            Some(s) => s,
-            None => self.order(),
-        };
+    /// A new outbox row for `origin`, at the replayed entry's place when it
+    /// is of the entry's key, else at the end.
+    fn new_row(&mut self, flow: &str, d: &NewDelivery, o: &Origin, place: Option<&Place>) {
+        let order_seq = self.place(place, d.entity_key.as_deref());
         self.next_outbox += 1;
         let row = OutboxRow {
             id: self.next_outbox,
@@ -313,14 +355,23 @@ impl State {
         self.dlq.insert(e.public.id, e);
     }
 
-    /// An event's outcome for one flow, at ingest or through a replay (then
-    /// with the replayed entry's `order_seq`).
-    fn apply_outcome(&mut self, o: &Origin, out: &FlowOutcome, order_seq: Option<i64>, now: i64) {
+    /// The `order_seq` of a new row or entry of key `key`: the replayed
+    /// entry's when the key is the entry's (it keeps its place in that key's
+    /// order), else the next one (an entry without a key had no place).
+    fn place(&mut self, place: Option<&Place>, key: Option<&str>) -> i64 {
+        match (place, key) {
+            (Some(p), Some(k)) if p.key == k => p.order_seq,
+            _ => self.order(),
+        }
+    }
+
+    /// An event's outcome for one flow, at ingest or through a replay.
+    fn apply_outcome(&mut self, o: &Origin, out: &FlowOutcome, place: Option<&Place>, now: i64) {
         match out {
             FlowOutcome::Routed { flow, deliveries } => {
                 self.bump(flow, "", |c| c.received += 1);
                 for d in deliveries {
-                    self.new_row(flow, d, o, order_seq);
+                    self.new_row(flow, d, o, place);
                 }
             }
             FlowOutcome::Filtered { flow } => self.bump(flow, "", |c| {
@@ -338,10 +389,7 @@ impl State {
                     c.received += 1;
                     c.rejected += 1;
                 });
-                let order_seq = match order_seq {
-                    Some(s) => s,
-                    None => self.order(),
-                };
+                let order_seq = self.place(place, entity_key.as_deref());
                 self.next_dlq += 1;
                 let id = self.next_dlq;
                 let history = json!([{
@@ -367,7 +415,7 @@ impl State {
                         history,
                     },
                     order_seq,
-                    superseded_by: None,
+                    superseded: Vec::new(),
                     event_time: o.event_time,
                     source_version: o.source_version.clone(),
                     group_id: o.group_id.clone(),
@@ -620,7 +668,7 @@ impl State {
                             history,
                         },
                         order_seq: row.order_seq,
-                        superseded_by: None,
+                        superseded: Vec::new(),
                         event_time: row.event_time,
                         source_version: row.source_version,
                         group_id: row.group_id,
@@ -662,19 +710,28 @@ impl State {
     }
 
     /// A keyed row was delivered: older dead entries of its key at its
-    /// destination (or of its flow before routing) are now superseded.
+    /// destination, and older parse/map-stage entries of its key (whatever
+    /// their flow: which destinations the replay will write is known only
+    /// then), remember it.
     fn supersede(&mut self, row: &OutboxRow, key: &str) {
         let Some(ids) = self.dead_keyed.get(key) else {
             return;
         };
         for id in ids {
-            if let Some(e) = self.dlq.get_mut(id) {
-                let same_place = e.public.destination == row.destination
-                    || (e.public.destination.is_empty() && e.public.flow == row.flow);
-                if same_place && e.order_seq < row.order_seq {
-                    e.superseded_by = Some(row.event_id.clone());
-                }
+            let Some(e) = self.dlq.get_mut(id) else {
+                continue;
+            };
+            let here = e.public.destination == row.destination || e.public.destination.is_empty();
+            if !here || e.order_seq >= row.order_seq {
+                continue;
             }
+            e.superseded
+                .retain(|s| s.flow != row.flow || s.destination != row.destination);
+            e.superseded.push(Superseder {
+                flow: row.flow.clone(),
+                destination: row.destination.clone(),
+                event_id: row.event_id.clone(),
+            });
         }
     }
 
@@ -717,9 +774,9 @@ impl State {
             )));
         }
         if !r.force {
-            if let Some(by_event) = &e.superseded_by {
+            if let Some(s) = superseded_by(&e, r.outcome.as_ref()) {
                 return Err(StoreError::Refused(Refusal::Superseded {
-                    by_event: by_event.clone(),
+                    by_event: s.event_id.clone(),
                 }));
             }
             let in_flight = if deliver {
@@ -727,12 +784,14 @@ impl State {
                     self.later_in_flight(&e.public.destination, k, e.order_seq, now)
                 })
             } else {
-                match &r.outcome {
-                    Some(FlowOutcome::Routed { deliveries, .. }) => deliveries.iter().any(|d| {
-                        d.entity_key.as_deref().is_some_and(|k| {
-                            self.later_in_flight(&d.destination, k, e.order_seq, now)
+                // only rows of the entry's key take its place
+                match (&r.outcome, e.public.entity_key.as_deref()) {
+                    (Some(FlowOutcome::Routed { deliveries, .. }), Some(k)) => {
+                        deliveries.iter().any(|d| {
+                            d.entity_key.as_deref() == Some(k)
+                                && self.later_in_flight(&d.destination, k, e.order_seq, now)
                         })
-                    }),
+                    }
                     _ => false,
                 }
             };
@@ -742,6 +801,11 @@ impl State {
         }
         // apply: nothing below fails
         let order_seq = if r.force { self.order() } else { e.order_seq };
+        let place = e
+            .public
+            .entity_key
+            .clone()
+            .map(|key| Place { order_seq, key });
         let p = &e.public;
         if deliver {
             self.next_outbox += 1;
@@ -789,7 +853,7 @@ impl State {
             // a new rejection of the entry is its new entry; close the old
             // one first so that its holds go and the new one's stay
             self.close_entry(id, "replayed", &r.note, now);
-            self.apply_outcome(&origin, outcome, Some(order_seq), now);
+            self.apply_outcome(&origin, outcome, place.as_ref(), now);
             return Ok(Applied {
                 changed: 1,
                 duplicates: 0,
