@@ -16,6 +16,8 @@ use weft_store::{Journal, MemoryJournal};
 
 #[path = "conformance/cases.rs"]
 mod cases;
+#[path = "conformance/prop.rs"]
+mod prop;
 
 /// One engine under test.
 pub trait Harness {
@@ -55,6 +57,10 @@ macro_rules! conformance {
                 counts_list_empty_lanes_balanced,
                 drift_is_recorded
             );
+            #[test]
+            fn property_random_operations_keep_invariants() {
+                crate::prop::run($make);
+            }
         }
     };
     (@tests $make:expr; $($t:ident),* $(,)?) => {

@@ -1,0 +1,586 @@
+//! The property test: random operations over 2 flows × 2 destinations ×
+//! 3 keys (and keyless rows). After every operation: every lane's counts
+//! are exactly what the operations imply (so the identity holds and every
+//! routed delivery is accounted for), the DLQ depths match the counts, no
+//! key queue has rows of two claims out at once, pending rows come in key
+//! order. At the end everything drains, and a destination never received an
+//! older version of a key after a newer one (forced replays excepted).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestError, TestRunner};
+use weft_store::*;
+
+use crate::Harness;
+use crate::cases::{LEASE, Nums, batch, event, lane, nums, rejected, routed};
+
+const FLOWS: [&str; 2] = ["a", "b"];
+const DESTS: [&str; 2] = ["x", "y"];
+const KEYS: [Option<&str>; 4] = [Some("k0"), Some("k1"), Some("k2"), None];
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Routed,
+    Filtered,
+    Rejected { hold: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Delivered,
+    Retry,
+    Dead { hold: bool },
+    Release,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Events, each with an optional outcome (kind, key) per flow.
+    Ingest(Vec<[Option<(Kind, usize)>; 2]>),
+    /// An earlier event again: a duplicate.
+    Duplicate(usize),
+    Claim {
+        lane: usize,
+        max: usize,
+        per_key: usize,
+    },
+    /// Settle whole claims (picked by index) with fates taken in turn; with
+    /// `zombies`, also every settlement from before the last restart.
+    Settle {
+        claims: Vec<usize>,
+        fates: Vec<Fate>,
+        zombies: bool,
+    },
+    Replay {
+        pick: usize,
+        force: bool,
+    },
+    Discard {
+        pick: usize,
+    },
+    Restart,
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        4 => Just(Kind::Routed),
+        1 => Just(Kind::Filtered),
+        1 => any::<bool>().prop_map(|hold| Kind::Rejected { hold }),
+    ]
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![
+        5 => Just(Fate::Delivered),
+        2 => Just(Fate::Retry),
+        2 => any::<bool>().prop_map(|hold| Fate::Dead { hold }),
+        1 => Just(Fate::Release),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let outcome = || proptest::option::weighted(0.7, (kind(), 0..KEYS.len()));
+    prop_oneof![
+        3 => vec([outcome(), outcome()], 1..4).prop_map(Op::Ingest),
+        1 => any::<usize>().prop_map(Op::Duplicate),
+        4 => (0..4usize, 1..6usize, 1..4usize)
+            .prop_map(|(lane, max, per_key)| Op::Claim { lane, max, per_key }),
+        4 => (vec(any::<usize>(), 1..3), vec(fate(), 1..8), proptest::bool::weighted(0.3))
+            .prop_map(|(claims, fates, zombies)| Op::Settle { claims, fates, zombies }),
+        1 => (any::<usize>(), proptest::bool::weighted(0.3))
+            .prop_map(|(pick, force)| Op::Replay { pick, force }),
+        1 => any::<usize>().prop_map(|pick| Op::Discard { pick }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// Runs ~200 random operation sequences on fresh journals from `make`.
+pub fn run<H: Harness>(make: impl Fn() -> H) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut runner = TestRunner::new(Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&vec(op(), 1..40), |ops| {
+        let mut h = make();
+        rt.block_on(Case::new(&h).run(&mut h, &ops));
+        Ok(())
+    });
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(why, ops)) => panic!("{why}\nminimal failing operations: {ops:#?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// One write a destination received: `(order_seq, event id, forced)`.
+type Write = (i64, String, bool);
+
+/// A destination that records every write per key queue, to check that it
+/// never receives an older version after a newer one.
+#[derive(Default)]
+pub struct Recorder {
+    /// `(destination, key)` -> its writes, in write order.
+    writes: BTreeMap<(String, String), Vec<Write>>,
+}
+
+impl Recorder {
+    pub fn write(&mut self, row: &OutboxRow, forced: bool) {
+        if let Some(k) = &row.entity_key {
+            self.writes
+                .entry((row.destination.clone(), k.clone()))
+                .or_default()
+                .push((row.order_seq, row.event_id.clone(), forced));
+        }
+    }
+
+    /// Unforced writes of each key arrived in strictly increasing order.
+    pub fn assert_in_order(&self) {
+        for (queue, writes) in &self.writes {
+            let seqs: Vec<i64> = writes
+                .iter()
+                .filter(|(_, _, forced)| !forced)
+                .map(|(s, _, _)| *s)
+                .collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "{queue:?} received an older version after a newer one: {writes:?}"
+            );
+        }
+    }
+}
+
+/// What the operations imply, per flow and per lane.
+#[derive(Default)]
+struct Model {
+    /// received, filtered, rejected, discarded (flow level)
+    flow: HashMap<String, [i64; 4]>,
+    /// created, delivered, dead_lettered, discarded (lane level)
+    lane: HashMap<LaneId, [i64; 4]>,
+}
+
+impl Model {
+    fn flow(&mut self, f: &str) -> &mut [i64; 4] {
+        self.flow.entry(f.to_owned()).or_default()
+    }
+
+    fn lane(&mut self, f: &str, d: &str) -> &mut [i64; 4] {
+        self.lane.entry(lane(f, d)).or_default()
+    }
+
+    fn nums(&self, l: &LaneId) -> Nums {
+        let [received, filtered, rejected, fdisc] =
+            self.flow.get(&l.flow).copied().unwrap_or_default();
+        let [created, delivered, dead, disc] = self.lane.get(l).copied().unwrap_or_default();
+        [
+            received,
+            filtered,
+            rejected,
+            delivered,
+            dead,
+            fdisc + disc,
+            created - delivered - dead - disc,
+        ]
+    }
+}
+
+struct Case {
+    j: std::sync::Arc<dyn Journal>,
+    lanes: Vec<LaneId>,
+    model: Model,
+    events: Vec<NewEvent>,
+    next_event: usize,
+    /// Live claims, one batch per claim call.
+    out: Vec<Vec<Claimed>>,
+    /// Claims from before a restart.
+    zombies: Vec<Claimed>,
+    forced: HashSet<i64>,
+    dest: Recorder,
+}
+
+impl Case {
+    fn new(h: &impl Harness) -> Case {
+        let mut lanes = Vec::new();
+        for f in FLOWS {
+            for d in DESTS {
+                lanes.push(lane(f, d));
+            }
+        }
+        Case {
+            j: h.journal(),
+            lanes,
+            model: Model::default(),
+            events: Vec::new(),
+            next_event: 0,
+            out: Vec::new(),
+            zombies: Vec::new(),
+            forced: HashSet::new(),
+            dest: Recorder::default(),
+        }
+    }
+
+    async fn run(mut self, h: &mut impl Harness, ops: &[Op]) {
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(h, op).await;
+            self.check(&format!("after op {i} {op:?}"));
+        }
+        self.drain().await;
+        self.check("after draining");
+        assert_eq!(self.j.read().outbox_len().expect("outbox_len"), 0);
+        self.dest.assert_in_order();
+    }
+
+    async fn apply(&mut self, h: &mut impl Harness, op: &Op) {
+        match op {
+            Op::Ingest(events) => self.ingest(events).await,
+            Op::Duplicate(pick) => {
+                if self.events.is_empty() {
+                    return;
+                }
+                let e = self.events[pick % self.events.len()].clone();
+                let a = self.j.ingest(batch(vec![e])).await.expect("ingest");
+                assert_eq!((a.changed, a.duplicates), (0, 1));
+            }
+            Op::Claim { lane, max, per_key } => {
+                let l = self.lanes[*lane].clone();
+                let c = self
+                    .j
+                    .claim(ClaimRequest {
+                        lane: l.clone(),
+                        max: *max,
+                        per_key: *per_key,
+                        lease: LEASE,
+                    })
+                    .await
+                    .expect("claim");
+                assert!(c.len() <= *max);
+                let live: HashSet<i64> = self.out.iter().flatten().map(|c| c.row.id).collect();
+                for x in &c {
+                    assert_eq!((&x.row.flow, &x.row.destination), (&l.flow, &l.destination));
+                    assert!(!live.contains(&x.row.id), "row {} claimed twice", x.row.id);
+                }
+                if !c.is_empty() {
+                    self.out.push(c);
+                }
+            }
+            Op::Settle {
+                claims,
+                fates,
+                zombies,
+            } => self.settle(claims, fates, *zombies).await,
+            Op::Replay { pick, force } => self.replay(*pick, *force).await,
+            Op::Discard { pick } => {
+                let dead = self.dead();
+                if dead.is_empty() {
+                    return;
+                }
+                let e = &dead[pick % dead.len()];
+                self.j
+                    .discard(e.id, "prop".into())
+                    .await
+                    .expect("discard a dead entry");
+                if e.stage == "deliver" {
+                    let l = self.model.lane(&e.flow, &e.destination);
+                    l[2] -= 1;
+                    l[3] += 1;
+                } else {
+                    let f = self.model.flow(&e.flow);
+                    f[2] -= 1;
+                    f[3] += 1;
+                }
+            }
+            Op::Restart => {
+                h.restart();
+                self.j = h.journal();
+                self.zombies.extend(self.out.drain(..).flatten());
+            }
+        }
+    }
+
+    async fn ingest(&mut self, events: &[[Option<(Kind, usize)>; 2]]) {
+        let mut batch_events = Vec::new();
+        for outcomes in events {
+            self.next_event += 1;
+            let id = format!("e{}", self.next_event);
+            let mut out = Vec::new();
+            for (fi, o) in outcomes.iter().enumerate() {
+                let Some((kind, key)) = o else { continue };
+                let (flow, key) = (FLOWS[fi], KEYS[*key]);
+                self.model.flow(flow)[0] += 1;
+                out.push(match kind {
+                    Kind::Routed => {
+                        for d in DESTS {
+                            self.model.lane(flow, d)[0] += 1;
+                        }
+                        routed(flow, &id, &[(DESTS[0], key), (DESTS[1], key)])
+                    }
+                    Kind::Filtered => {
+                        self.model.flow(flow)[1] += 1;
+                        FlowOutcome::Filtered { flow: flow.into() }
+                    }
+                    Kind::Rejected { hold } => {
+                        self.model.flow(flow)[2] += 1;
+                        let hold: &[&str] = if *hold { &DESTS } else { &[] };
+                        rejected(flow, key, hold)
+                    }
+                });
+            }
+            batch_events.push(event(&id, out));
+        }
+        self.events.extend(batch_events.iter().cloned());
+        let n = batch_events.len();
+        let a = self.j.ingest(batch(batch_events)).await.expect("ingest");
+        assert_eq!((a.changed, a.duplicates), (n, 0));
+    }
+
+    async fn settle(&mut self, claims: &[usize], fates: &[Fate], zombies: bool) {
+        if self.out.is_empty() && !zombies {
+            return;
+        }
+        let mut picked: Vec<usize> = if self.out.is_empty() {
+            Vec::new()
+        } else {
+            claims.iter().map(|i| i % self.out.len()).collect()
+        };
+        picked.sort_unstable();
+        picked.dedup();
+        let mut rows: Vec<(Claimed, Fate)> = Vec::new();
+        let mut n = 0;
+        for &i in picked.iter().rev() {
+            let claim = self.out.remove(i);
+            // a sink writes a key's rows in order: after one that did not
+            // go through (or holds its key), the rest of the key waits
+            let mut stopped: HashSet<String> = HashSet::new();
+            for c in claim {
+                let key = c.row.entity_key.clone();
+                let mut f = fates[n % fates.len()];
+                n += 1;
+                if key.as_ref().is_some_and(|k| stopped.contains(k)) {
+                    f = Fate::Release;
+                }
+                if matches!(f, Fate::Retry | Fate::Release | Fate::Dead { hold: true })
+                    && let Some(k) = key
+                {
+                    stopped.insert(k);
+                }
+                rows.push((c, f));
+            }
+        }
+        let zombies: Vec<Claimed> = if zombies {
+            std::mem::take(&mut self.zombies)
+        } else {
+            Vec::new()
+        };
+        let now = now_ms();
+        let mut items: Vec<Settlement> = rows
+            .iter()
+            .map(|(c, f)| Settlement {
+                id: c.row.id,
+                token: c.token,
+                outcome: match f {
+                    Fate::Delivered => Outcome::Delivered(WriteOutcome::default()),
+                    Fate::Retry => Outcome::Retry {
+                        next_at: now - 1,
+                        error: "503".into(),
+                    },
+                    Fate::Dead { hold } => Outcome::Dead {
+                        error: "422".into(),
+                        hold_key: *hold,
+                    },
+                    Fate::Release => Outcome::Release,
+                },
+            })
+            .collect();
+        items.extend(zombies.iter().map(|c| Settlement {
+            id: c.row.id,
+            token: c.token,
+            outcome: Outcome::Delivered(WriteOutcome::default()),
+        }));
+        let s = self
+            .j
+            .settle(Settle {
+                items,
+                follow_ups: Vec::new(),
+            })
+            .await
+            .expect("settle");
+        let mut want = Settled {
+            stale: zombies.len(),
+            ..Default::default()
+        };
+        for (c, f) in &rows {
+            let (flow, d) = (&c.row.flow, &c.row.destination);
+            match f {
+                Fate::Delivered => {
+                    want.delivered += 1;
+                    self.model.lane(flow, d)[1] += 1;
+                    self.dest.write(&c.row, self.forced.contains(&c.row.id));
+                }
+                Fate::Retry => want.retried += 1,
+                Fate::Dead { .. } => {
+                    want.dead += 1;
+                    self.model.lane(flow, d)[2] += 1;
+                }
+                Fate::Release => want.released += 1,
+            }
+        }
+        assert_eq!(s, want);
+    }
+
+    async fn replay(&mut self, pick: usize, force: bool) {
+        let dead = self.dead();
+        if dead.is_empty() {
+            return;
+        }
+        let e = dead[pick % dead.len()].clone();
+        let deliver = e.stage == "deliver";
+        let outcome = (!deliver).then(|| {
+            let key = e.entity_key.as_deref();
+            routed(&e.flow, &e.event_id, &[(DESTS[0], key), (DESTS[1], key)])
+        });
+        let r = self
+            .j
+            .replay(Replay {
+                dlq_id: e.id,
+                payload: None,
+                outcome,
+                force,
+                note: "prop".into(),
+            })
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(StoreError::Refused(_)) if !force => return,
+            Err(err) => panic!("replay of {e:?} (force {force}): {err}"),
+        }
+        let lanes: Vec<LaneId> = if deliver {
+            self.model.lane(&e.flow, &e.destination)[2] -= 1;
+            vec![lane(&e.flow, &e.destination)]
+        } else {
+            self.model.flow(&e.flow)[2] -= 1;
+            DESTS
+                .iter()
+                .map(|d| {
+                    self.model.lane(&e.flow, d)[0] += 1;
+                    lane(&e.flow, d)
+                })
+                .collect()
+        };
+        if force {
+            // a forced row is the newest of all
+            for l in lanes {
+                let p = self.j.read().pending(&l, 100_000).expect("pending");
+                let row = p.iter().max_by_key(|r| r.order_seq).expect("the row");
+                assert_eq!(row.event_id, e.event_id);
+                self.forced.insert(row.id);
+            }
+        }
+    }
+
+    fn dead(&self) -> Vec<DlqEntry> {
+        self.j
+            .read()
+            .dlq_list(&DlqFilter {
+                limit: Some(100_000),
+                ..Default::default()
+            })
+            .expect("dlq_list")
+    }
+
+    fn check(&self, when: &str) {
+        let r = self.j.read();
+        let counts = r.counts(&self.lanes).expect("counts");
+        let mut want_depths = Vec::new();
+        for l in &self.lanes {
+            let c = counts
+                .iter()
+                .find(|c| c.flow == l.flow && c.destination == l.destination)
+                .unwrap_or_else(|| panic!("{when}: no counts for {l:?}"));
+            assert!(c.balanced, "{when}: unbalanced {c:?}");
+            assert_eq!(nums(c), self.model.nums(l), "{when}: counts of {l:?}");
+            if c.dead_lettered > 0 {
+                want_depths.push((l.flow.clone(), l.destination.clone(), c.dead_lettered));
+            }
+        }
+        for f in FLOWS {
+            let rejected = self.model.flow.get(f).map_or(0, |x| x[2]);
+            if rejected > 0 {
+                want_depths.push((f.to_owned(), String::new(), rejected));
+            }
+        }
+        want_depths.sort();
+        let mut depths = r.dlq_depths().expect("dlq_depths");
+        depths.sort();
+        assert_eq!(depths, want_depths, "{when}: DLQ depths");
+
+        // leased rows of one key queue all come from one claim
+        let mut owner: HashMap<(String, String), usize> = HashMap::new();
+        for (i, claim) in self.out.iter().enumerate() {
+            for c in claim {
+                if let Some(k) = &c.row.entity_key {
+                    let o = owner
+                        .entry((c.row.destination.clone(), k.clone()))
+                        .or_insert(i);
+                    assert_eq!(*o, i, "{when}: two claims hold rows of {k}");
+                }
+            }
+        }
+        let mut total = 0;
+        for l in &self.lanes {
+            let p = r.pending(l, 100_000).expect("pending");
+            assert!(
+                p.windows(2)
+                    .all(|w| (w[0].order_seq, w[0].id) <= (w[1].order_seq, w[1].id)),
+                "{when}: pending rows out of key order"
+            );
+            total += p.len() as i64;
+        }
+        assert_eq!(r.outbox_len().expect("outbox_len"), total);
+    }
+
+    /// Settle what is out, discard what is dead, deliver the rest: nothing
+    /// may stay stuck.
+    async fn drain(&mut self) {
+        for _ in 0..500 {
+            let claims: Vec<usize> = (0..self.out.len()).collect();
+            self.settle(&claims, &[Fate::Delivered], true).await;
+            for e in self.dead() {
+                self.j.discard(e.id, "drain".into()).await.expect("discard");
+                if e.stage == "deliver" {
+                    let l = self.model.lane(&e.flow, &e.destination);
+                    l[2] -= 1;
+                    l[3] += 1;
+                } else {
+                    let f = self.model.flow(&e.flow);
+                    f[2] -= 1;
+                    f[3] += 1;
+                }
+            }
+            if self.j.read().outbox_len().expect("outbox_len") == 0 {
+                return;
+            }
+            for l in self.lanes.clone() {
+                let c = self
+                    .j
+                    .claim(ClaimRequest {
+                        lane: l,
+                        max: 1000,
+                        per_key: 1,
+                        lease: LEASE,
+                    })
+                    .await
+                    .expect("claim");
+                if !c.is_empty() {
+                    self.out.push(c);
+                }
+            }
+        }
+        panic!("the outbox did not drain: rows are stuck");
+    }
+}
