@@ -1113,9 +1113,11 @@ pub async fn p0_4_replay_refused_when_superseded(h: &mut impl Harness) {
 }
 
 /// P0-4: a map-stage entry keeps its key and its place; a later delivered
-/// row of the key supersedes it the same way.
+/// row of the key supersedes it the same way, also one of another flow at a
+/// destination the replay writes. An entry without a key had no place: its
+/// replay goes to the end.
 pub async fn p0_4_map_stage_entry_superseded(h: &mut impl Harness) {
-    let rig = Rig::new(h, &[("f", "d")]);
+    let rig = Rig::new(h, &[("f", "d"), ("B", "d")]);
     rig.ingest(vec![
         event("1", vec![rejected("f", Some("k"), &[])]),
         one("2", Some("k")),
@@ -1167,6 +1169,51 @@ pub async fn p0_4_map_stage_entry_superseded(h: &mut impl Harness) {
     assert_eq!(rig.deliver("f", 10).await, ["4"]);
     assert_eq!(rig.deliver("f", 10).await, ["5"]);
     assert_eq!(rig.nums("f", "d"), [5, 0, 0, 5, 0, 0, 0]);
+
+    // another flow wrote the key at the destination the replay writes
+    rig.ingest(vec![
+        event("6", vec![rejected("f", Some("c"), &[])]),
+        of("B", "7", Some("c")),
+    ])
+    .await;
+    assert_eq!(rig.deliver("B", 10).await, ["7"]);
+    let e = rig.dead().pop().expect("entry");
+    assert_eq!(
+        refused(
+            rig.replay(Replay {
+                outcome: Some(routed("f", "6", &[("d", Some("c"))])),
+                ..replay(e.id)
+            })
+            .await
+        ),
+        Refusal::Superseded {
+            by_event: "7".into()
+        }
+    );
+    rig.discard(e.id).await.expect("discard");
+
+    // rejected before its key was known: no place, so the end of the queue
+    rig.ingest(vec![
+        event("8", vec![rejected("f", None, &[])]),
+        one("9", Some("n")),
+    ])
+    .await;
+    let c9 = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c9), ["9"]);
+    rig.settle(vec![(&c9[0], delivered())]).await;
+    let e = rig.dead().pop().expect("entry");
+    rig.replay(Replay {
+        outcome: Some(routed("f", "8", &[("d", Some("n"))])),
+        ..replay(e.id)
+    })
+    .await
+    .expect("a keyless entry is superseded by nothing");
+    let p = rig.pending("f", "d");
+    assert_eq!(pending_evs(&p), ["8"]);
+    assert!(p[0].order_seq > c9[0].row.order_seq, "at the end");
+    assert_eq!(rig.deliver("f", 10).await, ["8"]);
+    assert_eq!(rig.nums("f", "d"), [8, 0, 0, 7, 0, 1, 0]);
+    assert_eq!(rig.nums("B", "d"), [1, 0, 0, 1, 0, 0, 0]);
 }
 
 /// A replayed dead entry goes before the later pending rows of its key, and
@@ -1359,6 +1406,37 @@ pub async fn settle_applies_everything_in_one_call(h: &mut impl Harness) {
     assert_eq!(evs(&c), ["1"]);
     rig.settle(vec![(&c[0], delivered())]).await;
     assert_eq!(rig.nums("saga", "d2"), [1, 0, 0, 1, 0, 0, 0]);
+
+    // a follow-up enters one lane of a flow that writes two: it counts on
+    // that lane only
+    let mut rig = rig;
+    rig.lanes = vec![lane("g", "d"), lane("g", "d2")];
+    rig.ingest(vec![event(
+        "5",
+        vec![routed("g", "5", &[("d", Some("p")), ("d2", Some("p"))])],
+    )])
+    .await;
+    let c = rig.claim("g", "d", 10).await;
+    let s = rig
+        .settle_all(Settle {
+            items: vec![Settlement {
+                id: c[0].row.id,
+                token: c[0].token,
+                outcome: delivered(),
+            }],
+            follow_ups: vec![FollowUp {
+                flow: "g".into(),
+                source: "crm".into(),
+                event_id: "5".into(),
+                correlation_id: "c-5".into(),
+                delivery: delivery("5-next", "d2", Some("p")),
+            }],
+        })
+        .await;
+    assert_eq!((s.delivered, s.follow_ups), (1, 1));
+    assert_eq!(rig.nums("g", "d"), [1, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(rig.nums("g", "d2"), [2, 0, 0, 0, 0, 0, 2]);
+    assert_eq!(pending_evs(&rig.pending("g", "d2")), ["5", "5"]);
 }
 
 /// P0-3: the id a destination gave a record is committed with the

@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestError, TestRunner};
+use proptest::test_runner::{Config, TestError, TestRng, TestRunner};
 use weft_store::*;
 
 use crate::Harness;
-use crate::cases::{LEASE, Nums, batch, event, lane, nums, rejected, routed};
+use crate::cases::{LEASE, Nums, batch, delivery, event, lane, nums, rejected, routed};
 
 const FLOWS: [&str; 2] = ["a", "b"];
 const DESTS: [&str; 2] = ["x", "y"];
@@ -47,11 +47,14 @@ enum Op {
         per_key: usize,
     },
     /// Settle whole claims (picked by index) with fates taken in turn; with
-    /// `zombies`, also every settlement from before the last restart.
+    /// `zombies`, also every settlement from before the last restart; with
+    /// `follow_up`, the first delivered row's next step goes to the flow's
+    /// other destination.
     Settle {
         claims: Vec<usize>,
         fates: Vec<Fate>,
         zombies: bool,
+        follow_up: bool,
     },
     Replay {
         pick: usize,
@@ -75,21 +78,33 @@ fn fate() -> impl Strategy<Value = Fate> {
     prop_oneof![
         5 => Just(Fate::Delivered),
         2 => Just(Fate::Retry),
-        2 => any::<bool>().prop_map(|hold| Fate::Dead { hold }),
+        2 => proptest::bool::weighted(0.3).prop_map(|hold| Fate::Dead { hold }),
         1 => Just(Fate::Release),
     ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let outcome = || proptest::option::weighted(0.7, (kind(), 0..KEYS.len()));
+    // a hot key, so that the rows of a key meet often
+    let key = || prop_oneof![4 => Just(0usize), 2 => Just(1), 2 => Just(2), 2 => Just(3)];
+    let outcome = || proptest::option::weighted(0.7, (kind(), key()));
     prop_oneof![
-        3 => vec([outcome(), outcome()], 1..4).prop_map(Op::Ingest),
+        6 => vec([outcome(), outcome()], 1..4).prop_map(Op::Ingest),
         1 => any::<usize>().prop_map(Op::Duplicate),
-        4 => (0..4usize, 1..6usize, 1..4usize)
+        8 => (0..4usize, 1..6usize, 1..4usize)
             .prop_map(|(lane, max, per_key)| Op::Claim { lane, max, per_key }),
-        4 => (vec(any::<usize>(), 1..3), vec(fate(), 1..8), proptest::bool::weighted(0.3))
-            .prop_map(|(claims, fates, zombies)| Op::Settle { claims, fates, zombies }),
-        1 => (any::<usize>(), proptest::bool::weighted(0.3))
+        6 => (
+            vec(any::<usize>(), 1..3),
+            vec(fate(), 1..8),
+            proptest::bool::weighted(0.3),
+            proptest::bool::weighted(0.2),
+        )
+            .prop_map(|(claims, fates, zombies, follow_up)| Op::Settle {
+                claims,
+                fates,
+                zombies,
+                follow_up,
+            }),
+        4 => (any::<usize>(), proptest::bool::weighted(0.3))
             .prop_map(|(pick, force)| Op::Replay { pick, force }),
         1 => any::<usize>().prop_map(|pick| Op::Discard { pick }),
         1 => Just(Op::Restart),
@@ -102,18 +117,35 @@ pub fn run<H: Harness>(make: impl Fn() -> H) {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let mut runner = TestRunner::new(Config {
+    let config = Config {
         cases: 200,
         failure_persistence: None,
         ..Config::default()
-    });
-    let result = runner.run(&vec(op(), 1..40), |ops| {
+    };
+    // the same sequences on every run (a failure reproduces as it is);
+    // WEFT_PROP_RANDOM=1 explores new ones
+    let mut runner = if std::env::var_os("WEFT_PROP_RANDOM").is_some() {
+        TestRunner::new(config)
+    } else {
+        let rng = TestRng::deterministic_rng(config.rng_algorithm);
+        TestRunner::new_with_rng(config, rng)
+    };
+    let total = std::cell::RefCell::new(Stats::default());
+    let result = runner.run(&vec(op(), 1..60), |ops| {
         let mut h = make();
-        rt.block_on(Case::new(&h).run(&mut h, &ops));
+        let stats = rt.block_on(Case::new(&h).run(&mut h, &ops));
+        total.borrow_mut().add(&stats);
+
         Ok(())
     });
     match result {
-        Ok(()) => {}
+        Ok(()) => {
+            let total = total.borrow();
+            if std::env::var_os("WEFT_PROP_STATS").is_some() {
+                eprintln!("property test: {total:?}");
+            }
+            total.assert_all_seen();
+        }
         Err(TestError::Fail(why, ops)) => panic!("{why}\nminimal failing operations: {ops:#?}"),
         Err(e) => panic!("{e}"),
     }
@@ -161,8 +193,9 @@ impl Recorder {
 struct Model {
     /// received, filtered, rejected, discarded (flow level)
     flow: HashMap<String, [i64; 4]>,
-    /// created, delivered, dead_lettered, discarded (lane level)
-    lane: HashMap<LaneId, [i64; 4]>,
+    /// created, delivered, dead_lettered, discarded, received (lane level:
+    /// follow-ups)
+    lane: HashMap<LaneId, [i64; 5]>,
 }
 
 impl Model {
@@ -170,16 +203,17 @@ impl Model {
         self.flow.entry(f.to_owned()).or_default()
     }
 
-    fn lane(&mut self, f: &str, d: &str) -> &mut [i64; 4] {
+    fn lane(&mut self, f: &str, d: &str) -> &mut [i64; 5] {
         self.lane.entry(lane(f, d)).or_default()
     }
 
     fn nums(&self, l: &LaneId) -> Nums {
         let [received, filtered, rejected, fdisc] =
             self.flow.get(&l.flow).copied().unwrap_or_default();
-        let [created, delivered, dead, disc] = self.lane.get(l).copied().unwrap_or_default();
+        let [created, delivered, dead, disc, lane_received] =
+            self.lane.get(l).copied().unwrap_or_default();
         [
-            received,
+            received + lane_received,
             filtered,
             rejected,
             delivered,
@@ -202,6 +236,64 @@ struct Case {
     zombies: Vec<Claimed>,
     forced: HashSet<i64>,
     dest: Recorder,
+    stats: Stats,
+}
+
+/// What a run exercised: every kind must have happened somewhere in the
+/// run, or the property test proved nothing about it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    delivered: usize,
+    stale: usize,
+    held: usize,
+    follow_ups: usize,
+    per_key_batches: usize,
+    restarts: usize,
+    replayed: usize,
+    replayed_map: usize,
+    forced: usize,
+    refused_superseded: usize,
+    refused_in_flight: usize,
+    discarded: usize,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.delivered += o.delivered;
+        self.stale += o.stale;
+        self.held += o.held;
+        self.follow_ups += o.follow_ups;
+        self.per_key_batches += o.per_key_batches;
+        self.restarts += o.restarts;
+        self.replayed += o.replayed;
+        self.replayed_map += o.replayed_map;
+        self.forced += o.forced;
+        self.refused_superseded += o.refused_superseded;
+        self.refused_in_flight += o.refused_in_flight;
+        self.discarded += o.discarded;
+    }
+
+    fn assert_all_seen(&self) {
+        let s = self;
+        let seen = [
+            s.delivered,
+            s.stale,
+            s.held,
+            s.follow_ups,
+            s.per_key_batches,
+            s.restarts,
+            s.replayed,
+            s.replayed_map,
+            s.forced,
+            s.refused_superseded,
+            s.refused_in_flight,
+            s.discarded,
+        ];
+        assert!(
+            seen.iter().all(|n| *n > 0),
+            "the property test missed a case: {s:?}"
+        );
+    }
 }
 
 impl Case {
@@ -222,10 +314,11 @@ impl Case {
             zombies: Vec::new(),
             forced: HashSet::new(),
             dest: Recorder::default(),
+            stats: Stats::default(),
         }
     }
 
-    async fn run(mut self, h: &mut impl Harness, ops: &[Op]) {
+    async fn run(mut self, h: &mut impl Harness, ops: &[Op]) -> Stats {
         for (i, op) in ops.iter().enumerate() {
             self.apply(h, op).await;
             self.check(&format!("after op {i} {op:?}"));
@@ -234,6 +327,7 @@ impl Case {
         self.check("after draining");
         assert_eq!(self.j.read().outbox_len().expect("outbox_len"), 0);
         self.dest.assert_in_order();
+        self.stats
     }
 
     async fn apply(&mut self, h: &mut impl Harness, op: &Op) {
@@ -265,6 +359,9 @@ impl Case {
                     assert_eq!((&x.row.flow, &x.row.destination), (&l.flow, &l.destination));
                     assert!(!live.contains(&x.row.id), "row {} claimed twice", x.row.id);
                 }
+                let keys: HashSet<_> = c.iter().filter_map(|c| c.row.entity_key.clone()).collect();
+                let keyed = c.iter().filter(|c| c.row.entity_key.is_some()).count();
+                self.stats.per_key_batches += usize::from(keys.len() < keyed);
                 if !c.is_empty() {
                     self.out.push(c);
                 }
@@ -273,7 +370,8 @@ impl Case {
                 claims,
                 fates,
                 zombies,
-            } => self.settle(claims, fates, *zombies).await,
+                follow_up,
+            } => self.settle(claims, fates, *zombies, *follow_up).await,
             Op::Replay { pick, force } => self.replay(*pick, *force).await,
             Op::Discard { pick } => {
                 let dead = self.dead();
@@ -285,6 +383,7 @@ impl Case {
                     .discard(e.id, "prop".into())
                     .await
                     .expect("discard a dead entry");
+                self.stats.discarded += 1;
                 if e.stage == "deliver" {
                     let l = self.model.lane(&e.flow, &e.destination);
                     l[2] -= 1;
@@ -296,6 +395,7 @@ impl Case {
                 }
             }
             Op::Restart => {
+                self.stats.restarts += 1;
                 h.restart();
                 self.j = h.journal();
                 self.zombies.extend(self.out.drain(..).flatten());
@@ -339,7 +439,7 @@ impl Case {
         assert_eq!((a.changed, a.duplicates), (n, 0));
     }
 
-    async fn settle(&mut self, claims: &[usize], fates: &[Fate], zombies: bool) {
+    async fn settle(&mut self, claims: &[usize], fates: &[Fate], zombies: bool, follow_up: bool) {
         if self.out.is_empty() && !zombies {
             return;
         }
@@ -402,16 +502,42 @@ impl Case {
             token: c.token,
             outcome: Outcome::Delivered(WriteOutcome::default()),
         }));
+        // a saga's next step: the first delivered row's key, at the flow's
+        // other destination
+        let follow_ups: Vec<FollowUp> = rows
+            .iter()
+            .find(|(_, f)| follow_up && matches!(f, Fate::Delivered))
+            .map(|(c, _)| {
+                let r = &c.row;
+                let other = DESTS.iter().find(|d| **d != r.destination).copied();
+                let other = other.unwrap_or(DESTS[0]);
+                self.model.lane(&r.flow, other)[0] += 1;
+                self.model.lane(&r.flow, other)[4] += 1;
+                self.stats.follow_ups += 1;
+                FollowUp {
+                    flow: r.flow.clone(),
+                    source: r.source.clone(),
+                    event_id: format!("{}-next", r.event_id),
+                    correlation_id: r.correlation_id.clone(),
+                    delivery: delivery(
+                        &format!("{}-next", r.event_id),
+                        other,
+                        r.entity_key.as_deref(),
+                    ),
+                }
+            })
+            .into_iter()
+            .collect();
+        let n_follow = follow_ups.len();
         let s = self
             .j
-            .settle(Settle {
-                items,
-                follow_ups: Vec::new(),
-            })
+            .settle(Settle { items, follow_ups })
             .await
             .expect("settle");
+        self.stats.stale += s.stale;
         let mut want = Settled {
             stale: zombies.len(),
+            follow_ups: n_follow,
             ..Default::default()
         };
         for (c, f) in &rows {
@@ -419,12 +545,14 @@ impl Case {
             match f {
                 Fate::Delivered => {
                     want.delivered += 1;
+                    self.stats.delivered += 1;
                     self.model.lane(flow, d)[1] += 1;
                     self.dest.write(&c.row, self.forced.contains(&c.row.id));
                 }
                 Fate::Retry => want.retried += 1,
-                Fate::Dead { .. } => {
+                Fate::Dead { hold } => {
                     want.dead += 1;
+                    self.stats.held += usize::from(*hold && c.row.entity_key.is_some());
                     self.model.lane(flow, d)[2] += 1;
                 }
                 Fate::Release => want.released += 1,
@@ -456,9 +584,19 @@ impl Case {
             .await;
         match r {
             Ok(_) => {}
-            Err(StoreError::Refused(_)) if !force => return,
+            Err(StoreError::Refused(Refusal::Superseded { .. })) if !force => {
+                self.stats.refused_superseded += 1;
+                return;
+            }
+            Err(StoreError::Refused(Refusal::InFlight)) if !force => {
+                self.stats.refused_in_flight += 1;
+                return;
+            }
             Err(err) => panic!("replay of {e:?} (force {force}): {err}"),
         }
+        self.stats.replayed += 1;
+        self.stats.replayed_map += usize::from(!deliver);
+        self.stats.forced += usize::from(force);
         let lanes: Vec<LaneId> = if deliver {
             self.model.lane(&e.flow, &e.destination)[2] -= 1;
             vec![lane(&e.flow, &e.destination)]
@@ -549,7 +687,7 @@ impl Case {
     async fn drain(&mut self) {
         for _ in 0..500 {
             let claims: Vec<usize> = (0..self.out.len()).collect();
-            self.settle(&claims, &[Fate::Delivered], true).await;
+            self.settle(&claims, &[Fate::Delivered], true, false).await;
             for e in self.dead() {
                 self.j.discard(e.id, "drain".into()).await.expect("discard");
                 if e.stage == "deliver" {
