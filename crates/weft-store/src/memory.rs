@@ -1107,3 +1107,76 @@ impl JournalRead for MemoryJournal {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The contract is checked by `tests/conformance.rs`; these cover what
+    //! only the memory engine exposes.
+
+    use super::*;
+    use crate::{NewDrift, NewEvent};
+
+    fn block<T>(f: BoxFuture<'_, T>) -> T {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn drift_is_upserted_per_source_kind_path_and_detail() {
+        let j = MemoryJournal::new();
+        let ev = |detail: &str, count| NewDrift {
+            kind: "type_changed".into(),
+            path: "/tags".into(),
+            detail: detail.into(),
+            example: "[\"a\"]".into(),
+            count,
+        };
+        let batch = |events, shape: Option<&str>| DriftBatch {
+            source: "crm".into(),
+            shape: shape.map(str::to_owned),
+            events,
+        };
+        block(j.record_drift(batch(vec![ev("string -> array", 1)], Some("{\"v\":1}")))).unwrap();
+        block(j.record_drift(batch(
+            vec![ev("string -> array", 4), ev("string -> number", 2)],
+            None,
+        )))
+        .unwrap();
+        let evs = j.drift_events(None).unwrap();
+        let got: Vec<(&str, i64)> = evs.iter().map(|e| (e.detail.as_str(), e.count)).collect();
+        assert_eq!(got, [("string -> array", 5), ("string -> number", 2)]);
+        assert!(j.drift_events(Some("erp")).unwrap().is_empty());
+        assert_eq!(j.stream_shape("crm").unwrap().as_deref(), Some("{\"v\":1}"));
+    }
+
+    #[test]
+    fn map_stage_entries_keep_the_event_attributes() {
+        let j = MemoryJournal::new();
+        let now = now_ms();
+        block(j.ingest(IngestBatch {
+            source: "crm".into(),
+            events: vec![NewEvent {
+                event_id: "1".into(),
+                correlation_id: "c".into(),
+                received_at: now,
+                event_time: now,
+                source_version: None,
+                group_id: None,
+                traceparent: None,
+                tracestate: None,
+                attributes: "{\"type\":\"contact.updated\"}".into(),
+                payload: "not json".into(),
+                outcomes: vec![FlowOutcome::rejected("f", Stage::Parse, "bad JSON")],
+            }],
+            ..Default::default()
+        }))
+        .unwrap();
+        let e = j.dlq_list(&DlqFilter::default()).unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].payload, "not json");
+        assert_eq!(
+            j.dlq_attributes(e[0].id).unwrap().as_deref(),
+            Some("{\"type\":\"contact.updated\"}")
+        );
+        assert_eq!(j.dlq_attributes(e[0].id + 1).unwrap(), None);
+    }
+}

@@ -25,7 +25,18 @@ pub trait Harness {
     /// engine may hand out a new one (SQLite reopens its file).
     fn journal(&self) -> Arc<dyn Journal>;
     /// A crash and restart: every lease is void, everything committed stays.
+    /// The suite has dropped its handles of the old journal by then (see
+    /// [`restart`]), so an engine can close it before opening the new one.
     fn restart(&mut self);
+}
+
+/// Restarts `h` with `j` (the suite's handle) dropped first, and returns
+/// the engine's new journal.
+pub fn restart(h: &mut impl Harness, j: &mut Arc<dyn Journal>) {
+    // a placeholder, so that the old journal is gone during the restart
+    *j = Arc::new(MemoryJournal::new());
+    h.restart();
+    *j = h.journal();
 }
 
 /// Instantiates every conformance test for one engine: `conformance!(name,

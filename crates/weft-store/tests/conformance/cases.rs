@@ -144,9 +144,9 @@ impl Rig {
         rig
     }
 
-    /// After a restart: the engine's new journal.
-    pub fn reopen(&mut self, h: &impl Harness) {
-        self.j = h.journal();
+    /// A crash and restart of the engine; then its new journal.
+    pub fn restart(&mut self, h: &mut impl Harness) {
+        crate::restart(h, &mut self.j);
         self.check();
     }
 
@@ -814,8 +814,7 @@ pub async fn restart_voids_leases(h: &mut impl Harness) {
     .await;
     let c = rig.claim("f", "d", 10).await;
     assert_eq!(evs(&c), ["1", "2"]);
-    h.restart();
-    rig.reopen(h);
+    rig.restart(h);
     assert_eq!(rig.nums("f", "d"), [3, 0, 1, 0, 0, 0, 2]);
     assert_eq!(
         rig.j.read().checkpoint("crm", "pos").unwrap().as_deref(),

@@ -396,8 +396,7 @@ impl Case {
             }
             Op::Restart => {
                 self.stats.restarts += 1;
-                h.restart();
-                self.j = h.journal();
+                crate::restart(h, &mut self.j);
                 self.zombies.extend(self.out.drain(..).flatten());
             }
         }
