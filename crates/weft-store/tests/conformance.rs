@@ -66,7 +66,9 @@ macro_rules! conformance {
                 p0_3_external_id_committed_with_delivered,
                 dlq_list_pages_and_filters,
                 counts_list_empty_lanes_balanced,
-                drift_is_recorded
+                drift_is_recorded,
+                p1_2_p1_8_blocked_keys_do_not_starve_the_lane,
+                p1_4_counts_balance_under_concurrent_writes
             );
             #[test]
             fn property_random_operations_keep_invariants() {
