@@ -18,6 +18,8 @@ use weft_store::{Journal, MemoryJournal};
 mod cases;
 #[path = "conformance/prop.rs"]
 mod prop;
+#[path = "conformance/testing.rs"]
+pub mod testing;
 
 /// One engine under test.
 pub trait Harness {

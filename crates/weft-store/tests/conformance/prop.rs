@@ -6,7 +6,7 @@
 //! order. At the end everything drains, and a destination never received an
 //! older version of a key after a newer one (forced replays excepted).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -15,6 +15,7 @@ use weft_store::*;
 
 use crate::Harness;
 use crate::cases::{LEASE, Nums, batch, delivery, event, lane, nums, rejected, routed};
+use crate::testing::Recorder;
 
 const FLOWS: [&str; 2] = ["a", "b"];
 const DESTS: [&str; 2] = ["x", "y"];
@@ -148,43 +149,6 @@ pub fn run<H: Harness>(make: impl Fn() -> H) {
         }
         Err(TestError::Fail(why, ops)) => panic!("{why}\nminimal failing operations: {ops:#?}"),
         Err(e) => panic!("{e}"),
-    }
-}
-
-/// One write a destination received: `(order_seq, event id, forced)`.
-type Write = (i64, String, bool);
-
-/// A destination that records every write per key queue, to check that it
-/// never receives an older version after a newer one.
-#[derive(Default)]
-pub struct Recorder {
-    /// `(destination, key)` -> its writes, in write order.
-    writes: BTreeMap<(String, String), Vec<Write>>,
-}
-
-impl Recorder {
-    pub fn write(&mut self, row: &OutboxRow, forced: bool) {
-        if let Some(k) = &row.entity_key {
-            self.writes
-                .entry((row.destination.clone(), k.clone()))
-                .or_default()
-                .push((row.order_seq, row.event_id.clone(), forced));
-        }
-    }
-
-    /// Unforced writes of each key arrived in strictly increasing order.
-    pub fn assert_in_order(&self) {
-        for (queue, writes) in &self.writes {
-            let seqs: Vec<i64> = writes
-                .iter()
-                .filter(|(_, _, forced)| !forced)
-                .map(|(s, _, _)| *s)
-                .collect();
-            assert!(
-                seqs.windows(2).all(|w| w[0] < w[1]),
-                "{queue:?} received an older version after a newer one: {writes:?}"
-            );
-        }
     }
 }
 
