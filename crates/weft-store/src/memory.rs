@@ -8,7 +8,8 @@
 //! durable: [`MemoryJournal::restart`] stands for a crash and restart (every
 //! lease is void, everything else stays).
 //!
-//! Decisions where the contract leaves room (the SQLite engine does the same):
+//! Decisions where the contract leaves room (the conformance suite pins each,
+//! so every engine makes the same ones):
 //! - rows with the same `order_seq` (a map-stage replay whose new outcome
 //!   routes several deliveries keeps the entry's one for all of them) are
 //!   ordered by id;

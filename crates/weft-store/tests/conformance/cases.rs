@@ -995,6 +995,14 @@ pub async fn map_stage_rejection_holds_listed_destinations(h: &mut impl Harness)
         rig.settle(vec![(&c[0], delivered())]).await;
     }
     assert_eq!(rig.nums("g", "d"), [5, 0, 0, 4, 0, 1, 0]);
+
+    // without a key there is nothing to hold
+    rig.ingest(vec![
+        event("6", vec![rejected("g", None, &["d"])]),
+        event("7", vec![both("7", "t")]),
+    ])
+    .await;
+    assert_eq!(evs(&rig.claim("g", "d", 10).await), ["7"]);
 }
 
 /// P1-1: a replayed row sorts before a later row of its key; while that row
@@ -1050,6 +1058,27 @@ pub async fn p1_1_replay_refused_while_a_later_row_is_in_flight(h: &mut impl Har
     assert_eq!(rig.deliver("f", 10).await, ["3"], "it kept its place");
     assert_eq!(rig.deliver("f", 10).await, ["4"]);
     assert_eq!(rig.nums("f", "d"), [4, 0, 0, 4, 0, 0, 0]);
+
+    // a map-stage entry: its new rows would go before the leased one
+    rig.ingest(vec![
+        event("5", vec![rejected("f", Some("q"), &[])]),
+        one("6", Some("q")),
+    ])
+    .await;
+    let c6 = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c6), ["6"]);
+    let e = rig.dead().pop().expect("entry");
+    let fixed = || Replay {
+        outcome: Some(routed("f", "5", &[("d", Some("q"))])),
+        ..replay(e.id)
+    };
+    assert_eq!(refused(rig.replay(fixed()).await), Refusal::InFlight);
+    assert_eq!(rig.nums("f", "d"), [6, 0, 1, 4, 0, 0, 1]);
+    rig.settle(vec![(&c6[0], Outcome::Release)]).await;
+    rig.replay(fixed()).await.expect("replay");
+    assert_eq!(rig.deliver("f", 10).await, ["5"]);
+    assert_eq!(rig.deliver("f", 10).await, ["6"]);
+    assert_eq!(rig.nums("f", "d"), [6, 0, 0, 6, 0, 0, 0]);
 }
 
 /// P0-4: once a later row of the key was delivered, a replay would put
