@@ -807,6 +807,8 @@ impl State {
             .entity_key
             .clone()
             .map(|key| Place { order_seq, key });
+        // its holds go; a new rejection (below) makes its own
+        self.close_entry(id, "replayed", &r.note, now);
         let p = &e.public;
         if deliver {
             self.next_outbox += 1;
@@ -851,16 +853,8 @@ impl State {
                 attributes: e.attributes.clone().unwrap_or_default(),
                 payload: p.payload.clone(),
             };
-            // a new rejection of the entry is its new entry; close the old
-            // one first so that its holds go and the new one's stay
-            self.close_entry(id, "replayed", &r.note, now);
             self.apply_outcome(&origin, outcome, place.as_ref(), now);
-            return Ok(Applied {
-                changed: 1,
-                duplicates: 0,
-            });
         }
-        self.close_entry(id, "replayed", &r.note, now);
         Ok(Applied {
             changed: 1,
             duplicates: 0,

@@ -242,7 +242,12 @@ impl Rig {
 
     /// Claims `flow`/`d` and delivers what it got; returns the event ids.
     pub async fn deliver(&self, flow: &str, max: usize) -> Vec<String> {
-        let c = self.claim(flow, "d", max).await;
+        self.deliver_to(flow, "d", max).await
+    }
+
+    /// Claims a lane and delivers what it got; returns the event ids.
+    pub async fn deliver_to(&self, flow: &str, destination: &str, max: usize) -> Vec<String> {
+        let c = self.claim(flow, destination, max).await;
         let s = self
             .settle(c.iter().map(|c| (c, delivered())).collect())
             .await;
@@ -995,6 +1000,29 @@ pub async fn map_stage_rejection_holds_listed_destinations(h: &mut impl Harness)
         rig.settle(vec![(&c[0], delivered())]).await;
     }
     assert_eq!(rig.nums("g", "d"), [5, 0, 0, 4, 0, 1, 0]);
+
+    // replayed into a new rejection: the new entry holds the key
+    rig.ingest(vec![
+        event("8", vec![rejected("g", Some("u"), &["d"])]),
+        event("9", vec![both("9", "u")]),
+    ])
+    .await;
+    let old = rig.dead().pop().expect("entry");
+    rig.replay(Replay {
+        outcome: Some(rejected("g", Some("u"), &["d"])),
+        ..replay(old.id)
+    })
+    .await
+    .expect("replay");
+    assert_eq!(rig.entry(old.id).status, "replayed");
+    let new = rig.dead().pop().expect("the new entry");
+    assert_eq!((new.event_id.as_str(), new.stage.as_str()), ("8", "map"));
+    assert!(new.id > old.id);
+    assert!(rig.claim("g", "d", 10).await.is_empty(), "u is held again");
+    assert_eq!(rig.deliver_to("g", "e", 10).await, ["9"]);
+    rig.discard(new.id).await.expect("discard");
+    assert_eq!(rig.deliver_to("g", "d", 10).await, ["9"]);
+    assert_eq!(rig.nums("g", "d"), [7, 0, 0, 5, 0, 2, 0]);
 
     // without a key there is nothing to hold
     rig.ingest(vec![
