@@ -45,6 +45,13 @@ use crate::{
 #[derive(Default)]
 pub struct MemoryJournal {
     state: Mutex<State>,
+    faults: Mutex<Option<Faults>>,
+}
+
+/// Injected failures: the next `left` writes fail with `error()`.
+struct Faults {
+    left: usize,
+    error: Box<dyn Fn() -> StoreError + Send + Sync>,
 }
 
 impl MemoryJournal {
@@ -86,15 +93,43 @@ impl MemoryJournal {
         Ok(self.lock()?.shapes.get(source).cloned())
     }
 
+    /// Fault injection: the next `writes` operations (ingest, claim, settle,
+    /// replay, discard, prune, record_drift) fail with `error()` and change
+    /// nothing, the way a store that cannot commit would. Reads still work.
+    pub fn fail_next(
+        &self,
+        writes: usize,
+        error: impl Fn() -> StoreError + Send + Sync + 'static,
+    ) -> Result<(), StoreError> {
+        *self.faults.lock().map_err(|_| poisoned())? = Some(Faults {
+            left: writes,
+            error: Box::new(error),
+        });
+        Ok(())
+    }
+
+    /// The state for a write, or the injected failure.
+    fn write(&self) -> Result<MutexGuard<'_, State>, StoreError> {
+        let mut faults = self.faults.lock().map_err(|_| poisoned())?;
+        if let Some(f) = faults.as_mut().filter(|f| f.left > 0) {
+            f.left -= 1;
+            return Err((f.error)());
+        }
+        drop(faults);
+        self.lock()
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
         // apply steps never fail midway, but a panic inside one (a bug) may
         // have left the state half changed: refuse to go on with it
-        self.state.lock().map_err(|_| {
-            StoreError::Invalid(
-                "the in-memory journal is unusable: an operation panicked while holding it".into(),
-            )
-        })
+        self.state.lock().map_err(|_| poisoned())
     }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Invalid(
+        "the in-memory journal is unusable: an operation panicked while holding it".into(),
+    )
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -969,31 +1004,31 @@ impl State {
 
 impl Journal for MemoryJournal {
     fn ingest(&self, batch: IngestBatch) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move { self.lock()?.ingest(batch) })
+        Box::pin(async move { self.write()?.ingest(batch) })
     }
 
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Vec<Claimed>, StoreError>> {
-        Box::pin(async move { Ok(self.lock()?.claim(&req)) })
+        Box::pin(async move { Ok(self.write()?.claim(&req)) })
     }
 
     fn settle(&self, settle: Settle) -> BoxFuture<'_, Result<Settled, StoreError>> {
-        Box::pin(async move { Ok(self.lock()?.settle(settle)) })
+        Box::pin(async move { Ok(self.write()?.settle(settle)) })
     }
 
     fn replay(&self, replay: Replay) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move { self.lock()?.replay(replay) })
+        Box::pin(async move { self.write()?.replay(replay) })
     }
 
     fn discard(&self, dlq_id: i64, note: String) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move { self.lock()?.discard(dlq_id, &note) })
+        Box::pin(async move { self.write()?.discard(dlq_id, &note) })
     }
 
     fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
-        Box::pin(async move { Ok(self.lock()?.prune(before)) })
+        Box::pin(async move { Ok(self.write()?.prune(before)) })
     }
 
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>> {
-        Box::pin(async move { Ok(self.lock()?.record_drift(batch)) })
+        Box::pin(async move { Ok(self.write()?.record_drift(batch)) })
     }
 
     fn read(&self) -> &dyn JournalRead {
@@ -1141,6 +1176,22 @@ mod tests {
         assert_eq!(got, [("string -> array", 5), ("string -> number", 2)]);
         assert!(j.drift_events(Some("erp")).unwrap().is_empty());
         assert_eq!(j.stream_shape("crm").unwrap().as_deref(), Some("{\"v\":1}"));
+    }
+
+    #[test]
+    fn injected_failures_change_nothing_and_run_out() {
+        let j = MemoryJournal::new();
+        j.fail_next(2, || StoreError::Closed).unwrap();
+        let batch = || IngestBatch {
+            source: "crm".into(),
+            checkpoint: Some(("pos".into(), "1".into())),
+            ..Default::default()
+        };
+        assert!(matches!(block(j.ingest(batch())), Err(StoreError::Closed)));
+        assert!(matches!(block(j.prune(0)), Err(StoreError::Closed)));
+        assert_eq!(j.checkpoint("crm", "pos").unwrap(), None, "reads work");
+        block(j.ingest(batch())).unwrap();
+        assert_eq!(j.checkpoint("crm", "pos").unwrap().as_deref(), Some("1"));
     }
 
     #[test]
