@@ -8,7 +8,8 @@
 //!     fn journal(&self) -> Arc<dyn Journal> { self.j.clone().expect("open") }
 //!     fn restart(&mut self) {
 //!         self.j = None; // the last handle: the old journal closes here
-//!         self.j = Some(Arc::new(SqliteJournal::open(&self.dir.path().join("w.db"))?));
+//!         let path = self.dir.path().join("w.db");
+//!         self.j = Some(Arc::new(SqliteJournal::open(&path).expect("reopen")));
 //!     }
 //! }
 //! conformance!(sqlite, || Sqlite::new());
