@@ -79,7 +79,8 @@ pub struct ClaimRequest {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub row: OutboxRow,
-    /// The lease's token: settle with it.
+    /// The lease's token: settle with it. Tokens are never reused, across
+    /// restarts too, so a settlement from before a restart is stale.
     pub token: i64,
 }
 
@@ -164,7 +165,10 @@ pub struct Replay {
     /// Deliver stage: a replacement payload (JSON text); else the stored one.
     pub payload: Option<String>,
     /// Parse/map stage: the flow's new outcome for the entry (the caller
-    /// re-ran the flow). Required for those stages, refused for deliver.
+    /// re-ran the flow). Required for those stages, refused for deliver;
+    /// of the entry's flow. Its rows and entries of the entry's key take the
+    /// entry's place; the others (all of them when the entry had no key, so
+    /// no place) go to the end of their queues.
     pub outcome: Option<FlowOutcome>,
     /// Replay even though a later write of the same key was delivered (the
     /// destination then ends on this older data) or is in flight. A forced
@@ -177,7 +181,9 @@ pub struct Replay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// A later row of the same key was delivered: replaying would put older
-    /// data over newer. `--force` overrides.
+    /// data over newer. `--force` overrides. For a parse/map-stage entry: a
+    /// later row of its key from its own flow (any destination), or from any
+    /// flow at a destination the new outcome writes with that key.
     Superseded { by_event: String },
     /// A later row of the same key is being written now; try again shortly.
     InFlight,
@@ -197,7 +203,8 @@ pub trait Journal: Send + Sync + 'static {
     /// [`crate::Dedupe::Id`] sources, none for sources that resume from an
     /// exact position), the outbox rows, the DLQ rows (parse/map failures),
     /// the checkpoint and the counters. A duplicate event is acknowledged and
-    /// neither stored nor counted.
+    /// neither stored nor counted. A `Rejected` outcome at the deliver stage
+    /// is `Invalid` (flows fail at parse or map).
     fn ingest(&self, batch: IngestBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
     /// Lease up to `max` rows of a lane that may be written now (module docs).
@@ -225,8 +232,8 @@ pub trait Journal: Send + Sync + 'static {
 
 /// Reads. Each call sees one committed state (a snapshot).
 pub trait JournalRead: Send + Sync {
-    /// Counts of every lane in `lanes` and every lane with counts, from one
-    /// snapshot, with `pending` counted from the outbox.
+    /// Counts of every lane in `lanes` and every lane with counts or pending
+    /// rows, from one snapshot, with `pending` counted from the outbox.
     fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError>;
     /// Pending rows of the whole outbox.
     fn outbox_len(&self) -> Result<i64, StoreError>;

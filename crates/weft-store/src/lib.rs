@@ -14,6 +14,7 @@
 
 mod drift;
 pub mod journal;
+pub mod memory;
 mod reader;
 mod schema;
 mod sqlite;
@@ -27,6 +28,7 @@ pub use journal::{
     ClaimRequest, Claimed, FollowUp, Journal, JournalRead, LaneId, Outcome, Refusal, Replay,
     Settle, Settled, Settlement, WriteOutcome,
 };
+pub use memory::MemoryJournal;
 pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
 
 /// DLQ list pages hold this many entries unless asked for fewer.
