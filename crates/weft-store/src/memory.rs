@@ -449,6 +449,9 @@ impl State {
                         error: error.clone(),
                         payload: o.payload.clone(),
                         history,
+                        attributes: Some(o.attributes.clone()),
+                        superseded_by: None,
+                        order_seq: Some(order_seq),
                     },
                     order_seq,
                     superseded: Vec::new(),
@@ -702,6 +705,9 @@ impl State {
                             error,
                             payload: row.payload,
                             history,
+                            attributes: None,
+                            superseded_by: None,
+                            order_seq: Some(row.order_seq),
                         },
                         order_seq: row.order_seq,
                         superseded: Vec::new(),
@@ -763,6 +769,7 @@ impl State {
             }
             e.superseded
                 .retain(|s| s.flow != row.flow || s.destination != row.destination);
+            e.public.superseded_by = Some(row.event_id.clone());
             e.superseded.push(Superseder {
                 flow: row.flow.clone(),
                 destination: row.destination.clone(),
@@ -892,7 +899,7 @@ impl State {
         }
         Ok(Applied {
             changed: 1,
-            duplicates: 0,
+            ..Default::default()
         })
     }
 
@@ -914,7 +921,7 @@ impl State {
         self.close_entry(id, "discarded", note, now);
         Ok(Applied {
             changed: 1,
-            duplicates: 0,
+            ..Default::default()
         })
     }
 
@@ -959,7 +966,7 @@ impl State {
         }
         Applied {
             changed: n,
-            duplicates: 0,
+            ..Default::default()
         }
     }
 

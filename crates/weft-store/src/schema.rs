@@ -209,6 +209,16 @@ const MIGRATIONS: &[&str] = &[
     UPDATE dlq SET attributes = (SELECT i.attributes FROM inbox i
       WHERE i.source = dlq.source AND i.event_id = dlq.event_id);
 
+    -- Later writes of a dead entry's key that were delivered (one per flow
+    -- and destination, the last): replaying the entry would regress them.
+    CREATE TABLE superseded (
+        dlq_id      INTEGER NOT NULL,
+        flow        TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        event_id    TEXT NOT NULL,
+        PRIMARY KEY (dlq_id, flow, destination)
+    ) WITHOUT ROWID;
+
     -- Write outcomes kept with the crosswalk entry.
     ALTER TABLE crosswalk ADD COLUMN version TEXT;
     ALTER TABLE crosswalk ADD COLUMN fingerprint TEXT;

@@ -83,10 +83,13 @@ pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, 
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     let ckpt = Connection::open(path)?;
     ckpt.busy_timeout(Duration::from_secs(10))?;
-    let first_token: i64 =
-        conn.query_row("SELECT COALESCE(max(token), 0) FROM outbox", [], |r| {
-            r.get(0)
-        })?;
+    // tokens never repeat, across restarts too (a settlement from before a
+    // restart is stale): seeded from the clock, with 1000 claims per ms of
+    // headroom, and above any token still in the table
+    let max_token: i64 = conn.query_row("SELECT COALESCE(max(token), 0) FROM outbox", [], |r| {
+        r.get(0)
+    })?;
+    let first_token = max_token.max(crate::now_ms().saturating_mul(1000));
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let (alive, gone) = std_mpsc::channel::<()>();
     std::thread::Builder::new()
@@ -307,27 +310,48 @@ fn reserve_seq(tx: &Connection, n: usize) -> Result<i64, StoreError> {
     Ok(last - n as i64 + 1)
 }
 
-/// Hands out order_seqs: fresh ones from a reserved range, or a fixed one
-/// (a replay keeps its entry's place).
+/// Hands out order_seqs: fresh ones from a reserved range, or, for rows of
+/// a replayed entry's key, the entry's place.
 enum Seq {
-    Range { next: i64, end: i64 },
-    Fixed(i64),
+    Range {
+        next: i64,
+        end: i64,
+    },
+    Keyed {
+        key: String,
+        place: i64,
+        next: i64,
+        end: i64,
+    },
 }
 
 impl Seq {
-    fn take(&mut self, tx: &Connection) -> Result<i64, StoreError> {
-        match self {
-            Seq::Fixed(o) => Ok(*o),
-            Seq::Range { next, end } => {
-                if *next >= *end {
-                    *next = reserve_seq(tx, 64)?;
-                    *end = *next + 64;
-                }
-                let o = *next;
-                *next += 1;
-                Ok(o)
-            }
+    /// The order_seq of a row (or DLQ entry) of `key`.
+    fn take(&mut self, tx: &Connection, key: Option<&str>) -> Result<i64, StoreError> {
+        let (next, end) = match self {
+            Seq::Keyed { key: k, place, .. } if key == Some(k.as_str()) => return Ok(*place),
+            Seq::Keyed { next, end, .. } | Seq::Range { next, end } => (next, end),
+        };
+        if *next >= *end {
+            *next = reserve_seq(tx, 64)?;
+            *end = *next + 64;
         }
+        let o = *next;
+        *next += 1;
+        Ok(o)
+    }
+
+    /// Whether a row of `key` takes a replayed entry's place.
+    fn replacing(&self, key: Option<&str>) -> bool {
+        matches!(self, Seq::Keyed { key: k, .. } if key == Some(k.as_str()))
+    }
+}
+
+fn outcome_flow(o: &FlowOutcome) -> &str {
+    match o {
+        FlowOutcome::Routed { flow, .. }
+        | FlowOutcome::Filtered { flow }
+        | FlowOutcome::Rejected { flow, .. } => flow,
     }
 }
 
@@ -513,7 +537,7 @@ fn ingest(
                 *next = reserve_seq(tx, want)?;
                 *end = *next + want as i64;
             }
-            apply_outcome(tx, &ctx, o, d, &mut seq, false, now, &mut applied)?;
+            apply_outcome(tx, &ctx, o, d, &mut seq, now, &mut applied)?;
         }
     }
     if let Some((key, value)) = &b.checkpoint {
@@ -533,7 +557,6 @@ fn apply_outcome(
     o: &FlowOutcome,
     d: &mut Deltas,
     seq: &mut Seq,
-    replacing: bool,
     now: i64,
     applied: &mut Applied,
 ) -> Result<(), StoreError> {
@@ -541,8 +564,16 @@ fn apply_outcome(
         FlowOutcome::Routed { flow, deliveries } => {
             bump(d, flow, "", |c| c.received += 1);
             applied.count(flow, |c| c.received += 1);
-            let order_seq = seq.take(tx)?;
+            let fresh = seq.take(tx, None)?;
             for dl in deliveries {
+                // the lane's counts row exists from its first row on
+                bump(d, flow, &dl.destination, |_| {});
+                let key = dl.entity_key.as_deref();
+                let (order_seq, replacing) = if seq.replacing(key) {
+                    (seq.take(tx, key)?, true)
+                } else {
+                    (fresh, false)
+                };
                 let row = NewRow {
                     flow,
                     destination: &dl.destination,
@@ -587,7 +618,12 @@ fn apply_outcome(
                 c.received += 1;
                 c.rejected += 1;
             });
-            let order_seq = seq.take(tx)?;
+            if *stage == crate::Stage::Deliver {
+                return Err(StoreError::Invalid(
+                    "a delivery failure cannot be ingested as a rejection".into(),
+                ));
+            }
+            let order_seq = seq.take(tx, entity_key.as_deref())?;
             let history = serde_json::json!([{"at": now, "action": "rejected", "stage": stage.as_str(), "error": error}]);
             tx.prepare_cached(
                 "INSERT INTO dlq (stage, flow, destination, entity_key, source, event_id, correlation_id,
@@ -690,7 +726,7 @@ fn claim(
     let deadline = now.saturating_add(req.lease.as_millis().min(i64::MAX as u128) as i64);
     let mut rows: Vec<OutboxRow> = {
         let sql = format!(
-            "UPDATE outbox SET state = 2, token = ?4, next_at = ?5 WHERE id IN
+            "UPDATE outbox SET state = 2, token = ?4 + id, next_at = ?5 WHERE id IN
                (SELECT id FROM outbox WHERE flow = ?1 AND destination = ?2 AND state = 1
                 ORDER BY order_seq LIMIT ?3)
              RETURNING {ROW_COLUMNS}"
@@ -712,7 +748,15 @@ fn claim(
     if req.per_key > 1 {
         rows = with_followers(tx, req, rows, token, deadline)?;
     }
-    Ok(rows.into_iter().map(|row| Claimed { row, token }).collect())
+    // a row's token is the claim's base plus its id: unique per row of a
+    // claim, and never a token the same row had before
+    Ok(rows
+        .into_iter()
+        .map(|row| Claimed {
+            token: token + row.id,
+            row,
+        })
+        .collect())
 }
 
 /// For each keyed head, the rows right behind it in its key queue that
@@ -756,7 +800,7 @@ fn with_followers(
                 break;
             }
             tx.prepare_cached(
-                "UPDATE outbox SET state = 2, token = ?2, next_at = ?3 WHERE id = ?1",
+                "UPDATE outbox SET state = 2, token = ?2 + id, next_at = ?3 WHERE id = ?1",
             )?
             .execute(params![row.id, token, deadline])?;
             total += 1;
@@ -798,12 +842,7 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                 bump(d, &flow, &dest, |c| c.delivered += 1);
                 if let Some(k) = &key {
                     refresh_head(tx, &dest, k, now)?;
-                    tx.prepare_cached(
-                        "UPDATE dlq SET superseded_by = ?5 WHERE entity_key = ?1 AND status = 'dead'
-                         AND superseded_by IS NULL AND order_seq < ?2
-                         AND (destination = ?3 OR (destination = '' AND flow = ?4))",
-                    )?
-                    .execute(params![k, order_seq, dest, flow, event_id])?;
+                    supersede(tx, k, order_seq, &flow, &dest, &event_id)?;
                 }
                 if !w.is_empty() {
                     record_outcome(tx, &dest, &source, key.as_deref(), &flow, &event_id, w, now)?;
@@ -871,7 +910,7 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
 }
 
 fn follow_up(tx: &Connection, f: &FollowUp, seq: &mut Seq, now: i64) -> Result<(), StoreError> {
-    let order_seq = seq.take(tx)?;
+    let order_seq = seq.take(tx, None)?;
     let row = NewRow {
         flow: &f.flow,
         destination: &f.delivery.destination,
@@ -889,6 +928,71 @@ fn follow_up(tx: &Connection, f: &FollowUp, seq: &mut Seq, now: i64) -> Result<(
         payload: &f.delivery.payload,
     };
     insert_row(tx, &row, order_seq, false, now)
+}
+
+/// A delivered write of (dest, key) at `order_seq`: older dead entries of
+/// that key there (and older parse/map-stage entries of the key, whatever
+/// their flow: which destinations their replay writes is known only then)
+/// would regress it if replayed. Remember it for them.
+fn supersede(
+    tx: &Connection,
+    key: &str,
+    order_seq: i64,
+    flow: &str,
+    dest: &str,
+    event_id: &str,
+) -> Result<(), StoreError> {
+    let ids: Vec<i64> = {
+        let mut st = tx.prepare_cached(
+            "SELECT id FROM dlq WHERE entity_key = ?1 AND status = 'dead' AND order_seq < ?2
+             AND (destination = ?3 OR destination = '')",
+        )?;
+        st.query_map(params![key, order_seq, dest], |r| r.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    for id in ids {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO superseded (dlq_id, flow, destination, event_id) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![id, flow, dest, event_id])?;
+        tx.prepare_cached("UPDATE dlq SET superseded_by = ?2 WHERE id = ?1")?
+            .execute(params![id, event_id])?;
+    }
+    Ok(())
+}
+
+/// The delivered later write that makes replaying entry `e` regress a
+/// destination: for a deliver-stage entry any (they are all of its
+/// destination); for a parse/map-stage one, one of its own flow or one at a
+/// destination the new outcome writes with the entry's key.
+fn superseder(
+    tx: &Connection,
+    id: i64,
+    e: &Dead,
+    outcome: Option<&FlowOutcome>,
+) -> Result<Option<String>, StoreError> {
+    let rows: Vec<(String, String, String)> = {
+        let mut st = tx.prepare_cached(
+            "SELECT flow, destination, event_id FROM superseded WHERE dlq_id = ?1",
+        )?;
+        st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    if e.stage == "deliver" {
+        return Ok(rows.into_iter().next().map(|r| r.2));
+    }
+    let writes: Vec<&str> = match outcome {
+        Some(FlowOutcome::Routed { deliveries, .. }) => deliveries
+            .iter()
+            .filter(|d| d.entity_key.is_some() && d.entity_key == e.entity_key)
+            .map(|d| d.destination.as_str())
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(rows
+        .into_iter()
+        .find(|(f, d, _)| f == &e.flow || writes.contains(&d.as_str()))
+        .map(|r| r.2))
 }
 
 /// The write outcome of a delivered row, in the crosswalk: keyed by
@@ -940,14 +1044,13 @@ struct Dead {
     payload: String,
     attributes: Option<String>,
     order_seq: Option<i64>,
-    superseded_by: Option<String>,
 }
 
 fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
     let row = tx
         .prepare_cached(
             "SELECT stage, flow, destination, entity_key, source, event_id, correlation_id, idempotency_key,
-                    created_at, payload, attributes, order_seq, superseded_by, status
+                    created_at, payload, attributes, order_seq, status
              FROM dlq WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -965,9 +1068,8 @@ fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
                     payload: r.get(9)?,
                     attributes: r.get(10)?,
                     order_seq: r.get(11)?,
-                    superseded_by: r.get(12)?,
                 },
-                r.get::<_, String>(13)?,
+                r.get::<_, String>(12)?,
             ))
         })
         .optional()?;
@@ -1021,12 +1123,29 @@ fn later_in_flight(
 fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Applied, StoreError> {
     let e = dead_entry(tx, r.dlq_id)?;
     let place = e.order_seq.unwrap_or(0);
-    if !r.force
-        && let Some(by) = &e.superseded_by
+    if let Some(FlowOutcome::Rejected {
+        stage: crate::Stage::Deliver,
+        ..
+    }) = &r.outcome
     {
-        return Err(StoreError::Refused(Refusal::Superseded {
-            by_event: by.clone(),
-        }));
+        return Err(StoreError::Invalid(
+            "a replay's new outcome cannot be a delivery failure".into(),
+        ));
+    }
+    if let Some(o) = &r.outcome
+        && outcome_flow(o) != e.flow
+    {
+        return Err(StoreError::Invalid(format!(
+            "DLQ entry {} belongs to flow `{}`; the new outcome is of flow `{}`",
+            r.dlq_id,
+            e.flow,
+            outcome_flow(o)
+        )));
+    }
+    if !r.force
+        && let Some(by) = superseder(tx, r.dlq_id, &e, r.outcome.as_ref())?
+    {
+        return Err(StoreError::Refused(Refusal::Superseded { by_event: by }));
     }
     let mut applied = Applied {
         changed: 1,
@@ -1099,10 +1218,15 @@ fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Appli
             c.rejected -= 1;
             c.received -= 1;
         });
-        let mut seq = if r.force {
-            Seq::Range { next: 0, end: 0 }
-        } else {
-            Seq::Fixed(place)
+        // rows of the entry's key take its place; others go to the end
+        let mut seq = match &e.entity_key {
+            Some(k) if !r.force && e.order_seq.is_some() => Seq::Keyed {
+                key: k.clone(),
+                place,
+                next: 0,
+                end: 0,
+            },
+            _ => Seq::Range { next: 0, end: 0 },
         };
         let ctx = EventCtx {
             source: &e.source,
@@ -1118,7 +1242,7 @@ fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Appli
             payload: r.payload.as_deref().unwrap_or(&e.payload),
         };
         let mut ignore = Applied::default();
-        apply_outcome(tx, &ctx, outcome, d, &mut seq, !r.force, now, &mut ignore)?;
+        apply_outcome(tx, &ctx, outcome, d, &mut seq, now, &mut ignore)?;
         if let FlowOutcome::Routed { deliveries, .. } = outcome {
             for dl in deliveries {
                 if let Some(k) = &dl.entity_key {

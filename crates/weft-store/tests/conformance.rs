@@ -116,3 +116,50 @@ impl Harness for Memory {
 }
 
 conformance!(memory, || Memory(Arc::new(MemoryJournal::new())));
+
+/// The SQLite engine on a temporary file; restart drops and reopens it (a
+/// hub's open ends the leases of the run before).
+pub struct Sqlite {
+    dir: tempfile::TempDir,
+    j: Option<Arc<weft_store::SqliteJournal>>,
+}
+
+impl Sqlite {
+    fn new() -> Sqlite {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = Sqlite { dir, j: None };
+        s.restart();
+        s
+    }
+}
+
+impl Harness for Sqlite {
+    fn journal(&self) -> Arc<dyn Journal> {
+        self.j.clone().expect("the journal is open")
+    }
+
+    fn restart(&mut self) {
+        self.j = None;
+        let path = self.dir.path().join("w.db");
+        let mut last = None;
+        for _ in 0..100 {
+            match weft_store::SqliteJournal::open(
+                &path,
+                weft_store::Synchronous::Normal,
+                weft_store::Role::Hub,
+            ) {
+                Ok(j) => {
+                    self.j = Some(Arc::new(j));
+                    return;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        panic!("cannot reopen the SQLite journal: {last:?}");
+    }
+}
+
+conformance!(sqlite, Sqlite::new);
