@@ -1,16 +1,24 @@
-//! Guarantee: kill -9 at any moment loses no accepted event, and no
-//! destination receives one event under two different idempotency keys.
+//! Guarantee: kill -9 at any moment loses no accepted event, no destination
+//! receives one event under two different idempotency keys, and no
+//! destination ever receives an older version of a record after a newer one
+//! (the whole write sequence per key is checked, redeliveries included).
 //!
-//! Webhooks in (4 client threads, each owning a set of entity keys so the
-//! order per key is defined), HTTP sink out to a real recording server,
-//! `weft` SIGKILLed several times mid-stream and restarted on the same store
-//! and port. Clients retry on connection errors and 503, like real senders.
+//! Webhooks in on two sources (a CRM and an ERP, two flows writing the same
+//! entity of one destination: their rows share each key's queue), 4 client
+//! threads each owning a set of entity keys so the order per key is
+//! defined, HTTP sink out to a real recording server that refuses some
+//! records (they are dead-lettered, later ones of the key go on), `weft`
+//! SIGKILLed several times mid-stream and restarted on the same store and
+//! port, then a DLQ replay of everything beside the running hub and one more
+//! SIGKILL: entries older than a delivered write of their key are refused,
+//! the others delivered in their place. Clients retry on connection errors
+//! and 503, like real senders.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,6 +26,22 @@ use common::*;
 const SECRET: &str = "crash-test-secret";
 
 fn config(recorder: &str) -> String {
+    let flow = |name: &str, from: &str| {
+        format!(
+            r#"
+  {name}:
+    from: {from}
+    key: .id | tostring
+    mapping: '{{id, seq, name: "contact \(.id)", fail: (.seq % 53 == 7)}}'
+    to: [api]
+    delivery:
+      concurrency: 8
+      initial_backoff: 20ms
+      max_backoff: 500ms
+      max_attempts: 1000
+"#
+        )
+    };
     format!(
         r#"
 store:
@@ -28,42 +52,43 @@ systems:
       webhook:
         path: /hooks/crm
         secret: ${{HOOK_SECRET}}
+  erp:
+    source:
+      webhook:
+        path: /hooks/erp
+        secret: ${{HOOK_SECRET}}
   api:
     sink:
       http:
         url: {recorder}/contacts/{{id}}
         timeout: 5s
-flows:
-  contacts:
-    from: crm
-    key: .id | tostring
-    mapping: '{{id, seq, name: "contact \(.id)"}}'
-    to: [api]
-    delivery:
-      concurrency: 8
-      initial_backoff: 20ms
-      max_backoff: 500ms
-      max_attempts: 1000
-"#
+flows:{}{}"#,
+        flow("crm_contacts", "crm"),
+        flow("erp_contacts", "erp")
     )
 }
 
+/// Records the destination refuses (400) while the stream runs.
+fn refused(seq: usize) -> bool {
+    seq % 53 == 7
+}
+
 fn run_crash_test(events: usize, kill_points: Vec<usize>) {
-    let kills = kill_points.len();
+    let kills = kill_points.len() + 1;
     let dir = tempfile::tempdir().unwrap();
     let recorder = Recorder::start();
+    recorder.set(FAIL_MARKED);
     std::fs::write(dir.path().join("weft.yaml"), config(&recorder.url())).unwrap();
     let port = free_port();
     let env = [("HOOK_SECRET", SECRET)];
     let mut hub = Some(Hub::start(dir.path(), "weft.yaml", port, &env));
-    let url = format!("http://127.0.0.1:{port}/hooks/crm");
+    let base = format!("http://127.0.0.1:{port}/hooks");
 
     let accepted = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicBool::new(false));
     let threads = 4;
     let mut clients = Vec::new();
     for t in 0..threads {
-        let url = url.clone();
+        let base = base.clone();
         let accepted = accepted.clone();
         clients.push(std::thread::spawn(move || {
             let client = reqwest::blocking::Client::builder()
@@ -72,8 +97,11 @@ fn run_crash_test(events: usize, kill_points: Vec<usize>) {
                 .unwrap();
             let mut mine = Vec::new();
             for seq in (t..events).step_by(threads) {
-                // keys 0..200, each owned by one thread: order per key is this thread's order
+                // keys 0..200, each owned by one thread: order per key is this
+                // thread's order, whichever source an event goes through
                 let id = (seq / threads) % 50 * threads + t;
+                let source = if (seq / threads) % 3 == 0 { "erp" } else { "crm" };
+                let url = format!("{base}/{source}");
                 let body = serde_json::json!({"id": id, "seq": seq}).to_string();
                 let deadline = Instant::now() + Duration::from_secs(120);
                 loop {
@@ -111,31 +139,78 @@ fn run_crash_test(events: usize, kill_points: Vec<usize>) {
     for c in clients {
         sent.extend(c.join().unwrap());
     }
-    done.store(true, Ordering::SeqCst);
     assert_eq!(sent.len(), events);
+    let key_of: HashMap<usize, usize> = sent.iter().copied().collect();
 
-    // everything accepted is delivered
+    // every accepted event the destination takes is delivered
+    let delivered_seqs = |r: &Recorder| -> HashSet<u64> {
+        r.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.body["seq"].as_u64())
+            .collect()
+    };
+    let taken = (0..events).filter(|s| !refused(*s)).count();
     wait_for(
         Duration::from_secs(120),
         "every accepted event to be delivered",
-        || {
-            let got: HashSet<u64> = recorder
-                .received
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(|r| r.body["seq"].as_u64())
-                .collect();
-            got.len() == events
-        },
+        || delivered_seqs(&recorder).len() == taken,
     );
+    // the refused ones are dead letters; the destination takes them now
+    let dead = (0..events).filter(|s| refused(*s)).count();
+    wait_for(Duration::from_secs(60), "the dead letters", || {
+        let st = status(dir.path(), "weft.yaml", &env);
+        st["dlq_depth"].as_u64() == Some(dead as u64)
+    });
+    recorder.set(OK);
+    // a refused record is replayable only when no later write of its key was
+    // delivered: the ones after the last accepted record of their key
+    let last_taken: HashMap<usize, usize> =
+        sent.iter()
+            .filter(|(s, _)| !refused(*s))
+            .fold(HashMap::new(), |mut m, (s, id)| {
+                let e = m.entry(*id).or_insert(*s);
+                *e = (*e).max(*s);
+                m
+            });
+    let replayable: HashSet<usize> = sent
+        .iter()
+        .filter(|(s, id)| refused(*s) && last_taken.get(id).is_none_or(|l| s > l))
+        .map(|(s, _)| *s)
+        .collect();
+    let out = weft_cmd_env(
+        dir.path(),
+        &["dlq", "replay", "-c", "weft.yaml", "--all"],
+        &env,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(&format!("{} of {dead} replayed", replayable.len())),
+        "replay: {text}"
+    );
+    assert_eq!(
+        text.matches("already delivered").count(),
+        dead - replayable.len(),
+        "every other entry is refused as superseded: {text}"
+    );
+    // and one more crash while the replayed rows go out
+    hub.take().unwrap().kill9();
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &env);
+    wait_for(Duration::from_secs(60), "the replayed rows", || {
+        let got = delivered_seqs(&recorder);
+        replayable.iter().all(|s| got.contains(&(*s as u64)))
+    });
+
     let received = recorder.received.lock().unwrap().clone();
     let mut keys: HashMap<u64, HashSet<String>> = HashMap::new();
-    let mut order: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut writes: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for r in &received {
         let seq = r.body["seq"].as_u64().unwrap();
         let id = r.body["id"].as_u64().unwrap();
         assert_eq!(r.path, format!("/contacts/{id}"));
+        assert_eq!(key_of[&(seq as usize)] as u64, id);
         let key = r
             .idempotency_key
             .clone()
@@ -145,35 +220,41 @@ fn run_crash_test(events: usize, kill_points: Vec<usize>) {
             r.correlation_id.is_some(),
             "every write carries a correlation id"
         );
-        let o = order.entry(id).or_default();
-        if !o.contains(&seq) {
-            o.push(seq);
-        }
+        writes.entry(id).or_default().push(seq);
     }
     let split: Vec<_> = keys.iter().filter(|(_, k)| k.len() > 1).collect();
     assert!(
         split.is_empty(),
         "events delivered under several idempotency keys: {split:?}"
     );
-    for (id, seqs) in &order {
+    // the whole write sequence per key, redeliveries included: a redelivery
+    // repeats the last write, it never comes after a newer one
+    for (id, seqs) in &writes {
         assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "key {id} delivered out of order: {seqs:?}"
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "key {id} received an older version after a newer one: {seqs:?}"
         );
     }
-    let redelivered = received.len() - events;
+    let redelivered = received.len() - taken - replayable.len();
 
     // the store's accounting agrees
-    let hub = hub.take().unwrap();
     let st = status(dir.path(), "weft.yaml", &env);
-    let lane = &st["lanes"][0];
     assert_eq!(st["balanced"], true, "{st}");
-    assert_eq!(lane["received"], events as u64, "{st}");
-    assert_eq!(lane["delivered"], events as u64, "{st}");
-    assert_eq!(lane["pending"], 0, "{st}");
+    let lanes = st["lanes"].as_array().unwrap();
+    let sum = |k: &str| lanes.iter().map(|l| l[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("received"), events as u64, "{st}");
+    assert_eq!(
+        sum("delivered"),
+        (taken + replayable.len()) as u64,
+        "{st}"
+    );
+    assert_eq!(sum("dead_lettered"), (dead - replayable.len()) as u64, "{st}");
+    assert_eq!(sum("pending"), 0, "{st}");
     assert!(hub.stop().success());
     eprintln!(
-        "crash test: {events} events, {kills} SIGKILLs, 0 lost, 0 under two keys, {redelivered} redelivered with the same key"
+        "crash test: {events} events through 2 flows, {kills} SIGKILLs, 0 lost, 0 under two keys, 0 out of order, {redelivered} redelivered with the same key, {} replayed, {} replays refused over newer writes",
+        replayable.len(),
+        dead - replayable.len()
     );
 }
 
