@@ -539,13 +539,20 @@ fn convert(col: &Column, v: &Value) -> Result<My, SinkError> {
     })
 }
 
+/// A key value as text for folding a batch by key: the whole value as a SQL
+/// literal (never `Debug`, which shows only the first 8 bytes of a string,
+/// so `customer-1` and `customer-2` once folded into one row).
+fn key_text(v: &My) -> String {
+    v.as_sql(true)
+}
+
 impl Sink for MysqlSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
             let keyed = KeyedRows::new(
                 batch,
                 |payload| self.row(payload),
-                |row| self.key.iter().map(|&p| format!("{:?}", row[p])).collect(),
+                |row| self.key.iter().map(|&p| key_text(&row[p])).collect(),
             );
             if keyed.rows.is_empty() {
                 return keyed.results(&[]);
@@ -572,5 +579,17 @@ mod tests {
         assert_eq!(Kind::of("DATETIME(6)"), Kind::DateTime);
         assert_eq!(Kind::of("geometry"), Kind::Other);
         assert!(is_decimal_text("-12.50") && is_decimal_text("1e5") && !is_decimal_text("12,5"));
+    }
+
+    #[test]
+    fn key_text_keeps_the_whole_value() {
+        let a = key_text(&My::Bytes(b"customer-1".to_vec()));
+        let b = key_text(&My::Bytes(b"customer-2".to_vec()));
+        assert_ne!(a, b);
+        assert_ne!(key_text(&My::Int(1)), key_text(&My::Bytes(b"1".to_vec())));
+        assert_ne!(
+            key_text(&My::Bytes(b"a'b".to_vec())),
+            key_text(&My::Bytes(b"a\\'b".to_vec()))
+        );
     }
 }

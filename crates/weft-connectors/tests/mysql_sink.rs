@@ -258,3 +258,93 @@ async fn unreachable_server_is_retryable() {
     // connect refuses at start ...
     assert!(MysqlSink::connect(&sink_cfg).await.is_err());
 }
+
+/// Regression: the batch folding key was built from `Debug` of the MySQL
+/// value, which shows only the first 8 bytes, so `customer-1`, `customer-2`
+/// and `customer-3` folded into one row while all three reported success.
+#[tokio::test]
+async fn long_keys_sharing_a_prefix_are_not_folded_together() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "code varchar(64) PRIMARY KEY, region varchar(64) NOT NULL, v int",
+    )
+    .await;
+    // a single-column text key
+    let sink = MysqlSink::connect(&cfg(
+        &t,
+        &[
+            ("code", "varchar(64)"),
+            ("v", "int"),
+            ("region", "varchar(64)"),
+        ],
+        &["code"],
+    ))
+    .await
+    .unwrap();
+    let batch: Vec<Delivery> = (1..=3)
+        .map(|i| {
+            delivery(
+                i,
+                json!({"code": format!("customer-{i}"), "region": "europe-west", "v": i}),
+            )
+        })
+        .chain([delivery(
+            4,
+            json!({"code": "customer-2", "region": "europe-west", "v": 22}),
+        )])
+        .collect();
+    let r = sink.write(&batch).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let got: Vec<(String, i32)> = c
+        .query(format!("SELECT code, v FROM {t} ORDER BY code"))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            ("customer-1".into(), 1),
+            ("customer-2".into(), 22),
+            ("customer-3".into(), 3)
+        ]
+    );
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+
+    // a composite key whose parts share long prefixes
+    let t = table(
+        &mut c,
+        "code varchar(64), region varchar(64), v int, PRIMARY KEY (code, region)",
+    )
+    .await;
+    let cols = [
+        ("code", "varchar(64)"),
+        ("region", "varchar(64)"),
+        ("v", "int"),
+    ];
+    let sink = MysqlSink::connect(&cfg(&t, &cols, &["code", "region"]))
+        .await
+        .unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"code": "customer-1", "region": "europe-west", "v": 1}),
+            ),
+            delivery(
+                2,
+                json!({"code": "customer-1", "region": "europe-east", "v": 2}),
+            ),
+            delivery(
+                3,
+                json!({"code": "customer-12", "region": "europe-west", "v": 3}),
+            ),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let n: Option<i64> = c
+        .query_first(format!("SELECT count(*) FROM {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(3));
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
