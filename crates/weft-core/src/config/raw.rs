@@ -946,7 +946,7 @@ pub struct SqlPollSourceConfig {
     /// customers c ON c.id = o.customer_id) q WHERE {checkpoint}
     /// ORDER BY updated_at, id LIMIT {limit}`.
     pub query: Option<Spanned<String>>,
-    /// Name used in event ids (`<name>:<key>@<cursor>`); default the
+    /// Name used in event ids (`<name>:<key>@<cursor>#<hash8>`); default the
     /// table's name; required with `query`.
     pub name: Option<String>,
     /// Column that grows when a row is inserted or changed, e.g.
@@ -960,6 +960,17 @@ pub struct SqlPollSourceConfig {
     pub batch_size: Option<usize>,
     /// CloudEvents `type` of the events (default `<system>.row`).
     pub event_type: Option<String>,
+    /// Read only rows whose cursor is older than this on the database's
+    /// clock (default `5s`), so a transaction that commits within it is not
+    /// overtaken by later rows. Timestamp and date cursors only
+    /// (PostgreSQL, MariaDB/MySQL); `0s` turns it off.
+    pub settle: Option<Spanned<String>>,
+    /// Each poll first re-reads the rows up to this far behind the saved
+    /// cursor (default `1m`): rows that committed late and rows changed
+    /// within one cursor value come back as new events, unchanged ones are
+    /// duplicates. Timestamp and date cursors only (PostgreSQL,
+    /// MariaDB/MySQL); `0s` turns it off.
+    pub overlap: Option<Spanned<String>>,
 }
 
 /// MariaDB/MySQL sink settings.

@@ -135,6 +135,10 @@ pub enum SourceSpec {
         interval: Duration,
         batch_size: usize,
         event_type: String,
+        /// Rows younger than this (by their cursor) are left for a later poll.
+        settle: Duration,
+        /// How far behind the saved cursor each poll re-reads.
+        overlap: Duration,
     },
 }
 
@@ -1798,7 +1802,7 @@ fn sql_poll_source_spec(
                 None => {
                     cx.at(
                         format!("{sp}.name"),
-                        "a `query` needs a `name` (used in event ids: `<name>:<key>@<cursor>`)",
+                        "a `query` needs a `name` (used in event ids: `<name>:<key>@<cursor>#<hash8>`)",
                     );
                     String::new()
                 }
@@ -1838,10 +1842,18 @@ fn sql_poll_source_spec(
     if cfg.batch_size == Some(0) {
         cx.at(format!("{sp}.batch_size"), "must be greater than 0");
     }
+    let settle = cx.duration(&format!("{sp}.settle"), &cfg.settle, Duration::from_secs(5));
+    let overlap = cx.duration(
+        &format!("{sp}.overlap"),
+        &cfg.overlap,
+        Duration::from_secs(60),
+    );
     if cx.issues.len() > n {
         return None;
     }
     Some(SourceSpec::SqlPoll {
+        settle,
+        overlap,
         sqlite_path,
         name,
         interval,
