@@ -723,6 +723,12 @@ pub struct RestIncremental {
     /// and the checkpoint advances with every page. `unordered`: it advances
     /// only with the last page of a poll.
     pub order: Option<RestOrder>,
+    /// Whether the API's `param` is inclusive (`>=`, default `true`): records
+    /// at the saved cursor are fetched again and deduplicated. `false` for an
+    /// exclusive parameter (`>`): the saved cursor is sent one unit earlier
+    /// (an integer minus 1, an RFC 3339 timestamp minus one unit of its last
+    /// digit, a date minus a day) so that records tying with it are not lost.
+    pub since_inclusive: Option<bool>,
 }
 
 /// Order of the records by their incremental cursor.
