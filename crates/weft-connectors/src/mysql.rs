@@ -24,8 +24,13 @@
 //! Sessions run with `STRICT_ALL_TABLES` added to the server's `sql_mode`,
 //! so a value that does not fit fails instead of being truncated. The key
 //! must be exactly the columns of a primary or unique key of the table
-//! (checked at start); another unique key on the table would also trigger
-//! the update, as MySQL does. Connections are plain TCP (no TLS).
+//! (checked at start). `ON DUPLICATE KEY UPDATE` fires on *any* unique
+//! index, so a table with another one (say on `email`) is refused at start,
+//! naming the index: two records sharing an email would merge into one row.
+//! `allow_other_unique: true` accepts it with a warning. A unique index
+//! with an `AUTO_INCREMENT` column the sink does not write (a surrogate
+//! primary key) cannot match an insert and is not counted. Connections are
+//! plain TCP (no TLS).
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 use futures::future::BoxFuture;
@@ -119,6 +124,8 @@ pub struct MysqlSink {
     columns: Vec<Column>,
     /// Positions in `columns` of the key columns.
     key: Vec<usize>,
+    /// Other unique indexes are accepted (with a warning).
+    allow_other_unique: bool,
 }
 
 fn quote(ident: &str) -> String {
@@ -184,6 +191,7 @@ impl MysqlSink {
             table: cfg.table.clone(),
             columns,
             key,
+            allow_other_unique: cfg.allow_other_unique,
         };
         sink.check_table(&parts).await?;
         Ok(sink)
@@ -210,12 +218,18 @@ impl MysqlSink {
                 parts.first().map(|s| s.to_string()).unwrap_or_default(),
             ),
         };
-        let indexes: Vec<(String, String)> = conn
+        // each unique index: its columns, and those of them that are AUTO_INCREMENT
+        let indexes: Vec<(String, String, Option<String>)> = conn
             .exec(
-                "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR ',') \
-                 FROM information_schema.STATISTICS \
-                 WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND NON_UNIQUE = 0 \
-                 GROUP BY INDEX_NAME",
+                "SELECT s.INDEX_NAME, \
+                        GROUP_CONCAT(s.COLUMN_NAME ORDER BY s.SEQ_IN_INDEX SEPARATOR ','), \
+                        GROUP_CONCAT(IF(c.EXTRA LIKE '%auto_increment%', s.COLUMN_NAME, NULL) SEPARATOR ',') \
+                 FROM information_schema.STATISTICS s \
+                 LEFT JOIN information_schema.COLUMNS c \
+                   ON c.TABLE_SCHEMA = s.TABLE_SCHEMA AND c.TABLE_NAME = s.TABLE_NAME \
+                  AND c.COLUMN_NAME = s.COLUMN_NAME \
+                 WHERE s.TABLE_SCHEMA = COALESCE(?, DATABASE()) AND s.TABLE_NAME = ? AND s.NON_UNIQUE = 0 \
+                 GROUP BY s.INDEX_NAME ORDER BY s.INDEX_NAME",
                 (schema, table),
             )
             .await
@@ -226,19 +240,48 @@ impl MysqlSink {
             .map(|&k| self.columns[k].name.to_ascii_lowercase())
             .collect();
         want.sort();
-        let found = indexes.iter().any(|(_, cols)| {
+        let is_key = |cols: &str| {
             let mut have: Vec<String> = cols.split(',').map(|c| c.to_ascii_lowercase()).collect();
             have.sort();
             have == want
-        });
-        if !found {
+        };
+        if !indexes.iter().any(|(_, cols, _)| is_key(cols)) {
             return Err(format!(
                 "table `{}` has no primary or unique key on exactly ({}); the upsert needs one",
                 self.table,
                 want.join(", ")
             ));
         }
-        Ok(())
+        let written = |c: &str| self.columns.iter().any(|w| w.name.eq_ignore_ascii_case(c));
+        let others: Vec<String> = indexes
+            .iter()
+            .filter(|(_, cols, _)| !is_key(cols))
+            // an AUTO_INCREMENT column left to the database never collides
+            .filter(|(_, _, auto)| {
+                !auto
+                    .as_deref()
+                    .is_some_and(|a| a.split(',').any(|c| !c.is_empty() && !written(c)))
+            })
+            .map(|(name, cols, _)| format!("`{name}` on ({})", cols.replace(',', ", ")))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let what = format!(
+            "table `{}` has unique indexes besides the key ({}): {}; `ON DUPLICATE KEY UPDATE` \
+             updates the row that matches any of them, so two records with different keys \
+             could merge into one row",
+            self.table,
+            want.join(", "),
+            others.join(", ")
+        );
+        if self.allow_other_unique {
+            tracing::warn!(table = %self.table, "{what} (allowed by allow_other_unique)");
+            return Ok(());
+        }
+        Err(format!(
+            "{what}; drop them, make one of them the key, or set `allow_other_unique: true`"
+        ))
     }
 
     /// Check one payload: its values, one per column.

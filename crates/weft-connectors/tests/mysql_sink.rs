@@ -49,6 +49,7 @@ fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> MysqlSinkConfig {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        allow_other_unique: false,
     }
 }
 
@@ -346,5 +347,96 @@ async fn long_keys_sharing_a_prefix_are_not_folded_together() {
         .await
         .unwrap();
     assert_eq!(n, Some(3));
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P1-18: `ON DUPLICATE KEY UPDATE` fires on any unique index, so a second
+/// one (an email) would merge two customers into one row. Refused at
+/// connect, naming the index and its columns, unless allowed.
+#[tokio::test]
+async fn a_table_with_another_unique_index_is_refused_unless_allowed() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, email varchar(100), name varchar(50), UNIQUE KEY uq_email (email)",
+    )
+    .await;
+    let cols = [
+        ("id", "bigint"),
+        ("email", "varchar(100)"),
+        ("name", "varchar(50)"),
+    ];
+    let err = MysqlSink::connect(&cfg(&t, &cols, &["id"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("`uq_email`") && err.contains("(email)") && err.contains("allow_other_unique"),
+        "{err}"
+    );
+    // allowed: it connects (and MySQL's behaviour is the user's choice)
+    let allowed = MysqlSinkConfig {
+        allow_other_unique: true,
+        ..cfg(&t, &cols, &["id"])
+    };
+    let sink = MysqlSink::connect(&allowed).await.unwrap();
+    let r = sink
+        .write(&[delivery(1, json!({"id": 1, "email": "a@x", "name": "A"}))])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+
+    // the key as a unique index beside the primary key: the primary key is
+    // the other one
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, code varchar(20) NOT NULL, UNIQUE KEY uq_code (code)",
+    )
+    .await;
+    let err = MysqlSink::connect(&cfg(
+        &t,
+        &[("id", "bigint"), ("code", "varchar(20)")],
+        &["code"],
+    ))
+    .await
+    .err()
+    .unwrap();
+    assert!(err.contains("`PRIMARY`") && err.contains("(id)"), "{err}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// A surrogate AUTO_INCREMENT primary key that weft does not write cannot
+/// match an insert: a unique business key beside it is fine.
+#[tokio::test]
+async fn an_unwritten_auto_increment_primary_key_beside_the_key_is_accepted() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "row_id bigint AUTO_INCREMENT PRIMARY KEY, code varchar(20) NOT NULL, v int, UNIQUE KEY uq_code (code)",
+    )
+    .await;
+    let sink = MysqlSink::connect(&cfg(
+        &t,
+        &[("code", "varchar(20)"), ("v", "int")],
+        &["code"],
+    ))
+    .await
+    .unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"code": "a", "v": 1})),
+            delivery(2, json!({"code": "b", "v": 2})),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let r = sink
+        .write(&[delivery(3, json!({"code": "a", "v": 3}))])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    let got: Vec<(String, i32)> = c
+        .query(format!("SELECT code, v FROM {t} ORDER BY code"))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![("a".into(), 3), ("b".into(), 2)]);
     c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
 }

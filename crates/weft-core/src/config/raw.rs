@@ -993,4 +993,11 @@ pub struct MysqlSinkConfig {
     /// `int`, `decimal(12,2)`, `double`, `boolean`, `datetime`, `timestamp`,
     /// `date`, `json`, ...).
     pub columns: BTreeMap<String, String>,
+    /// `ON DUPLICATE KEY UPDATE` updates the row matching *any* unique index,
+    /// so a table with unique indexes other than the key (an `email`) is
+    /// refused at start: two records would merge into one row. `true`
+    /// accepts it (with a warning). An unwritten `AUTO_INCREMENT` primary
+    /// key does not count.
+    #[serde(default)]
+    pub allow_other_unique: bool,
 }
