@@ -53,8 +53,11 @@
 //!   batches, without moving the checkpoint), then goes on after it. A row
 //!   that committed late, up to `overlap` behind, is found there; one that
 //!   changed under the same cursor has a new hash, so a new event; the rest
-//!   are duplicates the inbox drops. The cost is re-reading the rows of the
-//!   last `overlap` on every poll.
+//!   are duplicates. The cost is re-reading the rows of the last `overlap`
+//!   on every poll; the ids of the current and the previous cycle are kept
+//!   in memory (up to 200,000), so an unchanged re-read row is skipped
+//!   before ingest instead of being mapped and dropped by the inbox (after
+//!   a restart the first window goes to the inbox).
 //!
 //! A transaction longer than `settle + overlap` can still be missed: size
 //! them for the longest writer. Integer and text cursors get neither guard
@@ -253,6 +256,42 @@ pub struct SqlPollSource {
     /// `None` before the checkpoint was read; `Some(None)` at the start.
     pos: Option<Option<Position>>,
     phase: Phase,
+    /// Ids stored in this and the last cycle, not offered again when the
+    /// overlap re-reads them.
+    seen: Seen,
+}
+
+/// The ids of the rows read in the current and the previous poll cycle.
+/// Everything the overlap window re-reads was read by one of the two (the
+/// window lies behind a position the previous cycle reached), so a re-read
+/// row that is unchanged is skipped here instead of being mapped and then
+/// dropped by the inbox. Bounded: past [`Seen::CAP`] ids a cycle stops
+/// remembering, and the inbox dedupes the rest. Empty after a restart.
+#[derive(Default)]
+struct Seen {
+    current: std::collections::HashSet<String>,
+    previous: std::collections::HashSet<String>,
+}
+
+impl Seen {
+    const CAP: usize = 200_000;
+
+    fn contains(&self, id: &str) -> bool {
+        self.current.contains(id) || self.previous.contains(id)
+    }
+
+    fn extend(&mut self, ids: Vec<String>) {
+        for id in ids {
+            if self.current.len() >= Self::CAP {
+                return;
+            }
+            self.current.insert(id);
+        }
+    }
+
+    fn next_cycle(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
 }
 
 impl SqlPollSource {
@@ -304,6 +343,7 @@ impl SqlPollSource {
             pos: None,
             // a restart re-reads the window too
             phase: Phase::Window { scan: None },
+            seen: Seen::default(),
         })
     }
 
@@ -422,6 +462,7 @@ impl SqlPollSource {
         let n = rows.len();
         let full = n >= self.batch_size;
         let mut records = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
         let mut last = None;
         for row in rows {
             let (cursor, key) = match (row.values.get(&self.cursor), row.values.get(&self.key)) {
@@ -435,6 +476,17 @@ impl SqlPollSource {
                 }
             };
             let id = event_id(&self.name, &key, &cursor, &row.values);
+            last = Some(Position {
+                cursor: cursor.clone(),
+                key: key.clone(),
+            });
+            if self.seen.contains(&id) {
+                // stored by this source in this or the last cycle: a
+                // duplicate the inbox would drop, after mapping it
+                ids.push(id);
+                continue;
+            }
+            ids.push(id.clone());
             records.push(match row.error {
                 None => Record::Good(Event::new(
                     id,
@@ -451,7 +503,6 @@ impl SqlPollSource {
                     correlation_id: weft_core::event::new_correlation_id(),
                 }),
             });
-            last = Some(Position { cursor, key });
         }
         // the window lies behind the saved position: it never moves it
         let checkpoint = match (&last, in_window) {
@@ -462,7 +513,7 @@ impl SqlPollSource {
             }),
             _ => None,
         };
-        if !records.is_empty() {
+        if !records.is_empty() || checkpoint.is_some() {
             self.ingest_batch(
                 ingest,
                 Batch {
@@ -473,6 +524,7 @@ impl SqlPollSource {
             )
             .await?;
         }
+        self.seen.extend(ids);
         let more = if in_window {
             self.phase = match (full, last) {
                 (true, Some(l)) => Phase::Window { scan: Some(l) },
@@ -488,6 +540,7 @@ impl SqlPollSource {
             } else {
                 // caught up: the next cycle starts with the window again
                 self.phase = Phase::Window { scan: None };
+                self.seen.next_cycle();
             }
             full
         };
@@ -601,5 +654,45 @@ impl Source for SqlPollSource {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn event_ids_carry_a_hash_of_the_values_not_of_their_order() {
+        let a = map(json!({"id": 1, "status": "new", "at": "2024-05-01T10:00:00Z"}));
+        let b = map(json!({"at": "2024-05-01T10:00:00Z", "status": "new", "id": 1}));
+        let c = map(json!({"id": 1, "status": "paid", "at": "2024-05-01T10:00:00Z"}));
+        let (k, t) = (json!(1), json!("2024-05-01T10:00:00Z"));
+        let ia = event_id("orders", &k, &t, &a);
+        assert!(ia.starts_with("orders:1@2024-05-01T10:00:00Z#"), "{ia}");
+        assert_eq!(ia.len(), "orders:1@2024-05-01T10:00:00Z#".len() + 8);
+        assert_eq!(ia, event_id("orders", &k, &t, &b));
+        assert_ne!(ia, event_id("orders", &k, &t, &c));
+    }
+
+    #[test]
+    fn seen_keeps_two_cycles_and_is_bounded() {
+        let mut s = Seen::default();
+        s.extend(vec!["a".into()]);
+        s.next_cycle();
+        s.extend(vec!["b".into()]);
+        assert!(s.contains("a") && s.contains("b"));
+        s.next_cycle();
+        assert!(!s.contains("a") && s.contains("b"));
+        let many: Vec<String> = (0..Seen::CAP + 10).map(|i| i.to_string()).collect();
+        s.extend(many);
+        assert_eq!(s.current.len(), Seen::CAP);
     }
 }
