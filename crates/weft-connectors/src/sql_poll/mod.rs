@@ -60,7 +60,8 @@
 //!   a restart the first window goes to the inbox).
 //!
 //! A transaction longer than `settle + overlap` can still be missed: size
-//! them for the longest writer. Integer and text cursors get neither guard
+//! them for the longest writer. A row whose clock-set cursor changes more
+//! often than every `settle` is read once it has been quiet for `settle`. Integer and text cursors get neither guard
 //! (a sequence value is assigned inside the transaction too, so a long
 //! transaction can commit below the saved position: prefer a timestamp set
 //! by the database). SQLite has one writer at a time and gets neither
