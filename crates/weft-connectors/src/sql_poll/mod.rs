@@ -45,9 +45,12 @@
 //! - **settle** (default `5s`): a poll reads only rows with
 //!   `cursor < now() - settle` on the database's clock (PostgreSQL
 //!   `clock_timestamp()`, MariaDB `NOW(6)`, in UTC; zone-less columns are
-//!   taken as UTC as everywhere here). A transaction shorter than `settle`
-//!   is committed before its rows are due, and so is every change within
-//!   one cursor value of a clock-set column.
+//!   taken as UTC as everywhere here, so a MariaDB `DATETIME` or PostgreSQL
+//!   `timestamp` written in a local time ahead of UTC is also held back by
+//!   that offset, and one behind UTC gets no settle: store UTC there, or
+//!   rely on `overlap`, which compares cursors with cursors). A transaction
+//!   shorter than `settle` is committed before its rows are due, and so is
+//!   every change within one cursor value of a clock-set column.
 //! - **overlap** (default `1m`): each poll first re-reads the rows from
 //!   `saved cursor - overlap` up to and including the saved position (in
 //!   batches, without moving the checkpoint), then goes on after it. A row
