@@ -823,3 +823,31 @@ async fn pg_overlap_window_larger_than_a_batch_and_overlap_off() {
     assert_eq!(mem.duplicates(), 10);
     c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
+
+/// A `date` cursor (one value per day) gets the window too: a row changed
+/// later the same day is a new event.
+#[tokio::test]
+async fn pg_date_cursor_changes_within_a_day_are_new_events() {
+    let Some(c) = pg().await else { return };
+    let t = unique("weft_poll_date");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, qty int, d date NOT NULL);
+         INSERT INTO {t} VALUES (1, 5, DATE '2024-05-01'), (2, 7, DATE '2024-05-02');"
+    ))
+    .await
+    .unwrap();
+    let body = format!(
+        "        url: {}\n        table: {t}\n        cursor: d\n        key: id\n        overlap: 1d\n",
+        pg_url()
+    );
+    let mem = Mem::default();
+    let mut src = source(&body);
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    c.batch_execute(&format!("UPDATE {t} SET qty = 6 WHERE id = 1"))
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    assert_eq!(mem.data()[2], json!({"id": 1, "qty": 6, "d": "2024-05-01"}));
+    assert_eq!(mem.places()[2], format!("{t}:1@2024-05-01"));
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
