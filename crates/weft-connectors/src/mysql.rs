@@ -27,9 +27,10 @@
 //! (checked at start). `ON DUPLICATE KEY UPDATE` fires on *any* unique
 //! index, so a table with another one (say on `email`) is refused at start,
 //! naming the index: two records sharing an email would merge into one row.
-//! `allow_other_unique: true` accepts it with a warning. A unique index
-//! with an `AUTO_INCREMENT` column the sink does not write (a surrogate
-//! primary key) cannot match an insert and is not counted. Connections are
+//! `allow_other_unique: true` accepts it with a warning. Not counted: a
+//! unique index over the key columns and more (it can only match the key's
+//! own row), and one with an `AUTO_INCREMENT` column the sink does not
+//! write (a surrogate primary key), which cannot match an insert. Connections are
 //! plain TCP (no TLS).
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
@@ -253,9 +254,14 @@ impl MysqlSink {
             ));
         }
         let written = |c: &str| self.columns.iter().any(|w| w.name.eq_ignore_ascii_case(c));
+        // an index over the key and more can only match the key's own row
+        let covers_key = |cols: &str| {
+            let have: Vec<String> = cols.split(',').map(|c| c.to_ascii_lowercase()).collect();
+            want.iter().all(|k| have.contains(k))
+        };
         let others: Vec<String> = indexes
             .iter()
-            .filter(|(_, cols, _)| !is_key(cols))
+            .filter(|(_, cols, _)| !covers_key(cols))
             // an AUTO_INCREMENT column left to the database never collides
             .filter(|(_, _, auto)| {
                 !auto

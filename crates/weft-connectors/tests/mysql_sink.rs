@@ -406,10 +406,26 @@ async fn a_table_with_another_unique_index_is_refused_unless_allowed() {
 }
 
 /// A surrogate AUTO_INCREMENT primary key that weft does not write cannot
-/// match an insert: a unique business key beside it is fine.
+/// match an insert: a unique business key beside it is fine; so is a unique
+/// index over the key and more columns.
 #[tokio::test]
 async fn an_unwritten_auto_increment_primary_key_beside_the_key_is_accepted() {
     let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, email varchar(100), UNIQUE KEY uq_id_email (id, email)",
+    )
+    .await;
+    assert!(
+        MysqlSink::connect(&cfg(
+            &t,
+            &[("id", "bigint"), ("email", "varchar(100)")],
+            &["id"]
+        ))
+        .await
+        .is_ok()
+    );
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
     let t = table(
         &mut c,
         "row_id bigint AUTO_INCREMENT PRIMARY KEY, code varchar(20) NOT NULL, v int, UNIQUE KEY uq_code (code)",
