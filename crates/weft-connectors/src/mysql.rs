@@ -24,8 +24,14 @@
 //! Sessions run with `STRICT_ALL_TABLES` added to the server's `sql_mode`,
 //! so a value that does not fit fails instead of being truncated. The key
 //! must be exactly the columns of a primary or unique key of the table
-//! (checked at start); another unique key on the table would also trigger
-//! the update, as MySQL does. Connections are plain TCP (no TLS).
+//! (checked at start). `ON DUPLICATE KEY UPDATE` fires on *any* unique
+//! index, so a table with another one (say on `email`) is refused at start,
+//! naming the index: two records sharing an email would merge into one row.
+//! `allow_other_unique: true` accepts it with a warning. Not counted: a
+//! unique index over the key columns and more (it can only match the key's
+//! own row), and one with an `AUTO_INCREMENT` column the sink does not
+//! write (a surrogate primary key), which cannot match an insert. Connections are
+//! plain TCP (no TLS).
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 use futures::future::BoxFuture;
@@ -119,6 +125,8 @@ pub struct MysqlSink {
     columns: Vec<Column>,
     /// Positions in `columns` of the key columns.
     key: Vec<usize>,
+    /// Other unique indexes are accepted (with a warning).
+    allow_other_unique: bool,
 }
 
 fn quote(ident: &str) -> String {
@@ -184,6 +192,7 @@ impl MysqlSink {
             table: cfg.table.clone(),
             columns,
             key,
+            allow_other_unique: cfg.allow_other_unique,
         };
         sink.check_table(&parts).await?;
         Ok(sink)
@@ -210,12 +219,18 @@ impl MysqlSink {
                 parts.first().map(|s| s.to_string()).unwrap_or_default(),
             ),
         };
-        let indexes: Vec<(String, String)> = conn
+        // each unique index: its columns, and those of them that are AUTO_INCREMENT
+        let indexes: Vec<(String, String, Option<String>)> = conn
             .exec(
-                "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR ',') \
-                 FROM information_schema.STATISTICS \
-                 WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND NON_UNIQUE = 0 \
-                 GROUP BY INDEX_NAME",
+                "SELECT s.INDEX_NAME, \
+                        GROUP_CONCAT(s.COLUMN_NAME ORDER BY s.SEQ_IN_INDEX SEPARATOR ','), \
+                        GROUP_CONCAT(IF(c.EXTRA LIKE '%auto_increment%', s.COLUMN_NAME, NULL) SEPARATOR ',') \
+                 FROM information_schema.STATISTICS s \
+                 LEFT JOIN information_schema.COLUMNS c \
+                   ON c.TABLE_SCHEMA = s.TABLE_SCHEMA AND c.TABLE_NAME = s.TABLE_NAME \
+                  AND c.COLUMN_NAME = s.COLUMN_NAME \
+                 WHERE s.TABLE_SCHEMA = COALESCE(?, DATABASE()) AND s.TABLE_NAME = ? AND s.NON_UNIQUE = 0 \
+                 GROUP BY s.INDEX_NAME ORDER BY s.INDEX_NAME",
                 (schema, table),
             )
             .await
@@ -226,19 +241,53 @@ impl MysqlSink {
             .map(|&k| self.columns[k].name.to_ascii_lowercase())
             .collect();
         want.sort();
-        let found = indexes.iter().any(|(_, cols)| {
+        let is_key = |cols: &str| {
             let mut have: Vec<String> = cols.split(',').map(|c| c.to_ascii_lowercase()).collect();
             have.sort();
             have == want
-        });
-        if !found {
+        };
+        if !indexes.iter().any(|(_, cols, _)| is_key(cols)) {
             return Err(format!(
                 "table `{}` has no primary or unique key on exactly ({}); the upsert needs one",
                 self.table,
                 want.join(", ")
             ));
         }
-        Ok(())
+        let written = |c: &str| self.columns.iter().any(|w| w.name.eq_ignore_ascii_case(c));
+        // an index over the key and more can only match the key's own row
+        let covers_key = |cols: &str| {
+            let have: Vec<String> = cols.split(',').map(|c| c.to_ascii_lowercase()).collect();
+            want.iter().all(|k| have.contains(k))
+        };
+        let others: Vec<String> = indexes
+            .iter()
+            .filter(|(_, cols, _)| !covers_key(cols))
+            // an AUTO_INCREMENT column left to the database never collides
+            .filter(|(_, _, auto)| {
+                !auto
+                    .as_deref()
+                    .is_some_and(|a| a.split(',').any(|c| !c.is_empty() && !written(c)))
+            })
+            .map(|(name, cols, _)| format!("`{name}` on ({})", cols.replace(',', ", ")))
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let what = format!(
+            "table `{}` has unique indexes besides the key ({}): {}; `ON DUPLICATE KEY UPDATE` \
+             updates the row that matches any of them, so two records with different keys \
+             could merge into one row",
+            self.table,
+            want.join(", "),
+            others.join(", ")
+        );
+        if self.allow_other_unique {
+            tracing::warn!(table = %self.table, "{what} (allowed by allow_other_unique)");
+            return Ok(());
+        }
+        Err(format!(
+            "{what}; drop them, make one of them the key, or set `allow_other_unique: true`"
+        ))
     }
 
     /// Check one payload: its values, one per column.
@@ -539,6 +588,13 @@ fn convert(col: &Column, v: &Value) -> Result<My, SinkError> {
     })
 }
 
+/// A key value as text for folding a batch by key: the whole value as a SQL
+/// literal (never `Debug`, which shows only the first 8 bytes of a string,
+/// so `customer-1` and `customer-2` once folded into one row).
+fn key_text(v: &My) -> String {
+    v.as_sql(true)
+}
+
 impl Sink for MysqlSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
@@ -546,7 +602,7 @@ impl Sink for MysqlSink {
                 let keyed = KeyedRows::new(
                     batch,
                     |payload| self.row(payload),
-                    |row| self.key.iter().map(|&p| format!("{:?}", row[p])).collect(),
+                    |row| self.key.iter().map(|&p| key_text(&row[p])).collect(),
                 );
                 if keyed.rows.is_empty() {
                     return keyed.results(&[]);
@@ -582,5 +638,17 @@ mod tests {
         assert_eq!(Kind::of("DATETIME(6)"), Kind::DateTime);
         assert_eq!(Kind::of("geometry"), Kind::Other);
         assert!(is_decimal_text("-12.50") && is_decimal_text("1e5") && !is_decimal_text("12,5"));
+    }
+
+    #[test]
+    fn key_text_keeps_the_whole_value() {
+        let a = key_text(&My::Bytes(b"customer-1".to_vec()));
+        let b = key_text(&My::Bytes(b"customer-2".to_vec()));
+        assert_ne!(a, b);
+        assert_ne!(key_text(&My::Int(1)), key_text(&My::Bytes(b"1".to_vec())));
+        assert_ne!(
+            key_text(&My::Bytes(b"a'b".to_vec())),
+            key_text(&My::Bytes(b"a\\'b".to_vec()))
+        );
     }
 }

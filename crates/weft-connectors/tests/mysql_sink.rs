@@ -49,6 +49,7 @@ fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> MysqlSinkConfig {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        allow_other_unique: false,
     }
 }
 
@@ -257,4 +258,201 @@ async fn unreachable_server_is_retryable() {
     };
     // connect refuses at start ...
     assert!(MysqlSink::connect(&sink_cfg).await.is_err());
+}
+
+/// Regression: the batch folding key was built from `Debug` of the MySQL
+/// value, which shows only the first 8 bytes, so `customer-1`, `customer-2`
+/// and `customer-3` folded into one row while all three reported success.
+#[tokio::test]
+async fn long_keys_sharing_a_prefix_are_not_folded_together() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "code varchar(64) PRIMARY KEY, region varchar(64) NOT NULL, v int",
+    )
+    .await;
+    // a single-column text key
+    let sink = MysqlSink::connect(&cfg(
+        &t,
+        &[
+            ("code", "varchar(64)"),
+            ("v", "int"),
+            ("region", "varchar(64)"),
+        ],
+        &["code"],
+    ))
+    .await
+    .unwrap();
+    let batch: Vec<Delivery> = (1..=3)
+        .map(|i| {
+            delivery(
+                i,
+                json!({"code": format!("customer-{i}"), "region": "europe-west", "v": i}),
+            )
+        })
+        .chain([delivery(
+            4,
+            json!({"code": "customer-2", "region": "europe-west", "v": 22}),
+        )])
+        .collect();
+    let r = sink.write(&batch).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let got: Vec<(String, i32)> = c
+        .query(format!("SELECT code, v FROM {t} ORDER BY code"))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            ("customer-1".into(), 1),
+            ("customer-2".into(), 22),
+            ("customer-3".into(), 3)
+        ]
+    );
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+
+    // a composite key whose parts share long prefixes
+    let t = table(
+        &mut c,
+        "code varchar(64), region varchar(64), v int, PRIMARY KEY (code, region)",
+    )
+    .await;
+    let cols = [
+        ("code", "varchar(64)"),
+        ("region", "varchar(64)"),
+        ("v", "int"),
+    ];
+    let sink = MysqlSink::connect(&cfg(&t, &cols, &["code", "region"]))
+        .await
+        .unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"code": "customer-1", "region": "europe-west", "v": 1}),
+            ),
+            delivery(
+                2,
+                json!({"code": "customer-1", "region": "europe-east", "v": 2}),
+            ),
+            delivery(
+                3,
+                json!({"code": "customer-12", "region": "europe-west", "v": 3}),
+            ),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let n: Option<i64> = c
+        .query_first(format!("SELECT count(*) FROM {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(3));
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P1-18: `ON DUPLICATE KEY UPDATE` fires on any unique index, so a second
+/// one (an email) would merge two customers into one row. Refused at
+/// connect, naming the index and its columns, unless allowed.
+#[tokio::test]
+async fn a_table_with_another_unique_index_is_refused_unless_allowed() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, email varchar(100), name varchar(50), UNIQUE KEY uq_email (email)",
+    )
+    .await;
+    let cols = [
+        ("id", "bigint"),
+        ("email", "varchar(100)"),
+        ("name", "varchar(50)"),
+    ];
+    let err = MysqlSink::connect(&cfg(&t, &cols, &["id"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("`uq_email`") && err.contains("(email)") && err.contains("allow_other_unique"),
+        "{err}"
+    );
+    // allowed: it connects (and MySQL's behaviour is the user's choice)
+    let allowed = MysqlSinkConfig {
+        allow_other_unique: true,
+        ..cfg(&t, &cols, &["id"])
+    };
+    let sink = MysqlSink::connect(&allowed).await.unwrap();
+    let r = sink
+        .write(&[delivery(1, json!({"id": 1, "email": "a@x", "name": "A"}))])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+
+    // the key as a unique index beside the primary key: the primary key is
+    // the other one
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, code varchar(20) NOT NULL, UNIQUE KEY uq_code (code)",
+    )
+    .await;
+    let err = MysqlSink::connect(&cfg(
+        &t,
+        &[("id", "bigint"), ("code", "varchar(20)")],
+        &["code"],
+    ))
+    .await
+    .err()
+    .unwrap();
+    assert!(err.contains("`PRIMARY`") && err.contains("(id)"), "{err}");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// A surrogate AUTO_INCREMENT primary key that weft does not write cannot
+/// match an insert: a unique business key beside it is fine; so is a unique
+/// index over the key and more columns.
+#[tokio::test]
+async fn an_unwritten_auto_increment_primary_key_beside_the_key_is_accepted() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, email varchar(100), UNIQUE KEY uq_id_email (id, email)",
+    )
+    .await;
+    assert!(
+        MysqlSink::connect(&cfg(
+            &t,
+            &[("id", "bigint"), ("email", "varchar(100)")],
+            &["id"]
+        ))
+        .await
+        .is_ok()
+    );
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+    let t = table(
+        &mut c,
+        "row_id bigint AUTO_INCREMENT PRIMARY KEY, code varchar(20) NOT NULL, v int, UNIQUE KEY uq_code (code)",
+    )
+    .await;
+    let sink = MysqlSink::connect(&cfg(
+        &t,
+        &[("code", "varchar(20)"), ("v", "int")],
+        &["code"],
+    ))
+    .await
+    .unwrap();
+    let r = sink
+        .write(&[
+            delivery(1, json!({"code": "a", "v": 1})),
+            delivery(2, json!({"code": "b", "v": 2})),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let r = sink
+        .write(&[delivery(3, json!({"code": "a", "v": 3}))])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    let got: Vec<(String, i32)> = c
+        .query(format!("SELECT code, v FROM {t} ORDER BY code"))
+        .await
+        .unwrap();
+    assert_eq!(got, vec![("a".into(), 3), ("b".into(), 2)]);
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
 }

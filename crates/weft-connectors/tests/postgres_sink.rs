@@ -367,3 +367,68 @@ async fn missing_table_fails_at_connect() {
         .unwrap();
     assert!(err.contains("42P01"), "{err}");
 }
+
+/// The MariaDB sink folded keys sharing their first 8 bytes into one row
+/// (a `Debug` rendering); pin that this sink folds on the real values.
+#[tokio::test]
+async fn long_keys_sharing_a_prefix_are_not_folded_together() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(
+        client,
+        "code text, region text, v integer, PRIMARY KEY (code, region)",
+    )
+    .await;
+    let cols = [("code", "text"), ("region", "text"), ("v", "integer")];
+    let sink = PostgresSink::connect(&cfg(&t.name, &cols, &["code", "region"]))
+        .await
+        .unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"code": "customer-1", "region": "europe-west", "v": 1}),
+            ),
+            delivery(
+                2,
+                json!({"code": "customer-2", "region": "europe-west", "v": 2}),
+            ),
+            delivery(
+                3,
+                json!({"code": "customer-3", "region": "europe-west", "v": 3}),
+            ),
+            delivery(
+                4,
+                json!({"code": "customer-1", "region": "europe-east", "v": 4}),
+            ),
+            delivery(
+                5,
+                json!({"code": "customer-2", "region": "europe-west", "v": 22}),
+            ),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let got: Vec<(String, String, i32)> = t
+        .client
+        .query(
+            &format!(
+                "SELECT code, region, v FROM {} ORDER BY code, region",
+                t.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("customer-1".into(), "europe-east".into(), 4),
+            ("customer-1".into(), "europe-west".into(), 1),
+            ("customer-2".into(), "europe-west".into(), 22),
+            ("customer-3".into(), "europe-west".into(), 3),
+        ]
+    );
+    t.drop_table().await;
+}

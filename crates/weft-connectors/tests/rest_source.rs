@@ -32,6 +32,8 @@ enum Fault {
     Revoke,
     /// 200 with a body that is not JSON.
     Malformed,
+    /// 200 with an error object instead of a page.
+    ErrorObject,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -175,6 +177,10 @@ async fn handle(
                 )
                     .into_response(),
             ),
+            Some(Fault::ErrorObject) => (
+                200,
+                axum::Json(json!({"error": "temporarily unavailable"})).into_response(),
+            ),
             _ => (200, page(&s, &path, &query)),
         }
     };
@@ -213,6 +219,14 @@ fn page(s: &Srv, path: &str, q: &BTreeMap<String, String>) -> Response {
     if let Some(since) = q.get("updated_since") {
         rows.retain(|r| r["updated_at"].as_str().unwrap_or("") >= since.as_str());
     }
+    // an exclusive parameter
+    if let Some(after) = q.get("updated_after") {
+        rows.retain(|r| r["updated_at"].as_str().unwrap_or("") > after.as_str());
+    }
+    // an API that does not sort by the cursor: by id
+    if path == "/unordered" {
+        rows.sort_by_key(|r| r["id"].as_u64());
+    }
     let num = |k: &str, d: usize| q.get(k).and_then(|v| v.parse::<usize>().ok()).unwrap_or(d);
     let slice = |from: usize, len: usize| -> Vec<Value> {
         rows.iter().skip(from).take(len).cloned().collect()
@@ -223,7 +237,7 @@ fn page(s: &Srv, path: &str, q: &BTreeMap<String, String>) -> Response {
         .map(|v| format!("&updated_since={v}"))
         .unwrap_or_default();
     match path {
-        "/page" => {
+        "/page" | "/unordered" => {
             let size = num("per_page", 2);
             let p = num("page", 1);
             axum::Json(json!({"data": slice((p.saturating_sub(1)) * size, size)})).into_response()
@@ -859,11 +873,13 @@ async fn a_server_error_is_retried_on_the_same_page() {
 #[tokio::test]
 async fn malformed_json_fails_the_poll_keeps_the_checkpoint_and_the_source_retries() {
     let (srv, base) = serve(dataset(5), Expect::None).await;
-    let yaml = format!("url: {base}/page\ninterval: 200ms\n{INCREMENTAL}");
+    let yaml = format!("url: {base}/page\ninterval: 200ms\nmax_backoff: 5ms\n{INCREMENTAL}");
     let ingest = MemIngest::new();
 
-    // a single poll: page 2 is broken
-    srv.fault(2, Fault::Malformed);
+    // a single poll: page 2 stays broken through every attempt
+    for n in 2..2 + weft_connectors::rest::client::MAX_ATTEMPTS as usize {
+        srv.fault(n, Fault::Malformed);
+    }
     let e = poll(&source(&yaml), &ingest).await.unwrap_err();
     let m = e.to_string();
     assert!(matches!(e, PollError::Body(_)), "{e:?}");
@@ -871,7 +887,7 @@ async fn malformed_json_fails_the_poll_keeps_the_checkpoint_and_the_source_retri
     assert!(m.contains("page=2"), "the URL is named: {m}");
     assert_eq!(ingest.cursor(), Some(ts(2)), "not past the last good page");
 
-    // the running source: its first poll fails on page 1, the next one succeeds
+    // the running source: page 1 is broken once and asked for again
     let ingest = MemIngest::new();
     let n = srv.api_requests();
     srv.fault(n + 1, Fault::Malformed);
@@ -883,13 +899,169 @@ async fn malformed_json_fails_the_poll_keeps_the_checkpoint_and_the_source_retri
     assert_eq!(ingest.cursor(), Some(ts(5)));
     let log = srv.log();
     assert_eq!(log[n].query["page"], "1");
-    assert_eq!(log[n + 1].query["page"], "1", "the next poll starts again");
+    assert_eq!(log[n + 1].query["page"], "1", "the same page again");
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(2), task)
         .await
         .expect("stops promptly")
         .unwrap()
         .unwrap();
+}
+
+/// Records `1..=n` whose cursors fall as the ids rise (record 1 is the
+/// newest), served by id: what `order: unordered` is for.
+fn reversed(n: u32) -> Vec<Value> {
+    (1..=n)
+        .map(|i| rec(i, &format!("2024-01-01T00:{:02}:00Z", n + 1 - i)))
+        .collect()
+}
+
+/// Regression: a 200 page whose body lacks the records path was taken as an
+/// empty last page; with `order: unordered` the poll then saved the highest
+/// cursor seen so far as if complete, and every record below it was lost
+/// for good (126 of 2,500 delivered, nothing logged).
+#[tokio::test]
+async fn a_200_page_without_the_records_path_is_retried_not_taken_as_the_last_page() {
+    recorder();
+    let (srv, base) = serve(reversed(10), Expect::None).await;
+    srv.fault(3, Fault::ErrorObject);
+    let yaml = format!(
+        "url: {base}/unordered
+max_backoff: 10ms
+{INCREMENTAL}  order: unordered
+"
+    );
+    let src = RestSource::new("shape_retry", &spec(&yaml)).unwrap();
+    let ingest = MemIngest::new();
+    let r = poll(&src, &ingest).await.unwrap();
+    assert_eq!(r.accepted, 10);
+    let mut got: Vec<u64> = ingest
+        .state
+        .lock()
+        .unwrap()
+        .events
+        .iter()
+        .map(|e| e.data["id"].as_u64().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+    let log = srv.log();
+    assert_eq!(log[2].query["page"], "3");
+    assert_eq!(log[3].query["page"], "3", "the same page is asked again");
+    assert_eq!(ingest.cursor(), Some(ts(10)));
+    assert!(page_errors("shape_retry", "records") >= 1);
+}
+
+/// A page that keeps lacking the records path fails the poll after the
+/// retries, names the page and the shape, and leaves the checkpoint alone.
+#[tokio::test]
+async fn a_page_that_keeps_the_wrong_shape_fails_the_poll_and_keeps_the_checkpoint() {
+    recorder();
+    let (srv, base) = serve(reversed(10), Expect::None).await;
+    for n in 3..=20 {
+        srv.fault(n, Fault::ErrorObject);
+    }
+    let yaml = format!(
+        "url: {base}/unordered
+max_backoff: 5ms
+{INCREMENTAL}  order: unordered
+"
+    );
+    let src = RestSource::new("shape_fail", &spec(&yaml)).unwrap();
+    let ingest = MemIngest::new();
+    let e = poll(&src, &ingest).await.unwrap_err();
+    assert!(matches!(e, PollError::Body(_)), "{e:?}");
+    let m = e.to_string();
+    assert!(m.contains("page 3") && m.contains("page=3"), "{m}");
+    assert!(
+        m.contains("`.data`") && m.contains("temporarily unavailable"),
+        "{m}"
+    );
+    assert!(m.contains("checkpoint stays"), "{m}");
+    assert_eq!(ingest.cursor(), None, "unordered: nothing saved");
+    assert_eq!(
+        srv.api_requests(),
+        2 + weft_connectors::rest::client::MAX_ATTEMPTS as usize
+    );
+    assert_eq!(
+        page_errors("shape_fail", "records"),
+        u64::from(weft_connectors::rest::client::MAX_ATTEMPTS)
+    );
+}
+
+/// P1-19: with an exclusive `since` (`since_inclusive: false`) the saved
+/// cursor is stepped back one unit, so a record that ties with it and
+/// arrived after the poll is still fetched.
+#[tokio::test]
+async fn exclusive_since_steps_back_one_unit_so_ties_are_not_lost() {
+    let (srv, base) = serve(dataset(5), Expect::None).await;
+    let yaml = format!(
+        "url: {base}/page
+{}",
+        INCREMENTAL.replace(
+            "param: updated_since",
+            "param: updated_after\n  since_inclusive: false"
+        )
+    );
+    let ingest = MemIngest::new();
+    poll(&source(&yaml), &ingest).await.unwrap();
+    assert_eq!(ingest.cursor(), Some(ts(5)));
+    // a record with the same cursor as the checkpoint arrives
+    srv.data
+        .lock()
+        .unwrap()
+        .push(rec(6, "2024-01-01T00:05:00Z"));
+    let before = srv.log().len();
+    let r = poll(&source(&yaml), &ingest).await.unwrap();
+    assert_eq!(
+        srv.log()[before].query["updated_after"],
+        "2024-01-01T00:04:59Z"
+    );
+    assert_eq!((r.accepted, r.duplicates), (1, 1));
+    assert!(ingest.ids().contains(&"6@2024-01-01T00:05:00Z".to_owned()));
+}
+
+/// The process's metrics recorder (installed by the first caller, before
+/// anything is counted).
+fn recorder() -> &'static metrics_util::debugging::Snapshotter {
+    use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+    static SNAP: std::sync::OnceLock<Snapshotter> = std::sync::OnceLock::new();
+    SNAP.get_or_init(|| {
+        let r = DebuggingRecorder::new();
+        let s = r.snapshotter();
+        r.install().unwrap();
+        s
+    })
+}
+
+/// The `weft_source_page_errors_total` counter of a source and reason. A
+/// snapshot resets the counters it reads, so every snapshot (tests run in
+/// parallel) is added up here.
+fn page_errors(source: &str, reason: &str) -> u64 {
+    use metrics_util::debugging::DebugValue;
+    static TOTALS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTreeMap::new());
+    let mut totals = TOTALS.lock().unwrap();
+    for (k, .., v) in recorder().snapshot().into_vec() {
+        let key = k.key();
+        if key.name() != weft_connectors::rest::PAGE_ERRORS {
+            continue;
+        }
+        let label = |name: &str| {
+            key.labels()
+                .find(|l| l.key() == name)
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default()
+        };
+        if let DebugValue::Counter(n) = v {
+            *totals
+                .entry((label("source"), label("reason")))
+                .or_default() += n;
+        }
+    }
+    totals
+        .get(&(source.to_owned(), reason.to_owned()))
+        .copied()
+        .unwrap_or(0)
 }
 
 #[tokio::test]

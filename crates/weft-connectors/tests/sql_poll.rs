@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use weft_connectors::sql_poll::{CHECKPOINT_KEY, PollError, SqlPollSource};
+use weft_connectors::sql_poll::{CHECKPOINT_KEY, PollError, Polled, SqlPollSource};
 use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record, Source};
 use weft_core::Event;
 
@@ -70,6 +70,25 @@ impl Mem {
             .map(|e| e.id.clone())
             .collect()
     }
+    /// The ids without their content hash: `<name>:<key>@<cursor>`.
+    fn places(&self) -> Vec<String> {
+        self.ids()
+            .iter()
+            .map(|id| {
+                let (place, hash) = id
+                    .rsplit_once('#')
+                    .unwrap_or_else(|| panic!("no hash in {id}"));
+                assert!(
+                    hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{id}"
+                );
+                place.to_owned()
+            })
+            .collect()
+    }
+    fn duplicates(&self) -> usize {
+        *self.duplicates.lock().unwrap()
+    }
     fn data(&self) -> Vec<Value> {
         self.events
             .lock()
@@ -89,17 +108,32 @@ fn source(body: &str) -> SqlPollSource {
     SqlPollSource::new("db", &spec).unwrap()
 }
 
-/// Poll until a batch comes back short (all caught up).
-async fn drain(src: &mut SqlPollSource, mem: &Mem, batch: usize) -> usize {
+/// One poll cycle: batches until nothing more is due at once (the overlap
+/// window, then the rows after the checkpoint). Returns the new events.
+async fn drain(src: &mut SqlPollSource, mem: &Mem) -> usize {
     let stop = CancellationToken::new();
-    let mut total = 0;
+    let before = mem.ids().len();
+    while src.poll_once(mem, &stop).await.unwrap().more {}
+    mem.ids().len() - before
+}
+
+/// The rows read by each batch of one poll cycle.
+async fn cycle(src: &mut SqlPollSource, mem: &Mem) -> Vec<usize> {
+    let stop = CancellationToken::new();
+    let mut out = Vec::new();
     loop {
-        let n = src.poll_once(mem, &stop).await.unwrap();
-        total += n;
-        if n < batch {
-            return total;
+        let p = src.poll_once(mem, &stop).await.unwrap();
+        out.push(p.rows);
+        if !p.more {
+            return out;
         }
     }
+}
+
+/// Rows read by one `poll_once`.
+async fn rows(src: &mut SqlPollSource, mem: &Mem) -> usize {
+    let Polled { rows, .. } = src.poll_once(mem, &CancellationToken::new()).await.unwrap();
+    rows
 }
 
 fn ci() -> bool {
@@ -139,9 +173,9 @@ async fn sqlite_reads_inserts_and_updates_in_order() {
     );
     let mem = Mem::default();
     let mut src = source(&body);
-    assert_eq!(drain(&mut src, &mem, 2).await, 3);
+    assert_eq!(drain(&mut src, &mem).await, 3);
     assert_eq!(
-        mem.ids(),
+        mem.places(),
         [
             "customers:3@2024-01-01 09:00:00",
             "customers:1@2024-01-01 10:00:00",
@@ -159,8 +193,8 @@ async fn sqlite_reads_inserts_and_updates_in_order() {
          INSERT INTO customers VALUES (4, 'Di', NULL, NULL, NULL, NULL, '2024-01-03 00:00:00');",
     )
     .unwrap();
-    assert_eq!(drain(&mut src, &mem, 2).await, 2);
-    let ids = mem.ids();
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    let ids = mem.places();
     assert_eq!(
         &ids[3..],
         [
@@ -190,16 +224,15 @@ async fn sqlite_tie_group_larger_than_a_batch_and_resume() {
         path.display()
     );
     let mem = Mem::default();
-    let stop = CancellationToken::new();
     let mut src = source(&body);
     // three batches, then a "restart": a new source over the same store
     for _ in 0..3 {
-        assert_eq!(src.poll_once(&mem, &stop).await.unwrap(), 5);
+        assert_eq!(rows(&mut src, &mem).await, 5);
     }
     drop(src);
     let mut src = source(&body);
-    assert_eq!(drain(&mut src, &mem, 5).await, 8);
-    let ids = mem.ids();
+    assert_eq!(drain(&mut src, &mem).await, 8);
+    let ids = mem.places();
     assert_eq!(ids.len(), 23);
     let keys: Vec<i64> = mem
         .data()
@@ -312,16 +345,15 @@ async fn pg_inserts_updates_ties_and_resume() {
     .await
     .unwrap();
     let mem = Mem::default();
-    let stop = CancellationToken::new();
     let mut src = source(&pg_body(&t, 4));
     // the tie group of 17 is larger than a batch: read across 5 batches
     for _ in 0..2 {
-        assert_eq!(src.poll_once(&mem, &stop).await.unwrap(), 4);
+        assert_eq!(rows(&mut src, &mem).await, 4);
     }
     drop(src); // restart
     let mut src = source(&pg_body(&t, 4));
-    assert_eq!(drain(&mut src, &mem, 4).await, 10);
-    let ids = mem.ids();
+    assert_eq!(drain(&mut src, &mem).await, 10);
+    let ids = mem.places();
     assert_eq!(ids.len(), 18);
     assert_eq!(ids[0], format!("{t}:100@2024-04-01T00:00:00Z"));
     assert_eq!(ids[1], format!("{t}:1@2024-05-01T10:00:00.123456Z"));
@@ -338,8 +370,8 @@ async fn pg_inserts_updates_ties_and_resume() {
     ))
     .await
     .unwrap();
-    assert_eq!(drain(&mut src, &mem, 4).await, 3);
-    let ids = mem.ids();
+    assert_eq!(drain(&mut src, &mem).await, 3);
+    let ids = mem.places();
     assert_eq!(
         &ids[18..],
         [
@@ -348,12 +380,15 @@ async fn pg_inserts_updates_ties_and_resume() {
             format!("{t}:200@2024-07-01T00:00:00Z")
         ]
     );
-    assert_eq!(*mem.duplicates.lock().unwrap(), 0);
+    // the overlap re-reads rows 1-7 after the restart (row 100 is an hour
+    // older) into the inbox as duplicates; later re-reads are rows this
+    // source stored itself and are not offered again
+    assert_eq!(mem.duplicates(), 7);
     // a full re-read (no checkpoint) gives only duplicates
     let again = Mem::default();
-    *again.ids.lock().unwrap() = ids.iter().cloned().collect();
+    *again.ids.lock().unwrap() = mem.ids().into_iter().collect();
     let mut src = source(&pg_body(&t, 50));
-    drain(&mut src, &again, 50).await;
+    drain(&mut src, &again).await;
     assert_eq!(again.ids().len(), 0);
     c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
@@ -380,7 +415,7 @@ async fn pg_type_mapping() {
     );
     let mem = Mem::default();
     let mut src = source(&body);
-    assert_eq!(drain(&mut src, &mem, 500).await, 2);
+    assert_eq!(drain(&mut src, &mem).await, 2);
     let d = mem.data();
     assert_eq!(
         d[0],
@@ -398,7 +433,7 @@ async fn pg_type_mapping() {
             .iter()
             .all(|(k, v)| k == "id" || k == "seq" || v.is_null())
     );
-    assert_eq!(mem.ids(), [format!("{t}:1@1"), format!("{t}:2@2")]);
+    assert_eq!(mem.places(), [format!("{t}:1@1"), format!("{t}:2@2")]);
     c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
 
@@ -435,8 +470,8 @@ async fn pg_read_only_and_custom_query() {
         pg_url()
     );
     let mut src = source(&body);
-    assert_eq!(drain(&mut src, &mem, 2).await, 2);
-    assert_eq!(mem.ids(), ["named:1@10", "named:3@20"]);
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    assert_eq!(mem.places(), ["named:1@10", "named:3@20"]);
     assert_eq!(mem.data()[1]["name"], "C");
     c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
@@ -487,28 +522,27 @@ async fn mysql_inserts_updates_ties_and_resume() {
         .unwrap();
     }
     let mem = Mem::default();
-    let stop = CancellationToken::new();
     let mut src = source(&my_body(&t, 3));
-    assert_eq!(src.poll_once(&mem, &stop).await.unwrap(), 3);
-    assert_eq!(src.poll_once(&mem, &stop).await.unwrap(), 3);
+    assert_eq!(rows(&mut src, &mem).await, 3);
+    assert_eq!(rows(&mut src, &mem).await, 3);
     drop(src);
     let mut src = source(&my_body(&t, 3));
-    assert_eq!(drain(&mut src, &mem, 3).await, 7);
+    assert_eq!(drain(&mut src, &mem).await, 7);
     let keys: Vec<i64> = mem
         .data()
         .iter()
         .map(|d| d["id"].as_i64().unwrap())
         .collect();
     assert_eq!(keys, (1..=13).collect::<Vec<_>>());
-    assert_eq!(mem.ids()[0], format!("{t}:1@2024-05-01T10:00:00.250Z"));
+    assert_eq!(mem.places()[0], format!("{t}:1@2024-05-01T10:00:00.250Z"));
     c.query_drop(format!(
         "UPDATE {t} SET name = 'changed', updated_at = '2024-06-01 00:00:00' WHERE id = 2; \
          INSERT INTO {t} VALUES (50, 'new', '2024-05-20 00:00:00')"
     ))
     .await
     .unwrap();
-    assert_eq!(drain(&mut src, &mem, 3).await, 2);
-    let ids = mem.ids();
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    let ids = mem.places();
     assert_eq!(
         &ids[13..],
         [
@@ -516,7 +550,9 @@ async fn mysql_inserts_updates_ties_and_resume() {
             format!("{t}:2@2024-06-01T00:00:00Z")
         ]
     );
-    assert_eq!(*mem.duplicates.lock().unwrap(), 0);
+    // the overlap re-reads 6 rows after the restart (inbox duplicates);
+    // later re-reads are rows this source stored itself
+    assert_eq!(mem.duplicates(), 6);
     c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
 }
 
@@ -545,7 +581,7 @@ async fn mysql_type_mapping_and_read_only() {
     );
     let mem = Mem::default();
     let mut src = source(&body);
-    assert_eq!(drain(&mut src, &mem, 500).await, 2);
+    assert_eq!(drain(&mut src, &mem).await, 2);
     let d = mem.data();
     let mut first = d[0].clone();
     // MariaDB's JSON is text
@@ -568,6 +604,250 @@ async fn mysql_type_mapping_and_read_only() {
             .all(|(k, v)| ["id", "seq", "ro"].contains(&k.as_str()) || v.is_null()),
         "{nulls:?}"
     );
-    assert_eq!(mem.ids(), ["typed:1@1", "typed:2@2"]);
+    assert_eq!(mem.places(), ["typed:1@1", "typed:2@2"]);
     c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+// ------------------------------------------- rows committed out of order
+
+/// P0-1: a transaction that commits after a row with a later cursor was
+/// read. Plain "after the checkpoint" polling never reads it.
+#[tokio::test]
+async fn pg_a_transaction_committing_after_later_rows_is_not_skipped() {
+    let Some(c) = pg().await else { return };
+    let Some(writer) = pg().await else { return };
+    let t = unique("weft_poll_late");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL)"
+    ))
+    .await
+    .unwrap();
+    // the slow transaction takes its cursor first and stays open
+    writer
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO {t} VALUES (1, 'slow', clock_timestamp() - interval '20 seconds')"
+        ))
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO {t} VALUES (2, 'quick', clock_timestamp() - interval '10 seconds')"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&pg_body(&t, 100));
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    writer.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    let names: Vec<Value> = mem.data().iter().map(|d| d["name"].clone()).collect();
+    assert_eq!(names, [json!("quick"), json!("slow")]);
+    // the checkpoint stayed at the later row; the next poll reads nothing new
+    assert_eq!(drain(&mut src, &mem).await, 0);
+    let cp: Value = serde_json::from_str(&mem.checkpoints.lock().unwrap()[CHECKPOINT_KEY]).unwrap();
+    assert_eq!(cp["key"], json!(2));
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P0-1: rows younger than `settle` (on the database's clock) are left for
+/// a later poll, so a transaction shorter than it commits before its
+/// neighbours are read.
+#[tokio::test]
+async fn pg_rows_younger_than_settle_wait_for_a_later_poll() {
+    let Some(c) = pg().await else { return };
+    let t = unique("weft_poll_settle");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, updated_at timestamp NOT NULL);
+         INSERT INTO {t} VALUES (1, (clock_timestamp() AT TIME ZONE 'UTC') - interval '1 hour'),
+                                (2, clock_timestamp() AT TIME ZONE 'UTC');"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&format!("{}        settle: 2s\n", pg_body(&t, 100)));
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    let keys: Vec<i64> = mem
+        .data()
+        .iter()
+        .map(|d| d["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(keys, [1, 2]);
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P0-1: the same on MariaDB, where the writer sets its cursor itself.
+#[tokio::test]
+async fn mysql_a_transaction_committing_after_later_rows_is_not_skipped() {
+    let Some(mut c) = my().await else { return };
+    let Some(mut writer) = my().await else { return };
+    let t = unique("weft_poll_late");
+    c.query_drop(format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, name varchar(20), updated_at datetime(6) NOT NULL)"
+    ))
+    .await
+    .unwrap();
+    writer.query_drop("SET time_zone = '+00:00'").await.unwrap();
+    c.query_drop("SET time_zone = '+00:00'").await.unwrap();
+    writer.query_drop("START TRANSACTION").await.unwrap();
+    writer
+        .query_drop(format!(
+            "INSERT INTO {t} VALUES (1, 'slow', NOW(6) - INTERVAL 20 SECOND)"
+        ))
+        .await
+        .unwrap();
+    c.query_drop(format!(
+        "INSERT INTO {t} VALUES (2, 'quick', NOW(6) - INTERVAL 10 SECOND)"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&my_body(&t, 100));
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    writer.query_drop("COMMIT").await.unwrap();
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    let names: Vec<Value> = mem.data().iter().map(|d| d["name"].clone()).collect();
+    assert_eq!(names, [json!("quick"), json!("slow")]);
+    assert_eq!(drain(&mut src, &mem).await, 0);
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P0-1: a row changed twice within one second of a `DATETIME` cursor keeps
+/// its cursor; the second version is a new event (a new content hash),
+/// found by the overlap re-read, and an unchanged re-read is a duplicate.
+#[tokio::test]
+async fn mysql_same_second_double_update_on_datetime_is_delivered_with_its_final_value() {
+    let Some(mut c) = my().await else { return };
+    let t = unique("weft_poll_2x");
+    c.query_drop(format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, status varchar(20), updated_at datetime NOT NULL);
+         INSERT INTO {t} VALUES (1, 'new', '2024-05-01 10:00:00'), (2, 'new', '2024-05-01 10:00:00')"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&my_body(&t, 100));
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    // both rows change again within the same second: the cursor stays
+    c.query_drop(format!("UPDATE {t} SET status = 'paid' WHERE id IN (1, 2)"))
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    let got: Vec<(Value, Value)> = mem
+        .data()
+        .iter()
+        .map(|d| (d["id"].clone(), d["status"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (json!(1), json!("new")),
+            (json!(2), json!("new")),
+            (json!(1), json!("paid")),
+            (json!(2), json!("paid"))
+        ]
+    );
+    let places = mem.places();
+    assert_eq!(places[0], places[2]);
+    let ids = mem.ids();
+    assert_ne!(ids[0], ids[2]);
+    // read again unchanged: nothing new; after a restart the inbox drops them
+    let dupes = mem.duplicates();
+    assert_eq!(drain(&mut src, &mem).await, 0);
+    assert_eq!(mem.duplicates(), dupes);
+    let mut src = source(&my_body(&t, 100));
+    assert_eq!(drain(&mut src, &mem).await, 0);
+    assert_eq!(mem.duplicates(), dupes + 2);
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// P0-1 on MariaDB: rows younger than `settle` wait (`NOW(6)` in UTC).
+#[tokio::test]
+async fn mysql_rows_younger_than_settle_wait_for_a_later_poll() {
+    let Some(mut c) = my().await else { return };
+    let t = unique("weft_poll_settle");
+    c.query_drop(format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, updated_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6));
+         INSERT INTO {t} VALUES (1, NOW(6) - INTERVAL 1 HOUR); INSERT INTO {t} (id) VALUES (2)"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&format!("{}        settle: 2s\n", my_body(&t, 100)));
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    let keys: Vec<i64> = mem
+        .data()
+        .iter()
+        .map(|d| d["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(keys, [1, 2]);
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// A window larger than a batch is re-read in batches without moving the
+/// checkpoint back, and `overlap: 0s` turns the re-read off.
+#[tokio::test]
+async fn pg_overlap_window_larger_than_a_batch_and_overlap_off() {
+    let Some(c) = pg().await else { return };
+    let t = unique("weft_poll_window");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL);
+         INSERT INTO {t} SELECT g, '2024-05-01T10:00:00Z'::timestamptz + g * interval '1 second'
+           FROM generate_series(1, 10) g;"
+    ))
+    .await
+    .unwrap();
+    let mem = Mem::default();
+    let mut src = source(&pg_body(&t, 3));
+    assert_eq!(drain(&mut src, &mem).await, 10);
+    let cp = || -> Value {
+        serde_json::from_str(&mem.checkpoints.lock().unwrap()[CHECKPOINT_KEY]).unwrap()
+    };
+    assert_eq!(cp()["key"], json!(10));
+    // the next cycle: 10 rows re-read in 4 batches, then none after the
+    // checkpoint; all were stored by this source, so nothing is offered
+    let batches = mem.batches.lock().unwrap().len();
+    assert_eq!(cycle(&mut src, &mem).await, [3, 3, 3, 1, 0]);
+    assert_eq!(mem.batches.lock().unwrap().len(), batches);
+    assert_eq!(cp()["key"], json!(10));
+    // a restart: the window goes to the inbox, which drops it
+    let mut src = source(&pg_body(&t, 3));
+    assert_eq!(cycle(&mut src, &mem).await, [3, 3, 3, 1, 0]);
+    assert_eq!(mem.duplicates(), 10);
+    assert_eq!(&mem.batches.lock().unwrap()[batches..], [3, 3, 3, 1]);
+    assert_eq!(cp()["key"], json!(10));
+    let mut off = source(&format!("{}        overlap: 0s\n", pg_body(&t, 3)));
+    assert_eq!(cycle(&mut off, &mem).await, [0]);
+    assert_eq!(mem.duplicates(), 10);
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// A `date` cursor (one value per day) gets the window too: a row changed
+/// later the same day is a new event.
+#[tokio::test]
+async fn pg_date_cursor_changes_within_a_day_are_new_events() {
+    let Some(c) = pg().await else { return };
+    let t = unique("weft_poll_date");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, qty int, d date NOT NULL);
+         INSERT INTO {t} VALUES (1, 5, DATE '2024-05-01'), (2, 7, DATE '2024-05-02');"
+    ))
+    .await
+    .unwrap();
+    let body = format!(
+        "        url: {}\n        table: {t}\n        cursor: d\n        key: id\n        overlap: 1d\n",
+        pg_url()
+    );
+    let mem = Mem::default();
+    let mut src = source(&body);
+    assert_eq!(drain(&mut src, &mem).await, 2);
+    c.batch_execute(&format!("UPDATE {t} SET qty = 6 WHERE id = 1"))
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut src, &mem).await, 1);
+    assert_eq!(mem.data()[2], json!({"id": 1, "qty": 6, "d": "2024-05-01"}));
+    assert_eq!(mem.places()[2], format!("{t}:1@2024-05-01"));
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }

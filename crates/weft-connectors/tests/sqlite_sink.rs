@@ -233,3 +233,62 @@ async fn locked_database_is_retryable() {
     let r = sink.write(&[delivery(1, json!({"id": 1}))]).await;
     assert!(r[0].is_ok());
 }
+
+/// The MariaDB sink folded keys sharing their first 8 bytes into one row
+/// (a `Debug` rendering); pin that this sink keeps them apart.
+#[tokio::test]
+async fn long_keys_sharing_a_prefix_are_not_folded_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.db");
+    let cfg = SqliteSinkConfig {
+        key: vec!["code".into(), "region".into()],
+        ..cfg(Some(&[
+            ("code", "text"),
+            ("region", "text"),
+            ("v", "integer"),
+        ]))
+    };
+    let sink = SqliteSink::open(&cfg, &path).unwrap();
+    let r = sink
+        .write(&[
+            delivery(
+                1,
+                json!({"code": "customer-1", "region": "europe-west", "v": 1}),
+            ),
+            delivery(
+                2,
+                json!({"code": "customer-2", "region": "europe-west", "v": 2}),
+            ),
+            delivery(
+                3,
+                json!({"code": "customer-3", "region": "europe-west", "v": 3}),
+            ),
+            delivery(
+                4,
+                json!({"code": "customer-1", "region": "europe-east", "v": 4}),
+            ),
+            delivery(
+                5,
+                json!({"code": "customer-2", "region": "europe-west", "v": 22}),
+            ),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let conn = Connection::open(&path).unwrap();
+    let rows: Vec<(String, String, i64)> = conn
+        .prepare("SELECT code, region, v FROM contacts ORDER BY code, region")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("customer-1".into(), "europe-east".into(), 4),
+            ("customer-1".into(), "europe-west".into(), 1),
+            ("customer-2".into(), "europe-west".into(), 22),
+            ("customer-3".into(), "europe-west".into(), 3),
+        ]
+    );
+}

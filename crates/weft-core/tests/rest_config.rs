@@ -177,3 +177,66 @@ fn the_rest_polling_example_is_valid() {
     let e = config::load_str(&file, &text, &|_| None).unwrap_err();
     assert!(e.to_string().contains("GITHUB_TOKEN"), "{e}");
 }
+
+/// The warnings of a config that loads, as `(path, line, message)`.
+fn warnings(text: &str) -> Vec<(String, Option<u64>, String)> {
+    load(text)
+        .unwrap()
+        .warnings
+        .into_iter()
+        .map(|w| (w.path, w.line, w.message))
+        .collect()
+}
+
+/// P0-5: without `id_field` the id is a content hash, so a record that goes
+/// A -> B -> A has its third version dropped as a duplicate; `weft validate`
+/// says so, with the line of the source.
+#[test]
+fn a_rest_source_without_a_stable_id_is_warned_about() {
+    let w = warnings(
+        "systems:\n  crm:\n    source:\n      rest:\n        url: https://crm.example.com/v1/stock\n        records: .data\n",
+    );
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].0, "systems.crm.source.rest.id_field");
+    assert_eq!(w[0].1, Some(5));
+    assert!(w[0].2.contains("A → B → A"), "{w:?}");
+}
+
+/// P0-5: with `incremental`, an `id_field` without the cursor gives every
+/// update of a record the same id: all but the first are dropped.
+#[test]
+fn an_incremental_id_field_without_the_cursor_is_warned_about() {
+    let text = GOOD.replace(r#"'"\(.id)@\(.updated_at)"'"#, ".id");
+    let w = warnings(&text);
+    let id: Vec<_> = w.iter().filter(|w| w.0.ends_with(".id_field")).collect();
+    assert_eq!(id.len(), 1, "{w:?}");
+    assert_eq!(id[0].1, Some(10));
+    assert!(id[0].2.contains("`.updated_at`"), "{w:?}");
+    // the full example includes the cursor: no id warning
+    assert!(
+        warnings(GOOD).iter().all(|w| !w.0.ends_with(".id_field")),
+        "{:?}",
+        warnings(GOOD)
+    );
+}
+
+/// P1-19: the `since` parameter is taken as inclusive unless said; the note
+/// goes away once `since_inclusive` is set either way.
+#[test]
+fn incremental_since_semantics_get_a_note_until_set() {
+    let w = warnings(GOOD);
+    let note: Vec<_> = w.iter().filter(|w| w.0.ends_with(".incremental")).collect();
+    assert_eq!(note.len(), 1, "{w:?}");
+    assert!(
+        note[0].2.contains("`updated_since`") && note[0].2.contains("since_inclusive: false"),
+        "{w:?}"
+    );
+    assert!(note[0].1.is_some());
+    for set in ["true", "false"] {
+        let text = GOOD.replace(
+            "param: updated_since\n",
+            &format!("param: updated_since\n          since_inclusive: {set}\n"),
+        );
+        assert!(warnings(&text).is_empty(), "{:?}", warnings(&text));
+    }
+}

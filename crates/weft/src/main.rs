@@ -175,6 +175,9 @@ fn validate(path: &Path) -> Result<ExitCode> {
         let to: Vec<&str> = f.destinations.iter().map(|d| d.system.as_str()).collect();
         println!("  flow {}: {} -> {}", f.name, f.from, to.join(", "));
     }
+    for w in &cfg.warnings {
+        eprintln!("warning: {}", w.located(path));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -183,6 +186,9 @@ fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<Exit
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    for w in &cfg.warnings {
+        tracing::warn!("config: {}", w.located(path));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -36,7 +36,20 @@
 //! `since` parameters are usually inclusive): they are duplicates in the
 //! inbox, not new events, as long as their id is stable, hence `id_field`
 //! should include the cursor (`"\(.id)@\(.updated_at)"`) so that an update
-//! of a record is a new event and a re-fetch is not.
+//! of a record is a new event and a re-fetch is not. For an API whose
+//! parameter is exclusive (`>`), `since_inclusive: false` sends the saved
+//! cursor one unit earlier (see [`step_back`]): records that tie with it at
+//! a page or crash boundary are fetched again instead of lost.
+//!
+//! ## Pages of the wrong shape
+//! A `200` whose body is not JSON, lacks the records path (an error object
+//! such as `{"error": "temporarily unavailable"}` where `.data` was
+//! expected), or breaks the pagination program is not an empty page: it is
+//! logged, counted in [`PAGE_ERRORS`] (`source`, `reason`: `not_json`,
+//! `records`, `pagination`), and asked for again with the HTTP retries'
+//! backoff, up to [`client::MAX_ATTEMPTS`] times; then the poll fails, the
+//! checkpoint where it was. Only an explicit `null` at the records path
+//! (`{"data": null}`) or an empty array is an empty page.
 //!
 //! Strings compare as text (use one timestamp format, e.g. RFC 3339 UTC),
 //! numbers as numbers.
@@ -81,6 +94,10 @@ use pagination::{Position, Style};
 /// Checkpoint key of the incremental cursor.
 pub const CHECKPOINT_KEY: &str = "incremental_cursor";
 
+/// Counter of pages that did not have the configured shape, by `source` and
+/// `reason` (`not_json`, `records`, `pagination`).
+pub const PAGE_ERRORS: &str = "weft_source_page_errors_total";
+
 /// Why a poll ended early. Nothing after the last ingested page was
 /// checkpointed.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +140,22 @@ struct Incremental {
     initial: Option<String>,
     order: RestOrder,
     cursor_field: Arc<Program>,
+    /// The API's parameter is `>=` (else `>`: the saved cursor is stepped back).
+    inclusive: bool,
+}
+
+/// Where the records are in a page, and how to tell a missing path from an
+/// explicit `null`.
+struct RecordsPath {
+    program: Arc<Program>,
+    /// `[path(<records>)]`, when the program is a path expression.
+    paths: Option<Program>,
+}
+
+/// A page read and checked against the configured shape.
+struct Page {
+    items: Vec<Value>,
+    next: Option<Position>,
 }
 
 /// The REST polling source.
@@ -132,7 +165,7 @@ pub struct RestSource {
     event_type: String,
     base: Url,
     query: Vec<(String, String)>,
-    records: Arc<Program>,
+    records: RecordsPath,
     id_field: Option<Arc<Program>>,
     incremental: Option<Incremental>,
     resync_pending: AtomicBool,
@@ -184,6 +217,7 @@ impl RestSource {
                 initial: i.initial.clone(),
                 order: i.order.unwrap_or(RestOrder::Ascending),
                 cursor_field: cf.clone(),
+                inclusive: i.since_inclusive.unwrap_or(true),
             }),
             _ => None,
         };
@@ -212,7 +246,10 @@ impl RestSource {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            records: records.clone(),
+            records: RecordsPath {
+                program: records.clone(),
+                paths: Program::compile(&format!("[path({})]", records.code()), &[]).ok(),
+            },
             id_field: id_field.clone(),
             incremental,
             resync_pending: AtomicBool::new(cfg.full_resync_on_start),
@@ -268,6 +305,7 @@ impl RestSource {
         let mut report = PollReport::default();
         // the cursor this poll starts from, and the highest seen
         let mut since: Option<Value> = None;
+        let mut from_checkpoint = false;
         if let Some(inc) = &self.incremental {
             let saved = if resync {
                 None
@@ -277,6 +315,7 @@ impl RestSource {
                     .await
                     .map_err(|e| PollError::Store(e.to_string()))?
             };
+            from_checkpoint = saved.is_some();
             since = match saved {
                 Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
                     PollError::Store(format!("the saved cursor `{text}` is not JSON: {e}"))
@@ -284,7 +323,19 @@ impl RestSource {
                 None => inc.initial.clone().map(Value::String),
             };
         }
-        let since_param = since.as_ref().map(cursor_text);
+        let since_param = match (&self.incremental, &since) {
+            // `initial` is sent as written; the saved cursor one unit earlier
+            (Some(inc), Some(c)) if !inc.inclusive && from_checkpoint => {
+                Some(step_back(c).ok_or_else(|| {
+                    PollError::Body(format!(
+                        "the saved cursor {c} cannot be stepped back for the exclusive `{}` (since_inclusive: false): \
+                         expected an integer, an RFC 3339 timestamp or a date; the checkpoint stays where it was",
+                        inc.param
+                    ))
+                })?)
+            }
+            _ => since.as_ref().map(cursor_text),
+        };
         let mut max = since.clone();
         // the highest cursor already saved
         let mut saved = since.clone();
@@ -296,33 +347,9 @@ impl RestSource {
             let page_no = report.pages + 1;
             let url = self.url(&pos, since_param.as_deref());
             let shown = client::display_url(&url, self.client.auth.query_param().map(|q| q.0));
-            let fetched = self.client.fetch(&url, shutdown).await?;
+            let Page { items, next } = self.page(&pos, &url, page_no, &shown, shutdown).await?;
             report.pages = page_no;
-            let here = |m: String| {
-                PollError::Body(format!(
-                    "page {page_no} ({} {shown}): {m}; the checkpoint stays where it was",
-                    self.client.method
-                ))
-            };
-            let body: Value = serde_json::from_slice(&fetched.body).map_err(|e| {
-                here(format!(
-                    "the body is not valid JSON ({e}); it starts with: {}",
-                    client::snippet(&fetched.body)
-                ))
-            })?;
-            let items = extract_records(&self.records, &body).map_err(&here)?;
             let n = items.len();
-            let next = self
-                .style
-                .next(
-                    &pos,
-                    &url,
-                    n,
-                    &fetched.headers,
-                    &body,
-                    self.next_page.as_deref(),
-                )
-                .map_err(&here)?;
             let capped = next.is_some() && page_no >= self.max_pages;
             let last = next.is_none() || capped;
 
@@ -384,6 +411,91 @@ impl RestSource {
         report.cursor = saved;
         self.resync_pending.store(false, Ordering::Release);
         Ok(report)
+    }
+
+    /// Fetch one page and check its shape; a page of the wrong shape is
+    /// logged, counted and asked for again with backoff (module docs).
+    async fn page(
+        &self,
+        pos: &Position,
+        url: &Url,
+        page_no: u64,
+        shown: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Page, PollError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let fetched = self.client.fetch(url, shutdown).await?;
+            let (reason, why) = match self.parse(pos, url, &fetched) {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            metrics::counter!(PAGE_ERRORS, "source" => self.system.clone(), "reason" => reason)
+                .increment(1);
+            let what = format!(
+                "page {page_no} ({} {shown}): {why}; the checkpoint stays where it was",
+                self.client.method
+            );
+            if attempt >= client::MAX_ATTEMPTS {
+                return Err(PollError::Body(format!(
+                    "{what} (gave up after {attempt} attempts)"
+                )));
+            }
+            let wait = client::backoff(attempt, self.client.max_backoff);
+            tracing::warn!(
+                system = %self.system,
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                reason,
+                error = %what,
+                "the page does not have the configured shape; asking for it again"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Err(PollError::Shutdown),
+            }
+        }
+    }
+
+    /// A fetched page's records and next position, or why its body does not
+    /// have the configured shape (a metric reason and a message).
+    fn parse(
+        &self,
+        pos: &Position,
+        url: &Url,
+        fetched: &client::Fetched,
+    ) -> Result<Page, (&'static str, String)> {
+        let body: Value = serde_json::from_slice(&fetched.body).map_err(|e| {
+            (
+                "not_json",
+                format!(
+                    "the body is not valid JSON ({e}); it starts with: {}",
+                    client::snippet(&fetched.body)
+                ),
+            )
+        })?;
+        let items = extract_records(&self.records, &body).map_err(|m| {
+            (
+                "records",
+                format!(
+                    "{m}; the body starts with: {}",
+                    client::snippet(&fetched.body)
+                ),
+            )
+        })?;
+        let next = self
+            .style
+            .next(
+                pos,
+                url,
+                items.len(),
+                &fetched.headers,
+                &body,
+                self.next_page.as_deref(),
+            )
+            .map_err(|m| ("pagination", m))?;
+        Ok(Page { items, next })
     }
 
     /// Ingest one batch; while the hub is busy, wait and offer it again.
@@ -548,15 +660,25 @@ impl Source for RestSource {
 }
 
 /// The records of a response body: one array output is its elements, one
-/// `null` is none, several outputs (e.g. `.data[]`) are one record each.
-fn extract_records(p: &Program, body: &Value) -> Result<Vec<Value>, String> {
+/// `null` is none if the body has that path (`{"data": null}`) and an error
+/// if it does not (`{"error": ...}`), several outputs (e.g. `.data[]`) are
+/// one record each.
+fn extract_records(records: &RecordsPath, body: &Value) -> Result<Vec<Value>, String> {
+    let p = &records.program;
     let mut out = p
         .run(body.clone(), Value::Null, &[])
         .map_err(|e| format!("records `{}` failed: {e}", p.code()))?;
     if out.len() == 1 {
         return match out.pop() {
             Some(Value::Array(a)) => Ok(a),
-            Some(Value::Null) | None => Ok(Vec::new()),
+            Some(Value::Null) if has_path(records, body) => Ok(Vec::new()),
+            Some(Value::Null) => Err(format!(
+                "the body has nothing at the records path `{}`: the page does not have the configured shape \
+                 (write `{} // []` if the API leaves the path out when there are no records)",
+                p.code(),
+                p.code()
+            )),
+            None => Ok(Vec::new()),
             Some(other) => Err(format!(
                 "records `{}` gave {}, expected an array of records (or use `.path[]`)",
                 p.code(),
@@ -565,6 +687,89 @@ fn extract_records(p: &Program, body: &Value) -> Result<Vec<Value>, String> {
         };
     }
     Ok(out)
+}
+
+/// Whether every path the records program names exists in `body` (keys
+/// present, indices in range), so that its `null` is the API's own. A
+/// program that is not a path expression gives no answer: `false`.
+fn has_path(records: &RecordsPath, body: &Value) -> bool {
+    let Some(paths) = &records.paths else {
+        return false;
+    };
+    let Ok(out) = paths.run(body.clone(), Value::Null, &[]) else {
+        return false;
+    };
+    let [Value::Array(paths)] = out.as_slice() else {
+        return false;
+    };
+    !paths.is_empty()
+        && paths.iter().all(|path| {
+            let Value::Array(steps) = path else {
+                return false;
+            };
+            let mut here = body;
+            for step in steps {
+                let next = match (here, step) {
+                    (Value::Object(m), Value::String(k)) => m.get(k),
+                    (Value::Array(a), Value::Number(i)) => {
+                        i.as_u64().and_then(|i| a.get(usize::try_from(i).ok()?))
+                    }
+                    _ => None,
+                };
+                match next {
+                    Some(v) => here = v,
+                    None => return false,
+                }
+            }
+            true
+        })
+}
+
+/// The cursor one unit earlier, for an exclusive `since` parameter: an
+/// integer minus 1, an RFC 3339 timestamp minus one unit of its last digit
+/// (`...:05Z` → `...:04Z`, `...:05.120Z` → `...:05.119Z`), a date minus a
+/// day. `None` for anything else.
+pub(crate) fn step_back(c: &Value) -> Option<String> {
+    match c {
+        Value::Number(n) => n
+            .as_i64()
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| i.to_string()),
+        Value::String(s) => {
+            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+                let digits = s
+                    .split_once('.')
+                    .map(|(_, frac)| frac.bytes().take_while(u8::is_ascii_digit).count())
+                    .unwrap_or(0);
+                let unit = chrono::Duration::nanoseconds(
+                    10i64.pow(9u32.saturating_sub(digits.min(9) as u32)),
+                );
+                let back = t.checked_sub_signed(unit)?;
+                let format = match digits {
+                    0 => chrono::SecondsFormat::Secs,
+                    1..=3 => chrono::SecondsFormat::Millis,
+                    4..=6 => chrono::SecondsFormat::Micros,
+                    _ => chrono::SecondsFormat::Nanos,
+                };
+                let z = s.ends_with('Z') || s.ends_with('z');
+                let mut out = back.to_rfc3339_opts(format, z);
+                // keep the number of fraction digits as written
+                if let (1..=8, Some((head, tail))) = (digits, out.clone().split_once('.')) {
+                    let width = match format {
+                        chrono::SecondsFormat::Millis => 3,
+                        chrono::SecondsFormat::Micros => 6,
+                        _ => 9,
+                    };
+                    let (frac, zone) = tail.split_at(width);
+                    out = format!("{head}.{}{zone}", &frac[..digits]);
+                }
+                return Some(out);
+            }
+            let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+            Some(d.pred_opt()?.format("%Y-%m-%d").to_string())
+        }
+        _ => None,
+    }
 }
 
 /// The cursor as sent in a query parameter.
@@ -606,21 +811,92 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn path(code: &str) -> RecordsPath {
+        RecordsPath {
+            program: Arc::new(Program::compile(code, &[]).unwrap()),
+            paths: Program::compile(&format!("[path({code})]"), &[]).ok(),
+        }
+    }
+
     #[test]
     fn records_forms() {
-        let p = Program::compile(".data", &[]).unwrap();
+        let p = path(".data");
         assert_eq!(
             extract_records(&p, &json!({"data": [1, 2]})).unwrap(),
             vec![json!(1), json!(2)]
         );
-        assert!(extract_records(&p, &json!({})).unwrap().is_empty());
         let e = extract_records(&p, &json!({"data": {"a": 1}})).unwrap_err();
         assert!(e.contains("expected an array"), "{e}");
-        let p = Program::compile(".data[]", &[]).unwrap();
+        let p = path(".data[]");
         assert_eq!(
             extract_records(&p, &json!({"data": [{"a": 1}, {"a": 2}]})).unwrap(),
             vec![json!({"a": 1}), json!({"a": 2})]
         );
+    }
+
+    /// Regression: a body without the records path was an empty last page.
+    #[test]
+    fn a_missing_records_path_is_an_error_and_an_explicit_null_is_empty() {
+        let p = path(".data");
+        let e = extract_records(&p, &json!({"error": "temporarily unavailable"})).unwrap_err();
+        assert!(e.contains("nothing at the records path `.data`"), "{e}");
+        assert!(extract_records(&p, &json!({})).is_err());
+        assert!(
+            extract_records(&p, &json!({"data": null}))
+                .unwrap()
+                .is_empty()
+        );
+        let p = path(".result.items");
+        assert!(
+            extract_records(&p, &json!({"result": {"items": null}}))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(extract_records(&p, &json!({"result": {}})).is_err());
+        assert!(extract_records(&p, &json!({"result": null})).is_err());
+        // the whole body
+        assert!(
+            extract_records(&path("."), &json!(null))
+                .unwrap()
+                .is_empty()
+        );
+        // `// []` says that a missing path means no records
+        assert!(
+            extract_records(&path(".data // []"), &json!({}))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn step_back_one_unit() {
+        assert_eq!(step_back(&json!(42)).as_deref(), Some("41"));
+        assert_eq!(
+            step_back(&json!("2024-01-01T00:05:00Z")).as_deref(),
+            Some("2024-01-01T00:04:59Z")
+        );
+        assert_eq!(
+            step_back(&json!("2024-01-01T00:05:00.120Z")).as_deref(),
+            Some("2024-01-01T00:05:00.119Z")
+        );
+        assert_eq!(
+            step_back(&json!("2024-01-01T00:00:00.5+02:00")).as_deref(),
+            Some("2024-01-01T00:00:00.4+02:00")
+        );
+        assert_eq!(
+            step_back(&json!("2024-01-01T00:00:00.00+02:00")).as_deref(),
+            Some("2023-12-31T23:59:59.99+02:00")
+        );
+        assert_eq!(
+            step_back(&json!("2024-01-01T00:00:00.000001Z")).as_deref(),
+            Some("2024-01-01T00:00:00.000000Z")
+        );
+        assert_eq!(
+            step_back(&json!("2024-03-01")).as_deref(),
+            Some("2024-02-29")
+        );
+        assert_eq!(step_back(&json!("opaque-token")), None);
+        assert_eq!(step_back(&json!(1.5)), None);
     }
 
     #[test]

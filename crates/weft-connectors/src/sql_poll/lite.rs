@@ -9,7 +9,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{Map, Value};
 
 use super::value;
-use super::{Position, RawRow, Shape};
+use super::{Query, RawRow, Shape};
 
 pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -53,11 +53,15 @@ impl LiteReader {
         })
     }
 
-    pub async fn fetch(&mut self, after: Option<&Position>) -> Result<Vec<RawRow>, String> {
+    pub async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<RawRow>, String> {
         let conn = self.conn.clone();
-        let (sql, params) = match after {
-            None => (self.first.clone(), Vec::new()),
-            Some(p) => (self.after.clone(), vec![param(&p.cursor), param(&p.key)]),
+        let (sql, params) = match q {
+            Query::First => (self.first.clone(), Vec::new()),
+            Query::After(p) => (self.after.clone(), vec![param(&p.cursor), param(&p.key)]),
+            // never asked for: SQLite cursors get no overlap window
+            Query::WindowFrom { .. } | Query::WindowAfter { .. } => {
+                return Err("sqlite: no overlap window".into());
+            }
         };
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());

@@ -29,8 +29,47 @@
 //! The position `{"cursor": ..., "key": ...}` of the last row of a batch is
 //! the checkpoint (key [`CHECKPOINT_KEY`]) saved in the same `Batch` as the
 //! rows, so a restart continues after the last stored row. Each row's event
-//! id is `<name>:<key>@<cursor>`: an update (a new cursor) is a new event; a
-//! row read again is a duplicate in the inbox.
+//! id is `<name>:<key>@<cursor>#<hash8>`, `hash8` being the first 8 hex
+//! digits of the SHA-256 of the row's canonical JSON: an update is a new
+//! event (a new cursor, or new values under the same cursor); a row read
+//! again unchanged is a duplicate in the inbox.
+//!
+//! ## Rows that commit out of cursor order: settle and overlap
+//! A cursor is usually set when the row is written, but the row becomes
+//! visible only when its transaction commits (PostgreSQL's `now()` is even
+//! the transaction's *start*). A transaction that commits after a later row
+//! was read has a cursor below the saved position; and a row changed twice
+//! within one cursor value (MariaDB `DATETIME` has 1 s precision) keeps its
+//! cursor. Plain "after the last row" polling loses both, silently. Two
+//! guards, both on by default for timestamp and date cursors:
+//! - **settle** (default `5s`): a poll reads only rows with
+//!   `cursor < now() - settle` on the database's clock (PostgreSQL
+//!   `clock_timestamp()`, MariaDB `NOW(6)`, in UTC; zone-less columns are
+//!   taken as UTC as everywhere here, so a MariaDB `DATETIME` or PostgreSQL
+//!   `timestamp` written in a local time ahead of UTC is also held back by
+//!   that offset, and one behind UTC gets no settle: store UTC there, or
+//!   rely on `overlap`, which compares cursors with cursors). A transaction
+//!   shorter than `settle` is committed before its rows are due, and so is
+//!   every change within one cursor value of a clock-set column.
+//! - **overlap** (default `1m`): each poll first re-reads the rows from
+//!   `saved cursor - overlap` up to and including the saved position (in
+//!   batches, without moving the checkpoint), then goes on after it. A row
+//!   that committed late, up to `overlap` behind, is found there; one that
+//!   changed under the same cursor has a new hash, so a new event; the rest
+//!   are duplicates. The cost is re-reading the rows of the last `overlap`
+//!   on every poll; the ids of the current and the previous cycle are kept
+//!   in memory (up to 200,000), so an unchanged re-read row is skipped
+//!   before ingest instead of being mapped and dropped by the inbox (after
+//!   a restart the first window goes to the inbox).
+//!
+//! A transaction longer than `settle + overlap` can still be missed: size
+//! them for the longest writer. A row whose clock-set cursor changes more
+//! often than every `settle` is read once it has been quiet for `settle`. Integer and text cursors get neither guard
+//! (a sequence value is assigned inside the transaction too, so a long
+//! transaction can commit below the saved position: prefer a timestamp set
+//! by the database). SQLite has one writer at a time and gets neither
+//! either; a cursor the application computed before its write transaction
+//! began can still commit out of order there.
 //!
 //! ## Rows as JSON
 //! Column name to value: integers and floats as numbers, `numeric`/`decimal`
@@ -62,14 +101,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, NaiveDate, Utc};
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use weft_core::Event;
 use weft_core::config::SourceSpec;
 
 use crate::source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Receipt, Record, Source, SourceError,
+    canonical_json,
 };
 
 /// Checkpoint key of the position.
@@ -112,6 +154,49 @@ pub(crate) struct Shape {
     pub cursor: String,
     pub key: String,
     pub limit: usize,
+    /// Leave rows younger than this (timestamp and date cursors).
+    pub settle: Duration,
+}
+
+/// Which rows one batch reads, in `(cursor, key)` order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Query<'a> {
+    /// The very first poll: every settled row.
+    First,
+    /// The settled rows after a position.
+    After(&'a Position),
+    /// The overlap window's first batch: rows with `cursor >= lower`, up to
+    /// and including `upto` (the saved position).
+    WindowFrom {
+        lower: &'a Value,
+        upto: &'a Position,
+    },
+    /// The overlap window's next batch: rows after `after`, up to and
+    /// including `upto`.
+    WindowAfter {
+        after: &'a Position,
+        upto: &'a Position,
+    },
+}
+
+/// What one [`SqlPollSource::poll_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Polled {
+    /// Rows read (new or not).
+    pub rows: usize,
+    /// More is to be read at once: a full batch, or the overlap re-read
+    /// finished and the rows after the saved position come next.
+    pub more: bool,
+}
+
+/// Where the current poll cycle is.
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Re-reading the overlap window behind the saved position, after
+    /// `scan` (from the window's start when `None`).
+    Window { scan: Option<Position> },
+    /// Reading the rows after the saved position.
+    Forward,
 }
 
 impl Shape {
@@ -136,11 +221,21 @@ enum Db {
 }
 
 impl Db {
-    async fn fetch(&mut self, after: Option<&Position>) -> Result<Vec<RawRow>, String> {
+    async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<RawRow>, String> {
         match self {
-            Db::Pg(r) => r.fetch(after).await,
-            Db::My(r) => r.fetch(after).await,
-            Db::Lite(r) => r.fetch(after).await,
+            Db::Pg(r) => r.fetch(q).await,
+            Db::My(r) => r.fetch(q).await,
+            Db::Lite(r) => r.fetch(q).await,
+        }
+    }
+
+    /// Whether the cursor is a timestamp or a date, so that settle and
+    /// overlap apply.
+    fn cursor_is_time(&self) -> bool {
+        match self {
+            Db::Pg(r) => r.cursor_is_time(),
+            Db::My(r) => r.cursor_is_time(),
+            Db::Lite(_) => false,
         }
     }
 }
@@ -159,9 +254,48 @@ pub struct SqlPollSource {
     key: String,
     batch_size: usize,
     interval: Duration,
+    settle: Duration,
+    overlap: Duration,
     db: Option<Db>,
     /// `None` before the checkpoint was read; `Some(None)` at the start.
     pos: Option<Option<Position>>,
+    phase: Phase,
+    /// Ids stored in this and the last cycle, not offered again when the
+    /// overlap re-reads them.
+    seen: Seen,
+}
+
+/// The ids of the rows read in the current and the previous poll cycle.
+/// Everything the overlap window re-reads was read by one of the two (the
+/// window lies behind a position the previous cycle reached), so a re-read
+/// row that is unchanged is skipped here instead of being mapped and then
+/// dropped by the inbox. Bounded: past [`Seen::CAP`] ids a cycle stops
+/// remembering, and the inbox dedupes the rest. Empty after a restart.
+#[derive(Default)]
+struct Seen {
+    current: std::collections::HashSet<String>,
+    previous: std::collections::HashSet<String>,
+}
+
+impl Seen {
+    const CAP: usize = 200_000;
+
+    fn contains(&self, id: &str) -> bool {
+        self.current.contains(id) || self.previous.contains(id)
+    }
+
+    fn extend(&mut self, ids: Vec<String>) {
+        for id in ids {
+            if self.current.len() >= Self::CAP {
+                return;
+            }
+            self.current.insert(id);
+        }
+    }
+
+    fn next_cycle(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
 }
 
 impl SqlPollSource {
@@ -177,6 +311,8 @@ impl SqlPollSource {
             interval,
             batch_size,
             event_type,
+            settle,
+            overlap,
         } = spec
         else {
             return Err(err("not a sql_poll source".into()));
@@ -205,8 +341,13 @@ impl SqlPollSource {
             key: cfg.key.clone(),
             batch_size: (*batch_size).max(1),
             interval: *interval,
+            settle: *settle,
+            overlap: *overlap,
             db: None,
             pos: None,
+            // a restart re-reads the window too
+            phase: Phase::Window { scan: None },
+            seen: Seen::default(),
         })
     }
 
@@ -226,15 +367,44 @@ impl SqlPollSource {
             cursor: self.cursor.clone(),
             key: self.key.clone(),
             limit: self.batch_size,
+            settle: self.settle,
         }
     }
 
     async fn connect(&self) -> Result<Db, String> {
-        Ok(match &self.url {
+        let db = match &self.url {
             Url::Postgres(u) => Db::Pg(pg::PgReader::connect(u, self.shape(pg::quote)).await?),
             Url::Mysql(u) => Db::My(my::MyReader::connect(u, self.shape(my::quote)).await?),
             Url::Sqlite(p) => Db::Lite(lite::LiteReader::open(p, self.shape(lite::quote)).await?),
-        })
+        };
+        let guarded = !self.settle.is_zero() || !self.overlap.is_zero();
+        if guarded && !db.cursor_is_time() {
+            tracing::info!(
+                system = %self.system,
+                cursor = %self.cursor,
+                "settle and overlap apply to timestamp and date cursors of PostgreSQL and MariaDB/MySQL only; \
+                 this cursor is read strictly after the saved position"
+            );
+        }
+        Ok(db)
+    }
+
+    /// The start of the overlap window behind `pos`, when there is one.
+    fn window_start(&self, pos: &Position) -> Option<Value> {
+        if self.overlap.is_zero() || !self.db.as_ref().is_some_and(Db::cursor_is_time) {
+            return None;
+        }
+        let back = chrono::Duration::from_std(self.overlap).ok()?;
+        let Value::String(s) = &pos.cursor else {
+            return None;
+        };
+        if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+            let t = t.with_timezone(&Utc).naive_utc().checked_sub_signed(back)?;
+            return Some(value::timestamp(t));
+        }
+        let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+        let t = d.and_hms_opt(0, 0, 0)?.checked_sub_signed(back)?;
+        Some(Value::String(t.date().format("%Y-%m-%d").to_string()))
     }
 
     /// The position to read after (the saved checkpoint the first time).
@@ -256,22 +426,37 @@ impl SqlPollSource {
         Ok(pos)
     }
 
-    /// One batch: read the rows after the position, ingest them with the
-    /// new position. Returns the number of rows read (a full batch means
-    /// more may be waiting).
+    /// One batch of the current cycle: first the overlap window behind the
+    /// saved position (its batches leave the checkpoint alone), then the
+    /// settled rows after it (each batch saved with its last position).
+    /// [`Polled::more`] says whether the next batch is due at once.
     pub async fn poll_once(
         &mut self,
         ingest: &dyn Ingest,
         shutdown: &CancellationToken,
-    ) -> Result<usize, PollError> {
-        let after = self.position(ingest).await?;
+    ) -> Result<Polled, PollError> {
+        let saved = self.position(ingest).await?;
         if self.db.is_none() {
             self.db = Some(self.connect().await.map_err(PollError::Db)?);
         }
+        let lower = match (&self.phase, &saved) {
+            (Phase::Window { scan: None }, Some(p)) => self.window_start(p),
+            _ => None,
+        };
+        let query = match (&self.phase, &saved) {
+            (_, None) => Query::First,
+            (Phase::Window { scan: None }, Some(p)) => match &lower {
+                Some(l) => Query::WindowFrom { lower: l, upto: p },
+                None => Query::After(p),
+            },
+            (Phase::Window { scan: Some(s) }, Some(p)) => Query::WindowAfter { after: s, upto: p },
+            (Phase::Forward, Some(p)) => Query::After(p),
+        };
+        let in_window = matches!(query, Query::WindowFrom { .. } | Query::WindowAfter { .. });
         let Some(db) = self.db.as_mut() else {
             return Err(PollError::Db("not connected".into()));
         };
-        let rows = match db.fetch(after.as_ref()).await {
+        let rows = match db.fetch(query).await {
             Ok(r) => r,
             Err(e) => {
                 self.db = None;
@@ -279,10 +464,9 @@ impl SqlPollSource {
             }
         };
         let n = rows.len();
-        if n == 0 {
-            return Ok(0);
-        }
+        let full = n >= self.batch_size;
         let mut records = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
         let mut last = None;
         for row in rows {
             let (cursor, key) = match (row.values.get(&self.cursor), row.values.get(&self.key)) {
@@ -295,7 +479,18 @@ impl SqlPollSource {
                     )));
                 }
             };
-            let id = format!("{}:{}@{}", self.name, text(&key), text(&cursor));
+            let id = event_id(&self.name, &key, &cursor, &row.values);
+            last = Some(Position {
+                cursor: cursor.clone(),
+                key: key.clone(),
+            });
+            if self.seen.contains(&id) {
+                // stored by this source in this or the last cycle: a
+                // duplicate the inbox would drop, after mapping it
+                ids.push(id);
+                continue;
+            }
+            ids.push(id.clone());
             records.push(match row.error {
                 None => Record::Good(Event::new(
                     id,
@@ -312,23 +507,48 @@ impl SqlPollSource {
                     correlation_id: weft_core::event::new_correlation_id(),
                 }),
             });
-            last = Some(Position { cursor, key });
         }
-        let checkpoint = last.as_ref().map(|p| Checkpoint {
-            key: CHECKPOINT_KEY.into(),
-            value: serde_json::to_string(p).unwrap_or_default(),
-        });
-        self.ingest_batch(
-            ingest,
-            Batch {
-                records,
-                checkpoint,
-            },
-            shutdown,
-        )
-        .await?;
-        self.pos = Some(last);
-        Ok(n)
+        // the window lies behind the saved position: it never moves it
+        let checkpoint = match (&last, in_window) {
+            (Some(p), false) => Some(Checkpoint {
+                key: CHECKPOINT_KEY.into(),
+                value: serde_json::to_string(p)
+                    .map_err(|e| PollError::Db(format!("cannot save the position: {e}")))?,
+            }),
+            _ => None,
+        };
+        if !records.is_empty() || checkpoint.is_some() {
+            self.ingest_batch(
+                ingest,
+                Batch {
+                    records,
+                    checkpoint,
+                },
+                shutdown,
+            )
+            .await?;
+        }
+        self.seen.extend(ids);
+        let more = if in_window {
+            self.phase = match (full, last) {
+                (true, Some(l)) => Phase::Window { scan: Some(l) },
+                _ => Phase::Forward,
+            };
+            true
+        } else {
+            if last.is_some() {
+                self.pos = Some(last);
+            }
+            if full {
+                self.phase = Phase::Forward;
+            } else {
+                // caught up: the next cycle starts with the window again
+                self.phase = Phase::Window { scan: None };
+                self.seen.next_cycle();
+            }
+            full
+        };
+        Ok(Polled { rows: n, more })
     }
 
     /// Ingest one batch; while the hub is busy, wait and offer it again.
@@ -356,6 +576,31 @@ impl SqlPollSource {
     }
 }
 
+/// `<name>:<key>@<cursor>#<hash8>`: the row's place and the first 8 hex
+/// digits of the SHA-256 of its canonical JSON, so that new values under
+/// the same cursor are a new event and an unchanged row read again is not.
+fn event_id(name: &str, key: &Value, cursor: &Value, values: &Map<String, Value>) -> String {
+    let mut entries: Vec<(&String, &Value)> = values.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let mut canon = String::from("{");
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            canon.push(',');
+        }
+        canon.push_str(&Value::String(k.clone()).to_string());
+        canon.push(':');
+        canonical_json(v, &mut canon);
+    }
+    canon.push('}');
+    let hash = Sha256::digest(canon.as_bytes());
+    format!(
+        "{name}:{}@{}#{}",
+        text(key),
+        text(cursor),
+        hex::encode(&hash[..4])
+    )
+}
+
 /// A cursor or key value as it appears in an event id.
 fn text(v: &Value) -> String {
     match v {
@@ -377,13 +622,13 @@ impl Source for SqlPollSource {
                     return Ok(());
                 }
                 let wait = match self.poll_once(ingest.as_ref(), &shutdown).await {
-                    Ok(n) => {
+                    Ok(p) => {
                         backoff = Duration::from_secs(1);
-                        if n > 0 {
-                            tracing::debug!(system = %self.system, rows = n, "sql poll read rows");
+                        if p.rows > 0 {
+                            tracing::debug!(system = %self.system, rows = p.rows, "sql poll read rows");
                         }
-                        // a full batch: more rows may be waiting
-                        if n >= self.batch_size {
+                        // a full batch, or the window done: go on at once
+                        if p.more {
                             continue;
                         }
                         self.interval
@@ -413,5 +658,45 @@ impl Source for SqlPollSource {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn event_ids_carry_a_hash_of_the_values_not_of_their_order() {
+        let a = map(json!({"id": 1, "status": "new", "at": "2024-05-01T10:00:00Z"}));
+        let b = map(json!({"at": "2024-05-01T10:00:00Z", "status": "new", "id": 1}));
+        let c = map(json!({"id": 1, "status": "paid", "at": "2024-05-01T10:00:00Z"}));
+        let (k, t) = (json!(1), json!("2024-05-01T10:00:00Z"));
+        let ia = event_id("orders", &k, &t, &a);
+        assert!(ia.starts_with("orders:1@2024-05-01T10:00:00Z#"), "{ia}");
+        assert_eq!(ia.len(), "orders:1@2024-05-01T10:00:00Z#".len() + 8);
+        assert_eq!(ia, event_id("orders", &k, &t, &b));
+        assert_ne!(ia, event_id("orders", &k, &t, &c));
+    }
+
+    #[test]
+    fn seen_keeps_two_cycles_and_is_bounded() {
+        let mut s = Seen::default();
+        s.extend(vec!["a".into()]);
+        s.next_cycle();
+        s.extend(vec!["b".into()]);
+        assert!(s.contains("a") && s.contains("b"));
+        s.next_cycle();
+        assert!(!s.contains("a") && s.contains("b"));
+        let many: Vec<String> = (0..Seen::CAP + 10).map(|i| i.to_string()).collect();
+        s.extend(many);
+        assert_eq!(s.current.len(), Seen::CAP);
     }
 }

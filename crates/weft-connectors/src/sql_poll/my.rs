@@ -10,7 +10,7 @@ use mysql_async::{Column, Conn, Params, Statement, TxOpts, Value as My};
 use serde_json::{Map, Value};
 
 use super::value;
-use super::{Position, RawRow, Shape};
+use super::{Query, RawRow, Shape};
 use crate::mysql::my_message;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +25,8 @@ pub struct MyReader {
     conn: Conn,
     first: Statement,
     after: Statement,
+    window_from: Statement,
+    window_after: Statement,
     cursor_col: Option<Column>,
     key_col: Option<Column>,
 }
@@ -44,49 +46,100 @@ impl MyReader {
             Err(_) => return Err("cannot connect to MySQL: timed out".into()),
         };
         let (c, k) = (quote(&shape.cursor), quote(&shape.key));
-        let first = conn
-            .prep(shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL)")))
-            .await
-            .map_err(|e| format!("cannot prepare the query: {}", my_message(&e)))?;
-        let after = conn
-            .prep(shape.sql(&format!("({c} > ? OR ({c} = ? AND {k} > ?))")))
-            .await
-            .map_err(|e| format!("cannot prepare the query: {}", my_message(&e)))?;
-        let cols: Arc<[Column]> = first.columns();
+        // prepared once without the settle condition, to learn the types
+        let probe = prep(
+            &mut conn,
+            shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL)")),
+        )
+        .await?;
+        let cols: Arc<[Column]> = probe.columns();
         let find = |name: &str| cols.iter().find(|col| col.name_str() == name).cloned();
         let (cursor_col, key_col) = (find(&shape.cursor), find(&shape.key));
-        if cursor_col.is_none() || key_col.is_none() {
-            return Err(format!(
-                "the query returns no column `{}`",
-                if cursor_col.is_none() {
-                    &shape.cursor
-                } else {
-                    &shape.key
-                }
-            ));
-        }
+        let cursor_type = match (&cursor_col, &key_col) {
+            (Some(cc), Some(_)) => cc.column_type(),
+            _ => {
+                return Err(format!(
+                    "the query returns no column `{}`",
+                    if cursor_col.is_none() {
+                        &shape.cursor
+                    } else {
+                        &shape.key
+                    }
+                ));
+            }
+        };
+        // rows younger than `settle` on the database's clock wait (the
+        // session's time zone is UTC)
+        let settled =
+            if (is_datetime(cursor_type) || is_date(cursor_type)) && !shape.settle.is_zero() {
+                format!(
+                    " AND {c} < NOW(6) - INTERVAL {} MICROSECOND",
+                    shape.settle.as_micros()
+                )
+            } else {
+                String::new()
+            };
+        let after_cond = format!("({c} > ? OR ({c} = ? AND {k} > ?))");
+        let upto_cond = format!("({c} < ? OR ({c} = ? AND {k} <= ?))");
+        let first = prep(
+            &mut conn,
+            shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL{settled})")),
+        )
+        .await?;
+        let after = prep(&mut conn, shape.sql(&format!("({after_cond}{settled})"))).await?;
+        let window_from =
+            prep(&mut conn, shape.sql(&format!("({c} >= ? AND {upto_cond})"))).await?;
+        let window_after = prep(
+            &mut conn,
+            shape.sql(&format!("({after_cond} AND {upto_cond})")),
+        )
+        .await?;
         Ok(MyReader {
             conn,
             first,
             after,
+            window_from,
+            window_after,
             cursor_col,
             key_col,
         })
     }
 
-    pub async fn fetch(&mut self, after: Option<&Position>) -> Result<Vec<RawRow>, String> {
-        let params = match after {
-            None => Params::Empty,
-            Some(p) => {
-                let c = param(&p.cursor, self.cursor_col.as_ref());
-                let k = param(&p.key, self.key_col.as_ref());
-                Params::Positional(vec![c.clone(), c, k])
-            }
-        };
-        let stmt = if after.is_some() {
-            self.after.clone()
-        } else {
-            self.first.clone()
+    pub fn cursor_is_time(&self) -> bool {
+        self.cursor_col
+            .as_ref()
+            .is_some_and(|c| is_datetime(c.column_type()) || is_date(c.column_type()))
+    }
+
+    pub async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<RawRow>, String> {
+        let c = |v: &Value| param(v, self.cursor_col.as_ref());
+        let k = |v: &Value| param(v, self.key_col.as_ref());
+        let (stmt, params) = match q {
+            Query::First => (self.first.clone(), Params::Empty),
+            Query::After(p) => (
+                self.after.clone(),
+                Params::Positional(vec![c(&p.cursor), c(&p.cursor), k(&p.key)]),
+            ),
+            Query::WindowFrom { lower, upto } => (
+                self.window_from.clone(),
+                Params::Positional(vec![
+                    c(lower),
+                    c(&upto.cursor),
+                    c(&upto.cursor),
+                    k(&upto.key),
+                ]),
+            ),
+            Query::WindowAfter { after, upto } => (
+                self.window_after.clone(),
+                Params::Positional(vec![
+                    c(&after.cursor),
+                    c(&after.cursor),
+                    k(&after.key),
+                    c(&upto.cursor),
+                    c(&upto.cursor),
+                    k(&upto.key),
+                ]),
+            ),
         };
         let mut tx = self
             .conn
@@ -120,6 +173,12 @@ impl MyReader {
         }
         Ok(out)
     }
+}
+
+async fn prep(conn: &mut Conn, sql: String) -> Result<Statement, String> {
+    conn.prep(sql)
+        .await
+        .map_err(|e| format!("cannot prepare the query: {}", my_message(&e)))
 }
 
 fn is_datetime(t: ColumnType) -> bool {

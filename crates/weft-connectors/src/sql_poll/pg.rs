@@ -8,7 +8,7 @@ use tokio_postgres::types::{FromSql, Kind, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::value::{self, param_text};
-use super::{Position, RawRow, Shape};
+use super::{Query, RawRow, Shape};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PG_EPOCH: i64 = 946_684_800;
@@ -21,6 +21,9 @@ pub struct PgReader {
     client: Client,
     first: Statement,
     after: Statement,
+    window_from: Statement,
+    window_after: Statement,
+    time_cursor: bool,
 }
 
 fn pg_message(e: &tokio_postgres::Error) -> String {
@@ -57,34 +60,98 @@ impl PgReader {
             .await
             .map_err(|e| format!("cannot make the session read-only: {}", pg_message(&e)))?;
         let (c, k) = (quote(&shape.cursor), quote(&shape.key));
-        let first = client
-            .prepare(&shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL)")))
-            .await
-            .map_err(|e| format!("cannot prepare the query: {}", pg_message(&e)))?;
-        let ty = |name: &str| {
-            first
+        let prepare = |sql: String, types: usize| {
+            let client = &client;
+            async move {
+                client
+                    .prepare_typed(&sql, &vec![Type::TEXT; types])
+                    .await
+                    .map_err(|e| format!("cannot prepare the query: {}", pg_message(&e)))
+            }
+        };
+        // prepared once without the settle condition, to learn the types
+        let probe = prepare(
+            shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL)")),
+            0,
+        )
+        .await?;
+        let col_type = |name: &str| {
+            probe
                 .columns()
                 .iter()
                 .find(|col| col.name() == name)
-                .map(|col| type_name(col.type_()))
+                .map(|col| col.type_().clone())
                 .ok_or_else(|| format!("the query returns no column `{name}`"))
         };
-        let (ct, kt) = (ty(&shape.cursor)?, ty(&shape.key)?);
-        let after = client
-            .prepare_typed(
-                &shape.sql(&format!("({c}, {k}) > ($1::text::{ct}, $2::text::{kt})")),
-                &[Type::TEXT, Type::TEXT],
+        let (cty, kty) = (col_type(&shape.cursor)?, col_type(&shape.key)?);
+        let (ct, kt) = (type_name(&cty), type_name(&kty));
+        let time_cursor = matches!(cty, Type::TIMESTAMPTZ | Type::TIMESTAMP | Type::DATE);
+        // rows younger than `settle` on the database's clock wait; zone-less
+        // cursors are compared as UTC, as they are read
+        let settled = if time_cursor && !shape.settle.is_zero() {
+            let now = if cty == Type::TIMESTAMPTZ {
+                "clock_timestamp()"
+            } else {
+                "(clock_timestamp() AT TIME ZONE 'UTC')"
+            };
+            format!(
+                " AND {c} < {now} - interval '{} microseconds'",
+                shape.settle.as_micros()
             )
-            .await
-            .map_err(|e| format!("cannot prepare the query: {}", pg_message(&e)))?;
+        } else {
+            String::new()
+        };
+        let p = |i: usize, t: &str| format!("${i}::text::{t}");
+        let first = prepare(
+            shape.sql(&format!("({c} IS NOT NULL AND {k} IS NOT NULL{settled})")),
+            0,
+        )
+        .await?;
+        let after = prepare(
+            shape.sql(&format!(
+                "(({c}, {k}) > ({}, {}){settled})",
+                p(1, &ct),
+                p(2, &kt)
+            )),
+            2,
+        )
+        .await?;
+        let window_from = prepare(
+            shape.sql(&format!(
+                "({c} >= {} AND ({c}, {k}) <= ({}, {}))",
+                p(1, &ct),
+                p(2, &ct),
+                p(3, &kt)
+            )),
+            3,
+        )
+        .await?;
+        let window_after = prepare(
+            shape.sql(&format!(
+                "(({c}, {k}) > ({}, {}) AND ({c}, {k}) <= ({}, {}))",
+                p(1, &ct),
+                p(2, &kt),
+                p(3, &ct),
+                p(4, &kt)
+            )),
+            4,
+        )
+        .await?;
         Ok(PgReader {
             client,
             first,
             after,
+            window_from,
+            window_after,
+            time_cursor,
         })
     }
 
-    pub async fn fetch(&mut self, after: Option<&Position>) -> Result<Vec<RawRow>, String> {
+    pub fn cursor_is_time(&self) -> bool {
+        self.time_cursor
+    }
+
+    pub async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<RawRow>, String> {
         let tx = self
             .client
             .build_transaction()
@@ -92,11 +159,25 @@ impl PgReader {
             .start()
             .await
             .map_err(|e| format!("cannot begin a read-only transaction: {}", pg_message(&e)))?;
-        let rows = match after {
-            None => tx.query(&self.first, &[]).await,
-            Some(p) => {
-                let (c, k) = (param_text(&p.cursor), param_text(&p.key));
+        let t = param_text;
+        let rows = match q {
+            Query::First => tx.query(&self.first, &[]).await,
+            Query::After(p) => {
+                let (c, k) = (t(&p.cursor), t(&p.key));
                 tx.query(&self.after, &[&c, &k]).await
+            }
+            Query::WindowFrom { lower, upto } => {
+                let (l, c, k) = (t(lower), t(&upto.cursor), t(&upto.key));
+                tx.query(&self.window_from, &[&l, &c, &k]).await
+            }
+            Query::WindowAfter { after, upto } => {
+                let (ac, ak, c, k) = (
+                    t(&after.cursor),
+                    t(&after.key),
+                    t(&upto.cursor),
+                    t(&upto.key),
+                );
+                tx.query(&self.window_after, &[&ac, &ak, &c, &k]).await
             }
         }
         .map_err(|e| format!("query failed: {}", pg_message(&e)))?;

@@ -56,6 +56,25 @@ pub struct Issue {
     pub message: String,
 }
 
+impl Issue {
+    /// `file:line:col: at `path`: message`, as errors are printed.
+    pub fn located(&self, file: &Path) -> String {
+        let mut out = file.display().to_string();
+        if let Some(l) = self.line {
+            out.push_str(&format!(":{l}"));
+            if let Some(c) = self.column {
+                out.push_str(&format!(":{c}"));
+            }
+        }
+        if self.path.is_empty() {
+            out.push_str(&format!(": {}", self.message));
+        } else {
+            out.push_str(&format!(": at `{}`: {}", self.path, self.message));
+        }
+        out
+    }
+}
+
 /// Every problem found in a config file.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {

@@ -723,6 +723,12 @@ pub struct RestIncremental {
     /// and the checkpoint advances with every page. `unordered`: it advances
     /// only with the last page of a poll.
     pub order: Option<RestOrder>,
+    /// Whether the API's `param` is inclusive (`>=`, default `true`): records
+    /// at the saved cursor are fetched again and deduplicated. `false` for an
+    /// exclusive parameter (`>`): the saved cursor is sent one unit earlier
+    /// (an integer minus 1, an RFC 3339 timestamp minus one unit of its last
+    /// digit, a date minus a day) so that records tying with it are not lost.
+    pub since_inclusive: Option<bool>,
 }
 
 /// Order of the records by their incremental cursor.
@@ -946,7 +952,7 @@ pub struct SqlPollSourceConfig {
     /// customers c ON c.id = o.customer_id) q WHERE {checkpoint}
     /// ORDER BY updated_at, id LIMIT {limit}`.
     pub query: Option<Spanned<String>>,
-    /// Name used in event ids (`<name>:<key>@<cursor>`); default the
+    /// Name used in event ids (`<name>:<key>@<cursor>#<hash8>`); default the
     /// table's name; required with `query`.
     pub name: Option<String>,
     /// Column that grows when a row is inserted or changed, e.g.
@@ -960,6 +966,17 @@ pub struct SqlPollSourceConfig {
     pub batch_size: Option<usize>,
     /// CloudEvents `type` of the events (default `<system>.row`).
     pub event_type: Option<String>,
+    /// Read only rows whose cursor is older than this on the database's
+    /// clock (default `5s`), so a transaction that commits within it is not
+    /// overtaken by later rows. Timestamp and date cursors only
+    /// (PostgreSQL, MariaDB/MySQL); `0s` turns it off.
+    pub settle: Option<Spanned<String>>,
+    /// Each poll first re-reads the rows up to this far behind the saved
+    /// cursor (default `1m`): rows that committed late and rows changed
+    /// within one cursor value come back as new events, unchanged ones are
+    /// duplicates. Timestamp and date cursors only (PostgreSQL,
+    /// MariaDB/MySQL); `0s` turns it off.
+    pub overlap: Option<Spanned<String>>,
 }
 
 /// MariaDB/MySQL sink settings.
@@ -976,4 +993,11 @@ pub struct MysqlSinkConfig {
     /// `int`, `decimal(12,2)`, `double`, `boolean`, `datetime`, `timestamp`,
     /// `date`, `json`, ...).
     pub columns: BTreeMap<String, String>,
+    /// `ON DUPLICATE KEY UPDATE` updates the row matching *any* unique index,
+    /// so a table with unique indexes other than the key (an `email`) is
+    /// refused at start: two records would merge into one row. `true`
+    /// accepts it (with a warning). An unwritten `AUTO_INCREMENT` primary
+    /// key does not count.
+    #[serde(default)]
+    pub allow_other_unique: bool,
 }

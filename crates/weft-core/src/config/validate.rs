@@ -24,6 +24,9 @@ pub struct Config {
     pub flows: Vec<Arc<Flow>>,
     /// Canonical entities, contracts and value maps.
     pub data: Arc<super::entities::DataModel>,
+    /// What loads but deserves a look (printed by `weft validate`, logged
+    /// by `weft run`), with the same location as an error.
+    pub warnings: Vec<Issue>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,10 @@ pub enum SourceSpec {
         interval: Duration,
         batch_size: usize,
         event_type: String,
+        /// Rows younger than this (by their cursor) are left for a later poll.
+        settle: Duration,
+        /// How far behind the saved cursor each poll re-reads.
+        overlap: Duration,
     },
 }
 
@@ -297,6 +304,7 @@ pub struct DeliveryPolicy {
 
 struct Ctx {
     issues: Vec<Issue>,
+    warnings: Vec<Issue>,
     /// jq definitions (the value maps) compiled with every program.
     prelude: String,
 }
@@ -318,6 +326,22 @@ impl Ctx {
     ) {
         let loc = span.referenced;
         self.issues.push(Issue {
+            path: path.into(),
+            line: Some(loc.line()).filter(|l| *l > 0),
+            column: Some(loc.column()).filter(|c| *c > 0),
+            message: message.into(),
+        });
+    }
+
+    /// A warning: the config loads, but this deserves a look.
+    fn warn_span<T>(
+        &mut self,
+        path: impl Into<String>,
+        span: &Spanned<T>,
+        message: impl Into<String>,
+    ) {
+        let loc = span.referenced;
+        self.warnings.push(Issue {
             path: path.into(),
             line: Some(loc.line()).filter(|l| *l > 0),
             column: Some(loc.column()).filter(|c| *c > 0),
@@ -370,6 +394,7 @@ impl Ctx {
 pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Config, Vec<Issue>> {
     let mut cx = Ctx {
         issues: Vec::new(),
+        warnings: Vec::new(),
         prelude: String::new(),
     };
     let data = super::entities::model(&mut cx.issues, raw.entities, raw.value_maps, base);
@@ -582,6 +607,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             systems,
             flows,
             data: Arc::new(data),
+            warnings: cx.warnings,
         })
     } else {
         Err(cx.issues)
@@ -1622,6 +1648,7 @@ fn rest_source_spec(
             cx.at(format!("{lp}.burst"), "must be at least 1");
         }
     }
+    rest_warnings(cx, rp, &cfg);
     if cx.issues.len() > n {
         return None;
     }
@@ -1659,6 +1686,58 @@ fn check_http_url(cx: &mut Ctx, path: &str, url: &Spanned<String>) {
                 url.value
             ),
         ),
+    }
+}
+
+/// What a REST source's config leaves to chance: ids that drop real
+/// updates (P0-5), and the `since` parameter's semantics (P1-19).
+fn rest_warnings(cx: &mut Ctx, rp: &str, cfg: &RestSourceConfig) {
+    match (&cfg.id_field, &cfg.incremental) {
+        (None, None) => cx.warn_span(
+            format!("{rp}.id_field"),
+            &cfg.url,
+            "no `id_field`: a record's id is the hash of its content, so a record that changes back \
+             to an earlier version (A → B → A) within `store.dedupe_retention` is dropped as a \
+             duplicate; set `id_field` to an id with a version, e.g. `\"\\(.id)@\\(.version)\"`",
+        ),
+        (Some(id), Some(inc)) => {
+            // a plain path such as `.updated_at` or `.meta.updated`: its text
+            // should appear in `id_field`
+            let cursor = inc.cursor_field.value.trim();
+            let plain = cursor.starts_with('.')
+                && cursor.len() > 1
+                && cursor[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+            if plain && !id.value.contains(cursor) {
+                cx.warn_span(
+                    format!("{rp}.id_field"),
+                    id,
+                    format!(
+                        "`id_field` does not include the cursor `{cursor}`: every update of a record \
+                         gets the same id and is dropped as a duplicate; include it, e.g. \
+                         `\"\\(.id)@\\({cursor})\"`"
+                    ),
+                );
+            }
+        }
+        // the content hash includes the cursor field
+        (None, Some(_)) | (Some(_), None) => {}
+    }
+    if let Some(inc) = &cfg.incremental
+        && inc.since_inclusive.is_none()
+    {
+        cx.warn_span(
+            format!("{rp}.incremental"),
+            &inc.cursor_field,
+            format!(
+                "`{}` is taken as inclusive (`>=`: records at the saved cursor are fetched again and \
+                 deduplicated); if the API's parameter is exclusive (`>`), set `since_inclusive: false` \
+                 or records that tie with the saved cursor are lost (say `since_inclusive: true` to \
+                 silence this note)",
+                inc.param
+            ),
+        );
     }
 }
 
@@ -1798,7 +1877,7 @@ fn sql_poll_source_spec(
                 None => {
                     cx.at(
                         format!("{sp}.name"),
-                        "a `query` needs a `name` (used in event ids: `<name>:<key>@<cursor>`)",
+                        "a `query` needs a `name` (used in event ids: `<name>:<key>@<cursor>#<hash8>`)",
                     );
                     String::new()
                 }
@@ -1838,10 +1917,18 @@ fn sql_poll_source_spec(
     if cfg.batch_size == Some(0) {
         cx.at(format!("{sp}.batch_size"), "must be greater than 0");
     }
+    let settle = cx.duration(&format!("{sp}.settle"), &cfg.settle, Duration::from_secs(5));
+    let overlap = cx.duration(
+        &format!("{sp}.overlap"),
+        &cfg.overlap,
+        Duration::from_secs(60),
+    );
     if cx.issues.len() > n {
         return None;
     }
     Some(SourceSpec::SqlPoll {
+        settle,
+        overlap,
         sqlite_path,
         name,
         interval,

@@ -1,0 +1,38 @@
+//! `weft validate` prints the warnings of a config that loads, each with
+//! file:line:col and its document path, and still succeeds.
+
+mod common;
+
+use common::weft_cmd;
+
+#[test]
+fn validate_prints_warnings_with_their_line_and_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        "systems:
+  stock:
+    source:
+      rest:
+        url: http://127.0.0.1:1/v1/stock
+        records: .data
+  out:
+    sink:
+      jsonl: {path: out.jsonl}
+flows:
+  stock_out:
+    from: stock
+    to: [out]
+",
+    )
+    .unwrap();
+    let out = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "warning: weft.yaml:5:14: at `systems.stock.source.rest.id_field`: no `id_field`"
+        ),
+        "{err}"
+    );
+}
