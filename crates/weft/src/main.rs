@@ -166,11 +166,19 @@ fn validate(path: &Path) -> Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     println!(
-        "{} is valid: {} systems, {} flows",
+        "{} is valid: {} systems, {} flows{}",
         path.display(),
         cfg.systems.len(),
-        cfg.flows.len()
+        cfg.flows.len(),
+        match cfg.warnings.len() {
+            0 => String::new(),
+            1 => ", 1 warning".to_owned(),
+            n => format!(", {n} warnings"),
+        }
     );
+    for w in &cfg.warnings {
+        eprintln!("warning: {}", w.render(path));
+    }
     for f in &cfg.flows {
         let to: Vec<&str> = f.destinations.iter().map(|d| d.system.as_str()).collect();
         println!("  flow {}: {} -> {}", f.name, f.from, to.join(", "));
@@ -183,6 +191,9 @@ fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<Exit
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    for w in &cfg.warnings {
+        tracing::warn!("config: {}", w.render(path));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -45,9 +45,13 @@
 //!      identical single-object requests do: the second is a duplicate.
 //!
 //!    The signature scheme sets the defaults: `standard_webhooks` reads
-//!    the id from `webhook-id`, `github` from `x-github-delivery`, and
-//!    `stripe` runs `id_field: .id` on the body (a Stripe event's `evt_...`
-//!    id); an explicit `id_header` or `id_field` wins.
+//!    the id from `webhook-id` (signed), `github` from `x-github-delivery`
+//!    (not signed), and `stripe` runs `id_field: .id` on the signed body (a
+//!    Stripe event's `evt_...` id) and reads no header at all, so that a
+//!    captured request replayed within the tolerance with a fresh
+//!    `x-event-id` is a duplicate, not a new event. An explicit `id_header`
+//!    or `id_field` wins (`weft validate` warns when an explicit header
+//!    would replace a signed id).
 //!
 //!    An empty array is acknowledged (`accepted: 0`) after an empty
 //!    ingest. An `id_field` that fails or yields anything but a string or number is
@@ -102,7 +106,8 @@ struct Inner {
     event_type: String,
     max_body_bytes: usize,
     verifier: Option<Verifier>,
-    id_header: HeaderName,
+    /// `None`: no header is read (Stripe: the signed body's `id` is the id).
+    id_header: Option<HeaderName>,
     id_field: Option<Arc<Program>>,
 }
 
@@ -149,12 +154,13 @@ impl WebhookRoute {
             ),
             (None, None) => None,
         };
-        let id_header =
-            HeaderName::from_bytes(id_header.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                err(format!(
-                    "id_header: `{id_header}` is not a valid header name"
-                ))
-            })?;
+        let id_header = id_header
+            .as_deref()
+            .map(|h| {
+                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| err(format!("id_header: `{h}` is not a valid header name")))
+            })
+            .transpose()?;
         Ok(WebhookRoute {
             system: system.into(),
             path: cfg.path.clone(),
@@ -300,7 +306,10 @@ async fn accept(
             format!("body is not valid JSON: {e}"),
         )
     })?;
-    let header_id = header_event_id(headers, &inner.id_header)?;
+    let header_id = match &inner.id_header {
+        Some(name) => header_event_id(headers, name)?,
+        None => None,
+    };
     let events = match value {
         Value::Object(_) => {
             let id = match header_id {

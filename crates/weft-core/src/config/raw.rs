@@ -12,7 +12,7 @@ use serde_saphyr::Spanned;
 use super::Secret;
 
 /// The whole config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The embedded store.
