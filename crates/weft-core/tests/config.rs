@@ -639,3 +639,24 @@ fn p0_5_a_webhook_without_a_stable_id_warns_of_a_b_a() {
         );
     }
 }
+
+/// What the connectors' parsers refuse (`weft validate` passes
+/// `weft_connectors::check::check`) is reported like any problem, with the
+/// line and column of the value.
+#[test]
+fn connector_checks_are_placed_at_their_value() {
+    let text = "systems:\n  wh:\n    sink:\n      postgres:\n        url: \"postgresql://u@h:notaport/db\"\n        table: t\n        key: [id]\n        columns: {id: text}\n  crm:\n    source:\n      webhook: {path: /h, id_field: .id}\nflows:\n  f: {from: crm, to: [wh]}\n";
+    let check = |c: &config::Config| {
+        assert!(c.systems.contains_key("wh"));
+        vec![config::Issue {
+            path: "systems.wh.sink.postgres.url".into(),
+            line: None,
+            column: None,
+            message: "not a PostgreSQL connection URL".into(),
+        }]
+    };
+    let e = config::load_str_checked(Path::new("/etc/weft/test.yaml"), text, &|_| None, &check)
+        .unwrap_err();
+    let i = issue(&e, "systems.wh.sink.postgres.url");
+    assert_eq!((i.line, i.column), (Some(5), Some(14)), "{e}");
+}

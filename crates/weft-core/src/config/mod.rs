@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use raw::{FileFormat, OnDeadLetter, Synchronous};
+/// Checks run on a validated config by the caller's connectors (URLs their
+/// clients must parse); see [`load_checked`].
+pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
+
 pub use validate::{
     BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow,
     RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
@@ -110,6 +114,12 @@ impl ConfigError {
 
 /// Read, parse (interpolating `${ENV}`) and validate a config file.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    load_checked(file, &|_| Vec::new())
+}
+
+/// [`load`], then `check` (the connectors' own parsers): its problems are
+/// reported like the others, with line and column.
+pub fn load_checked(file: &Path, check: Check<'_>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| {
         ConfigError::one(
             file,
@@ -121,7 +131,7 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
             },
         )
     })?;
-    load_str(file, &text, &|k| std::env::var(k).ok())
+    load_str_checked(file, &text, &|k| std::env::var(k).ok(), check)
 }
 
 /// Like [`load`], from text; `lookup` resolves environment variables.
@@ -129,6 +139,16 @@ pub fn load_str(
     file: &Path,
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    load_str_checked(file, text, lookup, &|_| Vec::new())
+}
+
+/// Like [`load_checked`], from text.
+pub fn load_str_checked(
+    file: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    check: Check<'_>,
 ) -> Result<Config, ConfigError> {
     let raw = parse(file, text, lookup)?;
     let locations = locate::Locations::of(text);
@@ -141,7 +161,15 @@ pub fn load_str(
     } else {
         base
     };
-    match validate::validate(raw, file, &base) {
+    let checked = validate::validate(raw, file, &base).and_then(|config| {
+        let issues = check(&config);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(issues)
+        }
+    });
+    match checked {
         Ok(mut config) => {
             for w in &mut config.warnings {
                 locations.place(w);

@@ -39,9 +39,19 @@ pub struct StoreConfig {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The webhook listener.
     pub listen: SocketAddr,
+    /// The admin listener (admin API, metrics).
+    pub admin_listen: SocketAddr,
     pub admin_token: Option<Secret>,
+    /// Requests in progress at once, per listener.
+    pub max_concurrent_requests: usize,
+    /// Webhook body bytes held at once, across all requests.
+    pub max_inflight_bytes: usize,
 }
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
 
 #[derive(Debug)]
 pub struct System {
@@ -414,9 +424,56 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }
     };
+    let admin_s = raw
+        .server
+        .admin_listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:9090");
+    let admin_listen = match admin_s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            cx.at(
+                "server.admin_listen",
+                format!(
+                    "`{admin_s}` is not an address; expected `host:port` such as `127.0.0.1:9090`"
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        }
+    };
+    if admin_listen == listen && listen.port() != 0 {
+        cx.at(
+            "server.admin_listen",
+            format!("`{admin_listen}` is also `server.listen`: the admin API and metrics need their own address"),
+        );
+    }
+    let admin_token = raw.server.admin_token.filter(|t| !t.expose().is_empty());
+    if let Some(t) = &admin_token
+        && t.expose().len() < MIN_ADMIN_TOKEN_BYTES
+    {
+        // never quote the token
+        cx.at(
+            "server.admin_token",
+            format!(
+                "is {} bytes; at least {MIN_ADMIN_TOKEN_BYTES} are required (e.g. `openssl rand -hex 32`)",
+                t.expose().len()
+            ),
+        );
+    }
+    let max_concurrent_requests = raw.server.max_concurrent_requests.unwrap_or(512);
+    if max_concurrent_requests == 0 {
+        cx.at("server.max_concurrent_requests", "must be at least 1");
+    }
+    let max_inflight_bytes = raw.server.max_inflight_bytes.unwrap_or(64 << 20);
+    if max_inflight_bytes == 0 {
+        cx.at("server.max_inflight_bytes", "must be greater than 0");
+    }
     let server = ServerConfig {
         listen,
-        admin_token: raw.server.admin_token.filter(|t| !t.expose().is_empty()),
+        admin_listen,
+        admin_token,
+        max_concurrent_requests,
+        max_inflight_bytes,
     };
 
     let mut systems = BTreeMap::new();
