@@ -3,6 +3,9 @@
 //!
 //! # What a request goes through
 //!
+//! 0. **Content type.** A `Content-Type` that is not JSON
+//!    (`application/json`, `text/json` or a `+json` type, any parameters)
+//!    is `415` before the body is read; none at all is taken as JSON.
 //! 1. **Size.** A `Content-Length` over `max_body_bytes` is answered `413`
 //!    before the body is read; the limit is enforced again while reading
 //!    (chunked bodies, lying lengths). The bytes are reserved from the
@@ -365,6 +368,7 @@ async fn accept(
     correlation_id: &str,
 ) -> Result<Accepted, Reject> {
     let inner = &h.inner;
+    check_content_type(headers)?;
     // `_reserved` gives the bytes back when the request is answered
     let (raw, _reserved) = read_body(headers, body, inner.max_body_bytes, &h.budget).await?;
     if let Some(v) = &inner.verifier {
@@ -554,6 +558,32 @@ fn read_error(
             "could not read the request body",
         )
     }
+}
+
+/// Refuse a body that says it is not JSON.
+fn check_content_type(headers: &HeaderMap) -> Result<(), Reject> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = v.to_str().unwrap_or("");
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json = media == "application/json"
+        || media == "text/json"
+        || (media.ends_with("+json") && media.contains('/'));
+    if json {
+        return Ok(());
+    }
+    let shown: String = text.chars().take(100).collect();
+    Err(Reject::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "not JSON",
+        format!("content type `{shown}` is not JSON; send `application/json`"),
+    ))
 }
 
 /// A path axum can mount as it is (it panics on some): literal segments
