@@ -218,6 +218,13 @@ fn parse(
         if let Some(first) = message.lines().next() {
             message = first.to_owned();
         }
+        // and prefixes `error: line L column C: `, which the issue says already
+        if let Some(rest) = message.strip_prefix("error: line ")
+            && let Some((_, after)) = rest.split_once(": ")
+            && rest.split(' ').nth(1) == Some("column")
+        {
+            message = after.to_owned();
+        }
         if let Some(l) = loc.map(|l| l.line()).filter(|l| *l > 0)
             && text.lines().nth(l as usize - 1).is_some_and(unquoted_in_flow)
         {
