@@ -660,3 +660,24 @@ fn connector_checks_are_placed_at_their_value() {
     let i = issue(&e, "systems.wh.sink.postgres.url");
     assert_eq!((i.line, i.column), (Some(5), Some(14)), "{e}");
 }
+
+/// Scalars the parser takes for numbers and booleans when asked directly
+/// (quoted numbers, YAML 1.1 `yes`/`no`) still are, with interpolation on.
+#[test]
+fn typed_scalars_keep_their_yaml_meaning() {
+    let text = HOOK
+        .replace("secret: SECRET_HERE", "secret: s, max_body_bytes: \"4096\"")
+        .replace(
+            "flows:\n",
+            "  api:\n    sink: {http: {url: \"http://127.0.0.1:1/x\"}}\n    circuit_breaker: {enabled: no, consecutive_failures: 0x10}\nflows:\n",
+        )
+        .replace("to: [out]", "to: [out, api]");
+    let c = load(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(webhook_of(&c).1, 4096);
+    assert!(c.systems["api"].breaker.is_none(), "enabled: no");
+    let e = load(&text.replace("max_body_bytes: \"4096\"", "max_body_bytes: lots")).unwrap_err();
+    assert!(
+        e.to_string().contains("invalid type: string \"lots\""),
+        "{e}"
+    );
+}

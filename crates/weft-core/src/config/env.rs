@@ -226,19 +226,28 @@ impl<'de, X: Visitor<'de>> Visitor<'de> for Wrap<'_, X> {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<X::Value, E> {
         match interpolate_str(v, self.env).map_err(E::custom)? {
-            None => self.inner.visit_str(v),
+            None => match self.want {
+                Want::Any => self.inner.visit_str(v),
+                want => literal(self.inner, want, v),
+            },
             Some(s) => typed(self.inner, self.want, v, s),
         }
     }
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<X::Value, E> {
         match interpolate_str(v, self.env).map_err(E::custom)? {
-            None => self.inner.visit_borrowed_str(v),
+            None => match self.want {
+                Want::Any => self.inner.visit_borrowed_str(v),
+                want => literal(self.inner, want, v),
+            },
             Some(s) => typed(self.inner, self.want, v, s),
         }
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<X::Value, E> {
         match interpolate_str(&v, self.env).map_err(E::custom)? {
-            None => self.inner.visit_string(v),
+            None => match self.want {
+                Want::Any => self.inner.visit_string(v),
+                want => literal(self.inner, want, &v),
+            },
             Some(s) => typed(self.inner, self.want, &v, s),
         }
     }
@@ -264,6 +273,55 @@ impl<'de, X: Visitor<'de>> Visitor<'de> for Wrap<'_, X> {
     fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<X::Value, A::Error> {
         self.inner.visit_enum(wrap(data, self.env))
     }
+}
+
+/// A number or boolean the YAML parser gave as text (quoted, `yes`/`no`):
+/// taken as the parser takes it when asked for that type directly; else
+/// the visitor's own "invalid type" error.
+fn literal<'de, X: Visitor<'de>, E: de::Error>(
+    inner: X,
+    want: Want,
+    v: &str,
+) -> Result<X::Value, E> {
+    let t = v.trim();
+    match want {
+        Want::Bool => match t.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "on" => inner.visit_bool(true),
+            "false" | "no" | "n" | "off" => inner.visit_bool(false),
+            _ => inner.visit_str(v),
+        },
+        // through u64/i64: what the primitive visitors take
+        Want::Signed | Want::Unsigned => match parse_int(t) {
+            Some(n) if n >= 0 && n <= i128::from(u64::MAX) => inner.visit_u64(n as u64),
+            Some(n) if n < 0 && n >= i128::from(i64::MIN) => inner.visit_i64(n as i64),
+            _ => inner.visit_str(v),
+        },
+        Want::Float => match t.parse::<f64>() {
+            Ok(n) => inner.visit_f64(n),
+            Err(_) => inner.visit_str(v),
+        },
+        Want::Any => inner.visit_str(v),
+    }
+}
+
+/// A YAML integer: decimal with a sign, or `0x`, `0o`, `0b`.
+fn parse_int(t: &str) -> Option<i128> {
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let n = if let Some(h) = digits.strip_prefix("0x") {
+        i128::from_str_radix(h, 16).ok()?
+    } else if let Some(o) = digits.strip_prefix("0o") {
+        i128::from_str_radix(o, 8).ok()?
+    } else if let Some(b) = digits.strip_prefix("0b") {
+        i128::from_str_radix(b, 2).ok()?
+    } else if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()?
+    } else {
+        return None;
+    };
+    Some(if neg { -n } else { n })
 }
 
 /// Give the visitor the interpolated text `s` of the scalar `raw` as the
