@@ -248,10 +248,10 @@ impl WebhookRoute {
     }
 
     /// The axum router serving this endpoint, writing through `ingest`,
-    /// with a budget of its own of 64 MiB (a server shares one budget
+    /// with a budget of its own of 16 MiB (a server shares one budget
     /// between its routes: [`WebhookRoute::router_with_budget`]).
     pub fn router(self, ingest: Arc<dyn Ingest>) -> axum::Router {
-        self.router_with_budget(ingest, BodyBudget::new(64 << 20))
+        self.router_with_budget(ingest, BodyBudget::new(16 << 20))
     }
 
     /// The axum router serving this endpoint, writing through `ingest`,

@@ -82,7 +82,7 @@ pub struct RawServer {
     pub max_concurrent_requests: Option<usize>,
     /// Webhook body bytes held in memory at once, across all requests;
     /// a request that would exceed it gets `503` with `Retry-After`
-    /// (default 64 MiB).
+    /// (default 16 MiB: a JSON body takes several times its size once parsed).
     pub max_inflight_bytes: Option<usize>,
 }
 

@@ -464,7 +464,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
     if max_concurrent_requests == 0 {
         cx.at("server.max_concurrent_requests", "must be at least 1");
     }
-    let max_inflight_bytes = raw.server.max_inflight_bytes.unwrap_or(64 << 20);
+    let max_inflight_bytes = raw.server.max_inflight_bytes.unwrap_or(16 << 20);
     if max_inflight_bytes == 0 {
         cx.at("server.max_inflight_bytes", "must be greater than 0");
     }
