@@ -681,3 +681,38 @@ fn typed_scalars_keep_their_yaml_meaning() {
         "{e}"
     );
 }
+
+#[test]
+fn server_listeners_and_limits() {
+    let text = HOOK.replace("secret: SECRET_HERE", "secret: s");
+    let c = load(&text).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.server.max_inflight_bytes, 16 << 20);
+    assert_eq!(c.server.max_concurrent_requests, 512);
+    let bad = format!(
+        "server:\n  listen: 127.0.0.1:7000\n  admin_listen: 127.0.0.1:7000\n  admin_token: 0123456789abcdef0123456789abcde\n  max_inflight_bytes: 1000\n{}",
+        text.replace("secret: s", "secret: s, max_body_bytes: 2000")
+    );
+    let e = load(&bad).unwrap_err();
+    let msg = e.to_string();
+    let i = issue(&e, "server.admin_listen");
+    assert!(i.message.contains("is also `server.listen`"), "{msg}");
+    assert_eq!((i.line, i.column), (Some(3), Some(17)), "{msg}");
+    let i = issue(&e, "server.admin_token");
+    assert_eq!(
+        i.message,
+        "is 31 bytes; at least 32 are required (e.g. `openssl rand -hex 32`)"
+    );
+    assert!(
+        !msg.contains("0123456789abcdef"),
+        "the token is never shown: {msg}"
+    );
+    let i = issue(&e, "systems.crm.source.webhook.max_body_bytes");
+    assert!(
+        i.message
+            .contains("more than `server.max_inflight_bytes` (1000)"),
+        "{msg}"
+    );
+    assert_eq!(i.line, Some(9), "{msg}");
+}

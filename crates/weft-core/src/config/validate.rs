@@ -526,6 +526,20 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         );
     }
 
+    for (name, sys) in &systems {
+        if let Some(SourceSpec::Webhook { max_body_bytes, .. }) = &sys.source
+            && *max_body_bytes > server.max_inflight_bytes
+        {
+            cx.at(
+                format!("systems.{name}.source.webhook.max_body_bytes"),
+                format!(
+                    "{max_body_bytes} is more than `server.max_inflight_bytes` ({}): such a body could never be accepted; raise `server.max_inflight_bytes`",
+                    server.max_inflight_bytes
+                ),
+            );
+        }
+    }
+
     let defaults = raw.defaults.delivery;
     let mut flows = Vec::new();
     for (name, f) in raw.flows {
