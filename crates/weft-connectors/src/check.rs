@@ -1,6 +1,7 @@
 //! Checks of a validated config that need a connector's own parser, so
 //! that `weft validate` refuses what `weft run` would refuse when it builds
-//! the connectors (a PostgreSQL or MariaDB URL the client cannot parse).
+//! the connectors (a PostgreSQL or MariaDB URL the client cannot parse, a
+//! webhook path or header name the HTTP server cannot mount).
 //! Pure: nothing connects. Messages never quote a URL (it may hold a
 //! password).
 
@@ -23,6 +24,16 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 cfg.url.expose(),
             ),
             _ => {}
+        }
+        if let Some(spec @ SourceSpec::Webhook { .. }) = &sys.source
+            && let Err(e) = crate::webhook::WebhookRoute::new(name, spec)
+        {
+            // the route `weft run` mounts: its path and header names
+            issue(
+                &mut issues,
+                &format!("systems.{name}.source.webhook"),
+                e.message,
+            );
         }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");

@@ -308,6 +308,18 @@ fn validate_refuses_what_run_refuses() {
             "the URL is never quoted: {stderr}"
         );
     }
+    // a webhook path the server cannot mount, a header name that is none
+    let text = config("")
+        .replace("path: /hooks/crm", "path: \"/hooks/{id}\"")
+        .replace("x-event-id", "x event id");
+    std::fs::write(dir.path().join("weft.yaml"), text).unwrap();
+    let out = weft_cmd_env(dir.path(), &["validate", "weft.yaml"], &ENV);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("weft.yaml:10:7: at `systems.crm.source.webhook`: path `/hooks/{id}`: must not contain `{`, `}`, `?` or `#`"),
+        "{stderr}"
+    );
     // a short admin token
     let text = config("").replace("${WEFT_ADMIN_TOKEN}", "short");
     std::fs::write(dir.path().join("weft.yaml"), text).unwrap();
