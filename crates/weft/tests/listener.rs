@@ -178,11 +178,12 @@ fn p2_4_slow_headers_and_slow_bodies_time_out() {
 
 /// Memory is bounded by bytes in flight: a body that does not fit in what
 /// is left of `server.max_inflight_bytes` is refused with 503 and
-/// `Retry-After` at once, before it is read; it fits again once the
-/// others are answered.
+/// `Retry-After` before it is kept (it is read and dropped, so that the
+/// sender sees the answer); it fits again once the others are answered.
+/// (A `max_body_bytes` above the whole budget is refused by `validate`.)
 #[test]
 fn p2_4_bytes_in_flight_are_bounded() {
-    let (_d, hub) = start("  max_inflight_bytes: 1000000\n");
+    let (_d, hub) = start("  max_inflight_bytes: 1100000\n");
     let addr = hub.addr;
     // 600 kB announced, 10 bytes sent: the 600 kB are reserved while it waits
     let mut holder = TcpStream::connect(addr).unwrap();
@@ -215,15 +216,6 @@ fn p2_4_bytes_in_flight_are_bounded() {
     // a small one still fits
     let r = post(br#"{"id": 2}"#);
     assert_eq!(r.status().as_u16(), 202);
-    // larger than the whole budget: 413, not 503 forever
-    let r = reqwest::blocking::Client::new()
-        .post(hub.url("/hooks/crm"))
-        .header("content-length", "1000001")
-        .body(vec![b' '; 1_000_001])
-        .send();
-    if let Ok(r) = r {
-        assert_eq!(r.status().as_u16(), 413);
-    }
     drop(holder);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(post(&doc).status().as_u16(), 202);

@@ -508,7 +508,17 @@ async fn read_body(
             return Err(too_large());
         }
         // all of it up front: hyper ends the body at the announced length
-        let reserved = budget.take(len as usize)?;
+        let reserved = match budget.take(len as usize) {
+            Ok(r) => r,
+            Err(refused) => {
+                // read and drop it (at most `max` bytes, never held): a
+                // sender still writing when the connection closes would
+                // see a reset instead of the 503
+                let mut body = Limited::new(body, max);
+                while let Some(Ok(_)) = body.frame().await {}
+                return Err(refused);
+            }
+        };
         return match Limited::new(body, max).collect().await {
             Ok(collected) => Ok((collected.to_bytes(), reserved)),
             Err(e) => Err(read_error(e, too_large)),
