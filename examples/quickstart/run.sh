@@ -27,6 +27,8 @@ cd "$WORK"
 
 PORT=${PORT:-8080}
 export WEFT_LISTEN=127.0.0.1:$PORT
+ADMIN_PORT=${ADMIN_PORT:-9090}
+export WEFT_ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT
 SECRET=${CRM_WEBHOOK_SECRET:-quickstart-secret}
 export CRM_WEBHOOK_SECRET=$SECRET
 URL=http://127.0.0.1:$PORT
@@ -87,7 +89,7 @@ echo "== out/customers.jsonl (the export)"
 cat out/customers.jsonl
 echo
 echo "== /metrics (excerpt)"
-curl -s "$URL/metrics" | grep -E '^weft_(deliveries_delivered_total|events_received_total|dlq_depth|queue_depth)' || true
+curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" | grep -E '^weft_(deliveries_delivered_total|events_received_total|dlq_depth|queue_depth)' || true
 
 echo
 echo "== stopping weft (SIGTERM drains in-flight work)"

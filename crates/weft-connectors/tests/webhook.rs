@@ -119,7 +119,7 @@ fn spec(o: &Opts) -> SourceSpec {
         event_type: "crm.contact".into(),
         max_body_bytes: o.max_body_bytes,
         signature_header: "x-signature-256".into(),
-        id_header: "x-event-id".into(),
+        id_header: Some("x-event-id".into()),
         signature_tolerance: std::time::Duration::from_secs(300),
     }
 }

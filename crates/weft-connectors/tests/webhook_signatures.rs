@@ -306,20 +306,84 @@ fn validate_reports_bad_signature_settings() {
         _ => unreachable!(),
     };
     assert_eq!(
-        id_header("        signature:\n          scheme: github\n          secrets: [s]\n"),
-        "x-github-delivery"
+        id_header("        signature:\n          scheme: github\n          secrets: [s]\n")
+            .as_deref(),
+        Some("x-github-delivery")
     );
     assert_eq!(
         id_header(&format!(
             "        signature:\n          scheme: standard_webhooks\n          secrets: [{SW_OLD}]\n"
-        )),
-        "webhook-id"
+        ))
+        .as_deref(),
+        Some("webhook-id")
     );
     assert_eq!(
         id_header(
             "        id_header: X-Request-Id\n        signature:\n          scheme: github\n          secrets: [s]\n"
-        ),
-        "x-request-id"
+        )
+        .as_deref(),
+        Some("x-request-id")
     );
-    assert_eq!(id_header("        secret: s\n"), "x-event-id");
+    assert_eq!(
+        id_header("        secret: s\n").as_deref(),
+        Some("x-event-id")
+    );
+    // Stripe: the signed body's id, no header
+    assert_eq!(
+        id_header("        signature:\n          scheme: stripe\n          secrets: [s]\n"),
+        None
+    );
+}
+
+/// P2-2: a captured Stripe request replayed within the tolerance with a
+/// fresh, unsigned `x-event-id` is the same event (the signed body's `id`),
+/// so the store deduplicates it; it used to be a new event (a payment
+/// processed twice).
+#[tokio::test]
+async fn p2_2_stripe_replay_with_a_fresh_event_id_header_is_a_duplicate() {
+    let (url, ids) =
+        serve("        signature:\n          scheme: stripe\n          secrets: [whsec_k]\n").await;
+    let body = r#"{"id": "evt_replayed", "type": "charge.succeeded"}"#;
+    let captured = sign_stripe("whsec_k", now(), body.as_bytes());
+    for fresh in ["evt-header-1", "evt-header-2"] {
+        let (s, v) = post(
+            &url,
+            &[
+                ("stripe-signature", captured.clone()),
+                ("x-event-id", fresh.to_owned()),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(s, 202, "{v}");
+        assert_eq!(v["ids"][0], "evt_replayed", "{v}");
+    }
+    assert_eq!(*ids.0.lock().unwrap(), vec!["evt_replayed", "evt_replayed"]);
+}
+
+/// P2-2: the same for Standard Webhooks, whose `webhook-id` is signed.
+#[tokio::test]
+async fn p2_2_standard_webhooks_replay_with_a_fresh_event_id_header_is_a_duplicate() {
+    let (url, ids) = serve(&format!(
+        "        signature:\n          scheme: standard_webhooks\n          secrets: [{SW_OLD}]\n"
+    ))
+    .await;
+    let body = r#"{"type": "invoice.paid"}"#;
+    let ts = now();
+    let sig = sign_standard_webhooks(SW_OLD, "msg_replayed", ts, body.as_bytes()).unwrap();
+    for fresh in ["a", "b"] {
+        let (s, v) = post(
+            &url,
+            &[
+                ("webhook-id", "msg_replayed".to_owned()),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", sig.clone()),
+                ("x-event-id", fresh.to_owned()),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(s, 202, "{v}");
+    }
+    assert_eq!(*ids.0.lock().unwrap(), vec!["msg_replayed", "msg_replayed"]);
 }

@@ -336,3 +336,383 @@ fn bad_export_sink_settings_are_reported() {
     assert!(i.path.starts_with("systems.finance.sink.csv.rotate"), "{e}");
     assert_eq!(i.line, Some(21), "{e}");
 }
+
+// ---- `${ENV}` interpolation happens per scalar, after parsing (P2-7) ----
+
+fn load_env(text: &str, env: &[(&str, &str)]) -> Result<config::Config, ConfigError> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    config::load_str(Path::new("/etc/weft/test.yaml"), text, &move |k| {
+        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })
+}
+
+const HOOK: &str = "systems:\n  crm:\n    source:\n      webhook: {path: /hooks/crm, secret: SECRET_HERE}\n  out:\n    sink: {jsonl: {path: out.jsonl}}\nflows:\n  f: {from: crm, to: [out]}\n";
+
+fn webhook_of(c: &config::Config) -> (String, usize) {
+    match &c.systems["crm"].source {
+        Some(config::SourceSpec::Webhook {
+            cfg,
+            max_body_bytes,
+            ..
+        }) => (
+            cfg.secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .unwrap_or_default(),
+            *max_body_bytes,
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn p2_7_secret_with_hash_in_unquoted_scalar_is_kept_whole() {
+    let c = load_env(
+        &HOOK.replace(
+            "{path: /hooks/crm, secret: SECRET_HERE}",
+            "\n        path: /hooks/crm\n        secret: ${S}",
+        ),
+        &[("S", "abc #def")],
+    )
+    .unwrap();
+    assert_eq!(webhook_of(&c).0, "abc #def");
+}
+
+#[test]
+fn p2_7_a_quote_in_a_value_cannot_inject_keys() {
+    let c = load_env(
+        &HOOK.replace("SECRET_HERE", "\"${S}\""),
+        &[("S", "a\", max_body_bytes: 5, event_type: \"x")],
+    )
+    .unwrap();
+    let (secret, max) = webhook_of(&c);
+    assert_eq!(secret, "a\", max_body_bytes: 5, event_type: \"x");
+    assert_eq!(max, 1 << 20, "max_body_bytes must not be injected");
+    // a newline in a value cannot change the document either: it is kept
+    let c = load_env(
+        &HOOK.replace("SECRET_HERE", "\"${S}\""),
+        &[("S", "x\ny: 1")],
+    )
+    .unwrap();
+    assert_eq!(webhook_of(&c).0, "x\ny: 1");
+}
+
+#[test]
+fn interpolation_forms_are_kept() {
+    let text = HOOK.replace(
+        "secret: SECRET_HERE",
+        "secret: \"pre-${A}-${B:-dflt}-$${A}-$$\", max_body_bytes: \"${N}\"",
+    );
+    let c = load_env(&text, &[("A", "alpha"), ("N", "2048")]).unwrap();
+    assert_eq!(webhook_of(&c), ("pre-alpha-dflt-${A}-$".to_owned(), 2048));
+    // keys are never interpolated
+    let e = load_env(
+        &HOOK.replace("secret: SECRET_HERE", "\"${K}\": x"),
+        &[("K", "secret")],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("${K}"), "{e}");
+    // inside `{...}` an unquoted `${VAR}` is not YAML: the error says to quote it
+    let e = load_env(&HOOK.replace("SECRET_HERE", "${A}"), &[("A", "alpha")]).unwrap_err();
+    assert!(
+        e.to_string().contains("write `\"${VAR}\"` in quotes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn interpolation_errors_point_at_the_scalar() {
+    // line 4, the scalar starts at column 43
+    let e = load_env(&HOOK.replace("SECRET_HERE", "\"${NOPE}\""), &[]).unwrap_err();
+    assert_eq!(e.issues.len(), 1, "{e}");
+    let i = &e.issues[0];
+    assert_eq!((i.line, i.column), (Some(4), Some(43)), "{e}");
+    assert!(i.message.contains("`NOPE` is not set"), "{e}");
+    assert!(e.to_string().contains("/etc/weft/test.yaml:4:43"), "{e}");
+    let e = load_env(
+        &HOOK.replace("SECRET_HERE", "\"${NOPE:?set NOPE to the CRM secret}\""),
+        &[],
+    )
+    .unwrap_err();
+    let i = &e.issues[0];
+    assert_eq!((i.line, i.column), (Some(4), Some(43)), "{e}");
+    assert!(i.message.contains("set NOPE to the CRM secret"), "{e}");
+    // the value of a variable never shows in an error
+    let e = load_env(
+        &HOOK.replace("secret: SECRET_HERE", "secret: x, max_body_bytes: \"${N}\""),
+        &[("N", "lots-of-s3cret")],
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+    assert_eq!(e.issues[0].line, Some(4), "{e}");
+}
+
+// ---- semantic errors carry file:line:col ----
+
+fn issue<'a>(e: &'a ConfigError, path: &str) -> &'a config::Issue {
+    e.issues
+        .iter()
+        .find(|i| i.path == path)
+        .unwrap_or_else(|| panic!("no issue at {path}: {e}"))
+}
+
+const SEMANTIC: &str = r#"defaults:
+  delivery:
+    max_attempts: 0
+systems:
+  crm:
+    source:
+      webhook:
+        path: /hooks/crm
+        max_body_bytes: 0
+  acc:
+    sink:
+      sqlite:
+        path: out/acc.db
+        table: bad-name
+        key: [id, nope]
+        columns: {id: text}
+flows:
+  f:
+    from: crm
+    to: [acc]
+"#;
+
+#[test]
+fn semantic_errors_have_line_and_column() {
+    let e = load(SEMANTIC).unwrap_err();
+    let msg = e.to_string();
+    let i = issue(&e, "defaults.delivery.max_attempts");
+    assert_eq!((i.line, i.column), (Some(3), Some(19)), "{msg}");
+    assert!(msg.contains("/etc/weft/test.yaml:3:19"), "{msg}");
+    assert_eq!(
+        e.issues
+            .iter()
+            .filter(|i| i.message.contains("must be at least 1"))
+            .count(),
+        1,
+        "reported once, where it is written: {msg}"
+    );
+    let i = issue(&e, "systems.crm.source.webhook.max_body_bytes");
+    assert_eq!((i.line, i.column), (Some(9), Some(25)), "{msg}");
+    let i = issue(&e, "systems.acc.sink.sqlite.table");
+    assert_eq!((i.line, i.column), (Some(14), Some(16)), "{msg}");
+    let i = e
+        .issues
+        .iter()
+        .find(|i| i.message.contains("`nope` is not among `columns`"))
+        .unwrap_or_else(|| panic!("{msg}"));
+    assert_eq!(i.line, Some(15), "{msg}");
+    assert!(i.column.is_some(), "{msg}");
+}
+
+#[test]
+fn zero_poll_intervals_are_refused() {
+    let file = "systems:\n  legacy:\n    source:\n      file: {dir: drop, poll_interval: 0s}\n  out:\n    sink: {jsonl: {path: o.jsonl}}\nflows:\n  f: {from: legacy, to: [out]}\n";
+    let e = load(file).unwrap_err();
+    let i = issue(&e, "systems.legacy.source.file.poll_interval");
+    assert!(i.message.contains("longer than 0s"), "{e}");
+    assert_eq!((i.line, i.column), (Some(4), Some(40)), "{e}");
+    let rest = file.replace(
+        "file: {dir: drop, poll_interval: 0s}",
+        "rest: {url: \"http://127.0.0.1:1/x\", records: ., interval: 0}",
+    );
+    let e = load(&rest).unwrap_err();
+    assert!(
+        issue(&e, "systems.legacy.source.rest.interval")
+            .message
+            .contains("longer than 0s"),
+        "{e}"
+    );
+    let sql = file.replace(
+        "file: {dir: drop, poll_interval: 0s}",
+        "sql_poll: {url: \"sqlite:x.db\", table: t, key: id, cursor: ts, interval: 0s}",
+    );
+    let e = load(&sql).unwrap_err();
+    assert!(
+        issue(&e, "systems.legacy.source.sql_poll.interval")
+            .message
+            .contains("longer than 0s"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_empty_config_is_refused() {
+    for text in ["", "\n# nothing\n", "{}\n", "systems: {}\nflows: {}\n"] {
+        let e = load(text).unwrap_err();
+        assert!(e.to_string().contains("no flows"), "{text:?}: {e}");
+    }
+}
+
+// ---- warnings: replays and unstable ids (P0-5, P2-2) ----
+
+fn warnings(text: &str) -> Vec<String> {
+    let c = load(text).unwrap_or_else(|e| panic!("{e}"));
+    c.warnings
+        .iter()
+        .map(|w| {
+            format!(
+                "{}:{}: {}: {}",
+                w.line.unwrap_or(0),
+                w.column.unwrap_or(0),
+                w.path,
+                w.message
+            )
+        })
+        .collect()
+}
+
+fn hook_with(webhook: &str) -> String {
+    format!(
+        "systems:\n  crm:\n    source:\n      webhook:\n        path: /hooks/crm\n{webhook}  out:\n    sink: {{jsonl: {{path: o.jsonl}}}}\nflows:\n  f: {{from: crm, to: [out]}}\n"
+    )
+}
+
+#[test]
+fn p2_2_schemes_without_a_timestamp_warn_of_replays() {
+    let w = warnings(&hook_with(
+        "        signature: {scheme: github, secrets: [s]}\n",
+    ));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("6:29: systems.crm.source.webhook.signature.scheme:")
+            && w[0].contains("no timestamp")
+            && w[0].contains("replayed"),
+        "{w:?}"
+    );
+    // the shorthand and hmac without timestamp_header, which also have no stable id
+    let w = warnings(&hook_with("        secret: ${SECRET}\n"));
+    assert!(w.iter().any(|w| w.contains("no timestamp")), "{w:?}");
+    let w = warnings(&hook_with(
+        "        id_field: .id\n        signature: {scheme: hmac, secrets: [s]}\n",
+    ));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("timestamp_header"), "{w:?}");
+    // schemes with a timestamp and a signed id: no warning
+    for scheme in [
+        "        signature: {scheme: stripe, secrets: [s]}\n",
+        "        signature: {scheme: standard_webhooks, secrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]}\n",
+        "        id_field: .id\n        signature: {scheme: hmac, secrets: [s], timestamp_header: x-ts, signed_content: \"{timestamp}.{body}\"}\n",
+    ] {
+        assert_eq!(
+            warnings(&hook_with(scheme)),
+            Vec::<String>::new(),
+            "{scheme}"
+        );
+    }
+}
+
+#[test]
+fn p2_2_an_unsigned_id_header_beside_a_signed_id_warns() {
+    let w = warnings(&hook_with(
+        "        id_header: x-event-id\n        signature: {scheme: stripe, secrets: [s]}\n",
+    ));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("systems.crm.source.webhook.id_header") && w[0].contains("not signed"),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn p0_5_a_webhook_without_a_stable_id_warns_of_a_b_a() {
+    let w = warnings(&hook_with("        event_type: crm.contact\n"));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("4:7: systems.crm.source.webhook:")
+            && w[0].contains("SHA-256 of the body")
+            && w[0].contains("A → B → A"),
+        "{w:?}"
+    );
+    for stable in [
+        "        id_field: .id\n",
+        "        id_header: x-request-id\n",
+    ] {
+        assert_eq!(
+            warnings(&hook_with(stable)),
+            Vec::<String>::new(),
+            "{stable}"
+        );
+    }
+}
+
+/// What the connectors' parsers refuse (`weft validate` passes
+/// `weft_connectors::check::check`) is reported like any problem, with the
+/// line and column of the value.
+#[test]
+fn connector_checks_are_placed_at_their_value() {
+    let text = "systems:\n  wh:\n    sink:\n      postgres:\n        url: \"postgresql://u@h:notaport/db\"\n        table: t\n        key: [id]\n        columns: {id: text}\n  crm:\n    source:\n      webhook: {path: /h, id_field: .id}\nflows:\n  f: {from: crm, to: [wh]}\n";
+    let check = |c: &config::Config| {
+        assert!(c.systems.contains_key("wh"));
+        vec![config::Issue {
+            path: "systems.wh.sink.postgres.url".into(),
+            line: None,
+            column: None,
+            message: "not a PostgreSQL connection URL".into(),
+        }]
+    };
+    let e = config::load_str_checked(Path::new("/etc/weft/test.yaml"), text, &|_| None, &check)
+        .unwrap_err();
+    let i = issue(&e, "systems.wh.sink.postgres.url");
+    assert_eq!((i.line, i.column), (Some(5), Some(14)), "{e}");
+}
+
+/// Scalars the parser takes for numbers and booleans when asked directly
+/// (quoted numbers, YAML 1.1 `yes`/`no`) still are, with interpolation on.
+#[test]
+fn typed_scalars_keep_their_yaml_meaning() {
+    let text = HOOK
+        .replace("secret: SECRET_HERE", "secret: s, max_body_bytes: \"4096\"")
+        .replace(
+            "flows:\n",
+            "  api:\n    sink: {http: {url: \"http://127.0.0.1:1/x\"}}\n    circuit_breaker: {enabled: no, consecutive_failures: 0x10}\nflows:\n",
+        )
+        .replace("to: [out]", "to: [out, api]");
+    let c = load(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(webhook_of(&c).1, 4096);
+    assert!(c.systems["api"].breaker.is_none(), "enabled: no");
+    let e = load(&text.replace("max_body_bytes: \"4096\"", "max_body_bytes: lots")).unwrap_err();
+    assert!(
+        e.to_string().contains("invalid type: string \"lots\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn server_listeners_and_limits() {
+    let text = HOOK.replace("secret: SECRET_HERE", "secret: s");
+    let c = load(&text).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.server.max_inflight_bytes, 16 << 20);
+    assert_eq!(c.server.max_concurrent_requests, 512);
+    let bad = format!(
+        "server:\n  listen: 127.0.0.1:7000\n  admin_listen: 127.0.0.1:7000\n  admin_token: 0123456789abcdef0123456789abcde\n  max_inflight_bytes: 1000\n{}",
+        text.replace("secret: s", "secret: s, max_body_bytes: 2000")
+    );
+    let e = load(&bad).unwrap_err();
+    let msg = e.to_string();
+    let i = issue(&e, "server.admin_listen");
+    assert!(i.message.contains("is also `server.listen`"), "{msg}");
+    assert_eq!((i.line, i.column), (Some(3), Some(17)), "{msg}");
+    let i = issue(&e, "server.admin_token");
+    assert_eq!(
+        i.message,
+        "is 31 bytes; at least 32 are required (e.g. `openssl rand -hex 32`)"
+    );
+    assert!(
+        !msg.contains("0123456789abcdef"),
+        "the token is never shown: {msg}"
+    );
+    let i = issue(&e, "systems.crm.source.webhook.max_body_bytes");
+    assert!(
+        i.message
+            .contains("more than `server.max_inflight_bytes` (1000)"),
+        "{msg}"
+    );
+    assert_eq!(i.line, Some(9), "{msg}");
+}

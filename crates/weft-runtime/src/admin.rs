@@ -54,13 +54,44 @@ pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>) -> Router {
         .route("/api/v1/dlq/{id}/replay", post(replay_one))
         .route("/api/v1/dlq/{id}/discard", post(discard_one))
         .with_state(state)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::map_response(json_errors))
+}
+
+/// Every error of the admin API has a JSON body `{"error": "..."}`: also
+/// the ones axum answers itself (a bad path or query parameter, a body
+/// that is not JSON, a wrong method), which come as plain text.
+async fn json_errors(r: Response) -> Response {
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let (parts, body) = r.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let mut out = error(status, text);
+    // keep `Allow` (405) and `Retry-After` (503)
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-/// Bearer token check, constant time.
+/// Bearer token check: `subtle`'s constant-time compare (equal lengths and
+/// bytes; the length itself is not secret).
 fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), Response> {
     let Some(token) = &a.token else {
         return Err(error(
@@ -75,11 +106,7 @@ fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), Response> {
         .unwrap_or("");
     let want = token.expose().as_bytes();
     let got = given.as_bytes();
-    let mut diff = (want.len() ^ got.len()) as u8;
-    for (i, w) in want.iter().enumerate() {
-        diff |= w ^ got.get(i).copied().unwrap_or(0);
-    }
-    if diff == 0 && !want.is_empty() {
+    if !want.is_empty() && bool::from(subtle::ConstantTimeEq::ct_eq(want, got)) {
         Ok(())
     } else {
         Err(error(

@@ -219,11 +219,12 @@ impl Runtime {
         })
     }
 
-    /// The HTTP routes: health, readiness, metrics, webhooks.
-    pub fn router(&mut self) -> axum::Router {
+    /// The HTTP routes of the two listeners: webhooks on the public one;
+    /// admin API and metrics on the admin one; health on both.
+    pub fn routers(&mut self) -> server::Routers {
         let webhooks = std::mem::take(&mut self.webhooks);
         let admin = admin::router(self.config.clone(), self.journal.clone());
-        server::router(self.ready.clone(), webhooks, admin)
+        server::routers(&self.config.server, self.ready.clone(), webhooks, admin)
     }
 
     /// Resolves when every finite source (a file, a counted generator) is

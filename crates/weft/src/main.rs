@@ -46,9 +46,12 @@ enum Cmd {
         /// and nothing is left to deliver: batch loads and backfills.
         #[arg(long)]
         until_idle: bool,
-        /// Listen address, overriding `server.listen` (`127.0.0.1:0` picks a free port).
+        /// Webhook listen address, overriding `server.listen` (`127.0.0.1:0` picks a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Admin API and metrics listen address, overriding `server.admin_listen`.
+        #[arg(long, env = "WEFT_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
     },
     /// Check a config file and report every problem with its line.
     Validate {
@@ -116,7 +119,8 @@ fn main() -> ExitCode {
             config,
             until_idle,
             listen,
-        } => run(&config, until_idle, listen),
+            admin_listen,
+        } => run(&config, until_idle, listen, admin_listen),
         Cmd::Validate { config } => validate(&config),
         Cmd::Status { cfg, json } => status::status(&cfg.config, json),
         Cmd::Dlq { cmd } => dlq::dlq(cmd),
@@ -154,7 +158,7 @@ fn init_logs(format: &str) {
 
 /// Load and validate, printing every problem; `None` means invalid.
 pub fn load_config(path: &Path) -> Result<config::Config, ExitCode> {
-    config::load(path).map_err(|e| {
+    config::load_checked(path, &weft_connectors::check::check).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })
@@ -166,28 +170,38 @@ fn validate(path: &Path) -> Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     println!(
-        "{} is valid: {} systems, {} flows",
+        "{} is valid: {} systems, {} flows{}",
         path.display(),
         cfg.systems.len(),
-        cfg.flows.len()
+        cfg.flows.len(),
+        match cfg.warnings.len() {
+            0 => String::new(),
+            1 => ", 1 warning".to_owned(),
+            n => format!(", {n} warnings"),
+        }
     );
+    for w in &cfg.warnings {
+        eprintln!("warning: {}", w.render(path));
+    }
     for f in &cfg.flows {
         let to: Vec<&str> = f.destinations.iter().map(|d| d.system.as_str()).collect();
         println!("  flow {}: {} -> {}", f.name, f.from, to.join(", "));
     }
-    for w in &cfg.warnings {
-        eprintln!("warning: {}", w.located(path));
-    }
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<ExitCode> {
+fn run(
+    path: &Path,
+    until_idle: bool,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> Result<ExitCode> {
     let cfg = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
     for w in &cfg.warnings {
-        tracing::warn!("config: {}", w.located(path));
+        tracing::warn!("config: {}", w.render(path));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -195,20 +209,32 @@ fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<Exit
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let addr = listen.unwrap_or(cfg.server.listen);
-        let mut runtime = weft_runtime::Runtime::start(cfg).await?;
-        let app = runtime.router();
+        let admin_addr = admin_listen.unwrap_or(cfg.server.admin_listen);
+        // both addresses first: a taken port fails before anything starts
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+            .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on {admin_addr} (server.admin_listen)"))?;
+        let mut runtime = weft_runtime::Runtime::start(cfg).await?;
+        let routers = runtime.routers();
         let local = listener.local_addr()?;
-        tracing::info!(address = %local, "serving /healthz /readyz /metrics and webhooks");
+        let admin_local = admin_listener.local_addr()?;
+        // the admin line first: tests and scripts read `address=` as the webhook listener
+        tracing::info!(admin_address = %admin_local, "serving the admin API, /metrics, /healthz, /readyz");
+        tracing::info!(address = %local, "serving webhooks, /healthz, /readyz");
         let stop_server = tokio_util::sync::CancellationToken::new();
-        let server_stop = stop_server.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await
-        });
+        let server = tokio::spawn(weft_runtime::server::serve(
+            listener,
+            routers.public,
+            stop_server.clone(),
+        ));
+        let admin_server = tokio::spawn(weft_runtime::server::serve(
+            admin_listener,
+            routers.admin,
+            stop_server.clone(),
+        ));
         let outcome = tokio::select! {
             r = runtime.wait_idle(), if until_idle => r.map_err(anyhow::Error::from),
             s = shutdown_signal() => {
@@ -219,7 +245,8 @@ fn run(path: &Path, until_idle: bool, listen: Option<SocketAddr>) -> Result<Exit
         // webhooks get 503 while the sources stop; then the server closes
         runtime.shutdown().await;
         stop_server.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(12), server).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(12), admin_server).await;
         outcome.map(|_| ExitCode::SUCCESS)
     })
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 
 const SECRET: &str = "admin-hook";
-const TOKEN: &str = "admin-token-123";
+const TOKEN: &str = "admin-token-0123456789abcdef0123456789";
 
 fn config(recorder: &str, with_token: bool) -> String {
     let token = if with_token {
@@ -65,8 +65,8 @@ fn api(
 ) -> (u16, serde_json::Value) {
     let c = reqwest::blocking::Client::new();
     let mut req = match method {
-        "GET" => c.get(hub.url(path)),
-        _ => c.post(hub.url(path)),
+        "GET" => c.get(hub.admin_url(path)),
+        _ => c.post(hub.admin_url(path)),
     };
     if let Some(t) = token {
         req = req.bearer_auth(t);

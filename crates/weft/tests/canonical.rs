@@ -288,6 +288,8 @@ flows:
             "--until-idle",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ],
     ));
     assert_eq!(code, 0, "{stdout}{stderr}");
@@ -334,6 +336,8 @@ flows:
             "weft.yaml",
             "--until-idle",
             "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
             "127.0.0.1:0",
         ],
     ));
@@ -399,7 +403,7 @@ flows:
     let (status, _) = post(r#"{"id": 3, "email": "a@b.example", "tags": ["x"]}"#);
     assert!(status < 300);
     let metrics = client
-        .get(hub.url("/metrics"))
+        .get(hub.admin_url("/metrics"))
         .send()
         .unwrap()
         .text()

@@ -239,7 +239,7 @@ fn retryable_failure_is_retried_then_dead_lettered_with_attempts() {
     let e = &dlq(&env)[0];
     assert_eq!(e["attempts"], 3, "max_attempts is 3: {e}");
     assert!(e["error"].as_str().unwrap().contains("500"), "{e}");
-    let metrics = reqwest::blocking::get(env.hub.url("/metrics"))
+    let metrics = reqwest::blocking::get(env.hub.admin_url("/metrics"))
         .unwrap()
         .text()
         .unwrap();
@@ -323,7 +323,7 @@ fn metrics_report_per_flow_and_destination() {
         env.recorder.count() == 1
     });
     wait_for(Duration::from_secs(20), "the metrics", || {
-        let m = reqwest::blocking::get(env.hub.url("/metrics"))
+        let m = reqwest::blocking::get(env.hub.admin_url("/metrics"))
             .unwrap()
             .text()
             .unwrap();

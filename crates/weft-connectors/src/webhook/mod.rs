@@ -3,9 +3,17 @@
 //!
 //! # What a request goes through
 //!
+//! 0. **Content type.** A `Content-Type` that is not JSON
+//!    (`application/json`, `text/json` or a `+json` type, any parameters)
+//!    is `415` before the body is read; none at all is taken as JSON.
 //! 1. **Size.** A `Content-Length` over `max_body_bytes` is answered `413`
 //!    before the body is read; the limit is enforced again while reading
-//!    (chunked bodies, lying lengths).
+//!    (chunked bodies, lying lengths). The bytes are reserved from the
+//!    server's [`BodyBudget`] (`server.max_inflight_bytes`, shared by every
+//!    route) before they are read (all of a `Content-Length` at once; a
+//!    chunked body chunk by chunk) and held until the answer: when it is
+//!    spent the request is `503` with `Retry-After: 1`, so memory is bounded
+//!    by the budget, not by the number of senders.
 //! 2. **Signature**, checked on the raw body before it is parsed. A
 //!    `signature:` block picks a scheme (`standard_webhooks`, `stripe`,
 //!    `github` or generic `hmac`) and one or more `secrets` (any one
@@ -26,7 +34,9 @@
 //!          secrets: ["${STRIPE_WHSEC}", "${STRIPE_WHSEC_OLD}"]
 //!          tolerance: 5m
 //!    ```
-//! 3. **JSON.** The body must be JSON: a top-level **object is one event**;
+//! 3. **JSON.** A UTF-8 byte order mark is skipped (for parsing only: the
+//!    signature and the body hash are over the raw bytes). The body must be
+//!    JSON: a top-level **object is one event**;
 //!    a top-level **array is a batch** of events, one per element, each
 //!    element an object, ingested all-or-nothing in one [`Batch`]. Anything
 //!    else (not JSON, a scalar, an array holding a non-object) is `400` with
@@ -45,9 +55,13 @@
 //!      identical single-object requests do: the second is a duplicate.
 //!
 //!    The signature scheme sets the defaults: `standard_webhooks` reads
-//!    the id from `webhook-id`, `github` from `x-github-delivery`, and
-//!    `stripe` runs `id_field: .id` on the body (a Stripe event's `evt_...`
-//!    id); an explicit `id_header` or `id_field` wins.
+//!    the id from `webhook-id` (signed), `github` from `x-github-delivery`
+//!    (not signed), and `stripe` runs `id_field: .id` on the signed body (a
+//!    Stripe event's `evt_...` id) and reads no header at all, so that a
+//!    captured request replayed within the tolerance with a fresh
+//!    `x-event-id` is a duplicate, not a new event. An explicit `id_header`
+//!    or `id_field` wins (`weft validate` warns when an explicit header
+//!    would replace a signed id).
 //!
 //!    An empty array is acknowledged (`accepted: 0`) after an empty
 //!    ingest. An `id_field` that fails or yields anything but a string or number is
@@ -76,6 +90,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_core::Event;
 use weft_core::config::SourceSpec;
 use weft_core::event::{CORRELATION_HEADER, new_correlation_id};
@@ -88,6 +103,66 @@ use signature::{SignatureError, Verifier};
 const MAX_CORRELATION_LEN: usize = 200;
 /// Longest event id taken from the id header.
 const MAX_ID_LEN: usize = 200;
+
+/// Bytes of webhook bodies held in memory at once, shared by every route
+/// of a server: a request reserves its body's bytes before reading them
+/// and gives them back when it is answered.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Bytes not reserved now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Reserve `n` bytes now, or say why not (`503`; `413` when `n` is
+    /// more than the whole budget).
+    fn take(&self, n: usize) -> Result<Option<OwnedSemaphorePermit>, Reject> {
+        if n == 0 {
+            return Ok(None);
+        }
+        if n > self.total {
+            return Err(Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body larger than the in-flight budget",
+                format!(
+                    "body is larger than the server's in-flight budget of {} bytes",
+                    self.total
+                ),
+            ));
+        }
+        let n32 = u32::try_from(n).map_err(|_| {
+            Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large",
+                "body is too large",
+            )
+        })?;
+        self.bytes
+            .clone()
+            .try_acquire_many_owned(n32)
+            .map(Some)
+            .map_err(|_| {
+                Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "in-flight budget spent",
+                    "too many request bytes in flight; retry later",
+                )
+            })
+    }
+}
 
 /// A webhook endpoint to mount on weft's HTTP server.
 pub struct WebhookRoute {
@@ -102,7 +177,8 @@ struct Inner {
     event_type: String,
     max_body_bytes: usize,
     verifier: Option<Verifier>,
-    id_header: HeaderName,
+    /// `None`: no header is read (Stripe: the signed body's `id` is the id).
+    id_header: Option<HeaderName>,
     id_field: Option<Arc<Program>>,
 }
 
@@ -149,12 +225,13 @@ impl WebhookRoute {
             ),
             (None, None) => None,
         };
-        let id_header =
-            HeaderName::from_bytes(id_header.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                err(format!(
-                    "id_header: `{id_header}` is not a valid header name"
-                ))
-            })?;
+        let id_header = id_header
+            .as_deref()
+            .map(|h| {
+                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| err(format!("id_header: `{h}` is not a valid header name")))
+            })
+            .transpose()?;
         Ok(WebhookRoute {
             system: system.into(),
             path: cfg.path.clone(),
@@ -170,11 +247,20 @@ impl WebhookRoute {
         })
     }
 
-    /// The axum router serving this endpoint, writing through `ingest`.
+    /// The axum router serving this endpoint, writing through `ingest`,
+    /// with a budget of its own of 16 MiB (a server shares one budget
+    /// between its routes: [`WebhookRoute::router_with_budget`]).
     pub fn router(self, ingest: Arc<dyn Ingest>) -> axum::Router {
+        self.router_with_budget(ingest, BodyBudget::new(16 << 20))
+    }
+
+    /// The axum router serving this endpoint, writing through `ingest`,
+    /// holding bodies within `budget`.
+    pub fn router_with_budget(self, ingest: Arc<dyn Ingest>, budget: BodyBudget) -> axum::Router {
         let state = Handler {
             inner: self.inner,
             ingest,
+            budget,
         };
         axum::Router::new()
             .route(&self.path, axum::routing::post(handle))
@@ -186,6 +272,7 @@ impl WebhookRoute {
 struct Handler {
     inner: Arc<Inner>,
     ingest: Arc<dyn Ingest>,
+    budget: BodyBudget,
 }
 
 /// A refusal: status, message for the sender, and a short reason for logs.
@@ -281,7 +368,9 @@ async fn accept(
     correlation_id: &str,
 ) -> Result<Accepted, Reject> {
     let inner = &h.inner;
-    let raw = read_body(headers, body, inner.max_body_bytes).await?;
+    check_content_type(headers)?;
+    // `_reserved` gives the bytes back when the request is answered
+    let (raw, _reserved) = read_body(headers, body, inner.max_body_bytes, &h.budget).await?;
     if let Some(v) = &inner.verifier {
         v.verify(headers, &raw).map_err(|e| {
             let log = match e {
@@ -293,14 +382,18 @@ async fn accept(
             Reject::new(StatusCode::UNAUTHORIZED, log, e.to_string())
         })?;
     }
-    let value: Value = serde_json::from_slice(&raw).map_err(|e| {
+    let json = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&raw);
+    let value: Value = serde_json::from_slice(json).map_err(|e| {
         Reject::new(
             StatusCode::BAD_REQUEST,
             "invalid JSON",
             format!("body is not valid JSON: {e}"),
         )
     })?;
-    let header_id = header_event_id(headers, &inner.id_header)?;
+    let header_id = match &inner.id_header {
+        Some(name) => header_event_id(headers, name)?,
+        None => None,
+    };
     let events = match value {
         Value::Object(_) => {
             let id = match header_id {
@@ -384,8 +477,14 @@ impl Inner {
     }
 }
 
-/// Read the whole body, refusing more than `max` bytes.
-async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<bytes::Bytes, Reject> {
+/// Read the whole body, refusing more than `max` bytes, with its bytes
+/// reserved from `budget`.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+    budget: &BodyBudget,
+) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), Reject> {
     let too_large = || {
         Reject::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -408,16 +507,93 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<bytes:
         if len > max as u64 {
             return Err(too_large());
         }
+        // all of it up front: hyper ends the body at the announced length
+        let reserved = match budget.take(len as usize) {
+            Ok(r) => r,
+            Err(refused) => {
+                // read and drop it (at most `max` bytes, never held): a
+                // sender still writing when the connection closes would
+                // see a reset instead of the 503
+                let mut body = Limited::new(body, max);
+                while let Some(Ok(_)) = body.frame().await {}
+                return Err(refused);
+            }
+        };
+        return match Limited::new(body, max).collect().await {
+            Ok(collected) => Ok((collected.to_bytes(), reserved)),
+            Err(e) => Err(read_error(e, too_large)),
+        };
     }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(_) => Err(Reject::new(
+    // no length: reserve chunk by chunk as they arrive
+    let mut body = Limited::new(body, max);
+    let mut buf = bytes::BytesMut::new();
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| read_error(e, too_large))?;
+        if let Ok(data) = frame.into_data() {
+            if let Some(p) = budget.take(data.len())? {
+                match &mut reserved {
+                    Some(r) => r.merge(p),
+                    None => reserved = Some(p),
+                }
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok((buf.freeze(), reserved))
+}
+
+fn read_error(
+    e: Box<dyn std::error::Error + Send + Sync>,
+    too_large: impl Fn() -> Reject,
+) -> Reject {
+    if e.downcast_ref::<LengthLimitError>().is_some() {
+        return too_large();
+    }
+    // the listener's body idle timeout
+    let timed_out = std::iter::successors(Some(&*e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| e.to_string().contains("timed out") || e.to_string().contains("timeout"));
+    if timed_out {
+        Reject::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body read timed out",
+            "the request body stopped arriving",
+        )
+    } else {
+        Reject::new(
             StatusCode::BAD_REQUEST,
             "body read failed",
             "could not read the request body",
-        )),
+        )
     }
+}
+
+/// Refuse a body that says it is not JSON.
+fn check_content_type(headers: &HeaderMap) -> Result<(), Reject> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = v.to_str().unwrap_or("");
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json = media == "application/json"
+        || media == "text/json"
+        || (media.ends_with("+json") && media.contains('/'));
+    if json {
+        return Ok(());
+    }
+    let shown: String = text.chars().take(100).collect();
+    Err(Reject::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "not JSON",
+        format!("content type `{shown}` is not JSON; send `application/json`"),
+    ))
 }
 
 /// A path axum can mount as it is (it panics on some): literal segments

@@ -1,5 +1,5 @@
-//! The config file: load (interpolate, parse), then validate into a
-//! ready-to-run [`Config`].
+//! The config file: load (parse, interpolating `${ENV}` per scalar), then
+//! validate into a ready-to-run [`Config`].
 //!
 //! Two phases, as in the house style: [`raw`] holds serde structs that
 //! reject unknown keys; [`validate`] is pure and collects *every* problem
@@ -8,6 +8,7 @@
 
 pub mod entities;
 pub mod env;
+mod locate;
 pub mod raw;
 mod validate;
 
@@ -17,6 +18,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use raw::{FileFormat, OnDeadLetter, Synchronous};
+/// Checks run on a validated config by the caller's connectors (URLs their
+/// clients must parse); see [`load_checked`].
+pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
+
 pub use validate::{
     BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow,
     RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
@@ -56,25 +61,6 @@ pub struct Issue {
     pub message: String,
 }
 
-impl Issue {
-    /// `file:line:col: at `path`: message`, as errors are printed.
-    pub fn located(&self, file: &Path) -> String {
-        let mut out = file.display().to_string();
-        if let Some(l) = self.line {
-            out.push_str(&format!(":{l}"));
-            if let Some(c) = self.column {
-                out.push_str(&format!(":{c}"));
-            }
-        }
-        if self.path.is_empty() {
-            out.push_str(&format!(": {}", self.message));
-        } else {
-            out.push_str(&format!(": at `{}`: {}", self.path, self.message));
-        }
-        out
-    }
-}
-
 /// Every problem found in a config file.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
@@ -92,20 +78,28 @@ impl fmt::Display for ConfigError {
             if n == 1 { "" } else { "s" }
         )?;
         for i in &self.issues {
-            write!(f, "\n  {}", self.file.display())?;
-            if let Some(l) = i.line {
-                write!(f, ":{l}")?;
-                if let Some(c) = i.column {
-                    write!(f, ":{c}")?;
-                }
-            }
-            if i.path.is_empty() {
-                write!(f, ": {}", i.message)?;
-            } else {
-                write!(f, ": at `{}`: {}", i.path, i.message)?;
-            }
+            write!(f, "\n  {}", i.render(&self.file))?;
         }
         Ok(())
+    }
+}
+
+impl Issue {
+    /// `file:line:col: at `path`: message`, as `weft validate` prints it.
+    pub fn render(&self, file: &Path) -> String {
+        let mut s = file.display().to_string();
+        if let Some(l) = self.line {
+            s.push_str(&format!(":{l}"));
+            if let Some(c) = self.column {
+                s.push_str(&format!(":{c}"));
+            }
+        }
+        if self.path.is_empty() {
+            s.push_str(&format!(": {}", self.message));
+        } else {
+            s.push_str(&format!(": at `{}`: {}", self.path, self.message));
+        }
+        s
     }
 }
 
@@ -118,8 +112,14 @@ impl ConfigError {
     }
 }
 
-/// Read, interpolate `${ENV}`, parse and validate a config file.
+/// Read, parse (interpolating `${ENV}`) and validate a config file.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    load_checked(file, &|_| Vec::new())
+}
+
+/// [`load`], then `check` (the connectors' own parsers): its problems are
+/// reported like the others, with line and column.
+pub fn load_checked(file: &Path, check: Check<'_>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| {
         ConfigError::one(
             file,
@@ -131,7 +131,7 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
             },
         )
     })?;
-    load_str(file, &text, &|k| std::env::var(k).ok())
+    load_str_checked(file, &text, &|k| std::env::var(k).ok(), check)
 }
 
 /// Like [`load`], from text; `lookup` resolves environment variables.
@@ -140,11 +140,18 @@ pub fn load_str(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let text = env::interpolate(text, lookup).map_err(|issues| ConfigError {
-        file: file.to_owned(),
-        issues,
-    })?;
-    let raw = parse(file, &text)?;
+    load_str_checked(file, text, lookup, &|_| Vec::new())
+}
+
+/// Like [`load_checked`], from text.
+pub fn load_str_checked(
+    file: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    check: Check<'_>,
+) -> Result<Config, ConfigError> {
+    let raw = parse(file, text, lookup)?;
+    let locations = locate::Locations::of(text);
     let base = file
         .parent()
         .map(Path::to_path_buf)
@@ -154,17 +161,51 @@ pub fn load_str(
     } else {
         base
     };
-    validate::validate(raw, file, &base).map_err(|issues| ConfigError {
-        file: file.to_owned(),
-        issues,
-    })
+    let checked = validate::validate(raw, file, &base).and_then(|config| {
+        let issues = check(&config);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(issues)
+        }
+    });
+    match checked {
+        Ok(mut config) => {
+            for w in &mut config.warnings {
+                locations.place(w);
+            }
+            Ok(config)
+        }
+        Err(mut issues) => {
+            for i in &mut issues {
+                locations.place(i);
+            }
+            Err(ConfigError {
+                file: file.to_owned(),
+                issues,
+            })
+        }
+    }
 }
 
-fn parse(file: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
+fn parse(
+    file: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<raw::RawConfig, ConfigError> {
+    if text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    }) {
+        // nothing written: refused by `validate` as an empty config
+        return Ok(raw::RawConfig::default());
+    }
     // serde_path_to_error tracks where in the document the deserializer was
-    // when it failed; serde-saphyr knows the line and column.
+    // when it failed; serde-saphyr knows the line and column; `env::Interpolate`
+    // interpolates each scalar value as it is deserialized.
     let path_seen = std::cell::RefCell::new(String::new());
     let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        let de = env::Interpolate::new(de, lookup);
         serde_path_to_error::deserialize::<_, raw::RawConfig>(de).map_err(|e| {
             *path_seen.borrow_mut() = e.path().to_string();
             e.into_inner()
@@ -177,6 +218,20 @@ fn parse(file: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
         if let Some(first) = message.lines().next() {
             message = first.to_owned();
         }
+        // and prefixes `error: line L column C: `, which the issue says already
+        if let Some(rest) = message.strip_prefix("error: line ")
+            && let Some((_, after)) = rest.split_once(": ")
+            && rest.split(' ').nth(1) == Some("column")
+        {
+            message = after.to_owned();
+        }
+        if let Some(l) = loc.map(|l| l.line()).filter(|l| *l > 0)
+            && text.lines().nth(l as usize - 1).is_some_and(unquoted_in_flow)
+        {
+            message.push_str(
+                " (inside `{...}` or `[...]`, write `\"${VAR}\"` in quotes: braces end a plain value there)",
+            );
+        }
         let path = path_seen.into_inner();
         ConfigError::one(
             file,
@@ -187,6 +242,15 @@ fn parse(file: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
                 message,
             },
         )
+    })
+}
+
+/// A line with an unquoted `${` after a `{` or `[`: not a plain YAML value
+/// in a flow collection.
+fn unquoted_in_flow(line: &str) -> bool {
+    line.match_indices("${").any(|(i, _)| {
+        let before = &line[..i];
+        before.contains(['{', '[']) && !before.ends_with(['"', '\''])
     })
 }
 

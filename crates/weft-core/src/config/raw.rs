@@ -12,7 +12,7 @@ use serde_saphyr::Spanned;
 use super::Secret;
 
 /// The whole config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The embedded store.
@@ -62,14 +62,28 @@ pub enum Synchronous {
     Normal,
 }
 
-/// HTTP server settings.
+/// HTTP server settings: two listeners. `listen` serves the webhooks (and
+/// `/healthz`, `/readyz`); `admin_listen` serves the admin API, `/metrics`,
+/// `/healthz` and `/readyz`, on loopback by default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
-    /// Address to listen on (default `127.0.0.1:8080`).
+    /// Address of the webhook listener (default `127.0.0.1:8080`).
     pub listen: Option<String>,
-    /// Bearer token required by the admin API; unset disables the admin API.
+    /// Address of the admin listener: `/api/v1`, `/metrics`, `/healthz`,
+    /// `/readyz` (default `127.0.0.1:9090`; keep it on loopback or a
+    /// private network).
+    pub admin_listen: Option<String>,
+    /// Bearer token required by the admin API, at least 32 bytes (e.g.
+    /// `openssl rand -hex 32`); unset disables the admin API.
     pub admin_token: Option<Secret>,
+    /// Requests handled at once per listener; more get `503` with
+    /// `Retry-After` (default 512).
+    pub max_concurrent_requests: Option<usize>,
+    /// Webhook body bytes held in memory at once, across all requests;
+    /// a request that would exceed it gets `503` with `Retry-After`
+    /// (default 16 MiB: a JSON body takes several times its size once parsed).
+    pub max_inflight_bytes: Option<usize>,
 }
 
 /// Defaults applied to every flow.

@@ -24,8 +24,9 @@ pub struct Config {
     pub flows: Vec<Arc<Flow>>,
     /// Canonical entities, contracts and value maps.
     pub data: Arc<super::entities::DataModel>,
-    /// What loads but deserves a look (printed by `weft validate`, logged
-    /// by `weft run`), with the same location as an error.
+    /// What is allowed but probably not meant (replays accepted, updates
+    /// deduplicated), each with its path, line and column: `weft validate`
+    /// prints them, `weft run` logs them.
     pub warnings: Vec<Issue>,
 }
 
@@ -38,9 +39,19 @@ pub struct StoreConfig {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The webhook listener.
     pub listen: SocketAddr,
+    /// The admin listener (admin API, metrics).
+    pub admin_listen: SocketAddr,
     pub admin_token: Option<Secret>,
+    /// Requests in progress at once, per listener.
+    pub max_concurrent_requests: usize,
+    /// Webhook body bytes held at once, across all requests.
+    pub max_inflight_bytes: usize,
 }
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 32;
 
 #[derive(Debug)]
 pub struct System {
@@ -85,8 +96,10 @@ pub enum SourceSpec {
         signature_header: String,
         /// Header of the event id; its default depends on the signature
         /// scheme (`webhook-id` for Standard Webhooks, `x-github-delivery`
-        /// for GitHub, else `x-event-id`).
-        id_header: String,
+        /// for GitHub, else `x-event-id`). `None` for Stripe without an
+        /// explicit `id_header`: the signed body's `id` is the event id, and
+        /// no unsigned header may replace it.
+        id_header: Option<String>,
         /// Replay window for signature schemes with a timestamp.
         signature_tolerance: Duration,
     },
@@ -310,6 +323,15 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A warning at `path`; the loader adds the line and column.
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Issue {
+            path: path.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+        });
+    }
     fn at(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.issues.push(Issue {
             path: path.into(),
@@ -422,9 +444,56 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }
     };
+    let admin_s = raw
+        .server
+        .admin_listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:9090");
+    let admin_listen = match admin_s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            cx.at(
+                "server.admin_listen",
+                format!(
+                    "`{admin_s}` is not an address; expected `host:port` such as `127.0.0.1:9090`"
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        }
+    };
+    if admin_listen == listen && listen.port() != 0 {
+        cx.at(
+            "server.admin_listen",
+            format!("`{admin_listen}` is also `server.listen`: the admin API and metrics need their own address"),
+        );
+    }
+    let admin_token = raw.server.admin_token.filter(|t| !t.expose().is_empty());
+    if let Some(t) = &admin_token
+        && t.expose().len() < MIN_ADMIN_TOKEN_BYTES
+    {
+        // never quote the token
+        cx.at(
+            "server.admin_token",
+            format!(
+                "is {} bytes; at least {MIN_ADMIN_TOKEN_BYTES} are required (e.g. `openssl rand -hex 32`)",
+                t.expose().len()
+            ),
+        );
+    }
+    let max_concurrent_requests = raw.server.max_concurrent_requests.unwrap_or(512);
+    if max_concurrent_requests == 0 {
+        cx.at("server.max_concurrent_requests", "must be at least 1");
+    }
+    let max_inflight_bytes = raw.server.max_inflight_bytes.unwrap_or(16 << 20);
+    if max_inflight_bytes == 0 {
+        cx.at("server.max_inflight_bytes", "must be greater than 0");
+    }
     let server = ServerConfig {
         listen,
-        admin_token: raw.server.admin_token.filter(|t| !t.expose().is_empty()),
+        admin_listen,
+        admin_token,
+        max_concurrent_requests,
+        max_inflight_bytes,
     };
 
     let mut systems = BTreeMap::new();
@@ -475,6 +544,20 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 rate_limit,
             },
         );
+    }
+
+    for (name, sys) in &systems {
+        if let Some(SourceSpec::Webhook { max_body_bytes, .. }) = &sys.source
+            && *max_body_bytes > server.max_inflight_bytes
+        {
+            cx.at(
+                format!("systems.{name}.source.webhook.max_body_bytes"),
+                format!(
+                    "{max_body_bytes} is more than `server.max_inflight_bytes` ({}): such a body could never be accepted; raise `server.max_inflight_bytes`",
+                    server.max_inflight_bytes
+                ),
+            );
+        }
     }
 
     let defaults = raw.defaults.delivery;
@@ -577,8 +660,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 .and_then(|c| cx.program(&format!("{dp}.mapping"), c, &[]));
             let delivery = delivery_policy(
                 &mut cx,
-                &format!("{dp}.delivery"),
-                [ddel.as_ref(), f.delivery.as_ref(), Some(&defaults)],
+                [
+                    (ddel.as_ref(), format!("{dp}.delivery")),
+                    (f.delivery.as_ref(), format!("{p}.delivery")),
+                    (Some(&defaults), "defaults.delivery".to_owned()),
+                ],
                 kind,
             );
             destinations.push(Destination {
@@ -599,6 +685,16 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         }));
     }
 
+    if systems.is_empty() && flows.is_empty() {
+        cx.at(
+            "",
+            "the config declares no systems and no flows: nothing to run (see `systems:` and `flows:` in the README)",
+        );
+    }
+    // a value shared by several flows (a bad `defaults` setting) is one problem
+    let mut seen = std::collections::HashSet::new();
+    cx.issues
+        .retain(|i| seen.insert((i.path.clone(), i.message.clone())));
     if cx.issues.is_empty() {
         Ok(Config {
             file: file.to_owned(),
@@ -670,7 +766,7 @@ fn source_spec(
                 .id_field
                 .as_ref()
                 .and_then(|c| cx.program(&format!("{wp}.id_field"), c, &[]));
-            let mut id_header_default = "x-event-id";
+            let mut id_header_default = Some("x-event-id");
             let mut signature_tolerance = Duration::from_secs(300);
             if let Some(sig) = &cfg.signature {
                 let sp = format!("{wp}.signature");
@@ -786,15 +882,20 @@ fn source_spec(
                     cx.at_span(format!("{sp}.tolerance"), t, "must be greater than 0");
                 }
                 match scheme {
-                    SignatureScheme::StandardWebhooks => id_header_default = "webhook-id",
-                    SignatureScheme::Github => id_header_default = "x-github-delivery",
-                    // a Stripe event's id is in the body
-                    SignatureScheme::Stripe if id_field.is_none() && cfg.id_field.is_none() => {
-                        id_field = Program::compile(".id", &[]).ok().map(Arc::new);
+                    SignatureScheme::StandardWebhooks => id_header_default = Some("webhook-id"),
+                    SignatureScheme::Github => id_header_default = Some("x-github-delivery"),
+                    // a Stripe event's id is in the signed body; an unsigned
+                    // header must not replace it (P2-2)
+                    SignatureScheme::Stripe => {
+                        id_header_default = None;
+                        if id_field.is_none() && cfg.id_field.is_none() {
+                            id_field = Program::compile(".id", &[]).ok().map(Arc::new);
+                        }
                     }
-                    _ => {}
+                    SignatureScheme::Hmac => {}
                 }
             }
+            webhook_warnings(cx, &wp, &cfg);
             Some(SourceSpec::Webhook {
                 id_field,
                 event_type: cfg
@@ -809,9 +910,9 @@ fn source_spec(
                     .to_ascii_lowercase(),
                 id_header: cfg
                     .id_header
-                    .clone()
-                    .unwrap_or_else(|| id_header_default.into())
-                    .to_ascii_lowercase(),
+                    .as_deref()
+                    .or(id_header_default)
+                    .map(str::to_ascii_lowercase),
                 signature_tolerance,
                 cfg,
             })
@@ -837,6 +938,11 @@ fn source_spec(
                 &cfg.poll_interval,
                 Duration::from_secs(1),
             );
+            if poll_interval.is_zero()
+                && let Some(i) = &cfg.poll_interval
+            {
+                cx.at_span(format!("{fp}.poll_interval"), i, "must be longer than 0s");
+            }
             let id_field = cfg
                 .id_field
                 .as_ref()
@@ -939,6 +1045,76 @@ fn source_spec(
         RawSource::SqlPoll(cfg) => {
             sql_poll_source_spec(cx, &format!("{p}.sql_poll"), system, cfg, base)
         }
+    }
+}
+
+/// What a webhook source accepts that its owner probably does not mean:
+/// replays accepted forever, an unsigned id beside a signed one, updates
+/// deduplicated by content (P0-5, P2-2).
+fn webhook_warnings(cx: &mut Ctx, wp: &str, cfg: &WebhookSourceConfig) {
+    let scheme = cfg.signature.as_ref().map(|s| s.scheme.value);
+    let shorthand = cfg.signature.is_none() && cfg.secret.is_some();
+    let timestamped = match &cfg.signature {
+        Some(s) => match s.scheme.value {
+            SignatureScheme::StandardWebhooks | SignatureScheme::Stripe => true,
+            SignatureScheme::Github => false,
+            SignatureScheme::Hmac => s.timestamp_header.is_some(),
+        },
+        None => false,
+    };
+    if (cfg.signature.is_some() || shorthand) && !timestamped {
+        let (at, how) = match scheme {
+            Some(SignatureScheme::Github) => (
+                format!("{wp}.signature.scheme"),
+                "GitHub signs the body only: `x-github-delivery` is not signed",
+            ),
+            Some(_) => (
+                format!("{wp}.signature"),
+                "sign a timestamp (`timestamp_header`, `{timestamp}` in `signed_content`) so that `tolerance` bounds replays",
+            ),
+            None => (
+                format!("{wp}.secret"),
+                "use `signature: {scheme: hmac, timestamp_header: ...}` with a signed timestamp so that `tolerance` bounds replays",
+            ),
+        };
+        cx.warn(
+            at,
+            format!(
+                "the signature has no timestamp: a captured request can be replayed at any time, and with a new event id it is accepted as a new event; {how}"
+            ),
+        );
+    }
+    let signs_id = matches!(
+        scheme,
+        Some(SignatureScheme::Stripe | SignatureScheme::StandardWebhooks)
+    );
+    if signs_id
+        && let Some(h) = &cfg.id_header
+        && !(scheme == Some(SignatureScheme::StandardWebhooks)
+            && h.eq_ignore_ascii_case("webhook-id"))
+    {
+        cx.warn(
+            format!("{wp}.id_header"),
+            format!(
+                "`{h}` is not signed: a captured request replayed within the tolerance with a fresh `{h}` is accepted as a new event; without `id_header` the scheme's signed id is used"
+            ),
+        );
+    }
+    let stable_id = cfg.id_header.is_some()
+        || cfg.id_field.is_some()
+        || matches!(
+            scheme,
+            Some(
+                SignatureScheme::Stripe
+                    | SignatureScheme::StandardWebhooks
+                    | SignatureScheme::Github
+            )
+        );
+    if !stable_id {
+        cx.warn(
+            wp,
+            "no `id_field` or `id_header`: unless the sender sends `x-event-id`, an event's id is the SHA-256 of the body, so a record that changes A → B → A within `store.dedupe_retention` has its second A taken as a duplicate and dropped; set `id_field` (e.g. `.id + \"@\" + .updated_at`) or `id_header`",
+        );
     }
 }
 
@@ -1364,52 +1540,54 @@ fn check_ident(cx: &mut Ctx, path: &str, s: &str) {
     }
 }
 
+/// The policy of one destination from its layers (the destination's own
+/// `delivery`, the flow's, `defaults`), each with its document path: a bad
+/// value is reported where it is written.
 fn delivery_policy(
     cx: &mut Ctx,
-    p: &str,
-    layers: [Option<&RawDelivery>; 3],
+    layers: [(Option<&RawDelivery>, String); 3],
     sink_kind: Option<&str>,
 ) -> DeliveryPolicy {
+    // the value of the first layer setting it, with that setting's path
     fn pick<T: Clone>(
-        layers: &[Option<&RawDelivery>; 3],
+        layers: &[(Option<&RawDelivery>, String); 3],
+        key: &str,
         f: impl Fn(&RawDelivery) -> Option<T>,
-    ) -> Option<T> {
-        layers.iter().flatten().find_map(|l| f(l))
+    ) -> (Option<T>, String) {
+        layers
+            .iter()
+            .find_map(|(l, p)| l.and_then(&f).map(|v| (Some(v), format!("{p}.{key}"))))
+            .unwrap_or_else(|| (None, format!("{}.{key}", layers[0].1)))
     }
     let http = sink_kind == Some("http");
-    let max_attempts = pick(&layers, |l| l.max_attempts).unwrap_or(8);
+    let (max_attempts, p) = pick(&layers, "max_attempts", |l| l.max_attempts);
+    let max_attempts = max_attempts.unwrap_or(8);
     if max_attempts == 0 {
-        cx.at(format!("{p}.max_attempts"), "must be at least 1");
+        cx.at(p, "must be at least 1");
     }
-    let initial_backoff = cx.duration(
-        &format!("{p}.initial_backoff"),
-        &pick(&layers, |l| l.initial_backoff.clone()),
-        Duration::from_millis(200),
-    );
-    let max_backoff = cx.duration(
-        &format!("{p}.max_backoff"),
-        &pick(&layers, |l| l.max_backoff.clone()),
-        Duration::from_secs(60),
-    );
-    let multiplier = pick(&layers, |l| l.multiplier).unwrap_or(2.0);
+    let (v, p) = pick(&layers, "initial_backoff", |l| l.initial_backoff.clone());
+    let initial_backoff = cx.duration(&p, &v, Duration::from_millis(200));
+    let (v, p) = pick(&layers, "max_backoff", |l| l.max_backoff.clone());
+    let max_backoff = cx.duration(&p, &v, Duration::from_secs(60));
+    let (multiplier, p) = pick(&layers, "multiplier", |l| l.multiplier);
+    let multiplier = multiplier.unwrap_or(2.0);
     if !(multiplier >= 1.0 && multiplier.is_finite()) {
-        cx.at(format!("{p}.multiplier"), "must be a number >= 1");
+        cx.at(p, "must be a number >= 1");
     }
-    let concurrency = pick(&layers, |l| l.concurrency).unwrap_or(if http { 8 } else { 1 });
+    let (concurrency, p) = pick(&layers, "concurrency", |l| l.concurrency);
+    let concurrency = concurrency.unwrap_or(if http { 8 } else { 1 });
     if concurrency == 0 {
-        cx.at(format!("{p}.concurrency"), "must be at least 1");
+        cx.at(p, "must be at least 1");
     }
-    let batch_size = if http {
-        1
-    } else {
-        pick(&layers, |l| l.batch_size).unwrap_or(500)
-    };
+    let (batch_size, p) = pick(&layers, "batch_size", |l| l.batch_size);
+    let batch_size = if http { 1 } else { batch_size.unwrap_or(500) };
     if batch_size == 0 {
-        cx.at(format!("{p}.batch_size"), "must be at least 1");
+        cx.at(p, "must be at least 1");
     }
-    let backlog_high_water = pick(&layers, |l| l.backlog_high_water).unwrap_or(500_000);
+    let (backlog_high_water, p) = pick(&layers, "backlog_high_water", |l| l.backlog_high_water);
+    let backlog_high_water = backlog_high_water.unwrap_or(500_000);
     if backlog_high_water == 0 {
-        cx.at(format!("{p}.backlog_high_water"), "must be at least 1");
+        cx.at(p, "must be at least 1");
     }
     DeliveryPolicy {
         max_attempts,
@@ -1418,7 +1596,9 @@ fn delivery_policy(
         multiplier,
         concurrency,
         batch_size,
-        on_dead_letter: pick(&layers, |l| l.on_dead_letter).unwrap_or(OnDeadLetter::Continue),
+        on_dead_letter: pick(&layers, "on_dead_letter", |l| l.on_dead_letter)
+            .0
+            .unwrap_or(OnDeadLetter::Continue),
         backlog_high_water,
     }
 }

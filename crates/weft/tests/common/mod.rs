@@ -35,16 +35,20 @@ pub fn weft_cmd_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::pro
 /// A running `weft run` process.
 pub struct Hub {
     pub child: Child,
+    /// The webhook listener.
     pub addr: SocketAddr,
+    /// The admin listener: admin API, `/metrics`.
+    pub admin_addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Hub {
-    /// Start `weft run CONFIG --listen 127.0.0.1:PORT` (PORT 0: any) in `dir`
-    /// and wait until it serves.
+    /// Start `weft run CONFIG --listen 127.0.0.1:PORT --admin-listen
+    /// 127.0.0.1:0` (PORT 0: any) in `dir` and wait until it serves.
     pub fn start(dir: &Path, config: &str, port: u16, env: &[(&str, &str)]) -> Hub {
         let mut cmd = Command::new(weft());
         cmd.args(["run", config, "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .current_dir(dir)
             .env("WEFT_LOG", "info")
             .stdout(Stdio::null())
@@ -59,32 +63,50 @@ impl Hub {
         let l2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("address=") {
-                    let a = line[i + 8..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    let _ = tx.send(a);
+                for (key, admin) in [(" admin_address=", true), (" address=", false)] {
+                    if let Some(i) = line.find(key) {
+                        let a = line[i + key.len()..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        let _ = tx.send((admin, a));
+                        break;
+                    }
                 }
                 l2.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("address"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "weft did not start; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
+        let (mut addr, mut admin_addr) = (None, None);
+        while addr.is_none() || admin_addr.is_none() {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok((true, a)) => admin_addr = Some(a.parse().expect("admin address")),
+                Ok((false, a)) => addr = Some(a.parse().expect("address")),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "weft did not start; log:\n{}",
+                        log.lock().unwrap().join("\n")
+                    );
+                }
             }
-        };
-        Hub { child, addr, log }
+        }
+        Hub {
+            child,
+            addr: addr.expect("address"),
+            admin_addr: admin_addr.expect("admin address"),
+            log,
+        }
     }
 
+    /// A URL on the webhook listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A URL on the admin listener (`/api/v1/...`, `/metrics`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     /// SIGKILL: no chance to clean up.
@@ -304,7 +326,7 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 pub fn scrape(hub: &Hub) -> String {
-    reqwest::blocking::get(hub.url("/metrics"))
+    reqwest::blocking::get(hub.admin_url("/metrics"))
         .unwrap()
         .text()
         .unwrap()

@@ -1,0 +1,79 @@
+//! Checks of a validated config that need a connector's own parser, so
+//! that `weft validate` refuses what `weft run` would refuse when it builds
+//! the connectors (a PostgreSQL or MariaDB URL the client cannot parse, a
+//! webhook path or header name the HTTP server cannot mount).
+//! Pure: nothing connects. Messages never quote a URL (it may hold a
+//! password).
+
+use weft_core::config::{Config, Issue, SinkSpec, SourceSpec};
+
+/// Every problem the connectors' parsers find in `config`, by document
+/// path (the loader adds the line and column).
+pub fn check(config: &Config) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    for (name, sys) in &config.systems {
+        match &sys.sink {
+            Some(SinkSpec::Postgres { cfg }) => postgres_url(
+                &mut issues,
+                &format!("systems.{name}.sink.postgres.url"),
+                cfg.url.expose(),
+            ),
+            Some(SinkSpec::Mysql { cfg }) => mysql_url(
+                &mut issues,
+                &format!("systems.{name}.sink.mysql.url"),
+                cfg.url.expose(),
+            ),
+            _ => {}
+        }
+        if let Some(spec @ SourceSpec::Webhook { .. }) = &sys.source
+            && let Err(e) = crate::webhook::WebhookRoute::new(name, spec)
+        {
+            // the route `weft run` mounts: its path and header names
+            issue(
+                &mut issues,
+                &format!("systems.{name}.source.webhook"),
+                e.message,
+            );
+        }
+        if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
+            let path = format!("systems.{name}.source.sql_poll.url");
+            let url = cfg.url.expose().trim();
+            if url.starts_with("postgres") {
+                postgres_url(&mut issues, &path, url);
+            } else if url.starts_with("mysql:") {
+                mysql_url(&mut issues, &path, url);
+            }
+        }
+    }
+    issues
+}
+
+fn issue(issues: &mut Vec<Issue>, path: &str, message: String) {
+    issues.push(Issue {
+        path: path.to_owned(),
+        line: None,
+        column: None,
+        message,
+    });
+}
+
+fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    // the parser `tokio_postgres::connect` uses
+    if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        issue(
+            issues,
+            path,
+            format!("not a PostgreSQL connection URL the client accepts: {e}"),
+        );
+    }
+}
+
+fn mysql_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    if let Err(e) = mysql_async::Opts::from_url(url) {
+        issue(
+            issues,
+            path,
+            format!("not a MariaDB/MySQL connection URL the client accepts: {e}"),
+        );
+    }
+}
