@@ -251,7 +251,7 @@ impl PostgresSink {
             .map(quote)
             .collect::<Vec<_>>()
             .join(".");
-        let sql = upsert_sql(&table, &columns, &key);
+        let sql = upsert_sql(&table, &columns, &key, cfg.version_column.as_deref());
         let sink = PostgresSink {
             url: cfg.url.expose().to_owned(),
             table: cfg.table.clone(),
@@ -430,7 +430,9 @@ impl PostgresSink {
     }
 }
 
-fn upsert_sql(table: &str, columns: &[Column], key: &[usize]) -> String {
+/// `version`: update an existing row only when the incoming version is
+/// newer (a stale write leaves the row as it is and still counts as done).
+fn upsert_sql(table: &str, columns: &[Column], key: &[usize], version: Option<&str>) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
     let casts: Vec<String> = columns
         .iter()
@@ -448,10 +450,16 @@ fn upsert_sql(table: &str, columns: &[Column], key: &[usize]) -> String {
         .filter(|(i, _)| !key.contains(i))
         .map(|(_, n)| format!("{n} = EXCLUDED.{n}"))
         .collect();
-    let action = if updates.is_empty() {
-        "NOTHING".to_owned()
-    } else {
-        format!("UPDATE SET {}", updates.join(", "))
+    let action = match (updates.is_empty(), version) {
+        (true, _) => "NOTHING".to_owned(),
+        (false, None) => format!("UPDATE SET {}", updates.join(", ")),
+        (false, Some(v)) => {
+            let v = quote(v);
+            format!(
+                "UPDATE SET {} WHERE {table}.{v} IS NULL OR {table}.{v} < EXCLUDED.{v}",
+                updates.join(", ")
+            )
+        }
     };
     format!(
         "INSERT INTO {table} ({cols}) SELECT {casts} FROM UNNEST({params}) AS u({cols}) ON CONFLICT ({keys}) DO {action}",

@@ -80,6 +80,8 @@ pub struct SqliteSink {
     table: String,
     key: Vec<String>,
     schema: Schema,
+    /// Update an existing row only when this column's incoming value is newer.
+    version: Option<String>,
 }
 
 /// One checked row: column names (sorted, as in the payload's map) and values.
@@ -189,6 +191,7 @@ impl SqliteSink {
             conn: Arc::new(Mutex::new(conn)),
             table: cfg.table.clone(),
             key: cfg.key.clone(),
+            version: cfg.version_column.clone(),
             schema,
         })
     }
@@ -253,10 +256,16 @@ impl SqliteSink {
             .filter(|c| !self.key.contains(c))
             .map(|c| format!("{0} = excluded.{0}", quote(c)))
             .collect();
-        let action = if updates.is_empty() {
-            "NOTHING".to_owned()
-        } else {
-            format!("UPDATE SET {}", updates.join(", "))
+        let action = match (updates.is_empty(), &self.version) {
+            (true, _) => "NOTHING".to_owned(),
+            (false, None) => format!("UPDATE SET {}", updates.join(", ")),
+            (false, Some(v)) => {
+                let (t, v) = (quote(&self.table), quote(v));
+                format!(
+                    "UPDATE SET {} WHERE {t}.{v} IS NULL OR {t}.{v} < excluded.{v}",
+                    updates.join(", ")
+                )
+            }
         };
         format!(
             "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {}",

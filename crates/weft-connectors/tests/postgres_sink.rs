@@ -67,6 +67,7 @@ fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> PostgresSinkConfig {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        version_column: None,
     }
 }
 
@@ -431,4 +432,32 @@ async fn long_keys_sharing_a_prefix_are_not_folded_together() {
         ]
     );
     t.drop_table().await;
+}
+
+/// With `version_column`, a write older than the row's version (a replay, a
+/// late duplicate) leaves the row as it is and still counts as done.
+#[tokio::test]
+async fn a_stale_write_does_not_overwrite_a_newer_version() {
+    let Some(client) = admin().await else { return };
+    let t = Table::create(client, "id bigint PRIMARY KEY, name text, v bigint").await;
+    let cols = [("id", "bigint"), ("name", "text"), ("v", "bigint")];
+    let mut c = cfg(&t.name, &cols, &["id"]);
+    c.version_column = Some("v".into());
+    let sink = PostgresSink::connect(&c).await.unwrap();
+    let w = |d: i64, name: &str, v: i64| delivery(d, json!({"id": 1, "name": name, "v": v}));
+    assert!(sink.write(&[w(1, "new", 5)]).await[0].is_ok());
+    let r = sink.write(&[w(2, "old", 3)]).await;
+    assert!(r[0].is_ok(), "a stale write is done, not an error: {r:?}");
+    let q = format!("SELECT name, v FROM {} WHERE id = 1", t.name);
+    let r = t.client.query_one(&q, &[]).await.unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, i64>(1)),
+        ("new".to_string(), 5)
+    );
+    assert!(sink.write(&[w(3, "newer", 6)]).await[0].is_ok());
+    let r = t.client.query_one(&q, &[]).await.unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, i64>(1)),
+        ("newer".to_string(), 6)
+    );
 }

@@ -403,6 +403,9 @@ pub struct SqliteSinkConfig {
     /// the table is created with them if missing. Without it the payload's
     /// top-level fields are written as they are into an existing table.
     pub columns: Option<BTreeMap<String, String>>,
+    /// A column holding the record's version: an existing row is updated
+    /// only when the incoming version is newer (stale writes refused).
+    pub version_column: Option<String>,
 }
 
 /// PostgreSQL sink settings.
@@ -418,6 +421,11 @@ pub struct PostgresSinkConfig {
     /// Columns to write with their PostgreSQL types (`text`, `bigint`,
     /// `integer`, `numeric`, `boolean`, `timestamptz`, `jsonb`, ...).
     pub columns: BTreeMap<String, String>,
+    /// A column holding the record's version (e.g. `updated_at`, a
+    /// sequence): an existing row is updated only when the incoming version
+    /// is newer (`WHERE target.v IS NULL OR target.v < EXCLUDED.v`), so a
+    /// replay or a late duplicate never puts older data over newer.
+    pub version_column: Option<String>,
 }
 
 /// JSON Lines sink settings: exactly one of `path` and `dir`.

@@ -1265,6 +1265,23 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
                         );
                     }
                 }
+                if let Some(v) = &cfg.version_column
+                    && !cols.contains_key(v)
+                {
+                    cx.at(
+                        format!("{sp}.version_column"),
+                        format!("version column `{v}` is not among `columns`"),
+                    );
+                }
+            }
+            if let Some(v) = &cfg.version_column {
+                check_ident(cx, &format!("{sp}.version_column"), v);
+                if cfg.key.contains(v) {
+                    cx.at(
+                        format!("{sp}.version_column"),
+                        format!("`{v}` is a key column; the version must be another column"),
+                    );
+                }
             }
             Some(SinkSpec::Sqlite {
                 path: base.join(&cfg.path),
@@ -1302,6 +1319,19 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
                     cx.at(
                         format!("{pp}.key"),
                         format!("key column `{k}` is not among `columns`"),
+                    );
+                }
+            }
+            if let Some(v) = &cfg.version_column {
+                if !cfg.columns.contains_key(v) {
+                    cx.at(
+                        format!("{pp}.version_column"),
+                        format!("version column `{v}` is not among `columns`"),
+                    );
+                } else if cfg.key.contains(v) {
+                    cx.at(
+                        format!("{pp}.version_column"),
+                        format!("`{v}` is a key column; the version must be another column"),
                     );
                 }
             }
