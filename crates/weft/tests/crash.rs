@@ -156,11 +156,28 @@ fn run_crash_test(events: usize, kill_points: Vec<usize>) {
             .collect()
     };
     let taken = (0..events).filter(|s| !refused(*s)).count();
-    wait_for(
-        Duration::from_secs(120),
-        "every accepted event to be delivered",
-        || delivered_seqs(&recorder).len() == taken,
-    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let got = delivered_seqs(&recorder);
+        if got.len() == taken {
+            break;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<usize> = (0..events)
+                .filter(|s| !refused(*s) && !got.contains(&(*s as u64)))
+                .take(20)
+                .collect();
+            let st = status(dir.path(), "weft.yaml", &env);
+            let log = hub.as_ref().map(|h| h.log_text()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{} of {taken} delivered after 300s; missing e.g. {missing:?}\nstatus: {st}\nlog (newest first):\n{}",
+                got.len(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // the refused ones are dead letters; the destination takes them now
     let dead = (0..events).filter(|s| refused(*s)).count();
     wait_for(Duration::from_secs(60), "the dead letters", || {
