@@ -2,10 +2,12 @@
 //! that parses batches of records from a byte offset and feeds them through
 //! a bounded channel, so parsing overlaps the ingest of the previous batch.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -17,7 +19,10 @@ use crate::source::{BadRecord, Record};
 
 /// Everything the reader needs to turn one file into records.
 pub(super) struct Plan {
-    pub path: PathBuf,
+    /// The one descriptor of the file: every pass reads it by position.
+    pub file: Arc<File>,
+    /// Its length when it was opened (and hashed): nothing after it is read.
+    pub len: u64,
     /// The file's name, for locations and ids.
     pub name: String,
     pub format: FileFormat,
@@ -68,20 +73,158 @@ pub(super) struct Unreadable(pub String);
 
 pub(super) const BUF: usize = 1 << 20;
 
-/// Hash the whole content (streaming) and check that it can be read as
-/// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O, or
-/// `Interrupted` when `stop` was cancelled.
+/// Size and modification time of the open file (`fstat`): if either
+/// changes while the file is read, what was read is not what was hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub len: u64,
+    pub mtime: Option<SystemTime>,
+}
+
+impl Stamp {
+    pub(super) fn of(f: &File) -> std::io::Result<Stamp> {
+        let m = f.metadata()?;
+        Ok(Stamp {
+            len: m.len(),
+            mtime: m.modified().ok(),
+        })
+    }
+
+    /// `Some(what changed)` when the file is no longer as it was opened.
+    pub(super) fn changed(&self, f: &File) -> std::io::Result<Option<String>> {
+        let now = Stamp::of(f)?;
+        Ok(if now.len != self.len {
+            Some(format!(
+                "the file changed while it was read (its size went from {} to {} bytes): \
+                 it was still being written; raise `settle` or use `ready_marker`",
+                self.len, now.len
+            ))
+        } else if now.mtime != self.mtime {
+            Some(
+                "the file changed while it was read (it was written to; its size stayed): \
+                 it was still being written; raise `settle` or use `ready_marker`"
+                    .into(),
+            )
+        } else {
+            None
+        })
+    }
+}
+
+/// Open `path` once for every pass. In a drop folder (`follow: false`) a
+/// symbolic link is not followed (`O_NOFOLLOW`: the name could have been
+/// swapped for a link after the folder was listed). `O_NONBLOCK` keeps a
+/// FIFO from blocking the open; anything but a regular file is refused.
+/// `Ok(Err(_))`: not a file weft reads (it goes to quarantine).
+pub(super) fn open(
+    path: &Path,
+    follow: bool,
+) -> std::io::Result<Result<(File, Stamp), Unreadable>> {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    o.custom_flags(flags);
+    let f = match o.open(path) {
+        Ok(f) => f,
+        Err(e) if !follow && e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Err(Unreadable(
+                "the name is a symbolic link; links are not followed in a drop folder".into(),
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Ok(Err(Unreadable("not a regular file".into())));
+    }
+    let stamp = Stamp::of(&f)?;
+    Ok(Ok((f, stamp)))
+}
+
+/// A reader over the one open file by positional reads (`pread`): the
+/// hash pass, the check pass and every reader attempt share the
+/// descriptor but not a file offset (a reader of an abandoned attempt may
+/// still be running), and none reads past `len`, the length that was
+/// hashed, so what is read is what was hashed.
+pub(super) struct FileAt {
+    file: Arc<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl FileAt {
+    pub(super) fn new(file: Arc<File>, pos: u64, len: u64) -> FileAt {
+        FileAt { file, pos, len }
+    }
+}
+
+impl Read for FileAt {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for FileAt {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let next = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        match next {
+            Some(n) => {
+                self.pos = n;
+                Ok(n)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the file",
+            )),
+        }
+    }
+}
+
+/// A byte order mark of an encoding weft does not read, by name.
+fn foreign_bom(head: &[u8]) -> Option<&'static str> {
+    // UTF-32 first: its little-endian mark starts like UTF-16's
+    if head.starts_with(&[0xFF, 0xFE, 0, 0]) {
+        Some("UTF-32 (little-endian)")
+    } else if head.starts_with(&[0, 0, 0xFE, 0xFF]) {
+        Some("UTF-32 (big-endian)")
+    } else if head.starts_with(&[0xFF, 0xFE]) {
+        Some("UTF-16 (little-endian)")
+    } else if head.starts_with(&[0xFE, 0xFF]) {
+        Some("UTF-16 (big-endian)")
+    } else {
+        None
+    }
+}
+
+/// Hash the whole content (streaming, `stamp.len` bytes) and check that it
+/// can be read as `format`. `Ok(Err(_))`: the file is unreadable as such;
+/// `Err`: I/O, or `Interrupted` when `stop` was cancelled.
 pub(super) fn hash_and_check(
-    path: &std::path::Path,
+    file: &Arc<File>,
+    stamp: Stamp,
     format: FileFormat,
     delimiter: u8,
     encoding: TextEncoding,
     stop: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<Result<String, Unreadable>> {
-    let mut f = File::open(path)?;
+    let mut f = FileAt::new(file.clone(), 0, stamp.len);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; BUF];
     let mut first = true;
+    let mut total = 0u64;
     loop {
         if stop.is_cancelled() {
             return Err(std::io::Error::new(
@@ -96,20 +239,36 @@ pub(super) fn hash_and_check(
         if first {
             first = false;
             let head = &buf[..n.min(64 * 1024)];
+            if let Some(enc) = foreign_bom(head) {
+                return Ok(Err(Unreadable(format!(
+                    "the file is {enc} (by its byte order mark); weft reads UTF-8 \
+                     (and, for CSV, `encoding: latin-1` or `windows-1252`): convert it to UTF-8"
+                ))));
+            }
             if head.contains(&0) {
                 return Ok(Err(Unreadable(
                     "the file is binary (it contains NUL bytes), not text".into(),
                 )));
             }
         }
+        total += n as u64;
         hasher.update(&buf[..n]);
     }
-    f.seek(SeekFrom::Start(0))?;
+    if let Some(why) = stamp.changed(file)? {
+        return Ok(Err(Unreadable(why)));
+    }
+    if total != stamp.len {
+        return Ok(Err(Unreadable(format!(
+            "the file changed while it was read (it was {} bytes when opened, {total} could be read)",
+            stamp.len
+        ))));
+    }
+    let at = FileAt::new(file.clone(), 0, stamp.len);
     let checked = match format {
-        FileFormat::Csv => csv_header(f, delimiter, encoding).map(|_| ()),
+        FileFormat::Csv => csv_check(at, delimiter, encoding, stop)?,
         FileFormat::Jsonl => Ok(()),
-        FileFormat::JsonArray => super::json_array::check(f, stop)?,
-        FileFormat::Xml => super::xml::check(f, stop)?,
+        FileFormat::JsonArray => super::json_array::check(at, stop)?,
+        FileFormat::Xml => super::xml::check(at, stop)?,
     };
     Ok(checked.map(|()| hex::encode(hasher.finalize())))
 }
@@ -187,6 +346,115 @@ fn csv_header<R: Read>(
     Ok((rdr, names))
 }
 
+/// The check pass of a CSV file: the header, then every record read as
+/// the reader will read it, so that what the reader cannot recover from is
+/// found before any record is emitted (the file goes to quarantine with
+/// the rows before the problem counted, none of them delivered):
+/// - a record over 32 MiB: nothing tells where the next one starts;
+/// - a quoted field that never closes: the csv parser ends it at the end
+///   of the file, so the rows after the quote would arrive as one field
+///   (with the right field count when the quote is in the last column).
+///
+/// Rows the parser refuses one by one are left to the reader (bad records).
+fn csv_check(
+    at: FileAt,
+    delimiter: u8,
+    encoding: TextEncoding,
+    stop: &tokio_util::sync::CancellationToken,
+) -> std::io::Result<Result<(), Unreadable>> {
+    let file = at.file.clone();
+    let len = at.len;
+    let capped = Capped {
+        inner: at,
+        since: std::cell::Cell::new(0),
+        max: MAX_RECORD,
+    };
+    let (mut rdr, _) = match csv_header(capped, delimiter, encoding) {
+        Ok(r) => r,
+        Err(u) => return Ok(Err(u)),
+    };
+    let mut rec = csv::ByteRecord::new();
+    let mut rows = 0u64;
+    // where the last record starts: the one that could end inside quotes
+    let mut last: Option<(u64, u64)> = None;
+    loop {
+        rdr.get_ref().reset();
+        // the line the next record starts on (an I/O error has no position)
+        let next_line = rdr.position().line();
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {
+                rows += 1;
+                last = rec.position().map(|p| (p.byte(), p.line()));
+                if rows.is_multiple_of(10_000) && stop.is_cancelled() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "stopping",
+                    ));
+                }
+            }
+            Err(e) => match e.kind() {
+                csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                    let line = e.position().map_or(next_line, |p| p.line());
+                    return Ok(Err(Unreadable(format!(
+                        "line {line}: {RECORD_TOO_LONG}; nothing tells where the next record \
+                         starts, so no record of the file was read (rows before it: {rows})"
+                    ))));
+                }
+                csv::ErrorKind::Io(io) => {
+                    return Err(std::io::Error::new(io.kind(), e.to_string()));
+                }
+                _ => rows += 1,
+            },
+        }
+    }
+    if let Some((byte, line)) = last {
+        let tail = FileAt::new(file, byte, len);
+        if ends_inside_quotes(BufReader::with_capacity(BUF, tail), delimiter)? {
+            return Ok(Err(Unreadable(format!(
+                "line {line}: a quoted field that starts in this record is never closed \
+                 (the file ends inside the quotes), so the lines after it would become one \
+                 field; no record of the file was read (rows before it: {})",
+                rows - 1
+            ))));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Whether CSV text ends inside a quoted field, by the rules of the csv
+/// parser as configured here (`"` quotes, `""` inside quotes is a quote, a
+/// quote opens a quoted field only at the start of a field).
+fn ends_inside_quotes<R: BufRead>(mut r: R, delimiter: u8) -> std::io::Result<bool> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum S {
+        FieldStart,
+        Unquoted,
+        Quoted,
+        QuoteInQuoted,
+    }
+    let mut s = S::FieldStart;
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(s == S::Quoted);
+        }
+        for &b in chunk {
+            s = match (s, b) {
+                (S::Quoted, b'"') => S::QuoteInQuoted,
+                (S::Quoted, _) => S::Quoted,
+                (S::QuoteInQuoted, b'"') => S::Quoted,
+                (S::FieldStart, b'"') => S::Quoted,
+                (_, b'\n' | b'\r') => S::FieldStart,
+                (_, d) if d == delimiter => S::FieldStart,
+                _ => S::Unquoted,
+            };
+        }
+        let n = chunk.len();
+        r.consume(n);
+    }
+}
+
 /// Start the reader thread from `start`.
 pub(super) fn spawn_reader(
     plan: Arc<Plan>,
@@ -217,6 +485,11 @@ pub(super) fn send(tx: &mpsc::Sender<Result<Parsed, ReadError>>, p: Parsed) -> R
 }
 
 impl Plan {
+    /// A reader of the file from `offset` (buffered by the caller).
+    pub(super) fn at(&self, offset: u64) -> FileAt {
+        FileAt::new(self.file.clone(), offset, self.len)
+    }
+
     fn location(&self, line: u64) -> String {
         format!("file {} line {line}", self.name)
     }
@@ -298,10 +571,7 @@ fn read_jsonl(
     start: Pos,
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
-    let mut f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
-    f.seek(SeekFrom::Start(start.offset))
-        .map_err(|e| io_error(plan, e))?;
-    let mut rdr = BufReader::with_capacity(BUF, f);
+    let mut rdr = BufReader::with_capacity(BUF, plan.at(start.offset));
     let mut pos = start;
     let mut line = Vec::with_capacity(4096);
     let mut records = Vec::with_capacity(plan.batch_size);
@@ -329,6 +599,8 @@ fn read_jsonl(
                 text,
                 format!("line longer than {} MiB, not read", MAX_LINE >> 20),
             ));
+        } else if json_too_deep(text) {
+            records.push(plan.bad(pos.line, text, TOO_DEEP.into()));
         } else if !text.is_empty() {
             records.push(match serde_json::from_slice::<serde_json::Value>(text) {
                 Ok(v) => plan.good(pos.line, v),
@@ -402,6 +674,49 @@ pub(super) fn io_error(plan: &Plan, e: impl std::fmt::Display) -> ReadError {
     ReadError::Io(format!("reading {}: {e}", plan.name))
 }
 
+/// Deepest nesting of a record: a value inside 127 nested arrays or
+/// objects is at level 128. serde_json refuses deeper text (its recursion
+/// limit), and a record's JSON is parsed again downstream (store, mapping),
+/// so a deeper record is refused here, whole, as a bad record with this
+/// reason, rather than crash the process (a deep tree overflows the stack
+/// when dropped) or turn into an error or `null` later.
+pub(super) const MAX_DEPTH: usize = 128;
+/// Arrays and objects allowed inside one another.
+pub(super) const MAX_CONTAINERS: usize = MAX_DEPTH - 1;
+pub(super) const TOO_DEEP: &str = "nested deeper than 128 levels (the limit), not read";
+
+/// Whether JSON text nests more than `MAX_CONTAINERS` arrays and objects
+/// (brackets inside strings do not count). Bytes only, no tree is built.
+pub(super) fn json_too_deep(text: &[u8]) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in text {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_CONTAINERS {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Longest CSV record, JSON array element or XML record read (an unclosed
 /// quote would otherwise swallow the rest of the file).
 pub(super) const MAX_RECORD: u64 = 32 << 20;
@@ -447,9 +762,8 @@ fn read_csv(
     start: Pos,
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
-    let f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
     let capped = Capped {
-        inner: f,
+        inner: plan.at(0),
         since: std::cell::Cell::new(0),
         max: MAX_RECORD,
     };
@@ -474,7 +788,17 @@ fn read_csv(
             Ok(more) => more,
             Err(e) => match e.kind() {
                 csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                    // the check pass refuses such a file; should it appear
+                    // anyway, the rows parsed before it still go out first
                     let line = e.position().map_or(pos.line + 1, |p| p.line());
+                    let _ = send(
+                        tx,
+                        Parsed {
+                            records: std::mem::take(&mut records),
+                            pos,
+                            done: false,
+                        },
+                    );
                     return Err(ReadError::Unreadable(format!(
                         "line {line}: {RECORD_TOO_LONG}; the records before it were read"
                     )));
