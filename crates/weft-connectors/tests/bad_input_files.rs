@@ -205,6 +205,36 @@ async fn csv_record_over_32_mib_quarantines_the_file_before_any_row_is_delivered
     assert_eq!(o.goods.len(), 0);
 }
 
+/// A stray quote that pairs with a later one: the csv parser reads the
+/// lines between as one field and the text after the closing quote as part
+/// of it (`3,"ghi"` becomes `...3,ghi"`), with the right field count.
+#[tokio::test]
+async fn csv_stray_quote_closed_by_a_later_one_is_a_bad_record_not_a_swallowed_row() {
+    let o = drop_file(
+        "stray.csv",
+        b"id,note\n1,\"abc\n2,def\n3,\"ghi\"\n4,ok\n5,\"a\"b\n6,\"fine, \"\"quoted\"\"\"\n",
+        "",
+    )
+    .await;
+    assert_eq!(o.quarantined, None);
+    let why = "text after the closing quote of a quoted field (`\"a\"b`); if a quote in this \
+               record was never meant to close, it swallowed the lines up to the next quote: not read";
+    assert_eq!(
+        o.bads,
+        vec![
+            format!("file stray.csv line 2: {why}"),
+            format!("file stray.csv line 6: {why}"),
+        ]
+    );
+    assert_eq!(
+        o.goods,
+        vec![
+            serde_json::json!({"id": "4", "note": "ok"}),
+            serde_json::json!({"id": "6", "note": "fine, \"quoted\""}),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn csv_bad_rows_go_to_the_dlq_with_their_line_and_the_rest_is_delivered() {
     let o = drop_file(

@@ -271,8 +271,8 @@ impl FileSource {
         })
         .await
         .map_err(|e| self.err(format!("file check task failed: {e}")))?;
-        let hash = match checked {
-            Ok(Ok(h)) => h,
+        let (hash, suspect) = match checked {
+            Ok(Ok(c)) => (c.hash, c.suspect),
             Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
             Err(_) if shutdown.is_cancelled() => return Ok(Outcome::Stopped),
             Err(e) => {
@@ -310,6 +310,7 @@ impl FileSource {
             event_type: self.event_type.clone(),
             id_field: self.id_field.clone(),
             batch_size: self.batch_size,
+            suspect,
         });
         // one reader per attempt; after a refused batch, start again from the last commit
         'attempt: loop {

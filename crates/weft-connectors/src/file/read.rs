@@ -2,6 +2,7 @@
 //! that parses batches of records from a byte offset and feeds them through
 //! a bounded channel, so parsing overlaps the ingest of the previous batch.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -38,6 +39,9 @@ pub(super) struct Plan {
     pub event_type: String,
     pub id_field: Option<Arc<Program>>,
     pub batch_size: usize,
+    /// CSV: lines where records start that the check pass found read
+    /// leniently (text after a closing quote): bad records.
+    pub suspect: BTreeSet<u64>,
 }
 
 /// Where reading stands: the byte offset of the next record, the number
@@ -209,6 +213,16 @@ fn foreign_bom(head: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// What the check pass learned of a readable file.
+#[derive(Debug, Default)]
+pub(super) struct Checked {
+    /// SHA-256 of the content, hex.
+    pub hash: String,
+    /// CSV: the lines where records start that the csv parser would read
+    /// leniently (text after a closing quote): bad records.
+    pub suspect: BTreeSet<u64>,
+}
+
 /// Hash the whole content (streaming, `stamp.len` bytes) and check that it
 /// can be read as `format`. `Ok(Err(_))`: the file is unreadable as such;
 /// `Err`: I/O, or `Interrupted` when `stop` was cancelled.
@@ -219,8 +233,9 @@ pub(super) fn hash_and_check(
     delimiter: u8,
     encoding: TextEncoding,
     stop: &tokio_util::sync::CancellationToken,
-) -> std::io::Result<Result<String, Unreadable>> {
+) -> std::io::Result<Result<Checked, Unreadable>> {
     let mut f = FileAt::new(file.clone(), 0, stamp.len);
+    let mut shape = (format == FileFormat::Csv).then(|| CsvShape::new(delimiter));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; BUF];
     let mut first = true;
@@ -253,6 +268,9 @@ pub(super) fn hash_and_check(
         }
         total += n as u64;
         hasher.update(&buf[..n]);
+        if let Some(sh) = &mut shape {
+            sh.feed(&buf[..n]);
+        }
     }
     if let Some(why) = stamp.changed(file)? {
         return Ok(Err(Unreadable(why)));
@@ -264,13 +282,166 @@ pub(super) fn hash_and_check(
         ))));
     }
     let at = FileAt::new(file.clone(), 0, stamp.len);
-    let checked = match format {
-        FileFormat::Csv => csv_check(at, delimiter, encoding, stop)?,
-        FileFormat::Jsonl => Ok(()),
-        FileFormat::JsonArray => super::json_array::check(at, stop)?,
-        FileFormat::Xml => super::xml::check(at, stop)?,
+    let suspect = match shape {
+        Some(sh) => match csv_header(at, delimiter, encoding).and_then(|_| sh.finish()) {
+            Ok(s) => s,
+            Err(u) => return Ok(Err(u)),
+        },
+        None => {
+            let checked = match format {
+                FileFormat::JsonArray => super::json_array::check(at, stop)?,
+                FileFormat::Xml => super::xml::check(at, stop)?,
+                FileFormat::Csv | FileFormat::Jsonl => Ok(()),
+            };
+            if let Err(u) = checked {
+                return Ok(Err(u));
+            }
+            BTreeSet::new()
+        }
     };
-    Ok(checked.map(|()| hex::encode(hasher.finalize())))
+    Ok(Ok(Checked {
+        hash: hex::encode(hasher.finalize()),
+        suspect,
+    }))
+}
+
+/// More records with text after a closing quote than this: the file is
+/// not CSV as configured (another delimiter or quote?).
+const MAX_SUSPECT: usize = 10_000;
+
+/// The record structure of a CSV file as the csv parser will see it,
+/// followed byte by byte in the hash pass (no values are built; the csv
+/// parser still reads them). It mirrors csv-core's rules for the settings
+/// used here: `"` quotes, `""` inside quotes is a quote, a quote opens a
+/// quoted field only at the start of a field, `\r`, `\n` and `\r\n` end a
+/// record, empty lines are skipped. It finds, before any record is
+/// emitted, what the parser would accept silently:
+/// - a quoted field that never closes: the parser ends it at the end of
+///   the file, so the rows after the quote would arrive as one field (with
+///   the right field count when the quote is in the last column);
+/// - a record over 32 MiB: nothing tells where the next one starts;
+/// - text after a closing quote (`"a"b`, read as `ab`): a stray quote that
+///   pairs with a later one swallows the lines between into one field.
+///
+/// The first two send the file to quarantine, the last makes a bad record.
+struct CsvShape {
+    delimiter: u8,
+    state: Quote,
+    line: u64,
+    offset: u64,
+    /// Offset and line where the current record starts; `None` between
+    /// records.
+    record: Option<(u64, u64)>,
+    /// Where the next record starts as the csv parser tells it (its
+    /// `Position`): right after the first byte ending the previous record,
+    /// empty lines after it included.
+    next: (u64, u64),
+    /// Records started, the header included.
+    records: u64,
+    too_long: Option<(u64, u64)>,
+    suspect: BTreeSet<u64>,
+    /// Byte offsets where records start (tests compare them with csv's).
+    #[cfg(test)]
+    starts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quote {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A `"` inside quotes: the closing one, or the first of `""`.
+    QuoteInQuoted,
+}
+
+impl CsvShape {
+    fn new(delimiter: u8) -> CsvShape {
+        CsvShape {
+            delimiter,
+            state: Quote::FieldStart,
+            line: 1,
+            offset: 0,
+            record: None,
+            next: (0, 1),
+            records: 0,
+            too_long: None,
+            suspect: BTreeSet::new(),
+            #[cfg(test)]
+            starts: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, buf: &[u8]) {
+        for &b in buf {
+            let (start, start_line) = match self.record {
+                Some(r) => r,
+                None if b == b'\r' || b == b'\n' => {
+                    // between records: an empty line
+                    self.line += u64::from(b == b'\n');
+                    self.offset += 1;
+                    continue;
+                }
+                None => {
+                    self.records += 1;
+                    #[cfg(test)]
+                    self.starts.push(self.next.0);
+                    self.record = Some(self.next);
+                    self.state = Quote::FieldStart;
+                    self.next
+                }
+            };
+            self.state = match (self.state, b) {
+                (Quote::Quoted, b'"') => Quote::QuoteInQuoted,
+                (Quote::Quoted, _) => Quote::Quoted,
+                (Quote::QuoteInQuoted, b'"') => Quote::Quoted,
+                (Quote::FieldStart, b'"') => Quote::Quoted,
+                (_, b'\r' | b'\n') => {
+                    self.record = None;
+                    self.next = (self.offset + 1, self.line + u64::from(b == b'\n'));
+                    Quote::FieldStart
+                }
+                (_, d) if d == self.delimiter => Quote::FieldStart,
+                (Quote::QuoteInQuoted, _) => {
+                    self.suspect.insert(start_line);
+                    Quote::Unquoted
+                }
+                _ => Quote::Unquoted,
+            };
+            if b == b'\n' {
+                self.line += 1;
+            }
+            self.offset += 1;
+            if self.too_long.is_none() && self.offset - start > MAX_RECORD {
+                self.too_long = Some((start_line, self.records));
+            }
+        }
+    }
+
+    fn finish(self) -> Result<BTreeSet<u64>, Unreadable> {
+        // rows: records but the header
+        if let Some((line, n)) = self.too_long {
+            return Err(Unreadable(format!(
+                "line {line}: {RECORD_TOO_LONG}; nothing tells where the next record starts, \
+                 so no record of the file was read (rows before it: {})",
+                n.saturating_sub(2)
+            )));
+        }
+        if let (Some((_, line)), Quote::Quoted) = (self.record, self.state) {
+            return Err(Unreadable(format!(
+                "line {line}: a quoted field that starts in this record is never closed \
+                 (the file ends inside the quotes), so the lines after it would become one \
+                 field; no record of the file was read (rows before it: {})",
+                self.records.saturating_sub(2)
+            )));
+        }
+        if self.suspect.len() > MAX_SUSPECT {
+            return Err(Unreadable(format!(
+                "more than {MAX_SUSPECT} records have text after a closing quote: the file is \
+                 not CSV as configured (another `delimiter`?)"
+            )));
+        }
+        Ok(self.suspect)
+    }
 }
 
 fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
@@ -344,115 +515,6 @@ fn csv_header<R: Read>(
         ));
     }
     Ok((rdr, names))
-}
-
-/// The check pass of a CSV file: the header, then every record read as
-/// the reader will read it, so that what the reader cannot recover from is
-/// found before any record is emitted (the file goes to quarantine with
-/// the rows before the problem counted, none of them delivered):
-/// - a record over 32 MiB: nothing tells where the next one starts;
-/// - a quoted field that never closes: the csv parser ends it at the end
-///   of the file, so the rows after the quote would arrive as one field
-///   (with the right field count when the quote is in the last column).
-///
-/// Rows the parser refuses one by one are left to the reader (bad records).
-fn csv_check(
-    at: FileAt,
-    delimiter: u8,
-    encoding: TextEncoding,
-    stop: &tokio_util::sync::CancellationToken,
-) -> std::io::Result<Result<(), Unreadable>> {
-    let file = at.file.clone();
-    let len = at.len;
-    let capped = Capped {
-        inner: at,
-        since: std::cell::Cell::new(0),
-        max: MAX_RECORD,
-    };
-    let (mut rdr, _) = match csv_header(capped, delimiter, encoding) {
-        Ok(r) => r,
-        Err(u) => return Ok(Err(u)),
-    };
-    let mut rec = csv::ByteRecord::new();
-    let mut rows = 0u64;
-    // where the last record starts: the one that could end inside quotes
-    let mut last: Option<(u64, u64)> = None;
-    loop {
-        rdr.get_ref().reset();
-        // the line the next record starts on (an I/O error has no position)
-        let next_line = rdr.position().line();
-        match rdr.read_byte_record(&mut rec) {
-            Ok(false) => break,
-            Ok(true) => {
-                rows += 1;
-                last = rec.position().map(|p| (p.byte(), p.line()));
-                if rows.is_multiple_of(10_000) && stop.is_cancelled() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::Interrupted,
-                        "stopping",
-                    ));
-                }
-            }
-            Err(e) => match e.kind() {
-                csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
-                    let line = e.position().map_or(next_line, |p| p.line());
-                    return Ok(Err(Unreadable(format!(
-                        "line {line}: {RECORD_TOO_LONG}; nothing tells where the next record \
-                         starts, so no record of the file was read (rows before it: {rows})"
-                    ))));
-                }
-                csv::ErrorKind::Io(io) => {
-                    return Err(std::io::Error::new(io.kind(), e.to_string()));
-                }
-                _ => rows += 1,
-            },
-        }
-    }
-    if let Some((byte, line)) = last {
-        let tail = FileAt::new(file, byte, len);
-        if ends_inside_quotes(BufReader::with_capacity(BUF, tail), delimiter)? {
-            return Ok(Err(Unreadable(format!(
-                "line {line}: a quoted field that starts in this record is never closed \
-                 (the file ends inside the quotes), so the lines after it would become one \
-                 field; no record of the file was read (rows before it: {})",
-                rows - 1
-            ))));
-        }
-    }
-    Ok(Ok(()))
-}
-
-/// Whether CSV text ends inside a quoted field, by the rules of the csv
-/// parser as configured here (`"` quotes, `""` inside quotes is a quote, a
-/// quote opens a quoted field only at the start of a field).
-fn ends_inside_quotes<R: BufRead>(mut r: R, delimiter: u8) -> std::io::Result<bool> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum S {
-        FieldStart,
-        Unquoted,
-        Quoted,
-        QuoteInQuoted,
-    }
-    let mut s = S::FieldStart;
-    loop {
-        let chunk = r.fill_buf()?;
-        if chunk.is_empty() {
-            return Ok(s == S::Quoted);
-        }
-        for &b in chunk {
-            s = match (s, b) {
-                (S::Quoted, b'"') => S::QuoteInQuoted,
-                (S::Quoted, _) => S::Quoted,
-                (S::QuoteInQuoted, b'"') => S::Quoted,
-                (S::FieldStart, b'"') => S::Quoted,
-                (_, b'\n' | b'\r') => S::FieldStart,
-                (_, d) if d == delimiter => S::FieldStart,
-                _ => S::Unquoted,
-            };
-        }
-        let n = chunk.len();
-        r.consume(n);
-    }
 }
 
 /// Start the reader thread from `start`.
@@ -765,7 +827,10 @@ fn read_csv(
     let capped = Capped {
         inner: plan.at(0),
         since: std::cell::Cell::new(0),
-        max: MAX_RECORD,
+        // the check pass measured every record exactly; this cap, counted
+        // in buffer reads, is only a guard, loose enough never to refuse
+        // what the check accepted
+        max: MAX_RECORD + 2 * BUF as u64,
     };
     let (mut rdr, names) = csv_header(capped, plan.delimiter, plan.encoding)
         .map_err(|e| ReadError::Unreadable(e.0))?;
@@ -827,7 +892,11 @@ fn read_csv(
         // the next record starts here; lines before it are consumed
         pos.offset = rdr.position().byte();
         pos.line = rdr.position().line().saturating_sub(1);
-        records.push(csv_row(plan, &names, &rec, line));
+        if plan.suspect.contains(&line) {
+            records.push(plan.bad(line, &csv_raw(plan, &rec), SUSPECT.into()));
+        } else {
+            records.push(csv_row(plan, &names, &rec, line));
+        }
         if records.len() >= plan.batch_size {
             let done = rdr.is_done();
             let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
@@ -848,11 +917,17 @@ fn read_csv(
     }
 }
 
+const SUSPECT: &str = "text after the closing quote of a quoted field (`\"a\"b`); if a quote in \
+     this record was never meant to close, it swallowed the lines up to the next quote: not read";
+
+/// The fields of a record joined by the delimiter, for the DLQ entry.
+fn csv_raw(plan: &Plan, rec: &csv::ByteRecord) -> Vec<u8> {
+    let fields: Vec<&[u8]> = rec.iter().collect();
+    fields.join(&plan.delimiter)
+}
+
 fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> Record {
-    let raw = || {
-        let fields: Vec<&[u8]> = rec.iter().collect();
-        fields.join(&plan.delimiter)
-    };
+    let raw = || csv_raw(plan, rec);
     if rec.len() != names.len() {
         return plan.bad(
             line,
@@ -887,7 +962,50 @@ fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{Capped, read_line};
+    use super::{Capped, CsvShape, read_line};
+
+    /// The quote tracker agrees with the csv parser on where every record
+    /// starts, over random text made of the characters that matter.
+    #[test]
+    fn csv_shape_finds_the_records_the_csv_parser_finds() {
+        let alphabet = b"a,\"\n\r;";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            let mut text = Vec::with_capacity(len);
+            let mut x = seed;
+            for _ in 0..len {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                text.push(alphabet[(x >> 33) as usize % alphabet.len()]);
+            }
+            let mut sh = CsvShape::new(b',');
+            sh.feed(&text);
+            let mut rdr = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(&text[..]);
+            let mut rec = csv::ByteRecord::new();
+            let mut starts = Vec::new();
+            while rdr.read_byte_record(&mut rec).unwrap() {
+                starts.push(rec.position().unwrap().byte());
+            }
+            assert_eq!(sh.starts, starts, "{:?}", String::from_utf8_lossy(&text));
+        }
+    }
+
+    #[test]
+    fn csv_shape_flags_text_after_a_closing_quote_and_unclosed_quotes() {
+        let mut sh = CsvShape::new(b',');
+        sh.feed(b"a,b\n1,\"x\"\"y\"\n2,\"p\"q\n3,\"m\nn\"\n4,\"open\n5,x\n");
+        let e = sh.finish().unwrap_err().0;
+        assert!(e.starts_with("line 6: a quoted field"), "{e}");
+        let mut sh = CsvShape::new(b',');
+        sh.feed(b"a,b\n1,\"x\"\"y\"\n2,\"p\"q\n3,\"m\nn\"\n");
+        assert_eq!(sh.finish().unwrap(), [3].into());
+    }
 
     #[test]
     fn csv_record_that_never_ends_is_refused() {
