@@ -340,9 +340,9 @@ struct CsvShape {
     records: u64,
     too_long: Option<(u64, u64)>,
     suspect: BTreeSet<u64>,
-    /// Byte offsets where records start (tests compare them with csv's).
+    /// Offsets and lines where records start (tests compare them with csv's).
     #[cfg(test)]
-    starts: Vec<u64>,
+    starts: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +351,7 @@ enum Quote {
     Unquoted,
     Quoted,
     /// A `"` inside quotes: the closing one, or the first of `""`.
-    QuoteInQuoted,
+    ClosingQuote,
 }
 
 impl CsvShape {
@@ -371,50 +371,100 @@ impl CsvShape {
         }
     }
 
+    /// Follow `buf`: runs of bytes that cannot change the structure are
+    /// skipped with memchr (the quote tracking runs at memory speed), the
+    /// rest goes through `byte`.
     fn feed(&mut self, buf: &[u8]) {
-        for &b in buf {
-            let (start, start_line) = match self.record {
-                Some(r) => r,
-                None if b == b'\r' || b == b'\n' => {
-                    // between records: an empty line
-                    self.line += u64::from(b == b'\n');
-                    self.offset += 1;
-                    continue;
+        let mut i = 0;
+        while i < buf.len() {
+            let rest = &buf[i..];
+            let k = match self.state {
+                // inside quotes only a quote matters
+                Quote::Quoted => {
+                    let k = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+                    self.line += memchr::memchr_iter(b'\n', &rest[..k]).count() as u64;
+                    k
                 }
-                None => {
-                    self.records += 1;
-                    #[cfg(test)]
-                    self.starts.push(self.next.0);
-                    self.record = Some(self.next);
-                    self.state = Quote::FieldStart;
-                    self.next
+                Quote::ClosingQuote => 0,
+                // outside quotes: a quote (opening a field or not) and the
+                // ends of records; after a run of other bytes a field starts
+                // if the last one was the delimiter
+                Quote::FieldStart | Quote::Unquoted => {
+                    let k = memchr::memchr3(b'"', b'\n', b'\r', rest).unwrap_or(rest.len());
+                    if k > 0 {
+                        if self.record.is_none() {
+                            self.begin();
+                        }
+                        self.state = if rest[k - 1] == self.delimiter {
+                            Quote::FieldStart
+                        } else {
+                            Quote::Unquoted
+                        };
+                    }
+                    k
                 }
             };
-            self.state = match (self.state, b) {
-                (Quote::Quoted, b'"') => Quote::QuoteInQuoted,
-                (Quote::Quoted, _) => Quote::Quoted,
-                (Quote::QuoteInQuoted, b'"') => Quote::Quoted,
-                (Quote::FieldStart, b'"') => Quote::Quoted,
-                (_, b'\r' | b'\n') => {
-                    self.record = None;
-                    self.next = (self.offset + 1, self.line + u64::from(b == b'\n'));
-                    Quote::FieldStart
-                }
-                (_, d) if d == self.delimiter => Quote::FieldStart,
-                (Quote::QuoteInQuoted, _) => {
-                    self.suspect.insert(start_line);
-                    Quote::Unquoted
-                }
-                _ => Quote::Unquoted,
-            };
-            if b == b'\n' {
-                self.line += 1;
-            }
-            self.offset += 1;
-            if self.too_long.is_none() && self.offset - start > MAX_RECORD {
-                self.too_long = Some((start_line, self.records));
+            self.advance(k as u64);
+            i += k;
+            if let Some(&b) = buf.get(i) {
+                self.byte(b);
+                i += 1;
             }
         }
+    }
+
+    fn begin(&mut self) {
+        self.records += 1;
+        #[cfg(test)]
+        self.starts.push(self.next);
+        self.record = Some(self.next);
+        self.state = Quote::FieldStart;
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.offset += n;
+        if let Some((start, line)) = self.record
+            && self.too_long.is_none()
+            && self.offset - start > MAX_RECORD
+        {
+            self.too_long = Some((line, self.records));
+        }
+    }
+
+    /// One byte, by csv-core's rules.
+    fn byte(&mut self, b: u8) {
+        if self.record.is_none() {
+            if b == b'\r' || b == b'\n' {
+                // between records: an empty line
+                self.line += u64::from(b == b'\n');
+                self.advance(1);
+                return;
+            }
+            self.begin();
+        }
+        self.state = match (self.state, b) {
+            (Quote::Quoted, b'"') => Quote::ClosingQuote,
+            (Quote::Quoted, _) => Quote::Quoted,
+            (Quote::ClosingQuote, b'"') => Quote::Quoted,
+            (Quote::FieldStart, b'"') => Quote::Quoted,
+            (_, b'\r' | b'\n') => {
+                self.record = None;
+                self.next = (self.offset + 1, self.line + u64::from(b == b'\n'));
+                Quote::FieldStart
+            }
+            (_, d) if d == self.delimiter => Quote::FieldStart,
+            (Quote::ClosingQuote, _) => {
+                if let Some((_, line)) = self.record {
+                    self.suspect.insert(line);
+                }
+                Quote::Unquoted
+            }
+            _ => Quote::Unquoted,
+        };
+        if b == b'\n' {
+            self.line += 1;
+        }
+        self.advance(1);
     }
 
     fn finish(self) -> Result<BTreeSet<u64>, Unreadable> {
@@ -750,6 +800,11 @@ pub(super) const TOO_DEEP: &str = "nested deeper than 128 levels (the limit), no
 /// Whether JSON text nests more than `MAX_CONTAINERS` arrays and objects
 /// (brackets inside strings do not count). Bytes only, no tree is built.
 pub(super) fn json_too_deep(text: &[u8]) -> bool {
+    // fewer brackets than the limit, the usual case: a count the compiler
+    // vectorizes, not the scan
+    if text.iter().filter(|&&b| b == b'[' || b == b'{').count() <= MAX_CONTAINERS {
+        return false;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -974,15 +1029,30 @@ mod tests {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let len = (seed % 24) as usize;
+            let len = (seed % 40) as usize;
             let mut text = Vec::with_capacity(len);
             let mut x = seed;
             for _ in 0..len {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 text.push(alphabet[(x >> 33) as usize % alphabet.len()]);
             }
+            // fed in pieces: the state crosses the ends of buffers
             let mut sh = CsvShape::new(b',');
-            sh.feed(&text);
+            let mut rest = &text[..];
+            while !rest.is_empty() {
+                let n = ((x >> 7) as usize % 5 + 1).min(rest.len());
+                x = x.rotate_left(5);
+                sh.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let mut whole = CsvShape::new(b',');
+            whole.feed(&text);
+            assert_eq!(
+                (&sh.starts, sh.line, &sh.suspect, sh.state),
+                (&whole.starts, whole.line, &whole.suspect, whole.state)
+            );
             let mut rdr = csv::ReaderBuilder::new()
                 .has_headers(false)
                 .flexible(true)
@@ -990,7 +1060,8 @@ mod tests {
             let mut rec = csv::ByteRecord::new();
             let mut starts = Vec::new();
             while rdr.read_byte_record(&mut rec).unwrap() {
-                starts.push(rec.position().unwrap().byte());
+                let p = rec.position().unwrap();
+                starts.push((p.byte(), p.line()));
             }
             assert_eq!(sh.starts, starts, "{:?}", String::from_utf8_lossy(&text));
         }
