@@ -326,7 +326,7 @@ const MAX_SUSPECT: usize = 10_000;
 /// The first two send the file to quarantine, the last makes a bad record.
 struct CsvShape {
     delimiter: u8,
-    state: Quote,
+    state: At,
     line: u64,
     offset: u64,
     /// Offset and line where the current record starts; `None` between
@@ -346,7 +346,7 @@ struct CsvShape {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Quote {
+enum At {
     FieldStart,
     Unquoted,
     Quoted,
@@ -358,7 +358,7 @@ impl CsvShape {
     fn new(delimiter: u8) -> CsvShape {
         CsvShape {
             delimiter,
-            state: Quote::FieldStart,
+            state: At::FieldStart,
             line: 1,
             offset: 0,
             record: None,
@@ -380,25 +380,25 @@ impl CsvShape {
             let rest = &buf[i..];
             let k = match self.state {
                 // inside quotes only a quote matters
-                Quote::Quoted => {
+                At::Quoted => {
                     let k = memchr::memchr(b'"', rest).unwrap_or(rest.len());
                     self.line += memchr::memchr_iter(b'\n', &rest[..k]).count() as u64;
                     k
                 }
-                Quote::ClosingQuote => 0,
+                At::ClosingQuote => 0,
                 // outside quotes: a quote (opening a field or not) and the
                 // ends of records; after a run of other bytes a field starts
                 // if the last one was the delimiter
-                Quote::FieldStart | Quote::Unquoted => {
+                At::FieldStart | At::Unquoted => {
                     let k = memchr::memchr3(b'"', b'\n', b'\r', rest).unwrap_or(rest.len());
                     if k > 0 {
                         if self.record.is_none() {
                             self.begin();
                         }
                         self.state = if rest[k - 1] == self.delimiter {
-                            Quote::FieldStart
+                            At::FieldStart
                         } else {
-                            Quote::Unquoted
+                            At::Unquoted
                         };
                     }
                     k
@@ -418,7 +418,7 @@ impl CsvShape {
         #[cfg(test)]
         self.starts.push(self.next);
         self.record = Some(self.next);
-        self.state = Quote::FieldStart;
+        self.state = At::FieldStart;
     }
 
     fn advance(&mut self, n: u64) {
@@ -443,23 +443,23 @@ impl CsvShape {
             self.begin();
         }
         self.state = match (self.state, b) {
-            (Quote::Quoted, b'"') => Quote::ClosingQuote,
-            (Quote::Quoted, _) => Quote::Quoted,
-            (Quote::ClosingQuote, b'"') => Quote::Quoted,
-            (Quote::FieldStart, b'"') => Quote::Quoted,
+            (At::Quoted, b'"') => At::ClosingQuote,
+            (At::Quoted, _) => At::Quoted,
+            (At::ClosingQuote, b'"') => At::Quoted,
+            (At::FieldStart, b'"') => At::Quoted,
             (_, b'\r' | b'\n') => {
                 self.record = None;
                 self.next = (self.offset + 1, self.line + u64::from(b == b'\n'));
-                Quote::FieldStart
+                At::FieldStart
             }
-            (_, d) if d == self.delimiter => Quote::FieldStart,
-            (Quote::ClosingQuote, _) => {
+            (_, d) if d == self.delimiter => At::FieldStart,
+            (At::ClosingQuote, _) => {
                 if let Some((_, line)) = self.record {
                     self.suspect.insert(line);
                 }
-                Quote::Unquoted
+                At::Unquoted
             }
-            _ => Quote::Unquoted,
+            _ => At::Unquoted,
         };
         if b == b'\n' {
             self.line += 1;
@@ -476,7 +476,7 @@ impl CsvShape {
                 n.saturating_sub(2)
             )));
         }
-        if let (Some((_, line)), Quote::Quoted) = (self.record, self.state) {
+        if let (Some((_, line)), At::Quoted) = (self.record, self.state) {
             return Err(Unreadable(format!(
                 "line {line}: a quoted field that starts in this record is never closed \
                  (the file ends inside the quotes), so the lines after it would become one \
