@@ -513,6 +513,58 @@ async fn xml_files_that_cannot_be_read_are_quarantined_with_the_reason() {
     assert_eq!(o.goods, vec![Value::from("2")]);
 }
 
+// ---- every format ----
+
+/// A UTF-8 byte order mark is skipped in every format; UTF-16 without one
+/// is named, not called binary.
+#[tokio::test]
+async fn utf8_bom_is_accepted_and_utf16_without_bom_is_named() {
+    for (name, text) in [
+        ("bom.csv", "\u{feff}a\n1\n"),
+        ("bom.jsonl", "\u{feff}{\"a\":\"1\"}\n"),
+        ("bom.json", "\u{feff}[{\"a\":\"1\"}]"),
+        ("bom.xml", "\u{feff}<r><a>1</a></r>"),
+    ] {
+        let o = drop_file(name, text.as_bytes(), "").await;
+        assert_eq!(o.quarantined, None, "{name}");
+        assert!(o.bads.is_empty(), "{name}: {:?}", o.bads);
+        let want = if name.ends_with(".xml") {
+            Value::from("1")
+        } else {
+            serde_json::json!({"a": "1"})
+        };
+        assert_eq!(o.goods, vec![want], "{name}");
+    }
+    let mut le = utf16le("<?xml version=\"1.0\"?><a><b>1</b></a>");
+    le.drain(..2);
+    let o = drop_file("nobom.xml", &le, "").await;
+    assert_eq!(
+        o.quarantined.as_deref(),
+        Some(
+            "the file is UTF-16 (little-endian, without a byte order mark); weft reads UTF-8 \
+             (and, for CSV, `encoding: latin-1` or `windows-1252`): convert it to UTF-8"
+        )
+    );
+}
+
+/// The fuzz targets' entry point reads like the source.
+#[test]
+fn read_bytes_reads_like_the_source() {
+    use weft_core::config::FileFormat;
+    let path = ["*".to_owned(), "*".to_owned()];
+    let deep = "<a>".repeat(100_000) + &"</a>".repeat(100_000);
+    let text = format!("<r><x>1</x><x>{deep}</x></r>");
+    let records = weft_connectors::file::read_bytes(FileFormat::Xml, &path, text.as_bytes())
+        .unwrap()
+        .unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(matches!(&records[1], Record::Bad(b) if b.error.contains("nested deeper")));
+    let why = weft_connectors::file::read_bytes(FileFormat::Csv, &[], b"a\n\"open\n1\n")
+        .unwrap()
+        .unwrap_err();
+    assert!(why.contains("never closed"), "{why}");
+}
+
 // ---- config of the drop folder ----
 
 #[test]

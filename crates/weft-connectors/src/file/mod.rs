@@ -667,6 +667,69 @@ async fn move_if_there(from: &Path, to: &Path) {
     }
 }
 
+/// Read `bytes` as one file of `format` the way the source reads a file
+/// (opened once, the check pass, then every record in batches), without a
+/// store: the entry point of the fuzz targets (`fuzz/`). `Ok(Err(why))`:
+/// the file would go to quarantine. What must hold for any input: it
+/// returns (no panic, no stack overflow, no hang).
+#[doc(hidden)]
+pub fn read_bytes(
+    format: FileFormat,
+    record_path: &[String],
+    bytes: &[u8],
+) -> std::io::Result<Result<Vec<crate::source::Record>, String>> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("weft-read-bytes-{}-{n}", std::process::id()));
+    std::fs::write(&path, bytes)?;
+    let opened = read::open(&path, false);
+    // the descriptor stays valid without the name
+    let _ = std::fs::remove_file(&path);
+    let (file, stamp) = match opened? {
+        Ok(x) => x,
+        Err(Unreadable(why)) => return Ok(Err(why)),
+    };
+    let file = Arc::new(file);
+    let stop = CancellationToken::new();
+    let checked = match read::hash_and_check(&file, stamp, format, b',', TextEncoding::Utf8, &stop)?
+    {
+        Ok(c) => c,
+        Err(Unreadable(why)) => return Ok(Err(why)),
+    };
+    let plan = Arc::new(Plan {
+        file,
+        len: stamp.len,
+        name: "input".into(),
+        format,
+        delimiter: b',',
+        encoding: TextEncoding::Utf8,
+        record_path: record_path.into(),
+        short: checked.hash.chars().take(16).collect(),
+        correlation_id: "read-bytes".into(),
+        source: "weft:read-bytes".into(),
+        event_type: "read-bytes".into(),
+        id_field: None,
+        batch_size: 100,
+        suspect: checked.suspect,
+    });
+    let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+    read::spawn_reader(plan, Pos::default(), tx)?;
+    let mut out = Vec::new();
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            Ok(p) => {
+                out.extend(p.records);
+                if p.done {
+                    return Ok(Ok(out));
+                }
+            }
+            Err(ReadError::Io(e)) => return Err(std::io::Error::other(e)),
+            Err(ReadError::Unreadable(why)) => return Ok(Err(why)),
+        }
+    }
+    Err(std::io::Error::other("the reader stopped early"))
+}
+
 /// `dir/name`, or `dir/name.<n>` when that is taken.
 fn free_name(dir: &Path, name: &str) -> PathBuf {
     let first = dir.join(name);

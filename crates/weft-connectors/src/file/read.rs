@@ -197,7 +197,8 @@ impl Seek for FileAt {
     }
 }
 
-/// A byte order mark of an encoding weft does not read, by name.
+/// An encoding weft does not read, told by a byte order mark (or, for
+/// XML without one, by `<?` in UTF-16), by name.
 fn foreign_bom(head: &[u8]) -> Option<&'static str> {
     // UTF-32 first: its little-endian mark starts like UTF-16's
     if head.starts_with(&[0xFF, 0xFE, 0, 0]) {
@@ -208,6 +209,10 @@ fn foreign_bom(head: &[u8]) -> Option<&'static str> {
         Some("UTF-16 (little-endian)")
     } else if head.starts_with(&[0xFE, 0xFF]) {
         Some("UTF-16 (big-endian)")
+    } else if head.starts_with(&[b'<', 0, b'?', 0]) || head.starts_with(&[b'<', 0, b'<', 0]) {
+        Some("UTF-16 (little-endian, without a byte order mark)")
+    } else if head.starts_with(&[0, b'<', 0, b'?']) {
+        Some("UTF-16 (big-endian, without a byte order mark)")
     } else {
         None
     }
@@ -255,8 +260,13 @@ pub(super) fn hash_and_check(
             first = false;
             let head = &buf[..n.min(64 * 1024)];
             if let Some(enc) = foreign_bom(head) {
+                let how = if enc.contains("without") {
+                    ""
+                } else {
+                    " (by its byte order mark)"
+                };
                 return Ok(Err(Unreadable(format!(
-                    "the file is {enc} (by its byte order mark); weft reads UTF-8 \
+                    "the file is {enc}{how}; weft reads UTF-8 \
                      (and, for CSV, `encoding: latin-1` or `windows-1252`): convert it to UTF-8"
                 ))));
             }
@@ -702,9 +712,14 @@ fn read_jsonl(
             );
             return Ok(());
         }
+        let first = pos.offset == 0;
         pos.offset += n as u64;
         pos.line += 1;
-        let text = trim_ascii(&line);
+        let mut text = trim_ascii(&line);
+        if first {
+            // a UTF-8 byte order mark, as the other formats accept it
+            text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+        }
         if !complete {
             records.push(plan.bad(
                 pos.line,
