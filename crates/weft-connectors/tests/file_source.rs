@@ -29,12 +29,19 @@ struct MemIngest {
     fail_call: Mutex<Option<usize>>,
     /// Answer `Unavailable` to the call with this number.
     unavailable_call: Mutex<Option<usize>>,
+    /// Called with the call's number before it is answered.
+    on_call: Mutex<Option<OnCall>>,
 }
+
+type OnCall = Box<dyn FnMut(usize) + Send>;
 
 impl Ingest for MemIngest {
     fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(f) = self.on_call.lock().unwrap().as_mut() {
+                f(n);
+            }
             if *self.fail_call.lock().unwrap() == Some(n) {
                 return Err(IngestError::Store("disk on fire".into()));
             }
@@ -101,6 +108,8 @@ fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
             encoding: None,
             record_path: None,
             poll_interval: None,
+            settle: None,
+            ready_marker: None,
             batch_size: Some(batch_size),
             id_field: None,
             event_type: None,
@@ -112,6 +121,9 @@ fn spec(target: FileTarget, batch_size: usize, poll_ms: u64) -> SourceSpec {
         batch_size,
         encoding: TextEncoding::Utf8,
         record_path: vec!["*".into(), "*".into()],
+        // two polls in a row (tests that pin the settle time set their own)
+        settle: Duration::ZERO,
+        ready_marker: None,
     }
 }
 
@@ -391,7 +403,11 @@ async fn resume_after_crash_csv_in_dir_mode() {
         .await
         .unwrap_err();
     assert!(err.message.contains("disk on fire"));
-    assert!(d.join("sq.csv").exists(), "not moved before it is read");
+    assert!(!d.join("sq.csv").exists(), "claimed before it is read");
+    assert!(
+        d.join("processing/sq.csv").exists(),
+        "left in processing/ for the resume"
+    );
     let stop = CancellationToken::new();
     let task = tokio::spawn(
         source(&spec(FileTarget::Dir(d.to_owned()), 7, 20)).run(ingest.clone(), stop.clone()),
@@ -985,4 +1001,215 @@ async fn big_latin1_csv_is_streamed() {
         size as f64 / 1e6,
         200_000.0 / secs
     );
+}
+
+// ---- the drop folder: claim, settle, ready marker, one descriptor ----
+
+fn dir_spec(d: &Path, batch_size: usize, f: impl FnOnce(&mut SourceSpec)) -> SourceSpec {
+    let mut sp = spec(FileTarget::Dir(d.to_owned()), batch_size, 30);
+    f(&mut sp);
+    sp
+}
+
+fn set_settle(sp: &mut SourceSpec, d: Duration) {
+    if let SourceSpec::File { settle, .. } = sp {
+        *settle = d;
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// P0-2: an upload that stalls for longer than two polls was hashed and
+/// read half; it waits for `settle` now.
+#[tokio::test]
+async fn an_upload_pausing_longer_than_two_polls_is_not_read_half() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = write(&d.join("upload.jsonl"), &lines(3));
+    let sp = dir_spec(d, 100, |sp| set_settle(sp, Duration::from_millis(800)));
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    // the uploader stalls for ten polls
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ingest.calls.load(Ordering::SeqCst),
+        0,
+        "read while the upload stalled"
+    );
+    append(&path, "{\"i\":4}\n");
+    wait_for("processed", || d.join("processed/upload.jsonl").exists()).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let got: Vec<i64> = ingest
+        .goods()
+        .iter()
+        .map(|e| e.data["i"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn ready_marker_mode_reads_a_file_once_its_marker_exists_and_moves_the_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("orders.jsonl"), &lines(2));
+    let sp = dir_spec(d, 100, |sp| {
+        if let SourceSpec::File { ready_marker, .. } = sp {
+            *ready_marker = Some(".done".into());
+        }
+    });
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ingest.calls.load(Ordering::SeqCst),
+        0,
+        "read without marker"
+    );
+    append(&d.join("orders.jsonl"), "{\"i\":3}\n");
+    write(&d.join("orders.jsonl.done"), "");
+    wait_for("processed", || d.join("processed/orders.jsonl").exists()).await;
+    wait_for("marker moved", || {
+        d.join("processed/orders.jsonl.done").exists()
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert!(!d.join("orders.jsonl.done").exists());
+    assert!(!d.join("processing/orders.jsonl.done").exists());
+    assert_eq!(ingest.goods().len(), 3);
+}
+
+/// P0-2: the file is renamed into `processing/` before it is read, so the
+/// name in the drop folder is free (and an uploader that writes a new file
+/// under it does not touch the one being read).
+#[tokio::test]
+async fn a_file_is_claimed_into_processing_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    write(&d.join("a.jsonl"), &lines(5));
+    let sp = dir_spec(&d, 2, |_| {});
+    let ingest = Arc::new(MemIngest::default());
+    let where_ = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (d, w) = (d.clone(), where_.clone());
+        *ingest.on_call.lock().unwrap() = Some(Box::new(move |_| {
+            w.lock().unwrap().push((
+                d.join("a.jsonl").exists(),
+                d.join("processing/a.jsonl").exists(),
+            ));
+        }));
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    wait_for("processed", || d.join("processed/a.jsonl").exists()).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let seen = where_.lock().unwrap().clone();
+    assert_eq!(seen, vec![(false, true); 3]);
+    assert!(!d.join("processing/a.jsonl").exists());
+}
+
+/// P0-2: a file written to after it was claimed (the uploader still has it
+/// open) is not marked done: reading stops before the next batch and the
+/// file goes to quarantine with the reason.
+#[tokio::test]
+async fn a_file_appended_while_it_is_read_is_quarantined_not_marked_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    write(&d.join("grow.jsonl"), &lines(6));
+    let sp = dir_spec(&d, 2, |_| {});
+    let ingest = Arc::new(MemIngest::default());
+    {
+        let d = d.clone();
+        *ingest.on_call.lock().unwrap() = Some(Box::new(move |n| {
+            if n == 1 {
+                append(&d.join("processing/grow.jsonl"), "{\"i\":7}\n");
+            }
+        }));
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    wait_for("quarantined", || {
+        d.join("quarantine/grow.jsonl.error.txt").exists()
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let report = std::fs::read_to_string(d.join("quarantine/grow.jsonl.error.txt")).unwrap();
+    assert!(
+        report.contains("the file changed while it was read (its size went from 48 to 56 bytes)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("the records before line 3 were ingested, the rest not"),
+        "{report}"
+    );
+    assert!(!d.join("processed/grow.jsonl").exists());
+    assert_eq!(ingest.goods().len(), 2, "only the batch before the change");
+    let cps = ingest.checkpoints.lock().unwrap();
+    assert!(
+        cps.values().all(|v| v.contains("\"done\":false")),
+        "{cps:?}"
+    );
+}
+
+/// P0-2: a name swapped for a symbolic link is not followed: the link goes
+/// to quarantine and what it points to is not read.
+#[tokio::test]
+async fn a_symlink_in_the_drop_folder_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("drop");
+    std::fs::create_dir_all(d.join("processing")).unwrap();
+    let secret = write(&dir.path().join("secret.jsonl"), "{\"password\":\"x\"}\n");
+    // as if swapped after the listing and claimed
+    std::os::unix::fs::symlink(&secret, d.join("processing/orders.jsonl")).unwrap();
+    // a link in the folder itself is never a candidate
+    std::os::unix::fs::symlink(&secret, d.join("more.jsonl")).unwrap();
+    let sp = dir_spec(&d, 10, |_| {});
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    wait_for("quarantined", || {
+        d.join("quarantine/orders.jsonl.error.txt").exists()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let report = std::fs::read_to_string(d.join("quarantine/orders.jsonl.error.txt")).unwrap();
+    assert!(
+        report.contains("the name is a symbolic link; links are not followed in a drop folder"),
+        "{report}"
+    );
+    assert_eq!(ingest.calls.load(Ordering::SeqCst), 0);
+    assert!(d.join("more.jsonl").exists(), "a link is left alone");
+}
+
+/// A file rewritten in place after it was read is a new file (new content
+/// hash, new ids): on purpose, documented in ARCHITECTURE.md.
+#[tokio::test]
+async fn a_file_dropped_again_with_new_content_is_a_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    write(&d.join("c.jsonl"), &lines(1));
+    let sp = dir_spec(&d, 10, |_| {});
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(source(&sp).run(ingest.clone(), stop.clone()));
+    wait_for("processed", || d.join("processed/c.jsonl").exists()).await;
+    write(&d.join("c.jsonl"), &lines(1));
+    wait_for("same content skipped", || !d.join("c.jsonl").exists()).await;
+    write(&d.join("c.jsonl"), &lines(2));
+    wait_for("second", || ingest.goods().len() == 3).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let ids: HashSet<String> = ingest.goods().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), 3, "new content, new ids");
 }

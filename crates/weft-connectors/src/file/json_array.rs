@@ -14,13 +14,15 @@
 //! Positions: the checkpoint's offset is the byte after an element (before
 //! its comma); the record ordinal (1-based) is the record id.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{BufRead, BufReader};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::read::{BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send};
+use super::read::{
+    BUF, FileAt, MAX_CONTAINERS, MAX_RECORD, Parsed, Plan, Pos, ReadError, TOO_DEEP, Unreadable,
+    io_error, send,
+};
 
 /// Where the scanner stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,8 @@ struct Element {
     offset: u64,
     line: u64,
     too_long: bool,
+    /// More than `MAX_CONTAINERS` arrays and objects inside one another.
+    too_deep: bool,
 }
 
 struct Scanner<R> {
@@ -208,6 +212,7 @@ impl<R: BufRead> Scanner<R> {
             offset: self.offset,
             line: self.line,
             too_long: false,
+            too_deep: false,
         };
         let mut el = start;
         // closing brackets expected, innermost last
@@ -243,6 +248,7 @@ impl<R: BufRead> Scanner<R> {
                         b'"' => in_string = true,
                         _ => bare = true,
                     }
+                    el.too_deep |= stack.len() > MAX_CONTAINERS;
                     i += 1;
                     continue;
                 }
@@ -267,8 +273,10 @@ impl<R: BufRead> Scanner<R> {
                 } else {
                     match b {
                         b'"' => in_string = true,
-                        b'{' => stack.push(b'}'),
-                        b'[' => stack.push(b']'),
+                        b'{' | b'[' => {
+                            stack.push(if b == b'{' { b'}' } else { b']' });
+                            el.too_deep |= stack.len() > MAX_CONTAINERS;
+                        }
                         b'}' | b']' => {
                             if stack.pop() != Some(b) {
                                 mismatch = Some(b);
@@ -319,7 +327,10 @@ impl<R: BufRead> Scanner<R> {
 
 /// Check that the file is one well-formed array (its elements' content is
 /// checked when they are read).
-pub(super) fn check(f: File, stop: &CancellationToken) -> std::io::Result<Result<(), Unreadable>> {
+pub(super) fn check(
+    f: FileAt,
+    stop: &CancellationToken,
+) -> std::io::Result<Result<(), Unreadable>> {
     let mut sc = Scanner {
         r: BufReader::with_capacity(BUF, f),
         offset: 0,
@@ -370,11 +381,8 @@ pub(super) fn read(
     start: Pos,
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
-    let mut f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
-    f.seek(SeekFrom::Start(start.offset))
-        .map_err(|e| io_error(plan, e))?;
     let mut sc = Scanner {
-        r: BufReader::with_capacity(BUF, f),
+        r: BufReader::with_capacity(BUF, plan.at(start.offset)),
         offset: start.offset,
         line: start.line.max(1),
         state: if start.offset == 0 {
@@ -422,6 +430,8 @@ pub(super) fn read(
                 &[],
                 format!("element longer than {} MiB, not read", MAX_RECORD >> 20),
             )
+        } else if el.too_deep {
+            plan.bad_at(pos.record, &location, &buf, TOO_DEEP.into())
         } else {
             match parse(&buf, el.line) {
                 Ok(v) => plan.good_at(pos.record, &location, v),

@@ -4,11 +4,19 @@
 //! - **Dir**: every `poll_interval` the folder is listed; a file matching
 //!   the pattern (default: the extensions of `format`, or `.csv`, `.jsonl`,
 //!   `.ndjson`, `.json`, `.xml`; never dotfiles, `*.tmp`, `*.part`) is
-//!   read once its size and modification time were
-//!   the same at two polls in a row (so a file still being written is left
-//!   alone). Files are read in name order, then moved to `processed/`, or,
+//!   ready once its size and modification time held still for `settle`
+//!   (default 10 s, so an upload that pauses is left alone), or, with
+//!   `ready_marker: .done`, once `<name>.done` exists. A ready file is
+//!   claimed by an atomic rename into `processing/`, opened there once
+//!   without following symbolic links, and every pass (hash, check, read)
+//!   reads that one descriptor by position, never past the length it had
+//!   when opened; if its size or modification time change while it is
+//!   read, reading stops and it goes to quarantine with the reason.
+//!   Files are read in name order, then moved to `processed/`, or,
 //!   when they cannot be read at all (no CSV header, binary), to
-//!   `quarantine/` beside a `<name>.error.txt` report. Runs until shutdown.
+//!   `quarantine/` beside a `<name>.error.txt` report; a marker moves with
+//!   its file. What is in `processing/` at the start is resumed from its
+//!   checkpoint. Runs until shutdown.
 //! - **Path**: the one file is read in place (never moved or changed), then
 //!   `run` returns.
 //!
@@ -42,7 +50,7 @@ mod xml;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -80,9 +88,21 @@ pub struct FileSource {
     encoding: TextEncoding,
     record_path: Arc<[String]>,
     poll_interval: Duration,
+    /// Drop folder: how long a file must hold still before it is read.
+    settle: Duration,
+    /// Drop folder: a file is read once `<name><ready_marker>` exists.
+    ready_marker: Option<String>,
     batch_size: usize,
     id_field: Option<Arc<Program>>,
     event_type: String,
+}
+
+/// A candidate file as last listed: its state and since when it holds.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    len: u64,
+    mtime: Option<SystemTime>,
+    since: Instant,
 }
 
 /// The checkpoint value of one file.
@@ -129,6 +149,8 @@ impl FileSource {
             batch_size,
             encoding,
             record_path,
+            settle,
+            ready_marker,
         } = spec
         else {
             return Err(err("not a file source".into()));
@@ -151,6 +173,8 @@ impl FileSource {
             encoding: *encoding,
             record_path: record_path.clone().into(),
             poll_interval: *poll_interval,
+            settle: *settle,
+            ready_marker: ready_marker.clone(),
             batch_size: (*batch_size).max(1),
             id_field: id_field.clone(),
             event_type: event_type.clone(),
@@ -167,6 +191,11 @@ impl FileSource {
     /// Whether a directory entry's name is a file to read.
     fn wanted(&self, name: &str) -> bool {
         if name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part") {
+            return false;
+        }
+        if let Some(m) = &self.ready_marker
+            && name.ends_with(m.as_str())
+        {
             return false;
         }
         match &self.pattern {
@@ -200,9 +229,12 @@ impl FileSource {
     }
 
     /// Read one file to its end (or to shutdown), ingesting as it goes.
+    /// The file is opened once (`follow`: whether a symbolic link is
+    /// followed) and every pass reads that descriptor.
     async fn read_file(
         &self,
         path: &Path,
+        follow: bool,
         ingest: &Arc<dyn Ingest>,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, SourceError> {
@@ -215,18 +247,32 @@ impl FileSource {
                 "cannot tell the format of `{name}`: set `format` (csv, jsonl, json_array or xml) or use a .csv, .jsonl, .ndjson, .json or .xml name"
             )));
         };
-        // first pass: content hash and a check that the file is readable at all
         let p = path.to_owned();
+        let opened = tokio::task::spawn_blocking(move || read::open(&p, follow))
+            .await
+            .map_err(|e| self.err(format!("file open task failed: {e}")))?;
+        let (file, stamp) = match opened {
+            Ok(Ok((f, st))) => (Arc::new(f), st),
+            Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
+            Err(e) => {
+                return Ok(Outcome::Failed(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        // first pass: content hash and a check that the file is readable at all
         let delimiter = self.delimiter;
         let encoding = self.encoding;
         let stop = shutdown.clone();
+        let f = file.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            read::hash_and_check(&p, format, delimiter, encoding, &stop)
+            read::hash_and_check(&f, stamp, format, delimiter, encoding, &stop)
         })
         .await
         .map_err(|e| self.err(format!("file check task failed: {e}")))?;
-        let hash = match checked {
-            Ok(Ok(h)) => h,
+        let (hash, suspect) = match checked {
+            Ok(Ok(c)) => (c.hash, c.suspect),
             Ok(Err(Unreadable(why))) => return Ok(Outcome::Unreadable(why)),
             Err(_) if shutdown.is_cancelled() => return Ok(Outcome::Stopped),
             Err(e) => {
@@ -251,7 +297,8 @@ impl FileSource {
             return Ok(Outcome::Done);
         }
         let plan = Arc::new(Plan {
-            path: path.to_owned(),
+            file,
+            len: stamp.len,
             name: name.clone(),
             format,
             delimiter,
@@ -263,6 +310,7 @@ impl FileSource {
             event_type: self.event_type.clone(),
             id_field: self.id_field.clone(),
             batch_size: self.batch_size,
+            suspect,
         });
         // one reader per attempt; after a refused batch, start again from the last commit
         'attempt: loop {
@@ -293,6 +341,22 @@ impl FileSource {
                         )));
                     }
                 };
+                // what is read must be what was hashed: stop before a
+                // batch of a file that changed since it was opened
+                let changed = stamp
+                    .changed(&plan.file)
+                    .unwrap_or_else(|e| Some(format!("cannot stat the open file: {e}")));
+                if let Some(why) = changed {
+                    let at = match format {
+                        FileFormat::Csv | FileFormat::Jsonl => format!("line {}", cp.line + 1),
+                        FileFormat::JsonArray | FileFormat::Xml => {
+                            format!("record {}", cp.record + 1)
+                        }
+                    };
+                    return Ok(Outcome::Unreadable(format!(
+                        "{why}; the records before {at} were ingested, the rest not"
+                    )));
+                }
                 let mut next_cp = cp.clone();
                 next_cp.offset = parsed.pos.offset;
                 next_cp.line = parsed.pos.line;
@@ -362,7 +426,8 @@ impl FileSource {
         ingest: Arc<dyn Ingest>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        match self.read_file(path, &ingest, &shutdown).await? {
+        // the one configured file: a symbolic link to it is followed
+        match self.read_file(path, true, &ingest, &shutdown).await? {
             Outcome::Done | Outcome::Stopped => Ok(()),
             Outcome::Unreadable(why) => {
                 Err(self.err(format!("cannot read {}: {why}", path.display())))
@@ -371,24 +436,45 @@ impl FileSource {
         }
     }
 
+    /// The drop folder. A ready file is first claimed by an atomic rename
+    /// into `processing/` (so nothing else reads or replaces it under that
+    /// name), then read, then moved to `processed/` or `quarantine/`. What
+    /// is in `processing/` at the start (a crash, a read that failed) is
+    /// resumed first, from its checkpoint.
     async fn run_dir(
         &self,
         dir: &Path,
         ingest: Arc<dyn Ingest>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
+        let processing = dir.join("processing");
         let processed = dir.join("processed");
         let quarantine = dir.join("quarantine");
-        for d in [&processed, &quarantine] {
+        for d in [&processing, &processed, &quarantine] {
             tokio::fs::create_dir_all(d)
                 .await
                 .map_err(|e| self.err(format!("cannot create {}: {e}", d.display())))?;
         }
-        // size and modification time of each candidate at the previous poll
-        let mut seen: HashMap<String, (u64, Option<SystemTime>)> = HashMap::new();
+        let mut seen: HashMap<String, Seen> = HashMap::new();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            // claimed before: resume them, in name order
+            let claimed = match self.claimed(&processing).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(dir = %processing.display(), error = %e, "file source: cannot list the folder");
+                    Vec::new()
+                }
+            };
+            for name in claimed {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                if !self.handle(dir, &name, &ingest, &shutdown).await? {
+                    return Ok(());
+                }
             }
             let ready = match self.poll(dir, &mut seen).await {
                 Ok(r) => r,
@@ -401,43 +487,28 @@ impl FileSource {
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
-                let path = dir.join(&name);
-                match self.read_file(&path, &ingest, &shutdown).await? {
-                    Outcome::Stopped => return Ok(()),
-                    Outcome::Failed(why) => {
-                        tracing::warn!(file = %name, error = %why, "file source: read failed, will try again");
-                    }
-                    Outcome::Done => {
-                        let to = free_name(&processed, &name);
-                        if let Err(e) = tokio::fs::rename(&path, &to).await {
-                            tracing::error!(file = %path.display(), error = %e, "file source: cannot move to processed/");
-                        } else {
-                            tracing::info!(file = %name, "file source: read, moved to processed/");
-                        }
-                    }
-                    Outcome::Unreadable(why) => {
-                        tracing::warn!(file = %name, reason = %why, "file source: cannot read, moved to quarantine/");
-                        let to = free_name(&quarantine, &name);
-                        let report = to.with_file_name(format!(
-                            "{}.error.txt",
-                            to.file_name()
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default()
-                        ));
-                        let text = format!(
-                            "file: {name}\nsource: {}\ntime: {}\nerror: {why}\n",
-                            self.system,
-                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                        );
-                        if let Err(e) = tokio::fs::write(&report, text).await {
-                            tracing::error!(file = %report.display(), error = %e, "file source: cannot write the error report");
-                        }
-                        if let Err(e) = tokio::fs::rename(&path, &to).await {
-                            tracing::error!(file = %path.display(), error = %e, "file source: cannot move to quarantine/");
-                        }
+                seen.remove(&name);
+                let to = processing.join(&name);
+                if tokio::fs::symlink_metadata(&to).await.is_ok() {
+                    // a file of that name is still being read (it failed): later
+                    tracing::debug!(file = %name, "file source: a file of that name is in processing/, waiting");
+                    continue;
+                }
+                match tokio::fs::rename(dir.join(&name), &to).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        tracing::warn!(file = %name, error = %e, "file source: cannot claim (move to processing/), will try again");
+                        continue;
                     }
                 }
-                seen.remove(&name);
+                if let Some(m) = &self.ready_marker {
+                    let marker = format!("{name}{m}");
+                    move_if_there(&dir.join(&marker), &processing.join(&marker)).await;
+                }
+                if !self.handle(dir, &name, &ingest, &shutdown).await? {
+                    return Ok(());
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.poll_interval) => {}
@@ -446,39 +517,217 @@ impl FileSource {
         }
     }
 
-    /// List the folder; return, in name order, the files whose size and
-    /// modification time did not change since the previous poll.
+    /// Names of the files in `processing/` (not markers), in name order.
+    async fn claimed(&self, processing: &Path) -> std::io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut entries = tokio::fs::read_dir(processing).await?;
+        while let Some(e) = entries.next_entry().await? {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if self
+                .ready_marker
+                .as_ref()
+                .is_some_and(|m| name.ends_with(m.as_str()))
+            {
+                continue;
+            }
+            out.push(name);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Read `processing/<name>` and move it (and its marker) on. `false`:
+    /// shutdown.
+    async fn handle(
+        &self,
+        dir: &Path,
+        name: &str,
+        ingest: &Arc<dyn Ingest>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SourceError> {
+        let path = dir.join("processing").join(name);
+        let marker = self.ready_marker.as_ref().map(|m| format!("{name}{m}"));
+        if let Some(m) = &marker
+            && tokio::fs::symlink_metadata(dir.join(name)).await.is_err()
+        {
+            // a crash between claiming the file and moving its marker
+            move_if_there(&dir.join(m), &dir.join("processing").join(m)).await;
+        }
+        match self.read_file(&path, false, ingest, shutdown).await? {
+            Outcome::Stopped => return Ok(false),
+            Outcome::Failed(why) => {
+                tracing::warn!(file = %name, error = %why, "file source: read failed, will try again");
+            }
+            Outcome::Done => {
+                let processed = dir.join("processed");
+                let to = free_name(&processed, name);
+                if let Err(e) = tokio::fs::rename(&path, &to).await {
+                    tracing::error!(file = %path.display(), error = %e, "file source: cannot move to processed/");
+                } else {
+                    tracing::info!(file = %name, "file source: read, moved to processed/");
+                }
+                if let Some(m) = &marker {
+                    move_if_there(&dir.join("processing").join(m), &free_name(&processed, m)).await;
+                }
+            }
+            Outcome::Unreadable(why) => {
+                tracing::warn!(file = %name, reason = %why, "file source: cannot read, moved to quarantine/");
+                let quarantine = dir.join("quarantine");
+                let to = free_name(&quarantine, name);
+                let report = to.with_file_name(format!(
+                    "{}.error.txt",
+                    to.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                let text = format!(
+                    "file: {name}\nsource: {}\ntime: {}\nerror: {why}\n",
+                    self.system,
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+                if let Err(e) = tokio::fs::write(&report, text).await {
+                    tracing::error!(file = %report.display(), error = %e, "file source: cannot write the error report");
+                }
+                if let Err(e) = tokio::fs::rename(&path, &to).await {
+                    tracing::error!(file = %path.display(), error = %e, "file source: cannot move to quarantine/");
+                }
+                if let Some(m) = &marker {
+                    move_if_there(&dir.join("processing").join(m), &free_name(&quarantine, m))
+                        .await;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// List the folder; return, in name order, the files that are ready:
+    /// with `ready_marker`, those whose marker exists; else those whose
+    /// size and modification time held still for `settle` (and at least
+    /// from one poll to the next).
     async fn poll(
         &self,
         dir: &Path,
-        seen: &mut HashMap<String, (u64, Option<SystemTime>)>,
+        seen: &mut HashMap<String, Seen>,
     ) -> std::io::Result<Vec<String>> {
-        let mut now: HashMap<String, (u64, Option<SystemTime>)> = HashMap::new();
+        let at = Instant::now();
+        let mut now: HashMap<String, Seen> = HashMap::new();
+        let mut markers = std::collections::HashSet::new();
         let mut entries = tokio::fs::read_dir(dir).await?;
         while let Some(e) = entries.next_entry().await? {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
             };
+            if let Some(m) = &self.ready_marker
+                && let Some(base) = name.strip_suffix(m.as_str())
+            {
+                markers.insert(base.to_owned());
+                continue;
+            }
             if !self.wanted(&name) {
                 continue;
             }
+            // not followed: a symbolic link is not a file to read
             let Ok(meta) = e.metadata().await else {
                 continue;
             };
             if !meta.is_file() {
                 continue;
             }
-            now.insert(name, (meta.len(), meta.modified().ok()));
+            let (len, mtime) = (meta.len(), meta.modified().ok());
+            let since = match seen.get(&name) {
+                Some(s) if s.len == len && s.mtime == mtime => s.since,
+                _ => at,
+            };
+            now.insert(name, Seen { len, mtime, since });
         }
         let mut ready: Vec<String> = now
             .iter()
-            .filter(|(name, state)| seen.get(*name) == Some(state))
+            .filter(|(name, s)| match &self.ready_marker {
+                Some(_) => markers.contains(*name),
+                None => s.since < at && at.duration_since(s.since) >= self.settle,
+            })
             .map(|(name, _)| name.clone())
             .collect();
         ready.sort();
         *seen = now;
         Ok(ready)
     }
+}
+
+/// Move `from` to `to` if `from` exists (a marker file); failures are logged.
+async fn move_if_there(from: &Path, to: &Path) {
+    match tokio::fs::rename(from, to).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %from.display(), error = %e, "file source: cannot move the ready marker");
+        }
+    }
+}
+
+/// Read `bytes` as one file of `format` the way the source reads a file
+/// (opened once, the check pass, then every record in batches), without a
+/// store: the entry point of the fuzz targets (`fuzz/`). `Ok(Err(why))`:
+/// the file would go to quarantine. What must hold for any input: it
+/// returns (no panic, no stack overflow, no hang).
+#[doc(hidden)]
+pub fn read_bytes(
+    format: FileFormat,
+    record_path: &[String],
+    bytes: &[u8],
+) -> std::io::Result<Result<Vec<crate::source::Record>, String>> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("weft-read-bytes-{}-{n}", std::process::id()));
+    std::fs::write(&path, bytes)?;
+    let opened = read::open(&path, false);
+    // the descriptor stays valid without the name
+    let _ = std::fs::remove_file(&path);
+    let (file, stamp) = match opened? {
+        Ok(x) => x,
+        Err(Unreadable(why)) => return Ok(Err(why)),
+    };
+    let file = Arc::new(file);
+    let stop = CancellationToken::new();
+    let checked = match read::hash_and_check(&file, stamp, format, b',', TextEncoding::Utf8, &stop)?
+    {
+        Ok(c) => c,
+        Err(Unreadable(why)) => return Ok(Err(why)),
+    };
+    let plan = Arc::new(Plan {
+        file,
+        len: stamp.len,
+        name: "input".into(),
+        format,
+        delimiter: b',',
+        encoding: TextEncoding::Utf8,
+        record_path: record_path.into(),
+        short: checked.hash.chars().take(16).collect(),
+        correlation_id: "read-bytes".into(),
+        source: "weft:read-bytes".into(),
+        event_type: "read-bytes".into(),
+        id_field: None,
+        batch_size: 100,
+        suspect: checked.suspect,
+    });
+    let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+    read::spawn_reader(plan, Pos::default(), tx)?;
+    let mut out = Vec::new();
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            Ok(p) => {
+                out.extend(p.records);
+                if p.done {
+                    return Ok(Ok(out));
+                }
+            }
+            Err(ReadError::Io(e)) => return Err(std::io::Error::other(e)),
+            Err(ReadError::Unreadable(why)) => return Ok(Err(why)),
+        }
+    }
+    Err(std::io::Error::other("the reader stopped early"))
 }
 
 /// `dir/name`, or `dir/name.<n>` when that is taken.

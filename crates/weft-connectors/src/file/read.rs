@@ -2,10 +2,13 @@
 //! that parses batches of records from a byte offset and feeds them through
 //! a bounded channel, so parsing overlaps the ingest of the previous batch.
 
-use std::fs::File;
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -17,7 +20,10 @@ use crate::source::{BadRecord, Record};
 
 /// Everything the reader needs to turn one file into records.
 pub(super) struct Plan {
-    pub path: PathBuf,
+    /// The one descriptor of the file: every pass reads it by position.
+    pub file: Arc<File>,
+    /// Its length when it was opened (and hashed): nothing after it is read.
+    pub len: u64,
     /// The file's name, for locations and ids.
     pub name: String,
     pub format: FileFormat,
@@ -33,6 +39,9 @@ pub(super) struct Plan {
     pub event_type: String,
     pub id_field: Option<Arc<Program>>,
     pub batch_size: usize,
+    /// CSV: lines where records start that the check pass found read
+    /// leniently (text after a closing quote): bad records.
+    pub suspect: BTreeSet<u64>,
 }
 
 /// Where reading stands: the byte offset of the next record, the number
@@ -68,20 +77,174 @@ pub(super) struct Unreadable(pub String);
 
 pub(super) const BUF: usize = 1 << 20;
 
-/// Hash the whole content (streaming) and check that it can be read as
-/// `format`. `Ok(Err(_))`: the file is unreadable as such; `Err`: I/O, or
-/// `Interrupted` when `stop` was cancelled.
+/// Size and modification time of the open file (`fstat`): if either
+/// changes while the file is read, what was read is not what was hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub len: u64,
+    pub mtime: Option<SystemTime>,
+}
+
+impl Stamp {
+    pub(super) fn of(f: &File) -> std::io::Result<Stamp> {
+        let m = f.metadata()?;
+        Ok(Stamp {
+            len: m.len(),
+            mtime: m.modified().ok(),
+        })
+    }
+
+    /// `Some(what changed)` when the file is no longer as it was opened.
+    pub(super) fn changed(&self, f: &File) -> std::io::Result<Option<String>> {
+        let now = Stamp::of(f)?;
+        Ok(if now.len != self.len {
+            Some(format!(
+                "the file changed while it was read (its size went from {} to {} bytes): \
+                 it was still being written; raise `settle` or use `ready_marker`",
+                self.len, now.len
+            ))
+        } else if now.mtime != self.mtime {
+            Some(
+                "the file changed while it was read (it was written to; its size stayed): \
+                 it was still being written; raise `settle` or use `ready_marker`"
+                    .into(),
+            )
+        } else {
+            None
+        })
+    }
+}
+
+/// Open `path` once for every pass. In a drop folder (`follow: false`) a
+/// symbolic link is not followed (`O_NOFOLLOW`: the name could have been
+/// swapped for a link after the folder was listed). `O_NONBLOCK` keeps a
+/// FIFO from blocking the open; anything but a regular file is refused.
+/// `Ok(Err(_))`: not a file weft reads (it goes to quarantine).
+pub(super) fn open(
+    path: &Path,
+    follow: bool,
+) -> std::io::Result<Result<(File, Stamp), Unreadable>> {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    o.custom_flags(flags);
+    let f = match o.open(path) {
+        Ok(f) => f,
+        Err(e) if !follow && e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Err(Unreadable(
+                "the name is a symbolic link; links are not followed in a drop folder".into(),
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Ok(Err(Unreadable("not a regular file".into())));
+    }
+    let stamp = Stamp::of(&f)?;
+    Ok(Ok((f, stamp)))
+}
+
+/// A reader over the one open file by positional reads (`pread`): the
+/// hash pass, the check pass and every reader attempt share the
+/// descriptor but not a file offset (a reader of an abandoned attempt may
+/// still be running), and none reads past `len`, the length that was
+/// hashed, so what is read is what was hashed.
+pub(super) struct FileAt {
+    file: Arc<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl FileAt {
+    pub(super) fn new(file: Arc<File>, pos: u64, len: u64) -> FileAt {
+        FileAt { file, pos, len }
+    }
+}
+
+impl Read for FileAt {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for FileAt {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let next = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        match next {
+            Some(n) => {
+                self.pos = n;
+                Ok(n)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the file",
+            )),
+        }
+    }
+}
+
+/// An encoding weft does not read, told by a byte order mark (or, for
+/// XML without one, by `<?` in UTF-16), by name.
+fn foreign_bom(head: &[u8]) -> Option<&'static str> {
+    // UTF-32 first: its little-endian mark starts like UTF-16's
+    if head.starts_with(&[0xFF, 0xFE, 0, 0]) {
+        Some("UTF-32 (little-endian)")
+    } else if head.starts_with(&[0, 0, 0xFE, 0xFF]) {
+        Some("UTF-32 (big-endian)")
+    } else if head.starts_with(&[0xFF, 0xFE]) {
+        Some("UTF-16 (little-endian)")
+    } else if head.starts_with(&[0xFE, 0xFF]) {
+        Some("UTF-16 (big-endian)")
+    } else if head.starts_with(&[b'<', 0, b'?', 0]) || head.starts_with(&[b'<', 0, b'<', 0]) {
+        Some("UTF-16 (little-endian, without a byte order mark)")
+    } else if head.starts_with(&[0, b'<', 0, b'?']) {
+        Some("UTF-16 (big-endian, without a byte order mark)")
+    } else {
+        None
+    }
+}
+
+/// What the check pass learned of a readable file.
+#[derive(Debug, Default)]
+pub(super) struct Checked {
+    /// SHA-256 of the content, hex.
+    pub hash: String,
+    /// CSV: the lines where records start that the csv parser would read
+    /// leniently (text after a closing quote): bad records.
+    pub suspect: BTreeSet<u64>,
+}
+
+/// Hash the whole content (streaming, `stamp.len` bytes) and check that it
+/// can be read as `format`. `Ok(Err(_))`: the file is unreadable as such;
+/// `Err`: I/O, or `Interrupted` when `stop` was cancelled.
 pub(super) fn hash_and_check(
-    path: &std::path::Path,
+    file: &Arc<File>,
+    stamp: Stamp,
     format: FileFormat,
     delimiter: u8,
     encoding: TextEncoding,
     stop: &tokio_util::sync::CancellationToken,
-) -> std::io::Result<Result<String, Unreadable>> {
-    let mut f = File::open(path)?;
+) -> std::io::Result<Result<Checked, Unreadable>> {
+    let mut f = FileAt::new(file.clone(), 0, stamp.len);
+    let mut shape = (format == FileFormat::Csv).then(|| CsvShape::new(delimiter));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; BUF];
     let mut first = true;
+    let mut total = 0u64;
     loop {
         if stop.is_cancelled() {
             return Err(std::io::Error::new(
@@ -96,22 +259,249 @@ pub(super) fn hash_and_check(
         if first {
             first = false;
             let head = &buf[..n.min(64 * 1024)];
+            if let Some(enc) = foreign_bom(head) {
+                let how = if enc.contains("without") {
+                    ""
+                } else {
+                    " (by its byte order mark)"
+                };
+                return Ok(Err(Unreadable(format!(
+                    "the file is {enc}{how}; weft reads UTF-8 \
+                     (and, for CSV, `encoding: latin-1` or `windows-1252`): convert it to UTF-8"
+                ))));
+            }
             if head.contains(&0) {
                 return Ok(Err(Unreadable(
                     "the file is binary (it contains NUL bytes), not text".into(),
                 )));
             }
         }
+        total += n as u64;
         hasher.update(&buf[..n]);
+        if let Some(sh) = &mut shape {
+            sh.feed(&buf[..n]);
+        }
     }
-    f.seek(SeekFrom::Start(0))?;
-    let checked = match format {
-        FileFormat::Csv => csv_header(f, delimiter, encoding).map(|_| ()),
-        FileFormat::Jsonl => Ok(()),
-        FileFormat::JsonArray => super::json_array::check(f, stop)?,
-        FileFormat::Xml => super::xml::check(f, stop)?,
+    if let Some(why) = stamp.changed(file)? {
+        return Ok(Err(Unreadable(why)));
+    }
+    if total != stamp.len {
+        return Ok(Err(Unreadable(format!(
+            "the file changed while it was read (it was {} bytes when opened, {total} could be read)",
+            stamp.len
+        ))));
+    }
+    let at = FileAt::new(file.clone(), 0, stamp.len);
+    let suspect = match shape {
+        Some(sh) => match csv_header(at, delimiter, encoding).and_then(|_| sh.finish()) {
+            Ok(s) => s,
+            Err(u) => return Ok(Err(u)),
+        },
+        None => {
+            let checked = match format {
+                FileFormat::JsonArray => super::json_array::check(at, stop)?,
+                FileFormat::Xml => super::xml::check(at, stop)?,
+                FileFormat::Csv | FileFormat::Jsonl => Ok(()),
+            };
+            if let Err(u) = checked {
+                return Ok(Err(u));
+            }
+            BTreeSet::new()
+        }
     };
-    Ok(checked.map(|()| hex::encode(hasher.finalize())))
+    Ok(Ok(Checked {
+        hash: hex::encode(hasher.finalize()),
+        suspect,
+    }))
+}
+
+/// More records with text after a closing quote than this: the file is
+/// not CSV as configured (another delimiter or quote?).
+const MAX_SUSPECT: usize = 10_000;
+
+/// The record structure of a CSV file as the csv parser will see it,
+/// followed byte by byte in the hash pass (no values are built; the csv
+/// parser still reads them). It mirrors csv-core's rules for the settings
+/// used here: `"` quotes, `""` inside quotes is a quote, a quote opens a
+/// quoted field only at the start of a field, `\r`, `\n` and `\r\n` end a
+/// record, empty lines are skipped. It finds, before any record is
+/// emitted, what the parser would accept silently:
+/// - a quoted field that never closes: the parser ends it at the end of
+///   the file, so the rows after the quote would arrive as one field (with
+///   the right field count when the quote is in the last column);
+/// - a record over 32 MiB: nothing tells where the next one starts;
+/// - text after a closing quote (`"a"b`, read as `ab`): a stray quote that
+///   pairs with a later one swallows the lines between into one field.
+///
+/// The first two send the file to quarantine, the last makes a bad record.
+struct CsvShape {
+    delimiter: u8,
+    state: At,
+    line: u64,
+    offset: u64,
+    /// Offset and line where the current record starts; `None` between
+    /// records.
+    record: Option<(u64, u64)>,
+    /// Where the next record starts as the csv parser tells it (its
+    /// `Position`): right after the first byte ending the previous record,
+    /// empty lines after it included.
+    next: (u64, u64),
+    /// Records started, the header included.
+    records: u64,
+    too_long: Option<(u64, u64)>,
+    suspect: BTreeSet<u64>,
+    /// Offsets and lines where records start (tests compare them with csv's).
+    #[cfg(test)]
+    starts: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A `"` inside quotes: the closing one, or the first of `""`.
+    ClosingQuote,
+}
+
+impl CsvShape {
+    fn new(delimiter: u8) -> CsvShape {
+        CsvShape {
+            delimiter,
+            state: At::FieldStart,
+            line: 1,
+            offset: 0,
+            record: None,
+            next: (0, 1),
+            records: 0,
+            too_long: None,
+            suspect: BTreeSet::new(),
+            #[cfg(test)]
+            starts: Vec::new(),
+        }
+    }
+
+    /// Follow `buf`: runs of bytes that cannot change the structure are
+    /// skipped with memchr (the quote tracking runs at memory speed), the
+    /// rest goes through `byte`.
+    fn feed(&mut self, buf: &[u8]) {
+        let mut i = 0;
+        while i < buf.len() {
+            let rest = &buf[i..];
+            let k = match self.state {
+                // inside quotes only a quote matters
+                At::Quoted => {
+                    let k = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+                    self.line += memchr::memchr_iter(b'\n', &rest[..k]).count() as u64;
+                    k
+                }
+                At::ClosingQuote => 0,
+                // outside quotes: a quote (opening a field or not) and the
+                // ends of records; after a run of other bytes a field starts
+                // if the last one was the delimiter
+                At::FieldStart | At::Unquoted => {
+                    let k = memchr::memchr3(b'"', b'\n', b'\r', rest).unwrap_or(rest.len());
+                    if k > 0 {
+                        if self.record.is_none() {
+                            self.begin();
+                        }
+                        self.state = if rest[k - 1] == self.delimiter {
+                            At::FieldStart
+                        } else {
+                            At::Unquoted
+                        };
+                    }
+                    k
+                }
+            };
+            self.advance(k as u64);
+            i += k;
+            if let Some(&b) = buf.get(i) {
+                self.byte(b);
+                i += 1;
+            }
+        }
+    }
+
+    fn begin(&mut self) {
+        self.records += 1;
+        #[cfg(test)]
+        self.starts.push(self.next);
+        self.record = Some(self.next);
+        self.state = At::FieldStart;
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.offset += n;
+        if let Some((start, line)) = self.record
+            && self.too_long.is_none()
+            && self.offset - start > MAX_RECORD
+        {
+            self.too_long = Some((line, self.records));
+        }
+    }
+
+    /// One byte, by csv-core's rules.
+    fn byte(&mut self, b: u8) {
+        if self.record.is_none() {
+            if b == b'\r' || b == b'\n' {
+                // between records: an empty line
+                self.line += u64::from(b == b'\n');
+                self.advance(1);
+                return;
+            }
+            self.begin();
+        }
+        self.state = match (self.state, b) {
+            (At::Quoted, b'"') => At::ClosingQuote,
+            (At::Quoted, _) => At::Quoted,
+            (At::ClosingQuote, b'"') => At::Quoted,
+            (At::FieldStart, b'"') => At::Quoted,
+            (_, b'\r' | b'\n') => {
+                self.record = None;
+                self.next = (self.offset + 1, self.line + u64::from(b == b'\n'));
+                At::FieldStart
+            }
+            (_, d) if d == self.delimiter => At::FieldStart,
+            (At::ClosingQuote, _) => {
+                if let Some((_, line)) = self.record {
+                    self.suspect.insert(line);
+                }
+                At::Unquoted
+            }
+            _ => At::Unquoted,
+        };
+        if b == b'\n' {
+            self.line += 1;
+        }
+        self.advance(1);
+    }
+
+    fn finish(self) -> Result<BTreeSet<u64>, Unreadable> {
+        // rows: records but the header
+        if let Some((line, n)) = self.too_long {
+            return Err(Unreadable(format!(
+                "line {line}: {RECORD_TOO_LONG}; nothing tells where the next record starts, \
+                 so no record of the file was read (rows before it: {})",
+                n.saturating_sub(2)
+            )));
+        }
+        if let (Some((_, line)), At::Quoted) = (self.record, self.state) {
+            return Err(Unreadable(format!(
+                "line {line}: a quoted field that starts in this record is never closed \
+                 (the file ends inside the quotes), so the lines after it would become one \
+                 field; no record of the file was read (rows before it: {})",
+                self.records.saturating_sub(2)
+            )));
+        }
+        if self.suspect.len() > MAX_SUSPECT {
+            return Err(Unreadable(format!(
+                "more than {MAX_SUSPECT} records have text after a closing quote: the file is \
+                 not CSV as configured (another `delimiter`?)"
+            )));
+        }
+        Ok(self.suspect)
+    }
 }
 
 fn csv_reader<R: Read>(r: R, delimiter: u8) -> csv::Reader<R> {
@@ -217,6 +607,11 @@ pub(super) fn send(tx: &mpsc::Sender<Result<Parsed, ReadError>>, p: Parsed) -> R
 }
 
 impl Plan {
+    /// A reader of the file from `offset` (buffered by the caller).
+    pub(super) fn at(&self, offset: u64) -> FileAt {
+        FileAt::new(self.file.clone(), offset, self.len)
+    }
+
     fn location(&self, line: u64) -> String {
         format!("file {} line {line}", self.name)
     }
@@ -298,10 +693,7 @@ fn read_jsonl(
     start: Pos,
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
-    let mut f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
-    f.seek(SeekFrom::Start(start.offset))
-        .map_err(|e| io_error(plan, e))?;
-    let mut rdr = BufReader::with_capacity(BUF, f);
+    let mut rdr = BufReader::with_capacity(BUF, plan.at(start.offset));
     let mut pos = start;
     let mut line = Vec::with_capacity(4096);
     let mut records = Vec::with_capacity(plan.batch_size);
@@ -320,15 +712,22 @@ fn read_jsonl(
             );
             return Ok(());
         }
+        let first = pos.offset == 0;
         pos.offset += n as u64;
         pos.line += 1;
-        let text = trim_ascii(&line);
+        let mut text = trim_ascii(&line);
+        if first {
+            // a UTF-8 byte order mark, as the other formats accept it
+            text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+        }
         if !complete {
             records.push(plan.bad(
                 pos.line,
                 text,
                 format!("line longer than {} MiB, not read", MAX_LINE >> 20),
             ));
+        } else if json_too_deep(text) {
+            records.push(plan.bad(pos.line, text, TOO_DEEP.into()));
         } else if !text.is_empty() {
             records.push(match serde_json::from_slice::<serde_json::Value>(text) {
                 Ok(v) => plan.good(pos.line, v),
@@ -402,6 +801,54 @@ pub(super) fn io_error(plan: &Plan, e: impl std::fmt::Display) -> ReadError {
     ReadError::Io(format!("reading {}: {e}", plan.name))
 }
 
+/// Deepest nesting of a record: a value inside 127 nested arrays or
+/// objects is at level 128. serde_json refuses deeper text (its recursion
+/// limit), and a record's JSON is parsed again downstream (store, mapping),
+/// so a deeper record is refused here, whole, as a bad record with this
+/// reason, rather than crash the process (a deep tree overflows the stack
+/// when dropped) or turn into an error or `null` later.
+pub(super) const MAX_DEPTH: usize = 128;
+/// Arrays and objects allowed inside one another.
+pub(super) const MAX_CONTAINERS: usize = MAX_DEPTH - 1;
+pub(super) const TOO_DEEP: &str = "nested deeper than 128 levels (the limit), not read";
+
+/// Whether JSON text nests more than `MAX_CONTAINERS` arrays and objects
+/// (brackets inside strings do not count). Bytes only, no tree is built.
+pub(super) fn json_too_deep(text: &[u8]) -> bool {
+    // fewer brackets than the limit, the usual case: a count the compiler
+    // vectorizes, not the scan
+    if text.iter().filter(|&&b| b == b'[' || b == b'{').count() <= MAX_CONTAINERS {
+        return false;
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in text {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_CONTAINERS {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Longest CSV record, JSON array element or XML record read (an unclosed
 /// quote would otherwise swallow the rest of the file).
 pub(super) const MAX_RECORD: u64 = 32 << 20;
@@ -447,11 +894,13 @@ fn read_csv(
     start: Pos,
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
-    let f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
     let capped = Capped {
-        inner: f,
+        inner: plan.at(0),
         since: std::cell::Cell::new(0),
-        max: MAX_RECORD,
+        // the check pass measured every record exactly; this cap, counted
+        // in buffer reads, is only a guard, loose enough never to refuse
+        // what the check accepted
+        max: MAX_RECORD + 2 * BUF as u64,
     };
     let (mut rdr, names) = csv_header(capped, plan.delimiter, plan.encoding)
         .map_err(|e| ReadError::Unreadable(e.0))?;
@@ -474,7 +923,17 @@ fn read_csv(
             Ok(more) => more,
             Err(e) => match e.kind() {
                 csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                    // the check pass refuses such a file; should it appear
+                    // anyway, the rows parsed before it still go out first
                     let line = e.position().map_or(pos.line + 1, |p| p.line());
+                    let _ = send(
+                        tx,
+                        Parsed {
+                            records: std::mem::take(&mut records),
+                            pos,
+                            done: false,
+                        },
+                    );
                     return Err(ReadError::Unreadable(format!(
                         "line {line}: {RECORD_TOO_LONG}; the records before it were read"
                     )));
@@ -503,7 +962,11 @@ fn read_csv(
         // the next record starts here; lines before it are consumed
         pos.offset = rdr.position().byte();
         pos.line = rdr.position().line().saturating_sub(1);
-        records.push(csv_row(plan, &names, &rec, line));
+        if plan.suspect.contains(&line) {
+            records.push(plan.bad(line, &csv_raw(plan, &rec), SUSPECT.into()));
+        } else {
+            records.push(csv_row(plan, &names, &rec, line));
+        }
         if records.len() >= plan.batch_size {
             let done = rdr.is_done();
             let full = std::mem::replace(&mut records, Vec::with_capacity(plan.batch_size));
@@ -524,11 +987,17 @@ fn read_csv(
     }
 }
 
+const SUSPECT: &str = "text after the closing quote of a quoted field (`\"a\"b`); if a quote in \
+     this record was never meant to close, it swallowed the lines up to the next quote: not read";
+
+/// The fields of a record joined by the delimiter, for the DLQ entry.
+fn csv_raw(plan: &Plan, rec: &csv::ByteRecord) -> Vec<u8> {
+    let fields: Vec<&[u8]> = rec.iter().collect();
+    fields.join(&plan.delimiter)
+}
+
 fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> Record {
-    let raw = || {
-        let fields: Vec<&[u8]> = rec.iter().collect();
-        fields.join(&plan.delimiter)
-    };
+    let raw = || csv_raw(plan, rec);
     if rec.len() != names.len() {
         return plan.bad(
             line,
@@ -563,7 +1032,66 @@ fn csv_row(plan: &Plan, names: &[String], rec: &csv::ByteRecord, line: u64) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{Capped, read_line};
+    use super::{Capped, CsvShape, read_line};
+
+    /// The quote tracker agrees with the csv parser on where every record
+    /// starts, over random text made of the characters that matter.
+    #[test]
+    fn csv_shape_finds_the_records_the_csv_parser_finds() {
+        let alphabet = b"a,\"\n\r;";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 40) as usize;
+            let mut text = Vec::with_capacity(len);
+            let mut x = seed;
+            for _ in 0..len {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                text.push(alphabet[(x >> 33) as usize % alphabet.len()]);
+            }
+            // fed in pieces: the state crosses the ends of buffers
+            let mut sh = CsvShape::new(b',');
+            let mut rest = &text[..];
+            while !rest.is_empty() {
+                let n = ((x >> 7) as usize % 5 + 1).min(rest.len());
+                x = x.rotate_left(5);
+                sh.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let mut whole = CsvShape::new(b',');
+            whole.feed(&text);
+            assert_eq!(
+                (&sh.starts, sh.line, &sh.suspect, sh.state),
+                (&whole.starts, whole.line, &whole.suspect, whole.state)
+            );
+            let mut rdr = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(&text[..]);
+            let mut rec = csv::ByteRecord::new();
+            let mut starts = Vec::new();
+            while rdr.read_byte_record(&mut rec).unwrap() {
+                let p = rec.position().unwrap();
+                starts.push((p.byte(), p.line()));
+            }
+            assert_eq!(sh.starts, starts, "{:?}", String::from_utf8_lossy(&text));
+        }
+    }
+
+    #[test]
+    fn csv_shape_flags_text_after_a_closing_quote_and_unclosed_quotes() {
+        let mut sh = CsvShape::new(b',');
+        sh.feed(b"a,b\n1,\"x\"\"y\"\n2,\"p\"q\n3,\"m\nn\"\n4,\"open\n5,x\n");
+        let e = sh.finish().unwrap_err().0;
+        assert!(e.starts_with("line 6: a quoted field"), "{e}");
+        let mut sh = CsvShape::new(b',');
+        sh.feed(b"a,b\n1,\"x\"\"y\"\n2,\"p\"q\n3,\"m\nn\"\n");
+        assert_eq!(sh.finish().unwrap(), [3].into());
+    }
 
     #[test]
     fn csv_record_that_never_ends_is_refused() {

@@ -23,8 +23,8 @@
 //! the open ones. The record ordinal (1-based) is the record id.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
 
 use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
@@ -33,7 +33,10 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::read::{BUF, MAX_RECORD, Parsed, Plan, Pos, ReadError, Unreadable, io_error, send};
+use super::read::{
+    BUF, FileAt, MAX_CONTAINERS, MAX_DEPTH, MAX_RECORD, Parsed, Plan, Pos, ReadError, TOO_DEEP,
+    Unreadable, io_error, send,
+};
 
 /// Whether the open elements `stack` are at `path` (`*` matches any name;
 /// a name without a prefix matches the local name).
@@ -51,7 +54,10 @@ fn name_of(e: &BytesStart<'_>) -> String {
 }
 
 /// Check that the file is well-formed XML in UTF-8.
-pub(super) fn check(f: File, stop: &CancellationToken) -> std::io::Result<Result<(), Unreadable>> {
+pub(super) fn check(
+    f: FileAt,
+    stop: &CancellationToken,
+) -> std::io::Result<Result<(), Unreadable>> {
     let mut reader = Reader::from_reader(BufReader::with_capacity(BUF, f));
     let mut buf = Vec::new();
     let mut depth = 0usize;
@@ -198,6 +204,8 @@ struct Capture {
     offset: u64,
     /// Why it cannot become a value (it is still read to its end).
     bad: Option<String>,
+    /// Most elements open at once inside it.
+    deepest: usize,
 }
 
 impl Capture {
@@ -218,11 +226,7 @@ impl Capture {
 fn raw_snippet(plan: &Plan, from: u64, to: u64) -> Vec<u8> {
     let len = to.saturating_sub(from).min(64 * 1024);
     let mut out = vec![0u8; len as usize];
-    let read = File::open(&plan.path).and_then(|mut f| {
-        f.seek(SeekFrom::Start(from))?;
-        f.read_exact(&mut out)
-    });
-    if read.is_err() {
+    if plan.file.read_exact_at(&mut out, from).is_err() {
         out.clear();
     }
     out
@@ -234,10 +238,7 @@ pub(super) fn read(
     tx: &mpsc::Sender<Result<Parsed, ReadError>>,
 ) -> Result<(), ReadError> {
     let path: &[String] = &plan.record_path;
-    let mut f = File::open(&plan.path).map_err(|e| io_error(plan, e))?;
-    f.seek(SeekFrom::Start(start.offset))
-        .map_err(|e| io_error(plan, e))?;
-    let mut reader = Reader::from_reader(BufReader::with_capacity(BUF, f));
+    let mut reader = Reader::from_reader(BufReader::with_capacity(BUF, plan.at(start.offset)));
     // the open elements; on resume, the record's parents (closed later
     // without the reader having seen them open)
     let mut stack: Vec<String> = Vec::new();
@@ -269,8 +270,16 @@ pub(super) fn read(
             Event::Start(e) | Event::Empty(e) => {
                 stack.push(name_of(&e));
                 match &mut cap {
+                    // each element is an object or a string: more elements
+                    // inside one another than levels can never fit
+                    Some(c) if c.bad.is_none() && c.frames.len() >= MAX_DEPTH => {
+                        c.fail(TOO_DEEP.into());
+                    }
                     Some(c) if c.bad.is_none() => match Frame::open(&e) {
-                        Ok(fr) => c.frames.push(fr),
+                        Ok(fr) => {
+                            c.frames.push(fr);
+                            c.deepest = c.deepest.max(c.frames.len());
+                        }
                         Err(why) => c.fail(format!("in `<{}>`: {why}", name_of(&e))),
                     },
                     Some(_) => {}
@@ -279,6 +288,7 @@ pub(super) fn read(
                             frames: Vec::new(),
                             offset: before,
                             bad: None,
+                            deepest: 1,
                         };
                         match Frame::open(&e) {
                             Ok(fr) => c.frames.push(fr),
@@ -353,6 +363,13 @@ pub(super) fn read(
             "file {} record {} (byte {})",
             plan.name, pos.record, c.offset
         );
+        // repeated children add an array level: measure what may be too deep
+        let result = match result {
+            Ok(v) if c.deepest * 2 > MAX_CONTAINERS && containers(&v) > MAX_CONTAINERS => {
+                Err(TOO_DEEP.to_owned())
+            }
+            other => other,
+        };
         records.push(match result {
             Ok(v) => plan.good_at(pos.record, &location, v),
             Err(why) => plan.bad_at(
@@ -377,6 +394,16 @@ pub(super) fn read(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Arrays and objects inside one another in `v` (a value built here, at
+/// most twice `MAX_DEPTH` deep, so the recursion is bounded).
+fn containers(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(containers).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(containers).max().unwrap_or(0),
+        _ => 0,
     }
 }
 

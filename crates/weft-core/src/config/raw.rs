@@ -287,6 +287,14 @@ pub struct FileSourceConfig {
     pub record_path: Option<Spanned<String>>,
     /// How often to look for new files (default `1s`).
     pub poll_interval: Option<Spanned<String>>,
+    /// Drop folder: a file is read once its size and modification time
+    /// held still this long (default `10s`; `0s`: two polls in a row), so
+    /// an upload that pauses is not read half. Not used with `ready_marker`.
+    pub settle: Option<Spanned<String>>,
+    /// Drop folder: read a file only once a marker file of the same name
+    /// plus this suffix exists (`ready_marker: .done`: `orders.csv` is read
+    /// once `orders.csv.done` appears); the marker moves with the file.
+    pub ready_marker: Option<Spanned<String>>,
     /// Records per store commit (default 1000).
     pub batch_size: Option<usize>,
     /// jq path giving each record's id; default: the file's content hash and line number.

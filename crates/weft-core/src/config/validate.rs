@@ -115,6 +115,12 @@ pub enum SourceSpec {
         /// XML files: the element names from the root to a record
         /// element; `*` matches any name.
         record_path: Vec<String>,
+        /// Drop folder: how long a file's size and modification time must
+        /// hold still before it is read.
+        settle: Duration,
+        /// Drop folder: the suffix of the marker file that says a file is
+        /// complete (`.done`); then `settle` is not used.
+        ready_marker: Option<String>,
     },
     Generate {
         cfg: GenerateSourceConfig,
@@ -1005,7 +1011,44 @@ fn source_spec(
                     }
                 }
             };
+            let settle = cx.duration(
+                &format!("{fp}.settle"),
+                &cfg.settle,
+                Duration::from_secs(10),
+            );
+            let ready_marker = cfg.ready_marker.as_ref().and_then(|m| {
+                let v = m.value.trim();
+                let bad = if v.is_empty() {
+                    Some("must not be empty: a suffix such as `.done`")
+                } else if v.contains(['/', '\\']) {
+                    Some("is a suffix of the file name (such as `.done`), not a path")
+                } else if cfg.settle.is_some() {
+                    Some("and `settle` exclude each other: with a marker a file is read once its marker exists")
+                } else if cfg.path.is_some() {
+                    Some("is used only with `dir` (a drop folder)")
+                } else {
+                    None
+                };
+                match bad {
+                    Some(why) => {
+                        cx.at_span(format!("{fp}.ready_marker"), m, why);
+                        None
+                    }
+                    None => Some(v.to_owned()),
+                }
+            });
+            if let Some(s) = &cfg.settle
+                && cfg.path.is_some()
+            {
+                cx.at_span(
+                    format!("{fp}.settle"),
+                    s,
+                    "is used only with `dir` (a drop folder)",
+                );
+            }
             Some(SourceSpec::File {
+                settle,
+                ready_marker,
                 target: target?,
                 encoding,
                 record_path,

@@ -1,0 +1,9 @@
+#![no_main]
+//! The xml reader of the file source on arbitrary bytes.
+
+use libfuzzer_sys::fuzz_target;
+use weft_core::config::FileFormat;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| common::check(FileFormat::Xml, &["*", "*"], data));
