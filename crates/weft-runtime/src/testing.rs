@@ -57,6 +57,9 @@ pub enum Step {
     Hang,
     /// Every delivery written, after a delay (a late confirmation).
     Delay(Duration),
+    /// Every delivery written (recorded as accepted), and then the call
+    /// never returns: the destination has the data, weft never hears it.
+    AcceptThenHang,
 }
 
 /// One delivery the sink accepted (its result was `Ok`).
@@ -203,7 +206,7 @@ impl ScriptedSink {
         let mut out = Vec::with_capacity(batch.len());
         for (n, d) in batch.iter().enumerate() {
             let r = match step {
-                Step::Ok | Step::Delay(_) => Ok(Written::default()),
+                Step::Ok | Step::Delay(_) | Step::AcceptThenHang => Ok(Written::default()),
                 Step::Written { external_id } => Ok(Written {
                     external_id: Some(format!("{external_id}-{}", d.id)),
                     ..Written::default()
@@ -262,6 +265,12 @@ impl Sink for ScriptedSink {
                 }
                 Step::Hang => {
                     self.lock().calls.push(batch.iter().map(|d| d.id).collect());
+                    self.changed.notify_waiters();
+                    std::future::pending::<()>().await;
+                    Vec::new()
+                }
+                Step::AcceptThenHang => {
+                    self.run(batch, &step);
                     self.changed.notify_waiters();
                     std::future::pending::<()>().await;
                     Vec::new()
