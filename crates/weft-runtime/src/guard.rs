@@ -450,7 +450,10 @@ mod tests {
         let t1 = t + Duration::from_millis(150);
         let first = b.allow(t1).expect("probe 1");
         let second = b.allow(t1).expect("probe 2");
-        assert!(matches!(b.record(t1, true, first), Some(State::Open { .. })));
+        assert!(matches!(
+            b.record(t1, true, first),
+            Some(State::Open { .. })
+        ));
         let t2 = t1 + Duration::from_millis(150);
         let third = b.allow(t2).expect("probe of the next period");
         assert_ne!(second, third);

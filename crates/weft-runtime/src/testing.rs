@@ -125,7 +125,9 @@ impl ScriptedSink {
     /// The next `n` deliveries of `key` fail (retryable, or for good), the
     /// other deliveries of the same calls are written.
     pub fn fail_key(&self, key: &str, n: usize, permanent: bool) -> &Self {
-        self.lock().key_faults.insert(key.to_owned(), (n, permanent));
+        self.lock()
+            .key_faults
+            .insert(key.to_owned(), (n, permanent));
         self
     }
 

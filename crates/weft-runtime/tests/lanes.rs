@@ -9,15 +9,16 @@ use serde_json::json;
 use weft_core::config::{BreakerPolicy, OnDeadLetter};
 use weft_runtime::guard::{Guard, State};
 use weft_runtime::testing::{RunningLane, ScriptedSink, Step, enqueue, open_guard, policy};
-use weft_store::{
-    DlqFilter, FlowCounts, Journal, LaneId, MemoryJournal, Replay, StoreError,
-};
+use weft_store::{DlqFilter, FlowCounts, Journal, LaneId, MemoryJournal, Replay, StoreError};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
 fn counts(j: &MemoryJournal, flow: &str, dest: &str) -> FlowCounts {
     let lane = LaneId::new(flow, dest);
-    let all = j.read().counts(std::slice::from_ref(&lane)).expect("counts");
+    let all = j
+        .read()
+        .counts(std::slice::from_ref(&lane))
+        .expect("counts");
     all.into_iter()
         .find(|c| c.flow == flow && c.destination == dest)
         .expect("the lane's counts")
@@ -136,11 +137,17 @@ async fn a_hanging_probe_does_not_keep_half_open_reserved() {
         .expect("enqueue");
     let guard = breaker(1, 50);
     let l = lane(&j, &sink, guard.clone(), policy(1, 1, 10));
-    sink.wait_for_writes(2, WITHIN).await.expect("delivered in the end");
+    sink.wait_for_writes(2, WITHIN)
+        .await
+        .expect("delivered in the end");
     l.stop(WITHIN).await.expect("stops");
     assert_eq!(guard.state(), State::Closed);
     let calls = sink.calls();
-    assert_eq!(calls.len(), 4, "fail, hanging probe, probe, next: {calls:?}");
+    assert_eq!(
+        calls.len(),
+        4,
+        "fail, hanging probe, probe, next: {calls:?}"
+    );
     let c = counts(&j, "f", "d");
     assert_eq!((c.delivered, c.pending), (2, 0));
 }
@@ -165,7 +172,9 @@ async fn a_claim_failure_while_half_open_gives_the_probe_back() {
     // probe's claim, which fails
     j.fail_next(1, || StoreError::Invalid("injected claim failure".into()))
         .expect("inject");
-    sink.wait_for_writes(2, WITHIN).await.expect("probe given back");
+    sink.wait_for_writes(2, WITHIN)
+        .await
+        .expect("probe given back");
     l.stop(WITHIN).await.expect("stops");
     assert_eq!(guard.state(), State::Closed);
     let c = counts(&j, "f", "d");
@@ -187,7 +196,11 @@ async fn a_failed_batch_counts_once_for_the_breaker() {
     let l = lane(&j, &sink, guard.clone(), policy(10, 1, 5));
     sink.wait_for_writes(10, WITHIN).await.expect("retried");
     l.stop(WITHIN).await.expect("stops");
-    assert_eq!(guard.state(), State::Closed, "1 failed write of 10 rows < 3");
+    assert_eq!(
+        guard.state(),
+        State::Closed,
+        "1 failed write of 10 rows < 3"
+    );
     assert_eq!(sink.calls()[0].len(), 10);
     assert_eq!(sink.accepted().len(), 10, "each row once");
 }
@@ -279,7 +292,9 @@ async fn a_hot_key_drains_in_a_few_batches_in_order() {
     enqueue(&*j, "f", "d", "e", &r).await.expect("enqueue");
     let t = Instant::now();
     let l = lane(&j, &sink, open_guard("d"), policy(500, 1, 5));
-    sink.wait_for_writes(2000, WITHIN).await.expect("all written");
+    sink.wait_for_writes(2000, WITHIN)
+        .await
+        .expect("all written");
     let took = t.elapsed();
     l.stop(WITHIN).await.expect("stops");
     let calls = sink.calls();
@@ -316,14 +331,17 @@ async fn rows_in_backoff_do_not_starve_other_keys() {
     p.max_backoff = Duration::from_secs(30);
     p.multiplier = 1.0;
     let l = lane(&j, &sink, open_guard("d"), p);
-    sink.wait_for_writes(200, WITHIN).await.expect("good keys flow");
+    sink.wait_for_writes(200, WITHIN)
+        .await
+        .expect("good keys flow");
     l.stop(WITHIN).await.expect("stops");
     let acc = sink.accepted();
     assert_eq!(acc.len(), 200);
-    assert!(
-        acc.iter()
-            .all(|a| a.entity_key.as_deref().is_some_and(|k| k.starts_with("good")))
-    );
+    assert!(acc.iter().all(|a| {
+        a.entity_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with("good"))
+    }));
     let c = counts(&j, "f", "d");
     // a backoff is drawn from [0, 30 s]: a very short one may come due
     assert!(c.pending >= 45 && c.pending <= 50, "{c:?}");
@@ -471,5 +489,32 @@ async fn a_failing_settle_resends_after_the_lease_and_loses_nothing() {
     }
     let c = counts(&j, "f", "d");
     assert_eq!((c.delivered, c.dead_lettered, c.pending), (3, 0, 0));
+    assert!(c.balanced, "{c:?}");
+}
+
+/// P4-7: a `hold_key` lane with far more held rows than a batch (the old
+/// in-memory window filled up with them): the other keys keep flowing.
+#[tokio::test]
+async fn many_held_rows_do_not_block_other_keys() {
+    let j = Arc::new(MemoryJournal::new());
+    let sink = Arc::new(ScriptedSink::new());
+    sink.fail_key("held", 1, true);
+    let mut r: Vec<(Option<&str>, serde_json::Value)> =
+        (0..501).map(|n| (Some("held"), json!({"n": n}))).collect();
+    let others: Vec<String> = (0..100).map(|i| format!("o{i}")).collect();
+    r.extend(others.iter().map(|k| (Some(k.as_str()), json!({"key": k}))));
+    enqueue(&*j, "f", "d", "e", &r).await.expect("enqueue");
+    let mut p = policy(10, 2, 5);
+    p.on_dead_letter = OnDeadLetter::HoldKey;
+    let l = lane(&j, &sink, open_guard("d"), p);
+    sink.wait_for_writes(100, WITHIN)
+        .await
+        .expect("others flow");
+    l.stop(WITHIN).await.expect("stops");
+    let acc = sink.accepted();
+    assert_eq!(acc.len(), 100);
+    assert!(acc.iter().all(|a| a.entity_key.as_deref() != Some("held")));
+    let c = counts(&j, "f", "d");
+    assert_eq!((c.delivered, c.dead_lettered, c.pending), (100, 1, 500));
     assert!(c.balanced, "{c:?}");
 }
