@@ -99,7 +99,7 @@ async fn a_panicking_sink_is_retried_and_its_keys_are_not_wedged() {
 #[tokio::test]
 async fn a_hanging_write_is_retried_after_max_write_time_and_other_keys_flow() {
     let j = Arc::new(MemoryJournal::new());
-    let sink = Arc::new(ScriptedSink::new().max_write_time(Duration::from_millis(300)));
+    let sink = Arc::new(ScriptedSink::new().max_write_time(Duration::from_millis(1000)));
     sink.then([Step::Hang]);
     enqueue(&*j, "f", "d", "e", &rows(&["stuck", "b", "c", "d"]))
         .await
@@ -108,12 +108,12 @@ async fn a_hanging_write_is_retried_after_max_write_time_and_other_keys_flow() {
     let l = lane(&j, &sink, open_guard("d"), policy(1, 2, 5));
     sink.wait_for_writes(3, WITHIN).await.expect("others flow");
     assert!(
-        t.elapsed() < Duration::from_millis(300),
+        t.elapsed() < Duration::from_millis(1000),
         "the other keys did not wait for the hanging write: {:?}",
         t.elapsed()
     );
     sink.wait_for_writes(4, WITHIN).await.expect("retried");
-    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert!(t.elapsed() >= Duration::from_millis(1000));
     l.stop(WITHIN).await.expect("stops");
     let acc = sink.accepted();
     let keys: Vec<_> = acc.iter().map(|a| a.entity_key.as_deref()).collect();
@@ -163,7 +163,7 @@ async fn a_claim_failure_while_half_open_gives_the_probe_back() {
     enqueue(&*j, "f", "d", "e", &rows(&["a", "b"]))
         .await
         .expect("enqueue");
-    let guard = breaker(1, 400);
+    let guard = breaker(1, 600);
     let l = lane(&j, &sink, guard.clone(), policy(1, 1, 10));
     sink.wait_for_calls(1, WITHIN).await.expect("first call");
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -317,7 +317,7 @@ async fn rows_in_backoff_do_not_starve_other_keys() {
     let sink = Arc::new(ScriptedSink::new());
     let bad: Vec<String> = (0..50).map(|i| format!("bad{i}")).collect();
     for k in &bad {
-        sink.fail_key(k, 1, false);
+        sink.fail_key(k, usize::MAX, false);
     }
     let mut r: Vec<(Option<&str>, serde_json::Value)> = bad
         .iter()
@@ -326,7 +326,7 @@ async fn rows_in_backoff_do_not_starve_other_keys() {
     let good: Vec<String> = (0..200).map(|i| format!("good{i}")).collect();
     r.extend(good.iter().map(|k| (Some(k.as_str()), json!({"key": k}))));
     enqueue(&*j, "f", "d", "e", &r).await.expect("enqueue");
-    let mut p = policy(10, 2, 5);
+    let mut p = policy(10, 2, 100);
     p.initial_backoff = Duration::from_secs(30);
     p.max_backoff = Duration::from_secs(30);
     p.multiplier = 1.0;
@@ -343,9 +343,7 @@ async fn rows_in_backoff_do_not_starve_other_keys() {
             .is_some_and(|k| k.starts_with("good"))
     }));
     let c = counts(&j, "f", "d");
-    // a backoff is drawn from [0, 30 s]: a very short one may come due
-    assert!(c.pending >= 45 && c.pending <= 50, "{c:?}");
-    assert_eq!(c.delivered + c.pending, 250);
+    assert_eq!((c.delivered, c.dead_lettered, c.pending), (200, 0, 50));
     assert!(c.balanced);
 }
 
@@ -456,12 +454,11 @@ async fn a_crash_between_write_and_settle_rewrites_with_the_same_key_in_order() 
 async fn a_failing_settle_resends_after_the_lease_and_loses_nothing() {
     let j = Arc::new(MemoryJournal::new());
     let sink = Arc::new(ScriptedSink::new());
-    sink.then([Step::Delay(Duration::from_millis(300))]);
+    sink.then([Step::Delay(Duration::from_millis(600))]);
     enqueue(&*j, "f", "d", "e", &rows(&["a", "b", "c"]))
         .await
         .expect("enqueue");
     let l = lane(&j, &sink, open_guard("d"), policy(3, 1, 5));
-    sink.wait_for_calls(0, WITHIN).await.expect("nothing");
     tokio::time::sleep(Duration::from_millis(100)).await;
     // the write is in flight (concurrency 1: no other journal call now);
     // its settle and the lane's 3 retries of it fail
