@@ -579,3 +579,31 @@ async fn on_sqlite_two_flows_a_panic_and_retries_keep_each_keys_order() {
         assert!(c.balanced, "{c:?}");
     }
 }
+
+/// `Retry-After` pauses the whole destination: no key is written until it
+/// has passed, and the failed row goes again after it.
+#[tokio::test]
+async fn retry_after_pauses_every_key_of_the_destination() {
+    let j = Arc::new(MemoryJournal::new());
+    let sink = Arc::new(ScriptedSink::new());
+    sink.then([Step::RetryAfter(Duration::from_millis(600))]);
+    enqueue(&*j, "f", "d", "e", &rows(&["a", "b", "c"]))
+        .await
+        .expect("enqueue");
+    let l = lane(&j, &sink, breaker(5, 60_000), policy(1, 1, 5));
+    sink.wait_for_calls(1, WITHIN).await.expect("first call");
+    let t = Instant::now();
+    sink.wait_for_writes(1, WITHIN)
+        .await
+        .expect("after the pause");
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "nothing written during the pause: {:?}",
+        t.elapsed()
+    );
+    sink.wait_for_writes(3, WITHIN).await.expect("all");
+    l.stop(WITHIN).await.expect("stops");
+    assert_eq!(sink.calls().len(), 4, "one refused call, then three");
+    let c = counts(&j, "f", "d");
+    assert_eq!((c.delivered, c.pending), (3, 0));
+}
