@@ -162,7 +162,8 @@ impl ScriptedSink {
             })
     }
 
-    /// Wait until at least `n` write calls started.
+    /// Wait until at least `n` write calls started (a call counts when it
+    /// starts, before any scripted delay, hang or panic).
     pub async fn wait_for_calls(&self, n: usize, within: Duration) -> Result<(), String> {
         self.wait(within, |i| i.calls.len() >= n)
             .await
@@ -200,11 +201,19 @@ impl ScriptedSink {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Decide the results of one call (before any delay) and record them.
-    fn run(&self, batch: &[Delivery], step: &Step) -> Vec<WriteResult> {
+    /// Record that call number `call` started.
+    fn start(&self, batch: &[Delivery]) -> usize {
         let mut i = self.lock();
-        let call = i.calls.len();
         i.calls.push(batch.iter().map(|d| d.id).collect());
+        let call = i.calls.len() - 1;
+        drop(i);
+        self.changed.notify_waiters();
+        call
+    }
+
+    /// Decide the results of call `call` and record what was accepted.
+    fn run(&self, call: usize, batch: &[Delivery], step: &Step) -> Vec<WriteResult> {
+        let mut i = self.lock();
         let mut out = Vec::with_capacity(batch.len());
         for (n, d) in batch.iter().enumerate() {
             let r = match step {
@@ -259,32 +268,27 @@ impl Sink for ScriptedSink {
     fn write<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<WriteResult>> {
         Box::pin(async move {
             let step = self.lock().script.pop_front().unwrap_or(Step::Ok);
+            let call = self.start(batch);
             match step {
-                Step::Panic => {
-                    self.lock().calls.push(batch.iter().map(|d| d.id).collect());
-                    self.changed.notify_waiters();
-                    panic!("scripted sink panic");
-                }
+                Step::Panic => panic!("scripted sink panic"),
                 Step::Hang => {
-                    self.lock().calls.push(batch.iter().map(|d| d.id).collect());
-                    self.changed.notify_waiters();
                     std::future::pending::<()>().await;
                     Vec::new()
                 }
                 Step::AcceptThenHang => {
-                    self.run(batch, &step);
+                    self.run(call, batch, &step);
                     self.changed.notify_waiters();
                     std::future::pending::<()>().await;
                     Vec::new()
                 }
                 Step::Delay(d) => {
                     tokio::time::sleep(d).await;
-                    let r = self.run(batch, &step);
+                    let r = self.run(call, batch, &step);
                     self.changed.notify_waiters();
                     r
                 }
                 step => {
-                    let r = self.run(batch, &step);
+                    let r = self.run(call, batch, &step);
                     self.changed.notify_waiters();
                     r
                 }

@@ -607,3 +607,43 @@ async fn retry_after_pauses_every_key_of_the_destination() {
     let c = counts(&j, "f", "d");
     assert_eq!((c.delivered, c.pending), (3, 0));
 }
+
+/// P1-14: a write sent while the breaker was closed that succeeds while it
+/// is half-open (its probe still out) does not close it; the probe decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_of_a_write_sent_before_opening_does_not_close_half_open() {
+    let j = Arc::new(MemoryJournal::new());
+    let guard = breaker(1, 100);
+    let slow = Arc::new(ScriptedSink::new());
+    slow.then([Step::Delay(Duration::from_millis(600))]);
+    let failing = Arc::new(ScriptedSink::new().max_write_time(Duration::from_millis(1200)));
+    failing.then([Step::Retryable("503".into()), Step::Hang]);
+    enqueue(&*j, "slow", "d", "s", &rows(&["s"]))
+        .await
+        .expect("enqueue");
+    enqueue(&*j, "fails", "d", "x", &rows(&["x"]))
+        .await
+        .expect("enqueue");
+    let a = lane_of("slow", &j, &slow, guard.clone(), policy(1, 1, 10));
+    // its write goes while the breaker is closed
+    slow.wait_for_calls(1, WITHIN)
+        .await
+        .expect("slow write sent");
+    let b = lane_of("fails", &j, &failing, guard.clone(), policy(1, 1, 10));
+    // the failure opens it; after 100 ms the hanging probe goes
+    failing.wait_for_calls(2, WITHIN).await.expect("probe sent");
+    assert!(matches!(guard.state(), State::HalfOpen { .. }));
+    slow.wait_for_writes(1, WITHIN).await.expect("late success");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        matches!(guard.state(), State::HalfOpen { probes_sent: 1 }),
+        "the late success did not decide: {:?}",
+        guard.state()
+    );
+    // the probe times out (reopens), the next probe closes it
+    failing.wait_for_writes(1, WITHIN).await.expect("delivered");
+    a.stop(WITHIN).await.expect("stops");
+    b.stop(WITHIN).await.expect("stops");
+    assert_eq!(guard.state(), State::Closed);
+    assert_eq!(failing.calls().len(), 3);
+}
