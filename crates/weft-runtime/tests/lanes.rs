@@ -647,3 +647,70 @@ async fn a_late_result_of_a_write_sent_before_opening_does_not_close_half_open()
     assert_eq!(guard.state(), State::Closed);
     assert_eq!(failing.calls().len(), 3);
 }
+
+/// Three flows writing 12 keys of one destination through a sink that
+/// fails at random (retryable, too few results, panics, hangs, delays, a
+/// key at a time): every row is accepted exactly once, and per key in
+/// acceptance order. Seeded, so a failure is reproducible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_failures_across_three_flows_keep_each_keys_order() {
+    use rand::{Rng, SeedableRng};
+    for seed in [7u64, 42] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let j = Arc::new(MemoryJournal::new());
+        let sink = Arc::new(ScriptedSink::new().max_write_time(Duration::from_millis(150)));
+        sink.then((0..150).map(|_| match rng.random_range(0..20) {
+            0..=2 => Step::Retryable("503".into()),
+            3..=4 => Step::TooFew(rng.random_range(0..3)),
+            5 => Step::Panic,
+            6 => Step::Hang,
+            7..=8 => Step::Delay(Duration::from_millis(rng.random_range(1..10))),
+            _ => Step::Ok,
+        }));
+        let keys: Vec<String> = (0..12).map(|k| format!("k{k}")).collect();
+        for k in keys.iter().step_by(4) {
+            sink.fail_key(k, 3, false);
+        }
+        let flows = ["f1", "f2", "f3"];
+        let mut expected: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for round in 0..10 {
+            let flow = flows[rng.random_range(0..3)];
+            let picked: Vec<&String> = keys.iter().filter(|_| rng.random_bool(0.7)).collect();
+            let r: Vec<_> = picked
+                .iter()
+                .map(|k| (Some(k.as_str()), json!({"key": k, "round": round})))
+                .collect();
+            let prefix = format!("r{round}");
+            enqueue(&*j, flow, "d", &prefix, &r).await.expect("enqueue");
+            for (n, k) in picked.iter().enumerate() {
+                expected
+                    .entry((*k).clone())
+                    .or_default()
+                    .push(format!("{prefix}-{n}"));
+            }
+        }
+        let total: usize = expected.values().map(Vec::len).sum();
+        let guard = open_guard("d");
+        let lanes: Vec<_> = flows
+            .iter()
+            .map(|f| lane_of(f, &j, &sink, guard.clone(), policy(4, 3, 50)))
+            .collect();
+        sink.wait_for_writes(total, WITHIN)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        for l in lanes {
+            l.stop(WITHIN).await.expect("stops");
+        }
+        let mut seen = sink.by_key();
+        for (k, want) in &expected {
+            let got = seen.remove(&Some(k.clone())).unwrap_or_default();
+            assert_eq!(&got, want, "seed {seed}, key {k}");
+        }
+        assert!(seen.is_empty(), "seed {seed}: unexpected {seen:?}");
+        for f in flows {
+            let c = counts(&j, f, "d");
+            assert_eq!((c.dead_lettered, c.pending), (0, 0), "seed {seed} {c:?}");
+            assert!(c.balanced, "seed {seed} {c:?}");
+        }
+    }
+}
