@@ -32,7 +32,7 @@ use weft_store::{
     ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement, WriteOutcome, now_ms,
 };
 
-use crate::guard::Guard;
+use crate::guard::{Guard, Permit};
 use crate::metrics as m;
 
 /// What the rest of the runtime knows of a lane: how to wake it and how
@@ -71,8 +71,9 @@ pub struct Lane {
     pub shutdown: CancellationToken,
 }
 
-/// A write's claimed rows and what became of them.
-type Done = (Vec<Claimed>, Vec<WriteResult>);
+/// A write's claimed rows, what became of them, and the guard's permit it
+/// was sent under.
+type Done = (Vec<Claimed>, Vec<WriteResult>, Permit);
 
 impl Lane {
     pub async fn run(self) {
@@ -93,10 +94,13 @@ impl Lane {
         loop {
             let mut guard_wait = None;
             while !stopping && !idle_until_woken && writes.len() < self.policy.concurrency {
-                if let Err(d) = self.guard.check() {
-                    guard_wait = Some(d);
-                    break;
-                }
+                let permit = match self.guard.check() {
+                    Ok(p) => p,
+                    Err(d) => {
+                        guard_wait = Some(d);
+                        break;
+                    }
+                };
                 let req = ClaimRequest {
                     lane: lane.clone(),
                     max: self.policy.batch_size,
@@ -113,7 +117,6 @@ impl Lane {
                 if claimed.is_empty() {
                     // nothing due: sleep until woken, a poll, or a result
                     idle_until_woken = true;
-                    self.guard.cancel_probe();
                     break;
                 }
                 self.guard.acquire().await;
@@ -123,7 +126,7 @@ impl Lane {
                     guard_wait = Some(d);
                     break;
                 }
-                self.spawn_write(&mut writes, claimed, write_time);
+                self.spawn_write(&mut writes, claimed, write_time, permit);
             }
             if stopping && writes.is_empty() {
                 return;
@@ -133,7 +136,7 @@ impl Lane {
                 Some(done) = writes.join_next() => {
                     idle_until_woken = false;
                     match done {
-                        Ok((claimed, results)) => self.settle(claimed, results).await,
+                        Ok((claimed, results, permit)) => self.settle(claimed, results, permit).await,
                         // the write task itself never panics (the sink's panic
                         // is caught inside it); a cancelled task cannot happen
                         Err(e) => tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "write task failed; its rows return after their lease"),
@@ -148,7 +151,13 @@ impl Lane {
 
     /// Write one batch on its own task. A panic in the sink and a write past
     /// `write_time` become retryable failures of every delivery in it.
-    fn spawn_write(&self, writes: &mut JoinSet<Done>, claimed: Vec<Claimed>, write_time: Duration) {
+    fn spawn_write(
+        &self,
+        writes: &mut JoinSet<Done>,
+        claimed: Vec<Claimed>,
+        write_time: Duration,
+        permit: Permit,
+    ) {
         let sink = self.sink.clone();
         let (flow, dest) = (self.flow.clone(), self.dest.clone());
         writes.spawn(async move {
@@ -195,7 +204,7 @@ impl Lane {
             for (i, e) in unreadable {
                 results.insert(i, Err(e));
             }
-            (claimed, results)
+            (claimed, results, permit)
         });
     }
 
@@ -224,7 +233,7 @@ impl Lane {
     /// Commit a write's results in one transaction: delivered rows leave the
     /// outbox with what the destination said; failures are scheduled for a
     /// retry or moved to the DLQ.
-    async fn settle(&self, claimed: Vec<Claimed>, results: Vec<WriteResult>) {
+    async fn settle(&self, claimed: Vec<Claimed>, results: Vec<WriteResult>, permit: Permit) {
         let now = now_ms();
         let results = in_key_order(&claimed, results);
         // the breaker counts writes, not rows
@@ -235,7 +244,9 @@ impl Lane {
             .iter()
             .filter_map(|r| r.as_ref().err().and_then(|e| e.retry_after))
             .max();
-        self.guard.record(failed, retry_after);
+        self.guard.record(permit, failed, retry_after);
+        // a crash here: written, not settled (tests only; compiled out)
+        fail::fail_point!("lane-before-settle", |_| {});
         let hold_key = self.policy.on_dead_letter == OnDeadLetter::HoldKey;
         let mut items = Vec::with_capacity(claimed.len());
         let mut latencies = Vec::new();
@@ -293,6 +304,8 @@ impl Lane {
         loop {
             match self.journal.settle(settle.clone()).await {
                 Ok(s) => {
+                    // a crash here: settled, the lane not told (tests only)
+                    fail::fail_point!("lane-after-settle", |_| {});
                     if s.stale > 0 {
                         tracing::warn!(flow = %self.flow, destination = %self.dest, stale = s.stale, "results for rows whose lease had ended were ignored");
                     }

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
