@@ -45,9 +45,27 @@ pub struct LaneHandle {
     /// store every few seconds.
     pub backlog: AtomicI64,
     pub high_water: u64,
+    /// Ingests of this lane's rows between their commit and their
+    /// `backlog` update, and how many have finished: the gauge task
+    /// replaces `backlog` with a count from the store only when no ingest
+    /// ran while it read (else it would count a batch twice).
+    pub ingesting: AtomicI64,
+    pub ingested: AtomicI64,
 }
 
 impl LaneHandle {
+    pub fn new(flow: &str, dest: &str, backlog: i64, high_water: u64) -> LaneHandle {
+        LaneHandle {
+            flow: flow.to_owned(),
+            dest: dest.to_owned(),
+            wake: Notify::new(),
+            backlog: AtomicI64::new(backlog),
+            high_water,
+            ingesting: AtomicI64::new(0),
+            ingested: AtomicI64::new(0),
+        }
+    }
+
     pub fn over_high_water(&self) -> bool {
         self.backlog.load(Ordering::Relaxed) >= self.high_water as i64
     }

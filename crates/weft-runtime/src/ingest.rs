@@ -269,22 +269,26 @@ impl Ingest for Ingestor {
                 return Err(IngestError::Rejected(why));
             }
             let routed = routed_counts(&prepared);
-            let applied = self
-                .journal
-                .ingest(prepared)
-                .await
-                .map_err(|e| IngestError::Store(e.to_string()))?;
-            if applied.changed > 0 {
-                for l in &self.lanes {
+            // marks the lanes as being ingested into until dropped (also when
+            // this future is dropped mid-way)
+            let _marks: Vec<IngestMark<'_>> =
+                self.lanes.iter().map(|l| IngestMark::new(l)).collect();
+            let applied = self.journal.ingest(prepared).await;
+            for l in &self.lanes {
+                if let Ok(a) = &applied
+                    && a.changed > 0
+                {
                     // approximate (duplicates included); the gauge task re-reads it from the store
                     let n = routed
                         .get(&(l.flow.clone(), l.dest.clone()))
                         .copied()
                         .unwrap_or(0);
-                    l.backlog.fetch_add(n, Ordering::Relaxed);
+                    l.backlog.fetch_add(n, Ordering::SeqCst);
                     l.wake.notify_one();
                 }
             }
+            drop(_marks);
+            let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
             // exactly what the store counted (duplicates excluded)
             for c in &applied.flows {
                 m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
@@ -329,4 +333,22 @@ fn routed_counts(b: &IngestBatch) -> std::collections::HashMap<(String, String),
         }
     }
     m
+}
+
+/// A lane being ingested into: counted in `ingesting` while alive, then in
+/// `ingested` (see [`LaneHandle`]).
+struct IngestMark<'a>(&'a LaneHandle);
+
+impl<'a> IngestMark<'a> {
+    fn new(l: &'a LaneHandle) -> Self {
+        l.ingesting.fetch_add(1, Ordering::SeqCst);
+        IngestMark(l)
+    }
+}
+
+impl Drop for IngestMark<'_> {
+    fn drop(&mut self) {
+        self.0.ingested.fetch_add(1, Ordering::SeqCst);
+        self.0.ingesting.fetch_sub(1, Ordering::SeqCst);
+    }
 }

@@ -21,9 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use std::sync::atomic::AtomicI64;
-
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
@@ -128,18 +125,15 @@ impl Runtime {
                 else {
                     continue;
                 };
-                let handle = Arc::new(delivery::LaneHandle {
-                    flow: flow.name.clone(),
-                    dest: d.system.clone(),
-                    wake: Notify::new(),
-                    backlog: AtomicI64::new(
-                        pending
-                            .get(&(flow.name.clone(), d.system.clone()))
-                            .copied()
-                            .unwrap_or(0),
-                    ),
-                    high_water: d.delivery.backlog_high_water,
-                });
+                let handle = Arc::new(delivery::LaneHandle::new(
+                    &flow.name,
+                    &d.system,
+                    pending
+                        .get(&(flow.name.clone(), d.system.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                    d.delivery.backlog_high_water,
+                ));
                 handles.push(handle.clone());
                 let lane = delivery::Lane {
                     flow: flow.name.clone(),
@@ -332,6 +326,16 @@ async fn refresh_gauges(
             }
         }
         tick += 1;
+        let seen: Vec<i64> = handles
+            .iter()
+            .map(|h| {
+                if h.ingesting.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                    -1
+                } else {
+                    h.ingested.load(std::sync::atomic::Ordering::SeqCst)
+                }
+            })
+            .collect();
         let j = journal.clone();
         let l = lanes.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -348,12 +352,19 @@ async fn refresh_gauges(
                     c.oldest_pending_ms,
                     c.balanced,
                 );
-                if let Some(h) = handles
+                if let Some((h, before)) = handles
                     .iter()
-                    .find(|h| h.flow == c.flow && h.dest == c.destination)
+                    .zip(&seen)
+                    .find(|(h, _)| h.flow == c.flow && h.dest == c.destination)
                 {
-                    h.backlog
-                        .store(c.pending, std::sync::atomic::Ordering::Relaxed);
+                    use std::sync::atomic::Ordering::SeqCst;
+                    // only when no ingest of the lane ran meanwhile
+                    if *before >= 0
+                        && h.ingesting.load(SeqCst) == 0
+                        && h.ingested.load(SeqCst) == *before
+                    {
+                        h.backlog.store(c.pending, SeqCst);
+                    }
                 }
             }
             for (flow, dest, n) in dlq {

@@ -13,7 +13,6 @@
 //! `fail::FailScenario`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -385,13 +384,7 @@ impl RunningLane {
         guard: Arc<Guard>,
         journal: Arc<dyn Journal>,
     ) -> RunningLane {
-        let handle = Arc::new(LaneHandle {
-            flow: flow.to_owned(),
-            dest: dest.to_owned(),
-            wake: Notify::new(),
-            backlog: AtomicI64::new(0),
-            high_water: policy.backlog_high_water,
-        });
+        let handle = Arc::new(LaneHandle::new(flow, dest, 0, policy.backlog_high_water));
         let shutdown = CancellationToken::new();
         let lane = Lane {
             flow: flow.to_owned(),

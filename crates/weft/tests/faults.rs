@@ -329,7 +329,12 @@ fn backlog_over_high_water_makes_the_webhook_answer_503() {
     for i in 0..10 {
         statuses.push(post(&t.hub, i, &format!("k{i}"), false));
     }
-    assert_eq!(&statuses[..5], &[202; 5], "{statuses:?}");
+    assert_eq!(
+        &statuses[..5],
+        &[202; 5],
+        "{statuses:?}\nlog:\n{}",
+        t.hub.log_text()
+    );
     assert!(
         statuses[5..].iter().all(|s| *s == 503),
         "over the high-water mark: {statuses:?}"
