@@ -101,7 +101,7 @@ cat <<MSG
 Done. Everything is in quickstart-data/:
   weft.yaml                the config          weft.log        weft's log
   out/accounting.db        the accounting DB   (sqlite3 out/accounting.db 'select * from customers')
-  out/customers.jsonl      the export          weft-data/      weft's store (inbox, outbox, DLQ)
+  out/customers.jsonl      the export          weft-data/      weft's store (outbox, DLQ, dedupe ids)
 Try next (from quickstart-data/):
   $WEFT dlq show -c weft.yaml 1
   $WEFT run weft.yaml        # then post your own event as above, or drop another CSV into drop/erp/
