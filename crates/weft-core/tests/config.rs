@@ -716,3 +716,26 @@ fn server_listeners_and_limits() {
     );
     assert_eq!(i.line, Some(9), "{msg}");
 }
+
+/// P1-17: a flow without `key` writing to an upsert or HTTP sink has no
+/// order per record; `weft validate` says so at the destination.
+#[test]
+fn p1_17_a_keyless_flow_to_an_upsert_or_http_sink_warns() {
+    let text = |key: &str| {
+        format!(
+            "systems:\n  crm:\n    source:\n      webhook: {{path: /h, id_field: .id}}\n  acc:\n    sink: {{sqlite: {{path: a.db, table: t, key: [id]}}}}\n  out:\n    sink: {{jsonl: {{path: o.jsonl}}}}\nflows:\n  f:\n    from: crm\n{key}    to: [acc, out]\n"
+        )
+    };
+    let w = warnings(&text(""));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("12:10: flows.f.to[0]:")
+            && w[0].contains("no `key`")
+            && w[0].contains("`acc`"),
+        "{w:?}"
+    );
+    assert_eq!(
+        warnings(&text("    key: .id | tostring\n")),
+        Vec::<String>::new()
+    );
+}

@@ -651,6 +651,17 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                     Some(k) => Some(k.kind()),
                 },
             };
+            // P1-17: without a key nothing orders two writes of one record
+            if f.key.is_none() && matches!(kind, Some("http" | "postgres" | "mysql" | "sqlite")) {
+                cx.warn_span(
+                    &dp,
+                    &system,
+                    format!(
+                        "the flow has no `key`: its writes to `{}` have no order, so two updates of one record can arrive in either order (set `key`, e.g. `key: .id | tostring`)",
+                        system.value
+                    ),
+                );
+            }
             if destinations
                 .iter()
                 .any(|x: &Destination| x.system == system.value)
