@@ -31,7 +31,7 @@ pub fn crosswalk(cmd: CrosswalkCmd) -> Result<ExitCode> {
         limit,
         json,
     } = cmd;
-    let cfg = match crate::load_config(&cfg.config) {
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

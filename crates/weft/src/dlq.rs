@@ -233,7 +233,7 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
 /// which the journal allows (IMMEDIATE transactions, no lease touched; the
 /// hub's lanes poll and see the change).
 fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
-    let config = match crate::load_config(&cfg.config) {
+    let config = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };
@@ -251,7 +251,7 @@ fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
 
 /// The store, read-only (never migrated).
 fn read(cfg: &ConfigArg) -> Result<weft_store::Reader> {
-    let config = match crate::load_config(&cfg.config) {
+    let config = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };

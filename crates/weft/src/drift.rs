@@ -24,7 +24,7 @@ pub enum DriftCmd {
 
 pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
     let DriftCmd::List { cfg, source, json } = cmd;
-    let cfg = match crate::load_config(&cfg.config) {
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

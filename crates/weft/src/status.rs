@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use weft_store::SqliteJournal;
 
 pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
-    let cfg = match crate::load_config(path) {
+    let cfg = match crate::load_config_for_inspection(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

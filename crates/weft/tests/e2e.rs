@@ -424,3 +424,39 @@ fn captured_destination_ids_land_in_the_crosswalk() {
     });
     hub.stop();
 }
+
+/// `weft status` and `weft dlq` need the store and the flows, not the run's
+/// secrets: they work without the environment `weft run` had, while
+/// `weft validate` still says the variable is missing.
+#[test]
+fn status_and_dlq_work_without_the_runs_environment() {
+    let env = start();
+    let (code, _) = signed(&env.hub, r#"{"id": 1, "name": "Ada"}"#, "e-1");
+    assert_eq!(code, 202);
+    wait_for(Duration::from_secs(10), "the delivery", || {
+        env.recorder.count() == 1
+    });
+    for args in [
+        vec!["status", "-c", "weft.yaml", "--json"],
+        vec!["dlq", "list", "-c", "weft.yaml", "--json"],
+    ] {
+        let out = weft_cmd(env.dir.path(), &args);
+        assert!(
+            out.status.success(),
+            "{args:?} without HOOK_SECRET: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let st: serde_json::Value = serde_json::from_slice(
+        &weft_cmd(env.dir.path(), &["status", "-c", "weft.yaml", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(st["lanes"][0]["delivered"], 1, "{st}");
+    let v = weft_cmd(env.dir.path(), &["validate", "weft.yaml"]);
+    assert_eq!(
+        v.status.code(),
+        Some(2),
+        "validate still refuses an unset secret"
+    );
+    assert!(String::from_utf8_lossy(&v.stderr).contains("HOOK_SECRET"));
+}
