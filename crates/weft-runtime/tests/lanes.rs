@@ -166,7 +166,11 @@ async fn a_claim_failure_while_half_open_gives_the_probe_back() {
     let guard = breaker(1, 600);
     let l = lane(&j, &sink, guard.clone(), policy(1, 1, 10));
     sink.wait_for_calls(1, WITHIN).await.expect("first call");
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // the failed write's settle opens the breaker
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !matches!(guard.state(), State::Open { .. }) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(matches!(guard.state(), State::Open { .. }));
     // the breaker is open: the lane touches the journal again only for the
     // probe's claim, which fails
@@ -459,7 +463,9 @@ async fn a_failing_settle_resends_after_the_lease_and_loses_nothing() {
         .await
         .expect("enqueue");
     let l = lane(&j, &sink, open_guard("d"), policy(3, 1, 5));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sink.wait_for_calls(1, WITHIN)
+        .await
+        .expect("the write goes");
     // the write is in flight (concurrency 1: no other journal call now);
     // its settle and the lane's 3 retries of it fail
     j.fail_next(4, || StoreError::Invalid("injected: disk full".into()))
