@@ -355,21 +355,14 @@ fn outcome_flow(o: &FlowOutcome) -> &str {
     }
 }
 
-/// What an outbox row is made of, wherever it comes from.
+/// What an outbox row is made of, wherever it comes from: its event's
+/// fields and its own.
 struct NewRow<'a> {
+    ev: &'a EventCtx<'a>,
     flow: &'a str,
     destination: &'a str,
     entity_key: Option<&'a str>,
     idempotency_key: &'a str,
-    source: &'a str,
-    event_id: &'a str,
-    correlation_id: &'a str,
-    created_at: i64,
-    event_time: i64,
-    source_version: Option<&'a str>,
-    group_id: Option<&'a str>,
-    traceparent: Option<&'a str>,
-    tracestate: Option<&'a str>,
     payload: &'a str,
 }
 
@@ -386,6 +379,33 @@ struct EventCtx<'a> {
     tracestate: Option<&'a str>,
     attributes: Option<&'a str>,
     payload: &'a str,
+}
+
+impl<'a> EventCtx<'a> {
+    /// An event known only by its ids (a replayed entry, a follow-up):
+    /// no source version, group or trace context.
+    fn bare(
+        source: &'a str,
+        event_id: &'a str,
+        correlation_id: &'a str,
+        created_at: i64,
+        attributes: Option<&'a str>,
+        payload: &'a str,
+    ) -> Self {
+        EventCtx {
+            source,
+            event_id,
+            correlation_id,
+            created_at,
+            event_time: created_at,
+            source_version: None,
+            group_id: None,
+            traceparent: None,
+            tracestate: None,
+            attributes,
+            payload,
+        }
+    }
 }
 
 /// Is (destination, key) held for a row at `order_seq`: a dead letter of
@@ -477,17 +497,17 @@ fn insert_row(
         r.destination,
         r.entity_key,
         r.idempotency_key,
-        r.source,
-        r.event_id,
-        r.correlation_id,
-        r.created_at,
-        r.event_time,
+        r.ev.source,
+        r.ev.event_id,
+        r.ev.correlation_id,
+        r.ev.created_at,
+        r.ev.event_time,
         order_seq,
         state,
-        r.source_version,
-        r.group_id,
-        r.traceparent,
-        r.tracestate,
+        r.ev.source_version,
+        r.ev.group_id,
+        r.ev.traceparent,
+        r.ev.tracestate,
         r.payload
     ])?;
     Ok(())
@@ -575,19 +595,11 @@ fn apply_outcome(
                     (fresh, false)
                 };
                 let row = NewRow {
+                    ev: e,
                     flow,
                     destination: &dl.destination,
                     entity_key: dl.entity_key.as_deref(),
                     idempotency_key: &dl.idempotency_key,
-                    source: e.source,
-                    event_id: e.event_id,
-                    correlation_id: e.correlation_id,
-                    created_at: e.created_at,
-                    event_time: e.event_time,
-                    source_version: e.source_version,
-                    group_id: e.group_id,
-                    traceparent: e.traceparent,
-                    tracestate: e.tracestate,
                     payload: &dl.payload,
                 };
                 insert_row(tx, &row, order_seq, replacing, now)?;
@@ -911,20 +923,20 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
 
 fn follow_up(tx: &Connection, f: &FollowUp, seq: &mut Seq, now: i64) -> Result<(), StoreError> {
     let order_seq = seq.take(tx, None)?;
+    let ev = EventCtx::bare(
+        &f.source,
+        &f.event_id,
+        &f.correlation_id,
+        now,
+        None,
+        &f.delivery.payload,
+    );
     let row = NewRow {
+        ev: &ev,
         flow: &f.flow,
         destination: &f.delivery.destination,
         entity_key: f.delivery.entity_key.as_deref(),
         idempotency_key: &f.delivery.idempotency_key,
-        source: &f.source,
-        event_id: &f.event_id,
-        correlation_id: &f.correlation_id,
-        created_at: now,
-        event_time: now,
-        source_version: None,
-        group_id: None,
-        traceparent: None,
-        tracestate: None,
         payload: &f.delivery.payload,
     };
     insert_row(tx, &row, order_seq, false, now)
@@ -1173,20 +1185,20 @@ fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Appli
         release_holds(tx, r.dlq_id, now)?;
         let order_seq = if r.force { reserve_seq(tx, 1)? } else { place };
         let ikey = e.idempotency_key.clone().unwrap_or_default();
+        let ev = EventCtx::bare(
+            &e.source,
+            &e.event_id,
+            &e.correlation_id,
+            e.created_at,
+            None,
+            &payload,
+        );
         let row = NewRow {
+            ev: &ev,
             flow: &e.flow,
             destination: &e.destination,
             entity_key: e.entity_key.as_deref(),
             idempotency_key: &ikey,
-            source: &e.source,
-            event_id: &e.event_id,
-            correlation_id: &e.correlation_id,
-            created_at: e.created_at,
-            event_time: e.created_at,
-            source_version: None,
-            group_id: None,
-            traceparent: None,
-            tracestate: None,
             payload: &payload,
         };
         insert_row(tx, &row, order_seq, !r.force, now)?;
@@ -1228,19 +1240,14 @@ fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Appli
             },
             _ => Seq::Range { next: 0, end: 0 },
         };
-        let ctx = EventCtx {
-            source: &e.source,
-            event_id: &e.event_id,
-            correlation_id: &e.correlation_id,
-            created_at: e.created_at,
-            event_time: e.created_at,
-            source_version: None,
-            group_id: None,
-            traceparent: None,
-            tracestate: None,
-            attributes: e.attributes.as_deref(),
-            payload: r.payload.as_deref().unwrap_or(&e.payload),
-        };
+        let ctx = EventCtx::bare(
+            &e.source,
+            &e.event_id,
+            &e.correlation_id,
+            e.created_at,
+            e.attributes.as_deref(),
+            r.payload.as_deref().unwrap_or(&e.payload),
+        );
         let mut ignore = Applied::default();
         apply_outcome(tx, &ctx, outcome, d, &mut seq, now, &mut ignore)?;
         if let FlowOutcome::Routed { deliveries, .. } = outcome {
