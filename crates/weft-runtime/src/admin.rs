@@ -187,6 +187,14 @@ impl FilterParams {
     }
 
     fn into_filter(self) -> Result<DlqFilter, Response> {
+        if let Some(st) = &self.status
+            && !["dead", "replayed", "discarded", "all"].contains(&st.as_str())
+        {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("status `{st}` is none of dead, replayed, discarded, all"),
+            ));
+        }
         let since = match &self.since {
             None => None,
             Some(s) => {
@@ -361,7 +369,11 @@ mod tests {
     }
 
     fn sample(schema: &Value) -> Value {
-        match schema["type"].as_str() {
+        let ty = match &schema["type"] {
+            Value::Array(a) => a[0].as_str(),
+            t => t.as_str(),
+        };
+        match ty {
             Some("integer") => json!(1),
             Some("boolean") => json!(true),
             _ => match schema["enum"].as_array() {
