@@ -69,6 +69,14 @@ fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
     }
     // the parser `tokio_postgres::connect` uses
     #[cfg(feature = "postgres")]
+    let url = match crate::pg_tls::connector(url) {
+        Ok(t) => t.url,
+        Err(e) => {
+            issue(issues, path, e);
+            return;
+        }
+    };
+    #[cfg(feature = "postgres")]
     if let Err(e) = url.parse::<tokio_postgres::Config>() {
         issue(
             issues,

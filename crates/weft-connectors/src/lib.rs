@@ -28,6 +28,8 @@ pub mod http;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]
+pub mod pg_tls;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod rest;
 pub mod sql_poll;
