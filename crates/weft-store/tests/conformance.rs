@@ -15,6 +15,9 @@
 //! conformance!(sqlite, || Sqlite::new());
 //! ```
 //!
+//! Engines on a service (PostgreSQL) join with a readiness check as third
+//! argument: `conformance!(postgres, pg::Postgres::new, pg::available)`.
+//!
 //! The property test runs the same 200 sequences on every run (a failure
 //! reproduces); `WEFT_PROP_RANDOM=1` explores new ones, `WEFT_PROP_STATS=1`
 //! prints what a run exercised.
@@ -33,6 +36,9 @@ mod cases;
 mod prop;
 #[path = "conformance/testing.rs"]
 pub mod testing;
+#[cfg(feature = "postgres")]
+#[path = "conformance/pg.rs"]
+pub mod pg;
 
 /// One engine under test.
 pub trait Harness {
@@ -55,13 +61,18 @@ pub fn restart(h: &mut impl Harness, j: &mut Arc<dyn Journal>) {
 }
 
 /// Instantiates every conformance test for one engine: `conformance!(name,
-/// || -> impl Harness)`.
+/// || -> impl Harness)`, or `conformance!(name, make, ready)` for an engine
+/// on a service: each test runs only when `ready()` (which says loudly why
+/// not, or fails under `CI=true`).
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
+        conformance!($name, $make, || true);
+    };
+    ($name:ident, $make:expr, $ready:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            conformance!(@tests $make;
+            conformance!(@tests $make, $ready;
                 lifecycle_keeps_every_record_accounted_for,
                 ingest_is_all_or_nothing,
                 position_dedupe_stores_repeats_and_prune_forgets_ids,
@@ -87,14 +98,19 @@ macro_rules! conformance {
             );
             #[test]
             fn property_random_operations_keep_invariants() {
-                crate::prop::run($make);
+                if ($ready)() {
+                    crate::prop::run($make);
+                }
             }
         }
     };
-    (@tests $make:expr; $($t:ident),* $(,)?) => {
+    (@tests $make:expr, $ready:expr; $($t:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $t() {
+                if !($ready)() {
+                    return;
+                }
                 let mut h = ($make)();
                 crate::cases::$t(&mut h).await;
             }
@@ -163,3 +179,8 @@ impl Harness for Sqlite {
 }
 
 conformance!(sqlite, Sqlite::new);
+
+// The PostgreSQL engine: a database per test on the machine's PostgreSQL;
+// restart closes every connection and opens the journal again.
+#[cfg(feature = "postgres")]
+conformance!(postgres, pg::Postgres::new, pg::available);
