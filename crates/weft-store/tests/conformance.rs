@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Engines on a service (PostgreSQL) join with a readiness check as third
-//! argument: `conformance!(postgres, pg::Postgres::new, pg::available)`.
+//! argument: `conformance!(postgres, pg::Postgres::new, pg::available,
+//! pg::schema_per_case)`.
 //!
 //! The property test runs the same 200 sequences on every run (a failure
 //! reproduces); `WEFT_PROP_RANDOM=1` explores new ones, `WEFT_PROP_STATS=1`
@@ -61,14 +62,16 @@ pub fn restart(h: &mut impl Harness, j: &mut Arc<dyn Journal>) {
 }
 
 /// Instantiates every conformance test for one engine: `conformance!(name,
-/// || -> impl Harness)`, or `conformance!(name, make, ready)` for an engine
-/// on a service: each test runs only when `ready()` (which says loudly why
-/// not, or fails under `CI=true`).
+/// || -> impl Harness)`, or `conformance!(name, make, ready, cases)` for an
+/// engine on a service: each test runs only when `ready()` (which says
+/// loudly why not, or fails under `CI=true`), and the property test takes
+/// its fresh journals from `cases()` (a maker that can share a server-side
+/// resource between its ~200 cases).
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
-        conformance!($name, $make, || true);
+        conformance!($name, $make, || true, || $make);
     };
-    ($name:ident, $make:expr, $ready:expr) => {
+    ($name:ident, $make:expr, $ready:expr, $cases:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -99,7 +102,7 @@ macro_rules! conformance {
             #[test]
             fn property_random_operations_keep_invariants() {
                 if ($ready)() {
-                    crate::prop::run($make);
+                    crate::prop::run(($cases)());
                 }
             }
         }
@@ -183,4 +186,9 @@ conformance!(sqlite, Sqlite::new);
 // The PostgreSQL engine: a database per test on the machine's PostgreSQL;
 // restart closes every connection and opens the journal again.
 #[cfg(feature = "postgres")]
-conformance!(postgres, pg::Postgres::new, pg::available);
+conformance!(
+    postgres,
+    pg::Postgres::new,
+    pg::available,
+    pg::schema_per_case
+);

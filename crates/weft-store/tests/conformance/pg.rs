@@ -83,11 +83,17 @@ impl Database {
         Database { name }
     }
 
-    /// The URL of this database.
+    /// The URL of this database. Commits are not fsynced
+    /// (`synchronous_commit=off`, as the SQLite tests use
+    /// `synchronous=NORMAL`): the tests are about the journal's logic; a
+    /// crash of the server is not among them.
     pub fn url(&self) -> String {
         let base = admin_url();
         match base.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{}", self.name),
+            Some((server, _)) => format!(
+                "{server}/{}?options=-c%20synchronous_commit%3Doff",
+                self.name
+            ),
             None => panic!("WEFT_TEST_PG_ADMIN_URL must end in /<database>: {base}"),
         }
     }
@@ -105,9 +111,13 @@ impl Database {
     /// Open a journal, waiting (up to 10 s) for a previous hub of the same
     /// node to let go of its lock: its connections close as it is dropped.
     pub fn open(&self, node: &str, role: PgRole) -> PgJournal {
+        self.open_with(self.options(node, role))
+    }
+
+    pub fn open_with(&self, opts: PgOptions) -> PgJournal {
         let start = Instant::now();
         loop {
-            match PgJournal::open(self.options(node, role)) {
+            match PgJournal::open(opts.clone()) {
                 Ok(j) => return j,
                 Err(e) if start.elapsed() < Duration::from_secs(10) => {
                     let _ = e;
@@ -132,21 +142,41 @@ impl Drop for Database {
 /// which ends that node's leases.
 pub struct Postgres {
     j: Option<Arc<PgJournal>>,
+    opts: PgOptions,
     // after `j`: the journal closes before its database is dropped
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl Postgres {
     pub fn new() -> Postgres {
-        let db = Database::create();
-        let j = Some(Arc::new(db.open("conformance", PgRole::Hub)));
-        Postgres { j, db }
+        Postgres::in_schema(Arc::new(Database::create()), "weft")
+    }
+
+    /// A journal in `schema` of a shared database.
+    pub fn in_schema(db: Arc<Database>, schema: &str) -> Postgres {
+        let opts = PgOptions {
+            schema: schema.into(),
+            ..db.options("conformance", PgRole::Hub)
+        };
+        let j = Some(Arc::new(db.open_with(opts.clone())));
+        Postgres { j, opts, db }
     }
 }
 
 impl Default for Postgres {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// For the property test's ~200 cases: one database, a fresh schema (a
+/// journal of its own) per case; the database goes when the test ends.
+pub fn schema_per_case() -> impl Fn() -> Postgres {
+    let db = Arc::new(Database::create());
+    let n = AtomicUsize::new(0);
+    move || {
+        let schema = format!("case_{}", n.fetch_add(1, Ordering::Relaxed));
+        Postgres::in_schema(db.clone(), &schema)
     }
 }
 
@@ -157,6 +187,6 @@ impl crate::Harness for Postgres {
 
     fn restart(&mut self) {
         self.j = None;
-        self.j = Some(Arc::new(self.db.open("conformance", PgRole::Hub)));
+        self.j = Some(Arc::new(self.db.open_with(self.opts.clone())));
     }
 }
