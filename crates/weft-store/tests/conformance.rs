@@ -33,13 +33,13 @@ use weft_store::{Journal, MemoryJournal};
 
 #[path = "conformance/cases.rs"]
 mod cases;
+#[cfg(feature = "postgres")]
+#[path = "conformance/pg.rs"]
+pub mod pg;
 #[path = "conformance/prop.rs"]
 mod prop;
 #[path = "conformance/testing.rs"]
 pub mod testing;
-#[cfg(feature = "postgres")]
-#[path = "conformance/pg.rs"]
-pub mod pg;
 
 /// One engine under test.
 pub trait Harness {
@@ -183,12 +183,77 @@ impl Harness for Sqlite {
 
 conformance!(sqlite, Sqlite::new);
 
+/// The PostgreSQL engine (`pg.rs`: a database of the machine's PostgreSQL
+/// per test).
+#[cfg(feature = "postgres")]
+mod postgres_harness {
+    use super::*;
+    use crate::pg;
+
+    /// The conformance harness: a database per test; restart drops every
+    /// connection (the journal) and opens it again as the same node's hub,
+    /// which ends that node's leases.
+    pub struct Postgres {
+        j: Option<Arc<weft_store::PgJournal>>,
+        opts: weft_store::PgOptions,
+        // after `j`: the journal closes before its database is dropped
+        db: Arc<pg::Database>,
+    }
+
+    impl Postgres {
+        pub fn new() -> Postgres {
+            Postgres::in_schema(Arc::new(pg::Database::create()), "weft")
+        }
+
+        /// A journal in `schema` of a shared database.
+        pub fn in_schema(db: Arc<pg::Database>, schema: &str) -> Postgres {
+            let opts = weft_store::PgOptions {
+                schema: schema.into(),
+                ..db.options("conformance", weft_store::PgRole::Hub)
+            };
+            let j = Some(Arc::new(db.open_with(opts.clone())));
+            Postgres { j, opts, db }
+        }
+    }
+
+    impl Default for Postgres {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// For the property test's ~200 cases: one database, a fresh schema (a
+    /// journal of its own) per case; the database goes when the test ends.
+    pub fn schema_per_case() -> impl Fn() -> Postgres {
+        let db = Arc::new(pg::Database::create());
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        move || {
+            let schema = format!(
+                "case_{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            Postgres::in_schema(db.clone(), &schema)
+        }
+    }
+
+    impl Harness for Postgres {
+        fn journal(&self) -> Arc<dyn Journal> {
+            self.j.clone().expect("the journal is open")
+        }
+
+        fn restart(&mut self) {
+            self.j = None;
+            self.j = Some(Arc::new(self.db.open_with(self.opts.clone())));
+        }
+    }
+}
+
 // The PostgreSQL engine: a database per test on the machine's PostgreSQL;
 // restart closes every connection and opens the journal again.
 #[cfg(feature = "postgres")]
 conformance!(
     postgres,
-    pg::Postgres::new,
+    postgres_harness::Postgres::new,
     pg::available,
-    pg::schema_per_case
+    postgres_harness::schema_per_case
 );

@@ -92,6 +92,13 @@ use pool::{Conn, Pool};
 
 pub use schema::latest_version as pg_latest_version;
 
+/// The advisory lock id the journal in `schema` takes for entity key `key`
+/// (tests hold it to stop a transaction at that point).
+#[doc(hidden)]
+pub fn key_lock_id(schema: &str, key: &str) -> i64 {
+    ops::key_lock(schema, key)
+}
+
 /// Who opens the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PgRole {
@@ -321,7 +328,10 @@ impl PgJournal {
 
     /// Run `f` on the journal's runtime; the returned future can be awaited
     /// on any executor.
-    fn spawn<T, F>(&self, f: impl FnOnce(Arc<Inner>) -> F) -> BoxFuture<'static, Result<T, StoreError>>
+    fn spawn<T, F>(
+        &self,
+        f: impl FnOnce(Arc<Inner>) -> F,
+    ) -> BoxFuture<'static, Result<T, StoreError>>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
@@ -429,9 +439,7 @@ impl Journal for PgJournal {
 impl JournalRead for PgJournal {
     fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
         let lanes = lanes.to_vec();
-        self.read_with(|inner| async move {
-            retrying!(inner, |c, _ctx| read::counts(c, &lanes))
-        })
+        self.read_with(|inner| async move { retrying!(inner, |c, _ctx| read::counts(c, &lanes)) })
     }
 
     fn outbox_len(&self) -> Result<i64, StoreError> {
@@ -447,13 +455,15 @@ impl JournalRead for PgJournal {
 
     fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
         let filter = filter.clone();
-        self.read_with(
-            |inner| async move { read::dlq_list(&mut *inner.pool.get().await?, &filter).await },
-        )
+        self.read_with(|inner| async move {
+            read::dlq_list(&mut *inner.pool.get().await?, &filter).await
+        })
     }
 
     fn dlq_get(&self, id: i64) -> Result<Option<DlqEntry>, StoreError> {
-        self.read_with(|inner| async move { read::dlq_get(&mut *inner.pool.get().await?, id).await })
+        self.read_with(
+            |inner| async move { read::dlq_get(&mut *inner.pool.get().await?, id).await },
+        )
     }
 
     fn dlq_depths(&self) -> Result<Vec<(String, String, i64)>, StoreError> {

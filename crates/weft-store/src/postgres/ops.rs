@@ -184,9 +184,9 @@ struct Fresh(std::vec::IntoIter<i64>);
 
 impl Fresh {
     fn next(&mut self) -> Result<i64, StoreError> {
-        self.0
-            .next()
-            .ok_or_else(|| StoreError::Invalid("the journal allocated too few sequence values".into()))
+        self.0.next().ok_or_else(|| {
+            StoreError::Invalid("the journal allocated too few sequence values".into())
+        })
     }
 }
 
@@ -242,7 +242,8 @@ impl NewRows {
         // a keyless row is a queue of its own; keyed rows get theirs from
         // `refresh` once every row of the transaction is in
         self.eligible.push(d.entity_key.is_none());
-        self.source_version.push(o.source_version.map(str::to_owned));
+        self.source_version
+            .push(o.source_version.map(str::to_owned));
         self.group_id.push(o.group_id.map(str::to_owned));
         self.traceparent.push(o.traceparent.map(str::to_owned));
         self.tracestate.push(o.tracestate.map(str::to_owned));
@@ -379,8 +380,11 @@ impl Touched {
             )
             .await?;
         }
-        let mut queues: BTreeSet<(&str, &str)> =
-            self.queues.iter().map(|(d, k)| (d.as_str(), k.as_str())).collect();
+        let mut queues: BTreeSet<(&str, &str)> = self
+            .queues
+            .iter()
+            .map(|(d, k)| (d.as_str(), k.as_str()))
+            .collect();
         for (d, k, _) in &self.holds {
             queues.insert((d, k));
         }
@@ -962,9 +966,11 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
         }
     }
     let locks = ctx.locks(
-        keys.iter()
-            .map(String::as_str)
-            .chain(s.follow_ups.iter().filter_map(|f| f.delivery.entity_key.as_deref())),
+        keys.iter().map(String::as_str).chain(
+            s.follow_ups
+                .iter()
+                .filter_map(|f| f.delivery.entity_key.as_deref()),
+        ),
     );
     lock_keys(c, &locks).await?;
     let mut rows: HashMap<i64, Leased> = HashMap::new();
@@ -1149,7 +1155,14 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     let mut rows_new = NewRows::default();
     let mut seqs = Fresh(seqs.into_iter());
     for f in &s.follow_ups {
-        follow_up(&mut rows_new, &mut touched, &mut deltas, f, seqs.next()?, now);
+        follow_up(
+            &mut rows_new,
+            &mut touched,
+            &mut deltas,
+            f,
+            seqs.next()?,
+            now,
+        );
         done.follow_ups += 1;
     }
     rows_new.insert(c).await?;
@@ -1454,7 +1467,10 @@ async fn replay_in(
 ) -> Result<Applied, StoreError> {
     let now = crate::now_ms();
     let id = r.dlq_id;
-    let locks = ctx.locks(key.into_iter().chain(r.outcome.iter().flat_map(outcome_keys)));
+    let locks = ctx.locks(
+        key.into_iter()
+            .chain(r.outcome.iter().flat_map(outcome_keys)),
+    );
     lock_keys(c, &locks).await?;
     let e = dead_entry(c, id).await?;
     let deliver = e.stage == Stage::Deliver.as_str();

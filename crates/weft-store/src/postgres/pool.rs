@@ -35,7 +35,11 @@ impl Conn {
         Ok(s)
     }
 
-    pub async fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
+    pub async fn query(
+        &mut self,
+        sql: &'static str,
+        p: Params<'_>,
+    ) -> Result<Vec<Row>, StoreError> {
         let s = self.statement(sql).await?;
         Ok(self.client.query(&s, p).await?)
     }
@@ -115,13 +119,17 @@ pub(crate) struct Pooled<'a> {
 impl std::ops::Deref for Pooled<'_> {
     type Target = Conn;
     fn deref(&self) -> &Conn {
-        self.conn.as_ref().expect("a pooled connection until dropped")
+        self.conn
+            .as_ref()
+            .expect("a pooled connection until dropped")
     }
 }
 
 impl std::ops::DerefMut for Pooled<'_> {
     fn deref_mut(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("a pooled connection until dropped")
+        self.conn
+            .as_mut()
+            .expect("a pooled connection until dropped")
     }
 }
 
@@ -149,7 +157,11 @@ impl Pool {
 
     /// A connection: an idle one, or a new one. Waits while `size` are out.
     pub async fn get(&self) -> Result<Pooled<'_>, StoreError> {
-        let permit = self.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let idle = loop {
             let c = self.idle.lock().ok().and_then(|mut i| i.pop());
             match c {

@@ -231,7 +231,8 @@ pub(crate) async fn migrate(c: &mut Conn, schema: &str, lock: i64) -> Result<(),
 }
 
 async fn migrate_in(c: &mut Conn, schema: &str, lock: i64) -> Result<(), StoreError> {
-    c.execute("SELECT pg_advisory_xact_lock($1)", &[&lock]).await?;
+    c.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+        .await?;
     c.batch(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
          SET LOCAL search_path TO {schema};

@@ -1,14 +1,14 @@
-//! PostgreSQL for the journal tests: a fresh database per test on the
+//! PostgreSQL for the journal tests (the conformance suite and
+//! `tests/postgres.rs`): a fresh database per test on the
 //! PostgreSQL of the machine (127.0.0.1:5432, user postgres, trust auth;
 //! `WEFT_TEST_PG_ADMIN_URL` overrides), dropped when the test ends, passed
 //! or failed. When PostgreSQL does not answer, the tests say so loudly and
 //! pass, unless `CI=true`, where that is a failure.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use weft_store::{Journal, PgJournal, PgOptions, PgRole};
+use weft_store::{PgJournal, PgOptions, PgRole};
 
 /// The server's URL without a database.
 fn admin_url() -> String {
@@ -51,7 +51,10 @@ pub fn available() -> bool {
         Ok(()) => true,
         Err(e) => {
             if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("PostgreSQL at {} is not reachable and CI=true: {e}", admin_url());
+                panic!(
+                    "PostgreSQL at {} is not reachable and CI=true: {e}",
+                    admin_url()
+                );
             }
             eprintln!(
                 "!!!!!! SKIPPING PostgreSQL journal test: {} is not reachable: {e} !!!!!!",
@@ -131,62 +134,11 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        if let Err(e) = admin(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+        if let Err(e) = admin(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )) {
             eprintln!("could not drop the test database {}: {e}", self.name);
         }
-    }
-}
-
-/// The conformance harness: a database per test; restart drops every
-/// connection (the journal) and opens it again as the same node's hub,
-/// which ends that node's leases.
-pub struct Postgres {
-    j: Option<Arc<PgJournal>>,
-    opts: PgOptions,
-    // after `j`: the journal closes before its database is dropped
-    db: Arc<Database>,
-}
-
-impl Postgres {
-    pub fn new() -> Postgres {
-        Postgres::in_schema(Arc::new(Database::create()), "weft")
-    }
-
-    /// A journal in `schema` of a shared database.
-    pub fn in_schema(db: Arc<Database>, schema: &str) -> Postgres {
-        let opts = PgOptions {
-            schema: schema.into(),
-            ..db.options("conformance", PgRole::Hub)
-        };
-        let j = Some(Arc::new(db.open_with(opts.clone())));
-        Postgres { j, opts, db }
-    }
-}
-
-impl Default for Postgres {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// For the property test's ~200 cases: one database, a fresh schema (a
-/// journal of its own) per case; the database goes when the test ends.
-pub fn schema_per_case() -> impl Fn() -> Postgres {
-    let db = Arc::new(Database::create());
-    let n = AtomicUsize::new(0);
-    move || {
-        let schema = format!("case_{}", n.fetch_add(1, Ordering::Relaxed));
-        Postgres::in_schema(db.clone(), &schema)
-    }
-}
-
-impl crate::Harness for Postgres {
-    fn journal(&self) -> Arc<dyn Journal> {
-        self.j.clone().expect("the journal is open")
-    }
-
-    fn restart(&mut self) {
-        self.j = None;
-        self.j = Some(Arc::new(self.db.open_with(self.opts.clone())));
     }
 }
