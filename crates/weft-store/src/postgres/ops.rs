@@ -125,7 +125,7 @@ async fn compact_in(c: &mut Conn, ctx: &Ctx<'_>, limit: i64) -> Result<u64, Stor
     if !got {
         return Ok(0);
     }
-    Ok(c.execute(
+    c.execute(
         "WITH moved AS (
            DELETE FROM count_deltas WHERE id IN (SELECT id FROM count_deltas ORDER BY id LIMIT $1)
            RETURNING flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
@@ -139,7 +139,7 @@ async fn compact_in(c: &mut Conn, ctx: &Ctx<'_>, limit: i64) -> Result<u64, Stor
            dead_lettered = t.dead_lettered + excluded.dead_lettered, discarded = t.discarded + excluded.discarded",
         &[&limit],
     )
-    .await?)
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -1206,14 +1206,11 @@ fn follow_up(
 /// last delivery per (entry, flow, destination) in `superseded`, the last
 /// of all in `superseded_by`.
 async fn supersede(c: &mut Conn, rows: &[(&str, i64, &str, &str, &str)]) -> Result<(), StoreError> {
-    let mut cols: (Vec<&str>, Vec<i64>, Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
-    for (k, s, f, d, e) in rows {
-        cols.0.push(k);
-        cols.1.push(*s);
-        cols.2.push(f);
-        cols.3.push(d);
-        cols.4.push(e);
-    }
+    let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    let flows: Vec<&str> = rows.iter().map(|r| r.2).collect();
+    let dests: Vec<&str> = rows.iter().map(|r| r.3).collect();
+    let events: Vec<&str> = rows.iter().map(|r| r.4).collect();
     c.execute(
         "WITH x AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[])
                       WITH ORDINALITY AS x(k, s, f, d, ev, n)),
@@ -1227,7 +1224,7 @@ async fn supersede(c: &mut Conn, rows: &[(&str, i64, &str, &str, &str)]) -> Resu
                  SET event_id = excluded.event_id, touch = excluded.touch)
          UPDATE dlq SET superseded_by = l.ev
          FROM (SELECT DISTINCT ON (q) q, ev FROM m ORDER BY q, n DESC) l WHERE dlq.id = l.q",
-        &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4],
+        &[&keys, &seqs, &flows, &dests, &events],
     )
     .await?;
     Ok(())
