@@ -250,8 +250,63 @@ impl NewRows {
         self.payload.push(d.payload.clone());
     }
 
-    async fn insert(&self, c: &mut Conn) -> Result<(), StoreError> {
+    /// Insert the rows. `appended`: every row goes to the end of its key
+    /// queue and the transaction adds no hold (ingest, follow-ups), so a
+    /// keyed row is a head exactly when it is the first of its queue here
+    /// and its queue had no row and no hold before: decided in the insert,
+    /// without a `refresh` rewriting the rows after it. Otherwise keyed rows
+    /// go in not eligible and `refresh` decides.
+    async fn insert(&self, c: &mut Conn, appended: bool) -> Result<(), StoreError> {
         if self.flow.is_empty() {
+            return Ok(());
+        }
+        if appended {
+            let mut seen: HashSet<(&str, &str)> = HashSet::new();
+            let first: Vec<bool> = self
+                .destination
+                .iter()
+                .zip(&self.entity_key)
+                .map(|(d, k)| k.as_deref().is_some_and(|k| seen.insert((d, k))))
+                .collect();
+            c.execute(
+                "INSERT INTO outbox (flow, destination, entity_key, idempotency_key, source, event_id, correlation_id,
+                   created_at, event_time, order_seq, eligible, source_version, group_id, traceparent, tracestate,
+                   payload)
+                 SELECT flow, destination, entity_key, idempotency_key, source, event_id, correlation_id, created_at,
+                   event_time, order_seq,
+                   eligible OR (first
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = x.destination
+                                       AND o.entity_key = x.entity_key)
+                     AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.destination = x.destination
+                                       AND h.entity_key = x.entity_key)),
+                   source_version, group_id, traceparent, tracestate, payload
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::int8[], $9::int8[], $10::int8[], $11::bool[], $12::text[], $13::text[], $14::text[],
+                   $15::text[], $16::text[], $17::bool[])
+                   AS x(flow, destination, entity_key, idempotency_key, source, event_id, correlation_id, created_at,
+                        event_time, order_seq, eligible, source_version, group_id, traceparent, tracestate, payload,
+                        first)",
+                &[
+                    &self.flow,
+                    &self.destination,
+                    &self.entity_key,
+                    &self.idempotency_key,
+                    &self.source,
+                    &self.event_id,
+                    &self.correlation_id,
+                    &self.created_at,
+                    &self.event_time,
+                    &self.order_seq,
+                    &self.eligible,
+                    &self.source_version,
+                    &self.group_id,
+                    &self.traceparent,
+                    &self.tracestate,
+                    &self.payload,
+                    &first,
+                ],
+            )
+            .await?;
             return Ok(());
         }
         c.execute(
@@ -598,10 +653,15 @@ impl Staged {
         Ok(())
     }
 
-    async fn write(&self, c: &mut Conn, now: i64) -> Result<(), StoreError> {
-        self.rows.insert(c).await?;
+    /// `appended`: see [`NewRows::insert`]; ignored when holds are added.
+    async fn write(&self, c: &mut Conn, now: i64, appended: bool) -> Result<(), StoreError> {
+        let appended = appended && self.touched.holds.is_empty();
+        self.rows.insert(c, appended).await?;
         self.entries.insert(c, now).await?;
-        self.touched.apply(c).await?;
+        // appended rows decided their heads, and no queue lost its head
+        if !appended {
+            self.touched.apply(c).await?;
+        }
         write_counts(c, &self.deltas).await
     }
 }
@@ -695,7 +755,7 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
             staged.outcome(&o, out, None, &mut seqs, &mut ids, now, &mut applied)?;
         }
     }
-    staged.write(c, now).await?;
+    staged.write(c, now, true).await?;
     if let Some((key, value)) = &b.checkpoint {
         c.execute(
             "INSERT INTO checkpoints (source, key, value, updated_at) VALUES ($1, $2, $3, $4)
@@ -1165,7 +1225,7 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
         );
         done.follow_ups += 1;
     }
-    rows_new.insert(c).await?;
+    rows_new.insert(c, false).await?;
     touched.apply(c).await?;
     write_counts(c, &deltas).await?;
     Ok(done)
@@ -1601,7 +1661,7 @@ async fn replay_in(
         applied.flows = counted.flows;
     }
     mark(c, id, "replayed", &r.note, now).await?;
-    staged.write(c, now).await?;
+    staged.write(c, now, false).await?;
     Ok(applied)
 }
 
@@ -1641,7 +1701,7 @@ async fn discard_in(
             c.discarded += 1;
         });
     }
-    staged.write(c, now).await?;
+    staged.write(c, now, false).await?;
     Ok(Applied {
         changed: 1,
         ..Default::default()

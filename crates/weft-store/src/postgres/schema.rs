@@ -45,12 +45,13 @@ const MIGRATIONS: &[&str] = &[
         traceparent     text,
         tracestate      text,
         payload         text NOT NULL
-    );
+    ) WITH (fillfactor = 80);  -- room for HOT updates of the lease columns
     CREATE INDEX outbox_claim ON outbox (flow, destination, order_seq, id) WHERE eligible;
     CREATE INDEX outbox_key ON outbox (destination, entity_key, order_seq, id) WHERE entity_key IS NOT NULL;
     CREATE INDEX outbox_heads ON outbox (destination, entity_key) WHERE eligible AND entity_key IS NOT NULL;
     CREATE INDEX outbox_lane ON outbox (flow, destination, order_seq, id);
-    CREATE INDEX outbox_leases ON outbox (lease_node) WHERE token <> 0;
+    -- no index names the lease columns (token, lease_until, lease_node,
+    -- next_at, attempts): claims and settles rewrite them in place (HOT)
 
     -- order_seq: taken only after the key locks of the transaction are held,
     -- so for one key the values follow commit order. CACHE 1 (the default)
