@@ -49,7 +49,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_claim ON outbox (flow, destination, order_seq, id) WHERE eligible;
     CREATE INDEX outbox_key ON outbox (destination, entity_key, order_seq, id) WHERE entity_key IS NOT NULL;
     CREATE INDEX outbox_heads ON outbox (destination, entity_key) WHERE eligible AND entity_key IS NOT NULL;
-    CREATE INDEX outbox_lane ON outbox (flow, destination, order_seq, id);
+    -- no index of a lane's rows in order: a claim must walk the heads
+    -- (outbox_claim), never a hot key's backlog behind its head; pending()
+    -- and counts read the lane whole anyway
     -- no index names the lease columns (token, lease_until, lease_node,
     -- next_at, attempts): claims and settles rewrite them in place (HOT)
 
