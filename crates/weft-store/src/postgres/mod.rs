@@ -109,8 +109,9 @@ pub enum PgRole {
     Tool,
 }
 
-/// How to reach the journal.
-#[derive(Debug, Clone)]
+/// How to reach the journal. `Debug` leaves the URL out (it may carry a
+/// password).
+#[derive(Clone)]
 pub struct PgOptions {
     /// A libpq-style URL or key=value string (`postgresql://user@host/db`).
     pub url: String,
@@ -121,6 +122,18 @@ pub struct PgOptions {
     /// Connections at most (the hub's session lock takes one more).
     pub pool_size: usize,
     pub role: PgRole,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &"***")
+            .field("schema", &self.schema)
+            .field("node", &self.node)
+            .field("pool_size", &self.pool_size)
+            .field("role", &self.role)
+            .finish()
+    }
 }
 
 impl PgOptions {
