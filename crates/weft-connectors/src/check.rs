@@ -58,7 +58,17 @@ fn issue(issues: &mut Vec<Issue>, path: &str, message: String) {
 }
 
 fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = url;
+        issue(
+            issues,
+            path,
+            crate::without_feature("postgres", "PostgreSQL"),
+        );
+    }
     // the parser `tokio_postgres::connect` uses
+    #[cfg(feature = "postgres")]
     if let Err(e) = url.parse::<tokio_postgres::Config>() {
         issue(
             issues,
@@ -69,6 +79,16 @@ fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
 }
 
 fn mysql_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    #[cfg(not(feature = "mysql"))]
+    {
+        let _ = url;
+        issue(
+            issues,
+            path,
+            crate::without_feature("mysql", "MariaDB/MySQL"),
+        );
+    }
+    #[cfg(feature = "mysql")]
     if let Err(e) = mysql_async::Opts::from_url(url) {
         issue(
             issues,

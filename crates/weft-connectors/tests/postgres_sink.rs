@@ -1,6 +1,7 @@
 //! The PostgreSQL sink against the real PostgreSQL on 127.0.0.1:5432
 //! (user postgres, database `test`). Skipped with a message when it is not
 //! reachable, unless `CI=true`, where that is a failure.
+#![cfg(feature = "postgres")]
 
 use std::collections::BTreeMap;
 
