@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
 use weft_core::config::Config;
-use weft_store::{Dedupe, Journal, LaneId, PgJournal, PgOptions, PgRole, Role, SqliteJournal};
+use weft_store::{Dedupe, Journal, LaneId, Role, SqliteJournal};
 
 pub use ingest::{prepare, prepare_with, run_flow};
 
@@ -348,16 +348,24 @@ fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, RuntimeError> {
         source,
     };
     Ok(match &config.store.postgres {
+        #[cfg(feature = "postgres")]
         Some(pg) => Arc::new(
-            PgJournal::open(PgOptions {
+            weft_store::PgJournal::open(weft_store::PgOptions {
                 url: pg.url.expose().to_owned(),
                 schema: pg.schema.clone(),
                 node: pg.node.clone(),
                 pool_size: pg.pool_size,
-                role: PgRole::Hub,
+                role: weft_store::PgRole::Hub,
             })
             .map_err(store)?,
         ),
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => {
+            return Err(store(weft_store::StoreError::Invalid(
+                "store.postgres: this weft was built without PostgreSQL (cargo feature `postgres`)"
+                    .into(),
+            )));
+        }
         None => Arc::new(
             SqliteJournal::open(&config.store.path, config.store.synchronous, Role::Hub)
                 .map_err(store)?,

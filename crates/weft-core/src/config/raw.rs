@@ -62,7 +62,7 @@ pub struct RawStore {
 }
 
 /// The PostgreSQL journal.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPgStore {
     /// Connection URL, e.g. `${WEFT_PG_URL}`
