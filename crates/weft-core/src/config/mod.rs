@@ -23,7 +23,7 @@ pub use raw::{FileFormat, OnDeadLetter, Synchronous};
 pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
 
 pub use validate::{
-    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow,
+    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow, PgStore,
     RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
     TextEncoding,
 };

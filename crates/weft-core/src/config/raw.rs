@@ -55,6 +55,27 @@ pub struct RawStore {
     /// How long event ids are remembered for deduplication (default `7d`).
     #[schemars(with = "Option<String>")]
     pub dedupe_retention: Option<Spanned<String>>,
+    /// Keep the journal in PostgreSQL instead of the SQLite file (`path`
+    /// and `synchronous` are then not used): a database several nodes can
+    /// share.
+    pub postgres: Option<RawPgStore>,
+}
+
+/// The PostgreSQL journal.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPgStore {
+    /// Connection URL, e.g. `${WEFT_PG_URL}`
+    /// (`postgresql://user:password@host:5432/database`).
+    pub url: Secret,
+    /// Schema of the journal's tables (default `weft`), created if missing:
+    /// lower-case letters, digits and `_`.
+    pub schema: Option<String>,
+    /// This node's name (default `weft`): leases carry it; two hubs on one
+    /// journal need different names.
+    pub node: Option<String>,
+    /// Connections at most (default 8).
+    pub pool_size: Option<usize>,
 }
 
 /// SQLite's `synchronous` setting as exposed to users.
