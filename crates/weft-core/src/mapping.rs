@@ -28,6 +28,9 @@ mod fast;
 type Data = data::JustLut<Val>;
 
 /// A compiled jq program.
+/// Most outputs one run of a program may give (see [`Program::run`]).
+pub const MAX_OUTPUTS: usize = 10_000;
+
 pub struct Program {
     code: String,
     vars: Vec<String>,
@@ -89,11 +92,20 @@ impl Program {
         if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(&input)) {
             return Ok(vec![v.into_owned()]);
         }
-        self.run_jaq(input, event, extra)
+        self.run_jaq(input, event, extra, MAX_OUTPUTS)
     }
 
-    /// [`Program::run`] by jaq alone, without the structural shortcut.
-    fn run_jaq(&self, input: Value, event: Value, extra: &[Value]) -> Result<Vec<Value>, RunError> {
+    /// [`Program::run`] by jaq alone, without the structural shortcut;
+    /// more than `limit` outputs are an error (jaq has no step budget: a
+    /// generator without end, `repeat(.)` or `range(1e18)`, ends here; a
+    /// loop inside one output, `[repeat(1)]`, does not).
+    fn run_jaq(
+        &self,
+        input: Value,
+        event: Value,
+        extra: &[Value],
+        limit: usize,
+    ) -> Result<Vec<Value>, RunError> {
         let input = to_val(input)?;
         let mut vals = Vec::with_capacity(self.vars.len());
         vals.push(to_val(event)?);
@@ -110,6 +122,14 @@ impl Program {
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new(vals));
         let mut out = Vec::new();
         for r in self.filter.id.run((ctx, input)) {
+            if out.len() == limit {
+                return Err(RunError(if limit == 1 {
+                    "the mapping produced more than one output; it must produce exactly one"
+                        .to_owned()
+                } else {
+                    format!("the program produced more than {limit} outputs")
+                }));
+            }
             match r {
                 Ok(v) => out.push(from_val(&v)?),
                 Err(exn) => {
@@ -128,7 +148,7 @@ impl Program {
         if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(&input)) {
             return Ok(v.into_owned());
         }
-        Self::one(self.run_jaq(input, event, extra)?)
+        Self::one(self.run_jaq(input, event, extra, 1)?)
     }
 
     /// [`Program::run_one`] on borrowed values: the input and `$event` are
@@ -147,7 +167,7 @@ impl Program {
         if let Some(v) = self.fast.as_ref().and_then(|f| f.eval(input)) {
             return Ok(v.into_owned());
         }
-        Self::one(self.run_jaq(input.clone(), event(), extra)?)
+        Self::one(self.run_jaq(input.clone(), event(), extra, 1)?)
     }
 
     fn one(mut out: Vec<Value>) -> Result<Value, RunError> {
@@ -436,6 +456,21 @@ pub fn from_val(v: &Val) -> Result<Value, RunError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Review P2-8 (part): jq has no step budget; a generator without end
+    /// in a mapping used to hang ingestion. It ends at the output cap now.
+    #[test]
+    fn an_endless_generator_ends_with_an_error_not_a_hang() {
+        let p = Program::compile("repeat(.)", &[]).unwrap();
+        let e = p.eval(&json!({"a": 1}), &json!({}), &[]).unwrap_err();
+        assert!(e.to_string().contains("more than one output"), "{e}");
+        let p = Program::compile("range(1e18)", &[]).unwrap();
+        let e = p.run(json!(null), json!({}), &[]).unwrap_err();
+        assert!(e.to_string().contains("more than 10000 outputs"), "{e}");
+        // two outputs are still refused as before
+        let p = Program::compile(".a, .a", &[]).unwrap();
+        assert!(p.eval(&json!({"a": 1}), &json!({}), &[]).is_err());
+    }
 
     #[test]
     fn maps_renames_and_value_maps() {

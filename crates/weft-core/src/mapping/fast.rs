@@ -227,7 +227,8 @@ mod tests {
             let program = Program::compile(code, &[]).expect("compiles");
             for input in INPUTS {
                 let input: Value = serde_json::from_str(input).expect("test input");
-                let jaq = program.run_jaq(input.clone(), json!({}), &[]);
+                let jaq =
+                    program.run_jaq(input.clone(), json!({}), &[], crate::mapping::MAX_OUTPUTS);
                 // `None`: jaq decides (an error, or an index left to it)
                 if let Some(v) = fast.eval(&input) {
                     answered += 1;
