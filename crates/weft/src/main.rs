@@ -184,10 +184,27 @@ fn init_logs(format: &str) {
 
 /// Load and validate, printing every problem; `None` means invalid.
 pub fn load_config(path: &Path) -> Result<config::Config, ExitCode> {
-    config::load_checked(path, &weft_connectors::check::check).map_err(|e| {
+    config::load_checked(path, &check).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })
+}
+
+/// What `weft run` would refuse when it builds things: the connectors'
+/// parsers, and a PostgreSQL store in a build without it.
+fn check(config: &config::Config) -> Vec<config::Issue> {
+    let mut issues = weft_connectors::check::check(config);
+    if cfg!(not(feature = "postgres")) && config.store.postgres.is_some() {
+        issues.push(config::Issue {
+            path: "store.postgres".into(),
+            line: None,
+            column: None,
+            message:
+                "this weft was built without PostgreSQL (cargo feature `postgres`, on by default)"
+                    .into(),
+        });
+    }
+    issues
 }
 
 /// The config for a command that only looks at the store or changes it
