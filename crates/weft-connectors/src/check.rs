@@ -35,6 +35,12 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 e.message,
             );
         }
+        #[cfg(feature = "cdc-postgres")]
+        if let Some(SourceSpec::PostgresCdc { settings }) = &sys.source
+            && let Err(found) = crate::cdc::postgres::PgCdcConfig::from_settings(name, settings)
+        {
+            issues.extend(found);
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

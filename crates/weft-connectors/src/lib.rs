@@ -11,6 +11,7 @@
 //! Registration is explicit: [`build_sink`] and [`build_source`] map each
 //! config variant to its connector; there is no other registry.
 
+pub mod cdc;
 pub mod check;
 pub mod sink;
 pub mod source;
