@@ -139,12 +139,13 @@ fn postgres_cdc(
     system: &str,
     settings: &weft_core::config::raw::ConnectorSettings,
 ) -> Result<SourceHandle, SourceError> {
-    let cfg = crate::cdc::postgres::PgCdcConfig::from_settings(system, settings).map_err(|issues| {
-        SourceError {
-            system: system.to_owned(),
-            message: crate::cdc::postgres::config::describe(&issues),
-        }
-    })?;
+    let cfg =
+        crate::cdc::postgres::PgCdcConfig::from_settings(system, settings).map_err(|issues| {
+            SourceError {
+                system: system.to_owned(),
+                message: crate::cdc::postgres::config::describe(&issues),
+            }
+        })?;
     Ok(SourceHandle::Task(Box::new(
         crate::cdc::postgres::PgCdcSource::new(system, cfg),
     )))

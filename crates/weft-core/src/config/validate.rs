@@ -659,7 +659,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 },
             };
             // P1-17: without a key nothing orders two writes of one record
-            if f.key.is_none() && key.is_none() && matches!(kind, Some("http" | "postgres" | "mysql" | "sqlite")) {
+            if f.key.is_none()
+                && key.is_none()
+                && matches!(kind, Some("http" | "postgres" | "mysql" | "sqlite"))
+            {
                 cx.warn_span(
                     &dp,
                     &system,

@@ -189,9 +189,7 @@ impl PgCdcConfig {
             on_slot_lost: raw.on_slot_lost.unwrap_or_default(),
             batch_size,
             heartbeat,
-            event_type: raw
-                .event_type
-                .unwrap_or_else(|| format!("{system}.change")),
+            event_type: raw.event_type.unwrap_or_else(|| format!("{system}.change")),
         })
     }
 }

@@ -44,7 +44,10 @@ pub enum Kind {
     Text,
     /// An array of `elem`, its elements separated by `delim` (`,` for all
     /// but a few geometric types).
-    Array { elem: Box<Kind>, delim: u8 },
+    Array {
+        elem: Box<Kind>,
+        delim: u8,
+    },
 }
 
 /// One `pg_type` row, as far as [`Kind`] needs it.
@@ -128,9 +131,8 @@ pub fn to_json(kind: &Kind, text: &str) -> Value {
             Err(_) => Value::String(text.to_owned()),
         },
         Kind::Float => match text.parse::<f64>() {
-            Ok(f) if f.is_finite() => {
-                serde_json::Number::from_f64(f).map_or_else(|| Value::String(text.into()), Value::Number)
-            }
+            Ok(f) if f.is_finite() => serde_json::Number::from_f64(f)
+                .map_or_else(|| Value::String(text.into()), Value::Number),
             _ => Value::String(text.to_owned()),
         },
         Kind::Json => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned())),
@@ -167,7 +169,8 @@ fn timestamptz(text: &str) -> Option<String> {
         // a historical LMT offset with seconds: kept as written
         return None;
     }
-    let t = DateTime::parse_from_str(&format!("{main} {sign}{h}{m}"), "%Y-%m-%d %H:%M:%S%.f %z").ok()?;
+    let t = DateTime::parse_from_str(&format!("{main} {sign}{h}{m}"), "%Y-%m-%d %H:%M:%S%.f %z")
+        .ok()?;
     Some(
         t.with_timezone(&Utc)
             .to_rfc3339_opts(SecondsFormat::AutoSi, true),
@@ -325,7 +328,10 @@ mod tests {
             to_json(&Kind::Numeric, "12345678901234567890.000000000001"),
             json!("12345678901234567890.000000000001")
         );
-        assert_eq!(to_json(&Kind::Int, "9223372036854775807"), json!(9223372036854775807i64));
+        assert_eq!(
+            to_json(&Kind::Int, "9223372036854775807"),
+            json!(9223372036854775807i64)
+        );
         assert_eq!(to_json(&Kind::Float, "1.5"), json!(1.5));
         assert_eq!(to_json(&Kind::Float, "NaN"), json!("NaN"));
         assert_eq!(to_json(&Kind::Float, "-Infinity"), json!("-Infinity"));
@@ -343,7 +349,10 @@ mod tests {
             json!("2024-05-01T12:00:00.500")
         );
         assert_eq!(to_json(&Kind::Bytea, "\\x0102ff"), json!("AQL/"));
-        assert_eq!(to_json(&Kind::Json, "{\"a\": [1, 2.5]}"), json!({"a": [1, 2.5]}));
+        assert_eq!(
+            to_json(&Kind::Json, "{\"a\": [1, 2.5]}"),
+            json!({"a": [1, 2.5]})
+        );
         assert_eq!(to_json(&Kind::Bool, "t"), json!(true));
     }
 
@@ -362,7 +371,10 @@ mod tests {
         assert_eq!(to_json(&int, "{}"), json!([]));
         assert_eq!(to_json(&int, "[0:1]={7,8}"), json!([7, 8]));
         assert_eq!(
-            to_json(&text, r#"{plain,"with space","q\"x","back\\slash","NULL",NULL}"#),
+            to_json(
+                &text,
+                r#"{plain,"with space","q\"x","back\\slash","NULL",NULL}"#
+            ),
             json!(["plain", "with space", "q\"x", "back\\slash", "NULL", null])
         );
         // not an array literal: kept as written, never dropped

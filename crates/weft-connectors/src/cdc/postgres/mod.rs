@@ -298,9 +298,9 @@ impl PgCdcSource {
         if let Some(p) = stream_pos {
             let lost = match &info {
                 None => Some("does not exist".to_owned()),
-                Some(i) if i.wal_status.as_deref() == Some("lost") => {
-                    Some("was invalidated (`wal_status = lost`: the WAL it needed is gone)".to_owned())
-                }
+                Some(i) if i.wal_status.as_deref() == Some("lost") => Some(
+                    "was invalidated (`wal_status = lost`: the WAL it needed is gone)".to_owned(),
+                ),
                 Some(i) if i.confirmed_flush.is_some_and(|c| c > p.flush) => Some(format!(
                     "is confirmed up to {} but weft stored changes only up to {} (it was created again, or another consumer used it)",
                     i.confirmed_flush.map(format_lsn).unwrap_or_default(),
@@ -349,8 +349,13 @@ impl PgCdcSource {
         let url = self.cfg.url.expose().trim().to_owned();
         let control = Arc::new(setup::connect(&url, &self.system).await?);
         setup::check_settings(&control).await?;
-        setup::ensure_publication(&control, &self.system, &self.cfg.publication, &self.cfg.tables)
-            .await?;
+        setup::ensure_publication(
+            &control,
+            &self.system,
+            &self.cfg.publication,
+            &self.cfg.tables,
+        )
+        .await?;
         let db = setup::database(&control).await?;
         let (plan, skip) = self.plan(&control, &db, saved.clone()).await?;
         let (tx, rx) = mpsc::channel(CHANNEL);
@@ -385,7 +390,9 @@ impl PgCdcSource {
         stop.cancel();
         let read = match reading.await {
             Ok(r) => r,
-            Err(e) => Err(Failure::Retry(format!("the replication reader failed: {e}"))),
+            Err(e) => Err(Failure::Retry(format!(
+                "the replication reader failed: {e}"
+            ))),
         };
         match (stored, read) {
             (Err(Failure::Fatal(m)), _) | (_, Err(Failure::Fatal(m))) => Err(Failure::Fatal(m)),
@@ -830,11 +837,7 @@ impl Reader {
         self.send(Msg::SnapshotStart { lsn }).await?;
         let mut rows = snap.with_cancellation(stop.clone()).rows();
         let mut n = 0u64;
-        while let Some(row) = rows
-            .next_row()
-            .await
-            .map_err(repl("the snapshot failed"))?
-        {
+        while let Some(row) = rows.next_row().await.map_err(repl("the snapshot failed"))? {
             n += 1;
             let rel = self.learn_info(&row.relation).await?;
             let after = row_json(&rel, &row.data);
@@ -953,8 +956,14 @@ impl Reader {
                     };
                     let rel = self.rel(relation_oid)?;
                     let after = row_json(&rel, &data);
-                    let event =
-                        self.event(&rel, "c", None, Some(after), Vec::new(), t.meta(ev.lsn.value(), ordinal));
+                    let event = self.event(
+                        &rel,
+                        "c",
+                        None,
+                        Some(after),
+                        Vec::new(),
+                        t.meta(ev.lsn.value(), ordinal),
+                    );
                     self.send_change(event, t.commit, ordinal).await?;
                 }
                 EventType::Update {
@@ -1044,8 +1053,14 @@ impl Reader {
                                     key: Vec::new(),
                                 }
                             });
-                        let event =
-                            self.event(&rel, "t", None, None, Vec::new(), t.meta(ev.lsn.value(), ordinal));
+                        let event = self.event(
+                            &rel,
+                            "t",
+                            None,
+                            None,
+                            Vec::new(),
+                            t.meta(ev.lsn.value(), ordinal),
+                        );
                         self.send_change(event, t.commit, ordinal).await?;
                     }
                 }
@@ -1075,7 +1090,12 @@ impl Reader {
         )))
     }
 
-    async fn send_change(&self, event: Event, commit_lsn: u64, ordinal: u64) -> Result<(), Failure> {
+    async fn send_change(
+        &self,
+        event: Event,
+        commit_lsn: u64,
+        ordinal: u64,
+    ) -> Result<(), Failure> {
         self.send(Msg::Change {
             event: Box::new(event),
             commit_lsn,
@@ -1106,16 +1126,17 @@ impl Reader {
                 metrics::gauge!(SLOT_LAG_BYTES, "source" => self.system.clone()).set(lag as f64)
             }
             Ok(None) => {}
-            Err(e) => tracing::debug!(system = %self.system, error = %e, "postgres_cdc: slot lag not measured"),
+            Err(e) => {
+                tracing::debug!(system = %self.system, error = %e, "postgres_cdc: slot lag not measured")
+            }
         }
         Ok(())
     }
 
     fn rel(&self, oid: u32) -> Result<Rel, Failure> {
-        self.rels
-            .get(&oid)
-            .cloned()
-            .ok_or_else(|| Failure::Retry(format!("a change of relation {oid} before its description")))
+        self.rels.get(&oid).cloned().ok_or_else(|| {
+            Failure::Retry(format!("a change of relation {oid} before its description"))
+        })
     }
 
     /// A relation from the snapshot's catalog read.
@@ -1128,8 +1149,13 @@ impl Reader {
             .iter()
             .map(|c| (c.name.to_string(), c.type_id, c.is_key()))
             .collect();
-        self.learn(info.relation_id, &info.namespace, &info.relation_name, &cols)
-            .await
+        self.learn(
+            info.relation_id,
+            &info.namespace,
+            &info.relation_name,
+            &cols,
+        )
+        .await
     }
 
     /// Describe relation `oid` (a `Relation` message: its first use on this
@@ -1287,7 +1313,11 @@ fn row_json(rel: &Rel, data: &RowData) -> Map<String, Value> {
     for (i, (name, value)) in data.iter().enumerate() {
         let kind = match rel.columns.get(i) {
             Some((n, k)) if n.as_str() == name.as_ref() => k,
-            _ => match rel.columns.iter().find(|(n, _)| n.as_str() == name.as_ref()) {
+            _ => match rel
+                .columns
+                .iter()
+                .find(|(n, _)| n.as_str() == name.as_ref())
+            {
                 Some((_, k)) => k,
                 None => &Kind::Text,
             },
@@ -1317,7 +1347,10 @@ mod tests {
         };
         assert!(p.covers(150, 99));
         assert!(p.covers(200, 1) && p.covers(200, 3));
-        assert!(!p.covers(200, 4), "changes after the saved one in the same transaction");
+        assert!(
+            !p.covers(200, 4),
+            "changes after the saved one in the same transaction"
+        );
         assert!(!p.covers(201, 1));
     }
 

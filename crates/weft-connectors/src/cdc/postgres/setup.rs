@@ -50,7 +50,11 @@ pub async fn connect(url: &str, system: &str) -> Result<Client, SetupError> {
                 pg_message(&e)
             )));
         }
-        Err(_) => return Err(SetupError::Retry("cannot connect to PostgreSQL: timed out".into())),
+        Err(_) => {
+            return Err(SetupError::Retry(
+                "cannot connect to PostgreSQL: timed out".into(),
+            ));
+        }
     };
     let system = system.to_owned();
     tokio::spawn(async move {
@@ -128,10 +132,15 @@ pub async fn ensure_publication(
                 Ok(())
             }
             // a concurrent start created it
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
-            Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => Err(
-                SetupError::Fatal(format!("cannot create publication `{name}`: {}", pg_message(&e))),
-            ),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+                Ok(())
+            }
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("42")) => {
+                Err(SetupError::Fatal(format!(
+                    "cannot create publication `{name}`: {}",
+                    pg_message(&e)
+                )))
+            }
             Err(e) => Err(SetupError::Retry(format!(
                 "cannot create publication `{name}`: {}",
                 pg_message(&e)
