@@ -91,12 +91,71 @@ async fn connect(url: &str) -> Client {
     c
 }
 
-/// A database of its own, dropped (with its slots) by [`TestDb::drop_all`].
+/// Drops a test database and its slots when dropped, also when the test
+/// panics (a slot left behind would hold the shared server's WAL forever).
+struct DropDb(String);
+
+impl Drop for DropDb {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let Ok((c, conn)) = tokio_postgres::connect(ADMIN_URL, NoTls).await else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let deadline = Instant::now() + Duration::from_secs(15);
+                loop {
+                    let _ = c
+                        .query(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                             WHERE database = $1 AND active_pid IS NOT NULL",
+                            &[&name],
+                        )
+                        .await;
+                    let _ = c
+                        .query(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE database = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await;
+                    let left = c
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                            &[&name],
+                        )
+                        .await
+                        .map(|r| r.get::<_, i64>(0))
+                        .unwrap_or(0);
+                    if left == 0 || Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if let Err(e) = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                {
+                    eprintln!("cannot drop test database {name}: {e}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A database of its own, dropped with its slots at the end (or on a panic).
 struct TestDb {
     name: String,
     url: String,
     admin: Client,
     client: Client,
+    _drop: DropDb,
 }
 
 impl TestDb {
@@ -139,6 +198,7 @@ impl TestDb {
         let url = format!("postgresql://postgres@127.0.0.1:5432/{name}");
         let client = connect(&url).await;
         Some(TestDb {
+            _drop: DropDb(name.clone()),
             name,
             url,
             admin,
@@ -146,37 +206,11 @@ impl TestDb {
         })
     }
 
-    /// Drop the database's slots (waiting for their sessions to end) and the
-    /// database.
+    /// Drop the database and its slots.
     async fn drop_all(self) {
         drop(self.client);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = self
-                .admin
-                .query(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                     WHERE database = $1 AND NOT active",
-                    &[&self.name],
-                )
-                .await;
-            let left: i64 = self
-                .admin
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                    &[&self.name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if left == 0 || Instant::now() > deadline {
-                r.unwrap();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.admin
-            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+        let TestDb { _drop, .. } = self;
+        tokio::task::spawn_blocking(move || drop(_drop))
             .await
             .unwrap();
     }

@@ -682,6 +682,7 @@ impl Batcher {
                 }
             }
         }
+        tracing::debug!(system = %self.system, position = ?pos, "postgres_cdc: stored");
         // committed: now PostgreSQL may let go of it
         if let (Position::Stream { flush_lsn, .. }, Some(fb)) = (&pos, &self.feedback) {
             fb.update_flushed_lsn(*flush_lsn);
