@@ -308,7 +308,7 @@ async fn captures_every_operation_and_column_type() {
         return;
     };
     db.client
-        .batch_execute(&format!(
+        .batch_execute(
             "CREATE TYPE mood AS ENUM ('sad', 'happy');
              CREATE DOMAIN amount AS numeric(12,2);
              CREATE TABLE kinds (id bigint PRIMARY KEY, n numeric(40,20), f float8, amt amount,
@@ -316,8 +316,8 @@ async fn captures_every_operation_and_column_type() {
                ma mood[], j json, jb jsonb, u uuid, b bytea, m mood, big text);
              CREATE TABLE full_rows (id int PRIMARY KEY, v text, big text);
              ALTER TABLE full_rows REPLICA IDENTITY FULL;
-             INSERT INTO kinds (id, t) VALUES (1, 'before the snapshot');"
-        ))
+             INSERT INTO kinds (id, t) VALUES (1, 'before the snapshot');",
+        )
         .await
         .unwrap();
     let mem = Arc::new(Mem::default());

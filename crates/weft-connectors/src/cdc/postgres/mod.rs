@@ -273,14 +273,14 @@ impl PgCdcSource {
     ) -> Result<(Plan, Option<StreamPos>), Failure> {
         let name = &self.cfg.slot;
         let info = setup::slot(control, name).await?;
-        if let Some(i) = &info {
-            if i.plugin.as_deref() != Some("pgoutput") || i.database.as_deref() != Some(db) {
-                return Err(Failure::Fatal(format!(
-                    "replication slot `{name}` exists but is not a `pgoutput` slot of database `{db}` \
-                     (plugin {:?}, database {:?}); name another `slot`",
-                    i.plugin, i.database
-                )));
-            }
+        if let Some(i) = &info
+            && (i.plugin.as_deref() != Some("pgoutput") || i.database.as_deref() != Some(db))
+        {
+            return Err(Failure::Fatal(format!(
+                "replication slot `{name}` exists but is not a `pgoutput` slot of database `{db}` \
+                 (plugin {:?}, database {:?}); name another `slot`",
+                i.plugin, i.database
+            )));
         }
         let stream_pos = match saved {
             Some(Position::Stream {
