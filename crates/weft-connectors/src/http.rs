@@ -147,6 +147,10 @@ pub struct HttpSink {
     permanent_on: Vec<u16>,
     upsert: Option<Upsert>,
     capture_id: Option<Program>,
+    /// The configured header values and the secrets inside them (a bearer
+    /// token, a Basic password), masked out of every error: a destination
+    /// may echo the request's credentials in its error body.
+    credentials: Vec<String>,
 }
 
 /// `mode: upsert_lookup`.
@@ -228,7 +232,9 @@ impl HttpSink {
             }
         }
         let mut headers = HeaderMap::new();
+        let mut credentials = Vec::new();
         for (name, value) in &cfg.headers {
+            credentials.extend(secrets_in(value.expose()));
             let n = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("headers: `{name}` is not a valid header name"))?;
             let mut v = HeaderValue::from_str(value.expose()).map_err(|_| {
@@ -257,6 +263,7 @@ impl HttpSink {
             permanent_on: cfg.permanent_on.clone(),
             upsert,
             capture_id,
+            credentials,
         })
     }
 
@@ -289,7 +296,10 @@ impl HttpSink {
 
     /// Send one delivery.
     pub async fn send(&self, d: &Delivery) -> WriteResult {
-        let result = self.try_send(d).await;
+        let mut result = self.try_send(d).await;
+        if let Err(e) = &mut result {
+            e.message = weft_core::config::entities::redact(&e.message, &self.credentials);
+        }
         match &result {
             Ok(_) => tracing::debug!(delivery = d.id, attempt = d.attempt, "http sink: delivered"),
             Err(e) => tracing::debug!(
@@ -787,6 +797,32 @@ fn snippet_of(bytes: &[u8]) -> String {
     if text.trim().chars().count() > BODY_SNIPPET_CHARS {
         out.push('…');
     }
+    out
+}
+
+/// What to mask of one header value: the value, each of its words (the
+/// token of `Bearer <token>`), and the `user:password` and password of a
+/// `Basic` value.
+fn secrets_in(value: &str) -> Vec<String> {
+    use base64::Engine;
+    let mut out = vec![value.to_owned()];
+    let words: Vec<&str> = value.split_whitespace().collect();
+    for w in &words {
+        out.push((*w).to_owned());
+    }
+    if let [scheme, encoded] = words[..]
+        && scheme.eq_ignore_ascii_case("basic")
+        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(encoded)
+        && let Ok(text) = String::from_utf8(bytes)
+    {
+        if let Some((_, password)) = text.split_once(':') {
+            out.push(password.to_owned());
+        }
+        out.push(text);
+    }
+    // short words (`Bearer`, `Basic`) are not secrets; `redact` skips
+    // anything shorter than its minimum, and the scheme names here
+    out.retain(|w| !["bearer", "basic", "token"].contains(&w.to_ascii_lowercase().as_str()));
     out
 }
 

@@ -27,7 +27,7 @@ pub mod sql_poll;
 pub mod sqlite;
 pub mod webhook;
 
-pub use sink::{Delivery, Sink, SinkError, WriteResult, Written, build_sink};
+pub use sink::{BuiltSink, Delivery, Sink, SinkError, WriteResult, Written, build_sink};
 
 pub use source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Receipt, Record, Source, SourceError,

@@ -127,6 +127,11 @@ pub struct MysqlSink {
     key: Vec<usize>,
     /// Other unique indexes are accepted (with a warning).
     allow_other_unique: bool,
+    /// `host:port`, for connection errors (never the password).
+    endpoint: String,
+    /// The table check passed (done at start, or before the first write
+    /// when the database was down at start).
+    checked: tokio::sync::OnceCell<()>,
 }
 
 fn quote(ident: &str) -> String {
@@ -147,6 +152,19 @@ impl MysqlSink {
     /// Check the config, connect once (to fail early on a bad URL, a
     /// missing table or column, a key without a unique index).
     pub async fn connect(cfg: &weft_core::config::raw::MysqlSinkConfig) -> Result<Self, String> {
+        match Self::connect_lazy(cfg).await? {
+            (sink, None) => Ok(sink),
+            (_, Some(down)) => Err(down),
+        }
+    }
+
+    /// Like [`MysqlSink::connect`], but a database that cannot be reached
+    /// is not an error: the sink comes back with the reason, and checks
+    /// the table before its first write instead. A table that does not fit
+    /// is an error either way.
+    pub async fn connect_lazy(
+        cfg: &weft_core::config::raw::MysqlSinkConfig,
+    ) -> Result<(Self, Option<String>), String> {
         let parts: Vec<&str> = cfg.table.split('.').collect();
         if parts.len() > 2 || !parts.iter().all(|p| is_ident(p)) {
             return Err(format!(
@@ -186,6 +204,7 @@ impl MysqlSink {
                 "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')".into(),
             ],
         )?;
+        let endpoint = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
         let sink = MysqlSink {
             pool: Pool::new(opts),
             table_sql: parts.iter().map(|p| quote(p)).collect::<Vec<_>>().join("."),
@@ -193,17 +212,33 @@ impl MysqlSink {
             columns,
             key,
             allow_other_unique: cfg.allow_other_unique,
+            endpoint,
+            checked: tokio::sync::OnceCell::new(),
         };
-        sink.check_table(&parts).await?;
-        Ok(sink)
+        match sink.ensure_checked().await {
+            Ok(()) => Ok((sink, None)),
+            Err(e) if e.kind == weft_core::ErrorKind::Retryable => Ok((sink, Some(e.message))),
+            Err(e) => Err(e.message),
+        }
     }
 
-    async fn check_table(&self, parts: &[&str]) -> Result<(), String> {
-        let mut conn = self
-            .pool
-            .get_conn()
+    /// The table check, once: retryable when the database cannot be
+    /// reached, permanent when the table does not fit the config.
+    async fn ensure_checked(&self) -> Result<(), SinkError> {
+        self.checked
+            .get_or_try_init(|| self.check_table())
             .await
-            .map_err(|e| format!("cannot connect to MySQL: {}", my_message(&e)))?;
+            .map(|_| ())
+    }
+
+    async fn check_table(&self) -> Result<(), SinkError> {
+        let parts: Vec<&str> = self.table.split('.').collect();
+        let parts = &parts[..];
+        let mut conn =
+            self.pool.get_conn().await.map_err(|e| {
+                classify(&format!("cannot connect to MySQL at {}", self.endpoint), e)
+            })?;
+        let fit = SinkError::permanent;
         let cols: Vec<String> = self.columns.iter().map(|c| quote(&c.name)).collect();
         conn.query_drop(format!(
             "SELECT {} FROM {} LIMIT 0",
@@ -211,7 +246,7 @@ impl MysqlSink {
             self.table_sql
         ))
         .await
-        .map_err(|e| format!("table `{}`: {}", self.table, my_message(&e)))?;
+        .map_err(|e| classify(&format!("table `{}`", self.table), e))?;
         let (schema, table) = match parts {
             [s, t] => (Some(s.to_string()), t.to_string()),
             _ => (
@@ -234,7 +269,7 @@ impl MysqlSink {
                 (schema, table),
             )
             .await
-            .map_err(|e| format!("cannot read the indexes of `{}`: {}", self.table, my_message(&e)))?;
+            .map_err(|e| classify(&format!("cannot read the indexes of `{}`", self.table), e))?;
         let mut want: Vec<String> = self
             .key
             .iter()
@@ -247,11 +282,11 @@ impl MysqlSink {
             have == want
         };
         if !indexes.iter().any(|(_, cols, _)| is_key(cols)) {
-            return Err(format!(
+            return Err(fit(format!(
                 "table `{}` has no primary or unique key on exactly ({}); the upsert needs one",
                 self.table,
                 want.join(", ")
-            ));
+            )));
         }
         let written = |c: &str| self.columns.iter().any(|w| w.name.eq_ignore_ascii_case(c));
         // an index over the key and more can only match the key's own row
@@ -285,9 +320,9 @@ impl MysqlSink {
             tracing::warn!(table = %self.table, "{what} (allowed by allow_other_unique)");
             return Ok(());
         }
-        Err(format!(
+        Err(fit(format!(
             "{what}; drop them, make one of them the key, or set `allow_other_unique: true`"
-        ))
+        )))
     }
 
     /// Check one payload: its values, one per column.
@@ -354,7 +389,7 @@ impl MysqlSink {
         let mut conn = match self.pool.get_conn().await {
             Ok(c) => c,
             Err(e) => {
-                let err = classify("cannot connect to MySQL", e);
+                let err = classify(&format!("cannot connect to MySQL at {}", self.endpoint), e);
                 let (kind, msg) = (err.kind, err.message);
                 return rows
                     .iter()
@@ -606,6 +641,22 @@ impl Sink for MysqlSink {
                 );
                 if keyed.rows.is_empty() {
                     return keyed.results(&[]);
+                }
+                // down at start: the table is checked before the first
+                // write; a table that does not fit holds the rows (retried,
+                // the breaker opens) rather than writing them wrongly
+                if let Err(e) = self.ensure_checked().await {
+                    let msg = if e.kind == weft_core::ErrorKind::Retryable {
+                        e.message
+                    } else {
+                        format!("the table check failed: {}", e.message)
+                    };
+                    let failed: Vec<Result<(), SinkError>> = keyed
+                        .rows
+                        .iter()
+                        .map(|_| Err(SinkError::retryable(msg.clone())))
+                        .collect();
+                    return keyed.results(&failed);
                 }
                 let refs: Vec<&Row> = keyed.rows.iter().collect();
                 let written = self.write_rows(&refs).await;

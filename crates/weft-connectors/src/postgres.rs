@@ -187,6 +187,8 @@ struct Conn {
 
 pub struct PostgresSink {
     url: String,
+    /// `host:port` for connection errors (never the password).
+    endpoint: String,
     table: String,
     columns: Vec<Column>,
     /// Positions in `columns` of the key columns.
@@ -203,6 +205,19 @@ impl PostgresSink {
     /// Connect once (to fail early on a bad URL, a missing table or a key
     /// without a unique constraint) and keep that connection.
     pub async fn connect(cfg: &weft_core::config::raw::PostgresSinkConfig) -> Result<Self, String> {
+        match Self::connect_lazy(cfg).await? {
+            (sink, None) => Ok(sink),
+            (_, Some(down)) => Err(down),
+        }
+    }
+
+    /// Like [`PostgresSink::connect`], but a database that cannot be
+    /// reached is not an error: the sink comes back with the reason, and
+    /// every connection it opens later checks the table again (the upsert
+    /// is prepared on it). A table that does not fit is an error either way.
+    pub async fn connect_lazy(
+        cfg: &weft_core::config::raw::PostgresSinkConfig,
+    ) -> Result<(Self, Option<String>), String> {
         for part in cfg.table.split('.') {
             if !is_ident(part) {
                 return Err(format!(
@@ -252,17 +267,27 @@ impl PostgresSink {
             .collect::<Vec<_>>()
             .join(".");
         let sql = upsert_sql(&table, &columns, &key, cfg.version_column.as_deref());
+        let url = cfg.url.expose();
+        let parsed: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| format!("bad PostgreSQL URL: {e}"))?;
         let sink = PostgresSink {
-            url: cfg.url.expose().to_owned(),
+            endpoint: endpoint(&parsed),
+            url: url.to_owned(),
             table: cfg.table.clone(),
             columns,
             key,
             sql,
             idle: Mutex::new(Vec::new()),
         };
-        let conn = sink.open().await.map_err(|e| e.message)?;
-        sink.put_back(conn);
-        Ok(sink)
+        match sink.open().await {
+            Ok(conn) => {
+                sink.put_back(conn);
+                Ok((sink, None))
+            }
+            Err(e) if e.kind == weft_core::ErrorKind::Retryable => Ok((sink, Some(e.message))),
+            Err(e) => Err(e.message),
+        }
     }
 
     async fn open(&self) -> Result<Conn, SinkError> {
@@ -271,15 +296,18 @@ impl PostgresSink {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(SinkError::retryable(format!(
-                    "cannot connect to PostgreSQL: {}",
+                    "cannot connect to PostgreSQL at {}: {}",
+                    self.endpoint,
                     pg_message(&e)
                 ))
                 .with_source(e));
             }
             Err(_) => {
-                return Err(SinkError::retryable(
-                    "cannot connect to PostgreSQL: timed out",
-                ));
+                return Err(SinkError::retryable(format!(
+                    "cannot connect to PostgreSQL at {}: timed out after {}s",
+                    self.endpoint,
+                    CONNECT_TIMEOUT.as_secs()
+                )));
             }
         };
         tokio::spawn(async move {
@@ -468,6 +496,16 @@ fn upsert_sql(table: &str, columns: &[Column], key: &[usize], version: Option<&s
         params = params.join(", "),
         keys = keys.join(", "),
     )
+}
+
+/// `host:port` (or the socket directory) of a parsed URL, for messages.
+pub(crate) fn endpoint(cfg: &tokio_postgres::Config) -> String {
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => format!("{h}:{port}"),
+        Some(tokio_postgres::config::Host::Unix(p)) => format!("{}:{port}", p.display()),
+        None => format!("localhost:{port}"),
+    }
 }
 
 fn pg_message(e: &tokio_postgres::Error) -> String {

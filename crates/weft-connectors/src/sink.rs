@@ -153,13 +153,25 @@ pub struct BuildError {
     pub message: String,
 }
 
-/// The sink registry: one arm per connector.
-pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
+/// A sink as built at start.
+pub struct BuiltSink {
+    pub sink: Arc<dyn Sink>,
+    /// The destination could not be reached at start (why, naming host and
+    /// port): the sink connects when it writes; the runtime starts its
+    /// lanes with the breaker open.
+    pub down: Option<String>,
+}
+
+/// The sink registry: one arm per connector. A destination that cannot be
+/// reached is not a build error (see [`BuiltSink::down`]); a config the
+/// destination refuses (a missing table, a key without a unique index) is.
+pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, BuildError> {
     let err = |message: String| BuildError {
         system: system.to_owned(),
         message,
     };
-    Ok(match spec {
+    let mut down = None;
+    let sink: Arc<dyn Sink> = match spec {
         SinkSpec::Http {
             cfg,
             method,
@@ -171,11 +183,13 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
         SinkSpec::Sqlite { cfg, path } => {
             Arc::new(crate::sqlite::SqliteSink::open(cfg, path).map_err(err)?)
         }
-        SinkSpec::Postgres { cfg } => Arc::new(
-            crate::postgres::PostgresSink::connect(cfg)
+        SinkSpec::Postgres { cfg } => {
+            let (sink, why) = crate::postgres::PostgresSink::connect_lazy(cfg)
                 .await
-                .map_err(err)?,
-        ),
+                .map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
         SinkSpec::Jsonl { cfg, target } => {
             Arc::new(crate::export::JsonlSink::open(cfg, target).map_err(err)?)
         }
@@ -190,9 +204,14 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<Arc<dyn Sink>, 
                 .map_err(err)?,
         ),
         SinkSpec::Mysql { cfg } => {
-            Arc::new(crate::mysql::MysqlSink::connect(cfg).await.map_err(err)?)
+            let (sink, why) = crate::mysql::MysqlSink::connect_lazy(cfg)
+                .await
+                .map_err(err)?;
+            down = why;
+            Arc::new(sink)
         }
-    })
+    };
+    Ok(BuiltSink { sink, down })
 }
 
 /// Same result for every delivery of a batch (a batch that failed as a whole).

@@ -192,6 +192,71 @@ async fn server_error_is_retryable_with_short_message_without_payload() {
     assert_eq!(e.retry_after, None);
 }
 
+/// Review P2-6: one destination echoed the bearer token into its 400 body,
+/// and weft stored it in the DLQ and the log.
+#[tokio::test]
+async fn credentials_echoed_by_the_destination_are_masked_in_the_error() {
+    let (addr, _srv) = server(|r| {
+        let auth = r
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let key = r
+            .headers
+            .get("x-api-key")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (
+            400,
+            vec![],
+            format!(
+                "bad request; you sent {auth:?} and key {key:?} (\"{}\")",
+                key.clone().unwrap_or_default()
+            ),
+        )
+    })
+    .await;
+    let s = HttpSink::new(
+        &cfg(
+            format!("http://{addr}/x"),
+            &[
+                ("Authorization", "Bearer tok-9f8e7d6c5b4a"),
+                ("X-Api-Key", "key-0123456789"),
+            ],
+        ),
+        "POST",
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let e = write_one(&s, delivery(1, json!({"id": 1})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.message.contains("400"), "{}", e.message);
+    assert!(e.message.contains("[redacted]"), "{}", e.message);
+    assert!(!e.message.contains("tok-9f8e7d6c5b4a"), "{}", e.message);
+    assert!(!e.message.contains("key-0123456789"), "{}", e.message);
+
+    // Basic: the password and user:password, as the destination may decode it
+    let (addr, _srv) =
+        server(|_| (401, vec![], "user ada:pa55-w0rd-x is not allowed".into())).await;
+    let s = HttpSink::new(
+        &cfg(
+            format!("http://{addr}/x"),
+            // ada:pa55-w0rd-x
+            &[("Authorization", "Basic YWRhOnBhNTUtdzByZC14")],
+        ),
+        "POST",
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let e = write_one(&s, delivery(2, json!({"id": 2})))
+        .await
+        .unwrap_err();
+    assert!(!e.message.contains("pa55-w0rd-x"), "{}", e.message);
+}
+
 #[tokio::test]
 async fn not_found_and_unprocessable_are_permanent() {
     for status in [404u16, 422, 400, 401] {

@@ -456,3 +456,71 @@ async fn an_unwritten_auto_increment_primary_key_beside_the_key_is_accepted() {
     assert_eq!(got, vec![("a".into(), 3), ("b".into(), 2)]);
     c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
 }
+
+/// Forward every connection on `listener` to the real MariaDB.
+async fn forward(listener: tokio::net::TcpListener) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:3306").await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+/// Review P1-6: a database down at start is not a build error; the table
+/// check (here: another unique index, which would merge rows) runs before
+/// the first write once the database is up, and holds the rows (retryable)
+/// instead of writing them.
+#[tokio::test]
+async fn down_at_start_the_table_is_checked_before_the_first_write() {
+    let Some(mut c) = admin().await else { return };
+    let t = table(
+        &mut c,
+        "id bigint PRIMARY KEY, email varchar(100), UNIQUE KEY uq_email (email)",
+    )
+    .await;
+    // a port nothing listens on yet
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = cfg(&t, &[("id", "bigint"), ("email", "varchar(100)")], &["id"]);
+    cfg.url = Secret::new(format!("mysql://root@127.0.0.1:{port}/test"));
+    let (sink, down) = MysqlSink::connect_lazy(&cfg).await.unwrap();
+    let down = down.expect("reported down");
+    assert!(down.contains(&format!("127.0.0.1:{port}")), "{down}");
+    // still down: retryable, naming where
+    let r = sink
+        .write(&[delivery(1, json!({"id": 1, "email": "a@x.example"}))])
+        .await;
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable);
+    assert!(
+        e.message.contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        e.message
+    );
+    // up: the check runs first and refuses the table
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(forward(listener));
+    let r = sink
+        .write(&[delivery(2, json!({"id": 2, "email": "b@x.example"}))])
+        .await;
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable, "{}", e.message);
+    assert!(
+        e.message.contains("the table check failed") && e.message.contains("uq_email"),
+        "{}",
+        e.message
+    );
+    let n: Option<i64> = c
+        .query_first(format!("SELECT COUNT(*) FROM {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(0), "nothing written past a failed check");
+    c.query_drop(format!("DROP TABLE {t}")).await.unwrap();
+}

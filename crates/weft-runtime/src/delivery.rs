@@ -87,6 +87,12 @@ pub struct Lane {
     pub journal: Arc<dyn Journal>,
     pub handle: Arc<LaneHandle>,
     pub shutdown: CancellationToken,
+    /// The flow's entity has sensitive fields: every value of a failed
+    /// row's payload is masked out of the destination's error before it is
+    /// logged or stored (the destination's field names may differ from the
+    /// entity's, after a destination mapping, so the values are what is
+    /// matched).
+    pub redact: bool,
 }
 
 /// A write's claimed rows, what became of them, and the guard's permit it
@@ -280,7 +286,10 @@ impl Lane {
                         fingerprint: w.fingerprint,
                     })
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    if self.redact {
+                        e.message = redact_payload(&c.row.payload, &e.message);
+                    }
                     let attempts = c.row.attempts + 1;
                     let retry =
                         e.kind == ErrorKind::Retryable && attempts < self.policy.max_attempts;
@@ -374,6 +383,16 @@ fn in_key_order(claimed: &[Claimed], results: Vec<WriteResult>) -> Vec<WriteResu
             r
         })
         .collect()
+}
+
+/// `message` with every value of the stored `payload` masked.
+fn redact_payload(payload: &str, message: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return message.to_owned();
+    };
+    let mut values = Vec::new();
+    weft_core::config::entities::scalar_texts(&v, &mut values);
+    weft_core::config::entities::redact(message, &values)
 }
 
 /// The delivery a claimed row becomes. A payload that cannot be read back

@@ -14,6 +14,14 @@
 //! - `new_enum_value`: after [`LEARN_ENUMS`] records, a new value of an
 //!   enum-like string field.
 //!
+//! Bounded (review P1-15): an object used as a map (its keys are data:
+//! `{"prices": {"SKU-123": ...}}`, date-keyed objects, more than
+//! [`MAP_KEYS`] keys) is one path, `<path>/{}`, for all its values, so new
+//! keys are not new fields; a source's shape holds at most [`MAX_FIELDS`]
+//! paths (past that, new paths are not learned, recorded once as
+//! `field_limit`); and at most [`MAX_WARNINGS`] drift events per source are
+//! logged at warn (the rest at debug; all are stored and counted).
+//!
 //! Cost: each record is walked once to hash its key-set and type signature
 //! (no allocation); only a signature not seen before is analysed field by
 //! field. Enum-like fields are looked up by pointer. The shape is saved when
@@ -38,6 +46,12 @@ pub const LEARN_ENUMS: u64 = 100;
 /// Records a field must have been always present in before its absence is drift.
 pub const MIN_PRESENT: u64 = 10;
 const MAX_DEPTH: usize = 6;
+/// An object with more keys than this is a map: one path for its values.
+pub const MAP_KEYS: usize = 64;
+/// Most paths in one source's shape.
+pub const MAX_FIELDS: usize = 2000;
+/// Drift events per source logged at warn; later ones at debug.
+pub const MAX_WARNINGS: u64 = 50;
 const MAX_ENUM_LEN: usize = 64;
 const MAX_SIGS: usize = 4096;
 
@@ -118,6 +132,8 @@ struct State {
     /// key -> (example if new, records showing it) since the last take
     pending: BTreeMap<usize, (String, i64)>,
     dirty: bool,
+    /// Drift events logged at warn so far.
+    warned: u64,
 }
 
 /// The drift detector of one source.
@@ -240,7 +256,15 @@ impl Tracker {
             st.pending.entry(k).or_default().0 = example.clone();
             counter!(DRIFT_EVENTS, "source" => self.source.clone(), "kind" => kind.to_owned())
                 .increment(1);
-            tracing::warn!(source = %self.source, kind, path, detail = %detail, example = %example, "schema drift");
+            st.warned += 1;
+            if st.warned <= MAX_WARNINGS {
+                tracing::warn!(source = %self.source, kind, path, detail = %detail, example = %example, "schema drift");
+                if st.warned == MAX_WARNINGS {
+                    tracing::warn!(source = %self.source, "{MAX_WARNINGS} drift events logged; later ones are logged at debug level (all are stored: `weft drift list`)");
+                }
+            } else {
+                tracing::debug!(source = %self.source, kind, path, detail = %detail, example = %example, "schema drift");
+            }
         }
         k
     }
@@ -255,13 +279,19 @@ impl Tracker {
         let first = st.shape.records == 1;
         for (path, t) in &fields {
             let t = *t;
+            let full = st.shape.fields.len() >= MAX_FIELDS;
             match st.shape.fields.get_mut(path) {
+                None if full => {
+                    let detail =
+                        format!("the shape holds {MAX_FIELDS} paths; new ones are not learned");
+                    self.record(st, "field_limit", "", detail, "(none)".into());
+                }
                 None => {
                     st.shape.fields.insert(
                         path.clone(),
                         Field {
                             types: t,
-                            always: first && !path.contains("/*"),
+                            always: first && !path.contains("/*") && !path.contains("/{}"),
                             values: (t == T_STR || t == T_NULL).then(BTreeSet::new),
                         },
                     );
@@ -447,7 +477,7 @@ pub fn quarantine(flow: &Flow, drift: Option<&str>) -> Option<FlowOutcome> {
 }
 
 fn pointer<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
-    if path.contains("/*") {
+    if path.contains("/*") || path.contains("/{}") {
         return None;
     }
     v.pointer(path)
@@ -462,6 +492,19 @@ fn hash_walk(v: &Value, h: &mut impl Hasher, depth: usize) {
         return;
     }
     match v {
+        Value::Object(m) if is_map(m) => {
+            // like an array: the union of its values' types and the shape
+            // of its first object value, whatever its keys and their number
+            h.write_u8(0xfe);
+            let mut u = 0u8;
+            for x in m.values() {
+                u |= tbit(x);
+            }
+            h.write_u8(u);
+            if let Some(x) = m.values().find(|x| x.is_object()) {
+                hash_walk(x, h, depth + 1);
+            }
+        }
         Value::Object(m) => {
             h.write_usize(m.len());
             for (k, x) in m {
@@ -484,6 +527,27 @@ fn hash_walk(v: &Value, h: &mut impl Hasher, depth: usize) {
     }
 }
 
+/// Whether an object is a map rather than a record: more than
+/// [`MAP_KEYS`] keys, or every key is data (see [`data_key`]).
+fn is_map(m: &serde_json::Map<String, Value>) -> bool {
+    m.len() > MAP_KEYS || (!m.is_empty() && m.keys().all(|k| data_key(k)))
+}
+
+/// A key that is a value, not a field name: it starts with a digit
+/// (`2026-12-01`, `42`), has digits right after a `-`, `:` or `.`
+/// (`SKU-1`, `order:17`), or is 5 or more long with at least a third of it
+/// digits (a UUID, a hex id); so `address2`, `line1` and `field_2` stay
+/// field names.
+fn data_key(k: &str) -> bool {
+    let n = k.chars().count();
+    let digits = k.chars().filter(char::is_ascii_digit).count();
+    let b = k.as_bytes();
+    k.starts_with(|c: char| c.is_ascii_digit())
+        || b.windows(2)
+            .any(|w| matches!(w[0], b'-' | b':' | b'.') && w[1].is_ascii_digit())
+        || (n >= 5 && digits * 3 >= n)
+}
+
 fn walk(v: &Value, path: &mut String, depth: usize, out: &mut Vec<(String, u8)>) {
     if !path.is_empty() {
         out.push((path.clone(), tbit(v)));
@@ -492,6 +556,17 @@ fn walk(v: &Value, path: &mut String, depth: usize, out: &mut Vec<(String, u8)>)
         return;
     }
     match v {
+        Value::Object(m) if is_map(m) => {
+            let len = path.len();
+            path.push_str("/{}");
+            for x in m.values() {
+                out.push((path.clone(), tbit(x)));
+            }
+            if let Some(x) = m.values().find(|x| x.is_object()) {
+                walk(x, path, depth + 1, out);
+            }
+            path.truncate(len);
+        }
         Value::Object(m) => {
             for (k, x) in m {
                 let len = path.len();
@@ -582,6 +657,66 @@ mod tests {
         assert_eq!(tax.example, "\"***\"");
         // names are free text: more than MAX_ENUM values, never an enum
         assert!(!b.events.iter().any(|e| e.path == "/name"));
+    }
+
+    /// Review P1-15: data-keyed objects grew the shape, the events and the
+    /// log without bound.
+    #[test]
+    fn map_like_objects_are_one_path_and_the_shape_is_bounded() {
+        let t = Tracker::new("shop", vec![]);
+        for i in 0..500u64 {
+            let mut prices = serde_json::Map::new();
+            prices.insert(format!("SKU-{i}"), json!({"net": i, "currency": "EUR"}));
+            let mut by_day = serde_json::Map::new();
+            by_day.insert(format!("2026-12-{:02}", i % 28 + 1), json!(i));
+            let r =
+                json!({"id": i, "prices": prices, "sold": by_day, "address2": "x", "line1": "y"});
+            let d = t.observe(&r);
+            assert!(i == 0 || d.is_none(), "record {i}: {d:?}");
+        }
+        let b = t.take().unwrap();
+        assert!(b.events.is_empty(), "{:?}", b.events);
+        let shape: Shape = serde_json::from_str(&b.shape.unwrap()).unwrap();
+        let paths: Vec<&str> = shape.fields.keys().map(String::as_str).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "/address2",
+                "/id",
+                "/line1",
+                "/prices",
+                "/prices/{}",
+                "/prices/{}/currency",
+                "/prices/{}/net",
+                "/sold",
+                "/sold/{}"
+            ]
+        );
+        // a record-like object with new field names after all: new fields,
+        // up to the cap, then one `field_limit` event
+        let t = Tracker::new("wide", vec![]);
+        t.observe(&json!({"a": {"x": 1}}));
+        for i in 0..(MAX_FIELDS as u64 + 10) {
+            let mut m = serde_json::Map::new();
+            m.insert(format!("field_{}", letters(i)), json!(1));
+            t.observe(&json!({"a": m}));
+        }
+        let b = t.take().unwrap();
+        assert!(b.events.iter().any(|e| e.kind == "field_limit"));
+        let shape: Shape = serde_json::from_str(&b.shape.unwrap()).unwrap();
+        assert_eq!(shape.fields.len(), MAX_FIELDS);
+    }
+
+    /// A field name without digits, distinct per `i`.
+    fn letters(mut i: u64) -> String {
+        let mut s = String::new();
+        loop {
+            s.push((b'a' + (i % 26) as u8) as char);
+            i /= 26;
+            if i == 0 {
+                return s;
+            }
+        }
     }
 
     #[test]

@@ -338,6 +338,25 @@ impl Guard {
         }
     }
 
+    /// Open the breaker now, as if the destination had just failed enough
+    /// writes: for a destination found unreachable at start, so its lanes
+    /// hold deliveries on disk and probe after the cooldown instead of
+    /// hammering it. Without a breaker, nothing: the lanes' retry backoff
+    /// paces them.
+    pub fn trip(&self) {
+        if let Some(b) = &self.breaker
+            && let Ok(mut b) = b.lock()
+            && !matches!(b.state, State::Open { .. })
+        {
+            b.state = State::Open {
+                until: Instant::now() + b.policy.cooldown,
+            };
+            let to = b.state;
+            drop(b);
+            self.transition(to);
+        }
+    }
+
     /// The breaker's state now (closed when there is no breaker).
     pub fn state(&self) -> State {
         self.breaker

@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod dlq;
 pub mod drift;
 pub mod guard;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
@@ -51,7 +52,7 @@ pub struct Runtime {
     source_stop: CancellationToken,
     lane_stop: CancellationToken,
     accepting: Arc<AtomicBool>,
-    ready: Arc<AtomicBool>,
+    health: Arc<health::Health>,
     sources: Vec<(String, JoinHandle<Result<(), weft_connectors::SourceError>>)>,
     lanes: Vec<JoinHandle<()>>,
     webhooks: Vec<(weft_connectors::webhook::WebhookRoute, Arc<dyn Ingest>)>,
@@ -79,8 +80,10 @@ impl Runtime {
         let lane_stop = CancellationToken::new();
         let accepting = Arc::new(AtomicBool::new(true));
 
-        // sinks: one per system, shared by the lanes that write to it
+        // sinks: one per system, shared by the lanes that write to it; a
+        // destination that cannot be reached now does not stop the hub
         let mut sinks = BTreeMap::new();
+        let mut down_at_start = Vec::new();
         for (name, sys) in &config.systems {
             if let Some(spec) = &sys.sink {
                 let used = config
@@ -88,7 +91,17 @@ impl Runtime {
                     .iter()
                     .any(|f| f.destinations.iter().any(|d| &d.system == name));
                 if used {
-                    sinks.insert(name.clone(), build_sink(name, spec).await?);
+                    let built = build_sink(name, spec).await?;
+                    if let Some(why) = built.down {
+                        tracing::warn!(
+                            destination = %name,
+                            error = %why,
+                            "destination unreachable at start: its lanes start with the \
+                             circuit breaker open; deliveries wait in the store"
+                        );
+                        down_at_start.push(name.clone());
+                    }
+                    sinks.insert(name.clone(), built.sink);
                 }
             }
         }
@@ -107,6 +120,11 @@ impl Runtime {
                 ))
             })
             .collect();
+        for name in &down_at_start {
+            if let Some(g) = guards.get(name) {
+                g.trip();
+            }
+        }
         // lanes, starting with the backlog the store holds
         let pending: BTreeMap<(String, String), i64> = journal
             .read()
@@ -144,15 +162,30 @@ impl Runtime {
                     journal: journal.clone(),
                     handle,
                     shutdown: lane_stop.clone(),
+                    redact: !flow.data.sensitive().is_empty(),
                 };
                 lanes.push(tokio::spawn(lane.run()));
             }
         }
-        // sources
+        // sources: task sources run under a supervisor (restarted with
+        // backoff after an error; `/readyz` fails while one is down)
+        let mut built_sources = Vec::new();
+        for (name, sys) in &config.systems {
+            if let Some(spec) = &sys.source {
+                built_sources.push((name.clone(), spec.clone(), build_source(name, spec)?));
+            }
+        }
+        let health = Arc::new(health::Health::new(built_sources.iter().filter_map(
+            |(name, _, h)| matches!(h, SourceHandle::Task(_)).then_some(name.as_str()),
+        )));
         let mut sources = Vec::new();
         let mut webhooks = Vec::new();
-        for (name, sys) in &config.systems {
-            let Some(spec) = &sys.source else { continue };
+        for (name, spec, built) in built_sources {
+            let sys = &config.systems[&name];
+            let Some(spec_ref) = &sys.source else {
+                continue;
+            };
+            let name = &name;
             let flows: Vec<_> = config
                 .flows
                 .iter()
@@ -166,7 +199,7 @@ impl Runtime {
                 .collect();
             // sources that resume from an exact position never hand an event
             // twice: no dedupe table for them
-            let dedupe = match spec {
+            let dedupe = match spec_ref {
                 weft_core::config::SourceSpec::File { .. }
                 | weft_core::config::SourceSpec::Generate { .. }
                 | weft_core::config::SourceSpec::PostgresCdc { .. } => Dedupe::Position,
@@ -181,10 +214,23 @@ impl Runtime {
                 lanes: my_lanes,
                 accepting: accepting.clone(),
             });
-            match build_source(name, spec)? {
+            match built {
                 SourceHandle::Task(src) => {
                     let stop = source_stop.clone();
-                    sources.push((name.clone(), tokio::spawn(src.run(ingestor, stop))));
+                    let state = health
+                        .source(name)
+                        .unwrap_or_else(|| Arc::new(health::SourceState::default()));
+                    sources.push((
+                        name.clone(),
+                        tokio::spawn(health::supervise(
+                            name.clone(),
+                            spec,
+                            src,
+                            ingestor,
+                            stop,
+                            state,
+                        )),
+                    ));
                 }
                 SourceHandle::Routes(route) => webhooks.push((route, ingestor)),
             }
@@ -206,7 +252,7 @@ impl Runtime {
             source_stop,
             lane_stop,
             accepting,
-            ready: Arc::new(AtomicBool::new(true)),
+            health,
             sources,
             lanes,
             webhooks,
@@ -220,13 +266,18 @@ impl Runtime {
     pub fn routers(&mut self) -> server::Routers {
         let webhooks = std::mem::take(&mut self.webhooks);
         let admin = admin::router(self.config.clone(), self.journal.clone());
-        server::routers(&self.config.server, self.ready.clone(), webhooks, admin)
+        server::routers(&self.config.server, self.health.clone(), webhooks, admin)
     }
 
     /// Resolves when every finite source (a file, a counted generator) is
-    /// done and nothing is left to deliver; returns the first source error.
+    /// done and nothing is left to deliver; returns the first source error
+    /// (a source that failed is down, even while its supervisor waits to
+    /// restart it).
     pub async fn wait_idle(&mut self) -> Result<(), weft_connectors::SourceError> {
         loop {
+            if let Some((system, message)) = self.health.down_sources().into_iter().next() {
+                return Err(weft_connectors::SourceError { system, message });
+            }
             let mut all_done = true;
             for (_, h) in &self.sources {
                 if !h.is_finished() {
@@ -263,7 +314,7 @@ impl Runtime {
     /// the lanes finish what they have in flight. Nothing accepted is lost:
     /// what is still pending stays in the store for the next start.
     pub async fn shutdown(self) {
-        self.ready.store(false, Ordering::Release);
+        self.health.set_stopping();
         self.accepting.store(false, Ordering::Release);
         self.source_stop.cancel();
         for (name, h) in self.sources {

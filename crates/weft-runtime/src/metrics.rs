@@ -116,3 +116,16 @@ pub fn rate_limit_wait(dest: &str, waited: std::time::Duration) {
 pub fn backpressure(source: &str) {
     counter!(BACKPRESSURE, "source" => source.to_owned()).increment(1);
 }
+
+pub const SOURCE_UP: &str = "weft_source_up";
+pub const SOURCE_RESTARTS: &str = "weft_source_restarts_total";
+
+/// 1 while a source runs (or finished its work), 0 while it is down and
+/// waiting to be restarted.
+pub fn source_up(source: &str, up: bool) {
+    gauge!(SOURCE_UP, "source" => source.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn source_restarted(source: &str) {
+    counter!(SOURCE_RESTARTS, "source" => source.to_owned()).increment(1);
+}

@@ -18,7 +18,6 @@
 //! `server.max_inflight_bytes` (see [`weft_connectors::webhook::BodyBudget`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -58,24 +57,23 @@ pub struct Routers {
 
 pub fn routers(
     server: &ServerConfig,
-    ready: Arc<AtomicBool>,
+    health: Arc<crate::health::Health>,
     webhooks: Vec<(WebhookRoute, Arc<dyn Ingest>)>,
     admin: Router,
 ) -> Routers {
     let handle = crate::metrics::install();
     let health = || {
-        let ready = ready.clone();
+        let health = health.clone();
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route(
                 "/readyz",
                 get(move || {
-                    let ready = ready.load(Ordering::Acquire);
+                    let ready = health.readiness();
                     async move {
-                        if ready {
-                            (StatusCode::OK, "ready\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+                        match ready {
+                            Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                         }
                     }
                 }),

@@ -395,6 +395,7 @@ impl RunningLane {
             journal,
             handle: handle.clone(),
             shutdown: shutdown.clone(),
+            redact: false,
         };
         RunningLane {
             handle,

@@ -7,8 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Hub, weft_cmd};
+use common::{Hub, wait_for, weft_cmd};
 use serde_json::Value;
+use std::time::Duration;
 
 fn example_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/canonical")
@@ -422,4 +423,109 @@ flows:
         "{metrics}"
     );
     assert!(!metrics.contains("secret-not-an-email"));
+}
+
+/// A destination that answers every request `400` quoting the request body
+/// back, as many APIs do ("email 'x@y' is invalid").
+fn echoing_destination() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.to_ascii_lowercase();
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let reply = format!("invalid record: {}", String::from_utf8_lossy(&body));
+                let mut s = stream;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Review P2-6: a sensitive field must not reach the DLQ or the log through
+/// a destination's error body, also after a destination mapping renamed it.
+#[test]
+fn a_destination_echoing_a_renamed_sensitive_field_does_not_leak_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("c.json"),
+        r#"{"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}, "email": {"type": "string"}}}"#,
+    )
+    .unwrap();
+    let url = echoing_destination();
+    let cfg = format!(
+        r#"entities:
+  contact:
+    contract: c.json
+    sensitive: [/email]
+systems:
+  crm:
+    source:
+      webhook:
+        path: /hooks/crm
+  api:
+    sink:
+      http:
+        url: {url}/contacts
+flows:
+  contacts:
+    from: crm
+    entity: contact
+    key: .id
+    to:
+      - system: api
+        mapping: '{{ref: .id, contact_email: .email}}'
+        delivery:
+          max_attempts: 1
+"#
+    );
+    std::fs::write(d.join("weft.yaml"), cfg).unwrap();
+    let hub = Hub::start(d, "weft.yaml", 0, &[]);
+    let r = reqwest::blocking::Client::new()
+        .post(hub.url("/hooks/crm"))
+        .header("content-type", "application/json")
+        .body(r#"{"id": 7, "email": "ada.lovelace@example.org"}"#)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let dlq = || -> Vec<Value> {
+        let (_, stdout, _) = out(&weft_cmd(d, &["dlq", "list", "-c", "weft.yaml", "--json"]));
+        serde_json::from_str(&stdout).unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(30), "the DLQ entry", || {
+        dlq().len() == 1
+    });
+    let entry = &dlq()[0];
+    let error = entry["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("400"), "{entry}");
+    assert!(error.contains("[redacted]"), "{entry}");
+    assert!(!error.contains("ada.lovelace"), "{entry}");
+    let log = hub.log_text();
+    assert!(!log.contains("ada.lovelace"), "{log}");
+    hub.stop();
 }

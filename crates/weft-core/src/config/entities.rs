@@ -254,6 +254,66 @@ pub fn mask(v: &Value, at: &str, sensitive: &[String]) -> Value {
     }
 }
 
+/// The shortest value [`redact`] masks: shorter ones (`1`, `ok`, `DE`)
+/// would blank out the message around them and reveal next to nothing.
+pub const REDACT_MIN_CHARS: usize = 4;
+
+/// What [`redact`] writes in place of a value.
+pub const REDACTED: &str = "[redacted]";
+
+/// Every scalar inside `v` as the text a message would quote it with
+/// (strings as they are, numbers and booleans as JSON), at least
+/// [`REDACT_MIN_CHARS`] long: what to mask in a destination's error when
+/// the payload holds sensitive fields but their names may have changed
+/// (a destination mapping renames them).
+pub fn scalar_texts(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => {
+            if s.chars().count() >= REDACT_MIN_CHARS {
+                out.push(s.clone());
+            }
+        }
+        Value::Number(n) => {
+            let t = n.to_string();
+            if t.len() >= REDACT_MIN_CHARS {
+                out.push(t);
+            }
+        }
+        Value::Object(m) => m.values().for_each(|x| scalar_texts(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| scalar_texts(x, out)),
+        Value::Bool(_) | Value::Null => {}
+    }
+}
+
+/// `text` with every occurrence of each of `values` (the longest first, so
+/// one inside another is masked whole) replaced by [`REDACTED`]. Values
+/// shorter than [`REDACT_MIN_CHARS`] are left alone.
+pub fn redact(text: &str, values: &[String]) -> String {
+    let mut vs: Vec<&str> = values
+        .iter()
+        .map(String::as_str)
+        .filter(|v| v.chars().count() >= REDACT_MIN_CHARS)
+        .collect();
+    if vs.is_empty() {
+        return text.to_owned();
+    }
+    vs.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    vs.dedup();
+    let mut out = text.to_owned();
+    for v in vs {
+        if out.contains(v) {
+            out = out.replace(v, REDACTED);
+        }
+        // JSON-escaped too: a destination quoting the value in a JSON body
+        let escaped = Value::String(v.to_owned()).to_string();
+        let inner = &escaped[1..escaped.len() - 1];
+        if inner != v && out.contains(inner) {
+            out = out.replace(inner, REDACTED);
+        }
+    }
+    out
+}
+
 /// One JSON pointer segment (`~` -> `~0`, `/` -> `~1`).
 pub fn escape_pointer(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
@@ -545,6 +605,29 @@ fn valuemap_refs(code: &str) -> Vec<String> {
         rest = &rest[i + "valuemap(".len()..];
     }
     out
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn redact_masks_every_value_longest_first_and_json_escaped() {
+        let mut vs = Vec::new();
+        scalar_texts(
+            &json!({"email": "ada@example.com", "n": 12345, "ok": true, "cc": "DE",
+                    "q": "say \"hi\" now"}),
+            &mut vs,
+        );
+        let msg = r#"400: email 'ada@example.com' taken by ada@example.com.old; 12345; DE; {"q":"say \"hi\" now"}"#;
+        let out = redact(msg, &vs);
+        assert_eq!(
+            out,
+            r#"400: email '[redacted]' taken by [redacted].old; [redacted]; DE; {"q":"[redacted]"}"#
+        );
+        assert_eq!(redact("nothing here", &vs), "nothing here");
+    }
 }
 
 #[cfg(test)]
