@@ -1,3 +1,4 @@
+#![cfg(feature = "cdc-postgres")]
 //! The PostgreSQL CDC source against the real PostgreSQL on 127.0.0.1:5432
 //! (user postgres, trust; `wal_level = logical`, which `.ci/services.sh`
 //! sets). Each test makes its own database, publication and slot and drops
