@@ -482,9 +482,21 @@ async fn captures_every_operation_and_column_type() {
     assert_eq!(cp["phase"], "stream");
     assert_eq!(cp["slot"], db.name.as_str());
     let flush = cp["flush_lsn"].clone();
+    assert!(lsn(&flush) > pos(&e[511]).0);
     run.stop().await.unwrap();
-    let confirmed = db.slot_flush(&db.name).await.unwrap();
-    assert!(lsn(&json!(confirmed)) >= lsn(&flush) && lsn(&flush) > pos(&e[511]).0);
+    // the walsender takes the last confirmation in a moment
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let confirmed = db.slot_flush(&db.name).await.unwrap();
+        if lsn(&json!(confirmed)) >= lsn(&flush) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot confirms {confirmed}, weft stored up to {flush}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     db.drop_all().await;
 }
 
@@ -604,10 +616,16 @@ async fn a_lost_slot_stops_the_source_unless_it_may_snapshot_again() {
     wait_for("the insert", 20, || mem.len() == 2).await;
     run.stop().await.unwrap();
     // the slot goes away behind weft's back
-    db.admin
+    // (once the stopped session's walsender let go of it)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = db
+        .admin
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
-        .unwrap();
+    {
+        assert!(Instant::now() < deadline, "cannot drop the slot: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let run = start(db.source(settings), &mem);
     let err = tokio::time::timeout(Duration::from_secs(20), run.task)
         .await
