@@ -41,6 +41,14 @@ pub fn check(config: &Config) -> Vec<Issue> {
         {
             issues.extend(found);
         }
+        #[cfg(not(feature = "cdc-postgres"))]
+        if let Some(SourceSpec::PostgresCdc { .. }) = &sys.source {
+            issue(
+                &mut issues,
+                &format!("systems.{name}.source.postgres_cdc"),
+                crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
+            );
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();
@@ -64,7 +72,25 @@ fn issue(issues: &mut Vec<Issue>, path: &str, message: String) {
 }
 
 fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = url;
+        issue(
+            issues,
+            path,
+            crate::without_feature("postgres", "PostgreSQL"),
+        );
+    }
     // the parser `tokio_postgres::connect` uses
+    #[cfg(feature = "postgres")]
+    let url = match crate::pg_tls::connector(url) {
+        Ok(t) => t.url,
+        Err(e) => {
+            issue(issues, path, e);
+            return;
+        }
+    };
+    #[cfg(feature = "postgres")]
     if let Err(e) = url.parse::<tokio_postgres::Config>() {
         issue(
             issues,
@@ -75,6 +101,16 @@ fn postgres_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
 }
 
 fn mysql_url(issues: &mut Vec<Issue>, path: &str, url: &str) {
+    #[cfg(not(feature = "mysql"))]
+    {
+        let _ = url;
+        issue(
+            issues,
+            path,
+            crate::without_feature("mysql", "MariaDB/MySQL"),
+        );
+    }
+    #[cfg(feature = "mysql")]
     if let Err(e) = mysql_async::Opts::from_url(url) {
         issue(
             issues,

@@ -34,7 +34,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::sink::{Delivery, KeyedRows, Sink, SinkError, WriteResult, describe, kind_of};
 use crate::sqlite::is_ident;
@@ -186,7 +186,9 @@ struct Conn {
 }
 
 pub struct PostgresSink {
+    /// The URL as tokio-postgres reads it (see [`crate::pg_tls`]).
     url: String,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// `host:port` for connection errors (never the password).
     endpoint: String,
     table: String,
@@ -267,13 +269,15 @@ impl PostgresSink {
             .collect::<Vec<_>>()
             .join(".");
         let sql = upsert_sql(&table, &columns, &key, cfg.version_column.as_deref());
-        let url = cfg.url.expose();
+        let tls = crate::pg_tls::connector(cfg.url.expose())?;
+        let url = tls.url.as_str();
         let parsed: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("bad PostgreSQL URL: {e}"))?;
         let sink = PostgresSink {
             endpoint: endpoint(&parsed),
             url: url.to_owned(),
+            tls: tls.connector.clone(),
             table: cfg.table.clone(),
             columns,
             key,
@@ -291,7 +295,7 @@ impl PostgresSink {
     }
 
     async fn open(&self) -> Result<Conn, SinkError> {
-        let connecting = tokio_postgres::connect(&self.url, NoTls);
+        let connecting = tokio_postgres::connect(&self.url, self.tls.clone());
         let (client, connection) = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -511,7 +515,21 @@ pub(crate) fn endpoint(cfg: &tokio_postgres::Config) -> String {
 fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // with its causes: "error performing TLS handshake: invalid
+            // peer certificate: UnknownIssuer"
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(e);
+            while let Some(c) = cur {
+                let m = c.to_string();
+                if !s.contains(&m) {
+                    s.push_str(": ");
+                    s.push_str(&m);
+                }
+                cur = c.source();
+            }
+            s
+        }
     }
 }
 

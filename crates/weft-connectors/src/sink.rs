@@ -183,6 +183,7 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
         SinkSpec::Sqlite { cfg, path } => {
             Arc::new(crate::sqlite::SqliteSink::open(cfg, path).map_err(err)?)
         }
+        #[cfg(feature = "postgres")]
         SinkSpec::Postgres { cfg } => {
             let (sink, why) = crate::postgres::PostgresSink::connect_lazy(cfg)
                 .await
@@ -203,6 +204,15 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
             crate::export::CsvSink::open(columns.clone(), *delimiter, *header, target)
                 .map_err(err)?,
         ),
+        #[cfg(not(feature = "postgres"))]
+        SinkSpec::Postgres { .. } => {
+            return Err(err(crate::without_feature("postgres", "PostgreSQL")));
+        }
+        #[cfg(not(feature = "mysql"))]
+        SinkSpec::Mysql { .. } => {
+            return Err(err(crate::without_feature("mysql", "MariaDB/MySQL")));
+        }
+        #[cfg(feature = "mysql")]
         SinkSpec::Mysql { cfg } => {
             let (sink, why) = crate::mysql::MysqlSink::connect_lazy(cfg)
                 .await

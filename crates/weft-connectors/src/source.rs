@@ -158,7 +158,7 @@ fn postgres_cdc(
 ) -> Result<SourceHandle, SourceError> {
     Err(SourceError {
         system: system.to_owned(),
-        message: "this weft was built without the `cdc-postgres` feature".into(),
+        message: crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
     })
 }
 

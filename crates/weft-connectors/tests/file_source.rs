@@ -1213,3 +1213,64 @@ async fn a_file_dropped_again_with_new_content_is_a_new_file() {
     let ids: HashSet<String> = ingest.goods().iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids.len(), 3, "new content, new ids");
 }
+
+/// `weft_files_skipped_total{source}` across every snapshot taken (a
+/// snapshot resets what it reads).
+fn skipped_total(source: &str) -> u64 {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    static SNAP: std::sync::OnceLock<Snapshotter> = std::sync::OnceLock::new();
+    static TOTAL: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let snap = SNAP.get_or_init(|| {
+        let r = DebuggingRecorder::new();
+        let s = r.snapshotter();
+        let _ = r.install();
+        s
+    });
+    let mut total = TOTAL.lock().unwrap();
+    let total = total.get_or_insert_with(HashMap::new);
+    for (k, .., v) in snap.snapshot().into_vec() {
+        let key = k.key();
+        if key.name() != "weft_files_skipped_total" {
+            continue;
+        }
+        let src = key
+            .labels()
+            .find(|l| l.key() == "source")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        if let DebugValue::Counter(n) = v {
+            *total.entry(src).or_default() += n;
+        }
+    }
+    total.get(source).copied().unwrap_or(0)
+}
+
+/// A symbolic link and a file whose name is not UTF-8 are reported once
+/// each (log and `weft_files_skipped_total`), not skipped silently and not
+/// at every poll; the good file beside them is read.
+#[tokio::test]
+async fn unreadable_names_are_reported_once_not_at_every_poll() {
+    use std::os::unix::ffi::OsStrExt;
+    // the recorder is installed before the source counts anything
+    assert_eq!(skipped_total("skipper"), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("drop");
+    std::fs::create_dir_all(&d).unwrap();
+    let elsewhere = write(&dir.path().join("elsewhere.jsonl"), &lines(1));
+    std::os::unix::fs::symlink(&elsewhere, d.join("linked.jsonl")).unwrap();
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.jsonl");
+    std::fs::write(d.join(latin1), lines(1)).unwrap();
+    write(&d.join("good.jsonl"), &lines(2));
+    let sp = dir_spec(&d, 10, |sp| set_settle(sp, Duration::from_millis(20)));
+    let src: Box<dyn Source> = Box::new(FileSource::new("skipper", &sp).unwrap());
+    let ingest = Arc::new(MemIngest::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(src.run(ingest.clone(), stop.clone()));
+    wait_for("the good file", || ingest.goods().len() == 2).await;
+    // many polls later (poll_interval 30ms): still reported once each
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(skipped_total("skipper"), 2);
+    assert!(d.join("linked.jsonl").exists() && d.join(latin1).exists());
+}

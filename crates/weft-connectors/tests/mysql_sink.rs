@@ -1,6 +1,7 @@
 //! The MariaDB/MySQL sink against the real MariaDB on 127.0.0.1:3306 (root,
 //! empty password, database `test`). Skipped with a message when it is not
 //! reachable, unless `CI=true`, where that is a failure.
+#![cfg(feature = "mysql")]
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,7 @@
 //! The PostgreSQL sink against the real PostgreSQL on 127.0.0.1:5432
 //! (user postgres, database `test`). Skipped with a message when it is not
 //! reachable, unless `CI=true`, where that is a failure.
+#![cfg(feature = "postgres")]
 
 use std::collections::BTreeMap;
 
@@ -460,4 +461,82 @@ async fn a_stale_write_does_not_overwrite_a_newer_version() {
         (r.get::<_, String>(0), r.get::<_, i64>(1)),
         ("newer".to_string(), 6)
     );
+}
+
+/// Whether the sink's connection (found by its `application_name`) uses TLS.
+async fn uses_tls(client: &Client, app: &str) -> Option<bool> {
+    client
+        .query_opt(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+             WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+fn with_params(params: &str) -> String {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{params}")
+}
+
+/// Review P2-3: TLS to PostgreSQL. `require` (and the default `prefer`)
+/// encrypt, `disable` does not, `verify-full` checks the certificate
+/// against `sslrootcert` and refuses one it cannot verify.
+#[tokio::test]
+async fn tls_by_sslmode() {
+    let Some(client) = admin().await else { return };
+    let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the test PostgreSQL has ssl=off and CI=true");
+        }
+        eprintln!("!!!!!! SKIPPING the TLS test: the PostgreSQL server has ssl=off !!!!!!");
+        return;
+    }
+    let t = Table::create(admin().await.unwrap(), "id bigint PRIMARY KEY, name text").await;
+    let cols = [("id", "bigint"), ("name", "text")];
+    for (i, (mode, want)) in [("require", true), ("prefer", true), ("disable", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let app = format!("weft_tls_{}_{mode}", std::process::id());
+        let mut c = cfg(&t.name, &cols, &["id"]);
+        c.url = Secret::new(with_params(&format!(
+            "sslmode={mode}&application_name={app}"
+        )));
+        let sink = PostgresSink::connect(&c).await.unwrap();
+        let r = sink
+            .write(&[delivery(i as i64 + 1, json!({"id": i, "name": mode}))])
+            .await;
+        assert!(r[0].is_ok(), "{mode}: {:?}", r[0]);
+        assert_eq!(uses_tls(&client, &app).await, Some(want), "sslmode={mode}");
+    }
+    // verify-full against a root that did not sign the server's certificate
+    let root = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/unrelated-ca.pem"
+    );
+    let mut c = cfg(&t.name, &cols, &["id"]);
+    c.url = Secret::new(with_params(&format!(
+        "sslmode=verify-full&sslrootcert={root}"
+    )));
+    let err = match PostgresSink::connect(&c).await {
+        Ok(_) => panic!("verify-full accepted a certificate the root did not sign"),
+        Err(e) => e,
+    };
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // a root file that does not exist: a config error naming it
+    c.url = Secret::new(with_params(
+        "sslmode=verify-full&sslrootcert=/nonexistent/root.pem",
+    ));
+    let err = match PostgresSink::connect(&c).await {
+        Ok(_) => panic!("a missing sslrootcert was accepted"),
+        Err(e) => e,
+    };
+    assert!(err.contains("sslrootcert `/nonexistent/root.pem`"), "{err}");
+    t.drop_table().await;
 }

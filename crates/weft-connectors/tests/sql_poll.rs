@@ -3,6 +3,7 @@
 //! 127.0.0.1:3306 (root, database `test`). The server tests are skipped with
 //! a message when the server is not reachable, unless `CI=true`, where that
 //! is a failure.
+#![cfg(all(feature = "postgres", feature = "mysql"))]
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

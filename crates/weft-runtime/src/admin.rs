@@ -187,6 +187,14 @@ impl FilterParams {
     }
 
     fn into_filter(self) -> Result<DlqFilter, Response> {
+        if let Some(st) = &self.status
+            && !["dead", "replayed", "discarded", "all"].contains(&st.as_str())
+        {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("status `{st}` is none of dead, replayed, discarded, all"),
+            ));
+        }
         let since = match &self.since {
             None => None,
             Some(s) => {
@@ -349,5 +357,91 @@ async fn many(a: Admin, headers: HeaderMap, params: FilterParams, replay: bool) 
             Json(json!({key: done, "failed": failed})).into_response()
         }
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Value {
+        serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is JSON")
+    }
+
+    fn sample(schema: &Value) -> Value {
+        let ty = match &schema["type"] {
+            Value::Array(a) => a[0].as_str(),
+            t => t.as_str(),
+        };
+        match ty {
+            Some("integer") => json!(1),
+            Some("boolean") => json!(true),
+            _ => match schema["enum"].as_array() {
+                Some(e) => e[0].clone(),
+                None => json!("1h"),
+            },
+        }
+    }
+
+    /// The documented filter is exactly what the API accepts: every
+    /// documented field parses (unknown fields are refused), and every
+    /// accepted field is documented.
+    #[test]
+    fn the_openapi_filter_and_parameters_match_what_the_api_accepts() {
+        let spec = spec();
+        let props = spec["components"]["schemas"]["Filter"]["properties"]
+            .as_object()
+            .unwrap();
+        let mut all = serde_json::Map::new();
+        for (name, schema) in props {
+            all.insert(name.clone(), sample(schema));
+        }
+        let parsed: FilterParams = serde_json::from_value(Value::Object(all)).unwrap();
+        assert!(
+            parsed.flow.is_some()
+                && parsed.destination.is_some()
+                && parsed.error.is_some()
+                && parsed.since.is_some()
+                && parsed.status.is_some()
+                && parsed.after_id.is_some()
+                && parsed.limit.is_some()
+                && parsed.all.is_some()
+                && parsed.force.is_some(),
+            "a field FilterParams accepts is not documented: {parsed:?}"
+        );
+        // the list's query parameters: the filter's, but the bulk-only ones
+        let params: Vec<&str> = spec["paths"]["/api/v1/dlq"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        for p in [
+            "flow",
+            "destination",
+            "error",
+            "since",
+            "status",
+            "after_id",
+            "limit",
+        ] {
+            assert!(params.contains(&p), "{p} is not documented: {params:?}");
+        }
+        let body = &spec["paths"]["/api/v1/dlq/{id}/replay"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]["properties"];
+        let b: ReplayBody =
+            serde_json::from_value(json!({"payload": {"a": 1}, "force": true})).unwrap();
+        assert!(
+            b.force == Some(true) && body.get("force").is_some() && body.get("payload").is_some()
+        );
+        // every operation documents its errors: a JSON body for any status
+        for (path, ops) in spec["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(
+                    op["responses"]["default"]["content"]["application/json"].is_object(),
+                    "{method} {path} has no default error response"
+                );
+            }
+        }
     }
 }

@@ -48,7 +48,7 @@ pub enum RuntimeError {
 /// A running hub.
 pub struct Runtime {
     pub config: Arc<Config>,
-    pub journal: Arc<SqliteJournal>,
+    pub journal: Arc<dyn Journal>,
     source_stop: CancellationToken,
     lane_stop: CancellationToken,
     accepting: Arc<AtomicBool>,
@@ -66,15 +66,7 @@ impl Runtime {
     /// the source tasks. Webhook routes are served by [`Runtime::router`].
     pub async fn start(config: Config) -> Result<Runtime, RuntimeError> {
         let _ = metrics::install();
-        let sqlite = Arc::new(
-            SqliteJournal::open(&config.store.path, config.store.synchronous, Role::Hub).map_err(
-                |source| RuntimeError::Store {
-                    path: config.store.path.display().to_string(),
-                    source,
-                },
-            )?,
-        );
-        let journal: Arc<dyn Journal> = sqlite.clone();
+        let journal = open_journal(&config)?;
         let config = Arc::new(config);
         let source_stop = CancellationToken::new();
         let lane_stop = CancellationToken::new();
@@ -241,14 +233,14 @@ impl Runtime {
             config.store.dedupe_retention,
         ));
         tracing::info!(
-            store = %config.store.path.display(),
+            store = %store_name(&config),
             flows = config.flows.len(),
             lanes = lanes.len(),
             "weft started"
         );
         Ok(Runtime {
             config,
-            journal: sqlite,
+            journal,
             source_stop,
             lane_stop,
             accepting,
@@ -339,6 +331,47 @@ impl Runtime {
         self.gauges.abort();
         tracing::info!("weft stopped");
     }
+}
+
+/// The store of the config: the SQLite file, or `store.postgres`.
+fn store_name(config: &Config) -> String {
+    match &config.store.postgres {
+        Some(pg) => format!("postgres (schema {}, node {})", pg.schema, pg.node),
+        None => config.store.path.display().to_string(),
+    }
+}
+
+/// Open the hub's journal: `store.postgres` when configured, else the
+/// SQLite file.
+fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, RuntimeError> {
+    let store = |source| RuntimeError::Store {
+        path: store_name(config),
+        source,
+    };
+    Ok(match &config.store.postgres {
+        #[cfg(feature = "postgres")]
+        Some(pg) => Arc::new(
+            weft_store::PgJournal::open(weft_store::PgOptions {
+                url: pg.url.expose().to_owned(),
+                schema: pg.schema.clone(),
+                node: pg.node.clone(),
+                pool_size: pg.pool_size,
+                role: weft_store::PgRole::Hub,
+            })
+            .map_err(store)?,
+        ),
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => {
+            return Err(store(weft_store::StoreError::Invalid(
+                "store.postgres: this weft was built without PostgreSQL (cargo feature `postgres`)"
+                    .into(),
+            )));
+        }
+        None => Arc::new(
+            SqliteJournal::open(&config.store.path, config.store.synchronous, Role::Hub)
+                .map_err(store)?,
+        ),
+    })
 }
 
 /// Every (flow, destination) of the config.

@@ -3,6 +3,9 @@
 //! mode, one writer thread applying every state change in group commits (a
 //! caller's future resolves only after the commit, so `Ok` means on disk),
 //! readers on their own connections that never block the writer.
+//! [`MemoryJournal`] is the reference, for tests. `PgJournal` (feature
+//! `postgres`, on by default; `postgres/mod.rs`) is the same contract on a
+//! PostgreSQL database that several nodes share.
 //!
 //! Tables (see `schema.rs`): `outbox` (one row per event, flow and
 //! destination, with its key-queue state; deleted when delivered), `dlq`,
@@ -15,6 +18,8 @@
 mod drift;
 pub mod journal;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod reader;
 mod schema;
 mod sqlite;
@@ -29,6 +34,8 @@ pub use journal::{
     Settle, Settled, Settlement, WriteOutcome,
 };
 pub use memory::MemoryJournal;
+#[cfg(feature = "postgres")]
+pub use postgres::{PgJournal, PgOptions, PgRole};
 pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
 
 /// DLQ list pages hold this many entries unless asked for fewer.
@@ -42,6 +49,9 @@ pub use sqlite::{Role, SqliteJournal};
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[cfg(feature = "postgres")]
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("schema: {0}")]
     Schema(String),
     #[error("the store is closed")]

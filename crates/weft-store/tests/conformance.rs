@@ -15,6 +15,10 @@
 //! conformance!(sqlite, || Sqlite::new());
 //! ```
 //!
+//! Engines on a service (PostgreSQL) join with a readiness check as third
+//! argument: `conformance!(postgres, pg::Postgres::new, pg::available,
+//! pg::schema_per_case)`.
+//!
 //! The property test runs the same 200 sequences on every run (a failure
 //! reproduces); `WEFT_PROP_RANDOM=1` explores new ones, `WEFT_PROP_STATS=1`
 //! prints what a run exercised.
@@ -29,6 +33,9 @@ use weft_store::{Journal, MemoryJournal};
 
 #[path = "conformance/cases.rs"]
 mod cases;
+#[cfg(feature = "postgres")]
+#[path = "conformance/pg.rs"]
+pub mod pg;
 #[path = "conformance/prop.rs"]
 mod prop;
 #[path = "conformance/testing.rs"]
@@ -55,13 +62,20 @@ pub fn restart(h: &mut impl Harness, j: &mut Arc<dyn Journal>) {
 }
 
 /// Instantiates every conformance test for one engine: `conformance!(name,
-/// || -> impl Harness)`.
+/// || -> impl Harness)`, or `conformance!(name, make, ready, cases)` for an
+/// engine on a service: each test runs only when `ready()` (which says
+/// loudly why not, or fails under `CI=true`), and the property test takes
+/// its fresh journals from `cases()` (a maker that can share a server-side
+/// resource between its ~200 cases).
 macro_rules! conformance {
     ($name:ident, $make:expr) => {
+        conformance!($name, $make, || true, || $make);
+    };
+    ($name:ident, $make:expr, $ready:expr, $cases:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            conformance!(@tests $make;
+            conformance!(@tests $make, $ready;
                 lifecycle_keeps_every_record_accounted_for,
                 ingest_is_all_or_nothing,
                 position_dedupe_stores_repeats_and_prune_forgets_ids,
@@ -87,14 +101,19 @@ macro_rules! conformance {
             );
             #[test]
             fn property_random_operations_keep_invariants() {
-                crate::prop::run($make);
+                if ($ready)() {
+                    crate::prop::run(($cases)());
+                }
             }
         }
     };
-    (@tests $make:expr; $($t:ident),* $(,)?) => {
+    (@tests $make:expr, $ready:expr; $($t:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $t() {
+                if !($ready)() {
+                    return;
+                }
                 let mut h = ($make)();
                 crate::cases::$t(&mut h).await;
             }
@@ -163,3 +182,78 @@ impl Harness for Sqlite {
 }
 
 conformance!(sqlite, Sqlite::new);
+
+/// The PostgreSQL engine (`pg.rs`: a database of the machine's PostgreSQL
+/// per test).
+#[cfg(feature = "postgres")]
+mod postgres_harness {
+    use super::*;
+    use crate::pg;
+
+    /// The conformance harness: a database per test; restart drops every
+    /// connection (the journal) and opens it again as the same node's hub,
+    /// which ends that node's leases.
+    pub struct Postgres {
+        j: Option<Arc<weft_store::PgJournal>>,
+        opts: weft_store::PgOptions,
+        // after `j`: the journal closes before its database is dropped
+        db: Arc<pg::Database>,
+    }
+
+    impl Postgres {
+        pub fn new() -> Postgres {
+            Postgres::in_schema(Arc::new(pg::Database::create()), "weft")
+        }
+
+        /// A journal in `schema` of a shared database.
+        pub fn in_schema(db: Arc<pg::Database>, schema: &str) -> Postgres {
+            let opts = weft_store::PgOptions {
+                schema: schema.into(),
+                ..db.options("conformance", weft_store::PgRole::Hub)
+            };
+            let j = Some(Arc::new(db.open_with(opts.clone())));
+            Postgres { j, opts, db }
+        }
+    }
+
+    impl Default for Postgres {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// For the property test's ~200 cases: one database, a fresh schema (a
+    /// journal of its own) per case; the database goes when the test ends.
+    pub fn schema_per_case() -> impl Fn() -> Postgres {
+        let db = Arc::new(pg::Database::create());
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        move || {
+            let schema = format!(
+                "case_{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            Postgres::in_schema(db.clone(), &schema)
+        }
+    }
+
+    impl Harness for Postgres {
+        fn journal(&self) -> Arc<dyn Journal> {
+            self.j.clone().expect("the journal is open")
+        }
+
+        fn restart(&mut self) {
+            self.j = None;
+            self.j = Some(Arc::new(self.db.open_with(self.opts.clone())));
+        }
+    }
+}
+
+// The PostgreSQL engine: a database per test on the machine's PostgreSQL;
+// restart closes every connection and opens the journal again.
+#[cfg(feature = "postgres")]
+conformance!(
+    postgres,
+    postgres_harness::Postgres::new,
+    pg::available,
+    postgres_harness::schema_per_case
+);

@@ -237,6 +237,7 @@ fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };
+    crate::status::refuse_postgres(&config)?;
     let path = &config.store.path;
     if !path.exists() {
         bail!("no store at {} yet: `weft run` creates it", path.display());

@@ -92,8 +92,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: drift::DriftCmd,
     },
+    /// The config format itself.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the JSON Schema of the config file, generated from the structs
+    /// `weft validate` reads it with (their doc comments are the
+    /// descriptions): for editors (`# yaml-language-server: $schema=...`)
+    /// and config generators.
+    Schema,
 }
 
 #[derive(Args, Clone)]
@@ -128,6 +142,18 @@ fn main() -> ExitCode {
         Cmd::Map { cmd } => maptest::map(cmd),
         Cmd::Crosswalk { cmd } => crosswalk::crosswalk(cmd),
         Cmd::Drift { cmd } => drift::drift(cmd),
+        Cmd::Config {
+            cmd: ConfigCmd::Schema,
+        } => {
+            let schema = schemars::schema_for!(weft_core::config::raw::RawConfig);
+            match serde_json::to_string_pretty(&schema) {
+                Ok(text) => {
+                    println!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Err(anyhow::anyhow!("cannot print the schema: {e}")),
+            }
+        }
         Cmd::Version => {
             println!("weft {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

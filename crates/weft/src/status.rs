@@ -71,6 +71,18 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
 /// The store, read-only: never created or migrated by a command that only
 /// looks.
 pub fn open_read_only(cfg: &weft_core::config::Config) -> Result<weft_store::Reader> {
+    refuse_postgres(cfg)?;
     SqliteJournal::open_read_only(&cfg.store.path)
         .with_context(|| format!("cannot read the store at {}", cfg.store.path.display()))
+}
+
+/// The inspection commands read the SQLite store; a PostgreSQL journal is
+/// read through a running hub's admin API for now.
+pub fn refuse_postgres(cfg: &weft_core::config::Config) -> Result<()> {
+    if cfg.store.postgres.is_some() {
+        anyhow::bail!(
+            "this config keeps its journal in PostgreSQL (store.postgres); this command reads only the SQLite store yet: use a running hub's admin API (/api/v1)"
+        );
+    }
+    Ok(())
 }

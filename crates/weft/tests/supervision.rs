@@ -81,6 +81,7 @@ fn post(hub: &Hub, id: u64, name: &str) -> u16 {
         .as_u16()
 }
 
+#[cfg(feature = "postgres")]
 #[test]
 fn a_database_down_at_start_does_not_stop_the_hub_and_is_written_once_it_is_up() {
     let Some((rt, client)) = pg() else { return };

@@ -95,6 +95,9 @@ pub struct FileSource {
     batch_size: usize,
     id_field: Option<Arc<Program>>,
     event_type: String,
+    /// Entries of the folder that are not read (a name that is not UTF-8,
+    /// a symbolic link), each reported once, not at every poll.
+    skipped: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 /// A candidate file as last listed: its state and since when it holds.
@@ -178,7 +181,26 @@ impl FileSource {
             batch_size: (*batch_size).max(1),
             id_field: id_field.clone(),
             event_type: event_type.clone(),
+            skipped: Default::default(),
         })
+    }
+
+    /// Report once that `name` in `dir` is not read, and why.
+    fn skip_once(&self, dir: &Path, name: &std::ffi::OsStr, why: &str) {
+        let first = self
+            .skipped
+            .lock()
+            .map(|mut s| s.insert(name.to_owned()))
+            .unwrap_or(false);
+        if first {
+            metrics::counter!("weft_files_skipped_total", "source" => self.system.clone())
+                .increment(1);
+            tracing::warn!(
+                source = %self.system,
+                file = %dir.join(name).display(),
+                "file source: {why}; it is not read (reported once)"
+            );
+        }
     }
 
     fn err(&self, message: impl Into<String>) -> SourceError {
@@ -616,8 +638,18 @@ impl FileSource {
         let mut markers = std::collections::HashSet::new();
         let mut entries = tokio::fs::read_dir(dir).await?;
         while let Some(e) = entries.next_entry().await? {
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
+            let name = match e.file_name().into_string() {
+                Ok(n) => n,
+                Err(raw) => {
+                    if self.wanted(&raw.to_string_lossy()) {
+                        self.skip_once(
+                            dir,
+                            &raw,
+                            "the file name is not valid UTF-8 (rename it to read it)",
+                        );
+                    }
+                    continue;
+                }
             };
             if let Some(m) = &self.ready_marker
                 && let Some(base) = name.strip_suffix(m.as_str())
@@ -632,6 +664,14 @@ impl FileSource {
             let Ok(meta) = e.metadata().await else {
                 continue;
             };
+            if meta.file_type().is_symlink() {
+                self.skip_once(
+                    dir,
+                    std::ffi::OsStr::new(&name),
+                    "a symbolic link is not followed (copy or move the file itself into the folder)",
+                );
+                continue;
+            }
             if !meta.is_file() {
                 continue;
             }

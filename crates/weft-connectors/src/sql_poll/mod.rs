@@ -93,7 +93,9 @@
 //! goes on from its checkpoint. Only a store failure stops it.
 
 mod lite;
+#[cfg(feature = "mysql")]
 mod my;
+#[cfg(feature = "postgres")]
 mod pg;
 mod value;
 
@@ -215,7 +217,9 @@ enum Url {
 }
 
 enum Db {
+    #[cfg(feature = "postgres")]
     Pg(pg::PgReader),
+    #[cfg(feature = "mysql")]
     My(my::MyReader),
     Lite(lite::LiteReader),
 }
@@ -223,7 +227,9 @@ enum Db {
 impl Db {
     async fn fetch(&mut self, q: Query<'_>) -> Result<Vec<RawRow>, String> {
         match self {
+            #[cfg(feature = "postgres")]
             Db::Pg(r) => r.fetch(q).await,
+            #[cfg(feature = "mysql")]
             Db::My(r) => r.fetch(q).await,
             Db::Lite(r) => r.fetch(q).await,
         }
@@ -233,7 +239,9 @@ impl Db {
     /// overlap apply.
     fn cursor_is_time(&self) -> bool {
         match self {
+            #[cfg(feature = "postgres")]
             Db::Pg(r) => r.cursor_is_time(),
+            #[cfg(feature = "mysql")]
             Db::My(r) => r.cursor_is_time(),
             Db::Lite(_) => false,
         }
@@ -373,8 +381,14 @@ impl SqlPollSource {
 
     async fn connect(&self) -> Result<Db, String> {
         let db = match &self.url {
+            #[cfg(feature = "postgres")]
             Url::Postgres(u) => Db::Pg(pg::PgReader::connect(u, self.shape(pg::quote)).await?),
+            #[cfg(not(feature = "postgres"))]
+            Url::Postgres(_) => return Err(crate::without_feature("postgres", "PostgreSQL")),
+            #[cfg(feature = "mysql")]
             Url::Mysql(u) => Db::My(my::MyReader::connect(u, self.shape(my::quote)).await?),
+            #[cfg(not(feature = "mysql"))]
+            Url::Mysql(_) => return Err(crate::without_feature("mysql", "MariaDB/MySQL")),
             Url::Sqlite(p) => Db::Lite(lite::LiteReader::open(p, self.shape(lite::quote)).await?),
         };
         let guarded = !self.settle.is_zero() || !self.overlap.is_zero();

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::types::{FromSql, Kind, Type};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::value::{self, param_text};
 use super::{Query, RawRow, Shape};
@@ -44,7 +44,8 @@ fn type_name(t: &Type) -> String {
 
 impl PgReader {
     pub async fn connect(url: &str, shape: Shape) -> Result<PgReader, String> {
-        let connecting = tokio_postgres::connect(url, NoTls);
+        let tls = crate::pg_tls::connector(url)?;
+        let connecting = tokio_postgres::connect(&tls.url, tls.connector);
         let (client, connection) = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(format!("cannot connect to PostgreSQL: {}", pg_message(&e))),

@@ -23,7 +23,7 @@ pub use raw::{FileFormat, OnDeadLetter, Synchronous};
 pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
 
 pub use validate::{
-    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow,
+    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow, PgStore,
     RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
     TextEncoding,
 };
@@ -40,6 +40,18 @@ impl Secret {
     /// The secret value; call only where it is used (a signature check, a header).
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A secret: write it as `${ENV_VAR}` rather than in the file; it never prints."
+        })
     }
 }
 

@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::Secret;
 
 /// The whole config file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The embedded store.
@@ -36,11 +37,12 @@ pub struct RawConfig {
     /// Value maps for enums, by name, used in mappings as `valuemap("name")`
     /// (see [`RawValueMap`]).
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, RawValueMap>")]
     pub value_maps: BTreeMap<String, Spanned<RawValueMap>>,
 }
 
 /// Store settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     /// Path of the SQLite database file, relative to the config file's folder
@@ -51,11 +53,33 @@ pub struct RawStore {
     /// survives a crash of weft but may lose the last commits on power loss.
     pub synchronous: Option<Synchronous>,
     /// How long event ids are remembered for deduplication (default `7d`).
+    #[schemars(with = "Option<String>")]
     pub dedupe_retention: Option<Spanned<String>>,
+    /// Keep the journal in PostgreSQL instead of the SQLite file (`path`
+    /// and `synchronous` are then not used): a database several nodes can
+    /// share.
+    pub postgres: Option<RawPgStore>,
+}
+
+/// The PostgreSQL journal.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPgStore {
+    /// Connection URL, e.g. `${WEFT_PG_URL}`
+    /// (`postgresql://user:password@host:5432/database`).
+    pub url: Secret,
+    /// Schema of the journal's tables (default `weft`), created if missing:
+    /// lower-case letters, digits and `_`.
+    pub schema: Option<String>,
+    /// This node's name (default `weft`): leases carry it; two hubs on one
+    /// journal need different names.
+    pub node: Option<String>,
+    /// Connections at most (default 8).
+    pub pool_size: Option<usize>,
 }
 
 /// SQLite's `synchronous` setting as exposed to users.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
     Full,
@@ -65,7 +89,7 @@ pub enum Synchronous {
 /// HTTP server settings: two listeners. `listen` serves the webhooks (and
 /// `/healthz`, `/readyz`); `admin_listen` serves the admin API, `/metrics`,
 /// `/healthz` and `/readyz`, on loopback by default.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     /// Address of the webhook listener (default `127.0.0.1:8080`).
@@ -87,7 +111,7 @@ pub struct RawServer {
 }
 
 /// Defaults applied to every flow.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     /// Default delivery policy.
@@ -96,7 +120,7 @@ pub struct RawDefaults {
 }
 
 /// One business system.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSystem {
     /// Free text shown in `weft status`.
@@ -113,7 +137,7 @@ pub struct RawSystem {
 }
 
 /// Circuit breaker settings of a destination.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {
     /// Default true.
@@ -125,15 +149,17 @@ pub struct RawBreaker {
     /// ... counting only once at least this many requests were made in it (default 20).
     pub min_requests: Option<u32>,
     /// Length of the failure-rate window (default `60s`).
+    #[schemars(with = "Option<String>")]
     pub window: Option<Spanned<String>>,
     /// How long the breaker stays open before probing (default `30s`).
+    #[schemars(with = "Option<String>")]
     pub cooldown: Option<Spanned<String>>,
     /// Writes let through while half-open (default 1).
     pub half_open_probes: Option<u32>,
 }
 
 /// Rate limit of a destination: requests (or batches) per second or minute.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     pub per_second: Option<u32>,
@@ -143,7 +169,7 @@ pub struct RawRateLimit {
 }
 
 /// A source connector, named by its single key.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawSource {
     /// The system calls us: HTTP POSTs to a path of weft's server.
@@ -166,7 +192,7 @@ pub enum RawSource {
 }
 
 /// A sink connector, named by its single key.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawSink {
     /// HTTP requests to the system's API (boxed: the largest config).
@@ -184,7 +210,7 @@ pub enum RawSink {
 }
 
 /// Webhook source settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSourceConfig {
     /// Path on weft's server, e.g. `/hooks/crm`.
@@ -205,16 +231,18 @@ pub struct WebhookSourceConfig {
     /// SHA-256 of the body.
     pub id_header: Option<String>,
     /// jq path into the body giving the event id, e.g. `.id`.
+    #[schemars(with = "Option<String>")]
     pub id_field: Option<Spanned<String>>,
     /// CloudEvents `type` of the events (default `<system>.webhook`).
     pub event_type: Option<String>,
 }
 
 /// How a webhook sender signs its requests.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSignatureConfig {
     /// `standard_webhooks`, `stripe`, `github` or `hmac` (generic).
+    #[schemars(with = "SignatureScheme")]
     pub scheme: Spanned<SignatureScheme>,
     /// Accepted secrets; a request signed with any of them passes (rotation).
     /// `standard_webhooks`: `whsec_<base64>` (the key is the decoded base64).
@@ -229,17 +257,19 @@ pub struct WebhookSignatureConfig {
     pub prefix: Option<String>,
     /// `hmac` only: what is signed, with `{body}` and `{timestamp}`, e.g.
     /// `"v0:{timestamp}:{body}"` (default `{body}`).
+    #[schemars(with = "Option<String>")]
     pub signed_content: Option<Spanned<String>>,
     /// `hmac` only: header carrying the Unix timestamp (seconds); required
     /// when `signed_content` uses `{timestamp}`, and checked against `tolerance`.
     pub timestamp_header: Option<String>,
     /// Largest accepted distance between a request's timestamp and now, in
     /// either direction (default `5m`); for schemes with a timestamp.
+    #[schemars(with = "Option<String>")]
     pub tolerance: Option<Spanned<String>>,
 }
 
 /// Webhook signature schemes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SignatureScheme {
     /// standardwebhooks.com: `webhook-id`, `webhook-timestamp`,
@@ -254,7 +284,7 @@ pub enum SignatureScheme {
 }
 
 /// How a signature's bytes are written in its header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SignatureEncoding {
     Hex,
@@ -262,7 +292,7 @@ pub enum SignatureEncoding {
 }
 
 /// File source settings: exactly one of `dir` and `path`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSourceConfig {
     /// Drop folder: files appearing here are read once, then moved to
@@ -282,6 +312,7 @@ pub struct FileSourceConfig {
     /// Text encoding of CSV files: `utf-8` (default), `latin-1`
     /// (ISO-8859-1) or `windows-1252`. Values arrive as UTF-8 either way.
     /// JSON and XML files are read as UTF-8.
+    #[schemars(with = "Option<String>")]
     pub encoding: Option<Spanned<String>>,
     /// XML only: the elements that become records, as a path of element
     /// names from the root, e.g. `/orders/order`; `*` matches any name
@@ -289,27 +320,32 @@ pub struct FileSourceConfig {
     /// becomes an object: attributes as `@name`, child elements as keys
     /// (repeated ones as arrays), text as `#text` beside attributes or
     /// children, or the element's value when it holds only text.
+    #[schemars(with = "Option<String>")]
     pub record_path: Option<Spanned<String>>,
     /// How often to look for new files (default `1s`).
+    #[schemars(with = "Option<String>")]
     pub poll_interval: Option<Spanned<String>>,
     /// Drop folder: a file is read once its size and modification time
     /// held still this long (default `10s`; `0s`: two polls in a row), so
     /// an upload that pauses is not read half. Not used with `ready_marker`.
+    #[schemars(with = "Option<String>")]
     pub settle: Option<Spanned<String>>,
     /// Drop folder: read a file only once a marker file of the same name
     /// plus this suffix exists (`ready_marker: .done`: `orders.csv` is read
     /// once `orders.csv.done` appears); the marker moves with the file.
+    #[schemars(with = "Option<String>")]
     pub ready_marker: Option<Spanned<String>>,
     /// Records per store commit (default 1000).
     pub batch_size: Option<usize>,
     /// jq path giving each record's id; default: the file's content hash and line number.
+    #[schemars(with = "Option<String>")]
     pub id_field: Option<Spanned<String>>,
     /// CloudEvents `type` of the events (default `<system>.file`).
     pub event_type: Option<String>,
 }
 
 /// File formats the file source reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileFormat {
     /// A header row, then one record per row.
@@ -323,10 +359,11 @@ pub enum FileFormat {
 }
 
 /// Generate source settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateSourceConfig {
     /// jq program producing each record; `$seq` is its sequence number (from 1).
+    #[schemars(with = "String")]
     pub template: Spanned<String>,
     /// Records per second (default: as fast as the store takes them).
     pub rate: Option<f64>,
@@ -339,7 +376,7 @@ pub struct GenerateSourceConfig {
 }
 
 /// HTTP sink settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
     /// URL; `{field}` or `{a.b}` placeholders are filled (percent-encoded) from the payload.
@@ -352,12 +389,15 @@ pub struct HttpSinkConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
     /// Request timeout (default `10s`).
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
     /// Connect timeout (default `5s`).
+    #[schemars(with = "Option<String>")]
     pub connect_timeout: Option<Spanned<String>>,
     /// jq predicate over the response body of a 2xx (parsed JSON, or the
     /// text as a string when it is not JSON); false or null makes the
     /// write a failure, e.g. `.ok == true`.
+    #[schemars(with = "Option<String>")]
     pub success_when: Option<Spanned<String>>,
     /// What a false `success_when` is: `retryable` (default) or `permanent`.
     pub success_when_failure: Option<HttpFailureKind>,
@@ -380,11 +420,12 @@ pub struct HttpSinkConfig {
     pub method_create: Option<String>,
     /// jq program over the write's response body giving the id the
     /// destination assigned, e.g. `.id`; kept for the crosswalk.
+    #[schemars(with = "Option<String>")]
     pub capture_id: Option<Spanned<String>>,
 }
 
 /// How a failure is classified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpFailureKind {
     Retryable,
@@ -392,7 +433,7 @@ pub enum HttpFailureKind {
 }
 
 /// How the HTTP sink writes a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HttpSinkMode {
     /// One request per delivery.
@@ -403,7 +444,7 @@ pub enum HttpSinkMode {
 }
 
 /// SQLite sink settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqliteSinkConfig {
     /// Database file, relative to the config file's folder.
@@ -422,7 +463,7 @@ pub struct SqliteSinkConfig {
 }
 
 /// PostgreSQL sink settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSinkConfig {
     /// Connection string, e.g. `postgresql://user@host/db` (use `${ENV}`).
@@ -442,7 +483,7 @@ pub struct PostgresSinkConfig {
 }
 
 /// JSON Lines sink settings: exactly one of `path` and `dir`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlSinkConfig {
     /// One output file, appended to; relative to the config file's folder.
@@ -462,7 +503,7 @@ pub struct JsonlSinkConfig {
 }
 
 /// CSV sink settings: exactly one of `path` and `dir`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CsvSinkConfig {
     /// One output file, appended to; relative to the config file's folder.
@@ -481,46 +522,56 @@ pub struct CsvSinkConfig {
     /// null are written as empty cells; strings as they are; numbers and
     /// booleans as JSON text; arrays and objects JSON-encoded in the cell.
     /// Fields not among the columns are not written.
+    #[schemars(with = "Option<Vec<String>>")]
     pub columns: Option<Vec<Spanned<String>>>,
     /// Write a header row at the start of each file (default true).
     pub header: Option<bool>,
     /// Field delimiter, one ASCII character (default `,`).
+    #[schemars(with = "Option<char>")]
     pub delimiter: Option<Spanned<char>>,
 }
 
 /// When a rotating export file is complete: renamed from `.part` to its
 /// final name. Also on shutdown. Whichever limit comes first.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRotate {
     /// Size limit in bytes (default 67108864, 64 MiB): a batch that would
     /// take a non-empty file over it goes to a new file.
     pub max_bytes: Option<u64>,
     /// Age limit, counted from the file's first write (default `1h`).
+    #[schemars(with = "Option<String>")]
     pub max_age: Option<Spanned<String>>,
     /// Close a file when nothing was written to it for this long (default `1m`).
+    #[schemars(with = "Option<String>")]
     pub idle: Option<Spanned<String>>,
 }
 
 /// One flow.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFlow {
     /// The system whose source feeds this flow.
+    #[schemars(with = "String")]
     pub from: Spanned<String>,
     /// jq predicate; records for which it is false or null are counted as filtered.
+    #[schemars(with = "Option<String>")]
     pub filter: Option<Spanned<String>>,
     /// jq program giving the entity key (deliveries with one key keep their
     /// order); default: no ordering constraint.
+    #[schemars(with = "Option<String>")]
     pub key: Option<Spanned<String>>,
     /// jq program from the source payload to the destination payload (default `.`).
+    #[schemars(with = "Option<String>")]
     pub mapping: Option<Spanned<String>>,
     /// Destinations: system names, or `{system, mapping, delivery}`.
+    #[schemars(with = "Vec<RawDestination>")]
     pub to: Vec<Spanned<RawDestination>>,
     /// Delivery policy for every destination of this flow.
     pub delivery: Option<RawDelivery>,
     /// The canonical entity (a key of `entities`) that the flow's mapping
     /// produces; its contract is checked after the mapping.
+    #[schemars(with = "Option<String>")]
     pub entity: Option<Spanned<String>>,
     /// What a contract violation does: `dead_letter` (default), `reject`
     /// (webhook sources answer 422) or `warn` (delivered, logged, counted).
@@ -539,6 +590,18 @@ pub enum RawDestination {
     Name(String),
     /// A system with its own mapping or delivery policy.
     Full(Box<RawDestinationFull>),
+}
+
+impl JsonSchema for RawDestination {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RawDestination".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let full = g.subschema_for::<RawDestinationFull>();
+        schemars::json_schema!({
+            "anyOf": [{"type": "string", "description": "The name of a system with a `sink`."}, full]
+        })
+    }
 }
 
 // Hand-written instead of `#[serde(untagged)]`: untagged enums buffer their
@@ -569,29 +632,33 @@ impl<'de> Deserialize<'de> for RawDestination {
 }
 
 /// A destination with options.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDestinationFull {
     /// The system written to (it must have a `sink`).
     pub system: String,
     /// jq program applied after the flow's mapping, for this destination only.
+    #[schemars(with = "Option<String>")]
     pub mapping: Option<Spanned<String>>,
     /// Delivery policy overriding the flow's.
     pub delivery: Option<RawDelivery>,
     /// JSON Schema file (relative to the config file) the payload for this
     /// destination must satisfy before it is written.
+    #[schemars(with = "Option<String>")]
     pub contract: Option<Spanned<String>>,
 }
 
 /// Delivery policy; unset fields fall back to the flow, then the defaults.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelivery {
     /// Attempts before a message goes to the DLQ (default 8).
     pub max_attempts: Option<u32>,
     /// First retry delay (default `200ms`).
+    #[schemars(with = "Option<String>")]
     pub initial_backoff: Option<Spanned<String>>,
     /// Longest retry delay (default `60s`).
+    #[schemars(with = "Option<String>")]
     pub max_backoff: Option<Spanned<String>>,
     /// Growth of the delay per attempt (default 2.0); full jitter is applied.
     pub multiplier: Option<f64>,
@@ -609,7 +676,7 @@ pub struct RawDelivery {
 }
 
 /// What a dead letter does to its entity key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnDeadLetter {
     Continue,
@@ -617,13 +684,15 @@ pub enum OnDeadLetter {
 }
 
 /// REST polling source settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestSourceConfig {
     /// Base URL and path of the collection, e.g. `https://api.example.com/v1/contacts`
     /// (`${ENV}` allowed; a query string here is kept on every request).
+    #[schemars(with = "String")]
     pub url: Spanned<String>,
     /// `GET` (default) or `POST`.
+    #[schemars(with = "Option<String>")]
     pub method: Option<Spanned<String>>,
     /// JSON body sent with `POST`.
     pub body: Option<serde_json::Value>,
@@ -635,21 +704,27 @@ pub struct RestSourceConfig {
     pub headers: BTreeMap<String, Secret>,
     /// jq path to the records in the response body (default `.`): an array,
     /// `null` (no records), or a program with one output per record such as `.data[]`.
+    #[schemars(with = "Option<String>")]
     pub records: Option<Spanned<String>>,
     /// jq program giving each record's id (the inbox's dedupe key); default:
     /// the SHA-256 of the record's canonical JSON. With `incremental`, include
     /// the cursor so that an update is a new event: `"\(.id)@\(.updated_at)"`.
+    #[schemars(with = "Option<String>")]
     pub id_field: Option<Spanned<String>>,
     /// CloudEvents `type` of the events (default `<system>.rest`).
     pub event_type: Option<String>,
     /// Time between the starts of two polls (default `60s`); not with `cron`.
+    #[schemars(with = "Option<String>")]
     pub interval: Option<Spanned<String>>,
     /// Cron expression (UTC; 5 fields, or 6 with seconds first) for the poll
     /// times; not with `interval`.
+    #[schemars(with = "Option<String>")]
     pub cron: Option<Spanned<String>>,
     /// Timeout of one HTTP request (default `30s`).
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
     /// Longest wait between retries of a failing page (default `60s`).
+    #[schemars(with = "Option<String>")]
     pub max_backoff: Option<Spanned<String>>,
     /// How to get the next page (default: one request per poll).
     pub pagination: Option<RestPagination>,
@@ -667,7 +742,7 @@ pub struct RestSourceConfig {
 }
 
 /// Pagination styles, named by their single key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RestPagination {
     /// `?page=N&per_page=M`.
@@ -683,7 +758,7 @@ pub enum RestPagination {
 }
 
 /// Page-number pagination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestPagePagination {
     /// Page number parameter (default `page`).
@@ -699,7 +774,7 @@ pub struct RestPagePagination {
 }
 
 /// Offset/limit pagination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestOffsetPagination {
     /// Offset parameter (default `offset`).
@@ -713,11 +788,12 @@ pub struct RestOffsetPagination {
 }
 
 /// Cursor pagination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestCursorPagination {
     /// jq path to the next cursor in the body, e.g. `.meta.next_cursor`;
     /// null, `""` or missing ends the poll.
+    #[schemars(with = "String")]
     pub cursor_path: Spanned<String>,
     /// Query parameter carrying the cursor (default `cursor`).
     pub param: Option<String>,
@@ -726,7 +802,7 @@ pub struct RestCursorPagination {
 }
 
 /// `Link` header pagination.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestLinkPagination {
     /// Safety cap on pages per poll (default 1000).
@@ -734,21 +810,23 @@ pub struct RestLinkPagination {
 }
 
 /// Next-URL-in-body pagination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestNextUrlPagination {
     /// jq path to the next page's URL (absolute or relative), e.g. `.next`.
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Safety cap on pages per poll (default 1000).
     pub max_pages: Option<u64>,
 }
 
 /// Incremental sync by a cursor field of the records.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestIncremental {
     /// jq program over a record giving its cursor, e.g. `.updated_at`
     /// (strings compare as text, so use one timestamp format; numbers as numbers).
+    #[schemars(with = "String")]
     pub cursor_field: Spanned<String>,
     /// Query parameter carrying the highest cursor seen, e.g. `updated_since`.
     pub param: String,
@@ -767,7 +845,7 @@ pub struct RestIncremental {
 }
 
 /// Order of the records by their incremental cursor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RestOrder {
     Ascending,
@@ -775,7 +853,7 @@ pub enum RestOrder {
 }
 
 /// Authentication, named by its single key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RestAuth {
     /// An API key in a header or a query parameter.
@@ -790,7 +868,7 @@ pub enum RestAuth {
 }
 
 /// API key placement: exactly one of `header` and `query`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestApiKey {
     /// Header name, e.g. `X-Api-Key`.
@@ -802,7 +880,7 @@ pub struct RestApiKey {
 }
 
 /// HTTP basic credentials.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestBasic {
     pub username: String,
@@ -810,10 +888,11 @@ pub struct RestBasic {
 }
 
 /// OAuth2 client credentials grant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestOauth2 {
     /// Token endpoint.
+    #[schemars(with = "String")]
     pub token_url: Spanned<String>,
     pub client_id: String,
     pub client_secret: Secret,
@@ -825,7 +904,7 @@ pub struct RestOauth2 {
 }
 
 /// How the OAuth2 client authenticates at the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RestClientAuth {
     Basic,
@@ -833,7 +912,7 @@ pub enum RestClientAuth {
 }
 
 /// Client-side rate limit: exactly one of `per_second` and `per_minute`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestRateLimit {
     pub per_second: Option<u32>,
@@ -845,26 +924,29 @@ pub struct RestRateLimit {
 // ---- canonical entities, contracts and value maps ----
 
 /// A canonical entity: the shape flows map into.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEntity {
     /// JSON Schema file of the current version (relative to the config file;
     /// draft 2020-12 unless the file's `$schema` says otherwise).
+    #[schemars(with = "String")]
     pub contract: Spanned<String>,
     /// The contract's version number (shown in violations).
     pub version: Option<u32>,
     /// Older contract files still accepted: a record valid against any of
     /// them passes (a migration window).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub also_accept: Vec<Spanned<String>>,
     /// JSON pointers of sensitive fields (`/email`, `/tax_id`): their values
     /// are shown as `"***"` in violations, drift examples and logs.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub sensitive: Vec<Spanned<String>>,
 }
 
 /// What a contract violation does to a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnViolation {
     /// The flow's outcome is rejected (DLQ, stage `map`) with the violations.
@@ -877,7 +959,7 @@ pub enum OnViolation {
 }
 
 /// What drift in a record's shape does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnDrift {
     /// Record the drift event (once), let the record through.
@@ -890,7 +972,7 @@ pub enum OnDrift {
 /// A value map: `map` from source values (as text) to target values, and a
 /// `default` for values with no entry. Without `default` an unmapped value is
 /// an error (the record is dead-lettered). Null input gives null.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawValueMap {
     /// Source value -> target value, or a context rule
@@ -910,17 +992,30 @@ pub enum RawValueTarget {
 }
 
 /// A context rule of a value map.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawValueRule {
     /// jq predicate evaluated on the record given to `valuemap(name; value)`
     /// (or on the value itself with `valuemap(name)`).
+    #[schemars(with = "String")]
     pub when: Spanned<String>,
     /// Target when `when` is true.
     pub then: serde_json::Value,
     /// Target otherwise (default: the map's `default`).
     #[serde(rename = "else")]
     pub otherwise: Option<serde_json::Value>,
+}
+
+impl JsonSchema for RawValueTarget {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RawValueTarget".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let rule = g.subschema_for::<RawValueRule>();
+        schemars::json_schema!({
+            "anyOf": [{"type": ["string", "number", "boolean", "null"]}, rule]
+        })
+    }
 }
 
 // Hand-written for the same reason as `RawDestination`: keep line numbers.
@@ -969,7 +1064,7 @@ impl<'de> Deserialize<'de> for RawValueTarget {
 /// order, at most `batch_size` of them; a full batch is followed at once by
 /// the next one, otherwise the next poll comes after `interval`. Rows whose
 /// cursor or key is NULL are never read.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqlPollSourceConfig {
     /// `postgresql://user@host:5432/db`, `mysql://user:password@host:3306/db`
@@ -986,6 +1081,7 @@ pub struct SqlPollSourceConfig {
     /// `SELECT * FROM (SELECT o.id, o.updated_at, c.name FROM orders o JOIN
     /// customers c ON c.id = o.customer_id) q WHERE {checkpoint}
     /// ORDER BY updated_at, id LIMIT {limit}`.
+    #[schemars(with = "Option<String>")]
     pub query: Option<Spanned<String>>,
     /// Name used in event ids (`<name>:<key>@<cursor>#<hash8>`); default the
     /// table's name; required with `query`.
@@ -996,6 +1092,7 @@ pub struct SqlPollSourceConfig {
     /// Unique column that orders rows sharing one cursor value, e.g. `id`.
     pub key: String,
     /// Time between polls when the last one was not full (default `5s`).
+    #[schemars(with = "Option<String>")]
     pub interval: Option<Spanned<String>>,
     /// Rows per query and per store commit (default 500).
     pub batch_size: Option<usize>,
@@ -1005,17 +1102,19 @@ pub struct SqlPollSourceConfig {
     /// clock (default `5s`), so a transaction that commits within it is not
     /// overtaken by later rows. Timestamp and date cursors only
     /// (PostgreSQL, MariaDB/MySQL); `0s` turns it off.
+    #[schemars(with = "Option<String>")]
     pub settle: Option<Spanned<String>>,
     /// Each poll first re-reads the rows up to this far behind the saved
     /// cursor (default `1m`): rows that committed late and rows changed
     /// within one cursor value come back as new events, unchanged ones are
     /// duplicates. Timestamp and date cursors only (PostgreSQL,
     /// MariaDB/MySQL); `0s` turns it off.
+    #[schemars(with = "Option<String>")]
     pub overlap: Option<Spanned<String>>,
 }
 
 /// MariaDB/MySQL sink settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlSinkConfig {
     /// Connection string, e.g. `mysql://user:password@host:3306/db` (use `${ENV}`).
@@ -1050,6 +1149,19 @@ pub struct MysqlSinkConfig {
 #[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct ConnectorSettings(pub serde_json::Value);
+
+impl JsonSchema for ConnectorSettings {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ConnectorSettings".into()
+    }
+    // the connector checks the fields (with lines) at `weft validate`
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type."
+        })
+    }
+}
 
 impl std::fmt::Debug for ConnectorSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -35,6 +35,17 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
     pub dedupe_retention: Duration,
+    /// The journal in PostgreSQL instead of `path` (`store.postgres`).
+    pub postgres: Option<PgStore>,
+}
+
+/// `store.postgres`, validated.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pub url: Secret,
+    pub schema: String,
+    pub node: String,
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -431,7 +442,37 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
     let data = super::entities::model(&mut cx.issues, raw.entities, raw.value_maps, base);
     cx.prelude = data.prelude.clone();
 
+    let postgres = raw.store.postgres.map(|pg| {
+        let schema = pg.schema.unwrap_or_else(|| "weft".into());
+        let plain = !schema.is_empty()
+            && schema.len() <= 63
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain {
+            cx.at(
+                "store.postgres.schema",
+                format!("`{schema}`: use lower-case letters, digits and _ (at most 63, not starting with a digit)"),
+            );
+        }
+        let node = pg.node.unwrap_or_else(|| "weft".into());
+        if node.trim().is_empty() {
+            cx.at("store.postgres.node", "a node name must not be empty");
+        }
+        let pool_size = pg.pool_size.unwrap_or(8);
+        if pool_size == 0 {
+            cx.at("store.postgres.pool_size", "at least 1 connection");
+        }
+        PgStore {
+            url: pg.url,
+            schema,
+            node,
+            pool_size,
+        }
+    });
     let store = StoreConfig {
+        postgres,
         path: base.join(raw.store.path.as_deref().unwrap_or("weft-data/weft.db")),
         synchronous: raw.store.synchronous.unwrap_or(Synchronous::Full),
         dedupe_retention: cx.duration(

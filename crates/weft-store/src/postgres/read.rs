@@ -1,0 +1,300 @@
+//! Reads of the PostgreSQL journal. `counts` reads one REPEATABLE READ
+//! snapshot (counters, their deltas and the pending rows of the same
+//! commit); every other read is one statement, which PostgreSQL runs on one
+//! snapshot anyway.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio_postgres::Row;
+
+use super::ops::{outbox_row, with_row_columns};
+use super::pool::Conn;
+use crate::{
+    CrosswalkRow, DLQ_PAGE, DlqEntry, DlqFilter, DriftEvent, FlowCounts, LaneId, OutboxRow,
+    StoreError,
+};
+
+pub(crate) async fn counts(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
+    c.begin_snapshot().await?;
+    let r = counts_in(c, lanes).await;
+    c.finish(r).await
+}
+
+async fn counts_in(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
+    let mut raw: BTreeMap<(String, String), [i64; 6]> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT flow, destination, sum(received)::int8, sum(filtered)::int8, sum(rejected)::int8,
+                    sum(delivered)::int8, sum(dead_lettered)::int8, sum(discarded)::int8
+             FROM (SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded
+                     FROM flow_counts
+                   UNION ALL
+                   SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded
+                     FROM count_deltas) t
+             GROUP BY flow, destination",
+            &[],
+        )
+        .await?
+    {
+        let mut v = [0i64; 6];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = r.try_get(i + 2)?;
+        }
+        raw.insert((r.try_get(0)?, r.try_get(1)?), v);
+    }
+    let mut pending: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT flow, destination, count(*), min(created_at) FROM outbox GROUP BY flow, destination",
+            &[],
+        )
+        .await?
+    {
+        pending.insert((r.try_get(0)?, r.try_get(1)?), (r.try_get(2)?, r.try_get(3)?));
+    }
+    let mut all: Vec<(String, String)> = lanes
+        .iter()
+        .map(|l| (l.flow.clone(), l.destination.clone()))
+        .collect();
+    let mut seen: BTreeSet<(String, String)> = all.iter().cloned().collect();
+    let extra: BTreeSet<&(String, String)> = raw
+        .keys()
+        .filter(|(_, d)| !d.is_empty())
+        .chain(pending.keys())
+        .collect();
+    for l in extra {
+        if seen.insert(l.clone()) {
+            all.push(l.clone());
+        }
+    }
+    let now = crate::now_ms();
+    let mut out = Vec::with_capacity(all.len());
+    for (flow, dest) in all {
+        let fl = raw
+            .get(&(flow.clone(), String::new()))
+            .copied()
+            .unwrap_or_default();
+        let dl = raw
+            .get(&(flow.clone(), dest.clone()))
+            .copied()
+            .unwrap_or_default();
+        let (n, oldest) = pending
+            .get(&(flow.clone(), dest.clone()))
+            .copied()
+            .map_or((0, None), |(n, t)| (n, Some((now - t).max(0))));
+        // a follow-up enters one lane only: counted on the lane's own row
+        let (received, filtered, rejected, fdisc) = (fl[0] + dl[0], fl[1], fl[2], fl[5]);
+        let (delivered, dead, disc) = (dl[3], dl[4], dl[5]);
+        out.push(FlowCounts {
+            balanced: received == filtered + rejected + fdisc + delivered + dead + disc + n,
+            flow,
+            destination: dest,
+            received,
+            filtered,
+            rejected,
+            delivered,
+            dead_lettered: dead,
+            discarded: fdisc + disc,
+            pending: n,
+            oldest_pending_ms: oldest,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) async fn outbox_len(c: &mut Conn) -> Result<i64, StoreError> {
+    Ok(c.query_one("SELECT count(*) FROM outbox", &[])
+        .await?
+        .try_get(0)?)
+}
+
+pub(crate) async fn checkpoint(
+    c: &mut Conn,
+    source: &str,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    match c
+        .query_opt(
+            "SELECT value FROM checkpoints WHERE source = $1 AND key = $2",
+            &[&source, &key],
+        )
+        .await?
+    {
+        Some(r) => Ok(Some(r.try_get(0)?)),
+        None => Ok(None),
+    }
+}
+
+fn dlq_row(r: &Row) -> Result<DlqEntry, StoreError> {
+    let history: String = r.try_get(15)?;
+    let attempts: i32 = r.try_get(12)?;
+    Ok(DlqEntry {
+        id: r.try_get(0)?,
+        status: r.try_get(1)?,
+        stage: r.try_get(2)?,
+        flow: r.try_get(3)?,
+        destination: r.try_get(4)?,
+        entity_key: r.try_get(5)?,
+        idempotency_key: r.try_get(6)?,
+        source: r.try_get(7)?,
+        event_id: r.try_get(8)?,
+        correlation_id: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        failed_at: r.try_get(11)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        error: r.try_get(13)?,
+        payload: r.try_get(14)?,
+        history: serde_json::from_str(&history).unwrap_or(serde_json::Value::Null),
+        attributes: r.try_get(16)?,
+        superseded_by: r.try_get(17)?,
+        order_seq: r.try_get(18)?,
+    })
+}
+
+macro_rules! dlq_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
+                    correlation_id, created_at, failed_at, attempts, error, payload, history::text, attributes,
+                    superseded_by, order_seq FROM dlq ",
+            $rest
+        )
+    };
+}
+
+pub(crate) async fn dlq_list(c: &mut Conn, f: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {
+    // `dead` unless asked; `all` matches every status (NULL)
+    let status: Option<&str> = match f.status.as_deref() {
+        Some("all") => None,
+        Some(s) => Some(s),
+        None => Some("dead"),
+    };
+    let limit = i64::try_from(f.limit.unwrap_or(DLQ_PAGE)).unwrap_or(i64::MAX);
+    let rows = c
+        .query(
+            dlq_select!(
+                "WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR flow = $2)
+                   AND ($3::text IS NULL OR destination = $3) AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                   AND ($5::int8 IS NULL OR failed_at >= $5) AND ($6::int8 IS NULL OR id > $6)
+                 ORDER BY id LIMIT $7"
+            ),
+            &[
+                &status,
+                &f.flow,
+                &f.destination,
+                &f.error_contains,
+                &f.since,
+                &f.after_id,
+                &limit,
+            ],
+        )
+        .await?;
+    rows.iter().map(dlq_row).collect()
+}
+
+pub(crate) async fn dlq_get(c: &mut Conn, id: i64) -> Result<Option<DlqEntry>, StoreError> {
+    c.query_opt(dlq_select!("WHERE id = $1"), &[&id])
+        .await?
+        .as_ref()
+        .map(dlq_row)
+        .transpose()
+}
+
+pub(crate) async fn dlq_depths(c: &mut Conn) -> Result<Vec<(String, String, i64)>, StoreError> {
+    c.query(
+        "SELECT flow, destination, count(*) FROM dlq WHERE status = 'dead'
+         GROUP BY flow, destination ORDER BY flow, destination",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+    .collect()
+}
+
+pub(crate) async fn crosswalk(
+    c: &mut Conn,
+    system: Option<&str>,
+    limit: usize,
+) -> Result<Vec<CrosswalkRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    c.query(
+        "SELECT system, source, source_key, COALESCE(external_id, ''), flow, event_id, created_at, updated_at
+         FROM crosswalk WHERE $1::text IS NULL OR system = $1 ORDER BY touch DESC LIMIT $2",
+        &[&system, &limit],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(CrosswalkRow {
+            system: r.try_get(0)?,
+            source: r.try_get(1)?,
+            source_key: r.try_get(2)?,
+            external_id: r.try_get(3)?,
+            flow: r.try_get(4)?,
+            event_id: r.try_get(5)?,
+            created_at: r.try_get(6)?,
+            updated_at: r.try_get(7)?,
+        })
+    })
+    .collect()
+}
+
+pub(crate) async fn pending(
+    c: &mut Conn,
+    lane: &LaneId,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    c.query(
+        with_row_columns!(
+            "SELECT ";
+            " FROM outbox o WHERE o.flow = $1 AND o.destination = $2 ORDER BY o.order_seq, o.id LIMIT $3"
+        ),
+        &[&lane.flow, &lane.destination, &limit],
+    )
+    .await?
+    .iter()
+    .map(outbox_row)
+    .collect()
+}
+
+pub(crate) async fn stream_shape(c: &mut Conn, source: &str) -> Result<Option<String>, StoreError> {
+    match c
+        .query_opt(
+            "SELECT shape FROM stream_shapes WHERE source = $1",
+            &[&source],
+        )
+        .await?
+    {
+        Some(r) => Ok(Some(r.try_get(0)?)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) async fn drift_events(
+    c: &mut Conn,
+    source: Option<&str>,
+) -> Result<Vec<DriftEvent>, StoreError> {
+    c.query(
+        "SELECT id, source, kind, path, detail, example, first_seen, last_seen, count
+         FROM drift_events WHERE $1::text IS NULL OR source = $1 ORDER BY id",
+        &[&source],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(DriftEvent {
+            id: r.try_get(0)?,
+            source: r.try_get(1)?,
+            kind: r.try_get(2)?,
+            path: r.try_get(3)?,
+            detail: r.try_get(4)?,
+            example: r.try_get(5)?,
+            first_seen: r.try_get(6)?,
+            last_seen: r.try_get(7)?,
+            count: r.try_get(8)?,
+        })
+    })
+    .collect()
+}

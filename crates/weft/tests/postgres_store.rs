@@ -1,0 +1,229 @@
+//! `store: {postgres: {url}}` through the real binary: webhooks accepted
+//! into the PostgreSQL journal (a database of its own on the machine's
+//! PostgreSQL, created and dropped here), delivered to a real HTTP server,
+//! across a SIGKILL and a restart. Skipped loudly when PostgreSQL does not
+//! answer, failed under `CI=true`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+
+const SECRET: &str = "pgstore";
+
+fn admin_url() -> String {
+    std::env::var("WEFT_TEST_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Run SQL on the server (its own runtime: the test is synchronous).
+fn sql<T: Send + 'static>(
+    url: &str,
+    f: impl FnOnce(tokio_postgres::Client) -> futures_lite::BoxFut<T> + Send + 'static,
+) -> Result<T, String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let task = tokio::spawn(conn);
+            let out = f(client).await;
+            task.abort();
+            Ok(out)
+        })
+    })
+    .join()
+    .map_err(|_| "the SQL thread panicked".to_string())?
+}
+
+mod futures_lite {
+    pub type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+}
+
+fn exec(url: &str, statement: String) -> Result<(), String> {
+    sql(url, move |c| {
+        Box::pin(async move { c.batch_execute(&statement).await.map_err(|e| e.to_string()) })
+    })?
+}
+
+fn count(url: &str, query: &'static str) -> i64 {
+    sql(url, move |c| {
+        Box::pin(async move { c.query_one(query, &[]).await.expect(query).get::<_, i64>(0) })
+    })
+    .expect("query")
+}
+
+/// A database of its own, dropped on drop.
+struct Db {
+    name: String,
+}
+
+impl Db {
+    fn create() -> Option<Db> {
+        if let Err(e) = exec(&admin_url(), "SELECT 1".into()) {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!(
+                    "PostgreSQL at {} is not reachable and CI=true: {e}",
+                    admin_url()
+                );
+            }
+            eprintln!(
+                "!!!!!! SKIPPING PostgreSQL store test: {} is not reachable: {e} !!!!!!",
+                admin_url()
+            );
+            return None;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("weft_e2e_{}_{nanos}", std::process::id());
+        exec(&admin_url(), format!("CREATE DATABASE {name}")).expect("create database");
+        Some(Db { name })
+    }
+
+    fn url(&self) -> String {
+        let base = admin_url();
+        let (server, _) = base
+            .rsplit_once('/')
+            .expect("an admin URL ending in /<database>");
+        format!("{server}/{}", self.name)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = exec(
+            &admin_url(),
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn post(hub: &Hub, id: u64, key: &str) -> u16 {
+    let body = serde_json::json!({"id": id, "key": key}).to_string();
+    reqwest::blocking::Client::new()
+        .post(hub.url("/hooks/crm"))
+        .header("x-event-id", format!("ev-{id}"))
+        .header("x-signature-256", sign(SECRET, body.as_bytes()))
+        .body(body)
+        .send()
+        .expect("post")
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn webhooks_through_the_postgres_journal_survive_a_kill() {
+    let Some(db) = Db::create() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::start();
+    let config = format!(
+        r#"
+store:
+  postgres:
+    url: ${{WEFT_PG_URL}}
+    node: e2e
+systems:
+  crm:
+    source:
+      webhook:
+        path: /hooks/crm
+        secret: ${{HOOK_SECRET}}
+  api:
+    sink:
+      http:
+        url: {}/items/{{id}}
+flows:
+  items:
+    from: crm
+    key: .key
+    mapping: '{{id, key}}'
+    to: [api]
+"#,
+        rec.url()
+    );
+    std::fs::write(dir.path().join("weft.yaml"), config).expect("config");
+    let url = db.url();
+    let env = [("HOOK_SECRET", SECRET), ("WEFT_PG_URL", url.as_str())];
+    let received = |rec: &Recorder| -> BTreeSet<u64> {
+        rec.received
+            .lock()
+            .expect("received")
+            .iter()
+            .filter_map(|r| r.body["id"].as_u64())
+            .collect()
+    };
+
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &env);
+    for id in 0..60 {
+        assert_eq!(post(&hub, id, &format!("k{}", id % 5)), 202);
+    }
+    wait_for(Duration::from_secs(60), "60 deliveries", || {
+        received(&rec).len() == 60
+    });
+    hub.kill9();
+
+    // the same node again: its leases end, nothing accepted is lost
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &env);
+    for id in 60..120 {
+        assert_eq!(post(&hub, id, &format!("k{}", id % 5)), 202);
+    }
+    for id in 0..10 {
+        assert_eq!(post(&hub, id, &format!("k{}", id % 5)), 202, "a duplicate");
+    }
+    wait_for(Duration::from_secs(60), "120 deliveries", || {
+        received(&rec).len() == 120
+    });
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        count(&url, "SELECT count(*) FROM weft.outbox") == 0
+    });
+
+    // one idempotency key per event; per key, never an older one after a newer
+    let got = rec.received.lock().expect("received").clone();
+    let mut keys: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in &got {
+        let id = r.body["id"].as_u64().expect("id");
+        keys.entry(id)
+            .or_default()
+            .insert(r.idempotency_key.clone().expect("an idempotency key"));
+        per_key
+            .entry(r.body["key"].as_str().expect("key").to_owned())
+            .or_default()
+            .push(id);
+    }
+    assert!(keys.values().all(|k| k.len() == 1), "{keys:?}");
+    for (k, ids) in &per_key {
+        assert!(ids.windows(2).all(|w| w[0] <= w[1]), "{k}: {ids:?}");
+    }
+    let delivered = count(
+        &url,
+        "SELECT COALESCE(sum(delivered), 0)::int8 FROM
+           (SELECT delivered FROM weft.flow_counts WHERE flow = 'items' AND destination = 'api'
+            UNION ALL SELECT delivered FROM weft.count_deltas WHERE flow = 'items' AND destination = 'api') t",
+    );
+    let accepted = count(
+        &url,
+        "SELECT COALESCE(sum(received), 0)::int8 FROM
+           (SELECT received FROM weft.flow_counts WHERE flow = 'items'
+            UNION ALL SELECT received FROM weft.count_deltas WHERE flow = 'items') t",
+    );
+    assert_eq!((accepted, delivered), (120, 120), "duplicates counted once");
+
+    // the inspection commands say what to use instead
+    let out = weft_cmd_env(dir.path(), &["status", "-c", "weft.yaml"], &env);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store.postgres") && err.contains("admin API"),
+        "{err}"
+    );
+    hub.stop();
+}
