@@ -12,6 +12,20 @@ if ! up 5432; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
   wait_up 5432 || echo "WARNING: PostgreSQL did not come up"
 fi
+# PostgreSQL logical replication (the CDC source's tests): wal_level=logical
+# needs a restart, done only when the setting is not there yet.
+pg_sql() { psql -h 127.0.0.1 -U postgres -d postgres -XAtqc "$1" 2>/dev/null; }
+if up 5432 && [ "$(pg_sql 'SHOW wal_level')" != "logical" ]; then
+  echo "PostgreSQL: setting wal_level=logical and restarting"
+  pg_sql "ALTER SYSTEM SET wal_level = logical" >/dev/null
+  [ "$(pg_sql 'SHOW max_replication_slots')" -ge 10 ] 2>/dev/null \
+    || pg_sql "ALTER SYSTEM SET max_replication_slots = 10" >/dev/null
+  [ "$(pg_sql 'SHOW max_wal_senders')" -ge 10 ] 2>/dev/null \
+    || pg_sql "ALTER SYSTEM SET max_wal_senders = 10" >/dev/null
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main restart || true
+  for _ in $(seq 1 60); do pg_sql 'SELECT 1' >/dev/null && break; sleep 0.5; done
+  [ "$(pg_sql 'SHOW wal_level')" = "logical" ] || echo "WARNING: PostgreSQL wal_level is not logical"
+fi
 if ! up 3306; then
   echo "starting MariaDB"
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true

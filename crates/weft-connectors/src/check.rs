@@ -35,6 +35,20 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 e.message,
             );
         }
+        #[cfg(feature = "cdc-postgres")]
+        if let Some(SourceSpec::PostgresCdc { settings }) = &sys.source
+            && let Err(found) = crate::cdc::postgres::PgCdcConfig::from_settings(name, settings)
+        {
+            issues.extend(found);
+        }
+        #[cfg(not(feature = "cdc-postgres"))]
+        if let Some(SourceSpec::PostgresCdc { .. }) = &sys.source {
+            issue(
+                &mut issues,
+                &format!("systems.{name}.source.postgres_cdc"),
+                crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
+            );
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -17,6 +17,7 @@
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]
 
+pub mod cdc;
 pub mod check;
 pub mod sink;
 pub mod source;

@@ -130,6 +130,35 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::SqlPoll { .. } => {
             SourceHandle::Task(Box::new(crate::sql_poll::SqlPollSource::new(system, spec)?))
         }
+        SourceSpec::PostgresCdc { settings } => postgres_cdc(system, settings)?,
+    })
+}
+
+#[cfg(feature = "cdc-postgres")]
+fn postgres_cdc(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    let cfg =
+        crate::cdc::postgres::PgCdcConfig::from_settings(system, settings).map_err(|issues| {
+            SourceError {
+                system: system.to_owned(),
+                message: crate::cdc::postgres::config::describe(&issues),
+            }
+        })?;
+    Ok(SourceHandle::Task(Box::new(
+        crate::cdc::postgres::PgCdcSource::new(system, cfg),
+    )))
+}
+
+#[cfg(not(feature = "cdc-postgres"))]
+fn postgres_cdc(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
     })
 }
 

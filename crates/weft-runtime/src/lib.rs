@@ -193,7 +193,8 @@ impl Runtime {
             // twice: no dedupe table for them
             let dedupe = match spec_ref {
                 weft_core::config::SourceSpec::File { .. }
-                | weft_core::config::SourceSpec::Generate { .. } => Dedupe::Position,
+                | weft_core::config::SourceSpec::Generate { .. }
+                | weft_core::config::SourceSpec::PostgresCdc { .. } => Dedupe::Position,
                 _ => Dedupe::Id,
             };
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {

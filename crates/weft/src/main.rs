@@ -170,7 +170,8 @@ fn main() -> ExitCode {
 
 fn init_logs(format: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,pg_walstream=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -184,6 +184,11 @@ pub enum RawSource {
     /// weft polls a PostgreSQL, MariaDB/MySQL or SQLite table (or query) by
     /// a cursor column and a tie-breaking key; read-only.
     SqlPoll(Box<SqlPollSourceConfig>),
+    /// Change data capture from PostgreSQL logical replication (pgoutput):
+    /// inserts, updates, deletes and truncates, after an initial snapshot.
+    /// Its settings are the connector's own (weft-connectors
+    /// `cdc/postgres/config.rs`).
+    PostgresCdc(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -1129,4 +1134,37 @@ pub struct MysqlSinkConfig {
     /// key does not count.
     #[serde(default)]
     pub allow_other_unique: bool,
+}
+
+// ---------------------------------------------------------------------------
+// Connectors that own their config
+// ---------------------------------------------------------------------------
+
+/// The settings of a connector that parses and validates its own config in
+/// weft-connectors (which weft-core cannot depend on): the YAML as written,
+/// `${ENV}` interpolated, as JSON. `weft validate` and `weft run` have the
+/// connector check it (`weft_connectors::check`), so its problems are
+/// reported with line and column like every other. Never printed: it may
+/// hold credentials.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct ConnectorSettings(pub serde_json::Value);
+
+impl JsonSchema for ConnectorSettings {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ConnectorSettings".into()
+    }
+    // the connector checks the fields (with lines) at `weft validate`
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type."
+        })
+    }
+}
+
+impl std::fmt::Debug for ConnectorSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectorSettings(***)")
+    }
 }

@@ -173,6 +173,8 @@ pub enum SourceSpec {
         /// How far behind the saved cursor each poll re-reads.
         overlap: Duration,
     },
+    /// PostgreSQL change data capture; the connector validates `settings`.
+    PostgresCdc { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -183,6 +185,7 @@ impl SourceSpec {
             SourceSpec::Generate { .. } => "generate",
             SourceSpec::Rest { .. } => "rest",
             SourceSpec::SqlPoll { .. } => "sql_poll",
+            SourceSpec::PostgresCdc { .. } => "postgres_cdc",
         }
     }
 }
@@ -639,10 +642,14 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             .filter
             .as_ref()
             .and_then(|c| cx.program(&format!("{p}.filter"), c, &[]));
-        let key = f
-            .key
-            .as_ref()
-            .and_then(|c| cx.program(&format!("{p}.key"), c, &[]));
+        let key = match &f.key {
+            Some(c) => cx.program(&format!("{p}.key"), c, &[]),
+            // a change event's subject is its table and primary key
+            None if source_kind == Some("postgres_cdc") => {
+                Program::compile("$event.subject", &[]).ok().map(Arc::new)
+            }
+            None => None,
+        };
         let mapping = f
             .mapping
             .as_ref()
@@ -693,7 +700,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 },
             };
             // P1-17: without a key nothing orders two writes of one record
-            if f.key.is_none() && matches!(kind, Some("http" | "postgres" | "mysql" | "sqlite")) {
+            if f.key.is_none()
+                && key.is_none()
+                && matches!(kind, Some("http" | "postgres" | "mysql" | "sqlite"))
+            {
                 cx.warn_span(
                     &dp,
                     &system,
@@ -1140,6 +1150,7 @@ fn source_spec(
         RawSource::SqlPoll(cfg) => {
             sql_poll_source_spec(cx, &format!("{p}.sql_poll"), system, cfg, base)
         }
+        RawSource::PostgresCdc(settings) => Some(SourceSpec::PostgresCdc { settings }),
     }
 }
 

@@ -1,0 +1,454 @@
+//! Guarantee: PostgreSQL changes read by CDC reach the destination exactly
+//! once per change (one idempotency key per `(commit_lsn, tx_ordinal)`,
+//! every change of every committed transaction, nothing of a rolled-back
+//! one) and in order per key, while `weft` is SIGKILLed and restarted
+//! several times mid-stream under concurrent writers.
+//!
+//! The real PostgreSQL on 127.0.0.1:5432 (`wal_level = logical`, which
+//! `.ci/services.sh` sets), a database, publication and slot of the test's
+//! own (dropped at the end), the real `weft` binary writing a JSON Lines file
+//! with the envelope (the idempotency key beside each payload). Four writer
+//! tasks make transactions of 1 to 5 statements (single and multi-row
+//! inserts, updates, deletes; some rolled back), each noting its
+//! transaction id and how many rows it changed: that is the truth the file
+//! is checked against. Skipped with a message when PostgreSQL is not
+//! reachable or not logical, unless `CI=true`, where that is a failure.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio_postgres::NoTls;
+
+const ADMIN_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+const WRITERS: i32 = 4;
+const TXS_PER_WRITER: i32 = 230;
+const SEEDED: i32 = 40;
+const LOG: &[(&str, &str)] = &[(
+    "WEFT_LOG",
+    "info,pg_walstream=warn,weft_connectors::cdc=debug",
+)];
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+/// One writer: transactions over its own ids, each noted as
+/// `(xid mod 2^32, rows changed)` when committed.
+async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(u32, u64)>>>) {
+    let mut c = client(&url).await;
+    let mut next_id = 1000 * (w + 1);
+    let mut live: Vec<i32> = Vec::new();
+    let mut seed = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for i in 0..TXS_PER_WRITER {
+        let tx = c.transaction().await.unwrap();
+        let xid: i64 = tx
+            .query_one(
+                "SELECT (pg_current_xact_id()::text::int8 % 4294967296)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let mut rows = 0u64;
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for _ in 0..=rand(4) {
+            match rand(5) {
+                0 | 1 => {
+                    next_id += 1;
+                    rows += tx
+                        .execute(
+                            "INSERT INTO items (id, v, note) VALUES ($1, 0, 'new')",
+                            &[&next_id],
+                        )
+                        .await
+                        .unwrap();
+                    added.push(next_id);
+                }
+                2 => {
+                    // one statement, three rows: three changes sharing a statement
+                    let ids = [next_id + 1, next_id + 2, next_id + 3];
+                    next_id += 3;
+                    rows += tx
+                        .execute(
+                            "INSERT INTO items (id, v, note) VALUES ($1, 0, 'multi'), ($2, 0, 'multi'), ($3, 0, 'multi')",
+                            &[&ids[0], &ids[1], &ids[2]],
+                        )
+                        .await
+                        .unwrap();
+                    added.extend(ids);
+                }
+                3 if !live.is_empty() => {
+                    let id = live[rand(live.len() as u64) as usize];
+                    rows += tx
+                        .execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
+                }
+                4 if live.len() > 5 => {
+                    let id = live.swap_remove(rand(live.len() as u64) as usize);
+                    removed.push(id);
+                    rows += tx
+                        .execute("DELETE FROM items WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    rows += tx
+                        .execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&(w + 1)])
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        if i % 17 == 5 {
+            tx.rollback().await.unwrap();
+            live.extend(removed);
+        } else {
+            tx.commit().await.unwrap();
+            live.extend(added);
+            done.lock().unwrap().push((xid as u32, rows));
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
+/// Drops a test database and its slots when dropped, also when the test
+/// panics (a slot left behind would hold the shared server's WAL forever).
+struct DropDb(String);
+
+impl Drop for DropDb {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let Ok((c, conn)) = tokio_postgres::connect(ADMIN_URL, NoTls).await else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let deadline = Instant::now() + Duration::from_secs(15);
+                loop {
+                    let _ = c
+                        .query(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                             WHERE database = $1 AND active_pid IS NOT NULL",
+                            &[&name],
+                        )
+                        .await;
+                    let _ = c
+                        .query(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE database = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await;
+                    let left = c
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                            &[&name],
+                        )
+                        .await
+                        .map(|r| r.get::<_, i64>(0))
+                        .unwrap_or(0);
+                    if left == 0 || Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if let Err(e) = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                {
+                    eprintln!("cannot drop test database {name}: {e}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// The lines of the JSON Lines file (the sink cuts a partial last line
+/// when it opens the file again).
+fn lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn lsn(v: &Value) -> u64 {
+    let s = v.as_str().unwrap();
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[test]
+fn cdc_exactly_once_and_in_order_per_key_across_sigkills() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = match rt.block_on(tokio_postgres::connect(ADMIN_URL, NoTls)) {
+        Ok((c, conn)) => {
+            rt.spawn(conn);
+            c
+        }
+        Err(e) => {
+            if ci() {
+                panic!("PostgreSQL at {ADMIN_URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!("!!!!!! SKIPPING CDC crash test: {ADMIN_URL} is not reachable: {e} !!!!!!");
+            return;
+        }
+    };
+    let level: String = rt
+        .block_on(admin.query_one("SHOW wal_level", &[]))
+        .unwrap()
+        .get(0);
+    if level != "logical" {
+        if ci() {
+            panic!("PostgreSQL has wal_level={level} and CI=true: run .ci/services.sh");
+        }
+        eprintln!("!!!!!! SKIPPING CDC crash test: wal_level={level} (run .ci/services.sh) !!!!!!");
+        return;
+    }
+    let started = Instant::now();
+    let db = format!("weft_cdc_e2e_{}", &uuid_like());
+    rt.block_on(admin.batch_execute(&format!("CREATE DATABASE {db}")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("postgresql://postgres@127.0.0.1:5432/{db}");
+    let c = rt.block_on(client(&url));
+    rt.block_on(c.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text);
+         INSERT INTO items SELECT g, 0, 'seed' FROM generate_series(1, {SEEDED}) g;"
+    )))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      postgres_cdc:
+        url: {url}
+        slot: {db}
+        publication: {db}
+        tables: [items]
+        # small: transactions are often split over two store commits
+        batch_size: 16
+        heartbeat: 300ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+flows:
+  changes:
+    from: legacy
+    to: [out]
+    delivery:
+      batch_size: 200
+"#
+        ),
+    )
+    .unwrap();
+
+    // the initial snapshot first: rows written during it would be read by
+    // it (as `op: r`), not streamed
+    let out = dir.path().join("out.jsonl");
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lines(&out).len() < SEEDED as usize {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot; log:\n{}",
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut logs = vec![hub.log_text()];
+    hub.kill9();
+    // writers run while weft is killed and started again
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| rt.spawn(writer(url.clone(), w, done.clone())))
+        .collect();
+    let mut kills = 1;
+    let mut pause = 700u64;
+    while writers.iter().any(|w| !w.is_finished()) {
+        let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+        std::thread::sleep(Duration::from_millis(pause));
+        pause = 400 + (pause * 7919) % 900;
+        logs.push(hub.log_text());
+        hub.kill9();
+        kills += 1;
+    }
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    let committed = done.lock().unwrap().clone();
+    let expected: u64 = committed.iter().map(|(_, n)| n).sum();
+
+    // a last run delivers the rest
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = lines(&out)
+            .iter()
+            .filter(|l| l["data"]["op"] != "r")
+            .map(|l| l["idempotency_key"].as_str().unwrap().to_owned())
+            .collect::<HashSet<_>>()
+            .len() as u64;
+        if n >= expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            let keep = std::path::Path::new("/tmp/weft-cdc-failed");
+            let _ = std::fs::create_dir_all(keep);
+            let _ = std::fs::copy(&out, keep.join("out.jsonl"));
+            let _ = std::fs::write(keep.join("committed.json"), format!("{committed:?}"));
+            logs.push(hub.log_text());
+            let _ = std::fs::write(keep.join("logs.txt"), logs.join("\n=====\n"));
+            panic!(
+                "{n} of {expected} changes delivered (kept in {})",
+                keep.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // nothing more than that comes
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(hub.stop().success());
+    let all = lines(&out);
+
+    // one idempotency key and one payload per position, and the reverse
+    let mut by_pos: HashMap<(u64, u64), (String, Value)> = HashMap::new();
+    let mut keys: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut snapshot_ids = HashSet::new();
+    for l in &all {
+        let d = &l["data"];
+        let key = l["idempotency_key"].as_str().unwrap().to_owned();
+        if d["op"] == "r" {
+            snapshot_ids.insert(d["after"]["id"].as_i64().unwrap());
+            continue;
+        }
+        let p = (
+            lsn(&d["source"]["commit_lsn"]),
+            d["source"]["tx_ordinal"].as_u64().unwrap(),
+        );
+        let prev = by_pos.entry(p).or_insert_with(|| (key.clone(), d.clone()));
+        assert_eq!(prev.0, key, "one position, two idempotency keys");
+        assert_eq!(&prev.1, d, "one position, two payloads");
+        assert_eq!(*keys.entry(key).or_insert(p), p, "one key, two positions");
+    }
+    assert_eq!(
+        snapshot_ids,
+        (1..=SEEDED as i64).collect::<HashSet<_>>(),
+        "the initial snapshot"
+    );
+    // every committed change, nothing of the rolled-back transactions
+    let mut per_xid: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (p, (_, d)) in &by_pos {
+        per_xid
+            .entry(d["source"]["xid"].as_u64().unwrap())
+            .or_default()
+            .push(p.1);
+    }
+    assert_eq!(by_pos.len() as u64, expected);
+    assert_eq!(per_xid.len(), committed.len(), "transactions");
+    for (xid, n) in &committed {
+        let mut ords = per_xid.remove(&(*xid as u64)).unwrap_or_default();
+        ords.sort_unstable();
+        assert_eq!(ords, (1..=*n).collect::<Vec<_>>(), "transaction {xid}");
+    }
+    // in order per key: the write sequence (redeliveries included) never
+    // goes back to an earlier change of the key
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    for l in &all {
+        let d = &l["data"];
+        if d["op"] == "r" {
+            continue;
+        }
+        let p = (
+            lsn(&d["source"]["commit_lsn"]),
+            d["source"]["tx_ordinal"].as_u64().unwrap(),
+        );
+        let k = d["key"].to_string();
+        if let Some(prev) = last.insert(k.clone(), p) {
+            assert!(prev <= p, "key {k}: {prev:?} written after {p:?}");
+        }
+    }
+    // the final state matches the database's
+    let rows = rt
+        .block_on(c.query("SELECT id, v FROM items ORDER BY id", &[]))
+        .unwrap();
+    let mut state: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut ordered: Vec<&Value> = all.iter().map(|l| &l["data"]).collect();
+    ordered.sort_by_key(|d| {
+        (
+            lsn(&d["source"]["commit_lsn"]),
+            d["source"]["tx_ordinal"].as_u64().unwrap(),
+        )
+    });
+    for d in ordered {
+        match d["op"].as_str().unwrap() {
+            "d" => {
+                state.remove(&d["before"]["id"].as_i64().unwrap());
+            }
+            _ => {
+                state.insert(
+                    d["after"]["id"].as_i64().unwrap(),
+                    d["after"]["v"].as_i64().unwrap(),
+                );
+            }
+        }
+    }
+    let db_state: BTreeMap<i64, i64> = rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, i32>(1) as i64))
+        .collect();
+    assert_eq!(state, db_state, "replaying the changes gives the table");
+    eprintln!(
+        "cdc crash test: {expected} changes in {} transactions, {kills} SIGKILLs, {} lines written, {:.1}s",
+        committed.len(),
+        all.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    drop(c);
+    drop(cleanup);
+}
+
+/// 16 hex digits from the clock and the process id (no uuid in this crate).
+fn uuid_like() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!("{:016x}", t ^ ((std::process::id() as u64) << 40))
+}
