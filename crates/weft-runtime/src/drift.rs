@@ -140,6 +140,9 @@ struct State {
 pub struct Tracker {
     source: String,
     sensitive: Vec<String>,
+    /// Paths not tracked (a CDC event's `/source` metadata: positions and
+    /// times that change with every event).
+    ignored: Vec<String>,
     state: Mutex<State>,
 }
 
@@ -189,8 +192,22 @@ impl Tracker {
         Tracker {
             source: source.to_owned(),
             sensitive,
+            ignored: Vec::new(),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Leave `prefix` and every path under it out of the shape.
+    pub fn ignoring(mut self, prefix: &str) -> Tracker {
+        self.ignored.push(prefix.to_owned());
+        self
+    }
+
+    fn is_ignored(&self, path: &str) -> bool {
+        self.ignored.iter().any(|p| {
+            path == p
+                || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
+        })
     }
 
     fn example(&self, path: &str, v: Option<&Value>) -> String {
@@ -274,6 +291,9 @@ impl Tracker {
     fn analyse(&self, st: &mut State, v: &Value) -> Vec<usize> {
         let mut fields = Vec::new();
         walk(v, &mut String::new(), 0, &mut fields);
+        if !self.ignored.is_empty() {
+            fields.retain(|(p, _)| !self.is_ignored(p));
+        }
         fields.sort();
         fields.dedup();
         let first = st.shape.records == 1;
@@ -705,6 +725,21 @@ mod tests {
         assert!(b.events.iter().any(|e| e.kind == "field_limit"));
         let shape: Shape = serde_json::from_str(&b.shape.unwrap()).unwrap();
         assert_eq!(shape.fields.len(), MAX_FIELDS);
+    }
+
+    #[test]
+    fn ignored_paths_are_not_tracked() {
+        let t = Tracker::new("cdc", vec![]).ignoring("/source");
+        for i in 0..300u64 {
+            let r = json!({"op": "u", "after": {"id": i % 3, "status": "open"},
+                           "source": {"lsn": format!("0/{i:X}"), "table": "t"}});
+            assert!(i == 0 || t.observe(&r).is_none(), "record {i}");
+        }
+        let b = t.take().unwrap();
+        assert!(b.events.is_empty(), "{:?}", b.events);
+        let shape: Shape = serde_json::from_str(&b.shape.unwrap()).unwrap();
+        assert!(shape.fields.keys().all(|p| !p.starts_with("/source")));
+        assert!(shape.fields.contains_key("/after/status"));
     }
 
     /// A field name without digits, distinct per `i`.

@@ -199,7 +199,16 @@ impl Runtime {
             };
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
-                drift: Some(Arc::new(drift::Tracker::open(journal.read(), name, &flows))),
+                drift: Some(Arc::new({
+                    let t = drift::Tracker::open(journal.read(), name, &flows);
+                    // a change event's positions and times are new in
+                    // every event: not drift
+                    if matches!(spec_ref, weft_core::config::SourceSpec::PostgresCdc { .. }) {
+                        t.ignoring("/source")
+                    } else {
+                        t
+                    }
+                })),
                 flows,
                 journal: journal.clone(),
                 dedupe,
