@@ -317,8 +317,14 @@ async fn dir_mode_moves_to_processed_and_quarantines_unreadable_files() {
     let ingest = Arc::new(MemIngest::default());
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(ingest.clone(), stop.clone()));
+    // every file handled (read in name order: numbers.csv comes last; it
+    // was flaky under load waiting only for blob.jsonl)
     wait_for("files to be handled", || {
-        d.join("processed/b.jsonl").exists() && d.join("quarantine/blob.jsonl").exists()
+        d.join("processed/b.jsonl").exists()
+            && ["empty.csv", "numbers.csv", "blob.jsonl"].iter().all(|n| {
+                d.join("quarantine").join(n).exists()
+                    && d.join("quarantine").join(format!("{n}.error.txt")).exists()
+            })
     })
     .await;
     stop.cancel();
