@@ -223,6 +223,20 @@ fn run_crash_test(events: usize, kill_points: Vec<usize>) {
         let got = delivered_seqs(&recorder);
         replayable.iter().all(|s| got.contains(&(*s as u64)))
     });
+    // the destination has them; the hub settles them a moment later (or,
+    // after a crash between write and settle, writes them again first):
+    // wait for the store to say so before comparing
+    wait_for(Duration::from_secs(60), "the replayed rows settled", || {
+        let st = status(dir.path(), "weft.yaml", &env);
+        st["lanes"].as_array().is_some_and(|ls| {
+            ls.iter().all(|l| l["pending"].as_u64() == Some(0))
+                && ls
+                    .iter()
+                    .filter_map(|l| l["delivered"].as_u64())
+                    .sum::<u64>()
+                    == (taken + replayable.len()) as u64
+        })
+    });
 
     let received = recorder.received.lock().unwrap().clone();
     let mut keys: HashMap<u64, HashSet<String>> = HashMap::new();
