@@ -182,6 +182,29 @@ pub fn run_flow(
     if let Err(o) = crate::contracts::check_entity(flow, &mapped) {
         return o;
     }
+    if let Some(rules) = &flow.identity {
+        // the destinations' mappings run at delivery, on the canonical record
+        let Some(external_id) = entity_key.clone() else {
+            return keyed_reject(
+                "the flow's key gave null: a record without an id cannot be linked to its canonical record"
+                    .into(),
+            );
+        };
+        let Value::Object(fields) = mapped else {
+            return keyed_reject(format!(
+                "the mapping gave {}, not an object of the record's canonical fields",
+                kind_of(&mapped)
+            ));
+        };
+        return FlowOutcome::Canonical {
+            flow: flow.name.clone(),
+            report: Box::new(weft_store::CanonicalReport {
+                rules: rules.clone(),
+                external_id,
+                fields,
+            }),
+        };
+    }
     let mut deliveries = Vec::with_capacity(flow.destinations.len());
     for d in &flow.destinations {
         let payload = match &d.mapping {
@@ -212,6 +235,17 @@ pub fn run_flow(
     FlowOutcome::Routed {
         flow: flow.name.clone(),
         deliveries,
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -317,6 +317,41 @@ impl JournalRead for SqliteJournal {
     fn drift_events(&self, source: Option<&str>) -> Result<Vec<crate::DriftEvent>, StoreError> {
         self.with_reader(|r| r.drift_events(source))
     }
+    fn canonical(
+        &self,
+        entity: &str,
+        id: &str,
+    ) -> Result<Option<crate::canonical::CanonicalView>, StoreError> {
+        self.with_reader(|r| r.canonical(entity, id))
+    }
+    fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.with_reader(|r| r.canonical_list(entity, limit))
+    }
+    fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.with_reader(|r| r.canonical_by_external(entity, system, external_id))
+    }
+    fn canonical_history(
+        &self,
+        filter: &crate::HistoryFilter,
+    ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
+        self.with_reader(|r| r.canonical_history(filter))
+    }
+    fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
+        self.with_reader(|r| r.conflicts(status, limit))
+    }
 }
 
 impl Reader {
