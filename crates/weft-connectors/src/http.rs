@@ -340,7 +340,9 @@ impl HttpSink {
             return match id {
                 None => {
                     let url = self.render_url(&body.payload)?;
-                    let resp = self.write_request(u.method_create.clone(), url, &body).await?;
+                    let resp = self
+                        .write_request(u.method_create.clone(), url, &body)
+                        .await?;
                     Ok(self.capture(d, resp.as_ref(), None, Some(true)))
                 }
                 Some(_) => {

@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// How a conflict on one field is decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ConflictPolicy {
     /// The report with the later event time wins (a tie goes to the report).
@@ -49,7 +51,9 @@ pub enum ConflictPolicy {
 }
 
 /// What happens to a change from a system that does not own the field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum NonOwnerPolicy {
     /// Ignored and counted.
@@ -138,7 +142,10 @@ pub struct Canonical {
 #[derive(Debug, Clone)]
 pub struct Report<'a> {
     pub system: &'a str,
+    /// When the system changed the record (its clock), for last-write-wins.
     pub event_time: i64,
+    /// When weft received the report (weft's clock).
+    pub received_at: i64,
     pub fields: &'a Map<String, Value>,
 }
 
@@ -187,7 +194,17 @@ pub struct Merge {
 }
 
 /// Most writes of one field kept as "not echoed yet" per system.
-pub const OUTSTANDING: usize = 8;
+pub const OUTSTANDING: usize = 64;
+
+/// A write whose echo has not come back this long after it was made (weft's
+/// clock) is presumed lost (the write failed, weft died before sending it,
+/// the destination does not report it) once the system reports another
+/// value for the field: it stops counting as something the system holds.
+pub const ECHO_WINDOW_MS: i64 = 30_000;
+
+fn entry_value(e: &Value) -> Option<&Value> {
+    e.get("v")
+}
 
 /// Fold `report` into `current`, given the reporting system's `base` (what
 /// it reported last; `None`: never) and `written` (per field, the values
@@ -220,15 +237,25 @@ pub fn merge(
         }
         // weft's own write coming back: drop it and every older one
         if let Some(Value::Array(vals)) = out.written.get_mut(f) {
-            if let Some(i) = vals.iter().position(|w| w == v) {
+            if let Some(i) = vals.iter().position(|w| entry_value(w) == Some(v)) {
                 vals.drain(..=i);
                 if vals.is_empty() {
                     out.written.remove(f);
                 }
                 continue;
             }
-            // the system moved past weft's writes of this field
-            out.written.remove(f);
+            // not an echo: a change the system made before weft's recent
+            // writes reached it (their echoes come later, in the system's
+            // order), or after writes whose echo is overdue (presumed lost)
+            let since = report.received_at - ECHO_WINDOW_MS;
+            vals.retain(|w| {
+                w.get("at")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|at| at >= since)
+            });
+            if vals.is_empty() {
+                out.written.remove(f);
+            }
         }
         out.reported_change = true;
         let cur = current.state.get(f);
@@ -305,32 +332,54 @@ pub fn merge(
     out
 }
 
-/// `written` after weft wrote `state` to a system whose base is `base`:
-/// each field whose value the system did not hold is outstanding until it
-/// reports it back.
+/// `written` after weft wrote `state` to a system: each field's value is
+/// outstanding until the system reports it back (or the echo is overdue).
 pub fn record_write(
     written: Option<&Map<String, Value>>,
     base: Option<&Map<String, Value>>,
     state: &Map<String, Value>,
+    now: i64,
 ) -> Map<String, Value> {
+    // every field sent, also those the system held already: a write sends
+    // the whole record, and the system's report of any of its fields must
+    // be recognised as the echo it is (a report of a field the write did
+    // not change, but set back over a change the system made meanwhile, is
+    // an echo too)
+    let _ = base;
     let mut out = written.cloned().unwrap_or_default();
     for (f, v) in state {
-        if base.and_then(|b| b.get(f)) == Some(v) {
-            continue;
-        }
         let entry = out
             .entry(f.clone())
             .or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(vals) = entry {
-            if vals.last() != Some(v) {
-                vals.push(v.clone());
-            }
+            // one entry per write, also of an unchanged value: each write
+            // comes back as its own echo
+            vals.push(serde_json::json!({"v": v, "at": now}));
             if vals.len() > OUTSTANDING {
                 vals.remove(0);
             }
         }
     }
     out
+}
+
+/// What a system holds now, as far as weft knows: what it reported last,
+/// with weft's writes it has not reported back yet on top (they reached it
+/// after that report: a system reports in order). `None`: nothing known.
+pub fn estimate(
+    base: Option<&Map<String, Value>>,
+    written: Option<&Map<String, Value>>,
+) -> Option<Map<String, Value>> {
+    if base.is_none() && written.is_none_or(|w| w.is_empty()) {
+        return None;
+    }
+    let mut out = base.cloned().unwrap_or_default();
+    for (f, vals) in written.into_iter().flatten() {
+        if let Some(last) = vals.as_array().and_then(|a| a.last()).and_then(entry_value) {
+            out.insert(f.clone(), last.clone());
+        }
+    }
+    Some(out)
 }
 
 /// Whether a system whose base is `base` lacks any value of `state`.
@@ -428,6 +477,7 @@ mod tests {
             &Report {
                 system: s,
                 event_time: t,
+                received_at: t,
                 fields: &fields,
             },
         )
@@ -436,42 +486,130 @@ mod tests {
     #[test]
     fn a_new_record_takes_every_field_and_the_echo_changes_nothing() {
         let r = rules(ConflictPolicy::LastWriteWins);
-        let m = apply(&r, &Canonical::default(), None, "crm", 1, json!({"name": "Ada", "email": "a@x"}));
+        let m = apply(
+            &r,
+            &Canonical::default(),
+            None,
+            "crm",
+            1,
+            json!({"name": "Ada", "email": "a@x"}),
+        );
         assert_eq!(m.changes.len(), 2);
         assert_eq!(m.record.state.get("name"), Some(&json!("Ada")));
         // weft wrote the record to the ERP: its base is the state; the ERP echoes it
         let base = Value::Object(m.record.state.clone());
-        let echo = apply(&r, &m.record, Some(base), "erp", 2, json!({"name": "Ada", "email": "a@x"}));
+        let echo = apply(
+            &r,
+            &m.record,
+            Some(base),
+            "erp",
+            2,
+            json!({"name": "Ada", "email": "a@x"}),
+        );
         assert!(echo.changes.is_empty() && !echo.reported_change);
     }
 
     #[test]
     fn an_echo_is_recognised_by_the_values_written_not_by_timing() {
         let r = rules(ConflictPolicy::LastWriteWins);
-        let cur = apply(&r, &Canonical::default(), None, "crm", 1, json!({"name": "A"})).record;
+        let cur = apply(
+            &r,
+            &Canonical::default(),
+            None,
+            "crm",
+            1,
+            json!({"name": "A"}),
+        )
+        .record;
         // weft wrote "A" to the ERP, then (after a CRM change) "B"; the ERP
         // reports "A" late, after the record moved to "C" from the CRM
         let base = obj(json!({"name": "old"}));
-        let w1 = record_write(None, Some(&base), &obj(json!({"name": "A"})));
-        let w2 = record_write(Some(&w1), Some(&base), &obj(json!({"name": "B"})));
-        let cur = apply(&r, &cur, Some(json!({"name": "A"})), "crm", 5, json!({"name": "C"})).record;
+        let w1 = record_write(None, Some(&base), &obj(json!({"name": "A"})), 1);
+        let w2 = record_write(Some(&w1), Some(&base), &obj(json!({"name": "B"})), 2);
+        let cur = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "A"})),
+            "crm",
+            5,
+            json!({"name": "C"}),
+        )
+        .record;
         let fields = obj(json!({"name": "A"}));
-        let m = merge(&r, &cur, Some(&base), Some(&w2), &Report { system: "erp", event_time: 9, fields: &fields });
-        assert!(m.changes.is_empty() && !m.reported_change, "an echo is no change: {m:?}");
+        let m = merge(
+            &r,
+            &cur,
+            Some(&base),
+            Some(&w2),
+            &Report {
+                system: "erp",
+                event_time: 9,
+                received_at: 9,
+                fields: &fields,
+            },
+        );
+        assert!(
+            m.changes.is_empty() && !m.reported_change,
+            "an echo is no change: {m:?}"
+        );
         assert_eq!(m.record.state.get("name"), Some(&json!("C")));
         // "B" is still outstanding; a later real change is a change
-        assert_eq!(m.written.get("name"), Some(&json!(["B"])));
+        assert_eq!(m.written.get("name"), Some(&json!([{"v": "B", "at": 2}])));
         let fields = obj(json!({"name": "D"}));
-        let m = merge(&r, &cur, Some(&m.base), Some(&m.written), &Report { system: "erp", event_time: 10, fields: &fields });
+        let m = merge(
+            &r,
+            &cur,
+            Some(&m.base),
+            Some(&m.written),
+            &Report {
+                system: "erp",
+                event_time: 10,
+                received_at: 10,
+                fields: &fields,
+            },
+        );
         assert!(m.reported_change);
-        assert!(m.written.get("name").is_none());
+        // "B" may still come back (the ERP's "D" may predate weft's write)
+        assert_eq!(m.written.get("name"), Some(&json!([{"v": "B", "at": 2}])));
+        let known = estimate(Some(&m.base), Some(&m.written)).unwrap();
+        assert_eq!(known.get("name"), Some(&json!("B")));
+        // ... but not forever: a write unechoed for longer than the window is presumed lost
+        let fields = obj(json!({"name": "E"}));
+        let late = merge(
+            &r,
+            &cur,
+            Some(&m.base),
+            Some(&m.written),
+            &Report {
+                system: "erp",
+                event_time: 11,
+                received_at: 2 + ECHO_WINDOW_MS + 1,
+                fields: &fields,
+            },
+        );
+        assert!(late.written.get("name").is_none());
     }
 
     #[test]
     fn a_non_owner_change_is_refused() {
         let r = rules(ConflictPolicy::LastWriteWins);
-        let cur = apply(&r, &Canonical::default(), None, "crm", 1, json!({"name": "Ada"})).record;
-        let m = apply(&r, &cur, Some(json!({"name": "Ada"})), "crm", 2, json!({"name": "Ada", "credit_limit": 5}));
+        let cur = apply(
+            &r,
+            &Canonical::default(),
+            None,
+            "crm",
+            1,
+            json!({"name": "Ada"}),
+        )
+        .record;
+        let m = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "crm",
+            2,
+            json!({"name": "Ada", "credit_limit": 5}),
+        );
         assert!(m.changes.is_empty());
         assert_eq!(m.refused.len(), 1);
         assert!(m.refused[0].reason.contains("does not own `credit_limit`"));
@@ -480,23 +618,71 @@ mod tests {
     #[test]
     fn concurrent_changes_are_decided_by_the_policy() {
         let r = rules(ConflictPolicy::LastWriteWins);
-        let cur = apply(&r, &Canonical::default(), None, "crm", 1, json!({"name": "Ada"})).record;
+        let cur = apply(
+            &r,
+            &Canonical::default(),
+            None,
+            "crm",
+            1,
+            json!({"name": "Ada"}),
+        )
+        .record;
         // both systems had "Ada"; the CRM changes to B at t=10
-        let cur = apply(&r, &cur, Some(json!({"name": "Ada"})), "crm", 10, json!({"name": "B"})).record;
+        let cur = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "crm",
+            10,
+            json!({"name": "B"}),
+        )
+        .record;
         // the ERP, still on "Ada", changed to C at t=5: older, loses
-        let lost = apply(&r, &cur, Some(json!({"name": "Ada"})), "erp", 5, json!({"name": "C"}));
+        let lost = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "erp",
+            5,
+            json!({"name": "C"}),
+        );
         assert!(lost.changes.is_empty());
-        assert_eq!(lost.base.get("name"), Some(&json!("C")), "the ERP holds C: it is written back");
+        assert_eq!(
+            lost.base.get("name"),
+            Some(&json!("C")),
+            "the ERP holds C: it is written back"
+        );
         // at t=20 it wins
-        let won = apply(&r, &cur, Some(json!({"name": "Ada"})), "erp", 20, json!({"name": "C"}));
+        let won = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "erp",
+            20,
+            json!({"name": "C"}),
+        );
         assert_eq!(won.record.state.get("name"), Some(&json!("C")));
 
         let sot = rules(ConflictPolicy::SourceOfTruth);
-        let lost = apply(&sot, &cur, Some(json!({"name": "Ada"})), "erp", 20, json!({"name": "C"}));
+        let lost = apply(
+            &sot,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "erp",
+            20,
+            json!({"name": "C"}),
+        );
         assert!(lost.changes.is_empty(), "the CRM ranks first for name");
 
         let manual = rules(ConflictPolicy::Manual);
-        let open = apply(&manual, &cur, Some(json!({"name": "Ada"})), "erp", 20, json!({"name": "C"}));
+        let open = apply(
+            &manual,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "erp",
+            20,
+            json!({"name": "C"}),
+        );
         assert!(open.changes.is_empty());
         assert_eq!(open.open.len(), 1);
         assert_eq!(open.open[0].current, json!("B"));
@@ -505,15 +691,33 @@ mod tests {
     #[test]
     fn a_clean_change_after_syncing_applies() {
         let r = rules(ConflictPolicy::SourceOfTruth);
-        let cur = apply(&r, &Canonical::default(), None, "crm", 1, json!({"name": "Ada"})).record;
+        let cur = apply(
+            &r,
+            &Canonical::default(),
+            None,
+            "crm",
+            1,
+            json!({"name": "Ada"}),
+        )
+        .record;
         // the ERP was up to date ("Ada") and changes it: no conflict, even though it ranks lower
-        let m = apply(&r, &cur, Some(json!({"name": "Ada"})), "erp", 0, json!({"name": "Ada L."}));
+        let m = apply(
+            &r,
+            &cur,
+            Some(json!({"name": "Ada"})),
+            "erp",
+            0,
+            json!({"name": "Ada L."}),
+        );
         assert_eq!(m.record.state.get("name"), Some(&json!("Ada L.")));
     }
 
     #[test]
     fn match_keys_are_normalised() {
-        assert_eq!(normalize_key("  John.Smith@Example.COM "), "john.smith@example.com");
+        assert_eq!(
+            normalize_key("  John.Smith@Example.COM "),
+            "john.smith@example.com"
+        );
         assert_eq!(normalize_key("Acme Limited"), normalize_key("ACME, Ltd."));
         assert_eq!(normalize_key("Société Générale"), "societe generale");
         assert_eq!(normalize_key("Straße"), "strasse");

@@ -194,6 +194,7 @@ impl Lane {
         let sink = self.sink.clone();
         let (flow, dest) = (self.flow.clone(), self.dest.clone());
         let (identity, journal) = (self.identity.clone(), self.journal.clone());
+        let journal2 = self.journal.clone();
         writes.spawn(async move {
             let mut batch = Vec::with_capacity(claimed.len());
             // rows decided before the write (unreadable, or nothing to write)
@@ -226,13 +227,35 @@ impl Lane {
                             return (Vec::new(), Vec::new(), Vec::new(), permit);
                         }
                     };
+                    let intents: Vec<CanonicalWritten> = prepared
+                        .iter()
+                        .filter_map(|p| match p {
+                            crate::identity::Prepared::Write(_, Some(w)) => Some(w.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    // what is about to be written is recorded first: its echo
+                    // must be recognised even if weft dies before the settle
+                    let intent = if intents.is_empty() {
+                        Ok(())
+                    } else {
+                        journal2.canonical_intent(dest.clone(), intents).await
+                    };
                     for (i, p) in prepared.into_iter().enumerate() {
-                        match p {
-                            crate::identity::Prepared::Write(d, w) => {
+                        match (p, &intent) {
+                            (crate::identity::Prepared::Write(d, w), Ok(())) => {
                                 batch.push(d);
                                 canonical[i] = w;
                             }
-                            crate::identity::Prepared::Done(r, w) => {
+                            (crate::identity::Prepared::Write(..), Err(e)) => {
+                                decided.push((
+                                    i,
+                                    Err(SinkError::retryable(format!(
+                                        "cannot record what is about to be written: {e}"
+                                    ))),
+                                ));
+                            }
+                            (crate::identity::Prepared::Done(r, w), _) => {
                                 decided.push((i, r));
                                 canonical[i] = w;
                             }

@@ -115,18 +115,14 @@ pub(crate) fn prepare(journal: &dyn Journal, id: &LaneIdentity, c: &Claimed) -> 
         Err(e) => return fail(e),
     };
     let link = view.links.iter().find(|l| l.system == id.destination);
-    // what the destination reported last, in its own terms
-    let reported = link
-        .and_then(|l| l.base.as_ref())
-        .and_then(|b| map(b).ok());
+    // what the destination holds as far as weft knows, in its own terms
+    let known = link
+        .and_then(|l| weft_core::identity::estimate(l.base.as_ref(), l.written.as_ref()))
+        .and_then(|k| map(&k).ok());
     let fingerprint = hex::encode(Sha256::digest(payload.to_string().as_bytes()));
-    // the destination holds this already: it reported it, or it is the
-    // last payload written there
-    let holds = link.is_some_and(|l| {
-        l.external_id.is_some()
-            && (l.fingerprint.as_deref() == Some(fingerprint.as_str())
-                || reported.as_ref() == Some(&payload))
-    });
+    // the destination holds this already (what it reported, with weft's
+    // writes it has not reported back on top): nothing to write
+    let holds = link.is_some_and(|l| l.external_id.is_some()) && known.as_ref() == Some(&payload);
     if holds {
         return Prepared::Done(Ok(Written::default()), None);
     }

@@ -196,12 +196,24 @@ pub fn run_flow(
                 kind_of(&mapped)
             ));
         };
+        let changed_at = match fields.get("_time") {
+            None | Some(Value::Null) => None,
+            Some(t) => match change_time(t) {
+                Some(ms) => Some(ms),
+                None => {
+                    return keyed_reject(format!(
+                        "`_time` is {t}: expected an RFC 3339 time or milliseconds since 1970"
+                    ));
+                }
+            },
+        };
         return FlowOutcome::Canonical {
             flow: flow.name.clone(),
             report: Box::new(weft_store::CanonicalReport {
                 rules: rules.clone(),
                 external_id,
                 fields,
+                changed_at,
             }),
         };
     }
@@ -235,6 +247,17 @@ pub fn run_flow(
     FlowOutcome::Routed {
         flow: flow.name.clone(),
         deliveries,
+    }
+}
+
+/// A change time: RFC 3339 text, or milliseconds since 1970.
+fn change_time(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.timestamp_millis()),
+        _ => None,
     }
 }
 

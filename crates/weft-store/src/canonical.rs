@@ -116,7 +116,9 @@ fn history(
 fn load(tx: &Connection, entity: &str, id: &str) -> Result<(Canonical, i64), StoreError> {
     let row: Option<(String, String, i64)> = tx
         .prepare_cached("SELECT state, meta, version FROM canonical WHERE entity = ?1 AND id = ?2")?
-        .query_row(params![entity, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(params![entity, id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((state, meta, version)) = row else {
         return Ok((Canonical::default(), 0));
@@ -235,6 +237,7 @@ pub(crate) fn apply(
     };
     let cid = link.canonical_id.clone();
     let (current, version) = load(tx, entity, &cid)?;
+    let event_time = r.changed_at.unwrap_or(ev.event_time);
     let m = identity::merge(
         &r.rules,
         &current,
@@ -242,7 +245,8 @@ pub(crate) fn apply(
         link.written.as_ref(),
         &Report {
             system: ev.system,
-            event_time: ev.event_time,
+            event_time,
+            received_at: now,
             fields: &r.fields,
         },
     );
@@ -300,7 +304,15 @@ pub(crate) fn apply(
     ])?;
     let recorded: Vec<_> = m.refused.iter().filter(|x| x.recorded).collect();
     if !recorded.is_empty() {
-        history(tx, entity, &cid, ev, "refused", json!({"refused": recorded}), now)?;
+        history(
+            tx,
+            entity,
+            &cid,
+            ev,
+            "refused",
+            json!({"refused": recorded}),
+            now,
+        )?;
     }
     for o in &m.open {
         tx.prepare_cached(
@@ -332,15 +344,16 @@ pub(crate) fn apply(
     let mut rows = Vec::new();
     for route in &r.rules.routes {
         let t = route.destination.as_str();
-        let base_t = if t == ev.system {
-            Some(m.base.clone())
+        let known = if t == ev.system {
+            identity::estimate(Some(&m.base), Some(&m.written))
         } else {
             if m.changes.is_empty() {
                 continue;
             }
-            link_of(tx, entity, &cid, t)?.and_then(|l| l.base)
+            link_of(tx, entity, &cid, t)?
+                .and_then(|l| identity::estimate(l.base.as_ref(), l.written.as_ref()))
         };
-        if !identity::differs(&m.record.state, base_t.as_ref()) {
+        if !identity::differs(&m.record.state, known.as_ref()) {
             continue;
         }
         let waiting: bool = tx
@@ -369,10 +382,10 @@ pub(crate) fn apply(
     Ok(rows)
 }
 
-/// A delivered write of a canonical record, in the settle transaction:
-/// the values it gave the destination become outstanding (its report of
-/// them is an echo), the payload's fingerprint is kept (an identical later
-/// write is skipped) and the id it gave is linked. An id already linked to
+/// A delivered write of a canonical record, in the settle transaction
+/// (its values became outstanding before it was sent, [`intend`]): the
+/// payload's fingerprint is kept (an identical later write is skipped) and
+/// the id it gave is linked. An id already linked to
 /// another record is not linked twice (recorded in the history). The base
 /// stays what the destination reported: only its reports say what it holds.
 pub(crate) fn written(
@@ -399,18 +412,11 @@ pub(crate) fn written(
         )?;
         ext = None;
     }
-    let link = link_of(tx, &w.entity, &w.canonical_id, system)?;
-    let state = parse_obj(Some(w.base.clone())).unwrap_or_default();
-    let outstanding = identity::record_write(
-        link.as_ref().and_then(|l| l.written.as_ref()),
-        link.as_ref().and_then(|l| l.base.as_ref()),
-        &state,
-    );
     tx.prepare_cached(
-        "INSERT INTO links (entity, canonical_id, system, external_id, written, fingerprint, how, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'written', ?7)
+        "INSERT INTO links (entity, canonical_id, system, external_id, fingerprint, how, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'written', ?6)
          ON CONFLICT (entity, canonical_id, system) DO UPDATE SET
-           external_id = COALESCE(excluded.external_id, external_id), written = excluded.written,
+           external_id = COALESCE(excluded.external_id, external_id),
            fingerprint = excluded.fingerprint, updated_at = excluded.updated_at",
     )?
     .execute(params![
@@ -418,8 +424,39 @@ pub(crate) fn written(
         w.canonical_id,
         system,
         ext,
-        Value::Object(outstanding).to_string(),
         w.fingerprint,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Values about to be written to `system` become outstanding (before the
+/// write: see `Journal::canonical_intent`).
+pub(crate) fn intend(
+    tx: &Connection,
+    system: &str,
+    w: &CanonicalWritten,
+    now: i64,
+) -> Result<(), StoreError> {
+    let link = link_of(tx, &w.entity, &w.canonical_id, system)?;
+    let state = parse_obj(Some(w.base.clone())).unwrap_or_default();
+    let outstanding = identity::record_write(
+        link.as_ref().and_then(|l| l.written.as_ref()),
+        link.as_ref().and_then(|l| l.base.as_ref()),
+        &state,
+        now,
+    );
+    tx.prepare_cached(
+        "INSERT INTO links (entity, canonical_id, system, written, how, updated_at)
+         VALUES (?1, ?2, ?3, ?4, 'written', ?5)
+         ON CONFLICT (entity, canonical_id, system) DO UPDATE SET
+           written = excluded.written, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        w.entity,
+        w.canonical_id,
+        system,
+        Value::Object(outstanding).to_string(),
         now
     ])?;
     Ok(())
@@ -443,8 +480,10 @@ pub struct LinkView {
     pub system: String,
     pub external_id: Option<String>,
     pub how: String,
-    /// The values the system is known to hold.
+    /// What the system reported last.
     pub base: Option<Map<String, Value>>,
+    /// Per field, weft's writes it has not reported back yet.
+    pub written: Option<Map<String, Value>>,
     pub fingerprint: Option<String>,
 }
 
@@ -496,7 +535,7 @@ pub(crate) fn view(
     };
     let links = conn
         .prepare_cached(
-            "SELECT system, external_id, how, base, fingerprint FROM links
+            "SELECT system, external_id, how, base, written, fingerprint FROM links
              WHERE entity = ?1 AND canonical_id = ?2 ORDER BY system",
         )?
         .query_map(params![entity, id], |r| {
@@ -505,7 +544,8 @@ pub(crate) fn view(
                 external_id: r.get(1)?,
                 how: r.get(2)?,
                 base: parse_obj(r.get(3)?),
-                fingerprint: r.get(4)?,
+                written: parse_obj(r.get(4)?),
+                fingerprint: r.get(5)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -531,7 +571,9 @@ pub(crate) fn list(
             "SELECT entity, id FROM canonical WHERE ?1 IS NULL OR entity = ?1
              ORDER BY updated_at DESC, id LIMIT ?2",
         )?
-        .query_map(params![entity, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![entity, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .collect::<Result<_, _>>()?)
 }
 
@@ -573,7 +615,7 @@ pub(crate) fn history_of(
             "SELECT id, entity, canonical_id, at, system, event_id, correlation_id, action, detail
              FROM canonical_history
              WHERE (?1 IS NULL OR entity = ?1) AND (?2 IS NULL OR canonical_id = ?2)
-               AND (?3 IS NULL OR correlation_id = ?3)
+               AND (?3 IS NULL OR correlation_id = ?3 OR event_id = ?3)
              ORDER BY id LIMIT ?4",
         )?
         .query_map(

@@ -244,6 +244,24 @@ pub trait Journal: Send + Sync + 'static {
     /// Drift observations (not part of the accounting).
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
+    /// Before an identity lane writes canonical records to `system`: the
+    /// values about to be written become outstanding (the system's report
+    /// of them is an echo), committed before the write so that a crash
+    /// between the write and its settle cannot turn the echo into a change.
+    /// Default: refused (engines without identity).
+    fn canonical_intent(
+        &self,
+        system: String,
+        writes: Vec<CanonicalWritten>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = (system, writes);
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "this store keeps no canonical records".into(),
+            ))
+        })
+    }
+
     /// Consistent reads.
     fn read(&self) -> &dyn JournalRead;
 }

@@ -31,8 +31,8 @@ pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
-    CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId, Outcome, Refusal, Replay,
-    Settle, Settled, Settlement, WriteOutcome,
+    CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
+    Outcome, Refusal, Replay, Settle, Settled, Settlement, WriteOutcome,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]
@@ -173,6 +173,9 @@ pub struct CanonicalReport {
     pub external_id: String,
     /// The record's canonical fields (the flow's mapping).
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// When the system changed the record (ms; the mapping's `_time`), for
+    /// last-write-wins; `None`: the event's time.
+    pub changed_at: Option<i64>,
 }
 
 /// How a source's events are deduplicated.

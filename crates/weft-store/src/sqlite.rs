@@ -183,6 +183,12 @@ impl SqliteJournal {
             _ => Reader::open(&self.path)?,
         };
         let out = f(&r);
+        // a reader left inside a transaction would read one old snapshot
+        // forever: never pooled
+        if !r.conn.is_autocommit() {
+            tracing::error!("a store reader was left inside a transaction; closing it");
+            return out;
+        }
         if let Ok(mut p) = self.pool.lock()
             && p.len() < 8
         {
@@ -272,6 +278,19 @@ impl Journal for SqliteJournal {
         Box::pin(async move {
             match self.call(Op::Drift(batch)).await? {
                 Reply::Applied(a) => Ok(a),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
+    fn canonical_intent(
+        &self,
+        system: String,
+        writes: Vec<crate::CanonicalWritten>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Intent { system, writes }).await? {
+                Reply::Applied(_) => Ok(()),
                 _ => Err(unexpected()),
             }
         })

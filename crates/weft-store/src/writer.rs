@@ -43,6 +43,11 @@ pub(crate) enum Op {
         limit: usize,
     },
     Drift(DriftBatch),
+    /// Values an identity lane is about to write to a system.
+    Intent {
+        system: String,
+        writes: Vec<crate::CanonicalWritten>,
+    },
     /// Tests only: a statement on the writer's connection (a PRAGMA).
     Exec(String),
 }
@@ -291,6 +296,12 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             Ok(Reply::Pruned(n))
         }
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
+        Op::Intent { system, writes } => {
+            for w in writes {
+                crate::canonical::intend(tx, system, w, now)?;
+            }
+            Ok(Reply::Applied(Applied::default()))
+        }
         Op::Exec(sql) => {
             tx.query_row(sql, [], |_| Ok(()))
                 .optional()
@@ -554,8 +565,7 @@ fn ingest(
                 FlowOutcome::Routed { .. }
                     | FlowOutcome::Rejected { .. }
                     | FlowOutcome::Canonical { .. }
-            )
-                && let Seq::Range { next, end } = &mut seq
+            ) && let Seq::Range { next, end } = &mut seq
                 && *next >= *end
             {
                 // one reservation for the rest of the batch

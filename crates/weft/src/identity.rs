@@ -73,9 +73,22 @@ pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
                 let ids: Vec<String> = v
                     .links
                     .iter()
-                    .map(|l| format!("{}={}", l.system, l.external_id.as_deref().unwrap_or("(pending)")))
+                    .map(|l| {
+                        format!(
+                            "{}={}",
+                            l.system,
+                            l.external_id.as_deref().unwrap_or("(pending)")
+                        )
+                    })
                     .collect();
-                println!("{} {} v{} {}  {}", v.entity, v.id, v.version, when(v.updated_at), ids.join(" "));
+                println!(
+                    "{} {} v{} {}  {}",
+                    v.entity,
+                    v.id,
+                    v.version,
+                    when(v.updated_at),
+                    ids.join(" ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -104,7 +117,13 @@ pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{} {} (version {}, changed {})", v.entity, v.id, v.version, when(v.updated_at));
+            println!(
+                "{} {} (version {}, changed {})",
+                v.entity,
+                v.id,
+                v.version,
+                when(v.updated_at)
+            );
             for (k, val) in &v.state {
                 let by = v
                     .meta
@@ -136,7 +155,11 @@ fn print_history(rows: &[HistoryEntry], json: bool) -> Result<()> {
             "{} {} {} {} by {} (event {}, correlation {}): {}",
             when(h.at),
             h.entity,
-            if h.canonical_id.is_empty() { "-" } else { &h.canonical_id },
+            if h.canonical_id.is_empty() {
+                "-"
+            } else {
+                &h.canonical_id
+            },
             h.action,
             h.system,
             h.event_id,

@@ -66,12 +66,7 @@ pub(super) fn rules(
         let p = format!("identity.{entity}");
         let mut check = |path: String, s: &Spanned<String>| {
             if !systems(&s.value) {
-                push(
-                    issues,
-                    &path,
-                    s,
-                    format!("unknown system `{}`", s.value),
-                );
+                push(issues, &path, s, format!("unknown system `{}`", s.value));
             }
         };
         for (i, s) in r.create.iter().flatten().enumerate() {
@@ -98,7 +93,9 @@ pub(super) fn rules(
                     path: format!("{p}.match[{i}]"),
                     line: None,
                     column: None,
-                    message: format!("`{m}`: expected the name of a top-level field of the mapped record"),
+                    message: format!(
+                        "`{m}`: expected the name of a top-level field of the mapped record"
+                    ),
                 });
             }
         }
@@ -106,9 +103,7 @@ pub(super) fn rules(
             entity.clone(),
             Rules {
                 entity,
-                create: r
-                    .create
-                    .map(|c| c.into_iter().map(|s| s.value).collect()),
+                create: r.create.map(|c| c.into_iter().map(|s| s.value).collect()),
                 owners: r
                     .owners
                     .into_iter()

@@ -615,9 +615,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         }
     }
 
-    let mut identity = super::identity::rules(&mut cx.issues, raw.identity, &|s| {
-        systems.contains_key(s)
-    });
+    let mut identity =
+        super::identity::rules(&mut cx.issues, raw.identity, &|s| systems.contains_key(s));
     if !identity.is_empty() && store.postgres.is_some() {
         cx.at(
             "identity",
@@ -769,7 +768,10 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                             if identity.is_empty() {
                                 String::new()
                             } else {
-                                format!(" (known: {})", identity.keys().cloned().collect::<Vec<_>>().join(", "))
+                                format!(
+                                    " (known: {})",
+                                    identity.keys().cloned().collect::<Vec<_>>().join(", ")
+                                )
                             }
                         ),
                     );
