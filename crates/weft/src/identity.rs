@@ -245,12 +245,11 @@ pub fn conflicts(cmd: ConflictsCmd) -> Result<ExitCode> {
     }
     for c in rows {
         println!(
-            "#{} {} {} .{}: {} has {} (set by {}), {} says {} (event {}) [{}]",
+            "#{} {} {} .{}: canonical has {} (set by {}), {} says {} (event {}) [{}]",
             c.id,
             c.entity,
             c.canonical_id,
             c.field,
-            "canonical",
             c.current,
             c.current_system,
             c.system,
