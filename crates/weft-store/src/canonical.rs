@@ -230,7 +230,7 @@ pub(crate) fn apply(
     r: &CanonicalReport,
     ev: &Ev<'_>,
     now: i64,
-) -> Result<Vec<(String, NewDelivery)>, StoreError> {
+) -> Result<Routed, StoreError> {
     let entity = &r.rules.entity;
     let Some(link) = resolve(tx, r, ev, now)? else {
         return Ok(Vec::new());
@@ -428,6 +428,120 @@ pub(crate) fn written(
         now
     ])?;
     Ok(())
+}
+
+/// Rows for routes: `(flow, delivery)`.
+pub(crate) type Routed = Vec<(String, NewDelivery)>;
+
+/// A manual conflict resolved (`Journal::resolve_conflict`): returns the
+/// source and event id the rows carry, and the rows.
+pub(crate) fn resolve_conflict(
+    tx: &Connection,
+    r: &crate::ResolveConflict,
+    now: i64,
+) -> Result<(String, String, Routed), StoreError> {
+    let row: Option<(String, String, String, String, String)> = tx
+        .prepare_cached(
+            "SELECT entity, canonical_id, field, status, system FROM conflicts WHERE id = ?1",
+        )?
+        .query_row([r.id], |x| {
+            Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?, x.get(4)?))
+        })
+        .optional()?;
+    let Some((entity, cid, field, status, system)) = row else {
+        return Err(StoreError::NotFound(format!("no conflict {}", r.id)));
+    };
+    if status != "open" {
+        return Err(StoreError::Invalid(format!(
+            "conflict {} is {status} already",
+            r.id
+        )));
+    }
+    if entity != r.rules.entity {
+        return Err(StoreError::Invalid(format!(
+            "conflict {} is about {entity}, not {}",
+            r.id, r.rules.entity
+        )));
+    }
+    let event_id = format!("conflict-{}", r.id);
+    let ev = Ev {
+        system: "weft",
+        event_id: &event_id,
+        correlation_id: &event_id,
+        event_time: now,
+    };
+    let (mut current, version) = load(tx, &entity, &cid)?;
+    let before = current.state.get(&field).cloned().unwrap_or(Value::Null);
+    if let Some(v) = &r.value
+        && *v != before
+    {
+        current.state.insert(field.clone(), v.clone());
+        current.meta.insert(
+            field.clone(),
+            FieldMeta {
+                system: "manual".into(),
+                at: now,
+            },
+        );
+        let meta = serde_json::to_string(&current.meta)
+            .map_err(|e| StoreError::Invalid(format!("canonical record metadata: {e}")))?;
+        tx.prepare_cached(
+            "UPDATE canonical SET state = ?3, meta = ?4, version = ?5, updated_at = ?6
+             WHERE entity = ?1 AND id = ?2",
+        )?
+        .execute(params![
+            entity,
+            cid,
+            Value::Object(current.state.clone()).to_string(),
+            meta,
+            version + 1,
+            now
+        ])?;
+    }
+    let after = current.state.get(&field).cloned().unwrap_or(Value::Null);
+    tx.prepare_cached("UPDATE conflicts SET status = 'resolved', resolved_at = ?2 WHERE id = ?1")?
+        .execute(params![r.id, now])?;
+    history(
+        tx,
+        &entity,
+        &cid,
+        &ev,
+        "resolved",
+        json!({"conflict": r.id, "field": field, "before": before, "after": after, "note": r.note}),
+        now,
+    )?;
+    let mut rows = Vec::new();
+    for route in &r.rules.routes {
+        let t = route.destination.as_str();
+        let known = link_of(tx, &entity, &cid, t)?
+            .and_then(|l| identity::estimate(l.base.as_ref(), l.written.as_ref()));
+        if !identity::differs(&current.state, known.as_ref()) {
+            continue;
+        }
+        let waiting: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND state <> 2)",
+            )?
+            .query_row(params![t, cid], |row| row.get(0))?;
+        if waiting {
+            continue;
+        }
+        rows.push((
+            route.flow.clone(),
+            NewDelivery {
+                destination: t.to_owned(),
+                entity_key: Some(cid.clone()),
+                idempotency_key: weft_core::event::idempotency_key(
+                    &route.flow,
+                    t,
+                    &system,
+                    &event_id,
+                ),
+                payload: row_payload(&entity, &cid),
+            },
+        ));
+    }
+    Ok((system, event_id, rows))
 }
 
 /// Values about to be written to `system` become outstanding (before the

@@ -244,6 +244,22 @@ pub trait Journal: Send + Sync + 'static {
     /// Drift observations (not part of the accounting).
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
+    /// Resolve a manual conflict: the field takes `value` (`None`: it keeps
+    /// the canonical value), the conflict is marked resolved, and every
+    /// route of `rules` whose system lacks the record's state gets a row,
+    /// in one transaction. Default: refused (engines without identity).
+    fn resolve_conflict(
+        &self,
+        resolve: ResolveConflict,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        let _ = resolve;
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "this store keeps no canonical records".into(),
+            ))
+        })
+    }
+
     /// Before an identity lane writes canonical records to `system`: the
     /// values about to be written become outstanding (the system's report
     /// of them is an echo), committed before the write so that a crash
@@ -341,6 +357,17 @@ pub trait JournalRead: Send + Sync {
         let _ = (status, limit);
         Ok(Vec::new())
     }
+}
+
+/// A manual conflict's resolution.
+#[derive(Debug, Clone)]
+pub struct ResolveConflict {
+    pub id: i64,
+    /// The field's new value; `None` keeps the canonical one.
+    pub value: Option<serde_json::Value>,
+    /// The entity's rules (their routes decide where it is written).
+    pub rules: std::sync::Arc<weft_core::identity::Rules>,
+    pub note: String,
 }
 
 /// Which history entries to read.

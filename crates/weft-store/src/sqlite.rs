@@ -283,6 +283,18 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn resolve_conflict(
+        &self,
+        resolve: crate::ResolveConflict,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Resolve(resolve)).await? {
+                Reply::Applied(a) => Ok(a),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn canonical_intent(
         &self,
         system: String,

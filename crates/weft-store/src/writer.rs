@@ -43,6 +43,8 @@ pub(crate) enum Op {
         limit: usize,
     },
     Drift(DriftBatch),
+    /// A manual conflict resolved.
+    Resolve(crate::ResolveConflict),
     /// Values an identity lane is about to write to a system.
     Intent {
         system: String,
@@ -296,6 +298,24 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             Ok(Reply::Pruned(n))
         }
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
+        Op::Resolve(r) => {
+            let mut applied = Applied::default();
+            let (source, event_id, rows) = crate::canonical::resolve_conflict(tx, r, now)?;
+            let mut seq = Seq::Range { next: 0, end: 0 };
+            for (flow, dl) in rows {
+                let f = FollowUp {
+                    flow: flow.clone(),
+                    source: source.clone(),
+                    event_id: event_id.clone(),
+                    correlation_id: event_id.clone(),
+                    delivery: dl,
+                };
+                follow_up(tx, &f, &mut seq, now)?;
+                bump(d, &flow, &f.delivery.destination, |c| c.received += 1);
+                applied.changed += 1;
+            }
+            Ok(Reply::Applied(applied))
+        }
         Op::Intent { system, writes } => {
             for w in writes {
                 crate::canonical::intend(tx, system, w, now)?;

@@ -232,7 +232,7 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
 /// The store, to change it: beside a running hub this is a second writer,
 /// which the journal allows (IMMEDIATE transactions, no lease touched; the
 /// hub's lanes poll and see the change).
-fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
+pub(crate) fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
     let config = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
@@ -259,7 +259,7 @@ fn read(cfg: &ConfigArg) -> Result<weft_store::Reader> {
     crate::status::open_read_only(&config)
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use weft_store::HistoryFilter;
 use weft_store::canonical::HistoryEntry;
+use weft_store::{HistoryFilter, Journal};
 
 use crate::ConfigArg;
 
@@ -210,6 +210,22 @@ pub fn trace(cfg: ConfigArg, correlation_id: String, json: bool) -> Result<ExitC
 
 #[derive(Subcommand)]
 pub enum ConflictsCmd {
+    /// Decide a conflict: `--take current` keeps the canonical value,
+    /// `--take proposed` takes the other system's, `--value JSON` sets one;
+    /// the record is then written to every system that lacks it (beside a
+    /// running hub too).
+    Resolve {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        id: i64,
+        #[arg(long, value_parser = ["current", "proposed"])]
+        take: Option<String>,
+        /// The field's value, as JSON (`"ACME Ltd"` with the quotes, `42`).
+        #[arg(long, conflicts_with = "take")]
+        value: Option<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
     /// Manual conflicts, oldest first (open ones unless `--all`).
     List {
         #[command(flatten)]
@@ -224,12 +240,21 @@ pub enum ConflictsCmd {
 }
 
 pub fn conflicts(cmd: ConflictsCmd) -> Result<ExitCode> {
-    let ConflictsCmd::List {
-        cfg,
-        all,
-        limit,
-        json,
-    } = cmd;
+    let (cfg, all, limit, json) = match cmd {
+        ConflictsCmd::List {
+            cfg,
+            all,
+            limit,
+            json,
+        } => (cfg, all, limit, json),
+        ConflictsCmd::Resolve {
+            cfg,
+            id,
+            take,
+            value,
+            note,
+        } => return resolve(cfg, id, take, value, note),
+    };
     let cfg = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -258,5 +283,48 @@ pub fn conflicts(cmd: ConflictsCmd) -> Result<ExitCode> {
             c.status
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve(
+    cfg: ConfigArg,
+    id: i64,
+    take: Option<String>,
+    value: Option<String>,
+    note: String,
+) -> Result<ExitCode> {
+    let (config, journal) = crate::dlq::open(&cfg)?;
+    let reader = crate::status::open_read_only(&config)?;
+    let Some(c) = reader
+        .conflicts(None, usize::MAX)?
+        .into_iter()
+        .find(|c| c.id == id)
+    else {
+        eprintln!("no conflict {id}");
+        return Ok(ExitCode::from(1));
+    };
+    let Some(rules) = config.identity.get(&c.entity).cloned() else {
+        anyhow::bail!("the config has no `identity.{}`", c.entity);
+    };
+    let value = match (take.as_deref(), value) {
+        (Some("current"), _) => None,
+        (Some(_), _) => Some(c.proposed.clone()),
+        (None, Some(v)) => Some(serde_json::from_str(&v).map_err(|e| {
+            anyhow::anyhow!("--value is not JSON ({e}): quote a string, e.g. '\"ACME\"'")
+        })?),
+        (None, None) => {
+            anyhow::bail!("say which value wins: --take current|proposed or --value JSON")
+        }
+    };
+    let applied = crate::dlq::block_on(journal.resolve_conflict(weft_store::ResolveConflict {
+        id,
+        value,
+        rules,
+        note,
+    }))??;
+    println!(
+        "conflict {id} resolved; {} write(s) queued to bring the systems in line",
+        applied.changed
+    );
     Ok(ExitCode::SUCCESS)
 }

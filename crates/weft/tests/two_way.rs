@@ -280,7 +280,7 @@ impl Rng {
     }
 }
 
-fn config(crm: SocketAddr, erp: SocketAddr) -> String {
+fn config(crm: SocketAddr, erp: SocketAddr, conflict: &str) -> String {
     format!(
         r#"
 store:
@@ -310,7 +310,7 @@ identity:
     owners:
       credit_limit: [erp]
       "*": [crm, erp]
-    conflict: last_write_wins
+    conflict: {conflict}
     non_owner: flag
     match: [email]
 flows:
@@ -345,7 +345,11 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     let echoes: Echoes = Arc::default();
     let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
     let erp = Sim::start("erp", "E", hook("erp"), echoes.clone());
-    std::fs::write(dir.path().join("weft.yaml"), config(crm.addr, erp.addr)).unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        config(crm.addr, erp.addr, "last_write_wins"),
+    )
+    .unwrap();
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     let mut hub = Some(Hub::start(dir.path(), "weft.yaml", port, &[]));
@@ -603,4 +607,109 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     assert_eq!(st["balanced"], true, "{st}");
     let _ = (crm.name, erp.name, stop);
     hub.take().unwrap().stop();
+}
+
+#[test]
+fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_systems() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes);
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        config(crm.addr, erp.addr, "manual"),
+    )
+    .unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    let mut r = Map::new();
+    r.insert("name".into(), json!("Acme"));
+    r.insert("email".into(), json!("ops@acme.example"));
+    r.insert("phone".into(), json!("1"));
+    let c = crm.user_create(r);
+    wait_for(Duration::from_secs(30), "the customer in the ERP", || {
+        erp.ids().len() == 1
+    });
+    let e = erp.ids()[0].clone();
+    let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
+    wait_for(Duration::from_secs(30), "the echoes", idle);
+    // both sides rename the customer while weft is down: neither saw the other's change
+    hub.stop();
+    crm.user_edit(&c, "name", json!("Acme Ltd"));
+    erp.user_edit(&e, "customer_name", json!("ACME Limited"));
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    wait_for(Duration::from_secs(30), "both changes reported", idle);
+    let list = || {
+        let out = weft_cmd(
+            dir.path(),
+            &["conflicts", "list", "-c", "weft.yaml", "--json"],
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    wait_for(Duration::from_secs(30), "the conflict", || {
+        list().as_array().is_some_and(|a| a.len() == 1)
+    });
+    let open = list();
+    let conflict = &open[0];
+    assert_eq!(conflict["field"], "name");
+    let values = [conflict["current"].clone(), conflict["proposed"].clone()];
+    assert!(
+        values.contains(&json!("Acme Ltd")) && values.contains(&json!("ACME Limited")),
+        "{conflict}"
+    );
+    // the canonical record kept the first value; nothing was decided for the person
+    let id = conflict["id"].as_i64().unwrap().to_string();
+    let out = weft_cmd(
+        dir.path(),
+        &[
+            "conflicts",
+            "resolve",
+            "-c",
+            "weft.yaml",
+            &id,
+            "--value",
+            "\"ACME Ltd\"",
+            "--note",
+            "legal name",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the resolution in both systems",
+        || {
+            crm.snapshot()[&c]["name"] == "ACME Ltd"
+                && erp.snapshot()[&e]["customer_name"] == "ACME Ltd"
+        },
+    );
+    assert!(
+        list().as_array().unwrap().is_empty(),
+        "no open conflict left"
+    );
+    let h = weft_cmd(
+        dir.path(),
+        &[
+            "history",
+            "-c",
+            "weft.yaml",
+            "customer",
+            &format!("crm:{c}"),
+            "--json",
+        ],
+    );
+    let h: Value = serde_json::from_slice(&h.stdout).unwrap();
+    assert!(
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["action"] == "resolved" && x["detail"]["note"] == "legal name")
+    );
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    hub.stop();
 }
