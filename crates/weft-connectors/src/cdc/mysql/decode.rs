@@ -228,6 +228,14 @@ pub fn binlog_to_json(kind: &Kind, v: &BinlogValue<'_>) -> Result<Value, String>
 pub fn to_json(kind: &Kind, v: &My, binlog: bool) -> Value {
     match (kind, v) {
         (_, My::NULL) => Value::Null,
+        // a binlog MEDIUMINT comes without its sign (mysql_common 0.37)
+        (
+            Kind::Int {
+                bits: 24,
+                unsigned: false,
+            },
+            My::Int(i),
+        ) if binlog && (1 << 23..1 << 24).contains(i) => Value::from(*i - (1 << 24)),
         (Kind::Int { bits, unsigned }, My::Int(i)) => {
             if *unsigned && *i < 0 {
                 let mask = if *bits >= 64 {

@@ -339,6 +339,7 @@ impl MyCdcSource {
             tx,
             cur: (String::new(), 0),
             skip: None,
+            fde_seen: false,
         };
         let reading = tokio::spawn(reader.run(plan, stop.clone(), self.cfg.on_position_lost));
         let mut batcher = Batcher {
@@ -666,6 +667,8 @@ struct Reader {
     /// Of the transaction starting at `file:pos`, the first `ordinal`
     /// changes are stored.
     skip: Option<(String, u64, u64)>,
+    /// A format description event was read on this stream.
+    fde_seen: bool,
 }
 
 impl Reader {
@@ -913,8 +916,19 @@ impl Reader {
         };
         match data {
             EventData::RotateEvent(r) => {
-                self.cur = (r.name().into_owned(), r.position());
+                let name = r.name();
+                // the artificial rotate opening a dump comes before the
+                // format description, so its checksum (4 bytes) is still
+                // on the name: it names the file asked for
+                let name = if !self.fde_seen && name.starts_with(self.cur.0.as_str()) {
+                    self.cur.0.clone()
+                } else {
+                    name.trim_end_matches(|c: char| c.is_control() || c == '\u{fffd}')
+                        .to_owned()
+                };
+                self.cur = (name, r.position());
             }
+            EventData::FormatDescriptionEvent(_) => self.fde_seen = true,
             EventData::GtidEvent(g) => {
                 let gtid = format!("{}:{}", uuid::Uuid::from_bytes(g.sid()), g.gno());
                 self.begin(tx, start, Some(gtid), ts, false);
