@@ -168,12 +168,13 @@ fn mysql_cdc(
     system: &str,
     settings: &weft_core::config::raw::ConnectorSettings,
 ) -> Result<SourceHandle, SourceError> {
-    let cfg = crate::cdc::mysql::MyCdcConfig::from_settings(system, settings).map_err(|issues| {
-        SourceError {
-            system: system.to_owned(),
-            message: crate::cdc::mysql::config::describe(&issues),
-        }
-    })?;
+    let cfg =
+        crate::cdc::mysql::MyCdcConfig::from_settings(system, settings).map_err(|issues| {
+            SourceError {
+                system: system.to_owned(),
+                message: crate::cdc::mysql::config::describe(&issues),
+            }
+        })?;
     Ok(SourceHandle::Task(Box::new(
         crate::cdc::mysql::MyCdcSource::new(system, cfg),
     )))

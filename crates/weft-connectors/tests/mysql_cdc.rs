@@ -390,7 +390,10 @@ async fn captures_every_operation_and_column_type() {
     // a 500-row transaction: one start, ordinals 1..=500, over several batches
     let bulk = &e[7..507];
     assert!(bulk.iter().all(|x| x["after"]["vc"] == "bulk"));
-    assert!(bulk.iter().all(|x| (pos(x).0, pos(x).1) == (pos(&bulk[0]).0, pos(&bulk[0]).1)));
+    assert!(
+        bulk.iter()
+            .all(|x| (pos(x).0, pos(x).1) == (pos(&bulk[0]).0, pos(&bulk[0]).1))
+    );
     assert_eq!(
         bulk.iter().map(|x| pos(x).2).collect::<Vec<_>>(),
         (1..=500).collect::<Vec<u64>>()
@@ -546,9 +549,8 @@ async fn a_purged_binlog_stops_the_source_unless_it_may_snapshot_again() {
     let cp = mem.checkpoint();
     let file = cp["file"].as_str().unwrap();
     let gone = format!("{}.000000", file.rsplit_once('.').unwrap().0);
-    *mem.checkpoint.lock().unwrap() = Some(
-        json!({"phase": "stream", "file": gone, "pos": 4, "ordinal": 0}).to_string(),
-    );
+    *mem.checkpoint.lock().unwrap() =
+        Some(json!({"phase": "stream", "file": gone, "pos": 4, "ordinal": 0}).to_string());
     let run = start(db.source(settings), &mem);
     let err = tokio::time::timeout(Duration::from_secs(20), run.task)
         .await
@@ -556,7 +558,8 @@ async fn a_purged_binlog_stops_the_source_unless_it_may_snapshot_again() {
         .unwrap()
         .unwrap_err();
     assert!(
-        err.message.contains(&format!("`{gone}` is no longer on the server (purged"))
+        err.message
+            .contains(&format!("`{gone}` is no longer on the server (purged"))
             && err.message.contains("on_position_lost: resnapshot"),
         "{}",
         err.message

@@ -5,7 +5,7 @@
 //! - [`mysql`]: the MariaDB/MySQL binlog (ROW format), behind the
 //!   `cdc-mysql` cargo feature (on by default).
 
-#[cfg(feature = "cdc-postgres")]
-pub mod postgres;
 #[cfg(feature = "cdc-mysql")]
 pub mod mysql;
+#[cfg(feature = "cdc-postgres")]
+pub mod postgres;

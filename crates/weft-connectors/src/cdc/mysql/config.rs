@@ -234,8 +234,8 @@ mod tests {
 
     #[test]
     fn defaults_come_from_the_system_name_and_the_url() {
-        let c = cfg(json!({"url": "mysql://u@h/shop", "tables": ["orders", "crm.contacts"]}))
-            .unwrap();
+        let c =
+            cfg(json!({"url": "mysql://u@h/shop", "tables": ["orders", "crm.contacts"]})).unwrap();
         assert_eq!(
             c.tables,
             [

@@ -299,10 +299,7 @@ pub fn to_json(kind: &Kind, v: &My, binlog: bool) -> Value {
         (_, My::Time(neg, days, h, m, s, us)) => {
             let hours = u64::from(*days) * 24 + u64::from(*h);
             let sign = if *neg { "-" } else { "" };
-            Value::String(format!(
-                "{sign}{hours:02}:{m:02}:{s:02}{}",
-                fraction(*us)
-            ))
+            Value::String(format!("{sign}{hours:02}:{m:02}:{s:02}{}", fraction(*us)))
         }
         (Kind::Set(members), My::Bytes(b)) if binlog => {
             let mut names = Vec::new();
@@ -335,7 +332,7 @@ fn number(f: f64) -> Value {
 fn fraction(us: u32) -> String {
     if us == 0 {
         String::new()
-    } else if us % 1000 == 0 {
+    } else if us.is_multiple_of(1000) {
         format!(".{:03}", us / 1000)
     } else {
         format!(".{us:06}")
@@ -363,7 +360,9 @@ fn epoch(s: &str) -> Option<Value> {
         format!("{frac:0<6}").get(..6)?.parse().ok()?
     };
     let t = DateTime::from_timestamp(secs, us * 1000)?;
-    Some(Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+    Some(Value::String(
+        t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+    ))
 }
 
 /// Bytes of a text column in its character set.
@@ -452,7 +451,11 @@ mod tests {
             json!("2024-05-01T10:00:00.500Z")
         );
         assert_eq!(
-            to_json(&Kind::DateTime, &My::Date(2024, 5, 1, 12, 0, 0, 500_000), true),
+            to_json(
+                &Kind::DateTime,
+                &My::Date(2024, 5, 1, 12, 0, 0, 500_000),
+                true
+            ),
             json!("2024-05-01T12:00:00.500")
         );
         assert_eq!(
@@ -460,7 +463,10 @@ mod tests {
             json!("-26:03:04")
         );
         assert_eq!(to_json(&Kind::Float, &My::Float(1.1), true), json!(1.1));
-        assert_eq!(to_json(&Kind::Bit, &My::Bytes(vec![1, 2]), true), json!(258));
+        assert_eq!(
+            to_json(&Kind::Bit, &My::Bytes(vec![1, 2]), true),
+            json!(258)
+        );
         assert_eq!(
             to_json(&Kind::Text("latin1".into()), &My::Bytes(vec![0xe9]), true),
             json!("é")

@@ -132,7 +132,7 @@ use decode::Kind;
 use setup::{Server, SetupError, TableInfo};
 
 use crate::source::{
-    Batch, BadRecord, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
+    BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
 };
 
 /// Checkpoint key of the position.
@@ -240,9 +240,9 @@ impl MyCdcSource {
             .await
             .map_err(|e| Failure::Fatal(format!("store error: {e}")))?;
         let Some(text) = text else { return Ok(None) };
-        serde_json::from_str(&text).map(Some).map_err(|e| {
-            Failure::Fatal(format!("the saved position `{text}` is not valid: {e}"))
-        })
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Failure::Fatal(format!("the saved position `{text}` is not valid: {e}")))
     }
 
     /// Where to start, given what was saved and what the server has.
@@ -563,7 +563,12 @@ fn apply(p: &mut Pending, msg: Msg) {
                 gtid: p.gtid.clone(),
             });
         }
-        Msg::Commit { file, pos, gtid, ts } => {
+        Msg::Commit {
+            file,
+            pos,
+            gtid,
+            ts,
+        } => {
             p.open = false;
             if ts.is_some() {
                 p.ts = ts;
@@ -582,7 +587,12 @@ fn apply(p: &mut Pending, msg: Msg) {
             p.open = true;
             p.pos = Some(Position::Snapshot { file, pos, rows: 0 });
         }
-        Msg::SnapshotRow { event, file, pos, n } => {
+        Msg::SnapshotRow {
+            event,
+            file,
+            pos,
+            n,
+        } => {
             p.records.push(Record::Good(*event));
             p.pos = Some(Position::Snapshot { file, pos, rows: n });
         }
@@ -789,7 +799,9 @@ impl Reader {
                 n += 1;
                 let mut after = Map::new();
                 for (i, (name, kind)) in rel.columns.iter().enumerate() {
-                    let v = row.as_ref(i).map_or(Value::Null, |v| decode::to_json(kind, v, false));
+                    let v = row
+                        .as_ref(i)
+                        .map_or(Value::Null, |v| decode::to_json(kind, v, false));
                     after.insert(name.clone(), v);
                 }
                 let event = self.event(
@@ -1083,11 +1095,7 @@ impl Reader {
     }
 
     /// The decoding of table `table_id`, resolved against its table map.
-    async fn rel(
-        &mut self,
-        table_id: u64,
-        stream: &BinlogStream,
-    ) -> Result<Option<Rel>, Failure> {
+    async fn rel(&mut self, table_id: u64, stream: &BinlogStream) -> Result<Option<Rel>, Failure> {
         let Some(tme) = stream.get_tme(table_id) else {
             return Err(Failure::Retry(format!(
                 "a rows event of table id {table_id} without its table map"
@@ -1423,7 +1431,9 @@ fn image(
         };
         let v = match row.as_ref(k) {
             None => Value::Null,
-            Some(v) => decode::binlog_to_json(kind, v).map_err(|e| format!("column `{name}`: {e}"))?,
+            Some(v) => {
+                decode::binlog_to_json(kind, v).map_err(|e| format!("column `{name}`: {e}"))?
+            }
         };
         m.insert(name.clone(), v);
     }
@@ -1483,11 +1493,9 @@ fn stream_error(e: mysql_async::Error, file: &str, pos: u64) -> Failure {
                  initial snapshot, set `on_position_lost: resnapshot`"
             ))
         }
-        mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1227 | 1142) => {
-            Failure::Fatal(format!(
-                "cannot read the binlog: {message} (the user needs REPLICATION SLAVE)"
-            ))
-        }
+        mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1227 | 1142) => Failure::Fatal(
+            format!("cannot read the binlog: {message} (the user needs REPLICATION SLAVE)"),
+        ),
         _ => Failure::Retry(format!("the binlog stream failed: {message}")),
     }
 }

@@ -80,7 +80,8 @@ pub struct Server {
 /// The settings binlog CDC relies on: the binlog on, row format, full
 /// row images.
 pub async fn check_settings(conn: &mut Conn) -> Result<Server, SetupError> {
-    let row: Option<(String, i64, Option<String>, Option<String>, u32)> = conn
+    type Settings = (String, i64, Option<String>, Option<String>, u32);
+    let row: Option<Settings> = conn
         .query_first(
             "SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, @@server_id",
         )
@@ -163,7 +164,10 @@ pub async fn describe(
         let name: String = text(&r, 0);
         let data_type: String = text(&r, 1);
         let column_type: String = text(&r, 2);
-        let charset: Option<String> = r.get_opt::<Option<String>, _>(3).and_then(|v| v.ok()).flatten();
+        let charset: Option<String> = r
+            .get_opt::<Option<String>, _>(3)
+            .and_then(|v| v.ok())
+            .flatten();
         if text(&r, 4) == "YES" {
             nullable.push(name.clone());
         }
@@ -242,7 +246,9 @@ pub async fn binlog_end(conn: &mut Conn) -> Result<(String, u64), SetupError> {
         Err(_) => conn
             .query_first("SHOW BINARY LOG STATUS")
             .await
-            .map_err(my_err("cannot read the binlog position (SHOW MASTER STATUS)"))?,
+            .map_err(my_err(
+                "cannot read the binlog position (SHOW MASTER STATUS)",
+            ))?,
     };
     let Some(r) = row else {
         return Err(SetupError::Fatal(
@@ -261,10 +267,7 @@ pub async fn binlog_end(conn: &mut Conn) -> Result<(String, u64), SetupError> {
 /// snapshot (`binlog_snapshot_file`/`_position`, no lock); elsewhere a
 /// global read lock is held while the transaction starts and the position
 /// is read.
-pub async fn start_snapshot(
-    conn: &mut Conn,
-    server: &Server,
-) -> Result<(String, u64), SetupError> {
+pub async fn start_snapshot(conn: &mut Conn, server: &Server) -> Result<(String, u64), SetupError> {
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(retry("cannot start the snapshot"))?;
