@@ -583,7 +583,7 @@ async fn a_purged_binlog_stops_the_source_unless_it_may_snapshot_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_table_or_a_statement_binlog_is_a_clear_error() {
+async fn a_missing_table_is_a_clear_error() {
     let Some(db) = TestDb::new().await else {
         return;
     };

@@ -912,7 +912,11 @@ impl Reader {
                 let seq = u64::from_le_bytes(d[0..8].try_into().unwrap_or_default());
                 let domain = u32::from_le_bytes(d[8..12].try_into().unwrap_or_default());
                 let gtid = format!("{domain}-{}-{seq}", h.server_id());
-                self.begin(tx, start, Some(gtid), ts, false);
+                // FL_STANDALONE: a DDL statement, no BEGIN/COMMIT; else a
+                // transaction ending at its XID or COMMIT
+                let standalone = d[12] & 1 != 0;
+                self.gtid_begin(tx, start, Some(gtid), ts, !standalone)
+                    .await?;
             }
             return Ok(());
         }
@@ -943,16 +947,37 @@ impl Reader {
             EventData::FormatDescriptionEvent(_) => self.fde_seen = true,
             EventData::GtidEvent(g) => {
                 let gtid = format!("{}:{}", uuid::Uuid::from_bytes(g.sid()), g.gno());
-                self.begin(tx, start, Some(gtid), ts, false);
+                self.gtid_begin(tx, start, Some(gtid), ts, false).await?;
             }
-            EventData::AnonymousGtidEvent(_) => self.begin(tx, start, None, ts, false),
+            EventData::AnonymousGtidEvent(_) => {
+                self.gtid_begin(tx, start, None, ts, false).await?;
+            }
             EventData::QueryEvent(q) => self.query(q, tx, start, ts).await?,
-            EventData::XidEvent(_) => self.commit(tx).await?,
+            EventData::XidEvent(_) => self.commit(tx, self.cur.clone()).await?,
             EventData::RowsEvent(rows) => {
                 self.rows(&rows, stream, tx, h.server_id()).await?;
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// A GTID event: a new event group starts at `start`. One still open
+    /// ended without an event weft knows as an end (an XA prepare, say):
+    /// it ends here.
+    async fn gtid_begin(
+        &mut self,
+        tx: &mut Option<Tx>,
+        start: (String, u64),
+        gtid: Option<String>,
+        ts: Option<DateTime<Utc>>,
+        begun: bool,
+    ) -> Result<(), Failure> {
+        if tx.is_some() {
+            tracing::debug!(system = %self.system, at = ?start, "mysql_cdc: an event group ended without XID or COMMIT");
+            self.commit(tx, start.clone()).await?;
+        }
+        self.begin(tx, start, gtid, ts, begun);
         Ok(())
     }
 
@@ -982,8 +1007,9 @@ impl Reader {
         });
     }
 
-    /// The open transaction is complete (`XID`, `COMMIT`, a DDL statement).
-    async fn commit(&mut self, tx: &mut Option<Tx>) -> Result<(), Failure> {
+    /// The open transaction is complete (`XID`, `COMMIT`, a DDL statement);
+    /// the next one starts at `end`.
+    async fn commit(&mut self, tx: &mut Option<Tx>, end: (String, u64)) -> Result<(), Failure> {
         let Some(t) = tx.take() else {
             return Ok(());
         };
@@ -996,8 +1022,8 @@ impl Reader {
         }
         if t.ordinal > 0 {
             self.send(Msg::Commit {
-                file: self.cur.0.clone(),
-                pos: self.cur.1,
+                file: end.0,
+                pos: end.1,
                 gtid: t.gtid,
                 ts: t.ts,
             })
@@ -1025,10 +1051,10 @@ impl Reader {
                 self.begin(tx, start, None, ts, true);
                 return Ok(());
             }
-            "COMMIT" => return self.commit(tx).await,
+            "COMMIT" => return self.commit(tx, self.cur.clone()).await,
             // non-transactional changes stay; the transaction ends
             "ROLLBACK" if !sql.to_ascii_uppercase().contains(" TO ") => {
-                return self.commit(tx).await;
+                return self.commit(tx, self.cur.clone()).await;
             }
             "SAVEPOINT" | "ROLLBACK" | "XA" => return Ok(()),
             _ => {}
@@ -1040,7 +1066,7 @@ impl Reader {
         let schema = q.schema().into_owned();
         self.ddl(&schema, sql, tx).await?;
         if standalone {
-            self.commit(tx).await?;
+            self.commit(tx, self.cur.clone()).await?;
         }
         Ok(())
     }
