@@ -153,9 +153,9 @@ pub struct HttpSink {
     credentials: Vec<String>,
 }
 
-/// `mode: upsert_lookup`.
+/// `mode: upsert_lookup` (with a lookup) or `by_id` (without).
 struct Upsert {
-    lookup: Vec<Part>,
+    lookup: Option<Vec<Part>>,
     update: Vec<Part>,
     method_create: Method,
 }
@@ -202,8 +202,19 @@ impl HttpSink {
                     None => lookup.clone(),
                 };
                 Some(Upsert {
-                    lookup,
+                    lookup: Some(lookup),
                     update,
+                    method_create: parse_method(cfg.method_create.as_deref().unwrap_or("POST"))?,
+                })
+            }
+            HttpSinkMode::ById => {
+                let update_text = cfg
+                    .update_url
+                    .as_deref()
+                    .ok_or("`mode: by_id` needs `update_url` (e.g. `https://erp.example.com/customers/{_id}`)")?;
+                Some(Upsert {
+                    lookup: None,
+                    update: url_template(update_text).map_err(|e| format!("update_url: {e}"))?,
                     method_create: parse_method(cfg.method_create.as_deref().unwrap_or("POST"))?,
                 })
             }
@@ -319,8 +330,30 @@ impl HttpSink {
             let body = self.write_request(self.method.clone(), url, d).await?;
             return Ok(self.capture(d, body.as_ref(), None, None));
         };
+        let Some(lookup) = &u.lookup else {
+            // by_id: `_id` decides; it is weft's, not the destination's field
+            let id = d.payload.get("_id").filter(|v| !v.is_null()).cloned();
+            let mut body = d.clone();
+            if let Value::Object(m) = &mut body.payload {
+                m.remove("_id");
+            }
+            return match id {
+                None => {
+                    let url = self.render_url(&body.payload)?;
+                    let resp = self
+                        .write_request(u.method_create.clone(), url, &body)
+                        .await?;
+                    Ok(self.capture(d, resp.as_ref(), None, Some(true)))
+                }
+                Some(_) => {
+                    let url = render(&u.update, &d.payload, "update_url")?;
+                    let resp = self.write_request(self.method.clone(), url, &body).await?;
+                    Ok(self.capture(d, resp.as_ref(), None, Some(false)))
+                }
+            };
+        };
         // upsert_lookup: find, then create or update
-        let lookup_url = render(&u.lookup, &d.payload, "lookup_url")?;
+        let lookup_url = render(lookup, &d.payload, "lookup_url")?;
         let response = self
             .client
             .get(lookup_url)

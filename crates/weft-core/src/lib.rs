@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod event;
+pub mod identity;
 pub mod mapping;
 
 pub use event::Event;

@@ -29,7 +29,8 @@ use weft_connectors::{Delivery, Sink, SinkError, WriteResult};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, OnDeadLetter};
 use weft_store::{
-    ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement, WriteOutcome, now_ms,
+    CanonicalWritten, ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement,
+    WriteOutcome, now_ms,
 };
 
 use crate::guard::{Guard, Permit};
@@ -93,11 +94,19 @@ pub struct Lane {
     /// entity's, after a destination mapping, so the values are what is
     /// matched).
     pub redact: bool,
+    /// An identity flow's lane: rows name canonical records, mapped when
+    /// they are written.
+    pub identity: Option<Arc<crate::identity::LaneIdentity>>,
 }
 
 /// A write's claimed rows, what became of them, and the guard's permit it
 /// was sent under.
-type Done = (Vec<Claimed>, Vec<WriteResult>, Permit);
+type Done = (
+    Vec<Claimed>,
+    Vec<WriteResult>,
+    Vec<Option<CanonicalWritten>>,
+    Permit,
+);
 
 impl Lane {
     pub async fn run(self) {
@@ -160,7 +169,7 @@ impl Lane {
                 Some(done) = writes.join_next() => {
                     idle_until_woken = false;
                     match done {
-                        Ok((claimed, results, permit)) => self.settle(claimed, results, permit).await,
+                        Ok((claimed, results, canonical, permit)) => self.settle(claimed, results, canonical, permit).await,
                         // the write task itself never panics (the sink's panic
                         // is caught inside it); a cancelled task cannot happen
                         Err(e) => tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "write task failed; its rows return after their lease"),
@@ -184,15 +193,77 @@ impl Lane {
     ) {
         let sink = self.sink.clone();
         let (flow, dest) = (self.flow.clone(), self.dest.clone());
+        let (identity, journal) = (self.identity.clone(), self.journal.clone());
+        let journal2 = self.journal.clone();
         writes.spawn(async move {
             let mut batch = Vec::with_capacity(claimed.len());
-            let mut unreadable = Vec::new();
-            for (i, c) in claimed.iter().enumerate() {
-                match delivery(c) {
-                    Ok(d) => batch.push(d),
-                    Err(e) => unreadable.push((i, e)),
+            // rows decided before the write (unreadable, or nothing to write)
+            let mut decided: Vec<(usize, WriteResult)> = Vec::new();
+            let mut canonical: Vec<Option<CanonicalWritten>> = vec![None; claimed.len()];
+            let claimed = match identity {
+                None => {
+                    for (i, c) in claimed.iter().enumerate() {
+                        match delivery(c) {
+                            Ok(d) => batch.push(d),
+                            Err(e) => decided.push((i, Err(e))),
+                        }
+                    }
+                    claimed
                 }
-            }
+                Some(id) => {
+                    // reads of the store: off the async workers
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        let p: Vec<_> = claimed
+                            .iter()
+                            .map(|c| crate::identity::prepare(journal.as_ref(), &id, c))
+                            .collect();
+                        (claimed, p)
+                    })
+                    .await;
+                    let (claimed, prepared) = match prepared {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot prepare canonical writes; the rows return after their lease");
+                            return (Vec::new(), Vec::new(), Vec::new(), permit);
+                        }
+                    };
+                    let intents: Vec<CanonicalWritten> = prepared
+                        .iter()
+                        .filter_map(|p| match p {
+                            crate::identity::Prepared::Write(_, Some(w)) => Some(w.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    // what is about to be written is recorded first: its echo
+                    // must be recognised even if weft dies before the settle
+                    let intent = if intents.is_empty() {
+                        Ok(())
+                    } else {
+                        journal2.canonical_intent(dest.clone(), intents).await
+                    };
+                    for (i, p) in prepared.into_iter().enumerate() {
+                        match (p, &intent) {
+                            (crate::identity::Prepared::Write(d, w), Ok(())) => {
+                                batch.push(d);
+                                canonical[i] = w;
+                            }
+                            (crate::identity::Prepared::Write(..), Err(e)) => {
+                                decided.push((
+                                    i,
+                                    Err(SinkError::retryable(format!(
+                                        "cannot record what is about to be written: {e}"
+                                    ))),
+                                ));
+                            }
+                            (crate::identity::Prepared::Done(r, w), _) => {
+                                decided.push((i, r));
+                                canonical[i] = w;
+                            }
+                        }
+                    }
+                    claimed
+                }
+            };
             let n = batch.len();
             let inner = tokio::spawn(async move {
                 let r = sink.write(&batch).await;
@@ -225,10 +296,10 @@ impl Lane {
                     (0..n).map(|_| Err(SinkError::retryable(why.clone()))).collect()
                 }
             };
-            for (i, e) in unreadable {
-                results.insert(i, Err(e));
+            for (i, r) in decided {
+                results.insert(i, r);
             }
-            (claimed, results, permit)
+            (claimed, results, canonical, permit)
         });
     }
 
@@ -257,7 +328,13 @@ impl Lane {
     /// Commit a write's results in one transaction: delivered rows leave the
     /// outbox with what the destination said; failures are scheduled for a
     /// retry or moved to the DLQ.
-    async fn settle(&self, claimed: Vec<Claimed>, results: Vec<WriteResult>, permit: Permit) {
+    async fn settle(
+        &self,
+        claimed: Vec<Claimed>,
+        results: Vec<WriteResult>,
+        mut canonical: Vec<Option<CanonicalWritten>>,
+        permit: Permit,
+    ) {
         let now = now_ms();
         let results = in_key_order(&claimed, results);
         // the breaker counts writes, not rows
@@ -275,7 +352,8 @@ impl Lane {
         let mut items = Vec::with_capacity(claimed.len());
         let mut latencies = Vec::new();
         let (mut delivered, mut dead) = (0u64, 0u64);
-        for (c, r) in claimed.iter().zip(results) {
+        canonical.resize(claimed.len(), None);
+        for ((c, r), cw) in claimed.iter().zip(results).zip(canonical) {
             let outcome = match r {
                 Ok(w) => {
                     delivered += 1;
@@ -284,6 +362,7 @@ impl Lane {
                         external_id: w.external_id,
                         version: w.version,
                         fingerprint: w.fingerprint,
+                        canonical: cw,
                     })
                 }
                 Err(mut e) => {

@@ -182,6 +182,41 @@ pub fn run_flow(
     if let Err(o) = crate::contracts::check_entity(flow, &mapped) {
         return o;
     }
+    if let Some(rules) = &flow.identity {
+        // the destinations' mappings run at delivery, on the canonical record
+        let Some(external_id) = entity_key.clone() else {
+            return keyed_reject(
+                "the flow's key gave null: a record without an id cannot be linked to its canonical record"
+                    .into(),
+            );
+        };
+        let Value::Object(fields) = mapped else {
+            return keyed_reject(format!(
+                "the mapping gave {}, not an object of the record's canonical fields",
+                kind_of(&mapped)
+            ));
+        };
+        let changed_at = match fields.get("_time") {
+            None | Some(Value::Null) => None,
+            Some(t) => match change_time(t) {
+                Some(ms) => Some(ms),
+                None => {
+                    return keyed_reject(format!(
+                        "`_time` is {t}: expected an RFC 3339 time or milliseconds since 1970"
+                    ));
+                }
+            },
+        };
+        return FlowOutcome::Canonical {
+            flow: flow.name.clone(),
+            report: Box::new(weft_store::CanonicalReport {
+                rules: rules.clone(),
+                external_id,
+                fields,
+                changed_at,
+            }),
+        };
+    }
     let mut deliveries = Vec::with_capacity(flow.destinations.len());
     for d in &flow.destinations {
         let payload = match &d.mapping {
@@ -212,6 +247,28 @@ pub fn run_flow(
     FlowOutcome::Routed {
         flow: flow.name.clone(),
         deliveries,
+    }
+}
+
+/// A change time: RFC 3339 text, or milliseconds since 1970.
+fn change_time(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.timestamp_millis()),
+        _ => None,
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dlq;
 pub mod drift;
 pub mod guard;
 pub mod health;
+pub mod identity;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
@@ -155,6 +156,12 @@ impl Runtime {
                     handle,
                     shutdown: lane_stop.clone(),
                     redact: !flow.data.sensitive().is_empty(),
+                    identity: flow.identity.as_ref().map(|_| {
+                        Arc::new(identity::LaneIdentity {
+                            destination: d.system.clone(),
+                            mapping: d.mapping.clone(),
+                        })
+                    }),
                 };
                 lanes.push(tokio::spawn(lane.run()));
             }

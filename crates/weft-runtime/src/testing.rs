@@ -396,6 +396,7 @@ impl RunningLane {
             handle: handle.clone(),
             shutdown: shutdown.clone(),
             redact: false,
+            identity: None,
         };
         RunningLane {
             handle,

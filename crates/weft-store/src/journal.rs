@@ -40,6 +40,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+use crate::canonical::CanonicalView;
 use crate::{
     Applied, CrosswalkRow, DlqEntry, DlqFilter, DriftBatch, FlowCounts, FlowOutcome, IngestBatch,
     OutboxRow, StoreError,
@@ -93,11 +94,28 @@ pub struct WriteOutcome {
     pub version: Option<String>,
     /// A fingerprint of the fields written (echo suppression).
     pub fingerprint: Option<String>,
+    /// A canonical record's write (an identity lane): the destination now
+    /// holds these values, recorded as its base with the link.
+    pub canonical: Option<CanonicalWritten>,
+}
+
+/// What an identity lane wrote of a canonical record to its destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CanonicalWritten {
+    pub entity: String,
+    pub canonical_id: String,
+    /// The canonical state written (JSON object text): the destination's new base.
+    pub base: String,
+    /// The SHA-256 of the payload sent: an identical later write is skipped.
+    pub fingerprint: String,
 }
 
 impl WriteOutcome {
     pub fn is_empty(&self) -> bool {
-        self.external_id.is_none() && self.version.is_none() && self.fingerprint.is_none()
+        self.external_id.is_none()
+            && self.version.is_none()
+            && self.fingerprint.is_none()
+            && self.canonical.is_none()
     }
 }
 
@@ -226,6 +244,24 @@ pub trait Journal: Send + Sync + 'static {
     /// Drift observations (not part of the accounting).
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
+    /// Before an identity lane writes canonical records to `system`: the
+    /// values about to be written become outstanding (the system's report
+    /// of them is an echo), committed before the write so that a crash
+    /// between the write and its settle cannot turn the echo into a change.
+    /// Default: refused (engines without identity).
+    fn canonical_intent(
+        &self,
+        system: String,
+        writes: Vec<CanonicalWritten>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = (system, writes);
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "this store keeps no canonical records".into(),
+            ))
+        })
+    }
+
     /// Consistent reads.
     fn read(&self) -> &dyn JournalRead;
 }
@@ -263,4 +299,55 @@ pub trait JournalRead: Send + Sync {
         let _ = source;
         Ok(Vec::new())
     }
+    /// A canonical record with its links. Default: none kept (engines
+    /// without identity refuse identity flows at ingest).
+    fn canonical(&self, entity: &str, id: &str) -> Result<Option<CanonicalView>, StoreError> {
+        let _ = (entity, id);
+        Ok(None)
+    }
+    /// `(entity, canonical id)`, newest change first.
+    fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let _ = (entity, limit);
+        Ok(Vec::new())
+    }
+    /// The canonical id a system's id is linked to.
+    fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let _ = (entity, system, external_id);
+        Ok(None)
+    }
+    /// History entries, oldest first: of one record, or of one correlation id.
+    fn canonical_history(
+        &self,
+        filter: &HistoryFilter,
+    ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
+        let _ = filter;
+        Ok(Vec::new())
+    }
+    /// Manual conflicts (`status`: `open`, `resolved`; `None`: all).
+    fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
+        let _ = (status, limit);
+        Ok(Vec::new())
+    }
+}
+
+/// Which history entries to read.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter {
+    pub entity: Option<String>,
+    pub canonical_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub limit: usize,
 }

@@ -15,6 +15,7 @@
 //! `received = filtered + rejected + discarded(flow)`
 //! ` + delivered + dead_lettered + discarded + pending` (per destination).
 
+pub mod canonical;
 mod drift;
 pub mod journal;
 pub mod memory;
@@ -30,8 +31,8 @@ pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
-    ClaimRequest, Claimed, FollowUp, Journal, JournalRead, LaneId, Outcome, Refusal, Replay,
-    Settle, Settled, Settlement, WriteOutcome,
+    CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
+    Outcome, Refusal, Replay, Settle, Settled, Settlement, WriteOutcome,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]
@@ -129,6 +130,13 @@ pub enum FlowOutcome {
     Filtered {
         flow: String,
     },
+    /// A report of a record to its entity's canonical record (an identity
+    /// flow): merged in the ingest transaction, which decides the rows it
+    /// causes (one per destination that lacks the new values).
+    Canonical {
+        flow: String,
+        report: Box<CanonicalReport>,
+    },
     /// Goes to the DLQ with the event's payload.
     Rejected {
         flow: String,
@@ -154,6 +162,20 @@ impl FlowOutcome {
             hold: Vec::new(),
         }
     }
+}
+
+/// One system's report of a record, for [`FlowOutcome::Canonical`]. The
+/// reporting system is the batch's source; the time is the event's.
+#[derive(Debug, Clone)]
+pub struct CanonicalReport {
+    pub rules: std::sync::Arc<weft_core::identity::Rules>,
+    /// The source system's id of the record (the flow's key).
+    pub external_id: String,
+    /// The record's canonical fields (the flow's mapping).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// When the system changed the record (ms; the mapping's `_time`), for
+    /// last-write-wins; `None`: the event's time.
+    pub changed_at: Option<i64>,
 }
 
 /// How a source's events are deduplicated.

@@ -273,6 +273,9 @@ fn superseded_by<'a>(e: &'a Entry, outcome: Option<&FlowOutcome>) -> Option<&'a 
 
 fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
     match o {
+        FlowOutcome::Canonical { flow, .. } => Err(StoreError::Invalid(format!(
+            "flow `{flow}` feeds canonical records, which only the SQLite store keeps for now"
+        ))),
         FlowOutcome::Rejected { flow, stage, .. } => match invalid_stage(flow, *stage) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -285,6 +288,7 @@ fn outcome_flow(o: &FlowOutcome) -> &str {
     match o {
         FlowOutcome::Routed { flow, .. }
         | FlowOutcome::Filtered { flow }
+        | FlowOutcome::Canonical { flow, .. }
         | FlowOutcome::Rejected { flow, .. } => flow,
     }
 }
@@ -414,6 +418,8 @@ impl State {
                 c.received += 1;
                 c.filtered += 1;
             }),
+            // refused by `check_outcome` before anything is applied
+            FlowOutcome::Canonical { .. } => {}
             FlowOutcome::Rejected {
                 flow,
                 stage,

@@ -117,6 +117,53 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// A canonical record with its links.
+    pub fn canonical(
+        &self,
+        entity: &str,
+        id: &str,
+    ) -> Result<Option<crate::canonical::CanonicalView>, StoreError> {
+        crate::canonical::view(&self.conn, entity, id)
+    }
+    /// `(entity, canonical id)`, newest change first.
+    pub fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        crate::canonical::list(&self.conn, entity, limit)
+    }
+    /// The canonical id a system's id is linked to.
+    pub fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        crate::canonical::by_external(&self.conn, entity, system, external_id)
+    }
+    /// History entries, oldest first.
+    pub fn canonical_history(
+        &self,
+        f: &crate::HistoryFilter,
+    ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
+        crate::canonical::history_of(
+            &self.conn,
+            f.entity.as_deref(),
+            f.canonical_id.as_deref(),
+            f.correlation_id.as_deref(),
+            if f.limit == 0 { 10_000 } else { f.limit },
+        )
+    }
+    /// Manual conflicts.
+    pub fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
+        crate::canonical::conflicts(&self.conn, status, limit)
+    }
+
     /// Pending rows of a lane in key order.
     pub fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let sql = format!(

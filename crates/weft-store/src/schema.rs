@@ -223,6 +223,70 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE crosswalk ADD COLUMN version TEXT;
     ALTER TABLE crosswalk ADD COLUMN fingerprint TEXT;
     "#,
+    // 5: identity. Canonical records, the links of each to the systems that
+    // hold it (their id and the values each is known to hold), match keys,
+    // the history of every change and open manual conflicts.
+    r#"
+    CREATE TABLE canonical (
+        entity       TEXT NOT NULL,
+        id           TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        meta         TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        PRIMARY KEY (entity, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE links (
+        entity       TEXT NOT NULL,
+        canonical_id TEXT NOT NULL,
+        system       TEXT NOT NULL,
+        external_id  TEXT,
+        base         TEXT,
+        written      TEXT,
+        fingerprint  TEXT,
+        how          TEXT NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        PRIMARY KEY (entity, canonical_id, system)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX links_by_external ON links (entity, system, external_id)
+        WHERE external_id IS NOT NULL;
+    CREATE TABLE match_keys (
+        entity       TEXT NOT NULL,
+        field        TEXT NOT NULL,
+        value        TEXT NOT NULL,
+        canonical_id TEXT NOT NULL,
+        PRIMARY KEY (entity, field, value, canonical_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE canonical_history (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity         TEXT NOT NULL,
+        canonical_id   TEXT NOT NULL,
+        at             INTEGER NOT NULL,
+        system         TEXT NOT NULL,
+        event_id       TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        action         TEXT NOT NULL,
+        detail         TEXT NOT NULL
+    );
+    CREATE INDEX canonical_history_by_record ON canonical_history (entity, canonical_id, id);
+    CREATE INDEX canonical_history_by_correlation ON canonical_history (correlation_id);
+    CREATE TABLE conflicts (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity         TEXT NOT NULL,
+        canonical_id   TEXT NOT NULL,
+        field          TEXT NOT NULL,
+        current        TEXT NOT NULL,
+        current_system TEXT NOT NULL,
+        proposed       TEXT NOT NULL,
+        system         TEXT NOT NULL,
+        event_id       TEXT NOT NULL,
+        status         TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        resolved_at    INTEGER
+    );
+    CREATE INDEX conflicts_open ON conflicts (entity, canonical_id) WHERE status = 'open';
+    "#,
 ];
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes

@@ -183,6 +183,12 @@ impl SqliteJournal {
             _ => Reader::open(&self.path)?,
         };
         let out = f(&r);
+        // a reader left inside a transaction would read one old snapshot
+        // forever: never pooled
+        if !r.conn.is_autocommit() {
+            tracing::error!("a store reader was left inside a transaction; closing it");
+            return out;
+        }
         if let Ok(mut p) = self.pool.lock()
             && p.len() < 8
         {
@@ -277,6 +283,19 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn canonical_intent(
+        &self,
+        system: String,
+        writes: Vec<crate::CanonicalWritten>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Intent { system, writes }).await? {
+                Reply::Applied(_) => Ok(()),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }
@@ -316,6 +335,41 @@ impl JournalRead for SqliteJournal {
     }
     fn drift_events(&self, source: Option<&str>) -> Result<Vec<crate::DriftEvent>, StoreError> {
         self.with_reader(|r| r.drift_events(source))
+    }
+    fn canonical(
+        &self,
+        entity: &str,
+        id: &str,
+    ) -> Result<Option<crate::canonical::CanonicalView>, StoreError> {
+        self.with_reader(|r| r.canonical(entity, id))
+    }
+    fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.with_reader(|r| r.canonical_list(entity, limit))
+    }
+    fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.with_reader(|r| r.canonical_by_external(entity, system, external_id))
+    }
+    fn canonical_history(
+        &self,
+        filter: &crate::HistoryFilter,
+    ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
+        self.with_reader(|r| r.canonical_history(filter))
+    }
+    fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
+        self.with_reader(|r| r.conflicts(status, limit))
     }
 }
 

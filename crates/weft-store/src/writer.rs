@@ -43,6 +43,11 @@ pub(crate) enum Op {
         limit: usize,
     },
     Drift(DriftBatch),
+    /// Values an identity lane is about to write to a system.
+    Intent {
+        system: String,
+        writes: Vec<crate::CanonicalWritten>,
+    },
     /// Tests only: a statement on the writer's connection (a PRAGMA).
     Exec(String),
 }
@@ -291,6 +296,12 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             Ok(Reply::Pruned(n))
         }
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
+        Op::Intent { system, writes } => {
+            for w in writes {
+                crate::canonical::intend(tx, system, w, now)?;
+            }
+            Ok(Reply::Applied(Applied::default()))
+        }
         Op::Exec(sql) => {
             tx.query_row(sql, [], |_| Ok(()))
                 .optional()
@@ -351,6 +362,7 @@ fn outcome_flow(o: &FlowOutcome) -> &str {
     match o {
         FlowOutcome::Routed { flow, .. }
         | FlowOutcome::Filtered { flow }
+        | FlowOutcome::Canonical { flow, .. }
         | FlowOutcome::Rejected { flow, .. } => flow,
     }
 }
@@ -548,8 +560,12 @@ fn ingest(
             payload: &e.payload,
         };
         for o in &e.outcomes {
-            if matches!(o, FlowOutcome::Routed { .. } | FlowOutcome::Rejected { .. })
-                && let Seq::Range { next, end } = &mut seq
+            if matches!(
+                o,
+                FlowOutcome::Routed { .. }
+                    | FlowOutcome::Rejected { .. }
+                    | FlowOutcome::Canonical { .. }
+            ) && let Seq::Range { next, end } = &mut seq
                 && *next >= *end
             {
                 // one reservation for the rest of the batch
@@ -603,6 +619,37 @@ fn apply_outcome(
                     payload: &dl.payload,
                 };
                 insert_row(tx, &row, order_seq, replacing, now)?;
+            }
+        }
+        FlowOutcome::Canonical { flow, report } => {
+            // the event ends in the canonical record (counted as filtered at
+            // the flow); the rows it causes enter their lanes as follow-ups do
+            bump(d, flow, "", |c| {
+                c.received += 1;
+                c.filtered += 1;
+            });
+            applied.count(flow, |c| {
+                c.received += 1;
+                c.filtered += 1;
+            });
+            let ev = crate::canonical::Ev {
+                system: e.source,
+                event_id: e.event_id,
+                correlation_id: e.correlation_id,
+                event_time: e.event_time,
+            };
+            for (route_flow, dl) in crate::canonical::apply(tx, report, &ev, now)? {
+                bump(d, &route_flow, &dl.destination, |c| c.received += 1);
+                let order_seq = seq.take(tx, None)?;
+                let row = NewRow {
+                    ev: e,
+                    flow: &route_flow,
+                    destination: &dl.destination,
+                    entity_key: dl.entity_key.as_deref(),
+                    idempotency_key: &dl.idempotency_key,
+                    payload: &dl.payload,
+                };
+                insert_row(tx, &row, order_seq, false, now)?;
             }
         }
         FlowOutcome::Filtered { flow } => {
@@ -856,7 +903,15 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                     refresh_head(tx, &dest, k, now)?;
                     supersede(tx, k, order_seq, &flow, &dest, &event_id)?;
                 }
-                if !w.is_empty() {
+                if let Some(cw) = &w.canonical {
+                    let ev = crate::canonical::Ev {
+                        system: &dest,
+                        event_id: &event_id,
+                        correlation_id: "",
+                        event_time: now,
+                    };
+                    crate::canonical::written(tx, &dest, w.external_id.as_deref(), cw, &ev, now)?;
+                } else if !w.is_empty() {
                     record_outcome(tx, &dest, &source, key.as_deref(), &flow, &event_id, w, now)?;
                 }
                 done.delivered += 1;

@@ -5,6 +5,7 @@ mod contract;
 mod crosswalk;
 mod dlq;
 mod drift;
+mod identity;
 mod maptest;
 mod status;
 
@@ -87,6 +88,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crosswalk::CrosswalkCmd,
     },
+    /// Canonical records and their links to each system's ids.
+    Xref {
+        #[command(subcommand)]
+        cmd: identity::XrefCmd,
+    },
+    /// Every change of one canonical record (ID: canonical id or SYSTEM:ID).
+    History {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What one change (a correlation id) did to canonical records.
+    Trace {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        correlation_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manual conflicts between systems (`identity.<entity>.conflict: manual`).
+    Conflicts {
+        #[command(subcommand)]
+        cmd: identity::ConflictsCmd,
+    },
     /// List the schema drift seen on the sources.
     Drift {
         #[command(subcommand)]
@@ -142,6 +170,19 @@ fn main() -> ExitCode {
         Cmd::Map { cmd } => maptest::map(cmd),
         Cmd::Crosswalk { cmd } => crosswalk::crosswalk(cmd),
         Cmd::Drift { cmd } => drift::drift(cmd),
+        Cmd::Xref { cmd } => identity::xref(cmd),
+        Cmd::History {
+            cfg,
+            entity,
+            id,
+            json,
+        } => identity::history(cfg, entity, id, json),
+        Cmd::Trace {
+            cfg,
+            correlation_id,
+            json,
+        } => identity::trace(cfg, correlation_id, json),
+        Cmd::Conflicts { cmd } => identity::conflicts(cmd),
         Cmd::Config {
             cmd: ConfigCmd::Schema,
         } => {

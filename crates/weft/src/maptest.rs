@@ -71,6 +71,13 @@ pub fn map(cmd: MapCmd) -> Result<ExitCode> {
             let outcome = weft_runtime::run_flow(flow, &flow.from, &id, &data, &attrs);
             match outcome {
                 FlowOutcome::Filtered { .. } => println!("{loc}: filtered"),
+                FlowOutcome::Canonical { report, .. } => println!(
+                    "{loc}: {} `{}` of {}: {}",
+                    report.rules.entity,
+                    report.external_id,
+                    flow.from,
+                    Value::Object(report.fields)
+                ),
                 FlowOutcome::Rejected { error, .. } => {
                     failed += 1;
                     println!("{loc}: FAILED: {error}");

@@ -8,6 +8,7 @@
 
 pub mod entities;
 pub mod env;
+pub mod identity;
 mod locate;
 pub mod raw;
 mod validate;

@@ -39,6 +39,10 @@ pub struct RawConfig {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, RawValueMap>")]
     pub value_maps: BTreeMap<String, Spanned<RawValueMap>>,
+    /// Identity rules per entity: canonical records shared by the flows that
+    /// name the entity in `identity` (see `config/identity.rs`).
+    #[serde(default)]
+    pub identity: BTreeMap<String, super::identity::RawIdentity>,
 }
 
 /// Store settings.
@@ -414,7 +418,8 @@ pub struct HttpSinkConfig {
     pub permanent_on: Vec<u16>,
     /// `request` (default): one request per delivery. `upsert_lookup`:
     /// `GET lookup_url`; 404 creates (`method_create` to `url`), 2xx updates
-    /// (`method` to `update_url`).
+    /// (`method` to `update_url`). `by_id`: the payload's `_id` decides
+    /// between a create and an update (identity flows).
     pub mode: Option<HttpSinkMode>,
     /// `upsert_lookup`: URL template of the lookup `GET`.
     pub lookup_url: Option<String>,
@@ -446,6 +451,11 @@ pub enum HttpSinkMode {
     Request,
     /// Look up, then create or update.
     UpsertLookup,
+    /// By the payload's `_id` (an identity flow's destination id): null or
+    /// absent creates (`method_create`, default `POST`, to `url`), else
+    /// updates (`method`, default `PUT`, to `update_url`, e.g.
+    /// `.../customers/{_id}`). `_id` is not sent in the body.
+    ById,
 }
 
 /// SQLite sink settings.
@@ -584,6 +594,12 @@ pub struct RawFlow {
     /// What a record whose shape drifted does: `record` (default: the drift
     /// is recorded, the record flows) or `quarantine` (dead-lettered).
     pub on_drift: Option<OnDrift>,
+    /// The entity (a key of `identity`) whose canonical records this flow
+    /// feeds: `key` is then the source system's id of the record and the
+    /// mapping gives its canonical fields; a change is written to every
+    /// destination of every flow of the entity, except where it came from.
+    #[schemars(with = "Option<String>")]
+    pub identity: Option<Spanned<String>>,
 }
 
 /// A destination of a flow: a system name or a map with options.

@@ -24,6 +24,8 @@ pub struct Config {
     pub flows: Vec<Arc<Flow>>,
     /// Canonical entities, contracts and value maps.
     pub data: Arc<super::entities::DataModel>,
+    /// Identity rules per entity, with their routes.
+    pub identity: BTreeMap<String, Arc<crate::identity::Rules>>,
     /// What is allowed but probably not meant (replays accepted, updates
     /// deduplicated), each with its path, line and column: `weft validate`
     /// prints them, `weft run` logs them.
@@ -313,6 +315,9 @@ pub struct Flow {
     pub destinations: Vec<Destination>,
     /// Entity contract, violation and drift policy.
     pub data: super::entities::FlowData,
+    /// The identity rules of the entity whose canonical records this flow
+    /// feeds (`flows.<name>.identity`; also in `Config::identity`).
+    pub identity: Option<Arc<crate::identity::Rules>>,
 }
 
 /// One destination of a flow.
@@ -614,6 +619,14 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         }
     }
 
+    let mut identity =
+        super::identity::rules(&mut cx.issues, raw.identity, &|s| systems.contains_key(s));
+    if !identity.is_empty() && store.postgres.is_some() {
+        cx.at(
+            "identity",
+            "canonical records are kept by the SQLite store only for now: remove `store.postgres` or `identity`",
+        );
+    }
     let defaults = raw.defaults.delivery;
     let mut flows = Vec::new();
     for (name, f) in raw.flows {
@@ -746,17 +759,70 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 contract,
             });
         }
-        flows.push(Arc::new(Flow {
-            name,
-            from: f.from.value,
-            filter,
-            key,
-            mapping,
-            destinations,
-            data: fdata,
-        }));
+        let entity = match &f.identity {
+            None => None,
+            Some(e) => match identity.get_mut(&e.value) {
+                None => {
+                    cx.at_span(
+                        format!("{p}.identity"),
+                        e,
+                        format!(
+                            "unknown entity `{}`; declare it under `identity:`{}",
+                            e.value,
+                            if identity.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    " (known: {})",
+                                    identity.keys().cloned().collect::<Vec<_>>().join(", ")
+                                )
+                            }
+                        ),
+                    );
+                    None
+                }
+                Some(rules) => {
+                    if key.is_none() {
+                        cx.at_span(
+                            format!("{p}.identity"),
+                            e,
+                            "a flow feeding canonical records needs `key`: the source system's id of the record (e.g. `key: .id | tostring`)",
+                        );
+                    }
+                    for d in &destinations {
+                        super::identity::add_route(rules, &name, &d.system);
+                    }
+                    Some(e.value.clone())
+                }
+            },
+        };
+        flows.push((
+            Flow {
+                name,
+                from: f.from.value,
+                filter,
+                key,
+                mapping,
+                destinations,
+                data: fdata,
+                identity: None,
+            },
+            entity,
+        ));
     }
 
+    // the rules are complete (every flow's routes) only now
+    let identity: BTreeMap<String, Arc<crate::identity::Rules>> = identity
+        .into_iter()
+        .map(|(k, v)| (k, Arc::new(v)))
+        .collect();
+    let flows: Vec<Arc<Flow>> = flows
+        .into_iter()
+        .map(|(mut f, entity)| {
+            f.identity = entity.and_then(|e| identity.get(&e).cloned());
+            Arc::new(f)
+        })
+        .collect();
     if systems.is_empty() && flows.is_empty() {
         cx.at(
             "",
@@ -775,6 +841,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             systems,
             flows,
             data: Arc::new(data),
+            identity,
             warnings: cx.warnings,
         })
     } else {
@@ -1239,7 +1306,10 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
                     format!("`{}` must start with http:// or https://", cfg.url),
                 );
             }
-            let upsert = cfg.mode == Some(HttpSinkMode::UpsertLookup);
+            let upsert = matches!(
+                cfg.mode,
+                Some(HttpSinkMode::UpsertLookup | HttpSinkMode::ById)
+            );
             let method = cfg
                 .method
                 .clone()
@@ -1273,7 +1343,20 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
                     );
                 }
             }
-            if upsert && cfg.lookup_url.is_none() {
+            let by_id = cfg.mode == Some(HttpSinkMode::ById);
+            if by_id && cfg.update_url.is_none() {
+                cx.at(
+                    format!("{hp}.update_url"),
+                    "`mode: by_id` needs `update_url`, the URL of an update with `{_id}` (e.g. `https://erp.example.com/customers/{_id}`)",
+                );
+            }
+            if by_id && cfg.lookup_url.is_some() {
+                cx.at(
+                    format!("{hp}.lookup_url"),
+                    "`lookup_url` is used only with `mode: upsert_lookup`",
+                );
+            }
+            if upsert && !by_id && cfg.lookup_url.is_none() {
                 cx.at(
                     format!("{hp}.lookup_url"),
                     "`mode: upsert_lookup` needs `lookup_url` (the GET that finds the record)",
@@ -1289,7 +1372,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
                     if set {
                         cx.at(
                             format!("{hp}.{k}"),
-                            format!("`{k}` is used only with `mode: upsert_lookup`"),
+                            format!("`{k}` is used only with `mode: upsert_lookup` or `by_id`"),
                         );
                     }
                 }

@@ -483,6 +483,7 @@ fn outcome_flow(o: &FlowOutcome) -> &str {
     match o {
         FlowOutcome::Routed { flow, .. }
         | FlowOutcome::Filtered { flow }
+        | FlowOutcome::Canonical { flow, .. }
         | FlowOutcome::Rejected { flow, .. } => flow,
     }
 }
@@ -503,6 +504,11 @@ fn outcome_keys(o: &FlowOutcome) -> Vec<&str> {
 }
 
 fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
+    if let FlowOutcome::Canonical { flow, .. } = o {
+        return Err(StoreError::Invalid(format!(
+            "flow `{flow}` feeds canonical records, which only the SQLite store keeps for now"
+        )));
+    }
     if let FlowOutcome::Rejected {
         flow,
         stage: Stage::Deliver,
@@ -531,7 +537,7 @@ fn needs(o: &FlowOutcome, place: Option<&Place<'_>>) -> (usize, usize) {
             let fresh = deliveries.iter().any(|d| !placed(d.entity_key.as_deref()));
             (usize::from(fresh), 0)
         }
-        FlowOutcome::Filtered { .. } => (0, 0),
+        FlowOutcome::Filtered { .. } | FlowOutcome::Canonical { .. } => (0, 0),
         FlowOutcome::Rejected { entity_key, .. } => {
             (usize::from(!placed(entity_key.as_deref())), 1)
         }
@@ -590,6 +596,8 @@ impl Staged {
                     self.rows.push(o, flow, d, seq);
                 }
             }
+            // refused by `check_outcome` before anything is applied
+            FlowOutcome::Canonical { .. } => {}
             FlowOutcome::Filtered { flow } => {
                 bump(&mut self.deltas, flow, "", |c| {
                     c.received += 1;

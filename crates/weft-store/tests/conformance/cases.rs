@@ -1508,6 +1508,7 @@ pub async fn p0_3_external_id_committed_with_delivered(h: &mut impl Harness) {
             external_id: Some(id.into()),
             version: Some("v1".into()),
             fingerprint: None,
+            canonical: None,
         })
     };
     // a stale settlement's id goes nowhere

@@ -1,0 +1,263 @@
+//! `weft xref`, `weft history`, `weft trace`, `weft conflicts`: canonical
+//! records, their links to each system's ids, and what changed them.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use weft_store::HistoryFilter;
+use weft_store::canonical::HistoryEntry;
+
+use crate::ConfigArg;
+
+#[derive(Subcommand)]
+pub enum XrefCmd {
+    /// Canonical records, newest change first, with each system's id.
+    List {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        /// Only this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One canonical record: its fields (who set each, when), its links
+    /// and what each linked system is known to hold. ID is the canonical
+    /// id, or `SYSTEM:ID` for a system's id.
+    Show {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn when(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}
+
+pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
+    match cmd {
+        XrefCmd::List {
+            cfg,
+            entity,
+            limit,
+            json,
+        } => {
+            let cfg = match crate::load_config_for_inspection(&cfg.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let r = crate::status::open_read_only(&cfg)?;
+            let mut views = Vec::new();
+            for (e, id) in r.canonical_list(entity.as_deref(), limit)? {
+                if let Some(v) = r.canonical(&e, &id)? {
+                    views.push(v);
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if views.is_empty() {
+                println!("no canonical records yet (flows with `identity:` make them)");
+            }
+            for v in views {
+                let ids: Vec<String> = v
+                    .links
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "{}={}",
+                            l.system,
+                            l.external_id.as_deref().unwrap_or("(pending)")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{} {} v{} {}  {}",
+                    v.entity,
+                    v.id,
+                    v.version,
+                    when(v.updated_at),
+                    ids.join(" ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        XrefCmd::Show {
+            cfg,
+            entity,
+            id,
+            json,
+        } => {
+            let cfg = match crate::load_config_for_inspection(&cfg.config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let r = crate::status::open_read_only(&cfg)?;
+            let cid = match id.split_once(':') {
+                Some((system, ext)) if cfg.systems.contains_key(system) => {
+                    r.canonical_by_external(&entity, system, ext)?
+                }
+                _ => Some(id.clone()),
+            };
+            let Some(v) = cid.map(|c| r.canonical(&entity, &c)).transpose()?.flatten() else {
+                eprintln!("no {entity} record {id}");
+                return Ok(ExitCode::from(1));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{} {} (version {}, changed {})",
+                v.entity,
+                v.id,
+                v.version,
+                when(v.updated_at)
+            );
+            for (k, val) in &v.state {
+                let by = v
+                    .meta
+                    .get(k)
+                    .map(|m| format!("{} at {}", m.system, when(m.at)))
+                    .unwrap_or_default();
+                println!("  {k} = {val}    ({by})");
+            }
+            for l in &v.links {
+                println!(
+                    "  link {} = {} ({})",
+                    l.system,
+                    l.external_id.as_deref().unwrap_or("(pending)"),
+                    l.how
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_history(rows: &[HistoryEntry], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    for h in rows {
+        println!(
+            "{} {} {} {} by {} (event {}, correlation {}): {}",
+            when(h.at),
+            h.entity,
+            if h.canonical_id.is_empty() {
+                "-"
+            } else {
+                &h.canonical_id
+            },
+            h.action,
+            h.system,
+            h.event_id,
+            h.correlation_id,
+            h.detail
+        );
+    }
+    Ok(())
+}
+
+/// `weft history ENTITY ID`: every change of one record.
+pub fn history(cfg: ConfigArg, entity: String, id: String, json: bool) -> Result<ExitCode> {
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let r = crate::status::open_read_only(&cfg)?;
+    let cid = match id.split_once(':') {
+        Some((system, ext)) if cfg.systems.contains_key(system) => {
+            r.canonical_by_external(&entity, system, ext)?.unwrap_or(id)
+        }
+        _ => id,
+    };
+    let rows = r.canonical_history(&HistoryFilter {
+        entity: Some(entity),
+        canonical_id: Some(cid),
+        ..Default::default()
+    })?;
+    print_history(&rows, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `weft trace CORRELATION_ID`: what one change did to canonical records,
+/// and the rows it caused at each destination.
+pub fn trace(cfg: ConfigArg, correlation_id: String, json: bool) -> Result<ExitCode> {
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let r = crate::status::open_read_only(&cfg)?;
+    let rows = r.canonical_history(&HistoryFilter {
+        correlation_id: Some(correlation_id),
+        ..Default::default()
+    })?;
+    print_history(&rows, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub enum ConflictsCmd {
+    /// Manual conflicts, oldest first (open ones unless `--all`).
+    List {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn conflicts(cmd: ConflictsCmd) -> Result<ExitCode> {
+    let ConflictsCmd::List {
+        cfg,
+        all,
+        limit,
+        json,
+    } = cmd;
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let r = crate::status::open_read_only(&cfg)?;
+    let rows = r.conflicts(if all { None } else { Some("open") }, limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("no conflicts");
+    }
+    for c in rows {
+        println!(
+            "#{} {} {} .{}: {} has {} (set by {}), {} says {} (event {}) [{}]",
+            c.id,
+            c.entity,
+            c.canonical_id,
+            c.field,
+            "canonical",
+            c.current,
+            c.current_system,
+            c.system,
+            c.proposed,
+            c.event_id,
+            c.status
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,606 @@
+//! Two-way sync without echo: a CRM and an ERP, each a real HTTP server in
+//! this test that stores customers, accepts weft's writes and — as real
+//! systems do — reports every change (its users' and weft's own writes) to
+//! weft by webhook. Thousands of random edits on both sides, weft SIGKILLed
+//! in the middle; afterwards both systems hold the same customers, nothing
+//! was created twice, weft never wrote a value a system already had
+//! (ping-pong), a non-owner's change was refused, and the ledger balances.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{Hub, free_port, status, wait_for, weft_cmd};
+use serde_json::{Map, Value, json};
+
+/// A business system: customers by id, webhooks out, an API for weft.
+struct Sim {
+    name: &'static str,
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    queue: mpsc::Sender<(String, Value)>,
+    /// Webhooks queued or being sent.
+    unsent: Arc<AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+#[derive(Default)]
+struct Inner {
+    prefix: &'static str,
+    records: BTreeMap<String, Map<String, Value>>,
+    next: u64,
+    /// Writes from weft.
+    writes: u64,
+    /// Writes from weft that changed nothing, with an idempotency key not
+    /// seen before (a write repeated after a crash is not counted).
+    noop_writes: u64,
+    noop_ids: Vec<String>,
+    log: Vec<(String, String, String)>,
+    /// Changes reported so far (the webhooks' event ids count them).
+    changes: u64,
+    /// Writes from weft caused by an echo: an event this or the other
+    /// system sent because weft had written to it.
+    bounces: u64,
+    /// Writes caused by an echo of the system written to (see `caused_by_echo`).
+    repairs: u64,
+    creates: u64,
+    /// Writes with an idempotency key seen before (repeated after a crash).
+    repeats: u64,
+    keys: HashSet<String>,
+}
+
+/// Event ids of webhooks sent because weft wrote (both systems').
+type Echoes = Arc<Mutex<HashSet<String>>>;
+
+type St = (
+    Arc<Mutex<Inner>>,
+    mpsc::Sender<(String, Value)>,
+    Arc<AtomicU64>,
+    Echoes,
+);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Queue the webhook of a change; returns its event id.
+fn send_change(
+    g: &mut Inner,
+    name: &str,
+    queue: &mpsc::Sender<(String, Value)>,
+    unsent: &AtomicU64,
+    id: &str,
+    rec: &Map<String, Value>,
+) -> String {
+    g.changes += 1;
+    let event = format!("{name}-change-{}", g.changes);
+    let mut body = rec.clone();
+    body.insert("id".into(), Value::String(id.into()));
+    body.insert("updated_at".into(), json!(now_ms()));
+    unsent.fetch_add(1, Ordering::SeqCst);
+    let _ = queue.send((event.clone(), Value::Object(body)));
+    event
+}
+
+impl Sim {
+    fn start(name: &'static str, prefix: &'static str, hook: String, echoes: Echoes) -> Sim {
+        use axum::extract::{Path, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let inner = Arc::new(Mutex::new(Inner {
+            prefix,
+            ..Default::default()
+        }));
+        let (tx, rx) = mpsc::channel::<(String, Value)>();
+        let unsent = Arc::new(AtomicU64::new(0));
+        // the webhook sender: in order, retried until weft accepts
+        let u2 = unsent.clone();
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            for (id, body) in rx {
+                loop {
+                    match client
+                        .post(&hook)
+                        .header("x-event-id", &id)
+                        .json(&body)
+                        .send()
+                    {
+                        Ok(r) if r.status().is_success() => break,
+                        _ => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+                u2.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+        fn report(st: &St, g: &mut Inner, id: &str, rec: &Map<String, Value>) {
+            let name = if g.prefix == "C" { "crm" } else { "erp" };
+            let event = send_change(g, name, &st.1, &st.2, id, rec);
+            st.3.lock().unwrap().insert(event);
+        }
+        // a write caused by an echo: of the other system (ping-pong), or of
+        // this one (a repair: weft's whole-record write had put an older
+        // value over a change the system's user made while it was on its way)
+        fn caused_by_echo(st: &St, g: &mut Inner, headers: &HeaderMap) {
+            let own = if g.prefix == "C" { "crm-" } else { "erp-" };
+            if let Some(c) = headers.get("x-causation-id").and_then(|v| v.to_str().ok())
+                && st.3.lock().unwrap().contains(c)
+            {
+                if c.starts_with(own) {
+                    g.repairs += 1;
+                } else {
+                    g.bounces += 1;
+                    eprintln!("ping-pong: a write to {} caused by the echo {c}", g.prefix);
+                }
+            }
+        }
+        async fn create(
+            State(st): State<St>,
+            headers: HeaderMap,
+            axum::Json(body): axum::Json<Map<String, Value>>,
+        ) -> axum::response::Response {
+            let mut g = st.0.lock().unwrap();
+            if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+                g.keys.insert(k.to_owned());
+            }
+            g.next += 1;
+            let id = format!("{}-{}", g.prefix, g.next);
+            g.writes += 1;
+            g.creates += 1;
+            caused_by_echo(&st, &mut g, &headers);
+            g.records.insert(id.clone(), body.clone());
+            report(&st, &mut g, &id, &body);
+            axum::Json(json!({"id": id})).into_response()
+        }
+        async fn update(
+            State(st): State<St>,
+            Path(id): Path<String>,
+            headers: HeaderMap,
+            axum::Json(body): axum::Json<Map<String, Value>>,
+        ) -> axum::response::Response {
+            let mut g = st.0.lock().unwrap();
+            let key = headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let repeated = !g.keys.insert(key.clone());
+            let t = format!(
+                "{:?}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    % 100_000
+            );
+            g.log.push((
+                id.clone(),
+                format!("{t} {key}"),
+                serde_json::to_string(&body).unwrap(),
+            ));
+            let Some(rec) = g.records.get(&id).cloned() else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            let mut next = rec.clone();
+            for (k, v) in &body {
+                next.insert(k.clone(), v.clone());
+            }
+            g.writes += 1;
+            if repeated {
+                g.repeats += 1;
+            } else if next == rec {
+                g.noop_writes += 1;
+                g.noop_ids.push(id.clone());
+                eprintln!("no-op write to {}/{id} (key {key}): {body:?}", g.prefix);
+            }
+            if !repeated {
+                caused_by_echo(&st, &mut g, &headers);
+            }
+            g.records.insert(id.clone(), next.clone());
+            report(&st, &mut g, &id, &next);
+            axum::Json(json!({"id": id})).into_response()
+        }
+        let st: St = (inner.clone(), tx.clone(), unsent.clone(), echoes);
+        let app = axum::Router::new()
+            .route("/customers", axum::routing::post(create))
+            .route("/customers/{id}", axum::routing::put(update))
+            .with_state(st);
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Sim {
+            name,
+            addr,
+            inner,
+            queue: tx,
+            unsent,
+            _rt: rt,
+        }
+    }
+
+    /// A user creates a record.
+    fn user_create(&self, rec: Map<String, Value>) -> String {
+        let mut g = self.inner.lock().unwrap();
+        g.next += 1;
+        let id = format!("{}-{}", g.prefix, g.next);
+        g.records.insert(id.clone(), rec.clone());
+        send_change(&mut g, self.name, &self.queue, &self.unsent, &id, &rec);
+        id
+    }
+
+    /// A user changes one field.
+    fn user_edit(&self, id: &str, field: &str, value: Value) {
+        let mut g = self.inner.lock().unwrap();
+        let Some(rec) = g.records.get_mut(id) else {
+            return;
+        };
+        rec.insert(field.into(), value);
+        let rec = rec.clone();
+        send_change(&mut g, self.name, &self.queue, &self.unsent, id, &rec);
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.inner.lock().unwrap().records.keys().cloned().collect()
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, Map<String, Value>> {
+        self.inner.lock().unwrap().records.clone()
+    }
+}
+
+/// xorshift: enough randomness for edits, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn config(crm: SocketAddr, erp: SocketAddr) -> String {
+    format!(
+        r#"
+store:
+  path: weft.db
+systems:
+  crm:
+    source:
+      webhook: {{path: /hooks/crm}}
+    sink:
+      http:
+        url: http://{crm}/customers
+        mode: by_id
+        update_url: http://{crm}/customers/{{_id}}
+        capture_id: .id
+  erp:
+    source:
+      webhook: {{path: /hooks/erp}}
+    sink:
+      http:
+        url: http://{erp}/customers
+        mode: by_id
+        update_url: http://{erp}/customers/{{_id}}
+        capture_id: .id
+identity:
+  customer:
+    create: [crm]
+    owners:
+      credit_limit: [erp]
+      "*": [crm, erp]
+    conflict: last_write_wins
+    non_owner: flag
+    match: [email]
+flows:
+  crm_customers:
+    from: crm
+    identity: customer
+    key: .id
+    # the CRM has a credit_limit field too, but the ERP owns it
+    mapping: '{{name, email, phone, _time: .updated_at}} + (if has("credit_limit") then {{credit_limit}} else {{}} end)'
+    to:
+      - system: erp
+        mapping: '{{_id, customer_name: .name, email, phone, credit_limit}}'
+        delivery: {{initial_backoff: 50ms, max_backoff: 500ms}}
+  erp_customers:
+    from: erp
+    identity: customer
+    key: .id
+    mapping: '{{name: .customer_name, email, phone, credit_limit, _time: .updated_at}}'
+    to:
+      - system: crm
+        mapping: '{{_id, name, email, phone}}'
+        delivery: {{initial_backoff: 50ms, max_backoff: 500ms}}
+"#
+    )
+}
+
+#[test]
+fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes.clone());
+    std::fs::write(dir.path().join("weft.yaml"), config(crm.addr, erp.addr)).unwrap();
+    let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let mut hub = Some(Hub::start(dir.path(), "weft.yaml", port, &[]));
+
+    // the CRM creates customers; each appears once in the ERP
+    const N: usize = 40;
+    for i in 0..N {
+        let mut r = Map::new();
+        r.insert("name".into(), json!(format!("Customer {i}")));
+        r.insert("email".into(), json!(format!("c{i}@example.com")));
+        r.insert("phone".into(), json!(format!("+1-555-{i:04}")));
+        crm.user_create(r);
+    }
+    wait_for(Duration::from_secs(60), "every customer in the ERP", || {
+        erp.ids().len() >= N
+    });
+
+    // the ERP sets credit limits (it owns them)
+    for (i, id) in erp.ids().iter().enumerate() {
+        erp.user_edit(id, "credit_limit", json!(1000 + i));
+    }
+
+    // random concurrent edits on both sides; weft SIGKILLed twice meanwhile
+    const EDITS: u64 = 1500;
+    let stop = Arc::new(AtomicBool::new(false));
+    let crm_ids = crm.ids();
+    let erp_ids = erp.ids();
+    let edits_done = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        let (crm, erp) = (&crm, &erp);
+        let (crm_ids, erp_ids) = (&crm_ids, &erp_ids);
+        let done = edits_done.clone();
+        s.spawn(move || {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            for n in 0..EDITS {
+                let id = &crm_ids[rng.below(crm_ids.len() as u64) as usize];
+                let field = ["name", "phone"][rng.below(2) as usize];
+                crm.user_edit(id, field, json!(format!("crm-{field}-{n}")));
+                done.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(rng.below(3000)));
+            }
+        });
+        let done = edits_done.clone();
+        s.spawn(move || {
+            let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+            for n in 0..EDITS {
+                let id = &erp_ids[rng.below(erp_ids.len() as u64) as usize];
+                let field = ["customer_name", "phone", "credit_limit"][rng.below(3) as usize];
+                let value = if field == "credit_limit" {
+                    json!(n)
+                } else {
+                    json!(format!("erp-{field}-{n}"))
+                };
+                erp.user_edit(id, field, value);
+                done.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(rng.below(3000)));
+            }
+        });
+        for at in [EDITS / 2, EDITS + EDITS / 2]
+            .into_iter()
+            .filter(|_| std::env::var("NO_CRASH").is_err())
+        {
+            while edits_done.load(Ordering::SeqCst) < at {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            hub.take().unwrap().kill9();
+            std::thread::sleep(Duration::from_millis(300));
+            hub = Some(Hub::start(dir.path(), "weft.yaml", port, &[]));
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    // a non-owner's change: the CRM's user sets a credit limit
+    let c0 = crm_ids[0].clone();
+    crm.user_edit(&c0, "credit_limit", json!(999_999));
+
+    // quiet: every webhook accepted, nothing pending, nothing written for a while
+    let settled = || {
+        crm.unsent.load(Ordering::SeqCst) == 0
+            && erp.unsent.load(Ordering::SeqCst) == 0
+            && status(dir.path(), "weft.yaml", &[])["lanes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["pending"] == 0)
+    };
+    let writes = || crm.inner.lock().unwrap().writes + erp.inner.lock().unwrap().writes;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the systems did not settle");
+        if settled() {
+            let before = writes();
+            std::thread::sleep(Duration::from_secs(2));
+            if settled() && writes() == before {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // converged: the same customers on both sides, created once
+    let (c, e) = (crm.snapshot(), erp.snapshot());
+    assert_eq!(c.len(), N, "the CRM holds each customer once");
+    assert_eq!(e.len(), N, "the ERP holds each customer once");
+    let by_email: BTreeMap<String, &Map<String, Value>> = e
+        .values()
+        .map(|r| (r["email"].as_str().unwrap().to_owned(), r))
+        .collect();
+    for (id, r) in &c {
+        let email = r["email"].as_str().unwrap();
+        let er = by_email
+            .get(email)
+            .unwrap_or_else(|| panic!("{id} ({email}) not in the ERP"));
+        assert_eq!(r["name"], er["customer_name"], "{id}: name");
+        assert_eq!(r["phone"], er["phone"], "{id}: phone");
+        // and the canonical record says the same
+        let show = weft_cmd(
+            dir.path(),
+            &[
+                "xref",
+                "show",
+                "-c",
+                "weft.yaml",
+                "customer",
+                &format!("crm:{id}"),
+                "--json",
+            ],
+        );
+        assert!(
+            show.status.success(),
+            "{}",
+            String::from_utf8_lossy(&show.stderr)
+        );
+        let v: Value = serde_json::from_slice(&show.stdout).unwrap();
+        assert_eq!(v["state"]["name"], r["name"], "{id}: canonical name");
+        assert_eq!(v["state"]["phone"], r["phone"], "{id}: canonical phone");
+        assert_eq!(
+            v["state"]["credit_limit"], er["credit_limit"],
+            "{id}: canonical credit limit"
+        );
+        let erp_link = v["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["system"] == "erp")
+            .unwrap_or_else(|| panic!("{id}: no ERP link: {v}"));
+        assert!(e.contains_key(erp_link["external_id"].as_str().unwrap()));
+    }
+
+    // the non-owner's credit limit reached neither the canonical record nor the ERP
+    let er0 = by_email[c[&c0]["email"].as_str().unwrap()];
+    assert_ne!(er0["credit_limit"], json!(999_999));
+    let hist = weft_cmd(
+        dir.path(),
+        &[
+            "history",
+            "-c",
+            "weft.yaml",
+            "customer",
+            &format!("crm:{c0}"),
+            "--json",
+        ],
+    );
+    let hist: Value = serde_json::from_slice(&hist.stdout).unwrap();
+    assert!(
+        hist.as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["action"] == "refused"
+                && h["detail"]
+                    .to_string()
+                    .contains("does not own `credit_limit`")),
+        "the refused change is in the history: {hist}"
+    );
+
+    // no ping-pong: weft never wrote values a system already held
+    let (ci, ei) = (crm.inner.lock().unwrap(), erp.inner.lock().unwrap());
+    let user_edits = 2 * EDITS + N as u64 + 1;
+    println!(
+        "edits by users: {user_edits}; weft wrote {} times to the CRM, {} to the ERP ({} creates, {} repeated after a crash); no-op writes: crm {}, erp {}; ping-pong writes (caused by the other system's echo): {}; repairs: {}",
+        ci.writes,
+        ei.writes,
+        ei.creates,
+        ci.repeats + ei.repeats,
+        ci.noop_writes,
+        ei.noop_writes,
+        ci.bounces + ei.bounces,
+        ci.repairs + ei.repairs
+    );
+    for (sys, id) in ci
+        .noop_ids
+        .iter()
+        .map(|i| ("crm", i))
+        .chain(ei.noop_ids.iter().map(|i| ("erp", i)))
+    {
+        let h = weft_cmd(
+            dir.path(),
+            &[
+                "history",
+                "-c",
+                "weft.yaml",
+                "customer",
+                &format!("{sys}:{id}"),
+            ],
+        );
+        eprintln!(
+            "history of {sys}:{id}:\n{}",
+            String::from_utf8_lossy(&h.stdout)
+        );
+        let x = weft_cmd(
+            dir.path(),
+            &[
+                "xref",
+                "show",
+                "-c",
+                "weft.yaml",
+                "customer",
+                &format!("{sys}:{id}"),
+                "--json",
+            ],
+        );
+        eprintln!(
+            "XREF {}",
+            String::from_utf8_lossy(&x.stdout).replace('\n', " ")
+        );
+        let g = if sys == "crm" { &ci } else { &ei };
+        for (i, k, b) in &g.log {
+            if i == id {
+                eprintln!("WRITE {k} {b}");
+            }
+        }
+    }
+    assert_eq!(
+        ci.bounces + ei.bounces,
+        0,
+        "ping-pong: writes caused by the other system's echo"
+    );
+    assert_eq!(
+        ci.noop_writes + ei.noop_writes,
+        0,
+        "writes of values a system held"
+    );
+    assert_eq!(
+        ei.creates, N as u64,
+        "each customer created once in the ERP"
+    );
+    assert_eq!(ci.creates, 0, "weft never created in the CRM");
+    assert!(
+        ci.writes + ei.writes - ci.repeats - ei.repeats <= user_edits,
+        "each user edit causes at most one write"
+    );
+    drop((ci, ei));
+
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    let _ = (crm.name, erp.name, stop);
+    hub.take().unwrap().stop();
+}
