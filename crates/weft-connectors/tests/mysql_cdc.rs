@@ -583,6 +583,34 @@ async fn a_purged_binlog_stops_the_source_unless_it_may_snapshot_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_snapshot_the_stream_starts_at_the_binlog_end() {
+    let Some(mut db) = TestDb::new().await else {
+        return;
+    };
+    db.exec("CREATE TABLE items (id INT PRIMARY KEY, v INT)")
+        .await;
+    db.exec("INSERT INTO items VALUES (1, 1)").await;
+    let settings = "        tables: [items]\n        snapshot: never\n        heartbeat: 200ms\n";
+    let mem = Arc::new(Mem::default());
+    let run = start(db.source(settings), &mem);
+    // the start position is saved before anything happens
+    wait_for("the start position", 20, || mem.streaming()).await;
+    db.exec("UPDATE items SET v = 2 WHERE id = 1").await;
+    wait_for("the update", 20, || mem.len() == 1).await;
+    let e = &mem.data()[0];
+    assert_eq!(e["op"], "u");
+    assert_eq!(e["before"], json!({"id": 1, "v": 1}));
+    assert_eq!(e["after"], json!({"id": 1, "v": 2}));
+    // idle heartbeats move the saved position past other tables' changes
+    let before = mem.checkpoint();
+    db.exec("CREATE TABLE other (id INT PRIMARY KEY)").await;
+    db.exec("INSERT INTO other VALUES (1)").await;
+    wait_for("the position past them", 20, || mem.checkpoint() != before).await;
+    run.stop().await.unwrap();
+    assert_eq!(mem.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_is_a_clear_error() {
     let Some(db) = TestDb::new().await else {
         return;

@@ -903,7 +903,10 @@ impl Reader {
         // the next event's start (artificial events have 0 or an earlier
         // offset: a dump from the middle of a file gets its format
         // description again)
-        if u64::from(h.log_pos()) > self.cur.1 && ty != EventType::ROTATE_EVENT as u8 {
+        if u64::from(h.log_pos()) > self.cur.1
+            && ty != EventType::ROTATE_EVENT as u8
+            && ty != EventType::HEARTBEAT_EVENT as u8
+        {
             self.cur.1 = u64::from(h.log_pos());
         }
         if ty == MARIADB_GTID_EVENT {
