@@ -31,6 +31,32 @@ if ! up 3306; then
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
   wait_up 3306 || echo "WARNING: MariaDB did not come up"
 fi
+# MariaDB binlog (the mysql_cdc source's tests): log_bin, binlog_format=ROW,
+# a server_id, full row images. log_bin needs a restart, done only when it is
+# off; the settings go to a file my.cnf includes, so a restart by the
+# command in SERVICES.md keeps them.
+my_sql() { mysql -h 127.0.0.1 -P 3306 -uroot -NBe "$1" 2>/dev/null; }
+if up 3306 && [ "$(my_sql 'SELECT @@log_bin')" = "0" ]; then
+  echo "MariaDB: enabling the binlog (ROW) and restarting"
+  mkdir -p /etc/mysql/conf.d
+  cat >/etc/mysql/conf.d/weft-cdc.cnf <<'CNF'
+# written by weft's .ci/services.sh: the binlog the mysql_cdc source reads
+[mysqld]
+log_bin = mysql-bin
+binlog_format = ROW
+binlog_row_image = FULL
+server_id = 1
+# keep the disk bounded on long-lived machines (binlogs older than 3 days)
+expire_logs_days = 3
+CNF
+  grep -q '^!includedir /etc/mysql/conf.d' /etc/mysql/my.cnf \
+    || printf '\n!includedir /etc/mysql/conf.d/\n' >>/etc/mysql/my.cnf
+  mysqladmin -h 127.0.0.1 -P 3306 -uroot shutdown || true
+  for _ in $(seq 1 120); do pgrep -x mariadbd >/dev/null || break; sleep 0.5; done
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+  for _ in $(seq 1 120); do my_sql 'SELECT 1' >/dev/null && break; sleep 0.5; done
+  [ "$(my_sql 'SELECT @@log_bin')" = "1" ] || echo "WARNING: MariaDB binlog is not on"
+fi
 if ! up 4222; then
   echo "starting NATS"
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \

@@ -49,6 +49,20 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
             );
         }
+        #[cfg(feature = "cdc-mysql")]
+        if let Some(SourceSpec::MysqlCdc { settings }) = &sys.source
+            && let Err(found) = crate::cdc::mysql::MyCdcConfig::from_settings(name, settings)
+        {
+            issues.extend(found);
+        }
+        #[cfg(not(feature = "cdc-mysql"))]
+        if let Some(SourceSpec::MysqlCdc { .. }) = &sys.source {
+            issue(
+                &mut issues,
+                &format!("systems.{name}.source.mysql_cdc"),
+                crate::without_feature("cdc-mysql", "MariaDB/MySQL change data capture"),
+            );
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

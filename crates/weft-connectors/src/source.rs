@@ -131,6 +131,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
             SourceHandle::Task(Box::new(crate::sql_poll::SqlPollSource::new(system, spec)?))
         }
         SourceSpec::PostgresCdc { settings } => postgres_cdc(system, settings)?,
+        SourceSpec::MysqlCdc { settings } => mysql_cdc(system, settings)?,
     })
 }
 
@@ -159,6 +160,34 @@ fn postgres_cdc(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("cdc-postgres", "PostgreSQL change data capture"),
+    })
+}
+
+#[cfg(feature = "cdc-mysql")]
+fn mysql_cdc(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    let cfg =
+        crate::cdc::mysql::MyCdcConfig::from_settings(system, settings).map_err(|issues| {
+            SourceError {
+                system: system.to_owned(),
+                message: crate::cdc::mysql::config::describe(&issues),
+            }
+        })?;
+    Ok(SourceHandle::Task(Box::new(
+        crate::cdc::mysql::MyCdcSource::new(system, cfg),
+    )))
+}
+
+#[cfg(not(feature = "cdc-mysql"))]
+fn mysql_cdc(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("cdc-mysql", "MariaDB/MySQL change data capture"),
     })
 }
 

@@ -201,7 +201,8 @@ impl Runtime {
             let dedupe = match spec_ref {
                 weft_core::config::SourceSpec::File { .. }
                 | weft_core::config::SourceSpec::Generate { .. }
-                | weft_core::config::SourceSpec::PostgresCdc { .. } => Dedupe::Position,
+                | weft_core::config::SourceSpec::PostgresCdc { .. }
+                | weft_core::config::SourceSpec::MysqlCdc { .. } => Dedupe::Position,
                 _ => Dedupe::Id,
             };
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
@@ -210,7 +211,11 @@ impl Runtime {
                     let t = drift::Tracker::open(journal.read(), name, &flows);
                     // a change event's positions and times are new in
                     // every event: not drift
-                    if matches!(spec_ref, weft_core::config::SourceSpec::PostgresCdc { .. }) {
+                    if matches!(
+                        spec_ref,
+                        weft_core::config::SourceSpec::PostgresCdc { .. }
+                            | weft_core::config::SourceSpec::MysqlCdc { .. }
+                    ) {
                         t.ignoring("/source")
                     } else {
                         t

@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -188,16 +188,6 @@ impl Drop for DropDb {
     }
 }
 
-/// The lines of the JSON Lines file (the sink cuts a partial last line
-/// when it opens the file again).
-fn lines(path: &std::path::Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 fn lsn(v: &Value) -> u64 {
     let s = v.as_str().unwrap();
     let (hi, lo) = s.split_once('/').unwrap();
@@ -232,7 +222,7 @@ fn cdc_exactly_once_and_in_order_per_key_across_sigkills() {
         return;
     }
     let started = Instant::now();
-    let db = format!("weft_cdc_e2e_{}", &uuid_like());
+    let db = format!("weft_cdc_e2e_{}", &unique_suffix());
     rt.block_on(admin.batch_execute(&format!("CREATE DATABASE {db}")))
         .unwrap();
     let cleanup = DropDb(db.clone());
@@ -283,7 +273,7 @@ flows:
     let out = dir.path().join("out.jsonl");
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while lines(&out).len() < SEEDED as usize {
+    while jsonl_lines(&out).len() < SEEDED as usize {
         assert!(
             Instant::now() < deadline,
             "no snapshot; log:\n{}",
@@ -298,16 +288,11 @@ flows:
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| rt.spawn(writer(url.clone(), w, done.clone())))
         .collect();
-    let mut kills = 1;
-    let mut pause = 700u64;
-    while writers.iter().any(|w| !w.is_finished()) {
-        let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
-        std::thread::sleep(Duration::from_millis(pause));
-        pause = 400 + (pause * 7919) % 900;
-        logs.push(hub.log_text());
-        hub.kill9();
-        kills += 1;
-    }
+    let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
+        writers.iter().any(|w| !w.is_finished())
+    });
+    let kills = kills + 1;
+    logs.extend(more);
     for w in writers {
         rt.block_on(w).unwrap();
     }
@@ -318,7 +303,7 @@ flows:
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let n = lines(&out)
+        let n = jsonl_lines(&out)
             .iter()
             .filter(|l| l["data"]["op"] != "r")
             .map(|l| l["idempotency_key"].as_str().unwrap().to_owned())
@@ -344,28 +329,21 @@ flows:
     // nothing more than that comes
     std::thread::sleep(Duration::from_millis(700));
     assert!(hub.stop().success());
-    let all = lines(&out);
+    let all = jsonl_lines(&out);
 
-    // one idempotency key and one payload per position, and the reverse
-    let mut by_pos: HashMap<(u64, u64), (String, Value)> = HashMap::new();
-    let mut keys: HashMap<String, (u64, u64)> = HashMap::new();
-    let mut snapshot_ids = HashSet::new();
-    for l in &all {
-        let d = &l["data"];
-        let key = l["idempotency_key"].as_str().unwrap().to_owned();
-        if d["op"] == "r" {
-            snapshot_ids.insert(d["after"]["id"].as_i64().unwrap());
-            continue;
-        }
-        let p = (
+    // one idempotency key and one payload per position, and the reverse;
+    // in order per key
+    let by_pos = check_cdc_lines(&all, |d| {
+        (
             lsn(&d["source"]["commit_lsn"]),
             d["source"]["tx_ordinal"].as_u64().unwrap(),
-        );
-        let prev = by_pos.entry(p).or_insert_with(|| (key.clone(), d.clone()));
-        assert_eq!(prev.0, key, "one position, two idempotency keys");
-        assert_eq!(&prev.1, d, "one position, two payloads");
-        assert_eq!(*keys.entry(key).or_insert(p), p, "one key, two positions");
-    }
+        )
+    });
+    let snapshot_ids: HashSet<i64> = all
+        .iter()
+        .filter(|l| l["data"]["op"] == "r")
+        .map(|l| l["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(
         snapshot_ids,
         (1..=SEEDED as i64).collect::<HashSet<_>>(),
@@ -373,7 +351,7 @@ flows:
     );
     // every committed change, nothing of the rolled-back transactions
     let mut per_xid: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for (p, (_, d)) in &by_pos {
+    for (p, d) in &by_pos {
         per_xid
             .entry(d["source"]["xid"].as_u64().unwrap())
             .or_default()
@@ -385,23 +363,6 @@ flows:
         let mut ords = per_xid.remove(&(*xid as u64)).unwrap_or_default();
         ords.sort_unstable();
         assert_eq!(ords, (1..=*n).collect::<Vec<_>>(), "transaction {xid}");
-    }
-    // in order per key: the write sequence (redeliveries included) never
-    // goes back to an earlier change of the key
-    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
-    for l in &all {
-        let d = &l["data"];
-        if d["op"] == "r" {
-            continue;
-        }
-        let p = (
-            lsn(&d["source"]["commit_lsn"]),
-            d["source"]["tx_ordinal"].as_u64().unwrap(),
-        );
-        let k = d["key"].to_string();
-        if let Some(prev) = last.insert(k.clone(), p) {
-            assert!(prev <= p, "key {k}: {prev:?} written after {p:?}");
-        }
     }
     // the final state matches the database's
     let rows = rt
@@ -442,13 +403,4 @@ flows:
 
     drop(c);
     drop(cleanup);
-}
-
-/// 16 hex digits from the clock and the process id (no uuid in this crate).
-fn uuid_like() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    format!("{:016x}", t ^ ((std::process::id() as u64) << 40))
 }

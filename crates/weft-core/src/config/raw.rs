@@ -193,6 +193,11 @@ pub enum RawSource {
     /// Its settings are the connector's own (weft-connectors
     /// `cdc/postgres/config.rs`).
     PostgresCdc(ConnectorSettings),
+    /// Change data capture from the MariaDB/MySQL binlog (ROW format):
+    /// inserts, updates and deletes, after an initial snapshot. Its
+    /// settings are the connector's own (weft-connectors
+    /// `cdc/mysql/config.rs`).
+    MysqlCdc(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -1174,7 +1179,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type."
         })
     }
 }

@@ -177,6 +177,9 @@ pub enum SourceSpec {
     },
     /// PostgreSQL change data capture; the connector validates `settings`.
     PostgresCdc { settings: ConnectorSettings },
+    /// MariaDB/MySQL binlog change data capture; the connector validates
+    /// `settings`.
+    MysqlCdc { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -188,6 +191,7 @@ impl SourceSpec {
             SourceSpec::Rest { .. } => "rest",
             SourceSpec::SqlPoll { .. } => "sql_poll",
             SourceSpec::PostgresCdc { .. } => "postgres_cdc",
+            SourceSpec::MysqlCdc { .. } => "mysql_cdc",
         }
     }
 }
@@ -658,7 +662,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         let key = match &f.key {
             Some(c) => cx.program(&format!("{p}.key"), c, &[]),
             // a change event's subject is its table and primary key
-            None if source_kind == Some("postgres_cdc") => {
+            None if matches!(source_kind, Some("postgres_cdc" | "mysql_cdc")) => {
                 Program::compile("$event.subject", &[]).ok().map(Arc::new)
             }
             None => None,
@@ -1218,6 +1222,7 @@ fn source_spec(
             sql_poll_source_spec(cx, &format!("{p}.sql_poll"), system, cfg, base)
         }
         RawSource::PostgresCdc(settings) => Some(SourceSpec::PostgresCdc { settings }),
+        RawSource::MysqlCdc(settings) => Some(SourceSpec::MysqlCdc { settings }),
     }
 }
 

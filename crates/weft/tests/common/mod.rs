@@ -362,3 +362,91 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+// ---------------------------------------------------------------------------
+// CDC crash tests (cdc.rs, mysql_cdc.rs)
+// ---------------------------------------------------------------------------
+
+/// The lines of a JSON Lines file (the sink cuts a partial last line when
+/// it opens the file again).
+pub fn jsonl_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// 16 hex digits from the clock and the process id (for names of a test's
+/// own databases).
+pub fn unique_suffix() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!("{:016x}", t ^ ((std::process::id() as u64) << 40))
+}
+
+/// Start weft, let it run a while, SIGKILL it, again and again while
+/// `busy()` holds (pauses of 0.4 to 1.3 s). Returns how many kills and
+/// each run's log.
+pub fn kill_while(
+    dir: &Path,
+    config: &str,
+    env: &[(&str, &str)],
+    busy: impl Fn() -> bool,
+) -> (usize, Vec<String>) {
+    let mut kills = 0;
+    let mut logs = Vec::new();
+    let mut pause = 700u64;
+    while busy() {
+        let hub = Hub::start(dir, config, 0, env);
+        std::thread::sleep(Duration::from_millis(pause));
+        pause = 400 + (pause * 7919) % 900;
+        logs.push(hub.log_text());
+        hub.kill9();
+        kills += 1;
+    }
+    (kills, logs)
+}
+
+/// The checks of a CDC destination file written with `envelope: true`,
+/// redeliveries included: one idempotency key and one payload per
+/// position (`pos` of a change's data), and the reverse; and per key
+/// (`data.key`) the write sequence never goes back to an earlier change.
+/// Snapshot rows (`op: r`) are left out. Returns each position's payload.
+pub fn check_cdc_lines<P>(
+    all: &[serde_json::Value],
+    pos: impl Fn(&serde_json::Value) -> P,
+) -> std::collections::HashMap<P, serde_json::Value>
+where
+    P: Ord + std::hash::Hash + Clone + std::fmt::Debug,
+{
+    use std::collections::HashMap;
+    let mut by_pos: HashMap<P, (String, serde_json::Value)> = HashMap::new();
+    let mut keys: HashMap<String, P> = HashMap::new();
+    let mut last: HashMap<String, P> = HashMap::new();
+    for l in all {
+        let d = &l["data"];
+        if d["op"] == "r" {
+            continue;
+        }
+        let key = l["idempotency_key"].as_str().unwrap().to_owned();
+        let p = pos(d);
+        let prev = by_pos
+            .entry(p.clone())
+            .or_insert_with(|| (key.clone(), d.clone()));
+        assert_eq!(prev.0, key, "one position, two idempotency keys");
+        assert_eq!(&prev.1, d, "one position, two payloads");
+        assert_eq!(
+            *keys.entry(key).or_insert(p.clone()),
+            p,
+            "one key, two positions"
+        );
+        let k = d["key"].to_string();
+        if let Some(prev) = last.insert(k.clone(), p.clone()) {
+            assert!(prev <= p, "key {k}: {prev:?} written after {p:?}");
+        }
+    }
+    by_pos.into_iter().map(|(p, (_, d))| (p, d)).collect()
+}

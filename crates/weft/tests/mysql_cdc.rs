@@ -1,0 +1,351 @@
+//! Guarantee: MariaDB changes read from the binlog reach the destination
+//! exactly once per change (one idempotency key per `(file, pos,
+//! tx_ordinal)`, every change of every committed transaction, nothing of a
+//! rolled-back one) and in order per key, while `weft` is SIGKILLed and
+//! restarted several times mid-stream under concurrent writers.
+//!
+//! The real MariaDB on 127.0.0.1:3306 (root, no password; `log_bin`,
+//! `binlog_format = ROW`, which `.ci/services.sh` sets), a database of the
+//! test's own (dropped at the end), the real `weft` binary writing a JSON
+//! Lines file with the envelope. Four writer tasks make transactions of 1
+//! to 5 statements (single and multi-row inserts, updates, deletes; some
+//! rolled back), each noting its GTID (`@@last_gtid`) and how many rows it
+//! changed: that is the truth the file is checked against. Skipped with a
+//! message when MariaDB is not reachable or has no row binlog, unless
+//! `CI=true`, where that is a failure.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, TxOpts};
+use serde_json::Value;
+
+const ADMIN_URL: &str = "mysql://root@127.0.0.1:3306/test";
+const WRITERS: i32 = 4;
+const TXS_PER_WRITER: i32 = 230;
+const SEEDED: i32 = 40;
+const LOG: &[(&str, &str)] = &[("WEFT_LOG", "info,weft_connectors::cdc=debug")];
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// One writer: transactions over its own ids, each noted as `(gtid, rows
+/// changed)` when committed.
+async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(String, u64)>>>) {
+    let mut c = Conn::from_url(url.as_str()).await.unwrap();
+    let mut next_id = 1000 * (w + 1);
+    let mut live: Vec<i32> = Vec::new();
+    let mut seed = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for i in 0..TXS_PER_WRITER {
+        let mut tx = c.start_transaction(TxOpts::default()).await.unwrap();
+        let mut rows = 0u64;
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for _ in 0..=rand(4) {
+            match rand(5) {
+                0 | 1 => {
+                    next_id += 1;
+                    tx.exec_drop(
+                        "INSERT INTO items (id, v, note) VALUES (?, 0, 'new')",
+                        (next_id,),
+                    )
+                    .await
+                    .unwrap();
+                    added.push(next_id);
+                }
+                2 => {
+                    // one statement, three rows: one rows event, three changes
+                    let ids = [next_id + 1, next_id + 2, next_id + 3];
+                    next_id += 3;
+                    tx.exec_drop(
+                        "INSERT INTO items (id, v, note) VALUES (?, 0, 'multi'), (?, 0, 'multi'), (?, 0, 'multi')",
+                        (ids[0], ids[1], ids[2]),
+                    )
+                    .await
+                    .unwrap();
+                    added.extend(ids);
+                }
+                3 if !live.is_empty() => {
+                    let id = live[rand(live.len() as u64) as usize];
+                    tx.exec_drop("UPDATE items SET v = v + 1 WHERE id = ?", (id,))
+                        .await
+                        .unwrap();
+                }
+                4 if live.len() > 5 => {
+                    let id = live.swap_remove(rand(live.len() as u64) as usize);
+                    removed.push(id);
+                    tx.exec_drop("DELETE FROM items WHERE id = ?", (id,))
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    tx.exec_drop("UPDATE items SET v = v + 1 WHERE id = ?", (w + 1,))
+                        .await
+                        .unwrap();
+                }
+            }
+            rows += tx.affected_rows();
+        }
+        if i % 17 == 5 {
+            tx.rollback().await.unwrap();
+            live.extend(removed);
+        } else {
+            tx.commit().await.unwrap();
+            let gtid: String = c.query_first("SELECT @@last_gtid").await.unwrap().unwrap();
+            live.extend(added);
+            done.lock().unwrap().push((gtid, rows));
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
+/// Drops the test database when dropped, also when the test panics.
+struct DropDb(String);
+
+impl Drop for DropDb {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                if let Ok(mut c) = Conn::from_url(ADMIN_URL).await
+                    && let Err(e) = c
+                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                        .await
+                {
+                    eprintln!("cannot drop test database {name}: {e}");
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `(file number, pos, tx_ordinal)` of a change.
+fn pos(d: &Value) -> (u64, u64, u64) {
+    let file = d["source"]["file"].as_str().unwrap();
+    let n = file.rsplit_once('.').unwrap().1.parse().unwrap();
+    (
+        n,
+        d["source"]["pos"].as_u64().unwrap(),
+        d["source"]["tx_ordinal"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn mysql_cdc_exactly_once_and_in_order_per_key_across_sigkills() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
+        Ok(c) => c,
+        Err(e) => {
+            if ci() {
+                panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!(
+                "!!!!!! SKIPPING MariaDB CDC crash test: {ADMIN_URL} is not reachable: {e} !!!!!!"
+            );
+            return;
+        }
+    };
+    let (log_bin, format): (i64, String) = rt
+        .block_on(admin.query_first("SELECT @@log_bin, @@binlog_format"))
+        .unwrap()
+        .unwrap();
+    if log_bin != 1 || format != "ROW" {
+        if ci() {
+            panic!(
+                "MariaDB has log_bin={log_bin} binlog_format={format} and CI=true: run .ci/services.sh"
+            );
+        }
+        eprintln!(
+            "!!!!!! SKIPPING MariaDB CDC crash test: log_bin={log_bin} binlog_format={format} (run .ci/services.sh) !!!!!!"
+        );
+        return;
+    }
+    let started = Instant::now();
+    let suffix = unique_suffix();
+    let db = format!("weft_cdc_e2e_{suffix}");
+    rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let mut c = rt.block_on(Conn::from_url(url.as_str())).unwrap();
+    rt.block_on(c.query_drop(
+        "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL, note TEXT) ENGINE=InnoDB",
+    ))
+    .unwrap();
+    rt.block_on(c.query_drop(format!(
+        "INSERT INTO items SELECT seq, 0, 'seed' FROM seq_1_to_{SEEDED}"
+    )))
+    .unwrap();
+    // a replica id of this run's own
+    let server_id = 1_000_000 + (u64::from_str_radix(&suffix[8..], 16).unwrap() % 1_000_000_000);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      mysql_cdc:
+        url: {url}
+        tables: [items]
+        server_id: {server_id}
+        # small: transactions are often split over two store commits
+        batch_size: 16
+        heartbeat: 300ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+flows:
+  changes:
+    from: legacy
+    to: [out]
+    delivery:
+      batch_size: 200
+"#
+        ),
+    )
+    .unwrap();
+
+    // the initial snapshot first
+    let out = dir.path().join("out.jsonl");
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while jsonl_lines(&out).len() < SEEDED as usize {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot; log:\n{}",
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut logs = vec![hub.log_text()];
+    hub.kill9();
+    // writers run while weft is killed and started again
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| rt.spawn(writer(url.clone(), w, done.clone())))
+        .collect();
+    let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
+        writers.iter().any(|w| !w.is_finished())
+    });
+    logs.extend(more);
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    let committed = done.lock().unwrap().clone();
+    let expected: u64 = committed.iter().map(|(_, n)| n).sum();
+
+    // a last run delivers the rest
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = jsonl_lines(&out)
+            .iter()
+            .filter(|l| l["data"]["op"] != "r")
+            .map(|l| l["idempotency_key"].as_str().unwrap().to_owned())
+            .collect::<HashSet<_>>()
+            .len() as u64;
+        if n >= expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            let keep = std::path::Path::new("/tmp/weft-mysql-cdc-failed");
+            let _ = std::fs::create_dir_all(keep);
+            let _ = std::fs::copy(&out, keep.join("out.jsonl"));
+            let _ = std::fs::write(keep.join("committed.json"), format!("{committed:?}"));
+            logs.push(hub.log_text());
+            let _ = std::fs::write(keep.join("logs.txt"), logs.join("\n=====\n"));
+            panic!(
+                "{n} of {expected} changes delivered (kept in {})",
+                keep.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // nothing more than that comes
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(hub.stop().success());
+    let all = jsonl_lines(&out);
+
+    let by_pos = check_cdc_lines(&all, pos);
+    let snapshot_ids: HashSet<i64> = all
+        .iter()
+        .filter(|l| l["data"]["op"] == "r")
+        .map(|l| l["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        snapshot_ids,
+        (1..=SEEDED as i64).collect::<HashSet<_>>(),
+        "the initial snapshot"
+    );
+    // every committed change, nothing of the rolled-back transactions
+    let mut per_gtid: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (p, d) in &by_pos {
+        per_gtid
+            .entry(d["source"]["gtid"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(p.2);
+    }
+    assert_eq!(by_pos.len() as u64, expected);
+    assert_eq!(per_gtid.len(), committed.len(), "transactions");
+    for (gtid, n) in &committed {
+        let mut ords = per_gtid.remove(gtid).unwrap_or_default();
+        ords.sort_unstable();
+        assert_eq!(ords, (1..=*n).collect::<Vec<_>>(), "transaction {gtid}");
+    }
+    // the final state matches the database's
+    let rows: Vec<(i64, i64)> = rt
+        .block_on(c.query("SELECT id, v FROM items ORDER BY id"))
+        .unwrap();
+    let mut state: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut ordered: Vec<&Value> = all.iter().map(|l| &l["data"]).collect();
+    // the snapshot first (its rows share the snapshot's position)
+    ordered.sort_by_key(|d| (d["op"] != "r", pos(d)));
+    for d in ordered {
+        match d["op"].as_str().unwrap() {
+            "d" => {
+                state.remove(&d["before"]["id"].as_i64().unwrap());
+            }
+            _ => {
+                state.insert(
+                    d["after"]["id"].as_i64().unwrap(),
+                    d["after"]["v"].as_i64().unwrap(),
+                );
+            }
+        }
+    }
+    let db_state: BTreeMap<i64, i64> = rows.into_iter().collect();
+    assert_eq!(state, db_state, "replaying the changes gives the table");
+    eprintln!(
+        "mysql cdc crash test: {expected} changes in {} transactions, {kills} SIGKILLs, {} lines written, {:.1}s",
+        committed.len(),
+        all.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    drop(c);
+    drop(cleanup);
+}
