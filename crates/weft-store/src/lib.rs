@@ -186,9 +186,12 @@ pub struct NewEvent {
     /// W3C trace context, carried across the queue.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
-    /// CloudEvents attributes, JSON text.
+    /// CloudEvents attributes, JSON text. Only a rejection stores them (its
+    /// DLQ entry): the Ingestor leaves them empty when no outcome is one.
     pub attributes: String,
     /// The record as received: JSON text, or the raw text of a bad record.
+    /// Like `attributes`, needed (and filled by the Ingestor) only when an
+    /// outcome is a rejection; routed rows carry their own payloads.
     pub payload: String,
     pub outcomes: Vec<FlowOutcome>,
 }
