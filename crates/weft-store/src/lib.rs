@@ -283,7 +283,9 @@ pub(crate) fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // bigger pages of cache help the 1M-row backfills; WAL checkpoints run
     // on their own thread (writer.rs)
-    conn.pragma_update(None, "cache_size", -64_000)?;
+    // 16 MB per connection: the writer's working set is the outbox's ends
+    // (a claim or an ingest touches a few MB); more only grew the process
+    conn.pragma_update(None, "cache_size", -16_000)?;
     Ok(())
 }
 

@@ -81,6 +81,9 @@ pub(crate) fn id_hash(id: &str) -> Vec<u8> {
 /// rows come and go) is copied once.
 pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    // a claim's multi-row UPDATE keeps a statement journal: in memory, not in
+    // a temporary file written (and page-faulted) on every claim
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let ckpt = Connection::open(path)?;
     ckpt.busy_timeout(Duration::from_secs(10))?;
     // tokens never repeat, across restarts too (a settlement from before a
