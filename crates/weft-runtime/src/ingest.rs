@@ -68,15 +68,34 @@ pub fn prepare_with(
         .into_iter()
         .map(|r| match r {
             Record::Good(ev) => {
-                let attrs = ev.attributes();
+                // `$event` is built only for a program that reads it, or a
+                // rejection that stores it
+                let attrs = std::cell::OnceCell::new();
                 let drifted = drift.and_then(|t| t.observe(&ev.data));
-                let outcomes = flows
+                let outcomes: Vec<FlowOutcome> = flows
                     .iter()
                     .map(|f| {
-                        crate::drift::quarantine(f, drifted.as_deref())
-                            .unwrap_or_else(|| run_flow(f, &ev.source, &ev.id, &ev.data, &attrs))
+                        crate::drift::quarantine(f, drifted.as_deref()).unwrap_or_else(|| {
+                            run_flow_with(f, &ev.source, &ev.id, &ev.data, &|| {
+                                attrs.get_or_init(|| ev.attributes())
+                            })
+                        })
                     })
                     .collect();
+                // the event's own payload and attributes are stored only with
+                // a rejection (its DLQ entry); routed rows carry their mapped
+                // payloads
+                let rejected = outcomes
+                    .iter()
+                    .any(|o| matches!(o, FlowOutcome::Rejected { .. }));
+                let (attributes, payload) = if rejected {
+                    (
+                        attrs.get_or_init(|| ev.attributes()).to_string(),
+                        ev.data.to_string(),
+                    )
+                } else {
+                    (String::new(), String::new())
+                };
                 NewEvent {
                     event_id: ev.id,
                     correlation_id: ev.correlationid,
@@ -86,8 +105,8 @@ pub fn prepare_with(
                     group_id: None,
                     traceparent: None,
                     tracestate: None,
-                    attributes: attrs.to_string(),
-                    payload: ev.data.to_string(),
+                    attributes,
+                    payload,
                     outcomes,
                 }
             }
@@ -137,11 +156,23 @@ pub fn run_flow(
     data: &Value,
     attrs: &Value,
 ) -> FlowOutcome {
+    run_flow_with(flow, source, event_id, data, &|| attrs)
+}
+
+/// [`run_flow`] with the event's attributes made only when a program reads
+/// `$event` (a mapping taken by the fast path does not).
+fn run_flow_with<'v>(
+    flow: &Flow,
+    source: &str,
+    event_id: &str,
+    data: &Value,
+    attrs: &dyn Fn() -> &'v Value,
+) -> FlowOutcome {
     let reject = |what: &str, e: &dyn std::fmt::Display| {
         FlowOutcome::rejected(flow.name.clone(), Stage::Map, format!("{what}: {e}"))
     };
     if let Some(filter) = &flow.filter {
-        match filter.test(data.clone(), attrs.clone()) {
+        match filter.test(data.clone(), attrs().clone()) {
             Ok(true) => {}
             Ok(false) => {
                 return FlowOutcome::Filtered {
@@ -153,7 +184,7 @@ pub fn run_flow(
     }
     let entity_key = match &flow.key {
         None => None,
-        Some(p) => match p.eval(data, attrs, &[]) {
+        Some(p) => match p.eval_with(data, || attrs().clone(), &[]) {
             Ok(Value::String(s)) => Some(s),
             Ok(Value::Null) => None,
             Ok(v) => Some(v.to_string()),
@@ -174,7 +205,7 @@ pub fn run_flow(
     };
     let mapped = match &flow.mapping {
         None => data.clone(),
-        Some(p) => match p.eval(data, attrs, &[]) {
+        Some(p) => match p.eval_with(data, || attrs().clone(), &[]) {
             Ok(v) => v,
             Err(e) => return keyed_reject(format!("mapping failed: {e}")),
         },
@@ -221,7 +252,7 @@ pub fn run_flow(
     for d in &flow.destinations {
         let payload = match &d.mapping {
             None => mapped.clone(),
-            Some(p) => match p.eval(&mapped, attrs, &[]) {
+            Some(p) => match p.eval_with(&mapped, || attrs().clone(), &[]) {
                 Ok(v) => v,
                 Err(e) => {
                     return keyed_reject(format!("mapping for `{}` failed: {e}", d.system));

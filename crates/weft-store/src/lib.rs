@@ -208,9 +208,12 @@ pub struct NewEvent {
     /// W3C trace context, carried across the queue.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
-    /// CloudEvents attributes, JSON text.
+    /// CloudEvents attributes, JSON text. Only a rejection stores them (its
+    /// DLQ entry): the Ingestor leaves them empty when no outcome is one.
     pub attributes: String,
     /// The record as received: JSON text, or the raw text of a bad record.
+    /// Like `attributes`, needed (and filled by the Ingestor) only when an
+    /// outcome is a rejection; routed rows carry their own payloads.
     pub payload: String,
     pub outcomes: Vec<FlowOutcome>,
 }
@@ -302,7 +305,9 @@ pub(crate) fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // bigger pages of cache help the 1M-row backfills; WAL checkpoints run
     // on their own thread (writer.rs)
-    conn.pragma_update(None, "cache_size", -64_000)?;
+    // 16 MB per connection: the writer's working set is the outbox's ends
+    // (a claim or an ingest touches a few MB); more only grew the process
+    conn.pragma_update(None, "cache_size", -16_000)?;
     Ok(())
 }
 

@@ -88,6 +88,9 @@ pub(crate) fn id_hash(id: &str) -> Vec<u8> {
 /// rows come and go) is copied once.
 pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    // a claim's multi-row UPDATE keeps a statement journal: in memory, not in
+    // a temporary file written (and page-faulted) on every claim
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let ckpt = Connection::open(path)?;
     ckpt.busy_timeout(Duration::from_secs(10))?;
     // tokens never repeat, across restarts too (a settlement from before a
@@ -767,14 +770,21 @@ pub(crate) fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     })
 }
 
+// The timer queries of every claim spell out `state IN (2, 3)`: SQLite uses
+// the partial index `outbox_timer` only when a query repeats its condition
+// (`state = 2` alone does not imply it for the planner), and without it each
+// claim scanned the whole outbox, so claims slowed down as the backlog grew.
+const LEASES_ENDED: &str = "SELECT id, destination, entity_key, order_seq FROM outbox
+    WHERE state IN (2, 3) AND state = 2 AND next_at <= ?1";
+const BACKOFF_OVER: &str =
+    "UPDATE outbox SET state = 1 WHERE state IN (2, 3) AND state = 3 AND next_at <= ?1";
+
 /// Leases that passed their deadline (a lane that died without settling),
 /// or every lease (`now = i64::MAX`: a restart), end: their rows go back to
 /// the state their queue gives them.
 pub(crate) fn expire_leases(tx: &Connection, now: i64) -> Result<usize, StoreError> {
     let rows: Vec<(i64, String, Option<String>, i64)> = {
-        let mut st = tx.prepare_cached(
-            "SELECT id, destination, entity_key, order_seq FROM outbox WHERE state = 2 AND next_at <= ?1",
-        )?;
+        let mut st = tx.prepare_cached(LEASES_ENDED)?;
         st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<Result<_, _>>()?
     };
@@ -799,8 +809,7 @@ fn claim(
     now: i64,
 ) -> Result<Vec<Claimed>, StoreError> {
     // heads whose backoff is over are ready again
-    tx.prepare_cached("UPDATE outbox SET state = 1 WHERE state = 3 AND next_at <= ?1")?
-        .execute([now])?;
+    tx.prepare_cached(BACKOFF_OVER)?.execute([now])?;
     expire_leases(tx, now)?;
     let deadline = now.saturating_add(req.lease.as_millis().min(i64::MAX as u128) as i64);
     let mut rows: Vec<OutboxRow> = {
@@ -1363,4 +1372,31 @@ fn discard(
         changed: 1,
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the claim slowing down with the backlog: the timer queries of
+    /// every claim must search the partial index, never scan the outbox.
+    #[test]
+    fn claim_timer_queries_do_not_scan_the_outbox() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate_to(&mut conn, crate::schema::latest_version()).unwrap();
+        for sql in [LEASES_ENDED, BACKOFF_OVER] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([0i64], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|p| p.contains("outbox_timer"))
+                    && !plan.iter().any(|p| p.starts_with("SCAN")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 }

@@ -74,8 +74,9 @@ fn suffixes(format: Option<FileFormat>) -> &'static [&'static str] {
         Some(FileFormat::Xml) => &[".xml"],
     }
 }
-/// Parsed batches waiting for ingest.
-const READ_AHEAD: usize = 4;
+/// Parsed batches waiting for ingest: one ready while one is being
+/// ingested keeps the reader ahead; more only held records in memory.
+const READ_AHEAD: usize = 1;
 /// Wait before trying again when ingest is not accepting.
 const BACKOFF: Duration = Duration::from_millis(200);
 
