@@ -353,33 +353,53 @@ pub(crate) fn apply(
             link_of(tx, entity, &cid, t)?
                 .and_then(|l| identity::estimate(l.base.as_ref(), l.written.as_ref()))
         };
-        if !identity::differs(&m.record.state, known.as_ref()) {
-            continue;
-        }
-        let waiting: bool = tx
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND state <> 2)",
-            )?
-            .query_row(params![t, cid], |row| row.get(0))?;
-        if waiting {
-            continue;
-        }
-        rows.push((
-            route.flow.clone(),
-            NewDelivery {
-                destination: t.to_owned(),
-                entity_key: Some(cid.clone()),
-                idempotency_key: weft_core::event::idempotency_key(
-                    &route.flow,
-                    t,
-                    ev.system,
-                    ev.event_id,
-                ),
-                payload: row_payload(entity, &cid),
-            },
-        ));
+        rows.extend(row_for(
+            tx,
+            route,
+            entity,
+            &cid,
+            &m.record.state,
+            known.as_ref(),
+            (ev.system, ev.event_id),
+        )?);
     }
     Ok(rows)
+}
+
+/// The row writing record `cid` to `route`'s system, unless that system
+/// holds `state` already (`known`) or a row of the record waits there (it
+/// reads the record when it is written). `cause`: the source and event id
+/// the row's idempotency key comes from.
+fn row_for(
+    tx: &Connection,
+    route: &identity::Route,
+    entity: &str,
+    cid: &str,
+    state: &Map<String, Value>,
+    known: Option<&Map<String, Value>>,
+    cause: (&str, &str),
+) -> Result<Option<(String, NewDelivery)>, StoreError> {
+    let t = route.destination.as_str();
+    if !identity::differs(state, known) {
+        return Ok(None);
+    }
+    let waiting: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND state <> 2)",
+        )?
+        .query_row(params![t, cid], |row| row.get(0))?;
+    if waiting {
+        return Ok(None);
+    }
+    Ok(Some((
+        route.flow.clone(),
+        NewDelivery {
+            destination: t.to_owned(),
+            entity_key: Some(cid.to_owned()),
+            idempotency_key: weft_core::event::idempotency_key(&route.flow, t, cause.0, cause.1),
+            payload: row_payload(entity, cid),
+        },
+    )))
 }
 
 /// A delivered write of a canonical record, in the settle transaction
@@ -515,31 +535,15 @@ pub(crate) fn resolve_conflict(
         let t = route.destination.as_str();
         let known = link_of(tx, &entity, &cid, t)?
             .and_then(|l| identity::estimate(l.base.as_ref(), l.written.as_ref()));
-        if !identity::differs(&current.state, known.as_ref()) {
-            continue;
-        }
-        let waiting: bool = tx
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = ?1 AND entity_key = ?2 AND state <> 2)",
-            )?
-            .query_row(params![t, cid], |row| row.get(0))?;
-        if waiting {
-            continue;
-        }
-        rows.push((
-            route.flow.clone(),
-            NewDelivery {
-                destination: t.to_owned(),
-                entity_key: Some(cid.clone()),
-                idempotency_key: weft_core::event::idempotency_key(
-                    &route.flow,
-                    t,
-                    &system,
-                    &event_id,
-                ),
-                payload: row_payload(&entity, &cid),
-            },
-        ));
+        rows.extend(row_for(
+            tx,
+            route,
+            &entity,
+            &cid,
+            &current.state,
+            known.as_ref(),
+            (&system, &event_id),
+        )?);
     }
     Ok((system, event_id, rows))
 }
