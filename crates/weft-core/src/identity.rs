@@ -85,6 +85,8 @@ pub struct Rules {
     /// Fields whose normalised value links a new id to an existing record
     /// before one is created (an email, a tax id).
     pub match_keys: Vec<String>,
+    /// Fuzzy matching, tried after the exact keys found nothing.
+    pub fuzzy: Option<Fuzzy>,
     /// One route per destination system, in config order.
     pub routes: Vec<Route>,
 }
@@ -120,6 +122,96 @@ impl Rules {
                 (!n.is_empty()).then(|| (k.clone(), n))
             })
             .collect()
+    }
+}
+
+/// Candidates read per blocking value: a block larger than this (a value
+/// many records share) is compared with its most recent records only.
+pub const MAX_CANDIDATES: usize = 200;
+
+/// Fuzzy matching before create (config `identity.<entity>.fuzzy`): a record
+/// weft has no link or exact key for is compared with the records that
+/// share one of its blocking values; the best score decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fuzzy {
+    /// Compared fields (top-level, normalised as match keys are, then
+    /// Jaro-Winkler) and their weights.
+    pub fields: Vec<(String, f64)>,
+    /// Blocking fields: only records sharing the normalised value of one of
+    /// them are compared (what keeps matching cheap at a million records).
+    pub block: Vec<String>,
+    /// At or above: linked without asking.
+    pub link: f64,
+    /// At or above (and below `link`): held for review (`weft matches`);
+    /// below: a new record.
+    pub review: f64,
+}
+
+/// What a score means under [`Fuzzy`]'s thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Link,
+    Review,
+    Create,
+}
+
+/// A candidate's score: the weighted mean and each compared field's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub total: f64,
+    pub fields: BTreeMap<String, f64>,
+}
+
+fn text_of(v: Option<&Value>) -> Option<String> {
+    let t = match v? {
+        Value::String(s) => normalize_key(s),
+        Value::Null => return None,
+        other => normalize_key(&other.to_string()),
+    };
+    (!t.is_empty()).then_some(t)
+}
+
+impl Fuzzy {
+    /// The blocking values of a record: `field` + U+001F + normalised value.
+    pub fn blocks(&self, fields: &Map<String, Value>) -> Vec<String> {
+        self.block
+            .iter()
+            .filter_map(|f| text_of(fields.get(f)).map(|v| format!("{f}\u{1f}{v}")))
+            .collect()
+    }
+
+    /// How alike two records are, from 0 to 1; `None` when the fields both
+    /// hold carry half the total weight or less (too little to judge).
+    pub fn score(&self, a: &Map<String, Value>, b: &Map<String, Value>) -> Option<Score> {
+        let total: f64 = self.fields.iter().map(|(_, w)| w).sum();
+        let (mut sum, mut weight) = (0.0, 0.0);
+        let mut fields = BTreeMap::new();
+        for (f, w) in &self.fields {
+            let (Some(x), Some(y)) = (text_of(a.get(f)), text_of(b.get(f))) else {
+                continue;
+            };
+            let s = strsim::jaro_winkler(&x, &y);
+            sum += s * w;
+            weight += w;
+            fields.insert(f.clone(), (s * 1000.0).round() / 1000.0);
+        }
+        if total <= 0.0 || weight * 2.0 <= total {
+            return None;
+        }
+        Some(Score {
+            total: (sum / weight * 1000.0).round() / 1000.0,
+            fields,
+        })
+    }
+
+    pub fn verdict(&self, score: f64) -> Verdict {
+        if score >= self.link {
+            Verdict::Link
+        } else if score >= self.review {
+            Verdict::Review
+        } else {
+            Verdict::Create
+        }
     }
 }
 
@@ -455,6 +547,7 @@ mod tests {
             conflict,
             non_owner: NonOwnerPolicy::Drop,
             match_keys: vec!["email".into()],
+            fuzzy: None,
             routes: vec![],
         }
     }
@@ -721,5 +814,56 @@ mod tests {
         assert_eq!(normalize_key("Acme Limited"), normalize_key("ACME, Ltd."));
         assert_eq!(normalize_key("Société Générale"), "societe generale");
         assert_eq!(normalize_key("Straße"), "strasse");
+    }
+
+    fn fuzzy() -> Fuzzy {
+        Fuzzy {
+            fields: vec![("name".into(), 1.0), ("company".into(), 1.0)],
+            block: vec!["company".into()],
+            link: 0.95,
+            review: 0.8,
+        }
+    }
+
+    #[test]
+    fn fuzzy_scores_link_review_and_create() {
+        let z = fuzzy();
+        let john = obj(json!({"name": "John Smith", "company": "Acme Limited"}));
+        // the same company after normalisation: one block
+        assert_eq!(
+            z.blocks(&john),
+            z.blocks(&obj(json!({"company": "ACME Ltd."})))
+        );
+        let s = |v: Value| z.score(&john, &obj(v)).unwrap().total;
+        let typo = s(json!({"name": "Jon Smith", "company": "Acme Ltd"}));
+        assert_eq!(z.verdict(typo), Verdict::Link, "{typo}");
+        let initial = s(json!({"name": "J. Smith", "company": "Acme Ltd"}));
+        assert_eq!(z.verdict(initial), Verdict::Review, "{initial}");
+        let other = s(json!({"name": "Mary Jones", "company": "Acme Ltd"}));
+        assert_eq!(z.verdict(other), Verdict::Create, "{other}");
+        let pair = |a: Value, b: Value| z.verdict(z.score(&obj(a), &obj(b)).unwrap().total);
+        assert_eq!(
+            pair(
+                json!({"name": "Ann Lee", "company": "Initech Corporation"}),
+                json!({"name": "Anne Lee", "company": "Initech Corp."})
+            ),
+            Verdict::Link
+        );
+        assert_eq!(
+            pair(
+                json!({"name": "Maria Garcia", "company": "Globex"}),
+                json!({"name": "M. Garcia", "company": "GLOBEX"})
+            ),
+            Verdict::Review
+        );
+        assert_eq!(
+            pair(
+                json!({"name": "Maria Garcia", "company": "Globex"}),
+                json!({"name": "Peter Parker", "company": "Globex"})
+            ),
+            Verdict::Create
+        );
+        // too little in common to judge
+        assert_eq!(z.score(&john, &obj(json!({"company": "Acme Ltd"}))), None);
     }
 }

@@ -739,3 +739,41 @@ fn p1_17_a_keyless_flow_to_an_upsert_or_http_sink_warns() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn bad_fuzzy_matching_settings_are_reported_with_lines() {
+    let text = r#"
+systems:
+  crm:
+    source: {webhook: {path: /hooks/crm}}
+    sink: {http: {url: "http://127.0.0.1:9/c", mode: by_id, update_url: "http://127.0.0.1:9/c/{_id}"}}
+identity:
+  customer:
+    fuzzy:
+      fields: {name: 0}
+      block: []
+      link: 0.8
+      review: 0.9
+flows:
+  crm_customers:
+    from: crm
+    identity: customer
+    key: .id
+    mapping: "{name}"
+    to: [crm]
+"#;
+    let e = load(text).unwrap_err();
+    let got: Vec<(String, Option<u64>)> =
+        e.issues.iter().map(|i| (i.path.clone(), i.line)).collect();
+    for (path, line) in [
+        ("identity.customer.fuzzy.fields.name", 9),
+        ("identity.customer.fuzzy.block", 10),
+        ("identity.customer.fuzzy.review", 12),
+    ] {
+        assert!(
+            got.contains(&(path.to_owned(), Some(line))),
+            "{path} at line {line}: {e}"
+        );
+    }
+    assert!(e.to_string().contains("expected review <= link"), "{e}");
+}

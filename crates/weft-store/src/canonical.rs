@@ -4,7 +4,9 @@
 //!
 //! Tables (migration 5): `canonical(entity, id, state, meta, version, ...)`,
 //! `links(entity, canonical_id, system, external_id, base, fingerprint,
-//! how, ...)`, `match_keys`, `canonical_history`, `conflicts`.
+//! how, ...)`, `match_keys`, `canonical_history`, `conflicts`; migration 6:
+//! `match_blocks` (fuzzy matching's blocking values) and `matches` (reports
+//! held for review).
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value, json};
@@ -128,6 +130,122 @@ fn load(tx: &Connection, entity: &str, id: &str) -> Result<(Canonical, i64), Sto
     Ok((Canonical { state, meta }, version))
 }
 
+/// Whether `system` holds record `cid` under an id other than `external_id`.
+fn holds_other(
+    tx: &Connection,
+    entity: &str,
+    cid: &str,
+    system: &str,
+    external_id: &str,
+) -> Result<bool, StoreError> {
+    Ok(link_of(tx, entity, cid, system)?
+        .is_some_and(|l| l.external_id.as_deref().is_some_and(|x| x != external_id)))
+}
+
+/// Link `system`'s `external_id` to record `cid` (kept in its history).
+#[allow(clippy::too_many_arguments)]
+fn link_to(
+    tx: &Connection,
+    entity: &str,
+    cid: &str,
+    ev: &Ev<'_>,
+    external_id: &str,
+    how: &str,
+    detail: Value,
+    now: i64,
+) -> Result<Link, StoreError> {
+    let existing = link_of(tx, entity, cid, ev.system)?;
+    tx.prepare_cached(
+        "INSERT INTO links (entity, canonical_id, system, external_id, how, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (entity, canonical_id, system) DO UPDATE SET external_id = excluded.external_id,
+           how = excluded.how, updated_at = excluded.updated_at",
+    )?
+    .execute(params![entity, cid, ev.system, external_id, how, now])?;
+    history(tx, entity, cid, ev, "linked", detail, now)?;
+    Ok(match existing {
+        Some(l) => Link {
+            external_id: Some(external_id.to_owned()),
+            ..l
+        },
+        None => Link {
+            canonical_id: cid.to_owned(),
+            external_id: Some(external_id.to_owned()),
+            base: None,
+            written: None,
+        },
+    })
+}
+
+/// The open review of a system's id: `(id, candidate, held fields)`.
+fn open_match(
+    tx: &Connection,
+    entity: &str,
+    system: &str,
+    external_id: &str,
+) -> Result<Option<(i64, String, String)>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT id, candidate, fields FROM matches
+             WHERE entity = ?1 AND system = ?2 AND external_id = ?3 AND status = 'open'",
+        )?
+        .query_row(params![entity, system, external_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?)
+}
+
+/// The best fuzzy candidate for a report, and the runners-up.
+struct Best {
+    cid: String,
+    score: identity::Score,
+    /// Up to three next candidates: `(canonical id, score)`.
+    others: Vec<(String, f64)>,
+}
+
+/// Compare a report with the records sharing one of its blocking values
+/// (records `system` holds under another id are not candidates).
+fn best_candidate(
+    tx: &Connection,
+    entity: &str,
+    z: &identity::Fuzzy,
+    r: &CanonicalReport,
+    system: &str,
+) -> Result<Option<Best>, StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut scored: Vec<(String, identity::Score)> = Vec::new();
+    for block in z.blocks(&r.fields) {
+        let ids: Vec<String> = tx
+            .prepare_cached(
+                "SELECT canonical_id FROM match_blocks WHERE entity = ?1 AND block = ?2 LIMIT ?3",
+            )?
+            .query_map(
+                params![entity, block, identity::MAX_CANDIDATES as i64],
+                |row| row.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
+        for cid in ids {
+            if !seen.insert(cid.clone()) || holds_other(tx, entity, &cid, system, &r.external_id)? {
+                continue;
+            }
+            let (c, version) = load(tx, entity, &cid)?;
+            if version == 0 {
+                continue;
+            }
+            if let Some(score) = z.score(&r.fields, &c.state) {
+                scored.push((cid, score));
+            }
+        }
+    }
+    scored.sort_by(|a, b| b.1.total.total_cmp(&a.1.total).then_with(|| a.0.cmp(&b.0)));
+    let mut it = scored.into_iter();
+    Ok(it.next().map(|(cid, score)| Best {
+        cid,
+        score,
+        others: it.take(3).map(|(c, s)| (c, s.total)).collect(),
+    }))
+}
+
 /// Find the record a report is about: its link, else a match key, else a
 /// new record where the system may create one. `None`: refused (recorded).
 fn resolve(
@@ -135,10 +253,38 @@ fn resolve(
     r: &CanonicalReport,
     ev: &Ev<'_>,
     now: i64,
+    fuzzy: bool,
 ) -> Result<Option<Link>, StoreError> {
     let entity = &r.rules.entity;
     if let Some(l) = link_by_external(tx, entity, ev.system, &r.external_id)? {
         return Ok(Some(l));
+    }
+    // held for review already: the latest report waits with it
+    if let Some((mid, candidate, fields)) = open_match(tx, entity, ev.system, &r.external_id)? {
+        let mut held = parse_obj(Some(fields)).unwrap_or_default();
+        held.extend(r.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        tx.prepare_cached(
+            "UPDATE matches SET fields = ?2, changed_at = ?3, event_id = ?4, correlation_id = ?5,
+               event_time = ?6 WHERE id = ?1",
+        )?
+        .execute(params![
+            mid,
+            Value::Object(held).to_string(),
+            r.changed_at,
+            ev.event_id,
+            ev.correlation_id,
+            ev.event_time
+        ])?;
+        history(
+            tx,
+            entity,
+            &candidate,
+            ev,
+            "match_held",
+            json!({"match": mid, "external_id": r.external_id, "again": true}),
+            now,
+        )?;
+        return Ok(None);
     }
     for (field, value) in r.rules.match_values(&r.fields) {
         let ids: Vec<String> = tx
@@ -152,38 +298,70 @@ fn resolve(
         }
         let cid = &ids[0];
         // the system may hold the record already under another id: no second link
-        let existing = link_of(tx, entity, cid, ev.system)?;
-        if existing
-            .as_ref()
-            .is_some_and(|l| l.external_id.as_deref().is_some_and(|x| x != r.external_id))
-        {
+        if holds_other(tx, entity, cid, ev.system, &r.external_id)? {
             continue;
         }
-        tx.prepare_cached(
-            "INSERT INTO links (entity, canonical_id, system, external_id, how, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (entity, canonical_id, system) DO UPDATE SET external_id = excluded.external_id,
-               updated_at = excluded.updated_at",
-        )?
-        .execute(params![entity, cid, ev.system, r.external_id, format!("match:{field}"), now])?;
-        history(
-            tx,
-            entity,
-            cid,
-            ev,
-            "linked",
-            json!({"external_id": r.external_id, "how": "match", "field": field}),
-            now,
-        )?;
-        return Ok(Some(match existing {
-            Some(l) => l,
-            None => Link {
-                canonical_id: cid.clone(),
-                external_id: Some(r.external_id.clone()),
-                base: None,
-                written: None,
-            },
-        }));
+        let how = format!("match:{field}");
+        let detail = json!({"external_id": r.external_id, "how": "match", "field": field});
+        return link_to(tx, entity, cid, ev, &r.external_id, &how, detail, now).map(Some);
+    }
+    if fuzzy
+        && let Some(z) = &r.rules.fuzzy
+        && let Some(best) = best_candidate(tx, entity, z, r, ev.system)?
+    {
+        // two candidates above the link threshold: a person decides
+        let ambiguous = best.others.first().is_some_and(|(_, s)| *s >= z.link);
+        match (z.verdict(best.score.total), ambiguous) {
+            (identity::Verdict::Link, false) => {
+                let detail =
+                    json!({"external_id": r.external_id, "how": "fuzzy", "score": best.score});
+                return link_to(
+                    tx,
+                    entity,
+                    &best.cid,
+                    ev,
+                    &r.external_id,
+                    "fuzzy",
+                    detail,
+                    now,
+                )
+                .map(Some);
+            }
+            (identity::Verdict::Create, _) => {}
+            _ => {
+                let detail = json!({"score": best.score, "others": best.others});
+                tx.prepare_cached(
+                    "INSERT INTO matches (entity, system, external_id, candidate, score, detail, fields,
+                       changed_at, event_id, correlation_id, event_time, status, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'open', ?12)",
+                )?
+                .execute(params![
+                    entity,
+                    ev.system,
+                    r.external_id,
+                    best.cid,
+                    best.score.total,
+                    detail.to_string(),
+                    Value::Object(r.fields.clone()).to_string(),
+                    r.changed_at,
+                    ev.event_id,
+                    ev.correlation_id,
+                    ev.event_time,
+                    now
+                ])?;
+                let mid = tx.last_insert_rowid();
+                history(
+                    tx,
+                    entity,
+                    &best.cid,
+                    ev,
+                    "match_held",
+                    json!({"match": mid, "external_id": r.external_id, "score": best.score.total}),
+                    now,
+                )?;
+                return Ok(None);
+            }
+        }
     }
     if !r.rules.may_create(ev.system) {
         history(
@@ -231,8 +409,19 @@ pub(crate) fn apply(
     ev: &Ev<'_>,
     now: i64,
 ) -> Result<Routed, StoreError> {
+    apply_with(tx, r, ev, now, true)
+}
+
+/// [`apply`]; `fuzzy: false` skips fuzzy matching (a rejected review).
+fn apply_with(
+    tx: &Connection,
+    r: &CanonicalReport,
+    ev: &Ev<'_>,
+    now: i64,
+    fuzzy: bool,
+) -> Result<Routed, StoreError> {
     let entity = &r.rules.entity;
-    let Some(link) = resolve(tx, r, ev, now)? else {
+    let Some(link) = resolve(tx, r, ev, now, fuzzy)? else {
         return Ok(Vec::new());
     };
     let cid = link.canonical_id.clone();
@@ -275,6 +464,18 @@ pub(crate) fn apply(
                 "INSERT OR IGNORE INTO match_keys (entity, field, value, canonical_id) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![entity, field, value, cid])?;
+        }
+        if let Some(z) = &r.rules.fuzzy
+            && (version == 0 || z.block.iter().any(|b| touched.contains(&b.as_str())))
+        {
+            tx.prepare_cached("DELETE FROM match_blocks WHERE entity = ?1 AND canonical_id = ?2")?
+                .execute(params![entity, cid])?;
+            for block in z.blocks(&m.record.state) {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO match_blocks (entity, block, canonical_id) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![entity, block, cid])?;
+            }
         }
         history(
             tx,
@@ -546,6 +747,181 @@ pub(crate) fn resolve_conflict(
         )?);
     }
     Ok((system, event_id, rows))
+}
+
+/// A held match decided (`Journal::resolve_match`): accepted, the system's
+/// id is linked to the candidate (or `r.candidate`) and the held report is
+/// merged into it; rejected, the report makes a new record (where the
+/// system may create one). Returns the source, event id and correlation id
+/// the rows carry, and the rows.
+pub(crate) fn resolve_match(
+    tx: &Connection,
+    r: &crate::ResolveMatch,
+    now: i64,
+) -> Result<(String, String, String, Routed), StoreError> {
+    type Held = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<i64>,
+        String,
+        String,
+        i64,
+        String,
+    );
+    let row: Option<Held> = tx
+        .prepare_cached(
+            "SELECT entity, system, external_id, candidate, fields, changed_at, event_id, correlation_id,
+               event_time, status FROM matches WHERE id = ?1",
+        )?
+        .query_row([r.id], |x| {
+            Ok((
+                x.get(0)?,
+                x.get(1)?,
+                x.get(2)?,
+                x.get(3)?,
+                x.get(4)?,
+                x.get(5)?,
+                x.get(6)?,
+                x.get(7)?,
+                x.get(8)?,
+                x.get(9)?,
+            ))
+        })
+        .optional()?;
+    let Some((
+        entity,
+        system,
+        external_id,
+        candidate,
+        fields,
+        changed_at,
+        event_id,
+        correlation_id,
+        event_time,
+        status,
+    )) = row
+    else {
+        return Err(StoreError::NotFound(format!("no match {}", r.id)));
+    };
+    if status != "open" {
+        return Err(StoreError::Invalid(format!(
+            "match {} is {status} already",
+            r.id
+        )));
+    }
+    if entity != r.rules.entity {
+        return Err(StoreError::Invalid(format!(
+            "match {} is about {entity}, not {}",
+            r.id, r.rules.entity
+        )));
+    }
+    tx.prepare_cached("UPDATE matches SET status = ?2, resolved_at = ?3, note = ?4 WHERE id = ?1")?
+        .execute(params![
+            r.id,
+            if r.accept { "accepted" } else { "rejected" },
+            now,
+            r.note
+        ])?;
+    let ev = Ev {
+        system: &system,
+        event_id: &event_id,
+        correlation_id: &correlation_id,
+        event_time,
+    };
+    let report = CanonicalReport {
+        rules: r.rules.clone(),
+        external_id: external_id.clone(),
+        fields: parse_obj(Some(fields)).unwrap_or_default(),
+        changed_at,
+    };
+    if r.accept {
+        let target = r.candidate.clone().unwrap_or(candidate);
+        if load(tx, &entity, &target)?.1 == 0 {
+            return Err(StoreError::NotFound(format!("no {entity} record {target}")));
+        }
+        if holds_other(tx, &entity, &target, &system, &external_id)? {
+            return Err(StoreError::Invalid(format!(
+                "{system} holds record {target} under another id already: unlink it first"
+            )));
+        }
+        let detail =
+            json!({"external_id": external_id, "how": "review", "match": r.id, "note": r.note});
+        link_to(
+            tx,
+            &entity,
+            &target,
+            &ev,
+            &external_id,
+            "review",
+            detail,
+            now,
+        )?;
+    } else {
+        history(
+            tx,
+            &entity,
+            &candidate,
+            &ev,
+            "match_rejected",
+            json!({"match": r.id, "external_id": external_id, "note": r.note}),
+            now,
+        )?;
+    }
+    let rows = apply_with(tx, &report, &ev, now, false)?;
+    Ok((system, event_id, correlation_id, rows))
+}
+
+/// A report held for review: the system's record and its best candidate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MatchEntry {
+    pub id: i64,
+    pub entity: String,
+    pub system: String,
+    pub external_id: String,
+    /// The canonical record it may be.
+    pub candidate: String,
+    pub score: f64,
+    /// Per-field scores and the runners-up.
+    pub detail: Value,
+    /// The held report's fields.
+    pub fields: Value,
+    pub event_id: String,
+    pub status: String,
+    pub created_at: i64,
+    pub note: Option<String>,
+}
+
+pub(crate) fn matches(
+    conn: &Connection,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<MatchEntry>, StoreError> {
+    let parse = |s: String| serde_json::from_str(&s).unwrap_or(Value::String(s));
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, entity, system, external_id, candidate, score, detail, fields, event_id, status,
+               created_at, note FROM matches WHERE ?1 IS NULL OR status = ?1 ORDER BY id LIMIT ?2",
+        )?
+        .query_map(params![status, limit as i64], |r| {
+            Ok(MatchEntry {
+                id: r.get(0)?,
+                entity: r.get(1)?,
+                system: r.get(2)?,
+                external_id: r.get(3)?,
+                candidate: r.get(4)?,
+                score: r.get(5)?,
+                detail: parse(r.get(6)?),
+                fields: parse(r.get(7)?),
+                event_id: r.get(8)?,
+                status: r.get(9)?,
+                created_at: r.get(10)?,
+                note: r.get(11)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
 }
 
 /// Values about to be written to `system` become outstanding (before the

@@ -260,6 +260,19 @@ pub trait Journal: Send + Sync + 'static {
         })
     }
 
+    /// Decide a report held for review (fuzzy matching): accepted, its id is
+    /// linked to the candidate and the report merged; rejected, it makes a
+    /// new record; the rows this causes are enqueued, in one transaction.
+    /// Default: refused (engines without identity).
+    fn resolve_match(&self, resolve: ResolveMatch) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        let _ = resolve;
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "this store keeps no canonical records".into(),
+            ))
+        })
+    }
+
     /// Before an identity lane writes canonical records to `system`: the
     /// values about to be written become outstanding (the system's report
     /// of them is an echo), committed before the write so that a crash
@@ -357,6 +370,16 @@ pub trait JournalRead: Send + Sync {
         let _ = (status, limit);
         Ok(Vec::new())
     }
+    /// Reports held for review (`status`: `open`, `accepted`, `rejected`;
+    /// `None`: all).
+    fn matches(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
+        let _ = (status, limit);
+        Ok(Vec::new())
+    }
 }
 
 /// A manual conflict's resolution.
@@ -365,6 +388,19 @@ pub struct ResolveConflict {
     pub id: i64,
     /// The field's new value; `None` keeps the canonical one.
     pub value: Option<serde_json::Value>,
+    /// The entity's rules (their routes decide where it is written).
+    pub rules: std::sync::Arc<weft_core::identity::Rules>,
+    pub note: String,
+}
+
+/// A held match's decision.
+#[derive(Debug, Clone)]
+pub struct ResolveMatch {
+    pub id: i64,
+    /// Link to the candidate (or `candidate`), else make a new record.
+    pub accept: bool,
+    /// Another canonical record to link to instead of the candidate.
+    pub candidate: Option<String>,
     /// The entity's rules (their routes decide where it is written).
     pub rules: std::sync::Arc<weft_core::identity::Rules>,
     pub note: String,

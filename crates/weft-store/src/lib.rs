@@ -32,7 +32,8 @@ pub use weft_core::config::Synchronous;
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
     CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
-    Outcome, Refusal, Replay, ResolveConflict, Settle, Settled, Settlement, WriteOutcome,
+    Outcome, Refusal, Replay, ResolveConflict, ResolveMatch, Settle, Settled, Settlement,
+    WriteOutcome,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]

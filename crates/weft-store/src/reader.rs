@@ -163,6 +163,14 @@ impl Reader {
     ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
         crate::canonical::conflicts(&self.conn, status, limit)
     }
+    /// Reports held for review.
+    pub fn matches(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
+        crate::canonical::matches(&self.conn, status, limit)
+    }
 
     /// Pending rows of a lane in key order.
     pub fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {

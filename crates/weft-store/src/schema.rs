@@ -287,6 +287,38 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX conflicts_open ON conflicts (entity, canonical_id) WHERE status = 'open';
     "#,
+    // 6: fuzzy matching. Blocking values per record (candidates share one),
+    // reports held for review, and an index that lets a record's match keys
+    // be replaced without a scan.
+    r#"
+    CREATE INDEX match_keys_by_record ON match_keys (entity, canonical_id);
+    CREATE TABLE match_blocks (
+        entity       TEXT NOT NULL,
+        block        TEXT NOT NULL,
+        canonical_id TEXT NOT NULL,
+        PRIMARY KEY (entity, block, canonical_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX match_blocks_by_record ON match_blocks (entity, canonical_id);
+    CREATE TABLE matches (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity         TEXT NOT NULL,
+        system         TEXT NOT NULL,
+        external_id    TEXT NOT NULL,
+        candidate      TEXT NOT NULL,
+        score          REAL NOT NULL,
+        detail         TEXT NOT NULL,
+        fields         TEXT NOT NULL,
+        changed_at     INTEGER,
+        event_id       TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        event_time     INTEGER NOT NULL,
+        status         TEXT NOT NULL,
+        created_at     INTEGER NOT NULL,
+        resolved_at    INTEGER,
+        note           TEXT
+    );
+    CREATE UNIQUE INDEX matches_open ON matches (entity, system, external_id) WHERE status = 'open';
+    "#,
 ];
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes

@@ -295,6 +295,18 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn resolve_match(
+        &self,
+        resolve: crate::ResolveMatch,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Match(resolve)).await? {
+                Reply::Applied(a) => Ok(a),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn canonical_intent(
         &self,
         system: String,
@@ -382,6 +394,13 @@ impl JournalRead for SqliteJournal {
         limit: usize,
     ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
         self.with_reader(|r| r.conflicts(status, limit))
+    }
+    fn matches(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
+        self.with_reader(|r| r.matches(status, limit))
     }
 }
 

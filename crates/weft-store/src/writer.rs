@@ -45,6 +45,8 @@ pub(crate) enum Op {
     Drift(DriftBatch),
     /// A manual conflict resolved.
     Resolve(crate::ResolveConflict),
+    /// A held match decided.
+    Match(crate::ResolveMatch),
     /// Values an identity lane is about to write to a system.
     Intent {
         system: String,
@@ -302,22 +304,14 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
         }
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
         Op::Resolve(r) => {
-            let mut applied = Applied::default();
             let (source, event_id, rows) = crate::canonical::resolve_conflict(tx, r, now)?;
-            let mut seq = Seq::Range { next: 0, end: 0 };
-            for (flow, dl) in rows {
-                let f = FollowUp {
-                    flow: flow.clone(),
-                    source: source.clone(),
-                    event_id: event_id.clone(),
-                    correlation_id: event_id.clone(),
-                    delivery: dl,
-                };
-                follow_up(tx, &f, &mut seq, now)?;
-                bump(d, &flow, &f.delivery.destination, |c| c.received += 1);
-                applied.changed += 1;
-            }
-            Ok(Reply::Applied(applied))
+            enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)
+        }
+        Op::Match(r) => {
+            let (source, event_id, correlation_id, rows) =
+                crate::canonical::resolve_match(tx, r, now)?;
+            let cause = (source.as_str(), event_id.as_str(), correlation_id.as_str());
+            enqueue_caused(tx, d, cause, rows, now).map(Reply::Applied)
         }
         Op::Intent { system, writes } => {
             for w in writes {
@@ -332,6 +326,33 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             Ok(Reply::Applied(Applied::default()))
         }
     }
+}
+
+/// The rows a decision on canonical records causes (a resolved conflict or
+/// match), entered as follow-ups of `cause` = (source, event id,
+/// correlation id) and counted as received by their lanes.
+fn enqueue_caused(
+    tx: &Connection,
+    d: &mut Deltas,
+    cause: (&str, &str, &str),
+    rows: crate::canonical::Routed,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    let mut applied = Applied::default();
+    let mut seq = Seq::Range { next: 0, end: 0 };
+    for (flow, dl) in rows {
+        let f = FollowUp {
+            flow: flow.clone(),
+            source: cause.0.to_owned(),
+            event_id: cause.1.to_owned(),
+            correlation_id: cause.2.to_owned(),
+            delivery: dl,
+        };
+        follow_up(tx, &f, &mut seq, now)?;
+        bump(d, &flow, &f.delivery.destination, |c| c.received += 1);
+        applied.changed += 1;
+    }
+    Ok(applied)
 }
 
 /// Reserve `n` consecutive order_seqs; returns the first.

@@ -1,5 +1,6 @@
-//! `weft xref`, `weft history`, `weft trace`, `weft conflicts`: canonical
-//! records, their links to each system's ids, and what changed them.
+//! `weft xref`, `weft history`, `weft trace`, `weft conflicts`, `weft
+//! matches`: canonical records, their links to each system's ids, what
+//! changed them, and the decisions waiting for a person.
 
 use std::process::ExitCode;
 
@@ -326,5 +327,123 @@ fn resolve(
         "conflict {id} resolved; {} write(s) queued to bring the systems in line",
         applied.changed
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub enum MatchesCmd {
+    /// Records held for review by fuzzy matching, oldest first (open ones
+    /// unless `--all`), each with the record it may be and the scores.
+    List {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The held record is the candidate (or `--candidate ID`): its id is
+    /// linked and its fields merged; systems lacking the result are written
+    /// (beside a running hub too).
+    Accept {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        id: i64,
+        /// Link to this canonical record instead of the candidate.
+        #[arg(long)]
+        candidate: Option<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// The held record is someone else: it becomes a new record (where its
+    /// system may create records).
+    Reject {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        id: i64,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+pub fn matches(cmd: MatchesCmd) -> Result<ExitCode> {
+    let (cfg, id, accept, candidate, note) = match cmd {
+        MatchesCmd::List {
+            cfg,
+            all,
+            limit,
+            json,
+        } => return list_matches(cfg, all, limit, json),
+        MatchesCmd::Accept {
+            cfg,
+            id,
+            candidate,
+            note,
+        } => (cfg, id, true, candidate, note),
+        MatchesCmd::Reject { cfg, id, note } => (cfg, id, false, None, note),
+    };
+    let (config, journal) = crate::dlq::open(&cfg)?;
+    let reader = crate::status::open_read_only(&config)?;
+    let Some(m) = reader
+        .matches(None, usize::MAX)?
+        .into_iter()
+        .find(|m| m.id == id)
+    else {
+        eprintln!("no match {id}");
+        return Ok(ExitCode::from(1));
+    };
+    let Some(rules) = config.identity.get(&m.entity).cloned() else {
+        anyhow::bail!("the config has no `identity.{}`", m.entity);
+    };
+    let applied = crate::dlq::block_on(journal.resolve_match(weft_store::ResolveMatch {
+        id,
+        accept,
+        candidate,
+        rules,
+        note,
+    }))??;
+    println!(
+        "match {id} {}; {} write(s) queued to bring the systems in line",
+        if accept { "accepted" } else { "rejected" },
+        applied.changed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_matches(cfg: ConfigArg, all: bool, limit: usize, json: bool) -> Result<ExitCode> {
+    let cfg = match crate::load_config_for_inspection(&cfg.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let r = crate::status::open_read_only(&cfg)?;
+    let rows = r.matches(if all { None } else { Some("open") }, limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("no matches waiting");
+    }
+    for m in rows {
+        println!(
+            "#{} {} {}:{} may be {} (score {:.3}: {}) held {} [{}]",
+            m.id,
+            m.entity,
+            m.system,
+            m.external_id,
+            m.candidate,
+            m.score,
+            m.detail
+                .get("score")
+                .and_then(|s| s.get("fields"))
+                .map(|f| f.to_string())
+                .unwrap_or_default(),
+            when(m.created_at),
+            m.status
+        );
+        println!("    held: {}", m.fields);
+    }
     Ok(ExitCode::SUCCESS)
 }

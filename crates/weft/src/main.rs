@@ -115,6 +115,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: identity::ConflictsCmd,
     },
+    /// Records fuzzy matching holds for a person to decide
+    /// (`identity.<entity>.fuzzy`).
+    Matches {
+        #[command(subcommand)]
+        cmd: identity::MatchesCmd,
+    },
     /// List the schema drift seen on the sources.
     Drift {
         #[command(subcommand)]
@@ -183,6 +189,7 @@ fn main() -> ExitCode {
             json,
         } => identity::trace(cfg, correlation_id, json),
         Cmd::Conflicts { cmd } => identity::conflicts(cmd),
+        Cmd::Matches { cmd } => identity::matches(cmd),
         Cmd::Config {
             cmd: ConfigCmd::Schema,
         } => {

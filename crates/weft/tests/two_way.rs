@@ -713,3 +713,240 @@ fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_syst
     assert_eq!(st["balanced"], true, "{st}");
     hub.stop();
 }
+
+/// A CRM with customers and an ERP coming on board with its own: the ERP's
+/// spellings of the CRM's customers are linked by fuzzy matching (a typo
+/// automatically; "J. Smith, Acme Ltd" for "John Smith, Acme Limited" held
+/// for a person, who accepts it, and another held one rejected), and only
+/// the ERP's customers nobody else has reach the CRM as new records.
+#[test]
+fn fuzzy_matching_links_holds_for_review_and_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes);
+    let crm_addr = crm.addr;
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: weft.db
+systems:
+  crm:
+    source:
+      webhook: {{path: /hooks/crm}}
+    sink:
+      http:
+        url: http://{crm_addr}/customers
+        mode: by_id
+        update_url: http://{crm_addr}/customers/{{_id}}
+        capture_id: .id
+  erp:
+    source:
+      webhook: {{path: /hooks/erp}}
+identity:
+  customer:
+    create: [crm, erp]
+    # both may set any field; on a conflict the CRM's name and the ERP's phone win
+    owners:
+      name: [crm, erp]
+      phone: [erp, crm]
+      "*": [crm, erp]
+    conflict: source_of_truth
+    match: [email]
+    fuzzy:
+      fields: {{name: 1, company: 1}}
+      block: [company]
+      link: 0.95
+      review: 0.8
+flows:
+  crm_customers:
+    from: crm
+    identity: customer
+    key: .id
+    mapping: '{{name, email, company, phone, _time: .updated_at}}'
+    to:
+      - system: crm
+        mapping: '{{_id, name, email, company, phone}}'
+        delivery: {{initial_backoff: 50ms, max_backoff: 500ms}}
+  erp_customers:
+    from: erp
+    identity: customer
+    key: .id
+    mapping: '{{name: .customer_name, company, phone, _time: .updated_at}}'
+    to: [crm]
+"#
+        ),
+    )
+    .unwrap();
+    let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    let rec = |pairs: &[(&str, &str)]| -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect()
+    };
+    let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
+    let john = crm.user_create(rec(&[
+        ("name", "John Smith"),
+        ("company", "Acme Limited"),
+        ("email", "john@acme.example"),
+        ("phone", "100"),
+    ]));
+    let ann = crm.user_create(rec(&[
+        ("name", "Ann Lee"),
+        ("company", "Initech Corporation"),
+        ("email", "ann@initech.example"),
+        ("phone", "200"),
+    ]));
+    let maria = crm.user_create(rec(&[
+        ("name", "Maria Garcia"),
+        ("company", "Globex"),
+        ("email", "maria@globex.example"),
+        ("phone", "300"),
+    ]));
+    wait_for(Duration::from_secs(30), "the CRM's customers", idle);
+    let erp_rec = |name: &str, company: &str, phone: &str| {
+        rec(&[
+            ("customer_name", name),
+            ("company", company),
+            ("phone", phone),
+        ])
+    };
+    let j_smith = erp.user_create(erp_rec("J. Smith", "Acme Ltd", "101"));
+    let anne = erp.user_create(erp_rec("Anne Lee", "Initech Corp.", "201"));
+    let parker = erp.user_create(erp_rec("Peter Parker", "Acme Ltd", "400"));
+    let m_garcia = erp.user_create(erp_rec("M. Garcia", "GLOBEX", "301"));
+    let open = || -> Vec<Value> {
+        let out = weft_cmd(
+            dir.path(),
+            &["matches", "list", "-c", "weft.yaml", "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let canonical_of = |system: &str, id: &str| -> Option<String> {
+        let out = weft_cmd(
+            dir.path(),
+            &[
+                "xref",
+                "show",
+                "-c",
+                "weft.yaml",
+                "customer",
+                &format!("{system}:{id}"),
+                "--json",
+            ],
+        );
+        out.status.success().then(|| {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        })
+    };
+    wait_for(Duration::from_secs(30), "the ERP's customers", || {
+        idle() && crm.ids().len() == 4 && crm.snapshot()[&ann]["phone"] == "201"
+    });
+    // "Anne Lee, Initech Corp.": a typo of the CRM's Ann Lee, linked
+    assert_eq!(canonical_of("erp", &anne), canonical_of("crm", &ann));
+    // "Peter Parker, Acme Ltd": nobody else's, a new customer in the CRM
+    let new_in_crm: Vec<Map<String, Value>> = crm
+        .snapshot()
+        .into_iter()
+        .filter(|(id, _)| ![&john, &ann, &maria].contains(&id))
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(new_in_crm.len(), 1);
+    assert_eq!(new_in_crm[0]["name"], "Peter Parker");
+    assert!(canonical_of("erp", &parker).is_some());
+    // J. Smith and M. Garcia wait for a person, and nothing was written for them
+    let held = open();
+    assert_eq!(held.len(), 2, "{held:?}");
+    let find = |held: &[Value], ext: &str| -> Value {
+        held.iter()
+            .find(|m| m["external_id"] == ext)
+            .unwrap_or_else(|| panic!("{ext} not held: {held:?}"))
+            .clone()
+    };
+    let js = find(&held, &j_smith);
+    assert_eq!(
+        js["candidate"].as_str(),
+        canonical_of("crm", &john).as_deref()
+    );
+    let score = js["score"].as_f64().unwrap();
+    assert!((0.8..0.95).contains(&score), "{js}");
+    assert!(
+        canonical_of("erp", &j_smith).is_none(),
+        "not linked while held"
+    );
+    // a change while held waits with it
+    erp.user_edit(&j_smith, "phone", json!("102"));
+    wait_for(Duration::from_secs(30), "the held record's change", || {
+        idle() && find(&open(), &j_smith)["fields"]["phone"] == "102"
+    });
+    let run = |args: &[&str]| {
+        let out = weft_cmd(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let id_of = |m: &Value| m["id"].as_i64().unwrap().to_string();
+    run(&[
+        "matches",
+        "accept",
+        "-c",
+        "weft.yaml",
+        &id_of(&js),
+        "--note",
+        "same person",
+    ]);
+    let mg = find(&held, &m_garcia);
+    run(&[
+        "matches",
+        "reject",
+        "-c",
+        "weft.yaml",
+        &id_of(&mg),
+        "--note",
+        "her cousin",
+    ]);
+    // accepted: linked, its phone reaches the CRM, its name does not (the
+    // CRM's names win); rejected: a new CRM customer
+    wait_for(Duration::from_secs(30), "the decisions in the CRM", || {
+        let c = crm.snapshot();
+        idle() && c[&john]["phone"] == "102" && c.len() == 5
+    });
+    assert_eq!(canonical_of("erp", &j_smith), canonical_of("crm", &john));
+    assert_eq!(crm.snapshot()[&john]["name"], "John Smith");
+    assert_ne!(canonical_of("erp", &m_garcia), canonical_of("crm", &maria));
+    assert!(
+        crm.snapshot().values().any(|r| r["name"] == "M. Garcia"),
+        "{:?}",
+        crm.snapshot()
+    );
+    assert!(open().is_empty());
+    // deciding twice is refused
+    let again = weft_cmd(
+        dir.path(),
+        &["matches", "accept", "-c", "weft.yaml", &id_of(&js)],
+    );
+    assert!(!again.status.success());
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    hub.stop();
+}

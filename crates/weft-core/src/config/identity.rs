@@ -12,6 +12,11 @@
 //!     conflict: last_write_wins     # | source_of_truth | manual
 //!     non_owner: drop               # | flag
 //!     match: [email]                # link a new id to the record with this normalised value
+//!     fuzzy:                        # then: compare with the records sharing a blocking value
+//!       fields: {name: 2, company: 1}   # Jaro-Winkler on normalised values, weighted
+//!       block: [company]            # candidates share one of these normalised values
+//!       link: 0.95                  # at or above: linked
+//!       review: 0.80                # at or above: held for `weft matches accept|reject`; below: created
 //! flows:
 //!   crm_customers: {from: crm, identity: customer, key: .id | tostring, mapping: ..., to: [erp]}
 //! ```
@@ -23,7 +28,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::Issue;
-use crate::identity::{ConflictPolicy, NonOwnerPolicy, Route, Rules};
+use crate::identity::{ConflictPolicy, Fuzzy, NonOwnerPolicy, Route, Rules};
 
 /// The identity rules of one entity.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -52,6 +57,31 @@ pub struct RawIdentity {
     /// instead of creating one.
     #[serde(default, rename = "match")]
     pub match_on: Vec<String>,
+    /// Fuzzy matching, tried when neither a link nor a `match` key finds the
+    /// record.
+    pub fuzzy: Option<RawFuzzy>,
+}
+
+/// `identity.<entity>.fuzzy`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawFuzzy {
+    /// Top-level fields compared (normalised like match keys, then
+    /// Jaro-Winkler), each with its weight (> 0).
+    #[schemars(with = "BTreeMap<String, f64>")]
+    pub fields: Spanned<BTreeMap<String, f64>>,
+    /// Fields whose normalised value a candidate must share (at least one):
+    /// what keeps matching cheap. A record with none of them is not
+    /// fuzzy-matched.
+    #[schemars(with = "Vec<String>")]
+    pub block: Spanned<Vec<String>>,
+    /// Score (0 to 1) at or above which a record is linked automatically.
+    #[schemars(with = "f64")]
+    pub link: Spanned<f64>,
+    /// Score at or above which (and below `link`) the record is held for
+    /// review (`weft matches`); below it, a new record is created.
+    #[schemars(with = "f64")]
+    pub review: Spanned<f64>,
 }
 
 /// Validate `identity:`; the routes are filled in by [`add_route`] as the
@@ -99,6 +129,7 @@ pub(super) fn rules(
                 });
             }
         }
+        let fuzzy = r.fuzzy.and_then(|z| fuzzy(issues, &p, z));
         out.insert(
             entity.clone(),
             Rules {
@@ -112,11 +143,69 @@ pub(super) fn rules(
                 conflict: r.conflict.unwrap_or_default(),
                 non_owner: r.non_owner.unwrap_or_default(),
                 match_keys: r.match_on,
+                fuzzy,
                 routes: Vec::new(),
             },
         );
     }
     out
+}
+
+fn fuzzy(issues: &mut Vec<Issue>, p: &str, z: RawFuzzy) -> Option<Fuzzy> {
+    let before = issues.len();
+    if z.fields.value.is_empty() {
+        push(
+            issues,
+            &format!("{p}.fuzzy.fields"),
+            &z.fields,
+            "expected at least one field to compare".into(),
+        );
+    }
+    for (f, w) in &z.fields.value {
+        if !(w.is_finite() && *w > 0.0) {
+            push(
+                issues,
+                &format!("{p}.fuzzy.fields.{f}"),
+                &z.fields,
+                format!("weight {w}: expected a number above 0"),
+            );
+        }
+    }
+    if z.block.value.is_empty() {
+        push(
+            issues,
+            &format!("{p}.fuzzy.block"),
+            &z.block,
+            "expected at least one blocking field (candidates must share one's value)".into(),
+        );
+    }
+    for (name, v) in [("link", &z.link), ("review", &z.review)] {
+        if !(v.value > 0.0 && v.value <= 1.0) {
+            push(
+                issues,
+                &format!("{p}.fuzzy.{name}"),
+                v,
+                format!("{}: expected a score above 0 and at most 1", v.value),
+            );
+        }
+    }
+    if z.review.value > z.link.value {
+        push(
+            issues,
+            &format!("{p}.fuzzy.review"),
+            &z.review,
+            format!(
+                "{} is above link ({}): expected review <= link",
+                z.review.value, z.link.value
+            ),
+        );
+    }
+    (issues.len() == before).then(|| Fuzzy {
+        fields: z.fields.value.into_iter().collect(),
+        block: z.block.value,
+        link: z.link.value,
+        review: z.review.value,
+    })
 }
 
 /// Record that `flow` writes the entity's records to `destination` (the
@@ -130,7 +219,7 @@ pub(super) fn add_route(rules: &mut Rules, flow: &str, destination: &str) {
     }
 }
 
-fn push(issues: &mut Vec<Issue>, path: &str, span: &Spanned<String>, message: String) {
+fn push<T>(issues: &mut Vec<Issue>, path: &str, span: &Spanned<T>, message: String) {
     let loc = span.referenced;
     issues.push(Issue {
         path: path.to_owned(),
