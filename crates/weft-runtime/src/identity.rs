@@ -84,6 +84,10 @@ pub(crate) fn prepare(journal: &dyn Journal, id: &LaneIdentity, c: &Claimed) -> 
             )));
         }
     };
+    // merged into another record: that record's rows carry the state
+    if view.merged_into.is_some() {
+        return Prepared::Done(Ok(Written::default()), None);
+    }
     let ids: Vec<(String, Option<String>)> = view
         .links
         .iter()

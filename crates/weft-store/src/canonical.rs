@@ -874,6 +874,295 @@ pub(crate) fn resolve_match(
     Ok((system, event_id, correlation_id, rows))
 }
 
+/// Rewrite a record's match keys and blocking values from its state.
+fn index_record(
+    tx: &Connection,
+    rules: &identity::Rules,
+    cid: &str,
+    state: &Map<String, Value>,
+) -> Result<(), StoreError> {
+    let entity = &rules.entity;
+    tx.prepare_cached("DELETE FROM match_keys WHERE entity = ?1 AND canonical_id = ?2")?
+        .execute(params![entity, cid])?;
+    tx.prepare_cached("DELETE FROM match_blocks WHERE entity = ?1 AND canonical_id = ?2")?
+        .execute(params![entity, cid])?;
+    for (field, value) in rules.match_values(state) {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO match_keys (entity, field, value, canonical_id) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![entity, field, value, cid])?;
+    }
+    for block in rules.fuzzy.iter().flat_map(|z| z.blocks(state)) {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO match_blocks (entity, block, canonical_id) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![entity, block, cid])?;
+    }
+    Ok(())
+}
+
+/// A live (not merged) record, or why not.
+fn live(tx: &Connection, entity: &str, cid: &str) -> Result<(Canonical, i64), StoreError> {
+    let merged: Option<Option<String>> = tx
+        .prepare_cached("SELECT merged_into FROM canonical WHERE entity = ?1 AND id = ?2")?
+        .query_row(params![entity, cid], |r| r.get(0))
+        .optional()?;
+    match merged {
+        None => Err(StoreError::NotFound(format!("no {entity} record {cid}"))),
+        Some(Some(into)) => Err(StoreError::Invalid(format!(
+            "{entity} record {cid} was merged into {into}"
+        ))),
+        Some(None) => load(tx, entity, cid),
+    }
+}
+
+fn save(
+    tx: &Connection,
+    entity: &str,
+    cid: &str,
+    c: &Canonical,
+    version: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    let meta = serde_json::to_string(&c.meta)
+        .map_err(|e| StoreError::Invalid(format!("canonical record metadata: {e}")))?;
+    tx.prepare_cached(
+        "INSERT INTO canonical (entity, id, state, meta, version, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT (entity, id) DO UPDATE SET state = excluded.state, meta = excluded.meta,
+           version = excluded.version, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        entity,
+        cid,
+        Value::Object(c.state.clone()).to_string(),
+        meta,
+        version,
+        now
+    ])?;
+    Ok(())
+}
+
+/// A crosswalk change by hand (`Journal::xref_change`): returns the source
+/// and event id the rows carry, and the rows (the records it changed,
+/// written to every route whose system may lack them).
+pub(crate) fn xref_change(
+    tx: &Connection,
+    c: &crate::XrefChange,
+    now: i64,
+) -> Result<(String, String, Routed), StoreError> {
+    use crate::XrefOp;
+    let entity = c.rules.entity.as_str();
+    let event_id = format!("xref-{}", uuid::Uuid::now_v7());
+    let ev = Ev {
+        system: "weft",
+        event_id: &event_id,
+        correlation_id: &event_id,
+        event_time: now,
+    };
+    // (record, system that holds it already) to write out
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    match &c.op {
+        XrefOp::Link {
+            canonical_id: cid,
+            system,
+            external_id,
+        } => {
+            live(tx, entity, cid)?;
+            if let Some(l) = link_by_external(tx, entity, system, external_id)? {
+                return Err(StoreError::Invalid(if l.canonical_id == *cid {
+                    format!("{system}:{external_id} is linked to {cid} already")
+                } else {
+                    format!(
+                        "{system}:{external_id} is linked to {} already: merge the two records (`weft xref merge`) or unlink it first",
+                        l.canonical_id
+                    )
+                }));
+            }
+            if let Some(other) = link_of(tx, entity, cid, system)?.and_then(|l| l.external_id) {
+                return Err(StoreError::Invalid(format!(
+                    "{cid} is linked to {system}:{other} already: unlink it first"
+                )));
+            }
+            let detail = json!({"system": system, "external_id": external_id, "how": "manual", "note": c.note});
+            let ev = Ev { system, ..ev };
+            link_to(tx, entity, cid, &ev, external_id, "manual", detail, now)?;
+            out.push((cid.clone(), None));
+        }
+        XrefOp::Unlink {
+            system,
+            external_id,
+        } => {
+            let Some(l) = link_by_external(tx, entity, system, external_id)? else {
+                return Err(StoreError::NotFound(format!(
+                    "{system}:{external_id} is not linked to any {entity} record"
+                )));
+            };
+            tx.prepare_cached(
+                "DELETE FROM links WHERE entity = ?1 AND canonical_id = ?2 AND system = ?3",
+            )?
+            .execute(params![entity, l.canonical_id, system])?;
+            let detail = json!({"system": system, "external_id": external_id, "note": c.note});
+            history(tx, entity, &l.canonical_id, &ev, "unlinked", detail, now)?;
+        }
+        XrefOp::Split {
+            system,
+            external_id,
+        } => {
+            let Some(l) = link_by_external(tx, entity, system, external_id)? else {
+                return Err(StoreError::NotFound(format!(
+                    "{system}:{external_id} is not linked to any {entity} record"
+                )));
+            };
+            let (current, _) = live(tx, entity, &l.canonical_id)?;
+            let others: i64 = tx
+                .prepare_cached(
+                    "SELECT count(*) FROM links WHERE entity = ?1 AND canonical_id = ?2 AND system <> ?3",
+                )?
+                .query_row(params![entity, l.canonical_id, system], |r| r.get(0))?;
+            if others == 0 {
+                return Err(StoreError::Invalid(format!(
+                    "{} has no other link: there is nothing to split it from",
+                    l.canonical_id
+                )));
+            }
+            // the new record holds what the system reported last
+            let state = l.base.clone().unwrap_or_else(|| current.state.clone());
+            let meta = state
+                .keys()
+                .map(|k| {
+                    (
+                        k.clone(),
+                        FieldMeta {
+                            system: system.clone(),
+                            at: now,
+                        },
+                    )
+                })
+                .collect();
+            let split = Canonical { state, meta };
+            let new_id = uuid::Uuid::now_v7().to_string();
+            save(tx, entity, &new_id, &split, 1, now)?;
+            tx.prepare_cached(
+                "UPDATE links SET canonical_id = ?4, how = 'split', updated_at = ?5
+                 WHERE entity = ?1 AND canonical_id = ?2 AND system = ?3",
+            )?
+            .execute(params![entity, l.canonical_id, system, new_id, now])?;
+            index_record(tx, &c.rules, &new_id, &split.state)?;
+            let detail = json!({"system": system, "external_id": external_id, "into": new_id, "note": c.note});
+            history(tx, entity, &l.canonical_id, &ev, "split", detail, now)?;
+            let detail =
+                json!({"split_from": l.canonical_id, "system": system, "external_id": external_id});
+            history(tx, entity, &new_id, &ev, "created", detail, now)?;
+            out.push((new_id, Some(system.clone())));
+        }
+        XrefOp::Merge { keep, gone } => {
+            if keep == gone {
+                return Err(StoreError::Invalid(
+                    "a record cannot be merged into itself".into(),
+                ));
+            }
+            let (mut kept, version) = live(tx, entity, keep)?;
+            let (merged, _) = live(tx, entity, gone)?;
+            let links = |cid: &str| -> Result<Vec<(String, Option<String>)>, StoreError> {
+                Ok(tx
+                    .prepare_cached(
+                        "SELECT system, external_id FROM links WHERE entity = ?1 AND canonical_id = ?2",
+                    )?
+                    .query_map(params![entity, cid], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?)
+            };
+            let kept_links = links(keep)?;
+            for (system, ext) in links(gone)? {
+                match kept_links.iter().find(|(s, _)| *s == system) {
+                    Some((_, Some(k))) if ext.is_some() => {
+                        return Err(StoreError::Invalid(format!(
+                            "{system} holds both records ({k} and {}): merge them in {system} first, or unlink one",
+                            ext.unwrap_or_default()
+                        )));
+                    }
+                    // the kept record's link there says more: the other goes
+                    Some(_) if ext.is_none() => {
+                        tx.prepare_cached(
+                            "DELETE FROM links WHERE entity = ?1 AND canonical_id = ?2 AND system = ?3",
+                        )?
+                        .execute(params![entity, gone, system])?;
+                    }
+                    // the kept record has no id there yet: the merged one's link replaces it
+                    Some(_) => {
+                        tx.prepare_cached(
+                            "DELETE FROM links WHERE entity = ?1 AND canonical_id = ?2 AND system = ?3",
+                        )?
+                        .execute(params![entity, keep, system])?;
+                    }
+                    None => {}
+                }
+            }
+            tx.prepare_cached(
+                "UPDATE links SET canonical_id = ?3, updated_at = ?4 WHERE entity = ?1 AND canonical_id = ?2",
+            )?
+            .execute(params![entity, gone, keep, now])?;
+            // the fields the kept record lacks come from the merged one
+            let mut taken = Vec::new();
+            for (k, v) in &merged.state {
+                if kept.state.get(k).is_none_or(Value::is_null) && !v.is_null() {
+                    kept.state.insert(k.clone(), v.clone());
+                    if let Some(m) = merged.meta.get(k) {
+                        kept.meta.insert(k.clone(), m.clone());
+                    }
+                    taken.push(k.clone());
+                }
+            }
+            save(tx, entity, keep, &kept, version + 1, now)?;
+            tx.prepare_cached(
+                "UPDATE canonical SET merged_into = ?3, updated_at = ?4 WHERE entity = ?1 AND id = ?2",
+            )?
+            .execute(params![entity, gone, keep, now])?;
+            index_record(tx, &c.rules, keep, &kept.state)?;
+            tx.prepare_cached("DELETE FROM match_keys WHERE entity = ?1 AND canonical_id = ?2")?
+                .execute(params![entity, gone])?;
+            tx.prepare_cached("DELETE FROM match_blocks WHERE entity = ?1 AND canonical_id = ?2")?
+                .execute(params![entity, gone])?;
+            tx.prepare_cached(
+                "UPDATE conflicts SET status = 'resolved', resolved_at = ?3
+                 WHERE entity = ?1 AND canonical_id = ?2 AND status = 'open'",
+            )?
+            .execute(params![entity, gone, now])?;
+            tx.prepare_cached(
+                "UPDATE matches SET candidate = ?3 WHERE entity = ?1 AND candidate = ?2 AND status = 'open'",
+            )?
+            .execute(params![entity, gone, keep])?;
+            let detail = json!({"merged": gone, "fields_taken": taken, "note": c.note});
+            history(tx, entity, keep, &ev, "merged", detail, now)?;
+            let detail = json!({"into": keep, "note": c.note});
+            history(tx, entity, gone, &ev, "merged_into", detail, now)?;
+            out.push((keep.clone(), None));
+        }
+    }
+    let mut rows = Vec::new();
+    for (cid, holder) in out {
+        let (current, _) = load(tx, entity, &cid)?;
+        for route in &c.rules.routes {
+            let t = route.destination.as_str();
+            if holder.as_deref() == Some(t) {
+                continue;
+            }
+            let known = link_of(tx, entity, &cid, t)?
+                .and_then(|l| identity::estimate(l.base.as_ref(), l.written.as_ref()));
+            rows.extend(row_for(
+                tx,
+                route,
+                entity,
+                &cid,
+                &current.state,
+                known.as_ref(),
+                ("weft", &event_id),
+            )?);
+        }
+    }
+    Ok(("weft".into(), event_id, rows))
+}
+
 /// A report held for review: the system's record and its best candidate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct MatchEntry {
@@ -965,6 +1254,8 @@ pub struct CanonicalView {
     pub meta: std::collections::BTreeMap<String, FieldMeta>,
     pub version: i64,
     pub updated_at: i64,
+    /// Set when this record was merged into another (`weft xref merge`).
+    pub merged_into: Option<String>,
     pub links: Vec<LinkView>,
 }
 
@@ -1016,15 +1307,16 @@ pub(crate) fn view(
     entity: &str,
     id: &str,
 ) -> Result<Option<CanonicalView>, StoreError> {
-    let row: Option<(String, String, i64, i64)> = conn
+    type Row = (String, String, i64, i64, Option<String>);
+    let row: Option<Row> = conn
         .prepare_cached(
-            "SELECT state, meta, version, updated_at FROM canonical WHERE entity = ?1 AND id = ?2",
+            "SELECT state, meta, version, updated_at, merged_into FROM canonical WHERE entity = ?1 AND id = ?2",
         )?
         .query_row(params![entity, id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?;
-    let Some((state, meta, version, updated_at)) = row else {
+    let Some((state, meta, version, updated_at, merged_into)) = row else {
         return Ok(None);
     };
     let links = conn
@@ -1050,6 +1342,7 @@ pub(crate) fn view(
         meta: serde_json::from_str(&meta).unwrap_or_default(),
         version,
         updated_at,
+        merged_into,
         links,
     }))
 }
@@ -1062,7 +1355,7 @@ pub(crate) fn list(
 ) -> Result<Vec<(String, String)>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT entity, id FROM canonical WHERE ?1 IS NULL OR entity = ?1
+            "SELECT entity, id FROM canonical WHERE (?1 IS NULL OR entity = ?1) AND merged_into IS NULL
              ORDER BY updated_at DESC, id LIMIT ?2",
         )?
         .query_map(params![entity, limit as i64], |r| {

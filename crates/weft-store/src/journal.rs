@@ -260,6 +260,18 @@ pub trait Journal: Send + Sync + 'static {
         })
     }
 
+    /// Change the crosswalk by hand (`weft xref link|unlink|split|merge`),
+    /// with the rows it causes, in one transaction. Default: refused
+    /// (engines without identity).
+    fn xref_change(&self, change: XrefChange) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        let _ = change;
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "this store keeps no canonical records".into(),
+            ))
+        })
+    }
+
     /// Decide a report held for review (fuzzy matching): accepted, its id is
     /// linked to the candidate and the report merged; rejected, it makes a
     /// new record; the rows this causes are enqueued, in one transaction.
@@ -391,6 +403,34 @@ pub struct ResolveConflict {
     /// The entity's rules (their routes decide where it is written).
     pub rules: std::sync::Arc<weft_core::identity::Rules>,
     pub note: String,
+}
+
+/// A change of the crosswalk by hand.
+#[derive(Debug, Clone)]
+pub struct XrefChange {
+    pub op: XrefOp,
+    /// The entity's rules (their routes decide where records are written).
+    pub rules: std::sync::Arc<weft_core::identity::Rules>,
+    pub note: String,
+}
+
+/// What `weft xref` changes.
+#[derive(Debug, Clone)]
+pub enum XrefOp {
+    /// Link a system's id to a record (the record is then written there).
+    Link {
+        canonical_id: String,
+        system: String,
+        external_id: String,
+    },
+    /// Forget a system's id (its next report is matched again).
+    Unlink { system: String, external_id: String },
+    /// Move a system's id off its record into a new record holding what
+    /// that system reported last (written to the other systems).
+    Split { system: String, external_id: String },
+    /// Fold record `gone` into `keep`: its links move, the fields `keep`
+    /// lacks are taken, `gone` stays as a tombstone.
+    Merge { keep: String, gone: String },
 }
 
 /// A held match's decision.

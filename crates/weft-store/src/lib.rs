@@ -33,7 +33,7 @@ pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
     CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
     Outcome, Refusal, Replay, ResolveConflict, ResolveMatch, Settle, Settled, Settlement,
-    WriteOutcome,
+    WriteOutcome, XrefChange, XrefOp,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]

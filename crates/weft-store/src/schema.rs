@@ -287,11 +287,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX conflicts_open ON conflicts (entity, canonical_id) WHERE status = 'open';
     "#,
-    // 6: fuzzy matching. Blocking values per record (candidates share one),
-    // reports held for review, and an index that lets a record's match keys
-    // be replaced without a scan.
+    // 6: fuzzy matching and merges. Blocking values per record (candidates
+    // share one), reports held for review, an index that lets a record's
+    // match keys be replaced without a scan, and merged records' tombstones.
     r#"
     CREATE INDEX match_keys_by_record ON match_keys (entity, canonical_id);
+    -- a record merged into another (`weft xref merge`) stays as a tombstone
+    ALTER TABLE canonical ADD COLUMN merged_into TEXT;
     CREATE TABLE match_blocks (
         entity       TEXT NOT NULL,
         block        TEXT NOT NULL,

@@ -295,6 +295,15 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn xref_change(&self, change: crate::XrefChange) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Xref(change)).await? {
+                Reply::Applied(a) => Ok(a),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn resolve_match(
         &self,
         resolve: crate::ResolveMatch,

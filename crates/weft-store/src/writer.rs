@@ -47,6 +47,8 @@ pub(crate) enum Op {
     Resolve(crate::ResolveConflict),
     /// A held match decided.
     Match(crate::ResolveMatch),
+    /// The crosswalk changed by hand.
+    Xref(crate::XrefChange),
     /// Values an identity lane is about to write to a system.
     Intent {
         system: String,
@@ -305,6 +307,10 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
         Op::Resolve(r) => {
             let (source, event_id, rows) = crate::canonical::resolve_conflict(tx, r, now)?;
+            enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)
+        }
+        Op::Xref(c) => {
+            let (source, event_id, rows) = crate::canonical::xref_change(tx, c, now)?;
             enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)
         }
         Op::Match(r) => {

@@ -36,6 +36,48 @@ pub enum XrefCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Link a system's id to a record by hand (ID: canonical id or
+    /// `SYSTEM:ID` of another link); the record is then written there.
+    Link {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        id: String,
+        /// `SYSTEM:ID`: the system's id to link.
+        link: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Forget a system's id (`SYSTEM:ID`); its next report is matched again.
+    Unlink {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        link: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Move a system's id (`SYSTEM:ID`) off its record into a new record
+    /// holding what that system reported last (two customers linked as one).
+    Split {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        link: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Fold record GONE into KEEP (canonical ids or `SYSTEM:ID`): its links
+    /// move, the fields KEEP lacks are taken, GONE stays as a tombstone.
+    Merge {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        entity: String,
+        keep: String,
+        gone: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 fn when(ms: i64) -> String {
@@ -44,8 +86,105 @@ fn when(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// `SYSTEM:ID` split at the first colon, the system checked against the config.
+fn system_id(cfg: &weft_core::config::Config, s: &str) -> Result<(String, String)> {
+    match s.split_once(':') {
+        Some((system, id)) if cfg.systems.contains_key(system) && !id.is_empty() => {
+            Ok((system.to_owned(), id.to_owned()))
+        }
+        _ => anyhow::bail!("`{s}`: expected SYSTEM:ID with a system of the config"),
+    }
+}
+
+/// A canonical id, or the record a `SYSTEM:ID` is linked to.
+fn record_id(
+    cfg: &weft_core::config::Config,
+    r: &weft_store::Reader,
+    entity: &str,
+    s: &str,
+) -> Result<String> {
+    match s.split_once(':') {
+        Some((system, ext)) if cfg.systems.contains_key(system) => r
+            .canonical_by_external(entity, system, ext)?
+            .ok_or_else(|| anyhow::anyhow!("{s} is not linked to any {entity} record")),
+        _ => Ok(s.to_owned()),
+    }
+}
+
+fn change(
+    cfg: ConfigArg,
+    entity: &str,
+    note: String,
+    op: impl FnOnce(&weft_core::config::Config, &weft_store::Reader) -> Result<weft_store::XrefOp>,
+) -> Result<ExitCode> {
+    let (config, journal) = crate::dlq::open(&cfg)?;
+    let reader = crate::status::open_read_only(&config)?;
+    let Some(rules) = config.identity.get(entity).cloned() else {
+        anyhow::bail!("the config has no `identity.{entity}`");
+    };
+    let op = op(&config, &reader)?;
+    let applied =
+        crate::dlq::block_on(journal.xref_change(weft_store::XrefChange { op, rules, note }))??;
+    println!(
+        "done; {} write(s) queued to bring the systems in line",
+        applied.changed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
+    use weft_store::XrefOp;
     match cmd {
+        XrefCmd::Link {
+            cfg,
+            entity,
+            id,
+            link,
+            note,
+        } => change(cfg, &entity.clone(), note, |c, r| {
+            let (system, external_id) = system_id(c, &link)?;
+            Ok(XrefOp::Link {
+                canonical_id: record_id(c, r, &entity, &id)?,
+                system,
+                external_id,
+            })
+        }),
+        XrefCmd::Unlink {
+            cfg,
+            entity,
+            link,
+            note,
+        } => change(cfg, &entity, note, |c, _| {
+            let (system, external_id) = system_id(c, &link)?;
+            Ok(XrefOp::Unlink {
+                system,
+                external_id,
+            })
+        }),
+        XrefCmd::Split {
+            cfg,
+            entity,
+            link,
+            note,
+        } => change(cfg, &entity, note, |c, _| {
+            let (system, external_id) = system_id(c, &link)?;
+            Ok(XrefOp::Split {
+                system,
+                external_id,
+            })
+        }),
+        XrefCmd::Merge {
+            cfg,
+            entity,
+            keep,
+            gone,
+            note,
+        } => change(cfg, &entity.clone(), note, |c, r| {
+            Ok(XrefOp::Merge {
+                keep: record_id(c, r, &entity, &keep)?,
+                gone: record_id(c, r, &entity, &gone)?,
+            })
+        }),
         XrefCmd::List {
             cfg,
             entity,
@@ -125,6 +264,9 @@ pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
                 v.version,
                 when(v.updated_at)
             );
+            if let Some(into) = &v.merged_into {
+                println!("  merged into {into}");
+            }
             for (k, val) in &v.state {
                 let by = v
                     .meta

@@ -714,24 +714,18 @@ fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_syst
     hub.stop();
 }
 
-/// A CRM with customers and an ERP coming on board with its own: the ERP's
-/// spellings of the CRM's customers are linked by fuzzy matching (a typo
-/// automatically; "J. Smith, Acme Ltd" for "John Smith, Acme Limited" held
-/// for a person, who accepts it, and another held one rejected), and only
-/// the ERP's customers nobody else has reach the CRM as new records.
-#[test]
-fn fuzzy_matching_links_holds_for_review_and_creates() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
-    let echoes: Echoes = Arc::default();
-    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
-    let erp = Sim::start("erp", "E", hook("erp"), echoes);
-    let crm_addr = crm.addr;
-    std::fs::write(
-        dir.path().join("weft.yaml"),
-        format!(
-            r#"
+const FUZZY: &str = r#"
+    fuzzy:
+      fields: {name: 1, company: 1}
+      block: [company]
+      link: 0.95
+      review: 0.8"#;
+
+/// A CRM (source and sink) and an ERP that only reports (its flow writes to
+/// the CRM): the ERP coming on board.
+fn onboarding_config(crm_addr: SocketAddr, create: &str, fuzzy: &str) -> String {
+    format!(
+        r#"
 store:
   path: weft.db
 systems:
@@ -749,19 +743,14 @@ systems:
       webhook: {{path: /hooks/erp}}
 identity:
   customer:
-    create: [crm, erp]
+    create: {create}
     # both may set any field; on a conflict the CRM's name and the ERP's phone win
     owners:
       name: [crm, erp]
       phone: [erp, crm]
       "*": [crm, erp]
     conflict: source_of_truth
-    match: [email]
-    fuzzy:
-      fields: {{name: 1, company: 1}}
-      block: [company]
-      link: 0.95
-      review: 0.8
+    match: [email]{fuzzy}
 flows:
   crm_customers:
     from: crm
@@ -779,7 +768,25 @@ flows:
     mapping: '{{name: .customer_name, company, phone, _time: .updated_at}}'
     to: [crm]
 "#
-        ),
+    )
+}
+
+/// A CRM with customers and an ERP coming on board with its own: the ERP's
+/// spellings of the CRM's customers are linked by fuzzy matching (a typo
+/// automatically; "J. Smith, Acme Ltd" for "John Smith, Acme Limited" held
+/// for a person, who accepts it, and another held one rejected), and only
+/// the ERP's customers nobody else has reach the CRM as new records.
+#[test]
+fn fuzzy_matching_links_holds_for_review_and_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes);
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        onboarding_config(crm.addr, "[crm, erp]", FUZZY),
     )
     .unwrap();
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
@@ -946,6 +953,133 @@ flows:
         &["matches", "accept", "-c", "weft.yaml", &id_of(&js)],
     );
     assert!(!again.status.success());
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    hub.stop();
+}
+
+/// The crosswalk by hand: an ERP record weft refused to create (the ERP may
+/// not create customers) is linked to the CRM's by `weft xref link`, and its
+/// changes then reach the CRM; `split` makes it its own record again
+/// (written to the CRM as a new customer); `merge` is refused while the CRM
+/// holds both records, and folds them once one CRM id is unlinked.
+#[test]
+fn xref_link_split_unlink_and_merge_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes);
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        onboarding_config(crm.addr, "[crm]", ""),
+    )
+    .unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
+    let rec = |pairs: &[(&str, &str)]| -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect()
+    };
+    let c1 = crm.user_create(rec(&[
+        ("name", "John Smith"),
+        ("company", "Acme"),
+        ("email", "john@acme.example"),
+        ("phone", "100"),
+    ]));
+    wait_for(Duration::from_secs(30), "the CRM's customer", idle);
+    let e1 = erp.user_create(rec(&[
+        ("customer_name", "J Smith"),
+        ("company", "Acme"),
+        ("phone", "101"),
+    ]));
+    wait_for(Duration::from_secs(30), "the ERP's report", idle);
+    let weft = |args: &[&str]| {
+        let mut all = vec![args[0], args[1], "-c", "weft.yaml"];
+        all.extend_from_slice(&args[2..]);
+        weft_cmd(dir.path(), &all)
+    };
+    let ok = |args: &[&str]| {
+        let out = weft(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let refused = |args: &[&str], why: &str| {
+        let out = weft(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    };
+    let show = |id: &str| -> Option<Value> {
+        let out = weft(&["xref", "show", "customer", id, "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    };
+    let record_of = |id: &str| show(id).map(|v| v["id"].as_str().unwrap().to_owned());
+    let (crm1, erp1) = (format!("crm:{c1}"), format!("erp:{e1}"));
+    // refused at create: no record, nothing written
+    assert!(record_of(&erp1).is_none());
+    assert_eq!(crm.ids().len(), 1);
+
+    ok(&["xref", "link", "customer", &crm1, &erp1, "--note", "same"]);
+    assert_eq!(record_of(&erp1), record_of(&crm1));
+    refused(&["xref", "link", "customer", &crm1, &erp1], "already");
+    // linked: the ERP's phone (it ranks first for phones) reaches the CRM
+    erp.user_edit(&e1, "phone", json!("102"));
+    wait_for(
+        Duration::from_secs(30),
+        "the ERP's change in the CRM",
+        || idle() && crm.snapshot()[&c1]["phone"] == "102",
+    );
+    assert_eq!(crm.snapshot()[&c1]["name"], "John Smith");
+
+    // split: the ERP's record on its own, written to the CRM as a customer
+    ok(&["xref", "split", "customer", &erp1]);
+    wait_for(
+        Duration::from_secs(30),
+        "the split record in the CRM",
+        || idle() && crm.ids().len() == 2,
+    );
+    let c2 = crm.ids().into_iter().find(|i| *i != c1).unwrap();
+    assert_eq!(crm.snapshot()[&c2]["name"], "J Smith");
+    let crm2 = format!("crm:{c2}");
+    assert_ne!(record_of(&erp1), record_of(&crm1));
+    assert_eq!(record_of(&erp1), record_of(&crm2));
+
+    // merge: refused while the CRM holds both, done once one is unlinked
+    refused(&["xref", "merge", "customer", &crm1, &erp1], "holds both");
+    let gone = record_of(&erp1).unwrap();
+    ok(&["xref", "unlink", "customer", &crm2]);
+    refused(&["xref", "unlink", "customer", &crm2], "not linked");
+    ok(&["xref", "merge", "customer", &crm1, &erp1, "--note", "dupe"]);
+    assert_eq!(record_of(&erp1), record_of(&crm1));
+    let tomb = show(&gone).unwrap();
+    assert_eq!(tomb["merged_into"].as_str(), record_of(&crm1).as_deref());
+    let list = weft(&["xref", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let h = weft(&["history", "customer", &crm1, "--json"]);
+    let h: Value = serde_json::from_slice(&h.stdout).unwrap();
+    let actions: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["action"].as_str().unwrap())
+        .collect();
+    for a in ["linked", "split", "merged"] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    wait_for(Duration::from_secs(30), "quiet", idle);
     let st = status(dir.path(), "weft.yaml", &[]);
     assert_eq!(st["balanced"], true, "{st}");
     hub.stop();
