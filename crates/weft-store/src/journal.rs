@@ -134,6 +134,11 @@ pub enum Outcome {
     /// Not sent (the hub is stopping, the destination paused): the lease
     /// ends, no attempt is spent.
     Release,
+    /// Not sent yet: it waits for something else (the destination's id of
+    /// a record it refers to) and is due again at `next_at` (ms), with the
+    /// reason kept as its last error; no attempt is spent. It stays the head
+    /// of its key queue.
+    Wait { next_at: i64, reason: String },
 }
 
 /// One row's settlement.

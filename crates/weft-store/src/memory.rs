@@ -726,6 +726,15 @@ impl State {
                     });
                     done.dead += 1;
                 }
+                Outcome::Wait { next_at, reason } => {
+                    if let Some(r) = self.outbox.get_mut(&item.id) {
+                        r.row.next_at = next_at;
+                        r.row.last_error = Some(reason);
+                        r.token = None;
+                        r.lease_until = 0;
+                    }
+                    done.released += 1;
+                }
                 Outcome::Release => {
                     if let Some(r) = self.outbox.get_mut(&item.id) {
                         r.token = None;

@@ -1009,6 +1009,16 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                 }
                 done.dead += 1;
             }
+            Outcome::Wait { next_at, reason } => {
+                tx.prepare_cached("UPDATE outbox SET state = 0 WHERE id = ?1")?
+                    .execute([item.id])?;
+                let st = state_for(tx, &dest, key.as_deref(), order_seq, *next_at, now)?;
+                tx.prepare_cached(
+                    "UPDATE outbox SET next_at = ?2, last_error = ?3, state = ?4, token = 0 WHERE id = ?1",
+                )?
+                .execute(params![item.id, next_at, reason, st])?;
+                done.released += 1;
+            }
             Outcome::Release => {
                 tx.prepare_cached(
                     "UPDATE outbox SET state = 0, token = 0, next_at = 0 WHERE id = ?1",

@@ -80,6 +80,7 @@ macro_rules! conformance {
                 ingest_is_all_or_nothing,
                 position_dedupe_stores_repeats_and_prune_forgets_ids,
                 claim_hands_out_only_heads_of_key_queues,
+                wait_spends_no_attempt_and_keeps_the_key_head,
                 p3_2_one_key_queue_across_flows,
                 lease_expires_and_stale_settlements_change_nothing,
                 restart_voids_leases,

@@ -11,6 +11,7 @@ pub mod env;
 pub mod identity;
 mod locate;
 pub mod raw;
+pub mod references;
 mod validate;
 
 use std::fmt;

@@ -667,6 +667,11 @@ pub struct RawDestinationFull {
     /// destination must satisfy before it is written.
     #[schemars(with = "Option<String>")]
     pub contract: Option<Spanned<String>>,
+    /// Payload fields holding one system's id of a canonical record,
+    /// replaced by this destination's id of it when written; the write
+    /// waits until the destination has one (`identity:` records).
+    #[serde(default)]
+    pub references: BTreeMap<String, super::references::RawReference>,
 }
 
 /// Delivery policy; unset fields fall back to the flow, then the defaults.

@@ -329,6 +329,9 @@ pub struct Destination {
     pub delivery: DeliveryPolicy,
     /// Contract the payload must satisfy before it is written.
     pub contract: Option<Arc<super::entities::Contract>>,
+    /// Fields replaced by this destination's id of a canonical record when
+    /// written (`references:`).
+    pub references: Vec<super::references::Reference>,
 }
 
 /// Retry and concurrency policy of one destination of one flow.
@@ -678,12 +681,27 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         for (i, d) in f.to.into_iter().enumerate() {
             let dp = format!("{p}.to[{i}]");
             let span = Spanned::new((), d.referenced, d.defined);
-            let (system, dmap, ddel, dcontract) = match d.value {
-                RawDestination::Name(n) => (n, None, None, None),
-                RawDestination::Full(full) => {
-                    (full.system, full.mapping, full.delivery, full.contract)
-                }
+            let (system, dmap, ddel, dcontract, drefs) = match d.value {
+                RawDestination::Name(n) => (n, None, None, None, BTreeMap::new()),
+                RawDestination::Full(full) => (
+                    full.system,
+                    full.mapping,
+                    full.delivery,
+                    full.contract,
+                    full.references,
+                ),
             };
+            let references = super::references::references(
+                &mut cx.issues,
+                &dp,
+                drefs,
+                &super::references::Known {
+                    systems: &|s| systems.contains_key(s),
+                    entities: &|e| identity.contains_key(e),
+                    from: &f.from.value,
+                    identity_flow: f.identity.is_some(),
+                },
+            );
             let contract = super::entities::destination_contract(
                 &mut cx.issues,
                 &dp,
@@ -757,6 +775,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 mapping,
                 delivery,
                 contract,
+                references,
             });
         }
         let entity = match &f.identity {

@@ -1075,7 +1075,7 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     // delivered keyed rows, in item order: (key, order_seq, flow, dest, event)
     let mut delivered_keyed: Vec<(&str, i64, &str, &str, &str)> = Vec::new();
     let mut gone: Vec<i64> = Vec::new();
-    let mut retry: (Vec<i64>, Vec<i64>, Vec<&str>) = Default::default();
+    let mut retry: (Vec<i64>, Vec<i64>, Vec<&str>, Vec<i32>) = Default::default();
     let mut release: Vec<i64> = Vec::new();
     // dead: (outbox id, error, hold, item index)
     let mut dead: Vec<(i64, &str, bool, usize)> = Vec::new();
@@ -1118,7 +1118,15 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
                 retry.0.push(item.id);
                 retry.1.push(*next_at);
                 retry.2.push(error);
+                retry.3.push(1);
                 done.retried += 1;
+            }
+            Outcome::Wait { next_at, reason } => {
+                retry.0.push(item.id);
+                retry.1.push(*next_at);
+                retry.2.push(reason);
+                retry.3.push(0);
+                done.released += 1;
             }
             Outcome::Dead { error, hold_key } => {
                 gone.push(item.id);
@@ -1203,10 +1211,10 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     }
     if !retry.0.is_empty() {
         c.execute(
-            "UPDATE outbox o SET attempts = o.attempts + 1, next_at = x.n, last_error = x.e,
+            "UPDATE outbox o SET attempts = o.attempts + x.a, next_at = x.n, last_error = x.e,
                token = 0, lease_until = 0, lease_node = NULL
-             FROM unnest($1::int8[], $2::int8[], $3::text[]) AS x(id, n, e) WHERE o.id = x.id",
-            &[&retry.0, &retry.1, &retry.2],
+             FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int4[]) AS x(id, n, e, a) WHERE o.id = x.id",
+            &[&retry.0, &retry.1, &retry.2, &retry.3],
         )
         .await?;
     }

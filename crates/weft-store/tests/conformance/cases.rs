@@ -722,6 +722,36 @@ pub async fn claim_hands_out_only_heads_of_key_queues(h: &mut impl Harness) {
     assert_eq!(rig.nums("f", "d"), [6, 0, 0, 3, 0, 0, 3]);
 }
 
+/// A row that waits (for a referenced record's id) spends no attempt, keeps
+/// its reason, blocks its key until it is due, and is handed out again then.
+pub async fn wait_spends_no_attempt_and_keeps_the_key_head(h: &mut impl Harness) {
+    let rig = Rig::new(h, &[("f", "d")]);
+    rig.ingest(vec![one("1", Some("k")), one("2", Some("k"))])
+        .await;
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c), ["1"]);
+    let wait = Outcome::Wait {
+        next_at: now_ms() + 400,
+        reason: "waiting for d's id of customer shop:7".into(),
+    };
+    rig.settle(vec![(&c[0], wait)]).await;
+    assert!(
+        rig.claim("f", "d", 10).await.is_empty(),
+        "1 waits and 2 is behind it"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c), ["1"]);
+    assert_eq!(c[0].row.attempts, 0, "waiting spends no attempt");
+    assert_eq!(
+        c[0].row.last_error.as_deref(),
+        Some("waiting for d's id of customer shop:7")
+    );
+    rig.settle(vec![(&c[0], delivered())]).await;
+    assert_eq!(rig.deliver("f", 10).await, ["2"]);
+    assert_eq!(rig.nums("f", "d"), [2, 0, 0, 2, 0, 0, 0]);
+}
+
 /// P3-2: two flows writing one destination share the key's queue: never two
 /// rows of the key out at once, delivered in acceptance order.
 pub async fn p3_2_one_key_queue_across_flows(h: &mut impl Harness) {
