@@ -777,3 +777,32 @@ flows:
     }
     assert!(e.to_string().contains("expected review <= link"), "{e}");
 }
+
+#[test]
+fn bad_references_are_reported_with_lines() {
+    let text = r#"
+systems:
+  shop:
+    source: {webhook: {path: /hooks/shop}}
+  erp:
+    sink: {http: {url: "http://127.0.0.1:9/o"}}
+identity:
+  customer: {}
+flows:
+  orders:
+    from: shop
+    key: .id
+    to:
+      - system: erp
+        references:
+          customer: {entity: client, to: nowhere, wait: soon}
+"#;
+    let e = load(text).unwrap_err();
+    let got: Vec<(String, Option<u64>)> =
+        e.issues.iter().map(|i| (i.path.clone(), i.line)).collect();
+    for path in ["entity", "to", "wait"] {
+        let path = format!("flows.orders.to[0].references.customer.{path}");
+        assert!(got.contains(&(path.clone(), Some(16))), "{path}: {e}");
+    }
+    assert!(e.to_string().contains("unknown entity `client`"), "{e}");
+}

@@ -97,6 +97,9 @@ pub struct Lane {
     /// An identity flow's lane: rows name canonical records, mapped when
     /// they are written.
     pub identity: Option<Arc<crate::identity::LaneIdentity>>,
+    /// Fields resolved to this destination's ids of canonical records when
+    /// written (`references:`); rows wait until they can be.
+    pub references: Option<Arc<crate::references::LaneRefs>>,
 }
 
 /// A write's claimed rows, what became of them, and the guard's permit it
@@ -194,6 +197,7 @@ impl Lane {
         let sink = self.sink.clone();
         let (flow, dest) = (self.flow.clone(), self.dest.clone());
         let (identity, journal) = (self.identity.clone(), self.journal.clone());
+        let references = self.references.clone();
         let journal2 = self.journal.clone();
         writes.spawn(async move {
             let mut batch = Vec::with_capacity(claimed.len());
@@ -202,11 +206,33 @@ impl Lane {
             let mut canonical: Vec<Option<CanonicalWritten>> = vec![None; claimed.len()];
             let claimed = match identity {
                 None => {
+                    let mut ready = Vec::with_capacity(claimed.len());
                     for (i, c) in claimed.iter().enumerate() {
                         match delivery(c) {
-                            Ok(d) => batch.push(d),
+                            Ok(d) => ready.push((i, d)),
                             Err(e) => decided.push((i, Err(e))),
                         }
+                    }
+                    match references {
+                        None => batch.extend(ready.into_iter().map(|(_, d)| d)),
+                        Some(lr) => match crate::references::resolve_all(journal, lr, ready).await
+                        {
+                            Ok(resolved) => {
+                                for (i, r) in resolved {
+                                    match r {
+                                        Ok(crate::references::Resolved::Ready(d)) => batch.push(d),
+                                        Ok(crate::references::Resolved::Waiting(why)) => {
+                                            decided.push((i, Err(crate::references::waiting(why))))
+                                        }
+                                        Err(e) => decided.push((i, Err(e))),
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot resolve references; the rows return after their lease");
+                                return (Vec::new(), Vec::new(), Vec::new(), permit);
+                            }
+                        },
                     }
                     claimed
                 }
@@ -296,6 +322,7 @@ impl Lane {
                     (0..n).map(|_| Err(SinkError::retryable(why.clone()))).collect()
                 }
             };
+            decided.sort_by_key(|(i, _)| *i);
             for (i, r) in decided {
                 results.insert(i, r);
             }
@@ -338,9 +365,9 @@ impl Lane {
         let now = now_ms();
         let results = in_key_order(&claimed, results);
         // the breaker counts writes, not rows
-        let failed = results
-            .iter()
-            .any(|r| matches!(r, Err(e) if e.kind == ErrorKind::Retryable));
+        let failed = results.iter().any(|r| {
+            matches!(r, Err(e) if e.kind == ErrorKind::Retryable && !crate::references::is_waiting(e))
+        });
         let retry_after = results
             .iter()
             .filter_map(|r| r.as_ref().err().and_then(|e| e.retry_after))
@@ -364,6 +391,30 @@ impl Lane {
                         fingerprint: w.fingerprint,
                         canonical: cw,
                     })
+                }
+                Err(e) if crate::references::is_waiting(&e) => {
+                    let age = Duration::from_millis((now - c.row.created_at).max(0) as u64);
+                    let limit = self
+                        .references
+                        .as_ref()
+                        .map_or(Duration::ZERO, |r| r.wait());
+                    if age > limit {
+                        tracing::warn!(flow = %self.flow, destination = %self.dest, correlation_id = %c.row.correlation_id,
+                            error = %e, "a reference did not resolve in time; dead-lettered");
+                        dead += 1;
+                        Outcome::Dead {
+                            error: format!(
+                                "{e}, for longer than {}",
+                                crate::references::span(limit)
+                            ),
+                            hold_key,
+                        }
+                    } else {
+                        Outcome::Wait {
+                            next_at: now + crate::references::next_look(age).as_millis() as i64,
+                            reason: e.to_string(),
+                        }
+                    }
                 }
                 Err(mut e) => {
                     if self.redact {
@@ -443,7 +494,7 @@ impl Lane {
 /// either (the earlier one is written again after them otherwise): they are
 /// retried behind it.
 fn in_key_order(claimed: &[Claimed], results: Vec<WriteResult>) -> Vec<WriteResult> {
-    let mut failed_keys: Vec<&str> = Vec::new();
+    let mut failed_keys: Vec<(&str, bool)> = Vec::new();
     claimed
         .iter()
         .zip(results)
@@ -451,13 +502,19 @@ fn in_key_order(claimed: &[Claimed], results: Vec<WriteResult>) -> Vec<WriteResu
             let Some(k) = c.row.entity_key.as_deref() else {
                 return r;
             };
-            if failed_keys.contains(&k) {
-                return Err(SinkError::retryable(
-                    "not counted: an earlier delivery of the same key in this batch failed",
-                ));
+            if let Some((_, waits)) = failed_keys.iter().find(|(f, _)| *f == k) {
+                return Err(if *waits {
+                    crate::references::waiting(
+                        "behind an earlier row of the same key that waits".into(),
+                    )
+                } else {
+                    SinkError::retryable(
+                        "not counted: an earlier delivery of the same key in this batch failed",
+                    )
+                });
             }
-            if r.is_err() {
-                failed_keys.push(k);
+            if let Err(e) = &r {
+                failed_keys.push((k, crate::references::is_waiting(e)));
             }
             r
         })

@@ -15,6 +15,7 @@ pub mod health;
 pub mod identity;
 pub mod ingest;
 pub mod metrics;
+pub mod references;
 pub mod server;
 pub mod testing;
 
@@ -160,6 +161,12 @@ impl Runtime {
                         Arc::new(identity::LaneIdentity {
                             destination: d.system.clone(),
                             mapping: d.mapping.clone(),
+                        })
+                    }),
+                    references: (!d.references.is_empty()).then(|| {
+                        Arc::new(references::LaneRefs {
+                            destination: d.system.clone(),
+                            refs: d.references.clone(),
                         })
                     }),
                 };

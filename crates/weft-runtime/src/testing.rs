@@ -397,6 +397,7 @@ impl RunningLane {
             shutdown: shutdown.clone(),
             redact: false,
             identity: None,
+            references: None,
         };
         RunningLane {
             handle,

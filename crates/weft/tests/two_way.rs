@@ -1084,3 +1084,162 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     assert_eq!(st["balanced"], true, "{st}");
     hub.stop();
 }
+
+/// References resolved at delivery: a shop's orders name its customer by
+/// the shop's id; the ERP needs its own customer number. An order whose
+/// customer the ERP does not have yet waits (no attempt spent, visible as
+/// pending), through a SIGKILL too, and goes out with the ERP's id once the
+/// customer is written there; a return whose customer never comes goes to
+/// the DLQ when its `wait` runs out, with the reason.
+#[test]
+fn an_order_waits_for_its_customer_and_goes_out_with_the_erps_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let echoes: Echoes = Arc::default();
+    // the ERP's customers (it reports nothing back here: no webhook listens)
+    let erp = Sim::start("erp", "E", "http://127.0.0.1:9/none".into(), echoes);
+    let orders = common::Recorder::start();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: weft.db
+systems:
+  shop:
+    source:
+      webhook: {{path: /hooks/shop}}
+  erp:
+    sink:
+      http:
+        url: http://{erp}/customers
+        mode: by_id
+        update_url: http://{erp}/customers/{{_id}}
+        capture_id: .id
+  erp_orders:
+    sink:
+      http: {{url: "{orders}/orders"}}
+identity:
+  customer:
+    create: [shop]
+flows:
+  shop_customers:
+    from: shop
+    filter: .kind == "customer"
+    identity: customer
+    key: .id
+    mapping: '{{name, email}}'
+    to:
+      - system: erp
+        mapping: '{{_id, customer_name: .name, email}}'
+  shop_orders:
+    from: shop
+    filter: .kind == "order"
+    key: .id
+    mapping: '{{order_no: .id, customer: .customer_id, total}}'
+    to:
+      - system: erp_orders
+        references:
+          customer: {{entity: customer, to: erp, wait: 30m}}
+  shop_returns:
+    from: shop
+    filter: .kind == "return"
+    key: .id
+    mapping: '{{return_no: .id, customer: .customer_id}}'
+    to:
+      - system: erp_orders
+        references:
+          customer: {{entity: customer, to: erp, wait: 1s}}
+"#,
+            erp = erp.addr,
+            orders = orders.url()
+        ),
+    )
+    .unwrap();
+    let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let client = reqwest::blocking::Client::new();
+    let post = |id: &str, body: Value| {
+        let r = client
+            .post(format!("http://127.0.0.1:{port}/hooks/shop"))
+            .header("x-event-id", id)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{id}: {}", r.status());
+    };
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    post(
+        "o1",
+        json!({"kind": "order", "id": "O1", "customer_id": "S1", "total": 10}),
+    );
+    post(
+        "o2",
+        json!({"kind": "order", "id": "O2", "customer_id": "S2", "total": 20}),
+    );
+    post(
+        "r1",
+        json!({"kind": "return", "id": "R1", "customer_id": "S9"}),
+    );
+    // nobody knows S1 or S2 yet: nothing goes out, both wait as pending
+    let lane = |st: &Value, flow: &str| -> Value {
+        st["lanes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["flow"] == flow)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the return's wait to run out",
+        || {
+            let st = status(dir.path(), "weft.yaml", &[]);
+            lane(&st, "shop_returns")["dead_lettered"] == 1
+        },
+    );
+    assert_eq!(orders.count(), 0, "an order went out without its customer");
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(lane(&st, "shop_orders")["pending"], 2, "{st}");
+    let dlq = weft_cmd(dir.path(), &["dlq", "list", "-c", "weft.yaml", "--json"]);
+    let dlq = String::from_utf8_lossy(&dlq.stdout);
+    assert!(
+        dlq.contains("waiting for the customer shop:S9") && dlq.contains("for longer than 1s"),
+        "{dlq}"
+    );
+
+    // S1 arrives: written to the ERP, and O1 follows with the ERP's id
+    post(
+        "c1",
+        json!({"kind": "customer", "id": "S1", "name": "Acme", "email": "ops@acme.example"}),
+    );
+    wait_for(Duration::from_secs(30), "O1 in the ERP", || {
+        orders.count() == 1
+    });
+    let e1 = erp.ids()[0].clone();
+    let got = orders.received.lock().unwrap()[0].body.clone();
+    assert_eq!(got, json!({"order_no": "O1", "customer": e1, "total": 10}));
+    // O2 still waits, also across a SIGKILL
+    hub.kill9();
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    post(
+        "c2",
+        json!({"kind": "customer", "id": "S2", "name": "Beta", "email": "b@beta.example"}),
+    );
+    wait_for(Duration::from_secs(30), "O2 in the ERP", || {
+        orders.count() == 2
+    });
+    let e2 = erp
+        .ids()
+        .into_iter()
+        .find(|i| *i != e1)
+        .expect("the second customer in the ERP");
+    let got = orders.received.lock().unwrap()[1].body.clone();
+    assert_eq!(got["customer"], json!(e2), "{got}");
+    // waiting spent no attempt: each order written once, first time
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(lane(&st, "shop_orders")["delivered"], 2, "{st}");
+    assert_eq!(st["balanced"], true, "{st}");
+    hub.stop();
+}

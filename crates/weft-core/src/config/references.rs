@@ -13,7 +13,8 @@
 //!     to:
 //!       - system: erp
 //!         references:
-//!           customer: {entity: customer, system: shop, wait: 24h}
+//!           # `customer` holds the shop's id of a customer: the ERP's id of it is written
+//!           customer: {entity: customer, from: shop, to: erp, wait: 24h}
 //! ```
 
 use std::collections::BTreeMap;
@@ -37,7 +38,12 @@ pub struct RawReference {
     pub entity: Spanned<String>,
     /// The system whose id the field holds (default: the flow's source).
     #[schemars(with = "Option<String>")]
-    pub system: Option<Spanned<String>>,
+    pub from: Option<Spanned<String>>,
+    /// The system whose id of the record is written (default: the
+    /// destination; name another when the destination is one endpoint of
+    /// a system weft links records of under another name).
+    #[schemars(with = "Option<String>")]
+    pub to: Option<Spanned<String>>,
     /// How long a write waits for the destination's id of the record
     /// (default `24h`); then it goes to the DLQ.
     #[schemars(with = "Option<String>")]
@@ -51,7 +57,9 @@ pub struct Reference {
     pub field: String,
     pub entity: String,
     /// The system whose id the field holds.
-    pub system: String,
+    pub from: String,
+    /// The system whose id is written; `None`: the destination.
+    pub to: Option<String>,
     pub wait: Duration,
 }
 
@@ -102,20 +110,21 @@ pub(super) fn references(
                 ),
             );
         }
-        let system = match &r.system {
-            Some(s) => {
-                if !(k.systems)(&s.value) {
-                    push(
-                        issues,
-                        &format!("{p}.system"),
-                        s,
-                        format!("unknown system `{}`", s.value),
-                    );
-                }
-                s.value.clone()
+        let mut system = |name: &str, s: &Option<Spanned<String>>| {
+            if let Some(s) = s
+                && !(k.systems)(&s.value)
+            {
+                push(
+                    issues,
+                    &format!("{p}.{name}"),
+                    s,
+                    format!("unknown system `{}`", s.value),
+                );
             }
-            None => k.from.to_owned(),
+            s.as_ref().map(|s| s.value.clone())
         };
+        let from = system("from", &r.from).unwrap_or_else(|| k.from.to_owned());
+        let to = system("to", &r.to);
         let wait = match &r.wait {
             None => DEFAULT_WAIT,
             Some(w) => match super::parse_duration(&w.value) {
@@ -139,7 +148,8 @@ pub(super) fn references(
             out.push(Reference {
                 field,
                 entity: r.entity.value,
-                system,
+                from,
+                to,
                 wait,
             });
         }
