@@ -24,6 +24,12 @@ pub struct Delivery {
     pub attempt: u32,
     /// The mapped payload.
     pub payload: serde_json::Value,
+    /// The flow that wrote it.
+    pub flow: String,
+    /// The system the event came from.
+    pub source: String,
+    /// The event's own time, ms since 1970 (CloudEvents `time`).
+    pub event_time: i64,
 }
 
 /// Why one delivery failed.

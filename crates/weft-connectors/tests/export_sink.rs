@@ -14,6 +14,9 @@ use weft_core::config::{ExportTarget, RotatePolicy};
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
+        flow: "flow".into(),
+        source: "src".into(),
+        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),
@@ -291,7 +294,7 @@ async fn jsonl_rotating_files_carry_the_envelope() {
         envelope: true,
         ..JsonlSinkConfig::default()
     };
-    let sink = JsonlSink::open(&cfg, &rotating(&out, 200, HOUR, HOUR)).unwrap();
+    let sink = JsonlSink::open(&cfg, &rotating(&out, 450, HOUR, HOUR)).unwrap();
     let batch: Vec<Delivery> = (1..=6).map(|i| delivery(i, json!({"n": i}))).collect();
     assert!(sink.write(&batch).await.iter().all(Result::is_ok));
     sink.flush().await.unwrap();
@@ -303,7 +306,7 @@ async fn jsonl_rotating_files_carry_the_envelope() {
     let mut lines = Vec::new();
     for n in &names {
         let text = std::fs::read_to_string(out.join(n)).unwrap();
-        assert!(text.len() <= 200 && text.ends_with('\n'));
+        assert!(text.len() <= 450 && text.ends_with('\n'));
         lines.extend(
             text.lines()
                 .map(|l| serde_json::from_str::<Value>(l).unwrap()),
@@ -312,7 +315,9 @@ async fn jsonl_rotating_files_carry_the_envelope() {
     assert_eq!(lines.len(), 6);
     assert_eq!(
         lines[0],
-        json!({"id": "e-1", "idempotency_key": "k-1", "correlation_id": "c-1", "data": {"n": 1}})
+        json!({"specversion": "1.0", "id": "k-1", "source": "weft/flow", "type": "weft.flow",
+               "time": "2023-11-14T22:13:20.000Z", "correlationid": "c-1", "causationid": "e-1",
+               "datacontenttype": "application/json", "data": {"n": 1}})
     );
 }
 

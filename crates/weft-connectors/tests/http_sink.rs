@@ -92,6 +92,9 @@ fn sink(url: String) -> HttpSink {
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
+        flow: "flow".into(),
+        source: "src".into(),
+        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("idem-{id}"),
         correlation_id: format!("corr-{id}"),

@@ -8,6 +8,9 @@ use weft_core::config::raw::JsonlSinkConfig;
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
+        flow: "flow".into(),
+        source: "src".into(),
+        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),
@@ -63,7 +66,9 @@ async fn envelope_carries_ids() {
     assert_eq!(
         lines(&path),
         vec![
-            json!({"id": "e-7", "idempotency_key": "k-7", "correlation_id": "c-1", "data": {"x": 1}})
+            json!({"specversion": "1.0", "id": "k-7", "source": "weft/flow", "type": "weft.flow",
+                   "time": "2023-11-14T22:13:20.000Z", "correlationid": "c-1", "causationid": "e-7",
+                   "datacontenttype": "application/json", "data": {"x": 1}})
         ]
     );
 }

@@ -56,6 +56,9 @@ fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> MysqlSinkConfig {
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
+        flow: "flow".into(),
+        source: "src".into(),
+        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),

@@ -482,6 +482,9 @@ fn delivery(c: &Claimed) -> Result<Delivery, SinkError> {
         .map_err(|e| SinkError::permanent(format!("the stored payload cannot be read: {e}")))?;
     Ok(Delivery {
         id: c.row.id,
+        flow: c.row.flow.clone(),
+        source: c.row.source.clone(),
+        event_time: c.row.event_time,
         idempotency_key: c.row.idempotency_key.clone(),
         correlation_id: c.row.correlation_id.clone(),
         event_id: c.row.event_id.clone(),

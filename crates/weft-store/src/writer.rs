@@ -254,18 +254,23 @@ impl Writer {
 }
 
 fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
+    // a flow-level row that counted a record received sets its
+    // `last_received_at` (freshness); other rows leave it
+    let now = crate::now_ms();
     let mut st = tx.prepare_cached(
-        "INSERT INTO flow_counts (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+        "INSERT INTO flow_counts (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (flow, destination) DO UPDATE SET
            received = received + excluded.received,
            filtered = filtered + excluded.filtered,
            rejected = rejected + excluded.rejected,
            delivered = delivered + excluded.delivered,
            dead_lettered = dead_lettered + excluded.dead_lettered,
-           discarded = discarded + excluded.discarded",
+           discarded = discarded + excluded.discarded,
+           last_received_at = coalesce(max(last_received_at, excluded.last_received_at), last_received_at, excluded.last_received_at)",
     )?;
     for ((flow, dest), c) in totals {
+        let seen = (dest.is_empty() && c.received > 0).then_some(now);
         st.execute(params![
             flow,
             dest,
@@ -274,7 +279,8 @@ fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
             c.rejected,
             c.delivered,
             c.dead_lettered,
-            c.discarded
+            c.discarded,
+            seen
         ])?;
     }
     Ok(())

@@ -431,7 +431,7 @@ where
         if d["op"] == "r" {
             continue;
         }
-        let key = l["idempotency_key"].as_str().unwrap().to_owned();
+        let key = l["id"].as_str().unwrap().to_owned();
         let p = pos(d);
         let prev = by_pos
             .entry(p.clone())
