@@ -101,8 +101,8 @@ fn late_and_recovered_are_each_alerted_once() {
 
     // a record the destination refuses (503s): received now, but waiting
     api.set(FAIL_500);
-    post(&hub, 1);
     let t0 = Instant::now();
+    post(&hub, 1);
     wait_for(Duration::from_secs(15), "the late alert", || {
         !alerts(&sink).is_empty()
     });
@@ -111,6 +111,24 @@ fn late_and_recovered_are_each_alerted_once() {
         "late before the SLA passed"
     );
     let a = &alerts(&sink)[0];
+    let first = sink.received.lock().unwrap()[0].clone();
+    let header = |n: &str| {
+        first
+            .headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("x-token").as_deref(),
+        Some("t"),
+        "the configured header, from the env"
+    );
+    assert!(
+        header("content-type")
+            .unwrap_or_default()
+            .starts_with("application/cloudevents+json")
+    );
     assert_eq!(a["specversion"], "1.0");
     assert_eq!(a["type"], "weft.freshness.late", "{a}");
     assert_eq!(a["source"], "weft/crm_to_api");

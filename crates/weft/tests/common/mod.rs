@@ -167,6 +167,8 @@ pub struct Received {
     pub idempotency_key: Option<String>,
     pub correlation_id: Option<String>,
     pub body: serde_json::Value,
+    /// Every header, names lower-case.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Fault modes of the [`Recorder`].
@@ -272,6 +274,10 @@ impl Recorder {
                 idempotency_key: h("idempotency-key"),
                 correlation_id: h("x-correlation-id"),
                 body: json,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                    .collect(),
             });
             if mode.load(Ordering::SeqCst) == ECHO_ID {
                 let id = format!("ext-{}", uri.path().rsplit('/').next().unwrap_or(""));
