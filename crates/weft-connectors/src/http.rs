@@ -142,9 +142,9 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub fn outbound(d: &Delivery) -> Outbound<'_> {
     Outbound {
         idempotency_key: &d.idempotency_key,
-        flow: &d.flow,
+        flow: &d.context.flow,
         entity_key: d.entity_key.as_deref(),
-        time_ms: d.event_time,
+        time_ms: d.context.event_time_ms,
         correlation_id: &d.correlation_id,
         event_id: &d.event_id,
     }

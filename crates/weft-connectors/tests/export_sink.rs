@@ -14,9 +14,6 @@ use weft_core::config::{ExportTarget, RotatePolicy};
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
-        flow: "flow".into(),
-        source: "src".into(),
-        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),
@@ -24,6 +21,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 
@@ -295,7 +293,14 @@ async fn jsonl_rotating_files_carry_the_envelope() {
         ..JsonlSinkConfig::default()
     };
     let sink = JsonlSink::open(&cfg, &rotating(&out, 450, HOUR, HOUR)).unwrap();
-    let batch: Vec<Delivery> = (1..=6).map(|i| delivery(i, json!({"n": i}))).collect();
+    let batch: Vec<Delivery> = (1..=6)
+        .map(|i| {
+            let mut d = delivery(i, json!({"n": i}));
+            d.context.flow = "flow".into();
+            d.context.event_time_ms = 1_700_000_000_000;
+            d
+        })
+        .collect();
     assert!(sink.write(&batch).await.iter().all(Result::is_ok));
     sink.flush().await.unwrap();
     let names = files(&out);

@@ -85,9 +85,6 @@ fn sink(sink_yaml: &str) -> HttpSink {
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
-        flow: "flow".into(),
-        source: "src".into(),
-        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("idem-{id}"),
         correlation_id: format!("corr-{id}"),
@@ -95,6 +92,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 

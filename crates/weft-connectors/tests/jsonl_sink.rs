@@ -8,9 +8,6 @@ use weft_core::config::raw::JsonlSinkConfig;
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
-        flow: "flow".into(),
-        source: "src".into(),
-        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),
@@ -18,6 +15,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 
@@ -62,7 +60,10 @@ async fn envelope_carries_ids() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
     let sink = JsonlSink::open(&cfg(true), &ExportTarget::File(path.clone())).unwrap();
-    sink.write(&[delivery(7, json!({"x": 1}))]).await;
+    let mut d = delivery(7, json!({"x": 1}));
+    d.context.flow = "flow".into();
+    d.context.event_time_ms = 1_700_000_000_000;
+    sink.write(&[d]).await;
     assert_eq!(
         lines(&path),
         vec![

@@ -74,9 +74,6 @@ fn cfg(table: &str, cols: &[(&str, &str)], key: &[&str]) -> PostgresSinkConfig {
 
 fn delivery(id: i64, payload: Value) -> Delivery {
     Delivery {
-        flow: "flow".into(),
-        source: "src".into(),
-        event_time: 1_700_000_000_000,
         id,
         idempotency_key: format!("k-{id}"),
         correlation_id: "c-1".into(),
@@ -84,6 +81,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 

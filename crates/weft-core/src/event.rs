@@ -115,7 +115,7 @@ pub struct Outbound<'a> {
     pub idempotency_key: &'a str,
     pub flow: &'a str,
     pub entity_key: Option<&'a str>,
-    /// ms since 1970.
+    /// ms since 1970; 0: unknown (no `time`).
     pub time_ms: i64,
     pub correlation_id: &'a str,
     pub event_id: &'a str,
@@ -148,8 +148,10 @@ impl Outbound<'_> {
             ("id", self.idempotency_key.to_owned()),
             ("source", self.source()),
             ("type", self.ty()),
-            ("time", self.time()),
         ];
+        if self.time_ms != 0 {
+            a.push(("time", self.time()));
+        }
         if let Some(k) = self.entity_key.filter(|k| !k.is_empty()) {
             a.push(("subject", k.to_owned()));
         }
@@ -231,6 +233,8 @@ mod tests {
             ..o
         };
         assert!(keyless.structured(&1.into()).get("subject").is_none());
+        let timeless = Outbound { time_ms: 0, ..o };
+        assert!(timeless.structured(&1.into()).get("time").is_none());
     }
 
     #[test]

@@ -482,15 +482,19 @@ fn delivery(c: &Claimed) -> Result<Delivery, SinkError> {
         .map_err(|e| SinkError::permanent(format!("the stored payload cannot be read: {e}")))?;
     Ok(Delivery {
         id: c.row.id,
-        flow: c.row.flow.clone(),
-        source: c.row.source.clone(),
-        event_time: c.row.event_time,
         idempotency_key: c.row.idempotency_key.clone(),
         correlation_id: c.row.correlation_id.clone(),
         event_id: c.row.event_id.clone(),
         entity_key: c.row.entity_key.clone(),
         attempt: c.row.attempts + 1,
         payload,
+        context: weft_connectors::sink::DeliveryContext {
+            flow: c.row.flow.clone(),
+            source: c.row.source.clone(),
+            event_time_ms: c.row.event_time,
+            traceparent: c.row.traceparent.clone(),
+            tracestate: c.row.tracestate.clone(),
+        },
     })
 }
 

@@ -225,9 +225,6 @@ mod tests {
 
     fn d(payload: Value) -> Delivery {
         Delivery {
-            flow: "flow".into(),
-            source: "src".into(),
-            event_time: 1_700_000_000_000,
             id: 1,
             idempotency_key: "k".into(),
             correlation_id: "c".into(),
@@ -235,6 +232,7 @@ mod tests {
             entity_key: None,
             attempt: 1,
             payload,
+            context: Default::default(),
         }
     }
 
