@@ -145,6 +145,9 @@ pub(crate) struct Counts {
     pub delivered: i64,
     pub dead_lettered: i64,
     pub discarded: i64,
+    /// A flow-level row: an ingest received a record (its time becomes
+    /// `last_received_at`; a replay's recount does not).
+    pub seen: bool,
 }
 
 pub(crate) type Deltas = HashMap<(String, String), Counts>;
@@ -254,7 +257,7 @@ impl Writer {
 }
 
 fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
-    // a flow-level row that counted a record received sets its
+    // a flow-level row an ingest received records on sets its
     // `last_received_at` (freshness); other rows leave it
     let now = crate::now_ms();
     let mut st = tx.prepare_cached(
@@ -270,7 +273,7 @@ fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
            last_received_at = coalesce(max(last_received_at, excluded.last_received_at), last_received_at, excluded.last_received_at)",
     )?;
     for ((flow, dest), c) in totals {
-        let seen = (dest.is_empty() && c.received > 0).then_some(now);
+        let seen = (dest.is_empty() && c.seen).then_some(now);
         st.execute(params![
             flow,
             dest,
@@ -603,6 +606,11 @@ fn ingest(
                 *end = *next + want as i64;
             }
             apply_outcome(tx, &ctx, o, d, &mut seq, now, &mut applied)?;
+        }
+    }
+    for c in &applied.flows {
+        if c.received > 0 {
+            bump(d, &c.flow, "", |c| c.seen = true);
         }
     }
     if let Some((key, value)) = &b.checkpoint {

@@ -45,6 +45,8 @@ systems:
         path: /hooks/crm
         id_field: .id | tostring
   api:
+    # a scrape under load may take a while: retries must outlast it
+    circuit_breaker: {{cooldown: 100ms}}
     sink:
       http:
         url: {recorder}/customers/{{id}}
@@ -59,7 +61,7 @@ flows:
     freshness: 1h
     to: [api]
     delivery:
-      max_attempts: 50
+      max_attempts: 100000
       initial_backoff: 10ms
       max_backoff: 20ms
 "#

@@ -68,6 +68,9 @@ struct Counts {
     delivered: i64,
     dead_lettered: i64,
     discarded: i64,
+    /// A flow-level row: an ingest received a record (its time becomes
+    /// `last_received_at`; a replay's recount does not).
+    seen: bool,
 }
 
 type Deltas = BTreeMap<(String, String), Counts>;
@@ -98,11 +101,11 @@ async fn write_counts(c: &mut Conn, d: &Deltas) -> Result<(), StoreError> {
             col.push(v);
         }
     }
-    // a flow-level delta that counted a record received carries the time
+    // a flow-level delta an ingest received records on carries the time
     let now = crate::now_ms();
     let seen: Vec<Option<i64>> = d
         .iter()
-        .map(|((_, dest), n)| (dest.is_empty() && n.received > 0).then_some(now))
+        .map(|((_, dest), n)| (dest.is_empty() && n.seen).then_some(now))
         .collect();
     c.execute(
         "INSERT INTO count_deltas (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
@@ -768,6 +771,11 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
         };
         for out in &e.outcomes {
             staged.outcome(&o, out, None, &mut seqs, &mut ids, now, &mut applied)?;
+        }
+    }
+    for f in &applied.flows {
+        if f.received > 0 {
+            bump(&mut staged.deltas, &f.flow, "", |c| c.seen = true);
         }
     }
     staged.write(c, now, true).await?;
