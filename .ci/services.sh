@@ -67,4 +67,9 @@ if ! up 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
 fi
+# the Python packages the metrics and CloudEvents tests parse with (their
+# helper installs them too when they are missing)
+python3 -c 'import prometheus_client, cloudevents' 2>/dev/null \
+  || python3 -m pip install --quiet prometheus_client cloudevents \
+  || echo "WARNING: cannot install prometheus_client and cloudevents"
 exit 0

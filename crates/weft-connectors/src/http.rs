@@ -28,9 +28,21 @@
 //!   placeholder. The template's syntax is checked in [`HttpSink::new`].
 //! - **Method** `method`; **body** the payload as JSON.
 //! - **Headers**: `cfg.headers` first, then weft's, which win:
-//!   `Content-Type: application/json`, `Idempotency-Key` (the delivery's
-//!   key, the same on every attempt), `X-Correlation-Id` and
-//!   `X-Causation-Id` (the event id).
+//!   `Idempotency-Key` (the delivery's key, the same on every attempt),
+//!   `X-Correlation-Id` and `X-Causation-Id` (the event id).
+//!   `Content-Type` is `application/json` unless the config sets one,
+//!   which is sent as it is (never replaced).
+//! - **CloudEvents** (`cloudevents`, default off; attributes in
+//!   [`weft_core::event::Outbound`]: `id` the idempotency key, `source`
+//!   `weft/<flow>`, `type` `weft.<flow>`, `subject` the entity key, `time`
+//!   the event's): `binary` adds `ce-specversion`, `ce-id`, `ce-source`,
+//!   `ce-type`, `ce-time`, `ce-subject`, `ce-correlationid`,
+//!   `ce-causationid` (values percent-encoded as the HTTP binding says),
+//!   the body stays the payload and `Content-Type` its content type;
+//!   `structured` sends the whole event as
+//!   `application/cloudevents+json; charset=utf-8` with the payload in
+//!   `data`. `weft validate` refuses a configured `Content-Type` or `ce-*`
+//!   header that would contradict the mode.
 //! - **Timeouts** `timeout` (whole request, response body included) and
 //!   `connect_timeout`. Redirects are not followed (a `POST` must not turn
 //!   into a `GET`): a 3xx is a permanent error.
@@ -113,8 +125,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AF
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 use weft_core::ErrorKind;
-use weft_core::config::raw::{HttpFailureKind, HttpSinkConfig, HttpSinkMode};
-use weft_core::event::{CAUSATION_HEADER, CORRELATION_HEADER, IDEMPOTENCY_HEADER};
+use weft_core::config::raw::{CloudEventsMode, HttpFailureKind, HttpSinkConfig, HttpSinkMode};
+use weft_core::event::{CAUSATION_HEADER, CORRELATION_HEADER, IDEMPOTENCY_HEADER, Outbound};
 use weft_core::mapping::Program;
 
 use crate::sink::{Delivery, Sink, SinkError, WriteResult, Written};
@@ -125,6 +137,29 @@ pub const MAX_IN_FLIGHT: usize = 16;
 const BODY_SNIPPET_CHARS: usize = 200;
 /// Largest response body read for `success_when`, `capture_id` or a lookup.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// The CloudEvents attributes of a delivery.
+pub fn outbound(d: &Delivery) -> Outbound<'_> {
+    Outbound {
+        idempotency_key: &d.idempotency_key,
+        flow: &d.context.flow,
+        entity_key: d.entity_key.as_deref(),
+        time_ms: d.context.event_time_ms,
+        correlation_id: &d.correlation_id,
+        event_id: &d.event_id,
+    }
+}
+
+/// Bytes percent-encoded in a `ce-*` header value (the CloudEvents HTTP
+/// binding: space, `"`, `%` and everything outside printable ASCII).
+const CE_HEADER: &AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'%')
+    .add(0x7f);
+
+/// The structured mode's content type.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json; charset=utf-8";
 
 /// Bytes encoded in a placeholder's value: all but RFC 3986's unreserved.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -147,6 +182,10 @@ pub struct HttpSink {
     permanent_on: Vec<u16>,
     upsert: Option<Upsert>,
     capture_id: Option<Program>,
+    /// Writes as CloudEvents, in this content mode.
+    cloudevents: Option<CloudEventsMode>,
+    /// The config sets `Content-Type` (sent as it is).
+    content_type_set: bool,
     /// The configured header values and the secrets inside them (a bearer
     /// token, a Basic password), masked out of every error: a destination
     /// may echo the request's credentials in its error body.
@@ -274,6 +313,11 @@ impl HttpSink {
             permanent_on: cfg.permanent_on.clone(),
             upsert,
             capture_id,
+            cloudevents: cfg.cloudevents,
+            content_type_set: cfg
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-type")),
             credentials,
         })
     }
@@ -289,7 +333,29 @@ impl HttpSink {
     fn request_headers(&self, d: &Delivery, write: bool) -> Result<HeaderMap, SinkError> {
         let mut h = self.headers.clone();
         if write {
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            match self.cloudevents {
+                Some(CloudEventsMode::Structured) => {
+                    h.insert(CONTENT_TYPE, HeaderValue::from_static(CLOUDEVENTS_JSON));
+                }
+                mode => {
+                    if !self.content_type_set {
+                        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    }
+                    if mode == Some(CloudEventsMode::Binary) {
+                        for (name, value) in outbound(d).attributes() {
+                            let v = utf8_percent_encode(&value, CE_HEADER).to_string();
+                            let v = HeaderValue::from_str(&v).map_err(|_| {
+                                SinkError::permanent(format!(
+                                    "the CloudEvents attribute `{name}` is not a valid header value"
+                                ))
+                            })?;
+                            let n = HeaderName::from_bytes(format!("ce-{name}").as_bytes())
+                                .map_err(|_| SinkError::permanent("bad CloudEvents header name"))?;
+                            h.insert(n, v);
+                        }
+                    }
+                }
+            }
             let key = HeaderValue::from_str(&d.idempotency_key).map_err(|_| {
                 SinkError::permanent("the idempotency key is not a valid header value")
             })?;
@@ -400,8 +466,13 @@ impl HttpSink {
         d: &Delivery,
     ) -> Result<Option<Value>, SinkError> {
         let headers = self.request_headers(d, true)?;
-        let body = serde_json::to_vec(&d.payload)
-            .map_err(|e| SinkError::permanent(format!("cannot serialise the payload: {e}")))?;
+        let body = match self.cloudevents {
+            Some(CloudEventsMode::Structured) => {
+                serde_json::to_vec(&outbound(d).structured(&d.payload))
+            }
+            _ => serde_json::to_vec(&d.payload),
+        }
+        .map_err(|e| SinkError::permanent(format!("cannot serialise the payload: {e}")))?;
         let response = self
             .client
             .request(method, url)

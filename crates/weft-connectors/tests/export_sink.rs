@@ -21,6 +21,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 
@@ -291,8 +292,15 @@ async fn jsonl_rotating_files_carry_the_envelope() {
         envelope: true,
         ..JsonlSinkConfig::default()
     };
-    let sink = JsonlSink::open(&cfg, &rotating(&out, 200, HOUR, HOUR)).unwrap();
-    let batch: Vec<Delivery> = (1..=6).map(|i| delivery(i, json!({"n": i}))).collect();
+    let sink = JsonlSink::open(&cfg, &rotating(&out, 450, HOUR, HOUR)).unwrap();
+    let batch: Vec<Delivery> = (1..=6)
+        .map(|i| {
+            let mut d = delivery(i, json!({"n": i}));
+            d.context.flow = "flow".into();
+            d.context.event_time_ms = 1_700_000_000_000;
+            d
+        })
+        .collect();
     assert!(sink.write(&batch).await.iter().all(Result::is_ok));
     sink.flush().await.unwrap();
     let names = files(&out);
@@ -303,7 +311,7 @@ async fn jsonl_rotating_files_carry_the_envelope() {
     let mut lines = Vec::new();
     for n in &names {
         let text = std::fs::read_to_string(out.join(n)).unwrap();
-        assert!(text.len() <= 200 && text.ends_with('\n'));
+        assert!(text.len() <= 450 && text.ends_with('\n'));
         lines.extend(
             text.lines()
                 .map(|l| serde_json::from_str::<Value>(l).unwrap()),
@@ -312,7 +320,9 @@ async fn jsonl_rotating_files_carry_the_envelope() {
     assert_eq!(lines.len(), 6);
     assert_eq!(
         lines[0],
-        json!({"id": "e-1", "idempotency_key": "k-1", "correlation_id": "c-1", "data": {"n": 1}})
+        json!({"specversion": "1.0", "id": "k-1", "source": "weft/flow", "type": "weft.flow",
+               "time": "2023-11-14T22:13:20.000Z", "correlationid": "c-1", "causationid": "e-1",
+               "datacontenttype": "application/json", "data": {"n": 1}})
     );
 }
 

@@ -15,6 +15,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 
@@ -59,11 +60,16 @@ async fn envelope_carries_ids() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
     let sink = JsonlSink::open(&cfg(true), &ExportTarget::File(path.clone())).unwrap();
-    sink.write(&[delivery(7, json!({"x": 1}))]).await;
+    let mut d = delivery(7, json!({"x": 1}));
+    d.context.flow = "flow".into();
+    d.context.event_time_ms = 1_700_000_000_000;
+    sink.write(&[d]).await;
     assert_eq!(
         lines(&path),
         vec![
-            json!({"id": "e-7", "idempotency_key": "k-7", "correlation_id": "c-1", "data": {"x": 1}})
+            json!({"specversion": "1.0", "id": "k-7", "source": "weft/flow", "type": "weft.flow",
+                   "time": "2023-11-14T22:13:20.000Z", "correlationid": "c-1", "causationid": "e-7",
+                   "datacontenttype": "application/json", "data": {"x": 1}})
         ]
     );
 }

@@ -95,6 +95,84 @@ impl Event {
     }
 }
 
+/// The CloudEvents attributes of one write weft makes (the HTTP sink's
+/// `cloudevents` modes, the JSON Lines envelope).
+///
+/// - `id`: the write's idempotency key. It is the same on every retry,
+///   after a restart and after a DLQ replay, and differs per flow,
+///   destination and event, so a consumer deduplicating on `source` + `id`
+///   (as the spec says it may) drops exactly the repeats.
+/// - `source`: `weft/<flow>`, the context the write comes from (a URI
+///   reference); the system the record came from is in the flow's config.
+/// - `type`: `weft.<flow>`.
+/// - `subject`: the entity key, when the flow has one.
+/// - `time`: the event's own time (as the source gave it, else when weft
+///   accepted it).
+/// - extensions `correlationid` and `causationid` (the source's event id),
+///   as on the inbound envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound<'a> {
+    pub idempotency_key: &'a str,
+    pub flow: &'a str,
+    pub entity_key: Option<&'a str>,
+    /// ms since 1970; 0: unknown (no `time`).
+    pub time_ms: i64,
+    pub correlation_id: &'a str,
+    pub event_id: &'a str,
+}
+
+/// CloudEvents `specversion` weft writes.
+pub const SPECVERSION: &str = "1.0";
+
+impl Outbound<'_> {
+    pub fn source(&self) -> String {
+        format!("weft/{}", self.flow)
+    }
+
+    pub fn ty(&self) -> String {
+        format!("weft.{}", self.flow)
+    }
+
+    /// RFC 3339, UTC, milliseconds.
+    pub fn time(&self) -> String {
+        DateTime::<Utc>::from_timestamp_millis(self.time_ms)
+            .unwrap_or_default()
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    /// Every attribute but `datacontenttype`, as `(name, value)`: the
+    /// binary mode's `ce-<name>` headers.
+    pub fn attributes(&self) -> Vec<(&'static str, String)> {
+        let mut a = vec![
+            ("specversion", SPECVERSION.to_owned()),
+            ("id", self.idempotency_key.to_owned()),
+            ("source", self.source()),
+            ("type", self.ty()),
+        ];
+        if self.time_ms != 0 {
+            a.push(("time", self.time()));
+        }
+        if let Some(k) = self.entity_key.filter(|k| !k.is_empty()) {
+            a.push(("subject", k.to_owned()));
+        }
+        a.push(("correlationid", self.correlation_id.to_owned()));
+        a.push(("causationid", self.event_id.to_owned()));
+        a
+    }
+
+    /// The structured-mode event (JSON format): the attributes,
+    /// `datacontenttype: application/json` and `data`.
+    pub fn structured(&self, data: &serde_json::Value) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in self.attributes() {
+            m.insert(k.to_owned(), v.into());
+        }
+        m.insert("datacontenttype".into(), "application/json".into());
+        m.insert("data".into(), data.clone());
+        serde_json::Value::Object(m)
+    }
+}
+
 /// A fresh correlation id (UUID v7: sortable by creation time).
 pub fn new_correlation_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -130,6 +208,33 @@ mod tests {
             idempotency_key("ab", "c", "s", "1"),
             idempotency_key("a", "bc", "s", "1")
         );
+    }
+
+    #[test]
+    fn outbound_event_has_the_required_attributes() {
+        let o = Outbound {
+            idempotency_key: "k-1",
+            flow: "crm_to_erp",
+            entity_key: Some("c 1"),
+            time_ms: 1_700_000_000_123,
+            correlation_id: "corr",
+            event_id: "e-1",
+        };
+        let v = o.structured(&serde_json::json!({"a": 1}));
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], "k-1");
+        assert_eq!(v["source"], "weft/crm_to_erp");
+        assert_eq!(v["type"], "weft.crm_to_erp");
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["subject"], "c 1");
+        assert_eq!(v["data"]["a"], 1);
+        let keyless = Outbound {
+            entity_key: None,
+            ..o
+        };
+        assert!(keyless.structured(&1.into()).get("subject").is_none());
+        let timeless = Outbound { time_ms: 0, ..o };
+        assert!(timeless.structured(&1.into()).get("time").is_none());
     }
 
     #[test]

@@ -545,6 +545,13 @@ fn delivery(c: &Claimed) -> Result<Delivery, SinkError> {
         entity_key: c.row.entity_key.clone(),
         attempt: c.row.attempts + 1,
         payload,
+        context: weft_connectors::sink::DeliveryContext {
+            flow: c.row.flow.clone(),
+            source: c.row.source.clone(),
+            event_time_ms: c.row.event_time,
+            traceparent: c.row.traceparent.clone(),
+            tracestate: c.row.tracestate.clone(),
+        },
     })
 }
 
@@ -556,10 +563,53 @@ pub(crate) fn backoff(p: &DeliveryPolicy, attempt: u32) -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// The time a delivery that keeps failing spends waiting between its
+/// `max_attempts` tries before it is dead-lettered: `(mean, longest)`
+/// (full jitter: each wait is uniform up to its cap, so the mean is half
+/// the sum of the caps). The write time and the lane's 200 ms poll come on
+/// top; an open breaker or a `Retry-After` pause spends no attempts.
+pub fn retry_window(p: &DeliveryPolicy) -> (Duration, Duration) {
+    let caps: f64 = (1..p.max_attempts)
+        .map(|attempt| {
+            let exp = p.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+            (p.initial_backoff.as_secs_f64() * exp).min(p.max_backoff.as_secs_f64())
+        })
+        .sum();
+    (
+        Duration::from_secs_f64(caps / 2.0),
+        Duration::from_secs_f64(caps),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// ARCHITECTURE.md's figure for the defaults: 8 attempts, 7 waits
+    /// capped at 0.2, 0.4, ... 12.8 s: 25.4 s at most, 12.7 s on average.
+    #[test]
+    fn default_retry_window_is_what_the_docs_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.yaml");
+        std::fs::write(
+            &file,
+            "systems:\n  a: {source: {webhook: {path: /h}}}\n  b: {sink: {http: {url: 'http://127.0.0.1:9/x'}}}\nflows:\n  f: {from: a, to: [b]}\n",
+        )
+        .unwrap();
+        let cfg = weft_core::config::load(&file).unwrap();
+        let p = &cfg.flows[0].destinations[0].delivery;
+        assert_eq!(p.max_attempts, 8);
+        let (mean, max) = retry_window(p);
+        assert!((max.as_secs_f64() - 25.4).abs() < 1e-9, "{max:?}");
+        assert!((mean.as_secs_f64() - 12.7).abs() < 1e-9, "{mean:?}");
+        // and the backoff never waits past its cap
+        for attempt in 1..8 {
+            assert!(
+                backoff(p, attempt) <= Duration::from_secs_f64(0.2 * 2f64.powi(attempt as i32 - 1))
+            );
+        }
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {

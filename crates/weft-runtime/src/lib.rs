@@ -10,6 +10,7 @@ pub mod contracts;
 pub mod delivery;
 pub mod dlq;
 pub mod drift;
+pub mod gauges;
 pub mod guard;
 pub mod health;
 pub mod identity;
@@ -61,6 +62,8 @@ pub struct Runtime {
     /// Every sink, to flush on shutdown.
     sinks: Vec<(String, Arc<dyn weft_connectors::Sink>)>,
     gauges: JoinHandle<()>,
+    /// Gauges of stored state, also set on every scrape.
+    stored_gauges: Arc<gauges::Gauges>,
 }
 
 impl Runtime {
@@ -255,8 +258,16 @@ impl Runtime {
                 SourceHandle::Routes(route) => webhooks.push((route, ingestor)),
             }
         }
+        let stored_gauges = Arc::new(gauges::Gauges::new(
+            journal.clone(),
+            lane_list(&config),
+            guards.iter().map(|(k, g)| (k.clone(), g.clone())).collect(),
+            config.flows.clone(),
+        ));
         let gauges = tokio::spawn(refresh_gauges(
             journal.clone(),
+            stored_gauges.clone(),
+            gauges::Alerter::new(&config.flows),
             handles,
             config.store.dedupe_retention,
         ));
@@ -278,6 +289,7 @@ impl Runtime {
             webhooks,
             sinks: sinks.into_iter().collect(),
             gauges,
+            stored_gauges,
         })
     }
 
@@ -286,7 +298,13 @@ impl Runtime {
     pub fn routers(&mut self) -> server::Routers {
         let webhooks = std::mem::take(&mut self.webhooks);
         let admin = admin::router(self.config.clone(), self.journal.clone());
-        server::routers(&self.config.server, self.health.clone(), webhooks, admin)
+        server::routers(
+            &self.config.server,
+            self.health.clone(),
+            webhooks,
+            admin,
+            Some(self.stored_gauges.clone()),
+        )
     }
 
     /// Resolves when every finite source (a file, a counted generator) is
@@ -415,17 +433,15 @@ pub fn lane_list(config: &Config) -> Vec<LaneId> {
         .collect()
 }
 
-/// Every 2 s: gauges and lane backlogs from the store; every minute: forget
-/// dedupe ids older than the retention.
+/// Every 2 s: gauges and lane backlogs from the store, freshness alerts;
+/// every minute: forget dedupe ids older than the retention.
 async fn refresh_gauges(
     journal: Arc<dyn Journal>,
+    stored: Arc<gauges::Gauges>,
+    mut alerter: gauges::Alerter,
     handles: Vec<Arc<delivery::LaneHandle>>,
     retention: Duration,
 ) {
-    let lanes: Vec<LaneId> = handles
-        .iter()
-        .map(|h| LaneId::new(&h.flow, &h.dest))
-        .collect();
     let mut tick: u64 = 0;
     loop {
         if tick.is_multiple_of(30) {
@@ -449,40 +465,27 @@ async fn refresh_gauges(
                 }
             })
             .collect();
-        let j = journal.clone();
-        let l = lanes.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let reader = j.read();
-            Ok::<_, weft_store::StoreError>((reader.counts(&l)?, reader.dlq_depths()?))
-        })
-        .await;
-        if let Ok(Ok((counts, dlq))) = r {
-            for c in counts {
-                metrics::lane_gauges(
-                    &c.flow,
-                    &c.destination,
-                    c.pending,
-                    c.oldest_pending_ms,
-                    c.balanced,
-                );
-                if let Some((h, before)) = handles
-                    .iter()
-                    .zip(&seen)
-                    .find(|(h, _)| h.flow == c.flow && h.dest == c.destination)
-                {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    // only when no ingest of the lane ran meanwhile
-                    if *before >= 0
-                        && h.ingesting.load(SeqCst) == 0
-                        && h.ingested.load(SeqCst) == *before
+        match stored.refresh().await {
+            Ok(snap) => {
+                for c in &snap.counts {
+                    if let Some((h, before)) = handles
+                        .iter()
+                        .zip(&seen)
+                        .find(|(h, _)| h.flow == c.flow && h.dest == c.destination)
                     {
-                        h.backlog.store(c.pending, SeqCst);
+                        use std::sync::atomic::Ordering::SeqCst;
+                        // only when no ingest of the lane ran meanwhile
+                        if *before >= 0
+                            && h.ingesting.load(SeqCst) == 0
+                            && h.ingested.load(SeqCst) == *before
+                        {
+                            h.backlog.store(c.pending, SeqCst);
+                        }
                     }
                 }
+                alerter.tick(&snap.freshness).await;
             }
-            for (flow, dest, n) in dlq {
-                metrics::dlq_gauge(&flow, &dest, n);
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the gauges from the store"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

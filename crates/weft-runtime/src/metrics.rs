@@ -1,11 +1,19 @@
 //! Metric names and the helpers that record them. Names and labels are
-//! constants so every component reports the same set.
+//! constants so every component reports the same set; [`FAMILIES`] is the
+//! one list of them (name, type, labels, help), described to the exporter
+//! at install (`# HELP` on every family) and documented in
+//! `docs/metrics.md` (a test checks that the page lists every family).
 //!
-//! Counters come from the code paths as they happen; gauges (queue depth,
-//! DLQ depth, oldest pending age, accounting) are refreshed from the store
-//! every few seconds, so they are right after a restart too.
+//! Counters come from the code paths as they happen, exactly what the
+//! store committed. Gauges of stored state (queue depth, DLQ depth, oldest
+//! pending age, accounting, freshness) and breaker states are set from the
+//! store and the guards on every scrape of `/metrics`
+//! ([`crate::gauges::Gauges::refresh`]) and every 2 s, so they are current
+//! when read and right after a restart too.
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const RECEIVED: &str = "weft_events_received_total";
@@ -26,6 +34,258 @@ pub const CIRCUIT_TRANSITIONS: &str = "weft_circuit_transitions_total";
 pub const RATE_LIMIT_WAITS: &str = "weft_rate_limit_waits_total";
 pub const RATE_LIMIT_WAIT_MS: &str = "weft_rate_limit_wait_milliseconds_total";
 pub const BACKPRESSURE: &str = "weft_backpressure_rejections_total";
+pub const SOURCE_UP: &str = "weft_source_up";
+pub const SOURCE_RESTARTS: &str = "weft_source_restarts_total";
+pub const LAST_RECEIVED_AGE: &str = "weft_flow_last_received_age_seconds";
+pub const FLOW_OLDEST_PENDING: &str = "weft_flow_oldest_pending_age_seconds";
+pub const FRESHNESS_SLA: &str = "weft_freshness_sla_seconds";
+pub const FRESHNESS_LATE: &str = "weft_freshness_late";
+pub const FRESHNESS_ALERTS: &str = "weft_freshness_alerts_total";
+pub const FILES_SKIPPED: &str = "weft_files_skipped_total";
+
+/// A family's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family: name, type, labels, help text.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn fam(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Family {
+    Family {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+use Kind::{Counter as C, Gauge as G, Histogram as H};
+
+/// Every family weft exports.
+pub const FAMILIES: &[Family] = &[
+    fam(
+        RECEIVED,
+        C,
+        &["flow"],
+        "Records a flow received (committed; duplicates excluded).",
+    ),
+    fam(
+        FILTERED,
+        C,
+        &["flow"],
+        "Records a flow's filter dropped (or that ended in a canonical record).",
+    ),
+    fam(
+        REJECTED,
+        C,
+        &["flow"],
+        "Records a flow rejected before delivery (parse, mapping or contract error), each a DLQ entry.",
+    ),
+    fam(
+        DUPLICATES,
+        C,
+        &["source"],
+        "Events a source handed again that were already accepted (not stored again).",
+    ),
+    fam(
+        DELIVERED,
+        C,
+        &["flow", "destination"],
+        "Writes a destination confirmed.",
+    ),
+    fam(
+        FAILED,
+        C,
+        &["flow", "destination"],
+        "Write attempts that failed (retried or dead-lettered).",
+    ),
+    fam(
+        RETRIED,
+        C,
+        &["flow", "destination"],
+        "Failed write attempts that will be retried.",
+    ),
+    fam(
+        DEAD_LETTERED,
+        C,
+        &["flow", "destination"],
+        "Deliveries moved to the DLQ (permanent error or attempts exhausted).",
+    ),
+    fam(
+        QUEUE_DEPTH,
+        G,
+        &["flow", "destination"],
+        "Rows waiting to be delivered, counted in the store.",
+    ),
+    fam(
+        DLQ_DEPTH,
+        G,
+        &["flow", "destination"],
+        "Dead DLQ entries (destination empty: rejected before delivery).",
+    ),
+    fam(
+        OLDEST_PENDING,
+        G,
+        &["flow", "destination"],
+        "Age of the oldest row waiting to be delivered (0 when none).",
+    ),
+    fam(
+        LATENCY,
+        H,
+        &["flow", "destination"],
+        "From acceptance by weft to the destination's confirmation.",
+    ),
+    fam(
+        UNBALANCED,
+        G,
+        &["flow", "destination"],
+        "1 when the record accounting of the lane does not add up (please report it).",
+    ),
+    fam(
+        CIRCUIT_STATE,
+        G,
+        &["destination"],
+        "Circuit breaker of a destination: 0 closed, 1 open, 2 half-open.",
+    ),
+    fam(
+        CIRCUIT_TRANSITIONS,
+        C,
+        &["destination", "to"],
+        "Circuit breaker state changes, by the state entered.",
+    ),
+    fam(
+        RATE_LIMIT_WAITS,
+        C,
+        &["destination"],
+        "Writes that waited for the destination's rate limit.",
+    ),
+    fam(
+        RATE_LIMIT_WAIT_MS,
+        C,
+        &["destination"],
+        "Milliseconds writes waited for the destination's rate limit.",
+    ),
+    fam(
+        BACKPRESSURE,
+        C,
+        &["source"],
+        "Batches a source was refused because a lane is over its backlog_high_water.",
+    ),
+    fam(
+        SOURCE_UP,
+        G,
+        &["source"],
+        "1 while a source runs (or finished), 0 while it is down waiting to be restarted.",
+    ),
+    fam(
+        SOURCE_RESTARTS,
+        C,
+        &["source"],
+        "Restarts of a failed source by its supervisor.",
+    ),
+    fam(
+        LAST_RECEIVED_AGE,
+        G,
+        &["flow"],
+        "Seconds since the flow's newest record was received (since the hub started if it never received one).",
+    ),
+    fam(
+        FLOW_OLDEST_PENDING,
+        G,
+        &["flow"],
+        "Age of the flow's oldest row waiting to be delivered, over all its destinations (0 when none).",
+    ),
+    fam(
+        FRESHNESS_SLA,
+        G,
+        &["flow"],
+        "The flow's expected freshness (`freshness`), seconds.",
+    ),
+    fam(
+        FRESHNESS_LATE,
+        G,
+        &["flow"],
+        "1 while the flow breaks its freshness SLA (newest record or oldest pending row older than `freshness`).",
+    ),
+    fam(
+        FRESHNESS_ALERTS,
+        C,
+        &["flow", "status"],
+        "Freshness alerts delivered to the alert webhook, by status (late, ok).",
+    ),
+    fam(
+        crate::drift::DRIFT_EVENTS,
+        C,
+        &["source", "kind"],
+        "Schema drift seen for the first time (new field, missing field, type change, new enum value).",
+    ),
+    fam(
+        crate::contracts::VIOLATIONS,
+        C,
+        &["flow", "boundary", "mode"],
+        "Contract violations, by boundary (entity, destination) and on_violation mode.",
+    ),
+    fam(
+        FILES_SKIPPED,
+        C,
+        &["source"],
+        "Files a drop folder skipped (already processed: same content hash).",
+    ),
+    fam(
+        weft_connectors::rest::PAGE_ERRORS,
+        C,
+        &["source", "reason"],
+        "REST pages that could not be used (asked for again with backoff).",
+    ),
+    fam(
+        "weft_cdc_lag_seconds",
+        G,
+        &["source"],
+        "CDC: from a change's commit to its storage in weft, seconds.",
+    ),
+    fam(
+        "weft_cdc_slot_lag_bytes",
+        G,
+        &["source"],
+        "PostgreSQL CDC: WAL bytes the replication slot holds behind the server.",
+    ),
+];
+
+/// `# HELP` for every family (on the installed recorder).
+fn describe_all() {
+    for f in FAMILIES {
+        match f.kind {
+            Kind::Counter => describe_counter!(f.name, f.help),
+            Kind::Gauge => describe_gauge!(f.name, f.help),
+            Kind::Histogram => describe_histogram!(f.name, Unit::Seconds, f.help),
+        }
+    }
+}
 
 /// Install the process-wide Prometheus recorder (once; later calls get the
 /// same handle).
@@ -46,6 +306,7 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // a recorder may already be set (tests in one process): keep ours for rendering
             let _ = metrics::set_global_recorder(recorder);
+            describe_all();
             handle
         })
         .clone()
@@ -100,6 +361,11 @@ pub fn dlq_gauge(flow: &str, dest: &str, depth: i64) {
         .set(depth as f64);
 }
 
+/// The breaker's state as it is now (on a scrape: no transition counted).
+pub fn breaker_gauge(dest: &str, state: crate::guard::State) {
+    gauge!(CIRCUIT_STATE, "destination" => dest.to_owned()).set(state.gauge());
+}
+
 /// 0 closed, 1 open, 2 half-open.
 pub fn breaker_state(dest: &str, state: crate::guard::State) {
     gauge!(CIRCUIT_STATE, "destination" => dest.to_owned()).set(state.gauge());
@@ -117,9 +383,6 @@ pub fn backpressure(source: &str) {
     counter!(BACKPRESSURE, "source" => source.to_owned()).increment(1);
 }
 
-pub const SOURCE_UP: &str = "weft_source_up";
-pub const SOURCE_RESTARTS: &str = "weft_source_restarts_total";
-
 /// 1 while a source runs (or finished its work), 0 while it is down and
 /// waiting to be restarted.
 pub fn source_up(source: &str, up: bool) {
@@ -128,4 +391,50 @@ pub fn source_up(source: &str, up: bool) {
 
 pub fn source_restarted(source: &str) {
     counter!(SOURCE_RESTARTS, "source" => source.to_owned()).increment(1);
+}
+
+/// A flow's freshness, as of now.
+pub fn freshness_gauges(f: &crate::gauges::Freshness) {
+    let flow = || f.flow.clone();
+    if let Some(age) = f.newest_age {
+        gauge!(LAST_RECEIVED_AGE, "flow" => flow()).set(age.as_secs_f64());
+    }
+    gauge!(FLOW_OLDEST_PENDING, "flow" => flow())
+        .set(f.oldest_pending.unwrap_or_default().as_secs_f64());
+    if let Some(sla) = f.sla {
+        gauge!(FRESHNESS_SLA, "flow" => flow()).set(sla.as_secs_f64());
+        gauge!(FRESHNESS_LATE, "flow" => flow()).set(if f.late() { 1.0 } else { 0.0 });
+    }
+}
+
+pub fn freshness_alert(flow: &str, late: bool) {
+    counter!(FRESHNESS_ALERTS, "flow" => flow.to_owned(), "status" => if late { "late" } else { "ok" })
+        .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family is in the doc page's table, with its type and labels.
+    #[test]
+    fn docs_metrics_lists_every_family() {
+        let page = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/metrics.md"
+        ))
+        .expect("docs/metrics.md");
+        for f in FAMILIES {
+            let row = page
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", f.name)))
+                .unwrap_or_else(|| panic!("docs/metrics.md has no row for `{}`", f.name));
+            assert!(row.contains(&format!("| {} |", f.kind.name())), "{row}");
+            for l in f.labels {
+                assert!(row.contains(&format!("`{l}`")), "{row}: label {l}");
+            }
+        }
+        let names: std::collections::HashSet<_> = FAMILIES.iter().map(|f| f.name).collect();
+        assert_eq!(names.len(), FAMILIES.len(), "a family listed twice");
+    }
 }

@@ -60,6 +60,7 @@ pub fn routers(
     health: Arc<crate::health::Health>,
     webhooks: Vec<(WebhookRoute, Arc<dyn Ingest>)>,
     admin: Router,
+    gauges: Option<Arc<crate::gauges::Gauges>>,
 ) -> Routers {
     let handle = crate::metrics::install();
     let health = || {
@@ -91,8 +92,16 @@ pub fn routers(
         .route(
             "/metrics",
             get(move || {
-                let body = handle.render();
+                let (handle, gauges) = (handle.clone(), gauges.clone());
                 async move {
+                    // gauges of stored state as they are now; a slow store
+                    // gives the values of the last refresh
+                    if let Some(g) = gauges {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(2), g.refresh_for_scrape())
+                                .await;
+                    }
+                    let body = handle.render();
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
                 }
             }),

@@ -163,6 +163,16 @@ impl FlowOutcome {
             hold: Vec::new(),
         }
     }
+
+    /// The flow this outcome belongs to.
+    pub fn flow(&self) -> &str {
+        match self {
+            FlowOutcome::Routed { flow, .. }
+            | FlowOutcome::Filtered { flow }
+            | FlowOutcome::Rejected { flow, .. }
+            | FlowOutcome::Canonical { flow, .. } => flow,
+        }
+    }
 }
 
 /// One system's report of a record, for [`FlowOutcome::Canonical`]. The

@@ -140,6 +140,8 @@ struct Counts {
     delivered: i64,
     dead_lettered: i64,
     discarded: i64,
+    /// Flow-level rows: when a record was last received.
+    last_received_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -553,6 +555,22 @@ impl State {
             };
             for o in &e.outcomes {
                 self.apply_outcome(&origin, o, None, now);
+                // what the metrics count: exactly the counter changes
+                let flow = o.flow();
+                match o {
+                    FlowOutcome::Routed { .. } => applied.count(flow, |c| c.received += 1),
+                    FlowOutcome::Filtered { .. } | FlowOutcome::Canonical { .. } => {
+                        applied.count(flow, |c| {
+                            c.received += 1;
+                            c.filtered += 1;
+                        })
+                    }
+                    FlowOutcome::Rejected { .. } => applied.count(flow, |c| {
+                        c.received += 1;
+                        c.rejected += 1;
+                    }),
+                }
+                self.bump(flow, "", |c| c.last_received_at = Some(now));
             }
         }
         if let Some((key, value)) = b.checkpoint {
@@ -1013,6 +1031,7 @@ impl State {
             discarded,
             pending,
             oldest_pending_ms: oldest.map(|t| (now - t).max(0)),
+            last_received_at: fl.last_received_at,
             balanced: received
                 == fl.filtered
                     + fl.rejected

@@ -63,6 +63,10 @@ pub struct FlowCounts {
     pub pending: i64,
     /// Age in ms of the oldest pending row, if any.
     pub oldest_pending_ms: Option<i64>,
+    /// When the flow last received a record (ms since 1970; duplicates do
+    /// not count), if ever: the flow's freshness.
+    #[serde(default)]
+    pub last_received_at: Option<i64>,
     /// `received == filtered + rejected + discarded + delivered + dead_lettered + pending`.
     pub balanced: bool,
 }
@@ -201,8 +205,10 @@ impl Reader {
 
     fn counts_in_snapshot(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
         let mut raw: std::collections::BTreeMap<(String, String), [i64; 6]> = Default::default();
+        let mut seen: std::collections::BTreeMap<String, i64> = Default::default();
         let mut st = self.conn.prepare_cached(
-            "SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded FROM flow_counts",
+            "SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded,
+                    last_received_at FROM flow_counts",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -215,10 +221,14 @@ impl Reader {
                     r.get(6)?,
                     r.get(7)?,
                 ],
+                r.get::<_, Option<i64>>(8)?,
             ))
         })?;
         for row in rows {
-            let (k, v) = row?;
+            let (k, v, at) = row?;
+            if let (true, Some(at)) = (k.1.is_empty(), at) {
+                seen.insert(k.0.clone(), at);
+            }
             raw.insert(k, v);
         }
         let mut all: Vec<(String, String)> = lanes
@@ -247,7 +257,6 @@ impl Reader {
             out.push(FlowCounts {
                 balanced: received
                     == filtered + rejected + fdisc + delivered + dead + disc + pending,
-                flow,
                 destination: dest,
                 received,
                 filtered,
@@ -257,6 +266,8 @@ impl Reader {
                 discarded: fdisc + disc,
                 pending,
                 oldest_pending_ms: oldest,
+                last_received_at: seen.get(&flow).copied(),
+                flow,
             });
         }
         Ok(out)

@@ -321,6 +321,12 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX matches_open ON matches (entity, system, external_id) WHERE status = 'open';
     "#,
+    // 7: freshness. When a flow last received a record (ms), on its
+    // flow-level counts row (destination ''), set in the ingest's
+    // transaction: `weft status` and a restarted hub know it.
+    r#"
+    ALTER TABLE flow_counts ADD COLUMN last_received_at INTEGER;
+    "#,
 ];
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes

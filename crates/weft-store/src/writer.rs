@@ -149,6 +149,9 @@ pub(crate) struct Counts {
     pub delivered: i64,
     pub dead_lettered: i64,
     pub discarded: i64,
+    /// A flow-level row: an ingest received a record (its time becomes
+    /// `last_received_at`; a replay's recount does not).
+    pub seen: bool,
 }
 
 pub(crate) type Deltas = HashMap<(String, String), Counts>;
@@ -258,18 +261,23 @@ impl Writer {
 }
 
 fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
+    // a flow-level row an ingest received records on sets its
+    // `last_received_at` (freshness); other rows leave it
+    let now = crate::now_ms();
     let mut st = tx.prepare_cached(
-        "INSERT INTO flow_counts (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+        "INSERT INTO flow_counts (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (flow, destination) DO UPDATE SET
            received = received + excluded.received,
            filtered = filtered + excluded.filtered,
            rejected = rejected + excluded.rejected,
            delivered = delivered + excluded.delivered,
            dead_lettered = dead_lettered + excluded.dead_lettered,
-           discarded = discarded + excluded.discarded",
+           discarded = discarded + excluded.discarded,
+           last_received_at = coalesce(max(last_received_at, excluded.last_received_at), last_received_at, excluded.last_received_at)",
     )?;
     for ((flow, dest), c) in totals {
+        let seen = (dest.is_empty() && c.seen).then_some(now);
         st.execute(params![
             flow,
             dest,
@@ -278,7 +286,8 @@ fn write_counts(tx: &Connection, totals: &Deltas) -> Result<(), StoreError> {
             c.rejected,
             c.delivered,
             c.dead_lettered,
-            c.discarded
+            c.discarded,
+            seen
         ])?;
     }
     Ok(())
@@ -624,6 +633,11 @@ fn ingest(
                 *end = *next + want as i64;
             }
             apply_outcome(tx, &ctx, o, d, &mut seq, now, &mut applied)?;
+        }
+    }
+    for c in &applied.flows {
+        if c.received > 0 {
+            bump(d, &c.flow, "", |c| c.seen = true);
         }
     }
     if let Some((key, value)) = &b.checkpoint {

@@ -98,7 +98,8 @@ macro_rules! conformance {
                 counts_list_empty_lanes_balanced,
                 drift_is_recorded,
                 p1_2_p1_8_blocked_keys_do_not_starve_the_lane,
-                p1_4_counts_balance_under_concurrent_writes
+                p1_4_counts_balance_under_concurrent_writes,
+                p1_9_applied_counts_and_last_received
             );
             #[test]
             fn property_random_operations_keep_invariants() {

@@ -16,8 +16,27 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let counts = reader.counts(&lanes)?;
     let dlq: i64 = reader.dlq_depths()?.iter().map(|d| d.2).sum();
     let balanced = counts.iter().all(|c| c.balanced);
+    let freshness: Vec<_> =
+        weft_runtime::gauges::freshness(&cfg.flows, &counts, weft_store::now_ms(), None)
+            .into_iter()
+            .filter(|f| f.sla.is_some())
+            .collect();
     if json {
-        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced});
+        let fresh: Vec<_> = freshness
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "flow": f.flow,
+                    "freshness_seconds": f.sla.map(|d| d.as_secs_f64()),
+                    "newest_received_at": f.newest_at,
+                    "newest_received_age_seconds": f.newest_age.map(|d| d.as_secs_f64()),
+                    "oldest_pending_age_seconds": f.oldest_pending.map(|d| d.as_secs_f64()),
+                    "late": f.late(),
+                    "reason": f.reason(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -52,6 +71,18 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
             );
         }
         println!("DLQ depth: {dlq}");
+        // one line per flow with a freshness SLA; LATE in red on a terminal
+        let color = std::io::IsTerminal::is_terminal(&std::io::stdout())
+            && std::env::var_os("NO_COLOR").is_none();
+        for f in &freshness {
+            let word = match (f.late(), color) {
+                (true, true) => "\x1b[1;31mLATE\x1b[0m",
+                (true, false) => "LATE",
+                (false, true) => "\x1b[32mok\x1b[0m",
+                (false, false) => "ok",
+            };
+            println!("freshness {:<24} {word}  {}", f.flow, f.reason());
+        }
         println!(
             "accounting: {}",
             if balanced {

@@ -306,7 +306,7 @@ flows:
         let n = jsonl_lines(&out)
             .iter()
             .filter(|l| l["data"]["op"] != "r")
-            .map(|l| l["idempotency_key"].as_str().unwrap().to_owned())
+            .map(|l| l["id"].as_str().unwrap().to_owned())
             .collect::<HashSet<_>>()
             .len() as u64;
         if n >= expected {

@@ -1,11 +1,13 @@
-//! JSON Lines: one JSON value per line, the bare payload or an envelope
-//! `{id, idempotency_key, correlation_id, data}`.
+//! JSON Lines: one JSON value per line, the bare payload or, with
+//! `envelope: true`, a CloudEvent in the JSON format (structured mode):
+//! `{specversion, id, source, type, time, subject?, correlationid,
+//! causationid, datacontenttype, data}`, with `id` the write's idempotency
+//! key and `data` the payload (see [`weft_core::event::Outbound`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use serde_json::json;
 use weft_core::config::ExportTarget;
 use weft_core::config::raw::JsonlSinkConfig;
 
@@ -49,12 +51,7 @@ impl Format for Jsonl {
 
     fn encode(&self, _st: &(), d: &Delivery, out: &mut Vec<u8>) -> Result<(), String> {
         let written = if self.envelope {
-            let v = json!({
-                "id": d.event_id,
-                "idempotency_key": d.idempotency_key,
-                "correlation_id": d.correlation_id,
-                "data": d.payload,
-            });
+            let v = crate::http::outbound(d).structured(&d.payload);
             serde_json::to_writer(&mut *out, &v)
         } else {
             serde_json::to_writer(&mut *out, &d.payload)

@@ -25,9 +25,9 @@ pub use raw::{FileFormat, OnDeadLetter, Synchronous};
 pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
 
 pub use validate::{
-    BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget, Flow, PgStore,
-    RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig, System,
-    TextEncoding,
+    AlertTarget, BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget,
+    Flow, PgStore, RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig,
+    System, TextEncoding,
 };
 
 /// A string that never prints: credentials, tokens, signing secrets.

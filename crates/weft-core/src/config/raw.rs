@@ -43,6 +43,22 @@ pub struct RawConfig {
     /// name the entity in `identity` (see `config/identity.rs`).
     #[serde(default)]
     pub identity: BTreeMap<String, super::identity::RawIdentity>,
+    /// Where alerts go (a flow's `freshness` broken and recovered), for
+    /// every flow without its own `alerts`.
+    pub alerts: Option<RawAlerts>,
+}
+
+/// An alert receiver: a JSON POST (a structured CloudEvent) to `webhook`
+/// when a flow's freshness SLA is broken and once more when it recovers.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// The URL that receives the alerts (`http://` or `https://`).
+    #[schemars(with = "String")]
+    pub webhook: Spanned<String>,
+    /// Extra headers of the POST; values may use `${ENV}` secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
 }
 
 /// Store settings.
@@ -432,6 +448,23 @@ pub struct HttpSinkConfig {
     /// destination assigned, e.g. `.id`; kept for the crosswalk.
     #[schemars(with = "Option<String>")]
     pub capture_id: Option<Spanned<String>>,
+    /// Send each write as a CloudEvent (default: the bare payload):
+    /// `binary` (`ce-*` headers, the payload as the body) or `structured`
+    /// (an `application/cloudevents+json` body with the payload in `data`).
+    /// `id` is the write's idempotency key, `source` `weft/<flow>`, `type`
+    /// `weft.<flow>`, `subject` the entity key, `time` the event's time.
+    pub cloudevents: Option<CloudEventsMode>,
+}
+
+/// The CloudEvents content mode of an HTTP write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudEventsMode {
+    /// Attributes in `ce-*` headers; the body is the payload, its
+    /// `Content-Type` the event's `datacontenttype`.
+    Binary,
+    /// The whole event as JSON (`application/cloudevents+json`).
+    Structured,
 }
 
 /// How a failure is classified.
@@ -512,7 +545,10 @@ pub struct JsonlSinkConfig {
     pub prefix: Option<String>,
     /// With `dir`: when a file is complete.
     pub rotate: Option<RawRotate>,
-    /// Write `{id, idempotency_key, correlation_id, data}` instead of the bare payload.
+    /// Write each line as a CloudEvent (JSON format: `specversion`, `id`
+    /// = the idempotency key, `source`, `type`, `time`, `subject`,
+    /// `correlationid`, `causationid`, `data` = the payload) instead of the
+    /// bare payload.
     #[serde(default)]
     pub envelope: bool,
 }
@@ -600,6 +636,13 @@ pub struct RawFlow {
     /// destination of every flow of the entity, except where it came from.
     #[schemars(with = "Option<String>")]
     pub identity: Option<Spanned<String>>,
+    /// The expected freshness, e.g. `15m`: the flow is late when its newest
+    /// record was received longer ago, or a record has waited longer to be
+    /// delivered (shown by `weft status`, exported as metrics, alerted).
+    #[schemars(with = "Option<String>")]
+    pub freshness: Option<Spanned<String>>,
+    /// This flow's alert receiver (default: the top-level `alerts`).
+    pub alerts: Option<RawAlerts>,
 }
 
 /// A destination of a flow: a system name or a map with options.

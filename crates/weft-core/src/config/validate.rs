@@ -26,6 +26,8 @@ pub struct Config {
     pub data: Arc<super::entities::DataModel>,
     /// Identity rules per entity, with their routes.
     pub identity: BTreeMap<String, Arc<crate::identity::Rules>>,
+    /// The top-level alert receiver (`alerts`), if any.
+    pub alerts: Option<Arc<AlertTarget>>,
     /// What is allowed but probably not meant (replays accepted, updates
     /// deduplicated), each with its path, line and column: `weft validate`
     /// prints them, `weft run` logs them.
@@ -318,6 +320,19 @@ pub struct Flow {
     /// The identity rules of the entity whose canonical records this flow
     /// feeds (`flows.<name>.identity`; also in `Config::identity`).
     pub identity: Option<Arc<crate::identity::Rules>>,
+    /// Expected freshness (`flows.<name>.freshness`): late when the newest
+    /// record is older, or a pending record has waited longer.
+    pub freshness: Option<Duration>,
+    /// Where this flow's freshness alerts go (its own `alerts`, else the
+    /// top-level one).
+    pub alerts: Option<Arc<AlertTarget>>,
+}
+
+/// An alert receiver, validated.
+#[derive(Debug)]
+pub struct AlertTarget {
+    pub url: String,
+    pub headers: Vec<(String, Secret)>,
 }
 
 /// One destination of a flow.
@@ -631,9 +646,43 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         );
     }
     let defaults = raw.defaults.delivery;
+    let alerts = raw
+        .alerts
+        .map(|a| Arc::new(alert_target(&mut cx, "alerts", a)));
     let mut flows = Vec::new();
-    for (name, f) in raw.flows {
+    for (name, mut f) in raw.flows {
         let p = format!("flows.{name}");
+        let freshness = f
+            .freshness
+            .as_ref()
+            .and_then(|s| match parse_duration(&s.value) {
+                Ok(d) if d >= Duration::from_secs(1) => Some(d),
+                Ok(_) => {
+                    cx.at_span(
+                        format!("{p}.freshness"),
+                        s,
+                        format!("`{}`: expected at least 1s (e.g. `15m`)", s.value),
+                    );
+                    None
+                }
+                Err(m) => {
+                    cx.at_span(format!("{p}.freshness"), s, m);
+                    None
+                }
+            });
+        let flow_alerts = match f.alerts.take() {
+            Some(a) => {
+                if f.freshness.is_none() {
+                    cx.warn_span(
+                        format!("{p}.alerts"),
+                        &a.webhook,
+                        "the flow has `alerts` but no `freshness`: nothing will be alerted (set e.g. `freshness: 15m`)",
+                    );
+                }
+                Some(Arc::new(alert_target(&mut cx, &format!("{p}.alerts"), a)))
+            }
+            None => alerts.clone(),
+        };
         if !valid_name(&name) {
             cx.at(&p, "flow names use letters, digits, `_` and `-`");
         }
@@ -825,6 +874,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 destinations,
                 data: fdata,
                 identity: None,
+                freshness,
+                alerts: flow_alerts,
             },
             entity,
         ));
@@ -861,6 +912,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             flows,
             data: Arc::new(data),
             identity,
+            alerts,
             warnings: cx.warnings,
         })
     } else {
@@ -1430,6 +1482,52 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
             }
             if let Some(c) = &cfg.capture_id {
                 cx.program(&format!("{hp}.capture_id"), c, &[]);
+            }
+            // a configured Content-Type is sent as it is; one that says
+            // "CloudEvent" must come with a body that is one
+            if let Some(ct) = cfg
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.expose().trim().to_ascii_lowercase())
+            {
+                let ce_json = ct.starts_with("application/cloudevents+json");
+                let batch = ct.starts_with("application/cloudevents-batch");
+                match cfg.cloudevents {
+                    None if ce_json || batch => cx.at(
+                        format!("{hp}.headers"),
+                        format!(
+                            "Content-Type `{ct}` says the body is a CloudEvent, but the body is the bare payload: \
+                             set `cloudevents: structured` (weft then sends that Content-Type itself) or remove the header"
+                        ),
+                    ),
+                    Some(CloudEventsMode::Structured) if !ce_json => cx.at(
+                        format!("{hp}.headers"),
+                        format!(
+                            "`cloudevents: structured` sends `application/cloudevents+json`; a configured Content-Type `{ct}` \
+                             would contradict it: remove the header (or use `cloudevents: binary`, whose Content-Type is the payload's)"
+                        ),
+                    ),
+                    Some(CloudEventsMode::Binary) if ce_json || batch => cx.at(
+                        format!("{hp}.headers"),
+                        format!(
+                            "`cloudevents: binary` sends the payload as the body, so its Content-Type cannot be `{ct}`: \
+                             use `cloudevents: structured`"
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+            if cfg.cloudevents.is_some()
+                && let Some(k) = cfg
+                    .headers
+                    .keys()
+                    .find(|k| k.to_ascii_lowercase().starts_with("ce-"))
+            {
+                cx.at(
+                    format!("{hp}.headers.{k}"),
+                    "with `cloudevents` weft sets the CloudEvents attributes itself; remove this header",
+                );
             }
             let timeout = cx.duration(
                 &format!("{hp}.timeout"),
@@ -2092,6 +2190,34 @@ fn rest_source_spec(
         cursor_field,
         cfg,
     })
+}
+
+/// `alerts` (top-level or a flow's): the URL and header names checked.
+fn alert_target(cx: &mut Ctx, path: &str, a: RawAlerts) -> AlertTarget {
+    check_http_url(cx, &format!("{path}.webhook"), &a.webhook);
+    let mut headers = Vec::new();
+    for (name, value) in a.headers {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            cx.at(
+                format!("{path}.headers.{name}"),
+                "not a valid HTTP header name",
+            );
+        } else if value.expose().contains(['\r', '\n']) {
+            cx.at(
+                format!("{path}.headers.{name}"),
+                "a header value must not contain a line break",
+            );
+        }
+        headers.push((name, value));
+    }
+    AlertTarget {
+        url: a.webhook.value.trim().to_owned(),
+        headers,
+    }
 }
 
 fn check_http_url(cx: &mut Ctx, path: &str, url: &Spanned<String>) {

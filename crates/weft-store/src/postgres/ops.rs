@@ -68,6 +68,9 @@ struct Counts {
     delivered: i64,
     dead_lettered: i64,
     discarded: i64,
+    /// A flow-level row: an ingest received a record (its time becomes
+    /// `last_received_at`; a replay's recount does not).
+    seen: bool,
 }
 
 type Deltas = BTreeMap<(String, String), Counts>;
@@ -98,10 +101,16 @@ async fn write_counts(c: &mut Conn, d: &Deltas) -> Result<(), StoreError> {
             col.push(v);
         }
     }
+    // a flow-level delta an ingest received records on carries the time
+    let now = crate::now_ms();
+    let seen: Vec<Option<i64>> = d
+        .iter()
+        .map(|((_, dest), n)| (dest.is_empty() && n.seen).then_some(now))
+        .collect();
     c.execute(
-        "INSERT INTO count_deltas (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[])",
-        &[&flows, &dests, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5]],
+        "INSERT INTO count_deltas (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[], $9::int8[])",
+        &[&flows, &dests, &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &seen],
     )
     .await?;
     Ok(())
@@ -128,15 +137,16 @@ async fn compact_in(c: &mut Conn, ctx: &Ctx<'_>, limit: i64) -> Result<u64, Stor
     c.execute(
         "WITH moved AS (
            DELETE FROM count_deltas WHERE id IN (SELECT id FROM count_deltas ORDER BY id LIMIT $1)
-           RETURNING flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
-         INSERT INTO flow_counts AS t (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded)
+           RETURNING flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
+         INSERT INTO flow_counts AS t (flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded, last_received_at)
          SELECT flow, destination, sum(received)::int8, sum(filtered)::int8, sum(rejected)::int8,
-                sum(delivered)::int8, sum(dead_lettered)::int8, sum(discarded)::int8
+                sum(delivered)::int8, sum(dead_lettered)::int8, sum(discarded)::int8, max(last_received_at)
          FROM moved GROUP BY flow, destination
          ON CONFLICT (flow, destination) DO UPDATE SET
            received = t.received + excluded.received, filtered = t.filtered + excluded.filtered,
            rejected = t.rejected + excluded.rejected, delivered = t.delivered + excluded.delivered,
-           dead_lettered = t.dead_lettered + excluded.dead_lettered, discarded = t.discarded + excluded.discarded",
+           dead_lettered = t.dead_lettered + excluded.dead_lettered, discarded = t.discarded + excluded.discarded,
+           last_received_at = GREATEST(t.last_received_at, excluded.last_received_at)",
         &[&limit],
     )
     .await
@@ -761,6 +771,11 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
         };
         for out in &e.outcomes {
             staged.outcome(&o, out, None, &mut seqs, &mut ids, now, &mut applied)?;
+        }
+    }
+    for f in &applied.flows {
+        if f.received > 0 {
+            bump(&mut staged.deltas, &f.flow, "", |c| c.seen = true);
         }
     }
     staged.write(c, now, true).await?;

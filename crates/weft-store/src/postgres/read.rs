@@ -22,14 +22,18 @@ pub(crate) async fn counts(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCou
 
 async fn counts_in(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
     let mut raw: BTreeMap<(String, String), [i64; 6]> = BTreeMap::new();
+    let mut received_at: BTreeMap<String, i64> = BTreeMap::new();
     for r in c
         .query(
             "SELECT flow, destination, sum(received)::int8, sum(filtered)::int8, sum(rejected)::int8,
-                    sum(delivered)::int8, sum(dead_lettered)::int8, sum(discarded)::int8
-             FROM (SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded
+                    sum(delivered)::int8, sum(dead_lettered)::int8, sum(discarded)::int8,
+                    max(last_received_at)
+             FROM (SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded,
+                          last_received_at
                      FROM flow_counts
                    UNION ALL
-                   SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded
+                   SELECT flow, destination, received, filtered, rejected, delivered, dead_lettered, discarded,
+                          last_received_at
                      FROM count_deltas) t
              GROUP BY flow, destination",
             &[],
@@ -40,7 +44,11 @@ async fn counts_in(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, St
         for (i, x) in v.iter_mut().enumerate() {
             *x = r.try_get(i + 2)?;
         }
-        raw.insert((r.try_get(0)?, r.try_get(1)?), v);
+        let key: (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        if let (true, Some(at)) = (key.1.is_empty(), r.try_get::<_, Option<i64>>(8)?) {
+            received_at.insert(key.0.clone(), at);
+        }
+        raw.insert(key, v);
     }
     let mut pending: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
     for r in c
@@ -87,7 +95,6 @@ async fn counts_in(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, St
         let (delivered, dead, disc) = (dl[3], dl[4], dl[5]);
         out.push(FlowCounts {
             balanced: received == filtered + rejected + fdisc + delivered + dead + disc + n,
-            flow,
             destination: dest,
             received,
             filtered,
@@ -97,6 +104,8 @@ async fn counts_in(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, St
             discarded: fdisc + disc,
             pending: n,
             oldest_pending_ms: oldest,
+            last_received_at: received_at.get(&flow).copied(),
+            flow,
         });
     }
     Ok(out)

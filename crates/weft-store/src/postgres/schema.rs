@@ -200,6 +200,13 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (source, kind, path, detail)
     );
     "#,
+    // 2: freshness. When a flow last received a record (ms), on the
+    // flow-level rows (destination ''): a delta carries its transaction's
+    // time, reads and compaction take the greatest.
+    r#"
+    ALTER TABLE flow_counts ADD COLUMN last_received_at bigint;
+    ALTER TABLE count_deltas ADD COLUMN last_received_at bigint;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1772,6 +1772,7 @@ pub async fn counts_list_empty_lanes_balanced(h: &mut impl Harness) {
             discarded: 0,
             pending: 0,
             oldest_pending_ms: None,
+            last_received_at: None,
             balanced: true,
         }]
     );
@@ -1917,4 +1918,65 @@ pub async fn p1_4_counts_balance_under_concurrent_writes(h: &mut impl Harness) {
     assert!(reads >= 10, "{reads}");
     let n = rig.nums("f", "d");
     assert_eq!((n[0], n[3] + n[4] + n[6]), (1000, 1000));
+}
+
+/// P1-9: what an ingest says it counted per flow (for the metrics) is
+/// exactly its counter changes, also for a batch holding a duplicate; and
+/// the flow's `last_received_at` (freshness) is set by a committed ingest
+/// that received something, never by one of duplicates only.
+pub async fn p1_9_applied_counts_and_last_received(h: &mut impl Harness) {
+    let rig = Rig::new(h, &[("f", "d"), ("g", "d")]);
+    let before = now_ms();
+    let filtered = |id: &str| {
+        event(
+            id,
+            vec![
+                routed("f", id, &[("d", None)]),
+                FlowOutcome::Filtered { flow: "g".into() },
+            ],
+        )
+    };
+    let a = rig.ingest(vec![filtered("1"), filtered("2")]).await;
+    assert_eq!((a.changed, a.duplicates), (2, 0));
+    // a batch of one duplicate and one new event: the new one is counted
+    let a = rig.ingest(vec![filtered("2"), filtered("3")]).await;
+    assert_eq!((a.changed, a.duplicates), (1, 1));
+    let mut flows = a.flows.clone();
+    flows.sort_by(|x, y| x.flow.cmp(&y.flow));
+    assert_eq!(
+        flows,
+        [
+            FlowCounted {
+                flow: "f".into(),
+                received: 1,
+                filtered: 0,
+                rejected: 0
+            },
+            FlowCounted {
+                flow: "g".into(),
+                received: 1,
+                filtered: 1,
+                rejected: 0
+            }
+        ],
+        "the new event of a batch with a duplicate is counted for the metrics"
+    );
+    let c = rig.check();
+    let f = c.iter().find(|c| c.flow == "f").expect("lane f");
+    assert_eq!(f.received, 3);
+    let seen = f.last_received_at.expect("f received records");
+    assert!(seen >= before && seen <= now_ms(), "{seen} vs {before}");
+    let g = c.iter().find(|c| c.flow == "g").expect("lane g");
+    assert_eq!(
+        g.last_received_at,
+        Some(seen),
+        "filtered records are received too"
+    );
+    // duplicates only: nothing received, the time stays
+    std::thread::sleep(Duration::from_millis(5));
+    let a = rig.ingest(vec![filtered("3")]).await;
+    assert_eq!((a.changed, a.duplicates, a.flows.len()), (0, 1, 0));
+    let c = rig.check();
+    let f = c.iter().find(|c| c.flow == "f").expect("lane f");
+    assert_eq!(f.last_received_at, Some(seen));
 }

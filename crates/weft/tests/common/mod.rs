@@ -167,6 +167,8 @@ pub struct Received {
     pub idempotency_key: Option<String>,
     pub correlation_id: Option<String>,
     pub body: serde_json::Value,
+    /// Every header, names lower-case.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Fault modes of the [`Recorder`].
@@ -272,6 +274,10 @@ impl Recorder {
                 idempotency_key: h("idempotency-key"),
                 correlation_id: h("x-correlation-id"),
                 body: json,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                    .collect(),
             });
             if mode.load(Ordering::SeqCst) == ECHO_ID {
                 let id = format!("ext-{}", uri.path().rsplit('/').next().unwrap_or(""));
@@ -431,7 +437,7 @@ where
         if d["op"] == "r" {
             continue;
         }
-        let key = l["idempotency_key"].as_str().unwrap().to_owned();
+        let key = l["id"].as_str().unwrap().to_owned();
         let p = pos(d);
         let prev = by_pos
             .entry(p.clone())
@@ -449,4 +455,75 @@ where
         }
     }
     by_pos.into_iter().map(|(p, (_, d))| (p, d)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Python parsers (metrics.rs, cloudevents.rs, freshness.rs)
+// ---------------------------------------------------------------------------
+
+/// `python3` with `modules` importable, installing `packages` with pip
+/// when they are missing. `None` (said loudly) when that cannot be done;
+/// under `CI=true` that fails the test instead.
+pub fn python_with(modules: &[&str], packages: &[&str]) -> Option<()> {
+    let import = format!("import {}", modules.join(", "));
+    let importable = || {
+        Command::new("python3")
+            .args(["-c", &import])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if importable() {
+        return Some(());
+    }
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages)
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed && importable() {
+        return Some(());
+    }
+    let why = format!(
+        "python3 with {} is not available and `pip install {}` failed",
+        modules.join(", "),
+        packages.join(" ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why} (CI=true: this test must run)");
+    }
+    eprintln!("\n!!! SKIPPED: {why}\n");
+    None
+}
+
+/// Run `python3 -c SCRIPT` with `input` on stdin; its stdout parsed as
+/// JSON. A failing script fails the test with its stderr.
+pub fn python_json(script: &str, input: &[u8]) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write to python3");
+    let out = child.wait_with_output().expect("python3 output");
+    assert!(
+        out.status.success(),
+        "python3 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "python3 printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
