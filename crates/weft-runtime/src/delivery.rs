@@ -220,7 +220,7 @@ impl Lane {
                             Ok(resolved) => {
                                 for (i, r) in resolved {
                                     match r {
-                                        Ok(crate::references::Resolved::Ready(d)) => batch.push(d),
+                                        Ok(crate::references::Resolved::Ready(d)) => batch.push(*d),
                                         Ok(crate::references::Resolved::Waiting(why)) => {
                                             decided.push((i, Err(crate::references::waiting(why))))
                                         }

@@ -32,7 +32,7 @@ impl LaneRefs {
 
 /// A delivery with its references resolved, or why it waits.
 pub(crate) enum Resolved {
-    Ready(Delivery),
+    Ready(Box<Delivery>),
     Waiting(String),
 }
 
@@ -156,7 +156,7 @@ pub(crate) fn resolve(
             }
         }
     }
-    Ok(Resolved::Ready(d))
+    Ok(Resolved::Ready(Box::new(d)))
 }
 
 fn kind(v: &Value) -> &'static str {
