@@ -24,6 +24,23 @@ pub struct Delivery {
     pub attempt: u32,
     /// The mapped payload.
     pub payload: serde_json::Value,
+    /// Where it came from, for sinks that pass it on (a broker's
+    /// CloudEvents headers); empty in tests that do not need it.
+    pub context: DeliveryContext,
+}
+
+/// Where a delivery came from.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryContext {
+    /// The flow that routed it.
+    pub flow: String,
+    /// The source system it was read from.
+    pub source: String,
+    /// The event's own time, ms since the epoch (0: unknown).
+    pub event_time_ms: i64,
+    /// W3C trace context of the event, when it came with one.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// Why one delivery failed.
@@ -219,6 +236,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
                 .map_err(err)?;
             down = why;
             Arc::new(sink)
+        }
+        #[cfg(feature = "nats")]
+        SinkSpec::Nats { settings } => {
+            use crate::broker::nats;
+            let cfg = nats::NatsSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(nats::config::describe(&issues)))?;
+            let (sink, why) = nats::NatsSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "nats"))]
+        SinkSpec::Nats { .. } => {
+            return Err(err(crate::without_feature("nats", "NATS JetStream")));
         }
     };
     Ok(BuiltSink { sink, down })

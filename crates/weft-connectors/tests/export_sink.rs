@@ -21,6 +21,7 @@ fn delivery(id: i64, payload: Value) -> Delivery {
         entity_key: None,
         attempt: 1,
         payload,
+        context: Default::default(),
     }
 }
 

@@ -488,6 +488,13 @@ fn delivery(c: &Claimed) -> Result<Delivery, SinkError> {
         entity_key: c.row.entity_key.clone(),
         attempt: c.row.attempts + 1,
         payload,
+        context: weft_connectors::sink::DeliveryContext {
+            flow: c.row.flow.clone(),
+            source: c.row.source.clone(),
+            event_time_ms: c.row.event_time,
+            traceparent: c.row.traceparent.clone(),
+            tracestate: c.row.tracestate.clone(),
+        },
     })
 }
 

@@ -141,6 +141,13 @@ pub(crate) fn prepare(journal: &dyn Journal, id: &LaneIdentity, c: &Claimed) -> 
             entity_key: c.row.entity_key.clone(),
             attempt: c.row.attempts + 1,
             payload,
+            context: weft_connectors::sink::DeliveryContext {
+                flow: c.row.flow.clone(),
+                source: c.row.source.clone(),
+                event_time_ms: c.row.event_time,
+                traceparent: c.row.traceparent.clone(),
+                tracestate: c.row.tracestate.clone(),
+            },
         },
         Some(written),
     )

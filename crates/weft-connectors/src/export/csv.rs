@@ -232,6 +232,7 @@ mod tests {
             entity_key: None,
             attempt: 1,
             payload,
+            context: Default::default(),
         }
     }
 
