@@ -198,12 +198,11 @@ fn nats(
     settings: &weft_core::config::raw::ConnectorSettings,
 ) -> Result<SourceHandle, SourceError> {
     use crate::broker::nats;
-    let cfg = nats::NatsSourceConfig::from_settings(system, settings).map_err(|issues| {
-        SourceError {
+    let cfg =
+        nats::NatsSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
             system: system.to_owned(),
             message: nats::config::describe(&issues),
-        }
-    })?;
+        })?;
     Ok(SourceHandle::Task(Box::new(nats::NatsSource::new(
         system, cfg,
     ))))

@@ -57,23 +57,28 @@ fn unique(prefix: &str) -> String {
 
 /// Streams deleted when the test ends, also when it fails.
 struct Streams {
-    js: jetstream::Context,
     names: Vec<String>,
 }
 
 impl Drop for Streams {
     fn drop(&mut self) {
-        let js = self.js.clone();
         let names = std::mem::take(&mut self.names);
-        // a runtime of its own: the test's may be gone
+        // a runtime and a connection of their own: the test's runtime is
+        // blocked while this waits
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
+                let Ok(c) = async_nats::connect(URL).await else {
+                    return;
+                };
+                let js = jetstream::new(c);
                 for n in names {
-                    let _ = js.delete_stream(&n).await;
+                    if let Err(e) = js.delete_stream(&n).await {
+                        eprintln!("cannot delete test stream {n}: {e}");
+                    }
                 }
             });
         })
@@ -176,7 +181,6 @@ async fn source_reads_acks_after_ingest_and_sends_bad_messages_to_the_dlq() {
     let name = unique("SRC");
     let subj = format!("{}.orders", name.to_lowercase());
     let _guard = Streams {
-        js: js.clone(),
         names: vec![name.clone()],
     };
     // the source creates the stream itself
@@ -188,7 +192,10 @@ async fn source_reads_acks_after_ingest_and_sends_bad_messages_to_the_dlq() {
     let (stop, h) = spawn(cfg, mem.clone());
     let created = Instant::now();
     while js.get_stream(&name).await.is_err() {
-        assert!(created.elapsed() < Duration::from_secs(10), "stream not created");
+        assert!(
+            created.elapsed() < Duration::from_secs(10),
+            "stream not created"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for i in 0..40 {
@@ -218,18 +225,26 @@ async fn source_reads_acks_after_ingest_and_sends_bad_messages_to_the_dlq() {
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     );
-    js.publish_with_headers(format!("{subj}.ce"), h2, json!({"id": 7}).to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish_with_headers(
+        format!("{subj}.ce"),
+        h2,
+        json!({"id": 7}).to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     let mut h3 = async_nats::HeaderMap::new();
     h3.insert("Nats-Msg-Id", "pub-9");
-    js.publish_with_headers(format!("{subj}.new"), h3, json!({"n": 99}).to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish_with_headers(
+        format!("{subj}.new"),
+        h3,
+        json!({"n": 99}).to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     wait_until("44 records", Duration::from_secs(10), || mem.count() >= 44).await;
     // every message acked once stored: nothing pending, nothing redelivered
     let consumer = weft_connectors::broker::nats::config::default_consumer("bus");
@@ -293,7 +308,6 @@ async fn a_batch_the_store_refuses_is_held_unacked_and_stored_once_when_it_recov
     let name = unique("HOLD");
     let subj = name.to_lowercase();
     let _guard = Streams {
-        js: js.clone(),
         names: vec![name.clone()],
     };
     stream(&js, &name, &[&subj], -1).await;
@@ -324,15 +338,27 @@ async fn a_batch_the_store_refuses_is_held_unacked_and_stored_once_when_it_recov
     assert_eq!(mem.count(), 0);
     mem.failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_until("the held batch", Duration::from_secs(10), || mem.count() == 5).await;
+    wait_until("the held batch", Duration::from_secs(10), || {
+        mem.count() == 5
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while consumer_info(&js, &name, "held").await.num_ack_pending != 0 {
-        assert!(Instant::now() < deadline, "not acked after the store took it");
+        assert!(
+            Instant::now() < deadline,
+            "not acked after the store took it"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // still within max_deliver 2: the five were delivered once and stored once
     assert_eq!(*mem.batches.lock().unwrap(), 1);
-    let ids: Vec<String> = mem.events.lock().unwrap().iter().map(|e| e.id.clone()).collect();
+    let ids: Vec<String> = mem
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
     assert_eq!(
         ids,
         (1..=5).map(|i| format!("{name}:{i}")).collect::<Vec<_>>()
@@ -347,7 +373,6 @@ async fn a_message_taken_by_a_source_that_died_is_redelivered_with_the_same_id()
     let name = unique("REDEL");
     let subj = name.to_lowercase();
     let _guard = Streams {
-        js: js.clone(),
         names: vec![name.clone()],
     };
     stream(&js, &name, &[&subj], -1).await;
@@ -365,7 +390,9 @@ async fn a_message_taken_by_a_source_that_died_is_redelivered_with_the_same_id()
     // the first source's store never takes the batch; the source is then
     // dropped without a shutdown (as if the process died): no nak
     let first = Arc::new(Mem::default());
-    first.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    first
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let (_stop, h) = spawn(source_cfg(settings.clone()), first.clone());
     wait_until("a refused attempt", Duration::from_secs(10), || {
         first.attempts.load(std::sync::atomic::Ordering::SeqCst) >= 1
@@ -375,11 +402,18 @@ async fn a_message_taken_by_a_source_that_died_is_redelivered_with_the_same_id()
     let _ = h.await;
     let second = Arc::new(Mem::default());
     let (stop, h) = spawn(source_cfg(settings), second.clone());
-    wait_until("the redelivery", Duration::from_secs(10), || second.count() == 3).await;
+    wait_until("the redelivery", Duration::from_secs(10), || {
+        second.count() == 3
+    })
+    .await;
     let events = second.events.lock().unwrap().clone();
     assert_eq!(
         events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
-        [format!("{name}:1"), format!("{name}:2"), format!("{name}:3")]
+        [
+            format!("{name}:1"),
+            format!("{name}:2"),
+            format!("{name}:3")
+        ]
     );
     stop.cancel();
     h.await.unwrap().unwrap();
@@ -398,7 +432,11 @@ async fn a_missing_stream_without_create_stops_the_source_with_the_reason() {
         .unwrap()
         .unwrap()
         .unwrap_err();
-    assert!(e.message.contains(&format!("stream `{name}` does not exist")), "{e}");
+    assert!(
+        e.message
+            .contains(&format!("stream `{name}` does not exist")),
+        "{e}"
+    );
     assert!(e.message.contains("create: false"), "{e}");
 }
 
@@ -443,7 +481,6 @@ async fn sink_publishes_with_the_idempotency_key_and_cloudevents_headers() {
     let name = unique("SINK");
     let subj = name.to_lowercase();
     let _guard = Streams {
-        js: js.clone(),
         names: vec![name.clone()],
     };
     stream(&js, &name, &[&format!("{subj}.>")], -1).await;
@@ -468,8 +505,14 @@ async fn sink_publishes_with_the_idempotency_key_and_cloudevents_headers() {
     assert_eq!(msgs.len(), 3, "one message per idempotency key");
     let m = &msgs[0];
     assert_eq!(m.subject.as_str(), format!("{subj}.customers.42"));
-    assert_eq!(msgs[1].subject.as_str(), format!("{subj}.customers.a%2Eb%20c"));
-    assert_eq!(serde_json::from_slice::<Value>(&m.payload).unwrap(), json!({"name": "Ada"}));
+    assert_eq!(
+        msgs[1].subject.as_str(),
+        format!("{subj}.customers.a%2Eb%20c")
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&m.payload).unwrap(),
+        json!({"name": "Ada"})
+    );
     let h = |n: &str| m.headers.get(n).map(|v| v.as_str().to_owned());
     assert_eq!(h("Nats-Msg-Id").as_deref(), Some("idem-1"));
     assert_eq!(h("ce-id").as_deref(), Some("idem-1"));
@@ -494,10 +537,10 @@ async fn sink_errors_say_retryable_or_permanent() {
     let name = unique("SINKERR");
     let subj = name.to_lowercase();
     let _guard = Streams {
-        js: js.clone(),
         names: vec![name.clone()],
     };
-    stream(&js, &name, &[&format!("{subj}.>")], 200).await;
+    // headers count: weft's are about 400 bytes
+    stream(&js, &name, &[&format!("{subj}.>")], 1500).await;
 
     // no stream captures the subject: refused at start...
     let e = NatsSink::connect(
@@ -527,15 +570,22 @@ async fn sink_errors_say_retryable_or_permanent() {
     .unwrap();
     let r = sink
         .write(&[
-            // over the stream's max_msg_size (200)
-            delivery(1, Some("1"), json!({"text": "x".repeat(300)})),
+            // over the stream's max_msg_size (1500)
+            delivery(1, Some("1"), json!({"text": "x".repeat(2000)})),
             // no entity key for `{key}`
             delivery(2, None, json!({})),
             delivery(3, Some("3"), json!({"ok": true})),
         ])
         .await;
-    assert_eq!(r[0].as_ref().unwrap_err().kind, ErrorKind::Permanent, "{r:?}");
-    assert!(r[1].as_ref().unwrap_err().message.contains("no entity key"), "{r:?}");
+    assert_eq!(
+        r[0].as_ref().unwrap_err().kind,
+        ErrorKind::Permanent,
+        "{r:?}"
+    );
+    assert!(
+        r[1].as_ref().unwrap_err().message.contains("no entity key"),
+        "{r:?}"
+    );
     assert_eq!(r[1].as_ref().unwrap_err().kind, ErrorKind::Permanent);
     assert!(r[2].is_ok(), "{r:?}");
 
@@ -558,5 +608,9 @@ async fn sink_errors_say_retryable_or_permanent() {
     assert!(down.contains(&format!("127.0.0.1:{port}")), "{down}");
     assert!(!down.contains("secret"), "{down}");
     let r = sink.write(&[delivery(1, None, json!({}))]).await;
-    assert_eq!(r[0].as_ref().unwrap_err().kind, ErrorKind::Retryable, "{r:?}");
+    assert_eq!(
+        r[0].as_ref().unwrap_err().kind,
+        ErrorKind::Retryable,
+        "{r:?}"
+    );
 }

@@ -103,9 +103,10 @@ impl Attributes {
     /// Whether the message is a CloudEvent in structured mode.
     fn structured(&self) -> bool {
         self.content_type.as_deref().is_some_and(|c| {
-            c.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/cloudevents+json"))
+            c.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/cloudevents+json")
+            })
         })
     }
 }
@@ -168,7 +169,9 @@ impl Decoder {
             crate::Record::Bad(BadRecord {
                 id: id.clone(),
                 location: m.location.clone(),
-                raw: truncate(String::from_utf8_lossy(&payload[..payload.len().min(MAX_RAW + 4)])),
+                raw: truncate(String::from_utf8_lossy(
+                    &payload[..payload.len().min(MAX_RAW + 4)],
+                )),
                 error: format!("{}: {error}", m.location),
                 correlation_id: correlation_id.clone(),
             })
@@ -197,7 +200,9 @@ impl Decoder {
         let id = self.id(m, &a);
         let mut ev = Event::new(
             id,
-            a.source.clone().unwrap_or_else(|| self.default_source.clone()),
+            a.source
+                .clone()
+                .unwrap_or_else(|| self.default_source.clone()),
             a.ty.clone().unwrap_or_else(|| self.default_type.clone()),
             Some(correlation_id),
             data,
@@ -234,7 +239,9 @@ impl Decoder {
 /// win over the headers').
 fn unwrap_structured(v: Value, headers: &Attributes) -> Result<(Value, Attributes), String> {
     let Value::Object(mut m) = v else {
-        return Err("a structured CloudEvent (application/cloudevents+json) that is not an object".into());
+        return Err(
+            "a structured CloudEvent (application/cloudevents+json) that is not an object".into(),
+        );
     };
     let data = if let Some(d) = m.remove("data") {
         d
@@ -243,7 +250,9 @@ fn unwrap_structured(v: Value, headers: &Attributes) -> Result<(Value, Attribute
     } else {
         return Err("a structured CloudEvent without data".into());
     };
-    let s = |m: &serde_json::Map<String, Value>, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    let s = |m: &serde_json::Map<String, Value>, k: &str| {
+        m.get(k).and_then(Value::as_str).map(str::to_owned)
+    };
     let a = Attributes {
         id: s(&m, "id").or_else(|| headers.id.clone()),
         source: s(&m, "source").or_else(|| headers.source.clone()),
@@ -277,12 +286,7 @@ fn truncate(s: std::borrow::Cow<'_, str>) -> String {
 /// value)` in the binding's names. `ce-id` is the idempotency key (the same
 /// on every retry: a consumer can dedupe by it), `ce-time` the event's own
 /// time, `ce-subject` the entity key.
-pub fn outgoing_headers(
-    b: Binding,
-    d: &Delivery,
-    source: &str,
-    ty: &str,
-) -> Vec<(String, String)> {
+pub fn outgoing_headers(b: Binding, d: &Delivery, source: &str, ty: &str) -> Vec<(String, String)> {
     let ce = |n: &str| format!("{}{n}", b.prefix);
     let mut h = vec![
         (ce("specversion"), "1.0".to_owned()),
@@ -350,7 +354,10 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_owned()));
         }
-        if parts.iter().any(|p| matches!(p, Part::Text(t) if t.contains('}'))) {
+        if parts
+            .iter()
+            .any(|p| matches!(p, Part::Text(t) if t.contains('}')))
+        {
             return Err(format!("`{s}`: a `}}` without its `{{`"));
         }
         Ok(Template { parts })
@@ -394,11 +401,7 @@ impl Template {
     /// The text for one delivery; each value passed through `escape`. A
     /// missing key or field, or a value that is not a string or number, is
     /// an error naming it.
-    pub fn render(
-        &self,
-        d: &Delivery,
-        escape: impl Fn(&str) -> String,
-    ) -> Result<String, String> {
+    pub fn render(&self, d: &Delivery, escape: impl Fn(&str) -> String) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
@@ -452,7 +455,7 @@ mod tests {
     fn decoder(event_id: EventId) -> Decoder {
         Decoder {
             format: Format::Json,
-            max_bytes: 100,
+            max_bytes: 200,
             event_id,
             default_source: "weft:crm/nats".into(),
             default_type: "crm.message".into(),
@@ -505,9 +508,14 @@ mod tests {
         assert!(b.error.starts_with("nats stream S seq 7"), "{}", b.error);
         assert!(b.error.contains("not JSON"), "{}", b.error);
         assert_eq!(b.raw, "not json");
-        let big = vec![b'1'; 101];
+        let big = vec![b'1'; 201];
         let b = bad(d.record(&incoming(Attributes::default()), &big));
-        assert!(b.error.contains("101 bytes is over max_message_bytes (100)"), "{}", b.error);
+        assert!(
+            b.error
+                .contains("201 bytes is over max_message_bytes (200)"),
+            "{}",
+            b.error
+        );
     }
 
     #[test]
@@ -565,9 +573,25 @@ mod tests {
             t.render(&d, |s| s.replace('.', "_")).unwrap(),
             "orders.eu.a_b"
         );
-        assert_eq!(Template::parse("x.{n}").unwrap().render(&d, str::to_owned).unwrap(), "x.3");
-        assert!(Template::parse("x.{o}").unwrap().render(&d, str::to_owned).unwrap_err().contains("an object"));
-        assert!(!Template::parse("x-{key}").unwrap().placeholders_are_tokens('.'));
+        assert_eq!(
+            Template::parse("x.{n}")
+                .unwrap()
+                .render(&d, str::to_owned)
+                .unwrap(),
+            "x.3"
+        );
+        assert!(
+            Template::parse("x.{o}")
+                .unwrap()
+                .render(&d, str::to_owned)
+                .unwrap_err()
+                .contains("an object")
+        );
+        assert!(
+            !Template::parse("x-{key}")
+                .unwrap()
+                .placeholders_are_tokens('.')
+        );
         assert!(Template::parse("x.{key").is_err());
         assert!(Template::parse("x.{}").is_err());
         assert!(Template::parse("x}").is_err());
@@ -591,7 +615,9 @@ mod tests {
             },
         };
         let h: std::collections::HashMap<String, String> =
-            outgoing_headers(NATS, &d, "weft/f", "weft.f").into_iter().collect();
+            outgoing_headers(NATS, &d, "weft/f", "weft.f")
+                .into_iter()
+                .collect();
         assert_eq!(h["ce-id"], "k-1");
         assert_eq!(h["ce-specversion"], "1.0");
         assert_eq!(h["ce-source"], "weft/f");

@@ -407,7 +407,10 @@ fn parse<T: serde::de::DeserializeOwned>(
 fn url_issues(issues: &mut Vec<Issue>, base: &str, url: &str) {
     let url = url.trim();
     if url.is_empty() {
-        issues.push(issue(format!("{base}.url"), "expected a `nats://host:port` URL"));
+        issues.push(issue(
+            format!("{base}.url"),
+            "expected a `nats://host:port` URL",
+        ));
         return;
     }
     for part in url.split(',') {
@@ -521,8 +524,10 @@ mod tests {
 
     #[test]
     fn source_defaults() {
-        let c = source(json!({"url": "nats://127.0.0.1:4222", "stream": "ORDERS", "subject": "orders.>"}))
-            .unwrap();
+        let c = source(
+            json!({"url": "nats://127.0.0.1:4222", "stream": "ORDERS", "subject": "orders.>"}),
+        )
+        .unwrap();
         assert_eq!(c.consumer, "weft-Orders_Bus");
         assert_eq!(c.subjects, ["orders.>"]);
         assert!(c.create);
@@ -567,8 +572,9 @@ mod tests {
         );
         let e = source(json!({"url": "nats://h", "stream": "S"})).unwrap_err();
         assert!(e[0].message.contains("create: false"), "{e:?}");
-        let e = source(json!({"url": "nats://h", "stream": "S", "subject": "a", "subjects": ["b"]}))
-            .unwrap_err();
+        let e =
+            source(json!({"url": "nats://h", "stream": "S", "subject": "a", "subjects": ["b"]}))
+                .unwrap_err();
         assert!(e[0].message.contains("not both"), "{e:?}");
     }
 
@@ -590,8 +596,10 @@ mod tests {
 
     #[test]
     fn sink_settings() {
-        let c = sink(json!({"url": "nats://h:4222", "subject": "crm.customers.{key}",
-                            "headers": {"x-team": "crm"}}))
+        let c = sink(
+            json!({"url": "nats://h:4222", "subject": "crm.customers.{key}",
+                            "headers": {"x-team": "crm"}}),
+        )
         .unwrap();
         assert_eq!(c.subject.with_placeholders("*"), "crm.customers.*");
         assert_eq!(c.timeout, Duration::from_secs(10));

@@ -22,7 +22,11 @@ use weft_core::config::Secret;
 /// The client options weft uses for both ends: a name the server shows,
 /// the token, unlimited reconnects (the client reconnects by itself and
 /// resends subscriptions; JetStream state is the server's).
-fn options(name: &str, token: Option<&Secret>, connect_timeout: Duration) -> async_nats::ConnectOptions {
+fn options(
+    name: &str,
+    token: Option<&Secret>,
+    connect_timeout: Duration,
+) -> async_nats::ConnectOptions {
     let mut o = async_nats::ConnectOptions::new()
         .name(format!("weft {name}"))
         .connection_timeout(connect_timeout)

@@ -95,7 +95,10 @@ impl NatsSink {
             t.with_placeholders("*")
         } else {
             let fixed = t.with_placeholders("\u{0}");
-            let head: Vec<&str> = fixed.split('.').take_while(|s| !s.contains('\u{0}')).collect();
+            let head: Vec<&str> = fixed
+                .split('.')
+                .take_while(|s| !s.contains('\u{0}'))
+                .collect();
             if head.is_empty() {
                 return Ok(());
             }
@@ -198,9 +201,9 @@ fn classify(e: jetstream::context::PublishError) -> SinkError {
     let kind = e.kind();
     let msg = format!("NATS publish: {e}");
     let err = match kind {
-        PublishErrorKind::StreamNotFound => SinkError::permanent(format!(
-            "{msg} (no JetStream stream captures the subject)"
-        )),
+        PublishErrorKind::StreamNotFound => {
+            SinkError::permanent(format!("{msg} (no JetStream stream captures the subject)"))
+        }
         PublishErrorKind::MaxPayloadExceeded => SinkError::permanent(msg),
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe

@@ -71,7 +71,11 @@ impl NatsSource {
         let hosts = super::hosts(&addrs);
         let connect = async_nats::connect_with_options(
             addrs,
-            super::options(&self.system, self.cfg.token.as_ref(), self.cfg.connect_timeout),
+            super::options(
+                &self.system,
+                self.cfg.token.as_ref(),
+                self.cfg.connect_timeout,
+            ),
         );
         let client = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -231,7 +235,9 @@ impl NatsSource {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| self.err(format!("cannot create consumer `{}`: {e}", c.consumer)))?
+                    .map_err(|e| {
+                        self.err(format!("cannot create consumer `{}`: {e}", c.consumer))
+                    })?
             }
         };
         Ok(consumer)
@@ -239,10 +245,7 @@ impl NatsSource {
 
     /// The next batch: what is waiting now (up to `batch`), else the first
     /// message to arrive within `max_wait` and what came with it.
-    async fn next_batch(
-        &self,
-        c: &PullConsumer,
-    ) -> Result<Vec<jetstream::Message>, String> {
+    async fn next_batch(&self, c: &PullConsumer) -> Result<Vec<jetstream::Message>, String> {
         let batch = self.cfg.batch;
         let mut out = Vec::with_capacity(batch);
         let waiting = c.fetch().max_messages(batch).messages().await;
@@ -330,12 +333,13 @@ impl NatsSource {
     fn record(&self, decoder: &Decoder, m: &jetstream::Message) -> Record {
         let header = |name: &str| -> Option<String> {
             let h = m.headers.as_ref()?;
-            h.get(name).or_else(|| {
-                h.iter()
-                    .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
-                    .and_then(|(_, v)| v.first())
-            })
-            .map(|v| v.as_str().to_owned())
+            h.get(name)
+                .or_else(|| {
+                    h.iter()
+                        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
+                        .and_then(|(_, v)| v.first())
+                })
+                .map(|v| v.as_str().to_owned())
         };
         let (position_id, location, stored_at) = match m.info() {
             Ok(i) => (
@@ -355,7 +359,10 @@ impl NatsSource {
                 let h = hex::encode(&Sha256::digest(&m.payload)[..16]);
                 (
                     format!("{}:sha256:{h}", self.cfg.stream),
-                    format!("nats stream {} (subject {}, no position)", self.cfg.stream, m.subject),
+                    format!(
+                        "nats stream {} (subject {}, no position)",
+                        self.cfg.stream, m.subject
+                    ),
                     None,
                 )
             }
