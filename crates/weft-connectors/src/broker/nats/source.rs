@@ -247,21 +247,24 @@ impl NatsSource {
     /// message to arrive within `max_wait` and what came with it.
     async fn next_batch(&self, c: &PullConsumer) -> Result<Vec<jetstream::Message>, String> {
         let batch = self.cfg.batch;
+        let wait = self.cfg.max_wait;
         let mut out = Vec::with_capacity(batch);
-        let waiting = c.fetch().max_messages(batch).messages().await;
-        collect(waiting, &mut out).await?;
+        // every request expires: one sent as the server went away is never
+        // answered, and the client keeps its subscription across reconnects
+        let waiting = c.fetch().max_messages(batch).expires(wait).messages().await;
+        collect(waiting, &mut out, wait).await?;
         if out.is_empty() {
-            let first = c
-                .batch()
-                .max_messages(1)
-                .expires(self.cfg.max_wait)
-                .messages()
-                .await;
-            collect(first, &mut out).await?;
+            let first = c.batch().max_messages(1).expires(wait).messages().await;
+            collect(first, &mut out, wait).await?;
             if !out.is_empty() && batch > 1 {
-                let more = c.fetch().max_messages(batch - 1).messages().await;
+                let more = c
+                    .fetch()
+                    .max_messages(batch - 1)
+                    .expires(wait)
+                    .messages()
+                    .await;
                 // the first is in hand: an error now only ends the batch
-                if let Err(e) = collect(more, &mut out).await {
+                if let Err(e) = collect(more, &mut out, wait).await {
                     tracing::debug!(source = %self.system, error = %e, "fetch after the first message");
                 }
             }
@@ -395,17 +398,27 @@ impl Source for NatsSource {
 async fn collect<S, E>(
     stream: Result<S, E>,
     out: &mut Vec<jetstream::Message>,
+    expires: Duration,
 ) -> Result<(), String>
 where
     S: futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> + Unpin,
     E: std::fmt::Display,
 {
     let mut s = stream.map_err(|e| e.to_string())?;
-    while let Some(m) = s.next().await {
-        match m {
-            Ok(m) => out.push(m),
-            Err(e) if out.is_empty() => return Err(e.to_string()),
-            Err(e) => {
+    // the server ends a request at `expires`; past it with a margin, the
+    // answer is lost (a reconnect in between)
+    let deadline = tokio::time::Instant::now() + expires + Duration::from_secs(2);
+    loop {
+        let next = match tokio::time::timeout_at(deadline, s.next()).await {
+            Ok(n) => n,
+            Err(_) if out.is_empty() => return Err("the pull request was not answered".into()),
+            Err(_) => break,
+        };
+        match next {
+            None => break,
+            Some(Ok(m)) => out.push(m),
+            Some(Err(e)) if out.is_empty() => return Err(e.to_string()),
+            Some(Err(e)) => {
                 tracing::debug!(error = %e, "NATS pull request ended");
                 break;
             }
