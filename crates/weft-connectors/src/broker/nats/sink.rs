@@ -11,7 +11,10 @@
 //!
 //! A batch is published pipelined (every message sent, then every ack
 //! awaited), so a batch costs one round trip, not one per message; its
-//! results are per message. Errors: no stream for the subject, a message
+//! results are per message. Errors: no stream for the subject (a publish
+//! answered "no responders" while JetStream's stream list has no stream
+//! for it either: a server that is stopping or starting answers "no
+//! responders" too, and that is retryable), a message
 //! over the server's or the stream's size limit, and a subject a value made
 //! invalid are permanent; timeouts, a lost connection and other server
 //! errors (a full stream with `discard: new`) are retryable. A permission
@@ -153,20 +156,25 @@ impl NatsSink {
 
     async fn write_batch(&self, batch: &[Delivery]) -> Vec<WriteResult> {
         // send every publish, then wait for every ack
-        let mut pending: Vec<Result<PublishAckFuture, SinkError>> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<(Option<String>, Result<PublishAckFuture, SinkError>)> =
+            Vec::with_capacity(batch.len());
         for d in batch {
-            let sent = match self.message(d) {
-                Ok((subject, headers, body)) => self
-                    .js
-                    .publish_with_headers(subject, headers, body)
-                    .await
-                    .map_err(classify),
-                Err(e) => Err(e),
-            };
-            pending.push(sent);
+            pending.push(match self.message(d) {
+                Ok((subject, headers, body)) => {
+                    let sent = self
+                        .js
+                        .publish_with_headers(subject.clone(), headers, body)
+                        .await
+                        .map_err(classify);
+                    (Some(subject), sent)
+                }
+                Err(e) => (None, Err(e)),
+            });
         }
         let mut out = Vec::with_capacity(batch.len());
-        for p in pending {
+        // per subject: whether JetStream says no stream captures it
+        let mut no_stream: Vec<(String, bool)> = Vec::new();
+        for (subject, p) in pending {
             out.push(match p {
                 Ok(ack) => match ack.await {
                     Ok(a) => {
@@ -175,12 +183,46 @@ impl NatsSink {
                         }
                         Ok(Written::default())
                     }
+                    Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                        let subject = subject.unwrap_or_default();
+                        let known = no_stream.iter().find(|(s, _)| *s == subject).map(|x| x.1);
+                        let missing = match known {
+                            Some(m) => m,
+                            None => {
+                                let m = self.stream_missing(&subject).await;
+                                no_stream.push((subject.clone(), m));
+                                m
+                            }
+                        };
+                        Err(if missing {
+                            SinkError::permanent(format!(
+                                "NATS publish: no JetStream stream captures subject `{subject}`"
+                            ))
+                        } else {
+                            // a server stopping or starting answers "no
+                            // responders" while its JetStream is down
+                            SinkError::retryable(format!(
+                                "NATS publish to `{subject}`: no responders (JetStream not answering)"
+                            ))
+                        }
+                        .with_source(e))
+                    }
                     Err(e) => Err(classify(e)),
                 },
                 Err(e) => Err(e),
             });
         }
         out
+    }
+
+    /// Whether JetStream itself says no stream captures `subject` (a
+    /// publish is answered "no responders" also while a server shuts down
+    /// or starts, when JetStream does not answer at all).
+    async fn stream_missing(&self, subject: &str) -> bool {
+        matches!(
+            self.js.stream_by_subject(subject.to_owned()).await,
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound
+        )
     }
 }
 
@@ -201,9 +243,8 @@ fn classify(e: jetstream::context::PublishError) -> SinkError {
     let kind = e.kind();
     let msg = format!("NATS publish: {e}");
     let err = match kind {
-        PublishErrorKind::StreamNotFound => {
-            SinkError::permanent(format!("{msg} (no JetStream stream captures the subject)"))
-        }
+        // checked against the stream list by the caller
+        PublishErrorKind::StreamNotFound => SinkError::retryable(msg),
         PublishErrorKind::MaxPayloadExceeded => SinkError::permanent(msg),
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
