@@ -28,6 +28,9 @@ use serde_json::{Value, json};
 const URL: &str = "nats://127.0.0.1:4222";
 const LOG: &[(&str, &str)] = &[("WEFT_LOG", "info,weft_connectors::broker=debug")];
 
+/// A message to publish: its body and headers.
+type Msg = (Vec<u8>, Vec<(&'static str, String)>);
+
 fn ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
 }
@@ -90,7 +93,7 @@ impl Bus {
 
     /// Publish every body (pipelined), each with its headers, and wait for
     /// the stream's acks.
-    fn publish(&self, subject: &str, msgs: Vec<(Vec<u8>, Vec<(&str, String)>)>) {
+    fn publish(&self, subject: &str, msgs: Vec<Msg>) {
         self.rt.block_on(async {
             let mut acks = Vec::new();
             for (body, headers) in msgs {
@@ -233,7 +236,7 @@ fn messages_flow_through_with_their_cloudevent_and_bad_ones_go_to_the_dlq() {
     wait_for(Duration::from_secs(10), "weft to create the stream", || {
         bus.rt.block_on(bus.js.get_stream(&inn)).is_ok()
     });
-    let mut msgs: Vec<(Vec<u8>, Vec<(&str, String)>)> = (0..20)
+    let mut msgs: Vec<Msg> = (0..20)
         .map(|i| {
             (
                 json!({"id": i, "name": format!("n{i}")})
@@ -609,4 +612,59 @@ fn a_broker_restart_while_weft_runs_loses_and_duplicates_nothing() {
     check_out(&bus, out, 800);
     let st = status(dir.path(), "weft.yaml", &[]);
     assert_eq!(st["lanes"][0]["received"], 800, "{st}");
+}
+
+#[test]
+fn bad_nats_settings_fail_validate_with_their_lines() {
+    // nothing connects: no server needed
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        r#"store:
+  path: ./store.db
+systems:
+  bus:
+    source:
+      nats:
+        url: nats://127.0.0.1:4222
+        stream: ORDERS
+        subject: orders.>
+        durable: x
+  out:
+    sink:
+      nats:
+        subject: 'out.{key}'
+  out2:
+    sink:
+      nats:
+        url: nats://127.0.0.1:4222
+        subject: 'out.*'
+        timeout: soon
+flows:
+  f:
+    from: bus
+    to: [out, out2]
+"#,
+    )
+    .unwrap();
+    let out = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("weft.yaml:10:") && text.contains("unknown field `durable`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft.yaml:13:") && text.contains("missing field `url`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("systems.out2.sink.nats.subject") && text.contains("no wildcards"),
+        "{text}"
+    );
+    assert!(text.contains("systems.out2.sink.nats.timeout"), "{text}");
 }
