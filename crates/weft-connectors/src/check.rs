@@ -63,6 +63,37 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 crate::without_feature("cdc-mysql", "MariaDB/MySQL change data capture"),
             );
         }
+        #[cfg(feature = "nats")]
+        {
+            use crate::broker::nats;
+            if let Some(SourceSpec::Nats { settings }) = &sys.source
+                && let Err(found) = nats::NatsSourceConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+            if let Some(SinkSpec::Nats { settings }) = &sys.sink
+                && let Err(found) = nats::NatsSinkConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            if let Some(SourceSpec::Nats { .. }) = &sys.source {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.source.nats"),
+                    crate::without_feature("nats", "NATS JetStream"),
+                );
+            }
+            if let Some(SinkSpec::Nats { .. }) = &sys.sink {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.sink.nats"),
+                    crate::without_feature("nats", "NATS JetStream"),
+                );
+            }
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -13,10 +13,11 @@
 // a lean build (without a database feature) leaves helpers of the SQL
 // connectors unused; the default build is checked with `-D warnings`
 #![cfg_attr(
-    not(all(feature = "postgres", feature = "mysql")),
+    not(all(feature = "postgres", feature = "mysql", feature = "nats")),
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]
 
+pub mod broker;
 pub mod cdc;
 pub mod check;
 pub mod sink;

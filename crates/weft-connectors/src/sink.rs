@@ -237,6 +237,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
             down = why;
             Arc::new(sink)
         }
+        #[cfg(feature = "nats")]
+        SinkSpec::Nats { settings } => {
+            use crate::broker::nats;
+            let cfg = nats::NatsSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(nats::config::describe(&issues)))?;
+            let (sink, why) = nats::NatsSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "nats"))]
+        SinkSpec::Nats { .. } => {
+            return Err(err(crate::without_feature("nats", "NATS JetStream")));
+        }
     };
     Ok(BuiltSink { sink, down })
 }

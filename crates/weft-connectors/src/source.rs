@@ -132,6 +132,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         }
         SourceSpec::PostgresCdc { settings } => postgres_cdc(system, settings)?,
         SourceSpec::MysqlCdc { settings } => mysql_cdc(system, settings)?,
+        SourceSpec::Nats { settings } => nats(system, settings)?,
     })
 }
 
@@ -188,6 +189,33 @@ fn mysql_cdc(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("cdc-mysql", "MariaDB/MySQL change data capture"),
+    })
+}
+
+#[cfg(feature = "nats")]
+fn nats(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    use crate::broker::nats;
+    let cfg =
+        nats::NatsSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
+            system: system.to_owned(),
+            message: nats::config::describe(&issues),
+        })?;
+    Ok(SourceHandle::Task(Box::new(nats::NatsSource::new(
+        system, cfg,
+    ))))
+}
+
+#[cfg(not(feature = "nats"))]
+fn nats(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("nats", "NATS JetStream"),
     })
 }
 

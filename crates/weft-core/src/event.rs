@@ -41,6 +41,12 @@ pub struct Event {
     pub causationid: Option<String>,
     /// The payload, as parsed JSON.
     pub data: serde_json::Value,
+    /// W3C trace context the record arrived with (a broker message's
+    /// `traceparent` header), passed on to every write it causes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 impl Event {
@@ -63,6 +69,8 @@ impl Event {
             correlationid: correlation_id.unwrap_or_else(new_correlation_id),
             causationid: None,
             data,
+            traceparent: None,
+            tracestate: None,
         }
     }
 

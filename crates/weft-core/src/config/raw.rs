@@ -214,6 +214,10 @@ pub enum RawSource {
     /// settings are the connector's own (weft-connectors
     /// `cdc/mysql/config.rs`).
     MysqlCdc(ConnectorSettings),
+    /// A NATS JetStream durable pull consumer: each message acknowledged
+    /// once it is stored. Its settings are the connector's own
+    /// (weft-connectors `broker/nats/config.rs`).
+    Nats(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -232,6 +236,10 @@ pub enum RawSink {
     Csv(CsvSinkConfig),
     /// Upserts into a MariaDB/MySQL table.
     Mysql(Box<MysqlSinkConfig>),
+    /// Publishes to a NATS JetStream subject with `Nats-Msg-Id` = the
+    /// idempotency key, waiting for the stream's ack. Its settings are the
+    /// connector's own (weft-connectors `broker/nats/config.rs`).
+    Nats(ConnectorSettings),
 }
 
 /// Webhook source settings.
@@ -1227,7 +1235,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream."
         })
     }
 }

@@ -182,6 +182,8 @@ pub enum SourceSpec {
     /// MariaDB/MySQL binlog change data capture; the connector validates
     /// `settings`.
     MysqlCdc { settings: ConnectorSettings },
+    /// A NATS JetStream consumer; the connector validates `settings`.
+    Nats { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -194,6 +196,7 @@ impl SourceSpec {
             SourceSpec::SqlPoll { .. } => "sql_poll",
             SourceSpec::PostgresCdc { .. } => "postgres_cdc",
             SourceSpec::MysqlCdc { .. } => "mysql_cdc",
+            SourceSpec::Nats { .. } => "nats",
         }
     }
 }
@@ -290,6 +293,10 @@ pub enum SinkSpec {
     Mysql {
         cfg: Box<MysqlSinkConfig>,
     },
+    /// A NATS JetStream publisher; the connector validates `settings`.
+    Nats {
+        settings: ConnectorSettings,
+    },
 }
 
 impl SinkSpec {
@@ -301,6 +308,7 @@ impl SinkSpec {
             SinkSpec::Jsonl { .. } => "jsonl",
             SinkSpec::Csv { .. } => "csv",
             SinkSpec::Mysql { .. } => "mysql",
+            SinkSpec::Nats { .. } => "nats",
         }
     }
 }
@@ -1294,6 +1302,7 @@ fn source_spec(
         }
         RawSource::PostgresCdc(settings) => Some(SourceSpec::PostgresCdc { settings }),
         RawSource::MysqlCdc(settings) => Some(SourceSpec::MysqlCdc { settings }),
+        RawSource::Nats(settings) => Some(SourceSpec::Nats { settings }),
     }
 }
 
@@ -1669,6 +1678,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         }
         RawSink::Csv(cfg) => csv_sink_spec(cx, &format!("{p}.csv"), system, cfg, base),
         RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
+        RawSink::Nats(settings) => Some(SinkSpec::Nats { settings }),
     }
 }
 

@@ -1,0 +1,670 @@
+//! NATS JetStream in and out through the real `weft` binary.
+//!
+//! Guarantees: messages consumed from a stream reach the destination
+//! stream once each (one `Nats-Msg-Id` per message, none lost) whether
+//! weft is SIGKILLed while consuming and publishing or the broker restarts
+//! under it; bad messages (not JSON, oversized) go to the DLQ with where
+//! they were and consumption goes on; CloudEvents attributes, the
+//! correlation id and the trace context travel from message to message.
+//!
+//! The machine's NATS on 127.0.0.1:4222 (`.ci/services.sh`), streams of
+//! each test's own (deleted at the end); the restart test starts a
+//! nats-server of its own on its own port and store directory. Skipped
+//! with a message when NATS is not there, unless `CI=true`, where that is
+//! a failure.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::*;
+use serde_json::{Value, json};
+
+const URL: &str = "nats://127.0.0.1:4222";
+const LOG: &[(&str, &str)] = &[("WEFT_LOG", "info,weft_connectors::broker=debug")];
+
+/// A message to publish: its body and headers.
+type Msg = (Vec<u8>, Vec<(&'static str, String)>);
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// A JetStream client on its own runtime (tests are synchronous), and the
+/// streams to delete at the end.
+struct Bus {
+    rt: tokio::runtime::Runtime,
+    url: String,
+    js: jetstream::Context,
+    streams: Vec<String>,
+}
+
+impl Bus {
+    /// The machine's NATS, or `None` (skip) when it is not there.
+    fn machine() -> Option<Bus> {
+        match Bus::connect(URL) {
+            Ok(b) => Some(b),
+            Err(e) if ci() => panic!("NATS at {URL} is not reachable and CI=true: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: NATS at {URL} is not reachable ({e}); run .ci/services.sh");
+                None
+            }
+        }
+    }
+
+    fn connect(url: &str) -> Result<Bus, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url)).await
+            })
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        // its acker task runs on the runtime
+        let js = rt.block_on(async { jetstream::new(client) });
+        Ok(Bus {
+            js,
+            rt,
+            url: url.to_owned(),
+            streams: Vec::new(),
+        })
+    }
+
+    /// A stream with `subjects`, deleted when the test ends.
+    fn stream(&mut self, name: &str, subjects: &[&str]) {
+        self.rt
+            .block_on(self.js.create_stream(jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }))
+            .unwrap();
+        self.streams.push(name.to_owned());
+    }
+
+    /// Publish every body (pipelined), each with its headers, and wait for
+    /// the stream's acks.
+    fn publish(&self, subject: &str, msgs: Vec<Msg>) {
+        self.rt.block_on(async {
+            let mut acks = Vec::new();
+            for (body, headers) in msgs {
+                let mut h = async_nats::HeaderMap::new();
+                for (k, v) in headers {
+                    h.insert(k, v.as_str());
+                }
+                acks.push(
+                    self.js
+                        .publish_with_headers(subject.to_owned(), h, body.into())
+                        .await
+                        .unwrap(),
+                );
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        });
+    }
+
+    fn count(&self, stream: &str) -> u64 {
+        self.rt.block_on(async {
+            match self.js.get_stream(stream).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+                Err(_) => 0,
+            }
+        })
+    }
+
+    /// Every message a stream holds.
+    fn messages(&self, stream: &str) -> Vec<jetstream::message::StreamMessage> {
+        self.rt.block_on(async {
+            let mut s = self.js.get_stream(stream).await.unwrap();
+            let last = s.info().await.unwrap().state.last_sequence;
+            let mut out = Vec::new();
+            for seq in 1..=last {
+                if let Ok(m) = s.get_raw_message(seq).await {
+                    out.push(m);
+                }
+            }
+            out
+        })
+    }
+
+    fn consumer(&self, stream: &str, name: &str) -> jetstream::consumer::Info {
+        self.rt.block_on(async {
+            let s = self.js.get_stream(stream).await.unwrap();
+            let mut c: jetstream::consumer::PullConsumer = s.get_consumer(name).await.unwrap();
+            c.info().await.unwrap().clone()
+        })
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.streams);
+        let url = self.url.clone();
+        // the streams weft created too; a fresh connection (the broker may
+        // have restarted)
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), async move {
+                let Ok(c) = async_nats::connect(url.as_str()).await else {
+                    return;
+                };
+                let js = jetstream::new(c);
+                for n in names {
+                    if let Err(e) = js.delete_stream(&n).await {
+                        eprintln!("cannot delete test stream {n}: {e}");
+                    }
+                }
+            })
+            .await
+        });
+    }
+}
+
+fn header(m: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
+    m.headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+fn write_config(dir: &Path, url: &str, source: &str, sink: &str, flow: &str) {
+    std::fs::write(
+        dir.join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  bus_in:
+    source:
+      nats:
+        url: {url}
+{source}
+  bus_out:
+    circuit_breaker: {{cooldown: 1s}}
+    sink:
+      nats:
+        url: {url}
+{sink}
+flows:
+  customers:
+    from: bus_in
+{flow}
+    to: [bus_out]
+"#
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn messages_flow_through_with_their_cloudevent_and_bad_ones_go_to_the_dlq() {
+    let Some(mut bus) = Bus::machine() else {
+        return;
+    };
+    let id = unique_suffix();
+    let (inn, out) = (format!("E2E_IN_{id}"), format!("E2E_OUT_{id}"));
+    let (isub, osub) = (format!("e2ein{id}"), format!("e2eout{id}"));
+    bus.streams.push(inn.clone()); // weft creates it
+    bus.stream(&out, &[&format!("{osub}.>")]);
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        URL,
+        &format!(
+            "        stream: {inn}\n        subject: '{isub}.>'\n        batch: 8\n        max_message_bytes: 2048\n        max_wait: 300ms\n"
+        ),
+        &format!(
+            "        subject: '{osub}.customers.{{key}}'\n        headers: {{x-origin: weft}}\n"
+        ),
+        "    key: .id\n    mapping: '{id, name: (.name | ascii_upcase)}'\n",
+    );
+    let out_check = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert!(
+        out_check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out_check.stderr)
+    );
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(10), "weft to create the stream", || {
+        bus.rt.block_on(bus.js.get_stream(&inn)).is_ok()
+    });
+    let mut msgs: Vec<Msg> = (0..20)
+        .map(|i| {
+            (
+                json!({"id": i, "name": format!("n{i}")})
+                    .to_string()
+                    .into_bytes(),
+                vec![],
+            )
+        })
+        .collect();
+    msgs.push((b"{\"id\": 99, ".to_vec(), vec![]));
+    msgs.push((
+        json!({"id": 98, "pad": "x".repeat(3000)})
+            .to_string()
+            .into_bytes(),
+        vec![],
+    ));
+    msgs.push((
+        json!({"id": 77, "name": "ce"}).to_string().into_bytes(),
+        vec![
+            ("ce-id", "crm-77".to_owned()),
+            ("ce-source", "/crm".to_owned()),
+            ("ce-type", "crm.customer.updated".to_owned()),
+            ("ce-specversion", "1.0".to_owned()),
+            ("x-correlation-id", "corr-77".to_owned()),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            ),
+        ],
+    ));
+    bus.publish(&format!("{isub}.new"), msgs);
+    wait_for(Duration::from_secs(20), "21 messages out", || {
+        bus.count(&out) >= 21
+    });
+    wait_for(Duration::from_secs(10), "everything settled", || {
+        let st = status(dir.path(), "weft.yaml", &[]);
+        st["lanes"][0]["delivered"] == 21 && st["lanes"][0]["pending"] == 0
+    });
+    let log = hub.log_text();
+    assert!(hub.stop().success(), "{log}");
+
+    let got = bus.messages(&out);
+    assert_eq!(got.len(), 21);
+    let ids: HashSet<String> = got
+        .iter()
+        .filter_map(|m| header(m, "Nats-Msg-Id"))
+        .collect();
+    assert_eq!(ids.len(), 21, "one Nats-Msg-Id per message");
+    let first = &got[0];
+    assert_eq!(first.subject.as_str(), format!("{osub}.customers.0"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&first.payload).unwrap(),
+        json!({"id": 0, "name": "N0"})
+    );
+    assert_eq!(header(first, "ce-id"), header(first, "Nats-Msg-Id"));
+    assert_eq!(header(first, "ce-type").as_deref(), Some("weft.customers"));
+    assert_eq!(header(first, "ce-subject").as_deref(), Some("0"));
+    assert_eq!(header(first, "x-causation-id"), Some(format!("{inn}:1")));
+    assert_eq!(header(first, "x-origin").as_deref(), Some("weft"));
+    let ce = got
+        .iter()
+        .find(|m| m.subject.as_str().ends_with(".77"))
+        .unwrap();
+    assert_eq!(header(ce, "x-correlation-id").as_deref(), Some("corr-77"));
+    assert_eq!(header(ce, "x-causation-id").as_deref(), Some("/crm#crm-77"));
+    assert_eq!(
+        header(ce, "traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+
+    // the two bad messages, in the DLQ with where they were
+    let out = weft_cmd(dir.path(), &["dlq", "list", "-c", "weft.yaml", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dlq: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    let errors: BTreeMap<String, String> = dlq
+        .iter()
+        .map(|e| {
+            assert_eq!(e["stage"], "parse", "{e}");
+            (
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let e21 = &errors[&format!("{inn}:21")];
+    assert!(e21.contains(&format!("nats stream {inn} seq 21")), "{e21}");
+    assert!(e21.contains("not JSON"), "{e21}");
+    let e22 = &errors[&format!("{inn}:22")];
+    assert!(e22.contains("over max_message_bytes (2048)"), "{e22}");
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    let flow = st["lanes"][0].clone();
+    assert_eq!(flow["received"], 23, "{st}");
+    assert_eq!(flow["rejected"], 2, "{st}");
+    // every message acked after its commit, the bad ones too
+    let c = bus.consumer(&inn, "weft-bus_in");
+    assert_eq!((c.num_pending, c.num_ack_pending), (0, 0), "{c:?}");
+}
+
+/// Checks of the destination stream: one message and one `Nats-Msg-Id`
+/// per input `seq`, every seq of `0..total`.
+fn check_out(bus: &Bus, stream: &str, total: u64) {
+    let got = bus.messages(stream);
+    let mut by_seq: BTreeMap<u64, HashSet<String>> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for m in &got {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        let id = header(m, "Nats-Msg-Id").expect("Nats-Msg-Id");
+        assert!(ids.insert(id.clone()), "Nats-Msg-Id {id} stored twice");
+        by_seq
+            .entry(v["seq"].as_u64().unwrap())
+            .or_default()
+            .insert(id);
+    }
+    let missing: Vec<u64> = (0..total).filter(|s| !by_seq.contains_key(s)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    let twice: Vec<_> = by_seq.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(twice.is_empty(), "published under two ids: {twice:?}");
+    assert_eq!(got.len() as u64, total, "one message per input message");
+}
+
+#[test]
+fn sigkill_while_consuming_and_publishing_loses_and_duplicates_nothing() {
+    let Some(mut bus) = Bus::machine() else {
+        return;
+    };
+    const PRELOADED: u64 = 3000;
+    const LATER: u64 = 1500;
+    let id = unique_suffix();
+    let (inn, out) = (format!("KILL_IN_{id}"), format!("KILL_OUT_{id}"));
+    let (isub, osub) = (format!("killin{id}"), format!("killout{id}"));
+    bus.stream(&inn, &[&isub]);
+    bus.stream(&out, &[&format!("{osub}.>")]);
+    let seqs = |r: std::ops::Range<u64>| {
+        r.map(|s| {
+            (
+                json!({"seq": s, "id": s % 97}).to_string().into_bytes(),
+                vec![],
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    bus.publish(&isub, seqs(0..PRELOADED));
+    let dir = tempfile::tempdir().unwrap();
+    // ack_wait 2s: what a killed weft held comes back quickly
+    write_config(
+        dir.path(),
+        URL,
+        &format!(
+            "        stream: {inn}\n        subject: {isub}\n        batch: 16\n        ack_wait: 2s\n        max_wait: 300ms\n"
+        ),
+        &format!("        subject: '{osub}.items.{{key}}'\n"),
+        // small batches: more commits, so the kills come mid-stream
+        "    key: .id\n    delivery: {batch_size: 25}\n",
+    );
+    // a publisher adds messages while weft is killed and started again
+    let publisher = {
+        let js = bus.js.clone();
+        let isub = isub.clone();
+        bus.rt.spawn(async move {
+            for chunk in (PRELOADED..PRELOADED + LATER)
+                .collect::<Vec<_>>()
+                .chunks(50)
+            {
+                let mut acks = Vec::new();
+                for s in chunk {
+                    let body = json!({"seq": s, "id": s % 97}).to_string();
+                    acks.push(js.publish(isub.clone(), body.into()).await.unwrap());
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let kills = AtomicUsize::new(0);
+    // how much was out after each kill
+    let seen = std::sync::Mutex::new(Vec::new());
+    let (n, logs) = kill_while(dir.path(), "weft.yaml", LOG, || {
+        let k = kills.fetch_add(1, Ordering::SeqCst);
+        if k > 0 {
+            seen.lock().unwrap().push(bus.count(&out));
+        }
+        // at least four kills, and more while messages are still on their way
+        k < 4 || ((!publisher.is_finished() || bus.count(&out) < PRELOADED + LATER) && k < 12)
+    });
+    assert!(n >= 4);
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.iter()
+            .filter(|c| **c > 0 && **c < PRELOADED + LATER)
+            .count()
+            >= 1,
+        "the kills did not come mid-stream ({seen:?} out after each); make the run longer"
+    );
+    bus.rt.block_on(publisher).unwrap();
+    let total = PRELOADED + LATER;
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while bus.count(&out) < total {
+        if Instant::now() > deadline {
+            panic!(
+                "{} of {total} out after {n} kills; logs:\n{}\n=====\n{}",
+                bus.count(&out),
+                logs.join("\n=====\n"),
+                hub.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for(Duration::from_secs(20), "everything settled", || {
+        let st = status(dir.path(), "weft.yaml", &[]);
+        st["lanes"][0]["pending"] == 0 && st["lanes"][0]["delivered"] == total
+    });
+    // nothing more comes
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(hub.stop().success());
+    check_out(&bus, &out, total);
+    // redeliveries of what a killed weft held were recognised: each
+    // message received once
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    assert_eq!(st["lanes"][0]["received"], total, "{st}");
+    let c = bus.consumer(&inn, "weft-bus_in");
+    assert_eq!((c.num_pending, c.num_ack_pending), (0, 0), "{c:?}");
+    eprintln!(
+        "{total} messages through {n} SIGKILLs in {:.1}s (out after each kill: {seen:?})",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A nats-server of the test's own, on its own port and store directory.
+struct OwnServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl OwnServer {
+    fn start() -> Option<OwnServer> {
+        let bin = Path::new("/usr/sbin/nats-server");
+        if !bin.exists() {
+            if ci() {
+                panic!("{} is missing and CI=true", bin.display());
+            }
+            eprintln!("SKIPPED: {} is not installed", bin.display());
+            return None;
+        }
+        let mut s = OwnServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.up();
+        Some(s)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("/usr/sbin/nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
+            .arg("-sd")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), "nats-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    /// SIGTERM (a clean stop: its store is whole) and wait for the exit.
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_broker_restart_while_weft_runs_loses_and_duplicates_nothing() {
+    let Some(mut server) = OwnServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let (inn, out) = ("RESTART_IN", "RESTART_OUT");
+    let bus = Bus::connect(&url).unwrap();
+    bus.rt
+        .block_on(bus.js.create_stream(jetstream::stream::Config {
+            name: out.to_owned(),
+            subjects: vec!["restart.out.>".to_owned()],
+            ..Default::default()
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &url,
+        &format!(
+            "        stream: {inn}\n        subject: restart.in\n        batch: 32\n        ack_wait: 2s\n        max_wait: 300ms\n"
+        ),
+        "        subject: 'restart.out.{key}'\n        timeout: 1s\n",
+        "    key: .id\n    delivery: {batch_size: 50, max_backoff: 1s}\n",
+    );
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(10), "weft to create the stream", || {
+        bus.rt.block_on(bus.js.get_stream(inn)).is_ok()
+    });
+    let seqs = |r: std::ops::Range<u64>| {
+        r.map(|s| {
+            (
+                json!({"seq": s, "id": s % 13}).to_string().into_bytes(),
+                vec![],
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    bus.publish("restart.in", seqs(0..600));
+    wait_for(Duration::from_secs(20), "some messages through", || {
+        bus.count(out) >= 50
+    });
+    // the broker goes away mid-stream and comes back with its store
+    server.down();
+    std::thread::sleep(Duration::from_millis(500));
+    server.up();
+    let bus = Bus::connect(&url).unwrap();
+    bus.publish("restart.in", seqs(600..800));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while bus.count(out) < 800 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 800 out after the restart; log:\n{}",
+            bus.count(out),
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for(Duration::from_secs(20), "everything settled", || {
+        let st = status(dir.path(), "weft.yaml", &[]);
+        st["lanes"][0]["pending"] == 0 && st["lanes"][0]["delivered"] == 800
+    });
+    assert!(hub.stop().success());
+    check_out(&bus, out, 800);
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["lanes"][0]["received"], 800, "{st}");
+}
+
+#[test]
+fn bad_nats_settings_fail_validate_with_their_lines() {
+    // nothing connects: no server needed
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        r#"store:
+  path: ./store.db
+systems:
+  bus:
+    source:
+      nats:
+        url: nats://127.0.0.1:4222
+        stream: ORDERS
+        subject: orders.>
+        durable: x
+  out:
+    sink:
+      nats:
+        subject: 'out.{key}'
+  out2:
+    sink:
+      nats:
+        url: nats://127.0.0.1:4222
+        subject: 'out.*'
+        timeout: soon
+flows:
+  f:
+    from: bus
+    to: [out, out2]
+"#,
+    )
+    .unwrap();
+    let out = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("weft.yaml:10:") && text.contains("unknown field `durable`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft.yaml:13:") && text.contains("missing field `url`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("systems.out2.sink.nats.subject") && text.contains("no wildcards"),
+        "{text}"
+    );
+    assert!(text.contains("systems.out2.sink.nats.timeout"), "{text}");
+}
