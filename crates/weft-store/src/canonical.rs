@@ -112,7 +112,77 @@ fn history(
         action,
         detail.to_string()
     ])?;
+    // refused changes are counted per field, kept or not ([`apply`])
+    if action != "refused" {
+        count(tx, entity, action, 1)?;
+    }
     Ok(())
+}
+
+/// Add `n` to an entity's count of `action`, in the caller's transaction.
+fn count(tx: &Connection, entity: &str, action: &str, n: usize) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO identity_counts (entity, action, n) VALUES (?1, ?2, ?3)
+         ON CONFLICT (entity, action) DO UPDATE SET n = n + excluded.n",
+    )?
+    .execute(params![entity, action, n as i64])?;
+    Ok(())
+}
+
+/// What `weft status` says of one entity's canonical records.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IdentitySummary {
+    pub entity: String,
+    /// Live records (merged ones excluded).
+    pub records: i64,
+    pub open_conflicts: i64,
+    /// Reports held for review by fuzzy matching.
+    pub waiting_matches: i64,
+    /// History entries per action (`created`, `create_refused`, `refused`,
+    /// `conflict`, `linked`, ...), counted with each entry.
+    pub actions: std::collections::BTreeMap<String, i64>,
+}
+
+pub(crate) fn summary(conn: &Connection) -> Result<Vec<IdentitySummary>, StoreError> {
+    let mut out: std::collections::BTreeMap<String, IdentitySummary> = Default::default();
+    let q = |sql: &str| -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(conn
+            .prepare_cached(sql)?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?)
+    };
+    let rows = [
+        q(
+            "SELECT entity, 'records', count(*) FROM canonical WHERE merged_into IS NULL GROUP BY entity",
+        )?,
+        q(
+            "SELECT entity, 'conflicts', count(*) FROM conflicts WHERE status = 'open' GROUP BY entity",
+        )?,
+        q("SELECT entity, 'matches', count(*) FROM matches WHERE status = 'open' GROUP BY entity")?,
+        q("SELECT entity, action, n FROM identity_counts")?,
+    ];
+    for (i, list) in rows.into_iter().enumerate() {
+        for (entity, what, n) in list {
+            let s = out
+                .entry(entity.clone())
+                .or_insert_with(|| IdentitySummary {
+                    entity,
+                    records: 0,
+                    open_conflicts: 0,
+                    waiting_matches: 0,
+                    actions: Default::default(),
+                });
+            match i {
+                0 => s.records = n,
+                1 => s.open_conflicts = n,
+                2 => s.waiting_matches = n,
+                _ => {
+                    s.actions.insert(what, n);
+                }
+            }
+        }
+    }
+    Ok(out.into_values().collect())
 }
 
 fn load(tx: &Connection, entity: &str, id: &str) -> Result<(Canonical, i64), StoreError> {
@@ -503,6 +573,9 @@ fn apply_with(
         m.reported_change,
         Value::Object(m.written.clone()).to_string()
     ])?;
+    if !m.refused.is_empty() {
+        count(tx, entity, "refused", m.refused.len())?;
+    }
     let recorded: Vec<_> = m.refused.iter().filter(|x| x.recorded).collect();
     if !recorded.is_empty() {
         history(

@@ -167,6 +167,15 @@ impl Reader {
     ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
         crate::canonical::conflicts(&self.conn, status, limit)
     }
+    /// Per entity: live records, open conflicts, held matches and the
+    /// history's actions counted.
+    pub fn identity_summary(&self) -> Result<Vec<crate::canonical::IdentitySummary>, StoreError> {
+        // a store older than these tables (read-only: never migrated here)
+        if crate::schema::version(&self.conn)? < 6 {
+            return Ok(Vec::new());
+        }
+        crate::canonical::summary(&self.conn)
+    }
     /// Reports held for review.
     pub fn matches(
         &self,

@@ -320,6 +320,14 @@ const MIGRATIONS: &[&str] = &[
         note           TEXT
     );
     CREATE UNIQUE INDEX matches_open ON matches (entity, system, external_id) WHERE status = 'open';
+    -- per entity, how many history entries of each action (created,
+    -- create_refused, refused, conflict, ...), counted with the entry
+    CREATE TABLE identity_counts (
+        entity TEXT NOT NULL,
+        action TEXT NOT NULL,
+        n      INTEGER NOT NULL,
+        PRIMARY KEY (entity, action)
+    ) WITHOUT ROWID;
     "#,
     // 7: freshness. When a flow last received a record (ms), on its
     // flow-level counts row (destination ''), set in the ingest's

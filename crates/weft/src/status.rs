@@ -16,6 +16,11 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let counts = reader.counts(&lanes)?;
     let dlq: i64 = reader.dlq_depths()?.iter().map(|d| d.2).sum();
     let balanced = counts.iter().all(|c| c.balanced);
+    let identity = if cfg.identity.is_empty() {
+        Vec::new()
+    } else {
+        reader.identity_summary()?
+    };
     let freshness: Vec<_> =
         weft_runtime::gauges::freshness(&cfg.flows, &counts, weft_store::now_ms(), None)
             .into_iter()
@@ -36,7 +41,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh});
+        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -71,6 +76,18 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
             );
         }
         println!("DLQ depth: {dlq}");
+        for i in &identity {
+            let n = |a: &str| i.actions.get(a).copied().unwrap_or(0);
+            println!(
+                "identity {}: {} records, {} open conflicts, {} matches waiting for review; {} creates refused, {} changes refused (non-owner)",
+                i.entity,
+                i.records,
+                i.open_conflicts,
+                i.waiting_matches,
+                n("create_refused"),
+                n("refused")
+            );
+        }
         // one line per flow with a freshness SLA; LATE in red on a terminal
         let color = std::io::IsTerminal::is_terminal(&std::io::stdout())
             && std::env::var_os("NO_COLOR").is_none();

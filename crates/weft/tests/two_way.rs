@@ -898,6 +898,8 @@ fn fuzzy_matching_links_holds_for_review_and_creates() {
         canonical_of("erp", &j_smith).is_none(),
         "not linked while held"
     );
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["identity"][0]["waiting_matches"], 2, "{st}");
     // a change while held waits with it
     erp.user_edit(&j_smith, "phone", json!("102"));
     wait_for(Duration::from_secs(30), "the held record's change", || {
@@ -1027,9 +1029,12 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     };
     let record_of = |id: &str| show(id).map(|v| v["id"].as_str().unwrap().to_owned());
     let (crm1, erp1) = (format!("crm:{c1}"), format!("erp:{e1}"));
-    // refused at create: no record, nothing written
+    // refused at create: no record, nothing written, counted
     assert!(record_of(&erp1).is_none());
     assert_eq!(crm.ids().len(), 1);
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["identity"][0]["actions"]["create_refused"], 1, "{st}");
+    assert_eq!(st["identity"][0]["records"], 1, "{st}");
 
     ok(&["xref", "link", "customer", &crm1, &erp1, "--note", "same"]);
     assert_eq!(record_of(&erp1), record_of(&crm1));
@@ -1054,7 +1059,10 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     assert_eq!(crm.snapshot()[&c2]["name"], "J Smith");
     let crm2 = format!("crm:{c2}");
     assert_ne!(record_of(&erp1), record_of(&crm1));
-    assert_eq!(record_of(&erp1), record_of(&crm2));
+    // the CRM's id is linked when weft settles the create
+    wait_for(Duration::from_secs(30), "the CRM's id of the split", || {
+        record_of(&erp1) == record_of(&crm2)
+    });
 
     // merge: refused while the CRM holds both, done once one is unlinked
     refused(&["xref", "merge", "customer", &crm1, &erp1], "holds both");
