@@ -368,6 +368,22 @@ impl HttpSink {
         if let Ok(v) = HeaderValue::from_str(&d.event_id) {
             h.insert(HeaderName::from_static(CAUSATION_HEADER), v);
         }
+        // the trace context the record arrived with (W3C Trace Context)
+        if let Some(t) = d
+            .context
+            .traceparent
+            .as_deref()
+            .filter(|t| weft_core::event::valid_traceparent(t))
+            && let Ok(v) = HeaderValue::from_str(t)
+        {
+            h.insert(HeaderName::from_static("traceparent"), v);
+            if let Some(s) = d.context.tracestate.as_deref()
+                && weft_core::event::valid_tracestate(s)
+                && let Ok(v) = HeaderValue::from_str(s)
+            {
+                h.insert(HeaderName::from_static("tracestate"), v);
+            }
+        }
         Ok(h)
     }
 

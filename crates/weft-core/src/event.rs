@@ -49,6 +49,31 @@ pub struct Event {
     pub tracestate: Option<String>,
 }
 
+/// A W3C Trace Context `traceparent` weft passes on: version `00`,
+/// 32 lowercase hex (not all zero) trace id, 16 (not all zero) parent id,
+/// 2 flags. Anything else is dropped, never forwarded.
+pub fn valid_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+/// A `tracestate` weft passes on beside a valid `traceparent`: printable
+/// ASCII, at most 512 characters (the W3C limit).
+pub fn valid_tracestate(s: &str) -> bool {
+    s.len() <= 512 && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 impl Event {
     /// A new event with `time` now, JSON content and a fresh correlation id
     /// unless one is given.
@@ -253,5 +278,25 @@ mod tests {
         assert_eq!(a["id"], "7");
         assert_eq!(a["correlationid"], "c-1");
         assert!(a.get("data").is_none());
+    }
+
+    #[test]
+    fn only_well_formed_trace_context_is_passed_on() {
+        assert!(valid_traceparent(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        for bad in [
+            "",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+        assert!(valid_tracestate("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"));
+        assert!(!valid_tracestate("a=\u{7f}"));
     }
 }

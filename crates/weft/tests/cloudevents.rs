@@ -393,3 +393,53 @@ flows:
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// W3C trace context: a webhook's `traceparent` (and `tracestate`) travel
+/// with the record through the durable queue to every HTTP write, the
+/// retry after a 503 included; a malformed one is dropped, never forwarded.
+#[test]
+fn the_webhooks_trace_context_reaches_every_http_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let wire = Wire::start();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        config(&format!("http://{}", wire.addr)),
+    )
+    .unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &[]);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let client = reqwest::blocking::Client::new();
+    let post = |body: Value, traceparent: &str| {
+        let r = client
+            .post(hub.url("/hooks/crm"))
+            .header("traceparent", traceparent)
+            .header("tracestate", "rojo=00f067aa0ba902b7")
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    };
+    post(json!({"id": 7, "key": "k7", "name": "Ada"}), tp);
+    post(
+        json!({"id": 8, "key": "k8", "name": "Grace"}),
+        "00-not-a-trace-01",
+    );
+    wait_for(Duration::from_secs(20), "both records written", || {
+        wire.ok("/binary/").len() == 2 && wire.ok("/plain/").len() == 2
+    });
+    let reqs = wire.reqs.lock().unwrap().clone();
+    let of = |id: &str| -> Vec<&Req> { reqs.iter().filter(|r| r.path.ends_with(id)).collect() };
+    // record 7: every request (the 503 and its retry too) carries it
+    let sevens = of("/7");
+    assert!(sevens.len() >= 4, "{sevens:?}");
+    for r in &sevens {
+        assert_eq!(r.header("traceparent"), Some(tp), "{}", r.path);
+        assert_eq!(r.header("tracestate"), Some("rojo=00f067aa0ba902b7"));
+    }
+    // record 8: the malformed one is not passed on
+    for r in of("/8") {
+        assert_eq!(r.header("traceparent"), None, "{}", r.path);
+        assert_eq!(r.header("tracestate"), None, "{}", r.path);
+    }
+    hub.stop();
+}

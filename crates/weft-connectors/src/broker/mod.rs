@@ -95,7 +95,7 @@ impl Attributes {
                 .filter(|v| !v.is_empty()),
             correlation_id: ce("correlationid")
                 .or_else(|| get(CORRELATION_HEADER).filter(|v| !v.is_empty())),
-            traceparent: get("traceparent").filter(|v| !v.is_empty()),
+            traceparent: get("traceparent").filter(|v| weft_core::event::valid_traceparent(v)),
             tracestate: get("tracestate").filter(|v| !v.is_empty()),
         }
     }
@@ -261,7 +261,9 @@ fn unwrap_structured(v: Value, headers: &Attributes) -> Result<(Value, Attribute
         subject: s(&m, "subject").or_else(|| headers.subject.clone()),
         content_type: s(&m, "datacontenttype"),
         correlation_id: s(&m, "correlationid").or_else(|| headers.correlation_id.clone()),
-        traceparent: s(&m, "traceparent").or_else(|| headers.traceparent.clone()),
+        traceparent: s(&m, "traceparent")
+            .filter(|t| weft_core::event::valid_traceparent(t))
+            .or_else(|| headers.traceparent.clone()),
         tracestate: s(&m, "tracestate").or_else(|| headers.tracestate.clone()),
     };
     Ok((data, a))

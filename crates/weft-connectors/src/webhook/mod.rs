@@ -394,6 +394,27 @@ async fn accept(
         Some(name) => header_event_id(headers, name)?,
         None => None,
     };
+    // W3C trace context: kept when well formed, passed on to every write
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| weft_core::event::valid_traceparent(t))
+        .map(|t| {
+            let state = headers
+                .get("tracestate")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && weft_core::event::valid_tracestate(s));
+            (t.to_owned(), state.map(str::to_owned))
+        });
+    let traced = |mut e: Event| {
+        if let Some((t, s)) = &trace {
+            e.traceparent = Some(t.clone());
+            e.tracestate = s.clone();
+        }
+        e
+    };
     let events = match value {
         Value::Object(_) => {
             let id = match header_id {
@@ -403,7 +424,7 @@ async fn accept(
                     None => hex::encode(Sha256::digest(&raw)),
                 },
             };
-            vec![inner.event(id, correlation_id, value)]
+            vec![traced(inner.event(id, correlation_id, value))]
         }
         Value::Array(items) => {
             let mut events = Vec::with_capacity(items.len());
@@ -424,7 +445,7 @@ async fn accept(
                         hex::encode(Sha256::digest(text.as_bytes()))
                     }
                 };
-                events.push(inner.event(id, correlation_id, item));
+                events.push(traced(inner.event(id, correlation_id, item)));
             }
             events
         }
