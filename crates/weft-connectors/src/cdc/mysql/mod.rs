@@ -131,6 +131,7 @@ use config::{OnPositionLost, SnapshotMode};
 use decode::Kind;
 use setup::{Server, SetupError, TableInfo};
 
+use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
 };
@@ -165,6 +166,9 @@ pub enum Position {
         ordinal: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gtid: Option<String>,
+        /// The last `weft cdc resnapshot` request acted on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<String>,
     },
 }
 
@@ -245,6 +249,27 @@ impl MyCdcSource {
             .map_err(|e| Failure::Fatal(format!("the saved position `{text}` is not valid: {e}")))
     }
 
+    /// A `weft cdc resnapshot` request not acted on yet.
+    async fn request(
+        &self,
+        ingest: &dyn Ingest,
+        saved: Option<&Position>,
+    ) -> Result<Option<ResnapshotRequest>, Failure> {
+        let text = ingest
+            .checkpoint(RESNAPSHOT_KEY)
+            .await
+            .map_err(|e| Failure::Fatal(format!("store error: {e}")))?;
+        let Some(text) = text else { return Ok(None) };
+        let r: ResnapshotRequest = serde_json::from_str(&text).map_err(|e| {
+            Failure::Fatal(format!("the resnapshot request `{text}` is not valid: {e}"))
+        })?;
+        let served = match saved {
+            Some(Position::Stream { served, .. }) => served.as_deref(),
+            _ => None,
+        };
+        Ok((served != Some(r.id.as_str())).then_some(r))
+    }
+
     /// Where to start, given what was saved and what the server has.
     async fn plan(&self, control: &mut Conn, saved: Option<&Position>) -> Result<Plan, Failure> {
         if let Some(Position::Stream {
@@ -290,7 +315,9 @@ impl MyCdcSource {
         if self.cfg.on_position_lost == OnPositionLost::Fail {
             return Err(Failure::Fatal(format!(
                 "{why}: the changes after {file}:{pos} may be lost. To start over with a new \
-                 initial snapshot, set `on_position_lost: resnapshot`"
+                 initial snapshot, run `weft cdc resnapshot -c <config> {}` (the hub need not be \
+                 stopped), or set `on_position_lost: resnapshot`",
+                self.system
             )));
         }
         tracing::warn!(system = %self.system, reason = %why, "mysql_cdc: position lost; taking a new snapshot");
@@ -320,7 +347,14 @@ impl MyCdcSource {
                 }
             }
         }
-        let plan = self.plan(&mut control, saved.as_ref()).await?;
+        let request = self.request(ingest.as_ref(), saved.as_ref()).await?;
+        let plan = match &request {
+            Some(r) => {
+                tracing::warn!(system = %self.system, request = %r.id, "mysql_cdc: a new snapshot was requested (`weft cdc resnapshot`); copying every table again");
+                Plan::Snapshot
+            }
+            None => self.plan(&mut control, saved.as_ref()).await?,
+        };
         let resumed = matches!(plan, Plan::Resume { .. });
         let (tx, rx) = mpsc::channel(CHANNEL);
         let stop = shutdown.child_token();
@@ -345,6 +379,11 @@ impl MyCdcSource {
         let mut batcher = Batcher {
             system: self.system.clone(),
             batch_size: self.cfg.batch_size,
+            served: match &saved {
+                Some(Position::Stream { served, .. }) => served.clone(),
+                _ => None,
+            },
+            pending: request.map(|r| r.id),
             saved: if resumed { saved } else { None },
         };
         let stored = batcher.run(rx, ingest.as_ref(), shutdown).await;
@@ -443,6 +482,8 @@ struct Batcher {
     batch_size: usize,
     /// The position stored last.
     saved: Option<Position>,
+    served: Option<String>,
+    pending: Option<String>,
 }
 
 /// What is read and not stored yet.
@@ -458,6 +499,10 @@ struct Pending {
     ts: Option<DateTime<Utc>>,
     /// The last transaction's GTID.
     gtid: Option<String>,
+    /// The request acted on last (carried in every streaming position).
+    served: Option<String>,
+    /// The request this session acts on: served once its snapshot is in.
+    pending: Option<String>,
 }
 
 impl Batcher {
@@ -473,6 +518,8 @@ impl Batcher {
                 Some(Position::Stream { gtid, .. }) => gtid.clone(),
                 _ => None,
             },
+            served: self.served.clone(),
+            pending: self.pending.clone(),
             ..Default::default()
         };
         loop {
@@ -561,6 +608,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal,
                 gtid: p.gtid.clone(),
+                served: p.served.clone(),
             });
         }
         Msg::Commit {
@@ -581,6 +629,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal: 0,
                 gtid: p.gtid.clone(),
+                served: p.served.clone(),
             });
         }
         Msg::SnapshotStart { file, pos } => {
@@ -598,11 +647,15 @@ fn apply(p: &mut Pending, msg: Msg) {
         }
         Msg::SnapshotDone { file, pos } => {
             p.open = false;
+            if let Some(id) = p.pending.take() {
+                p.served = Some(id);
+            }
             p.pos = Some(Position::Stream {
                 file,
                 pos,
                 ordinal: 0,
                 gtid: None,
+                served: p.served.clone(),
             });
         }
         Msg::Idle { file, pos } => {
@@ -622,6 +675,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                     pos,
                     ordinal: 0,
                     gtid: p.gtid.clone(),
+                    served: p.served.clone(),
                 });
             }
         }
@@ -1519,7 +1573,8 @@ fn stream_error(e: mysql_async::Error, file: &str, pos: u64) -> Failure {
             Failure::Fatal(format!(
                 "the server cannot send the binlog from {file}:{pos}: {message}. The binlog may \
                  have been purged: the changes after it may be lost. To start over with a new \
-                 initial snapshot, set `on_position_lost: resnapshot`"
+                 initial snapshot, run `weft cdc resnapshot -c <config> <system>` (the hub need \
+                 not be stopped), or set `on_position_lost: resnapshot`"
             ))
         }
         mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1227 | 1142) => Failure::Fatal(
@@ -1548,6 +1603,7 @@ mod tests {
             pos: 1234,
             ordinal: 2,
             gtid: Some("0-1-57".into()),
+            served: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(

@@ -107,7 +107,7 @@ pub mod config;
 pub mod decode;
 mod setup;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,8 +116,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 use pg_walstream::{
     ColumnValue, EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationError,
-    ReplicationStreamConfig, RowData, SharedLsnFeedback, SnapshotOutcome, StreamingMode,
-    format_lsn,
+    ReplicationSlotOptions, ReplicationStreamConfig, RowData, SharedLsnFeedback, SnapshotOutcome,
+    StreamingMode, format_lsn,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -130,6 +130,7 @@ use config::{OnSlotLost, SnapshotMode};
 use decode::{Kind, PgType};
 use setup::SetupError;
 
+use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError};
 
 /// Checkpoint key of the position.
@@ -143,6 +144,8 @@ pub const SLOT_LAG_BYTES: &str = "weft_cdc_slot_lag_bytes";
 pub const LAG_SECONDS: &str = "weft_cdc_lag_seconds";
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest slot name, in bytes (ASCII: validated).
+const MAX_SLOT: usize = 63;
 /// Messages between the replication reader and the batcher.
 const CHANNEL: usize = 4096;
 
@@ -168,7 +171,41 @@ pub enum Position {
         #[serde(with = "lsn_text")]
         commit_lsn: u64,
         ordinal: u64,
+        /// The published tables whose rows weft has (snapshotted, or
+        /// streamed from their start); a published table not in it is
+        /// snapshotted alone at the next start. `None`: a position saved
+        /// before weft kept it (every published table is taken as had).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tables: Option<BTreeSet<String>>,
+        /// Tables snapshotted alone, with their snapshot's LSN: their
+        /// streamed changes committing below it are in the snapshot and
+        /// skipped. Dropped once `flush_lsn` passes it.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "lsn_map")]
+        synced_at: BTreeMap<String, u64>,
+        /// The last `weft cdc resnapshot` request acted on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<String>,
     },
+}
+
+mod lsn_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<String, u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, pg_walstream::format_lsn(*v))))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+        let m = BTreeMap::<String, String>::deserialize(d)?;
+        m.into_iter()
+            .map(|(k, v)| {
+                pg_walstream::parse_lsn(&v)
+                    .map(|l| (k, l))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
 }
 
 mod lsn_text {
@@ -264,12 +301,34 @@ impl PgCdcSource {
         Ok(Some(pos))
     }
 
+    /// A `weft cdc resnapshot` request not acted on yet.
+    async fn request(
+        &self,
+        ingest: &dyn Ingest,
+        saved: Option<&Position>,
+    ) -> Result<Option<ResnapshotRequest>, Failure> {
+        let text = ingest
+            .checkpoint(RESNAPSHOT_KEY)
+            .await
+            .map_err(|e| Failure::Fatal(format!("store error: {e}")))?;
+        let Some(text) = text else { return Ok(None) };
+        let r: ResnapshotRequest = serde_json::from_str(&text).map_err(|e| {
+            Failure::Fatal(format!("the resnapshot request `{text}` is not valid: {e}"))
+        })?;
+        let served = match saved {
+            Some(Position::Stream { served, .. }) => served.as_deref(),
+            _ => None,
+        };
+        Ok((served != Some(r.id.as_str())).then_some(r))
+    }
+
     /// What to do with the slot, given what was saved.
     async fn plan(
         &self,
         control: &Client,
         db: &str,
         saved: Option<Position>,
+        request: Option<&ResnapshotRequest>,
     ) -> Result<(Plan, Option<StreamPos>), Failure> {
         let name = &self.cfg.slot;
         let info = setup::slot(control, name).await?;
@@ -281,6 +340,13 @@ impl PgCdcSource {
                  (plugin {:?}, database {:?}); name another `slot`",
                 i.plugin, i.database
             )));
+        }
+        if let Some(r) = request.filter(|r| r.tables.is_empty()) {
+            tracing::warn!(system = %self.system, slot = %name, request = %r.id, "postgres_cdc: a new snapshot was requested (`weft cdc resnapshot`); dropping the slot and copying every table again");
+            if info.is_some() {
+                setup::drop_slot(control, &self.system, name).await?;
+            }
+            return Ok((Plan::Snapshot, None));
         }
         let stream_pos = match saved {
             Some(Position::Stream {
@@ -314,8 +380,10 @@ impl PgCdcSource {
             if self.cfg.on_slot_lost == OnSlotLost::Fail {
                 return Err(Failure::Fatal(format!(
                     "replication slot `{name}` {why}: changes after {} may be lost. \
-                     To start over with a new initial snapshot, set `on_slot_lost: resnapshot`",
-                    format_lsn(p.flush)
+                     To start over with a new initial snapshot, run `weft cdc resnapshot -c <config> {}` \
+                     (the hub need not be stopped), or set `on_slot_lost: resnapshot`",
+                    format_lsn(p.flush),
+                    self.system
                 )));
             }
             tracing::warn!(system = %self.system, slot = %name, reason = %why, "postgres_cdc: slot lost; taking a new snapshot");
@@ -357,7 +425,53 @@ impl PgCdcSource {
         )
         .await?;
         let db = setup::database(&control).await?;
-        let (plan, skip) = self.plan(&control, &db, saved.clone()).await?;
+        let request = self.request(ingest.as_ref(), saved.as_ref()).await?;
+        let (plan, skip) = self
+            .plan(&control, &db, saved.clone(), request.as_ref())
+            .await?;
+        // per-table sync: published tables weft has no rows of, and those
+        // a request names, are snapshotted alone before streaming resumes
+        let published: BTreeSet<String> =
+            setup::publication_tables(&control, &self.cfg.publication)
+                .await?
+                .into_iter()
+                .collect();
+        let (had, mut synced_at) = match &saved {
+            Some(Position::Stream {
+                tables, synced_at, ..
+            }) => (tables.clone(), synced_at.clone()),
+            _ => (None, BTreeMap::new()),
+        };
+        let mut sync: BTreeSet<String> = BTreeSet::new();
+        let mut tables = None;
+        if let Plan::Resume { .. } = plan {
+            let initial = self.cfg.snapshot == SnapshotMode::Initial;
+            let had: BTreeSet<String> = match had {
+                Some(h) if initial => h.intersection(&published).cloned().collect(),
+                // a position from before weft kept the set: every table is had
+                None if initial => published.clone(),
+                _ => BTreeSet::new(),
+            };
+            if initial {
+                sync.extend(published.difference(&had).cloned());
+                tables = Some(had);
+            }
+            if let Some(r) = &request {
+                for t in &r.tables {
+                    if published.contains(t) {
+                        sync.insert(t.clone());
+                    } else {
+                        tracing::warn!(system = %self.system, table = %t, "postgres_cdc: a table to snapshot again is not in the publication; skipped");
+                    }
+                }
+            }
+            if let Some(t) = tables.as_mut() {
+                for s in &sync {
+                    t.remove(s);
+                }
+            }
+            synced_at.retain(|t, _| !sync.contains(t));
+        }
         let (tx, rx) = mpsc::channel(CHANNEL);
         let stop = shutdown.child_token();
         let reader = Reader {
@@ -374,8 +488,15 @@ impl PgCdcSource {
             rels: HashMap::new(),
             tx,
             skip,
+            below: synced_at.clone().into_iter().collect(),
+            sync: sync.iter().cloned().collect(),
+            known: tables.as_ref().map(|t| t.union(&sync).cloned().collect()),
         };
         let reading = tokio::spawn(reader.run(plan, stop.clone()));
+        let served = match &saved {
+            Some(Position::Stream { served, .. }) => served.clone(),
+            _ => None,
+        };
         let mut batcher = Batcher {
             system: self.system.clone(),
             slot: self.cfg.slot.clone(),
@@ -385,6 +506,10 @@ impl PgCdcSource {
                 _ => None,
             },
             feedback: None,
+            tables,
+            synced_at,
+            served,
+            pending: request.map(|r| r.id),
         };
         let stored = batcher.run(rx, ingest.as_ref(), shutdown).await;
         stop.cancel();
@@ -493,11 +618,22 @@ enum Msg {
     SnapshotStart { lsn: u64 },
     /// Row `n` of the snapshot.
     SnapshotRow { event: Box<Event>, lsn: u64, n: u64 },
-    /// Every row of the snapshot was sent; streaming follows from `lsn`.
-    SnapshotDone { lsn: u64 },
+    /// Every row of the snapshot (of `tables`) was sent; streaming follows
+    /// from `lsn`.
+    SnapshotDone { lsn: u64, tables: Vec<String> },
     /// A heartbeat with no transaction open: every transaction committing
     /// before `lsn` was sent.
     Idle { lsn: u64 },
+    /// A snapshot of some tables alone begins (the position stays).
+    SyncStart,
+    /// A row of it.
+    SyncRow { event: Box<Event> },
+    /// Those tables are copied as of `lsn` (`None`: there were none):
+    /// streaming resumes.
+    Synced {
+        lsn: Option<u64>,
+        tables: Vec<String>,
+    },
 }
 
 /// Groups the reader's messages into batches and stores them, each with
@@ -509,6 +645,12 @@ struct Batcher {
     /// The position stored last.
     saved: Option<Position>,
     feedback: Option<Arc<SharedLsnFeedback>>,
+    /// Carried in every streaming position (see [`Position::Stream`]).
+    tables: Option<BTreeSet<String>>,
+    synced_at: BTreeMap<String, u64>,
+    served: Option<String>,
+    /// The request this session acts on: served once its snapshot is in.
+    pending: Option<String>,
 }
 
 /// What is read and not stored yet.
@@ -581,12 +723,7 @@ impl Batcher {
                 ordinal,
             } => {
                 p.records.push(Record::Good(*event));
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn,
-                    commit_lsn,
-                    ordinal,
-                });
+                p.pos = Some(self.stream_pos(flush_lsn, commit_lsn, ordinal));
             }
             Msg::Commit {
                 commit_lsn,
@@ -596,12 +733,10 @@ impl Batcher {
             } => {
                 p.open = false;
                 p.commit_time = Some(time);
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn: end_lsn.max(flush_lsn),
-                    commit_lsn,
-                    ordinal,
-                });
+                let flush = end_lsn.max(flush_lsn);
+                // a table's snapshot LSN passed: nothing below it comes again
+                self.synced_at.retain(|_, at| *at > flush);
+                p.pos = Some(self.stream_pos(flush, commit_lsn, ordinal));
             }
             Msg::SnapshotStart { lsn } => {
                 p.open = true;
@@ -619,14 +754,35 @@ impl Batcher {
                     rows: n,
                 });
             }
-            Msg::SnapshotDone { lsn } => {
+            Msg::SnapshotDone { lsn, tables } => {
                 p.open = false;
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn: lsn,
-                    commit_lsn: lsn,
-                    ordinal: 0,
-                });
+                self.tables = Some(tables.into_iter().collect());
+                self.synced_at.clear();
+                self.served = self.pending.take().or(self.served.take());
+                p.pos = Some(self.stream_pos(lsn, lsn, 0));
+            }
+            Msg::SyncStart => p.open = true,
+            Msg::SyncRow { event } => p.records.push(Record::Good(*event)),
+            Msg::Synced { lsn, tables } => {
+                p.open = false;
+                if let Some(lsn) = lsn {
+                    for t in tables {
+                        if let Some(had) = self.tables.as_mut() {
+                            had.insert(t.clone());
+                        }
+                        self.synced_at.insert(t, lsn);
+                    }
+                }
+                self.served = self.pending.take().or(self.served.take());
+                if let Some(Position::Stream {
+                    flush_lsn,
+                    commit_lsn,
+                    ordinal,
+                    ..
+                }) = p.pos.clone()
+                {
+                    p.pos = Some(self.stream_pos(flush_lsn, commit_lsn, ordinal));
+                }
             }
             Msg::Idle { lsn } => {
                 if !p.open
@@ -635,16 +791,24 @@ impl Batcher {
                         commit_lsn,
                         ordinal,
                         ..
-                    }) = &p.pos
+                    }) = p.pos.clone()
                 {
-                    p.pos = Some(Position::Stream {
-                        slot: self.slot.clone(),
-                        flush_lsn: lsn,
-                        commit_lsn: *commit_lsn,
-                        ordinal: *ordinal,
-                    });
+                    self.synced_at.retain(|_, at| *at > lsn);
+                    p.pos = Some(self.stream_pos(lsn, commit_lsn, ordinal));
                 }
             }
+        }
+    }
+
+    fn stream_pos(&self, flush_lsn: u64, commit_lsn: u64, ordinal: u64) -> Position {
+        Position::Stream {
+            slot: self.slot.clone(),
+            flush_lsn,
+            commit_lsn,
+            ordinal,
+            tables: self.tables.clone(),
+            synced_at: self.synced_at.clone(),
+            served: self.served.clone(),
         }
     }
 
@@ -734,6 +898,15 @@ struct Reader {
     tx: mpsc::Sender<Msg>,
     /// What is stored already (a resumed stream).
     skip: Option<StreamPos>,
+    /// `schema.table` snapshotted alone at this LSN: its changes committing
+    /// below it are in the snapshot.
+    below: HashMap<String, u64>,
+    /// Tables to snapshot alone before streaming resumes.
+    sync: Vec<String>,
+    /// The published tables weft has rows of (`None`: not tracked); a
+    /// table joining the publication mid-stream restarts the session so
+    /// that it is snapshotted first.
+    known: Option<HashSet<String>>,
 }
 
 /// A token cancelled after `d` (or with `stop`): wakes the reader for a
@@ -787,6 +960,7 @@ impl Reader {
         let mut stream = match plan {
             Plan::Snapshot => self.snapshot(stream, &stop).await?,
             Plan::Resume { from } => {
+                self.sync_tables(&stop).await?;
                 let mut s = stream;
                 s.start(Some(from))
                     .await
@@ -831,6 +1005,7 @@ impl Reader {
             }
         };
         let lsn = snap.consistent_point().value();
+        let tables: Vec<String> = snap.tables().iter().map(|t| t.qualified_name()).collect();
         tracing::info!(
             system = %self.system, slot = %self.slot, lsn = %format_lsn(lsn),
             tables = snap.tables().len(), "postgres_cdc: initial snapshot"
@@ -865,7 +1040,8 @@ impl Reader {
             })
             .await?;
         }
-        self.send(Msg::SnapshotDone { lsn }).await?;
+        self.known = Some(tables.iter().cloned().collect());
+        self.send(Msg::SnapshotDone { lsn, tables }).await?;
         tracing::info!(system = %self.system, rows = n, "postgres_cdc: initial snapshot read");
         let mut stream = rows
             .finish()
@@ -942,6 +1118,16 @@ impl Reader {
                     columns,
                     ..
                 } => {
+                    let name = format!("{namespace}.{relation_name}");
+                    if let Some(known) = &self.known
+                        && !known.contains(&name)
+                    {
+                        // its rows before now are not in weft: snapshot it
+                        // alone (the next session), then stream it
+                        return Err(Failure::Retry(format!(
+                            "table `{name}` joined the publication; snapshotting it before streaming on"
+                        )));
+                    }
                     let cols: Vec<(String, u32, bool)> = columns
                         .iter()
                         .map(|c| (c.name.to_string(), c.type_id, c.is_key))
@@ -956,6 +1142,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let after = row_json(&rel, &data);
                     let event = self.event(
                         &rel,
@@ -979,6 +1168,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let full = replica_identity == ReplicaIdentity::Full;
                     let before = old_data.as_ref().map(|o| {
                         let mut m = row_json(&rel, o);
@@ -1021,6 +1213,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let mut before = row_json(&rel, &old_data);
                     if replica_identity != ReplicaIdentity::Full {
                         before.retain(|k, _| key_columns.iter().any(|c| c.as_ref() == k));
@@ -1054,6 +1249,9 @@ impl Reader {
                                     key: Vec::new(),
                                 }
                             });
+                        if self.in_sync(&rel, t.commit) {
+                            continue;
+                        }
                         let event = self.event(
                             &rel,
                             "t",
@@ -1069,6 +1267,114 @@ impl Reader {
                 _ => {}
             }
         }
+    }
+
+    /// Whether a change of `rel` committing at `commit` is in the table's
+    /// own snapshot (taken after it committed).
+    fn in_sync(&self, rel: &Rel, commit: u64) -> bool {
+        self.below
+            .get(&format!("{}.{}", rel.schema, rel.table))
+            .is_some_and(|at| commit < *at)
+    }
+
+    /// Copy the tables of `sync` alone, in the exported snapshot of a
+    /// temporary slot: consistent with the main slot's stream by LSN (their
+    /// changes committing below the temporary slot's consistent point are
+    /// in the copy and skipped when streamed; those at or after it are
+    /// not in it). The supabase/etl way, without a slot per table.
+    async fn sync_tables(&mut self, stop: &CancellationToken) -> Result<(), Failure> {
+        if self.sync.is_empty() {
+            return self
+                .send(Msg::Synced {
+                    lsn: None,
+                    tables: Vec::new(),
+                })
+                .await;
+        }
+        let mut name: String = self.slot.chars().take(MAX_SLOT - 5).collect();
+        name.push_str("_sync");
+        let cfg = ReplicationStreamConfig::builder(name, self.publication.clone())
+            .with_protocol_version(1)
+            .with_streaming_mode(StreamingMode::Off)
+            .with_connection_timeout(Duration::from_secs(10))
+            .with_slot_options(ReplicationSlotOptions {
+                temporary: true,
+                snapshot: Some("export".into()),
+                ..Default::default()
+            });
+        let connecting = LogicalReplicationStream::new(&self.url, cfg);
+        let stream = tokio::select! {
+            s = connecting => s.map_err(repl("cannot open a replication connection for a table snapshot"))?,
+            _ = stop.cancelled() => return Err(Failure::Shutdown),
+        };
+        let mut snap = match stream.snapshot().await.map_err(repl(
+            "cannot create the temporary slot for a table snapshot",
+        ))? {
+            SnapshotOutcome::Available(s) => s,
+            SnapshotOutcome::Unavailable(_) => {
+                return Err(Failure::Retry(
+                    "the temporary slot of a table snapshot exists already (a session ending)"
+                        .into(),
+                ));
+            }
+        };
+        let want: HashSet<String> = self.sync.iter().cloned().collect();
+        snap.retain_tables(|t| want.contains(&t.qualified_name()));
+        let tables: Vec<String> = snap.tables().iter().map(|t| t.qualified_name()).collect();
+        let lsn = snap.consistent_point().value();
+        tracing::info!(
+            system = %self.system, lsn = %format_lsn(lsn), tables = %tables.join(", "),
+            "postgres_cdc: snapshot of tables new to weft"
+        );
+        self.send(Msg::SyncStart).await?;
+        let mut rows = snap.with_cancellation(stop.clone()).rows();
+        let mut n = 0u64;
+        while let Some(row) = rows
+            .next_row()
+            .await
+            .map_err(repl("the table snapshot failed"))?
+        {
+            n += 1;
+            let rel = self.learn_info(&row.relation).await?;
+            let after = row_json(&rel, &row.data);
+            let event = self.event(
+                &rel,
+                "r",
+                None,
+                Some(after),
+                Vec::new(),
+                Meta {
+                    id: format!("snapshot@{}#{n}", format_lsn(lsn)),
+                    lsn,
+                    commit: lsn,
+                    ordinal: n,
+                    xid: None,
+                    time: None,
+                    snapshot: true,
+                },
+            );
+            self.send(Msg::SyncRow {
+                event: Box::new(event),
+            })
+            .await?;
+        }
+        // the temporary slot goes with its connection
+        drop(
+            rows.finish()
+                .await
+                .map_err(repl("cannot finish the table snapshot"))?,
+        );
+        // relations learned from the catalog: the stream describes them again
+        self.rels.clear();
+        for t in &tables {
+            self.below.insert(t.clone(), lsn);
+        }
+        tracing::info!(system = %self.system, rows = n, "postgres_cdc: table snapshot read");
+        self.send(Msg::Synced {
+            lsn: Some(lsn),
+            tables,
+        })
+        .await
     }
 
     /// The next change's ordinal in the open transaction, or `None` when
@@ -1362,6 +1668,9 @@ mod tests {
             flush_lsn: 0x16_B374_D848,
             commit_lsn: 0x16_B374_D800,
             ordinal: 2,
+            tables: None,
+            synced_at: BTreeMap::new(),
+            served: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(
@@ -1369,6 +1678,21 @@ mod tests {
             r#"{"phase":"stream","slot":"weft_a","flush_lsn":"16/B374D848","commit_lsn":"16/B374D800","ordinal":2}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), p);
+        let q = Position::Stream {
+            slot: "weft_a".into(),
+            flush_lsn: 0x20,
+            commit_lsn: 0x10,
+            ordinal: 0,
+            tables: Some(["public.a".to_owned(), "public.b".to_owned()].into()),
+            synced_at: [("public.b".to_owned(), 0x1_0000_0010)].into(),
+            served: Some("r1".into()),
+        };
+        let text = serde_json::to_string(&q).unwrap();
+        assert!(
+            text.contains(r#""synced_at":{"public.b":"1/10"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), q);
     }
 
     #[test]
