@@ -506,6 +506,31 @@ struct Pending {
 }
 
 impl Batcher {
+    /// A `weft cdc resnapshot` request made while streaming (looked at on
+    /// idle heartbeats): the session ends so that the next one acts on it.
+    async fn check_request(&self, ingest: &dyn Ingest) -> Result<(), Failure> {
+        let text = match ingest.checkpoint(RESNAPSHOT_KEY).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(system = %self.system, error = %e, "mysql_cdc: the resnapshot request not read");
+                return Ok(());
+            }
+        };
+        let Ok(r) = serde_json::from_str::<ResnapshotRequest>(&text) else {
+            return Ok(());
+        };
+        if self.served.as_deref() == Some(r.id.as_str())
+            || self.pending.as_deref() == Some(r.id.as_str())
+        {
+            return Ok(());
+        }
+        tracing::info!(system = %self.system, request = %r.id, "mysql_cdc: a new snapshot was requested; starting over to take it");
+        Err(Failure::Retry(
+            "a new snapshot was requested (`weft cdc resnapshot`)".into(),
+        ))
+    }
+
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
@@ -541,6 +566,9 @@ impl Batcher {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
+            if matches!(msg, Msg::Idle { .. }) {
+                self.check_request(ingest).await?;
+            }
             apply(&mut p, msg);
             if p.records.len() >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;

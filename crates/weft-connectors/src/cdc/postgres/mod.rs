@@ -116,8 +116,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 use pg_walstream::{
     ColumnValue, EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationError,
-    ReplicationSlotOptions, ReplicationStreamConfig, RowData, SharedLsnFeedback, SnapshotOutcome,
-    StreamingMode, format_lsn,
+    ReplicationStreamConfig, RowData, SharedLsnFeedback, SnapshotOutcome, StreamingMode,
+    format_lsn,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -696,6 +696,9 @@ impl Batcher {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
+            if matches!(msg, Msg::Idle { .. }) {
+                self.check_request(ingest).await?;
+            }
             self.apply(&mut p, msg);
             if p.records.len() >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;
@@ -810,6 +813,31 @@ impl Batcher {
             synced_at: self.synced_at.clone(),
             served: self.served.clone(),
         }
+    }
+
+    /// A `weft cdc resnapshot` request made while streaming (looked at on
+    /// idle heartbeats): the session ends so that the next one acts on it.
+    async fn check_request(&self, ingest: &dyn Ingest) -> Result<(), Failure> {
+        let text = match ingest.checkpoint(RESNAPSHOT_KEY).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(system = %self.system, error = %e, "postgres_cdc: the resnapshot request not read");
+                return Ok(());
+            }
+        };
+        let Ok(r) = serde_json::from_str::<ResnapshotRequest>(&text) else {
+            return Ok(());
+        };
+        if self.served.as_deref() == Some(r.id.as_str())
+            || self.pending.as_deref() == Some(r.id.as_str())
+        {
+            return Ok(());
+        }
+        tracing::info!(system = %self.system, request = %r.id, "postgres_cdc: a new snapshot was requested; starting over to take it");
+        Err(Failure::Retry(
+            "a new snapshot was requested (`weft cdc resnapshot`)".into(),
+        ))
     }
 
     /// Store the pending records with their position; then confirm it.
@@ -1278,8 +1306,8 @@ impl Reader {
     }
 
     /// Copy the tables of `sync` alone, in the exported snapshot of a
-    /// temporary slot: consistent with the main slot's stream by LSN (their
-    /// changes committing below the temporary slot's consistent point are
+    /// second slot (`<slot>_sync`, dropped after): consistent with the main
+    /// slot's stream by LSN (their changes committing below its consistent point are
     /// in the copy and skipped when streamed; those at or after it are
     /// not in it). The supabase/etl way, without a slot per table.
     async fn sync_tables(&mut self, stop: &CancellationToken) -> Result<(), Failure> {
@@ -1293,29 +1321,28 @@ impl Reader {
         }
         let mut name: String = self.slot.chars().take(MAX_SLOT - 5).collect();
         name.push_str("_sync");
-        let cfg = ReplicationStreamConfig::builder(name, self.publication.clone())
+        // a slot of its own, only for its exported snapshot (pg_walstream
+        // refuses a temporary one there); one left by a crash is dropped
+        setup::drop_slot(&self.control, &self.system, &name).await?;
+        let cfg = ReplicationStreamConfig::builder(name.clone(), self.publication.clone())
             .with_protocol_version(1)
             .with_streaming_mode(StreamingMode::Off)
-            .with_connection_timeout(Duration::from_secs(10))
-            .with_slot_options(ReplicationSlotOptions {
-                temporary: true,
-                snapshot: Some("export".into()),
-                ..Default::default()
-            });
+            .with_connection_timeout(Duration::from_secs(10));
         let connecting = LogicalReplicationStream::new(&self.url, cfg);
         let stream = tokio::select! {
             s = connecting => s.map_err(repl("cannot open a replication connection for a table snapshot"))?,
             _ = stop.cancelled() => return Err(Failure::Shutdown),
         };
-        let mut snap = match stream.snapshot().await.map_err(repl(
-            "cannot create the temporary slot for a table snapshot",
-        ))? {
+        let mut snap = match stream
+            .snapshot()
+            .await
+            .map_err(repl("cannot create the slot for a table snapshot"))?
+        {
             SnapshotOutcome::Available(s) => s,
             SnapshotOutcome::Unavailable(_) => {
-                return Err(Failure::Retry(
-                    "the temporary slot of a table snapshot exists already (a session ending)"
-                        .into(),
-                ));
+                return Err(Failure::Retry(format!(
+                    "replication slot `{name}` appeared before its snapshot could be taken"
+                )));
             }
         };
         let want: HashSet<String> = self.sync.iter().cloned().collect();
@@ -1358,12 +1385,12 @@ impl Reader {
             })
             .await?;
         }
-        // the temporary slot goes with its connection
         drop(
             rows.finish()
                 .await
                 .map_err(repl("cannot finish the table snapshot"))?,
         );
+        setup::drop_slot(&self.control, &self.system, &name).await?;
         // relations learned from the catalog: the stream describes them again
         self.rels.clear();
         for t in &tables {
