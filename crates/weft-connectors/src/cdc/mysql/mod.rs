@@ -13,7 +13,7 @@
 //! | none, or an unfinished snapshot | (`snapshot: initial`) a consistent snapshot transaction; its binlog position (MariaDB: `binlog_snapshot_file`/`_position`, no lock; MySQL: read under `FLUSH TABLES WITH READ LOCK`, released at once); the tables copied in it (`op: r`); then the stream from that position: no gap, no overlap |
 //! | none | (`snapshot: never`) the stream from the binlog's current end (`SHOW MASTER STATUS`) |
 //! | streaming, at `file:pos` | resume: the stream from `file:pos`; of the transaction starting there, the changes up to the saved `ordinal` are skipped |
-//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset) | changes may be lost: the source stops with the reason (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
+//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset) | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
 //!
 //! A crash during the snapshot copies it again from the start (its rows
 //! come again, with the new snapshot's position in their ids).
@@ -102,8 +102,10 @@
 //! ## Not (yet) here
 //! GTID resume (`@slave_connect_state`), XA transactions, compressed binlog
 //! events (MariaDB `log_bin_compress`), TLS, tables added to `tables`
-//! later are streamed but not snapshotted, no `weft cdc resnapshot` command
-//! (`on_position_lost: resnapshot` is the way out).
+//! later are streamed but not snapshotted (`weft cdc resnapshot` copies
+//! every table again: a request ([`super::RESNAPSHOT_KEY`]) read at each
+//! start and idle heartbeat, served with the new snapshot's first
+//! streaming position).
 
 pub mod config;
 pub mod decode;

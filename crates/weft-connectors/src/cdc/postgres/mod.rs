@@ -14,7 +14,9 @@
 //! | none, or an unfinished snapshot | any | (`snapshot: initial`) the slot is dropped if there, created again exporting its snapshot, the published tables are copied in that snapshot (`op: r`), then the stream starts at the slot's consistent point: no gap, no overlap |
 //! | none | there / absent | (`snapshot: never`) stream from the slot's position / from a new slot's |
 //! | streaming, at `flush_lsn` | there, not ahead of it | resume: `START_REPLICATION` at `flush_lsn`; changes at or before the saved `(commit_lsn, tx_ordinal)` are skipped |
-//! | streaming | gone, `lost`, or confirmed past `flush_lsn` (recreated, or used by another consumer) | changes may be lost: the source stops with the reason (`on_slot_lost: fail`), or drops the slot and snapshots again (`resnapshot`) |
+//! | streaming | gone, `lost`, or confirmed past `flush_lsn` (recreated, or used by another consumer) | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_slot_lost: fail`), or drops the slot and snapshots again (`resnapshot`) |
+//! | any, with a whole `weft cdc resnapshot` request pending | any | the slot is dropped and the initial snapshot taken again |
+//! | streaming, a published table not in the position's `tables` (added to the config or the publication), or named by a `--tables` request | there | that table alone is copied in the snapshot of a second slot (`<slot>_sync`, dropped after) and its streamed changes committing below that snapshot's LSN are skipped; then resume as above |
 //!
 //! A crash during the snapshot copies it again from the start, with a new
 //! slot (its rows come again, as `op: r` with the new snapshot's LSN):
@@ -98,10 +100,16 @@
 //! change; the types of new columns are read from the catalog and decoding
 //! follows. The new field is recorded as drift by the runtime.
 //!
+//! A table that joins the publication while weft streams (its `Relation`
+//! arrives, it is not in `tables`) ends the session: the next one copies
+//! it alone first. A `weft cdc resnapshot` request
+//! ([`super::RESNAPSHOT_KEY`]) is read at each start and at idle
+//! heartbeats; it is served when a position naming its id is committed
+//! with the snapshot's last rows.
+//!
 //! ## Not (yet) here
-//! Tables added to an existing publication are streamed from then on but
-//! not snapshotted; no one-event-per-transaction mode; no `weft cdc
-//! resnapshot` command (`on_slot_lost: resnapshot` is the way out).
+//! No one-event-per-transaction mode; a table that leaves the publication
+//! while weft streams and joins it again is not copied again.
 
 pub mod config;
 pub mod decode;
