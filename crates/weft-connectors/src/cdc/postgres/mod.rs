@@ -1731,6 +1731,87 @@ mod tests {
     }
 
     #[test]
+    fn a_table_sync_is_saved_with_its_lsn_until_the_stream_passes_it() {
+        let saved = Position::Stream {
+            slot: "s".into(),
+            flush_lsn: 100,
+            commit_lsn: 90,
+            ordinal: 2,
+            tables: Some(["public.a".to_owned()].into()),
+            synced_at: BTreeMap::new(),
+            served: None,
+        };
+        let mut b = Batcher {
+            system: "x".into(),
+            slot: "s".into(),
+            batch_size: 10,
+            saved: Some(saved.clone()),
+            feedback: None,
+            tables: Some(["public.a".to_owned()].into()),
+            synced_at: BTreeMap::new(),
+            served: None,
+            pending: Some("r1".into()),
+        };
+        let mut p = Pending {
+            pos: Some(saved),
+            ..Default::default()
+        };
+        b.apply(&mut p, Msg::SyncStart);
+        assert!(p.open, "not a point to stop at during the copy");
+        b.apply(
+            &mut p,
+            Msg::Synced {
+                lsn: Some(500),
+                tables: vec!["public.b".into()],
+            },
+        );
+        let Some(Position::Stream {
+            flush_lsn,
+            tables,
+            synced_at,
+            served,
+            ..
+        }) = p.pos.clone()
+        else {
+            panic!("a streaming position");
+        };
+        assert_eq!(flush_lsn, 100, "the stream resumes where it was");
+        assert_eq!(
+            tables,
+            Some(["public.a".to_owned(), "public.b".to_owned()].into())
+        );
+        assert_eq!(synced_at, BTreeMap::from([("public.b".to_owned(), 500)]));
+        assert_eq!(
+            served.as_deref(),
+            Some("r1"),
+            "the request is served with it"
+        );
+        let commit = |b: &mut Batcher, p: &mut Pending, at: u64| {
+            b.apply(p, Msg::Begin);
+            b.apply(
+                p,
+                Msg::Commit {
+                    commit_lsn: at,
+                    end_lsn: at + 8,
+                    ordinal: 1,
+                    time: Utc::now(),
+                },
+            );
+        };
+        commit(&mut b, &mut p, 300);
+        assert!(
+            matches!(&p.pos, Some(Position::Stream { synced_at, .. }) if synced_at.len() == 1),
+            "below the copy's LSN: kept"
+        );
+        commit(&mut b, &mut p, 600);
+        assert!(
+            matches!(&p.pos, Some(Position::Stream { synced_at, served, .. })
+                if synced_at.is_empty() && served.as_deref() == Some("r1")),
+            "past it: gone; the served request stays"
+        );
+    }
+
+    #[test]
     fn the_replication_url_asks_for_a_database_replication_session() {
         assert_eq!(
             replication_url("postgresql://u@h/db"),
