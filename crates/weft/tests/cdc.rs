@@ -981,8 +981,8 @@ async fn restarting_writer(url: String, w: i32, stop: Arc<std::sync::atomic::Ato
 }
 
 /// Guarantee: a restart of PostgreSQL itself mid-stream (twice: `fast`,
-/// then `immediate`, which leaves the slot's saved position behind what
-/// weft confirmed) under concurrent writers loses and repeats nothing:
+/// then `immediate`, after which the slot's position is what its last
+/// checkpoint saved, possibly behind what weft confirmed) under concurrent writers loses and repeats nothing:
 /// one idempotency key per `(commit_lsn, tx_ordinal)`, never an older
 /// change of a key after a newer, each row's `v` seen 0, 1, 2, ... with
 /// no gap or repeat, and the table rebuilt from the changes equals the
