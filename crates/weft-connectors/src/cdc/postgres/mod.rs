@@ -433,6 +433,8 @@ impl PgCdcSource {
         )
         .await?;
         let db = setup::database(&control).await?;
+        // a table sync's slot left by a crash would hold WAL forever
+        setup::drop_slot(&control, &self.system, &sync_slot(&self.cfg.slot)).await?;
         let request = self.request(ingest.as_ref(), saved.as_ref()).await?;
         let (plan, skip) = self
             .plan(&control, &db, saved.clone(), request.as_ref())
@@ -583,6 +585,13 @@ impl Source for PgCdcSource {
             }
         })
     }
+}
+
+/// The slot of a per-table sync (created for its snapshot, then dropped).
+fn sync_slot(slot: &str) -> String {
+    let mut name: String = slot.chars().take(MAX_SLOT - 5).collect();
+    name.push_str("_sync");
+    name
 }
 
 /// `url` as a replication connection's.
@@ -1327,11 +1336,10 @@ impl Reader {
                 })
                 .await;
         }
-        let mut name: String = self.slot.chars().take(MAX_SLOT - 5).collect();
-        name.push_str("_sync");
+        let name = sync_slot(&self.slot);
         // a slot of its own, only for its exported snapshot (pg_walstream
         // refuses a temporary one there); one left by a crash is dropped
-        setup::drop_slot(&self.control, &self.system, &name).await?;
+        // at every session start
         let cfg = ReplicationStreamConfig::builder(name.clone(), self.publication.clone())
             .with_protocol_version(1)
             .with_streaming_mode(StreamingMode::Off)
