@@ -63,6 +63,10 @@ impl Ingest for Mem {
         })
     }
     fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+        if key == weft_connectors::cdc::RESNAPSHOT_KEY {
+            // no `weft cdc resnapshot` request here (crates/weft/tests/cdc.rs has them)
+            return Box::pin(async { Ok(None) });
+        }
         assert_eq!(key, CHECKPOINT_KEY);
         let v = self.checkpoint.lock().unwrap().clone();
         Box::pin(async move { Ok(v) })

@@ -1,6 +1,7 @@
 //! The `weft` binary: parses the command line and wires the library crates
 //! together. No business logic lives here.
 
+mod cdc;
 mod contract;
 mod crosswalk;
 mod dlq;
@@ -121,6 +122,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: identity::MatchesCmd,
     },
+    /// Change data capture sources: take a new snapshot.
+    Cdc {
+        #[command(subcommand)]
+        cmd: cdc::CdcCmd,
+    },
     /// List the schema drift seen on the sources.
     Drift {
         #[command(subcommand)]
@@ -176,6 +182,7 @@ fn main() -> ExitCode {
         Cmd::Map { cmd } => maptest::map(cmd),
         Cmd::Crosswalk { cmd } => crosswalk::crosswalk(cmd),
         Cmd::Drift { cmd } => drift::drift(cmd),
+        Cmd::Cdc { cmd } => cdc::cdc(cmd),
         Cmd::Xref { cmd } => identity::xref(cmd),
         Cmd::History {
             cfg,

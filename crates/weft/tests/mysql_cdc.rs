@@ -349,3 +349,187 @@ flows:
     drop(c);
     drop(cleanup);
 }
+
+/// `(op, id)` of every line, in file order.
+fn ops(out: &std::path::Path) -> Vec<(String, i64)> {
+    jsonl_lines(out)
+        .iter()
+        .map(|l| {
+            let d = &l["data"];
+            let row = if d["after"].is_null() {
+                &d["before"]
+            } else {
+                &d["after"]
+            };
+            (
+                d["op"].as_str().unwrap_or("").to_owned(),
+                row["id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
+/// Regression for the way out of a purged binlog: a saved position in a
+/// binlog the server no longer has stops the source with an error naming
+/// `weft cdc resnapshot`; the command, beside the running hub, makes the
+/// restarted source copy every table again (the change made meanwhile
+/// included) and stream from there; a later restart does not copy again.
+/// (The shared server's binlogs are not purged by a test: the store's
+/// position is moved to a file older than every file it has, which is what
+/// a purge leaves.)
+#[test]
+fn a_purged_binlog_stops_the_source_and_cdc_resnapshot_recovers_every_row() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
+        Ok(c) => c,
+        Err(e) => {
+            if ci() {
+                panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!(
+                "!!!!!! SKIPPING MariaDB resnapshot test: {ADMIN_URL} is not reachable: {e} !!!!!!"
+            );
+            return;
+        }
+    };
+    let suffix = unique_suffix();
+    let db = format!("weft_cdc_resnap_{suffix}");
+    rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let mut c = rt.block_on(Conn::from_url(url.as_str())).unwrap();
+    rt.block_on(c.query_drop(
+        "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB;
+         INSERT INTO items SELECT seq, 0 FROM seq_1_to_10",
+    ))
+    .unwrap();
+    let server_id = 1_000_000 + (u64::from_str_radix(&suffix[8..], 16).unwrap() % 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      mysql_cdc:
+        url: {url}
+        tables: [items]
+        server_id: {server_id}
+        heartbeat: 200ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+flows:
+  changes:
+    from: legacy
+    to: [out]
+"#
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let snapshots = || ops(&out).iter().filter(|(o, _)| o == "r").count();
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(20), "the initial snapshot", || {
+        snapshots() == 10
+    });
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (11, 0)"))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "a streamed insert", || {
+        ops(&out).contains(&("c".into(), 11))
+    });
+    assert!(hub.stop().success());
+
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (12, 0)"))
+        .unwrap();
+    {
+        let store = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+        let text: String = store
+            .query_row(
+                "SELECT value FROM checkpoints WHERE source = 'legacy' AND key = 'mysql_cdc_position'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let mut cp: Value = serde_json::from_str(&text).unwrap();
+        let file = cp["file"].as_str().unwrap().to_owned();
+        cp["file"] = Value::String(format!("{}.000000", file.rsplit_once('.').unwrap().0));
+        store
+            .execute(
+                "UPDATE checkpoints SET value = ?1 WHERE source = 'legacy' AND key = 'mysql_cdc_position'",
+                [cp.to_string()],
+            )
+            .unwrap();
+    }
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(10), "the loud error", || {
+        hub.log_text().contains("weft cdc resnapshot")
+    });
+    assert!(hub.log_text().contains("purged"), "{}", hub.log_text());
+    assert_eq!(snapshots(), 10, "nothing snapshotted silently");
+    let cmd = weft_cmd(
+        dir.path(),
+        &["cdc", "resnapshot", "-c", "weft.yaml", "legacy"],
+    );
+    assert!(
+        cmd.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmd.stderr)
+    );
+    let tables = weft_cmd(
+        dir.path(),
+        &[
+            "cdc",
+            "resnapshot",
+            "-c",
+            "weft.yaml",
+            "legacy",
+            "--tables",
+            "items",
+        ],
+    );
+    assert!(
+        !tables.status.success(),
+        "--tables is refused for mysql_cdc"
+    );
+    wait_for(Duration::from_secs(30), "the new snapshot", || {
+        snapshots() == 10 + 12
+    });
+    let second: Vec<i64> = ops(&out)
+        .iter()
+        .filter(|(o, _)| o == "r")
+        .skip(10)
+        .map(|(_, id)| *id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        second,
+        (1..=12).collect::<Vec<_>>(),
+        "every current row once"
+    );
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (13, 0)"))
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "streaming after the resnapshot",
+        || ops(&out).contains(&("c".into(), 13)),
+    );
+    assert!(hub.stop().success());
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    rt.block_on(c.query_drop("UPDATE items SET v = 1 WHERE id = 13"))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "streaming after a restart", || {
+        ops(&out).contains(&("u".into(), 13))
+    });
+    assert_eq!(snapshots(), 22, "no snapshot at the restart");
+    assert!(hub.stop().success());
+    drop(c);
+    drop(cleanup);
+}

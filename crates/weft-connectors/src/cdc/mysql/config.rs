@@ -33,8 +33,9 @@ pub struct RawMyCdc {
     pub snapshot: Option<SnapshotMode>,
     /// When the binlog weft would resume from is gone (purged) or behind
     /// the saved position (the server's binlog was reset): `fail` (default:
-    /// the source stops with the reason) or `resnapshot` (a new initial
-    /// snapshot, then the stream from its position).
+    /// the source stops with the reason; `weft cdc resnapshot` is the way
+    /// out) or `resnapshot` (a new initial snapshot at once, then the
+    /// stream from its position).
     pub on_position_lost: Option<OnPositionLost>,
     /// Changes per store commit at most (default 2000). A transaction
     /// bigger than this is committed in parts; small ones are grouped.

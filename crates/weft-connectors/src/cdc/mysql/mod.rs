@@ -13,7 +13,7 @@
 //! | none, or an unfinished snapshot | (`snapshot: initial`) a consistent snapshot transaction; its binlog position (MariaDB: `binlog_snapshot_file`/`_position`, no lock; MySQL: read under `FLUSH TABLES WITH READ LOCK`, released at once); the tables copied in it (`op: r`); then the stream from that position: no gap, no overlap |
 //! | none | (`snapshot: never`) the stream from the binlog's current end (`SHOW MASTER STATUS`) |
 //! | streaming, at `file:pos` | resume: the stream from `file:pos`; of the transaction starting there, the changes up to the saved `ordinal` are skipped |
-//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset) | changes may be lost: the source stops with the reason (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
+//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset) | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
 //!
 //! A crash during the snapshot copies it again from the start (its rows
 //! come again, with the new snapshot's position in their ids).
@@ -102,8 +102,10 @@
 //! ## Not (yet) here
 //! GTID resume (`@slave_connect_state`), XA transactions, compressed binlog
 //! events (MariaDB `log_bin_compress`), TLS, tables added to `tables`
-//! later are streamed but not snapshotted, no `weft cdc resnapshot` command
-//! (`on_position_lost: resnapshot` is the way out).
+//! later are streamed but not snapshotted (`weft cdc resnapshot` copies
+//! every table again: a request ([`super::RESNAPSHOT_KEY`]) read at each
+//! start and idle heartbeat, served with the new snapshot's first
+//! streaming position).
 
 pub mod config;
 pub mod decode;
@@ -131,6 +133,7 @@ use config::{OnPositionLost, SnapshotMode};
 use decode::Kind;
 use setup::{Server, SetupError, TableInfo};
 
+use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
 };
@@ -165,6 +168,9 @@ pub enum Position {
         ordinal: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gtid: Option<String>,
+        /// The last `weft cdc resnapshot` request acted on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<String>,
     },
 }
 
@@ -245,6 +251,27 @@ impl MyCdcSource {
             .map_err(|e| Failure::Fatal(format!("the saved position `{text}` is not valid: {e}")))
     }
 
+    /// A `weft cdc resnapshot` request not acted on yet.
+    async fn request(
+        &self,
+        ingest: &dyn Ingest,
+        saved: Option<&Position>,
+    ) -> Result<Option<ResnapshotRequest>, Failure> {
+        let text = ingest
+            .checkpoint(RESNAPSHOT_KEY)
+            .await
+            .map_err(|e| Failure::Fatal(format!("store error: {e}")))?;
+        let Some(text) = text else { return Ok(None) };
+        let r: ResnapshotRequest = serde_json::from_str(&text).map_err(|e| {
+            Failure::Fatal(format!("the resnapshot request `{text}` is not valid: {e}"))
+        })?;
+        let served = match saved {
+            Some(Position::Stream { served, .. }) => served.as_deref(),
+            _ => None,
+        };
+        Ok((served != Some(r.id.as_str())).then_some(r))
+    }
+
     /// Where to start, given what was saved and what the server has.
     async fn plan(&self, control: &mut Conn, saved: Option<&Position>) -> Result<Plan, Failure> {
         if let Some(Position::Stream {
@@ -290,7 +317,9 @@ impl MyCdcSource {
         if self.cfg.on_position_lost == OnPositionLost::Fail {
             return Err(Failure::Fatal(format!(
                 "{why}: the changes after {file}:{pos} may be lost. To start over with a new \
-                 initial snapshot, set `on_position_lost: resnapshot`"
+                 initial snapshot, run `weft cdc resnapshot -c <config> {}` (the hub need not be \
+                 stopped), or set `on_position_lost: resnapshot`",
+                self.system
             )));
         }
         tracing::warn!(system = %self.system, reason = %why, "mysql_cdc: position lost; taking a new snapshot");
@@ -320,7 +349,14 @@ impl MyCdcSource {
                 }
             }
         }
-        let plan = self.plan(&mut control, saved.as_ref()).await?;
+        let request = self.request(ingest.as_ref(), saved.as_ref()).await?;
+        let plan = match &request {
+            Some(r) => {
+                tracing::warn!(system = %self.system, request = %r.id, "mysql_cdc: a new snapshot was requested (`weft cdc resnapshot`); copying every table again");
+                Plan::Snapshot
+            }
+            None => self.plan(&mut control, saved.as_ref()).await?,
+        };
         let resumed = matches!(plan, Plan::Resume { .. });
         let (tx, rx) = mpsc::channel(CHANNEL);
         let stop = shutdown.child_token();
@@ -345,6 +381,11 @@ impl MyCdcSource {
         let mut batcher = Batcher {
             system: self.system.clone(),
             batch_size: self.cfg.batch_size,
+            served: match &saved {
+                Some(Position::Stream { served, .. }) => served.clone(),
+                _ => None,
+            },
+            pending: request.map(|r| r.id),
             saved: if resumed { saved } else { None },
         };
         let stored = batcher.run(rx, ingest.as_ref(), shutdown).await;
@@ -443,6 +484,8 @@ struct Batcher {
     batch_size: usize,
     /// The position stored last.
     saved: Option<Position>,
+    served: Option<String>,
+    pending: Option<String>,
 }
 
 /// What is read and not stored yet.
@@ -458,9 +501,38 @@ struct Pending {
     ts: Option<DateTime<Utc>>,
     /// The last transaction's GTID.
     gtid: Option<String>,
+    /// The request acted on last (carried in every streaming position).
+    served: Option<String>,
+    /// The request this session acts on: served once its snapshot is in.
+    pending: Option<String>,
 }
 
 impl Batcher {
+    /// A `weft cdc resnapshot` request made while streaming (looked at on
+    /// idle heartbeats): the session ends so that the next one acts on it.
+    async fn check_request(&self, ingest: &dyn Ingest) -> Result<(), Failure> {
+        let text = match ingest.checkpoint(RESNAPSHOT_KEY).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(system = %self.system, error = %e, "mysql_cdc: the resnapshot request not read");
+                return Ok(());
+            }
+        };
+        let Ok(r) = serde_json::from_str::<ResnapshotRequest>(&text) else {
+            return Ok(());
+        };
+        if self.served.as_deref() == Some(r.id.as_str())
+            || self.pending.as_deref() == Some(r.id.as_str())
+        {
+            return Ok(());
+        }
+        tracing::info!(system = %self.system, request = %r.id, "mysql_cdc: a new snapshot was requested; starting over to take it");
+        Err(Failure::Retry(
+            "a new snapshot was requested (`weft cdc resnapshot`)".into(),
+        ))
+    }
+
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
@@ -473,6 +545,8 @@ impl Batcher {
                 Some(Position::Stream { gtid, .. }) => gtid.clone(),
                 _ => None,
             },
+            served: self.served.clone(),
+            pending: self.pending.clone(),
             ..Default::default()
         };
         loop {
@@ -494,6 +568,9 @@ impl Batcher {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
+            if matches!(msg, Msg::Idle { .. }) {
+                self.check_request(ingest).await?;
+            }
             apply(&mut p, msg);
             if p.records.len() >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;
@@ -561,6 +638,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal,
                 gtid: p.gtid.clone(),
+                served: p.served.clone(),
             });
         }
         Msg::Commit {
@@ -581,6 +659,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal: 0,
                 gtid: p.gtid.clone(),
+                served: p.served.clone(),
             });
         }
         Msg::SnapshotStart { file, pos } => {
@@ -598,11 +677,15 @@ fn apply(p: &mut Pending, msg: Msg) {
         }
         Msg::SnapshotDone { file, pos } => {
             p.open = false;
+            if let Some(id) = p.pending.take() {
+                p.served = Some(id);
+            }
             p.pos = Some(Position::Stream {
                 file,
                 pos,
                 ordinal: 0,
                 gtid: None,
+                served: p.served.clone(),
             });
         }
         Msg::Idle { file, pos } => {
@@ -622,6 +705,7 @@ fn apply(p: &mut Pending, msg: Msg) {
                     pos,
                     ordinal: 0,
                     gtid: p.gtid.clone(),
+                    served: p.served.clone(),
                 });
             }
         }
@@ -1519,7 +1603,8 @@ fn stream_error(e: mysql_async::Error, file: &str, pos: u64) -> Failure {
             Failure::Fatal(format!(
                 "the server cannot send the binlog from {file}:{pos}: {message}. The binlog may \
                  have been purged: the changes after it may be lost. To start over with a new \
-                 initial snapshot, set `on_position_lost: resnapshot`"
+                 initial snapshot, run `weft cdc resnapshot -c <config> <system>` (the hub need \
+                 not be stopped), or set `on_position_lost: resnapshot`"
             ))
         }
         mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1227 | 1142) => Failure::Fatal(
@@ -1548,6 +1633,7 @@ mod tests {
             pos: 1234,
             ordinal: 2,
             gtid: Some("0-1-57".into()),
+            served: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(

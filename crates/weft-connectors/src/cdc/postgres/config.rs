@@ -23,7 +23,9 @@ pub struct RawPgCdc {
     pub url: Secret,
     /// Tables to capture, `schema.table` or `table` (schema `public`). A
     /// publication that does not exist is created `FOR TABLE` these;
-    /// required then. An existing publication is used as it is.
+    /// required then. One listed here and missing from an existing
+    /// publication is added to it (and copied alone at that start); tables
+    /// the publication has beyond these are kept.
     #[serde(default)]
     pub tables: Vec<String>,
     /// Publication name (default `weft_<system>`).
@@ -38,7 +40,8 @@ pub struct RawPgCdc {
     pub snapshot: Option<SnapshotMode>,
     /// When the slot is gone or invalidated while weft has a saved position
     /// (changes may have been lost): `fail` (default: the source stops with
-    /// the reason) or `resnapshot` (a new slot and a new initial snapshot).
+    /// the reason; `weft cdc resnapshot` is the way out) or `resnapshot` (a
+    /// new slot and a new initial snapshot at once).
     pub on_slot_lost: Option<OnSlotLost>,
     /// Changes per store commit at most (default 2000). A transaction
     /// bigger than this is committed in parts; small ones are grouped.

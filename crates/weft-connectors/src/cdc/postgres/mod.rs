@@ -14,7 +14,9 @@
 //! | none, or an unfinished snapshot | any | (`snapshot: initial`) the slot is dropped if there, created again exporting its snapshot, the published tables are copied in that snapshot (`op: r`), then the stream starts at the slot's consistent point: no gap, no overlap |
 //! | none | there / absent | (`snapshot: never`) stream from the slot's position / from a new slot's |
 //! | streaming, at `flush_lsn` | there, not ahead of it | resume: `START_REPLICATION` at `flush_lsn`; changes at or before the saved `(commit_lsn, tx_ordinal)` are skipped |
-//! | streaming | gone, `lost`, or confirmed past `flush_lsn` (recreated, or used by another consumer) | changes may be lost: the source stops with the reason (`on_slot_lost: fail`), or drops the slot and snapshots again (`resnapshot`) |
+//! | streaming | gone, `lost`, or confirmed past `flush_lsn` (recreated, or used by another consumer) | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_slot_lost: fail`), or drops the slot and snapshots again (`resnapshot`) |
+//! | any, with a whole `weft cdc resnapshot` request pending | any | the slot is dropped and the initial snapshot taken again |
+//! | streaming, a published table not in the position's `tables` (added to the config or the publication), or named by a `--tables` request | there | that table alone is copied in the snapshot of a second slot (`<slot>_sync`, dropped after) and its streamed changes committing below that snapshot's LSN are skipped; then resume as above |
 //!
 //! A crash during the snapshot copies it again from the start, with a new
 //! slot (its rows come again, as `op: r` with the new snapshot's LSN):
@@ -98,16 +100,22 @@
 //! change; the types of new columns are read from the catalog and decoding
 //! follows. The new field is recorded as drift by the runtime.
 //!
+//! A table that joins the publication while weft streams (its `Relation`
+//! arrives, it is not in `tables`) ends the session: the next one copies
+//! it alone first. A `weft cdc resnapshot` request
+//! ([`super::RESNAPSHOT_KEY`]) is read at each start and at idle
+//! heartbeats; it is served when a position naming its id is committed
+//! with the snapshot's last rows.
+//!
 //! ## Not (yet) here
-//! Tables added to an existing publication are streamed from then on but
-//! not snapshotted; no one-event-per-transaction mode; no `weft cdc
-//! resnapshot` command (`on_slot_lost: resnapshot` is the way out).
+//! No one-event-per-transaction mode; a table that leaves the publication
+//! while weft streams and joins it again is not copied again.
 
 pub mod config;
 pub mod decode;
 mod setup;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,6 +138,7 @@ use config::{OnSlotLost, SnapshotMode};
 use decode::{Kind, PgType};
 use setup::SetupError;
 
+use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError};
 
 /// Checkpoint key of the position.
@@ -143,6 +152,8 @@ pub const SLOT_LAG_BYTES: &str = "weft_cdc_slot_lag_bytes";
 pub const LAG_SECONDS: &str = "weft_cdc_lag_seconds";
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest slot name, in bytes (ASCII: validated).
+const MAX_SLOT: usize = 63;
 /// Messages between the replication reader and the batcher.
 const CHANNEL: usize = 4096;
 
@@ -168,7 +179,41 @@ pub enum Position {
         #[serde(with = "lsn_text")]
         commit_lsn: u64,
         ordinal: u64,
+        /// The published tables whose rows weft has (snapshotted, or
+        /// streamed from their start); a published table not in it is
+        /// snapshotted alone at the next start. `None`: a position saved
+        /// before weft kept it (every published table is taken as had).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tables: Option<BTreeSet<String>>,
+        /// Tables snapshotted alone, with their snapshot's LSN: their
+        /// streamed changes committing below it are in the snapshot and
+        /// skipped. Dropped once `flush_lsn` passes it.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "lsn_map")]
+        synced_at: BTreeMap<String, u64>,
+        /// The last `weft cdc resnapshot` request acted on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<String>,
     },
+}
+
+mod lsn_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<String, u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, pg_walstream::format_lsn(*v))))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+        let m = BTreeMap::<String, String>::deserialize(d)?;
+        m.into_iter()
+            .map(|(k, v)| {
+                pg_walstream::parse_lsn(&v)
+                    .map(|l| (k, l))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
 }
 
 mod lsn_text {
@@ -264,12 +309,34 @@ impl PgCdcSource {
         Ok(Some(pos))
     }
 
+    /// A `weft cdc resnapshot` request not acted on yet.
+    async fn request(
+        &self,
+        ingest: &dyn Ingest,
+        saved: Option<&Position>,
+    ) -> Result<Option<ResnapshotRequest>, Failure> {
+        let text = ingest
+            .checkpoint(RESNAPSHOT_KEY)
+            .await
+            .map_err(|e| Failure::Fatal(format!("store error: {e}")))?;
+        let Some(text) = text else { return Ok(None) };
+        let r: ResnapshotRequest = serde_json::from_str(&text).map_err(|e| {
+            Failure::Fatal(format!("the resnapshot request `{text}` is not valid: {e}"))
+        })?;
+        let served = match saved {
+            Some(Position::Stream { served, .. }) => served.as_deref(),
+            _ => None,
+        };
+        Ok((served != Some(r.id.as_str())).then_some(r))
+    }
+
     /// What to do with the slot, given what was saved.
     async fn plan(
         &self,
         control: &Client,
         db: &str,
         saved: Option<Position>,
+        request: Option<&ResnapshotRequest>,
     ) -> Result<(Plan, Option<StreamPos>), Failure> {
         let name = &self.cfg.slot;
         let info = setup::slot(control, name).await?;
@@ -281,6 +348,13 @@ impl PgCdcSource {
                  (plugin {:?}, database {:?}); name another `slot`",
                 i.plugin, i.database
             )));
+        }
+        if let Some(r) = request.filter(|r| r.tables.is_empty()) {
+            tracing::warn!(system = %self.system, slot = %name, request = %r.id, "postgres_cdc: a new snapshot was requested (`weft cdc resnapshot`); dropping the slot and copying every table again");
+            if info.is_some() {
+                setup::drop_slot(control, &self.system, name).await?;
+            }
+            return Ok((Plan::Snapshot, None));
         }
         let stream_pos = match saved {
             Some(Position::Stream {
@@ -314,8 +388,10 @@ impl PgCdcSource {
             if self.cfg.on_slot_lost == OnSlotLost::Fail {
                 return Err(Failure::Fatal(format!(
                     "replication slot `{name}` {why}: changes after {} may be lost. \
-                     To start over with a new initial snapshot, set `on_slot_lost: resnapshot`",
-                    format_lsn(p.flush)
+                     To start over with a new initial snapshot, run `weft cdc resnapshot -c <config> {}` \
+                     (the hub need not be stopped), or set `on_slot_lost: resnapshot`",
+                    format_lsn(p.flush),
+                    self.system
                 )));
             }
             tracing::warn!(system = %self.system, slot = %name, reason = %why, "postgres_cdc: slot lost; taking a new snapshot");
@@ -357,7 +433,55 @@ impl PgCdcSource {
         )
         .await?;
         let db = setup::database(&control).await?;
-        let (plan, skip) = self.plan(&control, &db, saved.clone()).await?;
+        // a table sync's slot left by a crash would hold WAL forever
+        setup::drop_slot(&control, &self.system, &sync_slot(&self.cfg.slot)).await?;
+        let request = self.request(ingest.as_ref(), saved.as_ref()).await?;
+        let (plan, skip) = self
+            .plan(&control, &db, saved.clone(), request.as_ref())
+            .await?;
+        // per-table sync: published tables weft has no rows of, and those
+        // a request names, are snapshotted alone before streaming resumes
+        let published: BTreeSet<String> =
+            setup::publication_tables(&control, &self.cfg.publication)
+                .await?
+                .into_iter()
+                .collect();
+        let (had, mut synced_at) = match &saved {
+            Some(Position::Stream {
+                tables, synced_at, ..
+            }) => (tables.clone(), synced_at.clone()),
+            _ => (None, BTreeMap::new()),
+        };
+        let mut sync: BTreeSet<String> = BTreeSet::new();
+        let mut tables = None;
+        if let Plan::Resume { .. } = plan {
+            let initial = self.cfg.snapshot == SnapshotMode::Initial;
+            let had: BTreeSet<String> = match had {
+                Some(h) if initial => h.intersection(&published).cloned().collect(),
+                // a position from before weft kept the set: every table is had
+                None if initial => published.clone(),
+                _ => BTreeSet::new(),
+            };
+            if initial {
+                sync.extend(published.difference(&had).cloned());
+                tables = Some(had);
+            }
+            if let Some(r) = &request {
+                for t in &r.tables {
+                    if published.contains(t) {
+                        sync.insert(t.clone());
+                    } else {
+                        tracing::warn!(system = %self.system, table = %t, "postgres_cdc: a table to snapshot again is not in the publication; skipped");
+                    }
+                }
+            }
+            if let Some(t) = tables.as_mut() {
+                for s in &sync {
+                    t.remove(s);
+                }
+            }
+            synced_at.retain(|t, _| !sync.contains(t));
+        }
         let (tx, rx) = mpsc::channel(CHANNEL);
         let stop = shutdown.child_token();
         let reader = Reader {
@@ -374,8 +498,15 @@ impl PgCdcSource {
             rels: HashMap::new(),
             tx,
             skip,
+            below: synced_at.clone().into_iter().collect(),
+            sync: sync.iter().cloned().collect(),
+            known: tables.as_ref().map(|t| t.union(&sync).cloned().collect()),
         };
         let reading = tokio::spawn(reader.run(plan, stop.clone()));
+        let served = match &saved {
+            Some(Position::Stream { served, .. }) => served.clone(),
+            _ => None,
+        };
         let mut batcher = Batcher {
             system: self.system.clone(),
             slot: self.cfg.slot.clone(),
@@ -385,6 +516,10 @@ impl PgCdcSource {
                 _ => None,
             },
             feedback: None,
+            tables,
+            synced_at,
+            served,
+            pending: request.map(|r| r.id),
         };
         let stored = batcher.run(rx, ingest.as_ref(), shutdown).await;
         stop.cancel();
@@ -452,6 +587,13 @@ impl Source for PgCdcSource {
     }
 }
 
+/// The slot of a per-table sync (created for its snapshot, then dropped).
+fn sync_slot(slot: &str) -> String {
+    let mut name: String = slot.chars().take(MAX_SLOT - 5).collect();
+    name.push_str("_sync");
+    name
+}
+
 /// `url` as a replication connection's.
 fn replication_url(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
@@ -493,11 +635,22 @@ enum Msg {
     SnapshotStart { lsn: u64 },
     /// Row `n` of the snapshot.
     SnapshotRow { event: Box<Event>, lsn: u64, n: u64 },
-    /// Every row of the snapshot was sent; streaming follows from `lsn`.
-    SnapshotDone { lsn: u64 },
+    /// Every row of the snapshot (of `tables`) was sent; streaming follows
+    /// from `lsn`.
+    SnapshotDone { lsn: u64, tables: Vec<String> },
     /// A heartbeat with no transaction open: every transaction committing
     /// before `lsn` was sent.
     Idle { lsn: u64 },
+    /// A snapshot of some tables alone begins (the position stays).
+    SyncStart,
+    /// A row of it.
+    SyncRow { event: Box<Event> },
+    /// Those tables are copied as of `lsn` (`None`: there were none):
+    /// streaming resumes.
+    Synced {
+        lsn: Option<u64>,
+        tables: Vec<String>,
+    },
 }
 
 /// Groups the reader's messages into batches and stores them, each with
@@ -509,6 +662,12 @@ struct Batcher {
     /// The position stored last.
     saved: Option<Position>,
     feedback: Option<Arc<SharedLsnFeedback>>,
+    /// Carried in every streaming position (see [`Position::Stream`]).
+    tables: Option<BTreeSet<String>>,
+    synced_at: BTreeMap<String, u64>,
+    served: Option<String>,
+    /// The request this session acts on: served once its snapshot is in.
+    pending: Option<String>,
 }
 
 /// What is read and not stored yet.
@@ -554,6 +713,9 @@ impl Batcher {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
             };
+            if matches!(msg, Msg::Idle { .. }) {
+                self.check_request(ingest).await?;
+            }
             self.apply(&mut p, msg);
             if p.records.len() >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;
@@ -581,12 +743,7 @@ impl Batcher {
                 ordinal,
             } => {
                 p.records.push(Record::Good(*event));
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn,
-                    commit_lsn,
-                    ordinal,
-                });
+                p.pos = Some(self.stream_pos(flush_lsn, commit_lsn, ordinal));
             }
             Msg::Commit {
                 commit_lsn,
@@ -596,12 +753,10 @@ impl Batcher {
             } => {
                 p.open = false;
                 p.commit_time = Some(time);
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn: end_lsn.max(flush_lsn),
-                    commit_lsn,
-                    ordinal,
-                });
+                let flush = end_lsn.max(flush_lsn);
+                // a table's snapshot LSN passed: nothing below it comes again
+                self.synced_at.retain(|_, at| *at > flush);
+                p.pos = Some(self.stream_pos(flush, commit_lsn, ordinal));
             }
             Msg::SnapshotStart { lsn } => {
                 p.open = true;
@@ -619,14 +774,35 @@ impl Batcher {
                     rows: n,
                 });
             }
-            Msg::SnapshotDone { lsn } => {
+            Msg::SnapshotDone { lsn, tables } => {
                 p.open = false;
-                p.pos = Some(Position::Stream {
-                    slot: self.slot.clone(),
-                    flush_lsn: lsn,
-                    commit_lsn: lsn,
-                    ordinal: 0,
-                });
+                self.tables = Some(tables.into_iter().collect());
+                self.synced_at.clear();
+                self.served = self.pending.take().or(self.served.take());
+                p.pos = Some(self.stream_pos(lsn, lsn, 0));
+            }
+            Msg::SyncStart => p.open = true,
+            Msg::SyncRow { event } => p.records.push(Record::Good(*event)),
+            Msg::Synced { lsn, tables } => {
+                p.open = false;
+                if let Some(lsn) = lsn {
+                    for t in tables {
+                        if let Some(had) = self.tables.as_mut() {
+                            had.insert(t.clone());
+                        }
+                        self.synced_at.insert(t, lsn);
+                    }
+                }
+                self.served = self.pending.take().or(self.served.take());
+                if let Some(Position::Stream {
+                    flush_lsn,
+                    commit_lsn,
+                    ordinal,
+                    ..
+                }) = p.pos.clone()
+                {
+                    p.pos = Some(self.stream_pos(flush_lsn, commit_lsn, ordinal));
+                }
             }
             Msg::Idle { lsn } => {
                 if !p.open
@@ -635,17 +811,50 @@ impl Batcher {
                         commit_lsn,
                         ordinal,
                         ..
-                    }) = &p.pos
+                    }) = p.pos.clone()
                 {
-                    p.pos = Some(Position::Stream {
-                        slot: self.slot.clone(),
-                        flush_lsn: lsn,
-                        commit_lsn: *commit_lsn,
-                        ordinal: *ordinal,
-                    });
+                    self.synced_at.retain(|_, at| *at > lsn);
+                    p.pos = Some(self.stream_pos(lsn, commit_lsn, ordinal));
                 }
             }
         }
+    }
+
+    fn stream_pos(&self, flush_lsn: u64, commit_lsn: u64, ordinal: u64) -> Position {
+        Position::Stream {
+            slot: self.slot.clone(),
+            flush_lsn,
+            commit_lsn,
+            ordinal,
+            tables: self.tables.clone(),
+            synced_at: self.synced_at.clone(),
+            served: self.served.clone(),
+        }
+    }
+
+    /// A `weft cdc resnapshot` request made while streaming (looked at on
+    /// idle heartbeats): the session ends so that the next one acts on it.
+    async fn check_request(&self, ingest: &dyn Ingest) -> Result<(), Failure> {
+        let text = match ingest.checkpoint(RESNAPSHOT_KEY).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(system = %self.system, error = %e, "postgres_cdc: the resnapshot request not read");
+                return Ok(());
+            }
+        };
+        let Ok(r) = serde_json::from_str::<ResnapshotRequest>(&text) else {
+            return Ok(());
+        };
+        if self.served.as_deref() == Some(r.id.as_str())
+            || self.pending.as_deref() == Some(r.id.as_str())
+        {
+            return Ok(());
+        }
+        tracing::info!(system = %self.system, request = %r.id, "postgres_cdc: a new snapshot was requested; starting over to take it");
+        Err(Failure::Retry(
+            "a new snapshot was requested (`weft cdc resnapshot`)".into(),
+        ))
     }
 
     /// Store the pending records with their position; then confirm it.
@@ -734,6 +943,15 @@ struct Reader {
     tx: mpsc::Sender<Msg>,
     /// What is stored already (a resumed stream).
     skip: Option<StreamPos>,
+    /// `schema.table` snapshotted alone at this LSN: its changes committing
+    /// below it are in the snapshot.
+    below: HashMap<String, u64>,
+    /// Tables to snapshot alone before streaming resumes.
+    sync: Vec<String>,
+    /// The published tables weft has rows of (`None`: not tracked); a
+    /// table joining the publication mid-stream restarts the session so
+    /// that it is snapshotted first.
+    known: Option<HashSet<String>>,
 }
 
 /// A token cancelled after `d` (or with `stop`): wakes the reader for a
@@ -787,6 +1005,7 @@ impl Reader {
         let mut stream = match plan {
             Plan::Snapshot => self.snapshot(stream, &stop).await?,
             Plan::Resume { from } => {
+                self.sync_tables(&stop).await?;
                 let mut s = stream;
                 s.start(Some(from))
                     .await
@@ -831,6 +1050,7 @@ impl Reader {
             }
         };
         let lsn = snap.consistent_point().value();
+        let tables: Vec<String> = snap.tables().iter().map(|t| t.qualified_name()).collect();
         tracing::info!(
             system = %self.system, slot = %self.slot, lsn = %format_lsn(lsn),
             tables = snap.tables().len(), "postgres_cdc: initial snapshot"
@@ -865,7 +1085,8 @@ impl Reader {
             })
             .await?;
         }
-        self.send(Msg::SnapshotDone { lsn }).await?;
+        self.known = Some(tables.iter().cloned().collect());
+        self.send(Msg::SnapshotDone { lsn, tables }).await?;
         tracing::info!(system = %self.system, rows = n, "postgres_cdc: initial snapshot read");
         let mut stream = rows
             .finish()
@@ -942,6 +1163,16 @@ impl Reader {
                     columns,
                     ..
                 } => {
+                    let name = format!("{namespace}.{relation_name}");
+                    if let Some(known) = &self.known
+                        && !known.contains(&name)
+                    {
+                        // its rows before now are not in weft: snapshot it
+                        // alone (the next session), then stream it
+                        return Err(Failure::Retry(format!(
+                            "table `{name}` joined the publication; snapshotting it before streaming on"
+                        )));
+                    }
                     let cols: Vec<(String, u32, bool)> = columns
                         .iter()
                         .map(|c| (c.name.to_string(), c.type_id, c.is_key))
@@ -956,6 +1187,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let after = row_json(&rel, &data);
                     let event = self.event(
                         &rel,
@@ -979,6 +1213,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let full = replica_identity == ReplicaIdentity::Full;
                     let before = old_data.as_ref().map(|o| {
                         let mut m = row_json(&rel, o);
@@ -1021,6 +1258,9 @@ impl Reader {
                         continue;
                     };
                     let rel = self.rel(relation_oid)?;
+                    if self.in_sync(&rel, t.commit) {
+                        continue;
+                    }
                     let mut before = row_json(&rel, &old_data);
                     if replica_identity != ReplicaIdentity::Full {
                         before.retain(|k, _| key_columns.iter().any(|c| c.as_ref() == k));
@@ -1054,6 +1294,9 @@ impl Reader {
                                     key: Vec::new(),
                                 }
                             });
+                        if self.in_sync(&rel, t.commit) {
+                            continue;
+                        }
                         let event = self.event(
                             &rel,
                             "t",
@@ -1069,6 +1312,112 @@ impl Reader {
                 _ => {}
             }
         }
+    }
+
+    /// Whether a change of `rel` committing at `commit` is in the table's
+    /// own snapshot (taken after it committed).
+    fn in_sync(&self, rel: &Rel, commit: u64) -> bool {
+        self.below
+            .get(&format!("{}.{}", rel.schema, rel.table))
+            .is_some_and(|at| commit < *at)
+    }
+
+    /// Copy the tables of `sync` alone, in the exported snapshot of a
+    /// second slot (`<slot>_sync`, dropped after): consistent with the main
+    /// slot's stream by LSN (their changes committing below its consistent point are
+    /// in the copy and skipped when streamed; those at or after it are
+    /// not in it). The supabase/etl way, without a slot per table.
+    async fn sync_tables(&mut self, stop: &CancellationToken) -> Result<(), Failure> {
+        if self.sync.is_empty() {
+            return self
+                .send(Msg::Synced {
+                    lsn: None,
+                    tables: Vec::new(),
+                })
+                .await;
+        }
+        let name = sync_slot(&self.slot);
+        // a slot of its own, only for its exported snapshot (pg_walstream
+        // refuses a temporary one there); one left by a crash is dropped
+        // at every session start
+        let cfg = ReplicationStreamConfig::builder(name.clone(), self.publication.clone())
+            .with_protocol_version(1)
+            .with_streaming_mode(StreamingMode::Off)
+            .with_connection_timeout(Duration::from_secs(10));
+        let connecting = LogicalReplicationStream::new(&self.url, cfg);
+        let stream = tokio::select! {
+            s = connecting => s.map_err(repl("cannot open a replication connection for a table snapshot"))?,
+            _ = stop.cancelled() => return Err(Failure::Shutdown),
+        };
+        let mut snap = match stream
+            .snapshot()
+            .await
+            .map_err(repl("cannot create the slot for a table snapshot"))?
+        {
+            SnapshotOutcome::Available(s) => s,
+            SnapshotOutcome::Unavailable(_) => {
+                return Err(Failure::Retry(format!(
+                    "replication slot `{name}` appeared before its snapshot could be taken"
+                )));
+            }
+        };
+        let want: HashSet<String> = self.sync.iter().cloned().collect();
+        snap.retain_tables(|t| want.contains(&t.qualified_name()));
+        let tables: Vec<String> = snap.tables().iter().map(|t| t.qualified_name()).collect();
+        let lsn = snap.consistent_point().value();
+        tracing::info!(
+            system = %self.system, lsn = %format_lsn(lsn), tables = %tables.join(", "),
+            "postgres_cdc: snapshot of tables new to weft"
+        );
+        self.send(Msg::SyncStart).await?;
+        let mut rows = snap.with_cancellation(stop.clone()).rows();
+        let mut n = 0u64;
+        while let Some(row) = rows
+            .next_row()
+            .await
+            .map_err(repl("the table snapshot failed"))?
+        {
+            n += 1;
+            let rel = self.learn_info(&row.relation).await?;
+            let after = row_json(&rel, &row.data);
+            let event = self.event(
+                &rel,
+                "r",
+                None,
+                Some(after),
+                Vec::new(),
+                Meta {
+                    id: format!("snapshot@{}#{n}", format_lsn(lsn)),
+                    lsn,
+                    commit: lsn,
+                    ordinal: n,
+                    xid: None,
+                    time: None,
+                    snapshot: true,
+                },
+            );
+            self.send(Msg::SyncRow {
+                event: Box::new(event),
+            })
+            .await?;
+        }
+        drop(
+            rows.finish()
+                .await
+                .map_err(repl("cannot finish the table snapshot"))?,
+        );
+        setup::drop_slot(&self.control, &self.system, &name).await?;
+        // relations learned from the catalog: the stream describes them again
+        self.rels.clear();
+        for t in &tables {
+            self.below.insert(t.clone(), lsn);
+        }
+        tracing::info!(system = %self.system, rows = n, "postgres_cdc: table snapshot read");
+        self.send(Msg::Synced {
+            lsn: Some(lsn),
+            tables,
+        })
+        .await
     }
 
     /// The next change's ordinal in the open transaction, or `None` when
@@ -1362,6 +1711,9 @@ mod tests {
             flush_lsn: 0x16_B374_D848,
             commit_lsn: 0x16_B374_D800,
             ordinal: 2,
+            tables: None,
+            synced_at: BTreeMap::new(),
+            served: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(
@@ -1369,6 +1721,102 @@ mod tests {
             r#"{"phase":"stream","slot":"weft_a","flush_lsn":"16/B374D848","commit_lsn":"16/B374D800","ordinal":2}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), p);
+        let q = Position::Stream {
+            slot: "weft_a".into(),
+            flush_lsn: 0x20,
+            commit_lsn: 0x10,
+            ordinal: 0,
+            tables: Some(["public.a".to_owned(), "public.b".to_owned()].into()),
+            synced_at: [("public.b".to_owned(), 0x1_0000_0010)].into(),
+            served: Some("r1".into()),
+        };
+        let text = serde_json::to_string(&q).unwrap();
+        assert!(
+            text.contains(r#""synced_at":{"public.b":"1/10"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), q);
+    }
+
+    #[test]
+    fn a_table_sync_is_saved_with_its_lsn_until_the_stream_passes_it() {
+        let saved = Position::Stream {
+            slot: "s".into(),
+            flush_lsn: 100,
+            commit_lsn: 90,
+            ordinal: 2,
+            tables: Some(["public.a".to_owned()].into()),
+            synced_at: BTreeMap::new(),
+            served: None,
+        };
+        let mut b = Batcher {
+            system: "x".into(),
+            slot: "s".into(),
+            batch_size: 10,
+            saved: Some(saved.clone()),
+            feedback: None,
+            tables: Some(["public.a".to_owned()].into()),
+            synced_at: BTreeMap::new(),
+            served: None,
+            pending: Some("r1".into()),
+        };
+        let mut p = Pending {
+            pos: Some(saved),
+            ..Default::default()
+        };
+        b.apply(&mut p, Msg::SyncStart);
+        assert!(p.open, "not a point to stop at during the copy");
+        b.apply(
+            &mut p,
+            Msg::Synced {
+                lsn: Some(500),
+                tables: vec!["public.b".into()],
+            },
+        );
+        let Some(Position::Stream {
+            flush_lsn,
+            tables,
+            synced_at,
+            served,
+            ..
+        }) = p.pos.clone()
+        else {
+            panic!("a streaming position");
+        };
+        assert_eq!(flush_lsn, 100, "the stream resumes where it was");
+        assert_eq!(
+            tables,
+            Some(["public.a".to_owned(), "public.b".to_owned()].into())
+        );
+        assert_eq!(synced_at, BTreeMap::from([("public.b".to_owned(), 500)]));
+        assert_eq!(
+            served.as_deref(),
+            Some("r1"),
+            "the request is served with it"
+        );
+        let commit = |b: &mut Batcher, p: &mut Pending, at: u64| {
+            b.apply(p, Msg::Begin);
+            b.apply(
+                p,
+                Msg::Commit {
+                    commit_lsn: at,
+                    end_lsn: at + 8,
+                    ordinal: 1,
+                    time: Utc::now(),
+                },
+            );
+        };
+        commit(&mut b, &mut p, 300);
+        assert!(
+            matches!(&p.pos, Some(Position::Stream { synced_at, .. }) if synced_at.len() == 1),
+            "below the copy's LSN: kept"
+        );
+        commit(&mut b, &mut p, 600);
+        assert!(
+            matches!(&p.pos, Some(Position::Stream { synced_at, served, .. })
+                if synced_at.is_empty() && served.as_deref() == Some("r1")),
+            "past it: gone; the served request stays"
+        );
     }
 
     #[test]

@@ -157,11 +157,24 @@ pub async fn ensure_publication(
             .map_err(retry("cannot read the publication's tables"))?
             .is_some();
         if !found {
-            tracing::warn!(
-                system = %system, publication = %name, table = %format!("{s}.{t}"),
-                "postgres_cdc: the publication exists without this configured table; its changes are not read \
-                 (ALTER PUBLICATION ... ADD TABLE, or drop the publication to have weft create it)"
+            // a table added to `tables`: added to the publication, and
+            // snapshotted alone at this start (the source's per-table sync)
+            let sql = format!(
+                "ALTER PUBLICATION {} ADD TABLE {}.{}",
+                quote(name),
+                quote(s),
+                quote(t)
             );
+            match client.batch_execute(&sql).await {
+                Ok(()) => {
+                    tracing::info!(system = %system, publication = %name, table = %format!("{s}.{t}"), "postgres_cdc: table added to the publication");
+                }
+                Err(e) => tracing::warn!(
+                    system = %system, publication = %name, table = %format!("{s}.{t}"), error = %pg_message(&e),
+                    "postgres_cdc: the publication exists without this configured table and it cannot be added; \
+                     its changes are not read (ALTER PUBLICATION ... ADD TABLE as the tables' owner)"
+                ),
+            }
         }
     }
     Ok(())
@@ -329,4 +342,19 @@ pub async fn database(client: &Client) -> Result<String, SetupError> {
         .await
         .map(|r| r.get(0))
         .map_err(retry("cannot read the database name"))
+}
+
+/// The publication's tables, `schema.table`.
+pub async fn publication_tables(client: &Client, name: &str) -> Result<Vec<String>, SetupError> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(retry("cannot read the publication's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
