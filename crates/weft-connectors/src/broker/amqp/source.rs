@@ -1,7 +1,7 @@
 //! The `amqp` source: a consumer on one RabbitMQ queue, manual acks.
 //!
 //! Contract (the broker contract of [`crate::broker`]): the messages that
-//! have arrived (at least one, up to `batch`; the broker sends at most
+//! arrive together (at least one, up to `batch`, until a 5 ms pause; the broker sends at most
 //! `prefetch` unacknowledged) are handed to `ingest` as one batch, and
 //! acknowledged (one `basic.ack` with `multiple`) only after `ingest`
 //! returned `Ok`. A batch the store does not take (backpressure, a store
@@ -31,7 +31,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
@@ -57,6 +56,11 @@ pub struct AmqpSource {
 
 /// How long connecting may fail in a row before the source stops.
 const FAILING_FOR: Duration = Duration::from_secs(30);
+
+/// A batch is what arrives without a pause this long (or `batch`
+/// messages): the broker streams deliveries, so a backlog fills batches
+/// and a lone message waits no longer than this.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Why a consumer ended.
 enum Ended {
@@ -255,20 +259,20 @@ impl AmqpSource {
                 Some(Err(e)) => return Ended::Lost(e.to_string()),
                 None => return Ended::Lost("the broker cancelled the consumer".into()),
             };
-            // what has arrived with it, without waiting
+            // what arrives with it: until `batch` or a pause of `GATHER`
             let mut lost = None;
             while batch.len() < self.cfg.batch {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    Some(Some(Err(e))) => {
+                match tokio::time::timeout(GATHER, consumer.next()).await {
+                    Ok(Some(Ok(d))) => batch.push(d),
+                    Ok(Some(Err(e))) => {
                         lost = Some(e.to_string());
                         break;
                     }
-                    Some(None) => {
+                    Ok(None) => {
                         lost = Some("the broker cancelled the consumer".into());
                         break;
                     }
-                    None => break,
+                    Err(_) => break,
                 }
             }
             if !self.hand_over(decoder, &batch, ingest, shutdown).await {
