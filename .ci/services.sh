@@ -62,6 +62,13 @@ if ! up 4222; then
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
 fi
+if ! up 5672; then
+  echo "starting RabbitMQ"
+  rabbitmq-server -detached || true
+  # the Erlang node takes a few seconds; the amqp tests need it answering
+  for _ in $(seq 1 120); do up 5672 && break; sleep 0.5; done
+  up 5672 || echo "WARNING: RabbitMQ did not come up"
+fi
 if ! up 6379; then
   echo "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \

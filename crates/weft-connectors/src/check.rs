@@ -94,6 +94,37 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 );
             }
         }
+        #[cfg(feature = "amqp")]
+        {
+            use crate::broker::amqp;
+            if let Some(SourceSpec::Amqp { settings }) = &sys.source
+                && let Err(found) = amqp::AmqpSourceConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+            if let Some(SinkSpec::Amqp { settings }) = &sys.sink
+                && let Err(found) = amqp::AmqpSinkConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+        }
+        #[cfg(not(feature = "amqp"))]
+        {
+            if let Some(SourceSpec::Amqp { .. }) = &sys.source {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.source.amqp"),
+                    crate::without_feature("amqp", "RabbitMQ (AMQP)"),
+                );
+            }
+            if let Some(SinkSpec::Amqp { .. }) = &sys.sink {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.sink.amqp"),
+                    crate::without_feature("amqp", "RabbitMQ (AMQP)"),
+                );
+            }
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -13,7 +13,12 @@
 // a lean build (without a database feature) leaves helpers of the SQL
 // connectors unused; the default build is checked with `-D warnings`
 #![cfg_attr(
-    not(all(feature = "postgres", feature = "mysql", feature = "nats")),
+    not(all(
+        feature = "postgres",
+        feature = "mysql",
+        feature = "nats",
+        feature = "amqp"
+    )),
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]
 

@@ -250,6 +250,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
         SinkSpec::Nats { .. } => {
             return Err(err(crate::without_feature("nats", "NATS JetStream")));
         }
+        #[cfg(feature = "amqp")]
+        SinkSpec::Amqp { settings } => {
+            use crate::broker::amqp;
+            let cfg = amqp::AmqpSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(amqp::config::describe(&issues)))?;
+            let (sink, why) = amqp::AmqpSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "amqp"))]
+        SinkSpec::Amqp { .. } => {
+            return Err(err(crate::without_feature("amqp", "RabbitMQ (AMQP)")));
+        }
     };
     Ok(BuiltSink { sink, down })
 }

@@ -133,6 +133,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::PostgresCdc { settings } => postgres_cdc(system, settings)?,
         SourceSpec::MysqlCdc { settings } => mysql_cdc(system, settings)?,
         SourceSpec::Nats { settings } => nats(system, settings)?,
+        SourceSpec::Amqp { settings } => amqp(system, settings)?,
     })
 }
 
@@ -216,6 +217,33 @@ fn nats(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("nats", "NATS JetStream"),
+    })
+}
+
+#[cfg(feature = "amqp")]
+fn amqp(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    use crate::broker::amqp;
+    let cfg =
+        amqp::AmqpSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
+            system: system.to_owned(),
+            message: amqp::config::describe(&issues),
+        })?;
+    Ok(SourceHandle::Task(Box::new(amqp::AmqpSource::new(
+        system, cfg,
+    ))))
+}
+
+#[cfg(not(feature = "amqp"))]
+fn amqp(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("amqp", "RabbitMQ (AMQP)"),
     })
 }
 

@@ -18,9 +18,14 @@
 //! broker confirmed it (a JetStream publish ack, a publisher confirm).
 //!
 //! - [`nats`]: NATS JetStream (cargo feature `nats`, on by default).
+//! - [`amqp`]: RabbitMQ, AMQP 0.9.1 (cargo feature `amqp`, on by default).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(any(feature = "nats", feature = "amqp"))]
+pub(crate) mod settings;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
@@ -72,6 +77,23 @@ pub const NATS: Binding = Binding {
     content_type: "Content-Type",
 };
 
+/// The AMQP protocol binding (CloudEvents AMQP binding 1.0.2): the
+/// attributes are application properties (RabbitMQ message headers)
+/// `cloudEvents:id`, ...; `datacontenttype` is the message's
+/// `content_type` property, which the AMQP connector hands over under
+/// `content-type`.
+pub const AMQP: Binding = Binding {
+    prefix: "cloudEvents:",
+    content_type: "content-type",
+};
+
+/// The binding's other prefix (`cloudEvents_`, for JMS and the like): a
+/// receiver accepts both.
+pub const AMQP_UNDERSCORE: Binding = Binding {
+    prefix: "cloudEvents_",
+    content_type: "content-type",
+};
+
 /// The correlation id header weft reads and writes beside `ce-correlationid`
 /// (the same as its HTTP sink's).
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -97,6 +119,23 @@ impl Attributes {
                 .or_else(|| get(CORRELATION_HEADER).filter(|v| !v.is_empty())),
             traceparent: get("traceparent").filter(|v| weft_core::event::valid_traceparent(v)),
             tracestate: get("tracestate").filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// Each attribute from `self`, or else from `other` (a message read by
+    /// several bindings: AMQP's two prefixes and the `ce-` headers some
+    /// publishers set).
+    pub fn or(self, other: Attributes) -> Attributes {
+        Attributes {
+            id: self.id.or(other.id),
+            source: self.source.or(other.source),
+            ty: self.ty.or(other.ty),
+            time: self.time.or(other.time),
+            subject: self.subject.or(other.subject),
+            content_type: self.content_type.or(other.content_type),
+            correlation_id: self.correlation_id.or(other.correlation_id),
+            traceparent: self.traceparent.or(other.traceparent),
+            tracestate: self.tracestate.or(other.tracestate),
         }
     }
 
@@ -218,6 +257,30 @@ impl Decoder {
         ev.traceparent = a.traceparent;
         ev.tracestate = a.tracestate;
         crate::Record::Good(ev)
+    }
+
+    /// A bad record for a message refused before decoding (an AMQP message
+    /// without any id, when ids are required): `error` is the reason.
+    pub fn reject(&self, m: &Incoming<'_>, payload: &[u8], error: &str) -> crate::Record {
+        crate::Record::Bad(BadRecord {
+            id: m.position_id.clone(),
+            location: m.location.clone(),
+            raw: truncate(String::from_utf8_lossy(
+                &payload[..payload.len().min(MAX_RAW + 4)],
+            )),
+            error: format!("{}: {error}", m.location),
+            correlation_id: m
+                .attributes
+                .correlation_id
+                .clone()
+                .unwrap_or_else(weft_core::event::new_correlation_id),
+        })
+    }
+
+    /// Whether a message names its own id (a CloudEvents id or the
+    /// broker's message id), in its headers or, structured, in its body.
+    pub fn names_an_id(m: &Incoming<'_>) -> bool {
+        m.attributes.id.is_some() || m.message_id.is_some()
     }
 
     fn id(&self, m: &Incoming<'_>, a: &Attributes) -> String {

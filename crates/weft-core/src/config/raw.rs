@@ -218,6 +218,10 @@ pub enum RawSource {
     /// once it is stored. Its settings are the connector's own
     /// (weft-connectors `broker/nats/config.rs`).
     Nats(ConnectorSettings),
+    /// A RabbitMQ (AMQP 0.9.1) queue consumer: each message acknowledged
+    /// once it is stored. Its settings are the connector's own
+    /// (weft-connectors `broker/amqp/config.rs`).
+    Amqp(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -240,6 +244,10 @@ pub enum RawSink {
     /// idempotency key, waiting for the stream's ack. Its settings are the
     /// connector's own (weft-connectors `broker/nats/config.rs`).
     Nats(ConnectorSettings),
+    /// Publishes to a RabbitMQ exchange (AMQP 0.9.1) with `message_id` =
+    /// the idempotency key, waiting for the publisher confirm. Its settings
+    /// are the connector's own (weft-connectors `broker/amqp/config.rs`).
+    Amqp(ConnectorSettings),
 }
 
 /// Webhook source settings.
@@ -1235,7 +1243,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream. amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout."
         })
     }
 }

@@ -184,6 +184,8 @@ pub enum SourceSpec {
     MysqlCdc { settings: ConnectorSettings },
     /// A NATS JetStream consumer; the connector validates `settings`.
     Nats { settings: ConnectorSettings },
+    /// A RabbitMQ queue consumer; the connector validates `settings`.
+    Amqp { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -197,6 +199,7 @@ impl SourceSpec {
             SourceSpec::PostgresCdc { .. } => "postgres_cdc",
             SourceSpec::MysqlCdc { .. } => "mysql_cdc",
             SourceSpec::Nats { .. } => "nats",
+            SourceSpec::Amqp { .. } => "amqp",
         }
     }
 }
@@ -297,6 +300,10 @@ pub enum SinkSpec {
     Nats {
         settings: ConnectorSettings,
     },
+    /// A RabbitMQ publisher; the connector validates `settings`.
+    Amqp {
+        settings: ConnectorSettings,
+    },
 }
 
 impl SinkSpec {
@@ -309,6 +316,7 @@ impl SinkSpec {
             SinkSpec::Csv { .. } => "csv",
             SinkSpec::Mysql { .. } => "mysql",
             SinkSpec::Nats { .. } => "nats",
+            SinkSpec::Amqp { .. } => "amqp",
         }
     }
 }
@@ -1303,6 +1311,7 @@ fn source_spec(
         RawSource::PostgresCdc(settings) => Some(SourceSpec::PostgresCdc { settings }),
         RawSource::MysqlCdc(settings) => Some(SourceSpec::MysqlCdc { settings }),
         RawSource::Nats(settings) => Some(SourceSpec::Nats { settings }),
+        RawSource::Amqp(settings) => Some(SourceSpec::Amqp { settings }),
     }
 }
 
@@ -1679,6 +1688,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         RawSink::Csv(cfg) => csv_sink_spec(cx, &format!("{p}.csv"), system, cfg, base),
         RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
         RawSink::Nats(settings) => Some(SinkSpec::Nats { settings }),
+        RawSink::Amqp(settings) => Some(SinkSpec::Amqp { settings }),
     }
 }
 

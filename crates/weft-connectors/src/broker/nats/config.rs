@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use weft_core::config::raw::ConnectorSettings;
-use weft_core::config::{Issue, Secret, parse_duration};
+use weft_core::config::{Issue, Secret};
 
+pub use crate::broker::settings::describe;
+use crate::broker::settings::{duration, issue, parse};
 use crate::broker::{EventId, Format, Template};
 
 /// The source's settings as written.
@@ -380,30 +382,6 @@ pub fn default_consumer(system: &str) -> String {
     format!("weft-{clean}")
 }
 
-/// Problems as one line each (for a connector that fails to build).
-pub fn describe(issues: &[Issue]) -> String {
-    issues
-        .iter()
-        .map(|i| format!("at `{}`: {}", i.path, i.message))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn parse<T: serde::de::DeserializeOwned>(
-    base: &str,
-    settings: &ConnectorSettings,
-) -> Result<T, Vec<Issue>> {
-    serde_path_to_error::deserialize(&settings.0).map_err(|e| {
-        let path = e.path().to_string();
-        let at = if path.is_empty() || path == "." {
-            base.to_owned()
-        } else {
-            format!("{base}.{path}")
-        };
-        vec![issue(at, e.into_inner().to_string())]
-    })
-}
-
 fn url_issues(issues: &mut Vec<Issue>, base: &str, url: &str) {
     let url = url.trim();
     if url.is_empty() {
@@ -474,39 +452,6 @@ fn subject_issues(issues: &mut Vec<Issue>, path: &str, s: &str, wildcards: bool)
                 )
             },
         ));
-    }
-}
-
-fn duration(
-    issues: &mut Vec<Issue>,
-    path: &str,
-    v: Option<&str>,
-    default: Duration,
-    (lo, hi): (Duration, Duration),
-) -> Duration {
-    match v.map(parse_duration) {
-        None => default,
-        Some(Ok(d)) if d >= lo && d <= hi => d,
-        Some(Ok(_)) => {
-            issues.push(issue(
-                path.to_owned(),
-                format!("must be between {lo:?} and {hi:?}"),
-            ));
-            default
-        }
-        Some(Err(m)) => {
-            issues.push(issue(path.to_owned(), m));
-            default
-        }
-    }
-}
-
-fn issue(path: String, message: impl Into<String>) -> Issue {
-    Issue {
-        path,
-        line: None,
-        column: None,
-        message: message.into(),
     }
 }
 
