@@ -166,23 +166,29 @@ impl Gauges {
         }
     }
 
-    /// For a scrape: refresh unless a refresh finished in the last 250 ms.
+    /// For a scrape: refresh, unless a refresh that started after this
+    /// scrape arrived has finished meanwhile (concurrent scrapes share one
+    /// read; none is answered with values older than its own arrival, so
+    /// a commit a client saw acknowledged before scraping is in them).
     pub async fn refresh_for_scrape(&self) {
+        let arrived = Instant::now();
         let mut last = self.last.lock().await;
-        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+        if last.is_some_and(|started| started >= arrived) {
             return;
         }
+        let started = Instant::now();
         if let Err(e) = self.read_and_set().await {
             tracing::warn!(error = %e, "cannot refresh the gauges from the store");
         }
-        *last = Some(Instant::now());
+        *last = Some(started);
     }
 
     /// Read the store, set every gauge, and give what was read.
     pub async fn refresh(&self) -> Result<Snapshot, StoreError> {
         let mut last = self.last.lock().await;
+        let started = Instant::now();
         let s = self.read_and_set().await;
-        *last = Some(Instant::now());
+        *last = Some(started);
         s
     }
 
