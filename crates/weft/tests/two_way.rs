@@ -714,6 +714,14 @@ fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_syst
     hub.stop();
 }
 
+/// A record of string fields.
+fn rec(pairs: &[(&str, &str)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect()
+}
+
 const FUZZY: &str = r#"
     fuzzy:
       fields: {name: 1, company: 1}
@@ -792,12 +800,6 @@ fn fuzzy_matching_links_holds_for_review_and_creates() {
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
-    let rec = |pairs: &[(&str, &str)]| -> Map<String, Value> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), json!(v)))
-            .collect()
-    };
     let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
     let john = crm.user_create(rec(&[
         ("name", "John Smith"),
@@ -980,12 +982,6 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     .unwrap();
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
     let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
-    let rec = |pairs: &[(&str, &str)]| -> Map<String, Value> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), json!(v)))
-            .collect()
-    };
     let c1 = crm.user_create(rec(&[
         ("name", "John Smith"),
         ("company", "Acme"),
