@@ -271,8 +271,6 @@ impl Tracker {
         let (k, new) = st.key(kind, path, &detail);
         if new {
             st.pending.entry(k).or_default().0 = example.clone();
-            counter!(DRIFT_EVENTS, "source" => self.source.clone(), "kind" => kind.to_owned())
-                .increment(1);
             st.warned += 1;
             if st.warned <= MAX_WARNINGS {
                 tracing::warn!(source = %self.source, kind, path, detail = %detail, example = %example, "schema drift");
@@ -449,6 +447,15 @@ impl Tracker {
             shape,
             events,
         })
+    }
+}
+
+/// Count the drift events of `b` that are new (they carry an example) in
+/// `weft_drift_events_total`, once `b` was saved: the counter moves with
+/// what the store holds, not with what a batch that may fail to commit saw.
+pub fn count_saved(b: &DriftBatch) {
+    for e in b.events.iter().filter(|e| !e.example.is_empty()) {
+        counter!(DRIFT_EVENTS, "source" => b.source.clone(), "kind" => e.kind.clone()).increment(1);
     }
 }
 
@@ -751,6 +758,28 @@ mod tests {
             if i == 0 {
                 return s;
             }
+        }
+    }
+
+    /// Review P1-10 said a batch that failed to commit (or was refused, or
+    /// sent again) had already taught the tracker, so its retry would be
+    /// delivered instead of quarantined. Not so: a drift key, once learned,
+    /// is shown by every later record that has it, so the retry of a
+    /// drifting record is drift again.
+    #[test]
+    fn a_retried_record_shows_its_drift_again() {
+        let t = Tracker::new("crm", vec![]);
+        for i in 0..20 {
+            assert_eq!(t.observe(&json!({"id": i, "a": "x", "e": "gold"})), None);
+        }
+        for _ in 0..3 {
+            let d = t.observe(&json!({"id": 99, "a": ["x"], "n": 1})).unwrap();
+            assert!(d.contains("type_changed /a"), "{d}");
+            assert!(d.contains("new_field /n"), "{d}");
+        }
+        for _ in 0..2 {
+            let d = t.observe(&json!({"id": 98, "a": "y"})).unwrap();
+            assert!(d.contains("missing_field /e"), "{d}");
         }
     }
 
