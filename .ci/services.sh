@@ -71,8 +71,11 @@ if ! up 5672; then
 fi
 if ! up 6379; then
   echo "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+  # the redis tests need it answering (they fail under CI=true otherwise)
+  wait_up 6379 || echo "WARNING: Redis did not come up"
 fi
 # the Python packages the metrics and CloudEvents tests parse with (their
 # helper installs them too when they are missing)

@@ -125,6 +125,37 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 );
             }
         }
+        #[cfg(feature = "redis")]
+        {
+            use crate::broker::redis;
+            if let Some(SourceSpec::Redis { settings }) = &sys.source
+                && let Err(found) = redis::RedisSourceConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+            if let Some(SinkSpec::Redis { settings }) = &sys.sink
+                && let Err(found) = redis::RedisSinkConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            if let Some(SourceSpec::Redis { .. }) = &sys.source {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.source.redis"),
+                    crate::without_feature("redis", "Redis Streams"),
+                );
+            }
+            if let Some(SinkSpec::Redis { .. }) = &sys.sink {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.sink.redis"),
+                    crate::without_feature("redis", "Redis Streams"),
+                );
+            }
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -17,7 +17,8 @@
         feature = "postgres",
         feature = "mysql",
         feature = "nats",
-        feature = "amqp"
+        feature = "amqp",
+        feature = "redis"
     )),
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]

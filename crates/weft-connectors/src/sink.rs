@@ -263,6 +263,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
         SinkSpec::Amqp { .. } => {
             return Err(err(crate::without_feature("amqp", "RabbitMQ (AMQP)")));
         }
+        #[cfg(feature = "redis")]
+        SinkSpec::Redis { settings } => {
+            use crate::broker::redis;
+            let cfg = redis::RedisSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(redis::config::describe(&issues)))?;
+            let (sink, why) = redis::RedisSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "redis"))]
+        SinkSpec::Redis { .. } => {
+            return Err(err(crate::without_feature("redis", "Redis Streams")));
+        }
     };
     Ok(BuiltSink { sink, down })
 }

@@ -134,6 +134,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::MysqlCdc { settings } => mysql_cdc(system, settings)?,
         SourceSpec::Nats { settings } => nats(system, settings)?,
         SourceSpec::Amqp { settings } => amqp(system, settings)?,
+        SourceSpec::Redis { settings } => redis(system, settings)?,
     })
 }
 
@@ -244,6 +245,33 @@ fn amqp(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("amqp", "RabbitMQ (AMQP)"),
+    })
+}
+
+#[cfg(feature = "redis")]
+fn redis(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    use crate::broker::redis;
+    let cfg =
+        redis::RedisSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
+            system: system.to_owned(),
+            message: redis::config::describe(&issues),
+        })?;
+    Ok(SourceHandle::Task(Box::new(redis::RedisSource::new(
+        system, cfg,
+    ))))
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(
+    system: &str,
+    _settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("redis", "Redis Streams"),
     })
 }
 

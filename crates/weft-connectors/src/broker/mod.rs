@@ -19,12 +19,17 @@
 //!
 //! - [`nats`]: NATS JetStream (cargo feature `nats`, on by default).
 //! - [`amqp`]: RabbitMQ, AMQP 0.9.1 (cargo feature `amqp`, on by default).
+//! - [`redis`]: Redis Streams (cargo feature `redis`, on by default); Redis
+//!   has no deduplication id, so its sink keeps one key per idempotency key
+//!   beside the stream (a Lua script).
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
-#[cfg(any(feature = "nats", feature = "amqp"))]
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(any(feature = "nats", feature = "amqp", feature = "redis"))]
 pub(crate) mod settings;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -91,6 +96,14 @@ pub const AMQP: Binding = Binding {
 /// receiver accepts both.
 pub const AMQP_UNDERSCORE: Binding = Binding {
     prefix: "cloudEvents_",
+    content_type: "content-type",
+};
+
+/// The Redis Streams binding (weft's own: CloudEvents defines none for
+/// Redis): the attributes are entry fields named as in the Kafka binding,
+/// `ce_id`, `ce_source`, ...; `datacontenttype` is the field `content-type`.
+pub const REDIS: Binding = Binding {
+    prefix: "ce_",
     content_type: "content-type",
 };
 

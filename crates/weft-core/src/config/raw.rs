@@ -222,6 +222,11 @@ pub enum RawSource {
     /// once it is stored. Its settings are the connector's own
     /// (weft-connectors `broker/amqp/config.rs`).
     Amqp(ConnectorSettings),
+    /// A Redis Streams consumer group: each entry acknowledged (XACK) once
+    /// it is stored, pending entries of a crashed consumer taken back. Its
+    /// settings are the connector's own (weft-connectors
+    /// `broker/redis/config.rs`).
+    Redis(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -248,6 +253,10 @@ pub enum RawSink {
     /// the idempotency key, waiting for the publisher confirm. Its settings
     /// are the connector's own (weft-connectors `broker/amqp/config.rs`).
     Amqp(ConnectorSettings),
+    /// Appends to a Redis stream (XADD) once per idempotency key (a Lua
+    /// script keeps a dedupe key beside the stream). Its settings are the
+    /// connector's own (weft-connectors `broker/redis/config.rs`).
+    Redis(ConnectorSettings),
 }
 
 /// Webhook source settings.
@@ -1243,7 +1252,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream. amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream. amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout. redis source: url, stream, group, consumer, create, start (all|new), batch, block, claim_idle, field, format (json), max_message_bytes, event_id (auto|position), event_type, connect_timeout. redis sink: url, stream, maxlen, field, fields, event_type, event_source, dedupe_ttl, dedupe_prefix, timeout, connect_timeout."
         })
     }
 }

@@ -186,6 +186,8 @@ pub enum SourceSpec {
     Nats { settings: ConnectorSettings },
     /// A RabbitMQ queue consumer; the connector validates `settings`.
     Amqp { settings: ConnectorSettings },
+    /// A Redis Streams consumer group; the connector validates `settings`.
+    Redis { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -200,6 +202,7 @@ impl SourceSpec {
             SourceSpec::MysqlCdc { .. } => "mysql_cdc",
             SourceSpec::Nats { .. } => "nats",
             SourceSpec::Amqp { .. } => "amqp",
+            SourceSpec::Redis { .. } => "redis",
         }
     }
 }
@@ -304,6 +307,10 @@ pub enum SinkSpec {
     Amqp {
         settings: ConnectorSettings,
     },
+    /// A Redis Streams publisher; the connector validates `settings`.
+    Redis {
+        settings: ConnectorSettings,
+    },
 }
 
 impl SinkSpec {
@@ -317,6 +324,7 @@ impl SinkSpec {
             SinkSpec::Mysql { .. } => "mysql",
             SinkSpec::Nats { .. } => "nats",
             SinkSpec::Amqp { .. } => "amqp",
+            SinkSpec::Redis { .. } => "redis",
         }
     }
 }
@@ -1312,6 +1320,7 @@ fn source_spec(
         RawSource::MysqlCdc(settings) => Some(SourceSpec::MysqlCdc { settings }),
         RawSource::Nats(settings) => Some(SourceSpec::Nats { settings }),
         RawSource::Amqp(settings) => Some(SourceSpec::Amqp { settings }),
+        RawSource::Redis(settings) => Some(SourceSpec::Redis { settings }),
     }
 }
 
@@ -1689,6 +1698,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
         RawSink::Nats(settings) => Some(SinkSpec::Nats { settings }),
         RawSink::Amqp(settings) => Some(SinkSpec::Amqp { settings }),
+        RawSink::Redis(settings) => Some(SinkSpec::Redis { settings }),
     }
 }
 
