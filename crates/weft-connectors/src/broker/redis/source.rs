@@ -286,17 +286,17 @@ impl RedisSource {
         let c = &self.cfg;
         let mut cursor = "0-0".to_owned();
         loop {
+            let mut cmd = ::redis::cmd("XAUTOCLAIM");
+            cmd.arg(&c.stream)
+                .arg(&c.group)
+                .arg(&c.consumer)
+                .arg(c.claim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(c.batch);
             let claimed: Result<Value, RedisError> = tokio::select! {
                 _ = shutdown.cancelled() => return Some(End::Shutdown),
-                r = ::redis::cmd("XAUTOCLAIM")
-                    .arg(&c.stream)
-                    .arg(&c.group)
-                    .arg(&c.consumer)
-                    .arg(c.claim_idle.as_millis() as u64)
-                    .arg(&cursor)
-                    .arg("COUNT")
-                    .arg(c.batch)
-                    .query_async(conn) => r,
+                r = cmd.query_async(conn) => r,
             };
             let (next, entries, deleted) = match claimed {
                 Ok(v) => autoclaim_reply(v),
