@@ -438,8 +438,12 @@ fn sigkill_while_consuming_and_publishing_loses_and_duplicates_nothing() {
     let st = status(dir.path(), "weft.yaml", &[]);
     assert_eq!(st["balanced"], true, "{st}");
     assert_eq!(st["lanes"][0]["received"], total, "{st}");
+    let reread = logs
+        .iter()
+        .filter(|l| l.contains("reading pending entries again"))
+        .count();
     eprintln!(
-        "{total} entries through {n} SIGKILLs in {:.1}s (out after each kill: {seen:?})",
+        "{total} entries through {n} SIGKILLs in {:.1}s (out after each kill: {seen:?}; {reread} starts read pending entries again)",
         started.elapsed().as_secs_f64()
     );
 }
