@@ -78,7 +78,10 @@ fn clean(conn: &mut redis::Connection, inn: &str, out: &str, dedupe: &str) {
 /// started, timed until the output holds every entry.
 fn scenario(a: &Args, conn: &mut redis::Connection, which: &str) -> anyhow::Result<f64> {
     let id = std::process::id();
-    let (inn, out) = (format!("weft-bench:in:{id}"), format!("weft-bench:out:{id}"));
+    let (inn, out) = (
+        format!("weft-bench:in:{id}"),
+        format!("weft-bench:out:{id}"),
+    );
     let dedupe = format!("weft-bench:dedupe:{id}:");
     clean(conn, &inn, &out, &dedupe);
     let dir = std::env::temp_dir().join(format!("weft-redis-bench-{id}-{which}"));
@@ -118,7 +121,12 @@ fn scenario(a: &Args, conn: &mut redis::Connection, which: &str) -> anyhow::Resu
             let mut p = redis::pipe();
             for _ in 0..left.min(5000) {
                 let body = format!("{{\"id\": {}, \"seq\": {i}}}", i % 1000);
-                p.cmd("XADD").arg(&inn).arg("*").arg("data").arg(body).ignore();
+                p.cmd("XADD")
+                    .arg(&inn)
+                    .arg("*")
+                    .arg("data")
+                    .arg(body)
+                    .ignore();
                 i += 1;
                 left -= 1;
             }
@@ -146,11 +154,7 @@ fn scenario(a: &Args, conn: &mut redis::Connection, which: &str) -> anyhow::Resu
             let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap_or_default();
             text.lines().count() as u64 >= a.n
         } else {
-            redis::cmd("XLEN")
-                .arg(&out)
-                .query::<u64>(conn)
-                .unwrap_or(0)
-                >= a.n
+            redis::cmd("XLEN").arg(&out).query::<u64>(conn).unwrap_or(0) >= a.n
         };
         if done {
             break;

@@ -254,11 +254,12 @@ fn redis(
     settings: &weft_core::config::raw::ConnectorSettings,
 ) -> Result<SourceHandle, SourceError> {
     use crate::broker::redis;
-    let cfg =
-        redis::RedisSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
+    let cfg = redis::RedisSourceConfig::from_settings(system, settings).map_err(|issues| {
+        SourceError {
             system: system.to_owned(),
             message: redis::config::describe(&issues),
-        })?;
+        }
+    })?;
     Ok(SourceHandle::Task(Box::new(redis::RedisSource::new(
         system, cfg,
     ))))

@@ -32,12 +32,7 @@ fn ci() -> bool {
 /// there.
 async fn server() -> Option<MultiplexedConnection> {
     let c = redis::Client::open(URL).unwrap();
-    match tokio::time::timeout(
-        Duration::from_secs(3),
-        c.get_multiplexed_async_connection(),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(3), c.get_multiplexed_async_connection()).await {
         Ok(Ok(c)) => Some(c),
         other => {
             let why = match other {
@@ -209,7 +204,9 @@ async fn pending_detail(
         .query_async(c)
         .await
         .unwrap();
-    v.into_iter().map(|(id, c, idle, _)| (id, c, idle)).collect()
+    v.into_iter()
+        .map(|(id, c, idle, _)| (id, c, idle))
+        .collect()
 }
 
 async fn wait_pending(c: &mut MultiplexedConnection, stream: &str, group: &str, n: i64) {
@@ -298,7 +295,11 @@ async fn source_reads_acks_after_ingest_and_sends_bad_entries_to_the_dlq() {
     let where_ = |id: &str| format!("redis stream {stream} entry {id}");
     assert_eq!(bad[0].id, format!("{stream}:{not_json}"));
     assert_eq!(bad[0].location, where_(&not_json));
-    assert!(bad[0].error.starts_with(&where_(&not_json)), "{}", bad[0].error);
+    assert!(
+        bad[0].error.starts_with(&where_(&not_json)),
+        "{}",
+        bad[0].error
+    );
     assert!(bad[0].error.contains("not JSON"), "{}", bad[0].error);
     assert_eq!(bad[0].raw, "{\"n\": tru");
     assert_eq!(bad[1].id, format!("{stream}:{big}"));
@@ -360,7 +361,8 @@ async fn a_batch_the_store_refuses_is_held_pending_and_kept_fresh_then_stored_on
         let held = pending_detail(&mut c, &stream, "held").await;
         assert_eq!(held.len(), 5, "held, not acked: {held:?}");
         assert!(
-            held.iter().all(|(_, who, idle)| who == "weft" && *idle < 1000),
+            held.iter()
+                .all(|(_, who, idle)| who == "weft" && *idle < 1000),
             "kept fresh: {held:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -410,9 +412,11 @@ async fn entries_a_source_read_before_it_died_are_read_again_with_the_same_ids()
     let later = xadd(&mut c, &stream, &[("data", b"{\"n\": 3}")]).await;
     let second = Arc::new(Mem::default());
     let (stop, h) = spawn(source_cfg(settings), second.clone());
-    wait_until("the pending entries and the new one", Duration::from_secs(10), || {
-        second.count() == 4
-    })
+    wait_until(
+        "the pending entries and the new one",
+        Duration::from_secs(10),
+        || second.count() == 4,
+    )
     .await;
     let mut want: Vec<String> = ids.iter().map(|i| format!("{stream}:{i}")).collect();
     want.push(format!("{stream}:{later}"));
@@ -539,7 +543,10 @@ fn sink_cfg(v: Json) -> RedisSinkConfig {
 }
 
 /// Every entry of a stream: id and fields.
-async fn entries(c: &mut MultiplexedConnection, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+async fn entries(
+    c: &mut MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, Vec<(String, String)>)> {
     let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")

@@ -195,7 +195,10 @@ fn entries_flow_through_with_their_cloudevent_and_bad_ones_go_to_the_dlq() {
         return;
     };
     let id = unique_suffix();
-    let (inn, out) = (format!("weft-test:e2e-in:{id}"), format!("weft-test:e2e-out:{id}"));
+    let (inn, out) = (
+        format!("weft-test:e2e-in:{id}"),
+        format!("weft-test:e2e-out:{id}"),
+    );
     let dedupe = format!("weft-test:e2e-dedupe:{id}:");
     bus.keys = vec![inn.clone(), out.clone(), format!("{dedupe}*")];
     let dir = tempfile::tempdir().unwrap();
@@ -242,7 +245,10 @@ fn entries_flow_through_with_their_cloudevent_and_bad_ones_go_to_the_dlq() {
     )]);
     entries.push(vec![("body", b"{\"id\": 97}".to_vec())]);
     entries.push(vec![
-        ("data", json!({"id": 77, "name": "ce"}).to_string().into_bytes()),
+        (
+            "data",
+            json!({"id": 77, "name": "ce"}).to_string().into_bytes(),
+        ),
         ("ce_id", b"crm-77".to_vec()),
         ("ce_source", b"/crm".to_vec()),
         ("ce_type", b"crm.customer.updated".to_vec()),
@@ -360,7 +366,10 @@ fn sigkill_while_consuming_and_publishing_loses_and_duplicates_nothing() {
     const PRELOADED: u64 = 3000;
     const LATER: u64 = 1500;
     let id = unique_suffix();
-    let (inn, out) = (format!("weft-test:kill-in:{id}"), format!("weft-test:kill-out:{id}"));
+    let (inn, out) = (
+        format!("weft-test:kill-in:{id}"),
+        format!("weft-test:kill-out:{id}"),
+    );
     let dedupe = format!("weft-test:kill-dedupe:{id}:");
     bus.keys = vec![inn.clone(), out.clone(), format!("{dedupe}*")];
     bus.add(&inn, &seq_entries(0..PRELOADED, 97));

@@ -333,7 +333,13 @@ impl RedisSinkConfig {
 pub fn default_group(system: &str) -> String {
     let clean: String = system
         .chars()
-        .map(|c| if c.is_whitespace() || c.is_control() { '_' } else { c })
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     format!("weft-{clean}")
 }
@@ -479,8 +485,10 @@ mod tests {
 
     #[test]
     fn sink_settings() {
-        let c = sink(json!({"url": "redis://h:6379", "stream": "erp", "maxlen": 1000,
-                            "fields": {"origin": "weft"}}))
+        let c = sink(
+            json!({"url": "redis://h:6379", "stream": "erp", "maxlen": 1000,
+                            "fields": {"origin": "weft"}}),
+        )
         .unwrap();
         assert_eq!(c.maxlen, Some(1000));
         assert_eq!(c.field, "data");

@@ -168,7 +168,10 @@ impl RedisSource {
             let Some(last) = entries.last() else { break };
             cursor = last.id.clone();
             tracing::info!(source = %self.system, entries = entries.len(), "reading pending entries again");
-            if let Some(end) = self.hand_over(&mut conn, decoder, &entries, ingest, shutdown).await {
+            if let Some(end) = self
+                .hand_over(&mut conn, decoder, &entries, ingest, shutdown)
+                .await
+            {
                 return Ok(end);
             }
         }
@@ -192,7 +195,10 @@ impl RedisSource {
             if entries.is_empty() {
                 continue;
             }
-            if let Some(end) = self.hand_over(&mut conn, decoder, &entries, ingest, shutdown).await {
+            if let Some(end) = self
+                .hand_over(&mut conn, decoder, &entries, ingest, shutdown)
+                .await
+            {
                 return Ok(end);
             }
         }
@@ -241,7 +247,7 @@ impl RedisSource {
             .query_async(conn)
             .await?;
         let names = group_names(&groups);
-        if !names.iter().any(|n| *n == c.group) {
+        if !names.contains(&c.group) {
             return Err(SetupError::Fatal(format!(
                 "consumer group `{}` does not exist on stream `{}` (and `create: false`); it has {names:?}",
                 c.group, c.stream
@@ -310,7 +316,10 @@ impl RedisSource {
             }
             if !entries.is_empty() {
                 tracing::info!(source = %self.system, entries = entries.len(), "took over entries another consumer held");
-                if let Some(end) = self.hand_over(conn, decoder, &entries, ingest, shutdown).await {
+                if let Some(end) = self
+                    .hand_over(conn, decoder, &entries, ingest, shutdown)
+                    .await
+                {
                     return Some(end);
                 }
             }
