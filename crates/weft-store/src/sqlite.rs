@@ -100,7 +100,7 @@ impl SqliteJournal {
                 tracing::info!(rows = n, "leases of the previous run ended");
             }
         }
-        let tx = writer::spawn(conn, path)?;
+        let tx = writer::spawn(conn, path, synchronous)?;
         Ok(SqliteJournal {
             path: path.to_owned(),
             tx,

@@ -90,7 +90,11 @@ pub(crate) fn id_hash(id: &str) -> Vec<u8> {
 /// connection to `path`. Checkpoints run beside the writer instead of inside
 /// its commits; a page written many times between two checkpoints (outbox
 /// rows come and go) is copied once.
-pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
+pub(crate) fn spawn(
+    conn: Connection,
+    path: &Path,
+    synchronous: crate::Synchronous,
+) -> Result<mpsc::Sender<Job>, StoreError> {
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     // a claim's multi-row UPDATE keeps a statement journal: in memory, not in
     // a temporary file written (and page-faulted) on every claim
@@ -112,6 +116,8 @@ pub(crate) fn spawn(conn: Connection, path: &Path) -> Result<mpsc::Sender<Job>, 
             Writer {
                 conn,
                 next_token: first_token + 1,
+                full: synchronous == crate::Synchronous::Full,
+                syncing: synchronous == crate::Synchronous::Full,
             }
             .run(rx);
             drop(alive);
@@ -163,6 +169,36 @@ fn bump(d: &mut Deltas, flow: &str, dest: &str, f: impl FnOnce(&mut Counts)) {
 struct Writer {
     conn: Connection,
     next_token: i64,
+    /// `store.synchronous: full`: a commit that acknowledges something
+    /// outside the store is on disk (fsynced) before its reply.
+    full: bool,
+    /// The connection's `synchronous` is FULL now (else NORMAL).
+    syncing: bool,
+}
+
+impl Op {
+    /// Whether the commit holding this op must be on disk before the reply:
+    /// everything that acknowledges to the outside (an ingest before its 2xx,
+    /// ack or checkpoint; an operator's command). A claim (leases end with
+    /// the process anyway) and a plain settle are bookkeeping: committed (a
+    /// kill -9 keeps them: the WAL is in the OS's cache) and fsynced by the
+    /// next acknowledging commit or checkpoint. After a power loss, settles
+    /// since the last fsync roll back and those rows are delivered again
+    /// under the same idempotency key, as after a crash mid-delivery. A
+    /// settle that records what the destination gave back (an id, a
+    /// version: the crosswalk) or enters follow-ups is synced.
+    fn must_sync(&self) -> bool {
+        match self {
+            Op::Claim(_) | Op::Prune { .. } | Op::Drift(_) => false,
+            Op::Settle(s) => {
+                !s.follow_ups.is_empty()
+                    || s.items.iter().any(
+                        |i| matches!(&i.outcome, crate::Outcome::Delivered(w) if !w.is_empty()),
+                    )
+            }
+            _ => true,
+        }
+    }
 }
 
 impl Writer {
@@ -199,6 +235,14 @@ impl Writer {
     /// savepoint per job on the common path copied every page it touched into
     /// the statement journal: about a tenth of the writer's time.)
     fn commit_group(&mut self, jobs: &[Job]) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+        // fsync the commit only when one of its jobs needs it; in WAL mode
+        // that fsync makes every earlier commit durable too
+        let sync = self.full && jobs.iter().any(|j| j.op.must_sync());
+        if sync != self.syncing {
+            self.conn
+                .pragma_update(None, "synchronous", if sync { "FULL" } else { "NORMAL" })?;
+            self.syncing = sync;
+        }
         if let Some(results) = self.commit_all(jobs)? {
             return Ok(results);
         }
@@ -1428,6 +1472,82 @@ fn discard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn job(op: Op) -> Job {
+        Job {
+            op,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// With `synchronous: full`, a commit that acknowledges something is
+    /// fsynced (FULL, 2) and a claim or a plain settle is not (NORMAL, 1);
+    /// with `normal`, nothing switches to FULL.
+    #[test]
+    fn only_commits_that_acknowledge_are_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
+        crate::configure(&conn, crate::Synchronous::Full).unwrap();
+        crate::schema::migrate_to(&mut conn, crate::schema::latest_version()).unwrap();
+        let mut w = Writer {
+            conn,
+            next_token: 1,
+            full: true,
+            syncing: true,
+        };
+        let claim = || {
+            job(Op::Claim(ClaimRequest {
+                lane: crate::LaneId {
+                    flow: "f".into(),
+                    destination: "d".into(),
+                },
+                max: 10,
+                per_key: 1,
+                lease: Duration::from_secs(30),
+            }))
+        };
+        let ingest = || {
+            job(Op::Ingest(IngestBatch {
+                source: "s".into(),
+                dedupe: crate::Dedupe::Id,
+                events: vec![],
+                checkpoint: Some(("k".into(), "1".into())),
+            }))
+        };
+        let settle = |outcome: crate::Outcome| {
+            job(Op::Settle(crate::Settle {
+                items: vec![crate::Settlement {
+                    id: 1,
+                    token: 1,
+                    outcome,
+                }],
+                follow_ups: vec![],
+            }))
+        };
+        w.commit_group(&[claim()]).unwrap();
+        assert_eq!(synchronous(&w.conn), 1, "a claim alone: NORMAL");
+        w.commit_group(&[claim(), ingest()]).unwrap();
+        assert_eq!(synchronous(&w.conn), 2, "with an ingest: FULL");
+        w.commit_group(&[settle(crate::Outcome::Delivered(Default::default()))])
+            .unwrap();
+        assert_eq!(synchronous(&w.conn), 1, "a plain settle: NORMAL");
+        let with_id = crate::WriteOutcome {
+            external_id: Some("X-1".into()),
+            ..Default::default()
+        };
+        w.commit_group(&[settle(crate::Outcome::Delivered(with_id))])
+            .unwrap();
+        assert_eq!(synchronous(&w.conn), 2, "a settle keeping an id: FULL");
+        // `synchronous: normal` never fsyncs a commit
+        w.full = false;
+        w.commit_group(&[ingest()]).unwrap();
+        assert_eq!(synchronous(&w.conn), 1);
+    }
 
     /// Pins the claim slowing down with the backlog: the timer queries of
     /// every claim must search the partial index, never scan the outbox.
