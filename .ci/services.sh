@@ -69,6 +69,11 @@ if ! up 5672; then
   for _ in $(seq 1 120); do up 5672 && break; sleep 0.5; done
   up 5672 || echo "WARNING: RabbitMQ did not come up"
 fi
+if ! up 1883; then
+  echo "starting Mosquitto"
+  mosquitto -d -c /etc/mosquitto/mosquitto.conf || true
+  wait_up 1883 || echo "WARNING: Mosquitto did not come up"
+fi
 if ! up 6379; then
   echo "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis

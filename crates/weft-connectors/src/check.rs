@@ -156,6 +156,37 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 );
             }
         }
+        #[cfg(feature = "mqtt")]
+        {
+            use crate::broker::mqtt;
+            if let Some(SourceSpec::Mqtt { settings }) = &sys.source
+                && let Err(found) = mqtt::MqttSourceConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+            if let Some(SinkSpec::Mqtt { settings }) = &sys.sink
+                && let Err(found) = mqtt::MqttSinkConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+        }
+        #[cfg(not(feature = "mqtt"))]
+        {
+            if let Some(SourceSpec::Mqtt { .. }) = &sys.source {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.source.mqtt"),
+                    crate::without_feature("mqtt", "MQTT"),
+                );
+            }
+            if let Some(SinkSpec::Mqtt { .. }) = &sys.sink {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.sink.mqtt"),
+                    crate::without_feature("mqtt", "MQTT"),
+                );
+            }
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -18,7 +18,8 @@
         feature = "mysql",
         feature = "nats",
         feature = "amqp",
-        feature = "redis"
+        feature = "redis",
+        feature = "mqtt"
     )),
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]

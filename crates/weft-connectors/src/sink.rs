@@ -276,6 +276,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
         SinkSpec::Redis { .. } => {
             return Err(err(crate::without_feature("redis", "Redis Streams")));
         }
+        #[cfg(feature = "mqtt")]
+        SinkSpec::Mqtt { settings } => {
+            use crate::broker::mqtt;
+            let cfg = mqtt::MqttSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(mqtt::config::describe(&issues)))?;
+            let (sink, why) = mqtt::MqttSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "mqtt"))]
+        SinkSpec::Mqtt { .. } => {
+            return Err(err(crate::without_feature("mqtt", "MQTT")));
+        }
     };
     Ok(BuiltSink { sink, down })
 }

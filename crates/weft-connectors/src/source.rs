@@ -135,6 +135,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::Nats { settings } => nats(system, settings)?,
         SourceSpec::Amqp { settings } => amqp(system, settings)?,
         SourceSpec::Redis { settings } => redis(system, settings)?,
+        SourceSpec::Mqtt { settings } => mqtt(system, settings)?,
     })
 }
 
@@ -273,6 +274,33 @@ fn redis(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("redis", "Redis Streams"),
+    })
+}
+
+#[cfg(feature = "mqtt")]
+fn mqtt(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    use crate::broker::mqtt;
+    let cfg =
+        mqtt::MqttSourceConfig::from_settings(system, settings).map_err(|issues| SourceError {
+            system: system.to_owned(),
+            message: mqtt::config::describe(&issues),
+        })?;
+    Ok(SourceHandle::Task(Box::new(mqtt::MqttSource::new(
+        system, cfg,
+    ))))
+}
+
+#[cfg(not(feature = "mqtt"))]
+fn mqtt(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("mqtt", "MQTT"),
     })
 }
 

@@ -22,14 +22,22 @@
 //! - [`redis`]: Redis Streams (cargo feature `redis`, on by default); Redis
 //!   has no deduplication id, so its sink keeps one key per idempotency key
 //!   beside the stream (a Lua script).
+//! - [`mqtt`]: MQTT 5 (cargo feature `mqtt`, on by default).
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
-#[cfg(any(feature = "nats", feature = "amqp", feature = "redis"))]
+#[cfg(any(
+    feature = "nats",
+    feature = "amqp",
+    feature = "redis",
+    feature = "mqtt"
+))]
 pub(crate) mod settings;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -104,6 +112,15 @@ pub const AMQP_UNDERSCORE: Binding = Binding {
 /// `ce_id`, `ce_source`, ...; `datacontenttype` is the field `content-type`.
 pub const REDIS: Binding = Binding {
     prefix: "ce_",
+    content_type: "content-type",
+};
+
+/// The MQTT protocol binding (CloudEvents MQTT binding 1.0.2, MQTT 5
+/// binary mode): each attribute is a user property named as the attribute
+/// (`id`, `source`, ...); `datacontenttype` is the message's Content Type
+/// property, which the MQTT connector hands over under `content-type`.
+pub const MQTT: Binding = Binding {
+    prefix: "",
     content_type: "content-type",
 };
 

@@ -227,6 +227,10 @@ pub enum RawSource {
     /// settings are the connector's own (weft-connectors
     /// `broker/redis/config.rs`).
     Redis(ConnectorSettings),
+    /// An MQTT 5 subscriber (QoS 1, persistent session): each message
+    /// acknowledged (PUBACK) once it is stored. Its settings are the
+    /// connector's own (weft-connectors `broker/mqtt/config.rs`).
+    Mqtt(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -257,6 +261,11 @@ pub enum RawSink {
     /// script keeps a dedupe key beside the stream). Its settings are the
     /// connector's own (weft-connectors `broker/redis/config.rs`).
     Redis(ConnectorSettings),
+    /// Publishes to an MQTT 5 topic at QoS 1 with the CloudEvents `id`
+    /// user property = the idempotency key, waiting for the PUBACK. Its
+    /// settings are the connector's own (weft-connectors
+    /// `broker/mqtt/config.rs`).
+    Mqtt(ConnectorSettings),
 }
 
 /// Webhook source settings.
@@ -1252,7 +1261,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream. amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout. redis source: url, stream, group, consumer, create, start (all|new), batch, block, claim_idle, field, format (json), max_message_bytes, event_id (auto|position), event_type, connect_timeout. redis sink: url, stream, maxlen, field, fields, event_type, event_source, dedupe_ttl, dedupe_prefix, timeout, connect_timeout."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type. mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type. nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream. amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout. redis source: url, stream, group, consumer, create, start (all|new), batch, block, claim_idle, field, format (json), max_message_bytes, event_id (auto|position), event_type, connect_timeout. redis sink: url, stream, maxlen, field, fields, event_type, event_source, dedupe_ttl, dedupe_prefix, timeout, connect_timeout. mqtt source: url (mqtt://user:password@host:port), topics, qos (1), client_id, session_expiry, batch, receive_maximum, format (json), max_message_bytes, event_id (auto|content|{field: .path}), event_type, connect_timeout, keep_alive. mqtt sink: url, topic (with {key} and {field} placeholders), qos (1), retain, client_id, user_properties, event_type, event_source, timeout, connect_timeout, keep_alive."
         })
     }
 }

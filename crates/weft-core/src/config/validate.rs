@@ -188,6 +188,8 @@ pub enum SourceSpec {
     Amqp { settings: ConnectorSettings },
     /// A Redis Streams consumer group; the connector validates `settings`.
     Redis { settings: ConnectorSettings },
+    /// An MQTT subscriber; the connector validates `settings`.
+    Mqtt { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -203,6 +205,7 @@ impl SourceSpec {
             SourceSpec::Nats { .. } => "nats",
             SourceSpec::Amqp { .. } => "amqp",
             SourceSpec::Redis { .. } => "redis",
+            SourceSpec::Mqtt { .. } => "mqtt",
         }
     }
 }
@@ -311,6 +314,10 @@ pub enum SinkSpec {
     Redis {
         settings: ConnectorSettings,
     },
+    /// An MQTT publisher; the connector validates `settings`.
+    Mqtt {
+        settings: ConnectorSettings,
+    },
 }
 
 impl SinkSpec {
@@ -325,6 +332,7 @@ impl SinkSpec {
             SinkSpec::Nats { .. } => "nats",
             SinkSpec::Amqp { .. } => "amqp",
             SinkSpec::Redis { .. } => "redis",
+            SinkSpec::Mqtt { .. } => "mqtt",
         }
     }
 }
@@ -1321,6 +1329,7 @@ fn source_spec(
         RawSource::Nats(settings) => Some(SourceSpec::Nats { settings }),
         RawSource::Amqp(settings) => Some(SourceSpec::Amqp { settings }),
         RawSource::Redis(settings) => Some(SourceSpec::Redis { settings }),
+        RawSource::Mqtt(settings) => Some(SourceSpec::Mqtt { settings }),
     }
 }
 
@@ -1699,6 +1708,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         RawSink::Nats(settings) => Some(SinkSpec::Nats { settings }),
         RawSink::Amqp(settings) => Some(SinkSpec::Amqp { settings }),
         RawSink::Redis(settings) => Some(SinkSpec::Redis { settings }),
+        RawSink::Mqtt(settings) => Some(SinkSpec::Mqtt { settings }),
     }
 }
 
