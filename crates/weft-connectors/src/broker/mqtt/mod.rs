@@ -111,6 +111,7 @@ impl Link {
         let now = current.clone();
         let task = tokio::spawn(async move {
             let mut conn = 0u64;
+            let mut closing = false;
             let mut pause = Duration::from_millis(100);
             loop {
                 let polled = match el.poll().await {
@@ -123,22 +124,23 @@ impl Link {
                             max_packet: c.properties.and_then(|p| p.max_packet_size),
                         }
                     }
+                    Ok(_) if closing => continue,
                     Ok(Event::Incoming(Packet::Publish(p))) => Polled::Publish(p),
                     Ok(Event::Incoming(Packet::SubAck(s))) => Polled::SubAck(s),
                     Ok(Event::Incoming(Packet::PubAck(a))) => Polled::PubAck(a),
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Polled::Sent(pkid),
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        // the broker closes the connection once it has
+                        // read the DISCONNECT, so everything before it
+                        // (acks) too: wait for that (a new connection
+                        // with this client id could otherwise take the
+                        // session over first, dropping unread acks)
                         now.store(0, Ordering::SeqCst);
-                        let _ = tx.send((
-                            conn,
-                            Polled::Lost {
-                                why: "disconnected".into(),
-                                refused: false,
-                            },
-                        ));
-                        return;
+                        closing = true;
+                        continue;
                     }
                     Ok(_) => continue,
+                    Err(_) if closing => return,
                     Err(e) => {
                         now.store(0, Ordering::SeqCst);
                         let refused = matches!(
@@ -176,8 +178,9 @@ impl Link {
         }
     }
 
-    /// Send DISCONNECT after what is queued (acks) and wait a little for
-    /// the task to write it; the broker keeps a persistent session.
+    /// Send DISCONNECT after what is queued (acks) and wait (2 s at most)
+    /// until the broker closed the connection: it has then read every ack
+    /// before it. The broker keeps a persistent session.
     pub async fn close(mut self) {
         if tokio::time::timeout(Duration::from_millis(500), self.client.disconnect())
             .await
