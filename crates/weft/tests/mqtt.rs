@@ -551,6 +551,10 @@ impl OwnBroker {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
+        // mosquitto started as root runs as user `mosquitto`: its
+        // persistence directory must be writable for it
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let port = free_port();
         std::fs::write(
             dir.path().join("mosquitto.conf"),
