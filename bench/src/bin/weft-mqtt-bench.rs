@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -69,6 +70,8 @@ async fn peer(port: u16, id: &str, session: bool) -> anyhow::Result<Peer> {
                     Ok(Event::Incoming(Packet::Publish(_))) => {
                         got.fetch_add(1, Ordering::Relaxed);
                     }
+                    // left on purpose: never connect again
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -101,6 +102,8 @@ impl Peer {
                             subacks.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => got.lock().unwrap().push(p),
+                        // left on purpose: never connect again
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                         Ok(_) => {}
                         Err(e) => {
                             if let Some(tx) = first.take() {
