@@ -472,7 +472,7 @@ fn sigkill_while_consuming_and_publishing_loses_nothing_and_never_changes_an_id(
         let acks = peer.acks.clone();
         let topic = topic.clone();
         peer.rt.spawn(async move {
-            for chunk in seqs(&topic, PRELOADED..PRELOADED + LATER).chunks(40) {
+            for chunk in seqs(&topic, PRELOADED..PRELOADED + LATER).chunks(20) {
                 publish(&client, &acks, chunk.to_vec()).await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
