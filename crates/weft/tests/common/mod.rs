@@ -393,6 +393,21 @@ pub fn unique_suffix() -> String {
     format!("{:016x}", t ^ ((std::process::id() as u64) << 40))
 }
 
+/// Stop a server a test started: SIGTERM, then SIGKILL if it is still up
+/// after 10 s; returns once it has exited.
+pub fn terminate(c: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while matches!(c.try_wait(), Ok(None)) {
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Start weft, let it run a while, SIGKILL it, again and again while
 /// `busy()` holds (pauses of 0.4 to 1.3 s). Returns how many kills and
 /// each run's log.
