@@ -961,6 +961,66 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// `weft check` for an HTTP sink: a `HEAD` on the URL up to its first
+/// placeholder, with the configured headers (see [`crate::probe`]). Only
+/// an unreachable host, a TLS failure, 401 or 403 fail it.
+pub async fn probe(
+    cfg: &HttpSinkConfig,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let fixed = cfg.url.split('{').next().unwrap_or_default();
+    let url = match Url::parse(fixed) {
+        Ok(u) => u,
+        Err(e) => return Finding::fail(format!("the URL does not parse: {e}")),
+    };
+    let mut shown = url.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.set_query(None);
+    let mut headers = HeaderMap::new();
+    for (k, v) in &cfg.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v.expose()),
+        ) else {
+            return Finding::fail(format!("header `{k}` is not a valid header"));
+        };
+        headers.insert(name, value);
+    }
+    let client = match reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return Finding::fail(format!("cannot build an HTTP client: {e}")),
+    };
+    match client.head(url).headers(headers).send().await {
+        Ok(r) => {
+            let s = r.status();
+            if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN {
+                Finding::fail(format!(
+                    "HEAD {shown} answered {s}: the credentials in `headers` are refused"
+                ))
+            } else {
+                Finding::ok(format!("HEAD {shown} answered {s}"))
+            }
+        }
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            Finding::fail(format!("HEAD {shown} failed: {why}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

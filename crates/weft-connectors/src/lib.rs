@@ -27,6 +27,7 @@
 pub mod broker;
 pub mod cdc;
 pub mod check;
+pub mod probe;
 pub mod sink;
 pub mod source;
 

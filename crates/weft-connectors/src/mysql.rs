@@ -674,6 +674,21 @@ impl Sink for MysqlSink {
     }
 }
 
+/// `weft check` for a MariaDB/MySQL sink: connect and check the table as
+/// at start (its columns, a primary or unique key on exactly `key`, no
+/// other unique index unless allowed). Privileges are not read here: the
+/// server checks them on the first write.
+pub async fn probe(cfg: &weft_core::config::raw::MysqlSinkConfig) -> crate::probe::Finding {
+    match MysqlSink::connect(cfg).await {
+        Ok(_) => crate::probe::Finding::ok(format!(
+            "connected; table `{}` has the columns and a unique key on ({})",
+            cfg.table,
+            cfg.key.join(", ")
+        )),
+        Err(e) => crate::probe::Finding::fail(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

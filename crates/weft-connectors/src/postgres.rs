@@ -326,7 +326,49 @@ impl PostgresSink {
                 e,
             )
         })?;
+        self.check_unique_key(&client).await?;
         Ok(Conn { client, upsert })
+    }
+
+    /// `ON CONFLICT (key)` needs a unique index on exactly the key columns
+    /// (not partial, not deferrable). PostgreSQL looks for it only when the
+    /// statement is planned, at the first write, so preparing the upsert
+    /// does not tell: ask the catalog.
+    async fn check_unique_key(&self, client: &Client) -> Result<(), SinkError> {
+        let quoted = self
+            .table
+            .split('.')
+            .map(quote)
+            .collect::<Vec<_>>()
+            .join(".");
+        let mut key: Vec<String> = self
+            .key
+            .iter()
+            .map(|&k| self.columns[k].name.clone())
+            .collect();
+        key.sort();
+        let found = client
+            .query_one(
+                "SELECT EXISTS (
+                   SELECT 1 FROM pg_index i
+                   WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indimmediate
+                     AND i.indpred IS NULL AND i.indexprs IS NULL
+                     AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+                          FROM unnest(i.indkey::int2[]) k
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k) = $2::text[])",
+                &[&quoted, &key],
+            )
+            .await
+            .map_err(|e| classify(&format!("cannot read the indexes of `{}`", self.table), e))?;
+        if found.get::<_, bool>(0) {
+            Ok(())
+        } else {
+            Err(SinkError::permanent(format!(
+                "table `{}` has no primary key or unique index on exactly ({}) (one that is not partial or deferrable); the upsert needs one",
+                self.table,
+                key.join(", ")
+            )))
+        }
     }
 
     async fn take(&self) -> Result<Conn, SinkError> {
@@ -733,6 +775,59 @@ impl Sink for PostgresSink {
     /// in order in one transaction: one result for all.
     fn folds_keys(&self) -> bool {
         true
+    }
+}
+
+/// `weft check` for a PostgreSQL sink: connect, prepare the upsert (the
+/// table, its columns and a unique key on exactly `key`, as at start), and
+/// ask whether the user may insert and update the table.
+pub async fn probe(cfg: &weft_core::config::raw::PostgresSinkConfig) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let sink = match PostgresSink::connect(cfg).await {
+        Ok(s) => s,
+        Err(e) => return Finding::fail(e),
+    };
+    let conn = match sink.take().await {
+        Ok(c) => c,
+        Err(e) => return Finding::fail(e.message),
+    };
+    let row = conn
+        .client
+        .query_one(
+            "SELECT has_table_privilege($1, 'INSERT'), has_table_privilege($1, 'UPDATE'), current_user::text",
+            &[&cfg.table],
+        )
+        .await;
+    match row {
+        Ok(r) => {
+            let (insert, update, user): (bool, bool, String) = (r.get(0), r.get(1), r.get(2));
+            let missing: Vec<&str> = [(insert, "INSERT"), (update, "UPDATE")]
+                .into_iter()
+                .filter(|(has, _)| !has)
+                .map(|(_, p)| p)
+                .collect();
+            if missing.is_empty() {
+                Finding::ok(format!(
+                    "connected to {} as `{user}`; table `{}` has a unique key on ({}); INSERT and UPDATE granted",
+                    sink.endpoint,
+                    cfg.table,
+                    cfg.key.join(", ")
+                ))
+            } else {
+                Finding::fail(format!(
+                    "user `{user}` lacks {} on table `{}` (GRANT {} ON {} TO {user})",
+                    missing.join(" and "),
+                    cfg.table,
+                    missing.join(", "),
+                    cfg.table
+                ))
+            }
+        }
+        Err(e) => Finding::fail(format!(
+            "cannot read the privileges on `{}`: {}",
+            cfg.table,
+            pg_message(&e)
+        )),
     }
 }
 

@@ -478,3 +478,108 @@ impl Sink for SqliteSink {
         true
     }
 }
+
+/// `weft check` for a SQLite sink: read-only. The file and table may not
+/// exist yet when `columns` are given (weft creates them); an existing
+/// table needs the key columns and a primary key or unique index on exactly
+/// them (the upsert's `ON CONFLICT`).
+pub fn probe(cfg: &weft_core::config::raw::SqliteSinkConfig, path: &Path) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    use rusqlite::OpenFlags;
+    if !path.exists() {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if cfg.columns.is_none() {
+            return Finding::fail(format!(
+                "{} does not exist and no `columns` are given to create table `{}`",
+                path.display(),
+                cfg.table
+            ));
+        }
+        return match crate::probe::writable(dir) {
+            Ok(()) => Finding::ok(format!(
+                "{} will be created with table `{}`",
+                path.display(),
+                cfg.table
+            )),
+            Err(e) => Finding::fail(format!(
+                "{} does not exist and {} is not writable: {e}",
+                path.display(),
+                dir.display()
+            )),
+        };
+    }
+    let conn = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        Ok(c) => c,
+        Err(e) => return Finding::fail(format!("cannot open {}: {e}", path.display())),
+    };
+    let existing = match table_columns(&conn, &cfg.table) {
+        Ok(c) => c,
+        Err(e) => return Finding::fail(e),
+    };
+    if existing.is_empty() {
+        return if cfg.columns.is_some() {
+            Finding::ok(format!(
+                "table `{}` will be created in {}",
+                cfg.table,
+                path.display()
+            ))
+        } else {
+            Finding::fail(format!(
+                "table `{}` does not exist in {} and no `columns` are given to create it",
+                cfg.table,
+                path.display()
+            ))
+        };
+    }
+    if let Some(k) = cfg.key.iter().find(|k| !existing.contains(*k)) {
+        return Finding::fail(format!(
+            "key column `{k}` is not a column of table `{}`",
+            cfg.table
+        ));
+    }
+    match unique_over(&conn, &cfg.table, &cfg.key) {
+        Ok(true) => Finding::ok(format!(
+            "table `{}` has {} columns and a unique key on ({})",
+            cfg.table,
+            existing.len(),
+            cfg.key.join(", ")
+        )),
+        Ok(false) => Finding::fail(format!(
+            "table `{}` has no primary key or unique index on exactly ({}); the upsert needs one",
+            cfg.table,
+            cfg.key.join(", ")
+        )),
+        Err(e) => Finding::fail(format!("cannot read the indexes of `{}`: {e}", cfg.table)),
+    }
+}
+
+/// Whether `table` has a primary key or unique index whose columns are
+/// exactly `key` (in any order).
+fn unique_over(conn: &Connection, table: &str, key: &[String]) -> rusqlite::Result<bool> {
+    let want: std::collections::BTreeSet<&str> = key.iter().map(String::as_str).collect();
+    let mut list = conn.prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1")?;
+    let names: Vec<String> = list
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in names {
+        let mut info = conn.prepare("SELECT name FROM pragma_index_info(?1)")?;
+        let cols: Vec<Option<String>> = info
+            .query_map([&name], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let cols: std::collections::BTreeSet<&str> =
+            cols.iter().flatten().map(String::as_str).collect();
+        if cols == want {
+            return Ok(true);
+        }
+    }
+    // a rowid table's `INTEGER PRIMARY KEY` has no index of its own
+    let mut pk = conn.prepare("SELECT name FROM pragma_table_info(?1) WHERE pk > 0")?;
+    let cols: Vec<String> = pk
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let cols: std::collections::BTreeSet<&str> = cols.iter().map(String::as_str).collect();
+    Ok(cols == want)
+}

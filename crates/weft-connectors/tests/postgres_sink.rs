@@ -371,6 +371,64 @@ async fn missing_table_fails_at_connect() {
     assert!(err.contains("42P01"), "{err}");
 }
 
+/// `ON CONFLICT (key)` finds its unique index only when PostgreSQL plans
+/// the statement (the first write), not when it is prepared: the sink asks
+/// the catalog at connect, so a table without a usable unique key on
+/// exactly the key columns fails at start instead of dead-lettering every
+/// record. Composite keys match in any order.
+#[tokio::test]
+async fn a_key_without_a_unique_index_fails_at_connect() {
+    let Some(client) = admin().await else { return };
+    let cols = &[("a", "text"), ("b", "text"), ("v", "text")];
+    for (ddl, key, fits) in [
+        ("a text, b text, v text", &["a"][..], false),
+        ("a text, b text, v text, UNIQUE (a, b)", &["a"][..], false),
+        (
+            "a text, b text, v text, PRIMARY KEY (a, b)",
+            &["b", "a"][..],
+            true,
+        ),
+        ("a text UNIQUE, b text, v text", &["a"][..], true),
+        (
+            "a text, b text, v text, UNIQUE (a) DEFERRABLE INITIALLY DEFERRED",
+            &["a"][..],
+            false,
+        ),
+    ] {
+        let t = Table::create(admin().await.unwrap(), ddl).await;
+        let got = PostgresSink::connect(&cfg(&t.name, cols, key)).await;
+        match (&got, fits) {
+            (Ok(_), true) => {}
+            (Err(e), false) => assert!(e.contains("no primary key or unique index"), "{ddl}: {e}"),
+            (Ok(_), false) => panic!("{ddl}: accepted key {key:?} without a unique index"),
+            (Err(e), true) => panic!("{ddl}: refused key {key:?}: {e}"),
+        }
+        if fits {
+            let sink = got.unwrap();
+            let r = sink
+                .write(&[delivery(1, json!({"a": "x", "b": "y", "v": "1"}))])
+                .await;
+            assert!(r[0].is_ok(), "{ddl}: {:?}", r[0]);
+        }
+        // a partial index cannot serve `ON CONFLICT (a)` either
+        t.drop_table().await;
+    }
+    let t = Table::create(client, "a text, b text, v text").await;
+    t.client
+        .batch_execute(&format!(
+            "CREATE UNIQUE INDEX ON {} (a) WHERE v IS NOT NULL",
+            t.name
+        ))
+        .await
+        .unwrap();
+    let err = PostgresSink::connect(&cfg(&t.name, cols, &["a"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("no primary key or unique index"), "{err}");
+    t.drop_table().await;
+}
+
 /// The MariaDB sink folded keys sharing their first 8 bytes into one row
 /// (a `Debug` rendering); pin that this sink folds on the real values.
 #[tokio::test]

@@ -8,6 +8,8 @@ mod dlq;
 mod drift;
 mod identity;
 mod maptest;
+mod probe;
+mod progress;
 mod status;
 
 use std::net::SocketAddr;
@@ -54,11 +56,25 @@ enum Cmd {
         /// Admin API and metrics listen address, overriding `server.admin_listen`.
         #[arg(long, env = "WEFT_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
+        /// With `--until-idle`: a progress bar on a terminal, plain lines
+        /// every 5 s elsewhere (`auto`), or always one of them, or none.
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: progress::Mode,
     },
     /// Check a config file and report every problem with its line.
     Validate {
         /// The config file.
         config: PathBuf,
+    },
+    /// Connect to every system of a config and say, one line each, whether
+    /// weft can work with it: reachable, credentials, tables, keys, slots,
+    /// streams. Reads only. Exit code 1 when a check failed.
+    Check {
+        /// The config file.
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Counts per flow and destination: received, delivered, dead-lettered,
     /// rejected, filtered, pending, and whether they add up.
@@ -174,8 +190,10 @@ fn main() -> ExitCode {
             until_idle,
             listen,
             admin_listen,
-        } => run(&config, until_idle, listen, admin_listen),
+            progress,
+        } => run(&config, until_idle, listen, admin_listen, progress),
         Cmd::Validate { config } => validate(&config),
+        Cmd::Check { config, json } => probe::check(&config, json),
         Cmd::Status { cfg, json } => status::status(&cfg.config, json),
         Cmd::Dlq { cmd } => dlq::dlq(cmd),
         Cmd::Contract { cmd } => contract::contract(cmd),
@@ -317,6 +335,7 @@ fn run(
     until_idle: bool,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    progress: progress::Mode,
 ) -> Result<ExitCode> {
     let cfg = match load_config(path) {
         Ok(c) => c,
@@ -339,6 +358,7 @@ fn run(
         let admin_listener = tokio::net::TcpListener::bind(admin_addr)
             .await
             .with_context(|| format!("cannot listen on {admin_addr} (server.admin_listen)"))?;
+        let lanes = weft_runtime::lane_list(&cfg);
         let mut runtime = weft_runtime::Runtime::start(cfg).await?;
         let routers = runtime.routers();
         let local = listener.local_addr()?;
@@ -357,6 +377,11 @@ fn run(
             routers.admin,
             stop_server.clone(),
         ));
+        let shown = if until_idle {
+            progress::start(progress, runtime.journal.clone(), lanes)
+        } else {
+            None
+        };
         let outcome = tokio::select! {
             r = runtime.wait_idle(), if until_idle => r.map_err(anyhow::Error::from),
             s = shutdown_signal() => {
@@ -364,6 +389,9 @@ fn run(
                 Ok(())
             }
         };
+        if let Some(p) = shown {
+            p.finish().await;
+        }
         // webhooks get 503 while the sources stop; then the server closes
         runtime.shutdown().await;
         stop_server.cancel();

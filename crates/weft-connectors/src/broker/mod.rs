@@ -48,6 +48,60 @@ use weft_core::Event;
 use crate::sink::Delivery;
 use crate::source::BadRecord;
 
+/// `weft check` for a broker source of `kind`: its config as the connector
+/// reads it, then the broker's own probe.
+pub(crate) async fn probe_source(
+    system: &str,
+    kind: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let _ = (system, settings);
+    match kind {
+        #[cfg(feature = "nats")]
+        "nats" => match nats::NatsSourceConfig::from_settings(system, settings) {
+            Ok(c) => nats::probe_source(system, &c).await,
+            Err(issues) => Finding::fail(nats::config::describe(&issues)),
+        },
+        #[cfg(feature = "amqp")]
+        "amqp" => match amqp::AmqpSourceConfig::from_settings(system, settings) {
+            Ok(c) => amqp::probe_source(system, &c).await,
+            Err(issues) => Finding::fail(amqp::config::describe(&issues)),
+        },
+        #[cfg(feature = "redis")]
+        "redis" => match redis::RedisSourceConfig::from_settings(system, settings) {
+            Ok(c) => redis::probe_source(&c).await,
+            Err(issues) => Finding::fail(redis::config::describe(&issues)),
+        },
+        #[cfg(feature = "mqtt")]
+        "mqtt" => match mqtt::MqttSourceConfig::from_settings(system, settings) {
+            Ok(c) => mqtt::probe(&c.broker, c.keep_alive, c.connect_timeout).await,
+            Err(issues) => Finding::fail(mqtt::config::describe(&issues)),
+        },
+        other => Finding::fail(crate::without_feature(other, other)),
+    }
+}
+
+/// `weft check` for an MQTT sink: a connection of its own (the sink's
+/// client id would take the running hub's session over).
+pub(crate) async fn probe_mqtt_sink(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> crate::probe::Finding {
+    #[cfg(feature = "mqtt")]
+    {
+        match mqtt::MqttSinkConfig::from_settings(system, settings) {
+            Ok(c) => mqtt::probe(&c.broker, c.keep_alive, c.connect_timeout).await,
+            Err(issues) => crate::probe::Finding::fail(mqtt::config::describe(&issues)),
+        }
+    }
+    #[cfg(not(feature = "mqtt"))]
+    {
+        let _ = (system, settings);
+        crate::probe::Finding::fail(crate::without_feature("mqtt", "MQTT"))
+    }
+}
+
 /// How a message's payload is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

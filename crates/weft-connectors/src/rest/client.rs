@@ -145,6 +145,20 @@ impl Client {
         }
     }
 
+    /// One attempt, no retry (`weft check`): the page, or why not.
+    pub(crate) async fn fetch_once(&self, url: &Url) -> Result<Fetched, String> {
+        let shown = display_url(url, self.auth.query_param().map(|q| q.0));
+        match self.attempt(url, &shown).await {
+            Ok(Attempt::Done(f)) => Ok(f),
+            Ok(Attempt::Retry(_, why)) => Err(why),
+            Ok(Attempt::Reauth(_)) => Err(format!(
+                "{} {shown} answered 401 Unauthorized with the OAuth2 token",
+                self.method
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn attempt(&self, url: &Url, shown: &str) -> Result<Attempt, PollError> {
         let token = match &self.auth {
             Auth::OAuth2(o) => match o.token(&self.http).await {

@@ -413,6 +413,46 @@ impl RestSource {
         Ok(report)
     }
 
+    /// `weft check`: request the first page once (GET only; a POST is not
+    /// sent, its host is only connected to) and check its shape.
+    pub async fn probe(&self) -> crate::probe::Finding {
+        use crate::probe::Finding;
+        let since = self
+            .incremental
+            .as_ref()
+            .and_then(|i| i.initial.clone())
+            .map(Value::String);
+        let url = self.url(&Position::First, since.as_ref().map(cursor_text).as_deref());
+        let shown = client::display_url(&url, self.client.auth.query_param().map(|q| q.0));
+        if self.client.method != reqwest::Method::GET {
+            let host = url.host_str().unwrap_or_default().to_owned();
+            let port = url.port_or_known_default().unwrap_or(443);
+            return match crate::probe::tcp_reachable(&host, port, Duration::from_secs(10)).await {
+                Ok(()) => Finding::warn(format!(
+                    "{host}:{port} is reachable; the {} request was not sent (it may change data), so credentials are not checked",
+                    self.client.method
+                )),
+                Err(e) => Finding::fail(e),
+            };
+        }
+        let fetched = match self.client.fetch_once(&url).await {
+            Ok(f) => f,
+            Err(e) => return Finding::fail(e),
+        };
+        match self.parse(&Position::First, &url, &fetched) {
+            Ok(page) => Finding::ok(format!(
+                "GET {shown}: {} records on the first page{}",
+                page.items.len(),
+                if page.next.is_some() {
+                    ", more pages"
+                } else {
+                    ""
+                }
+            )),
+            Err((_, why)) => Finding::fail(format!("GET {shown}: {why}")),
+        }
+    }
+
     /// Fetch one page and check its shape; a page of the wrong shape is
     /// logged, counted and asked for again with backoff (module docs).
     async fn page(

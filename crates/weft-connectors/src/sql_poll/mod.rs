@@ -379,6 +379,22 @@ impl SqlPollSource {
         }
     }
 
+    /// `weft check`: connect, check the table or query and its cursor and
+    /// key columns as at start, and read the first batch (nothing is
+    /// ingested or saved).
+    pub async fn probe(&mut self) -> Result<String, String> {
+        let mut db = self.connect().await?;
+        let rows = db.fetch(Query::First).await?;
+        Ok(format!(
+            "connected; `{}` answers with cursor `{}` and key `{}` ({} rows in the first batch of {})",
+            self.name,
+            self.cursor,
+            self.key,
+            rows.len(),
+            self.batch_size
+        ))
+    }
+
     async fn connect(&self) -> Result<Db, String> {
         let db = match &self.url {
             #[cfg(feature = "postgres")]

@@ -65,3 +65,46 @@ fn header_text(h: &FieldTable, name: &str) -> Option<String> {
         _ => return None,
     })
 }
+
+/// `weft check` for a RabbitMQ source: connect, and check the queue with a
+/// passive declare (or say that weft declares it).
+pub(crate) async fn probe_source(system: &str, c: &AmqpSourceConfig) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let at = config::where_(&c.url);
+    let conn = match connect(&c.url, &format!("weft check {system}"), c.connect_timeout).await {
+        Ok(conn) => conn,
+        Err(e) => return Finding::fail(e),
+    };
+    let ch = match conn.create_channel().await {
+        Ok(ch) => ch,
+        Err(e) => return Finding::fail(format!("cannot open a channel: {e}")),
+    };
+    let found = ch
+        .queue_declare(
+            c.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let out = match (found, c.declare) {
+        (Ok(q), _) => Finding::ok(format!(
+            "connected to {at}; queue `{}` has {} messages and {} consumers",
+            c.queue,
+            q.message_count(),
+            q.consumer_count()
+        )),
+        (Err(_), true) => Finding::ok(format!(
+            "connected to {at}; queue `{}` does not exist yet: weft declares it",
+            c.queue
+        )),
+        (Err(e), false) => Finding::fail(format!(
+            "connected to {at}; queue `{}` does not exist (and `declare: false`): {e}",
+            c.queue
+        )),
+    };
+    let _ = conn.close(200, "weft check done".into()).await;
+    out
+}

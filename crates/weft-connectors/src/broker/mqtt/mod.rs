@@ -210,3 +210,37 @@ fn describe(e: &ConnectionError) -> String {
         other => other.to_string(),
     }
 }
+
+/// `weft check` for an MQTT source or sink: connect with a client id of
+/// its own (`weft-check-<pid>`, a clean session, so the running hub's
+/// persistent session is not taken over) and wait for the CONNACK.
+pub(crate) async fn probe(
+    broker: &Broker,
+    keep_alive: Duration,
+    connect_timeout: Duration,
+) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let at = format!("{}:{}", broker.host, broker.port);
+    let id = format!("weft-check-{}", std::process::id());
+    let mut o = options(broker, &id, keep_alive, connect_timeout);
+    o.set_clean_start(true);
+    let mut link = Link::start(o, 16);
+    let deadline = tokio::time::sleep(connect_timeout.max(Duration::from_secs(1)));
+    tokio::pin!(deadline);
+    let out = loop {
+        tokio::select! {
+            _ = &mut deadline => break Finding::fail(format!("no CONNACK from {at} within {connect_timeout:?}")),
+            ev = link.events.recv() => match ev {
+                Some((_, Polled::Connected { max_packet, .. })) => break Finding::ok(format!(
+                    "connected to {at}{}",
+                    max_packet.map(|m| format!("; the broker takes messages up to {m} bytes")).unwrap_or_default()
+                )),
+                Some((_, Polled::Lost { why, .. })) => break Finding::fail(format!("cannot connect to {at}: {why}")),
+                Some(_) => continue,
+                None => break Finding::fail(format!("cannot connect to {at}: the client stopped")),
+            }
+        }
+    };
+    link.close().await;
+    out
+}

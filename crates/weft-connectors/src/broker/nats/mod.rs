@@ -62,3 +62,64 @@ fn hosts(addrs: &[async_nats::ServerAddr]) -> String {
 fn stream_not_found(e: &async_nats::jetstream::Error) -> bool {
     e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
 }
+
+/// `weft check` for a NATS source: connect, find the stream and the
+/// durable consumer (or say that weft will create them).
+pub(crate) async fn probe_source(system: &str, c: &NatsSourceConfig) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    use async_nats::jetstream;
+    let addrs = match addrs(&c.url) {
+        Ok(a) => a,
+        Err(e) => return Finding::fail(e),
+    };
+    let at = hosts(&addrs);
+    let client = match async_nats::connect_with_options(
+        addrs,
+        options(
+            &format!("{system} check"),
+            c.token.as_ref(),
+            c.connect_timeout,
+        ),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return Finding::fail(format!("cannot connect to NATS at {at}: {e}")),
+    };
+    let js = jetstream::new(client);
+    let mut stream = match js.get_stream(&c.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            let missing = matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j) if stream_not_found(&j));
+            return match (missing, c.create) {
+                (true, true) => Finding::ok(format!(
+                    "connected to {at}; stream `{}` does not exist yet: weft creates it",
+                    c.stream
+                )),
+                (true, false) => Finding::fail(format!(
+                    "connected to {at}; stream `{}` does not exist (and `create: false`)",
+                    c.stream
+                )),
+                _ => Finding::fail(format!("cannot look up stream `{}`: {e}", c.stream)),
+            };
+        }
+    };
+    let messages = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+    let consumer = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(&c.consumer)
+        .await;
+    match (consumer, c.create) {
+        (Ok(_), _) => Finding::ok(format!(
+            "connected to {at}; stream `{}` ({messages} messages), consumer `{}` exists",
+            c.stream, c.consumer
+        )),
+        (Err(_), true) => Finding::ok(format!(
+            "connected to {at}; stream `{}` ({messages} messages); consumer `{}` will be created",
+            c.stream, c.consumer
+        )),
+        (Err(e), false) => Finding::fail(format!(
+            "connected to {at}; consumer `{}` on stream `{}`: {e} (and `create: false`)",
+            c.consumer, c.stream
+        )),
+    }
+}

@@ -99,3 +99,76 @@ fn transient_code(code: &str) -> bool {
             | "NOREPLICAS"
     )
 }
+
+/// `weft check` for a Redis source: connect, and check the stream and the
+/// consumer group (or say that weft creates them).
+pub(crate) async fn probe_source(c: &RedisSourceConfig) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let (cl, at) = match client(&c.url) {
+        Ok(x) => x,
+        Err(e) => return Finding::fail(e),
+    };
+    let mut conn = match connect(&cl, c.connect_timeout, c.connect_timeout).await {
+        Ok(conn) => conn,
+        Err(e) => return Finding::fail(format!("cannot connect to Redis at {at}: {e}")),
+    };
+    let ty: Result<String, RedisError> = ::redis::cmd("TYPE")
+        .arg(&c.stream)
+        .query_async(&mut conn)
+        .await;
+    let ty = match ty {
+        Ok(t) => t,
+        Err(e) => return Finding::fail(format!("connected to {at}; TYPE {}: {e}", c.stream)),
+    };
+    match ty.as_str() {
+        "none" if c.create => {
+            return Finding::ok(format!(
+                "connected to {at}; stream `{}` does not exist yet: weft creates it with group `{}`",
+                c.stream, c.group
+            ));
+        }
+        "none" => {
+            return Finding::fail(format!(
+                "connected to {at}; stream `{}` does not exist (and `create: false`)",
+                c.stream
+            ));
+        }
+        "stream" => {}
+        other => {
+            return Finding::fail(format!(
+                "connected to {at}; key `{}` holds a {other}, not a stream",
+                c.stream
+            ));
+        }
+    }
+    let len: i64 = ::redis::cmd("XLEN")
+        .arg(&c.stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(0);
+    let groups: Result<::redis::Value, RedisError> = ::redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&c.stream)
+        .query_async(&mut conn)
+        .await;
+    let names = match groups {
+        Ok(g) => source::group_names(&g),
+        Err(e) => {
+            return Finding::fail(format!("connected to {at}; XINFO GROUPS {}: {e}", c.stream));
+        }
+    };
+    match (names.contains(&c.group), c.create) {
+        (true, _) => Finding::ok(format!(
+            "connected to {at}; stream `{}` ({len} entries), group `{}` exists",
+            c.stream, c.group
+        )),
+        (false, true) => Finding::ok(format!(
+            "connected to {at}; stream `{}` ({len} entries); group `{}` will be created",
+            c.stream, c.group
+        )),
+        (false, false) => Finding::fail(format!(
+            "connected to {at}; group `{}` does not exist on stream `{}` (and `create: false`); it has {names:?}",
+            c.group, c.stream
+        )),
+    }
+}

@@ -580,7 +580,7 @@ pub fn autoclaim_reply(v: Value) -> (Option<String>, Vec<Entry>, Vec<String>) {
 }
 
 /// The names in an `XINFO GROUPS` reply.
-fn group_names(v: &Value) -> Vec<String> {
+pub(super) fn group_names(v: &Value) -> Vec<String> {
     items(v.clone())
         .into_iter()
         .filter_map(|g| {

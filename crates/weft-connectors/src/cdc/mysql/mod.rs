@@ -1614,6 +1614,72 @@ fn stream_error(e: mysql_async::Error, file: &str, pos: u64) -> Failure {
     }
 }
 
+/// `weft check` for a MariaDB/MySQL CDC source: connect, the binlog
+/// settings CDC needs, each table (there, with a key), that the binary
+/// logs can be listed, and the replication grant.
+pub async fn probe(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let cfg = match config::MyCdcConfig::from_settings(system, settings) {
+        Ok(c) => c,
+        Err(issues) => return Finding::fail(config::describe(&issues)),
+    };
+    match probe_my(&cfg).await {
+        Ok((notes, warn)) if warn => Finding::warn(notes.join("; ")),
+        Ok((notes, _)) => Finding::ok(notes.join("; ")),
+        Err(e) => Finding::fail(e.to_string()),
+    }
+}
+
+async fn probe_my(cfg: &config::MyCdcConfig) -> Result<(Vec<String>, bool), SetupError> {
+    let opts = setup::opts(cfg.url.expose().trim())?;
+    let mut conn = setup::connect(&opts).await?;
+    let server = setup::check_settings(&mut conn).await?;
+    let mut notes = vec![format!(
+        "{} with the binlog in ROW format, full images",
+        server.version
+    )];
+    let mut warn = false;
+    for (db, t) in &cfg.tables {
+        match setup::describe(&mut conn, db, t).await? {
+            Some(info) if info.key.is_empty() => {
+                warn = true;
+                notes.push(format!(
+                    "`{db}.{t}` has no primary or NOT NULL unique key: its updates and deletes carry no key"
+                ));
+            }
+            Some(_) => {}
+            None => {
+                return Err(SetupError::Fatal(format!(
+                    "table `{db}.{t}` does not exist (or the user cannot see it)"
+                )));
+            }
+        }
+    }
+    notes.push(format!("{} tables found", cfg.tables.len()));
+    let logs = setup::binary_logs(&mut conn).await?;
+    notes.push(format!("{} binary logs", logs.len()));
+    let grants: Vec<String> = conn
+        .query("SHOW GRANTS")
+        .await
+        .map_err(setup::my_err("cannot read the grants"))?;
+    let replicates = grants.iter().any(|g| {
+        let g = g.to_ascii_uppercase();
+        g.contains("ALL PRIVILEGES ON *.*")
+            || g.contains("REPLICATION SLAVE")
+            || g.contains("REPLICATION REPLICA")
+    });
+    if !replicates {
+        warn = true;
+        notes.push(
+            "no REPLICATION SLAVE grant seen in SHOW GRANTS (reading the binlog needs it; a role may grant it)".into(),
+        );
+    }
+    Ok((notes, warn))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1684,6 +1684,152 @@ fn row_json(rel: &Rel, data: &RowData) -> Map<String, Value> {
     m
 }
 
+/// `weft check` for a PostgreSQL CDC source: connect, the server settings
+/// CDC needs, the REPLICATION attribute, each table (there, readable, with
+/// a primary key or replica identity), the publication, and the slot:
+/// when it exists, that it is weft's kind and not lost; when not, that one
+/// can be created (a temporary slot, created and dropped at once).
+pub async fn probe(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> crate::probe::Finding {
+    use crate::probe::Finding;
+    let cfg = match config::PgCdcConfig::from_settings(system, settings) {
+        Ok(c) => c,
+        Err(issues) => return Finding::fail(config::describe(&issues)),
+    };
+    match probe_pg(system, &cfg).await {
+        Ok((notes, warn)) if warn => Finding::warn(notes.join("; ")),
+        Ok((notes, _)) => Finding::ok(notes.join("; ")),
+        Err(e) => Finding::fail(e.to_string()),
+    }
+}
+
+async fn probe_pg(
+    system: &str,
+    cfg: &config::PgCdcConfig,
+) -> Result<(Vec<String>, bool), SetupError> {
+    let fail = |what: &'static str| {
+        move |e: tokio_postgres::Error| {
+            SetupError::Fatal(format!("{what}: {}", setup::pg_message(&e)))
+        }
+    };
+    let control = setup::connect(cfg.url.expose().trim(), system).await?;
+    setup::check_settings(&control).await?;
+    let mut notes = vec!["wal_level logical".to_owned()];
+    let mut warn = false;
+    let role = control
+        .query_one(
+            "SELECT current_user::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(fail("cannot read the role"))?;
+    let (user, replication): (String, bool) = (role.get(0), role.get(1));
+    if !replication {
+        return Err(SetupError::Fatal(format!(
+            "role `{user}` may not replicate: `ALTER ROLE {user} REPLICATION`"
+        )));
+    }
+    for (schema, table) in &cfg.tables {
+        let row = control
+            .query_opt(
+                "SELECT c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                        has_table_privilege(c.oid, 'SELECT') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[schema, table],
+            )
+            .await
+            .map_err(fail("cannot read the tables"))?;
+        let Some(row) = row else {
+            return Err(SetupError::Fatal(format!(
+                "table `{schema}.{table}` does not exist (or `{user}` cannot see it)"
+            )));
+        };
+        let (ident, pk, select): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if !select {
+            return Err(SetupError::Fatal(format!(
+                "`{user}` may not read `{schema}.{table}` (the snapshot selects it): GRANT SELECT"
+            )));
+        }
+        if !pk && ident != "f" && ident != "i" {
+            warn = true;
+            notes.push(format!(
+                "`{schema}.{table}` has no primary key or replica identity: its updates and deletes carry no key"
+            ));
+        }
+    }
+    notes.push(format!("{} tables readable", cfg.tables.len()));
+    let published = control
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(fail("cannot read the publications"))?;
+    notes.push(match published {
+        Some(_) => format!(
+            "publication `{}` has {} tables",
+            cfg.publication,
+            setup::publication_tables(&control, &cfg.publication)
+                .await?
+                .len()
+        ),
+        None => format!("publication `{}` will be created", cfg.publication),
+    });
+    let db = setup::database(&control).await?;
+    match setup::slot(&control, &cfg.slot).await? {
+        Some(i) => {
+            if i.plugin.as_deref() != Some("pgoutput") || i.database.as_deref() != Some(db.as_str())
+            {
+                return Err(SetupError::Fatal(format!(
+                    "replication slot `{}` exists but is not a `pgoutput` slot of database `{db}`",
+                    cfg.slot
+                )));
+            }
+            if i.wal_status.as_deref() == Some("lost") {
+                return Err(SetupError::Fatal(format!(
+                    "replication slot `{}` was invalidated (`wal_status = lost`)",
+                    cfg.slot
+                )));
+            }
+            notes.push(format!(
+                "slot `{}` confirmed up to {}{}",
+                cfg.slot,
+                i.confirmed_flush
+                    .map(format_lsn)
+                    .unwrap_or_else(|| "nothing".into()),
+                if i.active_pid.is_some() {
+                    " (in use now)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        None => {
+            let name = format!("weft_check_{}", std::process::id());
+            control
+                .query_one(
+                    "SELECT 1 FROM pg_create_logical_replication_slot($1, 'pgoutput', true)",
+                    &[&name],
+                )
+                .await
+                .map_err(fail("a replication slot cannot be created"))?;
+            control
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+                .map_err(fail("cannot drop the test slot"))?;
+            notes.push(format!(
+                "slot `{}` will be created (a test slot was created and dropped)",
+                cfg.slot
+            ));
+        }
+    }
+    Ok((notes, warn))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
