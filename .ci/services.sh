@@ -87,4 +87,10 @@ fi
 python3 -c 'import prometheus_client, cloudevents' 2>/dev/null \
   || python3 -m pip install --quiet prometheus_client cloudevents \
   || echo "WARNING: cannot install prometheus_client and cloudevents"
+# headless Chromium and its WebDriver for the dashboard's browser test
+if [ ! -x /usr/bin/chromedriver ]; then
+  echo "installing chromium and chromium-driver"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "WARNING: cannot install chromium and chromium-driver (the dashboard test fails under CI=true)"
+fi
 exit 0

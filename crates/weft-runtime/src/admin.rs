@@ -10,6 +10,10 @@
 //! - `POST /api/v1/dlq/{id}/discard`
 //! - `POST /api/v1/dlq/replay`             body: a filter (`flow`, `destination`, `error`, `since`, `limit`); replays every match; an empty filter only with `"all": true`
 //! - `POST /api/v1/dlq/discard`            same, discards
+//! - `POST /api/v1/dlq/jobs`               body: `action` (`replay`|`discard`), a filter, `chunk_size`, `pause_ms`: a background job (202)
+//! - `GET  /api/v1/dlq/jobs`               the kept jobs, newest first
+//! - `GET  /api/v1/dlq/jobs/{id}`          one job's progress
+//! - `POST /api/v1/dlq/jobs/{id}/cancel`   stop it after its current chunk
 
 // Handlers answer with a `Response` either way; boxing it on the error path
 // would only add noise.
@@ -28,21 +32,24 @@ use weft_core::config::{Config, Secret};
 use weft_store::{DlqFilter, Journal};
 
 use crate::dlq::DlqError;
+use crate::dlq_jobs::{Jobs, JobsError};
 
 #[derive(Clone)]
 struct Admin {
     config: Arc<Config>,
     journal: Arc<dyn Journal>,
     token: Option<Secret>,
+    jobs: Arc<Jobs>,
 }
 
 /// The `/api/v1` routes.
-pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>) -> Router {
+pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>, jobs: Arc<Jobs>) -> Router {
     let token = config.server.admin_token.clone();
     let state = Admin {
         config,
         journal,
         token,
+        jobs,
     };
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
@@ -50,6 +57,9 @@ pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>) -> Router {
         .route("/api/v1/dlq", get(list))
         .route("/api/v1/dlq/replay", post(replay_many))
         .route("/api/v1/dlq/discard", post(discard_many))
+        .route("/api/v1/dlq/jobs", get(jobs_list).post(job_start))
+        .route("/api/v1/dlq/jobs/{id}", get(job_show))
+        .route("/api/v1/dlq/jobs/{id}/cancel", post(job_cancel))
         .route("/api/v1/dlq/{id}", get(show))
         .route("/api/v1/dlq/{id}/replay", post(replay_one))
         .route("/api/v1/dlq/{id}/discard", post(discard_one))
@@ -162,24 +172,24 @@ async fn status(State(a): State<Admin>, headers: HeaderMap) -> Response {
 /// DLQ filter as query parameters or a JSON body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FilterParams {
-    flow: Option<String>,
-    destination: Option<String>,
-    error: Option<String>,
+pub(crate) struct FilterParams {
+    pub(crate) flow: Option<String>,
+    pub(crate) destination: Option<String>,
+    pub(crate) error: Option<String>,
     /// A duration such as `1h`: entries that failed within it.
-    since: Option<String>,
-    status: Option<String>,
+    pub(crate) since: Option<String>,
+    pub(crate) status: Option<String>,
     /// Entries with an id above this (the previous page's last id).
-    after_id: Option<i64>,
-    limit: Option<usize>,
+    pub(crate) after_id: Option<i64>,
+    pub(crate) limit: Option<usize>,
     /// Bulk actions: act on every entry although the filter is empty.
-    all: Option<bool>,
+    pub(crate) all: Option<bool>,
     /// Bulk replay: replay even over newer writes of the same key.
-    force: Option<bool>,
+    pub(crate) force: Option<bool>,
 }
 
 impl FilterParams {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.flow.is_none()
             && self.destination.is_none()
             && self.error.is_none()
@@ -187,19 +197,23 @@ impl FilterParams {
     }
 
     fn into_filter(self) -> Result<DlqFilter, Response> {
+        self.into_filter_text()
+            .map_err(|m| error(StatusCode::BAD_REQUEST, m))
+    }
+
+    /// The store's filter, or what is wrong with the parameters.
+    pub(crate) fn into_filter_text(self) -> Result<DlqFilter, String> {
         if let Some(st) = &self.status
             && !["dead", "replayed", "discarded", "all"].contains(&st.as_str())
         {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("status `{st}` is none of dead, replayed, discarded, all"),
+            return Err(format!(
+                "status `{st}` is none of dead, replayed, discarded, all"
             ));
         }
         let since = match &self.since {
             None => None,
             Some(s) => {
-                let d = weft_core::config::parse_duration(s)
-                    .map_err(|m| error(StatusCode::BAD_REQUEST, m))?;
+                let d = weft_core::config::parse_duration(s)?;
                 Some(weft_store::now_ms() - d.as_millis() as i64)
             }
         };
@@ -357,6 +371,119 @@ async fn many(a: Admin, headers: HeaderMap, params: FilterParams, replay: bool) 
             Json(json!({key: done, "failed": failed})).into_response()
         }
         Err(r) => r,
+    }
+}
+
+/// A bulk job: the filter's fields, what to do, and how fast.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    /// `replay` or `discard`.
+    action: String,
+    flow: Option<String>,
+    destination: Option<String>,
+    error: Option<String>,
+    since: Option<String>,
+    /// Act on every dead entry although the filter is empty.
+    all: Option<bool>,
+    /// Replay even over newer writes of the same key.
+    force: Option<bool>,
+    /// Entries between two cancel checks (default 100).
+    chunk_size: Option<usize>,
+    /// Pause after each chunk, ms (default 0).
+    pause_ms: Option<u64>,
+}
+
+/// What the API and the dashboard both need to start a job.
+pub(crate) fn job_spec(
+    action: &str,
+    params: FilterParams,
+    chunk_size: Option<usize>,
+    pause_ms: Option<u64>,
+    by: &'static str,
+) -> Result<crate::dlq_jobs::JobSpec, String> {
+    let action = crate::dlq_jobs::Action::parse(action)
+        .ok_or_else(|| format!("action `{action}` is neither replay nor discard"))?;
+    if params.is_empty() && params.all != Some(true) {
+        return Err("an empty filter matches the whole DLQ: give flow, destination, error or since, or \"all\": true".into());
+    }
+    let force = params.force.unwrap_or(false);
+    let filter = params.into_filter_text()?;
+    Ok(crate::dlq_jobs::JobSpec {
+        action,
+        filter,
+        force,
+        chunk_size: chunk_size.unwrap_or(100),
+        pause: std::time::Duration::from_millis(pause_ms.unwrap_or(0)),
+        by,
+    })
+}
+
+fn jobs_error(e: JobsError) -> Response {
+    match e {
+        JobsError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        JobsError::Busy => error(StatusCode::CONFLICT, e.to_string()),
+        JobsError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn job_start(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    body: Option<Json<JobBody>>,
+) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let Some(Json(b)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a JSON body is needed: {\"action\": \"replay\" | \"discard\", ...a filter}",
+        );
+    };
+    let params = FilterParams {
+        flow: b.flow,
+        destination: b.destination,
+        error: b.error,
+        since: b.since,
+        all: b.all,
+        force: b.force,
+        ..Default::default()
+    };
+    let spec = match job_spec(&b.action, params, b.chunk_size, b.pause_ms, "admin API") {
+        Ok(s) => s,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    match a.jobs.start(spec) {
+        Ok(p) => (StatusCode::ACCEPTED, Json(p)).into_response(),
+        Err(e) => jobs_error(e),
+    }
+}
+
+async fn jobs_list(State(a): State<Admin>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    Json(a.jobs.list()).into_response()
+}
+
+async fn job_show(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    match a.jobs.get(id) {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => jobs_error(e),
+    }
+}
+
+async fn job_cancel(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    match a.jobs.cancel(id) {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => jobs_error(e),
     }
 }
 

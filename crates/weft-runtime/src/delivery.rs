@@ -18,7 +18,7 @@
 //! and nothing spends an attempt.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -52,6 +52,12 @@ pub struct LaneHandle {
     /// ran while it read (else it would count a batch twice).
     pub ingesting: AtomicI64,
     pub ingested: AtomicI64,
+    /// Totals since the start, for the dashboard's series: rows
+    /// delivered, the sum of their latencies (accepted to settled, ms),
+    /// and failed write attempts (retried or dead-lettered).
+    pub delivered_rows: AtomicU64,
+    pub delivered_latency_ms: AtomicU64,
+    pub failed_attempts: AtomicU64,
 }
 
 impl LaneHandle {
@@ -64,6 +70,9 @@ impl LaneHandle {
             high_water,
             ingesting: AtomicI64::new(0),
             ingested: AtomicI64::new(0),
+            delivered_rows: AtomicU64::new(0),
+            delivered_latency_ms: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
         }
     }
 
@@ -378,7 +387,7 @@ impl Lane {
         let hold_key = self.policy.on_dead_letter == OnDeadLetter::HoldKey;
         let mut items = Vec::with_capacity(claimed.len());
         let mut latencies = Vec::new();
-        let (mut delivered, mut dead) = (0u64, 0u64);
+        let (mut delivered, mut dead, mut failures) = (0u64, 0u64, 0u64);
         canonical.resize(claimed.len(), None);
         for ((c, r), cw) in claimed.iter().zip(results).zip(canonical) {
             let outcome = match r {
@@ -420,6 +429,7 @@ impl Lane {
                     if self.redact {
                         e.message = redact_payload(&c.row.payload, &e.message);
                     }
+                    failures += 1;
                     let attempts = c.row.attempts + 1;
                     let retry =
                         e.kind == ErrorKind::Retryable && attempts < self.policy.max_attempts;
@@ -467,6 +477,13 @@ impl Lane {
                         tracing::warn!(flow = %self.flow, destination = %self.dest, stale = s.stale, "results for rows whose lease had ended were ignored");
                     }
                     m::delivered(&self.flow, &self.dest, delivered, &latencies);
+                    let h = &self.handle;
+                    h.delivered_rows.fetch_add(delivered, Ordering::Relaxed);
+                    h.delivered_latency_ms.fetch_add(
+                        latencies.iter().map(|s| (s * 1000.0) as u64).sum(),
+                        Ordering::Relaxed,
+                    );
+                    h.failed_attempts.fetch_add(failures, Ordering::Relaxed);
                     for _ in 0..dead {
                         m::dead_lettered(&self.flow, &self.dest);
                     }

@@ -146,6 +146,8 @@ pub struct Gauges {
 pub struct Snapshot {
     pub counts: Vec<FlowCounts>,
     pub freshness: Vec<Freshness>,
+    /// Dead entries per (flow, destination).
+    pub dlq: Vec<(String, String, i64)>,
 }
 
 impl Gauges {
@@ -240,7 +242,11 @@ impl Gauges {
         for f in &freshness {
             m::freshness_gauges(f);
         }
-        Ok(Snapshot { counts, freshness })
+        Ok(Snapshot {
+            counts,
+            freshness,
+            dlq,
+        })
     }
 }
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod contracts;
 pub mod delivery;
 pub mod dlq;
+pub mod dlq_jobs;
 pub mod drift;
 pub mod gauges;
 pub mod guard;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod references;
 pub mod server;
 pub mod testing;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +66,10 @@ pub struct Runtime {
     gauges: JoinHandle<()>,
     /// Gauges of stored state, also set on every scrape.
     stored_gauges: Arc<gauges::Gauges>,
+    /// What the dashboard shows besides the store: breakers, the lanes'
+    /// series, sources' health.
+    guards: Vec<(String, Arc<guard::Guard>)>,
+    series: Arc<ui::Series>,
 }
 
 impl Runtime {
@@ -264,12 +270,14 @@ impl Runtime {
             guards.iter().map(|(k, g)| (k.clone(), g.clone())).collect(),
             config.flows.clone(),
         ));
+        let series = Arc::new(ui::Series::new(handles.clone()));
         let gauges = tokio::spawn(refresh_gauges(
             journal.clone(),
             stored_gauges.clone(),
             gauges::Alerter::new(&config.flows),
             handles,
             config.store.dedupe_retention,
+            series.clone(),
         ));
         tracing::info!(
             store = %store_name(&config),
@@ -290,6 +298,8 @@ impl Runtime {
             sinks: sinks.into_iter().collect(),
             gauges,
             stored_gauges,
+            guards: guards.into_iter().collect(),
+            series,
         })
     }
 
@@ -297,7 +307,17 @@ impl Runtime {
     /// admin API and metrics on the admin one; health on both.
     pub fn routers(&mut self) -> server::Routers {
         let webhooks = std::mem::take(&mut self.webhooks);
-        let admin = admin::router(self.config.clone(), self.journal.clone());
+        let jobs = dlq_jobs::Jobs::new(self.config.clone(), self.journal.clone());
+        let admin = admin::router(self.config.clone(), self.journal.clone(), jobs.clone()).merge(
+            ui::router(ui::Parts {
+                config: self.config.clone(),
+                journal: self.journal.clone(),
+                jobs,
+                guards: self.guards.clone(),
+                health: self.health.clone(),
+                series: self.series.clone(),
+            }),
+        );
         server::routers(
             &self.config.server,
             self.health.clone(),
@@ -441,6 +461,7 @@ async fn refresh_gauges(
     mut alerter: gauges::Alerter,
     handles: Vec<Arc<delivery::LaneHandle>>,
     retention: Duration,
+    series: Arc<ui::Series>,
 ) {
     let mut tick: u64 = 0;
     loop {
@@ -483,6 +504,7 @@ async fn refresh_gauges(
                         }
                     }
                 }
+                series.record(weft_store::now_ms(), &snap.counts, &snap.dlq);
                 alerter.tick(&snap.freshness).await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot refresh the gauges from the store"),

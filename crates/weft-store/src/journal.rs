@@ -335,6 +335,20 @@ pub trait JournalRead: Send + Sync {
     ) -> Result<Vec<CrosswalkRow>, StoreError>;
     /// Pending rows of a lane, in key order (for inspection and tests).
     fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    /// Every saved source position. Default: none listed (the SQLite
+    /// store lists them).
+    fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// What the store keeps of the records an event id, correlation id or
+    /// entity key names (the dashboard's record inspector). Default: this
+    /// store cannot search (the SQLite store can).
+    fn lookup(&self, id: &str, limit: usize) -> Result<crate::RecordLookup, StoreError> {
+        let _ = (id, limit);
+        Err(StoreError::Invalid(
+            "this store cannot search records yet (the SQLite store can)".into(),
+        ))
+    }
     /// The saved shape of a source stream (JSON). Default: none kept.
     fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
         let _ = source;

@@ -38,7 +38,9 @@ pub use journal::{
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]
 pub use postgres::{PgJournal, PgOptions, PgRole};
-pub use reader::{CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader};
+pub use reader::{
+    Checkpoint, CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader, RecordLookup,
+};
 
 /// DLQ list pages hold this many entries unless asked for fewer.
 pub const DLQ_PAGE: usize = 1000;

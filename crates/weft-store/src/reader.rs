@@ -115,6 +115,30 @@ pub struct DlqFilter {
     pub limit: Option<usize>,
 }
 
+/// A source's saved position under one key (`weft` keeps one or a few
+/// keys per source: a file's offset, a cursor, an LSN).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub source: String,
+    pub key: String,
+    /// As the source saved it (JSON or text).
+    pub value: String,
+    /// ms since 1970.
+    pub updated_at: i64,
+}
+
+/// What the store keeps of the records one id names: an event id, a
+/// correlation id or an entity key (the crosswalk's source key).
+#[derive(Debug, Clone, Default)]
+pub struct RecordLookup {
+    /// Rows waiting to be written (attempts so far, last error, next try).
+    pub pending: Vec<OutboxRow>,
+    /// DLQ entries of any status, with their history.
+    pub dead: Vec<DlqEntry>,
+    /// What destinations said of records weft wrote (their ids).
+    pub written: Vec<CrosswalkRow>,
+}
+
 /// A read-only connection.
 pub struct Reader {
     pub(crate) conn: Connection,
@@ -407,6 +431,71 @@ impl Reader {
                 dlq_row,
             )
             .optional()?)
+    }
+
+    /// Every saved source position, by source and key.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT source, key, value, updated_at FROM checkpoints ORDER BY source, key",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Checkpoint {
+                source: r.get(0)?,
+                key: r.get(1)?,
+                value: r.get(2)?,
+                updated_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Outbox rows, DLQ entries and crosswalk entries whose event id,
+    /// correlation id or entity key is `id`, at most `limit` of each. The
+    /// outbox and the DLQ have no index on these columns: a scan, fine for
+    /// an operator's search, not for a hot path.
+    pub fn lookup(&self, id: &str, limit: usize) -> Result<RecordLookup, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM outbox WHERE event_id = ?1 OR correlation_id = ?1 OR entity_key = ?1
+             ORDER BY order_seq, id LIMIT ?2",
+            crate::writer::ROW_COLUMNS
+        );
+        let mut st = self.conn.prepare_cached(&sql)?;
+        let pending = st
+            .query_map(params![id, limit as i64], crate::writer::outbox_row)?
+            .collect::<Result<_, _>>()?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
+                    correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
+                    superseded_by, order_seq FROM dlq
+             WHERE event_id = ?1 OR correlation_id = ?1 OR entity_key = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let dead = st
+            .query_map(params![id, limit as i64], dlq_row)?
+            .collect::<Result<_, _>>()?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT system, source, source_key, external_id, flow, event_id, created_at, updated_at
+             FROM crosswalk WHERE event_id = ?1 OR source_key = ?1 OR external_id = ?1
+             ORDER BY updated_at DESC LIMIT ?2",
+        )?;
+        let written = st
+            .query_map(params![id, limit as i64], |r| {
+                Ok(CrosswalkRow {
+                    system: r.get(0)?,
+                    source: r.get(1)?,
+                    source_key: r.get(2)?,
+                    external_id: r.get(3)?,
+                    flow: r.get(4)?,
+                    event_id: r.get(5)?,
+                    created_at: r.get(6)?,
+                    updated_at: r.get(7)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(RecordLookup {
+            pending,
+            dead,
+            written,
+        })
     }
 
     pub fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {

@@ -363,6 +363,12 @@ impl JournalRead for SqliteJournal {
     fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         self.with_reader(|r| r.pending(lane, limit))
     }
+    fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
+        self.with_reader(|r| r.checkpoints())
+    }
+    fn lookup(&self, id: &str, limit: usize) -> Result<crate::RecordLookup, StoreError> {
+        self.with_reader(|r| r.lookup(id, limit))
+    }
     fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
         self.with_reader(|r| r.stream_shape(source))
     }
