@@ -561,6 +561,27 @@ mod tests {
         assert!(
             b.force == Some(true) && body.get("force").is_some() && body.get("payload").is_some()
         );
+        // the jobs' request: every documented field is accepted, and the
+        // other way round (deny_unknown_fields refuses what is not)
+        let job = spec["components"]["schemas"]["JobRequest"]["properties"]
+            .as_object()
+            .unwrap();
+        let mut body = serde_json::Map::new();
+        for (name, schema) in job {
+            body.insert(name.clone(), sample(schema));
+        }
+        let b: JobBody = serde_json::from_value(Value::Object(body)).unwrap();
+        assert!(
+            b.flow.is_some()
+                && b.destination.is_some()
+                && b.error.is_some()
+                && b.since.is_some()
+                && b.all.is_some()
+                && b.force.is_some()
+                && b.chunk_size.is_some()
+                && b.pause_ms.is_some(),
+            "a field JobBody accepts is not documented: {b:?}"
+        );
         // every operation documents its errors: a JSON body for any status
         for (path, ops) in spec["paths"].as_object().unwrap() {
             for (method, op) in ops.as_object().unwrap() {
