@@ -134,6 +134,9 @@ struct State {
     dirty: bool,
     /// Drift events logged at warn so far.
     warned: u64,
+    /// Keys an operator accepted: still counted, no longer drift for
+    /// quarantine.
+    accepted: std::collections::HashSet<usize>,
 }
 
 /// The drift detector of one source.
@@ -176,7 +179,10 @@ impl Tracker {
                         st.shape = s;
                     }
                     for e in events {
-                        st.key(&e.kind, &e.path, &e.detail);
+                        let (k, _) = st.key(&e.kind, &e.path, &e.detail);
+                        if e.accepted_at.is_some() {
+                            st.accepted.insert(k);
+                        }
                     }
                 }
             }
@@ -253,11 +259,40 @@ impl Tracker {
         let mut parts = Vec::with_capacity(shows.len());
         for k in shows {
             st.pending.entry(k).or_default().1 += 1;
+            if st.accepted.contains(&k) {
+                continue;
+            }
             if let Some((kind, path, detail)) = st.keys.get(k) {
                 parts.push(format!("{kind} {path} ({detail})"));
             }
         }
+        if parts.is_empty() {
+            // only accepted drift: counted, not a reason to quarantine
+            return None;
+        }
         Some(parts.join("; "))
+    }
+
+    /// Take the operators' acceptances from the store's drift events (this
+    /// source's, accepted ones): a running hub follows `weft drift accept`
+    /// and the dashboard within one refresh. Returns how many keys were
+    /// newly accepted.
+    pub fn follow_accepted(&self, events: &[weft_store::DriftEvent]) -> usize {
+        let Ok(mut st) = self.state.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in events
+            .iter()
+            .filter(|e| e.source == self.source && e.accepted_at.is_some())
+        {
+            let (k, _) = st.key(&e.kind, &e.path, &e.detail);
+            if st.accepted.insert(k) {
+                n += 1;
+                tracing::info!(source = %self.source, kind = %e.kind, path = %e.path, detail = %e.detail, "drift accepted: records showing it are no longer quarantined");
+            }
+        }
+        n
     }
 
     fn record(
@@ -488,6 +523,125 @@ impl State {
         }
         (k, true)
     }
+}
+
+/// What accepting drift events did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct AcceptReport {
+    /// Accepted now.
+    pub accepted: Vec<weft_store::DriftEvent>,
+    /// Accepted before.
+    pub already: Vec<i64>,
+    /// No such event.
+    pub unknown: Vec<i64>,
+    /// Quarantined DLQ entries replayed (with `replay`): every drift they
+    /// showed is accepted now.
+    pub replayed: Vec<i64>,
+    /// Entries whose replay was refused, with why.
+    pub replay_failed: Vec<(i64, String)>,
+    /// Quarantined entries of those sources that still show drift nobody
+    /// accepted (left in the DLQ).
+    pub still_held: usize,
+}
+
+/// The drift text of a quarantined entry's error, as its parts
+/// (`kind path (detail)`), if it was quarantined for drift.
+fn drift_parts(error: &str) -> Option<Vec<&str>> {
+    error
+        .strip_prefix("drift: ")
+        .map(|d| d.split("; ").collect())
+}
+
+/// Accept drift events by id (`weft drift accept`, the dashboard): records
+/// showing only accepted drift are no longer quarantined (a running hub
+/// takes it within one gauge refresh, 2 s). With `replay`, the DLQ entries
+/// of those sources that were quarantined for drift that is now all
+/// accepted are replayed through their flows.
+pub async fn accept(
+    config: &weft_core::config::Config,
+    journal: &dyn weft_store::Journal,
+    ids: &[i64],
+    replay: bool,
+) -> Result<AcceptReport, crate::dlq::DlqError> {
+    let events = journal.read().drift_events(None)?;
+    let mut report = AcceptReport::default();
+    let mut todo = Vec::new();
+    for id in ids {
+        match events.iter().find(|e| e.id == *id) {
+            None => report.unknown.push(*id),
+            Some(e) if e.accepted_at.is_some() => report.already.push(*id),
+            Some(_) => todo.push(*id),
+        }
+    }
+    if !todo.is_empty() {
+        journal.accept_drift(todo.clone()).await?;
+    }
+    let events = journal.read().drift_events(None)?;
+    report.accepted = events
+        .iter()
+        .filter(|e| todo.contains(&e.id))
+        .cloned()
+        .collect();
+    if !replay {
+        return Ok(report);
+    }
+    // every accepted drift of the sources concerned, as the error text has it
+    let sources: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| ids.contains(&e.id))
+        .map(|e| e.source.as_str())
+        .collect();
+    let accepted: BTreeSet<(String, String)> = events
+        .iter()
+        .filter(|e| e.accepted_at.is_some() && sources.contains(e.source.as_str()))
+        .map(|e| {
+            (
+                e.source.clone(),
+                format!("{} {} ({})", e.kind, e.path, e.detail),
+            )
+        })
+        .collect();
+    let mut filter = weft_store::DlqFilter {
+        error_contains: Some("drift: ".into()),
+        ..Default::default()
+    };
+    loop {
+        let page = journal.read().dlq_list(&filter)?;
+        let Some(last) = page.last().map(|e| e.id) else {
+            break;
+        };
+        for e in &page {
+            let Some(parts) = drift_parts(&e.error) else {
+                continue;
+            };
+            // the entry's source system is its flow's `from` (the entry's
+            // own `source` is the event's CloudEvents source)
+            let Some(from) = config
+                .flows
+                .iter()
+                .find(|f| f.name == e.flow)
+                .map(|f| f.from.clone())
+            else {
+                continue;
+            };
+            let released = sources.contains(from.as_str())
+                && parts
+                    .iter()
+                    .all(|p| accepted.contains(&(from.clone(), (*p).to_owned())));
+            if !released {
+                if sources.contains(from.as_str()) {
+                    report.still_held += 1;
+                }
+                continue;
+            }
+            match crate::dlq::replay(config, journal, e, None, false).await {
+                Ok(()) => report.replayed.push(e.id),
+                Err(err) => report.replay_failed.push((e.id, err.to_string())),
+            }
+        }
+        filter.after_id = Some(last);
+    }
+    Ok(report)
 }
 
 /// Quarantine: the outcome of a flow with `on_drift: quarantine` for a
@@ -788,5 +942,39 @@ mod tests {
         let t = Tracker::new("crm", vec![]);
         t.observe(&json!({"a": "x"}));
         assert!(t.observe(&json!({"a": ["x"]})).is_some());
+    }
+
+    /// An accepted drift is still counted but no longer reported for
+    /// quarantine; another drift in the same record still is.
+    #[test]
+    fn accepted_drift_is_counted_but_not_reported() {
+        let t = Tracker::new("crm", vec![]);
+        t.observe(&json!({"a": 1, "b": 1}));
+        let d = t.observe(&json!({"a": "x", "b": 1})).unwrap();
+        assert_eq!(d, "type_changed /a (number -> string)");
+        let ev = |source: &str, accepted: Option<i64>| weft_store::DriftEvent {
+            id: 1,
+            source: source.into(),
+            kind: "type_changed".into(),
+            path: "/a".into(),
+            detail: "number -> string".into(),
+            example: None,
+            first_seen: 0,
+            last_seen: 0,
+            count: 1,
+            accepted_at: accepted,
+        };
+        // another source's acceptance, or one not accepted, changes nothing
+        assert_eq!(t.follow_accepted(&[ev("erp", Some(5)), ev("crm", None)]), 0);
+        assert!(t.observe(&json!({"a": "y", "b": 1})).is_some());
+        assert_eq!(t.follow_accepted(&[ev("crm", Some(5))]), 1);
+        assert_eq!(t.follow_accepted(&[ev("crm", Some(5))]), 0);
+        assert_eq!(t.observe(&json!({"a": "z", "b": 1})), None);
+        let both = t.observe(&json!({"a": "z", "b": true})).unwrap();
+        assert_eq!(both, "type_changed /b (number -> boolean)");
+        // still counted: 4 records showed the accepted drift since the start
+        let batch = t.take().unwrap();
+        let a = batch.events.iter().find(|e| e.path == "/a").unwrap();
+        assert_eq!(a.count, 4);
     }
 }

@@ -195,6 +195,7 @@ impl Runtime {
         )));
         let mut sources = Vec::new();
         let mut webhooks = Vec::new();
+        let mut trackers: Vec<Arc<drift::Tracker>> = Vec::new();
         for (name, spec, built) in built_sources {
             let sys = &config.systems[&name];
             let Some(spec_ref) = &sys.source else {
@@ -221,22 +222,24 @@ impl Runtime {
                 | weft_core::config::SourceSpec::MysqlCdc { .. } => Dedupe::Position,
                 _ => Dedupe::Id,
             };
+            let tracker = Arc::new({
+                let t = drift::Tracker::open(journal.read(), name, &flows);
+                // a change event's positions and times are new in
+                // every event: not drift
+                if matches!(
+                    spec_ref,
+                    weft_core::config::SourceSpec::PostgresCdc { .. }
+                        | weft_core::config::SourceSpec::MysqlCdc { .. }
+                ) {
+                    t.ignoring("/source")
+                } else {
+                    t
+                }
+            });
+            trackers.push(tracker.clone());
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
                 system: name.clone(),
-                drift: Some(Arc::new({
-                    let t = drift::Tracker::open(journal.read(), name, &flows);
-                    // a change event's positions and times are new in
-                    // every event: not drift
-                    if matches!(
-                        spec_ref,
-                        weft_core::config::SourceSpec::PostgresCdc { .. }
-                            | weft_core::config::SourceSpec::MysqlCdc { .. }
-                    ) {
-                        t.ignoring("/source")
-                    } else {
-                        t
-                    }
-                })),
+                drift: Some(tracker),
                 flows,
                 journal: journal.clone(),
                 dedupe,
@@ -278,6 +281,7 @@ impl Runtime {
             handles,
             config.store.dedupe_retention,
             series.clone(),
+            trackers,
         ));
         tracing::info!(
             store = %store_name(&config),
@@ -462,9 +466,21 @@ async fn refresh_gauges(
     handles: Vec<Arc<delivery::LaneHandle>>,
     retention: Duration,
     series: Arc<ui::Series>,
+    trackers: Vec<Arc<drift::Tracker>>,
 ) {
     let mut tick: u64 = 0;
     loop {
+        // drift accepted by an operator (`weft drift accept`, the dashboard)
+        if !trackers.is_empty() {
+            let j = journal.clone();
+            if let Ok(Ok(events)) =
+                tokio::task::spawn_blocking(move || j.read().drift_events(None)).await
+            {
+                for t in &trackers {
+                    t.follow_accepted(&events);
+                }
+            }
+        }
         if tick.is_multiple_of(30) {
             let before = weft_store::now_ms() - retention.as_millis() as i64;
             match journal.prune(before).await {

@@ -45,6 +45,9 @@ pub struct DriftEvent {
     pub last_seen: i64,
     /// Records that showed it.
     pub count: i64,
+    /// When an operator accepted it (ms): records showing it are no longer
+    /// quarantined.
+    pub accepted_at: Option<i64>,
 }
 
 pub(crate) fn apply(tx: &Connection, b: &DriftBatch) -> Result<Applied, StoreError> {
@@ -75,11 +78,27 @@ pub(crate) fn apply(tx: &Connection, b: &DriftBatch) -> Result<Applied, StoreErr
     })
 }
 
+/// Mark drift events accepted (those not yet accepted); how many were.
+pub(crate) fn accept(tx: &Connection, ids: &[i64]) -> Result<Applied, StoreError> {
+    let now = now_ms();
+    let mut st = tx.prepare_cached(
+        "UPDATE drift_events SET accepted_at = ?2 WHERE id = ?1 AND accepted_at IS NULL",
+    )?;
+    let mut n = 0;
+    for id in ids {
+        n += st.execute(params![id, now])?;
+    }
+    Ok(Applied {
+        changed: n,
+        ..Default::default()
+    })
+}
+
 impl Reader {
     /// Drift events, oldest first; `source` filters.
     pub fn drift_events(&self, source: Option<&str>) -> Result<Vec<DriftEvent>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, source, kind, path, detail, example, first_seen, last_seen, count
+            "SELECT id, source, kind, path, detail, example, first_seen, last_seen, count, accepted_at
              FROM drift_events WHERE (?1 IS NULL OR source = ?1) ORDER BY id",
         )?;
         let rows = st.query_map([source], |r| {
@@ -93,6 +112,7 @@ impl Reader {
                 first_seen: r.get(6)?,
                 last_seen: r.get(7)?,
                 count: r.get(8)?,
+                accepted_at: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

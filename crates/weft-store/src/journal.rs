@@ -249,6 +249,11 @@ pub trait Journal: Send + Sync + 'static {
     /// Drift observations (not part of the accounting).
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
+    /// An operator accepts drift events by id: records showing only
+    /// accepted drift are no longer quarantined. `changed`: how many were
+    /// not accepted before (an unknown id changes nothing).
+    fn accept_drift(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Applied, StoreError>>;
+
     /// Resolve a manual conflict: the field takes `value` (`None`: it keeps
     /// the canonical value), the conflict is marked resolved, and every
     /// route of `rules` whose system lacks the record's state gets a row,

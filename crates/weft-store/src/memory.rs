@@ -992,6 +992,7 @@ impl State {
                         first_seen: now,
                         last_seen: now,
                         count: d.count,
+                        accepted_at: None,
                     });
                 }
             }
@@ -1072,12 +1073,38 @@ impl Journal for MemoryJournal {
         Box::pin(async move { Ok(self.write()?.record_drift(batch)) })
     }
 
+    fn accept_drift(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.write()?;
+            let now = now_ms();
+            let mut n = 0;
+            for e in st.drift.iter_mut() {
+                if ids.contains(&e.id) && e.accepted_at.is_none() {
+                    e.accepted_at = Some(now);
+                    n += 1;
+                }
+            }
+            Ok(Applied {
+                changed: n,
+                ..Default::default()
+            })
+        })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }
 }
 
 impl JournalRead for MemoryJournal {
+    fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
+        MemoryJournal::stream_shape(self, source)
+    }
+
+    fn drift_events(&self, source: Option<&str>) -> Result<Vec<DriftEvent>, StoreError> {
+        MemoryJournal::drift_events(self, source)
+    }
+
     fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
         let s = self.lock()?;
         let mut all: Vec<LaneId> = lanes.to_vec();

@@ -335,6 +335,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE flow_counts ADD COLUMN last_received_at INTEGER;
     "#,
+    // 8: accepted drift. An operator accepted the drift (`weft drift
+    // accept`, the dashboard): records showing it are no longer quarantined.
+    r#"
+    ALTER TABLE drift_events ADD COLUMN accepted_at INTEGER;
+    "#,
 ];
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes

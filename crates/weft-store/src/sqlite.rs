@@ -283,6 +283,15 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn accept_drift(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::AcceptDrift(ids)).await? {
+                Reply::Applied(a) => Ok(a),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn resolve_conflict(
         &self,
         resolve: crate::ResolveConflict,

@@ -43,6 +43,8 @@ pub(crate) enum Op {
         limit: usize,
     },
     Drift(DriftBatch),
+    /// Drift events accepted by an operator.
+    AcceptDrift(Vec<i64>),
     /// A manual conflict resolved.
     Resolve(crate::ResolveConflict),
     /// A held match decided.
@@ -358,6 +360,7 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             Ok(Reply::Pruned(n))
         }
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
+        Op::AcceptDrift(ids) => crate::drift::accept(tx, ids).map(Reply::Applied),
         Op::Resolve(r) => {
             let (source, event_id, rows) = crate::canonical::resolve_conflict(tx, r, now)?;
             enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)

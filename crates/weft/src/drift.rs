@@ -1,4 +1,5 @@
-//! `weft drift list`: the schema drift weft has seen on its sources.
+//! `weft drift list|accept`: the schema drift weft has seen on its sources,
+//! and accepting it (records showing it are no longer quarantined).
 
 use std::process::ExitCode;
 
@@ -20,10 +21,25 @@ pub enum DriftCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Accept drift events by id (from `list`): records showing only
+    /// accepted drift are no longer quarantined; a running hub follows
+    /// within 2 s. `--replay` also replays the DLQ entries quarantined for
+    /// drift that is all accepted now.
+    Accept {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        #[arg(long)]
+        replay: bool,
+    },
 }
 
 pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
-    let DriftCmd::List { cfg, source, json } = cmd;
+    let (cfg, source, json) = match cmd {
+        DriftCmd::List { cfg, source, json } => (cfg, source, json),
+        DriftCmd::Accept { cfg, ids, replay } => return accept(&cfg, &ids, replay),
+    };
     let cfg = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -41,15 +57,54 @@ pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_default();
         println!(
-            "#{} {} {} {} {} ({} records, first {when}) example: {}",
+            "#{} {} {} {} {} ({} records, first {when}){} example: {}",
             e.id,
             e.source,
             e.kind,
             e.path,
             e.detail,
             e.count,
+            if e.accepted_at.is_some() {
+                ", accepted"
+            } else {
+                ""
+            },
             e.example.unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn accept(cfg: &ConfigArg, ids: &[i64], replay: bool) -> Result<ExitCode> {
+    let (config, journal) = crate::dlq::open(cfg)?;
+    let r = crate::dlq::block_on(weft_runtime::drift::accept(&config, &journal, ids, replay))??;
+    for e in &r.accepted {
+        println!(
+            "accepted #{} {} {} {} ({})",
+            e.id, e.source, e.kind, e.path, e.detail
+        );
+    }
+    for id in &r.already {
+        println!("#{id} was accepted before");
+    }
+    for id in &r.unknown {
+        eprintln!("no drift event #{id} (see `weft drift list`)");
+    }
+    if replay {
+        println!("{} quarantined entries replayed", r.replayed.len());
+        if r.still_held > 0 {
+            println!(
+                "{} quarantined entries still show drift that is not accepted (see `weft dlq list --error drift:`)",
+                r.still_held
+            );
+        }
+        for (id, why) in &r.replay_failed {
+            eprintln!("entry {id}: {why}");
+        }
+    }
+    Ok(if r.unknown.is_empty() && r.replay_failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

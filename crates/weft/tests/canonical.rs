@@ -1,13 +1,14 @@
 //! Canonical models, value maps, contracts and drift through the binary:
 //! `examples/canonical` validated and mapped, bad contracts and mappings
 //! refused by `weft validate` with their lines, `weft contract check`, drift
-//! recorded once and quarantined, `on_violation: reject` answered with 422.
+//! recorded once and quarantined (and released by `weft drift accept`),
+//! `on_violation: reject` answered with 422.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Hub, wait_for, weft_cmd};
+use common::{Hub, jsonl_lines, wait_for, weft_cmd};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -527,5 +528,172 @@ flows:
     assert!(!error.contains("ada.lovelace"), "{entry}");
     let log = hub.log_text();
     assert!(!log.contains("ada.lovelace"), "{log}");
+    hub.stop();
+}
+
+/// Guarantee: an accepted drift is no longer a reason to quarantine.
+/// `weft drift accept ID --replay` beside a running hub replays the entries
+/// that drift quarantined (delivered once each), the hub follows the
+/// acceptance (a later record with the same drift is delivered), and a
+/// drift that was not accepted still quarantines.
+#[test]
+fn an_accepted_drift_releases_its_quarantine_beside_the_running_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = r#"systems:
+  crm:
+    source:
+      webhook: {path: /hooks/crm, id_field: .id | tostring}
+  out:
+    sink:
+      jsonl:
+        path: out.jsonl
+flows:
+  tags:
+    from: crm
+    key: .id | tostring
+    on_drift: quarantine
+    mapping: '{id: .id, tags: .tags}'
+    to: [out]
+"#;
+    std::fs::write(d.join("weft.yaml"), cfg).unwrap();
+    let hub = Hub::start(d, "weft.yaml", 0, &[]);
+    let http = reqwest::blocking::Client::new();
+    let post = |id: u32, tags: Value| {
+        let r = http
+            .post(hub.url("/hooks/crm"))
+            .json(&serde_json::json!({"id": id, "tags": tags}))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{id}: {}", r.status());
+    };
+    let lines = || -> usize {
+        std::fs::read_to_string(d.join("out.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    for id in 1..=10 {
+        post(id, Value::from("VIP"));
+    }
+    for id in 11..=12 {
+        post(id, serde_json::json!(["VIP", "Gold"]));
+    }
+    wait_for(Duration::from_secs(20), "10 written", || lines() == 10);
+    let dlq = |status: &str| -> Vec<Value> {
+        let (_, s, _) = out(&weft_cmd(
+            d,
+            &[
+                "dlq",
+                "list",
+                "-c",
+                "weft.yaml",
+                "--status",
+                status,
+                "--json",
+            ],
+        ));
+        serde_json::from_str(&s).unwrap()
+    };
+    wait_for(Duration::from_secs(20), "2 quarantined", || {
+        dlq("dead").len() == 2
+    });
+
+    let (_, listed, _) = out(&weft_cmd(
+        d,
+        &["drift", "list", "-c", "weft.yaml", "--json"],
+    ));
+    let events: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    let find = |kind: &str, path: &str| {
+        let e = events
+            .iter()
+            .find(|e| e["kind"] == kind && e["path"] == path)
+            .unwrap_or_else(|| panic!("{listed}"));
+        assert_eq!(e["accepted_at"], Value::Null);
+        e["id"].as_i64().unwrap().to_string()
+    };
+    // the array shows two drifts: the type change and its elements' path
+    let id = find("type_changed", "/tags");
+    let elements = find("new_field", "/tags/*");
+
+    // one of two accepted: the entries still show the other, and stay
+    let (code, stdout, stderr) = out(&weft_cmd(
+        d,
+        &["drift", "accept", "-c", "weft.yaml", &id, "--replay"],
+    ));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "accepted #{id} crm type_changed /tags (string -> array)"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("0 quarantined entries replayed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 quarantined entries still show drift"),
+        "{stdout}"
+    );
+    assert_eq!(dlq("dead").len(), 2);
+    let (code, stdout, stderr) = out(&weft_cmd(
+        d,
+        &["drift", "accept", "-c", "weft.yaml", &elements, "--replay"],
+    ));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("2 quarantined entries replayed"),
+        "{stdout}{:?}",
+        dlq("dead")
+    );
+    wait_for(Duration::from_secs(20), "the 2 replayed written", || {
+        lines() == 12
+    });
+    assert!(dlq("dead").is_empty());
+    // a second accept changes nothing; an unknown id is an error
+    let (_, again, _) = out(&weft_cmd(d, &["drift", "accept", "-c", "weft.yaml", &id]));
+    assert!(again.contains("was accepted before"), "{again}");
+    let (code, _, err) = out(&weft_cmd(
+        d,
+        &["drift", "accept", "-c", "weft.yaml", "999999"],
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains("no drift event #999999"), "{err}");
+
+    // the running hub follows: a new array record goes through
+    wait_for(
+        Duration::from_secs(20),
+        "the hub took the acceptance",
+        || hub.log_text().contains("drift accepted"),
+    );
+    post(13, serde_json::json!(["New"]));
+    wait_for(Duration::from_secs(20), "13 written", || lines() == 13);
+    // another drift, not accepted, is still quarantined
+    post(14, Value::from(5));
+    wait_for(Duration::from_secs(20), "14 quarantined", || {
+        dlq("dead").iter().any(|e| {
+            e["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("string -> number")
+                || e["error"].as_str().unwrap_or("").contains("-> number")
+        })
+    });
+    assert_eq!(lines(), 13);
+    let (_, text, _) = out(&weft_cmd(d, &["drift", "list", "-c", "weft.yaml"]));
+    assert!(text.contains(", accepted"), "{text}");
+    // every line of the export is a distinct record
+    let mut ids: Vec<i64> = jsonl_lines(&d.join("out.jsonl"))
+        .iter()
+        .map(|v| {
+            v["id"]
+                .as_i64()
+                .or_else(|| v["payload"]["id"].as_i64())
+                .unwrap()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 13);
     hub.stop();
 }

@@ -644,6 +644,42 @@ fn the_dashboard_in_a_browser() {
         "{drift}"
     );
     b.shot("system");
+    // accept the drift on the page: the same code as `weft drift accept`
+    let buttons = || {
+        b.rt.block_on(b.c().find_all(Locator::Css("#drift button.accept-drift")))
+            .map(|v| v.len())
+            .unwrap_or(0)
+    };
+    let before = buttons();
+    assert!(before >= 1, "no accept button");
+    b.click("#drift button.accept-drift");
+    b.wait_url("replayed=0");
+    assert!(
+        b.text("#accepted").contains("accepted"),
+        "{}",
+        b.text("#accepted")
+    );
+    assert!(
+        b.text("#drift").contains("accepted"),
+        "{}",
+        b.text("#drift")
+    );
+    assert_eq!(buttons(), before - 1);
+    let (code, listed, _) = {
+        let o = weft_cmd(dir.path(), &["drift", "list", "-c", "weft.yaml", "--json"]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            (),
+        )
+    };
+    assert_eq!(code, Some(0));
+    let events: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e["accepted_at"].is_i64()).count(),
+        1,
+        "{listed}"
+    );
 
     b.goto(&hub.admin_url("/ui/queues"));
     assert!(b.text("main").contains("manual conflicts (0)"));

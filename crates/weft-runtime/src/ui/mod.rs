@@ -104,6 +104,7 @@ pub fn router(parts: Parts) -> Router {
         .route("/ui/dlq/{id}/replay", post(pages::dlq_replay))
         .route("/ui/dlq/{id}/discard", post(pages::dlq_discard))
         .route("/ui/system", get(pages::system))
+        .route("/ui/drift/{id}/accept", post(pages::drift_accept))
         .route("/ui/queues", get(pages::queues))
         .route("/ui/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(ui.clone(), guard))

@@ -804,11 +804,52 @@ pub(crate) async fn dlq_discard(State(ui): State<Ui>, Path(id): Path<i64>) -> Re
 
 // --------------------------------------------------------------- system
 
-pub(crate) async fn system(State(ui): State<Ui>, Extension(s): Extension<Session>) -> Response {
-    done(system_page(ui, s).await)
+pub(crate) async fn system(
+    State(ui): State<Ui>,
+    Extension(s): Extension<Session>,
+    Query(q): Query<SystemQuery>,
+) -> Response {
+    done(system_page(ui, s, q).await)
 }
 
-async fn system_page(ui: Ui, s: Session) -> Page {
+#[derive(Deserialize, Default)]
+pub(crate) struct SystemQuery {
+    accepted: Option<i64>,
+    replayed: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct AcceptForm {
+    replay: Option<String>,
+}
+
+/// Accept one drift event (the code of `weft drift accept`), optionally
+/// replaying the entries it quarantined.
+pub(crate) async fn drift_accept(
+    State(ui): State<Ui>,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> Response {
+    let form: AcceptForm = match serde_urlencoded::from_bytes(&body) {
+        Ok(f) => f,
+        Err(e) => return failure(StatusCode::BAD_REQUEST, &format!("a bad form: {e}")),
+    };
+    let replay = form.replay.is_some();
+    match crate::drift::accept(&ui.parts.config, &*ui.parts.journal, &[id], replay).await {
+        Ok(r) if !r.unknown.is_empty() => {
+            failure(StatusCode::NOT_FOUND, &format!("no drift event #{id}"))
+        }
+        Ok(r) => Redirect::to(&format!(
+            "/ui/system?accepted={id}&replayed={}",
+            r.replayed.len()
+        ))
+        .into_response(),
+        Err(e) if e.is_user_error() => failure(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn system_page(ui: Ui, s: Session, q: SystemQuery) -> Page {
     let j = ui.parts.journal.clone();
     let lanes = crate::lane_list(&ui.parts.config);
     let (drift, checkpoints, counts, dlq) = blocking(move || {
@@ -861,14 +902,32 @@ async fn system_page(ui: Ui, s: Session) -> Page {
             }
         }
         h2 { "schema drift" }
+        @if let Some(id) = q.accepted {
+            p.ok #accepted { "Drift #" (id) " accepted; " (q.replayed.unwrap_or(0)) " quarantined entries replayed." }
+        }
         @if drift.is_empty() { p.muted #no-drift { "No drift seen." } }
         @else {
+            p.muted { "Accepting a drift stops quarantining records that show it (flows with "
+                code { "on_drift: quarantine" } "); the hub follows within 2 s. Same as "
+                code { "weft drift accept ID [--replay]" } "." }
             table #drift {
-                tr { th { "#" } th { "source" } th { "kind" } th { "path" } th { "detail" } th { "records" } th { "first seen" } th { "last seen" } th { "example" } }
+                tr { th { "#" } th { "source" } th { "kind" } th { "path" } th { "detail" } th { "records" } th { "first seen" } th { "last seen" } th { "example" } th { "accepted" } }
                 @for d in &drift {
-                    tr { td { (d.id) } td { (d.source) } td { (d.kind.replace('_', " ")) } td { code { (d.path) } }
+                    tr data-drift=(d.id) { td { (d.id) } td { (d.source) } td { (d.kind.replace('_', " ")) } td { code { (d.path) } }
                          td { (d.detail) } td.num { (d.count) } td { (when(d.first_seen)) } td { (when(d.last_seen)) }
-                         td.small { code { (short(d.example.as_deref().unwrap_or(""), 120)) } } }
+                         td.small { code { (short(d.example.as_deref().unwrap_or(""), 120)) } }
+                         td {
+                             @if let Some(at) = d.accepted_at { span.pill.ok { "accepted " (when(at)) } }
+                             @else {
+                                 form.inline method="post" action=(format!("/ui/drift/{}/accept", d.id)) {
+                                     input type="hidden" name="csrf" value=(s.csrf);
+                                     label.small { input type="checkbox" name="replay" value="1" checked; " replay quarantined" }
+                                     " "
+                                     button.accept-drift type="submit" { "Accept" }
+                                 }
+                             }
+                         }
+                    }
                 }
             }
         }

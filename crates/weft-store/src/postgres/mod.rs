@@ -444,6 +444,10 @@ impl Journal for PgJournal {
         self.spawn(|inner| async move { retrying!(inner, |c, _ctx| ops::record_drift(c, &batch)) })
     }
 
+    fn accept_drift(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        self.spawn(|inner| async move { retrying!(inner, |c, _ctx| ops::accept_drift(c, &ids)) })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }

@@ -1787,6 +1787,21 @@ async fn drift_in(c: &mut Conn, b: &DriftBatch) -> Result<Applied, StoreError> {
     })
 }
 
+/// Mark drift events accepted (those not yet accepted).
+pub(crate) async fn accept_drift(c: &mut Conn, ids: &[i64]) -> Result<Applied, StoreError> {
+    let now = crate::now_ms();
+    let n = c
+        .execute(
+            "UPDATE drift_events SET accepted_at = $2 WHERE id = ANY($1) AND accepted_at IS NULL",
+            &[&ids, &now],
+        )
+        .await?;
+    Ok(Applied {
+        changed: n as usize,
+        ..Default::default()
+    })
+}
+
 /// A hub starting: the leases its node held before end (that run is gone;
 /// other nodes' leases run out by their deadline).
 pub(crate) async fn end_leases(c: &mut Conn, node: &str) -> Result<u64, StoreError> {

@@ -286,7 +286,7 @@ pub(crate) async fn drift_events(
     source: Option<&str>,
 ) -> Result<Vec<DriftEvent>, StoreError> {
     c.query(
-        "SELECT id, source, kind, path, detail, example, first_seen, last_seen, count
+        "SELECT id, source, kind, path, detail, example, first_seen, last_seen, count, accepted_at
          FROM drift_events WHERE $1::text IS NULL OR source = $1 ORDER BY id",
         &[&source],
     )
@@ -303,6 +303,7 @@ pub(crate) async fn drift_events(
             first_seen: r.try_get(6)?,
             last_seen: r.try_get(7)?,
             count: r.try_get(8)?,
+            accepted_at: r.try_get(9)?,
         })
     })
     .collect()

@@ -207,6 +207,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE flow_counts ADD COLUMN last_received_at bigint;
     ALTER TABLE count_deltas ADD COLUMN last_received_at bigint;
     "#,
+    // 3: accepted drift (`weft drift accept`, the dashboard): records
+    // showing it are no longer quarantined.
+    r#"
+    ALTER TABLE drift_events ADD COLUMN accepted_at bigint;
+    "#,
 ];
 
 /// The schema version this build writes.

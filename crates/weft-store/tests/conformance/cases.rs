@@ -1800,7 +1800,7 @@ pub async fn counts_list_empty_lanes_balanced(h: &mut impl Harness) {
 
 /// Drift observations are kept (outside the accounting).
 pub async fn drift_is_recorded(h: &mut impl Harness) {
-    let rig = Rig::new(h, &[("f", "d")]);
+    let mut rig = Rig::new(h, &[("f", "d")]);
     let ev = |count| NewDrift {
         kind: "type_changed".into(),
         path: "/tags".into(),
@@ -1828,6 +1828,34 @@ pub async fn drift_is_recorded(h: &mut impl Harness) {
         .await
         .expect("drift");
     assert_eq!(a.changed, 1);
+    assert_eq!(rig.nums("f", "d"), [0; 7]);
+    // accepted once: a second accept and an unknown id change nothing, the
+    // count still grows, and the acceptance survives a restart
+    let id = rig.j.read().drift_events(Some("crm")).expect("read")[0].id;
+    assert_eq!(
+        rig.j.read().drift_events(None).expect("read")[0].accepted_at,
+        None
+    );
+    let a = rig
+        .j
+        .accept_drift(vec![id, id + 1000])
+        .await
+        .expect("accept");
+    assert_eq!(a.changed, 1);
+    let a = rig.j.accept_drift(vec![id]).await.expect("accept");
+    assert_eq!(a.changed, 0);
+    rig.j
+        .record_drift(DriftBatch {
+            source: "crm".into(),
+            shape: None,
+            events: vec![ev(2)],
+        })
+        .await
+        .expect("drift");
+    rig.restart(h);
+    let e = &rig.j.read().drift_events(Some("crm")).expect("read")[0];
+    assert!(e.accepted_at.is_some());
+    assert_eq!(e.count, 7);
     assert_eq!(rig.nums("f", "d"), [0; 7]);
 }
 
