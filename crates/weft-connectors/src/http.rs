@@ -594,6 +594,7 @@ impl HttpSink {
             SinkError::permanent(message)
         };
         err.retry_after = retry_after;
+        err.status = Some(status.as_u16());
         err
     }
 

@@ -53,6 +53,9 @@ pub struct SinkError {
     pub message: String,
     /// When the destination said when to come back (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The HTTP status the destination answered, for an HTTP failure
+    /// (the delivery attempt's span carries it).
+    pub status: Option<u16>,
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
@@ -63,6 +66,7 @@ impl SinkError {
             kind: ErrorKind::Retryable,
             message: message.into(),
             retry_after: None,
+            status: None,
             source: None,
         }
     }
@@ -71,6 +75,7 @@ impl SinkError {
             kind: ErrorKind::Permanent,
             message: message.into(),
             retry_after: None,
+            status: None,
             source: None,
         }
     }
@@ -81,6 +86,7 @@ impl SinkError {
             kind,
             message: message.to_owned(),
             retry_after: None,
+            status: None,
             source: None,
         }
     }

@@ -447,6 +447,7 @@ impl Sink for SqliteSink {
                                         kind,
                                         message: msg.clone(),
                                         retry_after: None,
+                                        status: None,
                                         source: None,
                                     })
                                 })

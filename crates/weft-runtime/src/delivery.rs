@@ -109,15 +109,19 @@ pub struct Lane {
     /// Fields resolved to this destination's ids of canonical records when
     /// written (`references:`); rows wait until they can be.
     pub references: Option<Arc<crate::references::LaneRefs>>,
+    /// A span per delivery attempt when traces are on.
+    pub tracer: crate::telemetry::Tracer,
 }
 
-/// A write's claimed rows, what became of them, and the guard's permit it
-/// was sent under.
+/// A write's claimed rows, what became of them, the guard's permit it was
+/// sent under, and the attempt spans of the rows it sent (by row id, in
+/// claim order; none with traces off).
 type Done = (
     Vec<Claimed>,
     Vec<WriteResult>,
     Vec<Option<CanonicalWritten>>,
     Permit,
+    Vec<(i64, crate::telemetry::AttemptSpan)>,
 );
 
 impl Lane {
@@ -181,7 +185,7 @@ impl Lane {
                 Some(done) = writes.join_next() => {
                     idle_until_woken = false;
                     match done {
-                        Ok((claimed, results, canonical, permit)) => self.settle(claimed, results, canonical, permit).await,
+                        Ok((claimed, results, canonical, permit, spans)) => self.settle(claimed, results, canonical, permit, spans).await,
                         // the write task itself never panics (the sink's panic
                         // is caught inside it); a cancelled task cannot happen
                         Err(e) => tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "write task failed; its rows return after their lease"),
@@ -208,6 +212,7 @@ impl Lane {
         let (identity, journal) = (self.identity.clone(), self.journal.clone());
         let references = self.references.clone();
         let journal2 = self.journal.clone();
+        let tracer = self.tracer.clone();
         writes.spawn(async move {
             let mut batch = Vec::with_capacity(claimed.len());
             // rows decided before the write (unreadable, or nothing to write)
@@ -239,7 +244,7 @@ impl Lane {
                             }
                             Err(e) => {
                                 tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot resolve references; the rows return after their lease");
-                                return (Vec::new(), Vec::new(), Vec::new(), permit);
+                                return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new());
                             }
                         },
                     }
@@ -259,7 +264,7 @@ impl Lane {
                         Ok(x) => x,
                         Err(e) => {
                             tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot prepare canonical writes; the rows return after their lease");
-                            return (Vec::new(), Vec::new(), Vec::new(), permit);
+                            return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new());
                         }
                     };
                     let intents: Vec<CanonicalWritten> = prepared
@@ -300,6 +305,8 @@ impl Lane {
                 }
             };
             let n = batch.len();
+            // each delivery's trace context becomes its attempt span's
+            let mut spans = tracer.send(&flow, &dest, &mut batch);
             let inner = tokio::spawn(async move {
                 let r = sink.write(&batch).await;
                 drop(batch);
@@ -331,11 +338,12 @@ impl Lane {
                     (0..n).map(|_| Err(SinkError::retryable(why.clone()))).collect()
                 }
             };
+            spans.iter_mut().for_each(|(_, s)| s.wrote());
             decided.sort_by_key(|(i, _)| *i);
             for (i, r) in decided {
                 results.insert(i, r);
             }
-            (claimed, results, canonical, permit)
+            (claimed, results, canonical, permit, spans)
         });
     }
 
@@ -370,8 +378,10 @@ impl Lane {
         results: Vec<WriteResult>,
         mut canonical: Vec<Option<CanonicalWritten>>,
         permit: Permit,
+        spans: Vec<(i64, crate::telemetry::AttemptSpan)>,
     ) {
         let now = now_ms();
+        let mut spans = spans.into_iter().peekable();
         let results = in_key_order(&claimed, results);
         // the breaker counts writes, not rows
         let failed = results.iter().any(|r| {
@@ -390,6 +400,10 @@ impl Lane {
         let (mut delivered, mut dead, mut failures) = (0u64, 0u64, 0u64);
         canonical.resize(claimed.len(), None);
         for ((c, r), cw) in claimed.iter().zip(results).zip(canonical) {
+            // the spans are in claim order, for the rows that were sent
+            let span = spans
+                .next_if(|(id, _)| *id == c.row.id)
+                .map(|(_, s)| (s, r.as_ref().err().map(|e| (e.kind, e.status))));
             let outcome = match r {
                 Ok(w) => {
                     delivered += 1;
@@ -455,6 +469,9 @@ impl Lane {
                     }
                 }
             };
+            if let Some((s, err)) = span {
+                s.settled(crate::telemetry::AttemptOutcome::of(&outcome), err);
+            }
             items.push(Settlement {
                 id: c.row.id,
                 token: c.token,

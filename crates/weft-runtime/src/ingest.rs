@@ -29,7 +29,14 @@ pub struct Ingestor {
     pub(crate) accepting: Arc<AtomicBool>,
     /// Drift detection of this source's stream.
     pub(crate) drift: Option<Arc<crate::drift::Tracker>>,
+    /// A span per record and per mapping when traces are on.
+    pub(crate) tracer: crate::telemetry::Tracer,
 }
+
+/// Per record of a prepared batch, when timed (traces on): the times its
+/// flows started, then the time the last one ended (`flows + 1` values).
+/// Empty when not timed.
+pub(crate) type Timings = Vec<Vec<std::time::SystemTime>>;
 
 /// Run every flow of `system` over a batch (CPU work, no I/O).
 pub fn prepare(system: &str, flows: &[Arc<Flow>], batch: Batch) -> IngestBatch {
@@ -66,7 +73,7 @@ pub fn prepare_with(
     drift: Option<&crate::drift::Tracker>,
 ) -> IngestBatch {
     let drifted = observe(&batch, drift);
-    prepare_observed(system, flows, batch, drifted)
+    prepare_observed(system, flows, batch, drifted, false).0
 }
 
 /// What `drift` makes of each record of `batch`, in the batch's order (one
@@ -88,14 +95,17 @@ fn observe(batch: &Batch, drift: Option<&crate::drift::Tracker>) -> Vec<Option<S
 }
 
 /// [`prepare_with`] with the drift already observed (`drifted[i]` for the
-/// batch's record `i`; shorter, or empty: no drift).
+/// batch's record `i`; shorter, or empty: no drift); `timed`: with each
+/// record's flow [`Timings`].
 fn prepare_observed(
     system: &str,
     flows: &[Arc<Flow>],
     batch: Batch,
     drifted: Vec<Option<String>>,
-) -> IngestBatch {
+    timed: bool,
+) -> (IngestBatch, Timings) {
     let mut drifted = drifted.into_iter();
+    let mut timings: Timings = Vec::new();
     let events = batch
         .records
         .into_iter()
@@ -105,9 +115,13 @@ fn prepare_observed(
                 // `$event` is built only for a program that reads it, or a
                 // rejection that stores it
                 let attrs = std::cell::OnceCell::new();
+                let mut times = Vec::new();
                 let outcomes: Vec<FlowOutcome> = flows
                     .iter()
                     .map(|f| {
+                        if timed {
+                            times.push(std::time::SystemTime::now());
+                        }
                         crate::drift::quarantine(f, drifted.as_deref()).unwrap_or_else(|| {
                             run_flow_with(f, &ev.source, &ev.id, &ev.data, &|| {
                                 attrs.get_or_init(|| ev.attributes())
@@ -115,6 +129,10 @@ fn prepare_observed(
                         })
                     })
                     .collect();
+                if timed {
+                    times.push(std::time::SystemTime::now());
+                    timings.push(times);
+                }
                 // the event's own payload and attributes are stored only with
                 // a rejection (its DLQ entry); routed rows carry their mapped
                 // payloads
@@ -143,7 +161,12 @@ fn prepare_observed(
                     outcomes,
                 }
             }
-            Record::Bad(b) => NewEvent {
+            Record::Bad(b) => {
+                if timed {
+                    // not mapped: no mapping spans
+                    timings.push(Vec::new());
+                }
+                NewEvent {
                 outcomes: flows
                     .iter()
                     .map(|f| {
@@ -169,15 +192,16 @@ fn prepare_observed(
                 tracestate: None,
                 attributes: serde_json::json!({"location": b.location}).to_string(),
                 payload: b.raw,
-            },
+            }}
         })
         .collect();
-    IngestBatch {
+    let prepared = IngestBatch {
         source: system.to_owned(),
         dedupe: Dedupe::Id,
         events,
         checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
-    }
+    };
+    (prepared, timings)
 }
 
 /// What one flow makes of one event. Pure: also used by `weft dlq replay`
@@ -343,18 +367,27 @@ impl Ingestor {
     /// [`prepare_with`] off the async workers (filters and mappings are CPU
     /// work); a big batch in two halves at once. The events keep their order
     /// and the checkpoint stays with the batch.
-    async fn prepare_parallel(&self, batch: Batch) -> Result<IngestBatch, IngestError> {
-        let mut b = self.prepare_halves(batch).await?;
+    async fn prepare_parallel(
+        &self,
+        batch: Batch,
+        timed: bool,
+    ) -> Result<(IngestBatch, Timings), IngestError> {
+        let (mut b, t) = self.prepare_halves(batch, timed).await?;
         b.dedupe = self.dedupe;
-        Ok(b)
+        Ok((b, t))
     }
 
-    async fn prepare_halves(&self, batch: Batch) -> Result<IngestBatch, IngestError> {
+    async fn prepare_halves(
+        &self,
+        batch: Batch,
+        timed: bool,
+    ) -> Result<(IngestBatch, Timings), IngestError> {
         prepare_split(
             self.system.clone(),
             self.flows.clone(),
             self.drift.clone(),
             batch,
+            timed,
         )
         .await
         .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))
@@ -369,10 +402,12 @@ async fn prepare_split(
     flows: Vec<Arc<Flow>>,
     drift: Option<Arc<crate::drift::Tracker>>,
     batch: Batch,
-) -> Result<IngestBatch, tokio::task::JoinError> {
+    timed: bool,
+) -> Result<(IngestBatch, Timings), tokio::task::JoinError> {
     if batch.records.len() < SPLIT_AT {
         return tokio::task::spawn_blocking(move || {
-            prepare_with(&system, &flows, batch, drift.as_deref())
+            let drifted = observe(&batch, drift.as_deref());
+            prepare_observed(&system, &flows, batch, drifted, timed)
         })
         .await;
     }
@@ -395,13 +430,14 @@ async fn prepare_split(
     };
     let run = |b: Batch, d: Vec<Option<String>>| {
         let (system, flows) = (system.clone(), flows.clone());
-        tokio::task::spawn_blocking(move || prepare_observed(&system, &flows, b, d))
+        tokio::task::spawn_blocking(move || prepare_observed(&system, &flows, b, d, timed))
     };
     let (head, tail) = tokio::join!(run(batch, drifted), run(tail, tail_drift));
-    let (mut head, tail) = (head?, tail?);
+    let ((mut head, mut times), (tail, tail_times)) = (head?, tail?);
     head.events.extend(tail.events);
     head.checkpoint = tail.checkpoint;
-    Ok(head)
+    times.extend(tail_times);
+    Ok((head, times))
 }
 
 impl Ingest for Ingestor {
@@ -417,8 +453,14 @@ impl Ingest for Ingestor {
                     l.flow, l.dest, l.high_water
                 )));
             }
-            let prepared = self.prepare_parallel(batch).await?;
+            // a span per record (none with traces off); the rows store
+            // their contexts
+            let spans = self.tracer.receive(&self.system, &batch);
+            let (mut prepared, timings) =
+                self.prepare_parallel(batch, !spans.is_empty()).await?;
+            crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
             if let Some(why) = crate::contracts::refusal(&prepared) {
+                spans.into_iter().for_each(|s| s.end(Err("refused")));
                 return Err(IngestError::Rejected(why));
             }
             let routed = routed_counts(&prepared);
@@ -441,6 +483,8 @@ impl Ingest for Ingestor {
                 }
             }
             drop(_marks);
+            let committed = applied.as_ref().map(|_| ()).map_err(|_| "store_error");
+            spans.into_iter().for_each(|s| s.end(committed));
             let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
             // exactly what the store counted (duplicates excluded)
             for c in &applied.flows {
@@ -579,8 +623,10 @@ flows:
                     flows.clone(),
                     Some(tracker),
                     batch,
+                    false,
                 ))
-                .unwrap();
+                .unwrap()
+                .0;
             let quarantined: Vec<usize> = b
                 .events
                 .iter()

@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod references;
 pub mod server;
+pub mod telemetry;
 pub mod testing;
 pub mod ui;
 
@@ -82,6 +83,12 @@ impl Runtime {
         let source_stop = CancellationToken::new();
         let lane_stop = CancellationToken::new();
         let accepting = Arc::new(AtomicBool::new(true));
+        // spans only where the binary installed an exporter (`telemetry.otlp`)
+        let tracer = if config.otlp.is_some() {
+            telemetry::Tracer::installed()
+        } else {
+            telemetry::Tracer::off()
+        };
 
         // sinks: one per system, shared by the lanes that write to it; a
         // destination that cannot be reached now does not stop the hub
@@ -178,6 +185,7 @@ impl Runtime {
                             refs: d.references.clone(),
                         })
                     }),
+                    tracer: tracer.clone(),
                 };
                 lanes.push(tokio::spawn(lane.run()));
             }
@@ -245,6 +253,7 @@ impl Runtime {
                 dedupe,
                 lanes: my_lanes,
                 accepting: accepting.clone(),
+                tracer: tracer.clone(),
             });
             match built {
                 SourceHandle::Task(src) => {

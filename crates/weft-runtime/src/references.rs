@@ -54,6 +54,7 @@ pub(crate) fn waiting(reason: String) -> SinkError {
         kind: ErrorKind::Retryable,
         message: reason,
         retry_after: None,
+        status: None,
         source: Some(Box::new(Waiting)),
     }
 }

@@ -398,6 +398,7 @@ impl RunningLane {
             redact: false,
             identity: None,
             references: None,
+            tracer: crate::telemetry::Tracer::off(),
         };
         RunningLane {
             handle,

@@ -278,6 +278,15 @@ fn check(config: &config::Config) -> Vec<config::Issue> {
                     .into(),
         });
     }
+    if cfg!(not(feature = "otel")) && config.otlp.is_some() {
+        issues.push(config::Issue {
+            path: "telemetry.otlp".into(),
+            line: None,
+            column: None,
+            message: "this weft was built without OpenTelemetry (cargo feature `otel`, on by default)"
+                .into(),
+        });
+    }
     issues
 }
 
@@ -344,11 +353,13 @@ fn run(
     for w in &cfg.warnings {
         tracing::warn!("config: {}", w.render(path));
     }
+    // the exporter's thread first, outside the async runtime; flushed last
+    let traces = weft_runtime::telemetry::install(cfg.otlp.as_ref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let addr = listen.unwrap_or(cfg.server.listen);
         let admin_addr = admin_listen.unwrap_or(cfg.server.admin_listen);
         // both addresses first: a taken port fails before anything starts
@@ -398,7 +409,12 @@ fn run(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(12), server).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(12), admin_server).await;
         outcome.map(|_| ExitCode::SUCCESS)
-    })
+    });
+    drop(rt);
+    if let Some(t) = traces {
+        t.shutdown();
+    }
+    result
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -26,7 +26,7 @@ pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
 
 pub use validate::{
     AlertTarget, BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget,
-    Flow, PgStore, RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig,
+    Flow, OtlpConfig, PgStore, RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec, StoreConfig,
     System, TextEncoding,
 };
 

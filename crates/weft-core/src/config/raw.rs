@@ -46,6 +46,38 @@ pub struct RawConfig {
     /// Where alerts go (a flow's `freshness` broken and recovered), for
     /// every flow without its own `alerts`.
     pub alerts: Option<RawAlerts>,
+    /// OpenTelemetry traces (off unless `telemetry.otlp` is set).
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// Telemetry beyond logs and `/metrics`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// Export traces (a span per ingested record, per mapping, per delivery
+    /// attempt) over OTLP/HTTP with protobuf bodies. Unset: no spans.
+    pub otlp: Option<RawOtlp>,
+}
+
+/// An OTLP/HTTP trace receiver (an OpenTelemetry Collector, Jaeger, Tempo...).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// Base URL of the receiver, e.g. `http://127.0.0.1:4318`; `/v1/traces`
+    /// is appended.
+    #[schemars(with = "String")]
+    pub endpoint: Spanned<String>,
+    /// Extra headers of every export request (an API key); values may use
+    /// `${ENV}` secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// `service.name` of the spans (default `weft`).
+    pub service_name: Option<String>,
+    /// Share of new traces recorded, from 0 to 1 (default 1). A record that
+    /// arrives with a `traceparent` follows its caller's sampled flag.
+    #[schemars(with = "Option<f64>")]
+    pub sample_ratio: Option<Spanned<f64>>,
 }
 
 /// An alert receiver: a JSON POST (a structured CloudEvent) to `webhook`

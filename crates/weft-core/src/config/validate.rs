@@ -28,6 +28,8 @@ pub struct Config {
     pub identity: BTreeMap<String, Arc<crate::identity::Rules>>,
     /// The top-level alert receiver (`alerts`), if any.
     pub alerts: Option<Arc<AlertTarget>>,
+    /// Where traces go (`telemetry.otlp`); `None`: no spans.
+    pub otlp: Option<OtlpConfig>,
     /// What is allowed but probably not meant (replays accepted, updates
     /// deduplicated), each with its path, line and column: `weft validate`
     /// prints them, `weft run` logs them.
@@ -360,6 +362,17 @@ pub struct Flow {
     pub alerts: Option<Arc<AlertTarget>>,
 }
 
+/// `telemetry.otlp`, validated.
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// The full traces URL (`endpoint` + `/v1/traces`).
+    pub traces_url: String,
+    pub headers: Vec<(String, Secret)>,
+    pub service_name: String,
+    /// In `[0, 1]`.
+    pub sample_ratio: f64,
+}
+
 /// An alert receiver, validated.
 #[derive(Debug)]
 pub struct AlertTarget {
@@ -681,6 +694,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
     let alerts = raw
         .alerts
         .map(|a| Arc::new(alert_target(&mut cx, "alerts", a)));
+    let otlp = raw.telemetry.otlp.map(|o| otlp_config(&mut cx, o));
     let mut flows = Vec::new();
     for (name, mut f) in raw.flows {
         let p = format!("flows.{name}");
@@ -945,6 +959,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             data: Arc::new(data),
             identity,
             alerts,
+            otlp,
             warnings: cx.warnings,
         })
     } else {
@@ -2232,32 +2247,71 @@ fn rest_source_spec(
     })
 }
 
+/// `telemetry.otlp`: the URL, the headers, the ratio checked.
+fn otlp_config(cx: &mut Ctx, o: super::raw::RawOtlp) -> OtlpConfig {
+    const P: &str = "telemetry.otlp";
+    check_http_url(cx, &format!("{P}.endpoint"), &o.endpoint);
+    let headers = checked_headers(cx, &format!("{P}.headers"), o.headers);
+    let service_name = o.service_name.unwrap_or_else(|| "weft".to_owned());
+    if service_name.trim().is_empty() {
+        cx.at(format!("{P}.service_name"), "must not be empty");
+    }
+    let sample_ratio = match o.sample_ratio {
+        None => 1.0,
+        Some(r) if (0.0..=1.0).contains(&r.value) => r.value,
+        Some(r) => {
+            cx.at_span(
+                format!("{P}.sample_ratio"),
+                &r,
+                format!("{}: expected a share from 0 to 1 (e.g. `0.1`)", r.value),
+            );
+            1.0
+        }
+    };
+    OtlpConfig {
+        traces_url: format!(
+            "{}/v1/traces",
+            o.endpoint.value.trim().trim_end_matches('/')
+        ),
+        headers,
+        service_name,
+        sample_ratio,
+    }
+}
+
 /// `alerts` (top-level or a flow's): the URL and header names checked.
 fn alert_target(cx: &mut Ctx, path: &str, a: RawAlerts) -> AlertTarget {
     check_http_url(cx, &format!("{path}.webhook"), &a.webhook);
+    let headers = checked_headers(cx, &format!("{path}.headers"), a.headers);
+    AlertTarget {
+        url: a.webhook.value.trim().to_owned(),
+        headers,
+    }
+}
+
+/// Extra HTTP headers: valid names, values without line breaks.
+fn checked_headers(
+    cx: &mut Ctx,
+    path: &str,
+    given: BTreeMap<String, Secret>,
+) -> Vec<(String, Secret)> {
     let mut headers = Vec::new();
-    for (name, value) in a.headers {
+    for (name, value) in given {
         let token = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !token {
-            cx.at(
-                format!("{path}.headers.{name}"),
-                "not a valid HTTP header name",
-            );
+            cx.at(format!("{path}.{name}"), "not a valid HTTP header name");
         } else if value.expose().contains(['\r', '\n']) {
             cx.at(
-                format!("{path}.headers.{name}"),
+                format!("{path}.{name}"),
                 "a header value must not contain a line break",
             );
         }
         headers.push((name, value));
     }
-    AlertTarget {
-        url: a.webhook.value.trim().to_owned(),
-        headers,
-    }
+    headers
 }
 
 fn check_http_url(cx: &mut Ctx, path: &str, url: &Spanned<String>) {
