@@ -167,32 +167,33 @@ fn prepare_observed(
                     timings.push(Vec::new());
                 }
                 NewEvent {
-                outcomes: flows
-                    .iter()
-                    .map(|f| {
-                        FlowOutcome::rejected(
-                            f.name.clone(),
-                            Stage::Parse,
-                            // sources usually start the error with its location already
-                            if b.error.starts_with(&b.location) {
-                                b.error.clone()
-                            } else {
-                                format!("{}: {}", b.location, b.error)
-                            },
-                        )
-                    })
-                    .collect(),
-                event_id: b.id,
-                correlation_id: b.correlation_id,
-                received_at: now_ms(),
-                event_time: now_ms(),
-                source_version: None,
-                group_id: None,
-                traceparent: None,
-                tracestate: None,
-                attributes: serde_json::json!({"location": b.location}).to_string(),
-                payload: b.raw,
-            }}
+                    outcomes: flows
+                        .iter()
+                        .map(|f| {
+                            FlowOutcome::rejected(
+                                f.name.clone(),
+                                Stage::Parse,
+                                // sources usually start the error with its location already
+                                if b.error.starts_with(&b.location) {
+                                    b.error.clone()
+                                } else {
+                                    format!("{}: {}", b.location, b.error)
+                                },
+                            )
+                        })
+                        .collect(),
+                    event_id: b.id,
+                    correlation_id: b.correlation_id,
+                    received_at: now_ms(),
+                    event_time: now_ms(),
+                    source_version: None,
+                    group_id: None,
+                    traceparent: None,
+                    tracestate: None,
+                    attributes: serde_json::json!({"location": b.location}).to_string(),
+                    payload: b.raw,
+                }
+            }
         })
         .collect();
     let prepared = IngestBatch {
@@ -456,8 +457,7 @@ impl Ingest for Ingestor {
             // a span per record (none with traces off); the rows store
             // their contexts
             let spans = self.tracer.receive(&self.system, &batch);
-            let (mut prepared, timings) =
-                self.prepare_parallel(batch, !spans.is_empty()).await?;
+            let (mut prepared, timings) = self.prepare_parallel(batch, !spans.is_empty()).await?;
             crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 spans.into_iter().for_each(|s| s.end(Err("refused")));

@@ -112,12 +112,12 @@ mod imp {
     use std::sync::{Arc, OnceLock};
     use std::time::{Duration, SystemTime};
 
+    use opentelemetry::propagation::TextMapPropagator;
     use opentelemetry::trace::{
         Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
         TracerProvider as _,
     };
     use opentelemetry::{Context, KeyValue};
-    use opentelemetry::propagation::TextMapPropagator;
     use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
     use opentelemetry_sdk::Resource;
     use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -205,7 +205,11 @@ mod imp {
 
     impl std::fmt::Debug for Tracer {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(if self.0.is_some() { "Tracer(on)" } else { "Tracer(off)" })
+            f.write_str(if self.0.is_some() {
+                "Tracer(on)"
+            } else {
+                "Tracer(off)"
+            })
         }
     }
 
@@ -240,7 +244,9 @@ mod imp {
                             ev.correlationid.as_str(),
                             extract(ev.traceparent.as_deref(), ev.tracestate.as_deref()),
                         ),
-                        Record::Bad(b) => (b.id.as_str(), b.correlation_id.as_str(), Context::new()),
+                        Record::Bad(b) => {
+                            (b.id.as_str(), b.correlation_id.as_str(), Context::new())
+                        }
                     };
                     let mut attrs = vec![
                         KeyValue::new("messaging.system", "weft"),
@@ -398,15 +404,15 @@ mod imp {
             ];
             match o {
                 FlowOutcome::Routed { deliveries, .. } => {
-                    attrs.push(KeyValue::new(
-                        "weft.destinations",
-                        deliveries.len() as i64,
-                    ));
+                    attrs.push(KeyValue::new("weft.destinations", deliveries.len() as i64));
                 }
                 // the error may quote payload values: its stage only
                 FlowOutcome::Rejected { stage, .. } => {
                     attrs.push(KeyValue::new("error.type", "rejected"));
-                    attrs.push(KeyValue::new("weft.reject.stage", format!("{stage:?}").to_lowercase()));
+                    attrs.push(KeyValue::new(
+                        "weft.reject.stage",
+                        format!("{stage:?}").to_lowercase(),
+                    ));
                 }
                 _ => {}
             }
@@ -426,7 +432,9 @@ mod imp {
         /// End it: the batch committed (`Ok`) or not (the reason, no data).
         pub(crate) fn end(mut self, result: Result<(), &'static str>) {
             match result {
-                Ok(()) => self.span.set_attribute(KeyValue::new("weft.outcome", "committed")),
+                Ok(()) => self
+                    .span
+                    .set_attribute(KeyValue::new("weft.outcome", "committed")),
                 Err(why) => {
                     self.span.set_attribute(KeyValue::new("error.type", why));
                     self.span.set_status(Status::error(why));
@@ -457,24 +465,31 @@ mod imp {
                 .unwrap_or_default()
                 .as_secs_f64()
                 * 1000.0;
-            self.span.set_attribute(KeyValue::new("weft.delivery.outcome", outcome.as_str()));
-            self.span.set_attribute(KeyValue::new("weft.delivery.latency_ms", ms));
+            self.span
+                .set_attribute(KeyValue::new("weft.delivery.outcome", outcome.as_str()));
+            self.span
+                .set_attribute(KeyValue::new("weft.delivery.latency_ms", ms));
             if let Some((kind, status)) = failure {
                 let kind = match kind {
                     ErrorKind::Retryable => "retryable",
                     ErrorKind::Permanent => "permanent",
                 };
-                self.span.set_attribute(KeyValue::new("weft.delivery.error_kind", kind));
+                self.span
+                    .set_attribute(KeyValue::new("weft.delivery.error_kind", kind));
                 match status {
                     Some(code) => {
+                        self.span.set_attribute(KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(code),
+                        ));
                         self.span
-                            .set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
-                        self.span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                            .set_attribute(KeyValue::new("error.type", code.to_string()));
                     }
                     None => self.span.set_attribute(KeyValue::new("error.type", kind)),
                 }
                 if outcome != AttemptOutcome::Waiting {
-                    self.span.set_status(Status::error(format!("{kind} failure")));
+                    self.span
+                        .set_status(Status::error(format!("{kind} failure")));
                 }
             }
             self.span.end_with_timestamp(end);

@@ -283,8 +283,9 @@ fn check(config: &config::Config) -> Vec<config::Issue> {
             path: "telemetry.otlp".into(),
             line: None,
             column: None,
-            message: "this weft was built without OpenTelemetry (cargo feature `otel`, on by default)"
-                .into(),
+            message:
+                "this weft was built without OpenTelemetry (cargo feature `otel`, on by default)"
+                    .into(),
         });
     }
     issues

@@ -167,9 +167,13 @@ fn attr(s: &Span, key: &str) -> Option<String> {
 }
 
 fn has_attr(s: &Span, key: &str) -> bool {
-    s.attributes
-        .iter()
-        .any(|kv| kv.key == key && kv.value.as_ref().is_some_and(|v: &AnyValue| v.value.is_some()))
+    s.attributes.iter().any(|kv| {
+        kv.key == key
+            && kv
+                .value
+                .as_ref()
+                .is_some_and(|v: &AnyValue| v.value.is_some())
+    })
 }
 
 fn config(url: &str, telemetry: &str) -> String {
@@ -236,7 +240,11 @@ fn of_record(spans: &[Span], id: &str) -> RecordSpans {
             .collect()
     };
     let receive = by("receive");
-    assert_eq!(receive.len(), 1, "one receive span for record {id}: {mine:#?}");
+    assert_eq!(
+        receive.len(),
+        1,
+        "one receive span for record {id}: {mine:#?}"
+    );
     let mut send = by("send");
     send.sort_by_key(|s| attr(s, "weft.delivery.attempt"));
     RecordSpans {
@@ -264,7 +272,11 @@ fn one_trace_per_record_from_ingest_to_every_delivery_attempt() {
 "#,
         servers.url()
     );
-    std::fs::write(dir.path().join("weft.yaml"), config(&servers.url(), &telemetry)).unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        config(&servers.url(), &telemetry),
+    )
+    .unwrap();
     let hub = Hub::start(
         dir.path(),
         "weft.yaml",
@@ -310,14 +322,20 @@ fn one_trace_per_record_from_ingest_to_every_delivery_attempt() {
         assert_eq!(r.receive.kind, SpanKind::Consumer as i32);
         assert_eq!(r.receive.name, "receive crm");
         assert_eq!(attr(&r.receive, "weft.source").as_deref(), Some("crm"));
-        assert_eq!(attr(&r.receive, "weft.outcome").as_deref(), Some("committed"));
+        assert_eq!(
+            attr(&r.receive, "weft.outcome").as_deref(),
+            Some("committed")
+        );
         assert!(has_attr(&r.receive, "messaging.message.conversation_id"));
         if id == "a1" {
             assert_eq!(trace, CALLER_TRACE, "the caller's trace is continued");
             assert_eq!(hex_id(&r.receive.parent_span_id), CALLER_SPAN);
         } else {
             assert_ne!(trace, CALLER_TRACE);
-            assert!(r.receive.parent_span_id.is_empty(), "a new trace: a root span");
+            assert!(
+                r.receive.parent_span_id.is_empty(),
+                "a new trace: a root span"
+            );
         }
         // the mapping: one per flow, under the ingest span
         assert_eq!(r.process.len(), 1, "{:#?}", r.process);
@@ -330,7 +348,12 @@ fn one_trace_per_record_from_ingest_to_every_delivery_attempt() {
         assert!(p.end_time_unix_nano <= r.receive.end_time_unix_nano);
         // every attempt: in the trace, a child of the creation context
         // (the ingest span) and linked to it
-        assert_eq!(r.send.len(), 2, "a failed and a retried attempt: {:#?}", r.send);
+        assert_eq!(
+            r.send.len(),
+            2,
+            "a failed and a retried attempt: {:#?}",
+            r.send
+        );
         for (n, s) in r.send.iter().enumerate() {
             assert_eq!(s.name, "send erp");
             assert_eq!(s.kind, SpanKind::Producer as i32);
@@ -347,11 +370,17 @@ fn one_trace_per_record_from_ingest_to_every_delivery_attempt() {
             assert_eq!(attr(s, "weft.delivery.attempt"), Some((n + 1).to_string()));
             assert_eq!(attr(s, "weft.destination").as_deref(), Some("erp"));
             assert_eq!(attr(s, "weft.flow").as_deref(), Some("orders"));
-            assert_eq!(attr(s, "messaging.destination.name").as_deref(), Some("erp"));
+            assert_eq!(
+                attr(s, "messaging.destination.name").as_deref(),
+                Some("erp")
+            );
             assert!(has_attr(s, "weft.delivery.latency_ms"));
         }
         let (first, second) = (&r.send[0], &r.send[1]);
-        assert_eq!(attr(first, "weft.delivery.outcome").as_deref(), Some("retry"));
+        assert_eq!(
+            attr(first, "weft.delivery.outcome").as_deref(),
+            Some("retry")
+        );
         assert_eq!(
             attr(first, "http.response.status_code").as_deref(),
             Some("500")
@@ -361,7 +390,10 @@ fn one_trace_per_record_from_ingest_to_every_delivery_attempt() {
             attr(first, "weft.delivery.error_kind").as_deref(),
             Some("retryable")
         );
-        assert_eq!(attr(second, "weft.delivery.outcome").as_deref(), Some("delivered"));
+        assert_eq!(
+            attr(second, "weft.delivery.outcome").as_deref(),
+            Some("delivered")
+        );
         assert!(!has_attr(second, "error.type"));
         // the destination got each attempt's own context
         let sent: BTreeMap<String, String> = hits
@@ -443,9 +475,21 @@ fn bad_telemetry_config_is_refused_with_its_line() {
             .unwrap()
     };
     for (path, needle, what) in [
-        ("telemetry.otlp.endpoint", "endpoint:", "not an http:// or https:// URL"),
-        ("telemetry.otlp.sample_ratio", "sample_ratio:", "from 0 to 1"),
-        ("telemetry.otlp.headers.bad header", "headers:", "not a valid HTTP header name"),
+        (
+            "telemetry.otlp.endpoint",
+            "endpoint:",
+            "not an http:// or https:// URL",
+        ),
+        (
+            "telemetry.otlp.sample_ratio",
+            "sample_ratio:",
+            "from 0 to 1",
+        ),
+        (
+            "telemetry.otlp.headers.bad header",
+            "headers:",
+            "not a valid HTTP header name",
+        ),
     ] {
         let line = err
             .lines()
