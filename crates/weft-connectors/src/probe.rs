@@ -285,16 +285,7 @@ fn export_target(t: &ExportTarget) -> Finding {
         ),
         ExportTarget::Dir { dir, .. } => (dir.clone(), dir.display().to_string()),
     };
-    let mut existing = dir.as_path();
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => existing = p,
-            _ => {
-                existing = Path::new(".");
-                break;
-            }
-        }
-    }
+    let existing = nearest_existing(&dir);
     match writable(existing) {
         Ok(()) if existing == dir => Finding::ok(format!("{what}: the folder is writable")),
         Ok(()) => Finding::ok(format!(
@@ -306,6 +297,19 @@ fn export_target(t: &ExportTarget) -> Finding {
             existing.display()
         )),
     }
+}
+
+/// `dir`, or its nearest ancestor that exists (`.` at the top of a
+/// relative path): where weft would create what is missing.
+fn nearest_existing(dir: &Path) -> &Path {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return Path::new("."),
+        }
+    }
+    existing
 }
 
 /// Create and remove a hidden file in `dir`.
@@ -332,18 +336,14 @@ pub(crate) async fn tcp_reachable(host: &str, port: u16, timeout: Duration) -> R
 /// The store: the SQLite file (or the folder it will be made in) is
 /// writable, or the PostgreSQL store answers and its schema can be used.
 pub async fn probe_store(store: &weft_core::config::StoreConfig) -> Probe {
-    let started = Instant::now();
-    let (kind, finding) = match &store.postgres {
-        Some(pg) => ("postgres", store_postgres(pg).await),
-        None => ("sqlite", store_sqlite(&store.path)),
-    };
-    Probe {
-        system: "store".into(),
-        role: "store",
-        kind,
-        verdict: finding.verdict,
-        detail: finding.detail,
-        millis: started.elapsed().as_millis() as u64,
+    match &store.postgres {
+        Some(pg) => timed("store", "store", "postgres", store_postgres(pg)).await,
+        None => {
+            timed("store", "store", "sqlite", async {
+                store_sqlite(&store.path)
+            })
+            .await
+        }
     }
 }
 
@@ -366,16 +366,7 @@ fn store_sqlite(path: &Path) -> Finding {
             Err(e) => Finding::fail(format!("cannot open {} for writing: {e}", path.display())),
         };
     }
-    let mut existing = dir;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => existing = p,
-            _ => {
-                existing = Path::new(".");
-                break;
-            }
-        }
-    }
+    let existing = nearest_existing(dir);
     match writable(existing) {
         Ok(()) => Finding::ok(format!("{} will be created (writable)", path.display())),
         Err(e) => Finding::fail(format!(
@@ -440,7 +431,10 @@ async fn store_postgres(_: &weft_core::config::PgStore) -> Finding {
 /// The two listeners: each address can be bound now. One that is taken
 /// is a warning (a running weft holds it).
 pub async fn probe_listeners(server: &weft_core::config::ServerConfig) -> Probe {
-    let started = Instant::now();
+    timed("server", "server", "http", listeners(server)).await
+}
+
+async fn listeners(server: &weft_core::config::ServerConfig) -> Finding {
     let mut taken = Vec::new();
     let mut bad = Vec::new();
     for (what, addr) in [
@@ -455,7 +449,7 @@ pub async fn probe_listeners(server: &weft_core::config::ServerConfig) -> Probe 
             Err(e) => bad.push(format!("{what} {addr}: {e}")),
         }
     }
-    let finding = if !bad.is_empty() {
+    if !bad.is_empty() {
         Finding::fail(format!("cannot listen on {}", bad.join("; ")))
     } else if !taken.is_empty() {
         Finding::warn(format!(
@@ -467,13 +461,5 @@ pub async fn probe_listeners(server: &weft_core::config::ServerConfig) -> Probe 
             "{} and {} are free",
             server.listen, server.admin_listen
         ))
-    };
-    Probe {
-        system: "server".into(),
-        role: "server",
-        kind: "http",
-        verdict: finding.verdict,
-        detail: finding.detail,
-        millis: started.elapsed().as_millis() as u64,
     }
 }
