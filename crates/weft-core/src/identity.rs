@@ -474,6 +474,30 @@ pub fn estimate(
     Some(out)
 }
 
+/// Whether `fields`, a system's report of a record it has no link for yet,
+/// is the echo of a create weft has in flight there: `written` holds weft's
+/// outstanding writes to that system for one record (see [`record_write`]).
+/// Every field reported and written must carry one of the written values,
+/// and at least one non-null field must be among them. A system may answer
+/// a create after it reported the new record (its webhook overtakes the
+/// response with the id), so the report is the only way to tell.
+pub fn echoes_create(written: &Map<String, Value>, fields: &Map<String, Value>) -> bool {
+    let mut matched = false;
+    for (f, v) in fields {
+        if f.starts_with('_') {
+            continue;
+        }
+        let Some(Value::Array(vals)) = written.get(f) else {
+            continue;
+        };
+        if !vals.iter().any(|w| entry_value(w) == Some(v)) {
+            return false;
+        }
+        matched |= !v.is_null();
+    }
+    matched
+}
+
 /// Whether a system whose base is `base` lacks any value of `state`.
 pub fn differs(state: &Map<String, Value>, base: Option<&Map<String, Value>>) -> bool {
     match base {
@@ -535,6 +559,35 @@ fn fold_accent(c: char) -> Option<&'static str> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_report_echoes_a_create_only_when_every_written_field_agrees() {
+        let written = record_write(
+            None,
+            None,
+            json!({"name": "Ann", "phone": "1", "_id": null})
+                .as_object()
+                .unwrap(),
+            5,
+        );
+        let f = |v: Value| v.as_object().unwrap().clone();
+        assert!(echoes_create(
+            &written,
+            &f(json!({"name": "Ann", "phone": "1", "email": null}))
+        ));
+        // a field the write did not carry is not compared
+        assert!(echoes_create(
+            &written,
+            &f(json!({"name": "Ann", "company": "X"}))
+        ));
+        assert!(!echoes_create(
+            &written,
+            &f(json!({"name": "Ann", "phone": "2"}))
+        ));
+        // nothing in common: no evidence
+        assert!(!echoes_create(&written, &f(json!({"company": "X"}))));
+        assert!(!echoes_create(&written, &f(json!({"_id": null}))));
+    }
 
     fn rules(conflict: ConflictPolicy) -> Rules {
         Rules {

@@ -356,6 +356,21 @@ fn resolve(
         )?;
         return Ok(None);
     }
+    // the echo of a create weft has in flight there, ahead of its response
+    if let Some(cid) = pending_create(tx, entity, ev.system, &r.fields)? {
+        let detail = json!({"external_id": r.external_id, "how": "create_echo"});
+        return link_to(
+            tx,
+            entity,
+            &cid,
+            ev,
+            &r.external_id,
+            "create_echo",
+            detail,
+            now,
+        )
+        .map(Some);
+    }
     for (field, value) in r.rules.match_values(&r.fields) {
         let ids: Vec<String> = tx
             .prepare_cached(
@@ -467,6 +482,41 @@ fn resolve(
         base: None,
         written: None,
     }))
+}
+
+/// Most creates in flight to one system compared with a report (the
+/// newest): a bound on the work an unknown id costs while weft creates.
+const PENDING_SCAN: i64 = 1000;
+
+/// The record whose create weft has in flight to `system` (written, not
+/// settled: no id yet) and whose written values `fields` echo, when exactly
+/// one does ([`identity::echoes_create`]). Two alike are left to the other
+/// rules: which of them this report is cannot be told.
+fn pending_create(
+    tx: &Connection,
+    entity: &str,
+    system: &str,
+    fields: &Map<String, Value>,
+) -> Result<Option<String>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT l.canonical_id, l.written FROM links l
+         JOIN canonical c ON c.entity = l.entity AND c.id = l.canonical_id
+         WHERE l.entity = ?1 AND l.system = ?2 AND l.external_id IS NULL
+           AND l.written IS NOT NULL AND c.merged_into IS NULL
+         ORDER BY l.updated_at DESC LIMIT ?3",
+    )?;
+    let mut rows = stmt.query(params![entity, system, PENDING_SCAN])?;
+    let mut found: Option<String> = None;
+    while let Some(row) = rows.next()? {
+        let written = parse_obj(row.get(1)?).unwrap_or_default();
+        if identity::echoes_create(&written, fields) {
+            if found.is_some() {
+                return Ok(None);
+            }
+            found = Some(row.get(0)?);
+        }
+    }
+    Ok(found)
 }
 
 /// Merge a report into its canonical record; returns the rows to enqueue,

@@ -340,6 +340,14 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE drift_events ADD COLUMN accepted_at INTEGER;
     "#,
+    // 9: creates in flight. A record weft is creating in a system has a link
+    // without the system's id until the create settles; a report from that
+    // system of an id it has no link for is checked against these first
+    // (`canonical::pending_create`): its webhook may overtake the response.
+    r#"
+    CREATE INDEX links_pending ON links (entity, system, updated_at)
+        WHERE external_id IS NULL AND written IS NOT NULL;
+    "#,
 ];
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes

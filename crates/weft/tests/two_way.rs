@@ -51,6 +51,9 @@ struct Inner {
     /// Writes with an idempotency key seen before (repeated after a crash).
     repeats: u64,
     keys: HashSet<String>,
+    /// Answer a create only once its webhook was accepted: the report of
+    /// the new record reaches weft before weft learns the record's id.
+    echo_first: bool,
 }
 
 /// Event ids of webhooks sent because weft wrote (both systems').
@@ -153,17 +156,26 @@ impl Sim {
             headers: HeaderMap,
             axum::Json(body): axum::Json<Map<String, Value>>,
         ) -> axum::response::Response {
-            let mut g = st.0.lock().unwrap();
-            if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-                g.keys.insert(k.to_owned());
+            let (id, echo_first) = {
+                let mut g = st.0.lock().unwrap();
+                if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+                    g.keys.insert(k.to_owned());
+                }
+                g.next += 1;
+                let id = format!("{}-{}", g.prefix, g.next);
+                g.writes += 1;
+                g.creates += 1;
+                caused_by_echo(&st, &mut g, &headers);
+                g.records.insert(id.clone(), body.clone());
+                report(&st, &mut g, &id, &body);
+                (id, g.echo_first)
+            };
+            if echo_first {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while st.2.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
-            g.next += 1;
-            let id = format!("{}-{}", g.prefix, g.next);
-            g.writes += 1;
-            g.creates += 1;
-            caused_by_echo(&st, &mut g, &headers);
-            g.records.insert(id.clone(), body.clone());
-            report(&st, &mut g, &id, &body);
             axum::Json(json!({"id": id})).into_response()
         }
         async fn update(
@@ -255,6 +267,11 @@ impl Sim {
         rec.insert(field.into(), value);
         let rec = rec.clone();
         send_change(&mut g, self.name, &self.queue, &self.unsent, id, &rec);
+    }
+
+    /// See `Inner::echo_first`.
+    fn echo_first(&self) {
+        self.inner.lock().unwrap().echo_first = true;
     }
 
     fn ids(&self) -> Vec<String> {
@@ -958,6 +975,94 @@ fn fuzzy_matching_links_holds_for_review_and_creates() {
     );
     assert!(!again.status.success());
     let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    hub.stop();
+}
+
+/// A system that reports a record weft created before it answers the
+/// create (its webhook overtakes the response that carries the new id):
+/// the report is the echo of weft's create, linked to the record weft
+/// created, not a new record of its own. Later changes in the system then
+/// reach that record, and the settle links the captured id without refusal.
+#[test]
+fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
+    let echoes: Echoes = Arc::default();
+    let crm = Sim::start("crm", "C", hook("crm"), echoes.clone());
+    let erp = Sim::start("erp", "E", hook("erp"), echoes);
+    crm.echo_first();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        onboarding_config(crm.addr, "[crm, erp]", ""),
+    )
+    .unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
+    let idle = || crm.unsent.load(Ordering::SeqCst) == 0 && erp.unsent.load(Ordering::SeqCst) == 0;
+    let mut erp_ids = Vec::new();
+    for (name, phone) in [("Ann Lee", "201"), ("Bo Ng", "202"), ("Cy Park", "203")] {
+        erp_ids.push(erp.user_create(rec(&[
+            ("customer_name", name),
+            ("company", "Initech"),
+            ("phone", phone),
+        ])));
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the ERP's customers in the CRM",
+        || idle() && crm.ids().len() == 3,
+    );
+    let show = |id: &str| -> Option<Value> {
+        let out = weft_cmd(
+            dir.path(),
+            &["xref", "show", "-c", "weft.yaml", "customer", id, "--json"],
+        );
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    };
+    let record_of = |id: &str| show(id).map(|v| v["id"].as_str().unwrap().to_owned());
+    // the settle of each create has run once every id is linked
+    wait_for(Duration::from_secs(30), "the CRM's ids linked", || {
+        erp_ids.iter().all(|e| {
+            let rec = show(&format!("erp:{e}"));
+            rec.is_some_and(|r| {
+                r["links"].as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|x| x["system"] == "crm" && x["external_id"].is_string())
+                })
+            })
+        })
+    });
+    let snap = crm.snapshot();
+    for e in &erp_ids {
+        let name = erp.snapshot()[e]["customer_name"].clone();
+        let c = snap
+            .iter()
+            .find(|(_, r)| r["name"] == name)
+            .map(|(id, _)| id.clone())
+            .unwrap();
+        assert_eq!(
+            record_of(&format!("crm:{c}")),
+            record_of(&format!("erp:{e}")),
+            "the CRM's report of {c} and the ERP's {e} are one record"
+        );
+    }
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["identity"][0]["records"], 3, "{st}");
+    assert!(
+        st["identity"][0]["actions"].get("link_refused").is_none(),
+        "{st}"
+    );
+    // a later change in the CRM reaches the record weft created, not a copy
+    let c = snap.keys().next().unwrap().clone();
+    let before = record_of(&format!("crm:{c}"));
+    crm.user_edit(&c, "company", json!("Initrode"));
+    wait_for(Duration::from_secs(30), "the CRM's edit", idle);
+    assert_eq!(record_of(&format!("crm:{c}")), before);
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["identity"][0]["records"], 3, "{st}");
     assert_eq!(st["balanced"], true, "{st}");
     hub.stop();
 }
