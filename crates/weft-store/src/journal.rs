@@ -340,14 +340,15 @@ pub trait JournalRead: Send + Sync {
     ) -> Result<Vec<CrosswalkRow>, StoreError>;
     /// Pending rows of a lane, in key order (for inspection and tests).
     fn pending(&self, lane: &LaneId, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
-    /// Every saved source position. Default: none listed (the SQLite
-    /// store lists them).
+    /// Every saved source position, by source and key. Default: none
+    /// listed (every engine here lists them).
     fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
         Ok(Vec::new())
     }
     /// What the store keeps of the records an event id, correlation id or
-    /// entity key names (the dashboard's record inspector). Default: this
-    /// store cannot search (the SQLite store can).
+    /// entity key names (the dashboard's record inspector), at most `limit`
+    /// of each kind. Default: this store cannot search (every engine here
+    /// can).
     fn lookup(&self, id: &str, limit: usize) -> Result<crate::RecordLookup, StoreError> {
         let _ = (id, limit);
         Err(StoreError::Invalid(

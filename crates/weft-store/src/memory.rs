@@ -231,7 +231,8 @@ struct State {
     /// `(destination, key, dlq id)`: the key waits at that destination.
     holds: BTreeSet<(String, String, i64)>,
     counts: BTreeMap<(String, String), Counts>,
-    checkpoints: HashMap<(String, String), String>,
+    /// `(source, key)` → (value, saved at ms).
+    checkpoints: HashMap<(String, String), (String, i64)>,
     crosswalk: HashMap<(String, String, String), Crosswalk>,
     shapes: HashMap<String, String>,
     drift: Vec<DriftEvent>,
@@ -574,7 +575,7 @@ impl State {
             }
         }
         if let Some((key, value)) = b.checkpoint {
-            self.checkpoints.insert((b.source, key), value);
+            self.checkpoints.insert((b.source, key), (value, now));
         }
         Ok(applied)
     }
@@ -1134,7 +1135,63 @@ impl JournalRead for MemoryJournal {
             .lock()?
             .checkpoints
             .get(&(source.to_owned(), key.to_owned()))
-            .cloned())
+            .map(|(v, _)| v.clone()))
+    }
+
+    fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
+        let s = self.lock()?;
+        let mut out: Vec<crate::Checkpoint> = s
+            .checkpoints
+            .iter()
+            .map(|((source, key), (value, at))| crate::Checkpoint {
+                source: source.clone(),
+                key: key.clone(),
+                value: value.clone(),
+                updated_at: *at,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.source, &a.key).cmp(&(&b.source, &b.key)));
+        Ok(out)
+    }
+
+    fn lookup(&self, id: &str, limit: usize) -> Result<crate::RecordLookup, StoreError> {
+        let s = self.lock()?;
+        let mut pending: Vec<OutboxRow> = s
+            .outbox
+            .values()
+            .map(|r| &r.row)
+            .filter(|r| {
+                r.event_id == id || r.correlation_id == id || r.entity_key.as_deref() == Some(id)
+            })
+            .cloned()
+            .collect();
+        pending.sort_by_key(|r| (r.order_seq, r.id));
+        pending.truncate(limit);
+        let dead = s
+            .dlq
+            .values()
+            .map(|e| &e.public)
+            .filter(|e| {
+                e.event_id == id || e.correlation_id == id || e.entity_key.as_deref() == Some(id)
+            })
+            .take(limit)
+            .cloned()
+            .collect();
+        let mut written: Vec<&Crosswalk> = s
+            .crosswalk
+            .values()
+            .filter(|c| c.row.event_id == id || c.row.source_key == id || c.row.external_id == id)
+            .collect();
+        written.sort_by_key(|c| std::cmp::Reverse(c.touched));
+        Ok(crate::RecordLookup {
+            pending,
+            dead,
+            written: written
+                .into_iter()
+                .take(limit)
+                .map(|c| c.row.clone())
+                .collect(),
+        })
     }
 
     fn dlq_list(&self, f: &DlqFilter) -> Result<Vec<DlqEntry>, StoreError> {

@@ -99,7 +99,8 @@ macro_rules! conformance {
                 drift_is_recorded,
                 p1_2_p1_8_blocked_keys_do_not_starve_the_lane,
                 p1_4_counts_balance_under_concurrent_writes,
-                p1_9_applied_counts_and_last_received
+                p1_9_applied_counts_and_last_received,
+                lookup_and_checkpoints_list_what_the_store_keeps
             );
             #[test]
             fn property_random_operations_keep_invariants() {

@@ -505,6 +505,19 @@ impl JournalRead for PgJournal {
         })
     }
 
+    fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
+        self.read_with(
+            |inner| async move { read::checkpoints(&mut *inner.pool.get().await?).await },
+        )
+    }
+
+    fn lookup(&self, id: &str, limit: usize) -> Result<crate::RecordLookup, StoreError> {
+        let id = id.to_owned();
+        self.read_with(|inner| async move {
+            read::lookup(&mut *inner.pool.get().await?, &id, limit).await
+        })
+    }
+
     fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
         let source = source.to_owned();
         self.read_with(|inner| async move {

@@ -10,8 +10,8 @@ use tokio_postgres::Row;
 use super::ops::{outbox_row, with_row_columns};
 use super::pool::Conn;
 use crate::{
-    CrosswalkRow, DLQ_PAGE, DlqEntry, DlqFilter, DriftEvent, FlowCounts, LaneId, OutboxRow,
-    StoreError,
+    Checkpoint, CrosswalkRow, DLQ_PAGE, DlqEntry, DlqFilter, DriftEvent, FlowCounts, LaneId,
+    OutboxRow, RecordLookup, StoreError,
 };
 
 pub(crate) async fn counts(c: &mut Conn, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError> {
@@ -234,19 +234,98 @@ pub(crate) async fn crosswalk(
     )
     .await?
     .iter()
+    .map(crosswalk_row)
+    .collect()
+}
+
+fn crosswalk_row(r: &Row) -> Result<CrosswalkRow, StoreError> {
+    Ok(CrosswalkRow {
+        system: r.try_get(0)?,
+        source: r.try_get(1)?,
+        source_key: r.try_get(2)?,
+        external_id: r.try_get(3)?,
+        flow: r.try_get(4)?,
+        event_id: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+    })
+}
+
+/// Every saved source position, by source and key.
+pub(crate) async fn checkpoints(c: &mut Conn) -> Result<Vec<Checkpoint>, StoreError> {
+    c.query(
+        "SELECT source, key, value, updated_at FROM checkpoints ORDER BY source, key",
+        &[],
+    )
+    .await?
+    .iter()
     .map(|r| {
-        Ok(CrosswalkRow {
-            system: r.try_get(0)?,
-            source: r.try_get(1)?,
-            source_key: r.try_get(2)?,
-            external_id: r.try_get(3)?,
-            flow: r.try_get(4)?,
-            event_id: r.try_get(5)?,
-            created_at: r.try_get(6)?,
-            updated_at: r.try_get(7)?,
+        Ok(Checkpoint {
+            source: r.try_get(0)?,
+            key: r.try_get(1)?,
+            value: r.try_get(2)?,
+            updated_at: r.try_get(3)?,
         })
     })
     .collect()
+}
+
+/// Outbox rows, DLQ entries and crosswalk entries whose event id,
+/// correlation id or entity key is `id`, at most `limit` of each, read on
+/// one snapshot. As on SQLite, the outbox and the DLQ have no index on
+/// these columns: a scan, for an operator's search, not a hot path.
+pub(crate) async fn lookup(
+    c: &mut Conn,
+    id: &str,
+    limit: usize,
+) -> Result<RecordLookup, StoreError> {
+    c.begin_snapshot().await?;
+    let r = lookup_in(c, id, limit).await;
+    c.finish(r).await
+}
+
+async fn lookup_in(c: &mut Conn, id: &str, limit: usize) -> Result<RecordLookup, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let pending = c
+        .query(
+            with_row_columns!(
+                "SELECT ";
+                " FROM outbox o WHERE o.event_id = $1 OR o.correlation_id = $1 OR o.entity_key = $1
+                   ORDER BY o.order_seq, o.id LIMIT $2"
+            ),
+            &[&id, &limit],
+        )
+        .await?
+        .iter()
+        .map(outbox_row)
+        .collect::<Result<_, _>>()?;
+    let dead = c
+        .query(
+            dlq_select!(
+                "WHERE event_id = $1 OR correlation_id = $1 OR entity_key = $1 ORDER BY id LIMIT $2"
+            ),
+            &[&id, &limit],
+        )
+        .await?
+        .iter()
+        .map(dlq_row)
+        .collect::<Result<_, _>>()?;
+    let written = c
+        .query(
+            "SELECT system, source, source_key, COALESCE(external_id, ''), flow, event_id, created_at, updated_at
+             FROM crosswalk WHERE event_id = $1 OR source_key = $1 OR external_id = $1
+             ORDER BY touch DESC LIMIT $2",
+            &[&id, &limit],
+        )
+        .await?
+        .iter()
+        .map(crosswalk_row)
+        .collect::<Result<_, _>>()?;
+    Ok(RecordLookup {
+        pending,
+        dead,
+        written,
+    })
 }
 
 pub(crate) async fn pending(

@@ -2008,3 +2008,115 @@ pub async fn p1_9_applied_counts_and_last_received(h: &mut impl Harness) {
     let f = c.iter().find(|c| c.flow == "f").expect("lane f");
     assert_eq!(f.last_received_at, Some(seen));
 }
+
+/// The record inspector's search (`lookup`: by event id, correlation id,
+/// entity key or a destination's id) and the list of source positions
+/// (`checkpoints`) read what the store keeps, on every engine.
+pub async fn lookup_and_checkpoints_list_what_the_store_keeps(h: &mut impl Harness) {
+    let rig = Rig::new(h, &[("f", "d")]);
+    let start = now_ms();
+    let mut b = batch(vec![
+        one("1", Some("k")),
+        one("2", Some("k2")),
+        one("3", Some("k")),
+    ]);
+    b.checkpoint = Some(("pos".into(), "{\"lsn\":1}".into()));
+    rig.ingest_batch(b).await;
+    let read = rig.j.read();
+    let events = |l: &RecordLookup| -> Vec<String> {
+        l.pending.iter().map(|r| r.event_id.clone()).collect()
+    };
+    let l = read.lookup("1", 10).unwrap();
+    assert_eq!(events(&l), ["1"]);
+    assert!(l.dead.is_empty() && l.written.is_empty());
+    assert_eq!(
+        events(&read.lookup("c-2", 10).unwrap()),
+        ["2"],
+        "by correlation id"
+    );
+    assert_eq!(
+        events(&read.lookup("k", 10).unwrap()),
+        ["1", "3"],
+        "by key, in order"
+    );
+    assert_eq!(events(&read.lookup("k", 1).unwrap()), ["1"], "limited");
+
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c), ["1", "2"]);
+    let with_id = Outcome::Delivered(WriteOutcome {
+        external_id: Some("X-1".into()),
+        version: None,
+        fingerprint: None,
+        canonical: None,
+    });
+    rig.settle(vec![(&c[0], with_id), (&c[1], dead(false))])
+        .await;
+    let read = rig.j.read();
+    let l = read.lookup("2", 10).unwrap();
+    assert!(l.pending.is_empty());
+    assert_eq!(
+        l.dead
+            .iter()
+            .map(|e| (e.event_id.as_str(), e.status.as_str()))
+            .collect::<Vec<_>>(),
+        [("2", "dead")]
+    );
+    let l = read.lookup("k", 10).unwrap();
+    assert_eq!(
+        events(&l),
+        ["3"],
+        "the delivered row is gone, the next waits"
+    );
+    assert_eq!(
+        l.written
+            .iter()
+            .map(|w| (
+                w.source_key.as_str(),
+                w.external_id.as_str(),
+                w.event_id.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [("k", "X-1", "1")]
+    );
+    assert_eq!(
+        read.lookup("X-1", 10).unwrap().written.len(),
+        1,
+        "by the destination's id"
+    );
+    let none = read.lookup("nothing", 10).unwrap();
+    assert!(none.pending.is_empty() && none.dead.is_empty() && none.written.is_empty());
+
+    let cps = read.checkpoints().unwrap();
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_eq!(
+        (
+            cps[0].source.as_str(),
+            cps[0].key.as_str(),
+            cps[0].value.as_str()
+        ),
+        ("crm", "pos", "{\"lsn\":1}")
+    );
+    assert!(cps[0].updated_at >= start, "{cps:?}");
+    let mut b = batch(vec![one("4", None)]);
+    b.checkpoint = Some(("pos".into(), "{\"lsn\":2}".into()));
+    rig.ingest_batch(b).await;
+    let mut b = batch(vec![one("5", None)]);
+    b.source = "erp".into();
+    b.checkpoint = Some(("file".into(), "7".into()));
+    rig.ingest_batch(b).await;
+    let cps: Vec<(String, String, String)> = rig
+        .j
+        .read()
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.source, c.key, c.value))
+        .collect();
+    assert_eq!(
+        cps,
+        [
+            ("crm".into(), "pos".into(), "{\"lsn\":2}".into()),
+            ("erp".into(), "file".into(), "7".into())
+        ]
+    );
+}
