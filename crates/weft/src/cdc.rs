@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use weft_connectors::cdc::{RESNAPSHOT_KEY, ResnapshotRequest};
 use weft_core::config::SourceSpec;
-use weft_store::{Dedupe, IngestBatch, Journal};
+use weft_store::{Dedupe, IngestBatch};
 
 use crate::ConfigArg;
 

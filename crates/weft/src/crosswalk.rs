@@ -35,7 +35,7 @@ pub fn crosswalk(cmd: CrosswalkCmd) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let rows = crate::status::open_read_only(&cfg)?.crosswalk(system.as_deref(), limit)?;
+    let rows = crate::status::open_read(&cfg)?.crosswalk(system.as_deref(), limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -185,7 +186,7 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             for e in &targets {
                 match block_on(weft_runtime::dlq::replay(
                     &config,
-                    &journal,
+                    journal.as_ref(),
                     e,
                     payload.as_deref(),
                     force,
@@ -214,7 +215,11 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
             let targets = select(&read(&cfg)?, ids, all, &filter)?;
             let mut ok = 0;
             for e in &targets {
-                match block_on(weft_runtime::dlq::discard(&journal, e.id, "discarded"))? {
+                match block_on(weft_runtime::dlq::discard(
+                    journal.as_ref(),
+                    e.id,
+                    "discarded",
+                ))? {
                     Ok(()) => ok += 1,
                     Err(err) => eprintln!("entry {}: {err}", e.id),
                 }
@@ -230,14 +235,29 @@ pub fn dlq(cmd: DlqCmd) -> Result<ExitCode> {
 }
 
 /// The store, to change it: beside a running hub this is a second writer,
-/// which the journal allows (IMMEDIATE transactions, no lease touched; the
-/// hub's lanes poll and see the change).
-pub(crate) fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, SqliteJournal)> {
+/// which the journal allows (SQLite: IMMEDIATE transactions; PostgreSQL:
+/// row locks; no lease touched; the hub's lanes poll and see the change).
+pub(crate) fn open(
+    cfg: &ConfigArg,
+) -> Result<(weft_core::config::Config, Arc<dyn weft_store::Journal>)> {
     let config = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };
-    crate::status::refuse_postgres(&config)?;
+    if let Some(pg) = &config.store.postgres {
+        #[cfg(feature = "postgres")]
+        {
+            let j = crate::status::open_postgres(pg, weft_store::PgRole::Tool)?;
+            return Ok((config, Arc::new(j)));
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = pg;
+            bail!(
+                "store.postgres: this weft was built without PostgreSQL (cargo feature `postgres`)"
+            );
+        }
+    }
     let path = &config.store.path;
     if !path.exists() {
         bail!("no store at {} yet: `weft run` creates it", path.display());
@@ -247,16 +267,16 @@ pub(crate) fn open(cfg: &ConfigArg) -> Result<(weft_core::config::Config, Sqlite
     }
     let journal = SqliteJournal::open(path, config.store.synchronous, Role::Tool)
         .with_context(|| format!("cannot open the store at {}", path.display()))?;
-    Ok((config, journal))
+    Ok((config, Arc::new(journal)))
 }
 
-/// The store, read-only (never migrated).
-fn read(cfg: &ConfigArg) -> Result<weft_store::Reader> {
+/// The store, to read (never created or migrated).
+fn read(cfg: &ConfigArg) -> Result<crate::status::ReadStore> {
     let config = match crate::load_config_for_inspection(&cfg.config) {
         Ok(c) => c,
         Err(_) => bail!("the config is invalid (see above)"),
     };
-    crate::status::open_read_only(&config)
+    crate::status::open_read(&config)
 }
 
 pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
@@ -268,7 +288,7 @@ pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> 
 }
 
 fn select(
-    reader: &weft_store::Reader,
+    reader: &crate::status::ReadStore,
     ids: Vec<i64>,
     all: bool,
     filter: &FilterArgs,

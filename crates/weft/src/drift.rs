@@ -44,7 +44,7 @@ pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let events = crate::status::open_read_only(&cfg)?.drift_events(source.as_deref())?;
+    let events = crate::status::open_read(&cfg)?.drift_events(source.as_deref())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&events)?);
         return Ok(ExitCode::SUCCESS);
@@ -77,7 +77,12 @@ pub fn drift(cmd: DriftCmd) -> Result<ExitCode> {
 
 fn accept(cfg: &ConfigArg, ids: &[i64], replay: bool) -> Result<ExitCode> {
     let (config, journal) = crate::dlq::open(cfg)?;
-    let r = crate::dlq::block_on(weft_runtime::drift::accept(&config, &journal, ids, replay))??;
+    let r = crate::dlq::block_on(weft_runtime::drift::accept(
+        &config,
+        journal.as_ref(),
+        ids,
+        replay,
+    ))??;
     for e in &r.accepted {
         println!(
             "accepted #{} {} {} {} ({})",

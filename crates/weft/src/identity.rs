@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
+use weft_store::HistoryFilter;
 use weft_store::canonical::HistoryEntry;
-use weft_store::{HistoryFilter, Journal};
 
 use crate::ConfigArg;
 

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+#[cfg(feature = "postgres")]
+use weft_store::JournalRead;
 use weft_store::SqliteJournal;
 
 pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
@@ -11,7 +13,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let reader = open_read_only(&cfg)?;
+    let reader = open_read(&cfg)?;
     let lanes = weft_runtime::lane_list(&cfg);
     let counts = reader.counts(&lanes)?;
     let dlq: i64 = reader.dlq_depths()?.iter().map(|d| d.2).sum();
@@ -116,20 +118,126 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     })
 }
 
-/// The store, read-only: never created or migrated by a command that only
-/// looks.
+/// A store opened by a command that only looks: the SQLite file read-only,
+/// or the PostgreSQL journal as a reader. Neither is created, migrated or
+/// compacted.
+pub enum ReadStore {
+    Sqlite(weft_store::Reader),
+    #[cfg(feature = "postgres")]
+    Postgres(weft_store::PgJournal),
+}
+
+impl ReadStore {
+    pub fn counts(&self, lanes: &[weft_store::LaneId]) -> Result<Vec<weft_store::FlowCounts>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.counts(lanes)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.counts(lanes)?,
+        })
+    }
+    pub fn dlq_depths(&self) -> Result<Vec<(String, String, i64)>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.dlq_depths()?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.dlq_depths()?,
+        })
+    }
+    pub fn dlq_list(&self, f: &weft_store::DlqFilter) -> Result<Vec<weft_store::DlqEntry>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.dlq_list(f)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.dlq_list(f)?,
+        })
+    }
+    pub fn dlq_get(&self, id: i64) -> Result<Option<weft_store::DlqEntry>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.dlq_get(id)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.dlq_get(id)?,
+        })
+    }
+    pub fn crosswalk(
+        &self,
+        system: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<weft_store::CrosswalkRow>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.crosswalk(system, limit)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.crosswalk(system, limit)?,
+        })
+    }
+    pub fn drift_events(&self, source: Option<&str>) -> Result<Vec<weft_store::DriftEvent>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.drift_events(source)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.drift_events(source)?,
+        })
+    }
+    /// Canonical records are kept on SQLite only (`weft validate` refuses
+    /// `identity` with `store.postgres`): none on PostgreSQL.
+    pub fn identity_summary(&self) -> Result<Vec<weft_store::canonical::IdentitySummary>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.identity_summary()?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(_) => Vec::new(),
+        })
+    }
+}
+
+/// The config's store, to read: never created or migrated by a command
+/// that only looks.
+pub fn open_read(cfg: &weft_core::config::Config) -> Result<ReadStore> {
+    match &cfg.store.postgres {
+        #[cfg(feature = "postgres")]
+        Some(pg) => Ok(ReadStore::Postgres(open_postgres(
+            pg,
+            weft_store::PgRole::Reader,
+        )?)),
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => anyhow::bail!(
+            "store.postgres: this weft was built without PostgreSQL (cargo feature `postgres`)"
+        ),
+        None => Ok(ReadStore::Sqlite(open_read_only(cfg)?)),
+    }
+}
+
+/// The PostgreSQL journal of `store.postgres`, opened by a command (no
+/// hub's session lock, no lease touched).
+#[cfg(feature = "postgres")]
+pub fn open_postgres(
+    pg: &weft_core::config::PgStore,
+    role: weft_store::PgRole,
+) -> Result<weft_store::PgJournal> {
+    weft_store::PgJournal::open(weft_store::PgOptions {
+        url: pg.url.expose().to_owned(),
+        schema: pg.schema.clone(),
+        node: pg.node.clone(),
+        pool_size: 2,
+        role,
+    })
+    .with_context(|| {
+        format!(
+            "cannot open the PostgreSQL journal (schema {}, node {})",
+            pg.schema, pg.node
+        )
+    })
+}
+
+/// The SQLite store, read-only: never created or migrated by a command that
+/// only looks. For what only the SQLite store keeps (canonical records).
 pub fn open_read_only(cfg: &weft_core::config::Config) -> Result<weft_store::Reader> {
     refuse_postgres(cfg)?;
     SqliteJournal::open_read_only(&cfg.store.path)
         .with_context(|| format!("cannot read the store at {}", cfg.store.path.display()))
 }
 
-/// The inspection commands read the SQLite store; a PostgreSQL journal is
-/// read through a running hub's admin API for now.
+/// The identity commands read canonical records, which only the SQLite
+/// store keeps.
 pub fn refuse_postgres(cfg: &weft_core::config::Config) -> Result<()> {
     if cfg.store.postgres.is_some() {
         anyhow::bail!(
-            "this config keeps its journal in PostgreSQL (store.postgres); this command reads only the SQLite store yet: use a running hub's admin API (/api/v1)"
+            "this config keeps its journal in PostgreSQL (store.postgres); canonical records (identity) are kept on the SQLite store only"
         );
     }
     Ok(())

@@ -144,7 +144,7 @@ flows:
   items:
     from: crm
     key: .key
-    mapping: '{{id, key}}'
+    mapping: 'if .id == 999 then error("id 999 is refused") else {{id, key}} end'
     to: [api]
 "#,
         rec.url()
@@ -217,13 +217,70 @@ flows:
     );
     assert_eq!((accepted, delivered), (120, 120), "duplicates counted once");
 
-    // the inspection commands say what to use instead
-    let out = weft_cmd_env(dir.path(), &["status", "-c", "weft.yaml"], &env);
-    assert!(!out.status.success());
+    // the inspection commands read the PostgreSQL journal too, beside the hub
+    let st = status(dir.path(), "weft.yaml", &env);
+    assert_eq!(st["balanced"], true, "{st}");
+    assert_eq!(st["lanes"][0]["received"], 120, "{st}");
+    assert_eq!(st["lanes"][0]["delivered"], 120, "{st}");
+    assert_eq!(st["dlq_depth"], 0, "{st}");
+    assert_eq!(post(&hub, 999, "k9"), 202);
+    wait_for(
+        Duration::from_secs(30),
+        "the refused record in the DLQ",
+        || status(dir.path(), "weft.yaml", &env)["dlq_depth"] == 1,
+    );
+    let cmd = |args: &[&str]| {
+        let mut all = vec![args[0], args[1], "-c", "weft.yaml"];
+        all.extend_from_slice(&args[2..]);
+        let out = weft_cmd_env(dir.path(), &all, &env);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let list: serde_json::Value =
+        serde_json::from_slice(&cmd(&["dlq", "list", "--json"])).expect("dlq list json");
+    let entries = list.as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{list}");
+    assert!(
+        entries[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("id 999 is refused")),
+        "{list}"
+    );
+    let id = entries[0]["id"].as_i64().expect("id").to_string();
+    let shown: serde_json::Value =
+        serde_json::from_slice(&cmd(&["dlq", "show", &id, "--json"])).expect("dlq show json");
+    assert_eq!(shown["event_id"], "ev-999", "{shown}");
+    // a change through the journal beside the running hub
+    let out = String::from_utf8_lossy(&cmd(&["dlq", "discard", &id])).into_owned();
+    assert!(out.contains("1 of 1 discarded"), "{out}");
+    let st = status(dir.path(), "weft.yaml", &env);
+    assert_eq!(st["dlq_depth"], 0, "{st}");
+    assert_eq!(st["balanced"], true, "{st}");
+    let cw = String::from_utf8_lossy(&cmd(&["crosswalk", "list"])).into_owned();
+    assert!(cw.contains("no ids captured"), "{cw}");
+    hub.stop();
+
+    // a reader creates nothing: a schema without a journal is refused as such
+    let main = std::fs::read_to_string(dir.path().join("weft.yaml")).expect("config");
+    let other = main.replace("    node: e2e\n", "    node: e2e\n    schema: not_there\n");
+    assert_ne!(main, other);
+    std::fs::write(dir.path().join("other.yaml"), other).expect("config");
+    let out = weft_cmd_env(dir.path(), &["status", "-c", "other.yaml"], &env);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("store.postgres") && err.contains("admin API"),
+        !out.status.success() && err.contains("no weft journal in schema not_there"),
         "{err}"
     );
-    hub.stop();
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'not_there'"
+        ),
+        0,
+        "nothing created"
+    );
 }

@@ -107,6 +107,10 @@ pub enum PgRole {
     Hub,
     /// A command changing state beside running hubs: touches no lease.
     Tool,
+    /// A command that only reads (`weft status`, `dlq list`): creates,
+    /// migrates and compacts nothing; refuses a journal that is missing or
+    /// at another schema version. Only its reads may be used.
+    Reader,
 }
 
 /// How to reach the journal. `Debug` leaves the URL out (it may carry a
@@ -279,9 +283,12 @@ impl PgJournal {
                     }
                     Some(c)
                 }
-                PgRole::Tool => None,
+                PgRole::Tool | PgRole::Reader => None,
             };
-            {
+            if opts.role == PgRole::Reader {
+                let mut c = pool.get().await?;
+                schema::check_readable(&mut c, &opts.schema).await?;
+            } else {
                 let mut c = pool.get().await?;
                 let lock = ops::lock_id(&opts.schema, "migrate", "");
                 schema::migrate(&mut c, &opts.schema, lock).await?;
@@ -299,7 +306,9 @@ impl PgJournal {
                 writes: AtomicUsize::new(0),
                 _hub: hub,
             });
-            inner.compact().await?;
+            if opts.role != PgRole::Reader {
+                inner.compact().await?;
+            }
             Ok(inner)
         });
         match started {

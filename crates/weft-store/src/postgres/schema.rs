@@ -282,6 +282,35 @@ async fn migrate_in(c: &mut Conn, schema: &str, lock: i64) -> Result<(), StoreEr
     Ok(())
 }
 
+/// For a reader (`PgRole::Reader`): the journal in `schema` exists at the
+/// version this build reads. Nothing is created or migrated.
+pub(crate) async fn check_readable(c: &mut Conn, schema: &str) -> Result<(), StoreError> {
+    check_schema_name(schema)?;
+    let table = format!("{schema}.weft_schema_version");
+    let exists: bool = c
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Err(StoreError::Schema(format!(
+            "no weft journal in schema {schema} of this database yet: `weft run` creates it"
+        )));
+    }
+    let current = version(c).await?;
+    let latest = MIGRATIONS.len() as i32;
+    if current > latest {
+        return Err(StoreError::Schema(format!(
+            "the PostgreSQL journal in schema {schema} has version {current}, newer than this weft knows ({latest}); use a newer weft"
+        )));
+    }
+    if current < latest {
+        return Err(StoreError::Schema(format!(
+            "the PostgreSQL journal in schema {schema} has version {current}; this weft reads version {latest}: start `weft run` of this weft once (it migrates), or use the weft that wrote it"
+        )));
+    }
+    Ok(())
+}
+
 /// The recorded version (0: none), for tests and tools.
 pub(crate) async fn version(c: &mut Conn) -> Result<i32, StoreError> {
     Ok(c.query_one(
