@@ -88,6 +88,7 @@ async fn run(j: &dyn Journal, first: usize, rows: usize, batch: usize) -> Result
             dedupe: Dedupe::Id,
             events,
             checkpoint: Some(("pos".into(), i.to_string())),
+            fence: None,
         })
         .await?;
         t.ingest += start.elapsed();

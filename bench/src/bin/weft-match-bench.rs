@@ -121,6 +121,7 @@ async fn ingest(
             dedupe: Dedupe::Id,
             events,
             checkpoint: None,
+            fence: None,
         })
         .await?;
     }

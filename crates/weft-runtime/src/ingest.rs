@@ -201,6 +201,7 @@ fn prepare_observed(
         dedupe: Dedupe::Id,
         events,
         checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
+        fence: None,
     };
     (prepared, timings)
 }

@@ -363,6 +363,7 @@ pub async fn enqueue(
             dedupe: Dedupe::Position,
             events,
             checkpoint: None,
+            fence: None,
         })
         .await
 }

@@ -313,6 +313,35 @@ pub trait Journal: Send + Sync + 'static {
         })
     }
 
+    /// Whether several hubs may share this journal, so that a source that
+    /// must run on one node at a time (every source but webhooks) runs
+    /// only under [`Journal::lease_source`]. Default: no (one hub per store:
+    /// SQLite's lock file, the memory journal's process).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Take or renew this node's lease of `source` for `ttl_ms` (the
+    /// database's clock): the lease's epoch while this node holds it,
+    /// `None` while another node's lease runs. The epoch changes only when
+    /// the lease passes to another node; an ingest carrying an older epoch
+    /// (`IngestBatch::fence`) is refused. Default: always held, epoch 0.
+    fn lease_source(
+        &self,
+        source: String,
+        ttl_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        let _ = (source, ttl_ms);
+        Box::pin(async { Ok(Some(0)) })
+    }
+
+    /// Give up this node's lease of `source` (a hub stopping), so another
+    /// node takes it at once. Default: nothing to give up.
+    fn release_source(&self, source: String) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = source;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Consistent reads.
     fn read(&self) -> &dyn JournalRead;
 }

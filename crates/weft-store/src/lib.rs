@@ -67,6 +67,10 @@ pub enum StoreError {
     /// A replay that would regress the destination, or that must wait.
     #[error("{}", refusal_text(.0))]
     Refused(Refusal),
+    /// An ingest of a leased source by a node that no longer holds the
+    /// source's lease (another node took it over): nothing was written.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 fn refusal_text(r: &Refusal) -> String {
@@ -239,6 +243,11 @@ pub struct IngestBatch {
     pub events: Vec<NewEvent>,
     /// `(key, value)` saved under `source`.
     pub checkpoint: Option<(String, String)>,
+    /// The epoch of this node's lease of `source` ([`Journal::lease_source`])
+    /// when the source runs on one node at a time: the batch commits only
+    /// while that lease is still this node's, else `StoreError::Fenced`.
+    /// `None`: not leased (webhooks, a single hub's store).
+    pub fence: Option<i64>,
 }
 
 /// What an ingest, replay or discard did.

@@ -1310,6 +1310,7 @@ mod tests {
         let batch = || IngestBatch {
             source: "crm".into(),
             checkpoint: Some(("pos".into(), "1".into())),
+            fence: None,
             ..Default::default()
         };
         assert!(matches!(block(j.ingest(batch())), Err(StoreError::Closed)));

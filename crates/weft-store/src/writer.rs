@@ -1520,6 +1520,7 @@ mod tests {
                 dedupe: crate::Dedupe::Id,
                 events: vec![],
                 checkpoint: Some(("k".into(), "1".into())),
+                fence: None,
             }))
         };
         let settle = |outcome: crate::Outcome| {

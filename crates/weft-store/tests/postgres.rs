@@ -48,6 +48,7 @@ fn batch(source: &str, events: Vec<NewEvent>) -> IngestBatch {
         dedupe: Dedupe::Id,
         events,
         checkpoint: None,
+        fence: None,
     }
 }
 
@@ -539,4 +540,84 @@ async fn pg_count(db: &pg::Database, sql: &str) -> i64 {
 
 async fn pg_exec(db: &pg::Database, sql: &str) {
     pg_client(db).await.batch_execute(sql).await.expect("exec");
+}
+
+/// Source leases: one node at a time holds a source; the lease passes to
+/// another only once it ran out or was given up, and then a batch of the
+/// former owner (a node paused past its lease, a SIGSTOP) is refused whole
+/// (fencing), while the new owner's commits.
+#[tokio::test]
+async fn a_source_lease_passes_on_and_fences_the_former_owner() {
+    if !pg::available() {
+        return;
+    }
+    let db = pg::Database::create();
+    let a = db.open("node-a", PgRole::Hub);
+    let b = db.open("node-b", PgRole::Hub);
+    assert!(a.shared() && b.shared());
+    let fenced = |epoch: i64, id: &str| {
+        let mut bt = batch("poll", vec![event(id, None)]);
+        bt.fence = Some(epoch);
+        bt.checkpoint = Some(("pos".into(), id.into()));
+        bt
+    };
+    let ea = a.lease_source("poll".into(), 300).await.expect("lease");
+    assert_eq!(ea, Some(1));
+    assert_eq!(
+        b.lease_source("poll".into(), 300).await.expect("lease"),
+        None,
+        "a holds it"
+    );
+    // renewing keeps the epoch; other sources are independent
+    assert_eq!(
+        a.lease_source("poll".into(), 300).await.expect("renew"),
+        Some(1)
+    );
+    assert_eq!(
+        b.lease_source("file".into(), 300).await.expect("lease"),
+        Some(1)
+    );
+    a.ingest(fenced(1, "1")).await.expect("the owner commits");
+    // b cannot commit with a's epoch: it is not b's lease
+    let err = b.ingest(fenced(1, "x")).await.expect_err("not b's lease");
+    assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+
+    // a pauses past its lease; b takes it over with a new epoch
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        b.lease_source("poll".into(), 60_000)
+            .await
+            .expect("takeover"),
+        Some(2)
+    );
+    let err = a.ingest(fenced(1, "2")).await.expect_err("fenced");
+    assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+    assert!(err.to_string().contains("node-a"), "{err}");
+    assert_eq!(
+        a.lease_source("poll".into(), 300).await.expect("lease"),
+        None,
+        "b's now"
+    );
+    b.ingest(fenced(2, "3"))
+        .await
+        .expect("the new owner commits");
+    assert_eq!(
+        a.read().checkpoint("poll", "pos").unwrap().as_deref(),
+        Some("3")
+    );
+    let c = lane_counts(&a);
+    assert_eq!(c.received, 2, "the fenced batches wrote nothing: {c:?}");
+
+    // given up: the other node takes it at once, the epoch moves on
+    b.release_source("poll".into()).await.expect("release");
+    assert_eq!(
+        a.lease_source("poll".into(), 300).await.expect("lease"),
+        Some(3)
+    );
+    // a node that loses nothing keeps its epoch across an expired lease
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        a.lease_source("poll".into(), 300).await.expect("renew"),
+        Some(3)
+    );
 }

@@ -41,6 +41,7 @@ fn batch(events: Vec<NewEvent>) -> IngestBatch {
         dedupe: Dedupe::Id,
         events,
         checkpoint: None,
+        fence: None,
     }
 }
 

@@ -94,6 +94,7 @@ pub fn cdc(cmd: CdcCmd) -> Result<ExitCode> {
         dedupe: Dedupe::Position,
         events: Vec::new(),
         checkpoint: Some((RESNAPSHOT_KEY.to_owned(), value)),
+        fence: None,
     }))?
     .context("cannot record the request in the store")?;
     let what = if request.tables.is_empty() {

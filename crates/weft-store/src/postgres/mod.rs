@@ -457,6 +457,26 @@ impl Journal for PgJournal {
         self.spawn(|inner| async move { retrying!(inner, |c, _ctx| ops::accept_drift(c, &ids)) })
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn lease_source(
+        &self,
+        source: String,
+        ttl_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        self.spawn(|inner| async move {
+            retrying!(inner, |c, ctx| ops::lease_source(c, &ctx, &source, ttl_ms))
+        })
+    }
+
+    fn release_source(&self, source: String) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.spawn(|inner| async move {
+            retrying!(inner, |c, ctx| ops::release_source(c, &ctx, &source))
+        })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }

@@ -702,7 +702,82 @@ pub(crate) async fn ingest(
     c.finish(r).await
 }
 
+/// The database's clock in ms (leases compare against one clock, not the
+/// nodes'), spliced into statements.
+macro_rules! db_now_ms {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::int8"
+    };
+}
+
+/// Take or renew `ctx.node`'s lease of `source` (see `Journal::lease_source`):
+/// taken when free, expired or this node's; the epoch moves on only when the
+/// node changes. The row lock this takes waits for an ingest of the source
+/// that is checking the old epoch (`FOR SHARE`), so a takeover and a fenced
+/// commit never interleave.
+pub(crate) async fn lease_source(
+    c: &mut Conn,
+    ctx: &Ctx<'_>,
+    source: &str,
+    ttl_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    const SQL: &str = concat!(
+        "INSERT INTO source_leases AS l (source, node, epoch, lease_until, acquired_at)
+         VALUES ($1, $2, 1, ",
+        db_now_ms!(),
+        " + $3, ",
+        db_now_ms!(),
+        ")
+         ON CONFLICT (source) DO UPDATE SET
+           epoch = CASE WHEN l.node = EXCLUDED.node THEN l.epoch ELSE l.epoch + 1 END,
+           acquired_at = CASE WHEN l.node = EXCLUDED.node THEN l.acquired_at ELSE EXCLUDED.acquired_at END,
+           node = EXCLUDED.node,
+           lease_until = EXCLUDED.lease_until
+         WHERE l.node = EXCLUDED.node OR l.lease_until <= ",
+        db_now_ms!(),
+        " RETURNING l.epoch"
+    );
+    Ok(
+        match c.query_opt(SQL, &[&source, &ctx.node, &ttl_ms]).await? {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        },
+    )
+}
+
+/// Give up `ctx.node`'s lease of `source`: it ends now (the row stays, so
+/// the next owner's epoch moves on).
+pub(crate) async fn release_source(
+    c: &mut Conn,
+    ctx: &Ctx<'_>,
+    source: &str,
+) -> Result<(), StoreError> {
+    const SQL: &str = concat!(
+        "UPDATE source_leases SET lease_until = ",
+        db_now_ms!(),
+        " WHERE source = $1 AND node = $2"
+    );
+    c.execute(SQL, &[&source, &ctx.node]).await?;
+    Ok(())
+}
+
 async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Applied, StoreError> {
+    if let Some(epoch) = b.fence {
+        // fencing: this node still holds the source's lease at this epoch
+        // (held until commit, so a takeover waits for this transaction)
+        let held = c
+            .query_opt(
+                "SELECT 1 FROM source_leases WHERE source = $1 AND node = $2 AND epoch = $3 FOR SHARE",
+                &[&b.source, &ctx.node, &epoch],
+            )
+            .await?;
+        if held.is_none() {
+            return Err(StoreError::Fenced(format!(
+                "node `{}` no longer holds the lease of source `{}` (epoch {epoch}): another node took it over; nothing was written",
+                ctx.node, b.source
+            )));
+        }
+    }
     let now = crate::now_ms();
     let locks = ctx.locks(
         b.events

@@ -212,6 +212,20 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE drift_events ADD COLUMN accepted_at bigint;
     "#,
+    // 4: source leases. A source that runs on one node at a time (every
+    // source but webhooks) is run by the node holding its lease; `epoch`
+    // changes whenever the lease passes to another node, and an ingest of
+    // that source commits only with the current epoch (fencing). Times are
+    // the database's clock, ms.
+    r#"
+    CREATE TABLE source_leases (
+        source      text PRIMARY KEY,
+        node        text NOT NULL,
+        epoch       bigint NOT NULL,
+        lease_until bigint NOT NULL,
+        acquired_at bigint NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -77,6 +77,7 @@ pub fn batch(events: Vec<NewEvent>) -> IngestBatch {
         dedupe: Dedupe::Id,
         events,
         checkpoint: None,
+        fence: None,
     }
 }
 
@@ -642,6 +643,7 @@ pub async fn ingest_is_all_or_nothing(h: &mut impl Harness) {
         .j
         .ingest(IngestBatch {
             checkpoint: Some(("pos".into(), "2".into())),
+            fence: None,
             ..batch(vec![one("1", Some("k")), event("2", vec![bad])])
         })
         .await;
