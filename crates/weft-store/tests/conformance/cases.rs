@@ -345,6 +345,7 @@ pub async fn lifecycle_keeps_every_record_accounted_for(h: &mut impl Harness) {
             event("4", vec![FlowOutcome::rejected("f", Stage::Map, "bad")]),
         ],
         checkpoint: Some(("pos".into(), "4".into())),
+        fence: None,
     };
     let a = rig.ingest_batch(b.clone()).await;
     assert_eq!((a.changed, a.duplicates), (4, 0));
@@ -669,6 +670,7 @@ pub async fn position_dedupe_stores_repeats_and_prune_forgets_ids(h: &mut impl H
                 dedupe: Dedupe::Position,
                 events: vec![one("1", None)],
                 checkpoint: None,
+                fence: None,
             })
             .await;
         assert_eq!((a.changed, a.duplicates), (1, 0));
