@@ -25,6 +25,9 @@ const STABLE: Duration = Duration::from_secs(60);
 pub struct SourceState {
     down: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Another node holds the source's lease (several hubs on one
+    /// journal): not running here, and not down.
+    standby: AtomicBool,
 }
 
 impl SourceState {
@@ -39,6 +42,21 @@ impl SourceState {
         }
         self.down.store(true, Ordering::Release);
         metrics::source_up(source, false);
+    }
+
+    /// Mark the source as run by another node (`true`) or by this one.
+    pub(crate) fn set_standby(&self, source: &str, standby: bool) {
+        self.standby.store(standby, Ordering::Release);
+        if standby {
+            self.down.store(false, Ordering::Release);
+            metrics::source_up(source, true);
+        }
+        metrics::source_leased(source, !standby);
+    }
+
+    /// Whether another node runs this source now.
+    pub fn standby(&self) -> bool {
+        self.standby.load(Ordering::Acquire)
     }
 
     /// Why the source is down now, if it is.
@@ -117,12 +135,12 @@ impl Health {
 pub async fn supervise(
     system: String,
     spec: SourceSpec,
-    first: Box<dyn Source>,
+    first: Option<Box<dyn Source>>,
     ingest: Arc<dyn Ingest>,
     stop: CancellationToken,
     state: Arc<SourceState>,
 ) -> Result<(), SourceError> {
-    let mut next = Some(first);
+    let mut next = first;
     let mut backoff = FIRST_BACKOFF;
     loop {
         let source = match next.take() {

@@ -27,6 +27,10 @@ pub struct Ingestor {
     /// checked for backpressure before accepting.
     pub(crate) lanes: Vec<Arc<LaneHandle>>,
     pub(crate) accepting: Arc<AtomicBool>,
+    /// The epoch of this node's lease of the source, carried by every
+    /// batch (`IngestBatch::fence`) when the source runs under a lease
+    /// (`crate::lease`); `None` for webhooks and a single hub's store.
+    pub(crate) fence: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// Drift detection of this source's stream.
     pub(crate) drift: Option<Arc<crate::drift::Tracker>>,
     /// A span per record and per mapping when traces are on.
@@ -459,6 +463,7 @@ impl Ingest for Ingestor {
             // their contexts
             let spans = self.tracer.receive(&self.system, &batch);
             let (mut prepared, timings) = self.prepare_parallel(batch, !spans.is_empty()).await?;
+            prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
             crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 spans.into_iter().for_each(|s| s.end(Err("refused")));

@@ -16,6 +16,7 @@ pub mod guard;
 pub mod health;
 pub mod identity;
 pub mod ingest;
+pub mod lease;
 pub mod metrics;
 pub mod references;
 pub mod server;
@@ -245,7 +246,12 @@ impl Runtime {
                 }
             });
             trackers.push(tracker.clone());
+            // a source other than webhooks runs on one node at a time when
+            // hubs share the journal: its batches carry the lease's epoch
+            let fence = (journal.shared() && matches!(built, SourceHandle::Task(_)))
+                .then(|| Arc::new(std::sync::atomic::AtomicI64::new(0)));
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
+                fence: fence.clone(),
                 system: name.clone(),
                 drift: Some(tracker),
                 flows,
@@ -261,17 +267,27 @@ impl Runtime {
                     let state = health
                         .source(name)
                         .unwrap_or_else(|| Arc::new(health::SourceState::default()));
-                    sources.push((
-                        name.clone(),
-                        tokio::spawn(health::supervise(
+                    let task = match fence {
+                        Some(fence) => tokio::spawn(lease::run_leased(
                             name.clone(),
                             spec,
                             src,
                             ingestor,
                             stop,
                             state,
+                            journal.clone(),
+                            fence,
                         )),
-                    ));
+                        None => tokio::spawn(health::supervise(
+                            name.clone(),
+                            spec,
+                            Some(src),
+                            ingestor,
+                            stop,
+                            state,
+                        )),
+                    };
+                    sources.push((name.clone(), task));
                 }
                 SourceHandle::Routes(route) => webhooks.push((route, ingestor)),
             }

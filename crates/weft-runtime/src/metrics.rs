@@ -36,6 +36,7 @@ pub const RATE_LIMIT_WAIT_MS: &str = "weft_rate_limit_wait_milliseconds_total";
 pub const BACKPRESSURE: &str = "weft_backpressure_rejections_total";
 pub const SOURCE_UP: &str = "weft_source_up";
 pub const SOURCE_RESTARTS: &str = "weft_source_restarts_total";
+pub const SOURCE_LEASED: &str = "weft_source_lease_held";
 pub const LAST_RECEIVED_AGE: &str = "weft_flow_last_received_age_seconds";
 pub const FLOW_OLDEST_PENDING: &str = "weft_flow_oldest_pending_age_seconds";
 pub const FRESHNESS_SLA: &str = "weft_freshness_sla_seconds";
@@ -207,6 +208,12 @@ pub const FAMILIES: &[Family] = &[
         C,
         &["source"],
         "Restarts of a failed source by its supervisor.",
+    ),
+    fam(
+        SOURCE_LEASED,
+        G,
+        &["source"],
+        "Several hubs on one PostgreSQL journal: 1 while this node holds the source's lease and runs it, 0 while another node does.",
     ),
     fam(
         LAST_RECEIVED_AGE,
@@ -387,6 +394,11 @@ pub fn backpressure(source: &str) {
 /// waiting to be restarted.
 pub fn source_up(source: &str, up: bool) {
     gauge!(SOURCE_UP, "source" => source.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Whether this node holds `source`'s lease (several hubs on one journal).
+pub fn source_leased(source: &str, held: bool) {
+    gauge!(SOURCE_LEASED, "source" => source.to_owned()).set(if held { 1.0 } else { 0.0 });
 }
 
 pub fn source_restarted(source: &str) {

@@ -284,3 +284,149 @@ flows:
         "nothing created"
     );
 }
+
+/// `weft_source_lease_held` for `source` on a hub's `/metrics`, if shown.
+fn lease_held(hub: &Hub, source: &str) -> Option<f64> {
+    let text = reqwest::blocking::get(hub.admin_url("/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
+    let prefix = format!("weft_source_lease_held{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Two hubs on one PostgreSQL journal with a polling source: only the node
+/// holding the source's lease polls; the other waits on standby (ready, not
+/// down). SIGKILLed, the holder's lease runs out and the other node takes
+/// the source over, resuming from the committed checkpoint: every row
+/// delivered, each with one idempotency key, the ledger balanced; a hub
+/// that stops gives its lease up.
+#[test]
+fn a_polling_source_runs_on_one_node_and_moves_when_that_node_dies() {
+    let Some(db) = Db::create() else { return };
+    let url = db.url();
+    exec(
+        &url,
+        "CREATE TABLE items (id int PRIMARY KEY, k text NOT NULL, updated_at bigint NOT NULL)"
+            .into(),
+    )
+    .expect("table");
+    let insert = |from: i32, to: i32| {
+        exec(
+            &url,
+            format!(
+                "INSERT INTO items SELECT i, 'k' || (i % 7), i FROM generate_series({from}, {to}) i"
+            ),
+        )
+        .expect("insert");
+    };
+    insert(1, 40);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::start();
+    let config = format!(
+        r#"
+store:
+  postgres:
+    url: ${{WEFT_PG_URL}}
+    node: ${{WEFT_NODE}}
+systems:
+  db:
+    source:
+      sql_poll:
+        url: ${{WEFT_PG_URL}}
+        table: items
+        cursor: updated_at
+        key: id
+        interval: 200ms
+        batch_size: 10
+  api:
+    sink:
+      http:
+        url: {}/items/{{id}}
+flows:
+  items:
+    from: db
+    key: .id
+    mapping: '{{id, k}}'
+    to: [api]
+"#,
+        rec.url()
+    );
+    std::fs::write(dir.path().join("weft.yaml"), config).expect("config");
+    let ea = [("WEFT_PG_URL", url.as_str()), ("WEFT_NODE", "a")];
+    let eb = [("WEFT_PG_URL", url.as_str()), ("WEFT_NODE", "b")];
+    let received = |rec: &Recorder| -> BTreeSet<u64> {
+        rec.received
+            .lock()
+            .expect("received")
+            .iter()
+            .filter_map(|r| r.body["id"].as_u64())
+            .collect()
+    };
+
+    let a = Hub::start(dir.path(), "weft.yaml", 0, &ea);
+    wait_for(Duration::from_secs(60), "the first 40 rows", || {
+        received(&rec).len() == 40
+    });
+    let b = Hub::start(dir.path(), "weft.yaml", 0, &eb);
+    wait_for(Duration::from_secs(30), "b on standby, a holding", || {
+        lease_held(&b, "db") == Some(0.0) && lease_held(&a, "db") == Some(1.0)
+    });
+    let ready = reqwest::blocking::get(b.admin_url("/readyz")).expect("readyz");
+    assert!(ready.status().is_success(), "a standby node is ready");
+    insert(41, 80);
+    wait_for(Duration::from_secs(60), "80 rows", || {
+        received(&rec).len() == 80
+    });
+    let ran_on_b = |b: &Hub| {
+        b.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains("this node holds the source's lease"))
+    };
+    assert!(!ran_on_b(&b), "only the lease holder polls");
+
+    // the holder dies: its lease runs out and b takes the source over
+    a.kill9();
+    insert(81, 120);
+    wait_for(Duration::from_secs(90), "120 rows, through b", || {
+        received(&rec).len() == 120
+    });
+    assert!(ran_on_b(&b));
+    assert_eq!(lease_held(&b, "db"), Some(1.0));
+
+    let got = rec.received.lock().expect("received").clone();
+    let mut keys: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for r in &got {
+        keys.entry(r.body["id"].as_u64().expect("id"))
+            .or_default()
+            .insert(r.idempotency_key.clone().expect("an idempotency key"));
+    }
+    assert_eq!(keys.len(), 120);
+    assert!(keys.values().all(|k| k.len() == 1), "{keys:?}");
+    // rows the dead node had claimed wait for their lease (the write
+    // timeout plus 30 s) before b writes them again, same keys
+    wait_for(Duration::from_secs(120), "an empty outbox", || {
+        count(&url, "SELECT count(*) FROM weft.outbox") == 0
+    });
+    let st = status(dir.path(), "weft.yaml", &eb);
+    assert_eq!(st["balanced"], true, "{st}");
+    assert_eq!(
+        st["lanes"][0]["received"], 120,
+        "each row accepted once: {st}"
+    );
+
+    // stopping gives the lease up: nobody holds it after
+    b.stop();
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM weft.source_leases
+             WHERE lease_until > (extract(epoch from clock_timestamp()) * 1000)::int8"
+        ),
+        0
+    );
+}
