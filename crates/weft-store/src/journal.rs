@@ -390,6 +390,11 @@ pub trait JournalRead: Send + Sync {
         Ok(None)
     }
     /// Drift events, oldest first; `source` filters. Default: none kept.
+    /// The sources' leases, by source (several hubs on one journal).
+    /// Default: none (one hub per store runs every source).
+    fn source_leases(&self) -> Result<Vec<crate::SourceLease>, StoreError> {
+        Ok(Vec::new())
+    }
     fn drift_events(&self, source: Option<&str>) -> Result<Vec<crate::DriftEvent>, StoreError> {
         let _ = source;
         Ok(Vec::new())

@@ -40,6 +40,7 @@ pub use memory::MemoryJournal;
 pub use postgres::{PgJournal, PgOptions, PgRole};
 pub use reader::{
     Checkpoint, CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader, RecordLookup,
+    SourceLease,
 };
 
 /// DLQ list pages hold this many entries unless asked for fewer.

@@ -115,6 +115,23 @@ pub struct DlqFilter {
     pub limit: Option<usize>,
 }
 
+/// Which node runs a source (several hubs on one journal: see
+/// `Journal::lease_source`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SourceLease {
+    pub source: String,
+    pub node: String,
+    /// Moves on each time the lease passes to another node.
+    pub epoch: i64,
+    /// When it runs out unless renewed (ms since 1970, the database's clock).
+    pub lease_until: i64,
+    /// Since when this node holds it (ms).
+    pub acquired_at: i64,
+    /// Whether it still runs (`lease_until` is ahead of the database's
+    /// clock at the read).
+    pub live: bool,
+}
+
 /// A source's saved position under one key (`weft` keeps one or a few
 /// keys per source: a file's offset, a cursor, an LSN).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

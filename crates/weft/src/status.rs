@@ -23,6 +23,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
     } else {
         reader.identity_summary()?
     };
+    let leases = reader.source_leases()?;
     let freshness: Vec<_> =
         weft_runtime::gauges::freshness(&cfg.flows, &counts, weft_store::now_ms(), None)
             .into_iter()
@@ -43,7 +44,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity});
+        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity, "source_leases": leases});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -78,6 +79,24 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
             );
         }
         println!("DLQ depth: {dlq}");
+        let now = weft_store::now_ms();
+        for l in &leases {
+            if l.live {
+                println!(
+                    "source {}: run by node {} (lease epoch {}, held {:.0}s, renewed until {:.1}s from now)",
+                    l.source,
+                    l.node,
+                    l.epoch,
+                    (now - l.acquired_at).max(0) as f64 / 1000.0,
+                    (l.lease_until - now) as f64 / 1000.0
+                );
+            } else {
+                println!(
+                    "source {}: no node holds its lease (last: node {}, epoch {}; the next hub to try takes it)",
+                    l.source, l.node, l.epoch
+                );
+            }
+        }
         for i in &identity {
             let n = |a: &str| i.actions.get(a).copied().unwrap_or(0);
             println!(
@@ -165,6 +184,14 @@ impl ReadStore {
             Self::Sqlite(r) => r.crosswalk(system, limit)?,
             #[cfg(feature = "postgres")]
             Self::Postgres(j) => j.crosswalk(system, limit)?,
+        })
+    }
+    /// Which node runs each source: on PostgreSQL; none on SQLite (one hub).
+    pub fn source_leases(&self) -> Result<Vec<weft_store::SourceLease>> {
+        Ok(match self {
+            Self::Sqlite(_) => Vec::new(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.source_leases()?,
         })
     }
     pub fn drift_events(&self, source: Option<&str>) -> Result<Vec<weft_store::DriftEvent>> {

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
+use serde_json::json;
 
 const SECRET: &str = "pgstore";
 
@@ -374,6 +375,14 @@ flows:
     wait_for(Duration::from_secs(30), "b on standby, a holding", || {
         lease_held(&b, "db") == Some(0.0) && lease_held(&a, "db") == Some(1.0)
     });
+    let st = status(dir.path(), "weft.yaml", &eb);
+    let leases = st["source_leases"].as_array().expect("source_leases");
+    assert_eq!(leases.len(), 1, "{st}");
+    assert_eq!(
+        (&leases[0]["source"], &leases[0]["node"], &leases[0]["live"]),
+        (&json!("db"), &json!("a"), &json!(true)),
+        "{st}"
+    );
     let ready = reqwest::blocking::get(b.admin_url("/readyz")).expect("readyz");
     assert!(ready.status().is_success(), "a standby node is ready");
     insert(41, 80);
@@ -418,6 +427,13 @@ flows:
         st["lanes"][0]["received"], 120,
         "each row accepted once: {st}"
     );
+    let lease = &st["source_leases"][0];
+    assert_eq!(
+        (&lease["node"], &lease["live"]),
+        (&json!("b"), &json!(true)),
+        "{st}"
+    );
+    assert!(lease["epoch"].as_i64().expect("epoch") >= 2, "{st}");
 
     // stopping gives the lease up: nobody holds it after
     b.stop();

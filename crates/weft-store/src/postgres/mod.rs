@@ -534,6 +534,12 @@ impl JournalRead for PgJournal {
         })
     }
 
+    fn source_leases(&self) -> Result<Vec<crate::SourceLease>, StoreError> {
+        self.read_with(
+            |inner| async move { read::source_leases(&mut *inner.pool.get().await?).await },
+        )
+    }
+
     fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {
         self.read_with(
             |inner| async move { read::checkpoints(&mut *inner.pool.get().await?).await },

@@ -387,3 +387,26 @@ pub(crate) async fn drift_events(
     })
     .collect()
 }
+
+/// The sources' leases, by source, with whether each still runs.
+pub(crate) async fn source_leases(c: &mut Conn) -> Result<Vec<crate::SourceLease>, StoreError> {
+    c.query(
+        "SELECT source, node, epoch, lease_until, acquired_at,
+                lease_until > (extract(epoch from clock_timestamp()) * 1000)::int8
+         FROM source_leases ORDER BY source",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(crate::SourceLease {
+            source: r.try_get(0)?,
+            node: r.try_get(1)?,
+            epoch: r.try_get(2)?,
+            lease_until: r.try_get(3)?,
+            acquired_at: r.try_get(4)?,
+            live: r.try_get(5)?,
+        })
+    })
+    .collect()
+}
