@@ -806,3 +806,36 @@ flows:
     }
     assert!(e.to_string().contains("unknown entity `client`"), "{e}");
 }
+
+/// P1-20: the DLQ and drift retentions default to 30 and 90 days, take a
+/// duration, and a bad one is reported where it is written.
+#[test]
+fn p1_20_dlq_and_drift_retention_load_and_bad_ones_have_line_and_column() {
+    let text = GOOD.replace("      - system: accounting2\n", "");
+    let c = load(&text).unwrap();
+    assert_eq!(c.store.dlq_retention.as_secs(), 30 * 24 * 3600);
+    assert_eq!(c.store.drift_retention.as_secs(), 90 * 24 * 3600);
+    let c = load(&format!(
+        "{text}store:\n  dlq_retention: 12h\n  drift_retention: 7d\n"
+    ))
+    .unwrap();
+    assert_eq!(c.store.dlq_retention.as_secs(), 12 * 3600);
+    assert_eq!(c.store.drift_retention.as_secs(), 7 * 24 * 3600);
+    let bad = format!("{text}store:\n  dlq_retention: soon\n  drift_retention: 3 fortnights\n");
+    let line = bad
+        .lines()
+        .position(|l| l.contains("dlq_retention"))
+        .unwrap() as u64
+        + 1;
+    let e = load(&bad).unwrap_err();
+    let msg = e.to_string();
+    let i = issue(&e, "store.dlq_retention");
+    assert_eq!((i.line, i.column), (Some(line), Some(18)), "{msg}");
+    assert!(i.message.contains("`soon` is not a duration"), "{msg}");
+    assert!(
+        msg.contains(&format!("/etc/weft/test.yaml:{line}:18")),
+        "{msg}"
+    );
+    let i = issue(&e, "store.drift_retention");
+    assert_eq!((i.line, i.column), (Some(line + 1), Some(20)), "{msg}");
+}

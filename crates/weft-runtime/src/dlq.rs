@@ -35,6 +35,14 @@ pub async fn replay(
     payload: Option<&str>,
     force: bool,
 ) -> Result<(), DlqError> {
+    // the journal refuses it too, but a resolved entry's payload is gone:
+    // say why before remapping nothing
+    if e.status != "dead" {
+        return Err(DlqError::Invalid(format!(
+            "DLQ entry {} is already {}",
+            e.id, e.status
+        )));
+    }
     if let Some(p) = payload {
         serde_json::from_str::<serde_json::Value>(p).map_err(|err| {
             DlqError::Invalid(format!("the replacement payload is not JSON: {err}"))

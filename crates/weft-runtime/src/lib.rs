@@ -304,7 +304,7 @@ impl Runtime {
             stored_gauges.clone(),
             gauges::Alerter::new(&config.flows),
             handles,
-            config.store.dedupe_retention,
+            config.store.clone(),
             series.clone(),
             trackers,
         ));
@@ -483,13 +483,14 @@ pub fn lane_list(config: &Config) -> Vec<LaneId> {
 }
 
 /// Every 2 s: gauges and lane backlogs from the store, freshness alerts;
-/// every minute: forget dedupe ids older than the retention.
+/// every minute: prune what is past its retention (dedupe ids, resolved
+/// DLQ entries, drift events; `store.*_retention`).
 async fn refresh_gauges(
     journal: Arc<dyn Journal>,
     stored: Arc<gauges::Gauges>,
     mut alerter: gauges::Alerter,
     handles: Vec<Arc<delivery::LaneHandle>>,
-    retention: Duration,
+    store: weft_core::config::StoreConfig,
     series: Arc<ui::Series>,
     trackers: Vec<Arc<drift::Tracker>>,
 ) {
@@ -507,12 +508,20 @@ async fn refresh_gauges(
             }
         }
         if tick.is_multiple_of(30) {
-            let before = weft_store::now_ms() - retention.as_millis() as i64;
-            match journal.prune(before).await {
-                Ok(n) if n > 0 => {
-                    tracing::debug!(forgotten = n, "pruned dedupe ids past retention")
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot prune the dedupe ids"),
+            let cutoffs = weft_store::Prune::at(
+                weft_store::now_ms(),
+                store.dedupe_retention,
+                store.dlq_retention,
+                store.drift_retention,
+            );
+            match journal.prune(cutoffs).await {
+                Ok(n) if n.total() > 0 => tracing::debug!(
+                    dedupe_ids = n.dedupe,
+                    dlq_entries = n.dlq,
+                    drift_events = n.drift,
+                    "pruned past retention"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot prune past retention"),
                 _ => {}
             }
         }

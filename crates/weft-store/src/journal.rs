@@ -212,6 +212,54 @@ pub enum Refusal {
     InFlight,
 }
 
+/// The cutoffs of one prune, ms since the epoch (the caller's "now" minus
+/// each retention: tests pass a "now" of their own). `i64::MIN` keeps all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prune {
+    /// Dedupe ids accepted before this are forgotten.
+    pub dedupe_before: i64,
+    /// DLQ entries resolved (replayed, discarded) before this are deleted.
+    pub dlq_before: i64,
+    /// Drift events last seen before this are deleted, accepted or not.
+    pub drift_before: i64,
+}
+
+impl Prune {
+    /// Only dedupe ids accepted before `before`.
+    pub fn dedupe(before: i64) -> Prune {
+        Prune {
+            dedupe_before: before,
+            dlq_before: i64::MIN,
+            drift_before: i64::MIN,
+        }
+    }
+
+    /// Everything up to `now` minus each retention.
+    pub fn at(now: i64, dedupe: Duration, dlq: Duration, drift: Duration) -> Prune {
+        let back =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Prune {
+            dedupe_before: back(dedupe),
+            dlq_before: back(dlq),
+            drift_before: back(drift),
+        }
+    }
+}
+
+/// What one prune deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub dedupe: usize,
+    pub dlq: usize,
+    pub drift: usize,
+}
+
+impl Pruned {
+    pub fn total(&self) -> usize {
+        self.dedupe + self.dlq + self.drift
+    }
+}
+
 /// Where sources resume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointKey {
@@ -243,8 +291,13 @@ pub trait Journal: Send + Sync + 'static {
     /// Mark a dead entry discarded (counted), releasing its key if held.
     fn discard(&self, dlq_id: i64, note: String) -> BoxFuture<'_, Result<Applied, StoreError>>;
 
-    /// Forget dedupe ids accepted before `before` (ms). Returns how many.
-    fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Delete what is past its retention ([`Prune`]): dedupe ids, resolved
+    /// (replayed, discarded) DLQ entries, drift events no record showed
+    /// since the cutoff. Never a `dead` entry. In slices of bounded size,
+    /// each its own transaction, until a slice finds fewer than its limit.
+    /// Changes no counter: the counters count what happened to records, not
+    /// the DLQ rows kept about them.
+    fn prune(&self, cutoffs: Prune) -> BoxFuture<'_, Result<Pruned, StoreError>>;
 
     /// Drift observations (not part of the accounting).
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>>;

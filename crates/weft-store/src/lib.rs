@@ -32,8 +32,8 @@ pub use weft_core::config::Synchronous;
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
     CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
-    Outcome, Refusal, Replay, ResolveConflict, ResolveMatch, Settle, Settled, Settlement,
-    WriteOutcome, XrefChange, XrefOp,
+    Outcome, Prune, Pruned, Refusal, Replay, ResolveConflict, ResolveMatch, Settle, Settled,
+    Settlement, WriteOutcome, XrefChange, XrefOp,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]
@@ -332,6 +332,17 @@ pub(crate) fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(
     // (a claim or an ingest touches a few MB); more only grew the process
     conn.pragma_update(None, "cache_size", -16_000)?;
     Ok(())
+}
+
+/// The SHA-256 of a DLQ entry's payload, hex: what is kept of it once the
+/// entry is resolved (the same on every engine; PostgreSQL's migration 4
+/// computes it in SQL, `encode(sha256(convert_to(payload, 'UTF8')), 'hex')`).
+pub fn payload_sha256(payload: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(payload.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Milliseconds since the epoch.

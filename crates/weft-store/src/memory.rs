@@ -461,6 +461,8 @@ impl State {
                         attributes: Some(o.attributes.clone()),
                         superseded_by: None,
                         order_seq: Some(order_seq),
+                        resolved_at: None,
+                        payload_sha256: None,
                     },
                     order_seq,
                     superseded: Vec::new(),
@@ -480,10 +482,14 @@ impl State {
         }
     }
 
-    /// Ends a dead entry: its status, a history line, its holds.
+    /// Ends a dead entry: its status, a history line, when, its holds; its
+    /// payload is replaced by its hash.
     fn close_entry(&mut self, id: i64, status: &str, note: &str, now: i64) {
         if let Some(e) = self.dlq.get_mut(&id) {
             e.public.status = status.into();
+            e.public.resolved_at = Some(now);
+            e.public.payload_sha256 = Some(crate::payload_sha256(&e.public.payload));
+            e.public.payload = String::new();
             if let Some(h) = e.public.history.as_array_mut() {
                 h.push(json!({"at": now, "action": status, "note": note}));
             }
@@ -733,6 +739,8 @@ impl State {
                             attributes: None,
                             superseded_by: None,
                             order_seq: Some(row.order_seq),
+                            resolved_at: None,
+                            payload_sha256: None,
                         },
                         order_seq: row.order_seq,
                         superseded: Vec::new(),
@@ -959,10 +967,19 @@ impl State {
         })
     }
 
-    fn prune(&mut self, before: i64) -> usize {
-        let n = self.inbox.len();
-        self.inbox.retain(|_, at| *at >= before);
-        n - self.inbox.len()
+    fn prune(&mut self, c: crate::Prune) -> crate::Pruned {
+        let n = (self.inbox.len(), self.dlq.len(), self.drift.len());
+        self.inbox.retain(|_, at| *at >= c.dedupe_before);
+        // only resolved entries have `resolved_at`; dead ones never go
+        self.dlq.retain(|_, e| {
+            e.public.status == "dead" || e.public.resolved_at.is_none_or(|at| at >= c.dlq_before)
+        });
+        self.drift.retain(|e| e.last_seen >= c.drift_before);
+        crate::Pruned {
+            dedupe: n.0 - self.inbox.len(),
+            dlq: n.1 - self.dlq.len(),
+            drift: n.2 - self.drift.len(),
+        }
     }
 
     fn record_drift(&mut self, b: DriftBatch) -> Applied {
@@ -1066,8 +1083,8 @@ impl Journal for MemoryJournal {
         Box::pin(async move { self.write()?.discard(dlq_id, &note) })
     }
 
-    fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
-        Box::pin(async move { Ok(self.write()?.prune(before)) })
+    fn prune(&self, cutoffs: crate::Prune) -> BoxFuture<'_, Result<crate::Pruned, StoreError>> {
+        Box::pin(async move { Ok(self.write()?.prune(cutoffs)) })
     }
 
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>> {
@@ -1314,7 +1331,10 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(block(j.ingest(batch())), Err(StoreError::Closed)));
-        assert!(matches!(block(j.prune(0)), Err(StoreError::Closed)));
+        assert!(matches!(
+            block(j.prune(crate::Prune::dedupe(0))),
+            Err(StoreError::Closed)
+        ));
         assert_eq!(j.checkpoint("crm", "pos").unwrap(), None, "reads work");
         block(j.ingest(batch())).unwrap();
         assert_eq!(j.checkpoint("crm", "pos").unwrap().as_deref(), Some("1"));

@@ -71,8 +71,11 @@ pub struct FlowCounts {
     pub balanced: bool,
 }
 
-/// A DLQ entry.
-#[derive(Debug, Clone, Serialize)]
+/// A DLQ entry. Once it is resolved (replayed, discarded) its payload is
+/// dropped: `payload` is empty and `payload_sha256` holds what it was (the
+/// outbox has the replayed copy; a discarded one is not wanted). Serialized
+/// with `payload: null` and a `payload_dropped` sentence then.
+#[derive(Debug, Clone)]
 pub struct DlqEntry {
     pub id: i64,
     pub status: String,
@@ -97,6 +100,80 @@ pub struct DlqEntry {
     pub superseded_by: Option<String>,
     /// Its place in its key's order.
     pub order_seq: Option<i64>,
+    /// When it was replayed or discarded (ms); `None` while dead.
+    pub resolved_at: Option<i64>,
+    /// The SHA-256 (hex) of the payload, dropped when the entry was resolved.
+    pub payload_sha256: Option<String>,
+}
+
+impl DlqEntry {
+    /// "payload dropped after resolve (sha256 …)" when the payload is gone.
+    pub fn payload_dropped(&self) -> Option<String> {
+        self.payload_sha256
+            .as_ref()
+            .map(|h| format!("payload dropped after resolve (sha256 {h})"))
+    }
+}
+
+impl Serialize for DlqEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            id: i64,
+            status: &'a str,
+            stage: &'a str,
+            flow: &'a str,
+            destination: &'a str,
+            entity_key: &'a Option<String>,
+            idempotency_key: &'a Option<String>,
+            source: &'a str,
+            event_id: &'a str,
+            correlation_id: &'a str,
+            created_at: i64,
+            failed_at: i64,
+            attempts: u32,
+            error: &'a str,
+            /// `null` once dropped (never an empty or made-up payload)
+            payload: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_dropped: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_sha256: &'a Option<String>,
+            history: &'a serde_json::Value,
+            attributes: &'a Option<String>,
+            superseded_by: &'a Option<String>,
+            order_seq: Option<i64>,
+            resolved_at: Option<i64>,
+        }
+        Out {
+            id: self.id,
+            status: &self.status,
+            stage: &self.stage,
+            flow: &self.flow,
+            destination: &self.destination,
+            entity_key: &self.entity_key,
+            idempotency_key: &self.idempotency_key,
+            source: &self.source,
+            event_id: &self.event_id,
+            correlation_id: &self.correlation_id,
+            created_at: self.created_at,
+            failed_at: self.failed_at,
+            attempts: self.attempts,
+            error: &self.error,
+            payload: self
+                .payload_sha256
+                .is_none()
+                .then_some(self.payload.as_str()),
+            payload_dropped: self.payload_dropped(),
+            payload_sha256: &self.payload_sha256,
+            history: &self.history,
+            attributes: &self.attributes,
+            superseded_by: &self.superseded_by,
+            order_seq: self.order_seq,
+            resolved_at: self.resolved_at,
+        }
+        .serialize(s)
+    }
 }
 
 /// DLQ query; empty fields match everything.
@@ -399,7 +476,7 @@ impl Reader {
         let mut sql = String::from(
             "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
                     correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
-                    superseded_by, order_seq FROM dlq WHERE 1=1",
+                    superseded_by, order_seq, resolved_at, payload_sha256 FROM dlq WHERE 1=1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         match f.status.as_deref() {
@@ -443,7 +520,7 @@ impl Reader {
             .query_row(
                 "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
                         correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
-                    superseded_by, order_seq FROM dlq WHERE id = ?1",
+                    superseded_by, order_seq, resolved_at, payload_sha256 FROM dlq WHERE id = ?1",
                 [id],
                 dlq_row,
             )
@@ -483,7 +560,7 @@ impl Reader {
         let mut st = self.conn.prepare_cached(
             "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
                     correlation_id, created_at, failed_at, attempts, error, payload, history, attributes,
-                    superseded_by, order_seq FROM dlq
+                    superseded_by, order_seq, resolved_at, payload_sha256 FROM dlq
              WHERE event_id = ?1 OR correlation_id = ?1 OR entity_key = ?1 ORDER BY id LIMIT ?2",
         )?;
         let dead = st
@@ -549,5 +626,7 @@ fn dlq_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DlqEntry> {
         attributes: r.get(16)?,
         superseded_by: r.get(17)?,
         order_seq: r.get(18)?,
+        resolved_at: r.get(19)?,
+        payload_sha256: r.get(20)?,
     })
 }

@@ -348,7 +348,37 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX links_pending ON links (entity, system, updated_at)
         WHERE external_id IS NULL AND written IS NOT NULL;
     "#,
+    // 10: retention (review P1-20). A DLQ entry replayed or discarded keeps
+    // when (`resolved_at`, taken from its history's last line for entries
+    // resolved before) and only the SHA-256 of its payload (computed by
+    // `carry_over_v9`: SQLite has no SHA-256); the prune deletes resolved
+    // entries past `store.dlq_retention` and drift events last seen before
+    // `store.drift_retention`, each by its index.
+    r#"
+    ALTER TABLE dlq ADD COLUMN resolved_at INTEGER;
+    ALTER TABLE dlq ADD COLUMN payload_sha256 TEXT;
+    UPDATE dlq SET resolved_at = coalesce(
+        json_extract(history, '$[' || (json_array_length(history) - 1) || '].at'), failed_at)
+      WHERE status <> 'dead';
+    CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'dead';
+    CREATE INDEX drift_by_last_seen ON drift_events (last_seen);
+    "#,
 ];
+
+/// After migration 10's SQL: entries resolved before it keep only the hash
+/// of their payload, like those resolved after.
+fn carry_over_v9(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let resolved: Vec<(i64, String)> = {
+        let mut st = tx.prepare("SELECT id, payload FROM dlq WHERE status <> 'dead'")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    let mut up = tx.prepare("UPDATE dlq SET payload = '', payload_sha256 = ?2 WHERE id = ?1")?;
+    for (id, payload) in resolved {
+        up.execute(rusqlite::params![id, crate::payload_sha256(&payload)])?;
+    }
+    Ok(())
+}
 
 /// After migration 4's SQL: the inbox's event ids become dedupe hashes
 /// (computed here: SQLite has no SHA-256), then the inbox goes.
@@ -398,6 +428,9 @@ pub(crate) fn migrate_to(conn: &mut Connection, target: usize) -> Result<(), Sto
         if i == 3 {
             carry_over_v3(&tx)?;
         }
+        if i == 9 {
+            carry_over_v9(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
     }
@@ -407,4 +440,66 @@ pub(crate) fn migrate_to(conn: &mut Connection, target: usize) -> Result<(), Sto
 /// The schema version this build writes.
 pub fn latest_version() -> usize {
     MIGRATIONS.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Migration 10 on a store resolved before it: a replayed or discarded
+    /// entry gets its resolve time from its history's last line and keeps
+    /// only the hash of its payload; a dead entry keeps its payload.
+    #[test]
+    fn migration_10_drops_the_payloads_of_resolved_entries() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        for (id, status, history) in [
+            (
+                1,
+                "replayed",
+                r#"[{"at":5},{"at":700,"action":"replayed"}]"#,
+            ),
+            (
+                2,
+                "discarded",
+                r#"[{"at":5},{"at":800,"action":"discarded"}]"#,
+            ),
+            (3, "dead", r#"[{"at":5}]"#),
+        ] {
+            conn.execute(
+                "INSERT INTO dlq (id, status, stage, flow, source, event_id, correlation_id,
+                   created_at, failed_at, attempts, error, payload, history)
+                 VALUES (?1, ?2, 'deliver', 'f', 's', 'e', 'c', 1, 5, 1, 'x', ?3, ?4)",
+                rusqlite::params![id, status, format!("{{\"n\":{id}}}"), history],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        assert_eq!(version(&conn).unwrap(), 10);
+        let rows: Vec<(i64, Option<i64>, String, Option<String>)> = conn
+            .prepare("SELECT id, resolved_at, payload, payload_sha256 FROM dlq ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                (
+                    1,
+                    Some(700),
+                    String::new(),
+                    Some(crate::payload_sha256("{\"n\":1}"))
+                ),
+                (
+                    2,
+                    Some(800),
+                    String::new(),
+                    Some(crate::payload_sha256("{\"n\":2}"))
+                ),
+                (3, None, "{\"n\":3}".to_owned(), None),
+            ]
+        );
+    }
 }

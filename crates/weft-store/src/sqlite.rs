@@ -248,23 +248,26 @@ impl Journal for SqliteJournal {
         })
     }
 
-    fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
+    fn prune(&self, cutoffs: crate::Prune) -> BoxFuture<'_, Result<crate::Pruned, StoreError>> {
         const LIMIT: usize = 10_000;
         Box::pin(async move {
             // in slices, so that the writer is never held for long, until a
-            // slice finds fewer than its limit: pruning keeps up with any rate
-            let mut total = 0;
+            // slice finds fewer than its limit in every table: pruning keeps
+            // up with any rate
+            let mut total = crate::Pruned::default();
             loop {
                 match self
                     .call(Op::Prune {
-                        before,
+                        cutoffs,
                         limit: LIMIT,
                     })
                     .await?
                 {
                     Reply::Pruned(n) => {
-                        total += n;
-                        if n < LIMIT {
+                        total.dedupe += n.dedupe;
+                        total.dlq += n.dlq;
+                        total.drift += n.drift;
+                        if n.dedupe < LIMIT && n.dlq < LIMIT && n.drift < LIMIT {
                             return Ok(total);
                         }
                     }

@@ -38,8 +38,9 @@ pub(crate) enum Op {
         dlq_id: i64,
         note: String,
     },
+    /// One slice of a prune: at most `limit` rows of each table.
     Prune {
-        before: i64,
+        cutoffs: crate::Prune,
         limit: usize,
     },
     Drift(DriftBatch),
@@ -64,7 +65,7 @@ pub(crate) enum Reply {
     Applied(Applied),
     Claimed(Vec<Claimed>),
     Settled(Settled),
-    Pruned(usize),
+    Pruned(crate::Pruned),
 }
 
 pub(crate) struct Job {
@@ -351,14 +352,7 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
         Op::Settle(s) => settle(tx, s, d, now).map(Reply::Settled),
         Op::Replay(r) => replay(tx, r, d, now).map(Reply::Applied),
         Op::Discard { dlq_id, note } => discard(tx, *dlq_id, note, d, now).map(Reply::Applied),
-        Op::Prune { before, limit } => {
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM dedupe WHERE seq IN (SELECT seq FROM dedupe ORDER BY seq LIMIT ?2) AND accepted_at < ?1",
-                )?
-                .execute(params![before, *limit as i64])?;
-            Ok(Reply::Pruned(n))
-        }
+        Op::Prune { cutoffs, limit } => prune(tx, cutoffs, *limit as i64).map(Reply::Pruned),
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
         Op::AcceptDrift(ids) => crate::drift::accept(tx, ids).map(Reply::Applied),
         Op::Resolve(r) => {
@@ -1276,11 +1270,58 @@ fn dead_entry(tx: &Connection, id: i64) -> Result<Dead, StoreError> {
     }
 }
 
-fn mark(tx: &Connection, id: i64, status: &str, note: &str, now: i64) -> Result<(), StoreError> {
+/// Resolve entry `id` (status `replayed` or `discarded`): a history line,
+/// `resolved_at`, and its payload replaced by its hash (ARCHITECTURE.md,
+/// "Retention").
+fn mark(
+    tx: &Connection,
+    id: i64,
+    status: &str,
+    note: &str,
+    payload: &str,
+    now: i64,
+) -> Result<(), StoreError> {
     let entry = serde_json::json!({"at": now, "action": status, "note": note}).to_string();
-    tx.prepare_cached("UPDATE dlq SET status = ?2, history = json_insert(history, '$[#]', json(?3)) WHERE id = ?1")?
-        .execute(params![id, status, entry])?;
+    tx.prepare_cached(
+        "UPDATE dlq SET status = ?2, history = json_insert(history, '$[#]', json(?3)),
+           resolved_at = ?4, payload = '', payload_sha256 = ?5 WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        status,
+        entry,
+        now,
+        crate::payload_sha256(payload)
+    ])?;
     Ok(())
+}
+
+/// One slice of a prune, in the caller's transaction: the oldest `limit`
+/// dedupe ids, resolved DLQ entries (with what superseded them) and drift
+/// events past their cutoffs.
+fn prune(tx: &Connection, c: &crate::Prune, limit: i64) -> Result<crate::Pruned, StoreError> {
+    let dedupe = tx
+        .prepare_cached(
+            "DELETE FROM dedupe WHERE seq IN (SELECT seq FROM dedupe ORDER BY seq LIMIT ?2) AND accepted_at < ?1",
+        )?
+        .execute(params![c.dedupe_before, limit])?;
+    // the same slice twice (the order is total): its superseded rows, then it
+    const RESOLVED: &str = "SELECT id FROM dlq WHERE status <> 'dead' AND resolved_at < ?1
+        ORDER BY resolved_at, id LIMIT ?2";
+    tx.prepare_cached(&format!(
+        "DELETE FROM superseded WHERE dlq_id IN ({RESOLVED})"
+    ))?
+    .execute(params![c.dlq_before, limit])?;
+    let dlq = tx
+        .prepare_cached(&format!("DELETE FROM dlq WHERE id IN ({RESOLVED})"))?
+        .execute(params![c.dlq_before, limit])?;
+    let drift = tx
+        .prepare_cached(
+            "DELETE FROM drift_events WHERE id IN
+               (SELECT id FROM drift_events WHERE last_seen < ?1 ORDER BY last_seen LIMIT ?2)",
+        )?
+        .execute(params![c.drift_before, limit])?;
+    Ok(crate::Pruned { dedupe, dlq, drift })
 }
 
 /// Lift the holds of a DLQ entry; the heads they held get their state back.
@@ -1441,7 +1482,7 @@ fn replay(tx: &Connection, r: &Replay, d: &mut Deltas, now: i64) -> Result<Appli
         }
         applied.flows = ignore.flows;
     }
-    mark(tx, r.dlq_id, "replayed", &r.note, now)?;
+    mark(tx, r.dlq_id, "replayed", &r.note, &e.payload, now)?;
     Ok(applied)
 }
 
@@ -1453,7 +1494,7 @@ fn discard(
     now: i64,
 ) -> Result<Applied, StoreError> {
     let e = dead_entry(tx, id)?;
-    mark(tx, id, "discarded", note, now)?;
+    mark(tx, id, "discarded", note, &e.payload, now)?;
     release_holds(tx, id, now)?;
     if e.stage == "deliver" {
         bump(d, &e.flow, &e.destination, |c| {

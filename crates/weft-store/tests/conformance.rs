@@ -100,7 +100,8 @@ macro_rules! conformance {
                 p1_2_p1_8_blocked_keys_do_not_starve_the_lane,
                 p1_4_counts_balance_under_concurrent_writes,
                 p1_9_applied_counts_and_last_received,
-                lookup_and_checkpoints_list_what_the_store_keeps
+                lookup_and_checkpoints_list_what_the_store_keeps,
+                p1_20_resolved_dlq_entries_and_old_drift_are_pruned
             );
             #[test]
             fn property_random_operations_keep_invariants() {

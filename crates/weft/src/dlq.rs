@@ -347,11 +347,19 @@ fn show(e: &DlqEntry) {
     println!("failed at:      {}", time(e.failed_at));
     println!("attempts:       {}", e.attempts);
     println!("error:          {}", e.error);
-    let pretty = serde_json::from_str::<serde_json::Value>(&e.payload)
-        .ok()
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or_else(|| e.payload.clone());
-    println!("payload:\n{pretty}");
+    if let Some(at) = e.resolved_at {
+        println!("resolved at:    {}", time(at));
+    }
+    match e.payload_dropped() {
+        Some(dropped) => println!("payload:        {dropped}"),
+        None => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&e.payload)
+                .ok()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                .unwrap_or_else(|| e.payload.clone());
+            println!("payload:\n{pretty}");
+        }
+    }
     println!("history:");
     if let Some(h) = e.history.as_array() {
         for item in h {

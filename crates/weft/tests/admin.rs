@@ -185,6 +185,25 @@ fn admin_api_needs_the_token_and_operates_the_dlq() {
     );
     assert_eq!(s, 200);
     assert_eq!(r["discarded"], serde_json::json!([second]));
+    // P1-20: a resolved entry's payload is dropped; the API says so
+    assert!(one["payload"].is_string(), "{one}");
+    assert!(one.get("payload_dropped").is_none(), "{one}");
+    let (s, gone) = api(
+        &hub,
+        "GET",
+        &format!("/api/v1/dlq/{second}"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(gone["status"], "discarded", "{gone}");
+    assert_eq!(gone["payload"], serde_json::Value::Null, "{gone}");
+    let sha = gone["payload_sha256"].as_str().unwrap();
+    assert_eq!(
+        gone["payload_dropped"].as_str(),
+        Some(format!("payload dropped after resolve (sha256 {sha})").as_str()),
+        "{gone}"
+    );
     let (s, st) = api(&hub, "GET", "/api/v1/status", Some(TOKEN), None);
     assert_eq!(s, 200);
     wait_for(Duration::from_secs(10), "accounting", || {

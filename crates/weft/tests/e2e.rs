@@ -221,6 +221,29 @@ fn permanent_failure_is_dead_lettered_and_replay_keeps_the_idempotency_key() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["status"], "replayed");
     assert_eq!(shown["history"].as_array().unwrap().len(), 2, "{shown}");
+    // P1-20: the replayed copy is in the outbox (delivered); the entry
+    // keeps the payload's hash and says so, never an empty payload
+    assert_eq!(shown["payload"], serde_json::Value::Null, "{shown}");
+    let sha = shown["payload_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{shown}");
+    assert_eq!(
+        shown["payload_dropped"].as_str(),
+        Some(format!("payload dropped after resolve (sha256 {sha})").as_str()),
+        "{shown}"
+    );
+    let out = weft_cmd_env(
+        env.dir.path(),
+        &["dlq", "show", "-c", "weft.yaml", &id],
+        &ENV,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "payload:        payload dropped after resolve (sha256 {sha})"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("resolved at:"), "{text}");
 }
 
 #[test]

@@ -107,6 +107,15 @@ pub struct RawStore {
     /// How long event ids are remembered for deduplication (default `7d`).
     #[schemars(with = "Option<String>")]
     pub dedupe_retention: Option<Spanned<String>>,
+    /// How long a DLQ entry is kept after it was replayed or discarded
+    /// (default `30d`); its payload is dropped (only its SHA-256 is kept)
+    /// as soon as it is resolved. Dead entries are never deleted.
+    #[schemars(with = "Option<String>")]
+    pub dlq_retention: Option<Spanned<String>>,
+    /// How long a drift event is kept after a record last showed it,
+    /// accepted or not (default `90d`).
+    #[schemars(with = "Option<String>")]
+    pub drift_retention: Option<Spanned<String>>,
     /// Keep the journal in PostgreSQL instead of the SQLite file (`path`
     /// and `synchronous` are then not used): a database several nodes can
     /// share.

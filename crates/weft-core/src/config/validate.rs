@@ -41,6 +41,12 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
     pub dedupe_retention: Duration,
+    /// Resolved (replayed, discarded) DLQ entries are deleted this long
+    /// after they were resolved (`store.dlq_retention`).
+    pub dlq_retention: Duration,
+    /// Drift events are deleted this long after a record last showed them
+    /// (`store.drift_retention`).
+    pub drift_retention: Duration,
     /// The journal in PostgreSQL instead of `path` (`store.postgres`).
     pub postgres: Option<PgStore>,
 }
@@ -551,6 +557,16 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             "store.dedupe_retention",
             &raw.store.dedupe_retention,
             Duration::from_secs(7 * 24 * 3600),
+        ),
+        dlq_retention: cx.duration(
+            "store.dlq_retention",
+            &raw.store.dlq_retention,
+            Duration::from_secs(30 * 24 * 3600),
+        ),
+        drift_retention: cx.duration(
+            "store.drift_retention",
+            &raw.store.drift_retention,
+            Duration::from_secs(90 * 24 * 3600),
         ),
     };
     let listen_s = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");

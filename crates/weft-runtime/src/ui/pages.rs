@@ -77,6 +77,15 @@ fn short(s: &str, n: usize) -> String {
     }
 }
 
+/// A DLQ entry's payload, or that it was dropped when the entry was
+/// resolved (never an empty box that looks like an empty payload).
+fn payload_block(e: &DlqEntry) -> Markup {
+    match e.payload_dropped() {
+        Some(dropped) => html! { p.payload-dropped { (dropped) } },
+        None => html! { pre { (pretty(&e.payload)) } },
+    }
+}
+
 /// A payload as pretty JSON when it is JSON.
 fn pretty(text: &str) -> String {
     serde_json::from_str::<serde_json::Value>(text)
@@ -270,7 +279,7 @@ async fn records_page(ui: Ui, s: Session, q: String) -> Page {
                     @if e.stage == "deliver" { li { "mapped by flow " b { (e.flow) } } }
                     @for h in history_items(&e.history) { li { (h) } }
                 }
-                pre { (pretty(&e.payload)) }
+                (payload_block(e))
             }
         }
         @if !found.written.is_empty() {
@@ -707,7 +716,7 @@ async fn entry_page(
             script { (PreEscaped(EDIT_JS)) }
         } @else {
             h2 { "payload" }
-            pre { (pretty(&e.payload)) }
+            (payload_block(&e))
         }
     };
     let r = page(&format!("Dead letter #{id}"), "/ui/dlq", &s, body);
@@ -981,4 +990,54 @@ async fn queues_page(ui: Ui, s: Session) -> Page {
         p.muted { "Not in this version." }
     };
     Ok(page("Queues", "/ui/queues", &s, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// P1-20: a resolved entry's page says its payload was dropped, with
+    /// the hash; it never shows an empty payload box.
+    #[test]
+    fn p1_20_a_dropped_payload_is_said_not_shown_empty() {
+        let mut e = DlqEntry {
+            id: 7,
+            status: "dead".into(),
+            stage: "deliver".into(),
+            flow: "f".into(),
+            destination: "d".into(),
+            entity_key: None,
+            idempotency_key: None,
+            source: "crm".into(),
+            event_id: "e".into(),
+            correlation_id: "c".into(),
+            created_at: 0,
+            failed_at: 0,
+            attempts: 1,
+            error: "422".into(),
+            payload: "{\"id\":1}".into(),
+            history: serde_json::json!([]),
+            attributes: None,
+            superseded_by: None,
+            order_seq: None,
+            resolved_at: None,
+            payload_sha256: None,
+        };
+        let kept = payload_block(&e).into_string();
+        assert!(
+            kept.contains("<pre>") && kept.contains("&quot;id&quot;"),
+            "{kept}"
+        );
+        e.status = "discarded".into();
+        e.payload = String::new();
+        e.resolved_at = Some(1);
+        e.payload_sha256 = Some(weft_store::payload_sha256("{\"id\":1}"));
+        let dropped = payload_block(&e).into_string();
+        let sha = weft_store::payload_sha256("{\"id\":1}");
+        assert!(
+            dropped.contains(&format!("payload dropped after resolve (sha256 {sha})")),
+            "{dropped}"
+        );
+        assert!(!dropped.contains("<pre>"), "{dropped}");
+    }
 }

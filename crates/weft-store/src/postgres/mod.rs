@@ -158,7 +158,7 @@ const RETRIES: usize = 5;
 const COMPACT_EVERY: usize = 256;
 /// Counter deltas folded per compaction transaction.
 const COMPACT_LIMIT: i64 = 50_000;
-/// Dedupe ids per prune slice.
+/// Rows of each table per prune slice.
 const PRUNE_SLICE: i64 = 10_000;
 
 /// The PostgreSQL [`Journal`]; cheap to share behind an `Arc`.
@@ -435,14 +435,17 @@ impl Journal for PgJournal {
         })
     }
 
-    fn prune(&self, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
+    fn prune(&self, cutoffs: crate::Prune) -> BoxFuture<'_, Result<crate::Pruned, StoreError>> {
         self.spawn(move |inner| async move {
-            // in slices until a slice finds fewer than its limit
-            let mut total = 0usize;
+            // in slices until a slice finds fewer than its limit everywhere
+            let mut total = crate::Pruned::default();
+            let full = PRUNE_SLICE as usize;
             loop {
-                let n = retrying!(inner, |c, _ctx| ops::prune(c, before, PRUNE_SLICE))?;
-                total += n as usize;
-                if n < PRUNE_SLICE as u64 {
+                let n = retrying!(inner, |c, _ctx| ops::prune(c, &cutoffs, PRUNE_SLICE))?;
+                total.dedupe += n.dedupe;
+                total.dlq += n.dlq;
+                total.drift += n.drift;
+                if n.dedupe < full && n.dlq < full && n.drift < full {
                     return Ok(total);
                 }
             }

@@ -1528,13 +1528,23 @@ async fn dead_entry(c: &mut Conn, id: i64) -> Result<Dead, StoreError> {
     Ok(d)
 }
 
-/// The entry's status and a history line.
-async fn mark(c: &mut Conn, id: i64, status: &str, note: &str, now: i64) -> Result<(), StoreError> {
+/// Resolve the entry: its status, a history line, `resolved_at`, and its
+/// payload replaced by its hash (ARCHITECTURE.md, "Retention").
+async fn mark(
+    c: &mut Conn,
+    id: i64,
+    status: &str,
+    note: &str,
+    payload: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let hash = crate::payload_sha256(payload);
     c.execute(
         "UPDATE dlq SET status = $2,
-           history = history || jsonb_build_array(jsonb_build_object('at', $3::int8, 'action', $2::text, 'note', $4::text))
+           history = history || jsonb_build_array(jsonb_build_object('at', $3::int8, 'action', $2::text, 'note', $4::text)),
+           resolved_at = $3, payload = '', payload_sha256 = $5
          WHERE id = $1",
-        &[&id, &status, &now, &note],
+        &[&id, &status, &now, &note, &hash],
     )
     .await?;
     Ok(())
@@ -1766,7 +1776,7 @@ async fn replay_in(
         )?;
         applied.flows = counted.flows;
     }
-    mark(c, id, "replayed", &r.note, now).await?;
+    mark(c, id, "replayed", &r.note, &e.payload, now).await?;
     staged.write(c, now, false).await?;
     Ok(applied)
 }
@@ -1794,7 +1804,7 @@ async fn discard_in(
     lock_keys(c, &ctx.locks(key)).await?;
     let e = dead_entry(c, id).await?;
     let mut staged = Staged::default();
-    mark(c, id, "discarded", note, now).await?;
+    mark(c, id, "discarded", note, &e.payload, now).await?;
     release_holds(c, id, &mut staged.touched).await?;
     if e.stage == Stage::Deliver.as_str() {
         bump(&mut staged.deltas, &e.flow, &e.destination, |c| {
@@ -1817,14 +1827,60 @@ async fn discard_in(
 // ---------------------------------------------------------------------------
 // prune, drift, restart
 
-/// Among the oldest `limit` dedupe ids, forget those accepted before
-/// `before` (autocommit).
-pub(crate) async fn prune(c: &mut Conn, before: i64, limit: i64) -> Result<u64, StoreError> {
-    c.execute(
-        "DELETE FROM dedupe WHERE seq IN (SELECT seq FROM dedupe ORDER BY seq LIMIT $2) AND accepted_at < $1",
-        &[&before, &limit],
-    )
-    .await
+/// One slice of a prune, in one transaction: among the oldest `limit`
+/// dedupe ids, those accepted before the cutoff; the oldest `limit`
+/// resolved DLQ entries past theirs (with what superseded them); the
+/// `limit` drift events seen longest ago, past theirs. The outer
+/// conditions repeat the inner ones: a row changed meanwhile is checked
+/// again (a drift seen again is kept).
+pub(crate) async fn prune(
+    c: &mut Conn,
+    cutoffs: &crate::Prune,
+    limit: i64,
+) -> Result<crate::Pruned, StoreError> {
+    c.begin().await?;
+    let r = prune_in(c, cutoffs, limit).await;
+    c.finish(r).await
+}
+
+async fn prune_in(
+    c: &mut Conn,
+    cut: &crate::Prune,
+    limit: i64,
+) -> Result<crate::Pruned, StoreError> {
+    let dedupe = c
+        .execute(
+            "DELETE FROM dedupe WHERE seq IN (SELECT seq FROM dedupe ORDER BY seq LIMIT $2) AND accepted_at < $1",
+            &[&cut.dedupe_before, &limit],
+        )
+        .await?;
+    let dlq: i64 = c
+        .query_one(
+            "WITH gone AS (
+               DELETE FROM dlq WHERE id IN (SELECT id FROM dlq WHERE status <> 'dead' AND resolved_at < $1
+                   ORDER BY resolved_at, id LIMIT $2)
+                 AND status <> 'dead' AND resolved_at < $1
+               RETURNING id),
+             s AS (DELETE FROM superseded WHERE dlq_id IN (SELECT id FROM gone))
+             SELECT count(*) FROM gone",
+            &[&cut.dlq_before, &limit],
+        )
+        .await?
+        .try_get(0)?;
+    let drift = c
+        .execute(
+            "DELETE FROM drift_events WHERE id IN
+               (SELECT id FROM drift_events WHERE last_seen < $1 ORDER BY last_seen LIMIT $2)
+               AND last_seen < $1",
+            &[&cut.drift_before, &limit],
+        )
+        .await?;
+    let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(crate::Pruned {
+        dedupe: n(dedupe),
+        dlq: n(u64::try_from(dlq).unwrap_or(0)),
+        drift: n(drift),
+    })
 }
 
 pub(crate) async fn record_drift(c: &mut Conn, b: &DriftBatch) -> Result<Applied, StoreError> {

@@ -157,6 +157,8 @@ fn dlq_row(r: &Row) -> Result<DlqEntry, StoreError> {
         attributes: r.try_get(16)?,
         superseded_by: r.try_get(17)?,
         order_seq: r.try_get(18)?,
+        resolved_at: r.try_get(19)?,
+        payload_sha256: r.try_get(20)?,
     })
 }
 
@@ -165,7 +167,7 @@ macro_rules! dlq_select {
         concat!(
             "SELECT id, status, stage, flow, destination, entity_key, idempotency_key, source, event_id,
                     correlation_id, created_at, failed_at, attempts, error, payload, history::text, attributes,
-                    superseded_by, order_seq FROM dlq ",
+                    superseded_by, order_seq, resolved_at, payload_sha256 FROM dlq ",
             $rest
         )
     };

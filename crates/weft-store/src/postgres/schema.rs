@@ -226,6 +226,21 @@ const MIGRATIONS: &[&str] = &[
         acquired_at bigint NOT NULL
     );
     "#,
+    // 5: retention (review P1-20). A DLQ entry replayed or discarded keeps
+    // when (`resolved_at`; for entries resolved before, its history's last
+    // line) and only the SHA-256 of its payload; the prune deletes resolved
+    // entries past `store.dlq_retention` and drift events last seen before
+    // `store.drift_retention`, each by its index.
+    r#"
+    ALTER TABLE dlq ADD COLUMN resolved_at bigint;
+    ALTER TABLE dlq ADD COLUMN payload_sha256 text;
+    UPDATE dlq SET resolved_at = coalesce((history -> -1 ->> 'at')::bigint, failed_at),
+        payload_sha256 = encode(sha256(convert_to(payload, 'UTF8')), 'hex'),
+        payload = ''
+      WHERE status <> 'dead';
+    CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'dead';
+    CREATE INDEX drift_by_last_seen ON drift_events (last_seen);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -682,12 +682,22 @@ pub async fn position_dedupe_stores_repeats_and_prune_forgets_ids(h: &mut impl H
     old.received_at = now - 10_000;
     let a = rig.ingest(vec![old, one("b", None)]).await;
     assert_eq!((a.changed, a.duplicates), (2, 0));
-    assert_eq!(rig.j.prune(now - 5_000).await.expect("prune"), 1);
+    let pruned = rig
+        .j
+        .prune(Prune::dedupe(now - 5_000))
+        .await
+        .expect("prune");
+    assert_eq!(pruned.dedupe, 1);
     rig.check();
     // "a" is forgotten: stored again; "b" is remembered: a duplicate
     let a = rig.ingest(vec![one("a", None), one("b", None)]).await;
     assert_eq!((a.changed, a.duplicates), (1, 1));
-    assert_eq!(rig.j.prune(now - 5_000).await.expect("prune"), 0);
+    let pruned = rig
+        .j
+        .prune(Prune::dedupe(now - 5_000))
+        .await
+        .expect("prune");
+    assert_eq!(pruned, Pruned::default());
     assert_eq!(rig.nums("f", "d"), [5, 0, 0, 0, 0, 0, 5]);
 }
 
@@ -2123,4 +2133,148 @@ pub async fn lookup_and_checkpoints_list_what_the_store_keeps(h: &mut impl Harne
             ("erp".into(), "file".into(), "7".into())
         ]
     );
+}
+
+/// P1-20: a DLQ entry that was replayed or discarded is not kept with its
+/// payload (PII) forever. Resolving it drops the payload (its SHA-256 is
+/// kept; a replayed row's copy is in the outbox); the prune deletes it once
+/// resolved before `dlq_before`, and drift events last seen before
+/// `drift_before`, accepted or not. A dead entry is never pruned, the
+/// counters do not move and the ledger stays balanced. The cutoffs are the
+/// test's "now": exact, no waiting.
+pub async fn p1_20_resolved_dlq_entries_and_old_drift_are_pruned(h: &mut impl Harness) {
+    let mut rig = Rig::new(h, &[("f", "d")]);
+    rig.ingest(vec![
+        one("1", Some("k1")),
+        one("2", Some("k2")),
+        one("3", Some("k3")),
+        event("4", vec![rejected("f", Some("k4"), &[])]),
+    ])
+    .await;
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(evs(&c), ["1", "2", "3"]);
+    rig.settle(c.iter().map(|c| (c, dead(false))).collect())
+        .await;
+    let dead = rig.dead();
+    let id = |ev: &str| {
+        dead.iter()
+            .find(|e| e.event_id == ev)
+            .unwrap_or_else(|| panic!("no entry of {ev}: {dead:?}"))
+            .id
+    };
+    for e in &dead {
+        assert_eq!((e.resolved_at, e.payload_sha256.as_deref()), (None, None));
+        assert_eq!(e.payload, format!("{{\"id\":\"{}\"}}", e.event_id));
+    }
+    let before = now_ms();
+    rig.replay(replay(id("1"))).await.expect("replay");
+    rig.discard(id("2")).await.expect("discard");
+    rig.discard(id("4")).await.expect("discard");
+
+    // resolved: the payload is gone, its hash and when are kept
+    let mut resolved_at = Vec::new();
+    for ev in ["1", "2", "4"] {
+        let e = rig.entry(id(ev));
+        let sha = payload_sha256(&format!("{{\"id\":\"{ev}\"}}"));
+        assert_eq!(e.payload, "", "{e:?}");
+        assert_eq!(e.payload_sha256.as_deref(), Some(sha.as_str()));
+        assert_eq!(
+            e.payload_dropped(),
+            Some(format!("payload dropped after resolve (sha256 {sha})"))
+        );
+        let json = serde_json::to_value(&e).expect("json");
+        assert_eq!(json["payload"], serde_json::Value::Null, "{json}");
+        assert_eq!(
+            json["payload_dropped"].as_str(),
+            e.payload_dropped().as_deref()
+        );
+        let at = e.resolved_at.expect("resolved_at");
+        assert!(at >= before, "{at} < {before}");
+        resolved_at.push(at);
+    }
+    assert_eq!(pending_evs(&rig.pending("f", "d")), ["1"]);
+    assert_eq!(rig.pending("f", "d")[0].payload, "{\"id\":\"1\"}");
+    let kept = rig.entry(id("3"));
+    assert_eq!(
+        (kept.status.as_str(), kept.payload.as_str()),
+        ("dead", "{\"id\":\"3\"}")
+    );
+    assert_eq!(
+        serde_json::to_value(&kept).expect("json")["payload"],
+        "{\"id\":\"3\"}"
+    );
+
+    let ev = |path: &str| NewDrift {
+        kind: "new_field".into(),
+        path: path.into(),
+        detail: "string".into(),
+        example: "\"x\"".into(),
+        count: 1,
+    };
+    rig.j
+        .record_drift(DriftBatch {
+            source: "crm".into(),
+            shape: None,
+            events: vec![ev("/a"), ev("/b")],
+        })
+        .await
+        .expect("drift");
+    let drift = rig.j.read().drift_events(None).expect("drift");
+    assert_eq!(drift.len(), 2);
+    rig.j.accept_drift(vec![drift[0].id]).await.expect("accept");
+    let seen = drift.iter().map(|e| e.last_seen).max().expect("seen");
+
+    let counts = rig.nums("f", "d");
+    let depths = rig.j.read().dlq_depths().expect("depths");
+    let dlq_min = resolved_at.iter().copied().min().expect("min");
+    let dlq_max = resolved_at.iter().copied().max().expect("max");
+    // cutoffs at the resolves and the last sighting: nothing is older
+    let at = |dlq_before, drift_before| Prune {
+        dedupe_before: i64::MIN,
+        dlq_before,
+        drift_before,
+    };
+    let p = rig.j.prune(at(dlq_min, seen - 1)).await.expect("prune");
+    assert_eq!(p, Pruned::default());
+    assert_eq!(rig.j.read().drift_events(None).expect("drift").len(), 2);
+    // past them: the resolved entries and both drift events go, the dead
+    // entry stays, the counts do not move
+    let p = rig.j.prune(at(dlq_max + 1, seen + 1)).await.expect("prune");
+    assert_eq!(
+        p,
+        Pruned {
+            dedupe: 0,
+            dlq: 3,
+            drift: 2
+        }
+    );
+    assert_eq!(rig.nums("f", "d"), counts);
+    assert_eq!(rig.j.read().dlq_depths().expect("depths"), depths);
+    for ev in ["1", "2", "4"] {
+        let gone = rig.j.read().dlq_get(id(ev)).expect("dlq_get");
+        assert!(gone.is_none(), "resolved entry kept: {gone:?}");
+    }
+    let all = rig
+        .j
+        .read()
+        .dlq_list(&DlqFilter {
+            status: Some("all".into()),
+            ..Default::default()
+        })
+        .expect("list");
+    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [id("3")]);
+    assert_eq!(rig.entry(id("3")).payload, "{\"id\":\"3\"}");
+    assert!(rig.j.read().drift_events(None).expect("drift").is_empty());
+
+    rig.restart(h);
+    assert_eq!(rig.nums("f", "d"), counts);
+    let p = rig.j.prune(at(i64::MAX, i64::MAX)).await.expect("prune");
+    assert_eq!(p, Pruned::default(), "a dead entry is never pruned");
+    assert_eq!(rig.dead().len(), 1);
+    // the replayed row is delivered as before; the ledger stays balanced
+    assert_eq!(rig.deliver("f", 10).await, ["1"]);
+    let mut after = counts;
+    after[3] += 1;
+    after[6] -= 1;
+    assert_eq!(rig.nums("f", "d"), after);
 }
