@@ -36,6 +36,8 @@ struct Mem {
     batches: Mutex<Vec<usize>>,
     /// Fail every batch from this one (0-based count of batches accepted).
     fail_from: Mutex<Option<usize>>,
+    /// Fail every batch holding an event whose id ends with this.
+    fail_on: Mutex<Option<String>>,
 }
 
 impl Ingest for Mem {
@@ -44,6 +46,14 @@ impl Ingest for Mem {
             let mut batches = self.batches.lock().unwrap();
             if let Some(n) = *self.fail_from.lock().unwrap()
                 && batches.len() >= n
+            {
+                return Err(IngestError::Store("disk on fire".into()));
+            }
+            if let Some(id) = self.fail_on.lock().unwrap().as_deref()
+                && batch
+                    .records
+                    .iter()
+                    .any(|r| matches!(r, Record::Good(e) if e.id.ends_with(id)))
             {
                 return Err(IngestError::Store("disk on fire".into()));
             }
@@ -673,4 +683,205 @@ fn the_mariadb_example_validates() {
     let text = std::fs::read_to_string(&path).unwrap();
     weft_core::config::load_str_checked(&path, &text, &|_| None, &weft_connectors::check::check)
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `(op, table, id)` of a transaction event's changes, in its order.
+fn changes(e: &Value) -> Vec<(String, String, i64)> {
+    e["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let row = if c["after"].is_null() {
+                &c["before"]
+            } else {
+                &c["after"]
+            };
+            (
+                c["op"].as_str().unwrap().to_owned(),
+                c["source"]["table"].as_str().unwrap().to_owned(),
+                row["id"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 12: `events: per_transaction` on MariaDB. A transaction of four
+/// statements over two tables is one event with its changes in binlog
+/// (commit) order, its GTID, `file:pos` and time; the next transaction is
+/// the next event; snapshot rows stay one event each; a transaction of
+/// `max_transaction_changes` + 1 rows is two parts; a store failure between
+/// two parts of a bigger one resumes at the next part with the ids it would
+/// have had, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_transaction_events_hold_a_transaction_in_commit_order_and_split_at_the_limit() {
+    let Some(mut db) = TestDb::new().await else {
+        return;
+    };
+    db.exec("CREATE TABLE parent (id INT PRIMARY KEY, name TEXT) ENGINE=InnoDB")
+        .await;
+    db.exec(
+        "CREATE TABLE child (id INT PRIMARY KEY, parent_id INT, qty INT, \
+         FOREIGN KEY (parent_id) REFERENCES parent (id)) ENGINE=InnoDB",
+    )
+    .await;
+    db.exec("INSERT INTO parent VALUES (2, 'old')").await;
+    let settings = "        tables: [parent, child]\n        events: per_transaction\n        \
+                    max_transaction_changes: 5\n        batch_size: 3\n        heartbeat: 200ms\n";
+    let mem = Arc::new(Mem::default());
+    let run = start(db.source(settings), &mem);
+    wait_for("the snapshot", 20, || mem.len() == 1 && mem.streaming()).await;
+    {
+        let evs = mem.events.lock().unwrap();
+        assert_eq!(evs[0].data["op"], "r", "a snapshot row is its own event");
+        assert!(evs[0].id.starts_with("snapshot@"), "{}", evs[0].id);
+    }
+    for sql in [
+        "BEGIN",
+        "INSERT INTO parent VALUES (1, 'a')",
+        "INSERT INTO child VALUES (10, 1, 1)",
+        "UPDATE child SET qty = 2 WHERE id = 10",
+        "DELETE FROM parent WHERE id = 2",
+        "COMMIT",
+    ] {
+        db.exec(sql).await;
+    }
+    db.exec("UPDATE parent SET name = 'b' WHERE id = 1").await;
+    wait_for("two transaction events", 20, || mem.len() == 3).await;
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let a = &evs[1];
+    assert_eq!(a.ty, "legacy.transaction");
+    assert_eq!(a.subject.as_deref(), Some("legacy"));
+    let d = &a.data;
+    assert_eq!(
+        changes(d),
+        [
+            ("c".to_owned(), "parent".to_owned(), 1),
+            ("c".to_owned(), "child".to_owned(), 10),
+            ("u".to_owned(), "child".to_owned(), 10),
+            ("d".to_owned(), "parent".to_owned(), 2),
+        ],
+        "{d}"
+    );
+    assert_eq!(
+        (d["part"].clone(), d["last"].clone()),
+        (json!(1), json!(true))
+    );
+    let at = format!("{}:{}", d["file"].as_str().unwrap(), d["pos"]);
+    assert_eq!(a.id, format!("txn@{at}#1"));
+    assert!(
+        d["gtid"]
+            .as_str()
+            .is_some_and(|g| g.split('-').count() == 3),
+        "{d}"
+    );
+    assert!(d["ts"].is_string(), "{d}");
+    for (i, ch) in d["changes"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(ch["source"]["tx_ordinal"], i as u64 + 1);
+        assert_eq!(ch["source"]["file"], d["file"]);
+        assert_eq!(ch["source"]["pos"], d["pos"]);
+        assert_eq!(ch["source"]["gtid"], d["gtid"]);
+        assert_eq!(ch["source"]["db"], db.name.as_str());
+    }
+    assert_eq!(d["changes"][2]["before"]["qty"], 1);
+    assert_eq!(d["changes"][2]["after"]["qty"], 2);
+    let b = &evs[2].data;
+    assert_eq!(changes(b), [("u".to_owned(), "parent".to_owned(), 1)]);
+    assert_ne!(b["gtid"], d["gtid"]);
+
+    // the limit + 1: two parts of one transaction
+    db.exec("INSERT INTO child SELECT seq, 1, 0 FROM seq_100_to_105")
+        .await;
+    wait_for("two parts", 20, || mem.len() == 5).await;
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let (p1, p2) = (&evs[3].data, &evs[4].data);
+    assert_eq!((&p1["file"], &p1["pos"]), (&p2["file"], &p2["pos"]));
+    assert_eq!(
+        (p1["part"].clone(), p1["last"].clone()),
+        (json!(1), json!(false))
+    );
+    assert_eq!(
+        (p2["part"].clone(), p2["last"].clone()),
+        (json!(2), json!(true))
+    );
+    let ids: Vec<i64> = changes(p1)
+        .iter()
+        .chain(&changes(p2))
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(ids, (100..=105).collect::<Vec<_>>());
+    let at = format!("{}:{}", p1["file"].as_str().unwrap(), p1["pos"]);
+    assert_eq!(evs[3].id, format!("txn@{at}#1"));
+    assert_eq!(evs[4].id, format!("txn@{at}#2"));
+    assert_eq!(p2["changes"][0]["source"]["tx_ordinal"], 6);
+
+    // 11 rows: parts 1, 2, 3; the store fails at part 2
+    let before = mem.len();
+    *mem.fail_on.lock().unwrap() = Some("#2".into());
+    db.exec("INSERT INTO child SELECT seq, 1, 0 FROM seq_200_to_210")
+        .await;
+    let failed = tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("the source stops on a store failure")
+        .unwrap();
+    assert!(failed.unwrap_err().message.contains("disk on fire"));
+    assert_eq!(mem.len(), before + 1, "part 1 stored, part 2 not");
+    let cp = mem.checkpoint();
+    assert_eq!(cp["ordinal"], 5, "{cp}");
+    let big = mem.events.lock().unwrap()[before].id.clone();
+    let big = big.trim_end_matches("#1").to_owned();
+    *mem.fail_on.lock().unwrap() = None;
+    let run = start(db.source(settings), &mem);
+    wait_for("parts 2 and 3", 20, || mem.len() == before + 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mem.len(), before + 3, "nothing more");
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let ids: Vec<&str> = evs[before..].iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [format!("{big}#1"), format!("{big}#2"), format!("{big}#3")]
+    );
+    let rows: Vec<i64> = evs[before..]
+        .iter()
+        .flat_map(|e| changes(&e.data))
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(
+        rows,
+        (200..=210).collect::<Vec<_>>(),
+        "each row once, in order"
+    );
+    assert_eq!(evs[before + 2].data["last"], true);
+    let all: Vec<String> = evs.iter().map(|e| e.id.clone()).collect();
+    let unique: std::collections::HashSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "an event id twice: {all:?}");
+    run.stop().await.unwrap();
+}
+
+/// `events` and `max_transaction_changes` are checked at load, with the
+/// file, line and column of the value (what `weft validate` prints).
+#[test]
+fn bad_event_modes_and_limits_are_reported_with_their_lines() {
+    let load = |body: &str| {
+        let yaml = format!(
+            "systems:\n  legacy:\n    source:\n      mysql_cdc:\n        url: mysql://u@127.0.0.1/db\n        tables: [t]\n{body}"
+        );
+        weft_core::config::load_str_checked(
+            Path::new("/tmp/weft-test/weft.yaml"),
+            &yaml,
+            &|_| None,
+            &weft_connectors::check::check,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let text = load("        events: per_statement\n");
+    assert!(text.contains("weft.yaml:7:"), "{text}");
+    assert!(text.contains("source.mysql_cdc.events"), "{text}");
+    assert!(text.contains("per_transaction"), "{text}");
+    let text = load("        events: per_transaction\n        max_transaction_changes: 0\n");
+    assert!(text.contains("weft.yaml:8:"), "{text}");
+    assert!(text.contains("max_transaction_changes"), "{text}");
+    assert!(text.contains("greater than 0"), "{text}");
 }

@@ -33,6 +33,8 @@ struct Mem {
     batches: Mutex<Vec<usize>>,
     /// Fail every batch from this one (0-based count of batches accepted).
     fail_from: Mutex<Option<usize>>,
+    /// Fail every batch holding an event whose id ends with this.
+    fail_on: Mutex<Option<String>>,
 }
 
 impl Ingest for Mem {
@@ -41,6 +43,14 @@ impl Ingest for Mem {
             let mut batches = self.batches.lock().unwrap();
             if let Some(n) = *self.fail_from.lock().unwrap()
                 && batches.len() >= n
+            {
+                return Err(IngestError::Store("disk on fire".into()));
+            }
+            if let Some(id) = self.fail_on.lock().unwrap().as_deref()
+                && batch
+                    .records
+                    .iter()
+                    .any(|r| matches!(r, Record::Good(e) if e.id.ends_with(id)))
             {
                 return Err(IngestError::Store("disk on fire".into()));
             }
@@ -693,4 +703,227 @@ async fn bad_settings_are_reported_with_their_lines() {
         text.contains("weft.yaml:6") && text.contains("`Bad`"),
         "{text}"
     );
+}
+
+impl Mem {
+    fn ids(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.id.clone())
+            .collect()
+    }
+}
+
+/// `(op, table, id)` of a transaction event's changes, in its order.
+fn changes(e: &Value) -> Vec<(String, String, i64)> {
+    e["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let row = if c["after"].is_null() {
+                &c["before"]
+            } else {
+                &c["after"]
+            };
+            (
+                c["op"].as_str().unwrap().to_owned(),
+                c["source"]["table"].as_str().unwrap().to_owned(),
+                row["id"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 12: `events: per_transaction`. A transaction of four statements
+/// over two tables is one event with its changes in commit order and its
+/// metadata; the next transaction is the next event; snapshot rows stay
+/// one event each; a transaction of `max_transaction_changes` + 1 rows is
+/// two parts; a store failure between two parts of a bigger one resumes
+/// at the next part with the ids it would have had, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_transaction_events_hold_a_transaction_in_commit_order_and_split_at_the_limit() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    db.client
+        .batch_execute(
+            "CREATE TABLE parent (id int PRIMARY KEY, name text);
+             CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent, qty int);
+             INSERT INTO parent VALUES (2, 'old');",
+        )
+        .await
+        .unwrap();
+    let settings = "        tables: [parent, child]\n        events: per_transaction\n        \
+                    max_transaction_changes: 5\n        batch_size: 3\n        heartbeat: 200ms\n";
+    let mem = Arc::new(Mem::default());
+    let run = start(db.source(settings), &mem);
+    wait_for("the snapshot", 20, || mem.len() == 1).await;
+    {
+        let evs = mem.events.lock().unwrap();
+        assert_eq!(evs[0].data["op"], "r", "a snapshot row is its own event");
+        assert!(evs[0].id.starts_with("snapshot@"), "{}", evs[0].id);
+    }
+    let mut c = connect(&db.url).await;
+    let t = c.transaction().await.unwrap();
+    let xid: i64 = t
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    t.batch_execute(
+        "INSERT INTO parent VALUES (1, 'a');
+         INSERT INTO child VALUES (10, 1, 1);
+         UPDATE child SET qty = 2 WHERE id = 10;
+         DELETE FROM parent WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    t.commit().await.unwrap();
+    c.batch_execute("UPDATE parent SET name = 'b' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_for("two transaction events", 20, || mem.len() == 3).await;
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let a = &evs[1];
+    assert_eq!(a.ty, "legacy.transaction");
+    assert_eq!(a.subject.as_deref(), Some("legacy"));
+    let d = &a.data;
+    assert_eq!(
+        changes(d),
+        [
+            ("c".to_owned(), "parent".to_owned(), 1),
+            ("c".to_owned(), "child".to_owned(), 10),
+            ("u".to_owned(), "child".to_owned(), 10),
+            ("d".to_owned(), "parent".to_owned(), 2),
+        ],
+        "{d}"
+    );
+    assert_eq!(d["xid"], xid % (1 << 32));
+    assert_eq!(d["db"], db.name.as_str());
+    assert_eq!(
+        (d["part"].clone(), d["last"].clone()),
+        (json!(1), json!(true))
+    );
+    assert_eq!(a.id, format!("txn@{}#1", d["commit_lsn"].as_str().unwrap()));
+    let time = chrono::DateTime::parse_from_rfc3339(d["commit_time"].as_str().unwrap()).unwrap();
+    assert_eq!(a.time, time);
+    for (i, ch) in d["changes"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(ch["source"]["tx_ordinal"], i as u64 + 1);
+        assert_eq!(ch["source"]["commit_lsn"], d["commit_lsn"]);
+        assert_eq!(ch["source"]["xid"], d["xid"]);
+        assert_eq!(ch["source"]["schema"], "public");
+    }
+    assert_eq!(d["changes"][2]["before"], Value::Null);
+    assert_eq!(d["changes"][2]["after"]["qty"], 2);
+    let b = &evs[2].data;
+    assert_eq!(changes(b), [("u".to_owned(), "parent".to_owned(), 1)]);
+    assert!(lsn(&b["commit_lsn"]) > lsn(&d["commit_lsn"]));
+
+    // the limit + 1: two parts of one transaction
+    c.batch_execute("INSERT INTO child SELECT g, 1, 0 FROM generate_series(100, 105) g")
+        .await
+        .unwrap();
+    wait_for("two parts", 20, || mem.len() == 5).await;
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let (p1, p2) = (&evs[3].data, &evs[4].data);
+    assert_eq!(p1["commit_lsn"], p2["commit_lsn"]);
+    assert_eq!(
+        (p1["part"].clone(), p1["last"].clone()),
+        (json!(1), json!(false))
+    );
+    assert_eq!(
+        (p2["part"].clone(), p2["last"].clone()),
+        (json!(2), json!(true))
+    );
+    let ids: Vec<i64> = changes(p1)
+        .iter()
+        .chain(&changes(p2))
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(ids, (100..=105).collect::<Vec<_>>());
+    let lsn_text = p1["commit_lsn"].as_str().unwrap();
+    assert_eq!(evs[3].id, format!("txn@{lsn_text}#1"));
+    assert_eq!(evs[4].id, format!("txn@{lsn_text}#2"));
+    assert_eq!(p2["changes"][0]["source"]["tx_ordinal"], 6);
+
+    // 11 rows: parts 1, 2, 3; the store fails at part 2
+    let before = mem.len();
+    *mem.fail_on.lock().unwrap() = Some("#2".into());
+    c.batch_execute("INSERT INTO child SELECT g, 1, 0 FROM generate_series(200, 210) g")
+        .await
+        .unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("the source stops on a store failure")
+        .unwrap();
+    assert!(failed.unwrap_err().message.contains("disk on fire"));
+    assert_eq!(mem.len(), before + 1, "part 1 stored, part 2 not");
+    let big = mem.events.lock().unwrap()[before].data["commit_lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cp = mem.checkpoint();
+    assert_eq!(cp["ordinal"], 5, "{cp}");
+    *mem.fail_on.lock().unwrap() = None;
+    let run = start(db.source(settings), &mem);
+    wait_for("parts 2 and 3", 20, || mem.len() == before + 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mem.len(), before + 3, "nothing more");
+    let evs: Vec<Event> = mem.events.lock().unwrap().clone();
+    let ids: Vec<&str> = evs[before..].iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("txn@{big}#1"),
+            format!("txn@{big}#2"),
+            format!("txn@{big}#3")
+        ]
+    );
+    let rows: Vec<i64> = evs[before..]
+        .iter()
+        .flat_map(|e| changes(&e.data))
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(
+        rows,
+        (200..=210).collect::<Vec<_>>(),
+        "each row once, in order"
+    );
+    assert_eq!(evs[before + 2].data["last"], true);
+    let all = mem.ids();
+    let unique: std::collections::HashSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "an event id twice: {all:?}");
+    run.stop().await.unwrap();
+    db.drop_all().await;
+}
+
+/// `events` and `max_transaction_changes` are checked at load, with the
+/// file, line and column of the value (what `weft validate` prints).
+#[test]
+fn bad_event_modes_and_limits_are_reported_with_their_lines() {
+    let load = |body: &str| {
+        let yaml = format!(
+            "systems:\n  legacy:\n    source:\n      postgres_cdc:\n        url: postgresql://u@127.0.0.1/db\n{body}"
+        );
+        weft_core::config::load_str_checked(
+            Path::new("/tmp/weft-test/weft.yaml"),
+            &yaml,
+            &|_| None,
+            &weft_connectors::check::check,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let text = load("        events: per_statement\n");
+    assert!(text.contains("weft.yaml:6:"), "{text}");
+    assert!(text.contains("source.postgres_cdc.events"), "{text}");
+    assert!(text.contains("per_transaction"), "{text}");
+    let text = load("        events: per_transaction\n        max_transaction_changes: 0\n");
+    assert!(text.contains("weft.yaml:7:"), "{text}");
+    assert!(text.contains("max_transaction_changes"), "{text}");
+    assert!(text.contains("greater than 0"), "{text}");
 }

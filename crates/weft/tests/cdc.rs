@@ -45,7 +45,7 @@ async fn client(url: &str) -> tokio_postgres::Client {
 
 /// One writer: transactions over its own ids, each noted as
 /// `(xid mod 2^32, rows changed)` when committed.
-async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(u32, u64)>>>) {
+async fn writer(url: String, w: i32, txs: i32, done: Arc<Mutex<Vec<(u32, u64)>>>) {
     let mut c = client(&url).await;
     let mut next_id = 1000 * (w + 1);
     let mut live: Vec<i32> = Vec::new();
@@ -56,7 +56,7 @@ async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(u32, u64)>>>) {
         seed ^= seed << 17;
         seed % n
     };
-    for i in 0..TXS_PER_WRITER {
+    for i in 0..txs {
         let tx = c.transaction().await.unwrap();
         let xid: i64 = tx
             .query_one(
@@ -286,7 +286,7 @@ flows:
     // writers run while weft is killed and started again
     let done = Arc::new(Mutex::new(Vec::new()));
     let writers: Vec<_> = (0..WRITERS)
-        .map(|w| rt.spawn(writer(url.clone(), w, done.clone())))
+        .map(|w| rt.spawn(writer(url.clone(), w, TXS_PER_WRITER, done.clone())))
         .collect();
     let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
         writers.iter().any(|w| !w.is_finished())
@@ -1135,4 +1135,223 @@ fn a_postgres_restart_mid_stream_loses_and_repeats_nothing() {
 fn redelivered(all: &[Value]) -> usize {
     let ids: HashSet<&str> = all.iter().filter_map(|l| l["id"].as_str()).collect();
     all.len() - ids.len()
+}
+
+/// Issue 12 through the binary: `events: per_transaction` (at most 4
+/// changes an event, so the bigger transactions come in parts) while weft
+/// is SIGKILLed and restarted under 3 concurrent writers. Every committed
+/// transaction arrives, each part under one idempotency key and one
+/// payload however often it is redelivered, the parts of a transaction
+/// together hold each of its changes once in commit order (`tx_ordinal`
+/// 1..n), the last part says `last: true`, nothing of a rolled-back
+/// transaction; transactions reach the destination in commit order (the
+/// first time each is written); and a mapping iterating `.changes[]`
+/// sees the same rows.
+#[test]
+fn per_transaction_events_across_sigkills_one_event_per_part_none_lost_in_commit_order() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(admin) = pg_admin(&rt, "per-transaction CDC crash test") else {
+        return;
+    };
+    let started = Instant::now();
+    let db = format!("weft_cdc_txn_{}", &unique_suffix());
+    rt.block_on(admin.batch_execute(&format!("CREATE DATABASE {db}")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("postgresql://postgres@127.0.0.1:5432/{db}");
+    let c = rt.block_on(client(&url));
+    rt.block_on(c.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text);
+         INSERT INTO items SELECT g, 0, 'seed' FROM generate_series(1, 3) g;",
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      postgres_cdc:
+        url: {url}
+        slot: {db}
+        publication: {db}
+        tables: [items]
+        events: per_transaction
+        max_transaction_changes: 4
+        batch_size: 6
+        heartbeat: 300ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+  rows:
+    sink:
+      jsonl:
+        path: ./rows.jsonl
+flows:
+  changes:
+    from: legacy
+    to: [out]
+  mapped:
+    from: legacy
+    filter: .changes != null
+    mapping: '{{commit_lsn, part, ids: [.changes[] | (.after // .before).id]}}'
+    to: [rows]
+"#
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_hub(&hub, Duration::from_secs(20), "the snapshot", || {
+        jsonl_lines(&out).len() >= 3
+    });
+    let mut logs = vec![hub.log_text()];
+    hub.kill9();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..3)
+        .map(|w| rt.spawn(writer(url.clone(), w, 120, done.clone())))
+        .collect();
+    let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
+        writers.iter().any(|w| !w.is_finished())
+    });
+    logs.extend(more);
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    let committed = done.lock().unwrap().clone();
+    let expected: u64 = committed.iter().map(|(_, n)| n).sum();
+    let txn_lines = |all: &[Value]| -> Vec<Value> {
+        all.iter()
+            .filter(|l| !l["data"]["changes"].is_null())
+            .cloned()
+            .collect()
+    };
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let lines = txn_lines(&jsonl_lines(&out));
+        let mut seen = HashSet::new();
+        let mut n = 0u64;
+        for l in &lines {
+            if seen.insert(l["causationid"].as_str().unwrap().to_owned()) {
+                n += l["data"]["changes"].as_array().unwrap().len() as u64;
+            }
+        }
+        if n >= expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            logs.push(hub.log_text());
+            panic!(
+                "{n} of {expected} changes delivered; logs:\n{}",
+                logs.join("\n=====\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(hub.stop().success());
+    let all = txn_lines(&jsonl_lines(&out));
+
+    // one idempotency key and one payload per event id, and the reverse
+    let mut by_id: BTreeMap<String, (String, Value)> = BTreeMap::new();
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    let mut first_order: Vec<(u64, u64)> = Vec::new();
+    for l in &all {
+        let id = l["causationid"].as_str().unwrap().to_owned();
+        let key = l["id"].as_str().unwrap().to_owned();
+        let d = &l["data"];
+        if !by_id.contains_key(&id) {
+            first_order.push((lsn(&d["commit_lsn"]), d["part"].as_u64().unwrap()));
+        }
+        let prev = by_id
+            .entry(id.clone())
+            .or_insert_with(|| (key.clone(), d.clone()));
+        assert_eq!(prev.0, key, "one event id, two idempotency keys");
+        assert_eq!(&prev.1, d, "one event id, two payloads");
+        assert_eq!(
+            *keys.entry(key).or_insert(id.clone()),
+            id,
+            "one key, two ids"
+        );
+        assert_eq!(
+            id,
+            format!("txn@{}#{}", d["commit_lsn"].as_str().unwrap(), d["part"]),
+            "the id is the commit position"
+        );
+    }
+    let mut sorted = first_order.clone();
+    sorted.sort_unstable();
+    assert_eq!(first_order, sorted, "transactions written in commit order");
+    // per transaction: its parts hold ordinals 1..n once each, in order
+    let mut per_xid: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
+    for (_, d) in by_id.values() {
+        per_xid
+            .entry(d["xid"].as_u64().unwrap())
+            .or_default()
+            .push((d["part"].as_u64().unwrap(), d.clone()));
+    }
+    assert_eq!(per_xid.len(), committed.len(), "transactions");
+    for (xid, n) in &committed {
+        let mut parts = per_xid.remove(&(*xid as u64)).unwrap_or_default();
+        parts.sort_by_key(|p| p.0);
+        let nums: Vec<u64> = parts.iter().map(|p| p.0).collect();
+        assert_eq!(
+            nums,
+            (1..=n.div_ceil(4)).collect::<Vec<_>>(),
+            "parts of {xid}"
+        );
+        let ords: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.1["changes"].as_array().unwrap().clone())
+            .map(|c| c["source"]["tx_ordinal"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ords, (1..=*n).collect::<Vec<_>>(), "transaction {xid}");
+        let lasts: Vec<bool> = parts.iter().map(|p| p.1["last"] == true).collect();
+        assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+        assert_eq!(lasts.last(), Some(&true), "transaction {xid}");
+    }
+    // the mapping saw every part, its rows as `.changes[]` gives them
+    let mapped = jsonl_lines(&dir.path().join("rows.jsonl"));
+    let mut mapped_ids: BTreeMap<(u64, u64), Value> = BTreeMap::new();
+    for m in &mapped {
+        mapped_ids.insert(
+            (lsn(&m["commit_lsn"]), m["part"].as_u64().unwrap()),
+            m["ids"].clone(),
+        );
+    }
+    assert_eq!(mapped_ids.len(), by_id.len(), "one mapped line per part");
+    for (_, d) in by_id.values() {
+        let ids: Vec<Value> = d["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                if c["after"].is_null() {
+                    c["before"]["id"].clone()
+                } else {
+                    c["after"]["id"].clone()
+                }
+            })
+            .collect();
+        assert_eq!(
+            mapped_ids[&(lsn(&d["commit_lsn"]), d["part"].as_u64().unwrap())],
+            Value::Array(ids)
+        );
+    }
+    eprintln!(
+        "per-transaction crash test: {expected} changes in {} transactions, {} parts, {kills} SIGKILLs, {} lines, {:.1}s",
+        committed.len(),
+        by_id.len(),
+        all.len(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(c);
+    drop(cleanup);
 }

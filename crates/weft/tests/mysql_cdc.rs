@@ -37,7 +37,7 @@ fn ci() -> bool {
 
 /// One writer: transactions over its own ids, each noted as `(gtid, rows
 /// changed)` when committed.
-async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(String, u64)>>>) {
+async fn writer(url: String, w: i32, txs: i32, done: Arc<Mutex<Vec<(String, u64)>>>) {
     let mut c = Conn::from_url(url.as_str()).await.unwrap();
     let mut next_id = 1000 * (w + 1);
     let mut live: Vec<i32> = Vec::new();
@@ -48,7 +48,7 @@ async fn writer(url: String, w: i32, done: Arc<Mutex<Vec<(String, u64)>>>) {
         seed ^= seed << 17;
         seed % n
     };
-    for i in 0..TXS_PER_WRITER {
+    for i in 0..txs {
         let mut tx = c.start_transaction(TxOpts::default()).await.unwrap();
         let mut rows = 0u64;
         let mut added = Vec::new();
@@ -246,7 +246,7 @@ flows:
     // writers run while weft is killed and started again
     let done = Arc::new(Mutex::new(Vec::new()));
     let writers: Vec<_> = (0..WRITERS)
-        .map(|w| rt.spawn(writer(url.clone(), w, done.clone())))
+        .map(|w| rt.spawn(writer(url.clone(), w, TXS_PER_WRITER, done.clone())))
         .collect();
     let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
         writers.iter().any(|w| !w.is_finished())
@@ -530,6 +530,223 @@ flows:
     });
     assert_eq!(snapshots(), 22, "no snapshot at the restart");
     assert!(hub.stop().success());
+    drop(c);
+    drop(cleanup);
+}
+
+/// Issue 12 through the binary on MariaDB: `events: per_transaction` (at
+/// most 4 changes an event) while weft is SIGKILLed and restarted under 3
+/// concurrent writers. Every committed transaction (by GTID) arrives,
+/// each part under one idempotency key and one payload however often it
+/// is redelivered, its parts holding each of its changes once in binlog
+/// order (`tx_ordinal` 1..n) with one `last: true`, nothing of a
+/// rolled-back transaction, and transactions first written in commit
+/// order.
+#[test]
+fn per_transaction_events_across_sigkills_one_event_per_part_none_lost_in_commit_order() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
+        Ok(c) => c,
+        Err(e) => {
+            if ci() {
+                panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!(
+                "!!!!!! SKIPPING MariaDB per-transaction crash test: {ADMIN_URL} is not reachable: {e} !!!!!!"
+            );
+            return;
+        }
+    };
+    let (log_bin, format): (i64, String) = rt
+        .block_on(admin.query_first("SELECT @@log_bin, @@binlog_format"))
+        .unwrap()
+        .unwrap();
+    if log_bin != 1 || format != "ROW" {
+        if ci() {
+            panic!("MariaDB has log_bin={log_bin} binlog_format={format} and CI=true");
+        }
+        eprintln!(
+            "!!!!!! SKIPPING MariaDB per-transaction crash test: log_bin={log_bin} binlog_format={format} !!!!!!"
+        );
+        return;
+    }
+    let started = Instant::now();
+    let suffix = unique_suffix();
+    let db = format!("weft_cdc_txn_{suffix}");
+    rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let mut c = rt.block_on(Conn::from_url(url.as_str())).unwrap();
+    rt.block_on(c.query_drop(
+        "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL, note TEXT) ENGINE=InnoDB",
+    ))
+    .unwrap();
+    rt.block_on(c.query_drop("INSERT INTO items SELECT seq, 0, 'seed' FROM seq_1_to_3"))
+        .unwrap();
+    let server_id = 1_000_000 + (u64::from_str_radix(&suffix[8..], 16).unwrap() % 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      mysql_cdc:
+        url: {url}
+        tables: [items]
+        server_id: {server_id}
+        events: per_transaction
+        max_transaction_changes: 4
+        batch_size: 6
+        heartbeat: 300ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+flows:
+  changes:
+    from: legacy
+    to: [out]
+"#
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while jsonl_lines(&out).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot; log:\n{}",
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut logs = vec![hub.log_text()];
+    hub.kill9();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..3)
+        .map(|w| rt.spawn(writer(url.clone(), w, 120, done.clone())))
+        .collect();
+    let (kills, more) = kill_while(dir.path(), "weft.yaml", LOG, || {
+        writers.iter().any(|w| !w.is_finished())
+    });
+    logs.extend(more);
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    let committed = done.lock().unwrap().clone();
+    let expected: u64 = committed.iter().map(|(_, n)| n).sum();
+    let txn_lines = |all: &[Value]| -> Vec<Value> {
+        all.iter()
+            .filter(|l| !l["data"]["changes"].is_null())
+            .cloned()
+            .collect()
+    };
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut seen = HashSet::new();
+        let mut n = 0u64;
+        for l in &txn_lines(&jsonl_lines(&out)) {
+            if seen.insert(l["causationid"].as_str().unwrap().to_owned()) {
+                n += l["data"]["changes"].as_array().unwrap().len() as u64;
+            }
+        }
+        if n >= expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            logs.push(hub.log_text());
+            panic!(
+                "{n} of {expected} changes delivered; logs:\n{}",
+                logs.join("\n=====\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(hub.stop().success());
+    let all = txn_lines(&jsonl_lines(&out));
+
+    let file_pos = |d: &Value| {
+        let file = d["file"].as_str().unwrap();
+        let n: u64 = file.rsplit_once('.').unwrap().1.parse().unwrap();
+        (n, d["pos"].as_u64().unwrap())
+    };
+    let mut by_id: BTreeMap<String, (String, Value)> = BTreeMap::new();
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    let mut first_order = Vec::new();
+    for l in &all {
+        let id = l["causationid"].as_str().unwrap().to_owned();
+        let key = l["id"].as_str().unwrap().to_owned();
+        let d = &l["data"];
+        if !by_id.contains_key(&id) {
+            first_order.push((file_pos(d), d["part"].as_u64().unwrap()));
+        }
+        let prev = by_id
+            .entry(id.clone())
+            .or_insert_with(|| (key.clone(), d.clone()));
+        assert_eq!(prev.0, key, "one event id, two idempotency keys");
+        assert_eq!(&prev.1, d, "one event id, two payloads");
+        assert_eq!(
+            *keys.entry(key).or_insert(id.clone()),
+            id,
+            "one key, two ids"
+        );
+        assert_eq!(
+            id,
+            format!(
+                "txn@{}:{}#{}",
+                d["file"].as_str().unwrap(),
+                d["pos"],
+                d["part"]
+            ),
+            "the id is the transaction's binlog position"
+        );
+    }
+    let mut sorted = first_order.clone();
+    sorted.sort_unstable();
+    assert_eq!(first_order, sorted, "transactions written in commit order");
+    let mut per_gtid: BTreeMap<String, Vec<(u64, Value)>> = BTreeMap::new();
+    for (_, d) in by_id.values() {
+        per_gtid
+            .entry(d["gtid"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((d["part"].as_u64().unwrap(), d.clone()));
+    }
+    assert_eq!(per_gtid.len(), committed.len(), "transactions");
+    for (gtid, n) in &committed {
+        let mut parts = per_gtid.remove(gtid).unwrap_or_default();
+        parts.sort_by_key(|p| p.0);
+        let nums: Vec<u64> = parts.iter().map(|p| p.0).collect();
+        assert_eq!(
+            nums,
+            (1..=n.div_ceil(4)).collect::<Vec<_>>(),
+            "parts of {gtid}"
+        );
+        let ords: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.1["changes"].as_array().unwrap().clone())
+            .map(|c| c["source"]["tx_ordinal"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ords, (1..=*n).collect::<Vec<_>>(), "transaction {gtid}");
+        let lasts: Vec<bool> = parts.iter().map(|p| p.1["last"] == true).collect();
+        assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+        assert_eq!(lasts.last(), Some(&true), "transaction {gtid}");
+    }
+    eprintln!(
+        "MariaDB per-transaction crash test: {expected} changes in {} transactions, {} parts, {kills} SIGKILLs, {} lines, {:.1}s",
+        committed.len(),
+        by_id.len(),
+        all.len(),
+        started.elapsed().as_secs_f64()
+    );
     drop(c);
     drop(cleanup);
 }

@@ -4,11 +4,15 @@
 //!   `cdc-postgres` cargo feature (on by default).
 //! - [`mysql`]: the MariaDB/MySQL binlog (ROW format), behind the
 //!   `cdc-mysql` cargo feature (on by default).
+//! - [`txn`]: `events: per_transaction`, one event per committed
+//!   transaction, for both.
 
 #[cfg(feature = "cdc-mysql")]
 pub mod mysql;
 #[cfg(feature = "cdc-postgres")]
 pub mod postgres;
+#[cfg(any(feature = "cdc-postgres", feature = "cdc-mysql"))]
+pub mod txn;
 
 /// Checkpoint key (under the source's system) of a request for a new
 /// snapshot, recorded by `weft cdc resnapshot` in one store transaction.

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use weft_core::config::raw::ConnectorSettings;
 use weft_core::config::{Issue, Secret, parse_duration};
 
+pub use crate::cdc::txn::EventsMode;
+
 /// The settings as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,8 +45,17 @@ pub struct RawMyCdc {
     /// How often the server sends a heartbeat when idle, and weft saves
     /// the position past transactions of other tables (default `10s`).
     pub heartbeat: Option<String>,
-    /// CloudEvents `type` of the events (default `<system>.change`).
+    /// CloudEvents `type` of the events (default `<system>.change`;
+    /// `<system>.transaction` with `events: per_transaction`).
     pub event_type: Option<String>,
+    /// `per_row` (default): one event per changed row. `per_transaction`:
+    /// one event per committed transaction, its changes in commit order
+    /// under `changes` (snapshot rows stay one event each).
+    pub events: Option<EventsMode>,
+    /// With `events: per_transaction`: changes per event at most (default
+    /// 10000, at most 1000000). A bigger transaction is consecutive events
+    /// (`part` 1, 2, ..., the last with `last: true`).
+    pub max_transaction_changes: Option<usize>,
 }
 
 /// Whether an initial snapshot is taken.
@@ -77,6 +88,8 @@ pub struct MyCdcConfig {
     pub batch_size: usize,
     pub heartbeat: Duration,
     pub event_type: String,
+    pub events: EventsMode,
+    pub max_transaction_changes: usize,
 }
 
 /// Longest MySQL identifier, in characters.
@@ -179,9 +192,15 @@ impl MyCdcConfig {
                 Duration::from_secs(10)
             }
         };
+        let (events, max_transaction_changes) =
+            crate::cdc::txn::settings(&mut issues, &base, raw.events, raw.max_transaction_changes);
         if !issues.is_empty() {
             return Err(issues);
         }
+        let kind = match events {
+            EventsMode::PerRow => "change",
+            EventsMode::PerTransaction => "transaction",
+        };
         Ok(MyCdcConfig {
             url: raw.url,
             tables,
@@ -190,7 +209,9 @@ impl MyCdcConfig {
             on_position_lost: raw.on_position_lost.unwrap_or_default(),
             batch_size,
             heartbeat,
-            event_type: raw.event_type.unwrap_or_else(|| format!("{system}.change")),
+            event_type: raw.event_type.unwrap_or_else(|| format!("{system}.{kind}")),
+            events,
+            max_transaction_changes,
         })
     }
 }
@@ -252,6 +273,28 @@ mod tests {
         assert_eq!(c.batch_size, 2000);
         assert_eq!(c.heartbeat, Duration::from_secs(10));
         assert_eq!(c.event_type, "Legacy-DB.change");
+        assert_eq!(c.events, EventsMode::PerRow);
+        assert_eq!(c.max_transaction_changes, 10_000);
+    }
+
+    #[test]
+    fn per_transaction_events_and_their_limit() {
+        let c = cfg(json!({"url": "mysql://u@h/shop", "tables": ["t"],
+            "events": "per_transaction", "max_transaction_changes": 50}))
+        .unwrap();
+        assert_eq!(c.events, EventsMode::PerTransaction);
+        assert_eq!(c.max_transaction_changes, 50);
+        assert_eq!(c.event_type, "Legacy-DB.transaction");
+        let e = cfg(json!({"url": "mysql://u@h/shop", "tables": ["t"], "events": "per_txn"}))
+            .unwrap_err();
+        assert_eq!(e[0].path, "systems.Legacy-DB.source.mysql_cdc.events");
+        let e = cfg(json!({"url": "mysql://u@h/shop", "tables": ["t"],
+            "max_transaction_changes": 2000000}))
+        .unwrap_err();
+        assert_eq!(
+            e[0].path,
+            "systems.Legacy-DB.source.mysql_cdc.max_transaction_changes"
+        );
     }
 
     #[test]

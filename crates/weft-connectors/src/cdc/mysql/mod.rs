@@ -91,6 +91,16 @@
 //! `<db>.<table>:<key>`, the default entity key of a flow reading this
 //! source, so the changes of one row are delivered in order.
 //!
+//! ## One event per transaction
+//! With `events: per_transaction` each transaction with changes of the
+//! captured tables is one event (or consecutive parts of at most
+//! `max_transaction_changes` changes): `{"file", "pos", "gtid", "ts",
+//! "part", "last", "changes": [<the per-row shape above>...]}`, id
+//! `txn@<file>:<pos>#<part>`, type `<system>.transaction`, subject the
+//! system's name (one queue: transactions delivered in commit order). A
+//! row that cannot be read goes to the DLQ stored with its part. Snapshot
+//! rows stay one event each. Parts and replays: [`super::txn`].
+//!
 //! ## Schema changes
 //! A DDL statement in the stream (`ALTER TABLE` ...) drops the cached
 //! column lists; the next rows event of a table reads its columns again,
@@ -129,10 +139,11 @@ use tokio_util::sync::CancellationToken;
 use weft_core::Event;
 
 pub use config::MyCdcConfig;
-use config::{OnPositionLost, SnapshotMode};
+use config::{EventsMode, OnPositionLost, SnapshotMode};
 use decode::Kind;
 use setup::{Server, SetupError, TableInfo};
 
+use super::txn::{self, Shape, TxnGroup};
 use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{
     BadRecord, Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError,
@@ -376,6 +387,13 @@ impl MyCdcSource {
             cur: (String::new(), 0),
             skip: None,
             fde_seen: false,
+            txn: (self.cfg.events == EventsMode::PerTransaction).then(|| Shape {
+                source: format!("weft:{}", self.system),
+                ty: self.cfg.event_type.clone(),
+                subject: self.system.clone(),
+                max: self.cfg.max_transaction_changes,
+            }),
+            group: None,
         };
         let reading = tokio::spawn(reader.run(plan, stop.clone(), self.cfg.on_position_lost));
         let mut batcher = Batcher {
@@ -447,9 +465,13 @@ impl Source for MyCdcSource {
 enum Msg {
     /// A transaction's first change not stored yet follows.
     Begin,
-    /// A change (or a row that could not be read) not stored yet.
+    /// A change (or a row that could not be read) not stored yet; with
+    /// `events: per_transaction`, a transaction's event or a part of it
+    /// (with its unreadable rows), `ordinal` its last change's.
     Change {
-        record: Box<Record>,
+        records: Vec<Record>,
+        /// How many changes (for the batch size).
+        changes: usize,
         file: String,
         pos: u64,
         ordinal: u64,
@@ -492,6 +514,8 @@ struct Batcher {
 #[derive(Default)]
 struct Pending {
     records: Vec<Record>,
+    /// Changes in them (a transaction event holds many).
+    changes: usize,
     /// The position after the records.
     pos: Option<Position>,
     /// Within a transaction or the snapshot: not a point to stop at, unless
@@ -572,7 +596,7 @@ impl Batcher {
                 self.check_request(ingest).await?;
             }
             apply(&mut p, msg);
-            if p.records.len() >= self.batch_size {
+            if p.changes >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;
             }
         }
@@ -591,7 +615,10 @@ impl Batcher {
         let value = serde_json::to_string(&pos)
             .map_err(|e| Failure::Fatal(format!("cannot save the position: {e}")))?;
         let batch = Batch {
-            records: std::mem::take(&mut p.records),
+            records: {
+                p.changes = 0;
+                std::mem::take(&mut p.records)
+            },
             checkpoint: Some(Checkpoint {
                 key: CHECKPOINT_KEY.into(),
                 value,
@@ -627,12 +654,14 @@ fn apply(p: &mut Pending, msg: Msg) {
     match msg {
         Msg::Begin => p.open = true,
         Msg::Change {
-            record,
+            records,
+            changes,
             file,
             pos,
             ordinal,
         } => {
-            p.records.push(*record);
+            p.records.extend(records);
+            p.changes += changes;
             p.pos = Some(Position::Stream {
                 file,
                 pos,
@@ -673,6 +702,7 @@ fn apply(p: &mut Pending, msg: Msg) {
             n,
         } => {
             p.records.push(Record::Good(*event));
+            p.changes += 1;
             p.pos = Some(Position::Snapshot { file, pos, rows: n });
         }
         Msg::SnapshotDone { file, pos } => {
@@ -763,6 +793,11 @@ struct Reader {
     skip: Option<(String, u64, u64)>,
     /// A format description event was read on this stream.
     fde_seen: bool,
+    /// `Some` with `events: per_transaction`.
+    txn: Option<Shape>,
+    /// The open transaction's changes not sent yet (`events:
+    /// per_transaction`).
+    group: Option<TxnGroup>,
 }
 
 impl Reader {
@@ -1107,6 +1142,11 @@ impl Reader {
         {
             self.skip = None;
         }
+        if let (Some(g), Some(shape)) = (self.group.take(), &self.txn)
+            && let Some(part) = g.finish(shape)
+        {
+            self.send_part(part, &t).await?;
+        }
         if t.ordinal > 0 {
             self.send(Msg::Commit {
                 file: end.0,
@@ -1363,18 +1403,60 @@ impl Reader {
         Ok((t.clone(), !stored))
     }
 
-    async fn begin_sent(&self, tx: &mut Option<Tx>) -> Result<(), Failure> {
+    async fn begin_sent(&mut self, tx: &mut Option<Tx>) -> Result<(), Failure> {
         if let Some(t) = tx.as_mut()
             && !t.sent_begin
         {
             t.sent_begin = true;
+            if self.txn.is_some() {
+                let mut meta = Map::new();
+                meta.insert("file".into(), Value::String(t.file.clone()));
+                meta.insert("pos".into(), Value::from(t.pos));
+                meta.insert(
+                    "gtid".into(),
+                    t.gtid.clone().map_or(Value::Null, Value::String),
+                );
+                meta.insert("ts".into(), t.ts.map_or(Value::Null, txn::time_text));
+                self.group = Some(TxnGroup::new(format!("{}:{}", t.file, t.pos), meta, t.ts));
+            }
             self.send(Msg::Begin).await?;
         }
         Ok(())
     }
 
+    /// A change (or an unreadable row) to the batcher, or (`events:
+    /// per_transaction`) into its transaction's event, sending the part it
+    /// completes.
+    async fn send_record(&mut self, t: &Tx, record: Record) -> Result<(), Failure> {
+        if let (Some(shape), Some(g)) = (&self.txn, self.group.as_mut()) {
+            return match g.push(shape, t.ordinal, record) {
+                Some(part) => self.send_part(part, t).await,
+                None => Ok(()),
+            };
+        }
+        self.send(Msg::Change {
+            records: vec![record],
+            changes: 1,
+            file: t.file.clone(),
+            pos: t.pos,
+            ordinal: t.ordinal,
+        })
+        .await
+    }
+
+    async fn send_part(&self, part: txn::Part, t: &Tx) -> Result<(), Failure> {
+        self.send(Msg::Change {
+            records: part.records,
+            changes: part.changes,
+            file: t.file.clone(),
+            pos: t.pos,
+            ordinal: part.ordinal,
+        })
+        .await
+    }
+
     async fn change(
-        &self,
+        &mut self,
         tx: &mut Option<Tx>,
         rel: &Rel,
         op: &str,
@@ -1403,17 +1485,11 @@ impl Reader {
                 snapshot: false,
             },
         );
-        self.send(Msg::Change {
-            record: Box::new(Record::Good(event)),
-            file: t.file,
-            pos: t.pos,
-            ordinal: t.ordinal,
-        })
-        .await
+        self.send_record(&t, Record::Good(event)).await
     }
 
     /// A row that cannot be read: to the DLQ with the reason, in its place.
-    async fn bad(&self, tx: &mut Option<Tx>, rel: &Rel, error: &str) -> Result<(), Failure> {
+    async fn bad(&mut self, tx: &mut Option<Tx>, rel: &Rel, error: &str) -> Result<(), Failure> {
         let (t, new) = self.next_ordinal(tx)?;
         if !new {
             return Ok(());
@@ -1428,13 +1504,7 @@ impl Reader {
             correlation_id: weft_core::event::new_correlation_id(),
             id,
         });
-        self.send(Msg::Change {
-            record: Box::new(record),
-            file: t.file,
-            pos: t.pos,
-            ordinal: t.ordinal,
-        })
-        .await
+        self.send_record(&t, record).await
     }
 
     fn event(

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use weft_core::config::raw::ConnectorSettings;
 use weft_core::config::{Issue, Secret, parse_duration};
 
+pub use crate::cdc::txn::EventsMode;
+
 /// The settings as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,8 +51,17 @@ pub struct RawPgCdc {
     /// How often the position is confirmed to PostgreSQL and the slot's lag
     /// measured when nothing arrives (default `10s`).
     pub heartbeat: Option<String>,
-    /// CloudEvents `type` of the events (default `<system>.change`).
+    /// CloudEvents `type` of the events (default `<system>.change`;
+    /// `<system>.transaction` with `events: per_transaction`).
     pub event_type: Option<String>,
+    /// `per_row` (default): one event per changed row. `per_transaction`:
+    /// one event per committed transaction, its changes in commit order
+    /// under `changes` (snapshot rows stay one event each).
+    pub events: Option<EventsMode>,
+    /// With `events: per_transaction`: changes per event at most (default
+    /// 10000, at most 1000000). A bigger transaction is consecutive events
+    /// (`part` 1, 2, ..., the last with `last: true`).
+    pub max_transaction_changes: Option<usize>,
 }
 
 /// Whether an initial snapshot is taken.
@@ -84,6 +95,8 @@ pub struct PgCdcConfig {
     pub batch_size: usize,
     pub heartbeat: Duration,
     pub event_type: String,
+    pub events: EventsMode,
+    pub max_transaction_changes: usize,
 }
 
 /// Longest PostgreSQL identifier, in bytes.
@@ -180,9 +193,15 @@ impl PgCdcConfig {
                 Duration::from_secs(10)
             }
         };
+        let (events, max_transaction_changes) =
+            crate::cdc::txn::settings(&mut issues, &base, raw.events, raw.max_transaction_changes);
         if !issues.is_empty() {
             return Err(issues);
         }
+        let kind = match events {
+            EventsMode::PerRow => "change",
+            EventsMode::PerTransaction => "transaction",
+        };
         Ok(PgCdcConfig {
             url: raw.url,
             tables,
@@ -192,7 +211,9 @@ impl PgCdcConfig {
             on_slot_lost: raw.on_slot_lost.unwrap_or_default(),
             batch_size,
             heartbeat,
-            event_type: raw.event_type.unwrap_or_else(|| format!("{system}.change")),
+            event_type: raw.event_type.unwrap_or_else(|| format!("{system}.{kind}")),
+            events,
+            max_transaction_changes,
         })
     }
 }
@@ -255,6 +276,24 @@ mod tests {
         assert_eq!(c.snapshot, SnapshotMode::Initial);
         assert_eq!(c.batch_size, 2000);
         assert_eq!(c.event_type, "Legacy-DB.change");
+        assert_eq!(c.events, EventsMode::PerRow);
+        assert_eq!(c.max_transaction_changes, 10_000);
+        let c = cfg(json!({"url": "postgresql://u@h/db", "events": "per_transaction"})).unwrap();
+        assert_eq!(c.events, EventsMode::PerTransaction);
+        assert_eq!(c.event_type, "Legacy-DB.transaction");
+    }
+
+    #[test]
+    fn bad_event_modes_and_limits_are_refused_at_their_path() {
+        let e = cfg(json!({"url": "postgresql://u@h/db", "events": "per_statement"})).unwrap_err();
+        assert_eq!(e[0].path, "systems.Legacy-DB.source.postgres_cdc.events");
+        assert!(e[0].message.contains("per_transaction"), "{e:?}");
+        let e =
+            cfg(json!({"url": "postgresql://u@h/db", "max_transaction_changes": 0})).unwrap_err();
+        assert_eq!(
+            e[0].path,
+            "systems.Legacy-DB.source.postgres_cdc.max_transaction_changes"
+        );
     }
 
     #[test]

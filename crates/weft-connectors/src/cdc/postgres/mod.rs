@@ -107,9 +107,23 @@
 //! heartbeats; it is served when a position naming its id is committed
 //! with the snapshot's last rows.
 //!
+//! ## One event per transaction
+//! With `events: per_transaction` each committed transaction is one event
+//! (or consecutive parts of at most `max_transaction_changes` changes):
+//! ```json
+//! {"db": "shop", "xid": 7391, "commit_lsn": "0/1A2B400",
+//!  "commit_time": "2026-12-01T10:00:00.123456Z", "part": 1, "last": true,
+//!  "changes": [{"op": "c", "before": null, "after": {...}, "key": {...},
+//!               "source": {..., "tx_ordinal": 1}}, ...]}
+//! ```
+//! id `txn@<commit_lsn>#<part>`, type `<system>.transaction`, subject the
+//! system's name (one queue: transactions delivered in commit order).
+//! Snapshot rows stay one event each. How parts are cut and why their
+//! ids survive a replay: [`super::txn`].
+//!
 //! ## Not (yet) here
-//! No one-event-per-transaction mode; a table that leaves the publication
-//! while weft streams and joins it again is not copied again.
+//! A table that leaves the publication while weft streams and joins it
+//! again is not copied again.
 
 pub mod config;
 pub mod decode;
@@ -134,10 +148,11 @@ use tokio_util::sync::CancellationToken;
 use weft_core::Event;
 
 pub use config::PgCdcConfig;
-use config::{OnSlotLost, SnapshotMode};
+use config::{EventsMode, OnSlotLost, SnapshotMode};
 use decode::{Kind, PgType};
 use setup::SetupError;
 
+use super::txn::{self, Shape, TxnGroup};
 use super::{RESNAPSHOT_KEY, ResnapshotRequest};
 use crate::source::{Batch, Checkpoint, Ingest, IngestError, Record, Source, SourceError};
 
@@ -501,6 +516,12 @@ impl PgCdcSource {
             below: synced_at.clone().into_iter().collect(),
             sync: sync.iter().cloned().collect(),
             known: tables.as_ref().map(|t| t.union(&sync).cloned().collect()),
+            txn: (self.cfg.events == EventsMode::PerTransaction).then(|| Shape {
+                source: format!("weft:{}", self.system),
+                ty: self.cfg.event_type.clone(),
+                subject: self.system.clone(),
+                max: self.cfg.max_transaction_changes,
+            }),
         };
         let reading = tokio::spawn(reader.run(plan, stop.clone()));
         let served = match &saved {
@@ -618,9 +639,13 @@ enum Msg {
     Started(Arc<SharedLsnFeedback>),
     /// A transaction begins (its changes follow).
     Begin,
-    /// A change not stored yet.
+    /// A change not stored yet (with `events: per_transaction`, a
+    /// transaction's event, or a part of it: `ordinal` is its last
+    /// change's).
     Change {
-        event: Box<Event>,
+        records: Vec<Record>,
+        /// How many changes (for the batch size).
+        changes: usize,
         commit_lsn: u64,
         ordinal: u64,
     },
@@ -674,6 +699,8 @@ struct Batcher {
 #[derive(Default)]
 struct Pending {
     records: Vec<Record>,
+    /// Changes in them (a transaction event holds many).
+    changes: usize,
     /// The position after the records.
     pos: Option<Position>,
     /// Within a transaction or the snapshot: not a point to stop at, unless
@@ -717,7 +744,7 @@ impl Batcher {
                 self.check_request(ingest).await?;
             }
             self.apply(&mut p, msg);
-            if p.records.len() >= self.batch_size {
+            if p.changes >= self.batch_size {
                 self.flush(&mut p, ingest, shutdown).await?;
             }
         }
@@ -738,11 +765,13 @@ impl Batcher {
             }
             Msg::Begin => p.open = true,
             Msg::Change {
-                event,
+                records,
+                changes,
                 commit_lsn,
                 ordinal,
             } => {
-                p.records.push(Record::Good(*event));
+                p.records.extend(records);
+                p.changes += changes;
                 p.pos = Some(self.stream_pos(flush_lsn, commit_lsn, ordinal));
             }
             Msg::Commit {
@@ -768,6 +797,7 @@ impl Batcher {
             }
             Msg::SnapshotRow { event, lsn, n } => {
                 p.records.push(Record::Good(*event));
+                p.changes += 1;
                 p.pos = Some(Position::Snapshot {
                     slot: self.slot.clone(),
                     lsn,
@@ -782,7 +812,10 @@ impl Batcher {
                 p.pos = Some(self.stream_pos(lsn, lsn, 0));
             }
             Msg::SyncStart => p.open = true,
-            Msg::SyncRow { event } => p.records.push(Record::Good(*event)),
+            Msg::SyncRow { event } => {
+                p.records.push(Record::Good(*event));
+                p.changes += 1;
+            }
             Msg::Synced { lsn, tables } => {
                 p.open = false;
                 if let Some(lsn) = lsn {
@@ -870,7 +903,10 @@ impl Batcher {
         let value = serde_json::to_string(&pos)
             .map_err(|e| Failure::Fatal(format!("cannot save the position: {e}")))?;
         let batch = Batch {
-            records: std::mem::take(&mut p.records),
+            records: {
+                p.changes = 0;
+                std::mem::take(&mut p.records)
+            },
             checkpoint: Some(Checkpoint {
                 key: CHECKPOINT_KEY.into(),
                 value,
@@ -924,6 +960,8 @@ struct Tx {
     ordinal: u64,
     /// Stored whole already: nothing of it is sent.
     stored: bool,
+    /// Its changes, with `events: per_transaction`.
+    group: Option<TxnGroup>,
 }
 
 /// Reads the replication stream (and the snapshot before it), turns
@@ -952,6 +990,8 @@ struct Reader {
     /// table joining the publication mid-stream restarts the session so
     /// that it is snapshotted first.
     known: Option<HashSet<String>>,
+    /// `Some` with `events: per_transaction`.
+    txn: Option<Shape>,
 }
 
 /// A token cancelled after `d` (or with `stop`): wakes the reader for a
@@ -1130,12 +1170,28 @@ impl Reader {
                     if !stored {
                         self.send(Msg::Begin).await?;
                     }
+                    let group = match (&self.txn, stored) {
+                        (Some(_), false) => {
+                            let mut meta = Map::new();
+                            meta.insert("db".into(), Value::String(self.db.clone()));
+                            meta.insert("xid".into(), Value::from(transaction_id));
+                            meta.insert("commit_lsn".into(), Value::String(format_lsn(commit)));
+                            meta.insert("commit_time".into(), txn::time_text(commit_timestamp));
+                            Some(TxnGroup::new(
+                                format_lsn(commit),
+                                meta,
+                                Some(commit_timestamp),
+                            ))
+                        }
+                        _ => None,
+                    };
                     tx = Some(Tx {
                         xid: transaction_id,
                         commit,
                         time: commit_timestamp,
                         ordinal: 0,
                         stored,
+                        group,
                     });
                 }
                 EventType::Commit {
@@ -1143,9 +1199,14 @@ impl Reader {
                     end_lsn,
                     commit_timestamp,
                 } => {
-                    let Some(t) = tx.take() else {
+                    let Some(mut t) = tx.take() else {
                         return Err(Failure::Retry("a commit without its begin".into()));
                     };
+                    if let (Some(g), Some(shape)) = (t.group.take(), &self.txn)
+                        && let Some(part) = g.finish(shape)
+                    {
+                        self.send_part(part, t.commit).await?;
+                    }
                     if !t.stored {
                         self.send(Msg::Commit {
                             commit_lsn: commit_lsn.value(),
@@ -1199,7 +1260,7 @@ impl Reader {
                         Vec::new(),
                         t.meta(ev.lsn.value(), ordinal),
                     );
-                    self.send_change(event, t.commit, ordinal).await?;
+                    self.send_change(&mut tx, event, t.commit, ordinal).await?;
                 }
                 EventType::Update {
                     relation_oid,
@@ -1245,7 +1306,7 @@ impl Reader {
                         unchanged,
                         t.meta(ev.lsn.value(), ordinal),
                     );
-                    self.send_change(event, t.commit, ordinal).await?;
+                    self.send_change(&mut tx, event, t.commit, ordinal).await?;
                 }
                 EventType::Delete {
                     relation_oid,
@@ -1273,7 +1334,7 @@ impl Reader {
                         Vec::new(),
                         t.meta(ev.lsn.value(), ordinal),
                     );
-                    self.send_change(event, t.commit, ordinal).await?;
+                    self.send_change(&mut tx, event, t.commit, ordinal).await?;
                 }
                 EventType::Truncate { tables, .. } => {
                     for full_name in tables {
@@ -1305,7 +1366,7 @@ impl Reader {
                             Vec::new(),
                             t.meta(ev.lsn.value(), ordinal),
                         );
-                        self.send_change(event, t.commit, ordinal).await?;
+                        self.send_change(&mut tx, event, t.commit, ordinal).await?;
                     }
                 }
                 // protocol 1 without streaming or two-phase: nothing else carries changes
@@ -1440,16 +1501,36 @@ impl Reader {
         )))
     }
 
+    /// A change to the batcher, or (`events: per_transaction`) into its
+    /// transaction's event, sending the part it completes.
     async fn send_change(
         &self,
+        tx: &mut Option<Tx>,
         event: Event,
         commit_lsn: u64,
         ordinal: u64,
     ) -> Result<(), Failure> {
+        if let (Some(shape), Some(g)) = (&self.txn, tx.as_mut().and_then(|t| t.group.as_mut())) {
+            return match g.push(shape, ordinal, Record::Good(event)) {
+                Some(part) => self.send_part(part, commit_lsn).await,
+                None => Ok(()),
+            };
+        }
         self.send(Msg::Change {
-            event: Box::new(event),
+            records: vec![Record::Good(event)],
+            changes: 1,
             commit_lsn,
             ordinal,
+        })
+        .await
+    }
+
+    async fn send_part(&self, part: txn::Part, commit_lsn: u64) -> Result<(), Failure> {
+        self.send(Msg::Change {
+            records: part.records,
+            changes: part.changes,
+            commit_lsn,
+            ordinal: part.ordinal,
         })
         .await
     }
