@@ -91,7 +91,8 @@ pub async fn run_leased(
                     if let Err(e) = journal.release_source(system.clone()).await {
                         tracing::warn!(source = %system, error = %e, "cannot give up this source's lease; it runs out by itself");
                     }
-                    state.set_standby(&system, false);
+                    // not running here any more, and not held either
+                    crate::metrics::source_leased(&system, false);
                     return match r {
                         Ok(r) => r,
                         Err(e) => Err(SourceError {
