@@ -545,7 +545,9 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     // changes weft refused (a conflict lost, a non-owner): each may be
     // written back to the system that made it, once
     let st = status(dir.path(), "weft.yaml", &[]);
-    let refused = st["identity"][0]["actions"]["refused"].as_u64().unwrap_or(0);
+    let refused = st["identity"][0]["actions"]["refused"]
+        .as_u64()
+        .unwrap_or(0);
     // no ping-pong: weft never wrote values a system already held
     let (ci, ei) = (crm.inner.lock().unwrap(), erp.inner.lock().unwrap());
     let user_edits = 2 * EDITS + N as u64 + 1;
