@@ -582,14 +582,23 @@ async fn a_source_lease_passes_on_and_fences_the_former_owner() {
     let err = b.ingest(fenced(1, "x")).await.expect_err("not b's lease");
     assert!(matches!(err, StoreError::Fenced(_)), "{err}");
 
-    // a pauses past its lease; b takes it over with a new epoch
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        b.lease_source("poll".into(), 60_000)
+    // a pauses past its lease; b takes it over, with a new epoch, once it ran out
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let taken = loop {
+        if let Some(e) = b
+            .lease_source("poll".into(), 60_000)
             .await
-            .expect("takeover"),
-        Some(2)
-    );
+            .expect("takeover")
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(taken, 2);
     let err = a.ingest(fenced(1, "2")).await.expect_err("fenced");
     assert!(matches!(err, StoreError::Fenced(_)), "{err}");
     assert!(err.to_string().contains("node-a"), "{err}");
@@ -615,6 +624,7 @@ async fn a_source_lease_passes_on_and_fences_the_former_owner() {
         Some(3)
     );
     // a node that loses nothing keeps its epoch across an expired lease
+    // (time passing is the point here: no condition to wait for)
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         a.lease_source("poll".into(), 300).await.expect("renew"),

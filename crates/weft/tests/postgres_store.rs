@@ -107,6 +107,27 @@ impl Drop for Db {
     }
 }
 
+/// The record ids the destination received.
+fn received_ids(rec: &Recorder) -> BTreeSet<u64> {
+    rec.received
+        .lock()
+        .expect("received")
+        .iter()
+        .filter_map(|r| r.body["id"].as_u64())
+        .collect()
+}
+
+/// Per record id, the idempotency keys it was written with.
+fn keys_by_id(rec: &Recorder) -> BTreeMap<u64, BTreeSet<String>> {
+    let mut keys: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for r in rec.received.lock().expect("received").iter() {
+        keys.entry(r.body["id"].as_u64().expect("id"))
+            .or_default()
+            .insert(r.idempotency_key.clone().expect("an idempotency key"));
+    }
+    keys
+}
+
 fn post(hub: &Hub, id: u64, key: &str) -> u16 {
     let body = serde_json::json!({"id": id, "key": key}).to_string();
     reqwest::blocking::Client::new()
@@ -153,21 +174,13 @@ flows:
     std::fs::write(dir.path().join("weft.yaml"), config).expect("config");
     let url = db.url();
     let env = [("HOOK_SECRET", SECRET), ("WEFT_PG_URL", url.as_str())];
-    let received = |rec: &Recorder| -> BTreeSet<u64> {
-        rec.received
-            .lock()
-            .expect("received")
-            .iter()
-            .filter_map(|r| r.body["id"].as_u64())
-            .collect()
-    };
 
     let hub = Hub::start(dir.path(), "weft.yaml", 0, &env);
     for id in 0..60 {
         assert_eq!(post(&hub, id, &format!("k{}", id % 5)), 202);
     }
     wait_for(Duration::from_secs(60), "60 deliveries", || {
-        received(&rec).len() == 60
+        received_ids(&rec).len() == 60
     });
     hub.kill9();
 
@@ -180,7 +193,7 @@ flows:
         assert_eq!(post(&hub, id, &format!("k{}", id % 5)), 202, "a duplicate");
     }
     wait_for(Duration::from_secs(60), "120 deliveries", || {
-        received(&rec).len() == 120
+        received_ids(&rec).len() == 120
     });
     wait_for(Duration::from_secs(30), "an empty outbox", || {
         count(&url, "SELECT count(*) FROM weft.outbox") == 0
@@ -188,13 +201,10 @@ flows:
 
     // one idempotency key per event; per key, never an older one after a newer
     let got = rec.received.lock().expect("received").clone();
-    let mut keys: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let keys = keys_by_id(&rec);
     let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in &got {
         let id = r.body["id"].as_u64().expect("id");
-        keys.entry(id)
-            .or_default()
-            .insert(r.idempotency_key.clone().expect("an idempotency key"));
         per_key
             .entry(r.body["key"].as_str().expect("key").to_owned())
             .or_default()
@@ -358,18 +368,10 @@ flows:
     std::fs::write(dir.path().join("weft.yaml"), config).expect("config");
     let ea = [("WEFT_PG_URL", url.as_str()), ("WEFT_NODE", "a")];
     let eb = [("WEFT_PG_URL", url.as_str()), ("WEFT_NODE", "b")];
-    let received = |rec: &Recorder| -> BTreeSet<u64> {
-        rec.received
-            .lock()
-            .expect("received")
-            .iter()
-            .filter_map(|r| r.body["id"].as_u64())
-            .collect()
-    };
 
     let a = Hub::start(dir.path(), "weft.yaml", 0, &ea);
     wait_for(Duration::from_secs(60), "the first 40 rows", || {
-        received(&rec).len() == 40
+        received_ids(&rec).len() == 40
     });
     let b = Hub::start(dir.path(), "weft.yaml", 0, &eb);
     wait_for(Duration::from_secs(30), "b on standby, a holding", || {
@@ -387,7 +389,7 @@ flows:
     assert!(ready.status().is_success(), "a standby node is ready");
     insert(41, 80);
     wait_for(Duration::from_secs(60), "80 rows", || {
-        received(&rec).len() == 80
+        received_ids(&rec).len() == 80
     });
     let ran_on_b = |b: &Hub| {
         b.log
@@ -402,18 +404,12 @@ flows:
     a.kill9();
     insert(81, 120);
     wait_for(Duration::from_secs(90), "120 rows, through b", || {
-        received(&rec).len() == 120
+        received_ids(&rec).len() == 120
     });
     assert!(ran_on_b(&b));
     assert_eq!(lease_held(&b, "db"), Some(1.0));
 
-    let got = rec.received.lock().expect("received").clone();
-    let mut keys: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    for r in &got {
-        keys.entry(r.body["id"].as_u64().expect("id"))
-            .or_default()
-            .insert(r.idempotency_key.clone().expect("an idempotency key"));
-    }
+    let keys = keys_by_id(&rec);
     assert_eq!(keys.len(), 120);
     assert!(keys.values().all(|k| k.len() == 1), "{keys:?}");
     // rows the dead node had claimed wait for their lease (the write

@@ -739,6 +739,18 @@ fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_syst
     hub.stop();
 }
 
+/// `weft xref show customer ID --json` of `weft.yaml` in `dir`; `None` when
+/// weft has no record for that id.
+fn xref_show(dir: &std::path::Path, id: &str) -> Option<Value> {
+    let out = weft_cmd(
+        dir,
+        &["xref", "show", "-c", "weft.yaml", "customer", id, "--json"],
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
 /// A record of string fields.
 fn rec(pairs: &[(&str, &str)]) -> Map<String, Value> {
     pairs
@@ -1021,15 +1033,7 @@ fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created()
         "the ERP's customers in the CRM",
         || idle() && crm.ids().len() == 3,
     );
-    let show = |id: &str| -> Option<Value> {
-        let out = weft_cmd(
-            dir.path(),
-            &["xref", "show", "-c", "weft.yaml", "customer", id, "--json"],
-        );
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    };
+    let show = |id: &str| xref_show(dir.path(), id);
     let record_of = |id: &str| show(id).map(|v| v["id"].as_str().unwrap().to_owned());
     // the settle of each create has run once every id is linked
     wait_for(Duration::from_secs(30), "the CRM's ids linked", || {
@@ -1130,12 +1134,7 @@ fn xref_link_split_unlink_and_merge_by_hand() {
             "{args:?}: {err}"
         );
     };
-    let show = |id: &str| -> Option<Value> {
-        let out = weft(&["xref", "show", "customer", id, "--json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    };
+    let show = |id: &str| xref_show(dir.path(), id);
     let record_of = |id: &str| show(id).map(|v| v["id"].as_str().unwrap().to_owned());
     let (crm1, erp1) = (format!("crm:{c1}"), format!("erp:{e1}"));
     // refused at create: no record, nothing written, counted
