@@ -111,6 +111,9 @@ pub struct Lane {
     pub references: Option<Arc<crate::references::LaneRefs>>,
     /// A span per delivery attempt when traces are on.
     pub tracer: crate::telemetry::Tracer,
+    /// This node's membership of a shared journal: no claim while it is
+    /// not fresh (another node may be about to find this one dead).
+    pub membership: Arc<crate::lease::Membership>,
 }
 
 /// A write's claimed rows, what became of them, the guard's permit it was
@@ -143,6 +146,11 @@ impl Lane {
         loop {
             let mut guard_wait = None;
             while !stopping && !idle_until_woken && writes.len() < self.policy.concurrency {
+                if !self.membership.fresh() {
+                    // paused, cut off or not yet beaten: claim nothing
+                    // until the journal acknowledged a heartbeat again
+                    break;
+                }
                 let permit = match self.guard.check() {
                     Ok(p) => p,
                     Err(d) => {
@@ -173,6 +181,11 @@ impl Lane {
                 if let Err(d) = self.guard.check_after_wait() {
                     self.release(claimed).await;
                     guard_wait = Some(d);
+                    break;
+                }
+                // and the wait may have outlasted this node's membership
+                if !self.membership.fresh() {
+                    self.release(claimed).await;
                     break;
                 }
                 self.spawn_write(&mut writes, claimed, write_time, permit);

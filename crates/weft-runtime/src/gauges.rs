@@ -197,12 +197,17 @@ impl Gauges {
     async fn read_and_set(&self) -> Result<Snapshot, StoreError> {
         let j = self.journal.clone();
         let l = self.lanes.clone();
-        let (counts, dlq) = tokio::task::spawn_blocking(move || {
+        let shared = j.shared();
+        let (counts, dlq, nodes) = tokio::task::spawn_blocking(move || {
             let reader = j.read();
-            Ok::<_, StoreError>((reader.counts(&l)?, reader.dlq_depths()?))
+            let nodes = if shared { Some(reader.nodes()?) } else { None };
+            Ok::<_, StoreError>((reader.counts(&l)?, reader.dlq_depths()?, nodes))
         })
         .await
         .map_err(|e| StoreError::Invalid(format!("gauge task failed: {e}")))??;
+        if let Some(nodes) = nodes {
+            m::nodes_alive(nodes.iter().filter(|n| n.alive).count());
+        }
         for c in &counts {
             m::lane_gauges(
                 &c.flow,

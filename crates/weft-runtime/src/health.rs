@@ -77,6 +77,8 @@ impl SourceState {
 pub struct Health {
     stopping: AtomicBool,
     sources: BTreeMap<String, Arc<SourceState>>,
+    /// This node's membership of a shared journal: not ready while stale.
+    membership: Option<Arc<crate::lease::Membership>>,
 }
 
 impl Health {
@@ -92,7 +94,15 @@ impl Health {
                     (s.to_owned(), Arc::new(SourceState::default()))
                 })
                 .collect(),
+            membership: None,
         }
+    }
+
+    /// Not ready while this node's membership is stale (see
+    /// [`crate::lease::Membership`]).
+    pub fn with_membership(mut self, m: Arc<crate::lease::Membership>) -> Health {
+        self.membership = Some(m);
+        self
     }
 
     pub fn source(&self, name: &str) -> Option<Arc<SourceState>> {
@@ -117,10 +127,14 @@ impl Health {
             return Err("stopping\n".into());
         }
         let down = self.down_sources();
-        if down.is_empty() {
+        let stale = self.membership.as_ref().and_then(|m| m.stale_reason());
+        if down.is_empty() && stale.is_none() {
             return Ok(());
         }
         let mut text = String::new();
+        if let Some(why) = stale {
+            text.push_str(&format!("membership of the shared journal: {why}\n"));
+        }
         for (name, why) in down {
             text.push_str(&format!("source `{name}` is down: {why}\n"));
         }

@@ -8,6 +8,12 @@
 //! checkpoint. Every batch the source ingests carries the lease's epoch
 //! (`IngestBatch::fence`), so a node paused past its lease commits nothing
 //! after another took over.
+//!
+//! On a shared journal every node is also a member ([`Membership`],
+//! [`run_membership`]): it beats every [`RENEW`], and a node silent for
+//! [`MEMBERSHIP`] is dead: the next beat of a live node releases the rows
+//! it had claimed, so they are delivered again within seconds. Lanes claim
+//! only while their node's membership is fresh.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -124,5 +130,142 @@ pub async fn run_leased(
         if stop.is_cancelled() {
             return Ok(());
         }
+    }
+}
+
+/// How long a node's heartbeat keeps it a member of a shared journal: a
+/// node that has not beaten for this long is dead, and the next beat of a
+/// live node releases the rows it had claimed.
+pub const MEMBERSHIP: Duration = Duration::from_secs(10);
+
+fn membership_ms() -> i64 {
+    i64::try_from(MEMBERSHIP.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// This node's membership of the journal, as its lanes see it: fresh while
+/// the last heartbeat the journal acknowledged is recent enough that no
+/// other node can find this one dead before the next beat ([`RENEW`] of
+/// margin). A lane claims rows only while it is fresh, so a node that was
+/// paused or cut off claims nothing until it has beaten again; rows it had
+/// claimed before may have gone to another node in between (their
+/// settlement here is then stale, and the write may reach the destination
+/// twice, under the same idempotency key).
+#[derive(Debug)]
+pub struct Membership {
+    /// One hub per store (SQLite, memory): always a member.
+    single: bool,
+    epoch: Instant,
+    /// When the last acknowledged beat was sent (ms after `epoch`); -1:
+    /// none yet.
+    acked_ms: AtomicI64,
+}
+
+impl Membership {
+    /// One hub per store: nothing to beat, always fresh.
+    pub fn single() -> Arc<Membership> {
+        Arc::new(Membership {
+            single: true,
+            epoch: Instant::now(),
+            acked_ms: AtomicI64::new(-1),
+        })
+    }
+
+    /// A hub on a shared journal: not fresh until its first beat.
+    pub fn shared() -> Arc<Membership> {
+        Arc::new(Membership {
+            single: false,
+            epoch: Instant::now(),
+            acked_ms: AtomicI64::new(-1),
+        })
+    }
+
+    /// Since the last acknowledged beat was sent (`None`: never, or one
+    /// hub per store).
+    pub fn beat_age(&self) -> Option<Duration> {
+        if self.single {
+            return None;
+        }
+        let ms = self.acked_ms.load(Ordering::Acquire);
+        let sent = self
+            .epoch
+            .checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
+        Some(sent.elapsed())
+    }
+
+    /// Whether this node may claim rows now.
+    pub fn fresh(&self) -> bool {
+        self.single || self.beat_age().is_some_and(|age| age + RENEW < MEMBERSHIP)
+    }
+
+    /// Why not fresh, for `/readyz` (`None` when fresh).
+    pub fn stale_reason(&self) -> Option<String> {
+        if self.fresh() {
+            return None;
+        }
+        Some(match self.beat_age() {
+            None => "no heartbeat acknowledged by the journal yet: claiming nothing".into(),
+            Some(age) => format!(
+                "the last heartbeat the journal acknowledged was {:.1}s ago: claiming nothing until the next one",
+                age.as_secs_f64()
+            ),
+        })
+    }
+
+    fn acked(&self, sent: Instant) {
+        let ms = i64::try_from(sent.duration_since(self.epoch).as_millis()).unwrap_or(i64::MAX);
+        self.acked_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+/// Beat for this node every [`RENEW`] until `stop` (each beat given at most
+/// [`RENEW`] to answer); release the claims of the nodes each beat finds
+/// dead; leave the journal at the end (a hub stopping, after its lanes).
+pub async fn run_membership(
+    journal: Arc<dyn Journal>,
+    membership: Arc<Membership>,
+    stop: CancellationToken,
+) {
+    let mut first = true;
+    loop {
+        let sent = Instant::now();
+        match tokio::time::timeout(RENEW, journal.heartbeat(membership_ms())).await {
+            Ok(Ok(hb)) => {
+                membership.acked(sent);
+                if !hb.was_alive && !first {
+                    tracing::warn!(
+                        "this node's heartbeat had run out (paused or cut off): another node may have taken over the rows it had claimed; claiming again"
+                    );
+                }
+                first = false;
+                for (node, rows) in hb.reaped {
+                    tracing::warn!(dead_node = %node, rows, "a node's heartbeat ran out: the rows it had claimed are released for delivery");
+                    crate::metrics::claims_reaped(rows);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot send this node's heartbeat; trying again");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "this node's heartbeat got no answer within {RENEW:?}; trying again"
+                );
+            }
+        }
+        if let Some(age) = membership.beat_age() {
+            crate::metrics::heartbeat_age(age);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RENEW) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    match tokio::time::timeout(RENEW, journal.leave()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot leave the journal; this node's heartbeat runs out by itself")
+        }
+        Err(_) => tracing::warn!(
+            "leaving the journal got no answer; this node's heartbeat runs out by itself"
+        ),
     }
 }

@@ -62,6 +62,9 @@ pub struct Runtime {
     health: Arc<health::Health>,
     sources: Vec<(String, JoinHandle<Result<(), weft_connectors::SourceError>>)>,
     lanes: Vec<JoinHandle<()>>,
+    /// Heartbeats on a shared journal; stopped after the lanes.
+    membership_stop: CancellationToken,
+    membership_task: Option<JoinHandle<()>>,
     webhooks: Vec<(weft_connectors::webhook::WebhookRoute, Arc<dyn Ingest>)>,
     /// Every sink, to flush on shutdown.
     sinks: Vec<(String, Arc<dyn weft_connectors::Sink>)>,
@@ -146,6 +149,20 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
+        // membership of a shared journal: heartbeats, and the claims of
+        // dead nodes released; lanes claim only while it is fresh
+        let membership_stop = CancellationToken::new();
+        let (membership, membership_task) = if journal.shared() {
+            let m = lease::Membership::shared();
+            let task = tokio::spawn(lease::run_membership(
+                journal.clone(),
+                m.clone(),
+                membership_stop.clone(),
+            ));
+            (m, Some(task))
+        } else {
+            (lease::Membership::single(), None)
+        };
         let mut lanes = Vec::new();
         let mut handles: Vec<Arc<delivery::LaneHandle>> = Vec::new();
         for flow in &config.flows {
@@ -187,6 +204,7 @@ impl Runtime {
                         })
                     }),
                     tracer: tracer.clone(),
+                    membership: membership.clone(),
                 };
                 lanes.push(tokio::spawn(lane.run()));
             }
@@ -199,9 +217,12 @@ impl Runtime {
                 built_sources.push((name.clone(), spec.clone(), build_source(name, spec)?));
             }
         }
-        let health = Arc::new(health::Health::new(built_sources.iter().filter_map(
-            |(name, _, h)| matches!(h, SourceHandle::Task(_)).then_some(name.as_str()),
-        )));
+        let health = Arc::new(
+            health::Health::new(built_sources.iter().filter_map(|(name, _, h)| {
+                matches!(h, SourceHandle::Task(_)).then_some(name.as_str())
+            }))
+            .with_membership(membership.clone()),
+        );
         let mut sources = Vec::new();
         let mut webhooks = Vec::new();
         let mut trackers: Vec<Arc<drift::Tracker>> = Vec::new();
@@ -323,6 +344,8 @@ impl Runtime {
             health,
             sources,
             lanes,
+            membership_stop,
+            membership_task,
             webhooks,
             sinks: sinks.into_iter().collect(),
             gauges,
@@ -416,6 +439,11 @@ impl Runtime {
         self.lane_stop.cancel();
         for h in self.lanes {
             let _ = tokio::time::timeout(Duration::from_secs(60), h).await;
+        }
+        // no lane claims any more: leave the journal's membership
+        self.membership_stop.cancel();
+        if let Some(h) = self.membership_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
         }
         // staged output (rotating export files) becomes final
         for (name, sink) in &self.sinks {

@@ -37,6 +37,9 @@ pub const BACKPRESSURE: &str = "weft_backpressure_rejections_total";
 pub const SOURCE_UP: &str = "weft_source_up";
 pub const SOURCE_RESTARTS: &str = "weft_source_restarts_total";
 pub const SOURCE_LEASED: &str = "weft_source_lease_held";
+pub const NODES_ALIVE: &str = "weft_nodes_alive";
+pub const HEARTBEAT_AGE: &str = "weft_node_heartbeat_age_seconds";
+pub const CLAIMS_REAPED: &str = "weft_claims_reaped_total";
 pub const LAST_RECEIVED_AGE: &str = "weft_flow_last_received_age_seconds";
 pub const FLOW_OLDEST_PENDING: &str = "weft_flow_oldest_pending_age_seconds";
 pub const FRESHNESS_SLA: &str = "weft_freshness_sla_seconds";
@@ -214,6 +217,24 @@ pub const FAMILIES: &[Family] = &[
         G,
         &["source"],
         "Several hubs on one PostgreSQL journal: 1 while this node holds the source's lease and runs it, 0 while another node does.",
+    ),
+    fam(
+        NODES_ALIVE,
+        G,
+        &[],
+        "Several hubs on one PostgreSQL journal: the nodes whose heartbeat is current, this one included.",
+    ),
+    fam(
+        HEARTBEAT_AGE,
+        G,
+        &[],
+        "Several hubs on one PostgreSQL journal: seconds since this node's last heartbeat the journal acknowledged (it claims no rows once this nears 7).",
+    ),
+    fam(
+        CLAIMS_REAPED,
+        C,
+        &[],
+        "Claimed rows of dead nodes (heartbeat run out) this node released for delivery elsewhere.",
     ),
     fam(
         LAST_RECEIVED_AGE,
@@ -399,6 +420,21 @@ pub fn source_up(source: &str, up: bool) {
 /// Whether this node holds `source`'s lease (several hubs on one journal).
 pub fn source_leased(source: &str, held: bool) {
     gauge!(SOURCE_LEASED, "source" => source.to_owned()).set(if held { 1.0 } else { 0.0 });
+}
+
+/// Nodes alive on the shared journal, as last read.
+pub fn nodes_alive(n: usize) {
+    gauge!(NODES_ALIVE).set(n as f64);
+}
+
+/// Age of this node's last acknowledged heartbeat.
+pub fn heartbeat_age(age: std::time::Duration) {
+    gauge!(HEARTBEAT_AGE).set(age.as_secs_f64());
+}
+
+/// Claims of a dead node this node's heartbeat released.
+pub fn claims_reaped(rows: u64) {
+    counter!(CLAIMS_REAPED).increment(rows);
 }
 
 pub fn source_restarted(source: &str) {

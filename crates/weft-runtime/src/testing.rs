@@ -400,6 +400,7 @@ impl RunningLane {
             identity: None,
             references: None,
             tracer: crate::telemetry::Tracer::off(),
+            membership: crate::lease::Membership::single(),
         };
         RunningLane {
             handle,

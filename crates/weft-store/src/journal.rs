@@ -395,8 +395,57 @@ pub trait Journal: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// This node's heartbeat on a shared journal: it is a member, alive for
+    /// `ttl_ms` more (the database's clock); in the same transaction every
+    /// other node whose last beat ran out is dropped and the rows it had
+    /// claimed are released (another node claims them at once; a settle
+    /// of the dead node is stale). Default (one hub per store): nothing to
+    /// say, always alive.
+    fn heartbeat(&self, ttl_ms: i64) -> BoxFuture<'_, Result<Heartbeat, StoreError>> {
+        let _ = ttl_ms;
+        Box::pin(async {
+            Ok(Heartbeat {
+                was_alive: true,
+                reaped: Vec::new(),
+            })
+        })
+    }
+
+    /// This node leaves (a hub stopping after its lanes did): its
+    /// membership ends now. Default: nothing to leave.
+    fn leave(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Consistent reads.
     fn read(&self) -> &dyn JournalRead;
+}
+
+/// What one [`Journal::heartbeat`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// This node's previous beat was still good. False on a node's first
+    /// beat, and when another node found it dead (its claims were released).
+    pub was_alive: bool,
+    /// The nodes found dead by this beat, each with the rows whose claims
+    /// were released.
+    pub reaped: Vec<(String, u64)>,
+}
+
+/// A hub on a shared journal (`weft status`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node: String,
+    /// Its first beat of this run (ms since 1970, the database's clock).
+    pub started_at: i64,
+    /// Its last beat (ms).
+    pub beat_at: i64,
+    /// When it is dead unless it beats again (ms).
+    pub alive_until: i64,
+    /// `alive_until` is ahead of the database's clock at the read.
+    pub alive: bool,
+    /// Outbox rows it holds claimed now.
+    pub claimed: i64,
 }
 
 /// Reads. Each call sees one committed state (a snapshot).
@@ -442,12 +491,16 @@ pub trait JournalRead: Send + Sync {
         let _ = source;
         Ok(None)
     }
-    /// Drift events, oldest first; `source` filters. Default: none kept.
     /// The sources' leases, by source (several hubs on one journal).
     /// Default: none (one hub per store runs every source).
     fn source_leases(&self) -> Result<Vec<crate::SourceLease>, StoreError> {
         Ok(Vec::new())
     }
+    /// The hubs on a shared journal, by node. Default: none kept.
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Drift events, oldest first; `source` filters. Default: none kept.
     fn drift_events(&self, source: Option<&str>) -> Result<Vec<crate::DriftEvent>, StoreError> {
         let _ = source;
         Ok(Vec::new())

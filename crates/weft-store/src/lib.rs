@@ -31,9 +31,9 @@ pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
-    CanonicalWritten, ClaimRequest, Claimed, FollowUp, HistoryFilter, Journal, JournalRead, LaneId,
-    Outcome, Prune, Pruned, Refusal, Replay, ResolveConflict, ResolveMatch, Settle, Settled,
-    Settlement, WriteOutcome, XrefChange, XrefOp,
+    CanonicalWritten, ClaimRequest, Claimed, FollowUp, Heartbeat, HistoryFilter, Journal,
+    JournalRead, LaneId, NodeInfo, Outcome, Prune, Pruned, Refusal, Replay, ResolveConflict,
+    ResolveMatch, Settle, Settled, Settlement, WriteOutcome, XrefChange, XrefOp,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]

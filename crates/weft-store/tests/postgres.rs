@@ -631,3 +631,98 @@ async fn a_source_lease_passes_on_and_fences_the_former_owner() {
         Some(3)
     );
 }
+
+/// Membership: a node whose heartbeat ran out is found dead by the next
+/// beat of a live node, which releases the rows it had claimed (another
+/// node claims them at once; the dead node's settle is stale) and drops
+/// its row; a node that beats again after being found dead learns it, and
+/// one that leaves is gone from `nodes`.
+#[tokio::test]
+async fn a_dead_nodes_claims_are_released_by_the_next_heartbeat() {
+    if !pg::available() {
+        return;
+    }
+    let db = pg::Database::create();
+    let a = db.open("node-a", PgRole::Hub);
+    let b = db.open("node-b", PgRole::Hub);
+    let first = a.heartbeat(300).await.expect("beat a");
+    assert!(!first.was_alive, "a first beat finds no row of its own");
+    assert!(first.reaped.is_empty());
+    let hb = b.heartbeat(60_000).await.expect("beat b");
+    assert!(hb.reaped.is_empty(), "a is alive: {hb:?}");
+    assert!(a.heartbeat(300).await.expect("beat a").was_alive);
+
+    a.ingest(batch(
+        "s",
+        vec![
+            event("1", Some("k1")),
+            event("2", Some("k2")),
+            event("3", Some("k3")),
+        ],
+    ))
+    .await
+    .expect("ingest");
+    let ca = a.claim(claim_req(2, 1)).await.expect("claim a");
+    assert_eq!(ca.len(), 2);
+    let nodes = b.read().nodes().expect("nodes");
+    let claimed: Vec<(&str, bool, i64)> = nodes
+        .iter()
+        .map(|n| (n.node.as_str(), n.alive, n.claimed))
+        .collect();
+    assert_eq!(claimed, [("node-a", true, 2), ("node-b", true, 0)]);
+    // while a is alive, its rows are its own
+    assert_eq!(b.claim(claim_req(10, 1)).await.expect("claim b").len(), 1);
+
+    // a stops beating (paused, dead); once its beat ran out, b's next beat reaps it
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let hb = loop {
+        let hb = b.heartbeat(60_000).await.expect("beat b");
+        if !hb.reaped.is_empty() {
+            break hb;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's heartbeat never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(hb.reaped, [("node-a".to_owned(), 2)]);
+    assert!(
+        b.heartbeat(60_000).await.expect("beat b").reaped.is_empty(),
+        "reaped once"
+    );
+    let nodes = b.read().nodes().expect("nodes");
+    assert_eq!(
+        nodes.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
+        ["node-b"]
+    );
+    let cb = b.claim(claim_req(10, 1)).await.expect("claim b");
+    let mut got: Vec<i64> = cb.iter().map(|c| c.row.id).collect();
+    got.sort();
+    let mut want: Vec<i64> = ca.iter().map(|c| c.row.id).collect();
+    want.sort();
+    assert_eq!(got, want, "a's claimed rows went to b at once");
+    let s = a.settle(deliver_all(&ca)).await.expect("settle a");
+    assert_eq!(
+        (s.stale, s.delivered),
+        (2, 0),
+        "the dead node's settle is stale"
+    );
+    let s = b.settle(deliver_all(&cb)).await.expect("settle b");
+    assert_eq!(s.delivered, 2);
+
+    // a comes back: its beat says it was found dead, and it is a member again
+    let back = a.heartbeat(60_000).await.expect("beat a");
+    assert!(!back.was_alive, "a learns it was found dead");
+    assert_eq!(b.read().nodes().expect("nodes").len(), 2);
+    a.leave().await.expect("leave");
+    let nodes = b.read().nodes().expect("nodes");
+    assert_eq!(
+        nodes.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
+        ["node-b"]
+    );
+    drop(b);
+    // a hub starting drops its own stale row
+    let b = db.open("node-b", PgRole::Hub);
+    assert!(b.read().nodes().expect("nodes").is_empty());
+}

@@ -24,6 +24,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
         reader.identity_summary()?
     };
     let leases = reader.source_leases()?;
+    let nodes = reader.nodes()?;
     let freshness: Vec<_> =
         weft_runtime::gauges::freshness(&cfg.flows, &counts, weft_store::now_ms(), None)
             .into_iter()
@@ -44,7 +45,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity, "source_leases": leases});
+        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity, "source_leases": leases, "nodes": nodes});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -80,6 +81,24 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
         }
         println!("DLQ depth: {dlq}");
         let now = weft_store::now_ms();
+        for n in &nodes {
+            if n.alive {
+                println!(
+                    "node {}: alive (up {:.0}s, last heartbeat {:.1}s ago), {} rows claimed",
+                    n.node,
+                    (now - n.started_at).max(0) as f64 / 1000.0,
+                    (now - n.beat_at).max(0) as f64 / 1000.0,
+                    n.claimed
+                );
+            } else {
+                println!(
+                    "node {}: heartbeat ran out {:.1}s ago ({} rows claimed; the next heartbeat of a live node releases them)",
+                    n.node,
+                    (now - n.alive_until).max(0) as f64 / 1000.0,
+                    n.claimed
+                );
+            }
+        }
         for l in &leases {
             if l.live {
                 println!(
@@ -184,6 +203,15 @@ impl ReadStore {
             Self::Sqlite(r) => r.crosswalk(system, limit)?,
             #[cfg(feature = "postgres")]
             Self::Postgres(j) => j.crosswalk(system, limit)?,
+        })
+    }
+    /// The hubs on the journal and their heartbeats: on PostgreSQL; none on
+    /// SQLite (one hub).
+    pub fn nodes(&self) -> Result<Vec<weft_store::NodeInfo>> {
+        Ok(match self {
+            Self::Sqlite(_) => Vec::new(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.nodes()?,
         })
     }
     /// Which node runs each source: on PostgreSQL; none on SQLite (one hub).

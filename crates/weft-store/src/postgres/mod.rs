@@ -58,7 +58,9 @@
 //! - **Restart.** A hub (`PgRole::Hub`) holds a session advisory lock on
 //!   its node name while it runs (a second hub with the same name is
 //!   refused) and, on start, ends the leases its node held before. Leases
-//!   of other nodes are theirs until their deadline.
+//!   of other nodes are theirs until their deadline, or until a live
+//!   node's heartbeat finds them dead (`nodes`, `ops::heartbeat`): then
+//!   they end at once.
 //!
 //! # Left for the partition leases (issue 14)
 //!
@@ -152,6 +154,14 @@ impl PgOptions {
     }
 }
 
+/// How long (ms) the server lets a journal session sit idle inside a
+/// transaction before it ends the session and rolls it back: a node that
+/// is paused (SIGSTOP, a VM frozen) or cut off mid-transaction otherwise
+/// holds its key locks, and every other node's writes of those keys wait.
+/// The journal's transactions never wait on the client between statements
+/// for long; a rolled-back one is an error to its caller, as for a lost
+/// connection.
+pub const IDLE_IN_TX_MS: u64 = 5_000;
 /// Transactions retried after a deadlock or serialization failure.
 const RETRIES: usize = 5;
 /// Writes of this process between two compactions of the counters.
@@ -258,6 +268,15 @@ impl PgJournal {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(10));
         }
+        // a node paused or cut off inside a transaction holds its key and
+        // row locks until the server ends that session: after this long
+        let options = match config.get_options() {
+            Some(o) if !o.trim().is_empty() => {
+                format!("{o} -c idle_in_transaction_session_timeout={IDLE_IN_TX_MS}")
+            }
+            _ => format!("-c idle_in_transaction_session_timeout={IDLE_IN_TX_MS}"),
+        };
+        config.options(&options);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("weft-pg-journal")
@@ -480,6 +499,16 @@ impl Journal for PgJournal {
         })
     }
 
+    fn heartbeat(&self, ttl_ms: i64) -> BoxFuture<'_, Result<crate::Heartbeat, StoreError>> {
+        self.spawn(
+            |inner| async move { retrying!(inner, |c, ctx| ops::heartbeat(c, &ctx, ttl_ms)) },
+        )
+    }
+
+    fn leave(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.spawn(|inner| async move { retrying!(inner, |c, ctx| ops::leave(c, &ctx)) })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }
@@ -541,6 +570,10 @@ impl JournalRead for PgJournal {
         self.read_with(
             |inner| async move { read::source_leases(&mut *inner.pool.get().await?).await },
         )
+    }
+
+    fn nodes(&self) -> Result<Vec<crate::NodeInfo>, StoreError> {
+        self.read_with(|inner| async move { read::nodes(&mut *inner.pool.get().await?).await })
     }
 
     fn checkpoints(&self) -> Result<Vec<crate::Checkpoint>, StoreError> {

@@ -1934,11 +1934,85 @@ pub(crate) async fn accept_drift(c: &mut Conn, ids: &[i64]) -> Result<Applied, S
 }
 
 /// A hub starting: the leases its node held before end (that run is gone;
-/// other nodes' leases run out by their deadline).
+/// other nodes' leases run out by their deadline, or end when a live
+/// node's heartbeat finds them dead), and so does its membership row.
 pub(crate) async fn end_leases(c: &mut Conn, node: &str) -> Result<u64, StoreError> {
+    c.execute("DELETE FROM nodes WHERE node = $1", &[&node])
+        .await?;
+    release_claims_of(c, node).await
+}
+
+/// End the row leases (claims) `node` holds.
+async fn release_claims_of(c: &mut Conn, node: &str) -> Result<u64, StoreError> {
     c.execute(
         "UPDATE outbox SET token = 0, lease_until = 0, lease_node = NULL WHERE token <> 0 AND lease_node = $1",
         &[&node],
     )
     .await
+}
+
+/// `ctx.node`'s heartbeat (see `Journal::heartbeat`): its row says it is
+/// alive for `ttl_ms` more; every node whose row ran out is deleted, and
+/// the claims it held end, in the same transaction. Two nodes beating at
+/// once never reap the same node (`SKIP LOCKED`).
+pub(crate) async fn heartbeat(
+    c: &mut Conn,
+    ctx: &Ctx<'_>,
+    ttl_ms: i64,
+) -> Result<crate::Heartbeat, StoreError> {
+    c.begin().await?;
+    let r = heartbeat_in(c, ctx, ttl_ms).await;
+    c.finish(r).await
+}
+
+async fn heartbeat_in(
+    c: &mut Conn,
+    ctx: &Ctx<'_>,
+    ttl_ms: i64,
+) -> Result<crate::Heartbeat, StoreError> {
+    const MINE: &str = concat!(
+        "SELECT alive_until > ",
+        db_now_ms!(),
+        " FROM nodes WHERE node = $1 FOR UPDATE"
+    );
+    let was_alive = match c.query_opt(MINE, &[&ctx.node]).await? {
+        Some(r) => r.try_get::<_, bool>(0)?,
+        None => false,
+    };
+    const BEAT: &str = concat!(
+        "INSERT INTO nodes AS n (node, started_at, beat_at, alive_until) VALUES ($1, ",
+        db_now_ms!(),
+        ", ",
+        db_now_ms!(),
+        ", ",
+        db_now_ms!(),
+        " + $2)
+         ON CONFLICT (node) DO UPDATE SET beat_at = EXCLUDED.beat_at, alive_until = EXCLUDED.alive_until"
+    );
+    c.execute(BEAT, &[&ctx.node, &ttl_ms]).await?;
+    const REAP: &str = concat!(
+        "DELETE FROM nodes WHERE node IN (SELECT node FROM nodes WHERE node <> $1 AND alive_until <= ",
+        db_now_ms!(),
+        " ORDER BY node FOR UPDATE SKIP LOCKED) RETURNING node"
+    );
+    let mut dead: Vec<String> = c
+        .query(REAP, &[&ctx.node])
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    dead.sort();
+    let mut reaped = Vec::with_capacity(dead.len());
+    for node in dead {
+        let rows = release_claims_of(c, &node).await?;
+        reaped.push((node, rows));
+    }
+    Ok(crate::Heartbeat { was_alive, reaped })
+}
+
+/// `ctx.node` leaves (a hub stopping): its membership row goes.
+pub(crate) async fn leave(c: &mut Conn, ctx: &Ctx<'_>) -> Result<(), StoreError> {
+    c.execute("DELETE FROM nodes WHERE node = $1", &[&ctx.node])
+        .await?;
+    Ok(())
 }

@@ -412,3 +412,30 @@ pub(crate) async fn source_leases(c: &mut Conn) -> Result<Vec<crate::SourceLease
     })
     .collect()
 }
+
+/// The hubs on the journal (its `nodes` rows) and the rows each holds
+/// claimed; one snapshot (one statement).
+pub(crate) async fn nodes(c: &mut Conn) -> Result<Vec<crate::NodeInfo>, StoreError> {
+    c.query(
+        "WITH claims AS (SELECT lease_node, count(*)::int8 AS n FROM outbox
+                          WHERE token <> 0 AND lease_node IS NOT NULL GROUP BY lease_node)
+         SELECT n.node, n.started_at, n.beat_at, n.alive_until,
+                n.alive_until > (extract(epoch from clock_timestamp()) * 1000)::int8,
+                coalesce(c.n, 0)
+         FROM nodes n LEFT JOIN claims c ON c.lease_node = n.node ORDER BY n.node",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(crate::NodeInfo {
+            node: r.try_get(0)?,
+            started_at: r.try_get(1)?,
+            beat_at: r.try_get(2)?,
+            alive_until: r.try_get(3)?,
+            alive: r.try_get(4)?,
+            claimed: r.try_get(5)?,
+        })
+    })
+    .collect()
+}

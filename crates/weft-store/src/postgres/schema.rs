@@ -241,6 +241,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'dead';
     CREATE INDEX drift_by_last_seen ON drift_events (last_seen);
     "#,
+    // 6: membership (issue 14). Every hub on the journal beats here
+    // (`Journal::heartbeat`, every few seconds): a node whose
+    // `alive_until` passed is dead, and the next beat of any live node
+    // deletes its row and ends the leases of the rows it had claimed, so
+    // they are delivered by another node within seconds instead of after
+    // each claim's lease (the longest write + 30 s). Times are the
+    // database's clock, ms. A hub stopping deletes its own row.
+    r#"
+    CREATE TABLE nodes (
+        node        text PRIMARY KEY,
+        started_at  bigint NOT NULL,
+        beat_at     bigint NOT NULL,
+        alive_until bigint NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

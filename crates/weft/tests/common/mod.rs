@@ -132,6 +132,11 @@ impl Hub {
         }
     }
 
+    /// Send signal `sig` (19: SIGSTOP, 18: SIGCONT) and return at once.
+    pub fn signal(&self, sig: i32) {
+        unsafe_kill(self.child.id() as i32, sig);
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
