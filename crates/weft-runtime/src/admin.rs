@@ -491,6 +491,35 @@ async fn job_cancel(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<u
 mod tests {
     use super::*;
 
+    /// P1-22: the store failing (a commit rolled back, a full disk) is a
+    /// 500, not a 409 Conflict: the caller did nothing wrong; a refused or
+    /// invalid request stays a 409, a missing entry a 404.
+    #[test]
+    fn p1_22_a_failing_store_is_a_server_error_not_a_conflict() {
+        use weft_store::StoreError;
+        let status = |e: StoreError| dlq_error(DlqError::Store(e)).status();
+        assert_eq!(
+            status(StoreError::Failed(
+                "commit failed: database or disk is full".into()
+            )),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(StoreError::Closed),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(StoreError::Invalid(
+                "DLQ entry 3 is already replayed".into()
+            )),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            status(StoreError::NotFound("no DLQ entry 9".into())),
+            StatusCode::NOT_FOUND
+        );
+    }
+
     fn spec() -> Value {
         serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is JSON")
     }

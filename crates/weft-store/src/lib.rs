@@ -65,6 +65,11 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The store itself failed (a commit SQLite rolled back, a disk full,
+    /// a thread that cannot start): not the caller's mistake; worth a
+    /// retry later.
+    #[error("{0}")]
+    Failed(String),
     /// A replay that would regress the destination, or that must wait.
     #[error("{}", refusal_text(.0))]
     Refused(Refusal),

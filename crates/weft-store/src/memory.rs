@@ -127,7 +127,7 @@ impl MemoryJournal {
 }
 
 fn poisoned() -> StoreError {
-    StoreError::Invalid(
+    StoreError::Failed(
         "the in-memory journal is unusable: an operation panicked while holding it".into(),
     )
 }

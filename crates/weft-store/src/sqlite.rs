@@ -199,7 +199,7 @@ impl SqliteJournal {
 }
 
 fn unexpected() -> StoreError {
-    StoreError::Invalid("the store writer answered the wrong kind of reply".into())
+    StoreError::Failed("the store writer answered the wrong kind of reply".into())
 }
 
 impl Journal for SqliteJournal {

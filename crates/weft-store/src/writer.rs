@@ -125,11 +125,11 @@ pub(crate) fn spawn(
             .run(rx);
             drop(alive);
         })
-        .map_err(|e| StoreError::Invalid(format!("cannot start the writer thread: {e}")))?;
+        .map_err(|e| StoreError::Failed(format!("cannot start the writer thread: {e}")))?;
     std::thread::Builder::new()
         .name("weft-store-ckpt".into())
         .spawn(move || checkpointer(ckpt, gone))
-        .map_err(|e| StoreError::Invalid(format!("cannot start the checkpoint thread: {e}")))?;
+        .map_err(|e| StoreError::Failed(format!("cannot start the checkpoint thread: {e}")))?;
     Ok(tx)
 }
 
@@ -226,7 +226,7 @@ impl Writer {
                     for job in jobs {
                         let _ = job
                             .reply
-                            .send(Err(StoreError::Invalid(format!("commit failed: {msg}"))));
+                            .send(Err(StoreError::Failed(format!("commit failed: {msg}"))));
                     }
                 }
             }

@@ -229,7 +229,14 @@ async fn a_full_disk_fails_the_batch_and_loses_nothing_already_committed() {
         })
         .collect();
     let r = j.ingest(batch(big)).await;
-    assert!(r.is_err(), "a batch that does not fit is refused");
+    let e = r.expect_err("a batch that does not fit is refused");
+    // P1-22: the store failing is not the caller's mistake (the admin API
+    // answered 409 Conflict for it)
+    assert!(
+        !e.is_user_error(),
+        "a full disk is an infrastructure error: {e}"
+    );
+    assert!(e.to_string().contains("commit failed"), "{e}");
     weft_store::testing::limit_pages(&j, 1_000_000_000)
         .await
         .unwrap();

@@ -280,6 +280,8 @@ struct Reject {
     status: StatusCode,
     message: String,
     log: &'static str,
+    /// What went wrong inside (a store error): logged, not answered.
+    cause: Option<String>,
 }
 
 impl Reject {
@@ -288,7 +290,13 @@ impl Reject {
             status,
             message: message.into(),
             log,
+            cause: None,
         }
+    }
+
+    fn because(mut self, cause: impl Into<String>) -> Self {
+        self.cause = Some(cause.into());
+        self
     }
 }
 
@@ -319,7 +327,16 @@ async fn handle(State(h): State<Handler>, request: Request) -> Response {
             )
         }
         Err(r) => {
-            if r.status.is_server_error() {
+            if let Some(cause) = &r.cause {
+                tracing::error!(
+                    path = %inner.path,
+                    status = r.status.as_u16(),
+                    correlation_id = %correlation_id,
+                    reason = r.log,
+                    error = %cause,
+                    "webhook not accepted"
+                );
+            } else if r.status.is_server_error() {
                 tracing::warn!(
                     path = %inner.path,
                     status = r.status.as_u16(),
@@ -478,11 +495,12 @@ async fn accept(
             "contract violation",
             m,
         )),
-        Err(IngestError::Store(_)) => Err(Reject::new(
+        Err(IngestError::Store(cause)) => Err(Reject::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store error",
             "the event could not be stored; retry later",
-        )),
+        )
+        .because(cause)),
     }
 }
 

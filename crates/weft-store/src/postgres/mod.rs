@@ -62,12 +62,13 @@
 //!   node's heartbeat finds them dead (`nodes`, `ops::heartbeat`): then
 //!   they end at once.
 //!
-//! # Left for the partition leases (issue 14)
+//! # Membership
 //!
-//! `lease_node` names who holds a row; a fencing epoch goes beside it:
-//! partitions leased to nodes with an epoch, the claim filtered by the
-//! partitions a node owns, and every settle checking `epoch = current` in
-//! the same statement as the token (see ARCHITECTURE.md).
+//! Every hub beats into `nodes` (`ops::heartbeat`); a beat also deletes
+//! the nodes whose beat ran out and ends the leases of the rows they had
+//! claimed, in one transaction. Per-row tokens fence a former owner's
+//! settle; there are no partition leases (see ARCHITECTURE.md, "No
+//! partition leases").
 
 mod ops;
 mod pool;
@@ -282,7 +283,7 @@ impl PgJournal {
             .thread_name("weft-pg-journal")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Invalid(format!("cannot start the journal's runtime: {e}")))?;
+            .map_err(|e| StoreError::Failed(format!("cannot start the journal's runtime: {e}")))?;
         let handle = runtime.handle().clone();
         let started = block(&handle, async move {
             let pool = Pool::new(config, &opts.schema, opts.pool_size);
@@ -380,7 +381,7 @@ impl PgJournal {
         let task = self.handle.spawn(f(self.inner.clone()));
         Box::pin(async move {
             task.await
-                .map_err(|e| StoreError::Invalid(format!("a journal task failed: {e}")))?
+                .map_err(|e| StoreError::Failed(format!("a journal task failed: {e}")))?
         })
     }
 

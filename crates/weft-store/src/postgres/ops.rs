@@ -195,7 +195,7 @@ struct Fresh(std::vec::IntoIter<i64>);
 impl Fresh {
     fn next(&mut self) -> Result<i64, StoreError> {
         self.0.next().ok_or_else(|| {
-            StoreError::Invalid("the journal allocated too few sequence values".into())
+            StoreError::Failed("the journal allocated too few sequence values".into())
         })
     }
 }
