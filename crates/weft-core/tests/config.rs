@@ -839,3 +839,29 @@ fn p1_20_dlq_and_drift_retention_load_and_bad_ones_have_line_and_column() {
     let i = issue(&e, "store.drift_retention");
     assert_eq!((i.line, i.column), (Some(line + 1), Some(20)), "{msg}");
 }
+
+/// `store.postgres.node_timeout`: a duration from 3 s to 10 min, 10 s by
+/// default; outside it, or not a duration, refused at its line and column.
+#[test]
+fn node_timeout_is_a_bounded_duration() {
+    let cfg = |timeout: &str| {
+        format!(
+            "store:\n  postgres:\n    url: postgresql://u@h/db\n{timeout}systems:\n  crm:\n    source:\n      webhook: {{path: /h, id_field: .id}}\n  out:\n    sink:\n      jsonl: {{path: out.jsonl}}\nflows:\n  f: {{from: crm, to: [out]}}\n"
+        )
+    };
+    let c = load(&cfg("")).unwrap();
+    let pg = c.store.postgres.as_ref().unwrap();
+    assert_eq!(pg.node_timeout, std::time::Duration::from_secs(10));
+    let c = load(&cfg("    node_timeout: 30s\n")).unwrap();
+    assert_eq!(
+        c.store.postgres.as_ref().unwrap().node_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    for bad in ["1s", "2h", "soon"] {
+        let e = load(&cfg(&format!("    node_timeout: {bad}\n"))).unwrap_err();
+        let i = issue(&e, "store.postgres.node_timeout");
+        assert_eq!((i.line, i.column), (Some(4), Some(19)), "{bad}: {e}");
+    }
+    let e = load(&cfg("    node_timeout: 1s\n")).unwrap_err();
+    assert!(e.to_string().contains("from 3s to 10m"), "{e}");
+}

@@ -1,19 +1,19 @@
 //! Sources that run on one node at a time. When several hubs share the
 //! journal (`Journal::shared`: PostgreSQL), every source but webhooks (a
 //! polling, file, CDC or broker source) runs only on the node that holds
-//! its lease (`Journal::lease_source`, renewed every [`RENEW`], good for
-//! [`SOURCE_LEASE`]). The other nodes wait on standby and take the lease
-//! over once it runs out (the holder died or paused) or is given up (the
-//! holder stopped); the source then resumes from its last committed
-//! checkpoint. Every batch the source ingests carries the lease's epoch
-//! (`IngestBatch::fence`), so a node paused past its lease commits nothing
-//! after another took over.
+//! its lease (`Journal::lease_source`, good for the node timeout,
+//! [`NODE_TIMEOUT`] by default, renewed every third of it). The other
+//! nodes wait on standby and take the lease over once it runs out (the
+//! holder died or paused) or is given up (the holder stopped); the source
+//! then resumes from its last committed checkpoint. Every batch the source
+//! ingests carries the lease's epoch (`IngestBatch::fence`), so a node
+//! paused past its lease commits nothing after another took over.
 //!
 //! On a shared journal every node is also a member ([`Membership`],
-//! [`run_membership`]): it beats every [`RENEW`], and a node silent for
-//! [`MEMBERSHIP`] is dead: the next beat of a live node releases the rows
-//! it had claimed, so they are delivered again within seconds. Lanes claim
-//! only while their node's membership is fresh.
+//! [`run_membership`]): it beats every third of the node timeout, and a
+//! node silent for the timeout is dead: the next beat of a live node
+//! releases the rows it had claimed, so they are delivered again within
+//! seconds. Lanes claim only while their node's membership is fresh.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -26,20 +26,26 @@ use weft_store::Journal;
 
 use crate::health::{self, SourceState};
 
-/// How long a source's lease is good for without renewal: the longest a
-/// dead node's sources wait before another node runs them.
-pub const SOURCE_LEASE: Duration = Duration::from_secs(10);
-/// How often the holder renews it (and a standby node tries to take it).
-pub const RENEW: Duration = Duration::from_secs(3);
+/// How long a source's lease is good for without renewal, and a node's
+/// membership without a heartbeat, by default (`store.postgres.node_timeout`):
+/// the longest a dead node's sources and claimed rows wait for another node.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn ttl_ms() -> i64 {
-    i64::try_from(SOURCE_LEASE.as_millis()).unwrap_or(i64::MAX)
+/// How often a lease is renewed (and a standby node tries to take it) and
+/// a node beats, for a node timeout of `timeout`: a third of it.
+pub fn renew_every(timeout: Duration) -> Duration {
+    timeout / 3
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Run `system`'s source under its lease until `stop`: on standby while
 /// another node holds it, supervised ([`health::supervise`]) while this
 /// node does, stopped as soon as the lease is lost or cannot be renewed
-/// before it runs out. `fence` is the epoch the source's ingests carry.
+/// before it runs out. `fence` is the epoch the source's ingests carry;
+/// `timeout` how long the lease is good for (renewed every third of it).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_leased(
     system: String,
@@ -50,13 +56,16 @@ pub async fn run_leased(
     state: Arc<SourceState>,
     journal: Arc<dyn Journal>,
     fence: Arc<AtomicI64>,
+    timeout: Duration,
 ) -> Result<(), SourceError> {
+    let renew = renew_every(timeout);
+    let ttl = ms(timeout);
     let mut first = Some(first);
     let mut announced = false;
     loop {
         // wait until this node holds the lease
         let epoch = loop {
-            match journal.lease_source(system.clone(), ttl_ms()).await {
+            match journal.lease_source(system.clone(), ttl).await {
                 Ok(Some(e)) => break e,
                 Ok(None) => {
                     if !announced {
@@ -71,7 +80,7 @@ pub async fn run_leased(
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(RENEW) => {}
+                _ = tokio::time::sleep(renew) => {}
                 _ = stop.cancelled() => return Ok(()),
             }
         };
@@ -107,13 +116,13 @@ pub async fn run_leased(
                         }),
                     };
                 }
-                _ = tokio::time::sleep(RENEW) => {
-                    match journal.lease_source(system.clone(), ttl_ms()).await {
+                _ = tokio::time::sleep(renew) => {
+                    match journal.lease_source(system.clone(), ttl).await {
                         Ok(Some(e)) if e == epoch => renewed = Instant::now(),
                         Ok(_) => break "another node took the lease over".to_owned(),
                         // the store is unreachable: stop before the lease can
                         // have run out, as another node may take it then
-                        Err(e) if renewed.elapsed() + RENEW >= SOURCE_LEASE => {
+                        Err(e) if renewed.elapsed() + renew >= timeout => {
                             break format!("the lease could not be renewed in time: {e}");
                         }
                         Err(e) => {
@@ -133,19 +142,10 @@ pub async fn run_leased(
     }
 }
 
-/// How long a node's heartbeat keeps it a member of a shared journal: a
-/// node that has not beaten for this long is dead, and the next beat of a
-/// live node releases the rows it had claimed.
-pub const MEMBERSHIP: Duration = Duration::from_secs(10);
-
-fn membership_ms() -> i64 {
-    i64::try_from(MEMBERSHIP.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// This node's membership of the journal, as its lanes see it: fresh while
 /// the last heartbeat the journal acknowledged is recent enough that no
-/// other node can find this one dead before the next beat ([`RENEW`] of
-/// margin). A lane claims rows only while it is fresh, so a node that was
+/// other node can find this one dead before the next beat (a third of the
+/// node timeout of margin). A lane claims rows only while it is fresh, so a node that was
 /// paused or cut off claims nothing until it has beaten again; rows it had
 /// claimed before may have gone to another node in between (their
 /// settlement here is then stale, and the write may reach the destination
@@ -154,6 +154,8 @@ fn membership_ms() -> i64 {
 pub struct Membership {
     /// One hub per store (SQLite, memory): always a member.
     single: bool,
+    /// A node silent this long is dead (`store.postgres.node_timeout`).
+    timeout: Duration,
     epoch: Instant,
     /// When the last acknowledged beat was sent (ms after `epoch`); -1:
     /// none yet.
@@ -165,15 +167,18 @@ impl Membership {
     pub fn single() -> Arc<Membership> {
         Arc::new(Membership {
             single: true,
+            timeout: NODE_TIMEOUT,
             epoch: Instant::now(),
             acked_ms: AtomicI64::new(-1),
         })
     }
 
-    /// A hub on a shared journal: not fresh until its first beat.
-    pub fn shared() -> Arc<Membership> {
+    /// A hub on a shared journal whose nodes are dead after `timeout`
+    /// without a heartbeat: not fresh until its first beat.
+    pub fn shared(timeout: Duration) -> Arc<Membership> {
         Arc::new(Membership {
             single: false,
+            timeout,
             epoch: Instant::now(),
             acked_ms: AtomicI64::new(-1),
         })
@@ -194,7 +199,10 @@ impl Membership {
 
     /// Whether this node may claim rows now.
     pub fn fresh(&self) -> bool {
-        self.single || self.beat_age().is_some_and(|age| age + RENEW < MEMBERSHIP)
+        self.single
+            || self
+                .beat_age()
+                .is_some_and(|age| age + renew_every(self.timeout) < self.timeout)
     }
 
     /// Why not fresh, for `/readyz` (`None` when fresh).
@@ -217,18 +225,20 @@ impl Membership {
     }
 }
 
-/// Beat for this node every [`RENEW`] until `stop` (each beat given at most
-/// [`RENEW`] to answer); release the claims of the nodes each beat finds
+/// Beat for this node every third of its node timeout until `stop` (each
+/// beat given as long to answer); release the claims of the nodes each beat finds
 /// dead; leave the journal at the end (a hub stopping, after its lanes).
 pub async fn run_membership(
     journal: Arc<dyn Journal>,
     membership: Arc<Membership>,
     stop: CancellationToken,
 ) {
+    let renew = renew_every(membership.timeout);
+    let ttl = ms(membership.timeout);
     let mut first = true;
     loop {
         let sent = Instant::now();
-        match tokio::time::timeout(RENEW, journal.heartbeat(membership_ms())).await {
+        match tokio::time::timeout(renew, journal.heartbeat(ttl)).await {
             Ok(Ok(hb)) => {
                 membership.acked(sent);
                 if !hb.was_alive && !first {
@@ -247,7 +257,7 @@ pub async fn run_membership(
             }
             Err(_) => {
                 tracing::warn!(
-                    "this node's heartbeat got no answer within {RENEW:?}; trying again"
+                    "this node's heartbeat got no answer within {renew:?}; trying again"
                 );
             }
         }
@@ -255,11 +265,11 @@ pub async fn run_membership(
             crate::metrics::heartbeat_age(age);
         }
         tokio::select! {
-            _ = tokio::time::sleep(RENEW) => {}
+            _ = tokio::time::sleep(renew) => {}
             _ = stop.cancelled() => break,
         }
     }
-    match tokio::time::timeout(RENEW, journal.leave()).await {
+    match tokio::time::timeout(renew, journal.leave()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot leave the journal; this node's heartbeat runs out by itself")

@@ -152,8 +152,13 @@ impl Runtime {
         // membership of a shared journal: heartbeats, and the claims of
         // dead nodes released; lanes claim only while it is fresh
         let membership_stop = CancellationToken::new();
+        let node_timeout = config
+            .store
+            .postgres
+            .as_ref()
+            .map_or(lease::NODE_TIMEOUT, |pg| pg.node_timeout);
         let (membership, membership_task) = if journal.shared() {
-            let m = lease::Membership::shared();
+            let m = lease::Membership::shared(node_timeout);
             let task = tokio::spawn(lease::run_membership(
                 journal.clone(),
                 m.clone(),
@@ -298,6 +303,7 @@ impl Runtime {
                             state,
                             journal.clone(),
                             fence,
+                            node_timeout,
                         )),
                         None => tokio::spawn(health::supervise(
                             name.clone(),

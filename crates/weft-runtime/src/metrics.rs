@@ -228,7 +228,7 @@ pub const FAMILIES: &[Family] = &[
         HEARTBEAT_AGE,
         G,
         &[],
-        "Several hubs on one PostgreSQL journal: seconds since this node's last heartbeat the journal acknowledged (it claims no rows once this nears 7).",
+        "Several hubs on one PostgreSQL journal: seconds since this node's last heartbeat the journal acknowledged (it claims no rows once this passes two thirds of `store.postgres.node_timeout`).",
     ),
     fam(
         CLAIMS_REAPED,

@@ -137,6 +137,13 @@ pub struct RawPgStore {
     pub node: Option<String>,
     /// Connections at most (default 8).
     pub pool_size: Option<usize>,
+    /// How long a node may go without a heartbeat before the other nodes
+    /// take over its sources and the rows it had claimed (default `10s`,
+    /// from `3s` to `10m`). Heartbeats and source lease renewals go every
+    /// third of it; a shorter timeout fails over sooner, a longer one
+    /// rides out longer pauses (GC, a frozen VM, a slow network).
+    #[schemars(with = "Option<String>")]
+    pub node_timeout: Option<Spanned<String>>,
 }
 
 /// SQLite's `synchronous` setting as exposed to users.

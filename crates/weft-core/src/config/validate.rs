@@ -58,6 +58,8 @@ pub struct PgStore {
     pub schema: String,
     pub node: String,
     pub pool_size: usize,
+    /// `store.postgres.node_timeout`: a node silent this long is dead.
+    pub node_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -542,11 +544,31 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         if pool_size == 0 {
             cx.at("store.postgres.pool_size", "at least 1 connection");
         }
+        let default_timeout = Duration::from_secs(10);
+        let mut node_timeout = cx.duration(
+            "store.postgres.node_timeout",
+            &pg.node_timeout,
+            default_timeout,
+        );
+        if let Some(span) = &pg.node_timeout
+            && !(Duration::from_secs(3)..=Duration::from_secs(600)).contains(&node_timeout)
+        {
+            cx.at_span(
+                "store.postgres.node_timeout",
+                span,
+                format!(
+                    "`{}`: from 3s to 10m (heartbeats go every third of it)",
+                    span.value
+                ),
+            );
+            node_timeout = default_timeout;
+        }
         PgStore {
             url: pg.url,
             schema,
             node,
             pool_size,
+            node_timeout,
         }
     });
     let store = StoreConfig {
