@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
-use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record};
-use weft_core::config::Flow;
+use weft_connectors::sink::{DeliveryContext, Written};
+use weft_connectors::{Batch, Delivery, Ingest, IngestError, Receipt, Record, Sink};
+use weft_core::ErrorKind;
+use weft_core::config::{DeliveryPolicy, Flow};
 use weft_core::event::idempotency_key;
 use weft_store::{
     Dedupe, DriftBatch, FlowOutcome, IngestBatch, Journal, NewDelivery, NewEvent, Stage, now_ms,
@@ -35,6 +38,122 @@ pub struct Ingestor {
     pub(crate) drift: Option<Arc<crate::drift::Tracker>>,
     /// A span per record and per mapping when traces are on.
     pub(crate) tracer: crate::telemetry::Tracer,
+    /// The lanes whose keyless rows this source writes itself before its
+    /// ingest commits (the direct path, below); empty unless the source
+    /// resumes from an exact position (`Dedupe::Position`).
+    pub(crate) direct: Vec<DirectLane>,
+}
+
+/// A lane a replayable source's keyless rows skip the outbox for.
+///
+/// A source that resumes from the position saved with its last committed
+/// batch (a file, a generator, a CDC slot) is itself a durable log of what
+/// it has not committed yet. So its keyless rows to a sink that learns
+/// nothing from a write (the SQL upserts) are written by the Ingestor
+/// first, and the ingest transaction then counts them delivered, with the
+/// checkpoint, instead of storing them in the outbox
+/// (`NewDelivery::delivered`). A kill -9 before that commit leaves the checkpoint where it
+/// was: the source reads the records again and they are written again (an
+/// upsert of the same values, as after a crash between a lane's write and
+/// its settle). The checkpoint thus never passes a record that is neither
+/// in the destination nor in the outbox, and nothing is counted twice.
+/// Rows the destination refused, or that the guard (breaker, pause, rate
+/// limit) does not let through now, go into the outbox as usual in the same
+/// transaction, and their lane takes them from there (the direct attempt is
+/// not counted as one of theirs). Keyed rows always go through the outbox:
+/// a key queue's order is the journal's.
+pub(crate) struct DirectLane {
+    pub(crate) flow: String,
+    pub(crate) dest: String,
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) guard: Arc<crate::guard::Guard>,
+    pub(crate) policy: DeliveryPolicy,
+    pub(crate) handle: Arc<LaneHandle>,
+}
+
+impl DirectLane {
+    /// Whether `flow`'s rows to destination `d` may take the direct path.
+    pub(crate) fn fits(
+        flow: &Flow,
+        d: &weft_core::config::Destination,
+        sink: &Arc<dyn Sink>,
+    ) -> bool {
+        flow.identity.is_none() && d.references.is_empty() && sink.learns_nothing()
+    }
+
+    /// Write `all` in batches of the lane's size, up to its concurrency at
+    /// once; for each delivery, whether it is in the destination now.
+    async fn write(&self, all: Vec<Delivery>) -> Vec<bool> {
+        let size = self.policy.batch_size.max(1);
+        let mut chunks = Vec::with_capacity(all.len().div_ceil(size));
+        let mut rest = all;
+        while rest.len() > size {
+            let tail = rest.split_off(size);
+            chunks.push(std::mem::replace(&mut rest, tail));
+        }
+        chunks.push(rest);
+        futures::stream::iter(chunks)
+            .map(|c| self.write_one(c))
+            .buffered(self.policy.concurrency.max(1))
+            .collect::<Vec<Vec<bool>>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// One write, under the destination's guard, on a task of its own (a
+    /// panic in the sink fails the write, not the source) and within
+    /// [`Sink::max_write_time`].
+    async fn write_one(&self, batch: Vec<Delivery>) -> Vec<bool> {
+        let n = batch.len();
+        let Ok(permit) = self.guard.check() else {
+            return vec![false; n];
+        };
+        self.guard.acquire().await;
+        if self.guard.check_after_wait().is_err() {
+            return vec![false; n];
+        }
+        let sink = self.sink.clone();
+        let task = tokio::spawn(async move { sink.write(&batch).await });
+        let abort = task.abort_handle();
+        let results = match tokio::time::timeout(self.sink.max_write_time(n), task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) => {
+                abort.abort();
+                self.guard.record(permit, true, None);
+                tracing::warn!(flow = %self.flow, destination = %self.dest, rows = n,
+                    "direct write panicked or timed out; the rows wait in the outbox for their lane");
+                return vec![false; n];
+            }
+        };
+        let failed = results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.kind == ErrorKind::Retryable));
+        let retry_after = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().and_then(|e| e.retry_after))
+            .max();
+        self.guard.record(permit, failed, retry_after);
+        let written: Vec<bool> = (0..n)
+            .map(|i| matches!(results.get(i), Some(Ok(w)) if *w == Written::default()))
+            .collect();
+        let refused = written.iter().filter(|w| !**w).count();
+        if refused > 0 {
+            // the lane logs each row's error when it writes it
+            tracing::info!(flow = %self.flow, destination = %self.dest, rows = refused,
+                "direct write failed for some rows; they wait in the outbox for their lane");
+        }
+        written
+    }
+}
+
+/// What the direct path wrote of one batch to one lane: rows, and their
+/// accepted-to-written seconds (for the metrics, once the ingest commits).
+struct DirectWritten<'a> {
+    lane: &'a DirectLane,
+    rows: u64,
+    latencies: Vec<f64>,
 }
 
 /// Per record of a prepared batch, when timed (traces on): the times its
@@ -336,6 +455,7 @@ fn run_flow_with<'v>(
             entity_key: entity_key.clone(),
             idempotency_key: idempotency_key(&flow.name, &d.system, source, event_id),
             payload: payload.to_string(),
+            delivered: false,
         });
     }
     FlowOutcome::Routed {
@@ -469,6 +589,14 @@ impl Ingest for Ingestor {
                 spans.into_iter().for_each(|s| s.end(Err("refused")));
                 return Err(IngestError::Rejected(why));
             }
+            // a replayable source's keyless rows: written now, counted
+            // delivered by the ingest (not with traces on: their attempt
+            // spans are the lanes')
+            let direct = if spans.is_empty() {
+                self.write_direct(&mut prepared).await
+            } else {
+                Vec::new()
+            };
             let routed = routed_counts(&prepared);
             // marks the lanes as being ingested into until dropped (also when
             // this future is dropped mid-way)
@@ -492,6 +620,15 @@ impl Ingest for Ingestor {
             let committed = applied.as_ref().map(|_| ()).map_err(|_| "store_error");
             spans.into_iter().for_each(|s| s.end(committed));
             let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
+            for w in &direct {
+                let h = &w.lane.handle;
+                m::delivered(&h.flow, &h.dest, w.rows, &w.latencies);
+                h.delivered_rows.fetch_add(w.rows, Ordering::Relaxed);
+                h.delivered_latency_ms.fetch_add(
+                    w.latencies.iter().map(|s| (s * 1000.0) as u64).sum(),
+                    Ordering::Relaxed,
+                );
+            }
             // exactly what the store counted (duplicates excluded)
             for c in &applied.flows {
                 m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
@@ -532,12 +669,90 @@ impl Ingest for Ingestor {
     }
 }
 
+impl Ingestor {
+    /// The direct path ([`DirectLane`]): write this batch's keyless rows of
+    /// the direct lanes and mark those the destination has as delivered
+    /// (their payload dropped); the rest stay rows for the outbox.
+    async fn write_direct(&self, batch: &mut IngestBatch) -> Vec<DirectWritten<'_>> {
+        let mut out = Vec::new();
+        for lane in &self.direct {
+            // (event, outcome, delivery) of each row sent
+            let mut at: Vec<(usize, usize, usize)> = Vec::new();
+            let mut sent: Vec<Delivery> = Vec::new();
+            for (ei, e) in batch.events.iter().enumerate() {
+                for (oi, o) in e.outcomes.iter().enumerate() {
+                    let FlowOutcome::Routed { flow, deliveries } = o else {
+                        continue;
+                    };
+                    if *flow != lane.flow {
+                        continue;
+                    }
+                    for (di, d) in deliveries.iter().enumerate() {
+                        if d.destination != lane.dest || d.entity_key.is_some() || d.delivered {
+                            continue;
+                        }
+                        // one that cannot be read back is the lane's to report
+                        let Ok(payload) = serde_json::from_str(&d.payload) else {
+                            continue;
+                        };
+                        sent.push(Delivery {
+                            id: sent.len() as i64,
+                            idempotency_key: d.idempotency_key.clone(),
+                            correlation_id: e.correlation_id.clone(),
+                            event_id: e.event_id.clone(),
+                            entity_key: None,
+                            attempt: 1,
+                            payload,
+                            context: DeliveryContext {
+                                flow: flow.clone(),
+                                source: batch.source.clone(),
+                                event_time_ms: e.event_time,
+                                traceparent: e.traceparent.clone(),
+                                tracestate: e.tracestate.clone(),
+                            },
+                        });
+                        at.push((ei, oi, di));
+                    }
+                }
+            }
+            if sent.is_empty() {
+                continue;
+            }
+            let written = lane.write(sent).await;
+            let now = now_ms();
+            let mut w = DirectWritten {
+                lane,
+                rows: 0,
+                latencies: Vec::new(),
+            };
+            for ((ei, oi, di), ok) in at.into_iter().zip(written) {
+                let e = &mut batch.events[ei];
+                if !ok {
+                    continue;
+                }
+                if let Some(FlowOutcome::Routed { deliveries, .. }) = e.outcomes.get_mut(oi)
+                    && let Some(d) = deliveries.get_mut(di)
+                {
+                    d.delivered = true;
+                    d.payload = String::new();
+                    w.rows += 1;
+                    w.latencies
+                        .push((now - e.received_at).max(0) as f64 / 1000.0);
+                }
+            }
+            out.push(w);
+        }
+        out
+    }
+}
+
+/// Rows each lane gets in the outbox from this batch.
 fn routed_counts(b: &IngestBatch) -> std::collections::HashMap<(String, String), i64> {
     let mut m: std::collections::HashMap<(String, String), i64> = Default::default();
     for e in &b.events {
         for o in &e.outcomes {
             if let FlowOutcome::Routed { flow, deliveries } = o {
-                for d in deliveries {
+                for d in deliveries.iter().filter(|d| !d.delivered) {
                     *m.entry((flow.clone(), d.destination.clone())).or_default() += 1;
                 }
             }

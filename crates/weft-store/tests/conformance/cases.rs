@@ -22,6 +22,7 @@ pub fn delivery(id: &str, destination: &str, key: Option<&str>) -> NewDelivery {
         entity_key: key.map(Into::into),
         idempotency_key: format!("ik-{id}-{destination}"),
         payload: format!("{{\"id\":\"{id}\"}}"),
+        delivered: false,
     }
 }
 
@@ -57,6 +58,7 @@ pub fn event(id: &str, outcomes: Vec<FlowOutcome>) -> NewEvent {
         tracestate: None,
         attributes: format!("{{\"id\":\"{id}\",\"type\":\"t\"}}"),
         payload: format!("{{\"id\":\"{id}\"}}"),
+        delivered: false,
         outcomes,
     }
 }
