@@ -69,6 +69,7 @@ fn event(i: usize) -> NewEvent {
                 entity_key: Some(format!("k{i}")),
                 idempotency_key: format!("ik-{i}"),
                 payload: format!("{{\"contact_id\":{i},\"given_name\":\"contact {i}\"}}"),
+                delivered: false,
             }],
         }],
     }

@@ -776,6 +776,11 @@ impl Sink for PostgresSink {
     fn folds_keys(&self) -> bool {
         true
     }
+
+    /// Nothing but the rows: the results are always empty.
+    fn learns_nothing(&self) -> bool {
+        true
+    }
 }
 
 /// `weft check` for a PostgreSQL sink: connect, prepare the upsert (the

@@ -159,6 +159,14 @@ pub trait Sink: Send + Sync {
         false
     }
 
+    /// Whether every [`Written`] this sink returns is empty (no id, version
+    /// or fingerprint): a write needs nothing recorded but its count, so a
+    /// replayable source's keyless rows may be written before their ingest
+    /// commits (the Ingestor's direct path). Default: no.
+    fn learns_nothing(&self) -> bool {
+        false
+    }
+
     /// The longest one `write` of `batch_len` deliveries may take; past it
     /// the runtime gives up on it (retryable), so a hanging destination
     /// cannot hold its keys or the breaker's half-open probe.

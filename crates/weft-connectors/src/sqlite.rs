@@ -478,6 +478,11 @@ impl Sink for SqliteSink {
     fn folds_keys(&self) -> bool {
         true
     }
+
+    /// Nothing but the rows: the results are always empty.
+    fn learns_nothing(&self) -> bool {
+        true
+    }
 }
 
 /// `weft check` for a SQLite sink: read-only. The file and table may not

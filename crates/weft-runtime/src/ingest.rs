@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
-use weft_connectors::{Batch, Ingest, IngestError, Receipt, Record};
-use weft_core::config::Flow;
+use weft_connectors::sink::{DeliveryContext, Written};
+use weft_connectors::{Batch, Delivery, Ingest, IngestError, Receipt, Record, Sink};
+use weft_core::ErrorKind;
+use weft_core::config::{DeliveryPolicy, Flow};
 use weft_core::event::idempotency_key;
 use weft_store::{
     Dedupe, DriftBatch, FlowOutcome, IngestBatch, Journal, NewDelivery, NewEvent, Stage, now_ms,
@@ -35,6 +38,133 @@ pub struct Ingestor {
     pub(crate) drift: Option<Arc<crate::drift::Tracker>>,
     /// A span per record and per mapping when traces are on.
     pub(crate) tracer: crate::telemetry::Tracer,
+    /// The lanes whose keyless rows this source writes itself before its
+    /// ingest commits (the direct path, below); empty unless the source
+    /// resumes from an exact position (`Dedupe::Position`).
+    pub(crate) direct: Vec<DirectLane>,
+}
+
+/// A lane a replayable source's keyless rows skip the outbox for.
+///
+/// A source that resumes from the position saved with its last committed
+/// batch (a file, a generator, a CDC slot) is itself a durable log of what
+/// it has not committed yet. So its keyless rows to a sink that learns
+/// nothing from a write (the SQL upserts) are written by the Ingestor
+/// first, and the ingest transaction then counts them delivered, with the
+/// checkpoint, instead of storing them in the outbox
+/// (`NewDelivery::delivered`). A kill -9 before that commit leaves the checkpoint where it
+/// was: the source reads the records again and they are written again (an
+/// upsert of the same values, as after a crash between a lane's write and
+/// its settle). The checkpoint thus never passes a record that is neither
+/// in the destination nor in the outbox, and nothing is counted twice.
+/// Rows the destination refused, or that the guard (breaker, pause, rate
+/// limit) does not let through now, go into the outbox as usual in the same
+/// transaction, and their lane takes them from there (the direct attempt is
+/// not counted as one of theirs). Keyed rows always go through the outbox:
+/// a key queue's order is the journal's.
+pub(crate) struct DirectLane {
+    pub(crate) flow: String,
+    pub(crate) dest: String,
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) guard: Arc<crate::guard::Guard>,
+    pub(crate) policy: DeliveryPolicy,
+    pub(crate) handle: Arc<LaneHandle>,
+}
+
+impl DirectLane {
+    /// Whether `flow`'s rows to destination `d` may take the direct path.
+    pub(crate) fn fits(
+        flow: &Flow,
+        d: &weft_core::config::Destination,
+        sink: &Arc<dyn Sink>,
+    ) -> bool {
+        flow.identity.is_none() && d.references.is_empty() && sink.learns_nothing()
+    }
+
+    /// Write `all` in batches of the lane's size, up to its concurrency at
+    /// once; for each delivery, whether it is in the destination now, and
+    /// the deliveries back (the payloads of those that are not are stored).
+    async fn write(&self, all: Vec<Delivery>) -> (Vec<bool>, Vec<Delivery>) {
+        let size = self.policy.batch_size.max(1);
+        let mut chunks = Vec::with_capacity(all.len().div_ceil(size));
+        let mut rest = all;
+        while rest.len() > size {
+            let tail = rest.split_off(size);
+            chunks.push(std::mem::replace(&mut rest, tail));
+        }
+        chunks.push(rest);
+        let done: Vec<(Vec<bool>, Vec<Delivery>)> = futures::stream::iter(chunks)
+            .map(|c| self.write_one(c))
+            .buffered(self.policy.concurrency.max(1))
+            .collect()
+            .await;
+        let (mut written, mut back) = (Vec::new(), Vec::new());
+        for (w, b) in done {
+            written.extend(w);
+            back.extend(b);
+        }
+        (written, back)
+    }
+
+    /// One write, under the destination's guard, on a task of its own (a
+    /// panic in the sink fails the write, not the source) and within
+    /// [`Sink::max_write_time`].
+    async fn write_one(&self, batch: Vec<Delivery>) -> (Vec<bool>, Vec<Delivery>) {
+        let n = batch.len();
+        let Ok(permit) = self.guard.check() else {
+            return (vec![false; n], batch);
+        };
+        self.guard.acquire().await;
+        if self.guard.check_after_wait().is_err() {
+            return (vec![false; n], batch);
+        }
+        // shared with the write's task, and back once it is done (copied
+        // only when a task that panicked or hung still holds it)
+        let batch = Arc::new(batch);
+        let (sink, sent) = (self.sink.clone(), batch.clone());
+        let task = tokio::spawn(async move { sink.write(&sent).await });
+        let abort = task.abort_handle();
+        let results = match tokio::time::timeout(self.sink.max_write_time(n), task).await {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(_)) | Err(_) => {
+                abort.abort();
+                None
+            }
+        };
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+        let Some(results) = results else {
+            self.guard.record(permit, true, None);
+            tracing::warn!(flow = %self.flow, destination = %self.dest, rows = n,
+                "direct write panicked or timed out; the rows wait in the outbox for their lane");
+            return (vec![false; n], batch);
+        };
+        let failed = results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.kind == ErrorKind::Retryable));
+        let retry_after = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().and_then(|e| e.retry_after))
+            .max();
+        self.guard.record(permit, failed, retry_after);
+        let written: Vec<bool> = (0..n)
+            .map(|i| matches!(results.get(i), Some(Ok(w)) if *w == Written::default()))
+            .collect();
+        let refused = written.iter().filter(|w| !**w).count();
+        if refused > 0 {
+            // the lane logs each row's error when it writes it
+            tracing::info!(flow = %self.flow, destination = %self.dest, rows = refused,
+                "direct write failed for some rows; they wait in the outbox for their lane");
+        }
+        (written, batch)
+    }
+}
+
+/// What the direct path wrote of one batch to one lane: rows, and their
+/// accepted-to-written seconds (for the metrics, once the ingest commits).
+struct DirectWritten<'a> {
+    lane: &'a DirectLane,
+    rows: u64,
+    latencies: Vec<f64>,
 }
 
 /// Per record of a prepared batch, when timed (traces on): the times its
@@ -77,8 +207,23 @@ pub fn prepare_with(
     drift: Option<&crate::drift::Tracker>,
 ) -> IngestBatch {
     let drifted = observe(&batch, drift);
-    prepare_observed(system, flows, batch, drifted, false).0
+    prepare_observed(system, flows, batch, drifted, false, &[]).0
 }
+
+/// A mapped payload kept as a value for the direct path ([`DirectLane`])
+/// instead of its JSON text: the delivery `delivery` of outcome `outcome`
+/// of event `event` of the prepared batch. Its `NewDelivery::payload` is
+/// empty until [`Ingestor::write_direct`] either writes it or fills it in.
+pub(crate) struct Kept {
+    event: usize,
+    outcome: usize,
+    delivery: usize,
+    value: Value,
+}
+
+/// A prepared batch, each record's [`Timings`], and the payloads kept as
+/// values for the direct lanes.
+type Prepared = (IngestBatch, Timings, Vec<Kept>);
 
 /// What `drift` makes of each record of `batch`, in the batch's order (one
 /// thread: which record is the first to show a new shape, and so which
@@ -100,21 +245,25 @@ fn observe(batch: &Batch, drift: Option<&crate::drift::Tracker>) -> Vec<Option<S
 
 /// [`prepare_with`] with the drift already observed (`drifted[i]` for the
 /// batch's record `i`; shorter, or empty: no drift); `timed`: with each
-/// record's flow [`Timings`].
+/// record's flow [`Timings`]; the keyless payloads for the lanes in
+/// `direct` (flow, destination) kept as values.
 fn prepare_observed(
     system: &str,
     flows: &[Arc<Flow>],
     batch: Batch,
     drifted: Vec<Option<String>>,
     timed: bool,
-) -> (IngestBatch, Timings) {
+    direct: &[(String, String)],
+) -> Prepared {
     let mut drifted = drifted.into_iter();
     let mut timings: Timings = Vec::new();
+    let mut kept: Vec<Kept> = Vec::new();
     let events = batch
         .records
         .into_iter()
         .map(|r| (r, drifted.next().flatten()))
-        .map(|(r, drifted)| match r {
+        .enumerate()
+        .map(|(event, (r, drifted))| match r {
             Record::Good(ev) => {
                 // `$event` is built only for a program that reads it, or a
                 // rejection that stores it
@@ -122,14 +271,30 @@ fn prepare_observed(
                 let mut times = Vec::new();
                 let outcomes: Vec<FlowOutcome> = flows
                     .iter()
-                    .map(|f| {
+                    .enumerate()
+                    .map(|(outcome, f)| {
                         if timed {
                             times.push(std::time::SystemTime::now());
                         }
                         crate::drift::quarantine(f, drifted.as_deref()).unwrap_or_else(|| {
-                            run_flow_with(f, &ev.source, &ev.id, &ev.data, &|| {
-                                attrs.get_or_init(|| ev.attributes())
-                            })
+                            let keep = |dest: &str| {
+                                direct.iter().any(|(fl, d)| *fl == f.name && d == dest)
+                            };
+                            let (o, values) = run_flow_keeping(
+                                f,
+                                &ev.source,
+                                &ev.id,
+                                &ev.data,
+                                &|| attrs.get_or_init(|| ev.attributes()),
+                                &keep,
+                            );
+                            kept.extend(values.into_iter().map(|(delivery, value)| Kept {
+                                event,
+                                outcome,
+                                delivery,
+                                value,
+                            }));
+                            o
                         })
                     })
                     .collect();
@@ -207,7 +372,7 @@ fn prepare_observed(
         checkpoint: batch.checkpoint.map(|c| (c.key, c.value)),
         fence: None,
     };
-    (prepared, timings)
+    (prepared, timings, kept)
 }
 
 /// What one flow makes of one event. Pure: also used by `weft dlq replay`
@@ -219,17 +384,38 @@ pub fn run_flow(
     data: &Value,
     attrs: &Value,
 ) -> FlowOutcome {
-    run_flow_with(flow, source, event_id, data, &|| attrs)
+    run_flow_keeping(flow, source, event_id, data, &|| attrs, &|_: &str| false).0
 }
 
 /// [`run_flow`] with the event's attributes made only when a program reads
-/// `$event` (a mapping taken by the fast path does not).
+/// `$event` (a mapping taken by the fast path does not), and the keyless
+/// payloads of the destinations `keep` names kept as values (with the
+/// delivery's index in the `Routed` outcome; that delivery's payload text
+/// left empty) for the direct path.
+fn run_flow_keeping<'v>(
+    flow: &Flow,
+    source: &str,
+    event_id: &str,
+    data: &Value,
+    attrs: &dyn Fn() -> &'v Value,
+    keep: &dyn Fn(&str) -> bool,
+) -> (FlowOutcome, Vec<(usize, Value)>) {
+    let mut kept = Vec::new();
+    let outcome = run_flow_with(flow, source, event_id, data, attrs, keep, &mut kept);
+    if !matches!(outcome, FlowOutcome::Routed { .. }) {
+        kept.clear();
+    }
+    (outcome, kept)
+}
+
 fn run_flow_with<'v>(
     flow: &Flow,
     source: &str,
     event_id: &str,
     data: &Value,
     attrs: &dyn Fn() -> &'v Value,
+    keep: &dyn Fn(&str) -> bool,
+    kept: &mut Vec<(usize, Value)>,
 ) -> FlowOutcome {
     let reject = |what: &str, e: &dyn std::fmt::Display| {
         FlowOutcome::rejected(flow.name.clone(), Stage::Map, format!("{what}: {e}"))
@@ -312,10 +498,15 @@ fn run_flow_with<'v>(
         };
     }
     let mut deliveries = Vec::with_capacity(flow.destinations.len());
-    for d in &flow.destinations {
+    // the last destination without a mapping of its own takes `mapped`
+    let last = flow.destinations.len().saturating_sub(1);
+    let mut mapped = Some(mapped);
+    for (i, d) in flow.destinations.iter().enumerate() {
+        let Some(m) = mapped.as_ref() else { break };
         let payload = match &d.mapping {
-            None => mapped.clone(),
-            Some(p) => match p.eval_with(&mapped, || attrs().clone(), &[]) {
+            None if i == last => mapped.take().unwrap_or_default(),
+            None => m.clone(),
+            Some(p) => match p.eval_with(m, || attrs().clone(), &[]) {
                 Ok(v) => v,
                 Err(e) => {
                     return keyed_reject(format!("mapping for `{}` failed: {e}", d.system));
@@ -331,12 +522,21 @@ fn run_flow_with<'v>(
         if let Err(o) = crate::contracts::check_destination(flow, d, &payload) {
             return o;
         }
+        let keep = entity_key.is_none() && keep(&d.system);
         deliveries.push(NewDelivery {
             destination: d.system.clone(),
             entity_key: entity_key.clone(),
             idempotency_key: idempotency_key(&flow.name, &d.system, source, event_id),
-            payload: payload.to_string(),
+            payload: if keep {
+                String::new()
+            } else {
+                payload.to_string()
+            },
+            delivered: false,
         });
+        if keep {
+            kept.push((deliveries.len() - 1, payload));
+        }
     }
     FlowOutcome::Routed {
         flow: flow.name.clone(),
@@ -373,30 +573,28 @@ impl Ingestor {
     /// [`prepare_with`] off the async workers (filters and mappings are CPU
     /// work); a big batch in two halves at once. The events keep their order
     /// and the checkpoint stays with the batch.
-    async fn prepare_parallel(
-        &self,
-        batch: Batch,
-        timed: bool,
-    ) -> Result<(IngestBatch, Timings), IngestError> {
-        let (mut b, t) = self.prepare_halves(batch, timed).await?;
-        b.dedupe = self.dedupe;
-        Ok((b, t))
-    }
-
-    async fn prepare_halves(
-        &self,
-        batch: Batch,
-        timed: bool,
-    ) -> Result<(IngestBatch, Timings), IngestError> {
-        prepare_split(
+    async fn prepare_parallel(&self, batch: Batch, timed: bool) -> Result<Prepared, IngestError> {
+        // with traces on, the lanes write every row (their attempt spans)
+        let direct: Vec<(String, String)> = if timed {
+            Vec::new()
+        } else {
+            self.direct
+                .iter()
+                .map(|l| (l.flow.clone(), l.dest.clone()))
+                .collect()
+        };
+        let (mut b, t, kept) = prepare_split(
             self.system.clone(),
             self.flows.clone(),
             self.drift.clone(),
             batch,
             timed,
+            Arc::new(direct),
         )
         .await
-        .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))
+        .map_err(|e| IngestError::Store(format!("mapping task failed: {e}")))?;
+        b.dedupe = self.dedupe;
+        Ok((b, t, kept))
     }
 }
 
@@ -409,11 +607,12 @@ async fn prepare_split(
     drift: Option<Arc<crate::drift::Tracker>>,
     batch: Batch,
     timed: bool,
-) -> Result<(IngestBatch, Timings), tokio::task::JoinError> {
+    direct: Arc<Vec<(String, String)>>,
+) -> Result<Prepared, tokio::task::JoinError> {
     if batch.records.len() < SPLIT_AT {
         return tokio::task::spawn_blocking(move || {
             let drifted = observe(&batch, drift.as_deref());
-            prepare_observed(&system, &flows, batch, drifted, timed)
+            prepare_observed(&system, &flows, batch, drifted, timed, &direct)
         })
         .await;
     }
@@ -435,15 +634,20 @@ async fn prepare_split(
         Vec::new()
     };
     let run = |b: Batch, d: Vec<Option<String>>| {
-        let (system, flows) = (system.clone(), flows.clone());
-        tokio::task::spawn_blocking(move || prepare_observed(&system, &flows, b, d, timed))
+        let (system, flows, direct) = (system.clone(), flows.clone(), direct.clone());
+        tokio::task::spawn_blocking(move || prepare_observed(&system, &flows, b, d, timed, &direct))
     };
     let (head, tail) = tokio::join!(run(batch, drifted), run(tail, tail_drift));
-    let ((mut head, mut times), (tail, tail_times)) = (head?, tail?);
+    let ((mut head, mut times, mut kept), (tail, tail_times, tail_kept)) = (head?, tail?);
+    let offset = head.events.len();
     head.events.extend(tail.events);
     head.checkpoint = tail.checkpoint;
     times.extend(tail_times);
-    Ok((head, times))
+    kept.extend(tail_kept.into_iter().map(|k| Kept {
+        event: k.event + offset,
+        ..k
+    }));
+    Ok((head, times, kept))
 }
 
 impl Ingest for Ingestor {
@@ -462,13 +666,17 @@ impl Ingest for Ingestor {
             // a span per record (none with traces off); the rows store
             // their contexts
             let spans = self.tracer.receive(&self.system, &batch);
-            let (mut prepared, timings) = self.prepare_parallel(batch, !spans.is_empty()).await?;
+            let (mut prepared, timings, kept) =
+                self.prepare_parallel(batch, !spans.is_empty()).await?;
             prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
             crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 spans.into_iter().for_each(|s| s.end(Err("refused")));
                 return Err(IngestError::Rejected(why));
             }
+            // a replayable source's keyless rows: written now, counted
+            // delivered by the ingest, the others' payloads filled in
+            let direct = self.write_direct(&mut prepared, kept).await;
             let routed = routed_counts(&prepared);
             // marks the lanes as being ingested into until dropped (also when
             // this future is dropped mid-way)
@@ -492,6 +700,15 @@ impl Ingest for Ingestor {
             let committed = applied.as_ref().map(|_| ()).map_err(|_| "store_error");
             spans.into_iter().for_each(|s| s.end(committed));
             let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
+            for w in &direct {
+                let h = &w.lane.handle;
+                m::delivered(&h.flow, &h.dest, w.rows, &w.latencies);
+                h.delivered_rows.fetch_add(w.rows, Ordering::Relaxed);
+                h.delivered_latency_ms.fetch_add(
+                    w.latencies.iter().map(|s| (s * 1000.0) as u64).sum(),
+                    Ordering::Relaxed,
+                );
+            }
             // exactly what the store counted (duplicates excluded)
             for c in &applied.flows {
                 m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
@@ -532,12 +749,107 @@ impl Ingest for Ingestor {
     }
 }
 
+impl Ingestor {
+    /// The direct path ([`DirectLane`]): write the payloads `kept` for the
+    /// direct lanes and mark those the destination has as delivered; the
+    /// others get their JSON text and stay rows for the outbox.
+    async fn write_direct(
+        &self,
+        batch: &mut IngestBatch,
+        kept: Vec<Kept>,
+    ) -> Vec<DirectWritten<'_>> {
+        let mut out = Vec::new();
+        if kept.is_empty() {
+            return out;
+        }
+        // each lane's rows: (where, delivery)
+        let mut per_lane: Vec<Vec<(Kept, Delivery)>> =
+            self.direct.iter().map(|_| Vec::new()).collect();
+        let mut unsent: Vec<Kept> = Vec::new();
+        for mut k in kept {
+            let e = &batch.events[k.event];
+            let Some(FlowOutcome::Routed { flow, deliveries }) = e.outcomes.get(k.outcome) else {
+                continue;
+            };
+            let Some(d) = deliveries.get(k.delivery) else {
+                continue;
+            };
+            let Some(lane) = self
+                .direct
+                .iter()
+                .position(|l| l.flow == *flow && l.dest == d.destination)
+            else {
+                unsent.push(k);
+                continue;
+            };
+            let delivery = Delivery {
+                id: per_lane[lane].len() as i64,
+                idempotency_key: d.idempotency_key.clone(),
+                correlation_id: e.correlation_id.clone(),
+                event_id: e.event_id.clone(),
+                entity_key: None,
+                attempt: 1,
+                payload: std::mem::take(&mut k.value),
+                context: DeliveryContext {
+                    flow: flow.clone(),
+                    source: batch.source.clone(),
+                    event_time_ms: e.event_time,
+                    traceparent: e.traceparent.clone(),
+                    tracestate: e.tracestate.clone(),
+                },
+            };
+            per_lane[lane].push((k, delivery));
+        }
+        for (lane, rows) in self.direct.iter().zip(per_lane) {
+            if rows.is_empty() {
+                continue;
+            }
+            let (at, sent): (Vec<Kept>, Vec<Delivery>) = rows.into_iter().unzip();
+            let (written, sent) = lane.write(sent).await;
+            let now = now_ms();
+            let mut w = DirectWritten {
+                lane,
+                rows: 0,
+                latencies: Vec::new(),
+            };
+            for ((mut k, ok), d) in at.into_iter().zip(written).zip(sent) {
+                if !ok {
+                    k.value = d.payload;
+                    unsent.push(k);
+                    continue;
+                }
+                let e = &mut batch.events[k.event];
+                if let Some(FlowOutcome::Routed { deliveries, .. }) = e.outcomes.get_mut(k.outcome)
+                    && let Some(d) = deliveries.get_mut(k.delivery)
+                {
+                    d.delivered = true;
+                    w.rows += 1;
+                    w.latencies
+                        .push((now - e.received_at).max(0) as f64 / 1000.0);
+                }
+            }
+            out.push(w);
+        }
+        // not written: into the outbox with their JSON text
+        for k in unsent {
+            if let Some(FlowOutcome::Routed { deliveries, .. }) =
+                batch.events[k.event].outcomes.get_mut(k.outcome)
+                && let Some(d) = deliveries.get_mut(k.delivery)
+            {
+                d.payload = k.value.to_string();
+            }
+        }
+        out
+    }
+}
+
+/// Rows each lane gets in the outbox from this batch.
 fn routed_counts(b: &IngestBatch) -> std::collections::HashMap<(String, String), i64> {
     let mut m: std::collections::HashMap<(String, String), i64> = Default::default();
     for e in &b.events {
         for o in &e.outcomes {
             if let FlowOutcome::Routed { flow, deliveries } = o {
-                for d in deliveries {
+                for d in deliveries.iter().filter(|d| !d.delivered) {
                     *m.entry((flow.clone(), d.destination.clone())).or_default() += 1;
                 }
             }
@@ -630,6 +942,7 @@ flows:
                     Some(tracker),
                     batch,
                     false,
+                    Arc::new(Vec::new()),
                 ))
                 .unwrap()
                 .0;

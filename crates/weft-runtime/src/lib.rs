@@ -276,7 +276,33 @@ impl Runtime {
             // hubs share the journal: its batches carry the lease's epoch
             let fence = (journal.shared() && matches!(built, SourceHandle::Task(_)))
                 .then(|| Arc::new(std::sync::atomic::AtomicI64::new(0)));
+            // a source that replays from its checkpoint writes its keyless
+            // rows itself where it can (`ingest::DirectLane`)
+            let direct = if dedupe == Dedupe::Position {
+                flows
+                    .iter()
+                    .flat_map(|f| f.destinations.iter().map(move |d| (f, d)))
+                    .filter_map(|(f, d)| {
+                        let sink = sinks.get(&d.system)?;
+                        let guard = guards.get(&d.system)?;
+                        let handle = handles
+                            .iter()
+                            .find(|h| h.flow == f.name && h.dest == d.system)?;
+                        ingest::DirectLane::fits(f, d, sink).then(|| ingest::DirectLane {
+                            flow: f.name.clone(),
+                            dest: d.system.clone(),
+                            sink: sink.clone(),
+                            guard: guard.clone(),
+                            policy: d.delivery.clone(),
+                            handle: handle.clone(),
+                        })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
+                direct,
                 fence: fence.clone(),
                 system: name.clone(),
                 drift: Some(tracker),

@@ -352,6 +352,7 @@ pub async fn enqueue(
                         entity_key: key.map(str::to_owned),
                         idempotency_key: format!("{flow}:{dest}:{id}"),
                         payload: payload.to_string(),
+                        delivered: false,
                     }],
                 }],
             }

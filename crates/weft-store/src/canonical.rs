@@ -722,6 +722,7 @@ fn row_for(
             entity_key: Some(cid.to_owned()),
             idempotency_key: weft_core::event::idempotency_key(&route.flow, t, cause.0, cause.1),
             payload: row_payload(entity, cid),
+            delivered: false,
         },
     )))
 }

@@ -129,8 +129,15 @@ pub struct NewDelivery {
     pub destination: String,
     pub entity_key: Option<String>,
     pub idempotency_key: String,
-    /// JSON text.
+    /// JSON text (empty when `delivered`).
     pub payload: String,
+    /// Already written to the destination before the ingest (a keyless row
+    /// of a source that replays from its checkpoint: the Ingestor's direct
+    /// path): counted delivered in the ingest transaction, no outbox row. If
+    /// that transaction fails, the checkpoint stays where it was and the
+    /// source reads (and the Ingestor writes) the record again. Only for
+    /// keyless rows (a key queue's order is the outbox's) and at ingest.
+    pub delivered: bool,
 }
 
 /// What one flow made of one event.

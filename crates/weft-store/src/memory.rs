@@ -283,6 +283,10 @@ fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
             Some(e) => Err(e),
             None => Ok(()),
         },
+        FlowOutcome::Routed { deliveries, .. } => deliveries
+            .iter()
+            .filter(|d| d.delivered)
+            .try_for_each(crate::writer::check_delivered),
         _ => Ok(()),
     }
 }
@@ -414,7 +418,11 @@ impl State {
             FlowOutcome::Routed { flow, deliveries } => {
                 self.bump(flow, "", |c| c.received += 1);
                 for d in deliveries {
-                    self.new_row(flow, d, o, place);
+                    if d.delivered {
+                        self.bump(flow, &d.destination, |c| c.delivered += 1);
+                    } else {
+                        self.new_row(flow, d, o, place);
+                    }
                 }
             }
             FlowOutcome::Filtered { flow } => self.bump(flow, "", |c| {

@@ -691,6 +691,18 @@ fn ingest(
     Ok(applied)
 }
 
+/// A delivery written before its ingest must be keyless: a keyed row's
+/// place in its key queue is the outbox's to keep.
+pub(crate) fn check_delivered(dl: &crate::NewDelivery) -> Result<(), StoreError> {
+    if dl.entity_key.is_some() {
+        return Err(StoreError::Invalid(format!(
+            "a delivery to `{}` with an entity key cannot be ingested as already delivered",
+            dl.destination
+        )));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_outcome(
     tx: &Connection,
@@ -709,6 +721,11 @@ fn apply_outcome(
             for dl in deliveries {
                 // the lane's counts row exists from its first row on
                 bump(d, flow, &dl.destination, |_| {});
+                if dl.delivered {
+                    check_delivered(dl)?;
+                    bump(d, flow, &dl.destination, |c| c.delivered += 1);
+                    continue;
+                }
                 let key = dl.entity_key.as_deref();
                 let (order_seq, replacing) = if seq.replacing(key) {
                     (seq.take(tx, key)?, true)

@@ -37,6 +37,7 @@ fn event(id: &str, key: Option<&str>) -> NewEvent {
                 entity_key: key.map(Into::into),
                 idempotency_key: format!("ik-{id}"),
                 payload: format!("{{\"id\":\"{id}\"}}"),
+                delivered: false,
             }],
         }],
     }

@@ -31,6 +31,7 @@ fn routed(id: &str, key: &str) -> FlowOutcome {
             entity_key: Some(key.into()),
             idempotency_key: format!("ik-{id}"),
             payload: format!("{{\"x\":\"{id}\"}}"),
+            delivered: false,
         }],
     }
 }

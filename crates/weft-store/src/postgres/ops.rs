@@ -514,6 +514,12 @@ fn outcome_keys(o: &FlowOutcome) -> Vec<&str> {
 }
 
 fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
+    if let FlowOutcome::Routed { deliveries, .. } = o {
+        deliveries
+            .iter()
+            .filter(|d| d.delivered)
+            .try_for_each(crate::writer::check_delivered)?;
+    }
     if let FlowOutcome::Canonical { flow, .. } = o {
         return Err(StoreError::Invalid(format!(
             "flow `{flow}` feeds canonical records, which only the SQLite store keeps for now"
@@ -596,6 +602,10 @@ impl Staged {
                 for d in deliveries {
                     // the lane's counts row exists from its first row on
                     bump(&mut self.deltas, flow, &d.destination, |_| {});
+                    if d.delivered {
+                        bump(&mut self.deltas, flow, &d.destination, |c| c.delivered += 1);
+                        continue;
+                    }
                     let seq = match (placed(d.entity_key.as_deref()), fresh) {
                         (Some(s), _) | (None, Some(s)) => s,
                         (None, None) => seqs.next()?,
@@ -1740,6 +1750,7 @@ async fn replay_in(
             entity_key: e.entity_key.clone(),
             idempotency_key: e.idempotency_key.clone().unwrap_or_default(),
             payload,
+            delivered: false,
         };
         if let Some(k) = &e.entity_key {
             staged.touched.queue(&e.destination, k);

@@ -22,6 +22,7 @@ pub fn delivery(id: &str, destination: &str, key: Option<&str>) -> NewDelivery {
         entity_key: key.map(Into::into),
         idempotency_key: format!("ik-{id}-{destination}"),
         payload: format!("{{\"id\":\"{id}\"}}"),
+        delivered: false,
     }
 }
 
@@ -631,6 +632,64 @@ pub async fn lifecycle_keeps_every_record_accounted_for(h: &mut impl Harness) {
 
 /// A batch that cannot be stored leaves nothing behind: no rows, no
 /// counts, no checkpoint, no dedupe ids.
+/// `NewDelivery::delivered` (the Ingestor's direct path): a keyless row
+/// written before its ingest is counted delivered in the ingest, leaves no
+/// row, and its checkpoint is saved with it; one with an entity key is
+/// refused and the whole batch with it.
+pub async fn delivered_at_ingest_counts_without_a_row(h: &mut impl Harness) {
+    let rig = Rig::new(h, &[("f", "d")]);
+    let mut written = delivery("1", "d", None);
+    written.delivered = true;
+    written.payload = String::new();
+    let b = IngestBatch {
+        source: "file".into(),
+        dedupe: Dedupe::Position,
+        events: vec![
+            event(
+                "1",
+                vec![FlowOutcome::Routed {
+                    flow: "f".into(),
+                    deliveries: vec![written.clone()],
+                }],
+            ),
+            one("2", None),
+        ],
+        checkpoint: Some(("pos".into(), "2".into())),
+        fence: None,
+    };
+    rig.ingest_batch(b).await;
+    assert_eq!(rig.nums("f", "d"), [2, 0, 0, 1, 0, 0, 1]);
+    assert_eq!(rig.deliver("f", 10).await, vec!["2".to_string()]);
+    assert_eq!(rig.nums("f", "d"), [2, 0, 0, 2, 0, 0, 0]);
+    let r = rig.j.read();
+    assert_eq!(r.checkpoint("file", "pos").unwrap().as_deref(), Some("2"));
+    // keyed: refused, nothing of the batch applied
+    let mut keyed = delivery("3", "d", Some("k"));
+    keyed.delivered = true;
+    let refused = rig
+        .j
+        .ingest(IngestBatch {
+            source: "file".into(),
+            dedupe: Dedupe::Position,
+            events: vec![
+                one("4", None),
+                event(
+                    "3",
+                    vec![FlowOutcome::Routed {
+                        flow: "f".into(),
+                        deliveries: vec![keyed],
+                    }],
+                ),
+            ],
+            checkpoint: Some(("pos".into(), "4".into())),
+            fence: None,
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(rig.nums("f", "d"), [2, 0, 0, 2, 0, 0, 0]);
+    assert_eq!(r.checkpoint("file", "pos").unwrap().as_deref(), Some("2"));
+}
+
 pub async fn ingest_is_all_or_nothing(h: &mut impl Harness) {
     let rig = Rig::new(h, &[("f", "d")]);
     let bad = FlowOutcome::Rejected {
