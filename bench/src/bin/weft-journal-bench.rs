@@ -118,6 +118,12 @@ async fn run(j: &dyn Journal, first: usize, rows: usize, batch: usize) -> Result
                         .map(|c| Settlement {
                             id: c.row.id,
                             token: c.token,
+                            // as a lane settles: with its write, for the attempt trail
+                            attempt: Some(weft_store::Attempt {
+                                at: weft_store::now_ms(),
+                                latency_ms: 1,
+                                status: Some(200),
+                            }),
                             outcome: Outcome::Delivered(WriteOutcome::default()),
                         })
                         .collect(),

@@ -409,8 +409,8 @@ impl HttpSink {
     async fn try_send(&self, d: &Delivery) -> WriteResult {
         let Some(u) = &self.upsert else {
             let url = self.render_url(&d.payload)?;
-            let body = self.write_request(self.method.clone(), url, d).await?;
-            return Ok(self.capture(d, body.as_ref(), None, None));
+            let (status, body) = self.write_request(self.method.clone(), url, d).await?;
+            return Ok(self.capture(d, status, body.as_ref(), None, None));
         };
         let Some(lookup) = &u.lookup else {
             // by_id: `_id` decides; it is weft's, not the destination's field
@@ -422,15 +422,16 @@ impl HttpSink {
             return match id {
                 None => {
                     let url = self.render_url(&body.payload)?;
-                    let resp = self
+                    let (status, resp) = self
                         .write_request(u.method_create.clone(), url, &body)
                         .await?;
-                    Ok(self.capture(d, resp.as_ref(), None, Some(true)))
+                    Ok(self.capture(d, status, resp.as_ref(), None, Some(true)))
                 }
                 Some(_) => {
                     let url = render(&u.update, &d.payload, "update_url")?;
-                    let resp = self.write_request(self.method.clone(), url, &body).await?;
-                    Ok(self.capture(d, resp.as_ref(), None, Some(false)))
+                    let (status, resp) =
+                        self.write_request(self.method.clone(), url, &body).await?;
+                    Ok(self.capture(d, status, resp.as_ref(), None, Some(false)))
                 }
             };
         };
@@ -447,8 +448,8 @@ impl HttpSink {
         if status == StatusCode::NOT_FOUND {
             drop(response);
             let url = self.render_url(&d.payload)?;
-            let body = self.write_request(u.method_create.clone(), url, d).await?;
-            return Ok(self.capture(d, body.as_ref(), None, Some(true)));
+            let (status, body) = self.write_request(u.method_create.clone(), url, d).await?;
+            return Ok(self.capture(d, status, body.as_ref(), None, Some(true)));
         }
         if !status.is_success() {
             return Err(self.status_error(response, "lookup: ").await);
@@ -468,19 +469,20 @@ impl HttpSink {
         };
         ctx.insert("_found".into(), found.clone());
         let url = render(&u.update, &Value::Object(ctx), "update_url")?;
-        let body = self.write_request(self.method.clone(), url, d).await?;
-        Ok(self.capture(d, body.as_ref(), Some(&found), Some(false)))
+        let (status, body) = self.write_request(self.method.clone(), url, d).await?;
+        Ok(self.capture(d, status, body.as_ref(), Some(&found), Some(false)))
     }
 
     /// Send the payload with `method` to `url` and judge the answer: status
     /// (with `retry_on` / `permanent_on`), then `success_when`. Gives the
-    /// parsed response body when `success_when` or `capture_id` needs it.
+    /// parsed response body when `success_when` or `capture_id` needs it,
+    /// with the status it came with.
     async fn write_request(
         &self,
         method: Method,
         url: Url,
         d: &Delivery,
-    ) -> Result<Option<Value>, SinkError> {
+    ) -> Result<(StatusCode, Option<Value>), SinkError> {
         let headers = self.request_headers(d, true)?;
         let body = match self.cloudevents {
             Some(CloudEventsMode::Structured) => {
@@ -508,7 +510,7 @@ impl HttpSink {
             loop {
                 match response.chunk().await {
                     Ok(Some(_)) => {}
-                    Ok(None) => return Ok(None),
+                    Ok(None) => return Ok((status, None)),
                     Err(e) => return Err(self.transport_error(e, &reading)),
                 }
             }
@@ -518,17 +520,20 @@ impl HttpSink {
             .map_err(|e| self.transport_error(e, &reading))?;
         let Some(bytes) = bytes else {
             if self.success_when.is_some() {
-                return Err(self.business_failure(format!(
-                    "HTTP {status}, but the response is larger than {MAX_RESPONSE_BYTES} bytes: \
-                     success_when cannot be checked"
-                )));
+                return Err(self.business_failure(
+                    status,
+                    format!(
+                        "HTTP {status}, but the response is larger than {MAX_RESPONSE_BYTES} bytes: \
+                         success_when cannot be checked"
+                    ),
+                ));
             }
             tracing::warn!(
                 delivery = d.id,
                 correlation_id = %d.correlation_id,
                 "http sink: response too large for capture_id"
             );
-            return Ok(None);
+            return Ok((status, None));
         };
         let value = response_value(&bytes);
         if let Some(p) = &self.success_when {
@@ -545,17 +550,20 @@ impl HttpSink {
                     message.push_str(": ");
                     message.push_str(&snippet);
                 }
-                return Err(self.business_failure(message));
+                return Err(self.business_failure(status, message));
             }
         }
-        Ok(Some(value))
+        Ok((status, Some(value)))
     }
 
-    fn business_failure(&self, message: String) -> SinkError {
-        match self.success_when_failure {
+    /// A 2xx answer `success_when` refused: the status is kept with it.
+    fn business_failure(&self, status: StatusCode, message: String) -> SinkError {
+        let mut e = match self.success_when_failure {
             ErrorKind::Permanent => SinkError::permanent(message),
             _ => SinkError::retryable(message),
-        }
+        };
+        e.status = Some(status.as_u16());
+        e
     }
 
     /// Whether a non-2xx status is worth retrying: `permanent_on`, then
@@ -603,12 +611,17 @@ impl HttpSink {
     fn capture(
         &self,
         d: &Delivery,
+        status: StatusCode,
         response: Option<&Value>,
         found: Option<&Value>,
         created: Option<bool>,
     ) -> Written {
+        let answered = Written {
+            status: Some(status.as_u16()),
+            ..Written::default()
+        };
         let Some(p) = &self.capture_id else {
-            return Written::default();
+            return answered;
         };
         let run = |v: &Value| match p.run(v.clone(), event_attrs(d), &[]) {
             Ok(out) => out.into_iter().find_map(|v| match v {
@@ -626,7 +639,7 @@ impl HttpSink {
                 capture_id = p.code(),
                 "http sink: capture_id gave no id"
             );
-            return Written::default();
+            return answered;
         };
         tracing::debug!(
             delivery = d.id,
@@ -637,7 +650,7 @@ impl HttpSink {
         );
         Written {
             external_id: Some(external_id),
-            ..Written::default()
+            ..answered
         }
     }
 

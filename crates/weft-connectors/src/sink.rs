@@ -107,6 +107,17 @@ pub struct Written {
     pub version: Option<String>,
     /// A fingerprint of the fields written.
     pub fingerprint: Option<String>,
+    /// The HTTP status the destination answered (the attempt trail keeps
+    /// it; not part of what the sink learns: [`Sink::learns_nothing`]).
+    pub status: Option<u16>,
+}
+
+impl Written {
+    /// Nothing learned: no id, version or fingerprint to keep (a status
+    /// does not count).
+    pub fn is_empty(&self) -> bool {
+        self.external_id.is_none() && self.version.is_none() && self.fingerprint.is_none()
+    }
 }
 
 /// One delivery's result.

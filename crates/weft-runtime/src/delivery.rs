@@ -29,7 +29,7 @@ use weft_connectors::{Delivery, Sink, SinkError, WriteResult};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, OnDeadLetter};
 use weft_store::{
-    CanonicalWritten, ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement,
+    Attempt, CanonicalWritten, ClaimRequest, Claimed, Journal, LaneId, Outcome, Settle, Settlement,
     WriteOutcome, now_ms,
 };
 
@@ -125,7 +125,18 @@ type Done = (
     Vec<Option<CanonicalWritten>>,
     Permit,
     Vec<(i64, crate::telemetry::AttemptSpan)>,
+    Sent,
 );
+
+/// The write a batch went out in, for the attempt trail: when, how long,
+/// and which rows were in it (in claim order; rows decided before the
+/// write were not sent).
+#[derive(Debug, Default)]
+struct Sent {
+    at: i64,
+    latency_ms: i64,
+    ids: Vec<i64>,
+}
 
 impl Lane {
     pub async fn run(self) {
@@ -198,7 +209,7 @@ impl Lane {
                 Some(done) = writes.join_next() => {
                     idle_until_woken = false;
                     match done {
-                        Ok((claimed, results, canonical, permit, spans)) => self.settle(claimed, results, canonical, permit, spans).await,
+                        Ok((claimed, results, canonical, permit, spans, sent)) => self.settle(claimed, results, canonical, permit, spans, sent).await,
                         // the write task itself never panics (the sink's panic
                         // is caught inside it); a cancelled task cannot happen
                         Err(e) => tracing::error!(flow = %self.flow, destination = %self.dest, error = %e, "write task failed; its rows return after their lease"),
@@ -257,7 +268,7 @@ impl Lane {
                             }
                             Err(e) => {
                                 tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot resolve references; the rows return after their lease");
-                                return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new());
+                                return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new(), Sent::default());
                             }
                         },
                     }
@@ -277,7 +288,7 @@ impl Lane {
                         Ok(x) => x,
                         Err(e) => {
                             tracing::error!(flow = %flow, destination = %dest, error = %e, "cannot prepare canonical writes; the rows return after their lease");
-                            return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new());
+                            return (Vec::new(), Vec::new(), Vec::new(), permit, Vec::new(), Sent::default());
                         }
                     };
                     let intents: Vec<CanonicalWritten> = prepared
@@ -320,6 +331,12 @@ impl Lane {
             let n = batch.len();
             // each delivery's trace context becomes its attempt span's
             let mut spans = tracer.send(&flow, &dest, &mut batch);
+            let mut sent = Sent {
+                at: now_ms(),
+                latency_ms: 0,
+                ids: batch.iter().map(|d| d.id).collect(),
+            };
+            let started = std::time::Instant::now();
             let inner = tokio::spawn(async move {
                 let r = sink.write(&batch).await;
                 drop(batch);
@@ -351,12 +368,13 @@ impl Lane {
                     (0..n).map(|_| Err(SinkError::retryable(why.clone()))).collect()
                 }
             };
+            sent.latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
             spans.iter_mut().for_each(|(_, s)| s.wrote());
             decided.sort_by_key(|(i, _)| *i);
             for (i, r) in decided {
                 results.insert(i, r);
             }
-            (claimed, results, canonical, permit, spans)
+            (claimed, results, canonical, permit, spans, sent)
         });
     }
 
@@ -367,6 +385,7 @@ impl Lane {
             .map(|c| Settlement {
                 id: c.row.id,
                 token: c.token,
+                attempt: None,
                 outcome: Outcome::Release,
             })
             .collect();
@@ -392,9 +411,11 @@ impl Lane {
         mut canonical: Vec<Option<CanonicalWritten>>,
         permit: Permit,
         spans: Vec<(i64, crate::telemetry::AttemptSpan)>,
+        sent: Sent,
     ) {
         let now = now_ms();
         let mut spans = spans.into_iter().peekable();
+        let mut sent_ids = sent.ids.iter().peekable();
         let results = in_key_order(&claimed, results);
         // the breaker counts writes, not rows
         let failed = results.iter().any(|r| {
@@ -417,6 +438,15 @@ impl Lane {
             let span = spans
                 .next_if(|(id, _)| *id == c.row.id)
                 .map(|(_, s)| (s, r.as_ref().err().map(|e| (e.kind, e.status))));
+            // so are the ids of the rows that were sent
+            let attempt = sent_ids.next_if(|id| **id == c.row.id).map(|_| Attempt {
+                at: sent.at,
+                latency_ms: sent.latency_ms,
+                status: match &r {
+                    Ok(w) => w.status,
+                    Err(e) => e.status,
+                },
+            });
             let outcome = match r {
                 Ok(w) => {
                     delivered += 1;
@@ -488,6 +518,7 @@ impl Lane {
             items.push(Settlement {
                 id: c.row.id,
                 token: c.token,
+                attempt,
                 outcome,
             });
         }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
-use weft_connectors::sink::{DeliveryContext, Written};
+use weft_connectors::sink::DeliveryContext;
 use weft_connectors::{Batch, Delivery, Ingest, IngestError, Receipt, Record, Sink};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, Flow};
@@ -147,7 +147,7 @@ impl DirectLane {
             .max();
         self.guard.record(permit, failed, retry_after);
         let written: Vec<bool> = (0..n)
-            .map(|i| matches!(results.get(i), Some(Ok(w)) if *w == Written::default()))
+            .map(|i| matches!(results.get(i), Some(Ok(w)) if w.is_empty()))
             .collect();
         let refused = written.iter().filter(|w| !**w).count();
         if refused > 0 {

@@ -570,15 +570,19 @@ async fn refresh_gauges(
         if tick.is_multiple_of(30) {
             let cutoffs = weft_store::Prune::at(
                 weft_store::now_ms(),
-                store.dedupe_retention,
-                store.dlq_retention,
-                store.drift_retention,
+                weft_store::Retention {
+                    dedupe: store.dedupe_retention,
+                    dlq: store.dlq_retention,
+                    drift: store.drift_retention,
+                    attempts: store.attempt_retention,
+                },
             );
             match journal.prune(cutoffs).await {
                 Ok(n) if n.total() > 0 => tracing::debug!(
                     dedupe_ids = n.dedupe,
                     dlq_entries = n.dlq,
                     drift_events = n.drift,
+                    attempts = n.attempts,
                     "pruned past retention"
                 ),
                 Err(e) => tracing::warn!(error = %e, "cannot prune past retention"),

@@ -147,6 +147,22 @@ pub struct Settlement {
     pub id: i64,
     pub token: i64,
     pub outcome: Outcome,
+    /// The write this outcome came from, when the row was sent: kept in
+    /// the attempt trail (`attempts`) in the same transaction, for a
+    /// delivered, retried or dead-lettered row (not for a release or a
+    /// wait, and not when the settlement is stale).
+    pub attempt: Option<Attempt>,
+}
+
+/// One write of a row to its destination, as the lane saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// When the write was sent, ms since the epoch.
+    pub at: i64,
+    /// How long the destination took to answer (the whole batch's write).
+    pub latency_ms: i64,
+    /// The HTTP status the destination answered, when it speaks HTTP.
+    pub status: Option<u16>,
 }
 
 /// New work a settlement causes (a saga's next step, an identity link's
@@ -222,6 +238,8 @@ pub struct Prune {
     pub dlq_before: i64,
     /// Drift events last seen before this are deleted, accepted or not.
     pub drift_before: i64,
+    /// Attempt-trail entries written before this are deleted.
+    pub attempts_before: i64,
 }
 
 impl Prune {
@@ -231,19 +249,30 @@ impl Prune {
             dedupe_before: before,
             dlq_before: i64::MIN,
             drift_before: i64::MIN,
+            attempts_before: i64::MIN,
         }
     }
 
     /// Everything up to `now` minus each retention.
-    pub fn at(now: i64, dedupe: Duration, dlq: Duration, drift: Duration) -> Prune {
+    pub fn at(now: i64, r: Retention) -> Prune {
         let back =
             |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         Prune {
-            dedupe_before: back(dedupe),
-            dlq_before: back(dlq),
-            drift_before: back(drift),
+            dedupe_before: back(r.dedupe),
+            dlq_before: back(r.dlq),
+            drift_before: back(r.drift),
+            attempts_before: back(r.attempts),
         }
     }
+}
+
+/// How long each kind of history is kept (`store.*_retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub dedupe: Duration,
+    pub dlq: Duration,
+    pub drift: Duration,
+    pub attempts: Duration,
 }
 
 /// What one prune deleted.
@@ -252,11 +281,12 @@ pub struct Pruned {
     pub dedupe: usize,
     pub dlq: usize,
     pub drift: usize,
+    pub attempts: usize,
 }
 
 impl Pruned {
     pub fn total(&self) -> usize {
-        self.dedupe + self.dlq + self.drift
+        self.dedupe + self.dlq + self.drift + self.attempts
     }
 }
 

@@ -31,16 +31,16 @@ pub use weft_core::config::Synchronous;
 
 pub use drift::{DriftBatch, DriftEvent, NewDrift};
 pub use journal::{
-    CanonicalWritten, ClaimRequest, Claimed, FollowUp, Heartbeat, HistoryFilter, Journal,
+    Attempt, CanonicalWritten, ClaimRequest, Claimed, FollowUp, Heartbeat, HistoryFilter, Journal,
     JournalRead, LaneId, NodeInfo, Outcome, Prune, Pruned, Refusal, Replay, ResolveConflict,
-    ResolveMatch, Settle, Settled, Settlement, WriteOutcome, XrefChange, XrefOp,
+    ResolveMatch, Retention, Settle, Settled, Settlement, WriteOutcome, XrefChange, XrefOp,
 };
 pub use memory::MemoryJournal;
 #[cfg(feature = "postgres")]
 pub use postgres::{PgJournal, PgOptions, PgRole};
 pub use reader::{
-    Checkpoint, CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader, RecordLookup,
-    SourceLease,
+    AttemptRow, Checkpoint, CrosswalkRow, DlqEntry, DlqFilter, FlowCounts, OutboxRow, Reader,
+    RecordLookup, SourceLease,
 };
 
 /// DLQ list pages hold this many entries unless asked for fewer.

@@ -236,6 +236,8 @@ struct State {
     crosswalk: HashMap<(String, String, String), Crosswalk>,
     shapes: HashMap<String, String>,
     drift: Vec<DriftEvent>,
+    /// The attempt trail, oldest first.
+    attempts: Vec<crate::AttemptRow>,
 }
 
 fn invalid_stage(flow: &str, stage: Stage) -> Option<StoreError> {
@@ -671,6 +673,32 @@ impl State {
                 done.stale += 1;
                 continue;
             }
+            if let (Some(a), Some(r)) = (item.attempt, self.outbox.get(&item.id)) {
+                let (outcome, error) = match &item.outcome {
+                    Outcome::Delivered(_) => (Some("delivered"), None),
+                    Outcome::Retry { error, .. } => (Some("retry"), Some(error.clone())),
+                    Outcome::Dead { error, .. } => (Some("dead"), Some(error.clone())),
+                    Outcome::Wait { .. } | Outcome::Release => (None, None),
+                };
+                if let Some(outcome) = outcome {
+                    let r = &r.row;
+                    let id = self.attempts.last().map_or(1, |l| l.id + 1);
+                    self.attempts.push(crate::AttemptRow {
+                        id,
+                        flow: r.flow.clone(),
+                        destination: r.destination.clone(),
+                        event_id: r.event_id.clone(),
+                        correlation_id: r.correlation_id.clone(),
+                        entity_key: r.entity_key.clone(),
+                        attempt: i64::from(r.attempts) + 1,
+                        at: a.at,
+                        latency_ms: a.latency_ms,
+                        status: a.status,
+                        outcome: outcome.into(),
+                        error,
+                    });
+                }
+            }
             match item.outcome {
                 Outcome::Delivered(w) => {
                     let Some(r) = self.remove_row(item.id) else {
@@ -977,6 +1005,8 @@ impl State {
 
     fn prune(&mut self, c: crate::Prune) -> crate::Pruned {
         let n = (self.inbox.len(), self.dlq.len(), self.drift.len());
+        let trail = self.attempts.len();
+        self.attempts.retain(|a| a.at >= c.attempts_before);
         self.inbox.retain(|_, at| *at >= c.dedupe_before);
         // only resolved entries have `resolved_at`; dead ones never go
         self.dlq.retain(|_, e| {
@@ -987,6 +1017,7 @@ impl State {
             dedupe: n.0 - self.inbox.len(),
             dlq: n.1 - self.dlq.len(),
             drift: n.2 - self.drift.len(),
+            attempts: trail - self.attempts.len(),
         }
     }
 
@@ -1208,9 +1239,21 @@ impl JournalRead for MemoryJournal {
             .filter(|c| c.row.event_id == id || c.row.source_key == id || c.row.external_id == id)
             .collect();
         written.sort_by_key(|c| std::cmp::Reverse(c.touched));
+        let mut attempts: Vec<crate::AttemptRow> = s
+            .attempts
+            .iter()
+            .rev()
+            .filter(|a| {
+                a.event_id == id || a.correlation_id == id || a.entity_key.as_deref() == Some(id)
+            })
+            .take(limit)
+            .cloned()
+            .collect();
+        attempts.reverse();
         Ok(crate::RecordLookup {
             pending,
             dead,
+            attempts,
             written: written
                 .into_iter()
                 .take(limit)

@@ -231,6 +231,31 @@ pub struct RecordLookup {
     pub dead: Vec<DlqEntry>,
     /// What destinations said of records weft wrote (their ids).
     pub written: Vec<CrosswalkRow>,
+    /// Every write of these records to a destination, oldest first: when,
+    /// how long, what the destination answered, what became of the row.
+    pub attempts: Vec<AttemptRow>,
+}
+
+/// One entry of the attempt trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRow {
+    pub id: i64,
+    pub flow: String,
+    pub destination: String,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub entity_key: Option<String>,
+    /// 1 for the first write of the row.
+    pub attempt: i64,
+    /// When it was sent, ms since 1970.
+    pub at: i64,
+    pub latency_ms: i64,
+    /// The destination's HTTP status, when it speaks HTTP.
+    pub status: Option<u16>,
+    /// `delivered`, `retry` or `dead`.
+    pub outcome: String,
+    /// Why it failed (none when delivered).
+    pub error: Option<String>,
 }
 
 /// A read-only connection.
@@ -585,10 +610,39 @@ impl Reader {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, flow, destination, event_id, correlation_id, entity_key, attempt, at,
+                    latency_ms, status, outcome, error FROM attempts
+             WHERE id IN (SELECT id FROM attempts WHERE event_id = ?1
+                          UNION SELECT id FROM attempts WHERE correlation_id = ?1
+                          UNION SELECT id FROM attempts WHERE entity_key = ?1)
+             ORDER BY id DESC LIMIT ?2",
+        )?;
+        let mut attempts: Vec<AttemptRow> = st
+            .query_map(params![id, limit as i64], |r| {
+                Ok(AttemptRow {
+                    id: r.get(0)?,
+                    flow: r.get(1)?,
+                    destination: r.get(2)?,
+                    event_id: r.get(3)?,
+                    correlation_id: r.get(4)?,
+                    entity_key: r.get(5)?,
+                    attempt: r.get(6)?,
+                    at: r.get(7)?,
+                    latency_ms: r.get(8)?,
+                    status: r.get(9)?,
+                    outcome: r.get(10)?,
+                    error: r.get(11)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        // the newest `limit`, shown oldest first
+        attempts.reverse();
         Ok(RecordLookup {
             pending,
             dead,
             written,
+            attempts,
         })
     }
 

@@ -363,6 +363,32 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'dead';
     CREATE INDEX drift_by_last_seen ON drift_events (last_seen);
     "#,
+    // 11: the attempt trail (issue 15). Every write of a row to its
+    // destination (delivered, retried, dead-lettered), written by the
+    // settle that decides it: when, how long, the HTTP status, the error.
+    // Looked up by event id, correlation id or entity key (the record
+    // inspector, `weft trace`); pruned past `store.attempt_retention` by
+    // `at`.
+    r#"
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        flow TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        entity_key TEXT,
+        attempt INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL,
+        status INTEGER,
+        outcome TEXT NOT NULL,
+        error TEXT
+    );
+    CREATE INDEX attempts_by_event ON attempts (event_id);
+    CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
+    CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
+    CREATE INDEX attempts_by_time ON attempts (at);
+    "#,
 ];
 
 /// After migration 10's SQL: entries resolved before it keep only the hash
@@ -475,7 +501,7 @@ mod tests {
             .unwrap();
         }
         migrate(&mut conn).unwrap();
-        assert_eq!(version(&conn).unwrap(), 10);
+        assert_eq!(version(&conn).unwrap(), MIGRATIONS.len() as i64);
         let rows: Vec<(i64, Option<i64>, String, Option<String>)> = conn
             .prepare("SELECT id, resolved_at, payload, payload_sha256 FROM dlq ORDER BY id")
             .unwrap()

@@ -267,7 +267,12 @@ impl Journal for SqliteJournal {
                         total.dedupe += n.dedupe;
                         total.dlq += n.dlq;
                         total.drift += n.drift;
-                        if n.dedupe < LIMIT && n.dlq < LIMIT && n.drift < LIMIT {
+                        total.attempts += n.attempts;
+                        if n.dedupe < LIMIT
+                            && n.dlq < LIMIT
+                            && n.drift < LIMIT
+                            && n.attempts < LIMIT
+                        {
                             return Ok(total);
                         }
                     }

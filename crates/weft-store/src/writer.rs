@@ -1022,6 +1022,31 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
             done.stale += 1;
             continue;
         };
+        if let Some(a) = &item.attempt {
+            let (outcome, error) = match &item.outcome {
+                Outcome::Delivered(_) => (Some("delivered"), None),
+                Outcome::Retry { error, .. } => (Some("retry"), Some(error)),
+                Outcome::Dead { error, .. } => (Some("dead"), Some(error)),
+                Outcome::Wait { .. } | Outcome::Release => (None, None),
+            };
+            if let Some(outcome) = outcome {
+                tx.prepare_cached(
+                    "INSERT INTO attempts (flow, destination, event_id, correlation_id, entity_key,
+                       attempt, at, latency_ms, status, outcome, error)
+                     SELECT flow, destination, event_id, correlation_id, entity_key, attempts + 1,
+                       ?2, ?3, ?4, ?5, ?6
+                     FROM outbox WHERE id = ?1",
+                )?
+                .execute(params![
+                    item.id,
+                    a.at,
+                    a.latency_ms,
+                    a.status,
+                    outcome,
+                    error
+                ])?;
+            }
+        }
         match &item.outcome {
             Outcome::Delivered(w) => {
                 tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
@@ -1338,7 +1363,18 @@ fn prune(tx: &Connection, c: &crate::Prune, limit: i64) -> Result<crate::Pruned,
                (SELECT id FROM drift_events WHERE last_seen < ?1 ORDER BY last_seen LIMIT ?2)",
         )?
         .execute(params![c.drift_before, limit])?;
-    Ok(crate::Pruned { dedupe, dlq, drift })
+    let attempts = tx
+        .prepare_cached(
+            "DELETE FROM attempts WHERE id IN
+               (SELECT id FROM attempts WHERE at < ?1 ORDER BY at LIMIT ?2)",
+        )?
+        .execute(params![c.attempts_before, limit])?;
+    Ok(crate::Pruned {
+        dedupe,
+        dlq,
+        drift,
+        attempts,
+    })
 }
 
 /// Lift the holds of a DLQ entry; the heads they held get their state back.
@@ -1586,6 +1622,7 @@ mod tests {
                 items: vec![crate::Settlement {
                     id: 1,
                     token: 1,
+                    attempt: None,
                     outcome,
                 }],
                 follow_ups: vec![],

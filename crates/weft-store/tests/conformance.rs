@@ -102,7 +102,8 @@ macro_rules! conformance {
                 p1_9_applied_counts_and_last_received,
                 lookup_and_checkpoints_list_what_the_store_keeps,
                 delivered_at_ingest_counts_without_a_row,
-                p1_20_resolved_dlq_entries_and_old_drift_are_pruned
+                p1_20_resolved_dlq_entries_and_old_drift_are_pruned,
+                attempt_trail_keeps_each_write
             );
             #[test]
             fn property_random_operations_keep_invariants() {

@@ -69,6 +69,7 @@ fn deliver_all(c: &[Claimed]) -> Settle {
             .map(|c| Settlement {
                 id: c.row.id,
                 token: c.token,
+                attempt: None,
                 outcome: Outcome::Delivered(WriteOutcome::default()),
             })
             .collect(),
@@ -354,6 +355,7 @@ async fn concurrent_claimers_never_share_a_key() {
                     items.push(Settlement {
                         id: c.row.id,
                         token: c.token,
+                        attempt: None,
                         outcome,
                     });
                 }

@@ -114,6 +114,7 @@ async fn a_tool_replays_beside_a_running_hub_and_the_hub_sees_the_row() {
         items: vec![Settlement {
             id: c[0].row.id,
             token: c[0].token,
+            attempt: None,
             outcome: Outcome::Dead {
                 error: "bad".into(),
                 hold_key: false,

@@ -10,6 +10,7 @@ mod identity;
 mod maptest;
 mod probe;
 mod progress;
+mod record;
 mod status;
 
 use std::net::SocketAddr;
@@ -119,6 +120,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What the store holds of the records an event id, correlation id or
+    /// entity key names: every write attempt (when, how long, the
+    /// destination's status, the outcome), pending rows, dead letters and
+    /// the ids destinations gave.
+    Record {
+        #[command(flatten)]
+        cfg: ConfigArg,
+        id: String,
+        /// At most this many of each kind (the newest attempts).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// What one change (a correlation id) did to canonical records.
     Trace {
         #[command(flatten)]
@@ -213,6 +228,12 @@ fn main() -> ExitCode {
             correlation_id,
             json,
         } => identity::trace(cfg, correlation_id, json),
+        Cmd::Record {
+            cfg,
+            id,
+            limit,
+            json,
+        } => record::record(cfg, id, limit, json),
         Cmd::Conflicts { cmd } => identity::conflicts(cmd),
         Cmd::Matches { cmd } => identity::matches(cmd),
         Cmd::Config {

@@ -205,6 +205,15 @@ impl ReadStore {
             Self::Postgres(j) => j.crosswalk(system, limit)?,
         })
     }
+    /// What the store holds of the records `id` names (event id,
+    /// correlation id or entity key), at most `limit` of each kind.
+    pub fn lookup(&self, id: &str, limit: usize) -> Result<weft_store::RecordLookup> {
+        Ok(match self {
+            Self::Sqlite(r) => r.lookup(id, limit)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.lookup(id, limit)?,
+        })
+    }
     /// The hubs on the journal and their heartbeats: on PostgreSQL; none on
     /// SQLite (one hub).
     pub fn nodes(&self) -> Result<Vec<weft_store::NodeInfo>> {

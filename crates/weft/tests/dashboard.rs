@@ -490,6 +490,12 @@ fn the_dashboard_in_a_browser() {
     assert!(rec.contains("dead lettered"), "{rec}");
     assert!(rec.contains("400"), "the destination's answer: {rec}");
     assert!(rec.contains("1007"), "the payload: {rec}");
+    // the attempt trail: the one write, its status and outcome
+    let trail = b.text("table#attempts");
+    assert!(
+        trail.contains("items → api") && trail.contains("400") && trail.contains("dead"),
+        "the attempt trail: {trail}"
+    );
     b.shot("records");
     b.goto(&hub.admin_url("/ui/records?q=nothing-like-this"));
     assert!(b.exists("#no-records"));

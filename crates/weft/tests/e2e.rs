@@ -276,6 +276,96 @@ fn retryable_failure_is_retried_then_dead_lettered_with_attempts() {
     );
 }
 
+/// Issue 15: every write of a record is kept with its status, latency and
+/// outcome, in the same transaction as its settlement: `weft record` finds
+/// them by correlation id, event id and entity key, oldest first, one per
+/// request the destination saw.
+#[test]
+fn every_write_attempt_is_kept_with_its_status_and_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::start();
+    let cfg = config(&recorder.url(), "")
+        .replace("max_attempts: 3", "max_attempts: 10")
+        .replace("initial_backoff: 10ms", "initial_backoff: 300ms")
+        .replace("max_backoff: 50ms", "max_backoff: 300ms");
+    std::fs::write(dir.path().join("weft.yaml"), cfg).unwrap();
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &ENV);
+    recorder.set(FAIL_500);
+    assert_eq!(
+        signed(&hub, r#"{"id": 41, "name": "Ada", "amount": 1}"#, "att-1").0,
+        202
+    );
+    wait_for(Duration::from_secs(20), "two failed writes", || {
+        recorder.hit_count() >= 2
+    });
+    recorder.set(OK);
+    wait_for(Duration::from_secs(20), "the delivery", || {
+        recorder.count() == 1
+    });
+    let record = |id: &str| {
+        let out = weft_cmd_env(
+            dir.path(),
+            &["record", "-c", "weft.yaml", id, "--json"],
+            &ENV,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // the settle of the delivery may trail the destination's answer
+    wait_for(Duration::from_secs(10), "the delivered attempt", || {
+        record("corr-att-1")["attempts"]
+            .as_array()
+            .is_some_and(|a| a.last().is_some_and(|l| l["outcome"] == "delivered"))
+    });
+    let found = record("corr-att-1");
+    let attempts = found["attempts"].as_array().unwrap().clone();
+    let hits = recorder.hit_count();
+    assert_eq!(attempts.len(), hits, "one per request: {found}");
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a["attempt"], i as i64 + 1, "{a}");
+        assert_eq!(a["flow"], "crm_to_api", "{a}");
+        assert_eq!(a["destination"], "api", "{a}");
+        assert_eq!(a["event_id"], "att-1", "{a}");
+        assert_eq!(a["entity_key"], "41", "{a}");
+        assert!(a["latency_ms"].as_i64().is_some_and(|l| l >= 0), "{a}");
+        if i + 1 < attempts.len() {
+            assert_eq!(a["outcome"], "retry", "{a}");
+            assert_eq!(a["status"], 500, "{a}");
+            assert!(a["error"].as_str().unwrap().contains("500"), "{a}");
+        } else {
+            assert_eq!(a["outcome"], "delivered", "{a}");
+            assert_eq!(a["status"], 200, "{a}");
+            assert!(a["error"].is_null(), "{a}");
+        }
+    }
+    let times: Vec<i64> = attempts.iter().map(|a| a["at"].as_i64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    // the same trail by event id and by entity key
+    assert_eq!(record("att-1")["attempts"], found["attempts"]);
+    assert_eq!(record("41")["attempts"], found["attempts"]);
+    assert!(found["pending"].as_array().unwrap().is_empty(), "{found}");
+    // and in words
+    let out = weft_cmd_env(dir.path(), &["record", "-c", "weft.yaml", "att-1"], &ENV);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("crm_to_api -> api event att-1 attempt 1: retry")
+            && text.contains("status 500")
+            && text.contains(": delivered in ")
+            && text.contains("status 200"),
+        "{text}"
+    );
+    let none = weft_cmd_env(dir.path(), &["record", "-c", "weft.yaml", "no-such"], &ENV);
+    assert!(
+        String::from_utf8_lossy(&none.stdout).contains("nothing in the store names no-such"),
+        "{}",
+        String::from_utf8_lossy(&none.stdout)
+    );
+}
+
 #[test]
 fn mapping_error_is_dead_lettered_and_replay_with_an_edited_payload_delivers() {
     let env = start();

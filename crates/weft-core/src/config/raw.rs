@@ -116,6 +116,11 @@ pub struct RawStore {
     /// accepted or not (default `90d`).
     #[schemars(with = "Option<String>")]
     pub drift_retention: Option<Spanned<String>>,
+    /// How long the attempt trail keeps each write of a record to a
+    /// destination (when, how long, the HTTP status, the error), shown by
+    /// the record inspector and `weft trace` (default `7d`).
+    #[schemars(with = "Option<String>")]
+    pub attempt_retention: Option<Spanned<String>>,
     /// Keep the journal in PostgreSQL instead of the SQLite file (`path`
     /// and `synchronous` are then not used): a database several nodes can
     /// share.

@@ -47,6 +47,9 @@ pub struct StoreConfig {
     /// Drift events are deleted this long after a record last showed them
     /// (`store.drift_retention`).
     pub drift_retention: Duration,
+    /// Attempt-trail entries are deleted this long after their write
+    /// (`store.attempt_retention`).
+    pub attempt_retention: Duration,
     /// The journal in PostgreSQL instead of `path` (`store.postgres`).
     pub postgres: Option<PgStore>,
 }
@@ -589,6 +592,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             "store.drift_retention",
             &raw.store.drift_retention,
             Duration::from_secs(90 * 24 * 3600),
+        ),
+        attempt_retention: cx.duration(
+            "store.attempt_retention",
+            &raw.store.attempt_retention,
+            Duration::from_secs(7 * 24 * 3600),
         ),
     };
     let listen_s = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");

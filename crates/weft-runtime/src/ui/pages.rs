@@ -245,12 +245,30 @@ async fn records_page(ui: Ui, s: Session, q: String) -> Page {
     let nothing = found.pending.is_empty()
         && found.dead.is_empty()
         && found.written.is_empty()
+        && found.attempts.is_empty()
         && history.is_empty();
     let body = html! {
         (form)
         @if nothing {
             p #no-records { "Nothing in the store names " code { (q) } ". Delivered records leave the outbox; "
-                "the store keeps what a destination answered with an id (the crosswalk), dead letters and pending rows." }
+                "the store keeps every write attempt (for " code { "store.attempt_retention" } "), what a destination answered with an id (the crosswalk), dead letters and pending rows." }
+        }
+        @if !found.attempts.is_empty() {
+            h2 { "write attempts (oldest first)" }
+            table #attempts {
+                tr { th { "sent" } th { "flow → destination" } th { "event" } th { "key" } th { "attempt" }
+                     th { "latency" } th { "status" } th { "outcome" } th { "answer" } }
+                @for a in &found.attempts {
+                    tr data-outcome=(a.outcome) {
+                        td { (when(a.at)) } td { (a.flow) " → " (a.destination) } td { code { (a.event_id) } }
+                        td { @if let Some(k) = &a.entity_key { code { (k) } } }
+                        td { (a.attempt) } td { (a.latency_ms) " ms" }
+                        td { @if let Some(st) = a.status { (st) } @else { "—" } }
+                        td class=(if a.outcome == "delivered" { "ok" } else { "warn" }) { (a.outcome) }
+                        td { @if let Some(e) = &a.error { code { (short(e, 300)) } } }
+                    }
+                }
+            }
         }
         @for r in &found.pending {
             section.record data-kind="pending" {

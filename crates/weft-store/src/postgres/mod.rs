@@ -465,7 +465,8 @@ impl Journal for PgJournal {
                 total.dedupe += n.dedupe;
                 total.dlq += n.dlq;
                 total.drift += n.drift;
-                if n.dedupe < full && n.dlq < full && n.drift < full {
+                total.attempts += n.attempts;
+                if n.dedupe < full && n.dlq < full && n.drift < full && n.attempts < full {
                     return Ok(total);
                 }
             }

@@ -1180,6 +1180,16 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     // dead: (outbox id, error, hold, item index)
     let mut dead: Vec<(i64, &str, bool, usize)> = Vec::new();
     let mut crosswalk: BTreeMap<(String, String, String), CrosswalkUpsert> = BTreeMap::new();
+    // the attempt trail: (outbox id, at, latency, status, outcome, error)
+    #[allow(clippy::type_complexity)]
+    let mut trail: (
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<Option<i32>>,
+        Vec<&str>,
+        Vec<Option<&str>>,
+    ) = Default::default();
     for (n, item) in s.items.iter().enumerate() {
         let Some(row) = rows.get(&item.id) else {
             done.stale += 1;
@@ -1191,6 +1201,22 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
             continue;
         }
         let (flow, dest) = (row.flow.as_str(), row.destination.as_str());
+        if let Some(a) = &item.attempt {
+            let (outcome, error) = match &item.outcome {
+                Outcome::Delivered(_) => (Some("delivered"), None),
+                Outcome::Retry { error, .. } => (Some("retry"), Some(error.as_str())),
+                Outcome::Dead { error, .. } => (Some("dead"), Some(error.as_str())),
+                Outcome::Wait { .. } | Outcome::Release => (None, None),
+            };
+            if let Some(outcome) = outcome {
+                trail.0.push(item.id);
+                trail.1.push(a.at);
+                trail.2.push(a.latency_ms);
+                trail.3.push(a.status.map(i32::from));
+                trail.4.push(outcome);
+                trail.5.push(error);
+            }
+        }
         match &item.outcome {
             Outcome::Delivered(w) => {
                 gone.push(item.id);
@@ -1244,6 +1270,20 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
         }
     }
 
+    // before the rows change: each entry counts the attempt it records
+    if !trail.0.is_empty() {
+        c.execute(
+            "INSERT INTO attempts (flow, destination, event_id, correlation_id, entity_key, attempt,
+               at, latency_ms, status, outcome, error)
+             SELECT o.flow, o.destination, o.event_id, o.correlation_id, o.entity_key, o.attempts + 1,
+               x.at, x.lat, x.st, x.oc, x.err
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int4[], $5::text[], $6::text[])
+               WITH ORDINALITY AS x(id, at, lat, st, oc, err, n)
+             JOIN outbox o ON o.id = x.id ORDER BY x.n",
+            &[&trail.0, &trail.1, &trail.2, &trail.3, &trail.4, &trail.5],
+        )
+        .await?;
+    }
     let (seqs, qids) = allocate(c, s.follow_ups.len(), dead.len()).await?;
     // entries that were dead before this settle, superseded by its deliveries
     if !delivered_keyed.is_empty() {
@@ -1886,11 +1926,19 @@ async fn prune_in(
             &[&cut.drift_before, &limit],
         )
         .await?;
+    let attempts = c
+        .execute(
+            "DELETE FROM attempts WHERE id IN
+               (SELECT id FROM attempts WHERE at < $1 ORDER BY at LIMIT $2)",
+            &[&cut.attempts_before, &limit],
+        )
+        .await?;
     let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Ok(crate::Pruned {
         dedupe: n(dedupe),
         dlq: n(u64::try_from(dlq).unwrap_or(0)),
         drift: n(drift),
+        attempts: n(attempts),
     })
 }
 

@@ -323,10 +323,42 @@ async fn lookup_in(c: &mut Conn, id: &str, limit: usize) -> Result<RecordLookup,
         .iter()
         .map(crosswalk_row)
         .collect::<Result<_, _>>()?;
+    // the trail is indexed on each: the newest `limit`, oldest first
+    let mut attempts = Vec::new();
+    for r in c
+        .query(
+            "SELECT id, flow, destination, event_id, correlation_id, entity_key, attempt, at,
+                    latency_ms, status, outcome, error FROM attempts
+             WHERE id IN (SELECT id FROM attempts WHERE event_id = $1
+                          UNION SELECT id FROM attempts WHERE correlation_id = $1
+                          UNION SELECT id FROM attempts WHERE entity_key = $1)
+             ORDER BY id DESC LIMIT $2",
+            &[&id, &limit],
+        )
+        .await?
+    {
+        let status: Option<i32> = r.try_get(9)?;
+        attempts.push(crate::AttemptRow {
+            id: r.try_get(0)?,
+            flow: r.try_get(1)?,
+            destination: r.try_get(2)?,
+            event_id: r.try_get(3)?,
+            correlation_id: r.try_get(4)?,
+            entity_key: r.try_get(5)?,
+            attempt: r.try_get(6)?,
+            at: r.try_get(7)?,
+            latency_ms: r.try_get(8)?,
+            status: status.and_then(|s| u16::try_from(s).ok()),
+            outcome: r.try_get(10)?,
+            error: r.try_get(11)?,
+        });
+    }
+    attempts.reverse();
     Ok(RecordLookup {
         pending,
         dead,
         written,
+        attempts,
     })
 }
 

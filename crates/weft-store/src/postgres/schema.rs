@@ -256,6 +256,30 @@ const MIGRATIONS: &[&str] = &[
         alive_until bigint NOT NULL
     );
     "#,
+    // 7: the attempt trail (issue 15), as SQLite's migration 11: every
+    // write of a row to its destination, written by the settle that
+    // decides it; looked up by event id, correlation id or entity key,
+    // pruned past `store.attempt_retention` by `at`.
+    r#"
+    CREATE TABLE attempts (
+        id             bigserial PRIMARY KEY,
+        flow           text NOT NULL,
+        destination    text NOT NULL,
+        event_id       text NOT NULL,
+        correlation_id text NOT NULL,
+        entity_key     text,
+        attempt        bigint NOT NULL,
+        at             bigint NOT NULL,
+        latency_ms     bigint NOT NULL,
+        status         integer,
+        outcome        text NOT NULL,
+        error          text
+    );
+    CREATE INDEX attempts_by_event ON attempts (event_id);
+    CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
+    CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
+    CREATE INDEX attempts_by_time ON attempts (at);
+    "#,
 ];
 
 /// The schema version this build writes.

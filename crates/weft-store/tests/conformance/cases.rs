@@ -228,6 +228,7 @@ impl Rig {
                 .map(|(c, outcome)| Settlement {
                     id: c.row.id,
                     token: c.token,
+                    attempt: None,
                     outcome,
                 })
                 .collect(),
@@ -688,6 +689,154 @@ pub async fn delivered_at_ingest_counts_without_a_row(h: &mut impl Harness) {
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(rig.nums("f", "d"), [2, 0, 0, 2, 0, 0, 0]);
     assert_eq!(r.checkpoint("file", "pos").unwrap().as_deref(), Some("2"));
+}
+
+/// The attempt trail (issue 15): a settlement with its write is kept in
+/// the same transaction, with the attempt's number, its status and the
+/// outcome; a stale settlement, a release and a settlement without a write
+/// leave none; the lookup finds them by event id, correlation id and key,
+/// oldest first; the prune deletes those written before its cutoff.
+pub async fn attempt_trail_keeps_each_write(h: &mut impl Harness) {
+    let rig = Rig::new(h, &[("f", "d")]);
+    rig.ingest(vec![one("1", Some("k")), one("2", None), one("3", None)])
+        .await;
+    let sent = |at: i64, status: Option<u16>| {
+        Some(Attempt {
+            at,
+            latency_ms: 42,
+            status,
+        })
+    };
+    let settle = |c: &Claimed, outcome: Outcome, attempt: Option<Attempt>| Settlement {
+        id: c.row.id,
+        token: c.token,
+        outcome,
+        attempt,
+    };
+    let by_ev = |c: &[Claimed], ev: &str| {
+        c.iter()
+            .find(|c| c.row.event_id == ev)
+            .cloned()
+            .expect("claimed")
+    };
+    // first round: 1 fails (503), 2 is delivered (201), 3 is released
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(c.len(), 3, "{:?}", evs(&c));
+    let s = rig
+        .settle_all(Settle {
+            items: vec![
+                settle(&by_ev(&c, "1"), retry_in(-1), sent(1_000, Some(503))),
+                settle(&by_ev(&c, "2"), delivered(), sent(1_000, Some(201))),
+                settle(&by_ev(&c, "3"), Outcome::Release, sent(1_000, None)),
+            ],
+            follow_ups: Vec::new(),
+        })
+        .await;
+    assert_eq!((s.retried, s.delivered, s.released), (1, 1, 1), "{s:?}");
+    // second round: 1 dead-lettered (422), 3 delivered without a write
+    // recorded; a stale settlement of 3 with a write adds nothing
+    let c = rig.claim("f", "d", 10).await;
+    assert_eq!(c.len(), 2, "{:?}", evs(&c));
+    let (one_, three) = (by_ev(&c, "1"), by_ev(&c, "3"));
+    let mut stale = three.clone();
+    stale.token += 1_000_000;
+    let s = rig
+        .settle_all(Settle {
+            items: vec![
+                settle(&stale, delivered(), sent(3_000, Some(200))),
+                settle(&one_, dead(false), sent(2_000, Some(422))),
+                settle(&three, delivered(), None),
+            ],
+            follow_ups: Vec::new(),
+        })
+        .await;
+    assert_eq!((s.stale, s.dead, s.delivered), (1, 1, 1), "{s:?}");
+    let r = rig.j.read();
+    let trail = |id: &str| {
+        r.lookup(id, 10)
+            .expect("lookup")
+            .attempts
+            .into_iter()
+            .map(|a| {
+                (
+                    a.event_id,
+                    a.attempt,
+                    a.at,
+                    a.latency_ms,
+                    a.status,
+                    a.outcome,
+                    a.error,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = (
+        "1".to_string(),
+        1,
+        1_000,
+        42,
+        Some(503),
+        "retry".to_string(),
+        Some("503".to_string()),
+    );
+    let second = (
+        "1".to_string(),
+        2,
+        2_000,
+        42,
+        Some(422),
+        "dead".to_string(),
+        Some("422 unprocessable".to_string()),
+    );
+    assert_eq!(trail("1"), vec![first.clone(), second.clone()]);
+    assert_eq!(trail("c-1"), vec![first.clone(), second.clone()]);
+    assert_eq!(trail("k"), vec![first, second.clone()]);
+    assert_eq!(
+        trail("2"),
+        vec![(
+            "2".to_string(),
+            1,
+            1_000,
+            42,
+            Some(201),
+            "delivered".to_string(),
+            None
+        )]
+    );
+    assert!(trail("3").is_empty(), "{:?}", trail("3"));
+    let whole = r.lookup("1", 10).expect("lookup").attempts;
+    assert_eq!(
+        (whole[0].flow.as_str(), whole[0].destination.as_str()),
+        ("f", "d")
+    );
+    assert_eq!(whole[0].entity_key.as_deref(), Some("k"));
+    // the newest `limit`, oldest first
+    assert_eq!(trail_limit(r, "1", 1), vec![2]);
+    // the prune: before 2_000 goes, the rest stays; counts unchanged
+    let counts = rig.nums("f", "d");
+    let p = rig
+        .j
+        .prune(Prune {
+            dedupe_before: i64::MIN,
+            dlq_before: i64::MIN,
+            drift_before: i64::MIN,
+            attempts_before: 2_000,
+        })
+        .await
+        .expect("prune");
+    assert_eq!(p.attempts, 2, "{p:?}");
+    assert_eq!(trail("1"), vec![second]);
+    assert!(trail("2").is_empty());
+    assert_eq!(rig.nums("f", "d"), counts);
+}
+
+fn trail_limit(r: &dyn JournalRead, id: &str, limit: usize) -> Vec<i64> {
+    r.lookup(id, limit)
+        .expect("lookup")
+        .attempts
+        .iter()
+        .map(|a| a.attempt)
+        .collect()
 }
 
 pub async fn ingest_is_all_or_nothing(h: &mut impl Harness) {
@@ -1487,6 +1636,7 @@ pub async fn settle_applies_everything_in_one_call(h: &mut impl Harness) {
                 Settlement {
                     id: c[0].row.id,
                     token: c[0].token,
+                    attempt: None,
                     outcome: Outcome::Delivered(WriteOutcome {
                         external_id: Some("X-1".into()),
                         ..Default::default()
@@ -1495,6 +1645,7 @@ pub async fn settle_applies_everything_in_one_call(h: &mut impl Harness) {
                 Settlement {
                     id: c[1].row.id,
                     token: c[1].token,
+                    attempt: None,
                     outcome: Outcome::Retry {
                         next_at: now_ms() - 1,
                         error: "429".into(),
@@ -1503,11 +1654,13 @@ pub async fn settle_applies_everything_in_one_call(h: &mut impl Harness) {
                 Settlement {
                     id: c[2].row.id,
                     token: c[2].token,
+                    attempt: None,
                     outcome: dead(false),
                 },
                 Settlement {
                     id: c[3].row.id,
                     token: c[3].token,
+                    attempt: None,
                     outcome: Outcome::Release,
                 },
             ],
@@ -1583,6 +1736,7 @@ pub async fn settle_applies_everything_in_one_call(h: &mut impl Harness) {
             items: vec![Settlement {
                 id: c[0].row.id,
                 token: c[0].token,
+                attempt: None,
                 outcome: delivered(),
             }],
             follow_ups: vec![FollowUp {
@@ -1620,6 +1774,7 @@ pub async fn p0_3_external_id_committed_with_delivered(h: &mut impl Harness) {
             items: vec![Settlement {
                 id: c[0].row.id,
                 token: c[0].token + 1_000_000,
+                attempt: None,
                 outcome: ext("NOPE"),
             }],
             follow_ups: Vec::new(),
@@ -2004,6 +2159,7 @@ pub async fn p1_4_counts_balance_under_concurrent_writes(h: &mut impl Harness) {
             .map(|(i, c)| Settlement {
                 id: c.row.id,
                 token: c.token,
+                attempt: None,
                 outcome: if i % 5 == 0 { dead(false) } else { delivered() },
             })
             .collect();
@@ -2292,6 +2448,7 @@ pub async fn p1_20_resolved_dlq_entries_and_old_drift_are_pruned(h: &mut impl Ha
         dedupe_before: i64::MIN,
         dlq_before,
         drift_before,
+        attempts_before: i64::MIN,
     };
     let p = rig.j.prune(at(dlq_min, seen - 1)).await.expect("prune");
     assert_eq!(p, Pruned::default());
@@ -2304,7 +2461,8 @@ pub async fn p1_20_resolved_dlq_entries_and_old_drift_are_pruned(h: &mut impl Ha
         Pruned {
             dedupe: 0,
             dlq: 3,
-            drift: 2
+            drift: 2,
+            attempts: 0,
         }
     );
     assert_eq!(rig.nums("f", "d"), counts);

@@ -446,6 +446,7 @@ impl Case {
             .map(|(c, f)| Settlement {
                 id: c.row.id,
                 token: c.token,
+                attempt: None,
                 outcome: match f {
                     Fate::Delivered => Outcome::Delivered(WriteOutcome::default()),
                     Fate::Retry => Outcome::Retry {
@@ -463,6 +464,7 @@ impl Case {
         items.extend(zombies.iter().map(|c| Settlement {
             id: c.row.id,
             token: c.token,
+            attempt: None,
             outcome: Outcome::Delivered(WriteOutcome::default()),
         }));
         // a saga's next step: the first delivered row's key, at the flow's
