@@ -3,7 +3,8 @@
 //! `synchronous=FULL` (weft's default), PostgreSQL with the server's
 //! `synchronous_commit` (on by default: every commit fsynced). One lane,
 //! distinct keys, batches of `--batch` rows (a file or SQL source) and of 1
-//! row (a webhook); prints one table.
+//! row (a webhook), each without and with the attempt trail (an entry per
+//! settled row, as a lane writes); prints one table.
 //!
 //!     cargo run --release -p weft-bench --bin weft-journal-bench -- \
 //!         [--rows 20000] [--batch 500] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
@@ -76,7 +77,15 @@ fn event(i: usize) -> NewEvent {
 }
 
 /// `rows` rows through ingest, claim and settle in batches of `batch`.
-async fn run(j: &dyn Journal, first: usize, rows: usize, batch: usize) -> Result<Times> {
+/// With `trail`, every settlement carries its write, as a lane's does (an
+/// attempt-trail entry per row); without, none (the cost of the trail).
+async fn run(
+    j: &dyn Journal,
+    first: usize,
+    rows: usize,
+    batch: usize,
+    trail: bool,
+) -> Result<Times> {
     let mut t = Times::default();
     let mut i = first;
     while i < first + rows {
@@ -119,7 +128,7 @@ async fn run(j: &dyn Journal, first: usize, rows: usize, batch: usize) -> Result
                             id: c.row.id,
                             token: c.token,
                             // as a lane settles: with its write, for the attempt trail
-                            attempt: Some(weft_store::Attempt {
+                            attempt: trail.then(|| weft_store::Attempt {
                                 at: weft_store::now_ms(),
                                 latency_ms: 1,
                                 status: Some(200),
@@ -138,11 +147,12 @@ async fn run(j: &dyn Journal, first: usize, rows: usize, batch: usize) -> Result
     Ok(t)
 }
 
-fn row(engine: &str, batch: usize, t: &Times) {
+fn row(engine: &str, batch: usize, trail: bool, t: &Times) {
     let per = |d: Duration| d.as_secs_f64() * 1e6 / t.rows as f64;
     let total = t.ingest + t.claim + t.settle;
     println!(
-        "| {engine} | {batch} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        "| {engine} | {batch} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        if trail { "yes" } else { "no" },
         t.rows,
         per(t.ingest),
         per(t.claim),
@@ -171,9 +181,9 @@ async fn admin(url: &str, sql: &str) -> Result<()> {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     println!(
-        "| engine | batch | rows | ingest µs/row | claim µs/row | settle µs/row | total µs/row | rows/s |"
+        "| engine | batch | attempt trail | rows | ingest µs/row | claim µs/row | settle µs/row | total µs/row | rows/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
 
     let dir = std::env::temp_dir().join(format!("weft-journal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -182,10 +192,16 @@ async fn main() -> Result<()> {
         Synchronous::Full,
         Role::Hub,
     )?);
-    let t = run(sqlite.as_ref(), 0, cli.rows, cli.batch).await?;
-    row("SQLite", cli.batch, &t);
-    let t = run(sqlite.as_ref(), cli.rows, cli.single_rows, 1).await?;
-    row("SQLite", 1, &t);
+    // distinct event ids across the runs: each starts past the last
+    let mut first = 0;
+    for trail in [false, true] {
+        let t = run(sqlite.as_ref(), first, cli.rows, cli.batch, trail).await?;
+        row("SQLite", cli.batch, trail, &t);
+        first += cli.rows;
+        let t = run(sqlite.as_ref(), first, cli.single_rows, 1, trail).await?;
+        row("SQLite", 1, trail, &t);
+        first += cli.single_rows;
+    }
     drop(sqlite);
     std::fs::remove_dir_all(&dir)?;
 
@@ -204,10 +220,15 @@ async fn main() -> Result<()> {
             role: PgRole::Hub,
             ..PgOptions::new(url)
         })?);
-        let t = run(pg.as_ref(), 0, cli.rows, cli.batch).await?;
-        row("PostgreSQL", cli.batch, &t);
-        let t = run(pg.as_ref(), cli.rows, cli.single_rows, 1).await?;
-        row("PostgreSQL", 1, &t);
+        let mut first = 0;
+        for trail in [false, true] {
+            let t = run(pg.as_ref(), first, cli.rows, cli.batch, trail).await?;
+            row("PostgreSQL", cli.batch, trail, &t);
+            first += cli.rows;
+            let t = run(pg.as_ref(), first, cli.single_rows, 1, trail).await?;
+            row("PostgreSQL", 1, trail, &t);
+            first += cli.single_rows;
+        }
         anyhow::Ok(())
     }
     .await;

@@ -460,6 +460,14 @@ flows:
         let mut cp: Value = serde_json::from_str(&text).unwrap();
         let file = cp["file"].as_str().unwrap().to_owned();
         cp["file"] = Value::String(format!("{}.000000", file.rsplit_once('.').unwrap().0));
+        // as saved before GTID positions were kept (or by MySQL): only
+        // the file and offset to go on (with its GTID position the source
+        // resumes by GTID instead: the next test)
+        assert!(
+            cp["gtid_pos"].is_string(),
+            "MariaDB keeps the GTID position: {cp}"
+        );
+        cp.as_object_mut().unwrap().remove("gtid_pos");
         store
             .execute(
                 "UPDATE checkpoints SET value = ?1 WHERE source = 'legacy' AND key = 'mysql_cdc_position'",
@@ -530,6 +538,231 @@ flows:
     });
     assert_eq!(snapshots(), 22, "no snapshot at the restart");
     assert!(hub.stop().success());
+    drop(c);
+    drop(cleanup);
+}
+
+/// The saved checkpoint of `legacy`, and a way to rewrite it.
+fn checkpoint(dir: &std::path::Path) -> Value {
+    let store = rusqlite::Connection::open(dir.join("store.db")).unwrap();
+    let text: String = store
+        .query_row(
+            "SELECT value FROM checkpoints WHERE source = 'legacy' AND key = 'mysql_cdc_position'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn set_checkpoint(dir: &std::path::Path, cp: &Value) {
+    let store = rusqlite::Connection::open(dir.join("store.db")).unwrap();
+    store
+        .execute(
+            "UPDATE checkpoints SET value = ?1 WHERE source = 'legacy' AND key = 'mysql_cdc_position'",
+            [cp.to_string()],
+        )
+        .unwrap();
+}
+
+/// Issue 12, GTID resume: the checkpoint keeps MariaDB's GTID position
+/// with the binlog file and offset, and a resume goes by GTID whenever the
+/// file and offset are not that place on the server (a failover to a
+/// server whose binlogs have other names or offsets, a purged or reset
+/// binlog): (1) a file this server does not have, changes made while weft
+/// was stopped: each delivered once, nothing again, no snapshot; (2) the
+/// right file at an earlier offset (what another server's offsets look
+/// like): nothing before the GTID position comes again, where a resume by
+/// offset would repeat a transaction; (3) a GTID position the server's
+/// binlogs do not reach stops the source with the way out.
+#[test]
+fn a_lost_binlog_position_resumes_by_gtid_and_repeats_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
+        Ok(c) => c,
+        Err(e) => {
+            if ci() {
+                panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
+            }
+            eprintln!(
+                "!!!!!! SKIPPING MariaDB GTID test: {ADMIN_URL} is not reachable: {e} !!!!!!"
+            );
+            return;
+        }
+    };
+    let suffix = unique_suffix();
+    let db = format!("weft_cdc_gtid_{suffix}");
+    rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
+        .unwrap();
+    let cleanup = DropDb(db.clone());
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let mut c = rt.block_on(Conn::from_url(url.as_str())).unwrap();
+    rt.block_on(c.query_drop(
+        "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB;
+         INSERT INTO items SELECT seq, 0 FROM seq_1_to_10",
+    ))
+    .unwrap();
+    let server_id = 1_000_000 + (u64::from_str_radix(&suffix[8..], 16).unwrap() % 1_000_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        format!(
+            r#"
+store:
+  path: ./store.db
+systems:
+  legacy:
+    source:
+      mysql_cdc:
+        url: {url}
+        tables: [items]
+        server_id: {server_id}
+        heartbeat: 200ms
+  out:
+    sink:
+      jsonl:
+        path: ./out.jsonl
+        envelope: true
+flows:
+  changes:
+    from: legacy
+    to: [out]
+"#
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let count = |op: &str, id: i64| {
+        ops(&out)
+            .iter()
+            .filter(|(o, i)| o == op && *i == id)
+            .count()
+    };
+    let snapshots = || ops(&out).iter().filter(|(o, _)| o == "r").count();
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(20), "the initial snapshot", || {
+        snapshots() == 10
+    });
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (11, 0)"))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "a streamed insert", || {
+        count("c", 11) == 1
+    });
+    assert!(hub.stop().success());
+    let saved = checkpoint(dir.path());
+    let gtid_pos = saved["gtid_pos"].as_str().unwrap_or_default().to_owned();
+    assert!(!gtid_pos.is_empty(), "a GTID position is saved: {saved}");
+    let server_pos: String = rt
+        .block_on(c.query_first("SELECT @@gtid_binlog_pos"))
+        .unwrap()
+        .unwrap();
+    // (the shared server has other writers: the saved position is at most
+    // the server's, domain by domain)
+    assert!(
+        gtid_pos.split(',').all(|g| {
+            let (d, n) = (g.split('-').next().unwrap(), g.rsplit('-').next().unwrap());
+            server_pos.split(',').any(|s| {
+                s.split('-').next() == Some(d)
+                    && s.rsplit('-').next().unwrap().parse::<u64>().unwrap()
+                        >= n.parse::<u64>().unwrap()
+            })
+        }),
+        "saved {gtid_pos}, server {server_pos}"
+    );
+
+    // (1) a binlog this server does not have, changes made meanwhile
+    rt.block_on(c.query_drop(
+        "INSERT INTO items VALUES (12, 0); INSERT INTO items VALUES (13, 0);
+         UPDATE items SET v = 5 WHERE id = 5",
+    ))
+    .unwrap();
+    let mut moved = saved.clone();
+    moved["file"] = Value::String("failed-over-bin.000042".into());
+    moved["pos"] = Value::from(4);
+    set_checkpoint(dir.path(), &moved);
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(
+        Duration::from_secs(20),
+        "the changes made meanwhile",
+        || count("c", 12) == 1 && count("c", 13) == 1 && count("u", 5) == 1,
+    );
+    assert!(
+        hub.log_text().contains("resuming by GTID"),
+        "{}",
+        hub.log_text()
+    );
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (14, 0)"))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "streaming on", || {
+        count("c", 14) == 1
+    });
+    assert!(hub.stop().success());
+    assert_eq!(snapshots(), 10, "no new snapshot");
+    for (op, id) in [("c", 11), ("c", 12), ("c", 13), ("u", 5), ("c", 14)] {
+        assert_eq!(count(op, id), 1, "{op} {id} once: {:?}", ops(&out));
+    }
+    let after = checkpoint(dir.path());
+    assert_eq!(
+        after["file"], saved["file"],
+        "the position is this server's again: {after}"
+    );
+
+    // (2) the right file at an earlier offset: the start of insert 12
+    let lines = jsonl_lines(&out);
+    let start_12 = lines
+        .iter()
+        .find(|l| l["data"]["op"] == "c" && l["data"]["after"]["id"] == 12)
+        .map(|l| l["data"]["source"]["pos"].clone())
+        .unwrap();
+    let id_12 = lines
+        .iter()
+        .find(|l| l["data"]["op"] == "c" && l["data"]["after"]["id"] == 12)
+        .map(|l| l["data"]["source"]["file"].clone())
+        .unwrap();
+    // a transaction's start as the binlog has it (a resume by GTID takes
+    // it from the event's size: the server skipped what came before)
+    let boundary: Option<Option<String>> = rt
+        .block_on(c.exec_first(
+            "SELECT BINLOG_GTID_POS(?, ?)",
+            (saved["file"].as_str().unwrap(), start_12.as_u64().unwrap()),
+        ))
+        .unwrap();
+    assert!(
+        boundary.flatten().is_some(),
+        "insert 12 starts at an event boundary: {start_12}"
+    );
+    let mut earlier = after.clone();
+    earlier["pos"] = start_12;
+    set_checkpoint(dir.path(), &earlier);
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (15, 0)"))
+        .unwrap();
+    wait_for(Duration::from_secs(20), "streaming after (2)", || {
+        count("c", 15) == 1
+    });
+    assert!(hub.stop().success());
+    for (op, id) in [("c", 12), ("c", 13), ("u", 5), ("c", 14), ("c", 15)] {
+        assert_eq!(count(op, id), 1, "{op} {id} once: {:?}", ops(&out));
+    }
+    // a resume by GTID names this server's binlog (from the dump's first
+    // event), as a resume by offset does
+    assert!(id_12 == saved["file"], "{id_12}");
+
+    // (3) a GTID position this server's binlogs do not reach
+    let mut ahead = checkpoint(dir.path());
+    ahead["file"] = Value::String("failed-over-bin.000042".into());
+    ahead["gtid_pos"] = Value::String("0-1-999999999".into());
+    set_checkpoint(dir.path(), &ahead);
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(Duration::from_secs(10), "the loud error", || {
+        hub.log_text().contains("weft cdc resnapshot")
+    });
+    assert!(
+        hub.log_text().contains("GTID position 0-1-999999999"),
+        "{}",
+        hub.log_text()
+    );
+    drop(hub);
     drop(c);
     drop(cleanup);
 }

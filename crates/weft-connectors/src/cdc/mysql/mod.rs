@@ -13,7 +13,8 @@
 //! | none, or an unfinished snapshot | (`snapshot: initial`) a consistent snapshot transaction; its binlog position (MariaDB: `binlog_snapshot_file`/`_position`, no lock; MySQL: read under `FLUSH TABLES WITH READ LOCK`, released at once); the tables copied in it (`op: r`); then the stream from that position: no gap, no overlap |
 //! | none | (`snapshot: never`) the stream from the binlog's current end (`SHOW MASTER STATUS`) |
 //! | streaming, at `file:pos` | resume: the stream from `file:pos`; of the transaction starting there, the changes up to the saved `ordinal` are skipped |
-//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset) | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
+//! | streaming, with a GTID position (MariaDB), and `file:pos` is not that position here (`BINLOG_GTID_POS`: another server, a purged or reset binlog) | resume by GTID: the stream from the saved GTID position (`@slave_connect_state`); of the transaction `tx_gtid`, the changes up to `ordinal` are skipped |
+//! | streaming, but `file` is no longer on the server (purged) or `pos` is past its end (the binlog was reset), and no GTID position; or a GTID position the server's binlogs do not hold | changes may be lost: the source stops with the reason and the way out, `weft cdc resnapshot` (`on_position_lost: fail`) or takes a new snapshot (`resnapshot`) |
 //!
 //! A crash during the snapshot copies it again from the start (its rows
 //! come again, with the new snapshot's position in their ids).
@@ -39,9 +40,15 @@
 //! MariaDB GTIDs (`domain-server-seq`, from the GTID event, type `0xA2`,
 //! which the server sends as it is because the session says
 //! `@mariadb_slave_capability = 4`) and MySQL GTIDs (`uuid:n`) are carried
-//! in each event (`source.gtid`) and in the checkpoint, but not used to
-//! resume: a failover to another server (where file offsets differ) needs a
-//! new snapshot.
+//! in each event (`source.gtid`) and in the checkpoint. On MariaDB the
+//! checkpoint also keeps the GTID position of `file:pos` (`gtid_pos`, one
+//! GTID per domain, as `@@gtid_binlog_pos` writes it) and, for a split
+//! transaction, its GTID (`tx_gtid`). A start checks that the saved
+//! `file:pos` is that GTID position on this server (`BINLOG_GTID_POS`);
+//! when it is not (a failover to another server, a purged or reset
+//! binlog) the stream starts from the GTID position instead
+//! (`@slave_connect_state`), and a split transaction's stored part is
+//! skipped by its GTID. MySQL GTIDs are not used to resume.
 //!
 //! The binlog is not held for weft (there is no slot): the server purges
 //! it by its own retention (`expire_logs_days`,
@@ -110,7 +117,7 @@
 //! that do not match by position (`@3`) and logs a warning once.
 //!
 //! ## Not (yet) here
-//! GTID resume (`@slave_connect_state`), XA transactions, compressed binlog
+//! MySQL GTID resume (`COM_BINLOG_DUMP_GTID`), XA transactions, compressed binlog
 //! events (MariaDB `log_bin_compress`), TLS, tables added to `tables`
 //! later are streamed but not snapshotted (`weft cdc resnapshot` copies
 //! every table again: a request ([`super::RESNAPSHOT_KEY`]) read at each
@@ -171,14 +178,22 @@ pub enum Position {
     Snapshot { file: String, pos: u64, rows: u64 },
     /// Streaming: every transaction starting before `file:pos` is stored,
     /// and of the transaction starting there the first `ordinal` changes.
-    /// `gtid`: the last stored transaction's (for people; not used to
-    /// resume).
+    /// `gtid`: the last stored transaction's (for people). MariaDB:
+    /// `gtid_pos`, the GTID position of everything before `file:pos` (the
+    /// form of `@@gtid_binlog_pos`, one GTID per replication domain), and
+    /// `tx_gtid`, the GTID of the transaction starting there when
+    /// `ordinal > 0`: a resume where `file:pos` is not this place (another
+    /// server after a failover, a purged or reset binlog) starts from them.
     Stream {
         file: String,
         pos: u64,
         ordinal: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gtid: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gtid_pos: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tx_gtid: Option<String>,
         /// The last `weft cdc resnapshot` request acted on.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         served: Option<String>,
@@ -238,6 +253,16 @@ enum Plan {
         file: String,
         pos: u64,
         ordinal: u64,
+        /// The saved GTID position of `file:pos` (MariaDB), when there is one.
+        gtid_pos: Option<String>,
+    },
+    /// MariaDB: stream from the GTID position `gtid_pos`
+    /// (`@slave_connect_state`), skipping the first `ordinal` changes of
+    /// the transaction `tx_gtid`.
+    ResumeGtid {
+        gtid_pos: String,
+        tx_gtid: Option<String>,
+        ordinal: u64,
     },
     /// Stream from `file:pos` (the binlog's end) and save it.
     Fresh { file: String, pos: u64 },
@@ -284,11 +309,51 @@ impl MyCdcSource {
     }
 
     /// Where to start, given what was saved and what the server has.
-    async fn plan(&self, control: &mut Conn, saved: Option<&Position>) -> Result<Plan, Failure> {
+    async fn plan(
+        &self,
+        control: &mut Conn,
+        server: &Server,
+        saved: Option<&Position>,
+    ) -> Result<Plan, Failure> {
         if let Some(Position::Stream {
-            file, pos, ordinal, ..
+            file,
+            pos,
+            ordinal,
+            gtid_pos,
+            tx_gtid,
+            ..
         }) = saved
         {
+            // MariaDB with a saved GTID position: it decides where the
+            // stream goes on (failover-proof); `file:pos` only if it is the
+            // same place on this server
+            let by_gtid = match gtid_pos.as_deref() {
+                Some(g) if server.mariadb && setup::valid_gtid_pos(g) => Some(g),
+                _ => None,
+            };
+            if let Some(g) = by_gtid {
+                let here = setup::binlog_gtid_pos(control, file, *pos).await?;
+                if here.as_deref() == Some(g) {
+                    return Ok(Plan::Resume {
+                        file: file.clone(),
+                        pos: *pos,
+                        ordinal: *ordinal,
+                        gtid_pos: Some(g.to_owned()),
+                    });
+                }
+                tracing::warn!(
+                    system = %self.system, file = %file, pos, gtid_pos = %g,
+                    found = ?here,
+                    "mysql_cdc: the saved binlog position is not the saved GTID position on this \
+                     server (another server after a failover, or a purged or reset binlog); \
+                     resuming by GTID"
+                );
+                return Ok(Plan::ResumeGtid {
+                    gtid_pos: g.to_owned(),
+                    tx_gtid: tx_gtid.clone().filter(|_| *ordinal > 0),
+                    ordinal: *ordinal,
+                });
+            }
             let logs = setup::binary_logs(control).await?;
             let lost = match logs.iter().find(|(f, _)| f == file) {
                 Some((_, size)) if *pos <= *size => None,
@@ -311,6 +376,7 @@ impl MyCdcSource {
                     file: file.clone(),
                     pos: *pos,
                     ordinal: *ordinal,
+                    gtid_pos: None,
                 });
             };
             return self.position_lost(&format!("the binlog `{file}` {why}"), file, *pos);
@@ -366,9 +432,9 @@ impl MyCdcSource {
                 tracing::warn!(system = %self.system, request = %r.id, "mysql_cdc: a new snapshot was requested (`weft cdc resnapshot`); copying every table again");
                 Plan::Snapshot
             }
-            None => self.plan(&mut control, saved.as_ref()).await?,
+            None => self.plan(&mut control, &server, saved.as_ref()).await?,
         };
-        let resumed = matches!(plan, Plan::Resume { .. });
+        let resumed = matches!(plan, Plan::Resume { .. } | Plan::ResumeGtid { .. });
         let (tx, rx) = mpsc::channel(CHANNEL);
         let stop = shutdown.child_token();
         let reader = Reader {
@@ -386,6 +452,8 @@ impl MyCdcSource {
             tx,
             cur: (String::new(), 0),
             skip: None,
+            gtid_state: None,
+            gtid_dump: None,
             fde_seen: false,
             txn: (self.cfg.events == EventsMode::PerTransaction).then(|| Shape {
                 source: format!("weft:{}", self.system),
@@ -475,6 +543,9 @@ enum Msg {
         file: String,
         pos: u64,
         ordinal: u64,
+        /// The GTID position before the transaction, and its GTID.
+        gtid_pos: Option<String>,
+        tx_gtid: Option<String>,
     },
     /// The transaction with changes of captured tables is complete; the
     /// next one starts at `file:pos`.
@@ -483,6 +554,8 @@ enum Msg {
         pos: u64,
         gtid: Option<String>,
         ts: Option<DateTime<Utc>>,
+        /// The GTID position after it.
+        gtid_pos: Option<String>,
     },
     /// The snapshot consistent with `file:pos` begins.
     SnapshotStart { file: String, pos: u64 },
@@ -493,10 +566,20 @@ enum Msg {
         pos: u64,
         n: u64,
     },
-    /// Every row of the snapshot was sent; streaming follows from `file:pos`.
-    SnapshotDone { file: String, pos: u64 },
-    /// No transaction is open: everything before `file:pos` was read.
-    Idle { file: String, pos: u64 },
+    /// Every row of the snapshot was sent; streaming follows from `file:pos`
+    /// (GTID position `gtid_pos`).
+    SnapshotDone {
+        file: String,
+        pos: u64,
+        gtid_pos: Option<String>,
+    },
+    /// No transaction is open: everything before `file:pos` (GTID position
+    /// `gtid_pos`) was read.
+    Idle {
+        file: String,
+        pos: u64,
+        gtid_pos: Option<String>,
+    },
 }
 
 /// Groups the reader's messages into batches and stores them, each with
@@ -659,6 +742,8 @@ fn apply(p: &mut Pending, msg: Msg) {
             file,
             pos,
             ordinal,
+            gtid_pos,
+            tx_gtid,
         } => {
             p.records.extend(records);
             p.changes += changes;
@@ -667,6 +752,8 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal,
                 gtid: p.gtid.clone(),
+                gtid_pos,
+                tx_gtid,
                 served: p.served.clone(),
             });
         }
@@ -675,6 +762,7 @@ fn apply(p: &mut Pending, msg: Msg) {
             pos,
             gtid,
             ts,
+            gtid_pos,
         } => {
             p.open = false;
             if ts.is_some() {
@@ -688,6 +776,8 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal: 0,
                 gtid: p.gtid.clone(),
+                gtid_pos,
+                tx_gtid: None,
                 served: p.served.clone(),
             });
         }
@@ -705,7 +795,11 @@ fn apply(p: &mut Pending, msg: Msg) {
             p.changes += 1;
             p.pos = Some(Position::Snapshot { file, pos, rows: n });
         }
-        Msg::SnapshotDone { file, pos } => {
+        Msg::SnapshotDone {
+            file,
+            pos,
+            gtid_pos,
+        } => {
             p.open = false;
             if let Some(id) = p.pending.take() {
                 p.served = Some(id);
@@ -715,10 +809,16 @@ fn apply(p: &mut Pending, msg: Msg) {
                 pos,
                 ordinal: 0,
                 gtid: None,
+                gtid_pos,
+                tx_gtid: None,
                 served: p.served.clone(),
             });
         }
-        Msg::Idle { file, pos } => {
+        Msg::Idle {
+            file,
+            pos,
+            gtid_pos,
+        } => {
             if p.open {
                 return;
             }
@@ -735,6 +835,8 @@ fn apply(p: &mut Pending, msg: Msg) {
                     pos,
                     ordinal: 0,
                     gtid: p.gtid.clone(),
+                    gtid_pos,
+                    tx_gtid: None,
                     served: p.served.clone(),
                 });
             }
@@ -788,9 +890,14 @@ struct Reader {
     tx: mpsc::Sender<Msg>,
     /// The start of the next event.
     cur: (String, u64),
-    /// Of the transaction starting at `file:pos`, the first `ordinal`
-    /// changes are stored.
-    skip: Option<(String, u64, u64)>,
+    /// Of one transaction, the first changes are stored already.
+    skip: Option<Skip>,
+    /// MariaDB: the GTID position of what was read, one GTID per
+    /// replication domain (updated at each transaction's end); `None`
+    /// elsewhere or when the server could not say.
+    gtid_state: Option<std::collections::BTreeMap<u32, String>>,
+    /// The GTID position this stream was asked from (a dump by GTID).
+    gtid_dump: Option<String>,
     /// A format description event was read on this stream.
     fde_seen: bool,
     /// `Some` with `events: per_transaction`.
@@ -822,16 +929,64 @@ impl Reader {
                 };
                 snap
             }
-            Plan::Resume { file, pos, ordinal } => {
+            Plan::Resume {
+                file,
+                pos,
+                ordinal,
+                gtid_pos,
+            } => {
                 if ordinal > 0 {
-                    self.skip = Some((file.clone(), pos, ordinal));
+                    self.skip = Some(Skip::At(file.clone(), pos, ordinal));
+                }
+                match gtid_pos {
+                    Some(g) => self.gtid_state = Some(parse_gtid_pos(&g)),
+                    None => self.gtid_state_at(&file, pos).await?,
                 }
                 (file, pos)
             }
+            Plan::ResumeGtid {
+                gtid_pos,
+                tx_gtid,
+                ordinal,
+            } => {
+                if let Some(g) = tx_gtid {
+                    self.skip = Some(Skip::Gtid(g, ordinal));
+                }
+                self.gtid_state = Some(parse_gtid_pos(&gtid_pos));
+                // the server's first event (a rotate) names the file
+                self.cur = (String::new(), 4);
+                let result = match self.open_gtid(&gtid_pos).await {
+                    Ok(mut stream) => {
+                        tracing::info!(system = %self.system, server = %self.server.version, gtid_pos = %gtid_pos, "mysql_cdc: streaming from a GTID position");
+                        // a position the server does not have is fatal here
+                        let r = self.stream(&mut stream, &stop, OnPositionLost::Fail).await;
+                        drop(stream);
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    // refused before anything was read: the GTID is not in
+                    // this server's binlogs
+                    Err(Failure::Fatal(m))
+                        if self.cur.0.is_empty() && on_lost == OnPositionLost::Resnapshot =>
+                    {
+                        tracing::warn!(system = %self.system, reason = %m, "mysql_cdc: position lost; taking a new snapshot");
+                        self.skip = None;
+                        tokio::select! {
+                            r = self.snapshot() => r?,
+                            _ = stop.cancelled() => return Err(Failure::Shutdown),
+                        }
+                    }
+                    other => return other,
+                }
+            }
             Plan::Fresh { file, pos } => {
+                self.gtid_state_at(&file, pos).await?;
                 self.send(Msg::Idle {
                     file: file.clone(),
                     pos,
+                    gtid_pos: self.gtid_pos(),
                 })
                 .await?;
                 (file, pos)
@@ -845,8 +1000,50 @@ impl Reader {
         result
     }
 
-    /// The binlog stream from `file:pos`.
-    async fn open(&mut self, file: &str, pos: u64) -> Result<BinlogStream, Failure> {
+    /// The GTID position of `file:pos` on this server (MariaDB), kept as
+    /// the state the stream's transactions advance.
+    async fn gtid_state_at(&mut self, file: &str, pos: u64) -> Result<(), Failure> {
+        if self.server.mariadb {
+            self.gtid_state = setup::binlog_gtid_pos(&mut self.control, file, pos)
+                .await?
+                .filter(|g| setup::valid_gtid_pos(g))
+                .map(|g| parse_gtid_pos(&g));
+        }
+        Ok(())
+    }
+
+    /// The GTID position as saved: `domain-server-seq` per domain, by
+    /// domain, comma-separated.
+    fn gtid_pos(&self) -> Option<String> {
+        self.gtid_state
+            .as_ref()
+            .map(|m| m.values().cloned().collect::<Vec<_>>().join(","))
+    }
+
+    /// MariaDB: the binlog stream from the GTID position `gtid_pos`
+    /// (`@slave_connect_state`, as a MariaDB replica asks; the server
+    /// finds the file and ignores the request's file and offset).
+    async fn open_gtid(&mut self, gtid_pos: &str) -> Result<BinlogStream, Failure> {
+        if !setup::valid_gtid_pos(gtid_pos) {
+            return Err(Failure::Fatal(format!(
+                "the saved GTID position `{gtid_pos}` is not valid"
+            )));
+        }
+        let mut conn = self.session_conn().await?;
+        self.gtid_dump = Some(gtid_pos.to_owned());
+        conn.query_drop(format!("SET @slave_connect_state = '{gtid_pos}'"))
+            .await
+            .map_err(setup::my_err("cannot set up the binlog session"))?;
+        let request = BinlogStreamRequest::new(self.server_id)
+            .with_filename(&b""[..])
+            .with_pos(4u64);
+        conn.get_binlog_stream(request)
+            .await
+            .map_err(|e| stream_error(e, &format!("the GTID position {gtid_pos}")))
+    }
+
+    /// A connection set up for a binlog dump.
+    async fn session_conn(&mut self) -> Result<Conn, Failure> {
         let mut conn = setup::connect(&self.opts).await?;
         if self.server.mariadb {
             // GTID events as they are (0xA2), not rewritten as BEGIN
@@ -858,18 +1055,25 @@ impl Reader {
         conn.query_drop(format!("SET @master_heartbeat_period = {period}"))
             .await
             .map_err(setup::my_err("cannot set up the binlog session"))?;
+        Ok(conn)
+    }
+
+    /// The binlog stream from `file:pos`.
+    async fn open(&mut self, file: &str, pos: u64) -> Result<BinlogStream, Failure> {
+        let conn = self.session_conn().await?;
         let request = BinlogStreamRequest::new(self.server_id)
             .with_filename(file.as_bytes())
             .with_pos(pos);
         conn.get_binlog_stream(request)
             .await
-            .map_err(|e| stream_error(e, file, pos))
+            .map_err(|e| stream_error(e, &format!("{file}:{pos}")))
     }
 
     /// A consistent copy of the tables; returns its binlog position.
     async fn snapshot(&mut self) -> Result<(String, u64), Failure> {
         let mut conn = setup::connect(&self.opts).await?;
         let (file, pos) = setup::start_snapshot(&mut conn, &self.server).await?;
+        self.gtid_state_at(&file, pos).await?;
         tracing::info!(
             system = %self.system, file = %file, pos, tables = self.schema.len(),
             "mysql_cdc: initial snapshot"
@@ -954,6 +1158,7 @@ impl Reader {
         self.send(Msg::SnapshotDone {
             file: file.clone(),
             pos,
+            gtid_pos: self.gtid_pos(),
         })
         .await?;
         tracing::info!(system = %self.system, rows = n, "mysql_cdc: initial snapshot read");
@@ -976,7 +1181,7 @@ impl Reader {
                 _ = tokio::time::sleep_until(next_tick) => {
                     next_tick = tokio::time::Instant::now() + self.heartbeat;
                     if tx.is_none() {
-                        self.send(Msg::Idle { file: self.cur.0.clone(), pos: self.cur.1 }).await?;
+                        self.send(Msg::Idle { file: self.cur.0.clone(), pos: self.cur.1, gtid_pos: self.gtid_pos() }).await?;
                     }
                     if last_heard.elapsed() > silence {
                         return Err(Failure::Retry(format!(
@@ -991,7 +1196,12 @@ impl Reader {
             let ev = match ev {
                 None => return Err(Failure::Retry("the server ended the binlog stream".into())),
                 Some(Err(e)) => {
-                    let f = stream_error(e, &self.cur.0, self.cur.1);
+                    let from = match &self.gtid_dump {
+                        // refused before its first event: by GTID
+                        Some(g) if self.cur.0.is_empty() => format!("the GTID position {g}"),
+                        _ => format!("{}:{}", self.cur.0, self.cur.1),
+                    };
+                    let f = stream_error(e, &from);
                     if matches!(f, Failure::Fatal(_)) && on_lost == OnPositionLost::Resnapshot {
                         // the next session's plan sees the binlog gone
                         if let Failure::Fatal(m) = f {
@@ -1014,8 +1224,16 @@ impl Reader {
         tx: &mut Option<Tx>,
     ) -> Result<(), Failure> {
         let h = ev.header();
-        let start = self.cur.clone();
+        let mut start = self.cur.clone();
         let ty = h.event_type_raw();
+        // a real event starts `event_size` before the next one: exact also
+        // after a gap (a dump by GTID skips to its first transaction)
+        if ty == MARIADB_GTID_EVENT
+            && let Some(at) = u64::from(h.log_pos()).checked_sub(u64::from(h.event_size()))
+            && at >= 4
+        {
+            start.1 = at;
+        }
         let ts = (h.timestamp() > 0)
             .then(|| DateTime::from_timestamp(i64::from(h.timestamp()), 0))
             .flatten();
@@ -1058,7 +1276,22 @@ impl Reader {
                 // the artificial rotate opening a dump comes before the
                 // format description, so its checksum (4 bytes) is still
                 // on the name: it names the file asked for
-                let name = if !self.fde_seen && name.starts_with(self.cur.0.as_str()) {
+                let name = if !self.fde_seen && self.cur.0.is_empty() {
+                    // a dump by GTID: the server chose the file; the
+                    // longest of its binlogs the name starts with
+                    let logs = setup::binary_logs(&mut self.control).await?;
+                    let raw = name.to_string();
+                    logs.into_iter()
+                        .map(|(f, _)| f)
+                        .filter(|f| raw.starts_with(f.as_str()))
+                        .max_by_key(String::len)
+                        .ok_or_else(|| {
+                            Failure::Retry(format!(
+                                "the binlog `{}` the server streams from is not in SHOW BINARY LOGS",
+                                raw.escape_debug()
+                            ))
+                        })?
+                } else if !self.fde_seen && name.starts_with(self.cur.0.as_str()) {
                     self.cur.0.clone()
                 } else {
                     name.trim_end_matches(|c: char| c.is_control() || c == '\u{fffd}')
@@ -1135,12 +1368,14 @@ impl Reader {
         let Some(t) = tx.take() else {
             return Ok(());
         };
-        if self
-            .skip
-            .as_ref()
-            .is_some_and(|s| s.0 == t.file && s.1 == t.pos)
-        {
+        if self.skip.as_ref().is_some_and(|s| s.is(&t)) {
             self.skip = None;
+        }
+        // the transaction is read: the GTID position moves past it
+        if let (Some(state), Some(g)) = (self.gtid_state.as_mut(), t.gtid.as_deref())
+            && let Some(domain) = mariadb_domain(g)
+        {
+            state.insert(domain, g.to_owned());
         }
         if let (Some(g), Some(shape)) = (self.group.take(), &self.txn)
             && let Some(part) = g.finish(shape)
@@ -1153,6 +1388,7 @@ impl Reader {
                 pos: end.1,
                 gtid: t.gtid,
                 ts: t.ts,
+                gtid_pos: self.gtid_pos(),
             })
             .await?;
         }
@@ -1399,7 +1635,7 @@ impl Reader {
         let stored = self
             .skip
             .as_ref()
-            .is_some_and(|s| s.0 == t.file && s.1 == t.pos && t.ordinal <= s.2);
+            .is_some_and(|s| s.is(t) && t.ordinal <= s.ordinal());
         Ok((t.clone(), !stored))
     }
 
@@ -1440,6 +1676,8 @@ impl Reader {
             file: t.file.clone(),
             pos: t.pos,
             ordinal: t.ordinal,
+            gtid_pos: self.gtid_pos(),
+            tx_gtid: t.gtid.clone(),
         })
         .await
     }
@@ -1451,6 +1689,8 @@ impl Reader {
             file: t.file.clone(),
             pos: t.pos,
             ordinal: part.ordinal,
+            gtid_pos: self.gtid_pos(),
+            tx_gtid: t.gtid.clone(),
         })
         .await
     }
@@ -1664,14 +1904,56 @@ fn split_name(name: &str) -> Vec<String> {
     out
 }
 
+/// The transaction whose first `ordinal` changes are stored: by where it
+/// starts, or (a resume by GTID, where offsets are this server's) by its
+/// GTID.
+#[derive(Debug, Clone)]
+enum Skip {
+    At(String, u64, u64),
+    Gtid(String, u64),
+}
+
+impl Skip {
+    fn is(&self, t: &Tx) -> bool {
+        match self {
+            Skip::At(file, pos, _) => *file == t.file && *pos == t.pos,
+            Skip::Gtid(g, _) => t.gtid.as_deref() == Some(g.as_str()),
+        }
+    }
+    fn ordinal(&self) -> u64 {
+        match self {
+            Skip::At(_, _, n) | Skip::Gtid(_, n) => *n,
+        }
+    }
+}
+
+/// The domain of a MariaDB GTID (`domain-server-seq`); `None` for a MySQL
+/// one (`uuid:n`).
+fn mariadb_domain(gtid: &str) -> Option<u32> {
+    let mut parts = gtid.split('-');
+    let (d, s, n) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || s.parse::<u32>().is_err() || n.parse::<u64>().is_err() {
+        return None;
+    }
+    d.parse().ok()
+}
+
+/// A GTID position (`0-1-100,1-2-7`) by domain; empty for `""`.
+fn parse_gtid_pos(pos: &str) -> std::collections::BTreeMap<u32, String> {
+    pos.split(',')
+        .map(str::trim)
+        .filter_map(|g| mariadb_domain(g).map(|d| (d, g.to_owned())))
+        .collect()
+}
+
 /// A binlog stream error: a binlog the server cannot send from is fatal
 /// (with the way out); the rest is worth a retry.
-fn stream_error(e: mysql_async::Error, file: &str, pos: u64) -> Failure {
+fn stream_error(e: mysql_async::Error, from: &str) -> Failure {
     let message = crate::mysql::my_message(&e);
     match &e {
         mysql_async::Error::Server(s) if s.code == ER_MASTER_FATAL_ERROR_READING_BINLOG => {
             Failure::Fatal(format!(
-                "the server cannot send the binlog from {file}:{pos}: {message}. The binlog may \
+                "the server cannot send the binlog from {from}: {message}. The binlog may \
                  have been purged: the changes after it may be lost. To start over with a new \
                  initial snapshot, run `weft cdc resnapshot -c <config> <system>` (the hub need \
                  not be stopped), or set `on_position_lost: resnapshot`"
@@ -1769,14 +2051,36 @@ mod tests {
             pos: 1234,
             ordinal: 2,
             gtid: Some("0-1-57".into()),
+            gtid_pos: Some("0-1-57,1-2-9".into()),
+            tx_gtid: Some("0-1-58".into()),
             served: None,
         };
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(
             text,
-            r#"{"phase":"stream","file":"mysql-bin.000003","pos":1234,"ordinal":2,"gtid":"0-1-57"}"#
+            r#"{"phase":"stream","file":"mysql-bin.000003","pos":1234,"ordinal":2,"gtid":"0-1-57","gtid_pos":"0-1-57,1-2-9","tx_gtid":"0-1-58"}"#
         );
         assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), p);
+        // saved before GTID positions were kept: still read
+        let old = r#"{"phase":"stream","file":"mysql-bin.000003","pos":1234,"ordinal":0}"#;
+        assert!(matches!(
+            serde_json::from_str::<Position>(old).unwrap(),
+            Position::Stream { gtid_pos: None, .. }
+        ));
+    }
+
+    #[test]
+    fn gtid_positions_parse_by_domain_and_refuse_anything_else() {
+        let m = parse_gtid_pos("0-1-100, 2-5-7");
+        assert_eq!(m.get(&0).map(String::as_str), Some("0-1-100"));
+        assert_eq!(m.get(&2).map(String::as_str), Some("2-5-7"));
+        assert!(parse_gtid_pos("").is_empty());
+        assert_eq!(mariadb_domain("3-1-9"), Some(3));
+        assert_eq!(mariadb_domain("3e4f:9"), None);
+        assert!(setup::valid_gtid_pos("0-1-100,2-5-7"));
+        assert!(setup::valid_gtid_pos(""));
+        assert!(!setup::valid_gtid_pos("0-1-1'; DROP TABLE t; --"));
+        assert!(!setup::valid_gtid_pos("0-1"));
     }
 
     #[test]

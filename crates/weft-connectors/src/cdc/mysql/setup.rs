@@ -315,3 +315,34 @@ pub async fn start_snapshot(conn: &mut Conn, server: &Server) -> Result<(String,
     unlocked?;
     Ok(pos)
 }
+
+/// A MariaDB GTID position as weft saves it: `domain-server-seq` GTIDs,
+/// comma-separated (empty: no transaction yet). Checked before it is put
+/// in a statement.
+pub fn valid_gtid_pos(pos: &str) -> bool {
+    pos.split(',').all(|g| {
+        let g = g.trim();
+        let parts: Vec<&str> = g.split('-').collect();
+        g.is_empty()
+            || (parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
+    })
+}
+
+/// MariaDB: the GTID position of `file:pos` on this server
+/// (`BINLOG_GTID_POS`, which reads the binlog up to there); `None` when
+/// the server has no such place (another server, a purged or reset
+/// binlog).
+pub async fn binlog_gtid_pos(
+    conn: &mut Conn,
+    file: &str,
+    pos: u64,
+) -> Result<Option<String>, SetupError> {
+    let row: Option<Option<String>> = conn
+        .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (file, pos))
+        .await
+        .map_err(retry("cannot read the GTID position (BINLOG_GTID_POS)"))?;
+    Ok(row.flatten())
+}
