@@ -185,53 +185,50 @@ async fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
 
-    let dir = std::env::temp_dir().join(format!("weft-journal-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let sqlite: Arc<dyn Journal> = Arc::new(SqliteJournal::open(
-        &dir.join("journal.db"),
-        Synchronous::Full,
-        Role::Hub,
-    )?);
-    // distinct event ids across the runs: each starts past the last
-    let mut first = 0;
+    // each variant on a journal of its own, so that neither runs on the
+    // other's rows
     for trail in [false, true] {
-        let t = run(sqlite.as_ref(), first, cli.rows, cli.batch, trail).await?;
+        let dir =
+            std::env::temp_dir().join(format!("weft-journal-bench-{}-{trail}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let sqlite: Arc<dyn Journal> = Arc::new(SqliteJournal::open(
+            &dir.join("journal.db"),
+            Synchronous::Full,
+            Role::Hub,
+        )?);
+        let t = run(sqlite.as_ref(), 0, cli.rows, cli.batch, trail).await?;
         row("SQLite", cli.batch, trail, &t);
-        first += cli.rows;
-        let t = run(sqlite.as_ref(), first, cli.single_rows, 1, trail).await?;
+        let t = run(sqlite.as_ref(), cli.rows, cli.single_rows, 1, trail).await?;
         row("SQLite", 1, trail, &t);
-        first += cli.single_rows;
+        drop(sqlite);
+        std::fs::remove_dir_all(&dir)?;
     }
-    drop(sqlite);
-    std::fs::remove_dir_all(&dir)?;
 
-    let db = format!("weft_bench_{}", std::process::id());
-    // the same server and parameters, the bench's database
+    // the same server and parameters, the bench's databases
     let (base, query) = cli.pg.split_once('?').unwrap_or((&cli.pg, ""));
-    admin(base, &format!("CREATE DATABASE {db}")).await?;
-    let url = match base.rsplit_once('/') {
-        Some((server, _)) if query.is_empty() => format!("{server}/{db}"),
-        Some((server, _)) => format!("{server}/{db}?{query}"),
-        None => anyhow::bail!("--pg must end in /<database>: {}", cli.pg),
-    };
-    let result = async {
-        let pg: Arc<dyn Journal> = Arc::new(PgJournal::open(PgOptions {
-            node: "bench".into(),
-            role: PgRole::Hub,
-            ..PgOptions::new(url)
-        })?);
-        let mut first = 0;
-        for trail in [false, true] {
-            let t = run(pg.as_ref(), first, cli.rows, cli.batch, trail).await?;
+    for trail in [false, true] {
+        let db = format!("weft_bench_{}_{trail}", std::process::id());
+        admin(base, &format!("CREATE DATABASE {db}")).await?;
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) if query.is_empty() => format!("{server}/{db}"),
+            Some((server, _)) => format!("{server}/{db}?{query}"),
+            None => anyhow::bail!("--pg must end in /<database>: {}", cli.pg),
+        };
+        let result = async {
+            let pg: Arc<dyn Journal> = Arc::new(PgJournal::open(PgOptions {
+                node: "bench".into(),
+                role: PgRole::Hub,
+                ..PgOptions::new(url)
+            })?);
+            let t = run(pg.as_ref(), 0, cli.rows, cli.batch, trail).await?;
             row("PostgreSQL", cli.batch, trail, &t);
-            first += cli.rows;
-            let t = run(pg.as_ref(), first, cli.single_rows, 1, trail).await?;
+            let t = run(pg.as_ref(), cli.rows, cli.single_rows, 1, trail).await?;
             row("PostgreSQL", 1, trail, &t);
-            first += cli.single_rows;
+            anyhow::Ok(())
         }
-        anyhow::Ok(())
+        .await;
+        admin(base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+        result?;
     }
-    .await;
-    admin(base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
-    result
+    Ok(())
 }

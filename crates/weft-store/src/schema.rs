@@ -367,8 +367,8 @@ const MIGRATIONS: &[&str] = &[
     // destination (delivered, retried, dead-lettered), written by the
     // settle that decides it: when, how long, the HTTP status, the error.
     // Looked up by event id, correlation id or entity key (the record
-    // inspector, `weft trace`); pruned past `store.attempt_retention` by
-    // `at`.
+    // inspector, `weft record`); pruned past `store.attempt_retention` in
+    // id order (ids follow `at` closely: no index on it to maintain).
     r#"
     CREATE TABLE attempts (
         id INTEGER PRIMARY KEY,
@@ -387,7 +387,6 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX attempts_by_event ON attempts (event_id);
     CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
     CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
-    CREATE INDEX attempts_by_time ON attempts (at);
     "#,
 ];
 

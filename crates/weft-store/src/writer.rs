@@ -1000,10 +1000,20 @@ fn with_followers(
 fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settled, StoreError> {
     let mut done = Settled::default();
     for item in &s.items {
-        type Leased = (String, String, Option<String>, i64, String, String, i64);
+        type Leased = (
+            String,
+            String,
+            Option<String>,
+            i64,
+            String,
+            String,
+            i64,
+            String,
+        );
         let row: Option<Leased> = tx
             .prepare_cached(
-                "SELECT flow, destination, entity_key, order_seq, source, event_id, attempts FROM outbox
+                "SELECT flow, destination, entity_key, order_seq, source, event_id, attempts,
+                        correlation_id FROM outbox
                  WHERE id = ?1 AND token = ?2 AND state = 2",
             )?
             .query_row(params![item.id, item.token], |r| {
@@ -1015,10 +1025,12 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                     r.get(4)?,
                     r.get(5)?,
                     r.get(6)?,
+                    r.get(7)?,
                 ))
             })
             .optional()?;
-        let Some((flow, dest, key, order_seq, source, event_id, attempts)) = row else {
+        let Some((flow, dest, key, order_seq, source, event_id, attempts, correlation_id)) = row
+        else {
             done.stale += 1;
             continue;
         };
@@ -1033,12 +1045,15 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                 tx.prepare_cached(
                     "INSERT INTO attempts (flow, destination, event_id, correlation_id, entity_key,
                        attempt, at, latency_ms, status, outcome, error)
-                     SELECT flow, destination, event_id, correlation_id, entity_key, attempts + 1,
-                       ?2, ?3, ?4, ?5, ?6
-                     FROM outbox WHERE id = ?1",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?
                 .execute(params![
-                    item.id,
+                    flow,
+                    dest,
+                    event_id,
+                    correlation_id,
+                    key,
+                    attempts + 1,
                     a.at,
                     a.latency_ms,
                     a.status,
@@ -1365,8 +1380,11 @@ fn prune(tx: &Connection, c: &crate::Prune, limit: i64) -> Result<crate::Pruned,
         .execute(params![c.drift_before, limit])?;
     let attempts = tx
         .prepare_cached(
-            "DELETE FROM attempts WHERE id IN
-               (SELECT id FROM attempts WHERE at < ?1 ORDER BY at LIMIT ?2)",
+            // the oldest slice by id, those of it past the cutoff: ids
+            // follow `at` (an entry written late with an early `at` goes
+            // with a later slice)
+            "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts ORDER BY id LIMIT ?2)
+               AND at < ?1",
         )?
         .execute(params![c.attempts_before, limit])?;
     Ok(crate::Pruned {

@@ -1928,8 +1928,9 @@ async fn prune_in(
         .await?;
     let attempts = c
         .execute(
-            "DELETE FROM attempts WHERE id IN
-               (SELECT id FROM attempts WHERE at < $1 ORDER BY at LIMIT $2)",
+            // the oldest slice by id, those of it past the cutoff
+            "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts ORDER BY id LIMIT $2)
+               AND at < $1",
             &[&cut.attempts_before, &limit],
         )
         .await?;

@@ -259,7 +259,7 @@ const MIGRATIONS: &[&str] = &[
     // 7: the attempt trail (issue 15), as SQLite's migration 11: every
     // write of a row to its destination, written by the settle that
     // decides it; looked up by event id, correlation id or entity key,
-    // pruned past `store.attempt_retention` by `at`.
+    // pruned past `store.attempt_retention` in id order.
     r#"
     CREATE TABLE attempts (
         id             bigserial PRIMARY KEY,
@@ -278,7 +278,6 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX attempts_by_event ON attempts (event_id);
     CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
     CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
-    CREATE INDEX attempts_by_time ON attempts (at);
     "#,
 ];
 
