@@ -748,6 +748,59 @@ flows:
     // event), as a resume by offset does
     assert!(id_12 == saved["file"], "{id_12}");
 
+    // (2b) a transaction split over batches, its first 2 of 5 changes
+    // stored, resumed by GTID (another server's offsets): changes 3 to 5
+    // come, 1 and 2 do not (the skip goes by the transaction's GTID)
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    rt.block_on(c.query_drop("INSERT INTO items SELECT seq, 1 FROM seq_100_to_104"))
+        .unwrap();
+    wait_for(Duration::from_secs(20), "a 5-row transaction", || {
+        count("c", 104) == 1
+    });
+    assert!(hub.stop().success());
+    let first = jsonl_lines(&out)
+        .into_iter()
+        .find(|l| l["data"]["op"] == "c" && l["data"]["after"]["id"] == 100)
+        .unwrap();
+    let src = &first["data"]["source"];
+    assert_eq!(src["tx_ordinal"], 1, "{src}");
+    let before_t: Option<Option<String>> = rt
+        .block_on(c.exec_first(
+            "SELECT BINLOG_GTID_POS(?, ?)",
+            (src["file"].as_str().unwrap(), src["pos"].as_u64().unwrap()),
+        ))
+        .unwrap();
+    let mut split = checkpoint(dir.path());
+    split["file"] = Value::String("failed-over-bin.000042".into());
+    split["pos"] = Value::from(4);
+    split["ordinal"] = Value::from(2);
+    split["gtid_pos"] = Value::String(before_t.flatten().unwrap());
+    split["tx_gtid"] = src["gtid"].clone();
+    set_checkpoint(dir.path(), &split);
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    wait_for(
+        Duration::from_secs(20),
+        "the rest of the transaction",
+        || count("c", 104) == 2,
+    );
+    rt.block_on(c.query_drop("INSERT INTO items VALUES (16, 0)"))
+        .unwrap();
+    wait_for(Duration::from_secs(10), "streaming after (2b)", || {
+        count("c", 16) == 1
+    });
+    assert!(hub.stop().success());
+    for (id, n) in [
+        (100, 1),
+        (101, 1),
+        (102, 2),
+        (103, 2),
+        (104, 2),
+        (15, 1),
+        (16, 1),
+    ] {
+        assert_eq!(count("c", id), n, "c {id} {n} time(s): {:?}", ops(&out));
+    }
+
     // (3) a GTID position this server's binlogs do not reach
     let mut ahead = checkpoint(dir.path());
     ahead["file"] = Value::String("failed-over-bin.000042".into());
