@@ -75,10 +75,60 @@ pub enum IngestError {
 /// nothing of the batch is stored. Records whose `(source, id)` is already
 /// in the inbox are counted as duplicates and not stored twice. Safe to call
 /// concurrently.
+///
+/// `ingest` is `prepare` then `commit`. A source that keeps one batch ahead
+/// (the file source) prepares its next batch while the one before it
+/// commits, and commits strictly in order, each only after the commit
+/// before it returned `Ok` (a failed commit drops what was prepared after
+/// it): `prepare` writes nothing, so the order of what is stored, and of
+/// checkpoints, is the order of the commits.
 pub trait Ingest: Send + Sync {
     fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>>;
     /// Read back a checkpoint saved with an earlier batch.
     fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>>;
+
+    /// What `ingest` does before anything is written (parsing, mapping,
+    /// checks), for [`Ingest::commit`]. Default: nothing, the batch as it is.
+    fn prepare(&self, batch: Batch) -> BoxFuture<'_, Result<Staged, IngestError>> {
+        Box::pin(async move { Ok(Staged::new(batch)) })
+    }
+
+    /// The rest of `ingest` for a prepared batch: the same contract as
+    /// `ingest`. Default: `ingest` of a batch `prepare` left as it was.
+    fn commit(&self, staged: Staged) -> BoxFuture<'_, Result<Receipt, IngestError>> {
+        Box::pin(async move {
+            match staged.take::<Batch>() {
+                Ok(b) => self.ingest(b).await,
+                Err(_) => Err(IngestError::Store(
+                    "a batch prepared by another kind of ingest".into(),
+                )),
+            }
+        })
+    }
+}
+
+/// A batch [`Ingest::prepare`] made ready for [`Ingest::commit`] on the
+/// same `Ingest`: whatever that implementation keeps between the two.
+pub struct Staged(Box<dyn std::any::Any + Send>);
+
+impl Staged {
+    pub fn new<T: std::any::Any + Send>(t: T) -> Self {
+        Staged(Box::new(t))
+    }
+
+    /// What was kept, when it is a `T`; else the staged batch back.
+    pub fn take<T: std::any::Any>(self) -> Result<T, Staged> {
+        match self.0.downcast::<T>() {
+            Ok(t) => Ok(*t),
+            Err(other) => Err(Staged(other)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Staged(..)")
+    }
 }
 
 /// A source that failed in a way it cannot recover from by itself.

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use weft_connectors::sink::DeliveryContext;
+use weft_connectors::source::Staged;
 use weft_connectors::{Batch, Delivery, Ingest, IngestError, Receipt, Record, Sink};
 use weft_core::ErrorKind;
 use weft_core::config::{DeliveryPolicy, Flow};
@@ -650,9 +651,58 @@ async fn prepare_split(
     Ok((head, times, kept))
 }
 
+/// A batch mapped and checked, not written yet: between
+/// [`Ingest::prepare`] and [`Ingest::commit`].
+struct Ready {
+    prepared: IngestBatch,
+    kept: Vec<Kept>,
+    spans: Vec<crate::telemetry::RecordSpan>,
+}
+
 impl Ingest for Ingestor {
     fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
         Box::pin(async move {
+            let ready = self.ready(batch).await?;
+            self.commit_ready(ready).await
+        })
+    }
+
+    fn prepare(&self, batch: Batch) -> BoxFuture<'_, Result<Staged, IngestError>> {
+        Box::pin(async move { Ok(Staged::new(self.ready(batch).await?)) })
+    }
+
+    fn commit(&self, staged: Staged) -> BoxFuture<'_, Result<Receipt, IngestError>> {
+        Box::pin(async move {
+            match staged.take::<Ready>() {
+                Ok(ready) => self.commit_ready(ready).await,
+                Err(other) => match other.take::<Batch>() {
+                    Ok(b) => self.ingest(b).await,
+                    Err(_) => Err(IngestError::Store(
+                        "a batch prepared by another kind of ingest".into(),
+                    )),
+                },
+            }
+        })
+    }
+
+    fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            let journal = self.journal.clone();
+            let system = self.system.clone();
+            tokio::task::spawn_blocking(move || journal.read().checkpoint(&system, &key))
+                .await
+                .map_err(|e| IngestError::Store(e.to_string()))?
+                .map_err(|e| IngestError::Store(e.to_string()))
+        })
+    }
+}
+
+impl Ingestor {
+    /// `prepare`: the checks that may refuse the batch at the door, then
+    /// its mapping; nothing is written.
+    async fn ready(&self, batch: Batch) -> Result<Ready, IngestError> {
+        {
             if !self.accepting.load(Ordering::Acquire) {
                 return Err(IngestError::Unavailable("weft is shutting down".into()));
             }
@@ -668,12 +718,29 @@ impl Ingest for Ingestor {
             let spans = self.tracer.receive(&self.system, &batch);
             let (mut prepared, timings, kept) =
                 self.prepare_parallel(batch, !spans.is_empty()).await?;
-            prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
             crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
             if let Some(why) = crate::contracts::refusal(&prepared) {
                 spans.into_iter().for_each(|s| s.end(Err("refused")));
                 return Err(IngestError::Rejected(why));
             }
+            Ok(Ready {
+                prepared,
+                kept,
+                spans,
+            })
+        }
+    }
+
+    /// `commit`: the direct rows, then the journal's transaction.
+    async fn commit_ready(&self, ready: Ready) -> Result<Receipt, IngestError> {
+        {
+            let Ready {
+                mut prepared,
+                kept,
+                spans,
+            } = ready;
+            // the lease's epoch as of now, not of the mapping
+            prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
             // a replayable source's keyless rows: written now, counted
             // delivered by the ingest, the others' payloads filled in
             let direct = self.write_direct(&mut prepared, kept).await;
@@ -733,23 +800,9 @@ impl Ingest for Ingestor {
                 accepted: applied.changed,
                 duplicates: applied.duplicates,
             })
-        })
+        }
     }
 
-    fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
-        let key = key.to_owned();
-        Box::pin(async move {
-            let journal = self.journal.clone();
-            let system = self.system.clone();
-            tokio::task::spawn_blocking(move || journal.read().checkpoint(&system, &key))
-                .await
-                .map_err(|e| IngestError::Store(e.to_string()))?
-                .map_err(|e| IngestError::Store(e.to_string()))
-        })
-    }
-}
-
-impl Ingestor {
     /// The direct path ([`DirectLane`]): write the payloads `kept` for the
     /// direct lanes and mark those the destination has as delivered; the
     /// others get their JSON text and stay rows for the outbox.

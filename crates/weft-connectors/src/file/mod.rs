@@ -138,6 +138,17 @@ enum Outcome {
     Failed(String),
 }
 
+/// The next batch of a file, or why there is none.
+enum Next {
+    /// Prepared for its commit, with the checkpoint after it.
+    Ready(crate::source::Staged, FileCheckpoint),
+    /// The file is not read on.
+    Stop(Outcome),
+    /// The ingest is not accepting now: read again from the last commit
+    /// after a pause.
+    Wait(String),
+}
+
 impl FileSource {
     pub fn new(system: &str, spec: &SourceSpec) -> Result<Self, SourceError> {
         let err = |m: String| SourceError {
@@ -348,56 +359,49 @@ impl FileSource {
             };
             read::spawn_reader(plan.clone(), start, tx)
                 .map_err(|e| self.err(format!("cannot start the file reader: {e}")))?;
+            // one batch ahead: the next is read and prepared (mapped) while
+            // the one before it commits; commits go one after the other, in
+            // order, each after the one before returned Ok
+            let mut ahead = match self
+                .next_batch(
+                    &mut rx, &plan, &stamp, &cp, &key, format, &name, ingest, shutdown,
+                )
+                .await?
+            {
+                Next::Ready(staged, next_cp) => (staged, next_cp),
+                Next::Stop(o) => return Ok(o),
+                Next::Wait(why) => {
+                    tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
+                    drop(rx);
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
+                        _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+                    }
+                }
+            };
             loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
-                    m = rx.recv() => m,
-                };
-                let parsed = match next {
-                    Some(Ok(p)) => p,
-                    Some(Err(ReadError::Io(e))) => return Ok(Outcome::Failed(e)),
-                    Some(Err(ReadError::Unreadable(e))) => return Ok(Outcome::Unreadable(e)),
-                    None => {
-                        return Ok(Outcome::Failed(format!(
-                            "the reader of {name} stopped early"
-                        )));
+                let (staged, next_cp) = ahead;
+                let last = next_cp.done;
+                let commit = ingest.commit(staged);
+                let read = async {
+                    if last {
+                        None
+                    } else {
+                        Some(
+                            self.next_batch(
+                                &mut rx, &plan, &stamp, &next_cp, &key, format, &name, ingest,
+                                shutdown,
+                            )
+                            .await,
+                        )
                     }
                 };
-                // what is read must be what was hashed: stop before a
-                // batch of a file that changed since it was opened
-                let changed = stamp
-                    .changed(&plan.file)
-                    .unwrap_or_else(|e| Some(format!("cannot stat the open file: {e}")));
-                if let Some(why) = changed {
-                    let at = match format {
-                        FileFormat::Csv | FileFormat::Jsonl => format!("line {}", cp.line + 1),
-                        FileFormat::JsonArray | FileFormat::Xml => {
-                            format!("record {}", cp.record + 1)
-                        }
-                    };
-                    return Ok(Outcome::Unreadable(format!(
-                        "{why}; the records before {at} were ingested, the rest not"
-                    )));
-                }
-                let mut next_cp = cp.clone();
-                next_cp.offset = parsed.pos.offset;
-                next_cp.line = parsed.pos.line;
-                next_cp.record = parsed.pos.record;
-                next_cp.done = parsed.done;
-                let value = serde_json::to_string(&next_cp)
-                    .map_err(|e| self.err(format!("cannot encode checkpoint: {e}")))?;
-                let batch = Batch {
-                    records: parsed.records,
-                    checkpoint: Some(Checkpoint {
-                        key: key.clone(),
-                        value,
-                    }),
-                };
-                match ingest.ingest(batch).await {
+                let (committed, following) = tokio::join!(commit, read);
+                match committed {
                     Ok(_) => cp = next_cp,
                     Err(IngestError::Unavailable(why)) => {
                         tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
+                        drop(following);
                         drop(rx);
                         tokio::select! {
                             _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
@@ -412,7 +416,90 @@ impl FileSource {
                 if shutdown.is_cancelled() {
                     return Ok(Outcome::Stopped);
                 }
+                ahead = match following {
+                    Some(Ok(Next::Ready(staged, next_cp))) => (staged, next_cp),
+                    Some(Ok(Next::Stop(o))) => return Ok(o),
+                    Some(Ok(Next::Wait(why))) => {
+                        tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
+                        drop(rx);
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
+                            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(Outcome::Done),
+                };
             }
+        }
+    }
+
+    /// The reader's next batch after `cp`, prepared for its commit, with
+    /// the checkpoint it saves; or why the file is not read on.
+    #[allow(clippy::too_many_arguments)]
+    async fn next_batch(
+        &self,
+        rx: &mut mpsc::Receiver<Result<read::Parsed, ReadError>>,
+        plan: &Plan,
+        stamp: &read::Stamp,
+        cp: &FileCheckpoint,
+        key: &str,
+        format: FileFormat,
+        name: &str,
+        ingest: &Arc<dyn Ingest>,
+        shutdown: &CancellationToken,
+    ) -> Result<Next, SourceError> {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(Next::Stop(Outcome::Stopped)),
+            m = rx.recv() => m,
+        };
+        let parsed = match next {
+            Some(Ok(p)) => p,
+            Some(Err(ReadError::Io(e))) => return Ok(Next::Stop(Outcome::Failed(e))),
+            Some(Err(ReadError::Unreadable(e))) => return Ok(Next::Stop(Outcome::Unreadable(e))),
+            None => {
+                return Ok(Next::Stop(Outcome::Failed(format!(
+                    "the reader of {name} stopped early"
+                ))));
+            }
+        };
+        // what is read must be what was hashed: stop before a batch of a
+        // file that changed since it was opened
+        let changed = stamp
+            .changed(&plan.file)
+            .unwrap_or_else(|e| Some(format!("cannot stat the open file: {e}")));
+        if let Some(why) = changed {
+            let at = match format {
+                FileFormat::Csv | FileFormat::Jsonl => format!("line {}", cp.line + 1),
+                FileFormat::JsonArray | FileFormat::Xml => {
+                    format!("record {}", cp.record + 1)
+                }
+            };
+            return Ok(Next::Stop(Outcome::Unreadable(format!(
+                "{why}; the records before {at} were ingested, the rest not"
+            ))));
+        }
+        let mut next_cp = cp.clone();
+        next_cp.offset = parsed.pos.offset;
+        next_cp.line = parsed.pos.line;
+        next_cp.record = parsed.pos.record;
+        next_cp.done = parsed.done;
+        let value = serde_json::to_string(&next_cp)
+            .map_err(|e| self.err(format!("cannot encode checkpoint: {e}")))?;
+        let batch = Batch {
+            records: parsed.records,
+            checkpoint: Some(Checkpoint {
+                key: key.to_owned(),
+                value,
+            }),
+        };
+        match ingest.prepare(batch).await {
+            Ok(staged) => Ok(Next::Ready(staged, next_cp)),
+            // refused at the door (backpressure, stopping): the commit
+            // before it stands; this batch is read again after a pause
+            Err(IngestError::Unavailable(why)) => Ok(Next::Wait(why)),
+            Err(e) => Err(self.err(format!("ingest of {name} failed: {e}"))),
         }
     }
 
