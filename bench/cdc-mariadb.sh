@@ -47,7 +47,8 @@ grep -q "mysql_cdc: streaming" "$WEFT_WORK/weft.log" || { cat "$WEFT_WORK/weft.l
 
 PER=$((RATE / 100))
 echo "load: $RATE changes/s ($PER rows per transaction every 10 ms) for $SECS s" >&2
-my "$DB" -e "
+# the client splits statements at ';': the body goes between other delimiters
+my "$DB" -e "DELIMITER //
 CREATE PROCEDURE bench_load()
 BEGIN
   DECLARE t0 DOUBLE DEFAULT UNIX_TIMESTAMP(SYSDATE(6));
@@ -57,7 +58,8 @@ BEGIN
     SET i = i + 1;
     DO SLEEP(GREATEST(0, t0 + i * 0.01 - UNIX_TIMESTAMP(SYSDATE(6))));
   END WHILE;
-END"
+END //
+DELIMITER ;"
 my "$DB" -e "SET time_zone = '+00:00'; CALL bench_load()"
 WANT=$(my "$DB" -e "SELECT count(*) FROM bench_src")
 for _ in $(seq 1 600); do
