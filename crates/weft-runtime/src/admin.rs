@@ -14,6 +14,7 @@
 //! - `GET  /api/v1/dlq/jobs`               the kept jobs, newest first
 //! - `GET  /api/v1/dlq/jobs/{id}`          one job's progress
 //! - `POST /api/v1/dlq/jobs/{id}/cancel`   stop it after its current chunk
+//! - `GET  /api/v1/records/{id}`          what the store holds of the records an event id, correlation id or entity key names: every write attempt, pending rows, dead letters, destination ids; query: limit (1-1000, default 100)
 
 // Handlers answer with a `Response` either way; boxing it on the error path
 // would only add noise.
@@ -63,6 +64,7 @@ pub fn router(config: Arc<Config>, journal: Arc<dyn Journal>, jobs: Arc<Jobs>) -
         .route("/api/v1/dlq/{id}", get(show))
         .route("/api/v1/dlq/{id}/replay", post(replay_one))
         .route("/api/v1/dlq/{id}/discard", post(discard_one))
+        .route("/api/v1/records/{id}", get(record))
         .with_state(state)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::map_response(json_errors))
@@ -258,6 +260,64 @@ async fn show(State(a): State<Admin>, headers: HeaderMap, Path(id): Path<i64>) -
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no DLQ entry {id}")),
         Err(r) => r,
     }
+}
+
+/// `GET /api/v1/records/{id}`'s query.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordParams {
+    /// At most this many of each kind (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// What the store holds of the records an event id, correlation id or
+/// entity key names: every write attempt (newest `limit`, oldest first),
+/// pending rows, dead letters, destination ids. `weft record --json` and
+/// the record inspector read the same.
+async fn record(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RecordParams>,
+) -> Response {
+    if let Err(r) = authorize(&a, &headers) {
+        return r;
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit {limit}: from 1 to 1000"),
+        );
+    }
+    let journal = a.journal.clone();
+    match blocking(move || journal.read().lookup(&id, limit).map_err(store_err)).await {
+        Ok(found) => Json(record_json(&found)).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// The JSON of a record lookup: `{attempts, pending, dead, written}`
+/// (pending rows without their payloads).
+pub fn record_json(found: &weft_store::RecordLookup) -> Value {
+    let pending: Vec<Value> = found
+        .pending
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id, "flow": r.flow, "destination": r.destination,
+                "event_id": r.event_id, "correlation_id": r.correlation_id,
+                "entity_key": r.entity_key, "created_at": r.created_at,
+                "attempts": r.attempts, "next_at": r.next_at, "last_error": r.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "attempts": found.attempts,
+        "pending": pending,
+        "dead": found.dead,
+        "written": found.written,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]

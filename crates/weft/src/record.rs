@@ -5,10 +5,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-use serde_json::json;
-
 use crate::ConfigArg;
+use anyhow::Result;
 
 fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -23,24 +21,7 @@ pub fn record(cfg: ConfigArg, id: String, limit: usize, json: bool) -> Result<Ex
     };
     let found = crate::status::open_read(&cfg)?.lookup(&id, limit)?;
     if json {
-        let pending: Vec<_> = found
-            .pending
-            .iter()
-            .map(|r| {
-                json!({
-                    "id": r.id, "flow": r.flow, "destination": r.destination,
-                    "event_id": r.event_id, "correlation_id": r.correlation_id,
-                    "entity_key": r.entity_key, "created_at": r.created_at,
-                    "attempts": r.attempts, "next_at": r.next_at, "last_error": r.last_error,
-                })
-            })
-            .collect();
-        let out = json!({
-            "attempts": found.attempts,
-            "pending": pending,
-            "dead": found.dead,
-            "written": found.written,
-        });
+        let out = weft_runtime::admin::record_json(&found);
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }

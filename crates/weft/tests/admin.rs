@@ -121,6 +121,55 @@ fn admin_api_needs_the_token_and_operates_the_dlq() {
         api(&hub, "GET", "/api/v1/dlq?since=soon", Some(TOKEN), None).0,
         400
     );
+    // one record's attempt trail: event a-1 was sent once and refused (400)
+    assert_eq!(api(&hub, "GET", "/api/v1/records/a-1", None, None).0, 401);
+    let (s, rec1) = api(&hub, "GET", "/api/v1/records/a-1", Some(TOKEN), None);
+    assert_eq!(s, 200, "{rec1}");
+    let trail = rec1["attempts"].as_array().unwrap();
+    assert_eq!(trail.len(), 1, "{rec1}");
+    assert_eq!(
+        (
+            &trail[0]["outcome"],
+            &trail[0]["status"],
+            &trail[0]["attempt"]
+        ),
+        (
+            &serde_json::json!("dead"),
+            &serde_json::json!(400),
+            &serde_json::json!(1)
+        ),
+        "{rec1}"
+    );
+    assert_eq!(rec1["dead"].as_array().unwrap().len(), 1, "{rec1}");
+    wait_for(Duration::from_secs(10), "a-3 delivered", || {
+        api(&hub, "GET", "/api/v1/records/a-3", Some(TOKEN), None).1["attempts"][0]["outcome"]
+            == "delivered"
+    });
+    let (_, rec3) = api(&hub, "GET", "/api/v1/records/a-3", Some(TOKEN), None);
+    assert_eq!(rec3["attempts"][0]["status"], 200, "{rec3}");
+    assert!(rec3["attempts"][0]["error"].is_null(), "{rec3}");
+    assert_eq!(
+        api(
+            &hub,
+            "GET",
+            "/api/v1/records/nothing-names-this",
+            Some(TOKEN),
+            None
+        )
+        .1,
+        serde_json::json!({"attempts": [], "pending": [], "dead": [], "written": []})
+    );
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?other=1"] {
+        let (s, body) = api(
+            &hub,
+            "GET",
+            &format!("/api/v1/records/a-1{bad}"),
+            Some(TOKEN),
+            None,
+        );
+        assert_eq!(s, 400, "{bad}: {body}");
+        assert!(body["error"].is_string(), "{bad}: {body}");
+    }
     let first = list[0]["id"].as_i64().unwrap();
     let second = list[1]["id"].as_i64().unwrap();
     let key = list[0]["idempotency_key"].as_str().unwrap().to_owned();
