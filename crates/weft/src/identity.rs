@@ -80,7 +80,8 @@ pub enum XrefCmd {
     },
 }
 
-fn when(ms: i64) -> String {
+/// A time in ms since 1970 as people read it (UTC).
+pub(crate) fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
         .unwrap_or_default()

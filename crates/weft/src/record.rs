@@ -5,14 +5,10 @@
 
 use std::process::ExitCode;
 
-use crate::ConfigArg;
 use anyhow::Result;
 
-fn when(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-        .unwrap_or_default()
-}
+use crate::ConfigArg;
+use crate::identity::when;
 
 pub fn record(cfg: ConfigArg, id: String, limit: usize, json: bool) -> Result<ExitCode> {
     let cfg = match crate::load_config_for_inspection(&cfg.config) {
