@@ -141,6 +141,19 @@ pub enum Outcome {
     Wait { next_at: i64, reason: String },
 }
 
+impl Outcome {
+    /// What the attempt trail keeps of it: `delivered`, `retry` or `dead`
+    /// with the error; `None` for a release or a wait (no write decided it).
+    pub fn trail(&self) -> Option<(&'static str, Option<&str>)> {
+        match self {
+            Outcome::Delivered(_) => Some(("delivered", None)),
+            Outcome::Retry { error, .. } => Some(("retry", Some(error))),
+            Outcome::Dead { error, .. } => Some(("dead", Some(error))),
+            Outcome::Wait { .. } | Outcome::Release => None,
+        }
+    }
+}
+
 /// One row's settlement.
 #[derive(Debug, Clone)]
 pub struct Settlement {

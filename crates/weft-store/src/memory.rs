@@ -673,31 +673,26 @@ impl State {
                 done.stale += 1;
                 continue;
             }
-            if let (Some(a), Some(r)) = (item.attempt, self.outbox.get(&item.id)) {
-                let (outcome, error) = match &item.outcome {
-                    Outcome::Delivered(_) => (Some("delivered"), None),
-                    Outcome::Retry { error, .. } => (Some("retry"), Some(error.clone())),
-                    Outcome::Dead { error, .. } => (Some("dead"), Some(error.clone())),
-                    Outcome::Wait { .. } | Outcome::Release => (None, None),
-                };
-                if let Some(outcome) = outcome {
-                    let r = &r.row;
-                    let id = self.attempts.last().map_or(1, |l| l.id + 1);
-                    self.attempts.push(crate::AttemptRow {
-                        id,
-                        flow: r.flow.clone(),
-                        destination: r.destination.clone(),
-                        event_id: r.event_id.clone(),
-                        correlation_id: r.correlation_id.clone(),
-                        entity_key: r.entity_key.clone(),
-                        attempt: i64::from(r.attempts) + 1,
-                        at: a.at,
-                        latency_ms: a.latency_ms,
-                        status: a.status,
-                        outcome: outcome.into(),
-                        error,
-                    });
-                }
+            if let (Some(a), Some(r)) = (item.attempt, self.outbox.get(&item.id))
+                && let Some((outcome, error)) = item.outcome.trail()
+            {
+                let error = error.map(str::to_owned);
+                let r = &r.row;
+                let id = self.attempts.last().map_or(1, |l| l.id + 1);
+                self.attempts.push(crate::AttemptRow {
+                    id,
+                    flow: r.flow.clone(),
+                    destination: r.destination.clone(),
+                    event_id: r.event_id.clone(),
+                    correlation_id: r.correlation_id.clone(),
+                    entity_key: r.entity_key.clone(),
+                    attempt: i64::from(r.attempts) + 1,
+                    at: a.at,
+                    latency_ms: a.latency_ms,
+                    status: a.status,
+                    outcome: outcome.into(),
+                    error,
+                });
             }
             match item.outcome {
                 Outcome::Delivered(w) => {

@@ -1034,33 +1034,27 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
             done.stale += 1;
             continue;
         };
-        if let Some(a) = &item.attempt {
-            let (outcome, error) = match &item.outcome {
-                Outcome::Delivered(_) => (Some("delivered"), None),
-                Outcome::Retry { error, .. } => (Some("retry"), Some(error)),
-                Outcome::Dead { error, .. } => (Some("dead"), Some(error)),
-                Outcome::Wait { .. } | Outcome::Release => (None, None),
-            };
-            if let Some(outcome) = outcome {
-                tx.prepare_cached(
-                    "INSERT INTO attempts (flow, destination, event_id, correlation_id, entity_key,
+        if let Some(a) = &item.attempt
+            && let Some((outcome, error)) = item.outcome.trail()
+        {
+            tx.prepare_cached(
+                "INSERT INTO attempts (flow, destination, event_id, correlation_id, entity_key,
                        attempt, at, latency_ms, status, outcome, error)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?
-                .execute(params![
-                    flow,
-                    dest,
-                    event_id,
-                    correlation_id,
-                    key,
-                    attempts + 1,
-                    a.at,
-                    a.latency_ms,
-                    a.status,
-                    outcome,
-                    error
-                ])?;
-            }
+            )?
+            .execute(params![
+                flow,
+                dest,
+                event_id,
+                correlation_id,
+                key,
+                attempts + 1,
+                a.at,
+                a.latency_ms,
+                a.status,
+                outcome,
+                error
+            ])?;
         }
         match &item.outcome {
             Outcome::Delivered(w) => {

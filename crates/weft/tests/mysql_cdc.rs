@@ -369,17 +369,18 @@ fn ops(out: &std::path::Path) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// Regression for the way out of a purged binlog: a saved position in a
-/// binlog the server no longer has stops the source with an error naming
-/// `weft cdc resnapshot`; the command, beside the running hub, makes the
-/// restarted source copy every table again (the change made meanwhile
-/// included) and stream from there; a later restart does not copy again.
-/// (The shared server's binlogs are not purged by a test: the store's
-/// position is moved to a file older than every file it has, which is what
-/// a purge leaves.)
-#[test]
-fn a_purged_binlog_stops_the_source_and_cdc_resnapshot_recovers_every_row() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// A database of the test's own on the machine's MariaDB with `items` (ids
+/// 1 to 10), and a weft config in a new folder streaming it (`legacy`,
+/// heartbeat 200 ms) into `out.jsonl` with the envelope; `None` (skipped
+/// with a message) when MariaDB is not there, a failure when `CI=true`.
+struct Items {
+    c: Conn,
+    dir: tempfile::TempDir,
+    out: std::path::PathBuf,
+    _cleanup: DropDb,
+}
+
+fn items_db(rt: &tokio::runtime::Runtime, prefix: &str, what: &str) -> Option<Items> {
     let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
         Ok(c) => c,
         Err(e) => {
@@ -387,13 +388,13 @@ fn a_purged_binlog_stops_the_source_and_cdc_resnapshot_recovers_every_row() {
                 panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
             }
             eprintln!(
-                "!!!!!! SKIPPING MariaDB resnapshot test: {ADMIN_URL} is not reachable: {e} !!!!!!"
+                "!!!!!! SKIPPING MariaDB {what} test: {ADMIN_URL} is not reachable: {e} !!!!!!"
             );
-            return;
+            return None;
         }
     };
     let suffix = unique_suffix();
-    let db = format!("weft_cdc_resnap_{suffix}");
+    let db = format!("{prefix}_{suffix}");
     rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
         .unwrap();
     let cleanup = DropDb(db.clone());
@@ -434,6 +435,35 @@ flows:
     )
     .unwrap();
     let out = dir.path().join("out.jsonl");
+    Some(Items {
+        c,
+        dir,
+        out,
+        _cleanup: cleanup,
+    })
+}
+
+/// Regression for the way out of a purged binlog: a saved position in a
+/// binlog the server no longer has stops the source with an error naming
+/// `weft cdc resnapshot`; the command, beside the running hub, makes the
+/// restarted source copy every table again (the change made meanwhile
+/// included) and stream from there; a later restart does not copy again.
+/// (The shared server's binlogs are not purged by a test: the store's
+/// position is moved to a file older than every file it has, which is what
+/// a purge leaves.)
+#[test]
+fn a_purged_binlog_stops_the_source_and_cdc_resnapshot_recovers_every_row() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(Items {
+        c,
+        dir,
+        out,
+        _cleanup: cleanup,
+    }) = items_db(&rt, "weft_cdc_resnap", "resnapshot")
+    else {
+        return;
+    };
+    let mut c = c;
     let snapshots = || ops(&out).iter().filter(|(o, _)| o == "r").count();
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
     wait_for(Duration::from_secs(20), "the initial snapshot", || {
@@ -578,60 +608,16 @@ fn set_checkpoint(dir: &std::path::Path, cp: &Value) {
 #[test]
 fn a_lost_binlog_position_resumes_by_gtid_and_repeats_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut admin = match rt.block_on(Conn::from_url(ADMIN_URL)) {
-        Ok(c) => c,
-        Err(e) => {
-            if ci() {
-                panic!("MariaDB at {ADMIN_URL} is not reachable and CI=true: {e}");
-            }
-            eprintln!(
-                "!!!!!! SKIPPING MariaDB GTID test: {ADMIN_URL} is not reachable: {e} !!!!!!"
-            );
-            return;
-        }
+    let Some(Items {
+        c,
+        dir,
+        out,
+        _cleanup: cleanup,
+    }) = items_db(&rt, "weft_cdc_gtid", "GTID")
+    else {
+        return;
     };
-    let suffix = unique_suffix();
-    let db = format!("weft_cdc_gtid_{suffix}");
-    rt.block_on(admin.query_drop(format!("CREATE DATABASE `{db}`")))
-        .unwrap();
-    let cleanup = DropDb(db.clone());
-    let url = format!("mysql://root@127.0.0.1:3306/{db}");
-    let mut c = rt.block_on(Conn::from_url(url.as_str())).unwrap();
-    rt.block_on(c.query_drop(
-        "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB;
-         INSERT INTO items SELECT seq, 0 FROM seq_1_to_10",
-    ))
-    .unwrap();
-    let server_id = 1_000_000 + (u64::from_str_radix(&suffix[8..], 16).unwrap() % 1_000_000_000);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("weft.yaml"),
-        format!(
-            r#"
-store:
-  path: ./store.db
-systems:
-  legacy:
-    source:
-      mysql_cdc:
-        url: {url}
-        tables: [items]
-        server_id: {server_id}
-        heartbeat: 200ms
-  out:
-    sink:
-      jsonl:
-        path: ./out.jsonl
-        envelope: true
-flows:
-  changes:
-    from: legacy
-    to: [out]
-"#
-        ),
-    )
-    .unwrap();
-    let out = dir.path().join("out.jsonl");
+    let mut c = c;
     let count = |op: &str, id: i64| {
         ops(&out)
             .iter()

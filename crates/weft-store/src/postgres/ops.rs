@@ -1201,21 +1201,15 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
             continue;
         }
         let (flow, dest) = (row.flow.as_str(), row.destination.as_str());
-        if let Some(a) = &item.attempt {
-            let (outcome, error) = match &item.outcome {
-                Outcome::Delivered(_) => (Some("delivered"), None),
-                Outcome::Retry { error, .. } => (Some("retry"), Some(error.as_str())),
-                Outcome::Dead { error, .. } => (Some("dead"), Some(error.as_str())),
-                Outcome::Wait { .. } | Outcome::Release => (None, None),
-            };
-            if let Some(outcome) = outcome {
-                trail.0.push(item.id);
-                trail.1.push(a.at);
-                trail.2.push(a.latency_ms);
-                trail.3.push(a.status.map(i32::from));
-                trail.4.push(outcome);
-                trail.5.push(error);
-            }
+        if let Some(a) = &item.attempt
+            && let Some((outcome, error)) = item.outcome.trail()
+        {
+            trail.0.push(item.id);
+            trail.1.push(a.at);
+            trail.2.push(a.latency_ms);
+            trail.3.push(a.status.map(i32::from));
+            trail.4.push(outcome);
+            trail.5.push(error);
         }
         match &item.outcome {
             Outcome::Delivered(w) => {
