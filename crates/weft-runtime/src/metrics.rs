@@ -302,6 +302,18 @@ pub const FAMILIES: &[Family] = &[
         &["source"],
         "PostgreSQL CDC: WAL bytes the replication slot holds behind the server.",
     ),
+    fam(
+        "weft_cdc_snapshot_rows",
+        G,
+        &["source"],
+        "CDC: rows read by the source's current or last snapshot (initial, or of tables new to weft).",
+    ),
+    fam(
+        "weft_cdc_snapshot_rows_expected",
+        G,
+        &["source"],
+        "CDC: the catalog's estimate of that snapshot's rows when it began (0: no estimate).",
+    ),
 ];
 
 /// `# HELP` for every family (on the installed recorder).

@@ -664,6 +664,16 @@ fn tables_added_later_are_snapshotted_alone_and_streamed_from_their_snapshot() {
         "the initial snapshot",
         || count(&out, "r", "a") == 10,
     );
+    // the backfill's progress: rows read, and the catalog's estimate
+    let series = "weft_cdc_snapshot_rows{source=\"legacy\"}";
+    assert_eq!(metric(&scrape(&hub), series), Some(10.0));
+    assert!(
+        metric(
+            &scrape(&hub),
+            "weft_cdc_snapshot_rows_expected{source=\"legacy\"}"
+        )
+        .is_some_and(|n| n >= 0.0)
+    );
     assert!(hub.stop().success());
     assert_eq!(count(&out, "r", "b"), 0);
 
@@ -690,6 +700,8 @@ fn tables_added_later_are_snapshotted_alone_and_streamed_from_their_snapshot() {
     wait_hub(&hub, Duration::from_secs(20), "b's snapshot", || {
         count(&out, "r", "b") == 8
     });
+    // the table snapshot's own progress: b's 8 rows
+    assert_eq!(metric(&scrape(&hub), series), Some(8.0));
     rt.block_on(writing).unwrap();
     rt.block_on(c.batch_execute("INSERT INTO a VALUES (11, 0); INSERT INTO b VALUES (9, 0)"))
         .unwrap();

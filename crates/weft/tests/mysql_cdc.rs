@@ -629,6 +629,11 @@ fn a_lost_binlog_position_resumes_by_gtid_and_repeats_nothing() {
     wait_for(Duration::from_secs(20), "the initial snapshot", || {
         snapshots() == 10
     });
+    // the backfill's progress: 10 rows read
+    assert_eq!(
+        metric(&scrape(&hub), "weft_cdc_snapshot_rows{source=\"legacy\"}"),
+        Some(10.0)
+    );
     rt.block_on(c.query_drop("INSERT INTO items VALUES (11, 0)"))
         .unwrap();
     wait_for(Duration::from_secs(10), "a streamed insert", || {

@@ -1085,6 +1085,8 @@ impl Reader {
         .await?;
         let mut tables: Vec<TableInfo> = self.schema.values().cloned().collect();
         tables.sort_by(|a, b| (&a.db, &a.table).cmp(&(&b.db, &b.table)));
+        let expected = setup::estimated_rows(&mut conn, &tables).await;
+        let mut progress = super::SnapshotProgress::new(&self.system, expected);
         let mut n = 0u64;
         for info in tables {
             let cols = info
@@ -1120,6 +1122,7 @@ impl Reader {
                 .map_err(|e| Failure::Retry(format!("the snapshot failed: {e}")))?
             {
                 n += 1;
+                progress.row();
                 let mut after = Map::new();
                 for (i, (name, kind)) in rel.columns.iter().enumerate() {
                     let v = row
@@ -1152,6 +1155,7 @@ impl Reader {
                 .await?;
             }
         }
+        progress.done();
         conn.query_drop("COMMIT")
             .await
             .map_err(|e| Failure::Retry(format!("cannot end the snapshot: {e}")))?;

@@ -346,3 +346,21 @@ pub async fn binlog_gtid_pos(
         .map_err(retry("cannot read the GTID position (BINLOG_GTID_POS)"))?;
     Ok(row.flatten())
 }
+
+/// The catalog's estimate of the rows in `tables`
+/// (`information_schema.TABLES.TABLE_ROWS`: exact for MyISAM, an estimate
+/// for InnoDB); `None` when it cannot say.
+pub async fn estimated_rows(conn: &mut Conn, tables: &[TableInfo]) -> Option<u64> {
+    let mut total = 0u64;
+    for t in tables {
+        let n: Option<Option<u64>> = conn
+            .exec_first(
+                "SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (&t.db, &t.table),
+            )
+            .await
+            .ok()?;
+        total += n.flatten().unwrap_or(0);
+    }
+    (total > 0).then_some(total)
+}

@@ -1096,10 +1096,13 @@ impl Reader {
             tables = snap.tables().len(), "postgres_cdc: initial snapshot"
         );
         self.send(Msg::SnapshotStart { lsn }).await?;
+        let expected = setup::estimated_rows(&self.control, &tables).await;
+        let mut progress = super::SnapshotProgress::new(&self.system, expected);
         let mut rows = snap.with_cancellation(stop.clone()).rows();
         let mut n = 0u64;
         while let Some(row) = rows.next_row().await.map_err(repl("the snapshot failed"))? {
             n += 1;
+            progress.row();
             let rel = self.learn_info(&row.relation).await?;
             let after = row_json(&rel, &row.data);
             let event = self.event(
@@ -1125,6 +1128,7 @@ impl Reader {
             })
             .await?;
         }
+        progress.done();
         self.known = Some(tables.iter().cloned().collect());
         self.send(Msg::SnapshotDone { lsn, tables }).await?;
         tracing::info!(system = %self.system, rows = n, "postgres_cdc: initial snapshot read");
@@ -1431,6 +1435,8 @@ impl Reader {
             "postgres_cdc: snapshot of tables new to weft"
         );
         self.send(Msg::SyncStart).await?;
+        let expected = setup::estimated_rows(&self.control, &tables).await;
+        let mut progress = super::SnapshotProgress::new(&self.system, expected);
         let mut rows = snap.with_cancellation(stop.clone()).rows();
         let mut n = 0u64;
         while let Some(row) = rows
@@ -1439,6 +1445,7 @@ impl Reader {
             .map_err(repl("the table snapshot failed"))?
         {
             n += 1;
+            progress.row();
             let rel = self.learn_info(&row.relation).await?;
             let after = row_json(&rel, &row.data);
             let event = self.event(
@@ -1473,6 +1480,7 @@ impl Reader {
         for t in &tables {
             self.below.insert(t.clone(), lsn);
         }
+        progress.done();
         tracing::info!(system = %self.system, rows = n, "postgres_cdc: table snapshot read");
         self.send(Msg::Synced {
             lsn: Some(lsn),

@@ -358,3 +358,19 @@ pub async fn publication_tables(client: &Client, name: &str) -> Result<Vec<Strin
         .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect())
 }
+
+/// The catalog's estimate of the rows in `tables` (`schema.table` names):
+/// the sum of `pg_class.reltuples` (maintained by `ANALYZE` and autovacuum;
+/// -1 for a table never analyzed counts 0); `None` when it cannot say.
+pub async fn estimated_rows(client: &Client, tables: &[String]) -> Option<u64> {
+    let row = client
+        .query_one(
+            "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::int8 FROM pg_class c
+             WHERE c.oid IN (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)",
+            &[&tables],
+        )
+        .await
+        .ok()?;
+    let n: i64 = row.try_get(0).ok()?;
+    u64::try_from(n).ok().filter(|n| *n > 0)
+}
