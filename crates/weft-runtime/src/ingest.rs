@@ -675,12 +675,9 @@ impl Ingest for Ingestor {
         Box::pin(async move {
             match staged.take::<Ready>() {
                 Ok(ready) => self.commit_ready(ready).await,
-                Err(other) => match other.take::<Batch>() {
-                    Ok(b) => self.ingest(b).await,
-                    Err(_) => Err(IngestError::Store(
-                        "a batch prepared by another kind of ingest".into(),
-                    )),
-                },
+                Err(_) => Err(IngestError::Store(
+                    "a batch prepared by another kind of ingest".into(),
+                )),
             }
         })
     }
@@ -702,105 +699,99 @@ impl Ingestor {
     /// `prepare`: the checks that may refuse the batch at the door, then
     /// its mapping; nothing is written.
     async fn ready(&self, batch: Batch) -> Result<Ready, IngestError> {
-        {
-            if !self.accepting.load(Ordering::Acquire) {
-                return Err(IngestError::Unavailable("weft is shutting down".into()));
-            }
-            if let Some(l) = self.lanes.iter().find(|l| l.over_high_water()) {
-                m::backpressure(&self.system);
-                return Err(IngestError::Unavailable(format!(
-                    "backlog of flow `{}` to `{}` is over its high-water mark ({} pending)",
-                    l.flow, l.dest, l.high_water
-                )));
-            }
-            // a span per record (none with traces off); the rows store
-            // their contexts
-            let spans = self.tracer.receive(&self.system, &batch);
-            let (mut prepared, timings, kept) =
-                self.prepare_parallel(batch, !spans.is_empty()).await?;
-            crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
-            if let Some(why) = crate::contracts::refusal(&prepared) {
-                spans.into_iter().for_each(|s| s.end(Err("refused")));
-                return Err(IngestError::Rejected(why));
-            }
-            Ok(Ready {
-                prepared,
-                kept,
-                spans,
-            })
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(IngestError::Unavailable("weft is shutting down".into()));
         }
+        if let Some(l) = self.lanes.iter().find(|l| l.over_high_water()) {
+            m::backpressure(&self.system);
+            return Err(IngestError::Unavailable(format!(
+                "backlog of flow `{}` to `{}` is over its high-water mark ({} pending)",
+                l.flow, l.dest, l.high_water
+            )));
+        }
+        // a span per record (none with traces off); the rows store
+        // their contexts
+        let spans = self.tracer.receive(&self.system, &batch);
+        let (mut prepared, timings, kept) = self.prepare_parallel(batch, !spans.is_empty()).await?;
+        crate::telemetry::stamp(&spans, &mut prepared.events, &timings);
+        if let Some(why) = crate::contracts::refusal(&prepared) {
+            spans.into_iter().for_each(|s| s.end(Err("refused")));
+            return Err(IngestError::Rejected(why));
+        }
+        Ok(Ready {
+            prepared,
+            kept,
+            spans,
+        })
     }
 
     /// `commit`: the direct rows, then the journal's transaction.
     async fn commit_ready(&self, ready: Ready) -> Result<Receipt, IngestError> {
-        {
-            let Ready {
-                mut prepared,
-                kept,
-                spans,
-            } = ready;
-            // the lease's epoch as of now, not of the mapping
-            prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
-            // a replayable source's keyless rows: written now, counted
-            // delivered by the ingest, the others' payloads filled in
-            let direct = self.write_direct(&mut prepared, kept).await;
-            let routed = routed_counts(&prepared);
-            // marks the lanes as being ingested into until dropped (also when
-            // this future is dropped mid-way)
-            let _marks: Vec<IngestMark<'_>> =
-                self.lanes.iter().map(|l| IngestMark::new(l)).collect();
-            let applied = self.journal.ingest(prepared).await;
-            for l in &self.lanes {
-                if let Ok(a) = &applied
-                    && a.changed > 0
-                {
-                    // approximate (duplicates included); the gauge task re-reads it from the store
-                    let n = routed
-                        .get(&(l.flow.clone(), l.dest.clone()))
-                        .copied()
-                        .unwrap_or(0);
-                    l.backlog.fetch_add(n, Ordering::SeqCst);
-                    l.wake.notify_one();
-                }
+        let Ready {
+            mut prepared,
+            kept,
+            spans,
+        } = ready;
+        // the lease's epoch as of now, not of the mapping
+        prepared.fence = self.fence.as_ref().map(|f| f.load(Ordering::Acquire));
+        // a replayable source's keyless rows: written now, counted
+        // delivered by the ingest, the others' payloads filled in
+        let direct = self.write_direct(&mut prepared, kept).await;
+        let routed = routed_counts(&prepared);
+        // marks the lanes as being ingested into until dropped (also when
+        // this future is dropped mid-way)
+        let _marks: Vec<IngestMark<'_>> = self.lanes.iter().map(|l| IngestMark::new(l)).collect();
+        let applied = self.journal.ingest(prepared).await;
+        for l in &self.lanes {
+            if let Ok(a) = &applied
+                && a.changed > 0
+            {
+                // approximate (duplicates included); the gauge task re-reads it from the store
+                let n = routed
+                    .get(&(l.flow.clone(), l.dest.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                l.backlog.fetch_add(n, Ordering::SeqCst);
+                l.wake.notify_one();
             }
-            drop(_marks);
-            let committed = applied.as_ref().map(|_| ()).map_err(|_| "store_error");
-            spans.into_iter().for_each(|s| s.end(committed));
-            let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
-            for w in &direct {
-                let h = &w.lane.handle;
-                m::delivered(&h.flow, &h.dest, w.rows, &w.latencies);
-                h.delivered_rows.fetch_add(w.rows, Ordering::Relaxed);
-                h.delivered_latency_ms.fetch_add(
-                    w.latencies.iter().map(|s| (s * 1000.0) as u64).sum(),
-                    Ordering::Relaxed,
-                );
-            }
-            // exactly what the store counted (duplicates excluded)
-            for c in &applied.flows {
-                m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
-            }
-            if applied.duplicates > 0 {
-                m::duplicates(&self.system, applied.duplicates as u64);
-            }
-            if let Some(b) = self.drift.as_ref().and_then(|t| t.take()) {
-                let counted = DriftBatch {
-                    source: b.source.clone(),
-                    shape: None,
-                    events: b.events.clone(),
-                };
-                match self.journal.record_drift(b).await {
-                    Ok(_) => crate::drift::count_saved(&counted),
-                    Err(e) => {
-                        tracing::warn!(source = %self.system, error = %e, "cannot save drift events")
-                    }
-                }
-            }
-            Ok(Receipt {
-                accepted: applied.changed,
-                duplicates: applied.duplicates,
-            })
         }
+        drop(_marks);
+        let committed = applied.as_ref().map(|_| ()).map_err(|_| "store_error");
+        spans.into_iter().for_each(|s| s.end(committed));
+        let applied = applied.map_err(|e| IngestError::Store(e.to_string()))?;
+        for w in &direct {
+            let h = &w.lane.handle;
+            m::delivered(&h.flow, &h.dest, w.rows, &w.latencies);
+            h.delivered_rows.fetch_add(w.rows, Ordering::Relaxed);
+            h.delivered_latency_ms.fetch_add(
+                w.latencies.iter().map(|s| (s * 1000.0) as u64).sum(),
+                Ordering::Relaxed,
+            );
+        }
+        // exactly what the store counted (duplicates excluded)
+        for c in &applied.flows {
+            m::flow_ingested(&c.flow, c.received, c.filtered, c.rejected);
+        }
+        if applied.duplicates > 0 {
+            m::duplicates(&self.system, applied.duplicates as u64);
+        }
+        if let Some(b) = self.drift.as_ref().and_then(|t| t.take()) {
+            let counted = DriftBatch {
+                source: b.source.clone(),
+                shape: None,
+                events: b.events.clone(),
+            };
+            match self.journal.record_drift(b).await {
+                Ok(_) => crate::drift::count_saved(&counted),
+                Err(e) => {
+                    tracing::warn!(source = %self.system, error = %e, "cannot save drift events")
+                }
+            }
+        }
+        Ok(Receipt {
+            accepted: applied.changed,
+            duplicates: applied.duplicates,
+        })
     }
 
     /// The direct path ([`DirectLane`]): write the payloads `kept` for the

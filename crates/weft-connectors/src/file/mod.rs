@@ -362,25 +362,25 @@ impl FileSource {
             // one batch ahead: the next is read and prepared (mapped) while
             // the one before it commits; commits go one after the other, in
             // order, each after the one before returned Ok
-            let mut ahead = match self
+            let mut ahead = self
                 .next_batch(
                     &mut rx, &plan, &stamp, &cp, &key, format, &name, ingest, shutdown,
                 )
-                .await?
-            {
-                Next::Ready(staged, next_cp) => (staged, next_cp),
-                Next::Stop(o) => return Ok(o),
-                Next::Wait(why) => {
-                    tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
-                    drop(rx);
-                    tokio::select! {
-                        _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
-                        _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
-                    }
-                }
-            };
+                .await?;
             loop {
-                let (staged, next_cp) = ahead;
+                let (staged, next_cp) = match ahead {
+                    Next::Ready(staged, next_cp) => (staged, next_cp),
+                    Next::Stop(o) => return Ok(o),
+                    // not accepting now: from the last commit after a pause
+                    Next::Wait(why) => {
+                        tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
+                        drop(rx);
+                        tokio::select! {
+                            _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
+                            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+                        }
+                    }
+                };
                 let last = next_cp.done;
                 let commit = ingest.commit(staged);
                 let read = async {
@@ -399,14 +399,10 @@ impl FileSource {
                 let (committed, following) = tokio::join!(commit, read);
                 match committed {
                     Ok(_) => cp = next_cp,
+                    // what was prepared after it is dropped
                     Err(IngestError::Unavailable(why)) => {
-                        tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
-                        drop(following);
-                        drop(rx);
-                        tokio::select! {
-                            _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
-                            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
-                        }
+                        ahead = Next::Wait(why);
+                        continue;
                     }
                     Err(e) => return Err(self.err(format!("ingest of {name} failed: {e}"))),
                 }
@@ -417,17 +413,7 @@ impl FileSource {
                     return Ok(Outcome::Stopped);
                 }
                 ahead = match following {
-                    Some(Ok(Next::Ready(staged, next_cp))) => (staged, next_cp),
-                    Some(Ok(Next::Stop(o))) => return Ok(o),
-                    Some(Ok(Next::Wait(why))) => {
-                        tracing::debug!(file = %name, %why, "file source: ingest not accepting, waiting");
-                        drop(rx);
-                        tokio::select! {
-                            _ = tokio::time::sleep(BACKOFF) => continue 'attempt,
-                            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
-                        }
-                    }
-                    Some(Err(e)) => return Err(e),
+                    Some(next) => next?,
                     None => return Ok(Outcome::Done),
                 };
             }
