@@ -11,6 +11,20 @@ use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, Source, SourceError, SourceHandle, build_source};
 use weft_core::config::SourceSpec;
 
+/// How a supervisor makes a source again after it failed: `Ok(None)` when
+/// there is no task to run (a webhook's routes).
+pub type Rebuild = Arc<dyn Fn() -> Result<Option<Box<dyn Source>>, SourceError> + Send + Sync>;
+
+/// [`Rebuild`] of a configured system's source, from the registry.
+pub fn rebuild_from(system: &str, spec: SourceSpec) -> Rebuild {
+    let system = system.to_owned();
+    Arc::new(move || match build_source(&system, &spec) {
+        Ok(SourceHandle::Task(s)) => Ok(Some(s)),
+        Ok(SourceHandle::Routes(_)) => Ok(None),
+        Err(e) => Err(e),
+    })
+}
+
 use crate::metrics;
 
 /// The first wait before restarting a failed source; doubled after each
@@ -148,7 +162,7 @@ impl Health {
 /// its last committed checkpoint like a restart of the hub would.
 pub async fn supervise(
     system: String,
-    spec: SourceSpec,
+    rebuild: Rebuild,
     first: Option<Box<dyn Source>>,
     ingest: Arc<dyn Ingest>,
     stop: CancellationToken,
@@ -159,9 +173,9 @@ pub async fn supervise(
     loop {
         let source = match next.take() {
             Some(s) => Ok(s),
-            None => match build_source(&system, &spec) {
-                Ok(SourceHandle::Task(s)) => Ok(s),
-                Ok(SourceHandle::Routes(_)) => return Ok(()),
+            None => match rebuild() {
+                Ok(Some(s)) => Ok(s),
+                Ok(None) => return Ok(()),
                 Err(e) => Err(e),
             },
         };

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, Source, SourceError};
-use weft_core::config::SourceSpec;
 use weft_store::Journal;
 
 use crate::health::{self, SourceState};
@@ -49,7 +48,7 @@ fn ms(d: Duration) -> i64 {
 #[allow(clippy::too_many_arguments)]
 pub async fn run_leased(
     system: String,
-    spec: SourceSpec,
+    rebuild: health::Rebuild,
     first: Box<dyn Source>,
     ingest: Arc<dyn Ingest>,
     stop: CancellationToken,
@@ -91,7 +90,7 @@ pub async fn run_leased(
         let child = stop.child_token();
         let mut task = tokio::spawn(health::supervise(
             system.clone(),
-            spec.clone(),
+            rebuild.clone(),
             first.take(),
             ingest.clone(),
             child.clone(),

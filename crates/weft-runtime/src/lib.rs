@@ -22,6 +22,7 @@ pub mod references;
 pub mod server;
 pub mod telemetry;
 pub mod testing;
+pub mod topic;
 pub mod ui;
 
 use std::collections::BTreeMap;
@@ -33,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weft_connectors::{Ingest, SourceHandle, build_sink, build_source};
 use weft_core::config::Config;
-use weft_store::{Dedupe, Journal, LaneId, Role, SqliteJournal};
+use weft_store::{Dedupe, Journal, LaneId, Role, SqliteJournal, StoreError};
 
 pub use ingest::{prepare, prepare_with, run_flow};
 
@@ -61,6 +62,9 @@ pub struct Runtime {
     accepting: Arc<AtomicBool>,
     health: Arc<health::Health>,
     sources: Vec<(String, JoinHandle<Result<(), weft_connectors::SourceError>>)>,
+    /// `(subscription, topic)` of every flow reading a topic: sources that
+    /// never finish, idle when caught up with their topic.
+    subscriptions: Vec<(String, String)>,
     lanes: Vec<JoinHandle<()>>,
     /// Heartbeats on a shared journal; stopped after the lanes.
     membership_stop: CancellationToken,
@@ -119,19 +123,42 @@ impl Runtime {
                 }
             }
         }
+        // topics inside the hub: a sink per topic a flow publishes to, and
+        // one wake-up per topic for the subscribers in this process
+        let published: BTreeMap<String, Arc<tokio::sync::Notify>> = config
+            .topics
+            .keys()
+            .map(|t| (t.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect();
+        for (name, wake) in &published {
+            let used = config
+                .flows
+                .iter()
+                .any(|f| f.destinations.iter().any(|d| &d.system == name));
+            if used {
+                sinks.insert(
+                    name.clone(),
+                    Arc::new(topic::TopicSink {
+                        topic: name.clone(),
+                        journal: journal.clone(),
+                        published: wake.clone(),
+                    }) as Arc<dyn weft_connectors::Sink>,
+                );
+            }
+        }
         // guards: one per destination system, shared by its lanes
         let guards: BTreeMap<String, Arc<guard::Guard>> = sinks
             .keys()
-            .filter_map(|name| {
-                let sys = config.systems.get(name)?;
-                Some((
+            .map(|name| {
+                let sys = config.systems.get(name);
+                (
                     name.clone(),
                     Arc::new(guard::Guard::new(
                         name,
-                        sys.breaker.as_ref(),
-                        sys.rate_limit.as_ref(),
+                        sys.and_then(|s| s.breaker.as_ref()),
+                        sys.and_then(|s| s.rate_limit.as_ref()),
                     )),
-                ))
+                )
             })
             .collect();
         for name in &down_at_start {
@@ -222,10 +249,22 @@ impl Runtime {
                 built_sources.push((name.clone(), spec.clone(), build_source(name, spec)?));
             }
         }
+        // a subscription per flow reading a topic: a source of its own
+        let subscriptions: Vec<(String, Arc<weft_core::config::Flow>)> = config
+            .flows
+            .iter()
+            .filter(|f| config.topics.contains_key(&f.from))
+            .map(|f| (topic::subscription(&f.from, &f.name), f.clone()))
+            .collect();
         let health = Arc::new(
-            health::Health::new(built_sources.iter().filter_map(|(name, _, h)| {
-                matches!(h, SourceHandle::Task(_)).then_some(name.as_str())
-            }))
+            health::Health::new(
+                built_sources
+                    .iter()
+                    .filter_map(|(name, _, h)| {
+                        matches!(h, SourceHandle::Task(_)).then_some(name.as_str())
+                    })
+                    .chain(subscriptions.iter().map(|(name, _)| name.as_str())),
+            )
             .with_membership(membership.clone()),
         );
         let mut sources = Vec::new();
@@ -315,35 +354,79 @@ impl Runtime {
             });
             match built {
                 SourceHandle::Task(src) => {
-                    let stop = source_stop.clone();
-                    let state = health
-                        .source(name)
-                        .unwrap_or_else(|| Arc::new(health::SourceState::default()));
-                    let task = match fence {
-                        Some(fence) => tokio::spawn(lease::run_leased(
-                            name.clone(),
-                            spec,
-                            src,
-                            ingestor,
-                            stop,
-                            state,
-                            journal.clone(),
+                    let task = spawn_source(
+                        name,
+                        health::rebuild_from(name, spec),
+                        src,
+                        ingestor,
+                        SourceRun {
+                            stop: source_stop.clone(),
+                            health: &health,
+                            journal: &journal,
                             fence,
                             node_timeout,
-                        )),
-                        None => tokio::spawn(health::supervise(
-                            name.clone(),
-                            spec,
-                            Some(src),
-                            ingestor,
-                            stop,
-                            state,
-                        )),
-                    };
+                        },
+                    );
                     sources.push((name.clone(), task));
                 }
                 SourceHandle::Routes(route) => webhooks.push((route, ingestor)),
             }
+        }
+        let subscribed: Vec<(String, String)> = subscriptions
+            .iter()
+            .map(|(name, f)| (name.clone(), f.from.clone()))
+            .collect();
+        for (name, flow) in subscriptions {
+            let Some(wake) = published.get(&flow.from) else {
+                continue;
+            };
+            let make = {
+                let (name, journal, wake) = (name.clone(), journal.clone(), wake.clone());
+                let (topic, start) = (flow.from.clone(), flow.start.unwrap_or_default());
+                move || -> Box<dyn weft_connectors::Source> {
+                    Box::new(topic::TopicSource {
+                        topic: topic.clone(),
+                        name: name.clone(),
+                        start,
+                        journal: journal.clone(),
+                        published: wake.clone(),
+                    })
+                }
+            };
+            let fence = journal
+                .shared()
+                .then(|| Arc::new(std::sync::atomic::AtomicI64::new(0)));
+            let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
+                direct: Vec::new(),
+                fence: fence.clone(),
+                system: name.clone(),
+                drift: None,
+                flows: vec![flow.clone()],
+                journal: journal.clone(),
+                dedupe: Dedupe::Position,
+                lanes: handles
+                    .iter()
+                    .filter(|h| h.flow == flow.name)
+                    .cloned()
+                    .collect(),
+                accepting: accepting.clone(),
+                tracer: tracer.clone(),
+            });
+            let first = make();
+            let task = spawn_source(
+                &name,
+                Arc::new(move || Ok(Some(make()))),
+                first,
+                ingestor,
+                SourceRun {
+                    stop: source_stop.clone(),
+                    health: &health,
+                    journal: &journal,
+                    fence,
+                    node_timeout,
+                },
+            );
+            sources.push((name, task));
         }
         let stored_gauges = Arc::new(gauges::Gauges::new(
             journal.clone(),
@@ -357,7 +440,7 @@ impl Runtime {
             stored_gauges.clone(),
             gauges::Alerter::new(&config.flows),
             handles,
-            config.store.clone(),
+            config.clone(),
             series.clone(),
             trackers,
         ));
@@ -375,6 +458,7 @@ impl Runtime {
             accepting,
             health,
             sources,
+            subscriptions: subscribed,
             lanes,
             membership_stop,
             membership_task,
@@ -420,14 +504,19 @@ impl Runtime {
             if let Some((system, message)) = self.health.down_sources().into_iter().next() {
                 return Err(weft_connectors::SourceError { system, message });
             }
+            let subscription = |name: &str| self.subscriptions.iter().any(|(s, _)| s == name);
             let mut all_done = true;
-            for (_, h) in &self.sources {
-                if !h.is_finished() {
+            for (name, h) in &self.sources {
+                if !h.is_finished() && !subscription(name) {
                     all_done = false;
                 }
             }
             if all_done {
-                for (name, h) in std::mem::take(&mut self.sources) {
+                let (subscribers, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sources)
+                    .into_iter()
+                    .partition(|(name, _)| subscription(name));
+                self.sources = subscribers;
+                for (name, h) in others {
                     match h.await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Err(e),
@@ -440,11 +529,12 @@ impl Runtime {
                     }
                 }
                 let journal = self.journal.clone();
-                let left = tokio::task::spawn_blocking(move || journal.read().outbox_len())
+                let subscriptions = self.subscriptions.clone();
+                let idle = tokio::task::spawn_blocking(move || idle(&*journal, &subscriptions))
                     .await
                     .ok()
                     .and_then(Result::ok);
-                if left == Some(0) {
+                if idle == Some(true) {
                     return Ok(());
                 }
             }
@@ -489,6 +579,80 @@ impl Runtime {
 }
 
 /// The store of the config: the SQLite file, or `store.postgres`.
+/// Nothing left to do once the sources that end have ended: the outbox is
+/// empty, and every subscription has read its topic to the head. Read as
+/// outbox and heads, then positions, then outbox and heads again, the same:
+/// a subscription that caught up could have routed rows, and a lane could
+/// have published, only in between, which the second read shows.
+fn idle(journal: &dyn Journal, subscriptions: &[(String, String)]) -> Result<bool, StoreError> {
+    let heads = |j: &dyn Journal| -> Result<Vec<i64>, StoreError> {
+        subscriptions
+            .iter()
+            .map(|(_, topic)| j.read().topic_head(topic))
+            .collect()
+    };
+    if journal.read().outbox_len()? != 0 {
+        return Ok(false);
+    }
+    let before = heads(journal)?;
+    for ((name, _), head) in subscriptions.iter().zip(&before) {
+        let at = journal
+            .read()
+            .checkpoint(name, "seq")?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        if at < *head {
+            return Ok(false);
+        }
+    }
+    Ok(journal.read().outbox_len()? == 0 && heads(journal)? == before)
+}
+
+/// What every source task of a hub shares.
+struct SourceRun<'a> {
+    stop: CancellationToken,
+    health: &'a Arc<health::Health>,
+    journal: &'a Arc<dyn Journal>,
+    /// `Some` on a shared journal: the source runs under a lease.
+    fence: Option<Arc<std::sync::atomic::AtomicI64>>,
+    node_timeout: std::time::Duration,
+}
+
+/// A source task: supervised, and under a lease on a shared journal.
+fn spawn_source(
+    name: &str,
+    rebuild: health::Rebuild,
+    first: Box<dyn weft_connectors::Source>,
+    ingestor: Arc<dyn Ingest>,
+    run: SourceRun<'_>,
+) -> tokio::task::JoinHandle<Result<(), weft_connectors::SourceError>> {
+    let state = run
+        .health
+        .source(name)
+        .unwrap_or_else(|| Arc::new(health::SourceState::default()));
+    match run.fence {
+        Some(fence) => tokio::spawn(lease::run_leased(
+            name.to_owned(),
+            rebuild,
+            first,
+            ingestor,
+            run.stop,
+            state,
+            run.journal.clone(),
+            fence,
+            run.node_timeout,
+        )),
+        None => tokio::spawn(health::supervise(
+            name.to_owned(),
+            rebuild,
+            Some(first),
+            ingestor,
+            run.stop,
+            state,
+        )),
+    }
+}
+
 fn store_name(config: &Config) -> String {
     match &config.store.postgres {
         Some(pg) => format!("postgres (schema {}, node {})", pg.schema, pg.node),
@@ -550,10 +714,11 @@ async fn refresh_gauges(
     stored: Arc<gauges::Gauges>,
     mut alerter: gauges::Alerter,
     handles: Vec<Arc<delivery::LaneHandle>>,
-    store: weft_core::config::StoreConfig,
+    config: Arc<Config>,
     series: Arc<ui::Series>,
     trackers: Vec<Arc<drift::Tracker>>,
 ) {
+    let store = &config.store;
     let mut tick: u64 = 0;
     loop {
         // drift accepted by an operator (`weft drift accept`, the dashboard)
@@ -587,6 +752,20 @@ async fn refresh_gauges(
                 ),
                 Err(e) => tracing::warn!(error = %e, "cannot prune past retention"),
                 _ => {}
+            }
+            for t in config.topics.values() {
+                let topic = &t.name;
+                let before = weft_store::now_ms()
+                    .saturating_sub(i64::try_from(t.retention.as_millis()).unwrap_or(i64::MAX));
+                match journal.prune_topic(topic.clone(), before).await {
+                    Ok(n) if n > 0 => {
+                        tracing::debug!(topic = %topic, messages = n, "topic pruned past retention")
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %topic, error = %e, "cannot prune the topic")
+                    }
+                    _ => {}
+                }
             }
         }
         tick += 1;

@@ -460,6 +460,20 @@ pub trait Journal: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Append messages to `topic` in one transaction, each once: an entry
+    /// whose id the topic holds already is counted as a duplicate and not
+    /// appended again (`topic.rs`).
+    fn publish(
+        &self,
+        topic: String,
+        entries: Vec<crate::TopicEntry>,
+    ) -> BoxFuture<'_, Result<crate::Published, StoreError>>;
+
+    /// Delete the messages of `topic` appended before `before` (ms since
+    /// the epoch), oldest first, in slices of at most 10,000 rows, each a
+    /// transaction; how many were deleted.
+    fn prune_topic(&self, topic: String, before: i64) -> BoxFuture<'_, Result<usize, StoreError>>;
+
     /// Consistent reads.
     fn read(&self) -> &dyn JournalRead;
 }
@@ -498,6 +512,17 @@ pub trait JournalRead: Send + Sync {
     fn counts(&self, lanes: &[LaneId]) -> Result<Vec<FlowCounts>, StoreError>;
     /// Pending rows of the whole outbox.
     fn outbox_len(&self) -> Result<i64, StoreError>;
+    /// Up to `limit` messages of `topic` after the sequence `after`, in
+    /// order. A message committed later never has a smaller sequence than
+    /// one read before it.
+    fn topic_read(
+        &self,
+        topic: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::TopicMessage>, StoreError>;
+    /// The sequence of the newest message of `topic` (0: none yet).
+    fn topic_head(&self, topic: &str) -> Result<i64, StoreError>;
     /// A source's saved position.
     fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError>;
     /// A page of DLQ entries in id order after `filter.after_id`, at most

@@ -24,6 +24,7 @@ pub mod postgres;
 mod reader;
 mod schema;
 mod sqlite;
+pub mod topic;
 mod writer;
 
 use rusqlite::Connection;
@@ -47,6 +48,7 @@ pub use reader::{
 pub const DLQ_PAGE: usize = 1000;
 pub use schema::latest_version;
 pub use sqlite::{Role, SqliteJournal};
+pub use topic::{Published, TopicEntry, TopicMessage};
 
 /// Store failures. `Busy` is retryable; the rest are not expected in normal
 /// operation and stop the caller.

@@ -238,6 +238,10 @@ struct State {
     drift: Vec<DriftEvent>,
     /// The attempt trail, oldest first.
     attempts: Vec<crate::AttemptRow>,
+    /// Topic messages by sequence; the last sequence given.
+    topics: BTreeMap<i64, (String, crate::TopicMessage)>,
+    topic_ids: HashSet<(String, String)>,
+    next_topic_seq: i64,
 }
 
 fn invalid_stage(flow: &str, stage: Stage) -> Option<StoreError> {
@@ -1143,12 +1147,86 @@ impl Journal for MemoryJournal {
         })
     }
 
+    fn publish(
+        &self,
+        topic: String,
+        entries: Vec<crate::TopicEntry>,
+    ) -> BoxFuture<'_, Result<crate::Published, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.write()?;
+            let now = now_ms();
+            let mut out = crate::Published::default();
+            for entry in entries {
+                if !st.topic_ids.insert((topic.clone(), entry.id.clone())) {
+                    out.duplicates += 1;
+                    continue;
+                }
+                st.next_topic_seq += 1;
+                let seq = st.next_topic_seq;
+                st.topics.insert(
+                    seq,
+                    (
+                        topic.clone(),
+                        crate::TopicMessage {
+                            seq,
+                            published_at: now,
+                            entry,
+                        },
+                    ),
+                );
+                out.appended += 1;
+            }
+            Ok(out)
+        })
+    }
+
+    fn prune_topic(&self, topic: String, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.write()?;
+            let old: Vec<(i64, String)> = st
+                .topics
+                .iter()
+                .filter(|(_, (t, m))| *t == topic && m.published_at < before)
+                .map(|(seq, (_, m))| (*seq, m.entry.id.clone()))
+                .collect();
+            for (seq, id) in &old {
+                st.topics.remove(seq);
+                st.topic_ids.remove(&(topic.clone(), id.clone()));
+            }
+            Ok(old.len())
+        })
+    }
+
     fn read(&self) -> &dyn JournalRead {
         self
     }
 }
 
 impl JournalRead for MemoryJournal {
+    fn topic_read(
+        &self,
+        topic: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::TopicMessage>, StoreError> {
+        let s = self.lock()?;
+        Ok(s.topics
+            .range(after.saturating_add(1)..)
+            .filter(|(_, (t, _))| t == topic)
+            .take(limit)
+            .map(|(_, (_, m))| m.clone())
+            .collect())
+    }
+
+    fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
+        let s = self.lock()?;
+        Ok(s.topics
+            .iter()
+            .rev()
+            .find(|(_, (t, _))| t == topic)
+            .map_or(0, |(seq, _)| *seq))
+    }
+
     fn stream_shape(&self, source: &str) -> Result<Option<String>, StoreError> {
         MemoryJournal::stream_shape(self, source)
     }

@@ -388,6 +388,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
     CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
     "#,
+    // 12: topics inside the hub (`topic.rs`): one log for every topic,
+    // a publication once per (topic, id)
+    r#"
+    CREATE TABLE topic_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        id TEXT NOT NULL,
+        entity_key TEXT,
+        payload TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        causation_id TEXT NOT NULL,
+        flow TEXT NOT NULL,
+        event_time INTEGER NOT NULL,
+        traceparent TEXT,
+        tracestate TEXT,
+        published_at INTEGER NOT NULL,
+        UNIQUE (topic, id)
+    );
+    CREATE INDEX topic_messages_by_topic ON topic_messages (topic, seq);
+    "#,
 ];
 
 /// After migration 10's SQL: entries resolved before it keep only the hash

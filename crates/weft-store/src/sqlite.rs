@@ -282,6 +282,42 @@ impl Journal for SqliteJournal {
         })
     }
 
+    fn publish(
+        &self,
+        topic: String,
+        entries: Vec<crate::TopicEntry>,
+    ) -> BoxFuture<'_, Result<crate::Published, StoreError>> {
+        Box::pin(async move {
+            match self.call(Op::Publish { topic, entries }).await? {
+                Reply::Published(p) => Ok(p),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
+    fn prune_topic(&self, topic: String, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
+        const LIMIT: usize = 10_000;
+        Box::pin(async move {
+            let mut total = 0;
+            loop {
+                let op = Op::PruneTopic {
+                    topic: topic.clone(),
+                    before,
+                    limit: LIMIT,
+                };
+                match self.call(op).await? {
+                    Reply::Count(n) => {
+                        total += n;
+                        if n < LIMIT {
+                            return Ok(total);
+                        }
+                    }
+                    _ => return Err(unexpected()),
+                }
+            }
+        })
+    }
+
     fn record_drift(&self, batch: DriftBatch) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
             match self.call(Op::Drift(batch)).await? {
@@ -357,6 +393,17 @@ impl JournalRead for SqliteJournal {
     }
     fn outbox_len(&self) -> Result<i64, StoreError> {
         self.with_reader(|r| r.outbox_len())
+    }
+    fn topic_read(
+        &self,
+        topic: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::TopicMessage>, StoreError> {
+        self.with_reader(|r| crate::topic::read(&r.conn, topic, after, limit))
+    }
+    fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
+        self.with_reader(|r| crate::topic::head(&r.conn, topic))
     }
     fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {
         self.with_reader(|r| r.checkpoint(source, key))

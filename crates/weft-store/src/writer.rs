@@ -57,6 +57,17 @@ pub(crate) enum Op {
         system: String,
         writes: Vec<crate::CanonicalWritten>,
     },
+    /// Messages appended to a topic.
+    Publish {
+        topic: String,
+        entries: Vec<crate::TopicEntry>,
+    },
+    /// One slice of a topic's prune.
+    PruneTopic {
+        topic: String,
+        before: i64,
+        limit: usize,
+    },
     /// Tests only: a statement on the writer's connection (a PRAGMA).
     Exec(String),
 }
@@ -66,6 +77,8 @@ pub(crate) enum Reply {
     Claimed(Vec<Claimed>),
     Settled(Settled),
     Pruned(crate::Pruned),
+    Published(crate::Published),
+    Count(usize),
 }
 
 pub(crate) struct Job {
@@ -192,7 +205,7 @@ impl Op {
     /// version: the crosswalk) or enters follow-ups is synced.
     fn must_sync(&self) -> bool {
         match self {
-            Op::Claim(_) | Op::Prune { .. } | Op::Drift(_) => false,
+            Op::Claim(_) | Op::Prune { .. } | Op::PruneTopic { .. } | Op::Drift(_) => false,
             Op::Settle(s) => {
                 !s.follow_ups.is_empty()
                     || s.items.iter().any(
@@ -369,6 +382,14 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
             let cause = (source.as_str(), event_id.as_str(), correlation_id.as_str());
             enqueue_caused(tx, d, cause, rows, now).map(Reply::Applied)
         }
+        Op::Publish { topic, entries } => {
+            crate::topic::publish(tx, topic, entries, now).map(Reply::Published)
+        }
+        Op::PruneTopic {
+            topic,
+            before,
+            limit,
+        } => crate::topic::prune(tx, topic, *before, *limit).map(Reply::Count),
         Op::Intent { system, writes } => {
             for w in writes {
                 crate::canonical::intend(tx, system, w, now)?;

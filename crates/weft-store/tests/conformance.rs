@@ -103,7 +103,8 @@ macro_rules! conformance {
                 lookup_and_checkpoints_list_what_the_store_keeps,
                 delivered_at_ingest_counts_without_a_row,
                 p1_20_resolved_dlq_entries_and_old_drift_are_pruned,
-                attempt_trail_keeps_each_write
+                attempt_trail_keeps_each_write,
+                topics_keep_each_publication_once_in_order
             );
             #[test]
             fn property_random_operations_keep_invariants() {

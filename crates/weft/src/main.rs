@@ -341,10 +341,15 @@ fn validate(path: &Path) -> Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     println!(
-        "{} is valid: {} systems, {} flows{}",
+        "{} is valid: {} systems, {} flows{}{}",
         path.display(),
         cfg.systems.len(),
         cfg.flows.len(),
+        match cfg.topics.len() {
+            0 => String::new(),
+            1 => ", 1 topic".to_owned(),
+            n => format!(", {n} topics"),
+        },
         match cfg.warnings.len() {
             0 => String::new(),
             1 => ", 1 warning".to_owned(),
@@ -357,6 +362,24 @@ fn validate(path: &Path) -> Result<ExitCode> {
     for f in &cfg.flows {
         let to: Vec<&str> = f.destinations.iter().map(|d| d.system.as_str()).collect();
         println!("  flow {}: {} -> {}", f.name, f.from, to.join(", "));
+    }
+    for t in cfg.topics.values() {
+        let readers: Vec<&str> = cfg
+            .flows
+            .iter()
+            .filter(|f| f.from == t.name)
+            .map(|f| f.name.as_str())
+            .collect();
+        println!(
+            "  topic {}: kept {}, read by {}",
+            t.name,
+            humantime_secs(t.retention),
+            if readers.is_empty() {
+                "no flow".to_owned()
+            } else {
+                readers.join(", ")
+            }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -452,4 +475,15 @@ async fn shutdown_signal() -> &'static str {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
     }
+}
+
+/// `7d`, `12h`, `30m`, `45s`: the largest unit that divides the duration.
+fn humantime_secs(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if s >= n && s.is_multiple_of(n) {
+            return format!("{}{unit}", s / n);
+        }
+    }
+    format!("{s}s")
 }

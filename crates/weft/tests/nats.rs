@@ -663,3 +663,100 @@ flows:
     );
     assert!(text.contains("systems.out2.sink.nats.timeout"), "{text}");
 }
+
+/// `examples/pubsub` as a user runs it: signed CRM webhooks published once
+/// to the topic `customers`, read by the ERP (JSON Lines), accounting
+/// (SQLite) and a NATS subject, each message once, with its key.
+#[test]
+fn the_pubsub_example_fans_each_webhook_out_to_three_subscribers() {
+    let Some(mut bus) = Bus::machine() else {
+        return;
+    };
+    let prefix = format!("pubsub_{}", unique_suffix());
+    let stream = prefix.to_uppercase();
+    bus.stream(&stream, &[&format!("{prefix}.>")]);
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/pubsub/weft.yaml");
+    std::fs::copy(&example, dir.path().join("weft.yaml")).unwrap();
+    let env = [
+        ("CUSTOMERS_SUBJECT", prefix.as_str()),
+        ("CRM_WEBHOOK_SECRET", "example-secret"),
+        ("NATS_URL", URL),
+    ];
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, &env);
+    let client = reqwest::blocking::Client::new();
+    let n = 30;
+    for i in 0..n {
+        // 10 customers, each changed three times
+        let body = json!({"id": i % 10 + 1, "name": format!("customer {i}"), "email": format!("c{i}@example.com"), "tier": "gold"}).to_string();
+        let resp = client
+            .post(hub.url("/hooks/crm"))
+            .header("content-type", "application/json")
+            .header("x-event-id", format!("evt-{i}"))
+            .header("x-signature-256", sign("example-secret", body.as_bytes()))
+            .body(body)
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bus.count(&stream) < n as u64 || jsonl_lines(&dir.path().join("out/erp.jsonl")).len() < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not every subscriber has every message: {} on the bus, log:\n{}",
+            bus.count(&stream),
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the ERP feed: every change once, in order per customer
+    let erp = jsonl_lines(&dir.path().join("out/erp.jsonl"));
+    assert_eq!(erp.len(), n, "{erp:?}");
+    for c in 1..=10 {
+        let names: Vec<&str> = erp
+            .iter()
+            .filter(|l| l["customer_no"] == format!("C-{c}"))
+            .filter_map(|l| l["name"].as_str())
+            .collect();
+        let want: Vec<String> = (0..n)
+            .filter(|i| i % 10 + 1 == c)
+            .map(|i| format!("customer {i}"))
+            .collect();
+        assert_eq!(names, want, "customer {c}");
+    }
+    // accounting: one row per customer, the last change
+    wait_for(Duration::from_secs(10), "accounting has its rows", || {
+        rusqlite::Connection::open(dir.path().join("out/accounting.db"))
+            .and_then(|c| c.query_row("SELECT count(*) FROM customers", [], |r| r.get::<_, i64>(0)))
+            .is_ok_and(|c| c == 10)
+    });
+    let conn = rusqlite::Connection::open(dir.path().join("out/accounting.db")).unwrap();
+    let name: String = conn
+        .query_row(
+            "SELECT name FROM customers WHERE customer_id = '3'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(name, "customer 22");
+    // the bus: one message per change, on the customer's subject, one id each
+    let msgs = bus.messages(&stream);
+    assert_eq!(msgs.len(), n);
+    let ids: HashSet<String> = msgs
+        .iter()
+        .filter_map(|m| header(m, "Nats-Msg-Id"))
+        .collect();
+    assert_eq!(ids.len(), n, "one Nats-Msg-Id per message");
+    for m in &msgs {
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            m.subject.as_str(),
+            format!("{prefix}.{}", body["id"].as_str().unwrap())
+        );
+        assert!(header(m, "x-correlation-id").is_some());
+    }
+    let st = status(dir.path(), "weft.yaml", &env);
+    assert_eq!(st["balanced"], true, "{st}");
+    drop(hub);
+}

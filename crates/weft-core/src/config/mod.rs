@@ -27,7 +27,7 @@ pub type Check<'a> = &'a dyn Fn(&Config) -> Vec<Issue>;
 pub use validate::{
     AlertTarget, BreakerPolicy, Config, DeliveryPolicy, Destination, ExportTarget, FileTarget,
     Flow, OtlpConfig, PgStore, RateLimitPolicy, RotatePolicy, ServerConfig, SinkSpec, SourceSpec,
-    StoreConfig, System, TextEncoding,
+    StoreConfig, System, TextEncoding, Topic, TopicStart,
 };
 
 /// A string that never prints: credentials, tokens, signing secrets.

@@ -31,6 +31,11 @@ pub struct RawConfig {
     /// The flows, by name: from one system's source to one or more systems' sinks.
     #[serde(default)]
     pub flows: BTreeMap<String, RawFlow>,
+    /// Topics inside the hub, by name: a flow publishes to a topic by naming
+    /// it in `to`; other flows subscribe by naming it in `from`, each with
+    /// its own position, lanes and DLQ (see [`RawTopic`]).
+    #[serde(default)]
+    pub topics: BTreeMap<String, RawTopic>,
     /// Canonical entities, by name: their JSON Schema contracts (see [`RawEntity`]).
     #[serde(default)]
     pub entities: BTreeMap<String, RawEntity>,
@@ -689,9 +694,16 @@ pub struct RawRotate {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFlow {
-    /// The system whose source feeds this flow.
+    /// The system whose source feeds this flow, or a topic (of `topics`)
+    /// this flow subscribes to.
     #[schemars(with = "String")]
     pub from: Spanned<String>,
+    /// For a flow reading a topic: where it starts the first time it runs,
+    /// `now` (default: messages published from then on) or `beginning`
+    /// (every message the topic still keeps). Later runs resume where the
+    /// flow stopped.
+    #[schemars(with = "Option<String>")]
+    pub start: Option<Spanned<String>>,
     /// jq predicate; records for which it is false or null are counted as filtered.
     #[schemars(with = "Option<String>")]
     pub filter: Option<Spanned<String>>,
@@ -730,6 +742,19 @@ pub struct RawFlow {
     pub freshness: Option<Spanned<String>>,
     /// This flow's alert receiver (default: the top-level `alerts`).
     pub alerts: Option<RawAlerts>,
+}
+
+/// A topic inside the hub.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopic {
+    /// What the topic carries, for people.
+    pub description: Option<String>,
+    /// How long a published message is kept (default `7d`): a subscriber
+    /// that starts at the `beginning` sees what is younger; one that was
+    /// stopped longer misses what was pruned.
+    #[schemars(with = "Option<String>")]
+    pub retention: Option<Spanned<String>>,
 }
 
 /// A destination of a flow: a system name or a map with options.

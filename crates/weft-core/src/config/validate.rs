@@ -1,6 +1,6 @@
 //! Pure validation: raw config in, ready-to-run [`Config`] or every problem out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,10 +30,31 @@ pub struct Config {
     pub alerts: Option<Arc<AlertTarget>>,
     /// Where traces go (`telemetry.otlp`); `None`: no spans.
     pub otlp: Option<OtlpConfig>,
+    /// Topics inside the hub (`topics`), by name.
+    pub topics: BTreeMap<String, Topic>,
     /// What is allowed but probably not meant (replays accepted, updates
     /// deduplicated), each with its path, line and column: `weft validate`
     /// prints them, `weft run` logs them.
     pub warnings: Vec<Issue>,
+}
+
+/// A topic inside the hub, validated.
+#[derive(Debug, Clone)]
+pub struct Topic {
+    pub name: String,
+    pub description: Option<String>,
+    /// Messages older than this are pruned (`topics.<name>.retention`).
+    pub retention: Duration,
+}
+
+/// Where a flow reading a topic starts the first time it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TopicStart {
+    /// With what is published from then on.
+    #[default]
+    Now,
+    /// With the oldest message the topic keeps.
+    Beginning,
 }
 
 #[derive(Debug, Clone)]
@@ -354,8 +375,10 @@ impl SinkSpec {
 #[derive(Debug)]
 pub struct Flow {
     pub name: String,
-    /// Name of the source system.
+    /// Name of the source system, or of the topic the flow subscribes to.
     pub from: String,
+    /// `Some` when `from` is a topic: where the flow starts the first time.
+    pub start: Option<TopicStart>,
     pub filter: Option<Arc<Program>>,
     pub key: Option<Arc<Program>>,
     pub mapping: Option<Arc<Program>>,
@@ -728,6 +751,56 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         }
     }
 
+    let mut topics = BTreeMap::new();
+    for (name, t) in raw.topics {
+        let p = format!("topics.{name}");
+        if !valid_name(&name) {
+            cx.at(&p, "topic names use letters, digits, `_` and `-`");
+        }
+        if systems.contains_key(&name) {
+            cx.at(
+                &p,
+                format!("`{name}` is a system too: a topic needs a name of its own (flows name either in `from` and `to`)"),
+            );
+        }
+        let retention = cx.duration(
+            &format!("{p}.retention"),
+            &t.retention,
+            Duration::from_secs(7 * 24 * 3600),
+        );
+        if let Some(r) = &t.retention
+            && retention < Duration::from_secs(1)
+        {
+            cx.at_span(
+                format!("{p}.retention"),
+                r,
+                format!("`{}`: expected at least 1s (e.g. `7d`)", r.value),
+            );
+        }
+        topics.insert(
+            name.clone(),
+            Topic {
+                name,
+                description: t.description,
+                retention,
+            },
+        );
+    }
+    let known_names = |systems: &BTreeMap<String, System>| {
+        if topics.is_empty() {
+            known(systems)
+        } else {
+            format!(
+                "{}; topics: {}",
+                known(systems),
+                topics
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
     let mut identity =
         super::identity::rules(&mut cx.issues, raw.identity, &|s| systems.contains_key(s));
     if !identity.is_empty() && store.postgres.is_some() {
@@ -778,14 +851,49 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
         if !valid_name(&name) {
             cx.at(&p, "flow names use letters, digits, `_` and `-`");
         }
+        let from_topic = topics.contains_key(&f.from.value);
+        let start = match (&f.start, from_topic) {
+            (None, true) => Some(TopicStart::Now),
+            (None, false) => None,
+            (Some(s), true) => match s.value.as_str() {
+                "now" => Some(TopicStart::Now),
+                "beginning" => Some(TopicStart::Beginning),
+                other => {
+                    cx.at_span(
+                        format!("{p}.start"),
+                        s,
+                        format!("`{other}`: expected `now` or `beginning`"),
+                    );
+                    None
+                }
+            },
+            (Some(s), false) => {
+                cx.at_span(
+                    format!("{p}.start"),
+                    s,
+                    format!(
+                        "`start` is for a flow reading a topic; `{}` is not one of `topics`",
+                        f.from.value
+                    ),
+                );
+                None
+            }
+        };
+        if from_topic && f.identity.is_some() {
+            cx.at(
+                format!("{p}.identity"),
+                "a flow reading a topic cannot feed canonical records yet: read the system's own source",
+            );
+        }
         match systems.get(&f.from.value) {
+            None if from_topic => {}
             None => cx.at_span(
                 format!("{p}.from"),
                 &f.from,
                 format!(
                     "unknown system `{}`; known: {}",
                     f.from.value,
-                    known(&systems)
+                    known_names(&systems)
                 ),
             ),
             Some(s) if s.source.is_none() => cx.at_span(
@@ -809,6 +917,8 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             None if matches!(source_kind, Some("postgres_cdc" | "mysql_cdc")) => {
                 Program::compile("$event.subject", &[]).ok().map(Arc::new)
             }
+            // a topic's message carries the entity key it was published with
+            None if from_topic => Program::compile("$event.subject", &[]).ok().map(Arc::new),
             None => None,
         };
         let mapping = f
@@ -850,7 +960,35 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                 base,
             );
             let system = Spanned::new(system, span.referenced, span.defined);
+            let to_topic = topics.contains_key(&system.value);
+            if to_topic {
+                if system.value == f.from.value {
+                    cx.at_span(
+                        &dp,
+                        &system,
+                        format!(
+                            "the flow reads topic `{}` and publishes to it: every message would come back forever",
+                            system.value
+                        ),
+                    );
+                }
+                if f.identity.is_some() {
+                    cx.at_span(
+                        &dp,
+                        &system,
+                        "a flow feeding canonical records cannot publish to a topic yet: publish from another flow of the same source",
+                    );
+                }
+                if !references.is_empty() {
+                    cx.at_span(
+                        &dp,
+                        &system,
+                        "`references` replace ids by a destination system's ids: a topic has none",
+                    );
+                }
+            }
             let kind = match systems.get(&system.value) {
+                None if to_topic => Some("topic"),
                 None => {
                     cx.at_span(
                         &dp,
@@ -858,7 +996,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
                         format!(
                             "unknown system `{}`; known: {}",
                             system.value,
-                            known(&systems)
+                            known_names(&systems)
                         ),
                     );
                     None
@@ -960,6 +1098,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             Flow {
                 name,
                 from: f.from.value,
+                start,
                 filter,
                 key,
                 mapping,
@@ -985,6 +1124,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             Arc::new(f)
         })
         .collect();
+    topic_graph(&mut cx, &topics, &flows);
     if systems.is_empty() && flows.is_empty() {
         cx.at(
             "",
@@ -1006,10 +1146,71 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             identity,
             alerts,
             otlp,
+            topics,
             warnings: cx.warnings,
         })
     } else {
         Err(cx.issues)
+    }
+}
+
+/// Topics in a cycle (a flow reading one publishes, through flows, back
+/// to it) are refused: a message would go round forever. Topics nothing
+/// publishes to, or nothing reads, are warned about.
+fn topic_graph(cx: &mut Ctx, topics: &BTreeMap<String, Topic>, flows: &[Arc<Flow>]) {
+    let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for f in flows {
+        if topics.contains_key(&f.from) {
+            for d in &f.destinations {
+                if topics.contains_key(&d.system) && d.system != f.from {
+                    edges.entry(&f.from).or_default().insert(&d.system);
+                }
+            }
+        }
+    }
+    // a cycle through `start`: a path from one of its successors back to it
+    for start in topics.keys() {
+        let mut stack: Vec<(&str, Vec<&str>)> = vec![(start.as_str(), vec![start.as_str()])];
+        let mut seen = BTreeSet::new();
+        while let Some((at, path)) = stack.pop() {
+            for &next in edges.get(at).into_iter().flatten() {
+                if next == start {
+                    let mut round = path.clone();
+                    round.push(start);
+                    cx.at(
+                        format!("topics.{start}"),
+                        format!(
+                            "flows publish from this topic back into it ({}): every message would go round forever",
+                            round.join(" → ")
+                        ),
+                    );
+                    return;
+                }
+                if seen.insert(next) {
+                    let mut p = path.clone();
+                    p.push(next);
+                    stack.push((next, p));
+                }
+            }
+        }
+    }
+    for name in topics.keys() {
+        let published = flows
+            .iter()
+            .any(|f| f.destinations.iter().any(|d| &d.system == name));
+        let read = flows.iter().any(|f| &f.from == name);
+        if !published {
+            cx.warn(
+                format!("topics.{name}"),
+                "no flow publishes to this topic (name it in a flow's `to`)",
+            );
+        }
+        if !read {
+            cx.warn(
+                format!("topics.{name}"),
+                "no flow reads this topic (name it in a flow's `from`): what is published is only kept until its retention",
+            );
+        }
     }
 }
 

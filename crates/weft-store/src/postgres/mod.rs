@@ -481,6 +481,34 @@ impl Journal for PgJournal {
         self.spawn(|inner| async move { retrying!(inner, |c, _ctx| ops::accept_drift(c, &ids)) })
     }
 
+    fn publish(
+        &self,
+        topic: String,
+        entries: Vec<crate::TopicEntry>,
+    ) -> BoxFuture<'_, Result<crate::Published, StoreError>> {
+        self.spawn(
+            |inner| async move { retrying!(inner, |c, _ctx| ops::publish(c, &topic, &entries)) },
+        )
+    }
+
+    fn prune_topic(&self, topic: String, before: i64) -> BoxFuture<'_, Result<usize, StoreError>> {
+        self.spawn(move |inner| async move {
+            let mut total = 0;
+            loop {
+                let n = retrying!(inner, |c, _ctx| ops::prune_topic(
+                    c,
+                    &topic,
+                    before,
+                    PRUNE_SLICE
+                ))?;
+                total += n;
+                if n < PRUNE_SLICE as usize {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -524,6 +552,25 @@ impl JournalRead for PgJournal {
 
     fn outbox_len(&self) -> Result<i64, StoreError> {
         self.read_with(|inner| async move { read::outbox_len(&mut *inner.pool.get().await?).await })
+    }
+
+    fn topic_read(
+        &self,
+        topic: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::TopicMessage>, StoreError> {
+        let topic = topic.to_owned();
+        self.read_with(|inner| async move {
+            read::topic_read(&mut *inner.pool.get().await?, &topic, after, limit).await
+        })
+    }
+
+    fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
+        let topic = topic.to_owned();
+        self.read_with(|inner| async move {
+            read::topic_head(&mut *inner.pool.get().await?, &topic).await
+        })
     }
 
     fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {

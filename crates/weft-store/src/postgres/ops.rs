@@ -2070,3 +2070,75 @@ pub(crate) async fn leave(c: &mut Conn, ctx: &Ctx<'_>) -> Result<(), StoreError>
         .await?;
     Ok(())
 }
+
+/// Append to a topic (`Journal::publish`): under the topic's advisory lock,
+/// so its sequences follow commit order (schema migration 8).
+pub(crate) async fn publish(
+    c: &mut Conn,
+    topic: &str,
+    entries: &[crate::TopicEntry],
+) -> Result<crate::Published, StoreError> {
+    c.begin().await?;
+    let r = publish_in(c, topic, entries).await;
+    c.finish(r).await
+}
+
+async fn publish_in(
+    c: &mut Conn,
+    topic: &str,
+    entries: &[crate::TopicEntry],
+) -> Result<crate::Published, StoreError> {
+    let now = crate::now_ms();
+    c.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('weft.topic.' || $1))",
+        &[&topic],
+    )
+    .await?;
+    let mut out = crate::Published::default();
+    for e in entries {
+        let n = c
+            .execute(
+                "INSERT INTO topic_messages (topic, id, entity_key, payload, correlation_id,
+                   causation_id, flow, event_time, traceparent, tracestate, published_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (topic, id) DO NOTHING",
+                &[
+                    &topic,
+                    &e.id,
+                    &e.entity_key,
+                    &e.payload,
+                    &e.correlation_id,
+                    &e.causation_id,
+                    &e.flow,
+                    &e.event_time,
+                    &e.traceparent,
+                    &e.tracestate,
+                    &now,
+                ],
+            )
+            .await?;
+        if n == 1 {
+            out.appended += 1;
+        } else {
+            out.duplicates += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// One slice of a topic's prune: the oldest `limit` messages, those of
+/// them appended before `before`.
+pub(crate) async fn prune_topic(
+    c: &mut Conn,
+    topic: &str,
+    before: i64,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    Ok(c.execute(
+        "DELETE FROM topic_messages WHERE seq IN
+           (SELECT seq FROM topic_messages WHERE topic = $1 ORDER BY seq LIMIT $3)
+           AND published_at < $2",
+        &[&topic, &before, &limit],
+    )
+    .await? as usize)
+}

@@ -471,3 +471,48 @@ pub(crate) async fn nodes(c: &mut Conn) -> Result<Vec<crate::NodeInfo>, StoreErr
     })
     .collect()
 }
+
+pub(crate) async fn topic_read(
+    c: &mut Conn,
+    topic: &str,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<crate::TopicMessage>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = c
+        .query(
+            "SELECT seq, published_at, id, entity_key, payload, correlation_id, causation_id, flow,
+               event_time, traceparent, tracestate
+             FROM topic_messages WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&topic, &after, &limit],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(crate::TopicMessage {
+                seq: r.try_get(0)?,
+                published_at: r.try_get(1)?,
+                entry: crate::TopicEntry {
+                    id: r.try_get(2)?,
+                    entity_key: r.try_get(3)?,
+                    payload: r.try_get(4)?,
+                    correlation_id: r.try_get(5)?,
+                    causation_id: r.try_get(6)?,
+                    flow: r.try_get(7)?,
+                    event_time: r.try_get(8)?,
+                    traceparent: r.try_get(9)?,
+                    tracestate: r.try_get(10)?,
+                },
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn topic_head(c: &mut Conn, topic: &str) -> Result<i64, StoreError> {
+    Ok(c.query_one(
+        "SELECT COALESCE(max(seq), 0)::int8 FROM topic_messages WHERE topic = $1",
+        &[&topic],
+    )
+    .await?
+    .try_get(0)?)
+}

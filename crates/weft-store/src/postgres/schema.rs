@@ -279,6 +279,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX attempts_by_correlation ON attempts (correlation_id);
     CREATE INDEX attempts_by_key ON attempts (entity_key) WHERE entity_key IS NOT NULL;
     "#,
+    // 8: topics inside the hub, as SQLite's migration 12. Publishers of
+    // one topic take a transaction-scoped advisory lock before they append,
+    // so sequences of a topic are given in commit order: a subscriber that
+    // read up to a sequence never finds a smaller one committed later.
+    r#"
+    CREATE TABLE topic_messages (
+        seq            bigserial PRIMARY KEY,
+        topic          text NOT NULL,
+        id             text NOT NULL,
+        entity_key     text,
+        payload        text NOT NULL,
+        correlation_id text NOT NULL,
+        causation_id   text NOT NULL,
+        flow           text NOT NULL,
+        event_time     bigint NOT NULL,
+        traceparent    text,
+        tracestate     text,
+        published_at   bigint NOT NULL,
+        UNIQUE (topic, id)
+    );
+    CREATE INDEX topic_messages_by_topic ON topic_messages (topic, seq);
+    "#,
 ];
 
 /// The schema version this build writes.
