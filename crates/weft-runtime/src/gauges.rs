@@ -140,6 +140,8 @@ pub struct Gauges {
     dlq_seen: std::sync::Mutex<HashSet<(String, String)>>,
     /// One refresh at a time; a scrape right after another reuses it.
     last: tokio::sync::Mutex<Option<Instant>>,
+    /// The config, when it has topics: their sizes and subscribers' lags.
+    topics: Option<Arc<weft_core::config::Config>>,
 }
 
 /// What one refresh read.
@@ -165,7 +167,16 @@ impl Gauges {
             started_ms: weft_store::now_ms(),
             dlq_seen: Default::default(),
             last: tokio::sync::Mutex::new(None),
+            topics: None,
         }
+    }
+
+    /// Also the topics of `config` (`weft_topic_messages`, `weft_topic_lag`).
+    pub fn with_topics(mut self, config: Arc<weft_core::config::Config>) -> Gauges {
+        if !config.topics.is_empty() {
+            self.topics = Some(config);
+        }
+        self
     }
 
     /// For a scrape: refresh, unless a refresh that started after this
@@ -198,13 +209,19 @@ impl Gauges {
         let j = self.journal.clone();
         let l = self.lanes.clone();
         let shared = j.shared();
-        let (counts, dlq, nodes) = tokio::task::spawn_blocking(move || {
+        let topics = self.topics.clone();
+        let (counts, dlq, nodes, topics) = tokio::task::spawn_blocking(move || {
             let reader = j.read();
             let nodes = if shared { Some(reader.nodes()?) } else { None };
-            Ok::<_, StoreError>((reader.counts(&l)?, reader.dlq_depths()?, nodes))
+            let topics = match topics {
+                Some(c) => crate::topic::states(reader, &c)?,
+                None => Vec::new(),
+            };
+            Ok::<_, StoreError>((reader.counts(&l)?, reader.dlq_depths()?, nodes, topics))
         })
         .await
         .map_err(|e| StoreError::Invalid(format!("gauge task failed: {e}")))??;
+        m::topic_gauges(&topics);
         if let Some(nodes) = nodes {
             m::nodes_alive(nodes.iter().filter(|n| n.alive).count());
         }

@@ -428,12 +428,15 @@ impl Runtime {
             );
             sources.push((name, task));
         }
-        let stored_gauges = Arc::new(gauges::Gauges::new(
-            journal.clone(),
-            lane_list(&config),
-            guards.iter().map(|(k, g)| (k.clone(), g.clone())).collect(),
-            config.flows.clone(),
-        ));
+        let stored_gauges = Arc::new(
+            gauges::Gauges::new(
+                journal.clone(),
+                lane_list(&config),
+                guards.iter().map(|(k, g)| (k.clone(), g.clone())).collect(),
+                config.flows.clone(),
+            )
+            .with_topics(config.clone()),
+        );
         let series = Arc::new(ui::Series::new(handles.clone()));
         let gauges = tokio::spawn(refresh_gauges(
             journal.clone(),

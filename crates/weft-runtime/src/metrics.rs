@@ -309,6 +309,18 @@ pub const FAMILIES: &[Family] = &[
         "CDC: rows read by the source's current or last snapshot (initial, or of tables new to weft).",
     ),
     fam(
+        "weft_topic_messages",
+        G,
+        &["topic"],
+        "Topics inside the hub: messages the topic keeps (younger than its retention).",
+    ),
+    fam(
+        "weft_topic_lag",
+        G,
+        &["topic", "flow"],
+        "Topics inside the hub: messages the subscribing flow has not read yet.",
+    ),
+    fam(
         "weft_cdc_snapshot_rows_expected",
         G,
         &["source"],
@@ -399,6 +411,17 @@ pub fn lane_gauges(flow: &str, dest: &str, pending: i64, oldest_ms: Option<i64>,
 pub fn dlq_gauge(flow: &str, dest: &str, depth: i64) {
     gauge!(DLQ_DEPTH, "flow" => flow.to_owned(), "destination" => dest.to_owned())
         .set(depth as f64);
+}
+
+/// A topic's size and each subscriber's lag, as read from the store.
+pub fn topic_gauges(lags: &[crate::topic::TopicState]) {
+    for t in lags {
+        gauge!("weft_topic_messages", "topic" => t.topic.clone()).set(t.messages as f64);
+        for s in &t.subscribers {
+            gauge!("weft_topic_lag", "topic" => t.topic.clone(), "flow" => s.flow.clone())
+                .set(s.behind as f64);
+        }
+    }
 }
 
 /// The breaker's state as it is now (on a scrape: no transition counted).

@@ -35,6 +35,86 @@ use weft_core::Event;
 use weft_core::config::TopicStart;
 use weft_store::{Journal, TopicEntry, TopicMessage};
 
+/// A topic as the store holds it, with where each subscriber is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopicState {
+    pub topic: String,
+    /// Messages kept.
+    pub messages: i64,
+    /// The newest message's sequence (0: none yet).
+    pub head: i64,
+    pub subscribers: Vec<SubscriberState>,
+}
+
+/// One subscriber's position in its topic.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriberState {
+    pub flow: String,
+    /// Its source's name, `<topic>/<flow>`.
+    pub subscription: String,
+    /// The sequence it has read up to (`None`: it has not run yet).
+    pub position: Option<i64>,
+    /// Messages after its position (not read yet).
+    pub behind: i64,
+}
+
+/// Every topic of `config` with its subscribers' positions, from `read`.
+pub fn states(
+    read: &dyn weft_store::JournalRead,
+    config: &weft_core::config::Config,
+) -> Result<Vec<TopicState>, weft_store::StoreError> {
+    states_from(
+        config,
+        &TopicReads {
+            checkpoint: &|s, k| read.checkpoint(s, k),
+            head: &|t| read.topic_head(t),
+            behind: &|t, a| read.topic_behind(t, a),
+        },
+    )
+}
+
+/// The three reads [`states_from`] needs, from whatever holds the store.
+pub struct TopicReads<'a> {
+    pub checkpoint: &'a dyn Fn(&str, &str) -> Result<Option<String>, weft_store::StoreError>,
+    pub head: &'a dyn Fn(&str) -> Result<i64, weft_store::StoreError>,
+    pub behind: &'a dyn Fn(&str, i64) -> Result<i64, weft_store::StoreError>,
+}
+
+/// [`states`] through any reader (the CLI's read-only SQLite reader).
+pub fn states_from(
+    config: &weft_core::config::Config,
+    read: &TopicReads<'_>,
+) -> Result<Vec<TopicState>, weft_store::StoreError> {
+    let mut out = Vec::new();
+    for t in config.topics.values() {
+        let mut subscribers = Vec::new();
+        for f in config.flows.iter().filter(|f| f.from == t.name) {
+            let subscription = subscription(&t.name, &f.name);
+            let position =
+                (read.checkpoint)(&subscription, POSITION)?.and_then(|v| v.parse::<i64>().ok());
+            let behind = match (position, f.start) {
+                (Some(p), _) => (read.behind)(&t.name, p)?,
+                // not run yet: `beginning` reads every message kept
+                (None, Some(TopicStart::Beginning)) => (read.behind)(&t.name, 0)?,
+                (None, _) => 0,
+            };
+            subscribers.push(SubscriberState {
+                flow: f.name.clone(),
+                subscription,
+                position,
+                behind,
+            });
+        }
+        out.push(TopicState {
+            topic: t.name.clone(),
+            messages: (read.behind)(&t.name, 0)?,
+            head: (read.head)(&t.name)?,
+            subscribers,
+        });
+    }
+    Ok(out)
+}
+
 /// Messages a subscriber ingests per batch, at most.
 const BATCH: usize = 500;
 /// How often a subscriber looks for messages another process published

@@ -523,6 +523,9 @@ pub trait JournalRead: Send + Sync {
     ) -> Result<Vec<crate::TopicMessage>, StoreError>;
     /// The sequence of the newest message of `topic` (0: none yet).
     fn topic_head(&self, topic: &str) -> Result<i64, StoreError>;
+    /// How many messages of `topic` come after the sequence `after`: a
+    /// subscriber's lag.
+    fn topic_behind(&self, topic: &str, after: i64) -> Result<i64, StoreError>;
     /// A source's saved position.
     fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError>;
     /// A page of DLQ entries in id order after `filter.after_id`, at most

@@ -1218,6 +1218,14 @@ impl JournalRead for MemoryJournal {
             .collect())
     }
 
+    fn topic_behind(&self, topic: &str, after: i64) -> Result<i64, StoreError> {
+        let s = self.lock()?;
+        Ok(s.topics
+            .range(after.saturating_add(1)..)
+            .filter(|(_, (t, _))| t == topic)
+            .count() as i64)
+    }
+
     fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
         let s = self.lock()?;
         Ok(s.topics

@@ -646,6 +646,16 @@ impl Reader {
         })
     }
 
+    /// See [`crate::JournalRead::topic_head`].
+    pub fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
+        crate::topic::head(&self.conn, topic)
+    }
+
+    /// See [`crate::JournalRead::topic_behind`].
+    pub fn topic_behind(&self, topic: &str, after: i64) -> Result<i64, StoreError> {
+        crate::topic::behind(&self.conn, topic, after)
+    }
+
     pub fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn

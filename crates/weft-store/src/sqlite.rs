@@ -405,6 +405,9 @@ impl JournalRead for SqliteJournal {
     fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
         self.with_reader(|r| crate::topic::head(&r.conn, topic))
     }
+    fn topic_behind(&self, topic: &str, after: i64) -> Result<i64, StoreError> {
+        self.with_reader(|r| crate::topic::behind(&r.conn, topic, after))
+    }
     fn checkpoint(&self, source: &str, key: &str) -> Result<Option<String>, StoreError> {
         self.with_reader(|r| r.checkpoint(source, key))
     }

@@ -137,6 +137,12 @@ pub(crate) fn head(conn: &Connection, topic: &str) -> Result<i64, StoreError> {
         .unwrap_or(0))
 }
 
+pub(crate) fn behind(conn: &Connection, topic: &str, after: i64) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT count(*) FROM topic_messages WHERE topic = ?1 AND seq > ?2")?
+        .query_row(params![topic, after], |r| r.get(0))?)
+}
+
 /// One slice: the oldest `limit` messages of `topic`, those of them
 /// appended before `before`.
 pub(crate) fn prune(

@@ -24,6 +24,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
         reader.identity_summary()?
     };
     let leases = reader.source_leases()?;
+    let topics = reader.topics(&cfg)?;
     let nodes = reader.nodes()?;
     let freshness: Vec<_> =
         weft_runtime::gauges::freshness(&cfg.flows, &counts, weft_store::now_ms(), None)
@@ -45,7 +46,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity, "source_leases": leases, "nodes": nodes});
+        let v = serde_json::json!({"lanes": counts, "dlq_depth": dlq, "balanced": balanced, "freshness": fresh, "identity": identity, "source_leases": leases, "nodes": nodes, "topics": topics});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -114,6 +115,18 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode> {
                     "source {}: no node holds its lease (last: node {}, epoch {}; the next hub to try takes it)",
                     l.source, l.node, l.epoch
                 );
+            }
+        }
+        for t in &topics {
+            println!("topic {}: {} messages kept", t.topic, t.messages);
+            for s in &t.subscribers {
+                match s.position {
+                    Some(_) => println!("  read by {}: {} messages behind", s.flow, s.behind),
+                    None => println!(
+                        "  read by {}: not started yet ({} messages to read)",
+                        s.flow, s.behind
+                    ),
+                }
             }
         }
         for i in &identity {
@@ -236,6 +249,27 @@ impl ReadStore {
             Self::Sqlite(r) => r.drift_events(source)?,
             #[cfg(feature = "postgres")]
             Self::Postgres(j) => j.drift_events(source)?,
+        })
+    }
+    /// Every topic of `cfg` with its subscribers' positions and lags.
+    pub fn topics(
+        &self,
+        cfg: &weft_core::config::Config,
+    ) -> Result<Vec<weft_runtime::topic::TopicState>> {
+        if cfg.topics.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(match self {
+            Self::Sqlite(r) => weft_runtime::topic::states_from(
+                cfg,
+                &weft_runtime::topic::TopicReads {
+                    checkpoint: &|s, k| r.checkpoint(s, k),
+                    head: &|t| r.topic_head(t),
+                    behind: &|t, a| r.topic_behind(t, a),
+                },
+            )?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => weft_runtime::topic::states(j, cfg)?,
         })
     }
     /// Canonical records are kept on SQLite only (`weft validate` refuses

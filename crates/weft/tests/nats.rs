@@ -756,6 +756,20 @@ fn the_pubsub_example_fans_each_webhook_out_to_three_subscribers() {
         );
         assert!(header(m, "x-correlation-id").is_some());
     }
+    // every subscriber at the head: no lag on /metrics
+    let text = scrape(&hub);
+    assert_eq!(
+        metric(&text, "weft_topic_messages{topic=\"customers\"}"),
+        Some(n as f64)
+    );
+    for flow in [
+        "customers_to_erp",
+        "customers_to_accounting",
+        "customers_to_bus",
+    ] {
+        let series = format!("weft_topic_lag{{topic=\"customers\",flow=\"{flow}\"}}");
+        assert_eq!(metric(&text, &series), Some(0.0), "{series} in\n{text}");
+    }
     let st = status(dir.path(), "weft.yaml", &env);
     assert_eq!(st["balanced"], true, "{st}");
     drop(hub);

@@ -242,6 +242,17 @@ fn subscribers_of_a_topic_each_get_every_message_with_their_own_position_and_dlq
     }
     let st = status(dir.path(), "weft.yaml", &[]);
     assert_eq!(st["balanced"], true, "{st}");
+    // where each subscriber is: at the head, nothing behind
+    let topic = &st["topics"][0];
+    assert_eq!(topic["topic"], "customers", "{st}");
+    assert_eq!(topic["messages"], (n + m) as u64, "{st}");
+    let subs = topic["subscribers"].as_array().expect("subscribers");
+    assert_eq!(subs.len(), 4, "{st}");
+    assert!(
+        subs.iter()
+            .all(|s| s["behind"] == 0 && s["position"] == topic["head"]),
+        "{st}"
+    );
     for (flow, received) in [
         ("customers_to_erp", n + m),
         ("customers_to_accounting", n + m),

@@ -566,6 +566,13 @@ impl JournalRead for PgJournal {
         })
     }
 
+    fn topic_behind(&self, topic: &str, after: i64) -> Result<i64, StoreError> {
+        let topic = topic.to_owned();
+        self.read_with(|inner| async move {
+            read::topic_behind(&mut *inner.pool.get().await?, &topic, after).await
+        })
+    }
+
     fn topic_head(&self, topic: &str) -> Result<i64, StoreError> {
         let topic = topic.to_owned();
         self.read_with(|inner| async move {

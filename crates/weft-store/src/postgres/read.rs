@@ -508,6 +508,15 @@ pub(crate) async fn topic_read(
         .collect()
 }
 
+pub(crate) async fn topic_behind(c: &mut Conn, topic: &str, after: i64) -> Result<i64, StoreError> {
+    Ok(c.query_one(
+        "SELECT count(*)::int8 FROM topic_messages WHERE topic = $1 AND seq > $2",
+        &[&topic, &after],
+    )
+    .await?
+    .try_get(0)?)
+}
+
 pub(crate) async fn topic_head(c: &mut Conn, topic: &str) -> Result<i64, StoreError> {
     Ok(c.query_one(
         "SELECT COALESCE(max(seq), 0)::int8 FROM topic_messages WHERE topic = $1",

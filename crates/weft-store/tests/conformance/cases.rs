@@ -2556,6 +2556,20 @@ pub async fn topics_keep_each_publication_once_in_order(h: &mut impl Harness) {
     let orders = j.read().topic_read("orders", 0, 10).expect("orders");
     assert_eq!(orders.len(), 1);
     assert!(orders[0].seq > all[1].seq && orders[0].seq < all[2].seq);
+    // what a subscriber at a position has still to read
+    assert_eq!(j.read().topic_behind("customers", 0).expect("behind"), 3);
+    assert_eq!(
+        j.read()
+            .topic_behind("customers", all[0].seq)
+            .expect("behind"),
+        2
+    );
+    assert_eq!(
+        j.read()
+            .topic_behind("customers", all[2].seq)
+            .expect("behind"),
+        0
+    );
     // paging: after a sequence, at most `limit`
     let page = j
         .read()
