@@ -73,9 +73,13 @@ pub fn states(
     )
 }
 
+/// A checkpoint of `(source, key)`.
+pub type CheckpointRead<'a> =
+    dyn Fn(&str, &str) -> Result<Option<String>, weft_store::StoreError> + 'a;
+
 /// The three reads [`states_from`] needs, from whatever holds the store.
 pub struct TopicReads<'a> {
-    pub checkpoint: &'a dyn Fn(&str, &str) -> Result<Option<String>, weft_store::StoreError>,
+    pub checkpoint: &'a CheckpointRead<'a>,
     pub head: &'a dyn Fn(&str) -> Result<i64, weft_store::StoreError>,
     pub behind: &'a dyn Fn(&str, i64) -> Result<i64, weft_store::StoreError>,
 }
