@@ -774,3 +774,145 @@ fn the_pubsub_example_fans_each_webhook_out_to_three_subscribers() {
     assert_eq!(st["balanced"], true, "{st}");
     drop(hub);
 }
+
+const ORDER_SCHEMA: &str = r#"{"type": "record", "name": "Order", "fields": [
+  {"name": "id", "type": "long"},
+  {"name": "total", "type": "string"},
+  {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+const INVOICE_SCHEMA: &str = r#"{"type": "record", "name": "Invoice", "fields": [
+  {"name": "order_id", "type": "long"},
+  {"name": "amount", "type": "double"},
+  {"name": "status", "type": {"type": "enum", "name": "Status", "symbols": ["OPEN", "PAID"]}}]}"#;
+
+/// Avro in and out, written and read by `fastavro` (not weft's Avro code):
+/// orders decoded with the source's schema, mapped, and published as
+/// invoices with the sink's schema (Content-Type `application/avro`); a
+/// message written with another schema and one in JSON go to the DLQ with
+/// the reason, and consumption goes on.
+#[test]
+fn avro_messages_are_read_and_written_with_the_schemas_of_the_config() {
+    let Some(mut bus) = Bus::machine() else {
+        return;
+    };
+    if python_with(&["fastavro"], &["fastavro"]).is_none() {
+        return;
+    }
+    let id = unique_suffix();
+    let (inn, out) = (format!("AVRO_IN_{id}"), format!("AVRO_OUT_{id}"));
+    let (isub, osub) = (format!("avroin{id}"), format!("avroout{id}"));
+    bus.stream(&inn, &[&format!("{isub}.>")]);
+    bus.stream(&out, &[&format!("{osub}.>")]);
+    let encoded = python_json(
+        r#"
+import io, json, sys, fastavro
+req = json.load(sys.stdin)
+def enc(schema, rec):
+    b = io.BytesIO()
+    fastavro.schemaless_writer(b, fastavro.parse_schema(json.loads(schema)), rec)
+    return b.getvalue().hex()
+print(json.dumps({
+    "orders": [enc(req["order"], o) for o in req["orders"]],
+    "other": enc(req["other"], {"sku": "a much longer string than an order has", "qty": 3, "price": 2.5}),
+}))
+"#,
+        json!({
+            "order": ORDER_SCHEMA,
+            "orders": [
+                {"id": 1, "total": "10.50", "note": None::<String>},
+                {"id": 2, "total": "7.25", "note": "gift"},
+                {"id": 3, "total": "99.00", "note": None::<String>},
+            ],
+            "other": r#"{"type": "record", "name": "Line", "fields": [{"name": "sku", "type": "string"}, {"name": "qty", "type": "long"}, {"name": "price", "type": "double"}]}"#,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    let hex = |v: &Value| -> Vec<u8> {
+        let s = v.as_str().expect("hex");
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
+            .collect()
+    };
+    let indent = |s: &str| s.replace('\n', " ");
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        URL,
+        &format!(
+            "        stream: {inn}\n        subject: '{isub}.>'\n        batch: 8\n        max_wait: 300ms\n        format:\n          avro:\n            schema: '{}'\n",
+            indent(ORDER_SCHEMA)
+        ),
+        &format!(
+            "        subject: '{osub}.invoices.{{key}}'\n        format:\n          avro:\n            schema: '{}'\n",
+            indent(INVOICE_SCHEMA)
+        ),
+        "    key: .id\n    mapping: '{order_id: .id, amount: (.total | tonumber), status: (if .note == null then \"OPEN\" else \"PAID\" end)}'\n",
+    );
+    let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
+    let orders = encoded["orders"].as_array().expect("orders");
+    let mut msgs: Vec<Msg> = vec![(hex(&orders[0]), vec![])];
+    msgs.push((hex(&encoded["other"]), vec![]));
+    msgs.push((b"{\"id\": 4, \"total\": \"1.00\"}".to_vec(), vec![]));
+    msgs.push((hex(&orders[1]), vec![]));
+    msgs.push((hex(&orders[2]), vec![]));
+    bus.publish(&format!("{isub}.orders"), msgs);
+    let dlq = || -> Vec<Value> {
+        let out = weft_cmd(dir.path(), &["dlq", "list", "-c", "weft.yaml", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bus.count(&out) < 3 || dlq().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} invoices, {} dead letters; log:\n{}",
+            bus.count(&out),
+            dlq().len(),
+            hub.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dead = dlq();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead.iter().all(|e| e["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not Avro of the configured schema")),
+        "{dead:?}"
+    );
+    let msgs = bus.messages(&out);
+    assert_eq!(msgs.len(), 3);
+    for m in &msgs {
+        assert_eq!(
+            header(m, "Content-Type").as_deref(),
+            Some("application/avro")
+        );
+    }
+    let bodies: Vec<String> = msgs
+        .iter()
+        .map(|m| m.payload.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let decoded = python_json(
+        r#"
+import io, json, sys, fastavro
+req = json.load(sys.stdin)
+s = fastavro.parse_schema(json.loads(req["schema"]))
+print(json.dumps([fastavro.schemaless_reader(io.BytesIO(bytes.fromhex(h)), s) for h in req["bodies"]]))
+"#,
+        json!({"schema": INVOICE_SCHEMA, "bodies": bodies})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(
+        decoded,
+        json!([
+            {"order_id": 1, "amount": 10.5, "status": "OPEN"},
+            {"order_id": 2, "amount": 7.25, "status": "PAID"},
+            {"order_id": 3, "amount": 99.0, "status": "OPEN"},
+        ])
+    );
+    let st = status(dir.path(), "weft.yaml", &[]);
+    assert_eq!(st["balanced"], true, "{st}");
+    drop(hub);
+}

@@ -26,6 +26,7 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod format;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "nats")]
@@ -44,6 +45,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 use weft_core::Event;
+
+pub use format::Format;
 
 use crate::sink::Delivery;
 use crate::source::BadRecord;
@@ -100,17 +103,6 @@ pub(crate) async fn probe_mqtt_sink(
         let _ = (system, settings);
         crate::probe::Finding::fail(crate::without_feature("mqtt", "MQTT"))
     }
-}
-
-/// How a message's payload is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// One JSON value per message (UTF-8). A CloudEvents structured-mode
-    /// message (`content-type: application/cloudevents+json`) is unwrapped:
-    /// its `data` is the payload, its attributes the event's.
-    #[default]
-    Json,
 }
 
 /// The CloudEvents attributes a message carries in its headers (binary
@@ -306,13 +298,11 @@ impl Decoder {
                 self.max_bytes
             ));
         }
-        let data: Value = match self.format {
-            Format::Json => match serde_json::from_slice(payload) {
-                Ok(v) => v,
-                Err(e) => return bad(format!("not JSON: {e}")),
-            },
+        let data: Value = match self.format.decode(payload) {
+            Ok(v) => v,
+            Err(e) => return bad(e),
         };
-        let (data, a) = if a.structured() {
+        let (data, a) = if a.structured() && self.format.is_json() {
             match unwrap_structured(data, a) {
                 Ok(x) => x,
                 Err(e) => return bad(e),

@@ -90,7 +90,7 @@ impl AmqpSource {
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
         let decoder = Decoder {
-            format: self.cfg.format,
+            format: self.cfg.format.clone(),
             max_bytes: self.cfg.max_message_bytes,
             event_id: EventId::Auto,
             default_source: format!("weft:{}/amqp", self.system),

@@ -142,6 +142,10 @@ pub struct RawNatsSink {
     /// not start. `false`: not checked (a publish nobody stores is a
     /// permanent failure, dead-lettered).
     pub check_stream: Option<bool>,
+    /// How the payload is written: `json` (default) or `{avro: {schema:
+    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
+    /// dead-lettered with the reason.
+    pub format: Option<Format>,
 }
 
 /// A validated `nats` sink.
@@ -156,6 +160,7 @@ pub struct NatsSinkConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub check_stream: bool,
+    pub format: Format,
 }
 
 impl NatsSourceConfig {
@@ -362,6 +367,7 @@ impl NatsSinkConfig {
             timeout,
             connect_timeout,
             check_stream: raw.check_stream.unwrap_or(true),
+            format: raw.format.unwrap_or_default(),
         })
     }
 }

@@ -146,10 +146,16 @@ impl NatsSink {
         for (k, v) in outgoing_headers(NATS, d, &source, &ty) {
             h.insert(k.as_str(), v.as_str());
         }
+        if !self.cfg.format.is_json() {
+            h.insert(NATS.content_type, self.cfg.format.content_type());
+        }
         for (k, v) in &self.cfg.headers {
             h.insert(k.as_str(), v.as_str());
         }
-        let body = serde_json::to_vec(&d.payload)
+        let body = self
+            .cfg
+            .format
+            .encode(&d.payload)
             .map_err(|e| SinkError::permanent(format!("payload: {e}")))?;
         Ok((subject, h, Bytes::from(body)))
     }

@@ -91,7 +91,7 @@ impl NatsSource {
             "consuming from NATS JetStream at {hosts}"
         );
         let decoder = Decoder {
-            format: self.cfg.format,
+            format: self.cfg.format.clone(),
             max_bytes: self.cfg.max_message_bytes,
             event_id: self.cfg.event_id,
             default_source: format!("weft:{}/nats", self.system),

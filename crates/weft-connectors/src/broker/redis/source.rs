@@ -85,7 +85,7 @@ impl RedisSource {
     ) -> Result<(), SourceError> {
         let (client, addr) = super::client(&self.cfg.url).map_err(|m| self.err(m))?;
         let decoder = Decoder {
-            format: self.cfg.format,
+            format: self.cfg.format.clone(),
             max_bytes: self.cfg.max_message_bytes,
             event_id: self.cfg.event_id,
             default_source: format!("weft:{}/redis", self.system),
