@@ -707,3 +707,66 @@ async fn sink_errors_say_retryable_or_permanent() {
     cleanup.exchanges.push(x);
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// `format: {avro: ...}` on the sink: the bodies in the queue are datums
+/// of the schema (read back with the same schema as a source would), the
+/// content type says Avro, and a record the schema does not fit fails
+/// permanently (dead-lettered) without stopping the others.
+#[tokio::test]
+async fn an_avro_sink_publishes_datums_of_its_schema() {
+    let Some((conn, ch)) = broker().await else {
+        return;
+    };
+    let (x, q) = (unique("avro_x"), unique("avro_q"));
+    let _cleanup = Cleanup {
+        queues: vec![q.clone()],
+        exchanges: vec![x.clone()],
+    };
+    exchange(&ch, &x).await;
+    queue(&ch, &q, Some((&x, "customers.*"))).await;
+    let schema = json!({"type": "record", "name": "Customer", "fields": [
+        {"name": "name", "type": "string"}, {"name": "vip", "type": "boolean", "default": false}]});
+    let cfg = sink_cfg(json!({
+        "url": URL, "exchange": x, "routing_key": "customers.{key}",
+        "format": {"avro": {"schema": schema}}
+    }));
+    let (sink, _) = AmqpSink::connect("bus", cfg).await.unwrap();
+    let batch = vec![
+        delivery(1, Some("1"), json!({"name": "Ada", "vip": true})),
+        delivery(2, Some("2"), json!({"name": 5})),
+        delivery(3, Some("3"), json!({"name": "Cy", "vip": false})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, weft_core::ErrorKind::Permanent, "{e}");
+    assert!(e.message.contains("does not fit the Avro schema"), "{e}");
+    assert_eq!(ready(&conn, &q).await, 2);
+    let reader: weft_connectors::broker::Format =
+        serde_json::from_value(json!({"avro": {"schema": schema}})).unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            m.delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "application/avro"
+        );
+        got.push(reader.decode(&m.delivery.data).unwrap());
+    }
+    assert_eq!(
+        got,
+        vec![
+            json!({"name": "Ada", "vip": true}),
+            json!({"name": "Cy", "vip": false})
+        ]
+    );
+    let _ = conn.close(200, "done".into()).await;
+}

@@ -663,3 +663,50 @@ async fn sink_errors_say_retryable_and_never_show_the_password() {
     assert_eq!(e.kind, ErrorKind::Retryable, "{e}");
     assert!(!e.message.contains("secret"), "{e}");
 }
+
+/// `format: {avro: ...}` on the sink: datums of the schema with the Avro
+/// content type; a record the schema does not fit fails permanently and
+/// the others go on.
+#[tokio::test]
+async fn an_avro_sink_publishes_datums_of_its_schema() {
+    let Some(mut c) = Client::machine().await else {
+        return;
+    };
+    let t = unique("avro");
+    c.subscribe(&format!("{t}/#")).await;
+    let schema = json!({"type": "record", "name": "Reading", "fields": [
+        {"name": "sensor", "type": "string"}, {"name": "value", "type": "double"}]});
+    let cfg = sink_cfg(json!({
+        "url": URL, "topic": format!("{t}/readings/{{key}}"),
+        "format": {"avro": {"schema": schema}}
+    }));
+    let (sink, _) = MqttSink::connect("bus", cfg).await.unwrap();
+    let batch = vec![
+        delivery(1, Some("a"), json!({"sensor": "a", "value": 1.5})),
+        delivery(2, Some("b"), json!({"sensor": "b"})),
+        delivery(3, Some("c"), json!({"sensor": "c", "value": -2.0})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.message.contains("does not fit the Avro schema"), "{e}");
+    let reader: weft_connectors::broker::Format =
+        serde_json::from_value(json!({"avro": {"schema": schema}})).unwrap();
+    let got = c.messages(2).await;
+    let values: Vec<Value> = got
+        .iter()
+        .map(|m| {
+            let p = m.properties.as_ref().unwrap();
+            assert_eq!(p.content_type.as_deref(), Some("application/avro"));
+            reader.decode(&m.payload).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            json!({"sensor": "a", "value": 1.5}),
+            json!({"sensor": "c", "value": -2.0})
+        ]
+    );
+}

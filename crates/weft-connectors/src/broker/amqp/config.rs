@@ -124,6 +124,10 @@ pub struct RawAmqpSink {
     pub timeout: Option<String>,
     /// How long connecting may take (default `5s`).
     pub connect_timeout: Option<String>,
+    /// How the payload is written: `json` (default) or `{avro: {schema:
+    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
+    /// dead-lettered with the reason.
+    pub format: Option<Format>,
 }
 
 /// A validated `amqp` sink.
@@ -139,6 +143,7 @@ pub struct AmqpSinkConfig {
     pub event_source: Option<String>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    pub format: Format,
 }
 
 impl AmqpSourceConfig {
@@ -290,6 +295,7 @@ impl AmqpSinkConfig {
             event_source: raw.event_source,
             timeout,
             connect_timeout,
+            format: raw.format.unwrap_or_default(),
         })
     }
 }

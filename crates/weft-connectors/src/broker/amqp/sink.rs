@@ -193,7 +193,7 @@ impl AmqpSink {
             );
         }
         let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(self.cfg.format.content_type().into())
             .with_message_id(short(&d.idempotency_key))
             .with_correlation_id(short(&d.correlation_id))
             .with_app_id("weft".into())
@@ -204,7 +204,10 @@ impl AmqpSink {
         if d.context.event_time_ms > 0 {
             props = props.with_timestamp((d.context.event_time_ms / 1000) as u64);
         }
-        let body = serde_json::to_vec(&d.payload)
+        let body = self
+            .cfg
+            .format
+            .encode(&d.payload)
             .map_err(|e| SinkError::permanent(format!("payload: {e}")))?;
         Ok((key, props, body))
     }

@@ -137,6 +137,10 @@ pub struct RawMqttSink {
     pub connect_timeout: Option<String>,
     /// How often to ping an idle broker (default `30s`).
     pub keep_alive: Option<String>,
+    /// How the payload is written: `json` (default) or `{avro: {schema:
+    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
+    /// dead-lettered with the reason.
+    pub format: Option<Format>,
 }
 
 /// A validated `mqtt` sink.
@@ -153,6 +157,7 @@ pub struct MqttSinkConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub keep_alive: Duration,
+    pub format: Format,
 }
 
 /// Where the broker is, from the URL.
@@ -396,6 +401,7 @@ impl MqttSinkConfig {
             timeout,
             connect_timeout,
             keep_alive,
+            format: raw.format.unwrap_or_default(),
         })
     }
 }

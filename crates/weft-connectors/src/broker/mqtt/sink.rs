@@ -149,7 +149,7 @@ impl MqttSink {
         };
         for (k, v) in outgoing_headers(MQTT, d, &source, &ty) {
             if k == MQTT.content_type {
-                props.content_type = Some(v);
+                props.content_type = Some(self.cfg.format.content_type().to_owned());
             } else {
                 props.user_properties.push((k, v));
             }
@@ -157,7 +157,10 @@ impl MqttSink {
         props
             .user_properties
             .extend(self.cfg.user_properties.iter().cloned());
-        let body = serde_json::to_vec(&d.payload)
+        let body = self
+            .cfg
+            .format
+            .encode(&d.payload)
             .map_err(|e| SinkError::permanent(format!("payload: {e}")))?;
         if let Some(max) = max_packet {
             // the packet's size, a little over: fixed header, topic, packet
