@@ -136,7 +136,18 @@ fn topic_counts(dir: &std::path::Path) -> (i64, i64, i64) {
 }
 
 fn run_until_idle(dir: &std::path::Path) {
-    let out = weft_cmd(dir, &["run", "weft.yaml", "--until-idle"]);
+    let out = weft_cmd(
+        dir,
+        &[
+            "run",
+            "weft.yaml",
+            "--until-idle",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
     assert!(
         out.status.success(),
         "weft run --until-idle failed: {}",
