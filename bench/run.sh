@@ -5,7 +5,8 @@
 #   WITH_PEERS=1 bench/run.sh    # also run ../shared/bench/run.sh with weft beside its peers
 #
 # Rows: the standard workload (JSONL file source -> jq mapping -> sink) into
-# SQLite and, when they answer on loopback, PostgreSQL and MariaDB; the CSV
+# SQLite and, when they answer on loopback, PostgreSQL and MariaDB; the same
+# through a topic inside the hub; the CSV
 # file source alone (canonical CSV -> SQLite);
 # webhook ingest (signed POSTs, 202 after the fsynced commit) with latency.
 set -euo pipefail
@@ -75,6 +76,16 @@ if (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null && command -v mariadb >/dev/nul
 else
   row "JSONL file -> jq mapping -> MariaDB upsert" "-" "-" "skipped: no MariaDB on 127.0.0.1:3306 or no mariadb client"
 fi
+
+# 3b. the standard workload through a topic inside the hub (publish, then a
+# subscriber maps into SQLite): the cost of the hop beside row 1
+export WEFT_INPUT=$DATA WEFT_WORK=$WORKROOT/topic
+mkdir -p "$WEFT_WORK"
+t0=$(now); "$WEFT" run "$HERE/contacts-topic.yaml" --until-idle; t1=$(now)
+got=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from contacts').fetchone()[0])" "$WEFT_WORK/contacts.db")
+secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')
+row "JSONL file -> topic -> jq mapping -> SQLite" "$secs s" "$(awk -v n="$N" -v s="$secs" 'BEGIN{printf "%.0f", n/s}') rec/s" "rows=$got (want $N)"
+rm -rf "$WEFT_WORK"
 
 # 4. CSV file source (the canonical CSV with a header row) -> SQLite, no mapping
 CSV=$CACHE/data/contacts_${N}_s42_canonical.csv
