@@ -318,25 +318,7 @@ impl Runtime {
             // a source that replays from its checkpoint writes its keyless
             // rows itself where it can (`ingest::DirectLane`)
             let direct = if dedupe == Dedupe::Position {
-                flows
-                    .iter()
-                    .flat_map(|f| f.destinations.iter().map(move |d| (f, d)))
-                    .filter_map(|(f, d)| {
-                        let sink = sinks.get(&d.system)?;
-                        let guard = guards.get(&d.system)?;
-                        let handle = handles
-                            .iter()
-                            .find(|h| h.flow == f.name && h.dest == d.system)?;
-                        ingest::DirectLane::fits(f, d, sink).then(|| ingest::DirectLane {
-                            flow: f.name.clone(),
-                            dest: d.system.clone(),
-                            sink: sink.clone(),
-                            guard: guard.clone(),
-                            policy: d.delivery.clone(),
-                            handle: handle.clone(),
-                        })
-                    })
-                    .collect()
+                direct_lanes(&flows, &sinks, &guards, &handles)
             } else {
                 Vec::new()
             };
@@ -397,7 +379,8 @@ impl Runtime {
                 .shared()
                 .then(|| Arc::new(std::sync::atomic::AtomicI64::new(0)));
             let ingestor: Arc<dyn Ingest> = Arc::new(ingest::Ingestor {
-                direct: Vec::new(),
+                // a subscription resumes from its exact position too
+                direct: direct_lanes(std::slice::from_ref(&flow), &sinks, &guards, &handles),
                 fence: fence.clone(),
                 system: name.clone(),
                 drift: None,
@@ -609,6 +592,35 @@ fn idle(journal: &dyn Journal, subscriptions: &[(String, String)]) -> Result<boo
         }
     }
     Ok(journal.read().outbox_len()? == 0 && heads(journal)? == before)
+}
+
+/// The lanes whose keyless rows a source that resumes from an exact
+/// position writes itself (`ingest::DirectLane`).
+fn direct_lanes(
+    flows: &[Arc<weft_core::config::Flow>],
+    sinks: &BTreeMap<String, Arc<dyn weft_connectors::Sink>>,
+    guards: &BTreeMap<String, Arc<guard::Guard>>,
+    handles: &[Arc<delivery::LaneHandle>],
+) -> Vec<ingest::DirectLane> {
+    flows
+        .iter()
+        .flat_map(|f| f.destinations.iter().map(move |d| (f, d)))
+        .filter_map(|(f, d)| {
+            let sink = sinks.get(&d.system)?;
+            let guard = guards.get(&d.system)?;
+            let handle = handles
+                .iter()
+                .find(|h| h.flow == f.name && h.dest == d.system)?;
+            ingest::DirectLane::fits(f, d, sink).then(|| ingest::DirectLane {
+                flow: f.name.clone(),
+                dest: d.system.clone(),
+                sink: sink.clone(),
+                guard: guard.clone(),
+                policy: d.delivery.clone(),
+                handle: handle.clone(),
+            })
+        })
+        .collect()
 }
 
 /// What every source task of a hub shares.
