@@ -120,7 +120,7 @@ pub fn states_from(
 }
 
 /// Messages a subscriber ingests per batch, at most.
-const BATCH: usize = 500;
+const BATCH: usize = 2000;
 /// How often a subscriber looks for messages another process published
 /// (a publisher in this process wakes it at once).
 const POLL: Duration = Duration::from_millis(200);
