@@ -61,6 +61,15 @@ flows:
     .unwrap();
 }
 
+/// How many deliveries weft counts as written (acknowledged by the
+/// brokers). Not the topic's high watermark: tansu 0.6.0's memory storage
+/// answers ListOffsets(latest) with the last batch's base offset + 1.
+fn delivered(dir: &Path) -> u64 {
+    status(dir, "weft.yaml", &[])["lanes"][0]["delivered"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 fn seq_msgs(r: std::ops::Range<u64>, keys: u64) -> Vec<Msg> {
     r.map(|s| Msg {
         key: Some((s % keys).to_string().into_bytes()),
@@ -129,13 +138,20 @@ fn kafka_messages_flow_through_with_their_cloudevent_and_bad_ones_go_to_the_dlq(
     });
     tansu::produce(&brokers, "e2e-in", &msgs);
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
-    wait_for(Duration::from_secs(30), "21 messages out", || {
-        tansu::count(&brokers, "e2e-out", 1) >= 21
-    });
-    wait_for(Duration::from_secs(20), "everything settled", || {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let st = status(dir.path(), "weft.yaml", &[]);
-        st["lanes"][0]["delivered"] == 21 && st["lanes"][0]["pending"] == 0
-    });
+        if st["lanes"][0]["delivered"] == 21 && st["lanes"][0]["pending"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled: {st}; log:\n{}\ntansu:\n{}",
+            hub.log_text(),
+            broker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // every message's offset committed after its commit, the bad ones too
     wait_for(Duration::from_secs(20), "the offsets committed", || {
         tansu::committed(&brokers, "weft-bus_in", "e2e-in", 2) == [13, 11]
@@ -273,16 +289,16 @@ fn kafka_sigkill_while_consuming_and_publishing_loses_nothing_and_uses_one_id_pe
     let kills = std::sync::atomic::AtomicUsize::new(0);
     let (n, logs) = kill_while_kafka(dir.path(), || {
         let k = kills.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let now = tansu::count(&brokers, "kill-out", 1);
+        let now = delivered(dir.path());
         if k > 0 {
             seen.lock().unwrap().push(now);
         }
-        k < 4 || ((!publisher.is_finished() || (now as u64) < total) && k < 10)
+        k < 4 || ((!publisher.is_finished() || now < total) && k < 10)
     });
     assert!(n >= 4);
     let seen = seen.into_inner().unwrap();
     assert!(
-        seen.iter().any(|c| *c > 0 && (*c as u64) < total),
+        seen.iter().any(|c| *c > 0 && *c < total),
         "the kills did not come mid-stream ({seen:?} out after each); make the run longer"
     );
     publisher.join().unwrap();
@@ -348,7 +364,7 @@ fn kafka_a_broker_restart_while_weft_runs_loses_nothing() {
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
     tansu::produce(&brokers, "restart-in", &seq_msgs(0..600, 13));
     wait_for(Duration::from_secs(60), "some messages through", || {
-        tansu::count(&brokers, "restart-out", 1) >= 50
+        delivered(dir.path()) >= 50
     });
     // the broker goes away mid-stream and comes back with its data
     broker.down();

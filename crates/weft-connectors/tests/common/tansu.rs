@@ -358,21 +358,6 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32, want: usize, wait: 
     out
 }
 
-/// How many messages `topic` holds: the sum of its partitions' high
-/// watermarks (every topic the tests make starts at offset 0).
-pub fn count(brokers: &str, topic: &str, partitions: i32) -> i64 {
-    let Ok(c) = client(brokers).create::<BaseConsumer>() else {
-        return 0;
-    };
-    (0..partitions)
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(5))
-                .map(|(_, hi)| hi)
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
 /// The offsets group `group` committed on `topic`'s partitions (`-1`:
 /// none).
 pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
