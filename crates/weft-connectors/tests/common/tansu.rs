@@ -240,10 +240,19 @@ impl Msg {
 
 /// Produce `msgs` to `topic` (acks=all), waiting until every one is
 /// acknowledged.
+///
+/// One message per record batch (`batch.num.messages=1`): tansu 0.6.0
+/// (memory storage) answers a fetch from an offset inside a record batch
+/// with only the batches after it, so a consumer group resuming from an
+/// offset committed in the middle of a batch would skip the rest of that
+/// batch. With one message per batch every offset is a batch's first; a
+/// Kafka broker returns the batch holding the offset, so this does not
+/// arise there.
 pub fn produce(brokers: &str, topic: &str, msgs: &[Msg]) {
     let p: ThreadedProducer<DefaultProducerContext> = client(brokers)
         .set("acks", "all")
         .set("linger.ms", "5")
+        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     for m in msgs {
