@@ -393,8 +393,10 @@ fn kafka_weft_goes_on_after_a_broker_restart() {
     broker.down();
     std::thread::sleep(Duration::from_millis(500));
     broker.up();
-    tansu::create_topic(&brokers, "restart-in", 1);
+    // the destination first: a message consumed before its topic exists
+    // would be refused as an unknown topic (permanent, DLQ)
     tansu::create_topic(&brokers, "restart-out", 1);
+    tansu::create_topic(&brokers, "restart-in", 1);
     tansu::produce(&brokers, "restart-in", &ce_msgs(300..500, 13));
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

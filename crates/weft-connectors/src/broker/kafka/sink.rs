@@ -21,8 +21,10 @@
 //! the template cannot fill or that is not a topic name, a refused
 //! authorization and an invalid record are permanent; timeouts, brokers
 //! down, leaders moving and the rest are retryable. A fatal error of the
-//! idempotent producer (a sequence the brokers lost) makes a new producer
-//! for the next batch; the batch is retried.
+//! idempotent producer (a sequence the brokers lost), or messages that
+//! timed out, make a new producer for the next batch (a broker that lost
+//! its state may never answer the old producer id again: seen with tansu
+//! restarted on memory storage); the batch is retried.
 //!
 //! Headers (see [`crate::broker::kafka`]): `ce_specversion`, `ce_id`,
 //! `ce_source`, `ce_type`, `ce_time` (the event's own time), `ce_subject`
@@ -225,11 +227,18 @@ impl KafkaSink {
                 {
                     Ok(Ok(Ok(_))) => (Ok(Written::default()), false),
                     Ok(Ok(Err((e, _)))) => {
-                        let fatal = matches!(
+                        // a fatal error, or a message librdkafka gave up
+                        // on: a new producer for the next try (a broker
+                        // that lost its state may never answer the old
+                        // producer id's sequence again)
+                        let renew = matches!(
                             super::code_of(&e),
-                            Some(rdkafka::error::RDKafkaErrorCode::Fatal)
+                            Some(
+                                rdkafka::error::RDKafkaErrorCode::Fatal
+                                    | rdkafka::error::RDKafkaErrorCode::MessageTimedOut
+                            )
                         );
-                        (Err(self.classify(&e, &topic)), fatal)
+                        (Err(self.classify(&e, &topic)), renew)
                     }
                     Ok(Err(_)) => (
                         Err(SinkError::retryable(
@@ -248,21 +257,21 @@ impl KafkaSink {
             }
         }))
         .await;
-        let fatal = reports.iter().any(|(_, f)| *f) || producer.client().fatal_error().is_some();
-        if fatal {
+        let renew = reports.iter().any(|(_, f)| *f) || producer.client().fatal_error().is_some();
+        if renew {
             let why = producer
                 .client()
                 .fatal_error()
                 .map(|(c, m)| format!("{c:?}: {m}"))
-                .unwrap_or_else(|| "a fatal error".to_owned());
+                .unwrap_or_else(|| "messages timed out".to_owned());
             self.renew(&why);
         }
         reports
             .into_iter()
-            .map(|(r, fatal_here)| match r {
-                // after a fatal error nothing of the old producer's is
-                // final: retried on the new one
-                Err(e) if fatal_here => Err(SinkError::retryable(e.message)),
+            .map(|(r, renew_here)| match r {
+                // nothing of the old producer's is final: retried on the
+                // new one
+                Err(e) if renew_here => Err(SinkError::retryable(e.message)),
                 r => r,
             })
             .collect()
