@@ -63,7 +63,13 @@ fn main() -> anyhow::Result<()> {
                 .port();
             let url = format!("tcp://127.0.0.1:{port}");
             let child = Command::new(&a.tansu)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
                 .args(["--storage-engine", "memory://tansu/", "--silent"])
                 .current_dir(&tmp)
                 .env("RUST_LOG", "warn")
@@ -235,7 +241,11 @@ fn scenario(a: &Args, brokers: &str, which: &str) -> anyhow::Result<f64> {
             let _ = hub.kill();
             bail!("{which}: not all through in 600 s");
         }
-        std::thread::sleep(Duration::from_millis(if which == "consume" { 50 } else { 200 }));
+        std::thread::sleep(Duration::from_millis(if which == "consume" {
+            50
+        } else {
+            200
+        }));
     }
     let secs = started.elapsed().as_secs_f64();
     let _ = hub.kill();

@@ -231,15 +231,13 @@ pub async fn probe_sink(system: &str, spec: &SinkSpec) -> Finding {
         SinkSpec::Nats { .. }
         | SinkSpec::Amqp { .. }
         | SinkSpec::Redis { .. }
-        | SinkSpec::Kafka { .. } => {
-            match crate::sink::build_sink(system, spec).await {
-                Ok(built) => match built.down {
-                    Some(why) => Finding::fail(why),
-                    None => Finding::ok("connected; the destination accepts the configuration"),
-                },
-                Err(e) => Finding::fail(e.message),
-            }
-        }
+        | SinkSpec::Kafka { .. } => match crate::sink::build_sink(system, spec).await {
+            Ok(built) => match built.down {
+                Some(why) => Finding::fail(why),
+                None => Finding::ok("connected; the destination accepts the configuration"),
+            },
+            Err(e) => Finding::fail(e.message),
+        },
     }
 }
 

@@ -116,10 +116,7 @@ async fn wait_committed(brokers: &str, group: &str, topic: &str, want: &[i64]) {
         if got == want {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "committed {got:?}, not {want:?}"
-        );
+        assert!(Instant::now() < deadline, "committed {got:?}, not {want:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -420,7 +420,10 @@ fn kafka_weft_goes_on_after_a_broker_restart() {
     assert!(hub.stop().success());
     // what the new topic holds: 300..500, each under one id
     let got = tansu::read_all(&brokers, "restart-out", 1, 200, Duration::from_secs(30));
-    let seqs: HashSet<u64> = got.iter().filter_map(|m| m.json()["seq"].as_u64()).collect();
+    let seqs: HashSet<u64> = got
+        .iter()
+        .filter_map(|m| m.json()["seq"].as_u64())
+        .collect();
     assert_eq!(seqs, (300..500).collect::<HashSet<u64>>());
     let mut ids: BTreeMap<u64, HashSet<String>> = BTreeMap::new();
     for m in &got {
@@ -496,7 +499,8 @@ flows:
         "{text}"
     );
     assert!(
-        text.contains("weft.yaml:19:") && text.contains("systems.out2.sink.kafka.max_message_bytes"),
+        text.contains("weft.yaml:19:")
+            && text.contains("systems.out2.sink.kafka.max_message_bytes"),
         "{text}"
     );
 }

@@ -211,10 +211,11 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
         panic!("cannot create topic {topic}: {e}");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !metadata(brokers, Duration::from_secs(2))
-        .is_ok_and(|ts| ts.iter().any(|t| t == topic))
-    {
-        assert!(Instant::now() < deadline, "topic {topic} not in the metadata");
+    while !metadata(brokers, Duration::from_secs(2)).is_ok_and(|ts| ts.iter().any(|t| t == topic)) {
+        assert!(
+            Instant::now() < deadline,
+            "topic {topic} not in the metadata"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -318,7 +319,13 @@ impl Got {
 /// Every message of `topic` (partitions `0..partitions`) from the start,
 /// read without a group, until `want` came or 2 s passed without one
 /// (at most `wait` in all).
-pub fn read_all(brokers: &str, topic: &str, partitions: i32, want: usize, wait: Duration) -> Vec<Got> {
+pub fn read_all(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    wait: Duration,
+) -> Vec<Got> {
     let c: BaseConsumer = client(brokers)
         .set("group.id", "weft-test-reader")
         .set("enable.auto.commit", "false")
@@ -337,31 +344,28 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32, want: usize, wait: 
         if Instant::now() > deadline || last.elapsed() > Duration::from_secs(2) {
             break;
         }
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last = Instant::now();
-                out.push(Got {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
-            }
-            Some(Err(_)) | None => {}
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            out.push(Got {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
         }
     }
     out
