@@ -187,6 +187,37 @@ pub fn check(config: &Config) -> Vec<Issue> {
                 );
             }
         }
+        #[cfg(feature = "kafka")]
+        {
+            use crate::broker::kafka;
+            if let Some(SourceSpec::Kafka { settings }) = &sys.source
+                && let Err(found) = kafka::KafkaSourceConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+            if let Some(SinkSpec::Kafka { settings }) = &sys.sink
+                && let Err(found) = kafka::KafkaSinkConfig::from_settings(name, settings)
+            {
+                issues.extend(found);
+            }
+        }
+        #[cfg(not(feature = "kafka"))]
+        {
+            if let Some(SourceSpec::Kafka { .. }) = &sys.source {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.source.kafka"),
+                    crate::without_feature("kafka", "Kafka"),
+                );
+            }
+            if let Some(SinkSpec::Kafka { .. }) = &sys.sink {
+                issue(
+                    &mut issues,
+                    &format!("systems.{name}.sink.kafka"),
+                    crate::without_feature("kafka", "Kafka"),
+                );
+            }
+        }
         if let Some(SourceSpec::SqlPoll { cfg, .. }) = &sys.source {
             let path = format!("systems.{name}.source.sql_poll.url");
             let url = cfg.url.expose().trim();

@@ -19,7 +19,8 @@
         feature = "nats",
         feature = "amqp",
         feature = "redis",
-        feature = "mqtt"
+        feature = "mqtt",
+        feature = "kafka"
     )),
     allow(dead_code, unused_mut, unused_variables, unused_imports)
 )]

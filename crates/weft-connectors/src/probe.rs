@@ -187,7 +187,8 @@ pub async fn probe_source(system: &str, spec: &SourceSpec) -> Finding {
         SourceSpec::Nats { settings }
         | SourceSpec::Amqp { settings }
         | SourceSpec::Redis { settings }
-        | SourceSpec::Mqtt { settings } => {
+        | SourceSpec::Mqtt { settings }
+        | SourceSpec::Kafka { settings } => {
             crate::broker::probe_source(system, spec.kind(), settings).await
         }
     }
@@ -227,15 +228,16 @@ pub async fn probe_sink(system: &str, spec: &SinkSpec) -> Finding {
         }
         SinkSpec::Jsonl { target, .. } | SinkSpec::Csv { target, .. } => export_target(target),
         SinkSpec::Mqtt { settings } => crate::broker::probe_mqtt_sink(system, settings).await,
-        SinkSpec::Nats { .. } | SinkSpec::Amqp { .. } | SinkSpec::Redis { .. } => {
-            match crate::sink::build_sink(system, spec).await {
-                Ok(built) => match built.down {
-                    Some(why) => Finding::fail(why),
-                    None => Finding::ok("connected; the destination accepts the configuration"),
-                },
-                Err(e) => Finding::fail(e.message),
-            }
-        }
+        SinkSpec::Nats { .. }
+        | SinkSpec::Amqp { .. }
+        | SinkSpec::Redis { .. }
+        | SinkSpec::Kafka { .. } => match crate::sink::build_sink(system, spec).await {
+            Ok(built) => match built.down {
+                Some(why) => Finding::fail(why),
+                None => Finding::ok("connected; the destination accepts the configuration"),
+            },
+            Err(e) => Finding::fail(e.message),
+        },
     }
 }
 

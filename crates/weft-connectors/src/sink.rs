@@ -314,6 +314,19 @@ pub async fn build_sink(system: &str, spec: &SinkSpec) -> Result<BuiltSink, Buil
         SinkSpec::Mqtt { .. } => {
             return Err(err(crate::without_feature("mqtt", "MQTT")));
         }
+        #[cfg(feature = "kafka")]
+        SinkSpec::Kafka { settings } => {
+            use crate::broker::kafka;
+            let cfg = kafka::KafkaSinkConfig::from_settings(system, settings)
+                .map_err(|issues| err(kafka::config::describe(&issues)))?;
+            let (sink, why) = kafka::KafkaSink::connect(system, cfg).await.map_err(err)?;
+            down = why;
+            Arc::new(sink)
+        }
+        #[cfg(not(feature = "kafka"))]
+        SinkSpec::Kafka { .. } => {
+            return Err(err(crate::without_feature("kafka", "Kafka")));
+        }
     };
     Ok(BuiltSink { sink, down })
 }

@@ -186,6 +186,7 @@ pub fn build_source(system: &str, spec: &SourceSpec) -> Result<SourceHandle, Sou
         SourceSpec::Amqp { settings } => amqp(system, settings)?,
         SourceSpec::Redis { settings } => redis(system, settings)?,
         SourceSpec::Mqtt { settings } => mqtt(system, settings)?,
+        SourceSpec::Kafka { settings } => kafka(system, settings)?,
     })
 }
 
@@ -351,6 +352,34 @@ fn mqtt(
     Err(SourceError {
         system: system.to_owned(),
         message: crate::without_feature("mqtt", "MQTT"),
+    })
+}
+
+#[cfg(feature = "kafka")]
+fn kafka(
+    system: &str,
+    settings: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    use crate::broker::kafka;
+    let cfg = kafka::KafkaSourceConfig::from_settings(system, settings).map_err(|issues| {
+        SourceError {
+            system: system.to_owned(),
+            message: kafka::config::describe(&issues),
+        }
+    })?;
+    Ok(SourceHandle::Task(Box::new(kafka::KafkaSource::new(
+        system, cfg,
+    ))))
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka(
+    system: &str,
+    _: &weft_core::config::raw::ConnectorSettings,
+) -> Result<SourceHandle, SourceError> {
+    Err(SourceError {
+        system: system.to_owned(),
+        message: crate::without_feature("kafka", "Kafka"),
     })
 }
 

@@ -23,10 +23,15 @@
 //!   has no deduplication id, so its sink keeps one key per idempotency key
 //!   beside the stream (a Lua script).
 //! - [`mqtt`]: MQTT 5 (cargo feature `mqtt`, on by default).
+//! - [`kafka`]: Kafka (cargo feature `kafka`, on by default): consumer
+//!   groups with offsets committed after the commit, an idempotent
+//!   producer.
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod format;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "nats")]
@@ -37,7 +42,8 @@ pub mod redis;
     feature = "nats",
     feature = "amqp",
     feature = "redis",
-    feature = "mqtt"
+    feature = "mqtt",
+    feature = "kafka"
 ))]
 pub(crate) mod settings;
 
@@ -80,6 +86,11 @@ pub(crate) async fn probe_source(
         "mqtt" => match mqtt::MqttSourceConfig::from_settings(system, settings) {
             Ok(c) => mqtt::probe(&c.broker, c.keep_alive, c.connect_timeout).await,
             Err(issues) => Finding::fail(mqtt::config::describe(&issues)),
+        },
+        #[cfg(feature = "kafka")]
+        "kafka" => match kafka::KafkaSourceConfig::from_settings(system, settings) {
+            Ok(c) => kafka::probe_source(&c).await,
+            Err(issues) => Finding::fail(kafka::config::describe(&issues)),
         },
         other => Finding::fail(crate::without_feature(other, other)),
     }
@@ -157,6 +168,14 @@ pub const AMQP_UNDERSCORE: Binding = Binding {
 /// Redis): the attributes are entry fields named as in the Kafka binding,
 /// `ce_id`, `ce_source`, ...; `datacontenttype` is the field `content-type`.
 pub const REDIS: Binding = Binding {
+    prefix: "ce_",
+    content_type: "content-type",
+};
+
+/// The Kafka protocol binding (CloudEvents Kafka binding 1.0.2, binary
+/// mode): the attributes are record headers `ce_id`, `ce_source`, ...;
+/// `datacontenttype` is the header `content-type`.
+pub const KAFKA: Binding = Binding {
     prefix: "ce_",
     content_type: "content-type",
 };

@@ -289,6 +289,10 @@ pub enum RawSource {
     /// acknowledged (PUBACK) once it is stored. Its settings are the
     /// connector's own (weft-connectors `broker/mqtt/config.rs`).
     Mqtt(ConnectorSettings),
+    /// A Kafka consumer group member: each partition's offset committed
+    /// once the messages before it are stored. Its settings are the
+    /// connector's own (weft-connectors `broker/kafka/config.rs`).
+    Kafka(ConnectorSettings),
 }
 
 /// A sink connector, named by its single key.
@@ -324,6 +328,11 @@ pub enum RawSink {
     /// settings are the connector's own (weft-connectors
     /// `broker/mqtt/config.rs`).
     Mqtt(ConnectorSettings),
+    /// Publishes to a Kafka topic with an idempotent producer (key = the
+    /// entity key, `ce_id` header = the idempotency key), waiting for the
+    /// brokers' acknowledgement. Its settings are the connector's own
+    /// (weft-connectors `broker/kafka/config.rs`).
+    Kafka(ConnectorSettings),
 }
 
 /// Webhook source settings.
@@ -1339,7 +1348,7 @@ impl JsonSchema for ConnectorSettings {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "object",
-            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type, events (per_row|per_transaction), max_transaction_changes (1..1000000, default 10000). mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type, events (per_row|per_transaction), max_transaction_changes (1..1000000, default 10000). nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream, format (json | {avro: {schema, confluent, schema_id}}). amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout, format. redis source: url, stream, group, consumer, create, start (all|new), batch, block, claim_idle, field, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|position), event_type, connect_timeout. redis sink: url, stream, maxlen, field, fields, event_type, event_source, dedupe_ttl, dedupe_prefix, timeout, connect_timeout. mqtt source: url (mqtt://user:password@host:port), topics, qos (1), client_id, session_expiry, batch, receive_maximum, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|content|{field: .path}), event_type, connect_timeout, keep_alive. mqtt sink: url, topic (with {key} and {field} placeholders), qos (1), retain, client_id, user_properties, event_type, event_source, timeout, connect_timeout, keep_alive, format."
+            "description": "The connector's own settings, checked by the connector at `weft validate`. postgres_cdc: url, tables, publication, slot, snapshot (initial|never), on_slot_lost (fail|resnapshot), batch_size, heartbeat, event_type, events (per_row|per_transaction), max_transaction_changes (1..1000000, default 10000). mysql_cdc: url, tables, server_id, snapshot (initial|never), on_position_lost (fail|resnapshot), batch_size, heartbeat, event_type, events (per_row|per_transaction), max_transaction_changes (1..1000000, default 10000). nats source: url, stream, subject|subjects, consumer, create, start (all|new), batch, max_wait, ack_wait, max_deliver, max_ack_pending, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|position), event_type, token, connect_timeout. nats sink: url, subject (with {key} and {field} placeholders), headers, event_type, event_source, timeout, connect_timeout, token, check_stream, format (json | {avro: {schema, confluent, schema_id}}). amqp source: url, queue, exchange, routing_key, declare, prefetch, batch, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|content), event_type, connect_timeout. amqp sink: url, exchange, routing_key (with {key} and {field} placeholders), mandatory, persistent, headers, event_type, event_source, timeout, connect_timeout, format. redis source: url, stream, group, consumer, create, start (all|new), batch, block, claim_idle, field, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|position), event_type, connect_timeout. redis sink: url, stream, maxlen, field, fields, event_type, event_source, dedupe_ttl, dedupe_prefix, timeout, connect_timeout. mqtt source: url (mqtt://user:password@host:port), topics, qos (1), client_id, session_expiry, batch, receive_maximum, format (json | {avro: {schema, confluent, schema_id}}), max_message_bytes, event_id (auto|content|{field: .path}), event_type, connect_timeout, keep_alive. mqtt sink: url, topic (with {key} and {field} placeholders), qos (1), retain, client_id, user_properties, event_type, event_source, timeout, connect_timeout, keep_alive, format. kafka source: brokers (host:port,...), topics, group, start (earliest|latest), batch, max_message_bytes, format (json), event_id (auto|position), event_type, connect_timeout, session_timeout. kafka sink: brokers, topic (with {key} and {field} placeholders), headers, event_type, event_source, max_message_bytes, timeout, connect_timeout."
         })
     }
 }

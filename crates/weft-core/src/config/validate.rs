@@ -224,6 +224,8 @@ pub enum SourceSpec {
     Redis { settings: ConnectorSettings },
     /// An MQTT subscriber; the connector validates `settings`.
     Mqtt { settings: ConnectorSettings },
+    /// A Kafka consumer group member; the connector validates `settings`.
+    Kafka { settings: ConnectorSettings },
 }
 
 impl SourceSpec {
@@ -240,6 +242,7 @@ impl SourceSpec {
             SourceSpec::Amqp { .. } => "amqp",
             SourceSpec::Redis { .. } => "redis",
             SourceSpec::Mqtt { .. } => "mqtt",
+            SourceSpec::Kafka { .. } => "kafka",
         }
     }
 }
@@ -352,6 +355,10 @@ pub enum SinkSpec {
     Mqtt {
         settings: ConnectorSettings,
     },
+    /// A Kafka producer; the connector validates `settings`.
+    Kafka {
+        settings: ConnectorSettings,
+    },
 }
 
 impl SinkSpec {
@@ -367,6 +374,7 @@ impl SinkSpec {
             SinkSpec::Amqp { .. } => "amqp",
             SinkSpec::Redis { .. } => "redis",
             SinkSpec::Mqtt { .. } => "mqtt",
+            SinkSpec::Kafka { .. } => "kafka",
         }
     }
 }
@@ -1592,6 +1600,7 @@ fn source_spec(
         RawSource::Amqp(settings) => Some(SourceSpec::Amqp { settings }),
         RawSource::Redis(settings) => Some(SourceSpec::Redis { settings }),
         RawSource::Mqtt(settings) => Some(SourceSpec::Mqtt { settings }),
+        RawSource::Kafka(settings) => Some(SourceSpec::Kafka { settings }),
     }
 }
 
@@ -1971,6 +1980,7 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         RawSink::Amqp(settings) => Some(SinkSpec::Amqp { settings }),
         RawSink::Redis(settings) => Some(SinkSpec::Redis { settings }),
         RawSink::Mqtt(settings) => Some(SinkSpec::Mqtt { settings }),
+        RawSink::Kafka(settings) => Some(SinkSpec::Kafka { settings }),
     }
 }
 

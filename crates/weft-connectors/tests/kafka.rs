@@ -1,0 +1,510 @@
+//! The `kafka` source and sink against a real Kafka-compatible broker: a
+//! `tansu broker` each test starts on a free port with memory storage
+//! (`common/tansu.rs`). Skipped with a message when `tansu` is not
+//! installed, unless `CI=true`, where that is a failure.
+#![cfg(feature = "kafka")]
+
+#[path = "common/tansu.rs"]
+mod tansu;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::{Value as Json, json};
+use tansu::{Msg, Tansu};
+use tokio_util::sync::CancellationToken;
+use weft_connectors::broker::kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig};
+use weft_connectors::sink::DeliveryContext;
+use weft_connectors::{
+    BadRecord, Batch, Delivery, Ingest, IngestError, Receipt, Record, Sink, Source,
+};
+use weft_core::ErrorKind;
+use weft_core::Event;
+use weft_core::config::raw::ConnectorSettings;
+
+/// An [`Ingest`] that keeps what it is given, and fails while `failing`.
+#[derive(Default)]
+struct Mem {
+    events: Mutex<Vec<Event>>,
+    bad: Mutex<Vec<BadRecord>>,
+    batches: AtomicUsize,
+    failing: AtomicBool,
+    attempts: AtomicUsize,
+}
+
+impl Ingest for Mem {
+    fn ingest(&self, batch: Batch) -> BoxFuture<'_, Result<Receipt, IngestError>> {
+        Box::pin(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(IngestError::Store("disk on fire".into()));
+            }
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            let mut r = Receipt::default();
+            for rec in batch.records {
+                r.accepted += 1;
+                match rec {
+                    Record::Good(e) => self.events.lock().unwrap().push(e),
+                    Record::Bad(b) => self.bad.lock().unwrap().push(b),
+                }
+            }
+            Ok(r)
+        })
+    }
+    fn checkpoint(&self, _: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+impl Mem {
+    fn count(&self) -> usize {
+        self.events.lock().unwrap().len() + self.bad.lock().unwrap().len()
+    }
+    fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+fn source_cfg(v: Json) -> KafkaSourceConfig {
+    KafkaSourceConfig::from_settings("bus", &ConnectorSettings(v)).unwrap()
+}
+
+fn spawn(
+    cfg: KafkaSourceConfig,
+    ingest: Arc<Mem>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), weft_connectors::SourceError>>,
+) {
+    let stop = CancellationToken::new();
+    let src: Box<dyn Source> = Box::new(KafkaSource::new("bus", cfg));
+    let h = tokio::spawn(src.run(ingest, stop.clone()));
+    (stop, h)
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the group committed `want` on the topic's partitions.
+async fn wait_committed(brokers: &str, group: &str, topic: &str, want: &[i64]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (b, g, t, n) = (
+            brokers.to_owned(),
+            group.to_owned(),
+            topic.to_owned(),
+            want.len() as i32,
+        );
+        let got = tokio::task::spawn_blocking(move || tansu::committed(&b, &g, &t, n))
+            .await
+            .unwrap();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "committed {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Blocking helper calls off the test's runtime threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_commits_after_ingest_and_sends_bad_messages_to_the_dlq() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || tansu::create_topic(&b, "orders", 2)).await;
+    let mut msgs: Vec<Msg> = (0..30)
+        .map(|i| Msg {
+            key: Some(format!("k{}", i % 5).into_bytes()),
+            partition: Some(i % 2),
+            ..Msg::json(&json!({"n": i}))
+        })
+        .collect();
+    let bad = |value: Option<&[u8]>, headers: Vec<(&str, &str)>| Msg {
+        value: value.map(<[u8]>::to_vec),
+        headers: headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        partition: Some(0),
+        key: None,
+    };
+    msgs.push(bad(Some(b"{\"n\": tru"), vec![]));
+    msgs.push(bad(Some(&[b' '; 600]), vec![]));
+    msgs.push(bad(None, vec![]));
+    msgs.push(bad(
+        Some(b"{\"id\": \"9\", \"source\": \"/erp\"}"),
+        vec![("content-type", "application/cloudevents+json")],
+    ));
+    msgs.push(Msg {
+        partition: Some(1),
+        key: Some(b"cust-7".to_vec()),
+        headers: [
+            ("ce_id", "evt-1"),
+            ("ce_source", "/crm"),
+            ("ce_type", "crm.customer.created"),
+            ("ce_time", "2026-03-01T10:00:00Z"),
+            ("ce_specversion", "1.0"),
+            ("x-correlation-id", "corr-7"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Msg::json(&json!({"id": 7}))
+    });
+    let b = brokers.clone();
+    blocking(move || tansu::produce(&b, "orders", &msgs)).await;
+
+    let cfg = source_cfg(json!({
+        "brokers": brokers, "topics": ["orders"], "batch": 16, "max_message_bytes": 512,
+        "session_timeout": "6s"
+    }));
+    let group = cfg.group.clone();
+    let mem = Arc::new(Mem::default());
+    let (stop, h) = spawn(cfg, mem.clone());
+    wait_until("35 records", Duration::from_secs(30), || mem.count() >= 35).await;
+    // offsets committed once stored, past the bad ones too: 15 + 4 on
+    // partition 0, 15 + 1 on partition 1
+    wait_committed(&brokers, &group, "orders", &[19, 16]).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+
+    let events = mem.events.lock().unwrap().clone();
+    let bad = mem.bad.lock().unwrap().clone();
+    assert_eq!(events.len(), 31, "{bad:?}");
+    assert_eq!(bad.len(), 4, "{bad:?}");
+    // ids are positions; the key is the subject
+    for e in events.iter().filter(|e| e.data.get("n").is_some()) {
+        let n = e.data["n"].as_i64().unwrap();
+        let (p, o) = (n % 2, n / 2);
+        assert_eq!(e.id, format!("orders/{p}/{o}"));
+        assert_eq!(e.subject.as_deref(), Some(format!("k{}", n % 5).as_str()));
+        assert_eq!(e.ty, "bus.message");
+        assert_eq!(e.source, "weft:bus/kafka");
+    }
+    let mut bad = bad;
+    bad.sort_by(|a, b| a.id.cmp(&b.id));
+    let at = |o: i64| format!("kafka topic orders partition 0 offset {o}");
+    assert_eq!(bad[0].id, "orders/0/15");
+    assert_eq!(bad[0].location, at(15));
+    assert!(bad[0].error.starts_with(&at(15)), "{}", bad[0].error);
+    assert!(bad[0].error.contains("not JSON"), "{}", bad[0].error);
+    assert_eq!(bad[0].raw, "{\"n\": tru");
+    assert_eq!(bad[1].id, "orders/0/16");
+    assert!(
+        bad[1]
+            .error
+            .contains("600 bytes is over max_message_bytes (512)"),
+        "{}",
+        bad[1].error
+    );
+    assert_eq!(bad[2].id, "orders/0/17");
+    assert!(bad[2].error.contains("tombstone"), "{}", bad[2].error);
+    assert!(bad[3].error.contains("without data"), "{}", bad[3].error);
+    // CloudEvents headers become the event's attributes
+    let e = events.iter().find(|e| e.data == json!({"id": 7})).unwrap();
+    assert_eq!(e.id, "/crm#evt-1");
+    assert_eq!(e.source, "/crm");
+    assert_eq!(e.ty, "crm.customer.created");
+    assert_eq!(e.time.to_rfc3339(), "2026-03-01T10:00:00+00:00");
+    assert_eq!(e.correlationid, "corr-7");
+    assert_eq!(e.subject.as_deref(), Some("cust-7"));
+    assert_eq!(
+        e.traceparent.as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_batch_the_store_refuses_is_not_committed_and_comes_back_with_the_same_ids() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || {
+        tansu::create_topic(&b, "held", 1);
+        let msgs: Vec<Msg> = (0..5).map(|i| Msg::json(&json!({"n": i}))).collect();
+        tansu::produce(&b, "held", &msgs);
+    })
+    .await;
+    let settings = json!({
+        "brokers": brokers, "topics": ["held"], "group": "g", "session_timeout": "6s"
+    });
+    // the store refuses: nothing is committed while the source retries
+    let first = Arc::new(Mem::default());
+    first.failing.store(true, Ordering::SeqCst);
+    let (stop, h) = spawn(source_cfg(settings.clone()), first.clone());
+    wait_until("three refused attempts", Duration::from_secs(30), || {
+        first.attempts.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    wait_committed(&brokers, "g", "held", &[-1]).await;
+    // stopped while holding it: still nothing committed
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    wait_committed(&brokers, "g", "held", &[-1]).await;
+    assert_eq!(first.count(), 0);
+
+    // the next member of the group gets the same messages, same ids; the
+    // store takes them after two more refusals, once, and the offset is
+    // committed
+    let second = Arc::new(Mem::default());
+    second.failing.store(true, Ordering::SeqCst);
+    let (stop, h) = spawn(source_cfg(settings), second.clone());
+    wait_until("two refused attempts", Duration::from_secs(30), || {
+        second.attempts.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    second.failing.store(false, Ordering::SeqCst);
+    wait_until("the held batch", Duration::from_secs(20), || {
+        second.count() == 5
+    })
+    .await;
+    wait_committed(&brokers, "g", "held", &[5]).await;
+    assert_eq!(second.batches.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        second.ids(),
+        (0..5).map(|o| format!("held/0/{o}")).collect::<Vec<_>>()
+    );
+    // and new messages go on flowing
+    let b = brokers.clone();
+    blocking(move || tansu::produce(&b, "held", &[Msg::json(&json!({"n": 5}))])).await;
+    wait_until("a new message", Duration::from_secs(20), || {
+        second.count() == 6
+    })
+    .await;
+    wait_committed(&brokers, "g", "held", &[6]).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+fn delivery(id: i64, key: Option<&str>, payload: Json) -> Delivery {
+    Delivery {
+        id,
+        idempotency_key: format!("idem-{id}"),
+        correlation_id: format!("corr-{id}"),
+        event_id: format!("ev-{id}"),
+        entity_key: key.map(str::to_owned),
+        attempt: 1,
+        payload,
+        context: DeliveryContext {
+            flow: "customers".into(),
+            source: "crm".into(),
+            event_time_ms: 1_767_225_600_000,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            tracestate: None,
+        },
+    }
+}
+
+fn sink_cfg(v: Json) -> KafkaSinkConfig {
+    KafkaSinkConfig::from_settings("bus", &ConnectorSettings(v)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_writes_the_key_and_the_cloudevent_headers_once_acknowledged() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || tansu::create_topic(&b, "erp", 1)).await;
+    let cfg = sink_cfg(json!({
+        "brokers": brokers, "topic": "erp", "headers": {"x-origin": "weft"}, "timeout": "10s"
+    }));
+    let (sink, down) = KafkaSink::connect("bus", cfg).await.unwrap();
+    assert!(down.is_none(), "{down:?}");
+    let batch = vec![
+        delivery(1, Some("42"), json!({"name": "Ada"})),
+        delivery(2, Some("a b"), json!({"name": "Bob"})),
+        delivery(3, None, json!({"name": "Cy"})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    // Ok means acknowledged: the messages are there when write returns
+    let b = brokers.clone();
+    let got = blocking(move || tansu::read_all(&b, "erp", 1, 3, Duration::from_secs(20))).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    let m = &got[0];
+    assert_eq!(m.key.as_deref(), Some(b"42".as_slice()));
+    assert_eq!(m.json(), json!({"name": "Ada"}));
+    assert_eq!(m.header("ce_id"), Some("idem-1"));
+    assert_eq!(m.header("ce_specversion"), Some("1.0"));
+    assert_eq!(m.header("ce_source"), Some("weft/customers"));
+    assert_eq!(m.header("ce_type"), Some("weft.customers"));
+    assert_eq!(m.header("ce_time"), Some("2026-01-01T00:00:00.000Z"));
+    assert_eq!(m.header("ce_subject"), Some("42"));
+    assert_eq!(m.header("content-type"), Some("application/json"));
+    assert_eq!(m.header("x-correlation-id"), Some("corr-1"));
+    assert_eq!(m.header("x-causation-id"), Some("ev-1"));
+    assert_eq!(
+        m.header("traceparent"),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
+    assert_eq!(m.header("x-origin"), Some("weft"));
+    assert_eq!(got[1].key.as_deref(), Some(b"a b".as_slice()));
+    assert_eq!(got[2].key, None);
+    assert_eq!(got[2].header("ce_subject"), None);
+
+    // what the sink wrote reads back as the same event through the source
+    let mem = Arc::new(Mem::default());
+    let (stop, h) = spawn(
+        source_cfg(json!({"brokers": brokers, "topics": ["erp"], "session_timeout": "6s"})),
+        mem.clone(),
+    );
+    wait_until("the three messages", Duration::from_secs(30), || {
+        mem.count() == 3
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    let ev = mem
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e.data == json!({"name": "Ada"}))
+        .cloned()
+        .unwrap();
+    assert_eq!(ev.id, "weft/customers#idem-1");
+    assert_eq!(ev.ty, "weft.customers");
+    assert_eq!(ev.correlationid, "corr-1");
+    assert_eq!(ev.subject.as_deref(), Some("42"));
+    assert_eq!(ev.time.timestamp_millis(), 1_767_225_600_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_errors_say_retryable_or_permanent() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || {
+        tansu::create_topic(&b, "t-a", 1);
+        tansu::create_topic(&b, "t-b", 1);
+    })
+    .await;
+    let (sink, down) = KafkaSink::connect(
+        "bus",
+        sink_cfg(json!({
+            "brokers": brokers, "topic": "t-{region}", "max_message_bytes": 100,
+            "timeout": "5s"
+        })),
+    )
+    .await
+    .unwrap();
+    assert!(down.is_none(), "{down:?}");
+    let r = sink
+        .write(&[
+            delivery(1, None, json!({"region": "a"})),
+            delivery(2, None, json!({"region": "b", "pad": "x".repeat(200)})),
+            delivery(3, None, json!({"nothing": true})),
+            delivery(4, None, json!({"region": "not a topic"})),
+            delivery(5, None, json!({"region": "b"})),
+        ])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+    assert!(e.message.contains("over max_message_bytes (100)"), "{e}");
+    let e = r[2].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+    assert!(e.message.contains("`{region}`"), "{e}");
+    let e = r[3].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+    assert!(e.message.contains("not a Kafka topic name"), "{e}");
+    assert!(r[4].is_ok(), "{r:?}");
+    let b = brokers.clone();
+    let counts = blocking(move || {
+        let n = |t: &str| tansu::read_all(&b, t, 1, 1, Duration::from_secs(10)).len();
+        (n("t-a"), n("t-b"))
+    })
+    .await;
+    assert_eq!(counts, (1, 1));
+
+    // nobody listening: the sink starts down, and a write is retryable
+    let port = tansu::free_port();
+    let (sink, down) = KafkaSink::connect(
+        "bus",
+        sink_cfg(json!({
+            "brokers": format!("127.0.0.1:{port}"), "topic": "t",
+            "timeout": "1s", "connect_timeout": "300ms"
+        })),
+    )
+    .await
+    .unwrap();
+    let down = down.expect("down");
+    assert!(down.contains(&format!("127.0.0.1:{port}")), "{down}");
+    let r = sink.write(&[delivery(1, None, json!({}))]).await;
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Retryable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6.0: after a member left the group (LeaveGroup, sent by librdkafka's close), \
+            the next member got no message within 30 s; run against Apache Kafka with --run-ignored"]
+async fn kafka_a_restarted_member_goes_on_from_the_committed_offset() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    // committed offsets of batches of 16, the next member of the group
+    // starts from them (one message per record batch: see
+    // `tansu::produce`)
+    blocking(move || {
+        tansu::create_topic(&b, "resume", 1);
+        let msgs: Vec<Msg> = (0..100).map(|i| Msg::json(&json!({"n": i}))).collect();
+        tansu::produce(&b, "resume", &msgs);
+    })
+    .await;
+    let settings = json!({
+        "brokers": brokers, "topics": ["resume"], "group": "g", "batch": 16,
+        "session_timeout": "6s"
+    });
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let mem = Arc::new(Mem::default());
+        let (stop, h) = spawn(source_cfg(settings.clone()), mem.clone());
+        wait_until(&format!("round {round}"), Duration::from_secs(30), || {
+            mem.count() >= 16
+        })
+        .await;
+        stop.cancel();
+        h.await.unwrap().unwrap();
+        seen.extend(mem.ids());
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() >= 48, "{seen:?}");
+    let b = brokers.clone();
+    let c = blocking(move || tansu::committed(&b, "g", "resume", 1)).await;
+    assert!(c[0] >= 48, "{c:?}");
+}
