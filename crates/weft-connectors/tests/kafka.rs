@@ -399,6 +399,71 @@ async fn kafka_sink_writes_the_key_and_the_cloudevent_headers_once_acknowledged(
     assert_eq!(ev.time.timestamp_millis(), 1_767_225_600_000);
 }
 
+/// `format: {avro: ...}` both ways: the sink writes datums of its schema
+/// (content type `application/avro`; a record the schema does not fit is
+/// permanent), and a source with the same format reads them back as the
+/// records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_avro_goes_out_and_comes_back_with_the_schema_of_the_config() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || tansu::create_topic(&b, "avro", 1)).await;
+    let format = json!({"avro": {"schema": {"type": "record", "name": "Customer", "fields": [
+        {"name": "name", "type": "string"}, {"name": "tier", "type": "long"}]}}});
+    let cfg = sink_cfg(json!({
+        "brokers": brokers, "topic": "avro", "timeout": "10s", "format": format
+    }));
+    let (sink, _) = KafkaSink::connect("bus", cfg).await.unwrap();
+    let batch = vec![
+        delivery(1, Some("1"), json!({"name": "Ada", "tier": 1})),
+        delivery(2, Some("2"), json!({"name": "Bob"})),
+        delivery(3, Some("3"), json!({"name": "Cy", "tier": 3})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
+    assert!(e.message.contains("does not fit the Avro schema"), "{e}");
+    let b = brokers.clone();
+    let got = blocking(move || tansu::read_all(&b, "avro", 1, 2, Duration::from_secs(20))).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|m| m.header("content-type") == Some("application/avro"))
+    );
+    let mem = Arc::new(Mem::default());
+    let (stop, h) = spawn(
+        source_cfg(json!({
+            "brokers": brokers, "topics": ["avro"], "session_timeout": "6s", "format": format
+        })),
+        mem.clone(),
+    );
+    wait_until("the two messages", Duration::from_secs(30), || {
+        mem.count() == 2
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    let mut data: Vec<Json> = mem
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.data.clone())
+        .collect();
+    data.sort_by_key(|d| d["tier"].as_i64());
+    assert_eq!(
+        data,
+        vec![
+            json!({"name": "Ada", "tier": 1}),
+            json!({"name": "Cy", "tier": 3})
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_sink_errors_say_retryable_or_permanent() {
     let Some(broker) = blocking(Tansu::start).await else {

@@ -121,6 +121,10 @@ pub struct RawKafkaSink {
     /// How long connecting may take before the destination counts as down
     /// (default `5s`; the producer keeps trying in the background).
     pub connect_timeout: Option<String>,
+    /// How the payload is written: `json` (default) or `{avro: {schema:
+    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
+    /// dead-lettered with the reason.
+    pub format: Option<Format>,
 }
 
 /// A validated `kafka` sink.
@@ -136,6 +140,7 @@ pub struct KafkaSinkConfig {
     pub max_message_bytes: usize,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    pub format: Format,
 }
 
 /// The headers weft writes itself (besides `ce_*`): a configured `headers`
@@ -294,6 +299,7 @@ impl KafkaSinkConfig {
             max_message_bytes,
             timeout,
             connect_timeout,
+            format: raw.format.unwrap_or_default(),
         })
     }
 }

@@ -135,7 +135,10 @@ impl KafkaSink {
             .render(d, str::to_owned)
             .map_err(SinkError::permanent)?;
         topic_name(&topic).map_err(SinkError::permanent)?;
-        let body = serde_json::to_vec(&d.payload)
+        let body = self
+            .cfg
+            .format
+            .encode(&d.payload)
             .map_err(|e| SinkError::permanent(format!("payload: {e}")))?;
         if body.len() > self.cfg.max_message_bytes {
             return Err(SinkError::permanent(format!(
@@ -159,9 +162,14 @@ impl KafkaSink {
             .iter()
             .chain(self.cfg.headers.iter())
         {
+            let value = if k == KAFKA.content_type {
+                self.cfg.format.content_type()
+            } else {
+                v.as_str()
+            };
             headers = headers.insert(Header {
                 key: k.as_str(),
-                value: Some(v.as_str()),
+                value: Some(value),
             });
         }
         Ok((topic, body, headers))
