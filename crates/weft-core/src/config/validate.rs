@@ -1596,11 +1596,21 @@ fn source_spec(
         }
         RawSource::PostgresCdc(settings) => Some(SourceSpec::PostgresCdc { settings }),
         RawSource::MysqlCdc(settings) => Some(SourceSpec::MysqlCdc { settings }),
-        RawSource::Nats(settings) => Some(SourceSpec::Nats { settings }),
-        RawSource::Amqp(settings) => Some(SourceSpec::Amqp { settings }),
-        RawSource::Redis(settings) => Some(SourceSpec::Redis { settings }),
-        RawSource::Mqtt(settings) => Some(SourceSpec::Mqtt { settings }),
-        RawSource::Kafka(settings) => Some(SourceSpec::Kafka { settings }),
+        RawSource::Nats(settings) => Some(SourceSpec::Nats {
+            settings: broker_settings(settings, base),
+        }),
+        RawSource::Amqp(settings) => Some(SourceSpec::Amqp {
+            settings: broker_settings(settings, base),
+        }),
+        RawSource::Redis(settings) => Some(SourceSpec::Redis {
+            settings: broker_settings(settings, base),
+        }),
+        RawSource::Mqtt(settings) => Some(SourceSpec::Mqtt {
+            settings: broker_settings(settings, base),
+        }),
+        RawSource::Kafka(settings) => Some(SourceSpec::Kafka {
+            settings: broker_settings(settings, base),
+        }),
     }
 }
 
@@ -1976,12 +1986,36 @@ fn sink_spec(cx: &mut Ctx, p: &str, system: &str, s: RawSink, base: &Path) -> Op
         }
         RawSink::Csv(cfg) => csv_sink_spec(cx, &format!("{p}.csv"), system, cfg, base),
         RawSink::Mysql(cfg) => mysql_sink_spec(cx, &format!("{p}.mysql"), cfg),
-        RawSink::Nats(settings) => Some(SinkSpec::Nats { settings }),
-        RawSink::Amqp(settings) => Some(SinkSpec::Amqp { settings }),
-        RawSink::Redis(settings) => Some(SinkSpec::Redis { settings }),
-        RawSink::Mqtt(settings) => Some(SinkSpec::Mqtt { settings }),
-        RawSink::Kafka(settings) => Some(SinkSpec::Kafka { settings }),
+        RawSink::Nats(settings) => Some(SinkSpec::Nats {
+            settings: broker_settings(settings, base),
+        }),
+        RawSink::Amqp(settings) => Some(SinkSpec::Amqp {
+            settings: broker_settings(settings, base),
+        }),
+        RawSink::Redis(settings) => Some(SinkSpec::Redis {
+            settings: broker_settings(settings, base),
+        }),
+        RawSink::Mqtt(settings) => Some(SinkSpec::Mqtt {
+            settings: broker_settings(settings, base),
+        }),
+        RawSink::Kafka(settings) => Some(SinkSpec::Kafka {
+            settings: broker_settings(settings, base),
+        }),
     }
+}
+
+/// A broker's settings with the file they name made absolute: `format:
+/// {protobuf: {schema: FILE}}` is relative to the config file's folder
+/// like every other path of the config, and only the loader knows that
+/// folder (the connector reads the file when it checks its settings).
+fn broker_settings(mut settings: ConnectorSettings, base: &Path) -> ConnectorSettings {
+    if let Some(schema) = settings.0.pointer_mut("/format/protobuf/schema")
+        && let Some(path) = schema.as_str()
+        && Path::new(path).is_relative()
+    {
+        *schema = serde_json::Value::String(base.join(path).to_string_lossy().into_owned());
+    }
+    settings
 }
 
 /// Where an export sink writes, as configured.
