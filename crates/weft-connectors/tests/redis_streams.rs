@@ -633,6 +633,123 @@ async fn sink_adds_one_entry_per_idempotency_key_with_the_cloudevent_in_its_fiel
     assert_eq!(ev.data, json!({"name": "Ada"}));
 }
 
+/// Avro and Protobuf bodies: the payload field holds the binary datum or
+/// message (not JSON text) with the format's `content-type`, a record the
+/// schema does not fit is a permanent failure of its delivery only, and a
+/// source with the same format reads the entries back as the records.
+#[tokio::test]
+async fn sink_writes_avro_and_protobuf_as_binary_fields_the_source_reads_back() {
+    let Some(mut c) = server().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let proto = dir.path().join("reading.proto");
+    std::fs::write(
+        &proto,
+        "syntax = \"proto3\";\npackage iot.v1;\nmessage Reading {\n  string sensor = 1;\n  double value = 2;\n  int64 at_ms = 3;\n}\n",
+    )
+    .unwrap();
+    let avro = json!({"avro": {"schema": {"type": "record", "name": "Reading", "fields": [
+        {"name": "sensor", "type": "string"}, {"name": "value", "type": "double"},
+        {"name": "at_ms", "type": "long"}]}}});
+    let protobuf = json!({"protobuf": {"schema": proto, "message": "iot.v1.Reading"}});
+    let cases = [
+        (
+            "avro",
+            avro,
+            "application/avro",
+            "does not fit the Avro schema",
+            json!({"sensor": "a", "value": 1.5, "at_ms": 1767225600000_i64}),
+        ),
+        (
+            "protobuf",
+            protobuf,
+            "application/x-protobuf",
+            "does not fit Protobuf message iot.v1.Reading",
+            // proto3 JSON: lowerCamelCase names, int64 as a string
+            json!({"sensor": "a", "value": 1.5, "atMs": "1767225600000"}),
+        ),
+    ];
+    for (name, format, content_type, misfit, read_back) in cases {
+        let stream = unique(name);
+        let prefix = format!("{stream}:dedupe:");
+        let _keys = Keys(vec![stream.clone(), format!("{prefix}*")]);
+        let cfg = sink_cfg(json!({
+            "url": URL, "stream": stream, "dedupe_prefix": prefix, "format": format
+        }));
+        let (sink, down) = RedisSink::connect("bus", cfg).await.unwrap();
+        assert!(down.is_none());
+        let batch = vec![
+            delivery(
+                1,
+                Some("a"),
+                json!({"sensor": "a", "value": 1.5, "at_ms": 1767225600000_i64}),
+            ),
+            delivery(
+                2,
+                Some("b"),
+                json!({"sensor": "b", "value": "high", "at_ms": 1}),
+            ),
+            delivery(
+                3,
+                Some("c"),
+                json!({"sensor": "c", "value": -2.0, "at_ms": 7}),
+            ),
+        ];
+        let r = sink.write(&batch).await;
+        assert!(r[0].is_ok() && r[2].is_ok(), "{name}: {r:?}");
+        let e = r[1].as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent, "{name}");
+        assert!(e.message.contains(misfit), "{name}: {e}");
+
+        let got: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 2, "{name}: {got:?}");
+        let reader: weft_connectors::broker::Format =
+            serde_json::from_value(format.clone()).unwrap();
+        let raw = |e: &[(String, Vec<u8>)], k: &str| -> Vec<u8> {
+            e.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let first = &got[0].1;
+        assert_eq!(
+            raw(first, "content-type"),
+            content_type.as_bytes(),
+            "{name}"
+        );
+        assert_eq!(raw(first, "ce_id"), b"idem-1", "{name}");
+        let body = raw(first, "data");
+        assert!(
+            serde_json::from_slice::<Json>(&body).is_err(),
+            "{name}: a binary body, not JSON"
+        );
+        assert_eq!(reader.decode(&body).unwrap(), read_back, "{name}");
+
+        // the source with the same format reads them back
+        let mem = Arc::new(Mem::default());
+        let (stop, h) = spawn(
+            source_cfg(json!({"url": URL, "stream": stream, "block": "200ms", "format": format})),
+            mem.clone(),
+        );
+        wait_until("the two entries", Duration::from_secs(10), || {
+            mem.count() == 2
+        })
+        .await;
+        stop.cancel();
+        h.await.unwrap().unwrap();
+        assert!(mem.bad.lock().unwrap().is_empty(), "{name}");
+        let events = mem.events.lock().unwrap().clone();
+        assert_eq!(events[0].data, read_back, "{name}");
+        assert_eq!(events[0].id, "weft/customers#idem-1", "{name}");
+        assert_eq!(events[1].data["sensor"], "c", "{name}");
+    }
+}
+
 #[tokio::test]
 async fn sink_trims_with_maxlen() {
     let Some(mut c) = server().await else { return };

@@ -42,6 +42,10 @@ pub struct RawKafkaSource {
     /// `json` (default): the value is one JSON value; a CloudEvents
     /// structured-mode message (`content-type:
     /// application/cloudevents+json`) is unwrapped.
+    /// `{avro: {schema, confluent, schema_id}}` or `{protobuf: {schema:
+    /// file.proto, message: pkg.Msg, confluent, schema_id,
+    /// allow_unknown_fields}}` (`broker/format.rs`): a message that does
+    /// not decode is dead-lettered with the reason.
     pub format: Option<Format>,
     /// `auto` (default): the event id is `ce_id` (with `ce_source`), else
     /// `<topic>/<partition>/<offset>`. `position`: always the position.
@@ -121,9 +125,11 @@ pub struct RawKafkaSink {
     /// How long connecting may take before the destination counts as down
     /// (default `5s`; the producer keeps trying in the background).
     pub connect_timeout: Option<String>,
-    /// How the payload is written: `json` (default) or `{avro: {schema:
-    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
-    /// dead-lettered with the reason.
+    /// How the payload is written: `json` (default), `{avro: {schema:
+    /// ...}}` or `{protobuf: {schema: file.proto, message: pkg.Msg}}`
+    /// (`broker/format.rs`; the file relative to the config file's
+    /// folder); a record the schema does not fit is dead-lettered with
+    /// the reason.
     pub format: Option<Format>,
 }
 

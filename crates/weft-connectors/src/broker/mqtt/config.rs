@@ -47,6 +47,10 @@ pub struct RawMqttSource {
     pub receive_maximum: Option<u16>,
     /// `json` (default): one JSON value per message; a CloudEvents
     /// structured-mode message is unwrapped.
+    /// `{avro: {schema, confluent, schema_id}}` or `{protobuf: {schema:
+    /// file.proto, message: pkg.Msg, confluent, schema_id,
+    /// allow_unknown_fields}}` (`broker/format.rs`): a message that does
+    /// not decode is dead-lettered with the reason.
     pub format: Option<Format>,
     /// Larger messages go to the DLQ (default 1 MiB).
     pub max_message_bytes: Option<usize>,
@@ -137,9 +141,11 @@ pub struct RawMqttSink {
     pub connect_timeout: Option<String>,
     /// How often to ping an idle broker (default `30s`).
     pub keep_alive: Option<String>,
-    /// How the payload is written: `json` (default) or `{avro: {schema:
-    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
-    /// dead-lettered with the reason.
+    /// How the payload is written: `json` (default), `{avro: {schema:
+    /// ...}}` or `{protobuf: {schema: file.proto, message: pkg.Msg}}`
+    /// (`broker/format.rs`; the file relative to the config file's
+    /// folder); a record the schema does not fit is dead-lettered with
+    /// the reason.
     pub format: Option<Format>,
 }
 

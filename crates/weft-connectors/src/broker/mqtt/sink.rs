@@ -23,9 +23,10 @@
 //! properties `specversion`, `id`, `source`, `type`, `time` (the event's
 //! own time), `subject` (the entity key), `x-correlation-id`,
 //! `x-causation-id`, `traceparent`/`tracestate` when the event came with
-//! one, and the configured `user_properties`; Content Type
-//! `application/json` (`datacontenttype`), Correlation Data the
-//! correlation id, Payload Format Indicator 1 (UTF-8).
+//! one, and the configured `user_properties`; Content Type the format's
+//! (`application/json`, `application/avro`, `application/x-protobuf`:
+//! `datacontenttype`), Correlation Data the correlation id, Payload
+//! Format Indicator 1 (UTF-8) for JSON, none for the binary formats.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -143,7 +144,8 @@ impl MqttSink {
             .clone()
             .unwrap_or_else(|| format!("weft.{}", d.context.flow));
         let mut props = PublishProperties {
-            payload_format_indicator: Some(1),
+            // 1: UTF-8 text; Avro and Protobuf bodies are bytes
+            payload_format_indicator: self.cfg.format.is_json().then_some(1),
             correlation_data: Some(Bytes::from(d.correlation_id.clone().into_bytes())),
             ..Default::default()
         };

@@ -65,6 +65,10 @@ pub struct RawNatsSource {
     pub max_ack_pending: Option<i64>,
     /// `json` (default): one JSON value per message; a CloudEvents
     /// structured-mode message is unwrapped.
+    /// `{avro: {schema, confluent, schema_id}}` or `{protobuf: {schema:
+    /// file.proto, message: pkg.Msg, confluent, schema_id,
+    /// allow_unknown_fields}}` (`broker/format.rs`): a message that does
+    /// not decode is dead-lettered with the reason.
     pub format: Option<Format>,
     /// Larger messages go to the DLQ (default 1 MiB, the server's default
     /// `max_payload`).
@@ -142,9 +146,11 @@ pub struct RawNatsSink {
     /// not start. `false`: not checked (a publish nobody stores is a
     /// permanent failure, dead-lettered).
     pub check_stream: Option<bool>,
-    /// How the payload is written: `json` (default) or `{avro: {schema:
-    /// ...}}` (`broker/format.rs`); a record the schema does not fit is
-    /// dead-lettered with the reason.
+    /// How the payload is written: `json` (default), `{avro: {schema:
+    /// ...}}` or `{protobuf: {schema: file.proto, message: pkg.Msg}}`
+    /// (`broker/format.rs`; the file relative to the config file's
+    /// folder); a record the schema does not fit is dead-lettered with
+    /// the reason.
     pub format: Option<Format>,
 }
 

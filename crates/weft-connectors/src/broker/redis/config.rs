@@ -58,6 +58,10 @@ pub struct RawRedisSource {
     /// `json` (default): the field holds one JSON value; a CloudEvents
     /// structured-mode entry (`content-type: application/cloudevents+json`)
     /// is unwrapped.
+    /// `{avro: {schema, confluent, schema_id}}` or `{protobuf: {schema:
+    /// file.proto, message: pkg.Msg, confluent, schema_id,
+    /// allow_unknown_fields}}` (`broker/format.rs`): a message that does
+    /// not decode is dead-lettered with the reason.
     pub format: Option<Format>,
     /// Entries whose payload field is larger go to the DLQ (default 1 MiB).
     pub max_message_bytes: Option<usize>,
@@ -121,11 +125,17 @@ pub struct RawRedisSink {
     /// Trim the stream to about this many entries on every add (`MAXLEN ~`;
     /// default: no trimming).
     pub maxlen: Option<u64>,
-    /// The entry field that holds the payload, as JSON (default `data`).
+    /// The entry field that holds the payload (default `data`).
     pub field: Option<String>,
     /// Fields added to every entry (values may use `${ENV}`).
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
+    /// How the payload field is written: `json` (default, text),
+    /// `{avro: {schema: ...}}` or `{protobuf: {schema: file.proto,
+    /// message: pkg.Msg}}` (`broker/format.rs`; binary, with its
+    /// `content-type`); a record the schema does not fit is dead-lettered
+    /// with the reason.
+    pub format: Option<Format>,
     /// `ce_type` of the entries (default `weft.<flow>`).
     pub event_type: Option<String>,
     /// `ce_source` of the entries (default `weft/<flow>`).
@@ -154,6 +164,7 @@ pub struct RedisSinkConfig {
     pub maxlen: Option<u64>,
     pub field: String,
     pub fields: Vec<(String, String)>,
+    pub format: Format,
     pub event_type: Option<String>,
     pub event_source: Option<String>,
     pub dedupe_ttl: Duration,
@@ -319,6 +330,7 @@ impl RedisSinkConfig {
             maxlen: raw.maxlen,
             field,
             fields,
+            format: raw.format.unwrap_or_default(),
             event_type: raw.event_type,
             event_source: raw.event_source,
             dedupe_ttl,

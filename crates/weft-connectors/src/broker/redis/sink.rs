@@ -24,10 +24,11 @@
 //! `NOPERM`) are permanent; a lost connection, a timeout, a server loading,
 //! read-only, out of memory or busy are retryable.
 //!
-//! Fields (see [`crate::broker::redis`]): the payload field (`data`),
+//! Fields (see [`crate::broker::redis`]): the payload field (`data`: JSON
+//! text, or the binary Avro or Protobuf message of `format`),
 //! `ce_specversion`, `ce_id` (the idempotency key), `ce_source`, `ce_type`,
 //! `ce_time` (the event's own time), `ce_subject` (the entity key),
-//! `content-type`, `x-correlation-id`, `x-causation-id`,
+//! `content-type` (the format's), `x-correlation-id`, `x-causation-id`,
 //! `traceparent`/`tracestate` when the event came with one, and the
 //! configured `fields`.
 
@@ -134,8 +135,9 @@ impl RedisSink {
         *self.conn.lock().await = None;
     }
 
-    /// The entry fields of one delivery: field, value, ...
-    fn fields(&self, d: &Delivery) -> Result<Vec<(String, String)>, SinkError> {
+    /// The entry fields of one delivery: field, value, ... (the payload's
+    /// value binary for Avro and Protobuf).
+    fn fields(&self, d: &Delivery) -> Result<Vec<(String, Vec<u8>)>, SinkError> {
         let source = self
             .cfg
             .event_source
@@ -146,11 +148,26 @@ impl RedisSink {
             .event_type
             .clone()
             .unwrap_or_else(|| format!("weft.{}", d.context.flow));
-        let body = serde_json::to_string(&d.payload)
+        let body = self
+            .cfg
+            .format
+            .encode(&d.payload)
             .map_err(|e| SinkError::permanent(format!("payload: {e}")))?;
         let mut f = vec![(self.cfg.field.clone(), body)];
-        f.extend(outgoing_headers(REDIS, d, &source, &ty));
-        f.extend(self.cfg.fields.iter().cloned());
+        for (k, v) in outgoing_headers(REDIS, d, &source, &ty) {
+            let v = if k == REDIS.content_type {
+                self.cfg.format.content_type().to_owned()
+            } else {
+                v
+            };
+            f.push((k, v.into_bytes()));
+        }
+        f.extend(
+            self.cfg
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+        );
         Ok(f)
     }
 
