@@ -770,3 +770,80 @@ async fn an_avro_sink_publishes_datums_of_its_schema() {
     );
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// The same with Protobuf: messages of the `.proto`'s message with its
+/// content type, a record with a field the message lacks permanent.
+#[tokio::test]
+async fn a_protobuf_sink_publishes_messages_of_its_proto_file() {
+    let Some((conn, ch)) = broker().await else {
+        return;
+    };
+    let (x, q) = (unique("proto_x"), unique("proto_q"));
+    let _cleanup = Cleanup {
+        queues: vec![q.clone()],
+        exchanges: vec![x.clone()],
+    };
+    exchange(&ch, &x).await;
+    queue(&ch, &q, Some((&x, "customers.*"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proto = dir.path().join("crm.proto");
+    std::fs::write(
+        &proto,
+        "syntax = \"proto3\";\npackage crm;\nmessage Customer { string name = 1; bool vip = 2; int64 since_ms = 3; }\n",
+    )
+    .unwrap();
+    let format = json!({"protobuf": {"schema": proto, "message": "crm.Customer"}});
+    let cfg = sink_cfg(json!({
+        "url": URL, "exchange": x, "routing_key": "customers.{key}", "format": format
+    }));
+    let (sink, _) = AmqpSink::connect("bus", cfg).await.unwrap();
+    let batch = vec![
+        delivery(
+            1,
+            Some("1"),
+            json!({"name": "Ada", "vip": true, "since_ms": 5}),
+        ),
+        delivery(
+            2,
+            Some("2"),
+            json!({"name": "Bob", "email": "b@example.com"}),
+        ),
+        delivery(3, Some("3"), json!({"name": "Cy"})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, weft_core::ErrorKind::Permanent, "{e}");
+    assert!(
+        e.message
+            .contains("does not fit Protobuf message crm.Customer"),
+        "{e}"
+    );
+    assert_eq!(ready(&conn, &q).await, 2);
+    let reader: weft_connectors::broker::Format = serde_json::from_value(format).unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            m.delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "application/x-protobuf"
+        );
+        got.push(reader.decode(&m.delivery.data).unwrap());
+    }
+    assert_eq!(
+        got,
+        vec![
+            json!({"name": "Ada", "vip": true, "sinceMs": "5"}),
+            json!({"name": "Cy", "vip": false, "sinceMs": "0"})
+        ]
+    );
+    let _ = conn.close(200, "done".into()).await;
+}

@@ -710,3 +710,58 @@ async fn an_avro_sink_publishes_datums_of_its_schema() {
         ]
     );
 }
+
+/// The same with Protobuf, and no UTF-8 payload format indicator on the
+/// binary body.
+#[tokio::test]
+async fn a_protobuf_sink_publishes_messages_of_its_proto_file() {
+    let Some(mut c) = Client::machine().await else {
+        return;
+    };
+    let t = unique("proto");
+    c.subscribe(&format!("{t}/#")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proto = dir.path().join("iot.proto");
+    std::fs::write(
+        &proto,
+        "syntax = \"proto3\";\npackage iot;\nmessage Reading { string sensor = 1; double value = 2; }\n",
+    )
+    .unwrap();
+    let format = json!({"protobuf": {"schema": proto, "message": "iot.Reading"}});
+    let cfg = sink_cfg(json!({
+        "url": URL, "topic": format!("{t}/readings/{{key}}"), "format": format
+    }));
+    let (sink, _) = MqttSink::connect("bus", cfg).await.unwrap();
+    let batch = vec![
+        delivery(1, Some("a"), json!({"sensor": "a", "value": 1.5})),
+        delivery(2, Some("b"), json!({"sensor": "b", "value": "high"})),
+        delivery(3, Some("c"), json!({"sensor": "c", "value": -2.0})),
+    ];
+    let r = sink.write(&batch).await;
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    let e = r[1].as_ref().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(
+        e.message
+            .contains("does not fit Protobuf message iot.Reading"),
+        "{e}"
+    );
+    let reader: weft_connectors::broker::Format = serde_json::from_value(format).unwrap();
+    let got = c.messages(2).await;
+    let values: Vec<Value> = got
+        .iter()
+        .map(|m| {
+            let p = m.properties.as_ref().unwrap();
+            assert_eq!(p.content_type.as_deref(), Some("application/x-protobuf"));
+            assert_eq!(p.payload_format_indicator, None);
+            reader.decode(&m.payload).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        values,
+        vec![
+            json!({"sensor": "a", "value": 1.5}),
+            json!({"sensor": "c", "value": -2.0})
+        ]
+    );
+}
