@@ -633,6 +633,9 @@ async fn sink_adds_one_entry_per_idempotency_key_with_the_cloudevent_in_its_fiel
     assert_eq!(ev.data, json!({"name": "Ada"}));
 }
 
+/// An entry's fields with their values as bytes.
+type BinaryFields = Vec<(String, Vec<u8>)>;
+
 /// Avro and Protobuf bodies: the payload field holds the binary datum or
 /// message (not JSON text) with the format's `content-type`, a record the
 /// schema does not fit is a permanent failure of its delivery only, and a
@@ -700,7 +703,7 @@ async fn sink_writes_avro_and_protobuf_as_binary_fields_the_source_reads_back() 
         assert_eq!(e.kind, ErrorKind::Permanent, "{name}");
         assert!(e.message.contains(misfit), "{name}: {e}");
 
-        let got: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        let got: Vec<(String, BinaryFields)> = redis::cmd("XRANGE")
             .arg(&stream)
             .arg("-")
             .arg("+")

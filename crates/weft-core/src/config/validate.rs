@@ -2924,3 +2924,35 @@ fn mysql_sink_spec(cx: &mut Ctx, mp: &str, cfg: Box<MysqlSinkConfig>) -> Option<
     }
     Some(SinkSpec::Mysql { cfg })
 }
+
+#[cfg(test)]
+mod broker_settings_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_protobuf_schema_path_is_made_relative_to_the_config_folder() {
+        let base = Path::new("/etc/weft");
+        let s = broker_settings(
+            ConnectorSettings(json!({"format": {"protobuf": {"schema": "proto/a.proto"}}})),
+            base,
+        );
+        assert_eq!(
+            s.0["format"]["protobuf"]["schema"],
+            "/etc/weft/proto/a.proto"
+        );
+        // an absolute path and other formats are left as written
+        let s = broker_settings(
+            ConnectorSettings(json!({"format": {"protobuf": {"schema": "/srv/a.proto"}}})),
+            base,
+        );
+        assert_eq!(s.0["format"]["protobuf"]["schema"], "/srv/a.proto");
+        let avro = json!({"format": {"avro": {"schema": "\"long\""}}, "url": "x"});
+        assert_eq!(
+            broker_settings(ConnectorSettings(avro.clone()), base).0,
+            avro
+        );
+        let odd = json!({"format": {"protobuf": {"schema": 5}}});
+        assert_eq!(broker_settings(ConnectorSettings(odd.clone()), base).0, odd);
+    }
+}
