@@ -28,7 +28,7 @@
 //! it changes, with the events, in one `Op::Drift` after the batch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::Hasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
 use metrics::counter;
@@ -46,6 +46,9 @@ pub const LEARN_ENUMS: u64 = 100;
 /// Records a field must have been always present in before its absence is drift.
 pub const MIN_PRESENT: u64 = 10;
 const MAX_DEPTH: usize = 6;
+
+/// The seed of the shape signatures' hasher (any fixed value).
+const SIG_SEED: u64 = 0x5eed_d41f7;
 /// An object with more keys than this is a map: one path for its values.
 pub const MAP_KEYS: usize = 64;
 /// Most paths in one source's shape.
@@ -128,7 +131,8 @@ struct State {
     new_field: HashMap<String, usize>,
     missing: HashMap<String, usize>,
     type_changed: HashMap<(String, u8), usize>,
-    enum_value: HashMap<(String, String), usize>,
+    /// path -> value -> key (looked up per record without copying either)
+    enum_value: HashMap<String, HashMap<String, usize>>,
     /// key -> (example if new, records showing it) since the last take
     pending: BTreeMap<usize, (String, i64)>,
     dirty: bool,
@@ -238,7 +242,9 @@ impl Tracker {
         };
         let st = &mut *guard;
         st.shape.records += 1;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // a fixed fast hasher: the signature only picks a cached analysis
+        // (a collision would reuse another shape's, as with any 64-bit hash)
+        let mut h = foldhash::fast::FixedState::with_seed(SIG_SEED).build_hasher();
         hash_walk(v, &mut h, 0);
         let sig = h.finish();
         let mut shows = match st.sigs.get(&sig) {
@@ -420,9 +426,7 @@ impl Tracker {
                 continue;
             };
             if values.contains(s) {
-                if !st.enum_value.is_empty()
-                    && let Some(k) = st.enum_value.get(&(path.clone(), s.clone()))
-                {
+                if let Some(k) = st.enum_value.get(path).and_then(|m| m.get(s)) {
                     shows.push(*k);
                 }
                 continue;
@@ -445,7 +449,7 @@ impl Tracker {
                 s.clone()
             };
             let k = self.record(st, "new_enum_value", &path, detail, ex);
-            st.enum_value.insert((path, s), k);
+            st.enum_value.entry(path).or_default().insert(s, k);
             shows.push(k);
         }
     }
@@ -517,7 +521,9 @@ impl State {
             }
             "new_enum_value" => {
                 self.enum_value
-                    .insert((path.to_owned(), detail.to_owned()), k);
+                    .entry(path.to_owned())
+                    .or_default()
+                    .insert(detail.to_owned(), k);
             }
             _ => {}
         }
@@ -661,7 +667,23 @@ fn pointer<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
     if path.contains("/*") || path.contains("/{}") {
         return None;
     }
-    v.pointer(path)
+    if path.contains('~') {
+        return v.pointer(path);
+    }
+    // serde_json's `pointer` unescapes every token into a new string; a
+    // path without `~` needs no unescaping
+    if path.is_empty() {
+        return Some(v);
+    }
+    let rest = path.strip_prefix('/')?;
+    rest.split('/').try_fold(v, |v, t| match v {
+        Value::Object(m) => m.get(t),
+        // an index as serde_json reads one: no sign, no leading zero
+        Value::Array(a) if !t.starts_with('+') && (t == "0" || !t.starts_with('0')) => {
+            t.parse::<usize>().ok().and_then(|i| a.get(i))
+        }
+        _ => None,
+    })
 }
 
 /// Hash the key-set and types of a record without allocating. Arrays
@@ -774,6 +796,28 @@ fn walk(v: &Value, path: &mut String, depth: usize, out: &mut Vec<(String, u8)>)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pointer_reads_what_serde_json_pointer_reads() {
+        let v = serde_json::json!({"a": {"b": [10, {"c": "x"}]}, "k~/": 1, "": 2});
+        for p in [
+            "",
+            "/",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c",
+            "/a/b/01",
+            "/a/b/+1",
+            "/a/b/9",
+            "/x",
+            "/k~0~1",
+            "/a/b/1/c/d",
+            "a",
+        ] {
+            assert_eq!(pointer(&v, p), v.pointer(p), "{p}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 

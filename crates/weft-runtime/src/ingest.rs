@@ -86,7 +86,16 @@ impl DirectLane {
     /// once; for each delivery, whether it is in the destination now, and
     /// the deliveries back (the payloads of those that are not are stored).
     async fn write(&self, all: Vec<Delivery>) -> (Vec<bool>, Vec<Delivery>) {
-        let size = self.policy.batch_size.max(1);
+        // a source batch no bigger than the lane's batch is still split
+        // over the lane's concurrency (in writes of at least
+        // `DIRECT_MIN_SPLIT` rows): the destination works on it on several
+        // connections at once, as the lane's own claims would
+        let concurrency = self.policy.concurrency.max(1);
+        let size = self
+            .policy
+            .batch_size
+            .max(1)
+            .min(all.len().div_ceil(concurrency).max(DIRECT_MIN_SPLIT));
         let mut chunks = Vec::with_capacity(all.len().div_ceil(size));
         let mut rest = all;
         while rest.len() > size {
@@ -96,7 +105,7 @@ impl DirectLane {
         chunks.push(rest);
         let done: Vec<(Vec<bool>, Vec<Delivery>)> = futures::stream::iter(chunks)
             .map(|c| self.write_one(c))
-            .buffered(self.policy.concurrency.max(1))
+            .buffered(concurrency)
             .collect()
             .await;
         let (mut written, mut back) = (Vec::new(), Vec::new());
@@ -159,6 +168,10 @@ impl DirectLane {
         (written, batch)
     }
 }
+
+/// The smallest write a direct batch is split into for the lane's
+/// concurrency ([`DirectLane::write`]).
+const DIRECT_MIN_SPLIT: usize = 500;
 
 /// What the direct path wrote of one batch to one lane: rows, and their
 /// accepted-to-written seconds (for the metrics, once the ingest commits).

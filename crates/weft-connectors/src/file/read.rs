@@ -617,14 +617,25 @@ impl Plan {
     }
 
     fn good(&self, line: u64, data: serde_json::Value) -> Record {
-        self.good_at(line, &self.location(line), data)
+        // the location is written only for a record that turns out bad
+        self.good_with(line, || self.location(line), data)
     }
 
     /// A record numbered `n` (its line, or its ordinal) found at `location`.
     pub(super) fn good_at(&self, n: u64, location: &str, data: serde_json::Value) -> Record {
-        let default_id = format!("{}:{n}", self.short);
+        self.good_with(n, || location.to_owned(), data)
+    }
+
+    fn good_with(&self, n: u64, location: impl Fn() -> String, data: serde_json::Value) -> Record {
+        // the default id is the event's only without an `id_field`, or when
+        // it fails
+        let default_id = || format!("{}:{n}", self.short);
         let mut event = Event::new(
-            default_id,
+            if self.id_field.is_some() {
+                String::new()
+            } else {
+                default_id()
+            },
             self.source.clone(),
             self.event_type.clone(),
             Some(self.correlation_id.clone()),
@@ -632,7 +643,16 @@ impl Plan {
         );
         if let Some(prog) = &self.id_field {
             let id = prog
-                .eval_with(&event.data, || event.attributes(), &[])
+                .eval_with(
+                    &event.data,
+                    || {
+                        // `$event.id` is the default id until this gives one
+                        let mut a = event.attributes();
+                        a["id"] = default_id().into();
+                        a
+                    },
+                    &[],
+                )
                 .map_err(|e| e.to_string())
                 .and_then(|v| match v {
                     serde_json::Value::String(s) if !s.is_empty() => Ok(s),
@@ -645,11 +665,12 @@ impl Plan {
             match id {
                 Ok(id) => event.id = id,
                 Err(e) => {
+                    let location = location();
                     return Record::Bad(BadRecord {
-                        id: event.id,
-                        location: location.to_owned(),
+                        id: default_id(),
                         raw: truncate(event.data.to_string()),
                         error: format!("{location}: {e}"),
+                        location,
                         correlation_id: event.correlationid,
                     });
                 }
