@@ -699,17 +699,20 @@ fn the_pubsub_example_fans_each_webhook_out_to_three_subscribers() {
             .unwrap();
         assert!(resp.status().is_success(), "{}", resp.status());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bus.count(&stream) < n as u64 || jsonl_lines(&dir.path().join("out/erp.jsonl")).len() < n
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not every subscriber has every message: {} on the bus, log:\n{}",
-            bus.count(&stream),
-            hub.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            bus.count(&stream) >= n as u64
+                && jsonl_lines(&dir.path().join("out/erp.jsonl")).len() >= n
+        },
+        || {
+            format!(
+                "not every subscriber has every message: {} on the bus, log:\n{}",
+                bus.count(&stream),
+                hub.log_text()
+            )
+        },
+    );
     // the ERP feed: every change once, in order per customer
     let erp = jsonl_lines(&dir.path().join("out/erp.jsonl"));
     assert_eq!(erp.len(), n, "{erp:?}");
@@ -861,17 +864,18 @@ print(json.dumps({
         let out = weft_cmd(dir.path(), &["dlq", "list", "-c", "weft.yaml", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while bus.count(&out) < 3 || dlq().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "{} invoices, {} dead letters; log:\n{}",
-            bus.count(&out),
-            dlq().len(),
-            hub.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || bus.count(&out) >= 3 && dlq().len() >= 2,
+        || {
+            format!(
+                "{} invoices, {} dead letters; log:\n{}",
+                bus.count(&out),
+                dlq().len(),
+                hub.log_text()
+            )
+        },
+    );
     let dead = dlq();
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert!(
@@ -1066,15 +1070,11 @@ print(json.dumps({"orders": orders, "refund": refund}))
         );
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dlq().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no dead letter; log:\n{}",
-            hub.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || !dlq().is_empty(),
+        || format!("no dead letter; log:\n{}", hub.log_text()),
+    );
     let dead = dlq();
     let e = dead[0]["error"].as_str().unwrap_or("");
     assert!(

@@ -211,18 +211,11 @@ impl Avro {
     fn decode(&self, payload: &[u8]) -> Result<Value, String> {
         let mut body = payload;
         if self.confluent {
-            let [0, a, b, c, d, rest @ ..] = payload else {
-                return Err("not a Confluent-framed Avro message (it starts with 0x00 and a 4-byte schema id)".into());
-            };
-            let id = u32::from_be_bytes([*a, *b, *c, *d]);
-            if let Some(want) = self.schema_id
-                && id != want
-            {
-                return Err(format!(
-                    "written with schema id {id}; this source reads schema id {want}"
-                ));
-            }
-            body = rest;
+            body = confluent_body(
+                payload,
+                self.schema_id,
+                "not a Confluent-framed Avro message (it starts with 0x00 and a 4-byte schema id)",
+            )?;
         }
         let value = apache_avro::from_avro_datum(&self.schema, &mut body, None)
             .map_err(|e| format!("not Avro of the configured schema: {e}"))?;
@@ -250,10 +243,8 @@ impl Avro {
         let datum = apache_avro::to_avro_datum(&self.schema, value)
             .map_err(|e| format!("cannot write the record as Avro: {e}"))?;
         if self.confluent {
-            let id = self.schema_id.unwrap_or(0);
             let mut out = Vec::with_capacity(datum.len() + 5);
-            out.push(0);
-            out.extend_from_slice(&id.to_be_bytes());
+            confluent_header(self.schema_id, &mut out);
             out.extend_from_slice(&datum);
             Ok(out)
         } else {
@@ -329,17 +320,11 @@ impl Protobuf {
         let name = self.message.full_name();
         let mut body = payload;
         if self.confluent {
-            let [0, a, b, c, d, rest @ ..] = payload else {
-                return Err("not a Confluent-framed Protobuf message (it starts with 0x00, a 4-byte schema id and the message indexes)".into());
-            };
-            let id = u32::from_be_bytes([*a, *b, *c, *d]);
-            if let Some(want) = self.schema_id
-                && id != want
-            {
-                return Err(format!(
-                    "written with schema id {id}; this source reads schema id {want}"
-                ));
-            }
+            let rest = confluent_body(
+                payload,
+                self.schema_id,
+                "not a Confluent-framed Protobuf message (it starts with 0x00, a 4-byte schema id and the message indexes)",
+            )?;
             let (indexes, rest) = read_indexes(rest)?;
             if indexes != self.indexes {
                 return Err(format!(
@@ -381,8 +366,7 @@ impl Protobuf {
         .map_err(|e| format!("the record does not fit Protobuf message {name}: {e}"))?;
         let mut out = Vec::with_capacity(message.encoded_len() + 16);
         if self.confluent {
-            out.push(0);
-            out.extend_from_slice(&self.schema_id.unwrap_or(0).to_be_bytes());
+            confluent_header(self.schema_id, &mut out);
             write_indexes(&self.indexes, &mut out);
         }
         message
@@ -390,6 +374,36 @@ impl Protobuf {
             .map_err(|e| format!("cannot write the record as Protobuf {name}: {e}"))?;
         Ok(out)
     }
+}
+
+/// The body of a Confluent-framed message (0x00, a 4-byte big-endian
+/// schema id, then the body), checked against the configured `schema_id`;
+/// `not_framed`: the error when the frame is not there.
+#[cfg(any(feature = "avro", feature = "protobuf"))]
+fn confluent_body<'a>(
+    payload: &'a [u8],
+    schema_id: Option<u32>,
+    not_framed: &str,
+) -> Result<&'a [u8], String> {
+    let [0, a, b, c, d, rest @ ..] = payload else {
+        return Err(not_framed.to_owned());
+    };
+    let id = u32::from_be_bytes([*a, *b, *c, *d]);
+    if let Some(want) = schema_id
+        && id != want
+    {
+        return Err(format!(
+            "written with schema id {id}; this source reads schema id {want}"
+        ));
+    }
+    Ok(rest)
+}
+
+/// The Confluent frame's header: 0x00 and the schema id (0 when none).
+#[cfg(any(feature = "avro", feature = "protobuf"))]
+fn confluent_header(schema_id: Option<u32>, out: &mut Vec<u8>) {
+    out.push(0);
+    out.extend_from_slice(&schema_id.unwrap_or(0).to_be_bytes());
 }
 
 /// The field numbers of `m` (and of the messages in it) that its

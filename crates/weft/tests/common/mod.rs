@@ -354,6 +354,19 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// [`wait_for`] with its failure told by `why` when time runs out (the
+/// hub's log, counts as they are then), polling every 100 ms (for checks
+/// that run a command).
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool, why: impl FnOnce() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?}: {}", why());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `weft status --json` parsed.
 pub fn status(dir: &Path, config: &str, env: &[(&str, &str)]) -> serde_json::Value {
     let out = weft_cmd_env(dir, &["status", "-c", config, "--json"], env);
