@@ -32,6 +32,8 @@ struct Mem {
     batches: AtomicUsize,
     failing: AtomicBool,
     attempts: AtomicUsize,
+    /// The checkpoints saved, by key (the last one wins, as in the store).
+    checkpoints: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Ingest for Mem {
@@ -43,6 +45,9 @@ impl Ingest for Mem {
             }
             self.batches.fetch_add(1, Ordering::SeqCst);
             let mut r = Receipt::default();
+            if let Some(c) = batch.checkpoint {
+                self.checkpoints.lock().unwrap().insert(c.key, c.value);
+            }
             for rec in batch.records {
                 r.accepted += 1;
                 match rec {
@@ -53,8 +58,9 @@ impl Ingest for Mem {
             Ok(r)
         })
     }
-    fn checkpoint(&self, _: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
-        Box::pin(async { Ok(None) })
+    fn checkpoint(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, IngestError>> {
+        let saved = self.checkpoints.lock().unwrap().get(key).cloned();
+        Box::pin(async move { Ok(saved) })
     }
 }
 
@@ -254,7 +260,8 @@ async fn kafka_a_batch_the_store_refuses_is_not_committed_and_comes_back_with_th
     })
     .await;
     let settings = json!({
-        "brokers": brokers, "topics": ["held"], "group": "g", "session_timeout": "6s"
+        "brokers": brokers, "topics": ["held"], "group": "g", "session_timeout": "6s",
+        "offsets": "group"
     });
     // the store refuses: nothing is committed while the source retries
     let first = Arc::new(Mem::default());
@@ -300,6 +307,139 @@ async fn kafka_a_batch_the_store_refuses_is_not_committed_and_comes_back_with_th
     })
     .await;
     wait_committed(&brokers, "g", "held", &[6]).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+/// `offsets: store`: the position is saved with each batch; a batch the
+/// store refuses moves nothing; a source started again on the same store
+/// reads on after what was stored (nothing twice, nothing skipped); a
+/// first start on a store without a position takes the group's committed
+/// offsets; `start: latest` is resolved and saved before any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_offsets_in_the_store_move_with_each_stored_batch_and_nothing_else() {
+    let Some(broker) = blocking(Tansu::start).await else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let b = brokers.clone();
+    blocking(move || {
+        tansu::create_topic(&b, "kept", 2);
+        let msgs: Vec<Msg> = (0..6)
+            .map(|i| Msg {
+                partition: Some(i % 2),
+                ..Msg::json(&json!({"n": i}))
+            })
+            .collect();
+        tansu::produce(&b, "kept", &msgs);
+    })
+    .await;
+    let settings = json!({"brokers": brokers, "topics": ["kept"], "group": "s"});
+    let store = Arc::new(Mem::default());
+    store.failing.store(true, Ordering::SeqCst);
+    let (stop, h) = spawn(source_cfg(settings.clone()), store.clone());
+    wait_until("refused attempts", Duration::from_secs(30), || {
+        store.attempts.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    // refused: no position saved, not even the start
+    assert!(store.checkpoints.lock().unwrap().is_empty());
+    store.failing.store(false, Ordering::SeqCst);
+    wait_until("every message", Duration::from_secs(20), || {
+        store.count() == 6
+    })
+    .await;
+    let saved = || -> Json {
+        let c = store.checkpoints.lock().unwrap();
+        serde_json::from_str(c.get("kafka_offsets").map_or("null", String::as_str)).unwrap()
+    };
+    wait_until("the position after them", Duration::from_secs(20), || {
+        saved() == json!({"kept": {"0": 3, "1": 3}})
+    })
+    .await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+
+    // started again on the same store: the next messages only
+    let b = brokers.clone();
+    blocking(move || {
+        let msgs: Vec<Msg> = (6..10)
+            .map(|i| Msg {
+                partition: Some(i % 2),
+                ..Msg::json(&json!({"n": i}))
+            })
+            .collect();
+        tansu::produce(&b, "kept", &msgs);
+    })
+    .await;
+    let (stop, h) = spawn(source_cfg(settings.clone()), store.clone());
+    wait_until("the new messages", Duration::from_secs(20), || {
+        store.count() == 10
+    })
+    .await;
+    wait_until("the position after them", Duration::from_secs(20), || {
+        saved() == json!({"kept": {"0": 5, "1": 5}})
+    })
+    .await;
+    let mut ids = store.ids();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "each message once: {ids:?}");
+    // and the group has the offsets too, for lag tools
+    wait_committed(&brokers, "s", "kept", &[5, 5]).await;
+    stop.cancel();
+    h.await.unwrap().unwrap();
+
+    // a new store: the group's committed offsets are where it starts
+    let fresh = Arc::new(Mem::default());
+    let (stop, h) = spawn(source_cfg(settings.clone()), fresh.clone());
+    wait_until("the start saved", Duration::from_secs(20), || {
+        fresh
+            .checkpoints
+            .lock()
+            .unwrap()
+            .contains_key("kafka_offsets")
+    })
+    .await;
+    let b = brokers.clone();
+    blocking(move || {
+        tansu::produce(
+            &b,
+            "kept",
+            &[Msg {
+                partition: Some(0),
+                ..Msg::json(&json!({"n": 10}))
+            }],
+        )
+    })
+    .await;
+    wait_until(
+        "the message after the group's offsets",
+        Duration::from_secs(20),
+        || fresh.count() == 1,
+    )
+    .await;
+    assert_eq!(fresh.ids(), ["kept/0/5"]);
+    stop.cancel();
+    h.await.unwrap().unwrap();
+
+    // `start: latest` on a new group and store: saved before any message
+    let mut latest = settings.clone();
+    latest["group"] = json!("new-group");
+    latest["start"] = json!("latest");
+    let empty = Arc::new(Mem::default());
+    let (stop, h) = spawn(source_cfg(latest), empty.clone());
+    wait_until("the start saved", Duration::from_secs(20), || {
+        empty
+            .checkpoints
+            .lock()
+            .unwrap()
+            .contains_key("kafka_offsets")
+    })
+    .await;
+    let at: Json =
+        serde_json::from_str(&empty.checkpoints.lock().unwrap()["kafka_offsets"]).unwrap();
+    assert_eq!(at, json!({"kept": {"0": 6, "1": 5}}));
+    assert_eq!(empty.count(), 0, "nothing from before the start");
     stop.cancel();
     h.await.unwrap().unwrap();
 }

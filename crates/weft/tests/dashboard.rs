@@ -247,6 +247,34 @@ impl Browser {
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
+    /// Click `css` (a form's submit) and wait until the page it loads has replaced the old
+    /// one: a marker set on the old document is gone and the new one has loaded. Reads made
+    /// before that can hit the old page's elements, stale once the new page arrives.
+    fn click_and_load(&self, css: &str) {
+        self.script("window.weftOldPage = true;");
+        self.click(css);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let fresh = self
+                .rt
+                .block_on(self.c().execute(
+                    "return window.weftOldPage === undefined && document.readyState === 'complete';",
+                    vec![],
+                ))
+                .ok()
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            if fresh {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clicking {css} loaded no new page"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn fill(&self, css: &str, text: &str) {
         self.rt
             .block_on(async {
@@ -267,11 +295,15 @@ impl Browser {
     fn wait_text(&self, css: &str, reload: bool, what: &str, ok: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let t = if self.exists(css) {
-                self.text(css)
-            } else {
-                String::new()
-            };
+            // A click's navigation can replace the element between the find and the read
+            // (a stale element): that reads as not there yet, and the loop tries again.
+            let t = self
+                .rt
+                .block_on(async {
+                    let e = self.c().find(Locator::Css(css)).await?;
+                    e.text().await
+                })
+                .unwrap_or_default();
             if ok(&t) {
                 return t;
             }
@@ -590,7 +622,7 @@ fn the_dashboard_in_a_browser() {
         t.parse::<usize>().is_ok_and(|n| n >= 10)
     });
     b.shot("dlq-job-running");
-    b.click("#job-cancel");
+    b.click_and_load("#job-cancel");
     b.wait_text("#job-status", false, "the job to stop", |t| {
         t == "cancelled"
     });

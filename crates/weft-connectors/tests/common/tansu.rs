@@ -395,3 +395,17 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ve
         Err(_) => vec![-1; partitions as usize],
     }
 }
+
+/// How many messages `topic` holds (the sum of its partitions' high
+/// watermarks; 0 when the broker does not answer).
+pub fn count(brokers: &str, topic: &str, partitions: i32) -> i64 {
+    let Ok(c) = client(brokers).create::<BaseConsumer>() else {
+        return 0;
+    };
+    (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(2))
+                .map_or(0, |(_, high)| high)
+        })
+        .sum()
+}

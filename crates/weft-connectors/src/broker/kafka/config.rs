@@ -27,12 +27,24 @@ pub struct RawKafkaSource {
     pub brokers: String,
     /// The topics to consume (at least one).
     pub topics: Vec<String>,
-    /// The consumer group (default `weft-<system>`): its committed offsets
-    /// live in Kafka and survive restarts of weft.
+    /// The consumer group (default `weft-<system>`). With `offsets:
+    /// store` weft commits its offsets to the group as well (after they
+    /// are stored, for lag tools, never read back but at a first start);
+    /// with `offsets: group` the group's committed offsets are the
+    /// position.
     pub group: Option<String>,
-    /// Where a group without a committed offset starts on a partition:
-    /// `earliest` (default: everything the topic holds) or `latest`
-    /// (messages produced from now on).
+    /// Where the position lives. `store` (default): weft's store, in the
+    /// transaction of the messages, every partition of the topics
+    /// assigned to this weft (no group membership, no rebalances; on
+    /// several nodes the source runs on one node at a time, by lease).
+    /// `group`: a member of the consumer group, which spreads the
+    /// partitions over its members; offsets committed to Kafka after
+    /// each store commit.
+    pub offsets: Option<Offsets>,
+    /// Where a partition without a position starts: `earliest` (default:
+    /// everything the topic holds) or `latest` (messages produced from
+    /// now on). A partition created while weft runs starts at its
+    /// earliest.
     pub start: Option<Start>,
     /// Messages per store commit at most (default 256): what arrives
     /// without a 5 ms pause, up to this many.
@@ -55,11 +67,22 @@ pub struct RawKafkaSource {
     pub event_type: Option<String>,
     /// How long connecting to a broker may take (default `10s`).
     pub connect_timeout: Option<String>,
-    /// The group session timeout (default `45s`, librdkafka's): how soon a
-    /// weft that died without leaving the group loses its partitions to
-    /// another member (or to itself, restarted). Heartbeats go every third
-    /// of it.
+    /// With `offsets: group`, the group session timeout (default `45s`,
+    /// librdkafka's): how soon a weft that died without leaving the group
+    /// loses its partitions to another member (or to itself, restarted).
+    /// Heartbeats go every third of it.
     pub session_timeout: Option<String>,
+}
+
+/// Where the source's position lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Offsets {
+    /// In weft's store, saved with the batch (the default).
+    #[default]
+    Store,
+    /// The consumer group's committed offsets.
+    Group,
 }
 
 /// Where a new group starts on a partition.
@@ -87,6 +110,7 @@ pub struct KafkaSourceConfig {
     pub brokers: String,
     pub topics: Vec<String>,
     pub group: String,
+    pub offsets: Offsets,
     pub start: Start,
     pub batch: usize,
     pub max_message_bytes: usize,
@@ -217,6 +241,7 @@ impl KafkaSourceConfig {
             brokers: raw.brokers.trim().to_owned(),
             topics: raw.topics,
             group,
+            offsets: raw.offsets.unwrap_or_default(),
             start: raw.start.unwrap_or_default(),
             batch,
             max_message_bytes,
