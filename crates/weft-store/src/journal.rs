@@ -618,6 +618,11 @@ pub trait JournalRead: Send + Sync {
         let _ = (status, limit);
         Ok(Vec::new())
     }
+    /// Per entity: records, open conflicts, reports held for review and
+    /// history entries per action (`weft status`). Default: none.
+    fn identity_summary(&self) -> Result<Vec<crate::canonical::IdentitySummary>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Reports held for review (`status`: `open`, `accepted`, `rejected`;
     /// `None`: all).
     fn matches(

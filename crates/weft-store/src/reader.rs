@@ -270,7 +270,11 @@ impl Reader {
         entity: &str,
         id: &str,
     ) -> Result<Option<crate::canonical::CanonicalView>, StoreError> {
-        crate::canonical::view(&self.conn, entity, id)
+        crate::canonical::sql::ready(crate::canonical::view(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            entity,
+            id,
+        ))
     }
     /// `(entity, canonical id)`, newest change first.
     pub fn canonical_list(
@@ -278,7 +282,11 @@ impl Reader {
         entity: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        crate::canonical::list(&self.conn, entity, limit)
+        crate::canonical::sql::ready(crate::canonical::list(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            entity,
+            limit,
+        ))
     }
     /// The canonical id a system's id is linked to.
     pub fn canonical_by_external(
@@ -287,20 +295,22 @@ impl Reader {
         system: &str,
         external_id: &str,
     ) -> Result<Option<String>, StoreError> {
-        crate::canonical::by_external(&self.conn, entity, system, external_id)
+        crate::canonical::sql::ready(crate::canonical::by_external(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            entity,
+            system,
+            external_id,
+        ))
     }
     /// History entries, oldest first.
     pub fn canonical_history(
         &self,
         f: &crate::HistoryFilter,
     ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
-        crate::canonical::history_of(
-            &self.conn,
-            f.entity.as_deref(),
-            f.canonical_id.as_deref(),
-            f.correlation_id.as_deref(),
-            if f.limit == 0 { 10_000 } else { f.limit },
-        )
+        crate::canonical::sql::ready(crate::canonical::history_of(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            f,
+        ))
     }
     /// Manual conflicts.
     pub fn conflicts(
@@ -308,7 +318,11 @@ impl Reader {
         status: Option<&str>,
         limit: usize,
     ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
-        crate::canonical::conflicts(&self.conn, status, limit)
+        crate::canonical::sql::ready(crate::canonical::conflicts(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            status,
+            limit,
+        ))
     }
     /// Per entity: live records, open conflicts, held matches and the
     /// history's actions counted.
@@ -317,7 +331,9 @@ impl Reader {
         if crate::schema::version(&self.conn)? < 6 {
             return Ok(Vec::new());
         }
-        crate::canonical::summary(&self.conn)
+        crate::canonical::sql::ready(crate::canonical::summary(&mut crate::canonical::sql::Lite(
+            &self.conn,
+        )))
     }
     /// Reports held for review.
     pub fn matches(
@@ -325,7 +341,11 @@ impl Reader {
         status: Option<&str>,
         limit: usize,
     ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
-        crate::canonical::matches(&self.conn, status, limit)
+        crate::canonical::sql::ready(crate::canonical::matches(
+            &mut crate::canonical::sql::Lite(&self.conn),
+            status,
+            limit,
+        ))
     }
 
     /// Pending rows of a lane in key order.

@@ -484,6 +484,9 @@ impl JournalRead for SqliteJournal {
     ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
         self.with_reader(|r| r.matches(status, limit))
     }
+    fn identity_summary(&self) -> Result<Vec<crate::canonical::IdentitySummary>, StoreError> {
+        self.with_reader(|r| r.identity_summary())
+    }
 }
 
 impl Reader {

@@ -369,16 +369,21 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
         Op::Drift(b) => crate::drift::apply(tx, b).map(Reply::Applied),
         Op::AcceptDrift(ids) => crate::drift::accept(tx, ids).map(Reply::Applied),
         Op::Resolve(r) => {
-            let (source, event_id, rows) = crate::canonical::resolve_conflict(tx, r, now)?;
+            let (source, event_id, rows) = crate::canonical::sql::ready(
+                crate::canonical::resolve_conflict(&mut crate::canonical::sql::Lite(tx), r, now),
+            )?;
             enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)
         }
         Op::Xref(c) => {
-            let (source, event_id, rows) = crate::canonical::xref_change(tx, c, now)?;
+            let (source, event_id, rows) = crate::canonical::sql::ready(
+                crate::canonical::xref_change(&mut crate::canonical::sql::Lite(tx), c, now),
+            )?;
             enqueue_caused(tx, d, (&source, &event_id, &event_id), rows, now).map(Reply::Applied)
         }
         Op::Match(r) => {
-            let (source, event_id, correlation_id, rows) =
-                crate::canonical::resolve_match(tx, r, now)?;
+            let (source, event_id, correlation_id, rows) = crate::canonical::sql::ready(
+                crate::canonical::resolve_match(&mut crate::canonical::sql::Lite(tx), r, now),
+            )?;
             let cause = (source.as_str(), event_id.as_str(), correlation_id.as_str());
             enqueue_caused(tx, d, cause, rows, now).map(Reply::Applied)
         }
@@ -392,7 +397,12 @@ fn apply(tx: &Connection, op: &Op, d: &mut Deltas, tokens: &mut i64) -> Result<R
         } => crate::topic::prune(tx, topic, *before, *limit).map(Reply::Count),
         Op::Intent { system, writes } => {
             for w in writes {
-                crate::canonical::intend(tx, system, w, now)?;
+                crate::canonical::sql::ready(crate::canonical::intend(
+                    &mut crate::canonical::sql::Lite(tx),
+                    system,
+                    w,
+                    now,
+                ))?;
             }
             Ok(Reply::Applied(Applied::default()))
         }
@@ -781,7 +791,12 @@ fn apply_outcome(
                 correlation_id: e.correlation_id,
                 event_time: e.event_time,
             };
-            for (route_flow, dl) in crate::canonical::apply(tx, report, &ev, now)? {
+            for (route_flow, dl) in crate::canonical::sql::ready(crate::canonical::apply(
+                &mut crate::canonical::sql::Lite(tx),
+                report,
+                &ev,
+                now,
+            ))? {
                 bump(d, &route_flow, &dl.destination, |c| c.received += 1);
                 let order_seq = seq.take(tx, None)?;
                 let row = NewRow {
@@ -1093,7 +1108,14 @@ fn settle(tx: &Connection, s: &Settle, d: &mut Deltas, now: i64) -> Result<Settl
                         correlation_id: "",
                         event_time: now,
                     };
-                    crate::canonical::written(tx, &dest, w.external_id.as_deref(), cw, &ev, now)?;
+                    crate::canonical::sql::ready(crate::canonical::written(
+                        &mut crate::canonical::sql::Lite(tx),
+                        &dest,
+                        w.external_id.as_deref(),
+                        cw,
+                        &ev,
+                        now,
+                    ))?;
                 } else if !w.is_empty() {
                     record_outcome(tx, &dest, &source, key.as_deref(), &flow, &event_id, w, now)?;
                 }

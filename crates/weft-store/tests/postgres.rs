@@ -806,3 +806,183 @@ async fn concurrent_publishers_never_commit_behind_a_reader() {
         assert_eq!(mine, sorted, "{name} messages out of their publish order");
     }
 }
+
+fn customer_rules() -> Arc<weft_core::identity::Rules> {
+    use weft_core::identity::{ConflictPolicy, NonOwnerPolicy, Route, Rules};
+    Arc::new(Rules {
+        entity: "customer".into(),
+        create: Some(vec!["crm".into(), "erp".into()]),
+        owners: BTreeMap::from([("*".into(), vec!["crm".into(), "erp".into()])]),
+        conflict: ConflictPolicy::LastWriteWins,
+        non_owner: NonOwnerPolicy::Drop,
+        match_keys: vec!["email".into()],
+        fuzzy: None,
+        routes: vec![Route {
+            flow: "crm_customers".into(),
+            destination: "wh".into(),
+        }],
+    })
+}
+
+/// A report of system `system`'s customer `id` with `email`.
+fn report(system: &str, id: &str, email: &str) -> IngestBatch {
+    let rules = customer_rules();
+    let mut e = event(&format!("{system}-{id}"), None);
+    let fields = serde_json::json!({"name": format!("Customer {id}"), "email": email});
+    e.outcomes = vec![FlowOutcome::Canonical {
+        flow: format!("{system}_customers"),
+        report: Box::new(CanonicalReport {
+            rules,
+            external_id: id.into(),
+            fields: fields.as_object().cloned().unwrap_or_default(),
+            changed_at: None,
+        }),
+    }];
+    batch(system, vec![e])
+}
+
+/// Two journals (nodes) merge reports of the same customers at the same
+/// instant: the CRM's report of customer i on one, the ERP's on the other.
+/// The entity lock makes the second merge see the first's record (by its
+/// match key): one record per customer, holding both ids, one row for the
+/// warehouse each. Then the warehouse's writes settle (intent first, as a
+/// lane does): each record links the id the warehouse gave, on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_journals_merging_one_customers_reports_make_one_record() {
+    if !pg::available() {
+        return;
+    }
+    let db = pg::Database::create();
+    let a = Arc::new(db.open("node-a", PgRole::Hub));
+    let b = Arc::new(db.open("node-b", PgRole::Hub));
+    const N: usize = 40;
+    let gate = Arc::new(tokio::sync::Barrier::new(2));
+    let merger = |j: Arc<PgJournal>, system: &'static str, gate: Arc<tokio::sync::Barrier>| {
+        tokio::spawn(async move {
+            for i in 0..N {
+                gate.wait().await;
+                let id = format!("{}{i}", &system[..1].to_uppercase());
+                j.ingest(report(system, &id, &format!("c{i}@example.com")))
+                    .await
+                    .expect("ingest");
+            }
+        })
+    };
+    let ta = merger(a.clone(), "crm", gate.clone());
+    let tb = merger(b.clone(), "erp", gate);
+    ta.await.expect("crm reports");
+    tb.await.expect("erp reports");
+
+    let r = a.read();
+    let ids = r.canonical_list(Some("customer"), 10_000).expect("list");
+    assert_eq!(ids.len(), N, "one record per customer: {ids:?}");
+    for (entity, id) in &ids {
+        let v = r.canonical(entity, id).expect("view").expect("the record");
+        let email = v.state["email"].as_str().expect("email").to_owned();
+        let i = email
+            .trim_start_matches('c')
+            .trim_end_matches("@example.com");
+        let links: BTreeMap<&str, Option<&str>> = v
+            .links
+            .iter()
+            .map(|l| (l.system.as_str(), l.external_id.as_deref()))
+            .collect();
+        assert_eq!(
+            links.get("crm"),
+            Some(&Some(format!("C{i}").as_str())),
+            "{v:?}"
+        );
+        assert_eq!(
+            links.get("erp"),
+            Some(&Some(format!("E{i}").as_str())),
+            "{v:?}"
+        );
+        assert_eq!(
+            r.canonical_by_external("customer", "erp", &format!("E{i}"))
+                .expect("by external")
+                .as_deref(),
+            Some(id.as_str())
+        );
+    }
+    let summary = r.identity_summary().expect("summary");
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!(summary[0].records, N as i64);
+    assert_eq!(summary[0].actions.get("created"), Some(&(N as i64)));
+    assert_eq!(summary[0].actions.get("linked"), Some(&(N as i64)));
+
+    // the warehouse's lane: one row per record (the second report changed
+    // nothing); written, with the id the warehouse gave
+    let lane = LaneId::new("crm_customers", "wh");
+    let claimed = b
+        .claim(ClaimRequest {
+            lane: lane.clone(),
+            max: 1000,
+            per_key: 1,
+            lease: LEASE,
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), N, "one row per record");
+    let writes: Vec<CanonicalWritten> = claimed
+        .iter()
+        .map(|c| {
+            let p: serde_json::Value = serde_json::from_str(&c.row.payload).expect("payload");
+            let cid = p["canonical_id"].as_str().expect("canonical id").to_owned();
+            let state = r
+                .canonical("customer", &cid)
+                .expect("view")
+                .expect("record")
+                .state;
+            CanonicalWritten {
+                entity: "customer".into(),
+                canonical_id: cid,
+                base: serde_json::Value::Object(state).to_string(),
+                fingerprint: "f".into(),
+            }
+        })
+        .collect();
+    b.canonical_intent("wh".into(), writes.clone())
+        .await
+        .expect("intent");
+    let settle = Settle {
+        items: claimed
+            .iter()
+            .zip(&writes)
+            .map(|(c, w)| Settlement {
+                id: c.row.id,
+                token: c.token,
+                attempt: None,
+                outcome: Outcome::Delivered(WriteOutcome {
+                    external_id: Some(format!("W-{}", w.canonical_id)),
+                    canonical: Some(w.clone()),
+                    ..WriteOutcome::default()
+                }),
+            })
+            .collect(),
+        follow_ups: Vec::new(),
+    };
+    assert_eq!(b.settle(settle).await.expect("settle").delivered, N);
+    for w in &writes {
+        let v = a
+            .read()
+            .canonical("customer", &w.canonical_id)
+            .expect("view")
+            .expect("record");
+        let wh = v.links.iter().find(|l| l.system == "wh").expect("wh link");
+        assert_eq!(wh.external_id, Some(format!("W-{}", w.canonical_id)));
+        assert_eq!(wh.fingerprint.as_deref(), Some("f"));
+        assert!(wh.written.is_some(), "the intent is outstanding: {wh:?}");
+    }
+    let counts = a.read().counts(&[lane]).expect("counts");
+    let c = counts
+        .iter()
+        .find(|c| c.destination == "wh")
+        .expect("lane counts");
+    // the flow's counts (its reports, filtered: they end in the records)
+    // and the lane's (the rows they caused, delivered)
+    assert_eq!(
+        (c.received, c.filtered, c.delivered, c.pending),
+        (2 * N as i64, N as i64, N as i64, 0)
+    );
+    assert!(counts.iter().all(|c| c.balanced), "{counts:?}");
+}

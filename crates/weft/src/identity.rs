@@ -100,7 +100,7 @@ fn system_id(cfg: &weft_core::config::Config, s: &str) -> Result<(String, String
 /// A canonical id, or the record a `SYSTEM:ID` is linked to.
 fn record_id(
     cfg: &weft_core::config::Config,
-    r: &weft_store::Reader,
+    r: &crate::status::ReadStore,
     entity: &str,
     s: &str,
 ) -> Result<String> {
@@ -116,10 +116,10 @@ fn change(
     cfg: ConfigArg,
     entity: &str,
     note: String,
-    op: impl FnOnce(&weft_core::config::Config, &weft_store::Reader) -> Result<weft_store::XrefOp>,
+    op: impl FnOnce(&weft_core::config::Config, &crate::status::ReadStore) -> Result<weft_store::XrefOp>,
 ) -> Result<ExitCode> {
     let (config, journal) = crate::dlq::open(&cfg)?;
-    let reader = crate::status::open_read_only(&config)?;
+    let reader = crate::status::open_read(&config)?;
     let Some(rules) = config.identity.get(entity).cloned() else {
         anyhow::bail!("the config has no `identity.{entity}`");
     };
@@ -196,7 +196,7 @@ pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let r = crate::status::open_read_only(&cfg)?;
+            let r = crate::status::open_read(&cfg)?;
             let mut views = Vec::new();
             for (e, id) in r.canonical_list(entity.as_deref(), limit)? {
                 if let Some(v) = r.canonical(&e, &id)? {
@@ -243,7 +243,7 @@ pub fn xref(cmd: XrefCmd) -> Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let r = crate::status::open_read_only(&cfg)?;
+            let r = crate::status::open_read(&cfg)?;
             let cid = match id.split_once(':') {
                 Some((system, ext)) if cfg.systems.contains_key(system) => {
                     r.canonical_by_external(&entity, system, ext)?
@@ -320,7 +320,7 @@ pub fn history(cfg: ConfigArg, entity: String, id: String, json: bool) -> Result
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let r = crate::status::open_read_only(&cfg)?;
+    let r = crate::status::open_read(&cfg)?;
     let cid = match id.split_once(':') {
         Some((system, ext)) if cfg.systems.contains_key(system) => {
             r.canonical_by_external(&entity, system, ext)?.unwrap_or(id)
@@ -343,7 +343,7 @@ pub fn trace(cfg: ConfigArg, correlation_id: String, json: bool) -> Result<ExitC
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let r = crate::status::open_read_only(&cfg)?;
+    let r = crate::status::open_read(&cfg)?;
     let rows = r.canonical_history(&HistoryFilter {
         correlation_id: Some(correlation_id),
         ..Default::default()
@@ -403,7 +403,7 @@ pub fn conflicts(cmd: ConflictsCmd) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let r = crate::status::open_read_only(&cfg)?;
+    let r = crate::status::open_read(&cfg)?;
     let rows = r.conflicts(if all { None } else { Some("open") }, limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -438,7 +438,7 @@ fn resolve(
     note: String,
 ) -> Result<ExitCode> {
     let (config, journal) = crate::dlq::open(&cfg)?;
-    let reader = crate::status::open_read_only(&config)?;
+    let reader = crate::status::open_read(&config)?;
     let Some(c) = reader
         .conflicts(None, usize::MAX)?
         .into_iter()
@@ -528,7 +528,7 @@ pub fn matches(cmd: MatchesCmd) -> Result<ExitCode> {
         MatchesCmd::Reject { cfg, id, note } => (cfg, id, false, None, note),
     };
     let (config, journal) = crate::dlq::open(&cfg)?;
-    let reader = crate::status::open_read_only(&config)?;
+    let reader = crate::status::open_read(&config)?;
     let Some(m) = reader
         .matches(None, usize::MAX)?
         .into_iter()
@@ -560,7 +560,7 @@ fn list_matches(cfg: ConfigArg, all: bool, limit: usize, json: bool) -> Result<E
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let r = crate::status::open_read_only(&cfg)?;
+    let r = crate::status::open_read(&cfg)?;
     let rows = r.matches(if all { None } else { Some("open") }, limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -272,13 +272,80 @@ impl ReadStore {
             Self::Postgres(j) => weft_runtime::topic::states(j, cfg)?,
         })
     }
-    /// Canonical records are kept on SQLite only (`weft validate` refuses
-    /// `identity` with `store.postgres`): none on PostgreSQL.
     pub fn identity_summary(&self) -> Result<Vec<weft_store::canonical::IdentitySummary>> {
         Ok(match self {
             Self::Sqlite(r) => r.identity_summary()?,
             #[cfg(feature = "postgres")]
-            Self::Postgres(_) => Vec::new(),
+            Self::Postgres(j) => j.identity_summary()?,
+        })
+    }
+    /// A canonical record with its links.
+    pub fn canonical(
+        &self,
+        entity: &str,
+        id: &str,
+    ) -> Result<Option<weft_store::canonical::CanonicalView>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.canonical(entity, id)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.canonical(entity, id)?,
+        })
+    }
+    /// `(entity, canonical id)`, newest change first.
+    pub fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.canonical_list(entity, limit)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.canonical_list(entity, limit)?,
+        })
+    }
+    /// The canonical id a system's id is linked to.
+    pub fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.canonical_by_external(entity, system, external_id)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.canonical_by_external(entity, system, external_id)?,
+        })
+    }
+    pub fn canonical_history(
+        &self,
+        f: &weft_store::HistoryFilter,
+    ) -> Result<Vec<weft_store::canonical::HistoryEntry>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.canonical_history(f)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.canonical_history(f)?,
+        })
+    }
+    pub fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<weft_store::canonical::ConflictEntry>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.conflicts(status, limit)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.conflicts(status, limit)?,
+        })
+    }
+    pub fn matches(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<weft_store::canonical::MatchEntry>> {
+        Ok(match self {
+            Self::Sqlite(r) => r.matches(status, limit)?,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(j) => j.matches(status, limit)?,
         })
     }
 }
@@ -323,20 +390,8 @@ pub fn open_postgres(
 }
 
 /// The SQLite store, read-only: never created or migrated by a command that
-/// only looks. For what only the SQLite store keeps (canonical records).
+/// only looks.
 pub fn open_read_only(cfg: &weft_core::config::Config) -> Result<weft_store::Reader> {
-    refuse_postgres(cfg)?;
     SqliteJournal::open_read_only(&cfg.store.path)
         .with_context(|| format!("cannot read the store at {}", cfg.store.path.display()))
-}
-
-/// The identity commands read canonical records, which only the SQLite
-/// store keeps.
-pub fn refuse_postgres(cfg: &weft_core::config::Config) -> Result<()> {
-    if cfg.store.postgres.is_some() {
-        anyhow::bail!(
-            "this config keeps its journal in PostgreSQL (store.postgres); canonical records (identity) are kept on the SQLite store only"
-        );
-    }
-    Ok(())
 }

@@ -14,7 +14,59 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{Hub, free_port, status, wait_for, weft_cmd};
+use common::{Hub, free_port, status, wait_for, wait_until, weft_cmd};
+
+/// Where the hub keeps its journal: every scenario runs on the SQLite file
+/// and on PostgreSQL (a database of its own; skipped loudly without a
+/// PostgreSQL server, failed under `CI=true`).
+enum Store {
+    Sqlite,
+    Postgres(common::pg::Db),
+}
+
+impl Store {
+    /// `cfg` (which starts with `store: {path: weft.db}`) on this store.
+    fn config(&self, cfg: String) -> String {
+        const SQLITE: &str = "\nstore:\n  path: weft.db\n";
+        assert!(
+            cfg.starts_with(SQLITE),
+            "a config of this file starts with {SQLITE:?}"
+        );
+        match self {
+            Store::Sqlite => cfg,
+            Store::Postgres(db) => cfg.replacen(
+                SQLITE,
+                &format!(
+                    "\nstore:\n  path: weft.db\n  postgres:\n    url: {}\n    node: ${{WEFT_NODE:-two-way}}\n",
+                    db.url()
+                ),
+                1,
+            ),
+        }
+    }
+}
+
+/// `#[test]`s `NAME::sqlite` and `NAME::postgres` of scenario `NAME`. The
+/// PostgreSQL ones are ignored while `weft validate` refuses `identity`
+/// with `store.postgres`: `cargo nextest run --run-ignored all` runs them
+/// once that refusal is lifted.
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(&super::Store::Sqlite);
+            }
+            #[test]
+            #[ignore = "weft validate still refuses identity with store.postgres: the PostgreSQL journal keeps canonical records (these pass once that refusal is lifted), but the convergence scenario does not settle on it yet (see ARCHITECTURE.md)"]
+            fn postgres() {
+                if let Some(db) = super::common::pg::Db::create() {
+                    super::$name(&super::Store::Postgres(db));
+                }
+            }
+        }
+    };
+}
 use serde_json::{Map, Value, json};
 
 /// A business system: customers by id, webhooks out, an API for weft.
@@ -354,8 +406,8 @@ flows:
     )
 }
 
-#[test]
-fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
+on_both_stores!(two_systems_converge_without_echo_through_random_edits_and_a_crash);
+fn two_systems_converge_without_echo_through_random_edits_and_a_crash(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
@@ -364,7 +416,7 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     let erp = Sim::start("erp", "E", hook("erp"), echoes.clone());
     std::fs::write(
         dir.path().join("weft.yaml"),
-        config(crm.addr, erp.addr, "last_write_wins"),
+        store.config(config(crm.addr, erp.addr, "last_write_wins")),
     )
     .unwrap();
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
@@ -456,7 +508,11 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     let writes = || crm.inner.lock().unwrap().writes + erp.inner.lock().unwrap().writes;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        assert!(Instant::now() < deadline, "the systems did not settle");
+        assert!(
+            Instant::now() < deadline,
+            "the systems did not settle; the hub's log:\n{}",
+            hub.as_ref().map(Hub::log_text).unwrap_or_default()
+        );
         if settled() {
             let before = writes();
             std::thread::sleep(Duration::from_secs(2));
@@ -634,8 +690,8 @@ fn two_systems_converge_without_echo_through_random_edits_and_a_crash() {
     hub.take().unwrap().stop();
 }
 
-#[test]
-fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_systems() {
+on_both_stores!(a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_systems);
+fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_systems(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
@@ -644,7 +700,7 @@ fn a_manual_conflict_waits_with_both_values_and_its_resolution_reaches_both_syst
     let erp = Sim::start("erp", "E", hook("erp"), echoes);
     std::fs::write(
         dir.path().join("weft.yaml"),
-        config(crm.addr, erp.addr, "manual"),
+        store.config(config(crm.addr, erp.addr, "manual")),
     )
     .unwrap();
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
@@ -816,13 +872,13 @@ flows:
     )
 }
 
+on_both_stores!(fuzzy_matching_links_holds_for_review_and_creates);
 /// A CRM with customers and an ERP coming on board with its own: the ERP's
 /// spellings of the CRM's customers are linked by fuzzy matching (a typo
 /// automatically; "J. Smith, Acme Ltd" for "John Smith, Acme Limited" held
 /// for a person, who accepts it, and another held one rejected), and only
 /// the ERP's customers nobody else has reach the CRM as new records.
-#[test]
-fn fuzzy_matching_links_holds_for_review_and_creates() {
+fn fuzzy_matching_links_holds_for_review_and_creates(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
@@ -831,7 +887,7 @@ fn fuzzy_matching_links_holds_for_review_and_creates() {
     let erp = Sim::start("erp", "E", hook("erp"), echoes);
     std::fs::write(
         dir.path().join("weft.yaml"),
-        onboarding_config(crm.addr, "[crm, erp]", FUZZY),
+        store.config(onboarding_config(crm.addr, "[crm, erp]", FUZZY)),
     )
     .unwrap();
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
@@ -999,13 +1055,13 @@ fn fuzzy_matching_links_holds_for_review_and_creates() {
     hub.stop();
 }
 
+on_both_stores!(a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created);
 /// A system that reports a record weft created before it answers the
 /// create (its webhook overtakes the response that carries the new id):
 /// the report is the echo of weft's create, linked to the record weft
 /// created, not a new record of its own. Later changes in the system then
 /// reach that record, and the settle links the captured id without refusal.
-#[test]
-fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created() {
+fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
@@ -1015,7 +1071,7 @@ fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created()
     crm.echo_first();
     std::fs::write(
         dir.path().join("weft.yaml"),
-        onboarding_config(crm.addr, "[crm, erp]", ""),
+        store.config(onboarding_config(crm.addr, "[crm, erp]", "")),
     )
     .unwrap();
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
@@ -1079,13 +1135,13 @@ fn a_creates_echo_that_overtakes_its_response_links_to_the_record_weft_created()
     hub.stop();
 }
 
+on_both_stores!(xref_link_split_unlink_and_merge_by_hand);
 /// The crosswalk by hand: an ERP record weft refused to create (the ERP may
 /// not create customers) is linked to the CRM's by `weft xref link`, and its
 /// changes then reach the CRM; `split` makes it its own record again
 /// (written to the CRM as a new customer); `merge` is refused while the CRM
 /// holds both records, and folds them once one CRM id is unlinked.
-#[test]
-fn xref_link_split_unlink_and_merge_by_hand() {
+fn xref_link_split_unlink_and_merge_by_hand(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hook = |p: &str| format!("http://127.0.0.1:{port}/hooks/{p}");
@@ -1094,7 +1150,7 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     let erp = Sim::start("erp", "E", hook("erp"), echoes);
     std::fs::write(
         dir.path().join("weft.yaml"),
-        onboarding_config(crm.addr, "[crm]", ""),
+        store.config(onboarding_config(crm.addr, "[crm]", "")),
     )
     .unwrap();
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
@@ -1201,14 +1257,14 @@ fn xref_link_split_unlink_and_merge_by_hand() {
     hub.stop();
 }
 
+on_both_stores!(an_order_waits_for_its_customer_and_goes_out_with_the_erps_id);
 /// References resolved at delivery: a shop's orders name its customer by
 /// the shop's id; the ERP needs its own customer number. An order whose
 /// customer the ERP does not have yet waits (no attempt spent, visible as
 /// pending), through a SIGKILL too, and goes out with the ERP's id once the
 /// customer is written there; a return whose customer never comes goes to
 /// the DLQ when its `wait` runs out, with the reason.
-#[test]
-fn an_order_waits_for_its_customer_and_goes_out_with_the_erps_id() {
+fn an_order_waits_for_its_customer_and_goes_out_with_the_erps_id(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let echoes: Echoes = Arc::default();
@@ -1217,7 +1273,7 @@ fn an_order_waits_for_its_customer_and_goes_out_with_the_erps_id() {
     let orders = common::Recorder::start();
     std::fs::write(
         dir.path().join("weft.yaml"),
-        format!(
+        store.config(format!(
             r#"
 store:
   path: weft.db
@@ -1269,7 +1325,7 @@ flows:
 "#,
             erp = erp.addr,
             orders = orders.url()
-        ),
+        )),
     )
     .unwrap();
     let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
@@ -1358,4 +1414,193 @@ flows:
     assert_eq!(lane(&st, "shop_orders")["delivered"], 2, "{st}");
     assert_eq!(st["balanced"], true, "{st}");
     hub.stop();
+}
+
+/// Two hubs (nodes) on one PostgreSQL journal, and the CRM's and the ERP's
+/// reports of the same customers arriving at the same instant, each pair
+/// split over the two nodes: one canonical record per customer (the second
+/// report of a pair links to the first's record by its match key, whichever
+/// node has it), holding both systems' ids, written to the warehouse under
+/// that one id. Without the entity lock both nodes see no record for the
+/// email and create one each.
+#[test]
+#[ignore = "weft validate still refuses identity with store.postgres (see ARCHITECTURE.md); the store-level twin, weft-store's two_journals_merging_one_customers_reports_make_one_record, runs"]
+fn two_nodes_merge_reports_of_the_same_customers_at_once() {
+    let Some(db) = common::pg::Db::create() else {
+        return;
+    };
+    let store = Store::Postgres(db);
+    let dir = tempfile::tempdir().unwrap();
+    let wh = common::Recorder::start();
+    std::fs::write(
+        dir.path().join("weft.yaml"),
+        store.config(format!(
+            r#"
+store:
+  path: weft.db
+systems:
+  crm:
+    source:
+      webhook: {{path: /hooks/crm}}
+  erp:
+    source:
+      webhook: {{path: /hooks/erp}}
+  warehouse:
+    sink:
+      http: {{url: "{wh}/customers"}}
+identity:
+  customer:
+    create: [crm, erp]
+    owners: {{"*": [crm, erp]}}
+    conflict: last_write_wins
+    match: [email]
+flows:
+  crm_customers:
+    from: crm
+    identity: customer
+    key: .id
+    mapping: '{{name, email}}'
+    to:
+      - system: warehouse
+        mapping: '{{canonical_id: ._canonical_id, name, email}}'
+        delivery: {{initial_backoff: 50ms, max_backoff: 500ms}}
+  erp_customers:
+    from: erp
+    identity: customer
+    key: .id
+    mapping: '{{name: .customer_name, email}}'
+    to: [warehouse]
+"#,
+            wh = wh.url()
+        )),
+    )
+    .unwrap();
+    let v = weft_cmd(dir.path(), &["validate", "weft.yaml"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let a = Hub::start(dir.path(), "weft.yaml", 0, &[("WEFT_NODE", "a")]);
+    let b = Hub::start(dir.path(), "weft.yaml", 0, &[("WEFT_NODE", "b")]);
+
+    const N: usize = 60;
+    let post = |hub: &Hub, path: &str, event: String, body: Value| {
+        let r = reqwest::blocking::Client::new()
+            .post(hub.url(path))
+            .header("x-event-id", &event)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{event}: {}", r.status());
+    };
+    // customer i: the CRM's report to one node and the ERP's to the other,
+    // released together
+    let gate = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let (a, b, gate, post) = (&a, &b, &gate, &post);
+        s.spawn(move || {
+            for i in 0..N {
+                let hub = if i % 2 == 0 { a } else { b };
+                gate.wait();
+                post(
+                    hub,
+                    "/hooks/crm",
+                    format!("crm-{i}"),
+                    json!({"id": format!("C{i}"), "name": format!("Customer {i}"), "email": format!("c{i}@example.com")}),
+                );
+            }
+        });
+        s.spawn(move || {
+            for i in 0..N {
+                let hub = if i % 2 == 0 { b } else { a };
+                gate.wait();
+                post(
+                    hub,
+                    "/hooks/erp",
+                    format!("erp-{i}"),
+                    json!({"id": format!("E{i}"), "customer_name": format!("Customer {i}"), "email": format!("c{i}@example.com")}),
+                );
+            }
+        });
+    });
+    // every report was merged before its webhook was answered; then
+    // every row they caused written
+    let drained = || {
+        let st = status(dir.path(), "weft.yaml", &[]);
+        let done = &st["identity"][0]["actions"];
+        let merged = done["created"].as_i64().unwrap_or(0) + done["linked"].as_i64().unwrap_or(0);
+        merged == 2 * N as i64
+            && st["lanes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["pending"] == 0)
+    };
+    wait_until(Duration::from_secs(60), drained, || {
+        format!(
+            "every report merged and written; status: {}\nnode a:\n{}\nnode b:\n{}",
+            status(dir.path(), "weft.yaml", &[]),
+            a.log_text(),
+            b.log_text()
+        )
+    });
+
+    let out = weft_cmd(
+        dir.path(),
+        &[
+            "xref",
+            "list",
+            "-c",
+            "weft.yaml",
+            "--limit",
+            "1000",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut by_email: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for r in &records {
+        by_email
+            .entry(r["state"]["email"].as_str().unwrap_or("").to_owned())
+            .or_default()
+            .push(r);
+    }
+    let twice: Vec<_> = by_email.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "customers with two records: {twice:?}");
+    assert_eq!(records.len(), N, "one record per customer: {records:?}");
+    for i in 0..N {
+        let r = &by_email[&format!("c{i}@example.com")][0];
+        let ids: BTreeMap<&str, &str> = r["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| Some((l["system"].as_str()?, l["external_id"].as_str()?)))
+            .collect();
+        let c = format!("C{i}");
+        let e = format!("E{i}");
+        assert_eq!(ids.get("crm"), Some(&c.as_str()), "customer {i}: {r}");
+        assert_eq!(ids.get("erp"), Some(&e.as_str()), "customer {i}: {r}");
+    }
+    // the warehouse holds each customer under its one canonical id
+    let written: HashSet<String> = wh
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.body["canonical_id"].as_str().map(str::to_owned))
+        .collect();
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(written, ids, "the warehouse got every record and no other");
+    let st = status(dir.path(), "weft.yaml", &[]);
+    let identity = &st["identity"][0];
+    assert_eq!(identity["records"], N, "{st}");
+    assert_eq!(identity["actions"]["created"], N, "{st}");
+    assert_eq!(identity["actions"]["linked"], N, "{st}");
+    assert_eq!(st["balanced"], true, "{st}");
+    drop((a, b));
 }

@@ -70,6 +70,7 @@
 //! settle; there are no partition leases (see ARCHITECTURE.md, "No
 //! partition leases").
 
+mod canonical;
 mod ops;
 mod pool;
 mod read;
@@ -509,6 +510,48 @@ impl Journal for PgJournal {
         })
     }
 
+    fn resolve_conflict(
+        &self,
+        resolve: crate::ResolveConflict,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        self.spawn(|inner| async move {
+            let r = retrying!(inner, |c, ctx| canonical::resolve_conflict(
+                c, &ctx, &resolve
+            ));
+            inner.wrote();
+            r
+        })
+    }
+
+    fn xref_change(&self, change: crate::XrefChange) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        self.spawn(|inner| async move {
+            let r = retrying!(inner, |c, ctx| canonical::xref_change(c, &ctx, &change));
+            inner.wrote();
+            r
+        })
+    }
+
+    fn resolve_match(
+        &self,
+        resolve: crate::ResolveMatch,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        self.spawn(|inner| async move {
+            let r = retrying!(inner, |c, ctx| canonical::resolve_match(c, &ctx, &resolve));
+            inner.wrote();
+            r
+        })
+    }
+
+    fn canonical_intent(
+        &self,
+        system: String,
+        writes: Vec<crate::CanonicalWritten>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.spawn(|inner| async move {
+            retrying!(inner, |c, ctx| canonical::intent(c, &ctx, &system, &writes))
+        })
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -656,6 +699,113 @@ impl JournalRead for PgJournal {
         let source = source.map(str::to_owned);
         self.read_with(|inner| async move {
             read::drift_events(&mut *inner.pool.get().await?, source.as_deref()).await
+        })
+    }
+
+    fn canonical(
+        &self,
+        entity: &str,
+        id: &str,
+    ) -> Result<Option<crate::canonical::CanonicalView>, StoreError> {
+        let (entity, id) = (entity.to_owned(), id.to_owned());
+        self.read_with(|inner| async move {
+            // the record and its links of one commit
+            let mut c = inner.pool.get().await?;
+            c.begin_snapshot().await?;
+            let r =
+                crate::canonical::view(&mut canonical::reader(&mut c, &inner.schema), &entity, &id)
+                    .await;
+            c.finish(r).await
+        })
+    }
+
+    fn canonical_list(
+        &self,
+        entity: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let entity = entity.map(str::to_owned);
+        self.read_with(|inner| async move {
+            crate::canonical::list(
+                &mut canonical::reader(&mut *inner.pool.get().await?, &inner.schema),
+                entity.as_deref(),
+                limit,
+            )
+            .await
+        })
+    }
+
+    fn canonical_by_external(
+        &self,
+        entity: &str,
+        system: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let (entity, system, external_id) =
+            (entity.to_owned(), system.to_owned(), external_id.to_owned());
+        self.read_with(|inner| async move {
+            crate::canonical::by_external(
+                &mut canonical::reader(&mut *inner.pool.get().await?, &inner.schema),
+                &entity,
+                &system,
+                &external_id,
+            )
+            .await
+        })
+    }
+
+    fn canonical_history(
+        &self,
+        filter: &crate::HistoryFilter,
+    ) -> Result<Vec<crate::canonical::HistoryEntry>, StoreError> {
+        let filter = filter.clone();
+        self.read_with(|inner| async move {
+            crate::canonical::history_of(
+                &mut canonical::reader(&mut *inner.pool.get().await?, &inner.schema),
+                &filter,
+            )
+            .await
+        })
+    }
+
+    fn conflicts(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::ConflictEntry>, StoreError> {
+        let status = status.map(str::to_owned);
+        self.read_with(|inner| async move {
+            crate::canonical::conflicts(
+                &mut canonical::reader(&mut *inner.pool.get().await?, &inner.schema),
+                status.as_deref(),
+                limit,
+            )
+            .await
+        })
+    }
+
+    fn matches(
+        &self,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::canonical::MatchEntry>, StoreError> {
+        let status = status.map(str::to_owned);
+        self.read_with(|inner| async move {
+            crate::canonical::matches(
+                &mut canonical::reader(&mut *inner.pool.get().await?, &inner.schema),
+                status.as_deref(),
+                limit,
+            )
+            .await
+        })
+    }
+
+    fn identity_summary(&self) -> Result<Vec<crate::canonical::IdentitySummary>, StoreError> {
+        self.read_with(|inner| async move {
+            let mut c = inner.pool.get().await?;
+            c.begin_snapshot().await?;
+            let r = crate::canonical::summary(&mut canonical::reader(&mut c, &inner.schema)).await;
+            c.finish(r).await
         })
     }
 }

@@ -156,7 +156,7 @@ async fn compact_in(c: &mut Conn, ctx: &Ctx<'_>, limit: i64) -> Result<u64, Stor
 // shared steps
 
 /// Take the key locks (sorted, deduplicated) for the rest of the transaction.
-async fn lock_keys(c: &mut Conn, locks: &[i64]) -> Result<(), StoreError> {
+pub(super) async fn lock_keys(c: &mut Conn, locks: &[i64]) -> Result<(), StoreError> {
     if locks.is_empty() {
         return Ok(());
     }
@@ -520,11 +520,6 @@ fn check_outcome(o: &FlowOutcome) -> Result<(), StoreError> {
             .filter(|d| d.delivered)
             .try_for_each(crate::writer::check_delivered)?;
     }
-    if let FlowOutcome::Canonical { flow, .. } = o {
-        return Err(StoreError::Invalid(format!(
-            "flow `{flow}` feeds canonical records, which only the SQLite store keeps for now"
-        )));
-    }
     if let FlowOutcome::Rejected {
         flow,
         stage: Stage::Deliver,
@@ -616,7 +611,7 @@ impl Staged {
                     self.rows.push(o, flow, d, seq);
                 }
             }
-            // refused by `check_outcome` before anything is applied
+            // merged before (`ingest_in`): its rows come with `Staged::canonical`
             FlowOutcome::Canonical { .. } => {}
             FlowOutcome::Filtered { flow } => {
                 bump(&mut self.deltas, flow, "", |c| {
@@ -677,6 +672,37 @@ impl Staged {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A report merged into its canonical record (counted as filtered at
+    /// its flow: it ends there) and the rows the merge caused, which enter
+    /// their routes' lanes counted there, as follow-ups do.
+    fn canonical(
+        &mut self,
+        o: &Origin<'_>,
+        flow: &str,
+        rows: &[(String, NewDelivery)],
+        seqs: &mut Fresh,
+        applied: &mut Applied,
+    ) -> Result<(), StoreError> {
+        bump(&mut self.deltas, flow, "", |c| {
+            c.received += 1;
+            c.filtered += 1;
+        });
+        applied.count(flow, |c| {
+            c.received += 1;
+            c.filtered += 1;
+        });
+        for (route_flow, d) in rows {
+            bump(&mut self.deltas, route_flow, &d.destination, |c| {
+                c.received += 1
+            });
+            if let Some(k) = &d.entity_key {
+                self.touched.queue(&d.destination, k);
+            }
+            self.rows.push(o, route_flow, d, seqs.next()?);
         }
         Ok(())
     }
@@ -789,6 +815,14 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
         }
     }
     let now = crate::now_ms();
+    // the locks of the entities it reports to first, then the keys
+    let mut entities: Vec<&str> = Vec::new();
+    for o in b.events.iter().flat_map(|e| &e.outcomes) {
+        if let FlowOutcome::Canonical { report, .. } = o {
+            entities.push(&report.rules.entity);
+        }
+    }
+    super::canonical::lock_entities(c, ctx, &entities).await?;
     let locks = ctx.locks(
         b.events
             .iter()
@@ -831,11 +865,50 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
             m += b;
         }
     }
+    // reports merged into their canonical records, in event order; the
+    // rows they cause are keyed by canonical id: those keys are locked
+    // before any order_seq is taken
+    let mut merged: HashMap<(usize, usize), crate::canonical::Routed> = HashMap::new();
+    let mut queued: HashSet<(String, String)> = HashSet::new();
+    for (i, (e, _)) in b
+        .events
+        .iter()
+        .zip(&fresh)
+        .enumerate()
+        .filter(|(_, (_, f))| **f)
+    {
+        for (j, o) in e.outcomes.iter().enumerate() {
+            let FlowOutcome::Canonical { report, .. } = o else {
+                continue;
+            };
+            let ev = crate::canonical::Ev {
+                system: &b.source,
+                event_id: &e.event_id,
+                correlation_id: &e.correlation_id,
+                event_time: e.event_time,
+            };
+            let mut rows =
+                crate::canonical::apply(&mut super::canonical::pg(c, ctx), report, &ev, now)
+                    .await?;
+            // a row this batch queued already reads the record when written
+            rows.retain(|(_, d)| {
+                d.entity_key
+                    .as_ref()
+                    .is_none_or(|k| queued.insert((d.destination.clone(), k.clone())))
+            });
+            n += rows.len();
+            merged.insert((i, j), rows);
+        }
+    }
+    if !queued.is_empty() {
+        let locks = ctx.locks(queued.iter().map(|(_, k)| k.as_str()));
+        lock_keys(c, &locks).await?;
+    }
     let (seqs, ids) = allocate(c, n, m).await?;
     let (mut seqs, mut ids) = (Fresh(seqs.into_iter()), Fresh(ids.into_iter()));
     let mut applied = Applied::default();
     let mut staged = Staged::default();
-    for (e, is_new) in b.events.iter().zip(&fresh) {
+    for (i, (e, is_new)) in b.events.iter().zip(&fresh).enumerate() {
         if !is_new {
             applied.duplicates += 1;
             continue;
@@ -854,8 +927,13 @@ async fn ingest_in(c: &mut Conn, ctx: &Ctx<'_>, b: &IngestBatch) -> Result<Appli
             attributes: Some(&e.attributes),
             payload: &e.payload,
         };
-        for out in &e.outcomes {
-            staged.outcome(&o, out, None, &mut seqs, &mut ids, now, &mut applied)?;
+        for (j, out) in e.outcomes.iter().enumerate() {
+            if let FlowOutcome::Canonical { flow, .. } = out {
+                let rows = merged.get(&(i, j)).map_or(&[][..], Vec::as_slice);
+                staged.canonical(&o, flow, rows, &mut seqs, &mut applied)?;
+            } else {
+                staged.outcome(&o, out, None, &mut seqs, &mut ids, now, &mut applied)?;
+            }
         }
     }
     for f in &applied.flows {
@@ -1133,6 +1211,26 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
             keys.push(r.try_get(0)?);
         }
     }
+    // canonical writes: their entities' locks before the key locks
+    // canonical writes: their records' locks before the key locks, and
+    // the entity's before those when a write links an id the record's
+    // link does not hold yet (a merge could be linking it elsewhere)
+    let mut records: Vec<(&str, &str)> = Vec::new();
+    let mut linking: Vec<&str> = Vec::new();
+    for i in &s.items {
+        if let Outcome::Delivered(w) = &i.outcome
+            && let Some(cw) = &w.canonical
+        {
+            records.push((&cw.entity, &cw.canonical_id));
+            if let Some(x) = &w.external_id
+                && !super::canonical::links_id(c, i.id, cw, x).await?
+            {
+                linking.push(&cw.entity);
+            }
+        }
+    }
+    super::canonical::lock_entities(c, ctx, &linking).await?;
+    super::canonical::lock_records(c, ctx, &records).await?;
     let locks = ctx.locks(
         keys.iter().map(String::as_str).chain(
             s.follow_ups
@@ -1180,6 +1278,9 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     // dead: (outbox id, error, hold, item index)
     let mut dead: Vec<(i64, &str, bool, usize)> = Vec::new();
     let mut crosswalk: BTreeMap<(String, String, String), CrosswalkUpsert> = BTreeMap::new();
+    // canonical records written: (destination, the id it gave, what, event)
+    let mut canonical_written: Vec<(&str, Option<&str>, &crate::CanonicalWritten, &str)> =
+        Vec::new();
     // the attempt trail: (outbox id, at, latency, status, outcome, error)
     #[allow(clippy::type_complexity)]
     let mut trail: (
@@ -1220,7 +1321,9 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
                     touched.queue(dest, k);
                     delivered_keyed.push((k, row.order_seq, flow, dest, &row.event_id));
                 }
-                if !w.is_empty() {
+                if let Some(cw) = &w.canonical {
+                    canonical_written.push((dest, w.external_id.as_deref(), cw, &row.event_id));
+                } else if !w.is_empty() {
                     let source_key = row.entity_key.clone().unwrap_or(row.event_id.clone());
                     let e = crosswalk
                         .entry((dest.to_owned(), row.source.clone(), source_key))
@@ -1362,6 +1465,23 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     if !crosswalk.is_empty() {
         upsert_crosswalk(c, &crosswalk, now).await?;
     }
+    for (dest, external_id, cw, event_id) in canonical_written {
+        let ev = crate::canonical::Ev {
+            system: dest,
+            event_id,
+            correlation_id: "",
+            event_time: now,
+        };
+        crate::canonical::written(
+            &mut super::canonical::pg(c, ctx),
+            dest,
+            external_id,
+            cw,
+            &ev,
+            now,
+        )
+        .await?;
+    }
     let mut rows_new = NewRows::default();
     let mut seqs = Fresh(seqs.into_iter());
     for f in &s.follow_ups {
@@ -1379,6 +1499,36 @@ async fn settle_in(c: &mut Conn, ctx: &Ctx<'_>, s: &Settle) -> Result<Settled, S
     touched.apply(c).await?;
     write_counts(c, &deltas).await?;
     Ok(done)
+}
+
+/// Enqueue follow-ups in the caller's transaction (which holds no key
+/// lock yet): their key locks, their order_seqs, the rows, their lanes'
+/// counts.
+pub(super) async fn enqueue_follow_ups(
+    c: &mut Conn,
+    ctx: &Ctx<'_>,
+    follow_ups: &[FollowUp],
+) -> Result<(), StoreError> {
+    if follow_ups.is_empty() {
+        return Ok(());
+    }
+    let locks = ctx.locks(
+        follow_ups
+            .iter()
+            .filter_map(|f| f.delivery.entity_key.as_deref()),
+    );
+    lock_keys(c, &locks).await?;
+    let (seqs, _) = allocate(c, follow_ups.len(), 0).await?;
+    let mut seqs = Fresh(seqs.into_iter());
+    let now = crate::now_ms();
+    let (mut rows, mut touched, mut deltas) =
+        (NewRows::default(), Touched::default(), Deltas::new());
+    for f in follow_ups {
+        follow_up(&mut rows, &mut touched, &mut deltas, f, seqs.next()?, now);
+    }
+    rows.insert(c, false).await?;
+    touched.apply(c).await?;
+    write_counts(c, &deltas).await
 }
 
 fn follow_up(
@@ -1708,6 +1858,11 @@ async fn replay_in(
             }
             Some(o) => {
                 check_outcome(o)?;
+                if let FlowOutcome::Canonical { flow, .. } = o {
+                    return Err(StoreError::Invalid(format!(
+                        "DLQ entry {id}: replaying into canonical records (flow `{flow}`) is not supported on the PostgreSQL journal yet"
+                    )));
+                }
                 if outcome_flow(o) != e.flow {
                     return Err(StoreError::Invalid(format!(
                         "DLQ entry {id} belongs to flow {}; the new outcome is of flow {}",

@@ -2,6 +2,8 @@
 //! server to deliver to, and signed webhook posts.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
