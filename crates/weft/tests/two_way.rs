@@ -37,7 +37,7 @@ impl Store {
             Store::Postgres(db) => cfg.replacen(
                 SQLITE,
                 &format!(
-                    "\nstore:\n  path: weft.db\n  postgres:\n    url: {}\n    node: ${{WEFT_NODE:-two-way}}\n",
+                    "\nstore:\n  path: weft.db\n  postgres:\n    url: {}\n    node: ${{WEFT_NODE:-two-way}}\n    experimental_identity: true\n",
                     db.url()
                 ),
                 1,
@@ -46,10 +46,9 @@ impl Store {
     }
 }
 
-/// `#[test]`s `NAME::sqlite` and `NAME::postgres` of scenario `NAME`. The
-/// PostgreSQL ones are ignored while `weft validate` refuses `identity`
-/// with `store.postgres`: `cargo nextest run --run-ignored all` runs them
-/// once that refusal is lifted.
+/// `#[test]`s `NAME::sqlite` and `NAME::postgres` of scenario `NAME`
+/// (`sqlite_only` for a scenario that does not pass on PostgreSQL yet,
+/// with the reason).
 macro_rules! on_both_stores {
     ($name:ident) => {
         mod $name {
@@ -58,11 +57,19 @@ macro_rules! on_both_stores {
                 super::$name(&super::Store::Sqlite);
             }
             #[test]
-            #[ignore = "weft validate still refuses identity with store.postgres: the PostgreSQL journal keeps canonical records (these pass once that refusal is lifted), but the convergence scenario does not settle on it yet (see ARCHITECTURE.md)"]
             fn postgres() {
                 if let Some(db) = super::common::pg::Db::create() {
                     super::$name(&super::Store::Postgres(db));
                 }
+            }
+        }
+    };
+    ($name:ident, sqlite_only: $why:literal) => {
+        mod $name {
+            #[doc = $why]
+            #[test]
+            fn sqlite() {
+                super::$name(&super::Store::Sqlite);
             }
         }
     };
@@ -406,7 +413,10 @@ flows:
     )
 }
 
-on_both_stores!(two_systems_converge_without_echo_through_random_edits_and_a_crash);
+on_both_stores!(
+    two_systems_converge_without_echo_through_random_edits_and_a_crash,
+    sqlite_only: "On PostgreSQL (`experimental_identity`) this does not settle: one webhook per transaction and one entity's merges in series take 60-80 webhooks a second, the 3,000 edits' backlog outgrows the 30 s echo window, and late echoes are taken for changes (ARCHITECTURE.md)."
+);
 fn two_systems_converge_without_echo_through_random_edits_and_a_crash(store: &Store) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -1424,7 +1434,6 @@ flows:
 /// that one id. Without the entity lock both nodes see no record for the
 /// email and create one each.
 #[test]
-#[ignore = "weft validate still refuses identity with store.postgres (see ARCHITECTURE.md); the store-level twin, weft-store's two_journals_merging_one_customers_reports_make_one_record, runs"]
 fn two_nodes_merge_reports_of_the_same_customers_at_once() {
     let Some(db) = common::pg::Db::create() else {
         return;

@@ -154,6 +154,12 @@ pub struct RawPgStore {
     /// rides out longer pauses (GC, a frozen VM, a slow network).
     #[schemars(with = "Option<String>")]
     pub node_timeout: Option<Spanned<String>>,
+    /// Allow canonical records (`identity`) on this journal (default
+    /// `false`: refused). Experimental: every scenario but one passes on
+    /// PostgreSQL; two systems editing the same records in bursts past
+    /// about 60 webhooks a second can outrun the echo window and write
+    /// values back and forth (ARCHITECTURE.md).
+    pub experimental_identity: Option<bool>,
 }
 
 /// SQLite's `synchronous` setting as exposed to users.

@@ -84,6 +84,8 @@ pub struct PgStore {
     pub pool_size: usize,
     /// `store.postgres.node_timeout`: a node silent this long is dead.
     pub node_timeout: Duration,
+    /// `store.postgres.experimental_identity`: canonical records allowed.
+    pub experimental_identity: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -603,6 +605,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
             node,
             pool_size,
             node_timeout,
+            experimental_identity: pg.experimental_identity.unwrap_or(false),
         }
     });
     let store = StoreConfig {
@@ -811,11 +814,16 @@ pub(super) fn validate(raw: RawConfig, file: &Path, base: &Path) -> Result<Confi
     };
     let mut identity =
         super::identity::rules(&mut cx.issues, raw.identity, &|s| systems.contains_key(s));
-    if !identity.is_empty() && store.postgres.is_some() {
-        cx.at(
+    match &store.postgres {
+        Some(pg) if !identity.is_empty() && pg.experimental_identity => cx.warn(
             "identity",
-            "canonical records are kept by the SQLite store only for now: remove `store.postgres` or `identity`",
-        );
+            "canonical records on PostgreSQL are experimental: two systems editing the same records in bursts past about 60 webhooks a second can outrun the echo window (ARCHITECTURE.md, the PostgreSQL journal)",
+        ),
+        Some(_) if !identity.is_empty() => cx.at(
+            "identity",
+            "canonical records on PostgreSQL are experimental: set `store.postgres.experimental_identity: true` to use them, or use the SQLite store",
+        ),
+        _ => {}
     }
     let defaults = raw.defaults.delivery;
     let alerts = raw
