@@ -1402,23 +1402,36 @@ flows:
     let e1 = erp.ids()[0].clone();
     let got = orders.received.lock().unwrap()[0].body.clone();
     assert_eq!(got, json!({"order_no": "O1", "customer": e1, "total": 10}));
-    // O2 still waits, also across a SIGKILL
+    // O2 still waits, also across a SIGKILL (once O1's write is settled:
+    // a kill before that sends O1 again, at least once being the contract)
+    wait_for(Duration::from_secs(30), "O1 settled", || {
+        let st = status(dir.path(), "weft.yaml", &[]);
+        lane(&st, "shop_orders")["delivered"] == 1
+    });
     hub.kill9();
     let hub = Hub::start(dir.path(), "weft.yaml", port, &[]);
     post(
         "c2",
         json!({"kind": "customer", "id": "S2", "name": "Beta", "email": "b@beta.example"}),
     );
-    wait_for(Duration::from_secs(30), "O2 in the ERP", || {
-        orders.count() == 2
-    });
+    let o2 = || {
+        orders
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.body["order_no"] == "O2")
+            .map(|r| r.body.clone())
+    };
+    wait_for(Duration::from_secs(30), "O2 in the ERP", || o2().is_some());
     let e2 = erp
         .ids()
         .into_iter()
         .find(|i| *i != e1)
         .expect("the second customer in the ERP");
-    let got = orders.received.lock().unwrap()[1].body.clone();
+    let got = o2().unwrap();
     assert_eq!(got["customer"], json!(e2), "{got}");
+    assert_eq!(orders.count(), 2, "each order written once");
     // waiting spent no attempt: each order written once, first time
     let st = status(dir.path(), "weft.yaml", &[]);
     assert_eq!(lane(&st, "shop_orders")["delivered"], 2, "{st}");
